@@ -1,0 +1,132 @@
+"""Bind a graph's params to checkpoint tensors (storage form, see models/weights.py).
+
+A param's `source` names the checkpoint tensors it comes from:
+- tensor=NAME: one raw tensor (norms, router, biases, sinks, the embedding);
+- linear=(PREFIX, ...): linear weight(s), concatenated along N, in the param's dtype format;
+- experts=PREFIX, projs=(...), count=E: per-expert linears stacked into [E, N, K].
+The shard pass adds slice=(dim, start, stop) (stop may run past the end: zero padding) and, for
+experts, expert_range=(start, stop). Quantised slices stay exact when they follow the format's
+blocks; an FP8 row/column slice that cuts a 128-block is re-quantised (documented in docs/).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from tilert.ir.graph import Graph, Value
+from tilert.models.weights import WeightError
+from tilert.ops.qtensor import QTensor
+
+FP8_BLOCK = 128
+
+
+def _get(weights: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
+    try:
+        return weights[name]
+    except KeyError:
+        raise WeightError(f"checkpoint tensor '{name}' is missing") from None
+
+
+def load_linear(weights: Mapping[str, torch.Tensor], prefix: str, fmt: str) -> torch.Tensor | QTensor:
+    if fmt == "mxfp4":
+        return QTensor("mxfp4", _get(weights, f"{prefix}.weight_blocks"), _get(weights, f"{prefix}.weight_scales"))
+    if fmt == "fp8_e4m3b":
+        return QTensor("fp8", _get(weights, f"{prefix}.weight"), _get(weights, f"{prefix}.weight_scale_inv"))
+    return _get(weights, f"{prefix}.weight")
+
+
+def slice_weight(w: torch.Tensor | QTensor, dim: int, start: int, stop: int) -> torch.Tensor | QTensor:
+    """Rows (dim 0) or columns (dim 1) [start, stop) of a [.., N, K] weight; past the end is zero."""
+    if not isinstance(w, QTensor):
+        n = w.shape[dim]
+        part = w.narrow(dim, start, max(0, min(stop, n) - start))
+        if stop > n:
+            pad = list(part.shape)
+            pad[dim] = stop - max(start, n)
+            part = torch.cat([part, part.new_zeros(pad)], dim=dim)
+        return part
+    ax = dim % 2 - 2  # -2 = rows (N), -1 = K
+    n = w.shape[ax]
+    if w.fmt == "mxfp4":
+        if ax == -1 and (start % 32 or stop % 32):
+            raise WeightError(f"MXFP4 K-slice [{start}, {stop}) is not a multiple of the 32-element block")
+        f = 2 if ax == -1 else 1
+        g = 32 if ax == -1 else 1
+        data = slice_weight(w.data, ax, start // f, stop // f)
+        scales = slice_weight(w.scales, ax, start // g, stop // g)
+        if stop > n:  # padded rows/cols: e8m0 0x7F = 1.0 keeps zeros zero
+            scales.narrow(ax, (min(stop, n) - start) // g, (stop - max(start, n)) // g).fill_(127)
+        return QTensor("mxfp4", data, scales)
+    # fp8 with 128x128 block scales
+    aligned = start % FP8_BLOCK == 0 or start // FP8_BLOCK == (min(stop, n) - 1) // FP8_BLOCK
+    if not aligned:
+        from tilert.numerics import fp8
+
+        q, s = fp8.quantize_blocks(slice_weight(w.dequantize(), ax, start, stop))
+        return QTensor("fp8", q, s)
+    data = slice_weight(w.data.view(torch.uint8), ax, start, stop).view(torch.float8_e4m3fn)
+    b0 = start // FP8_BLOCK
+    nb = -(-(stop - start) // FP8_BLOCK)
+    scales = slice_weight(w.scales, ax, b0, b0 + nb)
+    if scales.shape[ax] and stop > n:
+        have = -(-(min(stop, n) - start) // FP8_BLOCK)
+        scales.narrow(ax, have, scales.shape[ax] - have).fill_(1.0)
+    return QTensor("fp8", data, scales)
+
+
+def _cat(ws: list[torch.Tensor | QTensor], dim: int = 0) -> torch.Tensor | QTensor:
+    if len(ws) == 1:
+        return ws[0]
+    if isinstance(ws[0], QTensor):
+        if ws[0].fmt == "fp8" and any(w.shape[-2] % FP8_BLOCK for w in ws[:-1]):
+            raise WeightError("cannot concatenate FP8 weights whose rows are not whole 128-blocks")
+        return QTensor(ws[0].fmt, torch.cat([w.data for w in ws], dim), torch.cat([w.scales for w in ws], dim))
+    return torch.cat(ws, dim)
+
+
+def _stack(ws: list[torch.Tensor | QTensor]) -> torch.Tensor | QTensor:
+    if isinstance(ws[0], QTensor):
+        return QTensor(ws[0].fmt, torch.stack([w.data for w in ws]), torch.stack([w.scales for w in ws]))
+    return torch.stack(ws)
+
+
+def bind_param(v: Value, weights: Mapping[str, torch.Tensor]) -> torch.Tensor | QTensor:
+    src = v.src()
+    sl = src.get("slice")
+    if "tensor" in src:
+        t = _get(weights, src["tensor"])
+        out = slice_weight(t, sl[0], sl[1], sl[2]) if sl else t
+    elif "linear" in src:
+        parts = [load_linear(weights, p, v.dtype.name) for p in src["linear"]]
+        if sl and sl[0] == 0:
+            parts = [slice_weight(p, 0, sl[1], sl[2]) for p in parts]
+        out = _cat(parts)
+        if sl and sl[0] == 1:
+            out = slice_weight(out, 1, sl[1], sl[2])
+    elif "experts" in src:
+        e0, e1 = src.get("expert_range", (0, src["count"]))
+        per_expert = [
+            _cat([load_linear(weights, f"{src['experts']}.{e}.{p}", v.dtype.name) for p in src["projs"]])
+            for e in range(e0, e1)
+        ]
+        out = _stack(per_expert)
+    else:
+        raise WeightError(f"param '{v.name}' has no weight source")
+    shape = tuple(out.shape)
+    if shape != v.shape:
+        raise WeightError(f"param '{v.name}' expects shape {list(v.shape)}, checkpoint gives {list(shape)}")
+    return out
+
+
+def bind_params(
+    graph: Graph, weights: Mapping[str, torch.Tensor], cache: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Runtime objects for every param of the graph (reusing `cache` entries by name)."""
+    cache = {} if cache is None else cache
+    for v in graph.by_role("param"):
+        if v.name not in cache:
+            cache[v.name] = bind_param(v, weights)
+    return cache

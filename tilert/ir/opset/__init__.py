@@ -1,0 +1,3 @@
+"""The built-in op kinds. Importing this package registers them."""
+
+from tilert.ir.opset import attention, basic, collective, fused, moe  # noqa: F401

@@ -1,0 +1,1 @@
+"""Fused op kinds produced by the fusion passes; each reference composes the unfused ones."""

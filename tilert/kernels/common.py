@@ -1,0 +1,115 @@
+"""Shared helpers for tile kernels: the Hopper target, a disk-cached `build`, capability checks.
+
+Importing this module does not import tilelang; `build` does, on first use.
+
+API (stable; other kernel files import it):
+    HOPPER_TARGET            {"kind": "cuda", "arch": "sm_90a"} (a bare "cuda" falls back to sm_50)
+    cache_dir()              Path of the kernel disk cache (env TILERT_KERNEL_CACHE,
+                             default ~/.cache/tilert/kernels)
+    build(func, *, out_idx=None, target=HOPPER_TARGET, pass_configs=None, compile_flags=None,
+          out_dir=None, name=None) -> tilelang JITKernel
+                             compile a TileLang prim_func (memory + disk cached); with out_dir,
+                             also write the generated CUDA source to out_dir/<name>.cu
+    hopper_reason() / has_hopper()        None/True when a Hopper (sm_90) GPU is usable
+    toolchain_reason() / has_toolchain()  None/True when tilelang and nvcc can build for sm_90a
+    cdiv(a, b)               ceiling division
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+HOPPER_TARGET: dict[str, str] = {"kind": "cuda", "arch": "sm_90a"}
+DEFAULT_CACHE = "~/.cache/tilert/kernels"
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def cache_dir() -> Path:
+    """The kernel disk cache directory (created on demand)."""
+    return Path(os.path.expanduser(os.environ.get("TILERT_KERNEL_CACHE", DEFAULT_CACHE)))
+
+
+def _cuda_home() -> str | None:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and Path(home, "bin", "nvcc").exists():
+        return home
+    if Path("/usr/local/cuda/bin/nvcc").exists():
+        return "/usr/local/cuda"
+    nvcc = shutil.which("nvcc")
+    return str(Path(nvcc).resolve().parent.parent) if nvcc else None
+
+
+def build(
+    func: Any,
+    *,
+    out_idx: list[int] | int | None = None,
+    target: dict[str, str] | str = HOPPER_TARGET,
+    pass_configs: dict[str, Any] | None = None,
+    compile_flags: list[str] | None = None,
+    out_dir: str | os.PathLike | None = None,
+    name: str | None = None,
+) -> Any:
+    """Compile a TileLang prim_func for `target` (default sm_90a) and return the JITKernel.
+
+    Compiled kernels are cached in memory and on disk under `cache_dir()` (keyed by TileLang on
+    the function text, target and options), so a second build of the same config is cheap.
+    """
+    home = _cuda_home()
+    if home and "CUDA_HOME" not in os.environ:
+        os.environ["CUDA_HOME"] = home
+    root = cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    os.environ["TILELANG_CACHE_DIR"] = str(root)  # tilelang reads this live at each compile
+    import tilelang
+
+    kernel = tilelang.compile(
+        func, out_idx=out_idx, target=target, pass_configs=pass_configs, compile_flags=compile_flags
+    )
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = name or (str(func.attrs["global_symbol"]) if func.attrs else "kernel")
+        (out / f"{stem}.cu").write_text(kernel.get_kernel_source())
+    return kernel
+
+
+@functools.cache
+def hopper_reason() -> str | None:
+    """None when a Hopper (sm_90) GPU is usable from torch, else the reason why not."""
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    if not torch.cuda.is_available():
+        return "needs an NVIDIA Hopper GPU (sm_90); none is visible"
+    major, minor = torch.cuda.get_device_capability()
+    if major != 9:
+        return f"needs compute capability 9.x (Hopper); this GPU is {major}.{minor}"
+    return None
+
+
+def has_hopper() -> bool:
+    return hopper_reason() is None
+
+
+@functools.cache
+def toolchain_reason() -> str | None:
+    """None when tilelang is importable and nvcc is found (kernels can be compiled), else why not."""
+    try:
+        import tilelang  # noqa: F401
+    except Exception as e:  # ImportError, or a broken native library
+        return f"tilelang is not importable: {e}"
+    if _cuda_home() is None:
+        return "nvcc not found (set CUDA_HOME)"
+    return None
+
+
+def has_toolchain() -> bool:
+    return toolchain_reason() is None
