@@ -19,17 +19,16 @@ M slot, the few tokens the N slot):
              the k range k_split * K/split_k : +K/split_k only (added atomically when split_k > 1).
 """
 
-from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
 
 import torch
 
-import tilert.ops.linear
+from tilert.ops.linear import mxfp4_linear
 from tilert.kernels.common import build, cdiv
 
-reference = tilert.ops.linear.mxfp4_linear
+reference = mxfp4_linear
 
 # E2M1 nibble -> bf16 without a table: code (s e1 e0 m) placed as bf16 bits s<<15 | (e1 e0 m)<<6
 # is the true value * 2^-126 (codes with e = 0 land on bf16 subnormals, which bf16 multiplies keep).
@@ -106,49 +105,83 @@ def pick_config(m: int, n: int, k: int, sms: int = 132) -> Config:
     return Config(m_pad, n, k, block_m, block_n, block_k, split_k, 3 if block_k >= 128 else 4, threads)
 
 
-def make_body(cfg: Config):
-    """The tile body as a T.macro of (X, W, S, Y, n_tile, m_tile, k_split)."""
+def make_mainloop(
+    bm: int, bn: int, bk: int, threads: int, stages: int, w3d: bool = False, x3d: bool = False, two: bool = False
+):
+    """The shared K loop: acc[bn, bm] += dequant(W[(e,) w_row0 : +bn, k]) @ X[(a,) x_row0 : +bm, k]^T.
+
+    Macro args (X, xa, x_row0, W, S, e, w_row0, w_row1, k_tile0, nk, acc): k tiles k_tile0 ..
+    k_tile0+nk-1 of block bk; `xa` / `e` index the leading dim of X / W,S when x3d / w3d (ignored
+    otherwise). With `two`, tile rows [0, bn/2) come from w_row0 and [bn/2, bn) from w_row1 (the
+    fused MoE gate and up rows); otherwise w_row1 is ignored.
+    """
     import tilelang.language as T
 
-    bm, bn, bk, threads = cfg.block_m, cfg.block_n, cfg.block_k, cfg.threads
-    nk_split = cfg.k // bk // cfg.split_k
     blocks = bk // 32
-    per_thread = bn * blocks // threads
-    assert bn * blocks % threads == 0, "block_n * block_k / 32 must be a multiple of threads"
+    per_thread = cdiv(bn * blocks, threads)
+    exact = bn * blocks % threads == 0
 
     @T.macro
-    def mxfp4_tile(X, W, S, Y, n_tile, m_tile, k_split):
+    def mxfp4_mainloop(X, xa, x_row0, W, S, e, w_row0, w_row1, k_tile0, nk, acc):
         T.import_source(_DEQUANT_SRC)
         x_s = T.alloc_shared((bm, bk), "bfloat16")
         w_s = T.alloc_shared((bn, bk // 2), "uint8")
         s_s = T.alloc_shared((bn, blocks), "uint8")
         wd_s = T.alloc_shared((bn, bk), "bfloat16")
-        acc = T.alloc_fragment((bn, bm), "float32")
         q_l = T.alloc_local((16,), "uint8")
         d_l = T.alloc_local((32,), "bfloat16")
         tx = T.get_thread_binding()
-        T.clear(acc)
-        for kk in T.Pipelined(nk_split, num_stages=cfg.stages):
-            k0 = (k_split * nk_split + kk) * bk
-            T.copy(W[n_tile * bn, k0 // 2], w_s)
-            T.copy(S[n_tile * bn, k0 // 32], s_s)
-            T.copy(X[m_tile * bm, k0], x_s)
+        for kk in T.Pipelined(nk, num_stages=stages):
+            k0 = (k_tile0 + kk) * bk
+            if two:
+                T.copy(W[e, w_row0 : w_row0 + bn // 2, k0 // 2 : k0 // 2 + bk // 2], w_s[0 : bn // 2, :])
+                T.copy(W[e, w_row1 : w_row1 + bn // 2, k0 // 2 : k0 // 2 + bk // 2], w_s[bn // 2 : bn, :])
+                T.copy(S[e, w_row0 : w_row0 + bn // 2, k0 // 32 : k0 // 32 + blocks], s_s[0 : bn // 2, :])
+                T.copy(S[e, w_row1 : w_row1 + bn // 2, k0 // 32 : k0 // 32 + blocks], s_s[bn // 2 : bn, :])
+            elif w3d:
+                T.copy(W[e, w_row0, k0 // 2], w_s)
+                T.copy(S[e, w_row0, k0 // 32], s_s)
+            else:
+                T.copy(W[w_row0, k0 // 2], w_s)
+                T.copy(S[w_row0, k0 // 32], s_s)
+            if x3d:
+                T.copy(X[xa, x_row0, k0], x_s)
+            else:
+                T.copy(X[x_row0, k0], x_s)
             for it in T.serial(per_thread):
                 idx = it * threads + tx
                 r = idx // blocks
                 j = idx % blocks
-                for v in T.vectorized(16):
-                    q_l[v] = w_s[r, j * 16 + v]
-                T.call_extern(
-                    "handle",
-                    "tilert_mxfp4_dequant32",
-                    T.address_of(q_l[0]),
-                    T.address_of(s_s[r, j]),
-                    T.address_of(d_l[0]),
-                )
-                for v in T.vectorized(32):
-                    wd_s[r, j * 32 + v] = d_l[v]
+                if exact or idx < bn * blocks:
+                    for v in T.vectorized(16):
+                        q_l[v] = w_s[r, j * 16 + v]
+                    T.call_extern(
+                        "handle",
+                        "tilert_mxfp4_dequant32",
+                        T.address_of(q_l[0]),
+                        T.address_of(s_s[r, j]),
+                        T.address_of(d_l[0]),
+                    )
+                    for v in T.vectorized(32):
+                        wd_s[r, j * 32 + v] = d_l[v]
             T.gemm(wd_s, x_s, acc, transpose_B=True)
+
+    return mxfp4_mainloop
+
+
+def make_body(cfg: Config):
+    """The GEMM tile body as a T.macro of (X, W, S, Y, n_tile, m_tile, k_split)."""
+    import tilelang.language as T
+
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+    nk_split = cfg.k // bk // cfg.split_k
+    mainloop = make_mainloop(bm, bn, bk, cfg.threads, cfg.stages)
+
+    @T.macro
+    def mxfp4_tile(X, W, S, Y, n_tile, m_tile, k_split):
+        acc = T.alloc_fragment((bn, bm), "float32")
+        T.clear(acc)
+        mainloop(X, 0, m_tile * bm, W, S, 0, n_tile * bn, 0, k_split * nk_split, nk_split, acc)
         for i, j in T.Parallel(bn, bm):
             if n_tile * bn + i < cfg.n:
                 if cfg.split_k == 1:

@@ -1,0 +1,7 @@
+"""`python -m tilert`."""
+
+import sys
+
+from tilert.cli import main
+
+sys.exit(main())

@@ -1,0 +1,212 @@
+"""Command line: `python -m tilert {inspect, generate, compile, ...}`.
+
+Every user error (unknown model, bad config field, bad ids, a plan that does not fit) is a
+ValueError subclass somewhere below; here it becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tilert.models.config import ModelConfig, load_config
+
+EXIT_USAGE = 2
+
+
+class CLIError(ValueError):
+    """A bad command-line value; the message names it."""
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="mimo-v2.5-pro", help="shipped model name (see `inspect --list`)")
+    p.add_argument("--config", default=None, help="path to a config.json of this family (overrides --model)")
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    return load_config(args.config or args.model)
+
+
+def parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise CLIError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise CLIError("--prompt-ids is empty")
+    return ids
+
+
+# ---- inspect -----------------------------------------------------------------------------------
+
+
+def layer_pattern(cfg: ModelConfig) -> str:
+    """Compact per-layer pattern, e.g. 'F(dense) S S S S S S F ...' as run-length groups."""
+    tags = [("S" if cfg.is_sliding(i) else "F") + ("" if cfg.is_moe(i) else "d") for i in range(cfg.num_hidden_layers)]
+    runs: list[list[Any]] = []
+    for t in tags:
+        if runs and runs[-1][0] == t:
+            runs[-1][1] += 1
+        else:
+            runs.append([t, 1])
+    return " ".join(f"{t}x{n}" if n > 1 else t for t, n in runs)
+
+
+def inspect_summary(cfg: ModelConfig) -> dict[str, Any]:
+    from tilert.models.builder import build_step_graph
+    from tilert.models.weights import logical_param_counts
+
+    g = build_step_graph(cfg, tokens=1, max_seq=64)
+    counts = logical_param_counts(cfg)
+    n_swa = sum(cfg.is_sliding(i) for i in range(cfg.num_hidden_layers))
+    return {
+        "model": cfg.name,
+        "layers": cfg.num_hidden_layers,
+        "sliding_window_layers": n_swa,
+        "full_attention_layers": cfg.num_hidden_layers - n_swa,
+        "moe_layers": sum(cfg.is_moe(i) for i in range(cfg.num_hidden_layers)),
+        "experts": cfg.n_routed_experts,
+        "top_k": cfg.num_experts_per_tok,
+        "layer_pattern": layer_pattern(cfg),
+        "params_total": counts["total"],
+        "params_active": counts["active"],
+        "params_drafter": counts["drafter"],
+        "decode_graph_ops": g.op_counts(),
+        "decode_graph_nodes": len(g.nodes),
+        "config": cfg.to_dict(),
+    }
+
+
+def _human(n: float) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    if args.list:
+        from tilert.models.config import list_models
+
+        print("\n".join(list_models()))
+        return 0
+    s = inspect_summary(model_config(args))
+    if args.json:
+        print(json.dumps(s, indent=1))
+        return 0
+    print(
+        f"model {s['model']}: {s['layers']} layers ({s['sliding_window_layers']} sliding-window, "
+        f"{s['full_attention_layers']} full), {s['moe_layers']} MoE layers, {s['experts']} experts top-{s['top_k']}"
+    )
+    print(
+        f"parameters: {_human(s['params_total'])} total, {_human(s['params_active'])} active per token"
+        f" (+{_human(s['params_drafter'])} DFlash drafter)"
+    )
+    print(f"layer pattern (S=sliding, F=full, d=dense MLP): {s['layer_pattern']}")
+    print(f"decode step graph (B=1): {s['decode_graph_nodes']} ops")
+    for k, v in s["decode_graph_ops"].items():
+        print(f"  {k:16s} {v}")
+    print("config:")
+    for k, v in s["config"].items():
+        if k not in ("hybrid_layer_pattern", "moe_layer_freq"):
+            print(f"  {k}: {v}")
+    return 0
+
+
+# ---- generate ----------------------------------------------------------------------------------
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tilert.engine import ReferenceBackend, generate
+
+    cfg = model_config(args)
+    ids = parse_ids(args.prompt_ids)
+    if args.device != "cpu":
+        raise CLIError(f"--device {args.device}: the GPU runtimes are not available in this build; use --device cpu")
+    weights = _load_weights(cfg, args)
+    max_seq = args.max_seq or max(64, 1 << (len(ids) + args.max_new_tokens + 16).bit_length())
+    backend = ReferenceBackend(cfg, weights, max_seq=max_seq, world=args.ranks)
+    res = generate(backend, ids, args.max_new_tokens, speculative=args.speculative)
+    print(",".join(map(str, res.tokens)))
+    if args.stats:
+        print(json.dumps(res.stats()), file=sys.stderr)
+    return 0
+
+
+def _load_weights(cfg: ModelConfig, args: argparse.Namespace) -> dict:
+    from tilert.models import weights as W
+
+    if args.weights:
+        return W.load_safetensors(args.weights, cfg)
+    if cfg.num_hidden_layers * cfg.hidden_size * cfg.n_routed_experts > 64 * 4096 * 64:
+        raise CLIError(
+            f"model '{cfg.name}' is too large for synthetic weights on the CPU; pass --weights or use a tiny model"
+        )
+    return W.synthetic_weights(cfg, args.seed)
+
+
+# ---- main --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tilert", description="tilert: tile-level MoE decode compiler/runtime")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pi = sub.add_parser("inspect", help="print a model's config, layer pattern, op and parameter counts")
+    add_model_args(pi)
+    pi.add_argument("--json", action="store_true", help="machine-readable output")
+    pi.add_argument("--list", action="store_true", help="list the shipped models")
+    pi.set_defaults(fn=cmd_inspect)
+
+    pg = sub.add_parser("generate", help="greedy (or DFlash speculative) decoding on the reference executor")
+    add_model_args(pg)
+    pg.set_defaults(model="tiny")
+    pg.add_argument("--device", default="cpu", help="cpu (reference executor)")
+    pg.add_argument("--prompt-ids", required=True, help="comma-separated token ids, e.g. 1,2,3")
+    pg.add_argument("--max-new-tokens", type=int, default=16)
+    pg.add_argument("--speculative", choices=["dflash"], default=None)
+    pg.add_argument("--weights", default=None, help="safetensors file or directory (default: seeded synthetic)")
+    pg.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights")
+    pg.add_argument("--max-seq", type=int, default=None, help="KV cache capacity in tokens")
+    pg.add_argument("--ranks", type=int, default=1, help="simulated tensor/expert-parallel ranks")
+    pg.add_argument("--stats", action="store_true", help="print step statistics as JSON on stderr")
+    pg.set_defaults(fn=cmd_generate)
+
+    for hook in _extra_commands():
+        hook(sub)
+    return p
+
+
+def _extra_commands() -> list[Callable[[Any], None]]:
+    hooks = []
+    try:
+        from tilert.compile_cli import add_compile_parser
+
+        hooks.append(add_compile_parser)
+    except ImportError:
+        pass
+    return hooks
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except ValueError as e:  # every user-facing error class derives from ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:  # output piped into `head` and closed early
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

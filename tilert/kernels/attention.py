@@ -1,0 +1,515 @@
+"""Decode / DFlash-verify attention over the KV cache (TileLang, Hopper sm_90a).
+
+One launch per layer and step does: NeoX partial RoPE on the B new q and k rows, the KV append
+(the new k after RoPE and v written to the cache at their positions), and split-KV
+flash-decoding over the cache; a second, small launch combines the splits with log-sum-exp and
+the attention-sink logit. Math, mask and window convention: `tilert.ops.attention` (the
+reference). Design notes and measured figures: docs/attention.md.
+
+Step contract (device tensors only, so one compiled kernel serves every step):
+    positions [B] int32 = start + arange(B); start = tokens already in the cache, kv_len = start + B.
+Each kv head's B x group query rows (row r = token r // group, head r % group) share one KV
+head, so they are one tensor-core (wgmma) M dimension: B=8 x 16 heads = 128 rows.
+
+Tile bodies (the persistent runtime calls these with its own coordinates):
+    attn_split_body(h, rb, s): kv head h, row block rb (BM rows), split s in [0, NS]. Splits
+        0..NS-1 cover the old keys [lo, start) (lo = start - window for SWA layers, else 0) in
+        equal block_n-aligned chunks (only the first n_used(start) do work); split NS covers the
+        B new keys from q/k/v in registers and (row block 0) appends them to the cache.
+        Writes o_part[h, rows, s, :] (fp32, normalised) and lse[h, rows, s] (log2 domain).
+    combine_body(h, r): one query row; reads the used splits and writes out[b, h*group+g, :].
+"""
+
+
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+from tilert.kernels.common import build, cdiv
+from tilert.ops.attention import attention as _ref_attention
+from tilert.ops.attention import kv_append, rope
+
+LOG2E = 1.4426950408889634
+PASS_CONFIGS = {"tl.disable_warp_specialized": True}
+
+
+@dataclass(frozen=True)
+class AttnConfig:
+    """One compiled kernel pair. Per-rank head counts; the cache capacity is a runtime shape."""
+
+    q_heads: int = 16
+    kv_heads: int = 1
+    head_dim: int = 192  # q/k
+    v_head_dim: int = 128
+    rope_dim: int = 64
+    rope_theta: float = 1e7
+    block: int = 1  # B query tokens per step (1 decode, 8/16 DFlash verify)
+    window: int = 0  # 0 = full causal; W > 0: a query at p sees keys p-W..p
+    sink: bool = False
+    num_split: int = 0  # 0 = auto: about one wave of CTAs on 132 SMs
+    block_n: int = 64  # keys per tile
+    num_stages: int = 2
+    min_tiles: int = 2  # fewest key tiles per split (short contexts use fewer splits)
+
+    def __post_init__(self) -> None:
+        if self.q_heads % self.kv_heads:
+            raise ValueError(f"q_heads {self.q_heads} is not a multiple of kv_heads {self.kv_heads}")
+        if self.rope_dim % 2 or self.rope_dim > self.head_dim:
+            raise ValueError(f"rope_dim {self.rope_dim} must be even and <= head_dim {self.head_dim}")
+        if not 1 <= self.block <= self.block_n:
+            raise ValueError(f"block {self.block} must be in [1, block_n={self.block_n}]")
+
+    @property
+    def group(self) -> int:
+        return self.q_heads // self.kv_heads
+
+    @property
+    def rows(self) -> int:  # query rows per kv head
+        return self.block * self.group
+
+    @property
+    def block_m(self) -> int:  # wgmma needs M in multiples of 64 per warpgroup
+        return 64 if self.rows <= 64 else 128
+
+    @property
+    def row_blocks(self) -> int:
+        return cdiv(self.rows, self.block_m)
+
+    @property
+    def threads(self) -> int:
+        return 128 if self.block_m == 64 else 256
+
+    @property
+    def splits(self) -> int:
+        if self.num_split:
+            return self.num_split
+        if self.window:
+            return max(1, cdiv(self.window, self.block_n))
+        return max(1, 128 // (self.kv_heads * self.row_blocks))
+
+    @property
+    def scale(self) -> float:
+        return self.head_dim**-0.5
+
+    def smem_bytes(self) -> int:
+        tile = self.block_n * (self.head_dim + self.v_head_dim) * 2
+        return self.block_m * self.head_dim * 2 + (self.num_stages + 1) * tile + self.block * self.rope_dim * 4
+
+
+def _split_plan(cfg: AttnConfig, start):
+    """(lo, tiles_per_split, n_used) for the old keys [lo, start), as device expressions."""
+    import tilelang.language as T
+
+    lo = T.max(start - cfg.window, 0) if cfg.window else 0
+    tiles = T.ceildiv(start - lo, cfg.block_n)
+    per = T.max(T.ceildiv(tiles, cfg.splits), cfg.min_tiles)
+    return lo, per, T.ceildiv(tiles, per)
+
+
+def make_bodies(cfg: AttnConfig):
+    """The two tile bodies (T.macro) for `cfg`; see the module docstring for their contracts."""
+    import tilelang.language as T
+
+    B, G, R, BM, BN = cfg.block, cfg.group, cfg.rows, cfg.block_m, cfg.block_n
+    DK, DV, ROPE, RH, NS, W = cfg.head_dim, cfg.v_head_dim, cfg.rope_dim, cfg.rope_dim // 2, cfg.splits, cfg.window
+    SL2 = cfg.scale * LOG2E
+    NEG = -T.infinity("float32")
+    bf16, f32 = "bfloat16", "float32"
+
+    def rotate(src, pre, b, d, cs):
+        """Element d of src[*pre, :] (token b) after NeoX RoPE on the first ROPE dims, fp32."""
+        x = T.Cast(f32, src[(*pre, d)])
+        if ROPE == 0:
+            return x
+        f = d % RH
+        e = T.if_then_else(d < RH, d + RH, T.if_then_else(d < ROPE, d - RH, d))
+        other = T.Cast(f32, src[(*pre, e)])
+        c, s_ = cs[b, f], cs[b, RH + f]
+        return T.if_then_else(d < RH, x * c - other * s_, T.if_then_else(d < ROPE, x * c + other * s_, x))
+
+    @T.macro
+    def tile(q_s, k_s, v_s, acc_s, acc_p, acc_o, m, m_prev, alpha, l_sum, r_sum, qpos, base, hi):
+        """Online-softmax update with keys base..base+BN-1 (k_s, v_s), visible below hi."""
+        T.clear(acc_s)
+        T.gemm(q_s, k_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+        for i, j in T.Parallel(BM, BN):
+            kp = base + j
+            ok = (kp < hi) & (kp <= qpos[i])
+            if W:
+                ok = ok & (kp >= qpos[i] - W)
+            acc_s[i, j] = T.if_then_else(ok, acc_s[i, j], NEG)
+        T.copy(m, m_prev)
+        T.reduce_max(acc_s, m, dim=1, clear=False)
+        for i in T.Parallel(BM):
+            alpha[i] = T.exp2((m_prev[i] - T.if_then_else(m[i] == NEG, 0, m[i])) * SL2)
+        for i, j in T.Parallel(BM, BN):
+            acc_s[i, j] = T.exp2((acc_s[i, j] - T.if_then_else(m[i] == NEG, 0, m[i])) * SL2)
+        T.reduce_sum(acc_s, r_sum, dim=1)
+        for i in T.Parallel(BM):
+            l_sum[i] = l_sum[i] * alpha[i] + r_sum[i]
+        T.copy(acc_s, acc_p)
+        for i, d in T.Parallel(BM, DV):
+            acc_o[i, d] *= alpha[i]
+        T.gemm(acc_p, v_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
+
+    @T.macro
+    def attn_split_body(Q, Knew, Vnew, Kc, Vc, Pos, Opart, Lse, h, rb, s):
+        q_s = T.alloc_shared([BM, DK], bf16)
+        k_s = T.alloc_shared([BN, DK], bf16)
+        v_s = T.alloc_shared([BN, DV], bf16)
+        k_n = T.alloc_shared([BN, DK], bf16)  # new keys, or a split's partial last tile
+        v_n = T.alloc_shared([BN, DV], bf16)
+        cs = T.alloc_shared([B, 2 * max(RH, 1)], f32)
+        acc_s = T.alloc_fragment([BM, BN], f32)
+        acc_p = T.alloc_fragment([BM, BN], bf16)
+        acc_o = T.alloc_fragment([BM, DV], f32)
+        m = T.alloc_fragment([BM], f32)
+        m_prev = T.alloc_fragment([BM], f32)
+        alpha = T.alloc_fragment([BM], f32)
+        l_sum = T.alloc_fragment([BM], f32)
+        r_sum = T.alloc_fragment([BM], f32)
+        qpos = T.alloc_fragment([BM], "int32")
+
+        start = Pos[0]
+        lo, per, n_used = _split_plan(cfg, start)
+        # cos/sin of the B new positions in float64, like the reference (angles reach 1e5 rad).
+        for b, f in T.Parallel(B, max(RH, 1)):
+            ang = T.Cast("float64", start + b) * T.pow(
+                T.float64(cfg.rope_theta), T.Cast("float64", f) * T.float64(-2.0 / max(ROPE, 1))
+            )
+            cs[b, f] = T.Cast(f32, T.cos(ang))
+            cs[b, RH + f] = T.Cast(f32, T.sin(ang))
+        for i, d in T.Parallel(BM, DK):
+            r = rb * BM + i
+            b = T.min(r // G, B - 1)
+            hq = h * G + r % G
+            q_s[i, d] = T.if_then_else(r < R, T.Cast(bf16, rotate(Q, (b, hq), b, d, cs)), 0)
+        for i in T.Parallel(BM):
+            qpos[i] = start + T.min((rb * BM + i) // G, B - 1)
+        T.fill(acc_o, 0)
+        T.fill(l_sum, 0)
+        T.fill(m, NEG)
+
+        if s < NS:
+            if s < n_used:
+                s_lo = lo + s * per * BN
+                s_hi = T.min(s_lo + per * BN, start)
+                n_full = (s_hi - s_lo) // BN
+                for t in T.Pipelined(n_full, num_stages=cfg.num_stages):
+                    T.copy(Kc[h, s_lo + t * BN : s_lo + (t + 1) * BN, :], k_s)
+                    T.copy(Vc[h, s_lo + t * BN : s_lo + (t + 1) * BN, :], v_s)
+                    tile(q_s, k_s, v_s, acc_s, acc_p, acc_o, m, m_prev, alpha, l_sum, r_sum, qpos, s_lo + t * BN, s_hi)
+                # the partial last tile: guarded loads, so keys past s_hi (maybe unwritten: NaN,
+                # and 0 * NaN is NaN even where P is 0) never reach the MMA.
+                t_lo = s_lo + n_full * BN
+                if t_lo < s_hi:
+                    for j, d in T.Parallel(BN, DK):
+                        k_n[j, d] = T.if_then_else(t_lo + j < s_hi, Kc[h, t_lo + j, d], T.Cast(bf16, 0))
+                    for j, d in T.Parallel(BN, DV):
+                        v_n[j, d] = T.if_then_else(t_lo + j < s_hi, Vc[h, t_lo + j, d], T.Cast(bf16, 0))
+                    tile(q_s, k_n, v_n, acc_s, acc_p, acc_o, m, m_prev, alpha, l_sum, r_sum, qpos, t_lo, s_hi)
+        else:
+            for j, d in T.Parallel(BN, DK):
+                k_n[j, d] = T.if_then_else(
+                    j < B, T.Cast(bf16, rotate(Knew, (T.min(j, B - 1), h), T.min(j, B - 1), d, cs)), T.Cast(bf16, 0)
+                )
+            for j, d in T.Parallel(BN, DV):
+                v_n[j, d] = T.if_then_else(j < B, Vnew[T.min(j, B - 1), h, d], T.Cast(bf16, 0))
+            if rb == 0:
+                for j, d in T.Parallel(B, DK):
+                    Kc[h, start + j, d] = k_n[j, d]
+                for j, d in T.Parallel(B, DV):
+                    Vc[h, start + j, d] = v_n[j, d]
+            tile(q_s, k_n, v_n, acc_s, acc_p, acc_o, m, m_prev, alpha, l_sum, r_sum, qpos, start, start + B)
+
+        if (s == NS) | (s < n_used):
+            for i, d in T.Parallel(BM, DV):
+                r = rb * BM + i
+                if r < R:
+                    Opart[h, r, s, d] = T.if_then_else(l_sum[i] > 0, acc_o[i, d] / l_sum[i], 0)
+            for i in T.Parallel(BM):
+                r = rb * BM + i
+                if r < R:
+                    Lse[h, r, s] = T.if_then_else(l_sum[i] > 0, T.log2(l_sum[i]) + m[i] * SL2, NEG)
+
+    CH = 32  # splits combined per step
+
+    @T.macro
+    def combine_body(Pos, Sink, Opart, Lse, Out, h, r):
+        w = T.alloc_shared([NS + 1], f32)
+        lse2 = T.alloc_fragment([1, NS + 1], f32)
+        mx = T.alloc_fragment([1], f32)
+        tot = T.alloc_fragment([1], f32)
+        acc = T.alloc_fragment([CH, DV], f32)
+        o = T.alloc_fragment([DV], f32)
+        _, _, n_used = _split_plan(cfg, Pos[0])
+        b = r // G
+        hq = h * G + r % G
+        for _, k in T.Parallel(1, NS + 1):
+            lse2[0, k] = T.if_then_else((k < n_used) | (k == NS), Lse[h, r, k], NEG)
+        T.reduce_max(lse2, mx, dim=1)
+        if cfg.sink:
+            mx[0] = T.max(mx[0], Sink[hq] * LOG2E)
+        for _, k in T.Parallel(1, NS + 1):
+            lse2[0, k] = T.exp2(lse2[0, k] - mx[0])
+        T.reduce_sum(lse2, tot, dim=1)
+        if cfg.sink:
+            tot[0] = tot[0] + T.exp2(Sink[hq] * LOG2E - mx[0])
+        for _, k in T.Parallel(1, NS + 1):
+            w[k] = lse2[0, k] / tot[0]
+        T.clear(acc)
+        # slot k < n_used is split k; slot n_used is the new-key split NS.
+        for c in T.serial(T.ceildiv(n_used + 1, CH)):
+            for k, d in T.Parallel(CH, DV):
+                kk = c * CH + k
+                sl = T.if_then_else(kk < n_used, kk, NS)
+                acc[k, d] += T.if_then_else(kk <= n_used, w[sl] * Opart[h, r, sl, d], 0)
+        T.reduce_sum(acc, o, dim=0)
+        for d in T.Parallel(DV):
+            Out[b, hq, d] = T.Cast(bf16, o[d])
+
+    return attn_split_body, combine_body
+
+
+def _shapes(cfg: AttnConfig):
+    import tilelang.language as T
+
+    S = T.dynamic("S")
+    B, Hq, Hkv, DK, DV = cfg.block, cfg.q_heads, cfg.kv_heads, cfg.head_dim, cfg.v_head_dim
+    return {
+        "q": [B, Hq, DK],
+        "k": [B, Hkv, DK],
+        "v": [B, Hkv, DV],
+        "k_cache": [Hkv, S, DK],
+        "v_cache": [Hkv, S, DV],
+        "positions": [B],
+        "sink": [Hq],
+        "o_part": [Hkv, cfg.rows, cfg.splits + 1, DV],
+        "lse": [Hkv, cfg.rows, cfg.splits + 1],
+        "out": [B, Hq, DV],
+    }
+
+
+def attn_split_kernel(cfg: AttnConfig):
+    """Standalone launcher of attn_split_body: grid (row block, split, kv head)."""
+    import tilelang.language as T
+
+    body, _ = make_bodies(cfg)
+    sh = _shapes(cfg)
+    bf16, f32 = "bfloat16", "float32"
+
+    @T.prim_func
+    def attn_split(
+        Q: T.Tensor(sh["q"], bf16),
+        Knew: T.Tensor(sh["k"], bf16),
+        Vnew: T.Tensor(sh["v"], bf16),
+        Kc: T.Tensor(sh["k_cache"], bf16),
+        Vc: T.Tensor(sh["v_cache"], bf16),
+        Pos: T.Tensor(sh["positions"], "int32"),
+        Opart: T.Tensor(sh["o_part"], f32),
+        Lse: T.Tensor(sh["lse"], f32),
+    ):
+        with T.Kernel(cfg.row_blocks, cfg.splits + 1, cfg.kv_heads, threads=cfg.threads) as (rb, s, h):
+            body(Q, Knew, Vnew, Kc, Vc, Pos, Opart, Lse, h, rb, s)
+
+    return attn_split
+
+
+def combine_kernel(cfg: AttnConfig):
+    """Standalone launcher of combine_body: grid (query row, kv head)."""
+    import tilelang.language as T
+
+    _, body = make_bodies(cfg)
+    sh = _shapes(cfg)
+
+    @T.prim_func
+    def attn_combine(
+        Pos: T.Tensor(sh["positions"], "int32"),
+        Sink: T.Tensor(sh["sink"], "float32"),
+        Opart: T.Tensor(sh["o_part"], "float32"),
+        Lse: T.Tensor(sh["lse"], "float32"),
+        Out: T.Tensor(sh["out"], "bfloat16"),
+    ):
+        with T.Kernel(cfg.rows, cfg.kv_heads, threads=cfg.v_head_dim) as (r, h):
+            body(Pos, Sink, Opart, Lse, Out, h, r)
+
+    return attn_combine
+
+
+@functools.cache
+def compiled(cfg: AttnConfig):
+    """(split kernel, combine kernel), compiled for sm_90a and cached."""
+    return build(attn_split_kernel(cfg), pass_configs=PASS_CONFIGS), build(combine_kernel(cfg), pass_configs=PASS_CONFIGS)
+
+
+def configs_for_plan(ranks: int = 8) -> list[AttnConfig]:
+    """The attention kernels the mimo-v2.5-pro plan on `ranks` ranks uses: full and SWA layers,
+    plain decode (B=1) and DFlash verify (B=8)."""
+    hq, hkv = 128 // ranks, max(1, 8 // ranks)
+    out = []
+    for block in (1, 8):
+        out.append(AttnConfig(q_heads=hq, kv_heads=hkv, block=block, rope_theta=1e7))
+        out.append(AttnConfig(q_heads=hq, kv_heads=hkv, block=block, rope_theta=1e4, window=128, sink=True))
+    return out
+
+
+def _expect(name: str, t: torch.Tensor, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"attention: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if t.dtype != dtype:
+        raise ValueError(f"attention: {name} has dtype {t.dtype}, expected {dtype}")
+    if t.device != device:
+        raise ValueError(f"attention: {name} is on {t.device}, expected {device}")
+    if not t.is_contiguous():
+        raise ValueError(f"attention: {name} must be contiguous")
+
+
+def workspace(cfg: AttnConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split partials (o_part fp32, lse fp32) the two launches exchange."""
+    o_part = torch.empty(cfg.kv_heads, cfg.rows, cfg.splits + 1, cfg.v_head_dim, device=device)
+    lse = torch.empty(cfg.kv_heads, cfg.rows, cfg.splits + 1, device=device)
+    return o_part, lse
+
+
+def run(
+    cfg: AttnConfig,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    positions: torch.Tensor,
+    sink: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    ws: tuple[torch.Tensor, torch.Tensor] | None = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """RoPE + KV append + attention for one step; returns out [B, Hq, Dv] bf16.
+
+    q [B, Hq, Dk], k [B, Hkv, Dk], v [B, Hkv, Dv] bf16 (before RoPE); caches [Hkv, S, D] bf16,
+    updated in place; positions [B] int32 = start + arange(B) on the device; sink [Hq] fp32
+    (required iff cfg.sink). `validate` checks the positions' contract (one host sync).
+    """
+    dev = q.device
+    B, Hq, Hkv, DK, DV = cfg.block, cfg.q_heads, cfg.kv_heads, cfg.head_dim, cfg.v_head_dim
+    S = k_cache.shape[1] if k_cache.dim() == 3 else -1
+    bf = torch.bfloat16
+    for name, t, shape, dt in (
+        ("q", q, (B, Hq, DK), bf),
+        ("k", k, (B, Hkv, DK), bf),
+        ("v", v, (B, Hkv, DV), bf),
+        ("k_cache", k_cache, (Hkv, S, DK), bf),
+        ("v_cache", v_cache, (Hkv, S, DV), bf),
+        ("positions", positions, (B,), torch.int32),
+    ):
+        _expect(name, t, shape, dt, dev)
+    if cfg.sink:
+        if sink is None:
+            raise ValueError("attention: this config has a sink; pass sink [Hq] float32")
+        _expect("sink", sink, (Hq,), torch.float32, dev)
+    else:
+        if sink is not None:
+            raise ValueError("attention: sink given but the config has sink=False")
+        sink = torch.zeros(Hq, device=dev)
+    if validate:
+        start = int(positions[0])
+        if not torch.equal(positions.cpu(), torch.arange(start, start + B, dtype=torch.int32)):
+            raise ValueError(f"attention: positions must be start + arange({B}); got {positions.tolist()}")
+        if start + B > S:
+            raise ValueError(f"attention: KV cache overflow: kv_len {start + B} > capacity {S}")
+    if out is None:
+        out = torch.empty(B, Hq, DV, device=dev, dtype=bf)
+    else:
+        _expect("out", out, (B, Hq, DV), bf, dev)
+    o_part, lse = ws if ws is not None else workspace(cfg, dev)
+    split, combine = compiled(cfg)
+    split(q, k, v, k_cache, v_cache, positions, o_part, lse)
+    combine(positions, sink, o_part, lse, out)
+    return out
+
+
+def reference(
+    cfg: AttnConfig, q, k, v, k_cache, v_cache, positions, sink=None
+) -> torch.Tensor:
+    """tilert.ops.attention composed as the kernel's step: rope, append, attend (fp32 out)."""
+    qr = rope(q, positions, cfg.rope_dim, cfg.rope_theta)
+    kr = rope(k, positions, cfg.rope_dim, cfg.rope_theta)
+    kv_append(k_cache, v_cache, kr, v, positions)
+    kv_len = int(positions[-1]) + 1
+    return _ref_attention(
+        qr, k_cache, v_cache, positions, kv_len, scale=cfg.scale, window=cfg.window, sink=sink
+    )
+
+
+def make_inputs(cfg: AttnConfig, kv_len: int, capacity: int | None = None, device="cuda", seed=None):
+    """Fresh random inputs for a step ending at kv_len (cache filled with random old keys)."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed(seed if seed is not None else torch.seed() % (1 << 31))
+    B, Hq, Hkv, DK, DV = cfg.block, cfg.q_heads, cfg.kv_heads, cfg.head_dim, cfg.v_head_dim
+    if kv_len < B:
+        raise ValueError(f"kv_len {kv_len} < block {B}")
+    S = capacity or kv_len + 3
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(torch.bfloat16).to(device)
+
+    start = kv_len - B
+    return {
+        "q": rnd(B, Hq, DK),
+        "k": rnd(B, Hkv, DK),
+        "v": rnd(B, Hkv, DV),
+        "k_cache": rnd(Hkv, S, DK),
+        "v_cache": rnd(Hkv, S, DV),
+        "positions": torch.arange(start, kv_len, dtype=torch.int32).to(device),
+        "sink": (torch.randn(Hq, generator=g) + 1.0).to(device) if cfg.sink else None,
+    }
+
+
+def check(cfg: AttnConfig, kv_len: int, seed=None, tol: float = 1e-2) -> dict:
+    """Run kernel and reference on fresh random inputs; out poisoned with NaN first.
+
+    Returns {"rel_err", "cache_err", "written"}; raises AssertionError past tol."""
+    x = make_inputs(cfg, kv_len, seed=seed)
+    kc_ref, vc_ref = x["k_cache"].clone(), x["v_cache"].clone()
+    out = torch.full((cfg.block, cfg.q_heads, cfg.v_head_dim), float("nan"), device="cuda", dtype=torch.bfloat16)
+    run(cfg, x["q"], x["k"], x["v"], x["k_cache"], x["v_cache"], x["positions"], x["sink"], out=out)
+    torch.cuda.synchronize()
+    ref = reference(cfg, x["q"], x["k"], x["v"], kc_ref, vc_ref, x["positions"], x["sink"])
+    written = bool(torch.isfinite(out).all())
+    err = float((out.float() - ref).norm() / ref.norm())
+    cache_err = max(
+        float((x["k_cache"].float() - kc_ref.float()).abs().max()),
+        float((x["v_cache"].float() - vc_ref.float()).abs().max()),
+    )
+    res = {"rel_err": err, "cache_err": cache_err, "written": written}
+    assert written, f"{cfg} kv_len={kv_len}: output not fully written (NaN left)"
+    assert err < tol, f"{cfg} kv_len={kv_len}: rel err {err:.3g} >= {tol}"
+    # the kernel rounds the rotated k to bf16 once, like kv_append; allow one bf16 ulp of |k| ~ 4
+    assert cache_err <= 2 ** -6 * 4, f"{cfg} kv_len={kv_len}: cache append differs by {cache_err:.3g}"
+    return res
+
+
+def kv_bytes(cfg: AttnConfig, kv_len: int) -> int:
+    """KV-cache bytes one step must read (SWA layers: the last window + B keys)."""
+    keys = min(kv_len, cfg.window + cfg.block) if cfg.window else kv_len
+    return cfg.kv_heads * keys * (cfg.head_dim + cfg.v_head_dim) * 2
+
+
+__all__ = [
+    "AttnConfig",
+    "attn_split_kernel",
+    "check",
+    "combine_kernel",
+    "compiled",
+    "configs_for_plan",
+    "kv_bytes",
+    "make_bodies",
+    "make_inputs",
+    "reference",
+    "run",
+    "workspace",
+]
+_ = math

@@ -1,0 +1,345 @@
+"""Fused MoE for decode (T = 1..16 tokens): router, routing, MXFP4 experts, weighted combine.
+
+Four launches, no host round trip; only experts that received tokens read their weights:
+
+1. `router_tile(X, Wr, L, Y, e_tile)` (grid E / 4, 256 threads): fp32 logits L[t, 4 experts] =
+   x @ Wr^T on CUDA cores (each thread strides over H, then a block reduction through 64 KiB of
+   shared memory); also zeroes its slice of the output Y [T, H] (combined with atomics in step 4).
+2. `route_body(L, Bias, Idx, Wt, TokW, List, Count)` (1 CTA, 128 threads): one thread per token:
+   sigmoid, + selection bias, top-k by a guarded insertion list, weights = unbiased scores
+   renormalised and scaled; writes Idx/Wt [T, k], TokW [E_local, T] (a token's weight for a local
+   expert, 0 if not routed there) and the device-side active list List[0:Count] of local experts
+   that received at least one token.
+3. `gate_up_tile(X, GUb, GUs, List, Count, Hb, slot, n_tile)` (grid I/64 x max_slots): slot >=
+   Count exits; else expert e = List[slot], rows [n0, n0+64) of gate and of up in one 128-row
+   MXFP4 tile (tilert.kernels.mxfp4_gemm's mainloop), h = silu(g) * up -> Hb[slot, T, I] bf16.
+4. `down_tile(Hb, Db, Ds, List, Count, TokW, Y, slot, n_tile, k_split)` (grid H/128 x
+   max_slots*split): y = h @ down^T for 128 output features, times TokW[e, t], atomically added
+   into Y [T, H] f32 (a partial sum over this rank's experts).
+
+Expert stacks: gate_up blocks [E, 2I, H/2] (gate rows then up rows), scales [E, 2I, H/32];
+down blocks [E, H, I/2], scales [E, H, I/32]; router weight f32 [E_total, H], bias f32 [E_total].
+"""
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from tilert.kernels.common import build, cdiv
+from tilert.kernels.mxfp4_gemm import make_mainloop
+from tilert.ops.moe import moe_experts, route
+
+TP = 16  # token tile (MMA N slot); T <= 16
+ROUTER_E = 4  # experts per router CTA
+THREADS = 256
+
+
+@dataclass(frozen=True)
+class Config:
+    t: int  # tokens (<= 16)
+    hidden: int
+    inter: int
+    n_experts: int  # router experts (all ranks)
+    n_local: int
+    top_k: int
+    expert_offset: int = 0
+    scaling: float = 1.0
+    normalize: bool = True
+    gu_block_k: int = 256
+    down_block_k: int = 256
+    down_split: int = 2
+    stages: int = 3
+
+    @property
+    def max_slots(self) -> int:
+        return min(self.n_local, self.t * self.top_k)
+
+
+def make_bodies(cfg: Config):
+    """The four tile bodies (T.macro) of the fused MoE."""
+    import tilelang.language as T
+
+    H, In, E, EL, K = cfg.hidden, cfg.inter, cfg.n_experts, cfg.n_local, cfg.top_k
+    Tn, R = cfg.t, ROUTER_E * TP
+    gu_loop = make_mainloop(TP, 128, cfg.gu_block_k, THREADS, cfg.stages, w3d=True, two=True)
+    dn_loop = make_mainloop(TP, 128, cfg.down_block_k, THREADS, cfg.stages, w3d=True, x3d=True)
+    nk_gu = H // cfg.gu_block_k
+    nk_dn = In // cfg.down_block_k // cfg.down_split
+    zero_per_cta = cdiv(Tn * H, cdiv(E, ROUTER_E))
+
+    @T.macro
+    def router_tile(X, Wr, L, Y, e_tile):
+        acc = T.alloc_local((R,), "float32")
+        xv = T.alloc_local((TP,), "float32")
+        red = T.alloc_shared((R, THREADS), "float32")
+        redf = T.alloc_fragment((R, THREADS), "float32")
+        outf = T.alloc_fragment((R,), "float32")
+        tx = T.get_thread_binding()
+        for z in T.serial(cdiv(zero_per_cta, THREADS)):
+            f = e_tile * zero_per_cta + z * THREADS + tx
+            if z * THREADS + tx < zero_per_cta and f < Tn * H:
+                Y[f // H, f % H] = 0.0
+        for i in T.serial(R):
+            acc[i] = 0.0
+        for hc in T.serial(cdiv(H, THREADS)):
+            h = hc * THREADS + tx
+            if h < H:
+                for t in T.unroll(TP):
+                    xv[t] = T.cast(X[t, h], "float32")
+                for e in T.unroll(ROUTER_E):
+                    w = T.if_then_else(e_tile * ROUTER_E + e < E, Wr[e_tile * ROUTER_E + e, h], 0.0)
+                    for t in T.unroll(TP):
+                        acc[e * TP + t] += w * xv[t]
+        for i in T.serial(R):
+            red[i, tx] = acc[i]
+        T.copy(red, redf)
+        T.reduce_sum(redf, outf, dim=1)
+        for i in T.Parallel(R):
+            if i % TP < Tn and e_tile * ROUTER_E + i // TP < E:
+                L[i % TP, e_tile * ROUTER_E + i // TP] = outf[i]
+
+    @T.macro
+    def route_body(L, Bias, Idx, Wt, TokW, List, Count):
+        hit = T.alloc_shared((EL,), "int32")
+        topv = T.alloc_local((K,), "float32")
+        topi = T.alloc_local((K,), "int32")
+        cur = T.alloc_local((2,), "float32")
+        curi = T.alloc_local((2,), "int32")
+        wsum = T.alloc_local((1,), "float32")
+        cnt = T.alloc_local((1,), "int32")
+        tx = T.get_thread_binding()
+        for z in T.serial(cdiv(EL * TP, 128)):
+            f = z * 128 + tx
+            if f < EL * TP:
+                TokW[f // TP, f % TP] = 0.0
+        if tx < EL:
+            hit[tx] = 0
+        T.sync_threads()
+        if tx < Tn:
+            for j in T.unroll(K):
+                topv[j] = -T.infinity("float32")
+                topi[j] = 0
+            for e in T.serial(E):
+                cur[0] = T.sigmoid(L[tx, e]) + Bias[e]
+                curi[0] = e
+                if cur[0] > topv[K - 1]:
+                    for j in T.unroll(K):
+                        if cur[0] > topv[j]:
+                            cur[1] = topv[j]
+                            curi[1] = topi[j]
+                            topv[j] = cur[0]
+                            topi[j] = curi[0]
+                            cur[0] = cur[1]
+                            curi[0] = curi[1]
+            wsum[0] = 0.0
+            for j in T.unroll(K):
+                topv[j] = T.sigmoid(L[tx, topi[j]])
+                wsum[0] += topv[j]
+            for j in T.unroll(K):
+                if cfg.normalize:
+                    topv[j] = topv[j] / (wsum[0] + 1e-20) * cfg.scaling
+                else:
+                    topv[j] = topv[j] * cfg.scaling
+                Idx[tx, j] = topi[j]
+                Wt[tx, j] = topv[j]
+                if topi[j] >= cfg.expert_offset and topi[j] < cfg.expert_offset + EL:
+                    TokW[topi[j] - cfg.expert_offset, tx] = topv[j]
+                    hit[topi[j] - cfg.expert_offset] = 1
+        T.sync_threads()
+        if tx == 0:
+            cnt[0] = 0
+            for e in T.serial(EL):
+                if hit[e] != 0:
+                    List[cnt[0]] = e
+                    cnt[0] = cnt[0] + 1
+            Count[0] = cnt[0]
+
+    @T.macro
+    def gate_up_tile(X, GUb, GUs, List, Count, Hb, slot, n_tile):
+        if slot < Count[0]:
+            acc = T.alloc_fragment((128, TP), "float32")
+            c_s = T.alloc_shared((128, TP), "float32")
+            e = List[slot]
+            T.clear(acc)
+            gu_loop(X, 0, 0, GUb, GUs, e, n_tile * 64, In + n_tile * 64, 0, nk_gu, acc)
+            T.copy(acc, c_s)
+            for i, j in T.Parallel(64, TP):
+                g = c_s[i, j]
+                Hb[slot, j, n_tile * 64 + i] = T.cast(g / (1.0 + T.exp(-g)) * c_s[i + 64, j], "bfloat16")
+
+    @T.macro
+    def down_tile(Hb, Db, Ds, List, Count, TokW, Y, slot, n_tile, k_split):
+        if slot < Count[0]:
+            acc = T.alloc_fragment((128, TP), "float32")
+            e = List[slot]
+            T.clear(acc)
+            dn_loop(Hb, slot, 0, Db, Ds, e, n_tile * 128, 0, k_split * nk_dn, nk_dn, acc)
+            for i, j in T.Parallel(128, TP):
+                if j < Tn and n_tile * 128 + i < H:
+                    T.atomic_add(Y[j, n_tile * 128 + i], acc[i, j] * TokW[e, j])
+
+    return router_tile, route_body, gate_up_tile, down_tile
+
+
+def make_kernels(cfg: Config):
+    """Four standalone launchers, one per body."""
+    import tilelang.language as T
+
+    router_tile, route_body, gate_up_tile, down_tile = make_bodies(cfg)
+    H, In, E, EL, K, Tn, S = cfg.hidden, cfg.inter, cfg.n_experts, cfg.n_local, cfg.top_k, cfg.t, cfg.max_slots
+
+    @T.prim_func
+    def moe_router(
+        X: T.Tensor((TP, H), "bfloat16"),
+        Wr: T.Tensor((E, H), "float32"),
+        L: T.Tensor((TP, E), "float32"),
+        Y: T.Tensor((Tn, H), "float32"),
+    ):
+        with T.Kernel(cdiv(E, ROUTER_E), threads=THREADS) as bx:
+            router_tile(X, Wr, L, Y, bx)
+
+    @T.prim_func
+    def moe_route(
+        L: T.Tensor((TP, E), "float32"),
+        Bias: T.Tensor((E,), "float32"),
+        Idx: T.Tensor((TP, K), "int32"),
+        Wt: T.Tensor((TP, K), "float32"),
+        TokW: T.Tensor((EL, TP), "float32"),
+        List: T.Tensor((EL,), "int32"),
+        Count: T.Tensor((1,), "int32"),
+    ):
+        with T.Kernel(1, threads=128) as _:
+            route_body(L, Bias, Idx, Wt, TokW, List, Count)
+
+    @T.prim_func
+    def moe_gate_up(
+        X: T.Tensor((TP, H), "bfloat16"),
+        GUb: T.Tensor((EL, 2 * In, H // 2), "uint8"),
+        GUs: T.Tensor((EL, 2 * In, H // 32), "uint8"),
+        List: T.Tensor((EL,), "int32"),
+        Count: T.Tensor((1,), "int32"),
+        Hb: T.Tensor((S, TP, In), "bfloat16"),
+    ):
+        with T.Kernel(In // 64, S, threads=THREADS) as (bx, by):
+            gate_up_tile(X, GUb, GUs, List, Count, Hb, by, bx)
+
+    @T.prim_func
+    def moe_down(
+        Hb: T.Tensor((S, TP, In), "bfloat16"),
+        Db: T.Tensor((EL, H, In // 2), "uint8"),
+        Ds: T.Tensor((EL, H, In // 32), "uint8"),
+        List: T.Tensor((EL,), "int32"),
+        Count: T.Tensor((1,), "int32"),
+        TokW: T.Tensor((EL, TP), "float32"),
+        Y: T.Tensor((Tn, H), "float32"),
+    ):
+        with T.Kernel(cdiv(H, 128), S * cfg.down_split, threads=THREADS) as (bx, by):
+            down_tile(Hb, Db, Ds, List, Count, TokW, Y, by // cfg.down_split, bx, by % cfg.down_split)
+
+    return moe_router, moe_route, moe_gate_up, moe_down
+
+
+@functools.cache
+def compiled(cfg: Config):
+    return tuple(build(f) for f in make_kernels(cfg))
+
+
+def reference(x, router_w, bias, gate_up, down, *, top_k, expert_offset=0, normalize=True, scaling=1.0):
+    """Torch reference: route(x @ Wr^T) then moe_experts (tilert.ops.moe)."""
+    logits = x.float() @ router_w.float().t()
+    idx, w = route(logits, bias, top_k=top_k, normalize=normalize, scaling=scaling)
+    return moe_experts(x.float(), idx, w, gate_up, down, expert_offset=expert_offset), idx, w
+
+
+def _check(x, router_w, bias, gate_up, down, top_k):
+    if x.dim() != 2 or x.dtype != torch.bfloat16:
+        raise TypeError(f"x must be bf16 [T, H]; got {x.dtype} {tuple(x.shape)}")
+    t, h = x.shape
+    if not 1 <= t <= TP:
+        raise ValueError(f"T = {t} tokens; the fused MoE handles 1..{TP}")
+    (gb, gs), (db, ds) = gate_up, down
+    el, two_i = gb.shape[0], gb.shape[1]
+    inter = two_i // 2
+    e = router_w.shape[0]
+    want = {
+        "router_w": (router_w, (e, h), torch.float32),
+        "bias": (bias, (e,), torch.float32),
+        "gate_up blocks": (gb, (el, 2 * inter, h // 2), torch.uint8),
+        "gate_up scales": (gs, (el, 2 * inter, h // 32), torch.uint8),
+        "down blocks": (db, (el, h, inter // 2), torch.uint8),
+        "down scales": (ds, (el, h, inter // 32), torch.uint8),
+    }
+    for name, (ten, shape, dt) in want.items():
+        if tuple(ten.shape) != shape:
+            raise ValueError(f"{name} shape {tuple(ten.shape)} != expected {shape}")
+        if ten.dtype != dt:
+            raise TypeError(f"{name} dtype {ten.dtype} != {dt}")
+    if h % 256 or inter % 512:
+        raise ValueError(f"hidden {h} must be a multiple of 256 and intermediate {inter} of 512")
+    if top_k > e:
+        raise ValueError(f"top_k {top_k} > experts {e}")
+    return Config(t, h, inter, e, el, top_k)
+
+
+def run(x, router_w, bias, gate_up, down, *, top_k, expert_offset=0, normalize=True, scaling=1.0, cfg=None):
+    """Fused MoE: returns (y [T, H] f32 partial sum over local experts, idx [T, k], weights [T, k])."""
+    base = _check(x, router_w, bias, gate_up, down, top_k)
+    cfg = cfg or Config(
+        base.t, base.hidden, base.inter, base.n_experts, base.n_local, top_k, expert_offset, scaling, normalize
+    )
+    k_router, k_route, k_gu, k_down = compiled(cfg)
+    dev, t, h = x.device, cfg.t, cfg.hidden
+    xp = torch.zeros(TP, h, dtype=torch.bfloat16, device=dev)
+    xp[:t] = x
+    logits = torch.empty(TP, cfg.n_experts, dtype=torch.float32, device=dev)
+    y = torch.empty(t, h, dtype=torch.float32, device=dev)
+    idx = torch.empty(TP, top_k, dtype=torch.int32, device=dev)
+    wt = torch.empty(TP, top_k, dtype=torch.float32, device=dev)
+    tokw = torch.empty(cfg.n_local, TP, dtype=torch.float32, device=dev)
+    lst = torch.empty(cfg.n_local, dtype=torch.int32, device=dev)
+    cnt = torch.empty(1, dtype=torch.int32, device=dev)
+    hb = torch.empty(cfg.max_slots, TP, cfg.inter, dtype=torch.bfloat16, device=dev)
+    k_router(xp, router_w, logits, y)
+    k_route(logits, bias, idx, wt, tokw, lst, cnt)
+    k_gu(xp, gate_up[0], gate_up[1], lst, cnt, hb)
+    k_down(hb, down[0], down[1], lst, cnt, tokw, y)
+    return y, idx[:t], wt[:t]
+
+
+def make_inputs(t, hidden, inter, n_experts, n_local, *, seed=None, device="cuda"):
+    """Random MoE weights (MXFP4 experts) and tokens for tests and benchmarks."""
+    from tilert.numerics import mxfp4
+
+    g = torch.Generator(device=device)
+    g.manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    x = torch.randn(t, hidden, device=device, generator=g).to(torch.bfloat16)
+    router_w = torch.randn(n_experts, hidden, device=device, generator=g) * hidden**-0.5
+    bias = torch.randn(n_experts, device=device, generator=g) * 0.1
+    gate_up = mxfp4.quantize(torch.randn(n_local, 2 * inter, hidden, device=device, generator=g) * 0.05)
+    down = mxfp4.quantize(torch.randn(n_local, hidden, inter, device=device, generator=g) * 0.05)
+    return x, router_w, bias, gate_up, down
+
+
+def check(t, hidden, inter, n_experts, n_local, top_k, expert_offset=0, seed=None) -> float:
+    """Fresh random inputs; returns ||y - ref|| / ||ref|| (raises if routing differs or y not finite)."""
+    x, rw, b, gu, dn = make_inputs(t, hidden, inter, n_experts, n_local, seed=seed)
+    y, idx, wt = run(x, rw, b, gu, dn, top_k=top_k, expert_offset=expert_offset)
+    ref, ridx, rwt = reference(x, rw, b, gu, dn, top_k=top_k, expert_offset=expert_offset)
+    if not torch.equal(idx.sort(-1).values, ridx.sort(-1).values):
+        raise AssertionError(f"routing differs: {idx.tolist()} vs {ridx.tolist()}")
+    if not torch.isfinite(y).all():
+        raise AssertionError("output has non-finite elements")
+    if ref.norm() == 0:
+        return float(y.norm())
+    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+# mimo-v2.5-pro per rank of 8: 384 experts, 48 local, top-8, H 6144, I 2048.
+MIMO = {"hidden": 6144, "inter": 2048, "n_experts": 384, "n_local": 48, "top_k": 8}
+DECODE_T = (1, 2, 4, 8, 16)
+
+
+def configs_for_plan(ts: tuple[int, ...] = DECODE_T) -> list[Config]:
+    m = MIMO
+    return [Config(t, m["hidden"], m["inter"], m["n_experts"], m["n_local"], m["top_k"]) for t in ts]
