@@ -189,6 +189,11 @@ def _extra_commands() -> list[Callable[[Any], None]]:
         hooks.append(add_compile_parser)
     except ImportError:
         pass
+    from tilert.checkpoint.cli import add_quantize_parser
+    from tilert.profile.cli import add_profile_parser
+    from tilert.serve.cli import add_serve_parser
+
+    hooks += [add_quantize_parser, add_serve_parser, add_profile_parser]
     return hooks
 
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tilert.ops.linear import mxfp4_linear
 from tilert.kernels.common import build, cdiv
+from tilert.ops.linear import mxfp4_linear
 
 reference = mxfp4_linear
 

@@ -1,0 +1,93 @@
+"""Cost model: bytes, flops and interconnect bytes -> seconds on a GpuSpec.
+
+Task time (persistent kernel, one CTA per SM):
+    max(bytes / (HBM rate / SMs), flops / (bf16 peak / SMs)) + task overhead
+    + for collective tasks: latency + comm bytes / NVLink rate
+Bytes count reads plus writes (the 4.3 TB/s H200 figure is a copy rate, read + write). Every SM
+gets an even share of HBM bandwidth, which is what a full persistent kernel sees.
+
+Eager estimate (one launch per fused op): each op runs alone on the whole GPU:
+    max(bytes / HBM rate, flops / peak, longest task) + launch overhead [+ NCCL latency].
+Floor: every byte that must be read, read once at full bandwidth (weights actually touched,
+the KV cache actually attended, the step's inputs), nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tilert.gpu_specs import GpuSpec
+from tilert.ir.graph import Graph, Node
+from tilert.ir.opset.moe import expected_experts
+from tilert.ir.registry import Cost, get_op
+
+
+def op_cost(g: Graph, n: Node, context: int) -> Cost:
+    """The registry cost of node n with the plan's world size and KV context filled in."""
+    a = {**n.a, "world": int(g.meta.get("world", 1)), "context_len": context}
+    ins = [g.values[x] for x in n.inputs]
+    outs = [g.values[x] for x in n.outputs]
+    return get_op(n.op).cost(ins, outs, a)
+
+
+def task_seconds(spec: GpuSpec, nbytes: float, flops: float, comm: float = 0.0, collective: bool = False) -> float:
+    t = max(nbytes / spec.bytes_per_sm_s, flops / spec.flops_per_sm_s) + spec.task_overhead_s
+    if collective:
+        t += spec.collective_latency_s + comm / spec.nvlink_bytes_per_s
+    return t
+
+
+def eager_seconds(spec: GpuSpec, c: Cost, longest_task: float, collective: bool, graphs: bool) -> float:
+    """One op launched on its own: whole-GPU rates, its longest task, the launch (and NCCL) overhead."""
+    t = max(c.bytes / spec.hbm_bytes_per_s, c.flops / spec.bf16_flops, longest_task)
+    if collective:
+        t += spec.nccl_latency_s + c.comm_bytes / spec.nvlink_bytes_per_s
+    return t + (spec.graph_launch_s if graphs else spec.launch_s)
+
+
+def kv_read_bytes(n: Node, kc: Any, vc: Any, tokens: int, context: int) -> int:
+    """KV cache bytes one attention reads at `context` (window-limited for sliding layers)."""
+    keys = context + tokens
+    if n.a.get("window"):
+        keys = min(keys, n.a["window"] + tokens)
+    return keys * (kc.shape[0] * kc.shape[2] * kc.dtype.bits + vc.shape[0] * vc.shape[2] * vc.dtype.bits) // 8
+
+
+def floor_bytes(g: Graph, context: int) -> int:
+    """Bytes a step cannot avoid reading: each param once (experts: those expected to be routed to,
+    embedding: the looked-up rows), the KV cache actually attended, the step's inputs."""
+    total = sum(v.nbytes for v in g.by_role("input"))
+    seen: set[str] = set()
+    world = int(g.meta.get("world", 1))
+    for n in g.nodes:
+        ins = [g.values[x] for x in n.inputs]
+        for v in ins:
+            if v.role != "param" or v.name in seen:
+                continue
+            seen.add(v.name)
+            if n.op == "embed":
+                total += v.nbytes // v.shape[0] * ins[1].shape[0]
+            elif "experts" in v.src():
+                T, k = ins[0].shape[0], int(n.a.get("top_k", 0) or g.values[n.inputs[2]].shape[1])
+                touched = expected_experts(T, k, v.shape[0] * world) / world
+                total += int(v.nbytes * min(1.0, touched / v.shape[0]))
+            else:
+                total += v.nbytes
+        if n.op == "attention":
+            total += kv_read_bytes(n, ins[1], ins[2], ins[0].shape[0], context)
+        elif n.op == "attention_block":
+            total += kv_read_bytes(n, ins[3], ins[4], ins[0].shape[0], context)
+    return total
+
+
+def floor_seconds(spec: GpuSpec, g: Graph, context: int) -> float:
+    return floor_bytes(g, context) / spec.hbm_bytes_per_s
+
+
+def summary(spec: GpuSpec, makespan: float, eager: float, eager_graphs: float, floor: float) -> dict[str, Any]:
+    return {
+        "persistent_ms": (makespan + spec.graph_launch_s) * 1e3,
+        "eager_ms": eager * 1e3,
+        "eager_cuda_graph_ms": eager_graphs * 1e3,
+        "floor_ms": floor * 1e3,
+    }

@@ -1,0 +1,220 @@
+"""Checkpoints: lazy tensor-by-tensor loading, `tilert quantize` shards + manifest, validation."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tilert.checkpoint import CheckpointError, CheckpointReader, LazyWeights, open_checkpoint, quantize_checkpoint
+from tilert.checkpoint.manifest import MANIFEST_NAME, bf16_config, rank_needs
+from tilert.checkpoint.quantize import quantize_need
+from tilert.cli import main
+from tilert.engine import ReferenceBackend, generate
+from tilert.engine.api import Engine
+from tilert.models.config import load_config
+from tilert.models.weights import dequantize_weight, save_safetensors, synthetic_weights
+
+PROMPT = [5, 17, 3, 99]
+V = "model.layers.2.self_attn.v_proj.weight"
+
+
+def in_thread(fn):
+    """Torch CPU ops run much faster off pytest's main thread on 2-core CI boxes (see test_api)."""
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(fn()))
+    t.start()
+    t.join(120)
+    return out[0]
+
+
+def write_hf(weights: dict, d, shards: int = 2) -> None:
+    """An HF-style checkpoint: `shards` files + model.safetensors.index.json + config.json."""
+    d.mkdir(parents=True, exist_ok=True)
+    names = list(weights)
+    weight_map = {}
+    for i in range(shards):
+        part = {k: weights[k] for k in names[i::shards]}
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_safetensors(part, d / fname)
+        weight_map.update(dict.fromkeys(part, fname))
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config("tiny")
+
+
+@pytest.fixture(scope="module")
+def bf16_ckpt(cfg, tmp_path_factory):
+    """A bf16 HF checkpoint of the tiny model (every linear stored as bf16 `X.weight`)."""
+    d = tmp_path_factory.mktemp("bf16")
+    write_hf(synthetic_weights(bf16_config(cfg), 5), d)
+    (d / "config.json").write_text(json.dumps(cfg.to_dict()))
+    return d
+
+
+@pytest.fixture(scope="module")
+def quantized(cfg, bf16_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q1")
+    quantize_checkpoint(bf16_ckpt, out, 1)
+    return out
+
+
+def test_reader_reads_only_requested_tensors(cfg, tmp_path):
+    w = synthetic_weights(cfg, 1)
+    write_hf(w, tmp_path, shards=3)
+    r = CheckpointReader(tmp_path)
+    assert sorted(r.keys()) == sorted(w) and r.reads == []
+    name = "model.layers.1.mlp.experts.3.down_proj.weight_blocks"
+    assert r.info(name) == (tuple(w[name].shape), torch.uint8) and r.reads == []
+    assert torch.equal(LazyWeights(r)[name], w[name]) and r.reads == [name]
+
+
+def test_engine_binds_lazily_from_hf_checkpoint(cfg, tmp_path):
+    w = synthetic_weights(cfg, 1)
+    write_hf(w, tmp_path)
+    want = in_thread(lambda: generate(ReferenceBackend(cfg, w, max_seq=64), PROMPT, 6).tokens)
+    with Engine(cfg, tmp_path, max_seq=64) as eng:
+        assert eng.generate(PROMPT, 6).tokens == want
+    eng = Engine(cfg, tmp_path, max_seq=64, background=False)
+    assert eng.weights.reader.reads == []  # opening validates headers only
+    in_thread(lambda: eng.generate(PROMPT, 2))
+    reads = eng.weights.reader.reads
+    assert len(reads) == len(set(reads)) and reads  # each tensor read once
+    assert not any(n.startswith("dflash.") for n in reads)  # the drafter is never read for greedy
+
+
+def test_quantize_world1_round_trip(cfg, bf16_ckpt, quantized):
+    m = json.loads((quantized / MANIFEST_NAME).read_text())
+    assert m["world"] == 1 and m["model"] == "tiny" and len(m["ranks"][0]["files"]) == 1
+    t = m["ranks"][0]["tensors"]
+    assert t["model.layers.1.mlp.experts.0.gate_proj.weight_blocks"]["dtype"] == "uint8"
+    assert t["model.layers.0.self_attn.q_proj.weight"]["dtype"] == "float8_e4m3fn"
+    assert t["lm_head.weight"]["dtype"] == "bfloat16"
+    # the quantised values stay close to the bf16 originals
+    src = CheckpointReader(bf16_ckpt)
+    q = load_file(str(quantized / m["ranks"][0]["files"][0]))
+    for p in ("model.layers.1.mlp.experts.2.up_proj", "model.layers.3.self_attn.o_proj"):
+        x, y = src.read(p + ".weight").float(), dequantize_weight(q, p)
+        assert (x - y).norm() / x.norm() < 0.15
+    # the Engine on the shards == the reference backend on the same quantised dict
+    ref = {}
+    for need in rank_needs(cfg, 1)[0].values():
+        ref.update(quantize_need(LazyWeights(src), need))
+
+    def both():
+        want = generate(ReferenceBackend(cfg, ref, max_seq=64), PROMPT, 8, speculative="dflash").tokens
+        with Engine(None, quantized, max_seq=64) as eng:
+            return want, eng.generate(PROMPT, 8, speculative="dflash").tokens
+
+    want, got = in_thread(both)
+    assert got == want
+
+
+def test_quantize_two_ranks(cfg, bf16_ckpt, quantized, tmp_path):
+    if not hasattr(pytest.importorskip("tilert.passes"), "shard_for_ranks"):
+        pytest.skip("needs the shard pass (tilert.passes.shard_for_ranks)")
+    quantize_checkpoint(bf16_ckpt, tmp_path, 2, cfg)
+    m = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    E = cfg.n_routed_experts
+    r0, r1 = (set(r["tensors"]) for r in m["ranks"])
+    assert "model.layers.1.mlp.experts.0.down_proj.weight_blocks" in r0 - r1
+    assert f"model.layers.1.mlp.experts.{E - 1}.down_proj.weight_blocks" in r1 - r0
+    assert "model.norm.weight" in r0 & r1  # replicated
+    lm = [r["tensors"]["lm_head.weight"] for r in m["ranks"]]
+    assert lm[0]["slice"][0] == 0 and lm[0]["shape"][0] < cfg.vocab_size  # vocabulary-parallel
+
+    def both():
+        with Engine(None, quantized, max_seq=64) as a, Engine(None, tmp_path, max_seq=64) as b:
+            assert b.world == 2
+            return a.generate(PROMPT, 8).tokens, b.generate(PROMPT, 8).tokens
+
+    one, two = in_thread(both)
+    assert one == two
+
+
+def _rewrite(path, fn):
+    t = load_file(str(path))
+    fn(t)
+    save_file(t, str(path), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda t: t[V].view(torch.uint8).__setitem__((0, 0), 3), f"{V} \\(rank 0\\): checksum mismatch"),
+        (lambda t: t.pop("model.norm.weight"), "missing tensor model.norm.weight"),
+        (lambda t: t.__setitem__("model.norm.weight", torch.ones(3, dtype=torch.bfloat16)), "model.norm.weight: manifest"),
+        (lambda t: t["model.norm.weight"].__setitem__(0, float("nan")), "model.norm.weight \\(rank 0\\): contains NaN"),
+        (lambda t: t.__setitem__("extra.bias", torch.ones(3)), "unexpected tensor extra.bias"),
+    ],
+)
+def test_corrupted_shard_is_named(quantized, tmp_path, edit, match):
+    import shutil
+
+    d = tmp_path / "q"
+    shutil.copytree(quantized, d)
+    _rewrite(d / json.loads((d / MANIFEST_NAME).read_text())["ranks"][0]["files"][0], edit)
+    with pytest.raises(CheckpointError, match=match):
+        open_checkpoint(d)
+
+
+def test_bad_inputs_are_named(cfg, tmp_path):
+    w = synthetic_weights(bf16_config(cfg), 5)
+    bad = dict(w)
+    bad.pop("model.layers.2.mlp.experts.1.up_proj.weight")
+    bad["model.layers.0.input_layernorm.weight"] = torch.ones(7, dtype=torch.bfloat16)
+    bad["junk"] = torch.ones(2)
+    write_hf(bad, tmp_path / "in", shards=1)
+    with pytest.raises(CheckpointError) as e:
+        quantize_checkpoint(tmp_path / "in", tmp_path / "out", 1, cfg)
+    msg = str(e.value)
+    assert "missing tensor model.layers.2.mlp.experts.1.up_proj.weight" in msg
+    assert "model.layers.0.input_layernorm.weight: expected shape [64], got [7]" in msg
+    assert "unexpected tensor junk" in msg
+    nan = dict(w)
+    nan["model.layers.3.self_attn.q_proj.weight"] = torch.full_like(nan["model.layers.3.self_attn.q_proj.weight"], float("inf"))
+    write_hf(nan, tmp_path / "nan", shards=1)
+    with pytest.raises(CheckpointError, match="model.layers.3.self_attn.q_proj.*NaN/Inf"):
+        quantize_checkpoint(tmp_path / "nan", tmp_path / "out2", 1, cfg)
+    with pytest.raises(CheckpointError, match="bf16 checkpoint of a quantised model"):
+        open_checkpoint(tmp_path / "in", cfg)
+
+
+def test_quantize_cli(cfg, bf16_ckpt, tmp_path, capsys):
+    assert main(["quantize", "--in", str(bf16_ckpt), "--out", str(tmp_path / "o"), "--gpus", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"] == "tiny" and out["world"] == 1 and out["tensors_per_rank"][0] > 100
+    assert main(["quantize", "--in", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_tokenizer_text_round_trip(cfg, bf16_ckpt, tmp_path):
+    tokenizers = pytest.importorskip("tokenizers", reason="the tokenizers library is not installed")
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
+    tok = tokenizers.Tokenizer(WordLevel({f"w{i}": i for i in range(cfg.vocab_size)}, unk_token="w0"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    tok.save(str(bf16_ckpt / "tokenizer.json"))
+    try:
+        quantize_checkpoint(bf16_ckpt, tmp_path, 1)
+    finally:
+        (bf16_ckpt / "tokenizer.json").unlink()
+    assert (tmp_path / "tokenizer.json").is_file()
+
+    def run():
+        with Engine(None, tmp_path, max_seq=64) as eng:
+            r = eng.generate("w5 w17 w3 w99", 5)
+            ids = eng.generate(PROMPT, 5)
+            chunks = "".join(c.text for c in eng.stream("w5 w17 w3 w99", 5))
+            return r, ids, chunks
+
+    r, ids, chunks = in_thread(run)
+    assert r.tokens == ids.tokens and r.text == " ".join(f"w{t}" for t in r.tokens)
+    assert chunks.split() == r.text.split()

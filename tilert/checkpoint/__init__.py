@@ -1,0 +1,32 @@
+"""Checkpoints: HF safetensors (single file or sharded with an index) and `tilert quantize` outputs.
+
+Everything reads tensor by tensor (`CheckpointReader`, `LazyWeights`); nothing loads a whole
+checkpoint into memory. Every problem is a `CheckpointError` (a WeightError, a ValueError) that
+names the tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_LAZY = {
+    "Checkpoint": "tilert.checkpoint.open",
+    "open_checkpoint": "tilert.checkpoint.open",
+    "CheckpointError": "tilert.checkpoint.loader",
+    "CheckpointReader": "tilert.checkpoint.loader",
+    "LazyWeights": "tilert.checkpoint.loader",
+    "quantize_checkpoint": "tilert.checkpoint.quantize",
+    "read_manifest": "tilert.checkpoint.manifest",
+    "MANIFEST_NAME": "tilert.checkpoint.manifest",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    """Lazy exports: the CLI imports `tilert.checkpoint.cli` without paying for torch."""
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'tilert.checkpoint' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(mod), name)

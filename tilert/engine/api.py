@@ -1,0 +1,478 @@
+"""The embedding API: `tilert.Engine`.
+
+An Engine owns one step backend (the runtime that runs decode steps) and schedules requests
+over it: each request is a `DecodeSequence` with its own KV cache, advanced one step at a time
+in round-robin, so many sequences share the weights but never a cache. Requests are submitted
+from any thread; a worker thread (or the caller, with `background=False`) calls `step()`.
+Nothing is global: two Engines in one process share nothing but the backend factory registry.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tilert.engine.backend import StepBackend
+from tilert.engine.generate import GenerationError
+from tilert.engine.sequence import DecodeSequence
+from tilert.models.config import ModelConfig, load_config
+
+
+class EngineError(ValueError):
+    """A bad Engine argument (unknown backend, device without a GPU, text without a tokenizer)."""
+
+
+class EngineClosedError(RuntimeError):
+    """The engine was closed before this request finished."""
+
+
+class RequestCancelled(RuntimeError):
+    """The request was cancelled (e.g. its HTTP client went away)."""
+
+
+# ---- backend registry -------------------------------------------------------------------------
+
+BackendFactory = Callable[..., StepBackend]
+_BACKENDS: dict[str, BackendFactory] = {}
+
+
+def register_backend(name: str) -> Callable[[BackendFactory], BackendFactory]:
+    """Decorator: `factory(cfg, weights, *, max_seq, world, device, plan) -> StepBackend`.
+
+    GPU runtimes register themselves here ("eager", "persistent") so the Engine, the CLI and the
+    server pick them up by name without importing them.
+    """
+
+    def deco(fn: BackendFactory) -> BackendFactory:
+        _BACKENDS[name] = fn
+        return fn
+
+    return deco
+
+
+def backend_names() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+@register_backend("reference")
+def _reference_backend(
+    cfg: ModelConfig, weights: Any, *, max_seq: int, world: int, device: str, plan: Any = None
+) -> StepBackend:
+    from tilert.checkpoint.sharded import RankWeights, ShardedReferenceBackend
+    from tilert.engine.backend import ReferenceBackend
+
+    if isinstance(weights, RankWeights):
+        return ShardedReferenceBackend(cfg, weights, max_seq=max_seq, device=device)
+    return ReferenceBackend(cfg, weights, max_seq=max_seq, world=world, device=device)
+
+
+# ---- per-sequence KV caches -------------------------------------------------------------------
+
+
+class _Caches:
+    """Gives each sequence its own KV state and binds it into the backend before a step.
+
+    A backend may implement `new_cache()` / `use_cache(cache)` itself (GPU runtimes: a slot in a
+    preallocated pool); the reference backend's cache is its executor's per-rank state dicts, which
+    are swapped. Any other backend gets one live sequence at a time, reset between sequences.
+    """
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        if hasattr(backend, "new_cache") and hasattr(backend, "use_cache"):
+            self.kind, self.slots = "native", None
+        elif hasattr(getattr(backend, "executor", None), "states"):
+            self.kind, self.slots = "swap", None
+        else:
+            self.kind, self.slots = "single", 1
+        self._current: Any = None
+
+    def new(self) -> Any:
+        if self.kind == "native":
+            return self.backend.new_cache()
+        if self.kind == "swap":
+            return [{} for _ in range(self.backend.executor.world)]
+        return object()  # a token: reset the backend when the live sequence changes
+
+    def use(self, cache: Any) -> None:
+        if self.kind == "native":
+            self.backend.use_cache(cache)
+        elif self.kind == "swap":
+            self.backend.executor.states = cache
+        elif cache is not self._current:
+            self.backend.reset()
+        self._current = cache
+
+    def free(self, cache: Any) -> None:
+        if self.kind == "native" and hasattr(self.backend, "free_cache"):
+            self.backend.free_cache(cache)
+        if cache is self._current:
+            self._current = None
+
+
+# ---- requests ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Chunk:
+    """Tokens accepted by one step (several per DFlash verify step) and their text, if a tokenizer."""
+
+    tokens: list[int]
+    text: str | None = None
+
+
+@dataclass
+class EngineResult:
+    tokens: list[int]
+    text: str | None
+    finish_reason: str
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+_DONE = object()
+
+
+class Request:
+    """A submitted generation: iterate it for chunks, or wait for `result()`; `cancel()` drops it."""
+
+    def __init__(
+        self, engine: Engine, seq: DecodeSequence, on_chunk: Callable[[Chunk | None], None] | None = None
+    ) -> None:
+        self._engine, self.seq, self._on_chunk = engine, seq, on_chunk
+        self._chunks: queue.Queue[Any] = queue.Queue()
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+        self._text = ""
+        self.cancelled = False
+        self.t_submit = time.perf_counter()
+        self.t_first: float | None = None
+        self.t_done: float | None = None
+
+    # -- called by the engine (worker thread) --
+    def _push(self, tokens: list[int]) -> None:
+        if not tokens:
+            return
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
+        text = None
+        tok = self._engine.tokenizer
+        if tok is not None:
+            full = tok.decode(self.seq.result.tokens)
+            text = full[len(self._text) :] if full.startswith(self._text) else tok.decode(tokens)
+            self._text = full
+        chunk = Chunk(list(tokens), text)
+        self._chunks.put(chunk)
+        if self._on_chunk is not None:
+            self._on_chunk(chunk)
+
+    def _finish(self, error: BaseException | None = None) -> None:
+        if self._done.is_set():
+            return
+        self._error, self.t_done = error, time.perf_counter()
+        self._done.set()
+        self._chunks.put(_DONE)
+        if self._on_chunk is not None:
+            self._on_chunk(None)
+
+    # -- called by the user --
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def cancel(self) -> None:
+        """Stop generating; the worker drops the sequence at its next step."""
+        self.cancelled = True
+        self._engine._wake()
+
+    def result(self, timeout: float | None = None) -> EngineResult:
+        """Wait for the whole generation; raises the request's error (bad step, engine closed)."""
+        self._engine._drive_until(self._done, timeout)
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"generation did not finish within {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self._make_result()
+
+    def __iter__(self) -> Iterator[Chunk]:
+        while True:
+            if self._engine._background:
+                item = self._chunks.get()
+            else:
+                while self._chunks.empty():
+                    self._engine.step()
+                item = self._chunks.get_nowait()
+            if item is _DONE:
+                if self._error is not None:
+                    raise self._error
+                return
+            yield item
+
+    def _make_result(self) -> EngineResult:
+        r = self.seq.result
+        t_done = self.t_done or time.perf_counter()
+        lat = t_done - self.t_submit
+        stats = dict(r.stats())
+        stats.update(
+            prompt_tokens=len(self.seq.prompt),
+            finish_reason=self.seq.finish_reason,
+            latency_s=round(lat, 6),
+            time_to_first_token_s=round((self.t_first or t_done) - self.t_submit, 6),
+            tokens_per_s=round(len(r.tokens) / lat, 3) if lat > 0 else 0.0,
+        )
+        text = self._engine.tokenizer.decode(r.tokens) if self._engine.tokenizer is not None else None
+        return EngineResult(list(r.tokens), text, self.seq.finish_reason or "length", stats)
+
+
+# ---- the engine --------------------------------------------------------------------------------
+
+
+class Engine:
+    """Greedy / DFlash decoding of one model, many sequences at once, thread-safe submission.
+
+    model: a shipped model name, a config.json path or a ModelConfig; None takes the config of a
+    checkpoint directory given as `weights`. weights: a dict of storage-form tensors, a checkpoint
+    path (HF safetensors file/dir, or a `tilert quantize` output dir), an int seed for synthetic
+    weights, or None (seed 0; tiny models only). plan: a compiled plan directory, handed to the
+    backend (GPU runtimes run it; the reference backend takes its world size).
+    """
+
+    def __init__(
+        self,
+        model: str | Path | ModelConfig | None = "tiny",
+        weights: Mapping[str, Any] | str | Path | int | None = None,
+        *,
+        plan: str | Path | None = None,
+        backend: str = "reference",
+        device: str = "cpu",
+        world: int = 1,
+        max_seq: int = 1024,
+        max_active: int = 8,
+        tokenizer: Any = None,
+        background: bool = True,
+    ) -> None:
+        if backend not in _BACKENDS:
+            raise EngineError(f"unknown backend {backend!r} (registered: {', '.join(backend_names())})")
+        if device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise EngineError(f"device {device!r}: no CUDA GPU is visible; use device='cpu'")
+        elif device != "cpu":
+            raise EngineError(f"unknown device {device!r} (cpu or cuda)")
+        if max_active < 1:
+            raise EngineError(f"max_active must be >= 1, got {max_active}")
+        self.plan = _load_plan(plan) if plan is not None else None
+        if self.plan is not None and world == 1:
+            world = int(getattr(self.plan, "world", 1) or 1)
+        self.cfg, self.weights, tok_path = _resolve(model, weights, device)
+        world = getattr(self.weights, "world", world)
+        self.backend_name, self.device, self.world = backend, device, world
+        self.backend: StepBackend = _BACKENDS[backend](
+            self.cfg, self.weights, max_seq=max_seq, world=world, device=device, plan=self.plan
+        )
+        self.tokenizer = _resolve_tokenizer(tokenizer if tokenizer is not None else tok_path)
+        self._caches = _Caches(self.backend)
+        self.max_active = self._caches.slots or max_active
+        self._background = background
+        self._cond = threading.Condition()
+        self._step_lock = threading.Lock()
+        self._pending: deque[Request] = deque()
+        self._active: list[Request] = []
+        self._closed = False
+        self._worker: threading.Thread | None = None
+
+    @property
+    def model_name(self) -> str:
+        return self.cfg.name
+
+    # -- submission --
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        """Token ids of a prompt given as text (needs a tokenizer) or as ids."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise EngineError("prompt is text but this engine has no tokenizer; pass token ids")
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def submit(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int = 16,
+        speculative: str | None = None,
+        *,
+        stop_token_ids: Sequence[int] = (),
+        on_chunk: Callable[[Chunk | None], None] | None = None,
+        drafter: Callable[..., list[int]] | None = None,
+    ) -> Request:
+        """Queue a request (from any thread); bad requests raise GenerationError here, not later.
+
+        on_chunk(chunk) is called from the worker thread for every chunk and with None at the end.
+        drafter replaces the model's DFlash drafter (as in `generate`; e.g. the benchmark OracleDrafter).
+        """
+        seq = DecodeSequence(
+            self.encode(prompt), max_new_tokens, speculative, frozenset(stop_token_ids), drafter=drafter
+        )
+        seq.check(self.backend)
+        req = Request(self, seq, on_chunk)
+        with self._cond:
+            if self._closed:
+                raise EngineClosedError("engine is closed")
+            self._pending.append(req)
+            if self._background and self._worker is None:
+                self._worker = threading.Thread(target=self._run, name=f"tilert-engine-{id(self):x}", daemon=True)
+                self._worker.start()
+            self._cond.notify_all()
+        return req
+
+    def generate(
+        self, prompt: str | Sequence[int], max_new_tokens: int = 16, speculative: str | None = None, **kw: Any
+    ) -> EngineResult:
+        """Generate and wait: tokens (+ text with a tokenizer) and stats."""
+        return self.submit(prompt, max_new_tokens, speculative, **kw).result()
+
+    def stream(
+        self, prompt: str | Sequence[int], max_new_tokens: int = 16, speculative: str | None = None, **kw: Any
+    ) -> Iterator[Chunk]:
+        """Yield chunks as steps accept tokens (a DFlash verify step yields several at once)."""
+        return iter(self.submit(prompt, max_new_tokens, speculative, **kw))
+
+    # -- scheduling --
+    def step(self) -> int:
+        """Admit pending requests and advance every active sequence by one step; returns how many ran."""
+        with self._step_lock:
+            with self._cond:
+                while self._pending and len(self._active) < self.max_active:
+                    req = self._pending.popleft()
+                    req.seq.cache = self._caches.new()
+                    self._active.append(req)
+            ran = 0
+            for req in list(self._active):
+                if req.cancelled:
+                    self._retire(req, RequestCancelled("request was cancelled"))
+                    continue
+                if not req.seq.done:
+                    try:
+                        self._caches.use(req.seq.cache)
+                        new = req.seq.advance(self.backend)
+                    except Exception as e:  # a failing step fails its request, not the engine
+                        self._retire(req, e)
+                        continue
+                    ran += 1
+                    req._push(new)
+                if req.seq.done:
+                    self._retire(req)
+            return ran
+
+    def _retire(self, req: Request, error: BaseException | None = None) -> None:
+        self._active.remove(req)
+        self._caches.free(req.seq.cache)
+        req.seq.cache = None
+        req._finish(error)
+
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._pending and not self._active
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._pending and not self._active:
+                    self._cond.wait()
+                if self._closed:
+                    return
+            self.step()
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _drive_until(self, ev: threading.Event, timeout: float | None) -> None:
+        if self._background:
+            return
+        t_end = None if timeout is None else time.perf_counter() + timeout
+        while not ev.is_set() and (t_end is None or time.perf_counter() < t_end):
+            self.step()
+
+    # -- shutdown --
+    def close(self) -> None:
+        """Stop the worker; every unfinished request fails with EngineClosedError. Idempotent."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.join()
+        with self._step_lock, self._cond:
+            err = EngineClosedError("engine was closed before the request finished")
+            for req in list(self._active):
+                self._retire(req, err)
+            while self._pending:
+                self._pending.popleft()._finish(err)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---- construction helpers ----------------------------------------------------------------------
+
+
+def _load_plan(path: str | Path) -> Any:
+    try:
+        from tilert.plan import load_plan
+    except ImportError:
+        raise EngineError("this build has no plan loader (tilert.plan); omit plan=") from None
+    return load_plan(path)
+
+
+def _resolve(
+    model: str | Path | ModelConfig | None, weights: Any, device: str
+) -> tuple[ModelConfig, Any, Path | None]:
+    """(config, weights for the backend, tokenizer.json path or None)."""
+    from tilert.models import weights as W
+
+    if isinstance(weights, (str, Path)):
+        from tilert.checkpoint import open_checkpoint
+
+        cfg = model if isinstance(model, ModelConfig) else (load_config(model) if model is not None else None)
+        ck = open_checkpoint(weights, cfg, device=device)
+        return ck.config, ck.weights, ck.tokenizer_path
+    if model is None:
+        raise EngineError("model=None needs a checkpoint directory as weights")
+    cfg = model if isinstance(model, ModelConfig) else load_config(model)
+    if isinstance(weights, Mapping):
+        return cfg, weights, None
+    if weights is not None and (isinstance(weights, bool) or not isinstance(weights, int)):
+        raise EngineError(f"weights must be a dict, a checkpoint path or an int seed, got {type(weights).__name__}")
+    if cfg.num_hidden_layers * cfg.hidden_size * cfg.n_routed_experts > 64 * 4096 * 64:
+        raise EngineError(f"model '{cfg.name}' is too large for synthetic weights; pass a checkpoint")
+    return cfg, W.synthetic_weights(cfg, weights or 0, device=device), None
+
+
+def _resolve_tokenizer(tok: Any) -> Any:
+    if tok is None or hasattr(tok, "decode"):
+        return tok
+    from tilert.tokenizer import load_tokenizer
+
+    return load_tokenizer(tok)
+
+
+__all__ = [
+    "Chunk",
+    "Engine",
+    "EngineClosedError",
+    "EngineError",
+    "EngineResult",
+    "GenerationError",
+    "Request",
+    "RequestCancelled",
+    "backend_names",
+    "register_backend",
+]

@@ -1,0 +1,125 @@
+"""Per-SM task timelines as Chrome / Perfetto trace JSON (chrome://tracing, ui.perfetto.dev).
+
+One track (tid) per SM; one complete event ("ph": "X") per task, named by its op kind, with the
+opcode, node index and tile coordinates in args. Timestamps come either from `simulate()` (the
+schedule's predicted times: each SM runs its queue in order; a task starts when its SM is free
+and every counter it waits on has all its signals) or from the persistent kernel's measured
+per-task start/end clocks: both go through the same `trace_json()`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class TimelineError(ValueError):
+    """A task table that cannot run (a wait that is never satisfied) or mismatched timestamps."""
+
+
+def _fields(task_fields: Sequence[str]) -> dict[str, int]:
+    return {f: i for i, f in enumerate(task_fields)}
+
+
+def simulate(
+    table: np.ndarray,
+    expected: np.ndarray,
+    task_fields: Sequence[str],
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted start/end (ns) per table slot [sms, max_len] (-1 for NOP padding) from cost_ns."""
+    F = _fields(task_fields)
+    waits = sorted({f.split("_")[0] for f in task_fields if f.startswith("wait")})
+    sms, L, _ = table.shape
+    start = np.full((sms, L), -1, np.int64)
+    end = np.full((sms, L), -1, np.int64)
+    count = np.zeros(len(expected), np.int64)
+    ready = np.zeros(len(expected), np.int64)  # time of the latest signal so far
+    head = [0] * sms
+    free = [0] * sms
+    n_live = [int((table[s, :, F["opcode"]] != 0).sum()) for s in range(sms)]
+    total, done = sum(n_live), 0
+    while done < total:
+        moved = False
+        for s in range(sms):
+            while head[s] < L:
+                row = table[s, head[s]]
+                if row[F["opcode"]] == 0:  # NOP padding ends the queue
+                    head[s] = L
+                    break
+                t0 = free[s]
+                ok = True
+                for w in waits:
+                    c, n = int(row[F[f"{w}_counter"]]), int(row[F[f"{w}_count"]])
+                    if c < 0 or n == 0:
+                        continue
+                    if (count[c : c + n] < expected[c : c + n]).any():
+                        ok = False
+                        break
+                    t0 = max(t0, int(ready[c : c + n].max()))
+                if not ok:
+                    break
+                t1 = t0 + max(1, int(row[F["cost_ns"]]))
+                start[s, head[s]], end[s, head[s]] = t0, t1
+                free[s] = t1
+                sig = int(row[F["signal"]])
+                if sig >= 0:
+                    count[sig] += 1
+                    ready[sig] = max(ready[sig], t1)
+                head[s] += 1
+                done += 1
+                moved = True
+                if progress and done % 20000 == 0:
+                    progress(done, total)
+        if not moved:
+            raise TimelineError(f"schedule deadlocks: {total - done} of {total} tasks can never start")
+    return start, end
+
+
+def trace_json(
+    table: np.ndarray,
+    start_ns: np.ndarray,
+    end_ns: np.ndarray,
+    task_fields: Sequence[str],
+    op_names: Sequence[str],
+    opcode_names: dict[int, str],
+    *,
+    process: str = "rank 0",
+    pid: int = 0,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The Chrome trace dict: one track per SM, one 'X' event per task (timestamps in µs)."""
+    if start_ns.shape != table.shape[:2] or end_ns.shape != table.shape[:2]:
+        raise TimelineError(f"timestamps {start_ns.shape} do not match the task table {table.shape[:2]}")
+    F = _fields(task_fields)
+    t_min = int(start_ns[start_ns >= 0].min()) if (start_ns >= 0).any() else 0
+    ev: list[dict[str, Any]] = [{"ph": "M", "pid": pid, "name": "process_name", "args": {"name": process}}]
+    for s in range(table.shape[0]):
+        ev.append({"ph": "M", "pid": pid, "tid": s, "name": "thread_name", "args": {"name": f"SM {s:03d}"}})
+        ev.append({"ph": "M", "pid": pid, "tid": s, "name": "thread_sort_index", "args": {"sort_index": s}})
+        for k in range(table.shape[1]):
+            row = table[s, k]
+            if row[F["opcode"]] == 0 or start_ns[s, k] < 0:
+                continue
+            op = int(row[F["op"]])
+            code = opcode_names.get(int(row[F["opcode"]]), str(int(row[F["opcode"]])))
+            ev.append({
+                "ph": "X", "pid": pid, "tid": s,
+                "name": op_names[op] if 0 <= op < len(op_names) else code,
+                "cat": code,
+                "ts": (int(start_ns[s, k]) - t_min) / 1e3,
+                "dur": max(0, int(end_ns[s, k] - start_ns[s, k])) / 1e3,
+                "args": {"opcode": code, "node": op,
+                         "tile": [int(row[F["c0"]]), int(row[F["c1"]]), int(row[F["c2"]])], "slot": k},
+            })  # fmt: skip
+    return {"traceEvents": ev, "displayTimeUnit": "ns", "otherData": meta or {}}
+
+
+def write_trace(trace: dict[str, Any], path: str | Path) -> Path:
+    p = Path(path)
+    p.write_text(json.dumps(trace, separators=(",", ":")))
+    return p

@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP serving of a tilert Engine (`python -m tilert serve`); needs aiohttp."""

@@ -1,0 +1,61 @@
+"""`python -m tilert serve`: an OpenAI-compatible /v1/completions server on one Engine."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+
+class ServeError(ValueError):
+    """A bad serve option (missing aiohttp, no GPU for --device cuda, port in use)."""
+
+
+def add_serve_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible /v1/completions server (aiohttp)")
+    p.add_argument("--model", default=None, help="shipped model name (default: the checkpoint's config, else tiny)")
+    p.add_argument("--config", default=None, help="path to a config.json (overrides --model)")
+    p.add_argument("--weights", default=None, help="checkpoint (HF safetensors or `tilert quantize` output dir)")
+    p.add_argument("--seed", type=int, default=0, help="seed of synthetic weights when --weights is not given")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--backend", default="reference", help="step backend (reference; eager/persistent on GPUs)")
+    p.add_argument("--plan", default=None, help="compiled plan directory")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's, if any)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-seq", type=int, default=1024, help="KV cache capacity per sequence")
+    p.add_argument("--max-active", type=int, default=8, help="sequences decoded concurrently")
+    p.set_defaults(fn=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from tilert.serve.app import Server
+    except ImportError:
+        raise ServeError("serving needs aiohttp: pip install 'tilert[serve]'") from None
+    from tilert.engine.api import Engine
+
+    model = args.config or args.model or (None if args.weights else "tiny")
+    engine = Engine(
+        model,
+        args.weights if args.weights else args.seed,
+        plan=args.plan,
+        backend=args.backend,
+        device=args.device,
+        max_seq=args.max_seq,
+        max_active=args.max_active,
+        tokenizer=args.tokenizer,
+    )
+    with engine:
+        try:
+            server = Server(engine, args.host, args.port).start()
+        except OSError as e:
+            raise ServeError(str(e)) from None
+        print(f"serving {engine.model_name} ({engine.backend_name}, {args.device}) on {server.url}", file=sys.stderr)
+        try:
+            server.wait()
+        except KeyboardInterrupt:
+            print("shutting down", file=sys.stderr)
+        finally:
+            server.stop()
+    return 0

@@ -1,0 +1,60 @@
+"""Text <-> token ids through a checkpoint's tokenizer.json (HF `tokenizers`, imported lazily).
+
+Optional: without a tokenizer every API takes and returns token ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+
+class TokenizerError(ValueError):
+    """No tokenizer library, or an unreadable tokenizer.json."""
+
+
+class Tokenizer:
+    """A thin wrapper so the rest of tilert needs only encode/decode and the vocabulary size."""
+
+    def __init__(self, path: str | Path) -> None:
+        try:
+            from tokenizers import Tokenizer as HFTokenizer
+        except ImportError:
+            raise TokenizerError(
+                "reading tokenizer.json needs the `tokenizers` package: pip install 'tilert[tokenizer]'"
+            ) from None
+        self.path = Path(path)
+        try:
+            self._tok = HFTokenizer.from_file(str(self.path))
+        except Exception as e:  # the library raises its own exception type
+            raise TokenizerError(f"cannot read tokenizer {self.path}: {e}") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._tok.get_vocab_size(with_added_tokens=True))
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self._tok.decode(list(ids), skip_special_tokens=False))
+
+    def token_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A tokenizer from a tokenizer.json file or a directory holding one."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise TokenizerError(f"tokenizer not found: {p}")
+    return Tokenizer(p)
+
+
+def find_tokenizer(directory: str | Path) -> Path | None:
+    """The tokenizer.json next to a checkpoint, if there is one."""
+    p = Path(directory)
+    p = p if p.is_dir() else p.parent
+    return p / "tokenizer.json" if (p / "tokenizer.json").is_file() else None
