@@ -30,7 +30,7 @@ def _embed_cost(ins: list[Value], outs: list[Value], a: dict) -> Cost:
 @op("embed", infer=_infer_embed, cost=_embed_cost)
 def embed(ctx, table, ids):
     """Row lookup of the token embedding table."""
-    return (table.float()[ids.long()],)
+    return (table[ids.long()].float(),)
 
 
 def _infer_norm(ins: list[Value], a: dict) -> list:

@@ -1,0 +1,259 @@
+"""GPU implementations of fused op kinds, used by the eager runtime in place of the references.
+
+Each implementation has the reference's signature and returns the same outputs. It runs a
+TileLang kernel when the shapes fit the kernel (`supports`), and otherwise falls back to the op's
+torch reference (which also runs on the GPU), so every graph runs and the fast path is taken
+where it exists. `solo` collectives: when one GPU stands in for rank 0 of N, a collective is
+replaced by local work of the same size (a copy of the bytes a ring all-reduce would move), so
+step times include it while results stay rank 0's partial values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from tilert.ir.opset.fused import split_extras
+from tilert.ir.registry import get_op
+from tilert.ops.qtensor import QTensor
+
+GpuImpl = Callable[..., tuple]
+IMPLS: dict[str, GpuImpl] = {}
+
+
+def impl(*kinds: str) -> Callable[[GpuImpl], GpuImpl]:
+    def deco(fn: GpuImpl) -> GpuImpl:
+        for k in kinds:
+            IMPLS[k] = fn
+        return fn
+
+    return deco
+
+
+def _kernels(ctx: Any) -> bool:
+    """False when the runtime runs as plain torch (the baseline): references, no TileLang kernels."""
+    return getattr(ctx, "kernels", True)
+
+
+def _ref(kind: str) -> Callable[..., tuple]:
+    return get_op(kind).reference
+
+
+def _norm(ctx: Any, x: torch.Tensor, w: torch.Tensor | None, eps: float | None) -> torch.Tensor:
+    return x if w is None else _ref("rms_norm")(ctx, x, w, eps=eps)[0]
+
+
+def _bf16_2d(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+
+
+def solo_all_reduce(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+    """Rank 0's stand-in for a ring all-reduce over `ctx.world` ranks: about two passes over the
+    buffer (what each rank reads and writes), result left as the local partial."""
+    world = getattr(ctx, "world", 1)
+    for _ in range(max(1, round(2 * (world - 1) / world)) if world > 1 else 0):
+        x = x.clone()
+    return x
+
+
+@impl("linear_mxfp4", "linear_fp8")
+def linear(ctx, x, w, *extra, out_dtype="bf16", norm_eps=None, residual=False):
+    norm_w, res = split_extras(extra, norm_eps, residual)
+    if not isinstance(w, QTensor) or x.shape[-1] % 32 or not x.is_cuda or not _kernels(ctx):
+        kind = "linear_mxfp4" if isinstance(w, QTensor) and w.fmt == "mxfp4" else "linear_fp8"
+        return get_op(kind).reference(ctx, x, w, *extra, out_dtype=out_dtype, norm_eps=norm_eps, residual=residual)
+    from tilert.kernels import fp8_gemm, mxfp4_gemm
+
+    h = _bf16_2d(_norm(ctx, x, norm_w, norm_eps))
+    run = mxfp4_gemm.run if w.fmt == "mxfp4" else fp8_gemm.run
+    y = run(h, w.data, w.scales).reshape(*x.shape[:-1], -1)
+    return (y if res is None else res.float() + y,)
+
+
+def _moe_supported(x: torch.Tensor, w_gu: Any, w_d: Any, top_k: int) -> bool:
+    if not (isinstance(w_gu, QTensor) and w_gu.fmt == "mxfp4" and x.is_cuda):
+        return False
+    H, inter = x.shape[-1], w_d.shape[-1]
+    return x.shape[0] <= 16 and H % 256 == 0 and inter % 512 == 0
+
+
+@impl("matmul", "linear_bf16")
+def matmul_bf16(ctx, x, w, *extra, out_dtype="bf16", norm_eps=None, residual=False):
+    """bf16 tensor-core GEMM with fp32 accumulation (the reference upcasts whole weights to fp32)."""
+    kind = "matmul" if not extra and norm_eps is None and not residual else "linear_bf16"
+    if not (x.is_cuda and w.dtype == torch.bfloat16):
+        return get_op(kind).reference(
+            ctx,
+            x,
+            w,
+            *extra,
+            out_dtype=out_dtype,
+            **({} if kind == "matmul" else {"norm_eps": norm_eps, "residual": residual}),
+        )
+    norm_w, res = split_extras(extra, norm_eps, residual)
+    y = torch.matmul(_norm(ctx, x, norm_w, norm_eps).to(torch.bfloat16), w.t()).float()
+    return (y if res is None else res.float() + y,)
+
+
+@impl("fused_moe_mxfp4")
+def fused_moe(
+    ctx,
+    x,
+    gate,
+    bias,
+    w_gu,
+    w_d,
+    *extra,
+    top_k,
+    n_group=1,
+    topk_group=1,
+    normalize=True,
+    scaling=1.0,
+    expert_offset=0,
+    n_local,
+    world=1,
+    reduce=False,
+    norm_eps=None,
+    residual=False,
+):
+    norm_w, res = split_extras(extra, norm_eps, residual)
+    if reduce and world > 1 and not getattr(ctx, "solo", False):
+        raise NotImplementedError("fused_moe with a cross-rank reduce needs the NCCL path (not in this runtime)")
+    if n_group > 1 or not _kernels(ctx) or not _moe_supported(x, w_gu, w_d, top_k):
+        y = get_op("fused_moe_mxfp4").reference(
+            ctx,
+            x,
+            gate,
+            bias,
+            w_gu,
+            w_d,
+            *(() if norm_w is None else (norm_w,)),
+            top_k=top_k,
+            n_group=n_group,
+            topk_group=topk_group,
+            normalize=normalize,
+            scaling=scaling,
+            expert_offset=expert_offset,
+            n_local=n_local,
+            world=world,
+            reduce=False,
+            norm_eps=norm_eps,
+        )[0]
+        y = solo_all_reduce(ctx, y) if reduce else y
+        return (y if res is None else res.float() + y,)
+    from tilert.kernels import moe
+
+    h = _bf16_2d(_norm(ctx, x, norm_w, norm_eps))
+    y, _, _ = moe.run(
+        h,
+        gate,
+        bias,
+        (w_gu.data, w_gu.scales),
+        (w_d.data, w_d.scales),
+        top_k=top_k,
+        expert_offset=expert_offset,
+        normalize=normalize,
+        scaling=scaling,
+    )
+    if reduce:
+        y = solo_all_reduce(ctx, y)
+    return (y if res is None else res.float() + y,)
+
+
+def _attn_supported(a: dict, B: int) -> bool:
+    return (
+        a.get("qk_norm_eps") is None
+        and a["head_dim"] % 16 == 0
+        and a["v_head_dim"] % 16 == 0
+        and a.get("causal", True)
+        and B <= 64
+    )
+
+
+@impl("attention_block")
+def attention_block(ctx, q, k, v, k_cache, v_cache, pos, *extra, **a):
+    if not (_kernels(ctx) and _attn_supported(a, q.shape[0]) and q.is_cuda and k_cache.dtype == torch.bfloat16):
+        return get_op("attention_block").reference(ctx, q, k, v, k_cache, v_cache, pos, *extra, **a)
+    from tilert.kernels import attention as attn
+
+    H, Hkv, D, Dv, B = a["heads"], a["kv_heads"], a["head_dim"], a["v_head_dim"], q.shape[0]
+    cfg = attn.AttnConfig(
+        q_heads=H,
+        kv_heads=Hkv,
+        head_dim=D,
+        v_head_dim=Dv,
+        rope_dim=a["rope_dim"],
+        rope_theta=a["theta"],
+        block=B,
+        window=a.get("window", 0),
+        sink=bool(a.get("has_sink")),
+    )
+    if a.get("v_scale") is not None:
+        v = v.float() * a["v_scale"]
+    sink = extra[0].float().contiguous() if a.get("has_sink") else None
+    bf = torch.bfloat16
+    o = attn.run(
+        cfg,
+        q.to(bf).reshape(B, H, D),
+        k.to(bf).reshape(B, Hkv, D),
+        v.to(bf).reshape(B, Hkv, Dv),
+        k_cache,
+        v_cache,
+        pos.to(torch.int32),
+        sink,
+        validate=False,
+    )
+    return (o.reshape(B, H * Dv), k_cache, v_cache)
+
+
+@impl("all_reduce")
+def all_reduce(ctx, x):
+    if getattr(ctx, "solo", False):
+        return (solo_all_reduce(ctx, x),)
+    return _ref("all_reduce")(ctx, x)
+
+
+@impl("all_reduce_residual")
+def all_reduce_residual(ctx, partial, residual, *, world=1):
+    if getattr(ctx, "solo", False):
+        return (residual.float() + solo_all_reduce(ctx, partial).float(),)
+    return _ref("all_reduce_residual")(ctx, partial, residual, world=world)
+
+
+@impl("lm_head_argmax", "lm_head_accept")
+def lm_head(ctx, x, w, *rest, world=1, vocab_size, vocab_offset=0, norm_eps=None, out_dtype="f32"):
+    """Local logits + argmax; with `solo` the distributed argmax is rank 0's local one."""
+    accept = len(rest) > int(norm_eps is not None)
+    tokens = rest[0] if accept else None
+    extra = rest[1:] if accept else rest
+    kind = "lm_head_accept" if accept else "lm_head_argmax"
+    if not getattr(ctx, "solo", False) and world > 1:
+        return get_op(kind).reference(
+            ctx,
+            x,
+            w,
+            *rest,
+            world=world,
+            vocab_size=vocab_size,
+            vocab_offset=vocab_offset,
+            norm_eps=norm_eps,
+            out_dtype=out_dtype,
+        )
+    norm_w, _ = split_extras(extra, norm_eps, False)
+    h = _norm(ctx, x, norm_w, norm_eps)
+    if isinstance(w, QTensor):
+        logits = linear(ctx, h, w, out_dtype="f32")[0]
+    else:
+        logits = torch.matmul(h.to(w.dtype), w.t()).float()
+    nxt = _ref("argmax")(ctx, logits[:, : min(logits.shape[-1], vocab_size)])[0] + (vocab_offset if world > 1 else 0)
+    out = (logits, nxt.to(torch.int32))
+    return out + (_ref("dflash_accept")(ctx, tokens, nxt)[0],) if accept else out
+
+
+@impl("all_gather")
+def all_gather(ctx, x, *, dim, world):
+    if getattr(ctx, "solo", False):  # rank 0 alone: its shard stands in for every rank's (same bytes)
+        return (torch.cat([x] * world, dim=dim),)
+    return _ref("all_gather")(ctx, x, dim=dim, world=world)

@@ -1,0 +1,122 @@
+"""Eager GPU runtime: runs compiled (fused) step graphs with one launch per fused op.
+
+It interprets the graph like the reference executor, but on the GPU, with bf16 KV caches and
+the kernels of gpu_ops.IMPLS in place of references where they apply. A step can be captured
+into a CUDA graph (`capture=True`) when every op in it is free of host synchronisation (the
+kernel paths are; the reference fallbacks for attention and MoE are not, and capture then fails
+with an error naming the op).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from tilert.ir.graph import Graph, IRError
+from tilert.ir.registry import get_op
+from tilert.runtime.eager.gpu_ops import IMPLS
+
+
+class GpuContext:
+    """Rank, world size and whether this GPU stands in alone for rank 0 of `world` (solo)."""
+
+    def __init__(self, rank: int, world: int, solo: bool, kernels: bool = True) -> None:
+        self.rank, self.world, self.solo, self.kernels = rank, world, solo, kernels
+
+    def peers(self, i: int) -> list[Any]:
+        raise IRError("the eager runtime runs one rank per process: collectives need NCCL or solo mode")
+
+
+class EagerRuntime:
+    """Params on the GPU, per-graph state (KV caches, bf16), optional CUDA-graph replay per graph.
+
+    use_kernels=False runs every op as plain torch (the references on the GPU): the baseline an
+    engineer would write without this compiler."""
+
+    def __init__(
+        self,
+        params: Mapping[str, Any],
+        *,
+        device: str = "cuda",
+        world: int = 1,
+        rank: int = 0,
+        solo: bool = False,
+        use_kernels: bool = True,
+    ) -> None:
+        self.params = dict(params)
+        self.device = torch.device(device)
+        self.ctx = GpuContext(rank, world, solo, kernels=use_kernels)
+        self.states: dict[str, torch.Tensor] = {}
+        self._graphs: dict[str, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], dict[str, Any]]] = {}
+        self.launches = 0
+
+    def _state(self, g: Graph) -> None:
+        for v in g.by_role("state"):
+            if v.name not in self.states:
+                self.states[v.name] = torch.zeros(v.shape, dtype=torch.bfloat16, device=self.device)
+
+    def reset(self) -> None:
+        for t in self.states.values():
+            t.zero_()
+
+    def _execute(self, g: Graph, env: dict[str, Any]) -> None:
+        for i, node in enumerate(g.nodes):
+            fn = IMPLS.get(node.op) or get_op(node.op).reference
+            try:
+                outs = fn(self.ctx, *(env[x] for x in node.inputs), **node.a)
+            except KeyError as e:
+                raise IRError(f"node {i} ({node.op}) in '{g.name}': value {e} was not provided") from None
+            env.update(zip(node.outputs, outs))
+
+    def _env(self, g: Graph, inputs: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        self._state(g)
+        env: dict[str, Any] = {}
+        for v in g.by_role("input"):
+            if v.name not in inputs:
+                raise ValueError(f"graph '{g.name}' needs input '{v.name}' ({v.dtype.name}{list(v.shape)})")
+            t = torch.as_tensor(inputs[v.name], device=self.device)
+            if tuple(t.shape) != v.shape:
+                raise ValueError(f"input '{v.name}' has shape {list(t.shape)}, graph expects {list(v.shape)}")
+            env[v.name] = t
+        for v in g.by_role("param"):
+            if v.name not in self.params:
+                raise ValueError(f"param '{v.name}' is not bound")
+            env[v.name] = self.params[v.name]
+        env.update({v.name: self.states[v.name] for v in g.by_role("state")})
+        return env
+
+    def run(self, g: Graph, inputs: Mapping[str, torch.Tensor], capture: bool = False) -> dict[str, Any]:
+        """One step. With capture, the first call records a CUDA graph that later calls replay."""
+        if not capture:
+            env = self._env(g, inputs)
+            self._execute(g, env)
+            self.launches = len(g.nodes)
+            return {o: env[o] for o in g.outputs}
+        if g.name not in self._graphs:
+            static = {k: torch.as_tensor(v, device=self.device).clone() for k, v in inputs.items()}
+            env = self._env(g, static)
+            self._execute(g, dict(env))  # warm-up: compiles kernels, allocates workspaces
+            torch.cuda.synchronize()
+            cg = torch.cuda.CUDAGraph()
+            env = self._env(g, static)
+            try:
+                with torch.cuda.graph(cg):
+                    self._execute(g, env)
+            except RuntimeError as e:
+                raise RuntimeError(
+                    f"CUDA-graph capture of '{g.name}' failed (an op synchronises with the host; "
+                    f"use capture=False): {e}"
+                ) from None
+            self._graphs[g.name] = (cg, static, {o: env[o] for o in g.outputs})
+        cg, static, outs = self._graphs[g.name]
+        for k, v in inputs.items():
+            static[k].copy_(torch.as_tensor(v, device=self.device))
+        cg.replay()
+        self.launches = 1
+        return outs
+
+
+def to_device(params: Mapping[str, Any], device: str = "cuda") -> dict[str, Any]:
+    return {k: v.to(device) for k, v in params.items()}
