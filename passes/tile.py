@@ -29,8 +29,8 @@ from tilert.passes.cost_model import kv_read_bytes, op_cost
 TILE_CONFIG: dict[str, dict[str, Any]] = {
     "gemm": {"block_m": (16, 64), "block_k": (128, 64, 32), "block_n": 128, "block_n_small": 64,
              "wide_n": 128 * 16, "wave": 1.2, "min_k_tiles": 2},
-    "attention": {"block_n": 64, "wave_ctas": 128, "combine_rows": 1},
-    "moe": {"router_rows": 16, "block_n": 128, "slot_margin": 1},
+    "attention": {"block_n": 64, "wave_ctas": 128},
+    "moe": {"router_rows": 4, "block_n": 128, "gate_up_split_k": 4, "slot_margin": 1},
     "collective": {"cols": 1024},
     "generic": {"cols": 2048},
 }  # fmt: skip
@@ -147,10 +147,10 @@ def tile_attention(g: Graph, n: Node, ctx: Any) -> OpTiles:
                 new = s == splits
                 nb = (T * (D + Dv) * 2 * 2) if new else kv / splits
                 split.add((h, r, s), h, nb + q.nbytes / Hkv / rb, flops / splits / rb, reads)
-    comb = Stage("ATTN_COMBINE", Hkv, group * Dv)
+    comb = Stage("ATTN_COMBINE", Hkv, group * Dv)  # one query row per task, as combine_body(h, r)
     for h in range(Hkv):
-        for t in range(T):
-            comb.add((h, t, 0), h, (splits + 1) * group * (Dv + 1) * 4, reads=(Read(-1, h, h + 1),))
+        for r in range(rows):
+            comb.add((h, r, 0), h, (splits + 1) * (Dv + 1) * 4 + Dv * 2, reads=(Read(-1, h, h + 1),))
     return OpTiles([split, comb], [1, 0, 0])
 
 
@@ -170,20 +170,23 @@ def tile_moe(g: Graph, n: Node, ctx: Any) -> OpTiles:
         router.add((r, 0, 0), r, gate.nbytes * rows / E + x.nbytes, 2.0 * T * rows * H, (Read(0),))
     topk = Stage("MOE_TOPK", 1, 0)
     topk.add((0, 0, 0), 0, T * E * 8, reads=(Read(-1),))
-    bn = c["block_n"]
-    up = Stage("MOE_GATE_UP", G, 0)
+    bn, sk = c["block_n"], c["gate_up_split_k"]
+    kc = H // sk
+    tok = T * k / max(1e-9, expected_experts(T, k, E))  # expected tokens per routed expert
+    up = Stage("MOE_GATE_UP", G, 0)  # (slot group, n tile, k split): fp32 atomics, like split-K GEMMs
     for s in range(G):
         for j in range(cdiv(I2, bn)):
-            up.add((s, j, 0), s, per_group * (gu.nbytes / n_local * bn / I2 + x.nbytes), per_group * 2.0 * T * bn * H,
-                   (Read(-2), Read(0)))  # fmt: skip
+            for q in range(sk):
+                up.add((s, j, q), s, per_group * (gu.nbytes / n_local * bn / I2 / sk + tok * kc * 2 + tok * bn * 4),
+                       per_group * 2.0 * tok * bn * kc, (Read(-2), Read(0, q * kc, (q + 1) * kc)))  # fmt: skip
     res = len(n.inputs) - 1 if a.get("residual") else None
     down = Stage("MOE_DOWN", cdiv(H, bn), bn)
     for j in range(cdiv(H, bn)):
         for s in range(G):
             reads = (Read(-3, s, s + 1),) + ((Read(res, j * bn, (j + 1) * bn),) if res is not None and not
                                              a.get("reduce") else ())  # fmt: skip
-            down.add((s, j, 0), j, per_group * (dn.nbytes / n_local * bn / H + T * k * I2 * 2) + T * bn * 4,
-                     per_group * 2.0 * T * bn * I2 / 2, reads)  # fmt: skip
+            down.add((s, j, 0), j, per_group * (dn.nbytes / n_local * bn / H + tok * (I2 * 2 + bn * 4)),
+                     per_group * 2.0 * tok * bn * I2 / 2, reads)  # fmt: skip
     stages = [router, topk, up, down]
     if a.get("reduce"):
         stages.append(_reduce_stage("MOE_REDUCE", g.values[n.outputs[0]], world, src=-4, chunk_cols=bn, res=res))
@@ -207,10 +210,14 @@ def _reduce_stage(opcode: str, out: Value, world: int, src: int, chunk_cols: int
 def tile_collective(g: Graph, n: Node, ctx: Any) -> OpTiles:
     world = int(g.meta.get("world", 1))
     out = g.values[n.outputs[0]]
-    if n.op == "all_gather":
-        st = Stage("ALL_GATHER", 1, 0, collective=True)
+    if n.op == "all_gather":  # each task sends one block of local columns to every peer
         x = g.values[n.inputs[0]]
-        st.add((0, 0, 0), 0, x.nbytes + out.nbytes, comm=(world - 1) * x.nbytes, reads=(Read(0),))
+        cols = TILE_CONFIG["collective"]["cols"]
+        W = x.shape[-1]
+        st = Stage("ALL_GATHER", cdiv(W, cols), 0, collective=True)
+        for c in range(st.chunks):
+            part = x.nbytes * (min(W, (c + 1) * cols) - c * cols) / W
+            st.add((c, 0, 0), c, part * (1 + world), comm=(world - 1) * part, reads=(Read(0, c * cols, (c + 1) * cols),))
         return OpTiles([st], [0])
     res = 1 if n.op == "all_reduce_residual" else None
     return OpTiles([_reduce_stage("ALL_REDUCE", out, world, src=0, chunk_cols=None, res=res)], [0])

@@ -171,7 +171,7 @@ def test_bad_engine_arguments(weights):
     with pytest.raises(EngineError, match="unknown backend"):
         Engine("tiny", weights, backend="nope")
     with pytest.raises(EngineError, match="weights must be"):
-        Engine("tiny", "x".encode())
+        Engine("tiny", b"x")
     with pytest.raises(EngineError, match="too large"):
         Engine("mimo-v2.5-pro")
     import torch

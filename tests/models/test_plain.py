@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+
 from tilert.models.config import ModelConfig, load_config
 from tilert.models.plain import (
     PlainDFlashDrafter,

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+
 from tilert.models.config import QuantConfig, load_config
 from tilert.models.weights import (
     WeightError,

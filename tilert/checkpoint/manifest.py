@@ -58,7 +58,9 @@ def rank_graphs(cfg: ModelConfig, world: int) -> list[list[Any]]:
     try:
         from tilert.passes import shard_for_ranks
     except ImportError:
-        raise ValueError("sharding needs the shard pass (tilert.passes.shard_for_ranks), absent in this build") from None
+        raise ValueError(
+            "sharding needs the shard pass (tilert.passes.shard_for_ranks), absent in this build"
+        ) from None
     return [shard_for_ranks(g, world) for g in graphs]
 
 

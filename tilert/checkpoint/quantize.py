@@ -90,24 +90,7 @@ def quantize_checkpoint(
     total = sum(len(n) for n in needs)
     done = 0
     for r, rneeds in enumerate(needs):
-        files: list[str] = []
-        tensors: dict[str, dict[str, Any]] = {}
-        buf: dict[str, torch.Tensor] = {}
-        nbytes = 0
-
-        def flush(r: int = r) -> None:
-            nonlocal buf, nbytes
-            if not buf:
-                return
-            from safetensors.torch import save_file
-
-            name = f"rank{r:03d}-{len(files):05d}.safetensors"
-            save_file({k: v.contiguous() for k, v in buf.items()}, str(out / name), metadata={"format": "pt"})
-            for k in buf:
-                tensors[k]["file"] = name
-            files.append(name)
-            buf, nbytes = {}, 0
-
+        w = _RankWriter(out, r, max_file_bytes)
         for need in rneeds.values():
             want = stored_shapes(need, _sliced(shapes[need.name], need))
             for k, t in quantize_need(weights, need).items():
@@ -115,23 +98,12 @@ def quantize_checkpoint(
                     raise CheckpointError(f"tensor {k}: expected {want[k]} for rank {r}, produced {list(t.shape)}")
                 if nonfinite(t, _role(k, need)):
                     raise CheckpointError(f"tensor {k} (rank {r}): contains NaN/Inf after quantisation")
-                tensors[k] = {
-                    "shape": list(t.shape),
-                    "dtype": str(t.dtype).removeprefix("torch."),
-                    "source": need.name,
-                    "format": need.fmt,
-                    "slice": list(need.slice) if need.slice else None,
-                    "sha256": sha256(t),
-                }
-                buf[k] = t
-                nbytes += t.numel() * t.element_size()
+                w.add(k, t, need)
             done += 1
             if done % 200 == 0 or done == total:
                 say(f"quantize: {done}/{total} tensors (rank {r}/{world})")
-            if nbytes >= max_file_bytes:
-                flush()
-        flush()
-        ranks.append({"rank": r, "files": files, "tensors": tensors})
+        w.flush()
+        ranks.append({"rank": r, "files": w.files, "tensors": w.tensors})
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -149,6 +121,43 @@ def quantize_checkpoint(
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
     write_manifest(out, manifest)
     return manifest
+
+
+class _RankWriter:
+    """Collects one rank's tensors and writes a new safetensors file every `max_bytes`."""
+
+    def __init__(self, out: Path, rank: int, max_bytes: int) -> None:
+        self.out, self.rank, self.max_bytes = out, rank, max_bytes
+        self.files: list[str] = []
+        self.tensors: dict[str, dict[str, Any]] = {}
+        self._buf: dict[str, torch.Tensor] = {}
+        self._bytes = 0
+
+    def add(self, name: str, t: torch.Tensor, need: Need) -> None:
+        self.tensors[name] = {
+            "shape": list(t.shape),
+            "dtype": str(t.dtype).removeprefix("torch."),
+            "source": need.name,
+            "format": need.fmt,
+            "slice": list(need.slice) if need.slice else None,
+            "sha256": sha256(t),
+        }
+        self._buf[name] = t
+        self._bytes += t.numel() * t.element_size()
+        if self._bytes >= self.max_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buf:
+            return
+        from safetensors.torch import save_file
+
+        fname = f"rank{self.rank:03d}-{len(self.files):05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in self._buf.items()}, str(self.out / fname), metadata={"format": "pt"})
+        for k in self._buf:
+            self.tensors[k]["file"] = fname
+        self.files.append(fname)
+        self._buf, self._bytes = {}, 0
 
 
 def _sliced(shape: tuple[int, ...], need: Need) -> tuple[int, ...]:

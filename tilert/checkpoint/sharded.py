@@ -82,7 +82,9 @@ def open_sharded(
             shape, dtype = reader.info(name)
             want = (tuple(t["shape"]), _DTYPES.get(t["dtype"], t["dtype"]))
             if (shape, dtype) != want:
-                problems.append(f"tensor {name}: manifest says {want[1]} {list(want[0])}, file has {dtype} {list(shape)}")
+                problems.append(
+                    f"tensor {name}: manifest says {want[1]} {list(want[0])}, file has {dtype} {list(shape)}"
+                )
         problems += [f"unexpected tensor {k}" for k in reader.keys() if k not in rk["tensors"]]
         if problems:
             raise CheckpointError(f"{d} rank {r}: " + "; ".join(problems[:10]))
@@ -142,7 +144,9 @@ def _check_against_config(cfg: ModelConfig, manifest: dict[str, Any], world: int
         have = {k: tuple(t["shape"]) for k, t in rk["tensors"].items()}
         problems = [f"missing tensor {k}" for k in want if k not in have]
         problems += [f"unexpected tensor {k}" for k in have if k not in want]
-        problems += [f"tensor {k}: expected {list(s)}, got {list(have[k])}" for k, s in want.items() if have.get(k, s) != s]
+        problems += [
+            f"tensor {k}: expected {list(s)}, got {list(have[k])}" for k, s in want.items() if have.get(k, s) != s
+        ]
         if problems:
             raise CheckpointError(f"manifest rank {r} does not match config '{cfg.name}': " + "; ".join(problems[:10]))
 

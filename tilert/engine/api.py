@@ -56,8 +56,25 @@ def register_backend(name: str) -> Callable[[BackendFactory], BackendFactory]:
     return deco
 
 
+# runtimes that register themselves when imported (imported only when asked for by name)
+_BACKEND_MODULES = {"eager": "tilert.runtime.eager.backend", "persistent": "tilert.runtime.persistent.backend"}
+
+
 def backend_names() -> list[str]:
     return sorted(_BACKENDS)
+
+
+def _backend_factory(name: str) -> BackendFactory:
+    if name not in _BACKENDS and name in _BACKEND_MODULES:
+        import importlib
+
+        try:
+            importlib.import_module(_BACKEND_MODULES[name])
+        except ImportError as e:
+            raise EngineError(f"backend {name!r} is not available in this build: {e}") from None
+    if name not in _BACKENDS:
+        raise EngineError(f"unknown backend {name!r} (registered: {', '.join(backend_names())})")
+    return _BACKENDS[name]
 
 
 @register_backend("reference")
@@ -255,8 +272,7 @@ class Engine:
         tokenizer: Any = None,
         background: bool = True,
     ) -> None:
-        if backend not in _BACKENDS:
-            raise EngineError(f"unknown backend {backend!r} (registered: {', '.join(backend_names())})")
+        factory = _backend_factory(backend)
         if device.startswith("cuda"):
             import torch
 
@@ -272,7 +288,7 @@ class Engine:
         self.cfg, self.weights, tok_path = _resolve(model, weights, device)
         world = getattr(self.weights, "world", world)
         self.backend_name, self.device, self.world = backend, device, world
-        self.backend: StepBackend = _BACKENDS[backend](
+        self.backend: StepBackend = factory(
             self.cfg, self.weights, max_seq=max_seq, world=world, device=device, plan=self.plan
         )
         self.tokenizer = _resolve_tokenizer(tokenizer if tokenizer is not None else tok_path)
@@ -432,9 +448,7 @@ def _load_plan(path: str | Path) -> Any:
     return load_plan(path)
 
 
-def _resolve(
-    model: str | Path | ModelConfig | None, weights: Any, device: str
-) -> tuple[ModelConfig, Any, Path | None]:
+def _resolve(model: str | Path | ModelConfig | None, weights: Any, device: str) -> tuple[ModelConfig, Any, Path | None]:
     """(config, weights for the backend, tokenizer.json path or None)."""
     from tilert.models import weights as W
 

@@ -55,7 +55,6 @@ def compile_with_profile(
 def format_pass_table(rows: list[PassRow]) -> str:
     out = [f"{'step':<10} {'#':>2} {'pass':<15} {'ms':>9} {'graphs':>6} {'nodes':>8} {'IR bytes':>11}"]
     for r in rows:
-        out.append(
-            f"{r.step:<10} {r.index:>2} {r.name:<15} {r.seconds * 1e3:>9.1f} {r.graphs:>6} {r.nodes:>8} {r.ir_bytes:>11}"
-        )
+        ms = r.seconds * 1e3
+        out.append(f"{r.step:<10} {r.index:>2} {r.name:<15} {ms:>9.1f} {r.graphs:>6} {r.nodes:>8} {r.ir_bytes:>11}")
     return "\n".join(out)

@@ -141,11 +141,19 @@ class CompletionsApp:
                 "created": int(time.time()),
                 "model": self.engine.model_name,
                 "choices": [
-                    {"index": 0, "text": r.text or "", "token_ids": r.tokens, "logprobs": None,
-                     "finish_reason": r.finish_reason}
+                    {
+                        "index": 0,
+                        "text": r.text or "",
+                        "token_ids": r.tokens,
+                        "logprobs": None,
+                        "finish_reason": r.finish_reason,
+                    }
                 ],
-                "usage": {"prompt_tokens": n_prompt, "completion_tokens": len(r.tokens),
-                          "total_tokens": n_prompt + len(r.tokens)},
+                "usage": {
+                    "prompt_tokens": n_prompt,
+                    "completion_tokens": len(r.tokens),
+                    "total_tokens": n_prompt + len(r.tokens),
+                },
                 "tilert": r.stats,
             }
         )
@@ -160,8 +168,9 @@ class CompletionsApp:
                 "object": OBJECT,
                 "created": int(time.time()),
                 "model": self.engine.model_name,
-                "choices": [{"index": 0, "text": text or "", "token_ids": tokens, "logprobs": None,
-                             "finish_reason": finish}],
+                "choices": [
+                    {"index": 0, "text": text or "", "token_ids": tokens, "logprobs": None, "finish_reason": finish}
+                ],
             }
             if extra:
                 d.update(extra)
@@ -172,7 +181,9 @@ class CompletionsApp:
         try:
             r = req.result(timeout=0)
         except Exception as exc:  # the request failed after the stream started: report it in-band
-            await resp.write(f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n".encode())
+            await resp.write(
+                f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n".encode()
+            )
         else:
             await resp.write(event([], "", r.finish_reason, {"tilert": r.stats}))
         await resp.write(b"data: [DONE]\n\n")

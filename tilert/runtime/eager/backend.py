@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from tilert.engine.api import register_backend
 from tilert.ir.graph import Graph
 from tilert.models.binding import bind_params
 from tilert.models.builder import build_step_graph
@@ -80,3 +81,29 @@ class EagerBackend:
 
     def reset(self) -> None:
         self.runtime.reset()
+
+    # per-sequence KV caches for the Engine (not with CUDA graphs: a captured graph binds its caches)
+    def new_cache(self) -> dict[str, torch.Tensor]:
+        if self.cuda_graph:
+            raise ValueError("the eager backend with CUDA graphs serves one sequence at a time")
+        return {}
+
+    def use_cache(self, cache: dict[str, torch.Tensor]) -> None:
+        self.runtime.states = cache
+
+
+@register_backend("eager")
+def _eager_factory(
+    cfg: ModelConfig,
+    weights: Mapping[str, torch.Tensor],
+    *,
+    max_seq: int,
+    world: int = 1,
+    device: str = "cuda",
+    plan: Any = None,
+) -> EagerBackend:
+    if world != 1:
+        raise ValueError("the eager backend runs world size 1 per process (use torchrun for more ranks)")
+    if not torch.cuda.is_available():
+        raise ValueError("backend 'eager' needs a CUDA GPU; none is visible (use backend='reference')")
+    return EagerBackend(cfg, weights, max_seq=max_seq, device=device if device != "cpu" else "cuda")
