@@ -18,10 +18,10 @@ from typing import Any
 from tilert.gpu_specs import H200, GpuSpec
 from tilert.ir.graph import Graph, IRError
 from tilert.passes.fuse_attention import fuse_attention
+from tilert.passes.fuse_linear import fuse_linear
 from tilert.passes.fuse_lm_head import fuse_lm_head
 from tilert.passes.fuse_moe import fuse_moe
 from tilert.passes.fuse_norm import fuse_norm
-from tilert.passes.fuse_linear import fuse_linear
 from tilert.passes.fuse_residual import fuse_residual
 from tilert.passes.infer_shapes import infer_shapes
 from tilert.passes.plan_memory import plan_memory
@@ -100,7 +100,8 @@ def run_passes(graph: Graph, ctx: PassContext, passes: Sequence[Pass] = PIPELINE
         ctx.timings.append((p.name, dt))
         if ctx.log:
             ctx.log(f"  {k:02d} {p.name:<15s} {dt * 1e3:8.1f} ms  {len(graphs)} graph(s), {len(graphs[0].nodes)} ops")
-        _dump(graphs, k, p.name, ctx)
+        if p.rewrites or ctx.print_after == p.name:
+            _dump(graphs, k, p.name, ctx)
     return graphs
 
 

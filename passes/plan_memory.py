@@ -78,7 +78,8 @@ def plan_buffers(g: Graph, done_before: list[int]) -> tuple[dict[str, tuple[int,
 
 def check_fits(spec: GpuSpec, what: str, mem: dict[str, int]) -> None:
     if mem["total"] > spec.memory_bytes:
-        parts = ", ".join(f"{k.replace('_', ' ')} {v / GIB:.1f} GiB" for k, v in mem.items() if k != "total" and v)
+        big = [(k, v) for k, v in mem.items() if k != "total" and v >= GIB / 20]
+        parts = ", ".join(f"{k.replace('_', ' ')} {v / GIB:.1f} GiB" for k, v in big)
         raise PlanDoesNotFit(
             f"{what} needs {mem['total'] / GIB:.1f} GiB per GPU ({parts}) but a {spec.name} has "
             f"{spec.memory_bytes / GIB:.0f} GiB usable; use more GPUs or a smaller --max-seq"

@@ -115,9 +115,7 @@ class _Planner:
             if "experts" in src:
                 E = src["count"]
                 if E % self.world:
-                    raise ShardError(
-                        f"config field 'n_routed_experts' = {E} does not split over {self.world} ranks"
-                    )
+                    raise ShardError(f"config field 'n_routed_experts' = {E} does not split over {self.world} ranks")
                 self.set(v.name, Split(0, even(E, self.world), experts=True))
 
 

@@ -141,7 +141,8 @@ def tile_attention(g: Graph, n: Node, ctx: Any) -> OpTiles:
     flops = 2.0 * rows * (D + Dv) * kv / ((D + Dv) * 2)
     split = Stage("ATTN_SPLIT", Hkv, group * Dv)
     for h in range(Hkv):
-        reads = (Read(0, h * group * D, (h + 1) * group * D), Read(1, h * D, (h + 1) * D), Read(2, h * Dv, (h + 1) * Dv))
+        q_cols = Read(0, h * group * D, (h + 1) * group * D)
+        reads = (q_cols, Read(1, h * D, (h + 1) * D), Read(2, h * Dv, (h + 1) * Dv))
         for r in range(rb):
             for s in range(splits + 1):  # split `splits` = the new keys (rope + cache write)
                 new = s == splits
@@ -217,7 +218,8 @@ def tile_collective(g: Graph, n: Node, ctx: Any) -> OpTiles:
         st = Stage("ALL_GATHER", cdiv(W, cols), 0, collective=True)
         for c in range(st.chunks):
             part = x.nbytes * (min(W, (c + 1) * cols) - c * cols) / W
-            st.add((c, 0, 0), c, part * (1 + world), comm=(world - 1) * part, reads=(Read(0, c * cols, (c + 1) * cols),))
+            reads = (Read(0, c * cols, (c + 1) * cols),)
+            st.add((c, 0, 0), c, part * (1 + world), comm=(world - 1) * part, reads=reads)
         return OpTiles([st], [0])
     res = 1 if n.op == "all_reduce_residual" else None
     return OpTiles([_reduce_stage("ALL_REDUCE", out, world, src=0, chunk_cols=None, res=res)], [0])

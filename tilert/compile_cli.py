@@ -39,7 +39,8 @@ def add_compile_parser(subparsers: Any) -> None:
     p.add_argument("--max-seq", type=int, default=65536, help="KV cache capacity per sequence (tokens)")
     p.add_argument("--context", type=int, default=None, help="KV length the step time is predicted at "
                    "(default: min(max-seq, 8192))")  # fmt: skip
-    p.add_argument("--accept-len", type=float, default=6.3, help="mean tokens accepted per DFlash verify step")
+    p.add_argument("--accept-len", type=float, default=None,
+                   help="mean tokens per DFlash verify step (default 6.3, at most the block size)")  # fmt: skip
     p.add_argument("--block", type=int, default=None, help="verify block size (default: the drafter's, else 8)")
     p.add_argument("--gpu", default="h200", help="target GPU spec (tilert/gpu_specs.py)")
     p.add_argument("--dump-ir", default=None, help="write the IR after every pass into this directory")
@@ -126,6 +127,8 @@ def run_compile(args: argparse.Namespace) -> int:
     cfg = load_config(args.config or args.model)
     spec = gpu_spec(args.gpu)
     block = args.block or (cfg.dflash.block_size if cfg.dflash else 8)
+    if args.accept_len is None:
+        args.accept_len = min(6.3, float(block))
     _check(args, block)
     out = Path(args.out)
     for d in ("graphs", "tasks"):
@@ -189,16 +192,21 @@ def _summary(plan: Plan, finals: dict[str, list[Graph]], args: argparse.Namespac
         "fused_kernels": kinds,
         "unfused_dequant_ops": sum(s.fused_kernels.get("dequant", 0) for s in plan.steps.values()),
         "ops_per_rank": {k: sum(s.fused_kernels.values()) for k, s in plan.steps.items()},
-        "tasks_per_rank": {"1": dec.tasks_per_rank, str(block): ver.tasks_per_rank,
-                           **({"drafter": dra.tasks_per_rank} if dra else {})},  # fmt: skip
+        "tasks_per_rank": {
+            "1": dec.tasks_per_rank,
+            str(block): ver.tasks_per_rank,
+            **({"drafter": dra.tasks_per_rank} if dra else {}),
+        },  # fmt: skip
         "occupancy": {"1": dec.occupancy, str(block): ver.occupancy},
         "bytes_per_rank": plan.bytes_per_rank,
         "memory_per_rank": plan.memory_per_rank,
         "predicted_step_ms": {"1": _r(dec.predicted["persistent_ms"]), str(block): _r(ver.predicted["persistent_ms"])},
         "floor_step_ms": {"1": _r(dec.predicted["floor_ms"]), str(block): _r(ver.predicted["floor_ms"])},
         "eager_step_ms": {"1": _r(dec.predicted["eager_ms"]), str(block): _r(ver.predicted["eager_ms"])},
-        "eager_cuda_graph_step_ms": {"1": _r(dec.predicted["eager_cuda_graph_ms"]),
-                                     str(block): _r(ver.predicted["eager_cuda_graph_ms"])},  # fmt: skip
+        "eager_cuda_graph_step_ms": {
+            "1": _r(dec.predicted["eager_cuda_graph_ms"]),
+            str(block): _r(ver.predicted["eager_cuda_graph_ms"]),
+        },  # fmt: skip
         "drafter_step_ms": _r(draft_ms),
         "accept_len": args.accept_len,
         "projected_tokens_per_s": _r(args.accept_len / cycle * 1e3 if dra else 1e3 / dec.predicted["persistent_ms"]),

@@ -139,7 +139,5 @@ def load_plan(root: Path | str) -> Plan:
         raise PlanError(f"no plan at {p}") from None
     if d.get("format") != PLAN_FORMAT:
         raise PlanError(f"{p} is not a {PLAN_FORMAT} file")
-    steps = {
-        k: StepPlan(**{**s, "ranks": [RankPlan(**r) for r in s["ranks"]]}) for k, s in d.pop("steps").items()
-    }
+    steps = {k: StepPlan(**{**s, "ranks": [RankPlan(**r) for r in s["ranks"]]}) for k, s in d.pop("steps").items()}
     return Plan(steps=steps, **d)

@@ -1,5 +1,7 @@
 """MXFP4 GEMM: correctness on a Hopper GPU (skipped without one) and input validation on CPU."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -49,6 +51,21 @@ def test_mxfp4_gemm(m, n, k):
 
 @pytest.mark.gpu
 def test_mxfp4_gemm_no_split():
-    cfg = mxfp4_gemm.pick_config(8, 4096, 2048)
-    cfg = mxfp4_gemm.Config(cfg.m, cfg.n, cfg.k, cfg.block_m, cfg.block_n, cfg.block_k, 1, cfg.stages, cfg.threads)
+    cfg = dataclasses.replace(mxfp4_gemm.pick_config(8, 4096, 2048), split_k=1)
     assert mxfp4_gemm.check(8, 4096, 2048, cfg=cfg) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m, split", [(1, 3), (5, 2), (16, 4)])
+def test_mxfp4_gemm_split_k(m, split):
+    # uneven split: the last split's chunk range runs past K (those blocks must read as 0)
+    cfg = dataclasses.replace(mxfp4_gemm.pick_config(m, 520, 32 * 37), split_k=split)
+    assert mxfp4_gemm.check(m, 520, 32 * 37, cfg=cfg) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("wscale", [1e-30, 3e3])
+def test_mxfp4_gemm_extreme_scales(wscale):
+    # tiny weights: scale codes near 0 (bf16 subnormal products); large: scale codes > 128
+    # (the second bf16x2 multiply)
+    assert mxfp4_gemm.check(8, 256, 1024, wscale=wscale) < 1e-2

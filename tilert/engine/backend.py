@@ -41,7 +41,54 @@ class StepBackend(Protocol):
     def reset(self) -> None: ...
 
 
-class ReferenceBackend:
+class GraphBackend:
+    """What every runtime's backend shares: the step graphs per shape, built (and prepared) once.
+
+    Subclasses say how a built graph is prepared (`_prepare`: shard/compile and bind weights) and
+    run (`_execute`: one step, outputs of the first rank).
+    """
+
+    def __init__(self, cfg: ModelConfig, weights: Mapping[str, torch.Tensor], max_seq: int) -> None:
+        self.cfg, self.weights, self.max_seq = cfg, weights, max_seq
+        self._prepared: dict[tuple, Any] = {}
+
+    def _prepare(self, g: Graph) -> Any:
+        raise NotImplementedError
+
+    def _execute(self, prepared: Any, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _get(self, key: tuple, build: Any) -> Any:
+        if key not in self._prepared:
+            self._prepared[key] = self._prepare(build())
+        return self._prepared[key]
+
+    def target_step(self, tokens: torch.Tensor, positions: torch.Tensor, mode: str = "decode") -> dict[str, Any]:
+        B = int(tokens.shape[0])
+        prepared = self._get(
+            ("target", B, mode), lambda: build_step_graph(self.cfg, tokens=B, max_seq=self.max_seq, mode=mode)
+        )
+        return self._execute(prepared, {"tokens": tokens.to(torch.int32), "positions": positions.to(torch.int32)})
+
+    def draft_step(
+        self,
+        block_tokens: torch.Tensor,
+        block_positions: torch.Tensor,
+        ctx_features: torch.Tensor,
+        ctx_positions: torch.Tensor,
+    ) -> torch.Tensor:
+        C = int(ctx_features.shape[0])
+        prepared = self._get(("drafter", C), lambda: build_drafter_graph(self.cfg, context=C, max_seq=self.max_seq))
+        inputs = {
+            "block_tokens": block_tokens.to(torch.int32),
+            "block_positions": block_positions.to(torch.int32),
+            "ctx_features": ctx_features,
+            "ctx_positions": ctx_positions.to(torch.int32),
+        }
+        return self._execute(prepared, inputs)["draft"]
+
+
+class ReferenceBackend(GraphBackend):
     """Runs step graphs on the reference executor; `world` > 1 runs sharded rank graphs in lockstep."""
 
     def __init__(
@@ -53,46 +100,19 @@ class ReferenceBackend:
         world: int = 1,
         device: str = "cpu",
     ) -> None:
-        self.cfg, self.weights, self.max_seq, self.world = cfg, weights, max_seq, world
-        self._graphs: dict[tuple, list[Graph]] = {}
-        self._params: list[dict[str, Any]] = [{} for _ in range(world)]
-        self.executor = ReferenceExecutor(self._params, device=device)
+        super().__init__(cfg, weights, max_seq)
+        self.world = world
+        self.executor = ReferenceExecutor([{} for _ in range(world)], device=device)
         self.device = torch.device(device)
 
-    def _rank_graphs(self, key: tuple, build: Any) -> list[Graph]:
-        if key not in self._graphs:
-            g = build()
-            graphs = [g] if self.world == 1 else _shard(g, self.world)
-            for r, gr in enumerate(graphs):
-                bind_params(gr, self.weights, self.executor.params[r])
-            self._graphs[key] = graphs
-        return self._graphs[key]
+    def _prepare(self, g: Graph) -> list[Graph]:
+        graphs = [g] if self.world == 1 else _shard(g, self.world)
+        for r, gr in enumerate(graphs):
+            bind_params(gr, self.weights, self.executor.params[r])
+        return graphs
 
-    def target_step(self, tokens: torch.Tensor, positions: torch.Tensor, mode: str = "decode") -> dict[str, Any]:
-        B = int(tokens.shape[0])
-        graphs = self._rank_graphs(
-            ("target", B, mode), lambda: build_step_graph(self.cfg, tokens=B, max_seq=self.max_seq, mode=mode)
-        )
-        return self.executor.run(graphs, {"tokens": tokens.to(torch.int32), "positions": positions.to(torch.int32)})[0]
-
-    def draft_step(
-        self,
-        block_tokens: torch.Tensor,
-        block_positions: torch.Tensor,
-        ctx_features: torch.Tensor,
-        ctx_positions: torch.Tensor,
-    ) -> torch.Tensor:
-        C = int(ctx_features.shape[0])
-        graphs = self._rank_graphs(
-            ("drafter", C), lambda: build_drafter_graph(self.cfg, context=C, max_seq=self.max_seq)
-        )
-        inputs = {
-            "block_tokens": block_tokens.to(torch.int32),
-            "block_positions": block_positions.to(torch.int32),
-            "ctx_features": ctx_features,
-            "ctx_positions": ctx_positions.to(torch.int32),
-        }
-        return self.executor.run(graphs, inputs)[0]["draft"]
+    def _execute(self, graphs: list[Graph], inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return self.executor.run(graphs, inputs)[0]
 
     def reset(self) -> None:
         self.executor.reset()

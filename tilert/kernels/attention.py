@@ -48,7 +48,7 @@ class AttnConfig:
     sink: bool = False
     num_split: int = 0  # 0 = auto: about one wave of CTAs on 132 SMs
     block_n: int = 64  # keys per tile
-    num_stages: int = 1  # >1 trips a TileLang 0.1.15 codegen bug with dynamic trip counts
+    num_stages: int = 3  # TMA ring depth: key tiles in flight per CTA
     min_tiles: int = 2  # fewest key tiles per split (short contexts use fewer splits)
 
     def __post_init__(self) -> None:
@@ -113,6 +113,7 @@ def make_bodies(cfg: AttnConfig):
     B, G, R, BM, BN = cfg.block, cfg.group, cfg.rows, cfg.block_m, cfg.block_n
     DK, DV, ROPE, RH, NS, W = cfg.head_dim, cfg.v_head_dim, cfg.rope_dim, cfg.rope_dim // 2, cfg.splits, cfg.window
     SL2 = cfg.scale * LOG2E
+    NST, TH = cfg.num_stages, cfg.threads
     NEG = -T.infinity("float32")
     bf16, f32 = "bfloat16", "float32"
 
@@ -128,16 +129,18 @@ def make_bodies(cfg: AttnConfig):
         return T.if_then_else(d < RH, x * c - other * s_, T.if_then_else(d < ROPE, x * c + other * s_, x))
 
     @T.macro
-    def tile(q_s, k_s, v_s, acc_s, acc_p, acc_o, m, m_prev, alpha, l_sum, r_sum, qpos, base, hi):
-        """Online-softmax update with keys base..base+BN-1 (k_s, v_s), visible below hi."""
+    def tile(q_s, k_s, v_s, acc_s, acc_p, acc_o, m, m_prev, alpha, l_sum, r_sum, qpos, base, hi, masked):
+        """Online-softmax update with keys base..base+BN-1 (k_s, v_s), visible below hi.
+        masked=False (a Python flag) skips the mask: every key of the tile is visible to every row."""
         T.clear(acc_s)
         T.gemm(q_s, k_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-        for i, j in T.Parallel(BM, BN):
-            kp = base + j
-            ok = (kp < hi) & (kp <= qpos[i])
-            if W:
-                ok = ok & (kp >= qpos[i] - W)
-            acc_s[i, j] = T.if_then_else(ok, acc_s[i, j], NEG)
+        if masked:
+            for i, j in T.Parallel(BM, BN):
+                kp = base + j
+                ok = (kp < hi) & (kp <= qpos[i])
+                if W:
+                    ok = ok & (kp >= qpos[i] - W)
+                acc_s[i, j] = T.if_then_else(ok, acc_s[i, j], NEG)
         T.copy(m, m_prev)
         T.reduce_max(acc_s, m, dim=1, clear=False)
         for i in T.Parallel(BM):
@@ -153,10 +156,19 @@ def make_bodies(cfg: AttnConfig):
         T.gemm(acc_p, v_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
 
     @T.macro
+    def issue(Kc, Vc, k_ring, v_ring, bar, st, h, base):
+        """One TMA load of the key tile at base (K and V) into ring slot st, completing on bar[st]."""
+        T.tma_copy(Kc[h, base : base + BN, :], k_ring[st, :, :], barrier=bar[st])
+        T.tma_copy(Vc[h, base : base + BN, :], v_ring[st, :, :], barrier=bar[st])
+        if T.shuffle_elect(TH):
+            T.barrier_arrive(bar[st])
+
+    @T.macro
     def attn_split_body(Q, Knew, Vnew, Kc, Vc, Pos, Opart, Lse, h, rb, s):
         q_s = T.alloc_shared([BM, DK], bf16)
-        k_s = T.alloc_shared([BN, DK], bf16)
-        v_s = T.alloc_shared([BN, DV], bf16)
+        k_ring = T.alloc_shared([NST, BN, DK], bf16)
+        v_ring = T.alloc_shared([NST, BN, DV], bf16)
+        bar = T.alloc_barrier([1] * NST)
         cs = T.alloc_shared([B, 2 * max(RH, 1)], f32)
         acc_s = T.alloc_fragment([BM, BN], f32)
         acc_p = T.alloc_fragment([BM, BN], bf16)
@@ -170,6 +182,15 @@ def make_bodies(cfg: AttnConfig):
 
         start = Pos[0]
         lo, per, n_used = _split_plan(cfg, start)
+        s_lo = lo + s * per * BN
+        s_hi = T.min(s_lo + per * BN, start)
+        # key tiles of this split (0 for the new-key split NS and for unused splits)
+        nt = T.if_then_else(s < n_used, T.ceildiv(s_hi - s_lo, BN), 0)
+        # Start the first NST tile loads now, so they fly while this CTA builds its q block.
+        for st in T.unroll(NST):
+            if st < nt:
+                issue(Kc, Vc, k_ring, v_ring, bar, st, h, s_lo + st * BN)
+
         # cos/sin of the B new positions in float64, like the reference (angles reach 1e5 rad).
         for b, f in T.Parallel(B, max(RH, 1)):
             ang = T.Cast("float64", start + b) * T.pow(
@@ -189,36 +210,43 @@ def make_bodies(cfg: AttnConfig):
         T.fill(m, NEG)
 
         if s < NS:
-            if s < n_used:
-                s_lo = lo + s * per * BN
-                s_hi = T.min(s_lo + per * BN, start)
-                n_full = (s_hi - s_lo) // BN
-                for t in T.Pipelined(n_full, num_stages=cfg.num_stages):
-                    T.copy(Kc[h, s_lo + t * BN : s_lo + (t + 1) * BN, :], k_s)
-                    T.copy(Vc[h, s_lo + t * BN : s_lo + (t + 1) * BN, :], v_s)
-                    tile(q_s, k_s, v_s, acc_s, acc_p, acc_o, m, m_prev, alpha, l_sum, r_sum, qpos, s_lo + t * BN, s_hi)
-                # the partial last tile: guarded loads, so keys past s_hi (maybe unwritten: NaN,
-                # and 0 * NaN is NaN even where P is 0) never reach the MMA.
-                t_lo = s_lo + n_full * BN
-                if t_lo < s_hi:
-                    for j, d in T.Parallel(BN, DK):
-                        k_s[j, d] = T.if_then_else(t_lo + j < s_hi, Kc[h, t_lo + j, d], T.Cast(bf16, 0))
+            # Ring of NST slots: tile t lives in slot t % NST; its barrier's phase flips once per
+            # pass over the ring. The trip count comes from the device (positions), so the ring
+            # is run by hand with mbarriers instead of T.Pipelined (see docs/attention.md).
+            for t in T.serial(nt):
+                st = t % NST
+                T.mbarrier_wait_parity(bar[st], (t // NST) % 2)
+                base = s_lo + t * BN
+                if base + BN > s_hi:
+                    # the split's partial last tile: rows at or past s_hi may be stale or never
+                    # written (NaN; 0 * NaN = NaN even where P = 0): zero their v rows.
                     for j, d in T.Parallel(BN, DV):
-                        v_s[j, d] = T.if_then_else(t_lo + j < s_hi, Vc[h, t_lo + j, d], T.Cast(bf16, 0))
-                    tile(q_s, k_s, v_s, acc_s, acc_p, acc_o, m, m_prev, alpha, l_sum, r_sum, qpos, t_lo, s_hi)
+                        if base + j >= s_hi:
+                            v_ring[st, j, d] = T.Cast(bf16, 0)
+                    T.fence_proxy_async()
+                    T.sync_threads()
+                    tile(q_s, k_ring[st, :, :], v_ring[st, :, :], acc_s, acc_p, acc_o, m, m_prev, alpha, l_sum,
+                         r_sum, qpos, base, s_hi, True)
+                else:
+                    tile(q_s, k_ring[st, :, :], v_ring[st, :, :], acc_s, acc_p, acc_o, m, m_prev, alpha, l_sum,
+                         r_sum, qpos, base, s_hi, W > 0)
+                T.sync_threads()  # every warp is done with slot st before it is refilled
+                if t + NST < nt:
+                    issue(Kc, Vc, k_ring, v_ring, bar, st, h, base + NST * BN)
         else:
             for j, d in T.Parallel(BN, DK):
-                k_s[j, d] = T.if_then_else(
+                k_ring[0, j, d] = T.if_then_else(
                     j < B, T.Cast(bf16, rotate(Knew, (T.min(j, B - 1), h), T.min(j, B - 1), d, cs)), T.Cast(bf16, 0)
                 )
             for j, d in T.Parallel(BN, DV):
-                v_s[j, d] = T.if_then_else(j < B, Vnew[T.min(j, B - 1), h, d], T.Cast(bf16, 0))
+                v_ring[0, j, d] = T.if_then_else(j < B, Vnew[T.min(j, B - 1), h, d], T.Cast(bf16, 0))
             if rb == 0:
                 for j, d in T.Parallel(B, DK):
-                    Kc[h, start + j, d] = k_s[j, d]
+                    Kc[h, start + j, d] = k_ring[0, j, d]
                 for j, d in T.Parallel(B, DV):
-                    Vc[h, start + j, d] = v_s[j, d]
-            tile(q_s, k_s, v_s, acc_s, acc_p, acc_o, m, m_prev, alpha, l_sum, r_sum, qpos, start, start + B)
+                    Vc[h, start + j, d] = v_ring[0, j, d]
+            T.fence_proxy_async()
+            tile(q_s, k_ring[0, :, :], v_ring[0, :, :], acc_s, acc_p, acc_o, m, m_prev, alpha, l_sum, r_sum, qpos, start, start + B, True)
 
         if (s == NS) | (s < n_used):
             for i, d in T.Parallel(BM, DV):

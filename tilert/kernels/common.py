@@ -13,6 +13,9 @@ API (stable; other kernel files import it):
     hopper_reason() / has_hopper()        None/True when a Hopper (sm_90) GPU is usable
     toolchain_reason() / has_toolchain()  None/True when tilelang and nvcc can build for sm_90a
     cdiv(a, b)               ceiling division
+    DEVICE_PRELUDE           the ONE device-helper source every kernel imports (T.import_source):
+                             a persistent kernel accepts a single import string, so all bodies
+                             share this one (value-in/value-out helpers only: no addresses)
 """
 
 from __future__ import annotations
@@ -25,6 +28,25 @@ from typing import Any
 
 HOPPER_TARGET: dict[str, str] = {"kind": "cuda", "arch": "sm_90a"}
 DEFAULT_CACHE = "~/.cache/tilert/kernels"
+
+# E2M1 pair -> bf16x2: byte `sel` picks byte b of w (low nibble -> lane 0) and byte b of u = w >> 4
+# (high nibble -> lane 1); code (s e1 e0 m) placed as bf16 bits s<<15 | (e1 e0 m)<<6 is the true
+# value * 2^-126 (e = 0 lands on bf16 subnormals, which bf16x2 fma keeps); one bf16x2 multiply by
+# `mult` = 2^(scale-1) (both lanes) restores value * 2^(scale-127) exactly.
+DEVICE_PRELUDE = r"""
+#ifndef TILERT_DEVICE_PRELUDE
+#define TILERT_DEVICE_PRELUDE
+__device__ __forceinline__ unsigned tilert_bf16x2_mul(unsigned a, unsigned b) {
+  unsigned d;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
+  return d;
+}
+__device__ __forceinline__ unsigned tilert_e2m1x2(unsigned w, unsigned u, unsigned sel, unsigned mult) {
+  const unsigned y = __byte_perm(w, u, sel);
+  return tilert_bf16x2_mul(((y << 6) & 0x01C001C0u) | ((y << 12) & 0x80008000u), mult);
+}
+#endif
+"""
 
 
 def cdiv(a: int, b: int) -> int:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from tilert.kernels.common import build, cdiv
-from tilert.kernels.mxfp4_gemm import make_mainloop
+from tilert.kernels.mxfp4_gemm import BLOCK_K, BLOCK_N, loop_shape, make_mainloop
 from tilert.ops.moe import moe_experts, route
 
 TP = 16  # token tile (MMA N slot); T <= 16
@@ -46,14 +46,23 @@ class Config:
     expert_offset: int = 0
     scaling: float = 1.0
     normalize: bool = True
-    gu_block_k: int = 256
-    down_block_k: int = 256
-    down_split: int = 2
-    stages: int = 3
+    down_split: int = 1
 
     @property
     def max_slots(self) -> int:
         return min(self.n_local, self.t * self.top_k)
+
+    @property
+    def block_m(self) -> int:  # tokens per expert tile (MMA N: 8, or 2 x 8)
+        return 8 if self.t <= 8 else 16
+
+    @property
+    def gu_shape(self) -> tuple[int, int]:  # (threads, stages) of the gate_up CTA
+        return loop_shape(self.hidden // BLOCK_K)
+
+    @property
+    def down_shape(self) -> tuple[int, int]:
+        return loop_shape(self.inter // BLOCK_K // self.down_split)
 
 
 def make_bodies(cfg: Config):
@@ -62,10 +71,11 @@ def make_bodies(cfg: Config):
 
     H, In, E, EL, K = cfg.hidden, cfg.inter, cfg.n_experts, cfg.n_local, cfg.top_k
     Tn, R = cfg.t, ROUTER_E * TP
-    gu_loop = make_mainloop(TP, 128, cfg.gu_block_k, THREADS, cfg.stages, w3d=True, two=True)
-    dn_loop = make_mainloop(TP, 128, cfg.down_block_k, THREADS, cfg.stages, w3d=True, x3d=True)
-    nk_gu = H // cfg.gu_block_k
-    nk_dn = In // cfg.down_block_k // cfg.down_split
+    bm = cfg.block_m
+    nk_gu = H // BLOCK_K
+    nk_dn = In // BLOCK_K // cfg.down_split
+    gu_loop = make_mainloop(bm, BLOCK_N, BLOCK_K, *cfg.gu_shape, w3d=True, two=True)
+    dn_loop = make_mainloop(bm, BLOCK_N, BLOCK_K, *cfg.down_shape, w3d=True, x3d=True)
     zero_per_cta = cdiv(Tn * H, cdiv(E, ROUTER_E))
 
     @T.macro
@@ -158,26 +168,22 @@ def make_bodies(cfg: Config):
     @T.macro
     def gate_up_tile(X, GUb, GUs, List, Count, Hb, slot, n_tile):
         if slot < Count[0]:
-            acc = T.alloc_fragment((128, TP), "float32")
-            c_s = T.alloc_shared((128, TP), "float32")
+            c_s = T.alloc_shared((BLOCK_N, bm), "float32")
             e = List[slot]
-            T.clear(acc)
-            gu_loop(X, 0, 0, GUb, GUs, e, n_tile * 64, In + n_tile * 64, 0, nk_gu, acc)
-            T.copy(acc, c_s)
-            for i, j in T.Parallel(64, TP):
+            gu_loop(X, 0, 0, GUb, GUs, e, n_tile * 8, In + n_tile * 8, 0, nk_gu, c_s)
+            for i, j in T.Parallel(8, bm):
                 g = c_s[i, j]
-                Hb[slot, j, n_tile * 64 + i] = T.cast(g / (1.0 + T.exp(-g)) * c_s[i + 64, j], "bfloat16")
+                Hb[slot, j, n_tile * 8 + i] = T.cast(g / (1.0 + T.exp(-g)) * c_s[i + 8, j], "bfloat16")
 
     @T.macro
     def down_tile(Hb, Db, Ds, List, Count, TokW, Y, slot, n_tile, k_split):
         if slot < Count[0]:
-            acc = T.alloc_fragment((128, TP), "float32")
+            c_s = T.alloc_shared((BLOCK_N, bm), "float32")
             e = List[slot]
-            T.clear(acc)
-            dn_loop(Hb, slot, 0, Db, Ds, e, n_tile * 128, 0, k_split * nk_dn, nk_dn, acc)
-            for i, j in T.Parallel(128, TP):
-                if j < Tn and n_tile * 128 + i < H:
-                    T.atomic_add(Y[j, n_tile * 128 + i], acc[i, j] * TokW[e, j])
+            dn_loop(Hb, slot, 0, Db, Ds, e, n_tile * BLOCK_N, 0, k_split * nk_dn, nk_dn, c_s)
+            for i, j in T.Parallel(BLOCK_N, bm):
+                if j < Tn and n_tile * BLOCK_N + i < H:
+                    T.atomic_add(Y[j, n_tile * BLOCK_N + i], c_s[i, j] * TokW[e, j])
 
     return router_tile, route_body, gate_up_tile, down_tile
 
@@ -221,7 +227,7 @@ def make_kernels(cfg: Config):
         Count: T.Tensor((1,), "int32"),
         Hb: T.Tensor((S, TP, In), "bfloat16"),
     ):
-        with T.Kernel(In // 64, S, threads=THREADS) as (bx, by):
+        with T.Kernel(In // 8, S, threads=cfg.gu_shape[0]) as (bx, by):
             gate_up_tile(X, GUb, GUs, List, Count, Hb, by, bx)
 
     @T.prim_func
@@ -234,7 +240,7 @@ def make_kernels(cfg: Config):
         TokW: T.Tensor((EL, TP), "float32"),
         Y: T.Tensor((Tn, H), "float32"),
     ):
-        with T.Kernel(cdiv(H, 128), S * cfg.down_split, threads=THREADS) as (bx, by):
+        with T.Kernel(cdiv(H, BLOCK_N), S * cfg.down_split, threads=cfg.down_shape[0]) as (bx, by):
             down_tile(Hb, Db, Ds, List, Count, TokW, Y, by // cfg.down_split, bx, by % cfg.down_split)
 
     return moe_router, moe_route, moe_gate_up, moe_down

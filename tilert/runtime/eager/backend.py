@@ -8,11 +8,10 @@ from typing import Any
 import torch
 
 from tilert.engine.api import register_backend
+from tilert.engine.backend import GraphBackend
 from tilert.ir.graph import Graph
 from tilert.models.binding import bind_params
-from tilert.models.builder import build_step_graph
 from tilert.models.config import ModelConfig
-from tilert.models.drafter import build_drafter_graph
 from tilert.runtime.eager.runtime import EagerRuntime, to_device
 
 REWRITE_UNTIL = "fuse_residual"  # the rewriting prefix of the pipeline; analysis passes are not needed to run
@@ -26,7 +25,7 @@ def compile_for_gpu(g: Graph, max_seq: int, world: int = 1) -> list[Graph]:
     return run_passes(g, PassContext(world=world, max_seq=max_seq), passes_until(REWRITE_UNTIL))
 
 
-class EagerBackend:
+class EagerBackend(GraphBackend):
     """Runs the target and drafter step graphs of a model on one GPU (world size 1)."""
 
     def __init__(
@@ -39,45 +38,19 @@ class EagerBackend:
         cuda_graph: bool = False,
         use_kernels: bool = True,
     ) -> None:
-        self.cfg, self.weights, self.max_seq, self.cuda_graph = cfg, weights, max_seq, cuda_graph
+        super().__init__(cfg, weights, max_seq)
+        self.cuda_graph = cuda_graph
         self.runtime = EagerRuntime({}, device=device, use_kernels=use_kernels)
-        self._graphs: dict[tuple, Graph] = {}
 
-    def _graph(self, key: tuple, build: Any) -> Graph:
-        if key not in self._graphs:
-            (g,) = compile_for_gpu(build(), self.max_seq)
-            self.runtime.params.update(to_device(bind_params(g, self.weights, {})))
-            self._graphs[key] = g
-        return self._graphs[key]
+    def _prepare(self, g: Graph) -> Graph:
+        (fused,) = compile_for_gpu(g, self.max_seq)
+        self.runtime.params.update(to_device(bind_params(fused, self.weights, {}), self.runtime.device))
+        return fused
 
-    def target_step(self, tokens: torch.Tensor, positions: torch.Tensor, mode: str = "decode") -> dict[str, Any]:
-        B = int(tokens.shape[0])
-        g = self._graph(
-            ("target", B, mode), lambda: build_step_graph(self.cfg, tokens=B, max_seq=self.max_seq, mode=mode)
-        )
-        out = self.runtime.run(
-            g,
-            {"tokens": tokens.to(torch.int32), "positions": positions.to(torch.int32)},
-            capture=self.cuda_graph and B <= 16,
-        )
-        return {k: v.cpu() if k != "features" else v for k, v in out.items()}
-
-    def draft_step(
-        self,
-        block_tokens: torch.Tensor,
-        block_positions: torch.Tensor,
-        ctx_features: torch.Tensor,
-        ctx_positions: torch.Tensor,
-    ) -> torch.Tensor:
-        C = int(ctx_features.shape[0])
-        g = self._graph(("drafter", C), lambda: build_drafter_graph(self.cfg, context=C, max_seq=self.max_seq))
-        inputs = {
-            "block_tokens": block_tokens.to(torch.int32),
-            "block_positions": block_positions.to(torch.int32),
-            "ctx_features": ctx_features.to(self.runtime.device),
-            "ctx_positions": ctx_positions.to(torch.int32),
-        }
-        return self.runtime.run(g, inputs)["draft"].cpu()
+    def _execute(self, g: Graph, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+        B = g.values[g.by_role("input")[0].name].shape[0]
+        out = self.runtime.run(g, inputs, capture=self.cuda_graph and B <= 16)
+        return {k: v if k == "features" else v.cpu() for k, v in out.items()}
 
     def reset(self) -> None:
         self.runtime.reset()

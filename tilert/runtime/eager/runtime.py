@@ -17,6 +17,7 @@ import torch
 from tilert.ir.graph import Graph, IRError
 from tilert.ir.registry import get_op
 from tilert.runtime.eager.gpu_ops import IMPLS
+from tilert.runtime.reference.executor import bind_env
 
 
 class GpuContext:
@@ -72,18 +73,7 @@ class EagerRuntime:
 
     def _env(self, g: Graph, inputs: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         self._state(g)
-        env: dict[str, Any] = {}
-        for v in g.by_role("input"):
-            if v.name not in inputs:
-                raise ValueError(f"graph '{g.name}' needs input '{v.name}' ({v.dtype.name}{list(v.shape)})")
-            t = torch.as_tensor(inputs[v.name], device=self.device)
-            if tuple(t.shape) != v.shape:
-                raise ValueError(f"input '{v.name}' has shape {list(t.shape)}, graph expects {list(v.shape)}")
-            env[v.name] = t
-        for v in g.by_role("param"):
-            if v.name not in self.params:
-                raise ValueError(f"param '{v.name}' is not bound")
-            env[v.name] = self.params[v.name]
+        env = bind_env(g, inputs, self.params, self.device)
         env.update({v.name: self.states[v.name] for v in g.by_role("state")})
         return env
 

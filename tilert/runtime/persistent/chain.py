@@ -71,14 +71,13 @@ def make_kernel(spec: ChainSpec, max_tasks: int, n_counters: int):
     g = spec.gemm
     L, Mp, N = spec.layers, spec.mp, spec.n
     bm, bn, bk, ch = g.block_m, g.block_n, g.block_k, spec.chunk
-    nk_split = N // bk // g.split_k
+    nk_split = cdiv(cdiv(N, bk), g.split_k)
     mainloop = mxfp4_gemm.make_mainloop(bm, bn, bk, g.threads, g.stages, w3d=True, x3d=True)
 
     @T.macro
     def gemm_tile(bufs, layer, n_tile, k_split, a3, a4, a5, a6, a7):
         X, W, S, Y = bufs
-        acc = T.alloc_fragment((bn, bm), "float32")
-        T.clear(acc)
+        acc = T.alloc_shared((bn, bm), "float32")  # the mainloop leaves the tile here
         mainloop(X, layer, 0, W, S, layer, n_tile * bn, 0, k_split * nk_split, nk_split, acc)
         for i, j in T.Parallel(bn, bm):
             if n_tile * bn + i < N:

@@ -47,6 +47,23 @@ def run_graphs(graphs: Sequence[Graph], envs: Sequence[dict[str, Any]]) -> None:
             env.update(zip(node.outputs, outs))
 
 
+def bind_env(g: Graph, inputs: Mapping[str, Any], params: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """Graph inputs (checked against their declared shapes, moved to `device`) and params by name."""
+    env: dict[str, Any] = {}
+    for v in g.by_role("input"):
+        if v.name not in inputs:
+            raise ValueError(f"graph '{g.name}' needs input '{v.name}' ({v.dtype.name}{list(v.shape)})")
+        t = torch.as_tensor(inputs[v.name], device=device)
+        if tuple(t.shape) != v.shape:
+            raise ValueError(f"input '{v.name}' has shape {list(t.shape)}, graph expects {list(v.shape)}")
+        env[v.name] = t
+    for v in g.by_role("param"):
+        if v.name not in params:
+            raise ValueError(f"param '{v.name}' is not bound")
+        env[v.name] = params[v.name]
+    return env
+
+
 class ReferenceExecutor:
     """Holds per-rank params and state; runs graphs of one model on torch (CPU by default)."""
 
@@ -75,18 +92,7 @@ class ReferenceExecutor:
             raise ValueError(f"{len(graphs)} graphs for {self.world} ranks")
         envs = []
         for r, g in enumerate(graphs):
-            env: dict[str, Any] = {}
-            for v in g.by_role("input"):
-                if v.name not in inputs:
-                    raise ValueError(f"graph '{g.name}' needs input '{v.name}' ({v.dtype.name}{list(v.shape)})")
-                t = torch.as_tensor(inputs[v.name], device=self.device)
-                if tuple(t.shape) != v.shape:
-                    raise ValueError(f"input '{v.name}' has shape {list(t.shape)}, graph expects {list(v.shape)}")
-                env[v.name] = t
-            for v in g.by_role("param"):
-                if v.name not in self.params[r]:
-                    raise ValueError(f"param '{v.name}' is not bound for rank {r}")
-                env[v.name] = self.params[r][v.name]
+            env = bind_env(g, inputs, self.params[r], self.device)
             env.update(self._state(r, g))
             envs.append(env)
         run_graphs(graphs, envs)
