@@ -5,13 +5,12 @@
 Per (B, context): median time of one step (split + combine launches, replayed from a CUDA graph
 over several cache copies so the KV comes from HBM, not L2), the KV bytes the step must read,
 that over the time, and the fraction of the device-to-device copy bandwidth measured in the
-same run; torch SDPA on the same data (GQA expanded to the query heads, as torch needs) for
-comparison. Writes attention-<device>.json (device, date, git commit from TILERT_GIT_COMMIT).
+same run (benchmarks.common.copy_bandwidth: 4 GB, read + write); torch SDPA on the same data
+(GQA expanded to the query heads, as torch needs) for comparison, at --sdpa-contexts. Writes
+attention-<device>.json through benchmarks.common.write_result (git commit from TILERT_COMMIT).
 """
 
 import argparse
-import datetime
-import json
 import os
 import statistics
 import sys
@@ -19,7 +18,10 @@ from pathlib import Path
 
 import torch
 
-from tilert.kernels.attention import AttnConfig, compiled, kv_bytes, make_inputs, run, workspace
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import copy_bandwidth, write_result  # noqa: E402
+from tilert.kernels.attention import AttnConfig, compiled, kv_bytes, make_inputs, run, workspace  # noqa: E402
 
 L2_BYTES = 50 << 20
 
@@ -58,15 +60,6 @@ def _time_graph(fn, reps: int = 20, iters: int = 50) -> float:
         b.synchronize()
         times.append(a.elapsed_time(b) * 1000 / iters)
     return statistics.median(times)
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth (bytes read + written per second)."""
-    n = 1 << 30
-    src = torch.randn(n // 4, device="cuda")
-    dst = torch.empty_like(src)
-    us = _time_graph(lambda: dst.copy_(src), iters=10)
-    return 2 * n / (us * 1e-6)
 
 
 def bench_kernel(cfg: AttnConfig, ctx: int) -> dict:
@@ -141,7 +134,10 @@ def precompile(extra: list[AttnConfig]) -> None:
 def bench_configs() -> list[AttnConfig]:
     full = [AttnConfig(block=b, rope_theta=1e7) for b in (1, 8, 16)]
     swa = [AttnConfig(block=b, rope_theta=1e4, window=128, sink=True) for b in (1, 8, 16)]
-    return full + swa + [AttnConfig(block=b, rope_theta=1e7, num_split=256) for b in (1, 8)]
+    return full + swa + [AttnConfig(block=b, rope_theta=1e7, num_stages=n) for b in (1, 8) for n in STAGE_VARIANTS]
+
+
+STAGE_VARIANTS = (2, 4)  # TMA ring depths timed besides the default 3
 
 
 def main(argv=None) -> int:
@@ -149,7 +145,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--contexts", default="1024,2048,4096,8192,16384,32768,65536,131072")
     ap.add_argument("--blocks", default="1,8,16")
-    ap.add_argument("--no-sdpa", action="store_true")
+    ap.add_argument("--sdpa-contexts", default="", help="contexts to time torch SDPA at (default none)")
     ap.add_argument("--precompile", action="store_true", help="only fill the kernel cache (with the tests' configs)")
     a = ap.parse_args(argv)
     if a.precompile:
@@ -160,6 +156,7 @@ def main(argv=None) -> int:
         return 0
     contexts = [int(c) for c in a.contexts.split(",")]
     blocks = [int(b) for b in a.blocks.split(",")]
+    sdpa_ctx = {int(c) for c in a.sdpa_contexts.split(",") if c}
     dev = torch.cuda.get_device_name()
     copy_bw = copy_bandwidth()
     print(f"{dev}: copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write)")
@@ -170,7 +167,7 @@ def main(argv=None) -> int:
             for ctx in contexts if layer == "full" else [contexts[-1]]:
                 r = bench_kernel(cfg, ctx)
                 r.update(layer=layer, block=b, context=ctx, splits=cfg.splits, frac_copy=r["kv_TBps"] * 1e12 / copy_bw)
-                if not a.no_sdpa and layer == "full":
+                if ctx in sdpa_ctx and layer == "full":
                     r["sdpa_us"] = bench_sdpa(cfg, ctx)
                     r["speedup_vs_sdpa"] = r["sdpa_us"] / r["us"] if r["sdpa_us"] else None
                 rows.append(r)
@@ -179,14 +176,15 @@ def main(argv=None) -> int:
                     f"({100 * r['frac_copy']:.0f}% of copy)  sdpa {r.get('sdpa_us') or float('nan'):.1f} us",
                     flush=True,
                 )
-    # variant: twice the splits (two or more CTAs per SM overlap one's loads with another's math)
+    # variants: ring depth (tiles in flight per CTA)
     for b in (1, 8):
-        cfg = AttnConfig(block=b, rope_theta=1e7, num_split=256)
-        for ctx in [c for c in contexts if c >= 32768]:
-            r = bench_kernel(cfg, ctx)
-            r.update(layer="full-ns256", block=b, context=ctx, splits=256, frac_copy=r["kv_TBps"] * 1e12 / copy_bw)
-            rows.append(r)
-            print(f"ns256 B={b} ctx={ctx}: {r['us']:.2f} us  KV {r['kv_TBps']:.2f} TB/s", flush=True)
+        for n in STAGE_VARIANTS:
+            cfg = AttnConfig(block=b, rope_theta=1e7, num_stages=n)
+            for ctx in [c for c in contexts if c >= 32768]:
+                r = bench_kernel(cfg, ctx)
+                r.update(layer=f"full-st{n}", block=b, context=ctx, splits=cfg.splits, frac_copy=r["kv_TBps"] * 1e12 / copy_bw)
+                rows.append(r)
+                print(f"stages={n} B={b} ctx={ctx}: {r['us']:.2f} us  KV {r['kv_TBps']:.2f} TB/s", flush=True)
     by = {(r["layer"], r["block"], r["context"]): r for r in rows}
     ratios = []
     for ctx in contexts:
@@ -201,24 +199,18 @@ def main(argv=None) -> int:
         "B8_le_1.3x_B1": all(x["cost_vs_B1"] <= 1.3 for x in ratios if x["block"] == 8),
     }
     res = {
-        "device": dev,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": os.environ.get("TILERT_GIT_COMMIT", "unknown"),
-        "torch": torch.__version__,
         "copy_TBps": copy_bw / 1e12,
         "config": {"q_heads": 16, "kv_heads": 1, "head_dim": 192, "v_head_dim": 128, "rope_dim": 64},
         "rows": rows,
         "ratios": ratios,
         "targets_met": targets,
     }
-    name = "attention-" + "".join(c if c.isalnum() else "-" for c in dev).strip("-").lower() + ".json"
-    Path(a.out).mkdir(parents=True, exist_ok=True)
-    (Path(a.out) / name).write_text(json.dumps(res, indent=1))
-    print("\nB   ctx     us     TB/s  %copy  sdpa_us  xB1")
+    print("wrote", write_result("attention", res, a.out))
+    print("\nlayer B  ctx     us     TB/s  %copy  sdpa_us  xB1")
     for r in rows:
         x = next((q["cost_vs_B1"] for q in ratios if q["block"] == r["block"] and q["context"] == r["context"]), 1.0)
         print(
-            f"{r['layer'][:1]}{r['block']:<2d} {r['context']:<7d} {r['us']:6.1f} {r['kv_TBps']:5.2f} "
+            f"{r['layer'][:5]:5s} {r['block']:<2d} {r['context']:<7d} {r['us']:6.1f} {r['kv_TBps']:5.2f} "
             f"{100 * r['frac_copy']:5.0f}  {r.get('sdpa_us') or 0:7.1f}  {x:.2f}"
         )
     print("targets:", targets)

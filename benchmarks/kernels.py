@@ -117,8 +117,6 @@ def copy_bw(gib: int = 2, reps: int = 20):
             e1.synchronize()
             ts.append(e0.elapsed_time(e1) / 1e3)
         out[name] = 2 * 4 * n / statistics.median(ts)
-    del a, b
-    torch.cuda.empty_cache()
     return max(out.values()), out
 
 
@@ -150,9 +148,22 @@ def bench_mxfp4(bw, res):
             t_bf16, _ = graph_time([lambda i=i, xb=xb, wbf=wbf: torch.matmul(xb[i], wbf[i].t()) for i in range(r)])
             floor = (wbytes + m * k * 2 + m * n * 4) / bw
             res.append(
-                dict(kernel="mxfp4_gemm", shape=name, m=m, n=n, k=k, cfg=repr(cfg), mode=mode, t_us=t_ours * 1e6,
-                     torch_bf16_us=t_bf16 * 1e6, floor_us=floor * 1e6, weight_read_tbps=wbytes / t_ours / 1e12,
-                     frac_of_copy_bw=wbytes / t_ours / bw, speedup_vs_bf16=t_bf16 / t_ours, over_floor=t_ours / floor)
+                dict(
+                    kernel="mxfp4_gemm",
+                    shape=name,
+                    m=m,
+                    n=n,
+                    k=k,
+                    cfg=repr(cfg),
+                    mode=mode,
+                    t_us=t_ours * 1e6,
+                    torch_bf16_us=t_bf16 * 1e6,
+                    floor_us=floor * 1e6,
+                    weight_read_tbps=wbytes / t_ours / 1e12,
+                    frac_of_copy_bw=wbytes / t_ours / bw,
+                    speedup_vs_bf16=t_bf16 / t_ours,
+                    over_floor=t_ours / floor,
+                )
             )
             print(res[-1], flush=True)
 
@@ -185,20 +196,35 @@ def bench_fp8(bw, res):
             try:  # fp8 x fp8 with row-wise scales (activation padded to 16 rows); timing only
                 x8 = [x.to(torch.float8_e4m3fn) for x in xs]
                 sa = torch.ones(cfg.m, 1, device="cuda")
-                t_sc, _ = graph_time([
-                    lambda i=i, x8=x8, ws=ws, sa=sa, srow=srow: torch._scaled_mm(
-                        x8[i], ws[i][0].t(), sa, srow, out_dtype=torch.bfloat16
-                    )
-                    for i in range(r)
-                ])
+                t_sc, _ = graph_time(
+                    [
+                        lambda i=i, x8=x8, ws=ws, sa=sa, srow=srow: torch._scaled_mm(
+                            x8[i], ws[i][0].t(), sa, srow, out_dtype=torch.bfloat16
+                        )
+                        for i in range(r)
+                    ]
+                )
             except Exception as e:
                 print("scaled_mm:", str(e)[:160])
             floor = (wbytes + m * k * 2 + m * n * 4) / bw
             res.append(
-                dict(kernel="fp8_gemm", shape=name, m=m, n=n, k=k, cfg=repr(cfg), mode=mode, t_us=t_ours * 1e6,
-                     torch_bf16_us=t_bf16 * 1e6, scaled_mm_rowwise_us=t_sc and t_sc * 1e6, floor_us=floor * 1e6,
-                     weight_read_tbps=wbytes / t_ours / 1e12, frac_of_copy_bw=wbytes / t_ours / bw,
-                     speedup_vs_bf16=t_bf16 / t_ours, over_floor=t_ours / floor)
+                dict(
+                    kernel="fp8_gemm",
+                    shape=name,
+                    m=m,
+                    n=n,
+                    k=k,
+                    cfg=repr(cfg),
+                    mode=mode,
+                    t_us=t_ours * 1e6,
+                    torch_bf16_us=t_bf16 * 1e6,
+                    scaled_mm_rowwise_us=t_sc and t_sc * 1e6,
+                    floor_us=floor * 1e6,
+                    weight_read_tbps=wbytes / t_ours / 1e12,
+                    frac_of_copy_bw=wbytes / t_ours / bw,
+                    speedup_vs_bf16=t_bf16 / t_ours,
+                    over_floor=t_ours / floor,
+                )
             )
             print(res[-1], flush=True)
 
@@ -255,9 +281,19 @@ def bench_moe(bw, res):
         t_torch = statistics.median(ts)
         fl, fl_nr = statistics.mean(floors), statistics.mean(floors_nr)
         res.append(
-            dict(kernel="fused_moe", t=t, mode=mode, active_local_experts=active, t_us=t_ours * 1e6,
-                 torch_loop_us=t_torch * 1e6, floor_us=fl * 1e6, floor_no_router_us=fl_nr * 1e6,
-                 over_floor=t_ours / fl, over_floor_no_router=t_ours / fl_nr, speedup_vs_torch=t_torch / t_ours)
+            dict(
+                kernel="fused_moe",
+                t=t,
+                mode=mode,
+                active_local_experts=active,
+                t_us=t_ours * 1e6,
+                torch_loop_us=t_torch * 1e6,
+                floor_us=fl * 1e6,
+                floor_no_router_us=fl_nr * 1e6,
+                over_floor=t_ours / fl,
+                over_floor_no_router=t_ours / fl_nr,
+                speedup_vs_torch=t_torch / t_ours,
+            )
         )
         print(res[-1], flush=True)
 
@@ -272,8 +308,12 @@ def main():
         return precompile()
     torch.manual_seed(0)
     bw, bws = copy_bw()
-    print(f"copy bandwidth {bw / 1e12:.3f} TB/s (read + write); " +
-          ", ".join(f"{k} {v / 1e12:.3f}" for k, v in bws.items()), flush=True)
+    torch.cuda.empty_cache()
+    print(
+        f"copy bandwidth {bw / 1e12:.3f} TB/s (read + write); "
+        + ", ".join(f"{k} {v / 1e12:.3f}" for k, v in bws.items()),
+        flush=True,
+    )
     res = []
     for part in a.only.split(","):
         try:
@@ -284,22 +324,32 @@ def main():
             traceback.print_exc()
             res.append(dict(kernel=part, error=str(e)[:500]))
     dev = torch.cuda.get_device_name()
-    out = dict(device=dev, date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-               commit=os.environ.get("TILERT_COMMIT", "unknown"), torch=torch.__version__,
-               copy_bw_tbps=bw / 1e12, copy_bw_methods_tbps={k: v / 1e12 for k, v in bws.items()}, results=res)
+    out = dict(
+        device=dev,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        commit=os.environ.get("TILERT_COMMIT", "unknown"),
+        torch=torch.__version__,
+        copy_bw_tbps=bw / 1e12,
+        copy_bw_methods_tbps={k: v / 1e12 for k, v in bws.items()},
+        results=res,
+    )
     path = Path(a.out) / f"kernels-{dev.replace(' ', '-').lower()}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
     print("wrote", path)
     print(f"copy bw {bw / 1e12:.2f} TB/s")
-    print(f"{'kernel':10} {'shape':14} {'M/T':>3} {'us':>7} {'bf16/loop':>9} {'floor':>6} {'xfloor':>6} {'frac_bw':>7} {'vs_bf16':>7}")
+    print(f"{'kernel':10} {'shape':14} {'M/T':>3} {'us':>7} {'bf16/loop':>9} {'floor':>6} {'xfloor':>6}", end="")
+    print(f" {'frac_bw':>7} {'vs_bf16':>7}")
     for r in res:
         if "error" in r:
             print(r["kernel"], "ERROR", r["error"][:200])
             continue
-        print(f"{r['kernel'][:10]:10} {str(r.get('shape', 'mimo'))[:14]:14} {r.get('m', r.get('t')):>3} {r['t_us']:7.2f} "
-              f"{r.get('torch_bf16_us', r.get('torch_loop_us', 0)):9.2f} {r['floor_us']:6.2f} {r['over_floor']:6.2f} "
-              f"{r.get('frac_of_copy_bw', 0):7.3f} {r.get('speedup_vs_bf16', r.get('speedup_vs_torch', 0)):7.2f}")
+        shape = str(r.get("shape", "mimo"))[:14]
+        print(
+            f"{r['kernel'][:10]:10} {shape:14} {r.get('m', r.get('t')):>3} {r['t_us']:7.2f} "
+            f"{r.get('torch_bf16_us', r.get('torch_loop_us', 0)):9.2f} {r['floor_us']:6.2f} {r['over_floor']:6.2f} "
+            f"{r.get('frac_of_copy_bw', 0):7.3f} {r.get('speedup_vs_bf16', r.get('speedup_vs_torch', 0)):7.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,13 @@ from hypothesis import HealthCheck, settings
 
 from tilert.kernels.common import hopper_reason
 
+try:  # the models under test are tiny: one intra-op thread avoids OpenMP spin contention on 2 cores
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:
+    pass
+
 settings.register_profile(
     "ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=False
 )

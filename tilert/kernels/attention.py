@@ -306,12 +306,14 @@ def make_bodies(cfg: AttnConfig):
             tot = tot + red[1, g]
         for c in T.serial(CPL):
             o[c] = 0.0
-        for i in T.serial(T.ceildiv(n_used + 1 - grp, NG)):
+        # a static, unrolled slot loop (predicated), so the partials' loads are all in flight
+        for i in T.unroll(cdiv(NS + 1, NG)):
             k = i * NG + grp
-            sl = T.if_then_else(k < n_used, k, NS)
-            wk = T.exp2(lse_s[k] - mx) / tot
-            for c in T.vectorized(CPL):
-                o[c] = o[c] + wk * Opart[h, r, sl, lane * CPL + c]
+            if k <= n_used:
+                sl = T.if_then_else(k < n_used, k, NS)
+                wk = T.exp2(lse_s[k] - mx) / tot
+                for c in T.vectorized(CPL):
+                    o[c] = o[c] + wk * Opart[h, r, sl, lane * CPL + c]
         T.sync_threads()  # lse_s and part may share memory
         for c in T.serial(CPL):
             part[grp, lane * CPL + c] = o[c]

@@ -21,7 +21,6 @@ rows fill the MMA M slot, 8 tokens the N slot; block_m = 16 issues two MMAs per 
   writes     Y[m_tile*block_m : +block_m, n_tile*16 : +16] (rows/cols clipped to M, N).
 """
 
-
 import functools
 from dataclasses import dataclass
 
@@ -177,8 +176,20 @@ def make_mainloop(
                         af[3] = T.call_extern("uint32", "tilert_bf16x2_mul", af[3], ml[3])
                     for t in T.unroll(NT):
                         T.ptx_mma(
-                            "float32", "m16n8k16", "row", "col", "bf16", "bf16", "fp32",
-                            af.data, 0, xq.data, t * 16 + s * 2, acc.data, t * 4, T.bool(False),
+                            "float32",
+                            "m16n8k16",
+                            "row",
+                            "col",
+                            "bf16",
+                            "bf16",
+                            "fp32",
+                            af.data,
+                            0,
+                            xq.data,
+                            t * 16 + s * 2,
+                            acc.data,
+                            t * 4,
+                            T.bool(False),
                         )
         for t in T.unroll(NT):
             for h in T.unroll(2):
@@ -274,9 +285,7 @@ def run(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, cfg: Config
     return y[:m]
 
 
-def check(
-    m: int, n: int, k: int, seed: int | None = None, cfg: Config | None = None, wscale: float = 0.05
-) -> float:
+def check(m: int, n: int, k: int, seed: int | None = None, cfg: Config | None = None, wscale: float = 0.05) -> float:
     """Run on fresh random data (NaN-poisoned output) and return ||y - ref|| / ||ref||; raises if unwritten."""
     from tilert.numerics import mxfp4
 
