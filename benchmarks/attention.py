@@ -126,7 +126,7 @@ def precompile(extra: list[AttnConfig]) -> None:
     from multiprocessing import get_context
 
     cfgs = list(dict.fromkeys(extra))
-    with ProcessPoolExecutor(min(16, len(cfgs)), mp_context=get_context("spawn")) as ex:
+    with ProcessPoolExecutor(min(16, os.cpu_count() or 1, len(cfgs)), mp_context=get_context("spawn")) as ex:
         for name in ex.map(_compile_one, cfgs):
             print("compiled", name, flush=True)
 

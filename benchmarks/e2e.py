@@ -28,19 +28,38 @@ from tilert.runtime.eager import EagerRuntime, compile_for_gpu  # noqa: E402
 from tilert.runtime.eager.synthetic import synthetic_params  # noqa: E402
 
 
-def predicted(cfg, world: int, B: int, max_seq: int, context: int) -> dict:
-    """The cost model's step prediction and floor for rank 0 (from the compiler's plan)."""
-    try:
-        from tilert.passes import PassContext, compile_graph
+def predicted(model: str, world: int, max_seq: int, context: int, accept_len: float) -> dict:
+    """The compiler's cost-model figures for this plan (python -m tilert compile --json)."""
+    import json
+    import subprocess
+    import tempfile
 
-        ctx = PassContext(world=world, max_seq=max_seq, context_len=context)
-        mode = "verify" if B > 1 else "decode"
-        compile_graph(build_step_graph(cfg, tokens=B, max_seq=max_seq, mode=mode), ctx)
-        est = ctx.results.get("schedule", {}).get(0) or {}
-        get = est.get if isinstance(est, dict) else (lambda k, d=None: getattr(est, k, d))
-        return {"predicted_ms": get("predicted_ms"), "floor_ms": get("floor_ms")}
-    except Exception as e:  # the benchmark still reports measured figures
-        return {"error": f"{type(e).__name__}: {e}"}
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [
+            sys.executable,
+            "-m",
+            "tilert",
+            "compile",
+            "--model",
+            model,
+            "--gpus",
+            str(world),
+            "--out",
+            out,
+            "--max-seq",
+            str(max_seq),
+            "--context",
+            str(context),
+            "--accept-len",
+            str(accept_len),
+            "--json",
+        ]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        return {"error": r.stderr.strip()[-500:]}
+    d = json.loads(r.stdout)
+    keys = ("predicted_step_ms", "floor_step_ms", "projected_tokens_per_s", "eager_step_ms", "eager_graph_step_ms")
+    return {k: d.get(k) for k in keys if k in d}
 
 
 def bench_block(cfg, B: int, a: argparse.Namespace, max_seq: int, cache: dict) -> dict:
@@ -67,10 +86,9 @@ def bench_block(cfg, B: int, a: argparse.Namespace, max_seq: int, cache: dict) -
     rt.run(g, inputs, capture=True)
     t_graph = time_cuda(lambda: rt.run(g, inputs, capture=True), iters=20, warmup=3)
     t_plain = None if a.skip_plain else time_cuda(lambda: plain.run(g, inputs), iters=3, warmup=1)
-    pred = predicted(cfg, a.world_size, B, max_seq, a.context)
     print(
         f"B={B}: eager {t_eager:.2f} ms | eager+graph {t_graph:.2f} ms | plain torch "
-        f"{t_plain if t_plain is None else round(t_plain, 2)} ms | {pred}",
+        f"{t_plain if t_plain is None else round(t_plain, 2)} ms",
         flush=True,
     )
     return {
@@ -80,7 +98,6 @@ def bench_block(cfg, B: int, a: argparse.Namespace, max_seq: int, cache: dict) -
         "launches_per_step": {"eager": len(g.nodes), "eager_graph": 1, "persistent": 1},
         "fused_ops": g.op_counts(),
         "finite_logits": finite,
-        **pred,
     }
 
 
@@ -98,6 +115,8 @@ def main() -> None:
     max_seq = a.context + 64
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    pred = predicted(a.model, a.world_size, max_seq, a.context, a.accept_len)
+    print(f"cost model: {pred}", flush=True)
     rows, cache = {}, {}
     for B in a.blocks:
         rows[str(B)] = bench_block(cfg, B, a, max_seq, cache)

@@ -34,10 +34,12 @@ TASK_FIELDS: tuple[str, ...] = (
     "signal", "cost_ns",
 )  # fmt: skip
 
+FIELD: dict[str, int] = {f: i for i, f in enumerate(TASK_FIELDS)}
+
 _FIXED = [
     "NOP", "BARRIER", "LINEAR_BF16", "LINEAR_FP8", "LINEAR_MXFP4", "ATTN_SPLIT", "ATTN_COMBINE",
     "MOE_ROUTER", "MOE_TOPK", "MOE_GATE_UP", "MOE_DOWN", "MOE_REDUCE", "LM_HEAD_GEMM", "LM_HEAD_ARGMAX",
-    "LM_HEAD_ACCEPT", "ALL_REDUCE", "ALL_GATHER", "OP_GENERIC",
+    "LM_HEAD_ACCEPT", "ALL_REDUCE", "ALL_GATHER", "CAST_BF16", "OP_GENERIC",
 ]  # fmt: skip
 
 

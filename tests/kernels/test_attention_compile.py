@@ -24,6 +24,7 @@ def test_plan_configs_compile_for_sm90a():
         split, combine = A.compiled(cfg)
         src = split.get_kernel_source()
         assert "wgmma" in src, f"{cfg}: QK^T / PV are not on Hopper tensor cores (no wgmma)"
+        assert "tma_load" in src, f"{cfg}: key tiles are not loaded by the TMA ring"
         assert "attn_combine" in combine.get_kernel_source()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tilert.kernels.common import toolchain_reason
+from tilert.plan import OPCODES
 from tilert.runtime.persistent import chain
 from tilert.runtime.persistent.megakernel import PERSISTENT_PASS_CONFIGS
 
@@ -20,3 +21,4 @@ def test_persistent_chain_compiles_for_sm90a():
     assert "AtomicLoad" in src and "clock64" in src
     assert "tma_load" not in src  # producers must not run ahead of the waits
     assert "cp.async.ca" not in src
+    assert f"== {OPCODES['LINEAR_MXFP4']})" in src  # dispatch generated from the plan's opcode table

@@ -240,12 +240,13 @@ def make_bodies(cfg: AttnConfig):
                 )
             for j, d in T.Parallel(BN, DV):
                 v_ring[0, j, d] = T.if_then_else(j < B, Vnew[T.min(j, B - 1), h, d], T.Cast(bf16, 0))
+            T.fence_proxy_async()  # generic-proxy smem writes, read next by wgmma (async proxy)
+            T.sync_threads()
             if rb == 0:
                 for j, d in T.Parallel(B, DK):
                     Kc[h, start + j, d] = k_ring[0, j, d]
                 for j, d in T.Parallel(B, DV):
                     Vc[h, start + j, d] = v_ring[0, j, d]
-            T.fence_proxy_async()
             tile(q_s, k_ring[0, :, :], v_ring[0, :, :], acc_s, acc_p, acc_o, m, m_prev, alpha, l_sum, r_sum, qpos, start, start + B, True)
 
         if (s == NS) | (s < n_used):
@@ -496,8 +497,9 @@ def reference(cfg: AttnConfig, q, k, v, k_cache, v_cache, positions, sink=None) 
     return _ref_attention(qr, k_cache, v_cache, positions, kv_len, scale=cfg.scale, window=cfg.window, sink=sink)
 
 
-def make_inputs(cfg: AttnConfig, kv_len: int, capacity: int | None = None, device="cuda", seed=None):
-    """Fresh random inputs for a step ending at kv_len (cache filled with random old keys)."""
+def make_inputs(cfg: AttnConfig, kv_len: int, capacity: int | None = None, device="cuda", seed=None, nan_tail=False):
+    """Fresh random inputs for a step ending at kv_len (cache filled with random old keys).
+    nan_tail: cache slots from the step's first position on (not yet written) hold NaN."""
     g = torch.Generator(device="cpu")
     g.manual_seed(seed if seed is not None else torch.seed() % (1 << 31))
     B, Hq, Hkv, DK, DV = cfg.block, cfg.q_heads, cfg.kv_heads, cfg.head_dim, cfg.v_head_dim
@@ -509,22 +511,27 @@ def make_inputs(cfg: AttnConfig, kv_len: int, capacity: int | None = None, devic
         return torch.randn(*shape, generator=g).to(torch.bfloat16).to(device)
 
     start = kv_len - B
+    k_cache, v_cache = rnd(Hkv, S, DK), rnd(Hkv, S, DV)
+    if nan_tail:
+        k_cache[:, start:] = float("nan")
+        v_cache[:, start:] = float("nan")
     return {
         "q": rnd(B, Hq, DK),
         "k": rnd(B, Hkv, DK),
         "v": rnd(B, Hkv, DV),
-        "k_cache": rnd(Hkv, S, DK),
-        "v_cache": rnd(Hkv, S, DV),
+        "k_cache": k_cache,
+        "v_cache": v_cache,
         "positions": torch.arange(start, kv_len, dtype=torch.int32).to(device),
         "sink": (torch.randn(Hq, generator=g) + 1.0).to(device) if cfg.sink else None,
     }
 
 
 def check(cfg: AttnConfig, kv_len: int, seed=None, tol: float = 1e-2) -> dict:
-    """Run kernel and reference on fresh random inputs; out poisoned with NaN first.
+    """Run kernel and reference on fresh random inputs; out poisoned with NaN first, and the cache
+    slots not yet written (from the step's first position on) hold NaN, which must not leak.
 
     Returns {"rel_err", "cache_err", "written"}; raises AssertionError past tol."""
-    x = make_inputs(cfg, kv_len, seed=seed)
+    x = make_inputs(cfg, kv_len, seed=seed, nan_tail=True)
     kc_ref, vc_ref = x["k_cache"].clone(), x["v_cache"].clone()
     out = torch.full((cfg.block, cfg.q_heads, cfg.v_head_dim), float("nan"), device="cuda", dtype=torch.bfloat16)
     run(cfg, x["q"], x["k"], x["v"], x["k_cache"], x["v_cache"], x["positions"], x["sink"], out=out)
@@ -532,10 +539,13 @@ def check(cfg: AttnConfig, kv_len: int, seed=None, tol: float = 1e-2) -> dict:
     ref = reference(cfg, x["q"], x["k"], x["v"], kc_ref, vc_ref, x["positions"], x["sink"])
     written = bool(torch.isfinite(out).all())
     err = float((out.float() - ref).norm() / ref.norm())
+    n = kv_len  # slots past kv_len stay NaN in both
     cache_err = max(
-        float((x["k_cache"].float() - kc_ref.float()).abs().max()),
-        float((x["v_cache"].float() - vc_ref.float()).abs().max()),
+        float((x["k_cache"][:, :n].float() - kc_ref[:, :n].float()).abs().max()),
+        float((x["v_cache"][:, :n].float() - vc_ref[:, :n].float()).abs().max()),
     )
+    if not (x["k_cache"][:, n:].isnan().all() and x["v_cache"][:, n:].isnan().all()):
+        cache_err = float("inf")  # the append wrote past kv_len
     res = {"rel_err": err, "cache_err": cache_err, "written": written}
     assert written, f"{cfg} kv_len={kv_len}: output not fully written (NaN left)"
     assert err < tol, f"{cfg} kv_len={kv_len}: rel err {err:.3g} >= {tol}"

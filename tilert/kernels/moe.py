@@ -70,7 +70,8 @@ def make_bodies(cfg: Config):
     import tilelang.language as T
 
     H, In, E, EL, K = cfg.hidden, cfg.inter, cfg.n_experts, cfg.n_local, cfg.top_k
-    Tn, R = cfg.t, ROUTER_E * TP
+    Tn = cfg.t
+    R = ROUTER_E * Tn
     bm = cfg.block_m
     nk_gu = H // BLOCK_K
     nk_dn = In // BLOCK_K // cfg.down_split
@@ -81,7 +82,8 @@ def make_bodies(cfg: Config):
     @T.macro
     def router_tile(X, Wr, L, Y, e_tile):
         acc = T.alloc_local((R,), "float32")
-        xv = T.alloc_local((TP,), "float32")
+        xv = T.alloc_local((Tn * 4,), "bfloat16")
+        wv = T.alloc_local((ROUTER_E * 4,), "float32")
         red = T.alloc_shared((R, THREADS), "float32")
         redf = T.alloc_fragment((R, THREADS), "float32")
         outf = T.alloc_fragment((R,), "float32")
@@ -90,24 +92,30 @@ def make_bodies(cfg: Config):
             f = e_tile * zero_per_cta + z * THREADS + tx
             if z * THREADS + tx < zero_per_cta and f < Tn * H:
                 Y[f // H, f % H] = 0.0
-        for i in T.serial(R):
+        for i in T.unroll(R):
             acc[i] = 0.0
-        for hc in T.serial(cdiv(H, THREADS)):
-            h = hc * THREADS + tx
+        # 16-byte loads of 4 consecutive router weights per expert, 8-byte loads of x (only the
+        # Tn real tokens); all iterations unrolled so every load is issued before the FMAs
+        for hc in T.unroll(cdiv(H, THREADS * 4)):
+            h = (hc * THREADS + tx) * 4
             if h < H:
-                for t in T.unroll(TP):
-                    xv[t] = T.cast(X[t, h], "float32")
                 for e in T.unroll(ROUTER_E):
-                    w = T.if_then_else(e_tile * ROUTER_E + e < E, Wr[e_tile * ROUTER_E + e, h], 0.0)
-                    for t in T.unroll(TP):
-                        acc[e * TP + t] += w * xv[t]
+                    for v in T.vectorized(4):
+                        wv[e * 4 + v] = Wr[T.min(e_tile * ROUTER_E + e, E - 1), h + v]
+                for t in T.unroll(Tn):
+                    for v in T.vectorized(4):
+                        xv[t * 4 + v] = X[t, h + v]
+                for e in T.unroll(ROUTER_E):
+                    for t in T.unroll(Tn):
+                        for v in T.unroll(4):
+                            acc[e * Tn + t] += wv[e * 4 + v] * T.cast(xv[t * 4 + v], "float32")
         for i in T.serial(R):
             red[i, tx] = acc[i]
         T.copy(red, redf)
         T.reduce_sum(redf, outf, dim=1)
         for i in T.Parallel(R):
-            if i % TP < Tn and e_tile * ROUTER_E + i // TP < E:
-                L[i % TP, e_tile * ROUTER_E + i // TP] = outf[i]
+            if e_tile * ROUTER_E + i // Tn < E:
+                L[i % Tn, e_tile * ROUTER_E + i // Tn] = outf[i]
 
     @T.macro
     def route_body(L, Bias, Idx, Wt, TokW, List, Count):
@@ -118,7 +126,12 @@ def make_bodies(cfg: Config):
         curi = T.alloc_local((2,), "int32")
         wsum = T.alloc_local((1,), "float32")
         cnt = T.alloc_local((1,), "int32")
+        Ls = T.alloc_shared((Tn, E), "float32")
         tx = T.get_thread_binding()
+        for z in T.serial(cdiv(Tn * E, 128)):  # logits -> shared (coalesced), the loop reads them
+            f = z * 128 + tx
+            if f < Tn * E:
+                Ls[f // E, f % E] = L[f // E, f % E]
         for z in T.serial(cdiv(EL * TP, 128)):
             f = z * 128 + tx
             if f < EL * TP:
@@ -131,7 +144,7 @@ def make_bodies(cfg: Config):
                 topv[j] = -T.infinity("float32")
                 topi[j] = 0
             for e in T.serial(E):
-                cur[0] = T.sigmoid(L[tx, e]) + Bias[e]
+                cur[0] = T.sigmoid(Ls[tx, e]) + Bias[e]
                 curi[0] = e
                 if cur[0] > topv[K - 1]:
                     for j in T.unroll(K):
@@ -144,7 +157,7 @@ def make_bodies(cfg: Config):
                             curi[0] = curi[1]
             wsum[0] = 0.0
             for j in T.unroll(K):
-                topv[j] = T.sigmoid(L[tx, topi[j]])
+                topv[j] = T.sigmoid(Ls[tx, topi[j]])
                 wsum[0] += topv[j]
             for j in T.unroll(K):
                 if cfg.normalize:

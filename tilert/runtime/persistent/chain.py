@@ -17,11 +17,12 @@ import torch
 
 from tilert.kernels import mxfp4_gemm
 from tilert.kernels.common import build, cdiv
-from tilert.runtime.persistent.megakernel import PERSISTENT_PASS_CONFIGS, make_persistent_loop
-from tilert.runtime.persistent.tasks import WIDTH, OpcodeTable, Task, assign_list_schedule, build_table
+from tilert.plan import FIELD
+from tilert.runtime.persistent.megakernel import PERSISTENT_PASS_CONFIGS, make_persistent_loop, raise_on_error
+from tilert.runtime.persistent.tasks import WIDTH, Task, build_table, list_schedule
 from tilert.runtime.persistent.vm import run_table
 
-OPCODES = OpcodeTable(["nop", "mxfp4_gemm_tile", "convert_chunk"])
+GEMM, CAST = "LINEAR_MXFP4", "CAST_BF16"
 
 
 @dataclass(frozen=True)
@@ -42,27 +43,24 @@ class ChainSpec:
 
 
 def chain_tasks(spec: ChainSpec) -> tuple[list[Task], int]:
-    """Tasks in dependency order and the number of counters (2 per layer)."""
+    """Tasks in dependency order and the number of counters (2 per layer: gemm done, cast done)."""
     g = spec.gemm
     n_tiles, n_chunks = cdiv(spec.n, g.block_n), cdiv(spec.n, spec.chunk)
     tasks: list[Task] = []
-    tid = 0
     for layer in range(spec.layers):
-        done_gemm, done_conv = 2 * layer, 2 * layer + 1
-        wait = ((2 * layer - 1, cdiv(spec.n, spec.chunk)),) if layer else ()
+        done_gemm, done_cast = 2 * layer, 2 * layer + 1
+        wait = ((2 * layer - 1, 1, n_chunks),) if layer else ()
         for kk in range(g.split_k):
             for nt in range(n_tiles):
-                tasks.append(Task("mxfp4_gemm_tile", (layer, nt, kk), wait, done_gemm, cost=1.0, tid=tid))
-                tid += 1
+                tasks.append(Task(GEMM, (layer, nt, kk), wait, done_gemm, cost_ns=5000))
         for c in range(n_chunks):
-            tasks.append(Task("convert_chunk", (layer, c), ((done_gemm, n_tiles * g.split_k),), done_conv, 0.2, tid))
-            tid += 1
+            tasks.append(Task(CAST, (layer, c), ((done_gemm, 1, n_tiles * g.split_k),), done_cast, cost_ns=1000))
     return tasks, 2 * spec.layers
 
 
 def chain_table(spec: ChainSpec) -> tuple[torch.Tensor, int]:
     tasks, n_counters = chain_tasks(spec)
-    return build_table(assign_list_schedule(tasks, spec.num_sms), OPCODES), n_counters
+    return build_table(list_schedule(tasks, spec.num_sms)), n_counters
 
 
 def make_kernel(spec: ChainSpec, max_tasks: int, n_counters: int):
@@ -75,7 +73,7 @@ def make_kernel(spec: ChainSpec, max_tasks: int, n_counters: int):
     mainloop = mxfp4_gemm.make_mainloop(bm, bn, bk, g.threads, g.stages, w3d=True, x3d=True)
 
     @T.macro
-    def gemm_tile(bufs, layer, n_tile, k_split, a3, a4, a5, a6, a7):
+    def gemm_tile(bufs, layer, n_tile, k_split, c2):
         X, W, S, Y = bufs
         acc = T.alloc_shared((bn, bm), "float32")  # the mainloop leaves the tile here
         mainloop(X, layer, 0, W, S, layer, n_tile * bn, 0, k_split * nk_split, nk_split, acc)
@@ -84,16 +82,14 @@ def make_kernel(spec: ChainSpec, max_tasks: int, n_counters: int):
                 T.atomic_add(Y[layer, j, n_tile * bn + i], acc[i, j])
 
     @T.macro
-    def convert_chunk(bufs, layer, c, a2, a3, a4, a5, a6, a7):
+    def convert_chunk(bufs, layer, c, c1, c2):
         X, W, S, Y = bufs
         for i, j in T.Parallel(Mp, ch):
             if c * ch + j < N:
                 X[layer + 1, i, c * ch + j] = T.cast(Y[layer, i, c * ch + j], "bfloat16")
                 Y[layer, i, c * ch + j] = 0.0
 
-    loop = make_persistent_loop(
-        OPCODES, {"mxfp4_gemm_tile": gemm_tile, "convert_chunk": convert_chunk}, max_tasks=max_tasks
-    )
+    loop = make_persistent_loop({GEMM: gemm_tile, CAST: convert_chunk}, max_tasks=max_tasks)
 
     @T.prim_func
     def mxfp4_chain_persistent(
@@ -133,7 +129,7 @@ def vm_bodies(X: torch.Tensor, W: torch.Tensor, S: torch.Tensor, Y: torch.Tensor
         X[layer + 1, :, cols] = Y[layer, :, cols].to(X.dtype)
         Y[layer, :, cols] = 0
 
-    return {"mxfp4_gemm_tile": gemm, "convert_chunk": convert}
+    return {GEMM: gemm, CAST: convert}
 
 
 def reference(x: torch.Tensor, W: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
@@ -151,7 +147,7 @@ def run_vm(spec: ChainSpec, x: torch.Tensor, W: torch.Tensor, S: torch.Tensor, e
     X[0, : x.shape[0]] = x
     Y = torch.zeros(spec.layers, spec.mp, spec.n)
     counters = torch.zeros(n_counters, dtype=torch.int64)
-    run_table(table, OPCODES, vm_bodies(X, W, S, Y, spec), counters, epoch=1)
+    run_table(table, vm_bodies(X, W, S, Y, spec), counters, epoch=epoch)
     return X[spec.layers, : x.shape[0]]
 
 
@@ -181,13 +177,8 @@ class PersistentChain:
         self.kernel(self.tasks, self.counters, self.err, self.epoch, self.trace, self.X, self.W, self.S, self.Y)
 
     def check(self) -> None:
-        """Raise if a wait timed out in any launch so far (the GPU never hangs)."""
-        e = self.err.tolist()
-        if e[0]:
-            raise RuntimeError(
-                f"persistent kernel wait timed out: sm {e[1]}, task {e[2]}, counter {e[3]} "
-                f"(schedule deadlock or a lost signal)"
-            )
+        """Raise if a wait timed out (or an opcode had no body) in any launch so far: the GPU never hangs."""
+        raise_on_error(self.err.tolist())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.launch(x)
@@ -207,5 +198,7 @@ def deadlock_table(spec: ChainSpec) -> torch.Tensor:
     """A table whose first task waits on a counter nothing signals: must report, not hang."""
     table, _ = chain_table(spec)
     bad = table.clone()
-    bad[0, 0, 9], bad[0, 0, 10] = 2 * spec.layers - 1, 10**6
+    bad[0, 0, FIELD["wait0_counter"]] = 2 * spec.layers - 1
+    bad[0, 0, FIELD["wait0_count"]] = 1
+    bad[0, 0, FIELD["wait0_expected"]] = 10**6
     return bad

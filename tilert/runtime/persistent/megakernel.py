@@ -8,14 +8,16 @@ TileLang body the standalone launchers use); then thread 0 signals (release). Co
 reset: targets scale with the epoch. Each task's start/end clock64 stamps go to a trace buffer
 (per-SM timelines for the profiler).
 
-Error buffer (int32[4]): [flag, sm, task_id, counter] of the first wait that timed out.
+Error buffer (int32[4]): [code, sm, task slot, counter] of the first wait that timed out
+(code ERR_TIMEOUT), or [ERR_OPCODE, -, -, opcode] for an opcode with no body (the dispatch traps).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from tilert.runtime.persistent.tasks import COL_ARGS, COL_ID, COL_OP, COL_SIGNAL, COL_WAIT, NONE, OpcodeTable
+from tilert.plan import FIELD, OPCODES, WAITS
+from tilert.runtime.persistent.tasks import NONE
 
 # No warp specialisation and no TMA in persistent kernels: a specialised producer warp would issue
 # a task's loads before thread 0's wait completes (reading data another SM has not yet written),
@@ -25,50 +27,53 @@ PERSISTENT_PASS_CONFIGS = {"tl.disable_warp_specialized": True, "tl.disable_tma_
 DEFAULT_TIMEOUT_CYCLES = 4_000_000_000  # ~2 s at 2 GHz: far beyond any step, short enough to report a deadlock
 
 
-def make_dispatch(opcodes: OpcodeTable, bodies: dict[str, Any]) -> Any:
-    """A macro `dispatch(bufs, op, a0..a7)` running the body whose opcode matches (a chain of ifs)."""
+ERR_TIMEOUT, ERR_OPCODE = 1, 2
+
+
+def make_dispatch(bodies: dict[str, Any]) -> Any:
+    """A macro `dispatch(bufs, err, op_code, op, c0, c1, c2)`: the body whose opcode matches, as a
+    chain of ifs; an opcode with no body raises the error flag (ERR_OPCODE) instead of running."""
     import tilelang.language as T
 
-    missing = [n for n in opcodes.names[1:] if n not in bodies]
-    if missing:
-        raise ValueError(f"no persistent body for task kind(s) {missing}")
+    for name in bodies:
+        if name not in OPCODES:
+            raise KeyError(f"no opcode for persistent body '{name}' in tilert.plan.OPCODES")
+    names = list(bodies)
 
-    def chain(names: list[str]) -> Any:
-        if not names:
-            return None
-        body, rest, code = bodies[names[0]], chain(names[1:]), opcodes[names[0]]
-        if rest is None:
+    @T.macro
+    def trap(bufs, err, code, op, c0, c1, c2):
+        if T.atomic_add(err[0], ERR_OPCODE, return_prev=True) == 0:
+            err[3] = code
 
-            @T.macro
-            def last(bufs, op, a0, a1, a2, a3, a4, a5, a6, a7):
-                if op == code:
-                    body(bufs, a0, a1, a2, a3, a4, a5, a6, a7)
-
-            return last
+    def chain(i: int) -> Any:
+        if i == len(names):
+            return trap
+        body, rest, code = bodies[names[i]], chain(i + 1), OPCODES[names[i]]
 
         @T.macro
-        def step(bufs, op, a0, a1, a2, a3, a4, a5, a6, a7):
-            if op == code:
-                body(bufs, a0, a1, a2, a3, a4, a5, a6, a7)
+        def step(bufs, err, opc, op, c0, c1, c2):
+            if opc == code:
+                body(bufs, op, c0, c1, c2)
             else:
-                rest(bufs, op, a0, a1, a2, a3, a4, a5, a6, a7)
+                rest(bufs, err, opc, op, c0, c1, c2)
 
         return step
 
-    return chain(opcodes.names[1:])
+    return chain(0)
 
 
 def make_persistent_loop(
-    opcodes: OpcodeTable, bodies: dict[str, Any], *, max_tasks: int, timeout_cycles: int = DEFAULT_TIMEOUT_CYCLES
+    bodies: dict[str, Any], *, max_tasks: int, timeout_cycles: int = DEFAULT_TIMEOUT_CYCLES
 ) -> Any:
     """Macro `loop(sm, tasks, counters, err, epoch, trace, bufs)`; call inside `T.Kernel(num_sms, ...)`.
 
-    `bodies[name]` is a T.macro `(bufs, a0..a7)`: the program's buffers (a tuple) and the 8 int32
-    task args; it emits the task's body.
+    Rows follow tilert.plan.TASK_FIELDS. `bodies[name]` (name: a tilert.plan.OPCODES key) is a
+    T.macro `(bufs, op, c0, c1, c2)`: the program's buffers (a tuple) and the row's coordinates.
     """
     import tilelang.language as T
 
-    dispatch = make_dispatch(opcodes, bodies)
+    dispatch = make_dispatch(bodies)
+    F = FIELD
 
     @T.macro
     def loop(sm, tasks, counters, err, epoch, trace, bufs):
@@ -76,44 +81,54 @@ def make_persistent_loop(
         deadline = T.alloc_var("int64")
         t0 = T.alloc_var("int64")
         for t in T.serial(max_tasks):
-            op = tasks[sm, t, COL_OP]
-            if op != 0:
+            opc = tasks[sm, t, F["opcode"]]
+            if opc != 0:
                 if tx == 0:
                     t0 = T.call_extern("int64", "clock64")
-                    for w in T.serial(2):
-                        cid = tasks[sm, t, COL_WAIT + 2 * w]
-                        if cid != NONE:
-                            target = tasks[sm, t, COL_WAIT + 2 * w + 1] * epoch[0]
-                            deadline = t0 + timeout_cycles
-                            while (
-                                T.atomic_load(counters[cid], memory_order="acquire") < target
-                                and T.atomic_load(err[0], memory_order="relaxed") == 0
-                            ):
-                                if T.call_extern("int64", "clock64") > deadline:
-                                    if T.atomic_add(err[0], 1, return_prev=True) == 0:
-                                        err[1] = sm
-                                        err[2] = tasks[sm, t, COL_ID]
-                                        err[3] = cid
+                    deadline = t0 + timeout_cycles
+                    for w in T.serial(WAITS):
+                        first = tasks[sm, t, F["wait0_counter"] + 3 * w]
+                        if first != NONE:
+                            target = tasks[sm, t, F["wait0_expected"] + 3 * w] * epoch[0]
+                            for j in T.serial(tasks[sm, t, F["wait0_count"] + 3 * w]):
+                                while (
+                                    T.atomic_load(counters[first + j], memory_order="acquire") < target
+                                    and T.atomic_load(err[0], memory_order="relaxed") == 0
+                                ):
+                                    if T.call_extern("int64", "clock64") > deadline:
+                                        if T.atomic_add(err[0], ERR_TIMEOUT, return_prev=True) == 0:
+                                            err[1] = sm
+                                            err[2] = t
+                                            err[3] = first + j
                 T.sync_threads()
                 if T.atomic_load(err[0], memory_order="relaxed") == 0:
                     dispatch(
                         bufs,
-                        op,
-                        tasks[sm, t, COL_ARGS],
-                        tasks[sm, t, COL_ARGS + 1],
-                        tasks[sm, t, COL_ARGS + 2],
-                        tasks[sm, t, COL_ARGS + 3],
-                        tasks[sm, t, COL_ARGS + 4],
-                        tasks[sm, t, COL_ARGS + 5],
-                        tasks[sm, t, COL_ARGS + 6],
-                        tasks[sm, t, COL_ARGS + 7],
+                        err,
+                        opc,
+                        tasks[sm, t, F["op"]],
+                        tasks[sm, t, F["c0"]],
+                        tasks[sm, t, F["c1"]],
+                        tasks[sm, t, F["c2"]],
                     )
                 T.sync_threads()
                 if tx == 0:
-                    sig = tasks[sm, t, COL_SIGNAL]
+                    sig = tasks[sm, t, F["signal"]]
                     if sig != NONE:
                         T.atomic_add(counters[sig], 1, memory_order="release")
                     trace[sm, t, 0] = t0
                     trace[sm, t, 1] = T.call_extern("int64", "clock64")
 
     return loop
+
+
+def raise_on_error(err: list[int]) -> None:
+    """Turn the kernel's error buffer into an exception naming the task (or do nothing)."""
+    if err[0] == 0:
+        return
+    if err[0] == ERR_OPCODE:
+        raise RuntimeError(f"persistent kernel met opcode {err[3]}, which has no body in this program")
+    raise RuntimeError(
+        f"persistent kernel wait timed out: sm {err[1]}, task slot {err[2]}, counter {err[3]} "
+        f"(schedule deadlock or a lost signal)"
+    )

@@ -1,6 +1,6 @@
-"""Python reference VM for task tables: the same table the persistent kernel runs, on torch.
+"""Python reference VM for task tables: the same rows the persistent kernel runs, on torch.
 
-SMs advance in round-robin; a task whose wait is unmet blocks its SM. If no SM can move, the
+SMs advance in round-robin; a task whose waits are unmet blocks its SM. If no SM can move, the
 table deadlocks and the VM raises (the GPU kernel reports the same through its error flag).
 """
 
@@ -11,48 +11,54 @@ from typing import Any
 
 import torch
 
-from tilert.runtime.persistent.tasks import COL_ARGS, COL_ID, COL_OP, COL_SIGNAL, COL_WAIT, NARGS, NONE, OpcodeTable
+from tilert.plan import FIELD, OPCODES, WAITS
+
+NAMES = {v: k for k, v in OPCODES.items()}
 
 
 class DeadlockError(RuntimeError):
     """No SM can make progress: a wait can never be satisfied."""
 
 
+def _ready(row: list[int], counters: torch.Tensor, epoch: int) -> bool:
+    for i in range(WAITS):
+        c, n, e = (row[FIELD[f"wait{i}_{k}"]] for k in ("counter", "count", "expected"))
+        if c >= 0 and any(int(counters[c + j]) < e * epoch for j in range(n)):
+            return False
+    return True
+
+
 def run_table(
     table: torch.Tensor,
-    opcodes: OpcodeTable,
     bodies: Mapping[str, Callable[[list[int]], Any]],
     counters: torch.Tensor,
     epoch: int,
-    order: list[int] | None = None,
-) -> list[tuple[int, int]]:
-    """Execute every row; returns the (sm, task_id) order in which tasks ran."""
+) -> list[tuple[int, list[int]]]:
+    """Execute every row (bodies get (op, c0, c1, c2)); returns the (sm, coords) order they ran in."""
     rows = table.tolist()
     S, Q = len(rows), len(rows[0]) if rows else 0
     pc = [0] * S
-    ran: list[tuple[int, int]] = []
-    sms = order or list(range(S))
+    ran: list[tuple[int, list[int]]] = []
     while True:
         progressed = False
-        for s in sms:
-            while pc[s] < Q:
-                row = rows[s][pc[s]]
-                op = row[COL_OP]
-                if op == 0:
-                    pc[s] += 1
-                    continue
-                waits = [(row[COL_WAIT + 2 * i], row[COL_WAIT + 2 * i + 1]) for i in range(2)]
-                if any(c != NONE and int(counters[c]) < n * epoch for c, n in waits):
-                    break
-                bodies[opcodes.names[op]](row[COL_ARGS : COL_ARGS + NARGS])
-                if row[COL_SIGNAL] != NONE:
-                    counters[row[COL_SIGNAL]] += 1
-                ran.append((s, row[COL_ID]))
+        for s in range(S):
+            while pc[s] < Q and rows[s][pc[s]][FIELD["opcode"]] == OPCODES["NOP"]:
                 pc[s] += 1
-                progressed = True
-                break  # round-robin: one task per SM per turn
+            if pc[s] >= Q or not _ready(rows[s][pc[s]], counters, epoch):
+                continue
+            row = rows[s][pc[s]]
+            name = NAMES.get(row[FIELD["opcode"]])
+            if name not in bodies:
+                raise KeyError(f"unknown opcode {row[FIELD['opcode']]} ({name}) at sm {s}, task {pc[s]}")
+            coords = row[FIELD["op"] : FIELD["op"] + 4]
+            bodies[name](coords)
+            if row[FIELD["signal"]] >= 0:
+                counters[row[FIELD["signal"]]] += 1
+            ran.append((s, coords))
+            pc[s] += 1
+            progressed = True
         if all(p >= Q for p in pc):
             return ran
         if not progressed:
-            stuck = [(s, rows[s][pc[s]][COL_ID]) for s in range(S) if pc[s] < Q]
-            raise DeadlockError(f"task table deadlocks: blocked (sm, task) = {stuck[:8]}")
+            stuck = [(s, pc[s]) for s in range(S) if pc[s] < Q]
+            raise DeadlockError(f"task table deadlocks: blocked (sm, slot) = {stuck[:8]}")
