@@ -182,7 +182,13 @@ def main(argv=None) -> int:
             cfg = AttnConfig(block=b, rope_theta=1e7, num_stages=n)
             for ctx in [c for c in contexts if c >= 32768]:
                 r = bench_kernel(cfg, ctx)
-                r.update(layer=f"full-st{n}", block=b, context=ctx, splits=cfg.splits, frac_copy=r["kv_TBps"] * 1e12 / copy_bw)
+                r.update(
+                    layer=f"full-st{n}",
+                    block=b,
+                    context=ctx,
+                    splits=cfg.splits,
+                    frac_copy=r["kv_TBps"] * 1e12 / copy_bw,
+                )
                 rows.append(r)
                 print(f"stages={n} B={b} ctx={ctx}: {r['us']:.2f} us  KV {r['kv_TBps']:.2f} TB/s", flush=True)
     by = {(r["layer"], r["block"], r["context"]): r for r in rows}

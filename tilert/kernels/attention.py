@@ -225,11 +225,41 @@ def make_bodies(cfg: AttnConfig):
                             v_ring[st, j, d] = T.Cast(bf16, 0)
                     T.fence_proxy_async()
                     T.sync_threads()
-                    tile(q_s, k_ring[st, :, :], v_ring[st, :, :], acc_s, acc_p, acc_o, m, m_prev, alpha, l_sum,
-                         r_sum, qpos, base, s_hi, True)
+                    tile(
+                        q_s,
+                        k_ring[st, :, :],
+                        v_ring[st, :, :],
+                        acc_s,
+                        acc_p,
+                        acc_o,
+                        m,
+                        m_prev,
+                        alpha,
+                        l_sum,
+                        r_sum,
+                        qpos,
+                        base,
+                        s_hi,
+                        True,
+                    )
                 else:
-                    tile(q_s, k_ring[st, :, :], v_ring[st, :, :], acc_s, acc_p, acc_o, m, m_prev, alpha, l_sum,
-                         r_sum, qpos, base, s_hi, W > 0)
+                    tile(
+                        q_s,
+                        k_ring[st, :, :],
+                        v_ring[st, :, :],
+                        acc_s,
+                        acc_p,
+                        acc_o,
+                        m,
+                        m_prev,
+                        alpha,
+                        l_sum,
+                        r_sum,
+                        qpos,
+                        base,
+                        s_hi,
+                        W > 0,
+                    )
                 T.sync_threads()  # every warp is done with slot st before it is refilled
                 if t + NST < nt:
                     issue(Kc, Vc, k_ring, v_ring, bar, st, h, base + NST * BN)
@@ -247,7 +277,23 @@ def make_bodies(cfg: AttnConfig):
                     Kc[h, start + j, d] = k_ring[0, j, d]
                 for j, d in T.Parallel(B, DV):
                     Vc[h, start + j, d] = v_ring[0, j, d]
-            tile(q_s, k_ring[0, :, :], v_ring[0, :, :], acc_s, acc_p, acc_o, m, m_prev, alpha, l_sum, r_sum, qpos, start, start + B, True)
+            tile(
+                q_s,
+                k_ring[0, :, :],
+                v_ring[0, :, :],
+                acc_s,
+                acc_p,
+                acc_o,
+                m,
+                m_prev,
+                alpha,
+                l_sum,
+                r_sum,
+                qpos,
+                start,
+                start + B,
+                True,
+            )
 
         if (s == NS) | (s < n_used):
             for i, d in T.Parallel(BM, DV):

@@ -75,8 +75,8 @@ def make_bodies(cfg: Config):
     bm = cfg.block_m
     nk_gu = H // BLOCK_K
     nk_dn = In // BLOCK_K // cfg.down_split
-    gu_loop = make_mainloop(bm, BLOCK_N, BLOCK_K, *cfg.gu_shape, w3d=True, two=True)
-    dn_loop = make_mainloop(bm, BLOCK_N, BLOCK_K, *cfg.down_shape, w3d=True, x3d=True)
+    gu_loop = make_mainloop(bm, BLOCK_N, BLOCK_K, *cfg.gu_shape, w3d=True, two=True, m_valid=Tn)
+    dn_loop = make_mainloop(bm, BLOCK_N, BLOCK_K, *cfg.down_shape, w3d=True, x3d=True, m_valid=Tn)
     zero_per_cta = cdiv(Tn * H, cdiv(E, ROUTER_E))
 
     @T.macro
@@ -127,11 +127,14 @@ def make_bodies(cfg: Config):
         wsum = T.alloc_local((1,), "float32")
         cnt = T.alloc_local((1,), "int32")
         Ls = T.alloc_shared((Tn, E), "float32")
+        Bs = T.alloc_shared((E,), "float32")
         tx = T.get_thread_binding()
-        for z in T.serial(cdiv(Tn * E, 128)):  # logits -> shared (coalesced), the loop reads them
+        for z in T.serial(cdiv(Tn * E, 128)):  # logits, bias -> shared (coalesced); the loop reads them
             f = z * 128 + tx
             if f < Tn * E:
                 Ls[f // E, f % E] = L[f // E, f % E]
+            if f < E:
+                Bs[f] = Bias[f]
         for z in T.serial(cdiv(EL * TP, 128)):
             f = z * 128 + tx
             if f < EL * TP:
@@ -144,7 +147,7 @@ def make_bodies(cfg: Config):
                 topv[j] = -T.infinity("float32")
                 topi[j] = 0
             for e in T.serial(E):
-                cur[0] = T.sigmoid(Ls[tx, e]) + Bias[e]
+                cur[0] = T.sigmoid(Ls[tx, e]) + Bs[e]
                 curi[0] = e
                 if cur[0] > topv[K - 1]:
                     for j in T.unroll(K):

@@ -52,6 +52,7 @@ class Config:
     split_k: int = 1
     stages: int = 4
     threads: int = 128
+    m_valid: int = 0  # token rows of X that hold data when M < block_m (0: all block_m)
 
 
 def pick_config(m: int, n: int, k: int, sms: int = 132) -> Config:
@@ -64,7 +65,8 @@ def pick_config(m: int, n: int, k: int, sms: int = 132) -> Config:
         split_k *= 2
     threads, stages = loop_shape(cdiv(chunks, split_k))
     m_pad = cdiv(m, block_m) * block_m
-    return Config(m_pad, n, k, block_m, BLOCK_N, BLOCK_K, split_k, stages, threads)
+    m_valid = m if m < block_m else 0
+    return Config(m_pad, n, k, block_m, BLOCK_N, BLOCK_K, split_k, stages, threads, m_valid)
 
 
 def loop_shape(chunks: int) -> tuple[int, int]:
@@ -74,7 +76,15 @@ def loop_shape(chunks: int) -> tuple[int, int]:
 
 
 def make_mainloop(
-    bm: int, bn: int, bk: int, threads: int, stages: int, w3d: bool = False, x3d: bool = False, two: bool = False
+    bm: int,
+    bn: int,
+    bk: int,
+    threads: int,
+    stages: int,
+    w3d: bool = False,
+    x3d: bool = False,
+    two: bool = False,
+    m_valid: int = 0,
 ):
     """The shared K loop: out_s[bn, bm] = dequant(W[(e,) rows, k]) @ X[(a,) x_row0 : +bm, k]^T.
 
@@ -84,7 +94,9 @@ def make_mainloop(
     [8, 16) from w_row0 + i (default) or, with `two`, from w_row1 + i - 8 (the fused MoE's gate and
     up rows). Rows past N are clamped (read a valid row; the caller must not store them).
     out_s: a shared float32 [bn, bm] buffer, complete (after a barrier) when the macro returns.
-    X rows x_row0 .. x_row0 + bm - 1 must exist (callers pad tokens with zeros).
+    X rows x_row0 .. x_row0 + bm - 1 must exist (callers pad tokens with zeros); with 0 < m_valid <
+    bm only the first m_valid are read (the other MMA columns get zeros).
+    x for chunk u + 1 is loaded before chunk u's MMAs (two register buffers).
     """
     import tilelang.language as T
 
@@ -92,6 +104,7 @@ def make_mainloop(
     warps = threads // 32
     U = stages
     NT = bm // 8
+    mv = m_valid if 0 < m_valid < bm else bm
 
     def rows_of(buf):
         return buf.shape[1] if w3d else buf.shape[0]
@@ -105,7 +118,7 @@ def make_mainloop(
         Xv = T.view(X, shape=list(X.shape[:-1]) + [X.shape[-1] // 2], dtype="uint32")
         wq = T.alloc_local((U * 8,), "uint32")
         sq = T.alloc_local((U * 2,), "int32")
-        xq = T.alloc_local((NT * 16,), "uint32")
+        xq = T.alloc_local((2 * NT * 16,), "uint32")
         af = T.alloc_local((4,), "uint32")
         ml = T.alloc_local((4,), "uint32")
         acc = T.alloc_local((NT * 4,), "float32")
@@ -138,59 +151,74 @@ def make_mainloop(
                         wq[u * 8 + 4 + v] = Wv[row1, bc * 4 + v]
                     sq[u * 2] = T.if_then_else(ok, T.cast(S[row0, bc], "int32"), -1)
                     sq[u * 2 + 1] = T.if_then_else(ok, T.cast(S[row1, bc], "int32"), -1)
-            for u in T.unroll(U):
-                ci = it * (warps * U) + u * warps + warp
-                bc = T.max(T.min((k_tile0 + ci) * 4 + c, nblk - 1), 0)
-                for t in T.unroll(NT):
-                    for q in T.unroll(4):
-                        if x3d:
-                            for v in T.vectorized(4):
-                                xq[t * 16 + q * 4 + v] = Xv[xa, x_row0 + t * 8 + r, bc * 16 + q * 4 + v]
-                        else:
-                            for v in T.vectorized(4):
-                                xq[t * 16 + q * 4 + v] = Xv[x_row0 + t * 8 + r, bc * 16 + q * 4 + v]
-                # bf16x2 multipliers 2^(s-1) (s <= 128), else 2^127 then 2^(s-128); 0 if invalid
-                for h in T.unroll(2):
-                    ml[h] = T.if_then_else(
-                        sq[u * 2 + h] < 0,
-                        T.uint32(0),
-                        T.cast((T.min(sq[u * 2 + h], 128) + 126) * 0x00800080, "uint32"),
-                    )
-                    ml[2 + h] = T.cast((T.max(sq[u * 2 + h], 128) - 1) * 0x00800080, "uint32")
-                for s in T.unroll(8):
-                    w0 = wq[u * 8 + s // 2]
-                    w1 = wq[u * 8 + 4 + s // 2]
-                    b = 2 * (s % 2)
-                    af[0] = T.call_extern("uint32", "tilert_e2m1x2", w0, w0 >> T.uint32(4), 0x4400 + 0x1111 * b, ml[0])
-                    af[1] = T.call_extern("uint32", "tilert_e2m1x2", w1, w1 >> T.uint32(4), 0x4400 + 0x1111 * b, ml[1])
-                    af[2] = T.call_extern(
-                        "uint32", "tilert_e2m1x2", w0, w0 >> T.uint32(4), 0x4400 + 0x1111 * (b + 1), ml[0]
-                    )
-                    af[3] = T.call_extern(
-                        "uint32", "tilert_e2m1x2", w1, w1 >> T.uint32(4), 0x4400 + 0x1111 * (b + 1), ml[1]
-                    )
-                    if sq[u * 2] > 128 or sq[u * 2 + 1] > 128:
-                        af[0] = T.call_extern("uint32", "tilert_bf16x2_mul", af[0], ml[2])
-                        af[1] = T.call_extern("uint32", "tilert_bf16x2_mul", af[1], ml[3])
-                        af[2] = T.call_extern("uint32", "tilert_bf16x2_mul", af[2], ml[2])
-                        af[3] = T.call_extern("uint32", "tilert_bf16x2_mul", af[3], ml[3])
+            for u in T.unroll(U + 1):
+                if u < U:  # x of chunk u -> register buffer u % 2 (issued before chunk u-1's MMAs)
+                    bcx = T.max(T.min((k_tile0 + it * (warps * U) + u * warps + warp) * 4 + c, nblk - 1), 0)
                     for t in T.unroll(NT):
-                        T.ptx_mma(
-                            "float32",
-                            "m16n8k16",
-                            "row",
-                            "col",
-                            "bf16",
-                            "bf16",
-                            "fp32",
-                            af.data,
-                            0,
-                            xq.data,
-                            t * 16 + s * 2,
-                            acc.data,
-                            t * 4,
-                            T.bool(False),
+                        if t * 8 < mv:
+                            if t * 8 + r < mv:
+                                for q in T.unroll(4):
+                                    if x3d:
+                                        for v in T.vectorized(4):
+                                            xq[(u % 2) * NT * 16 + t * 16 + q * 4 + v] = Xv[
+                                                xa, x_row0 + t * 8 + r, bcx * 16 + q * 4 + v
+                                            ]
+                                    else:
+                                        for v in T.vectorized(4):
+                                            xq[(u % 2) * NT * 16 + t * 16 + q * 4 + v] = Xv[
+                                                x_row0 + t * 8 + r, bcx * 16 + q * 4 + v
+                                            ]
+                            else:
+                                for q in T.unroll(16):
+                                    xq[(u % 2) * NT * 16 + t * 16 + q] = T.uint32(0)
+                if u > 0:  # dequant + MMAs of chunk p = u - 1
+                    p = u - 1
+                    # bf16x2 multipliers 2^(s-1) (s <= 128), else 2^127 then 2^(s-128); 0 if invalid
+                    for h in T.unroll(2):
+                        ml[h] = T.if_then_else(
+                            sq[p * 2 + h] < 0,
+                            T.uint32(0),
+                            T.cast((T.min(sq[p * 2 + h], 128) + 126) * 0x00800080, "uint32"),
                         )
+                        ml[2 + h] = T.cast((T.max(sq[p * 2 + h], 128) - 1) * 0x00800080, "uint32")
+                    for s in T.unroll(8):
+                        w0 = wq[p * 8 + s // 2]
+                        w1 = wq[p * 8 + 4 + s // 2]
+                        b = 2 * (s % 2)
+                        af[0] = T.call_extern(
+                            "uint32", "tilert_e2m1x2", w0, w0 >> T.uint32(4), 0x4400 + 0x1111 * b, ml[0]
+                        )
+                        af[1] = T.call_extern(
+                            "uint32", "tilert_e2m1x2", w1, w1 >> T.uint32(4), 0x4400 + 0x1111 * b, ml[1]
+                        )
+                        af[2] = T.call_extern(
+                            "uint32", "tilert_e2m1x2", w0, w0 >> T.uint32(4), 0x4400 + 0x1111 * (b + 1), ml[0]
+                        )
+                        af[3] = T.call_extern(
+                            "uint32", "tilert_e2m1x2", w1, w1 >> T.uint32(4), 0x4400 + 0x1111 * (b + 1), ml[1]
+                        )
+                        if sq[p * 2] > 128 or sq[p * 2 + 1] > 128:
+                            af[0] = T.call_extern("uint32", "tilert_bf16x2_mul", af[0], ml[2])
+                            af[1] = T.call_extern("uint32", "tilert_bf16x2_mul", af[1], ml[3])
+                            af[2] = T.call_extern("uint32", "tilert_bf16x2_mul", af[2], ml[2])
+                            af[3] = T.call_extern("uint32", "tilert_bf16x2_mul", af[3], ml[3])
+                        for t in T.unroll(NT):
+                            T.ptx_mma(
+                                "float32",
+                                "m16n8k16",
+                                "row",
+                                "col",
+                                "bf16",
+                                "bf16",
+                                "fp32",
+                                af.data,
+                                0,
+                                xq.data,
+                                (p % 2) * NT * 16 + t * 16 + s * 2,
+                                acc.data,
+                                t * 4,
+                                T.bool(False),
+                            )
         for t in T.unroll(NT):
             for h in T.unroll(2):
                 for j in T.unroll(2):
@@ -211,7 +239,7 @@ def make_body(cfg: Config):
 
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     nk_split = cdiv(cdiv(cfg.k, bk), cfg.split_k)
-    mainloop = make_mainloop(bm, bn, bk, cfg.threads, cfg.stages)
+    mainloop = make_mainloop(bm, bn, bk, cfg.threads, cfg.stages, m_valid=cfg.m_valid)
 
     @T.macro
     def mxfp4_tile(X, W, S, Y, n_tile, m_tile, k_split):
