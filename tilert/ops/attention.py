@@ -32,7 +32,7 @@ def kv_append(
 ) -> None:
     """Write new keys/values ([T, Hkv, D]) at their token positions, in place."""
     pos = positions.long()
-    if int(pos.max()) >= k_cache.shape[1]:
+    if not pos.is_cuda and int(pos.max()) >= k_cache.shape[1]:  # (no host sync on the GPU: graph capture)
         raise ValueError(f"KV cache overflow: position {int(pos.max())} >= capacity {k_cache.shape[1]}")
     k_cache[:, pos] = k.transpose(0, 1).to(k_cache.dtype)
     v_cache[:, pos] = v.transpose(0, 1).to(v_cache.dtype)
@@ -50,17 +50,22 @@ def attention(
     sink: torch.Tensor | None = None,
     causal: bool = True,
 ) -> torch.Tensor:
-    """q [T, Hq, Dk] over cache [Hkv, S, D] -> [T, Hq, Dv] in float32."""
+    """q [T, Hq, Dk] over cache [Hkv, S, D] -> [T, Hq, Dv] in float32.
+
+    kv_len as a device tensor reads the whole cache under a mask instead of slicing it, so the
+    op never synchronises with the host (CUDA-graph capture).
+    """
     T, Hq, _ = q.shape
     Hkv = k_cache.shape[0]
     group = Hq // Hkv
-    n = int(kv_len)
+    n = k_cache.shape[1] if isinstance(kv_len, torch.Tensor) else int(kv_len)
     k = k_cache[:, :n].float().repeat_interleave(group, dim=0)  # [Hq, n, Dk]
     v = v_cache[:, :n].float().repeat_interleave(group, dim=0)
     s = torch.einsum("thd,hnd->htn", q.float(), k) * scale  # [Hq, T, n]
     j = torch.arange(n, device=q.device)[None, :]
     p = q_pos.long().to(q.device)[:, None]
-    visible = torch.ones(T, n, dtype=torch.bool, device=q.device)
+    visible = j < kv_len if isinstance(kv_len, torch.Tensor) else torch.ones(T, n, dtype=torch.bool, device=q.device)
+    visible = visible.expand(T, n).clone()
     if causal:
         visible &= j <= p
     if window > 0:

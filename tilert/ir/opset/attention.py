@@ -98,7 +98,7 @@ def attention(
 ):
     """Masked attention of T queries over the cache (causal block mask, window (W, 0), sink logit)."""
     T = q.shape[0]
-    kv_len = int(pos.max()) + 1
+    kv_len = pos.max() + 1 if pos.is_cuda else int(pos.max()) + 1  # a device tensor: no host sync
     o = ops.attention(
         q.view(T, heads, head_dim), k_cache, v_cache, pos, kv_len, scale=scale, window=window, sink=sink, causal=causal
     )
