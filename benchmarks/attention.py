@@ -62,7 +62,7 @@ def _time_graph(fn, reps: int = 20, iters: int = 50) -> float:
     return statistics.median(times)
 
 
-def bench_kernel(cfg: AttnConfig, ctx: int) -> dict:
+def bench_kernel(cfg: AttnConfig, ctx: int, split_only: bool = False) -> dict:
     nbytes = kv_bytes(cfg, ctx)
     copies = max(1, min(8, -(-3 * L2_BYTES // max(nbytes, 1))))
     sets = [make_inputs(cfg, ctx, capacity=ctx, seed=i) for i in range(copies)]
@@ -71,9 +71,14 @@ def bench_kernel(cfg: AttnConfig, ctx: int) -> dict:
     compiled(cfg)
     state = {"i": 0}
 
+    split_k = compiled(cfg)[0]
+
     def step():
         x = sets[state["i"] % copies]
         state["i"] += 1
+        if split_only:  # probe: the split launch alone (its partials are not combined)
+            split_k(x["q"], x["k"], x["v"], x["k_cache"], x["v_cache"], x["positions"], *ws)
+            return
         run(
             cfg,
             x["q"],
@@ -134,10 +139,21 @@ def precompile(extra: list[AttnConfig]) -> None:
 def bench_configs() -> list[AttnConfig]:
     full = [AttnConfig(block=b, rope_theta=1e7) for b in (1, 8, 16)]
     swa = [AttnConfig(block=b, rope_theta=1e4, window=128, sink=True) for b in (1, 8, 16)]
-    return full + swa + [AttnConfig(block=b, rope_theta=1e7, num_stages=n) for b in (1, 8) for n in STAGE_VARIANTS]
+    return full + swa + [c for _, c in variant_configs()]
 
 
-STAGE_VARIANTS = (2, 4)  # TMA ring depths timed besides the default 3
+def variant_configs() -> list[tuple[str, AttnConfig]]:
+    """Variants timed besides the defaults (name, config): ring depth, two CTAs per SM, no RoPE."""
+    f = {"rope_theta": 1e7}
+    return [
+        ("st2", AttnConfig(block=1, num_stages=2, **f)),
+        ("st2", AttnConfig(block=8, num_stages=2, **f)),
+        ("2cta", AttnConfig(block=1, num_stages=2, num_split=256, **f)),  # 104 KB smem: 2 CTAs/SM
+        ("2cta", AttnConfig(block=8, num_stages=2, rows_per_cta=64, num_split=128, **f)),
+        ("2cta", AttnConfig(block=16, num_stages=2, rows_per_cta=64, num_split=64, **f)),
+        ("norope", AttnConfig(block=1, rope_dim=0, **f)),  # probe: the RoPE prologue's cost
+        ("norope", AttnConfig(block=8, rope_dim=0, **f)),
+    ]
 
 
 def main(argv=None) -> int:
@@ -176,21 +192,29 @@ def main(argv=None) -> int:
                     f"({100 * r['frac_copy']:.0f}% of copy)  sdpa {r.get('sdpa_us') or float('nan'):.1f} us",
                     flush=True,
                 )
-    # variants: ring depth (tiles in flight per CTA)
+    # variants (see variant_configs) and a probe of the split launch alone (no combine)
+    vctx = [c for c in (contexts[0], 8192, 32768, contexts[-1]) if c in contexts]
+    for name, cfg in variant_configs():
+        for ctx in dict.fromkeys(vctx):
+            r = bench_kernel(cfg, ctx)
+            r.update(
+                layer=f"v-{name}",
+                block=cfg.block,
+                context=ctx,
+                splits=cfg.splits,
+                frac_copy=r["kv_TBps"] * 1e12 / copy_bw,
+            )
+            rows.append(r)
+            print(f"{name} B={cfg.block} ctx={ctx}: {r['us']:.2f} us  KV {r['kv_TBps']:.2f} TB/s", flush=True)
     for b in (1, 8):
-        for n in STAGE_VARIANTS:
-            cfg = AttnConfig(block=b, rope_theta=1e7, num_stages=n)
-            for ctx in [c for c in contexts if c >= 32768]:
-                r = bench_kernel(cfg, ctx)
-                r.update(
-                    layer=f"full-st{n}",
-                    block=b,
-                    context=ctx,
-                    splits=cfg.splits,
-                    frac_copy=r["kv_TBps"] * 1e12 / copy_bw,
-                )
-                rows.append(r)
-                print(f"stages={n} B={b} ctx={ctx}: {r['us']:.2f} us  KV {r['kv_TBps']:.2f} TB/s", flush=True)
+        cfg = AttnConfig(block=b, rope_theta=1e7)
+        for ctx in dict.fromkeys(vctx):
+            r = bench_kernel(cfg, ctx, split_only=True)
+            r.update(
+                layer="v-splitonly", block=b, context=ctx, splits=cfg.splits, frac_copy=r["kv_TBps"] * 1e12 / copy_bw
+            )
+            rows.append(r)
+            print(f"split only B={b} ctx={ctx}: {r['us']:.2f} us", flush=True)
     by = {(r["layer"], r["block"], r["context"]): r for r in rows}
     ratios = []
     for ctx in contexts:
@@ -212,11 +236,11 @@ def main(argv=None) -> int:
         "targets_met": targets,
     }
     print("wrote", write_result("attention", res, a.out))
-    print("\nlayer B  ctx     us     TB/s  %copy  sdpa_us  xB1")
+    print("\nlayer       B  ctx     us     TB/s  %copy  sdpa_us  xB1")
     for r in rows:
         x = next((q["cost_vs_B1"] for q in ratios if q["block"] == r["block"] and q["context"] == r["context"]), 1.0)
         print(
-            f"{r['layer'][:5]:5s} {r['block']:<2d} {r['context']:<7d} {r['us']:6.1f} {r['kv_TBps']:5.2f} "
+            f"{r['layer'][:11]:11s} {r['block']:<2d} {r['context']:<7d} {r['us']:6.1f} {r['kv_TBps']:5.2f} "
             f"{100 * r['frac_copy']:5.0f}  {r.get('sdpa_us') or 0:7.1f}  {x:.2f}"
         )
     print("targets:", targets)

@@ -22,6 +22,10 @@ CASES = (
     + [(AttnConfig(block=8, **SWA), n) for n in (8, 129, 1000, 8191)]
     + [(AttnConfig(block=16, rope_theta=1e4, window=128), n) for n in (16, 1000)]
     + [(AttnConfig(block=8, sink=True, **FULL), n) for n in (1000,)]
+    # one-warpgroup CTAs for B=8/16 (rows_per_cta=64: several row blocks), two-stage ring
+    + [(AttnConfig(block=8, num_stages=2, rows_per_cta=64, num_split=128, **FULL), n) for n in (8, 1000, 131072)]
+    + [(AttnConfig(block=16, num_stages=2, rows_per_cta=64, num_split=64, **FULL), n) for n in (1000,)]
+    + [(AttnConfig(block=1, num_stages=2, num_split=256, **FULL), n) for n in (8191, 131072)]
     # mimo-v2-flash per rank of 8: 8 query heads on 1 kv head
     + [(AttnConfig(q_heads=8, block=8, **FULL), n) for n in (7 + 8, 8191)]
     + [(AttnConfig(q_heads=8, block=1, **SWA), n) for n in (1000,)]

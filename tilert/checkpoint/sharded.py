@@ -158,19 +158,10 @@ class ShardedReferenceBackend(ReferenceBackend):
         super().__init__(cfg, {}, max_seq=max_seq, world=weights.world, device=device)
         self.rank_weights = weights
 
-    def _rank_graphs(self, key: tuple, build: Any) -> list[Graph]:
-        if key not in self._graphs:
-            g = build()
-            if self.world == 1:
-                graphs = [g]
-            else:
-                from tilert.passes import shard_for_ranks
-
-                graphs = shard_for_ranks(g, self.world)
-            for r, gr in enumerate(graphs):
-                params = self.executor.params[r]
-                for v in gr.by_role("param"):
-                    if v.name not in params:
-                        params[v.name] = bind_param(self.rank_weights.unsliced(r, v), self.rank_weights[r])
-            self._graphs[key] = graphs
-        return self._graphs[key]
+    def _bind(self, graphs: list[Graph]) -> None:
+        """Rank r's params come from rank r's files, which hold exactly its slices."""
+        for r, gr in enumerate(graphs):
+            params = self.executor.params[r]
+            for v in gr.by_role("param"):
+                if v.name not in params:
+                    params[v.name] = bind_param(self.rank_weights.unsliced(r, v), self.rank_weights[r])

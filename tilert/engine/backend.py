@@ -107,9 +107,12 @@ class ReferenceBackend(GraphBackend):
 
     def _prepare(self, g: Graph) -> list[Graph]:
         graphs = [g] if self.world == 1 else _shard(g, self.world)
+        self._bind(graphs)
+        return graphs
+
+    def _bind(self, graphs: list[Graph]) -> None:
         for r, gr in enumerate(graphs):
             bind_params(gr, self.weights, self.executor.params[r])
-        return graphs
 
     def _execute(self, graphs: list[Graph], inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
         return self.executor.run(graphs, inputs)[0]

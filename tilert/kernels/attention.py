@@ -50,12 +50,15 @@ class AttnConfig:
     block_n: int = 64  # keys per tile
     num_stages: int = 3  # TMA ring depth: key tiles in flight per CTA
     min_tiles: int = 2  # fewest key tiles per split (short contexts use fewer splits)
+    rows_per_cta: int = 0  # 0 = auto (64 or 128); 64 gives one-warpgroup CTAs, two per SM
 
     def __post_init__(self) -> None:
         if self.q_heads % self.kv_heads:
             raise ValueError(f"q_heads {self.q_heads} is not a multiple of kv_heads {self.kv_heads}")
         if self.rope_dim % 2 or self.rope_dim > self.head_dim:
             raise ValueError(f"rope_dim {self.rope_dim} must be even and <= head_dim {self.head_dim}")
+        if self.rows_per_cta not in (0, 64, 128):
+            raise ValueError(f"rows_per_cta {self.rows_per_cta} must be 0 (auto), 64 or 128")
         if not 1 <= self.block <= self.block_n:
             raise ValueError(f"block {self.block} must be in [1, block_n={self.block_n}]")
 
@@ -69,6 +72,8 @@ class AttnConfig:
 
     @property
     def block_m(self) -> int:  # wgmma needs M in multiples of 64 per warpgroup
+        if self.rows_per_cta:
+            return self.rows_per_cta
         return 64 if self.rows <= 64 else 128
 
     @property
