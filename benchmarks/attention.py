@@ -143,14 +143,15 @@ def bench_configs() -> list[AttnConfig]:
 
 
 def variant_configs() -> list[tuple[str, AttnConfig]]:
-    """Variants timed besides the defaults (name, config): ring depth, two CTAs per SM, no RoPE."""
+    """Variants timed besides the defaults (name, config): ring depth, CTAs per SM, no RoPE."""
     f = {"rope_theta": 1e7}
     return [
         ("st2", AttnConfig(block=1, num_stages=2, **f)),
         ("st2", AttnConfig(block=8, num_stages=2, **f)),
         ("2cta", AttnConfig(block=1, num_stages=2, num_split=256, **f)),  # 104 KB smem: 2 CTAs/SM
-        ("2cta", AttnConfig(block=8, num_stages=2, rows_per_cta=64, num_split=128, **f)),
-        ("2cta", AttnConfig(block=16, num_stages=2, rows_per_cta=64, num_split=64, **f)),
+        # one 128-row CTA per SM (the default before 2026-11-29's second run; now 2 per SM)
+        ("1cta", AttnConfig(block=8, num_stages=3, rows_per_cta=128, num_split=128, **f)),
+        ("1cta", AttnConfig(block=16, num_stages=3, rows_per_cta=128, num_split=64, **f)),
         ("norope", AttnConfig(block=1, rope_dim=0, **f)),  # probe: the RoPE prologue's cost
         ("norope", AttnConfig(block=8, rope_dim=0, **f)),
     ]

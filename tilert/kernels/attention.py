@@ -48,9 +48,9 @@ class AttnConfig:
     sink: bool = False
     num_split: int = 0  # 0 = auto: about one wave of CTAs on 132 SMs
     block_n: int = 64  # keys per tile
-    num_stages: int = 3  # TMA ring depth: key tiles in flight per CTA
+    num_stages: int = 0  # TMA ring depth (key tiles in flight per CTA); 0 = auto, see `stages`
     min_tiles: int = 2  # fewest key tiles per split (short contexts use fewer splits)
-    rows_per_cta: int = 0  # 0 = auto (64 or 128); 64 gives one-warpgroup CTAs, two per SM
+    rows_per_cta: int = 0  # 0 = auto, see `block_m`; 64 = one-warpgroup CTAs
 
     def __post_init__(self) -> None:
         if self.q_heads % self.kv_heads:
@@ -72,9 +72,11 @@ class AttnConfig:
 
     @property
     def block_m(self) -> int:  # wgmma needs M in multiples of 64 per warpgroup
+        # full layers: one-warpgroup CTAs, two per SM (one's softmax overlaps the other's MMA;
+        # measured faster for B=8/16 than one 128-row CTA per SM); SWA layers: 128-row CTAs.
         if self.rows_per_cta:
             return self.rows_per_cta
-        return 64 if self.rows <= 64 else 128
+        return 64 if self.rows <= 64 or not self.window else 128
 
     @property
     def row_blocks(self) -> int:
@@ -85,12 +87,24 @@ class AttnConfig:
         return 128 if self.block_m == 64 else 256
 
     @property
+    def stages(self) -> int:
+        """TMA ring depth: 3 (one CTA per SM), 2 for one-warpgroup CTAs of several row blocks
+        (104 KB of shared memory, so two CTAs share an SM)."""
+        if self.num_stages:
+            return self.num_stages
+        return 2 if self.block_m == 64 and self.row_blocks > 1 else 3
+
+    @property
+    def ctas_per_sm(self) -> int:
+        return 2 if self.block_m == 64 and self.row_blocks > 1 and self.stages == 2 else 1
+
+    @property
     def splits(self) -> int:
         if self.num_split:
             return self.num_split
         if self.window:
             return max(1, cdiv(self.window, self.block_n))
-        return max(1, 128 // (self.kv_heads * self.row_blocks))
+        return max(1, 128 * self.ctas_per_sm // (self.kv_heads * self.row_blocks))
 
     @property
     def scale(self) -> float:
@@ -98,7 +112,7 @@ class AttnConfig:
 
     def smem_bytes(self) -> int:
         tile = self.block_n * (self.head_dim + self.v_head_dim) * 2
-        return self.block_m * self.head_dim * 2 + self.num_stages * tile + self.block * self.rope_dim * 4
+        return self.block_m * self.head_dim * 2 + self.stages * tile + self.block * self.rope_dim * 4
 
 
 def _split_plan(cfg: AttnConfig, start):
@@ -118,7 +132,7 @@ def make_bodies(cfg: AttnConfig):
     B, G, R, BM, BN = cfg.block, cfg.group, cfg.rows, cfg.block_m, cfg.block_n
     DK, DV, ROPE, RH, NS, W = cfg.head_dim, cfg.v_head_dim, cfg.rope_dim, cfg.rope_dim // 2, cfg.splits, cfg.window
     SL2 = cfg.scale * LOG2E
-    NST, TH = cfg.num_stages, cfg.threads
+    NST, TH = cfg.stages, cfg.threads
     NEG = -T.infinity("float32")
     bf16, f32 = "bfloat16", "float32"
 
