@@ -23,8 +23,8 @@ from tilert.numerics import mxfp4  # noqa: E402
 from tilert.runtime.persistent import chain  # noqa: E402
 
 
-def bench(layers: int, m: int, n: int, bw: float) -> dict:
-    spec = chain.ChainSpec(layers=layers, m=m, n=n)
+def bench(layers: int, m: int, n: int, bw: float, queues: int = 132) -> dict:
+    spec = chain.ChainSpec(layers=layers, m=m, n=n, num_sms=queues)
     W, S = mxfp4.quantize(torch.randn(layers, n, n, device="cuda") * n**-0.5)
     x = torch.randn(m, n, device="cuda").to(torch.bfloat16)
     pk = chain.PersistentChain(spec, W, S)
@@ -57,9 +57,11 @@ def bench(layers: int, m: int, n: int, bw: float) -> dict:
         "persistent_vs_graph": t_graph / t_pk,
         "persistent_over_floor": t_pk / floor,
         "gemm_config": repr(spec.gemm),
+        "queues": queues,
     }
     print(
-        f"L={layers:3d} M={m:2d} N={n}: persistent {t_pk:.3f} ms | eager {t_eager:.3f} | graph {t_graph:.3f} | "
+        f"Q={queues} L={layers:3d} M={m:2d} N={n}: persistent {t_pk:.3f} ms | eager {t_eager:.3f} | "
+        f"graph {t_graph:.3f} | "
         f"floor {floor:.3f} | x{t_eager / t_pk:.2f} vs eager, x{t_graph / t_pk:.2f} vs graph, "
         f"{t_pk / floor:.2f}x floor, err {err:.1e}",
         flush=True,
@@ -72,11 +74,12 @@ def main() -> None:
     ap.add_argument("--layers", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--m", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--n", type=int, default=6144)
+    ap.add_argument("--queues", type=int, nargs="+", default=[132], help="task queues (CTAs); >132 = several per SM")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
-    rows = [bench(L, m, a.n, bw) for L in a.layers for m in a.m]
+    rows = [bench(L, m, a.n, bw, q) for q in a.queues for L in a.layers for m in a.m]
     print(write_result("persistent-chain", {"copy_bandwidth_Bps": bw, "rows": rows}, a.out))
 
 
