@@ -46,6 +46,11 @@ def add_compile_parser(subparsers: Any) -> None:
     p.add_argument("--dump-ir", default=None, help="write the IR after every pass into this directory")
     p.add_argument("--print-after", default=None, help="print the IR after this pass")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    p.add_argument(
+        "--kernels",
+        action="store_true",
+        help="also build every TileLang kernel the plan launches (sm_90a, no GPU needed) into OUT/kernels",
+    )
     p.set_defaults(fn=run_compile)
 
 
@@ -141,6 +146,8 @@ def run_compile(args: argparse.Namespace) -> int:
     check_fits(spec, f"{cfg.name} on {args.gpus} GPU(s) (all steps)", memory)
     plan = Plan(cfg.name, spec.name, args.gpus, args.max_seq, _context(args), steps, memory["total"], memory)
     summary = _summary(plan, finals, args, block)
+    if args.kernels:
+        summary["kernels_built"] = build_kernels(finals, out / "kernels")
     plan.extra["summary"] = summary
     (out / "opcodes.h").write_text(opcode_header())
     save_plan(plan, out)
@@ -154,6 +161,30 @@ def run_compile(args: argparse.Namespace) -> int:
               f"step {s['predicted_step_ms']} ms (floor {s['floor_step_ms']}), "
               f"{s['projected_tokens_per_s']:.0f} tok/s/user at accept length {args.accept_len}")  # fmt: skip
     return 0
+
+
+def build_kernels(finals: dict[str, list[Graph]], cache: Path) -> int:
+    """Compile the kernels of every rank graph into `cache` (TileLang's disk cache: reruns are cheap)."""
+    import contextlib
+    import os
+
+    from tilert.kernels.common import toolchain_reason
+    from tilert.runtime.eager.precompile import precompile
+
+    reason = toolchain_reason()
+    if reason:
+        raise CompileError(f"--kernels: cannot build TileLang kernels here: {reason}")
+    cache.mkdir(parents=True, exist_ok=True)
+    old = os.environ.get("TILERT_KERNEL_CACHE")
+    os.environ["TILERT_KERNEL_CACHE"] = str(cache.resolve())
+    try:  # keep stdout for the --json summary: the toolchain prints to stdout
+        with contextlib.redirect_stdout(sys.stderr):
+            return precompile([g for gs in finals.values() for g in gs], log=lambda m: _log(f"  kernel {m}"))
+    finally:
+        if old is None:
+            os.environ.pop("TILERT_KERNEL_CACHE", None)
+        else:
+            os.environ["TILERT_KERNEL_CACHE"] = old
 
 
 def _memory_per_rank(finals: dict[str, list[Graph]], mems: dict[str, list[Any]]) -> dict[str, int]:
