@@ -12,7 +12,6 @@ attention-<device>.json through benchmarks.common.write_result (git commit from 
 
 import argparse
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import copy_bandwidth, write_result  # noqa: E402
+from benchmarks.common import copy_bandwidth, time_graph, write_result  # noqa: E402
 from tilert.kernels.attention import AttnConfig, compiled, kv_bytes, make_inputs, run, workspace  # noqa: E402
 
 L2_BYTES = 50 << 20
@@ -28,38 +27,7 @@ L2_BYTES = 50 << 20
 
 def _time_graph(fn, reps: int = 20, iters: int = 50) -> float:
     """Median microseconds per fn() call, from CUDA-graph replays timed with events."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(g):
-            for _ in range(iters):
-                fn()
-        replay = g.replay
-    except Exception as e:  # a launcher that cannot be captured: time plain launches
-        print(f"  (graph capture failed: {type(e).__name__}: {e}; timing eager launches)")
-        torch.cuda.synchronize()
-
-        def replay():
-            for _ in range(iters):
-                fn()
-
-    replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000 / iters)
-    return statistics.median(times)
+    return time_graph([fn], iters=iters, reps=reps)[0] * 1e6
 
 
 def bench_kernel(cfg: AttnConfig, ctx: int, split_only: bool = False) -> dict:

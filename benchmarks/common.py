@@ -29,12 +29,50 @@ def time_cuda(fn: Callable[[], object], iters: int = 50, warmup: int = 5) -> flo
     return statistics.median(times)
 
 
-def copy_bandwidth(nbytes: int = 4 << 30) -> float:
-    """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
-    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda").random_(0, 255)
-    dst = torch.empty_like(src)
-    ms = time_cuda(lambda: dst.copy_(src), iters=20, warmup=3)
-    return 2 * src.numel() / (ms * 1e-3)
+def copy_bandwidths(gib: int = 2, reps: int = 20) -> dict[str, float]:
+    """Device-to-device copy rates in bytes/s (read + write), median of single timed copies of a
+    `gib` GiB buffer (many times the L2): cudaMemcpyAsync (`copy_`, may use the copy engines) and an
+    elementwise kernel (SM loads/stores). The larger is the ceiling (`copy_bandwidth`)."""
+    n = (gib << 30) // 4
+    a = torch.empty(n, dtype=torch.float32, device="cuda").uniform_(-1, 1)
+    b = torch.empty_like(a)
+    out = {}
+    for name, fn in (("memcpy", lambda: b.copy_(a)), ("kernel", lambda: torch.mul(a, 1.0, out=b))):
+        out[name] = 2 * 4 * n / (time_cuda(fn, iters=reps, warmup=3) * 1e-3)
+    return out
+
+
+def copy_bandwidth(gib: int = 2) -> float:
+    return max(copy_bandwidths(gib).values())
+
+
+def time_graph(calls: list[Callable[[], object]], iters: int = 1, reps: int = 30) -> tuple[float, str]:
+    """Median seconds per call of `calls`, captured `iters` times over into one CUDA graph and replayed
+    (launch gaps out of the way); falls back to plain launches if capture fails. Returns (s, mode)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+
+    def rounds() -> None:
+        for _ in range(iters):
+            for c in calls:
+                c()
+
+    try:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            rounds()
+        run, mode = g.replay, "graph"
+    except Exception as e:  # a launcher that cannot be captured: time plain launches
+        print(f"  (graph capture failed: {type(e).__name__}: {str(e)[:200]}; timing eager launches)", flush=True)
+        torch.cuda.synchronize()
+        run, mode = rounds, "eager"
+    ms = time_cuda(run, iters=reps, warmup=1)
+    return ms * 1e-3 / (iters * len(calls)), mode
 
 
 def git_commit() -> str:

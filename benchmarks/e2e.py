@@ -62,6 +62,17 @@ def predicted(model: str, world: int, max_seq: int, context: int, accept_len: fl
     return {k: d.get(k) for k in keys if k in d}
 
 
+def time_step(rt: EagerRuntime, g, inputs: dict) -> tuple[float, float | None]:
+    """Median ms of one step with eager launches, and replayed from a CUDA graph (None if capture fails)."""
+    t_eager = time_cuda(lambda: rt.run(g, inputs), iters=10, warmup=2)
+    try:
+        rt.run(g, inputs, capture=True)
+        return t_eager, time_cuda(lambda: rt.run(g, inputs, capture=True), iters=20, warmup=3)
+    except RuntimeError as e:
+        print(f"CUDA graph capture of {g.name} failed: {e}", flush=True)
+        return t_eager, None
+
+
 def bench_block(cfg, B: int, a: argparse.Namespace, max_seq: int, cache: dict) -> dict:
     """Eager, eager + CUDA graph and plain-torch step times for B query tokens."""
     mode = "verify" if B > 1 else "decode"
@@ -82,13 +93,7 @@ def bench_block(cfg, B: int, a: argparse.Namespace, max_seq: int, cache: dict) -
     out = rt.run(g, inputs)  # compiles kernels
     torch.cuda.synchronize()
     finite = bool(torch.isfinite(out["logits"]).all())
-    t_eager = time_cuda(lambda: rt.run(g, inputs), iters=10, warmup=2)
-    try:
-        rt.run(g, inputs, capture=True)
-        t_graph = time_cuda(lambda: rt.run(g, inputs, capture=True), iters=20, warmup=3)
-    except RuntimeError as e:
-        print(f"CUDA graph capture failed: {e}", flush=True)
-        t_graph = None
+    t_eager, t_graph = time_step(rt, g, inputs)
     t_plain = None if a.skip_plain else time_cuda(lambda: plain.run(g, inputs), iters=3, warmup=1)
     print(
         f"B={B}: eager {t_eager:.2f} ms | eager+graph {t_graph} ms | plain torch "
@@ -121,13 +126,7 @@ def bench_drafter(cfg, a: argparse.Namespace, max_seq: int) -> dict:
         "ctx_positions": torch.arange(start - B, start, dtype=torch.int32, device="cuda"),
     }
     rt.run(g, inputs)
-    t_eager = time_cuda(lambda: rt.run(g, inputs), iters=10, warmup=2)
-    try:
-        rt.run(g, inputs, capture=True)
-        t_graph = time_cuda(lambda: rt.run(g, inputs, capture=True), iters=20, warmup=3)
-    except RuntimeError as e:
-        print(f"drafter CUDA graph capture failed: {e}", flush=True)
-        t_graph = None
+    t_eager, t_graph = time_step(rt, g, inputs)
     print(f"drafter (B={B}): eager {t_eager:.2f} ms | eager+graph {t_graph} ms", flush=True)
     return {
         "eager_ms": t_eager,

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from benchmarks.common import copy_bandwidths, time_graph  # noqa: E402
 from tilert.kernels import fp8_gemm, moe, mxfp4_gemm  # noqa: E402
 from tilert.kernels.common import build  # noqa: E402
 
@@ -58,66 +59,13 @@ def precompile():
 
 def graph_time(calls, reps=30):
     """Median seconds per call of a list of zero-arg callables, replayed as one CUDA graph."""
-    for c in calls:
-        c()
-    torch.cuda.synchronize()
-    try:
-        g = torch.cuda.CUDAGraph()
-        s = torch.cuda.Stream()
-        with torch.cuda.stream(s):
-            with torch.cuda.graph(g, stream=s):
-                for c in calls:
-                    c()
-        run = g.replay
-        mode = "graph"
-    except Exception as e:  # fall back to eager launches
-        print("graph capture failed:", str(e)[:200], flush=True)
-        torch.cuda.synchronize()
-
-        def run():
-            for c in calls:
-                c()
-
-        mode = "eager"
-    run()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        run()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3 / len(calls))
-    return statistics.median(times), mode
+    return time_graph(calls, reps=reps)
 
 
-def copy_bw(gib: int = 2, reps: int = 20):
-    """Device-to-device copy bandwidth, (bytes read + bytes written) / median time.
-
-    `gib` GiB per buffer (many times the 60 MiB L2), CUDA-event timings of single copies after a
-    warm-up, median. Two ways: cudaMemcpyAsync (what `copy_` issues; may use the copy engines) and
-    an elementwise kernel (`torch.mul(a, 1, out=b)`, SM loads/stores); the larger is the ceiling.
-    """
-    n = (gib << 30) // 4
-    a = torch.empty(n, dtype=torch.float32, device="cuda")
-    b = torch.empty_like(a)
-    a.uniform_(-1, 1)
-    out = {}
-    for name, fn in (("memcpy", lambda: b.copy_(a)), ("kernel", lambda: torch.mul(a, 1.0, out=b))):
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(reps):
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            fn()
-            e1.record()
-            e1.synchronize()
-            ts.append(e0.elapsed_time(e1) / 1e3)
-        out[name] = 2 * 4 * n / statistics.median(ts)
-    return max(out.values()), out
+def copy_bw(gib: int = 2):
+    """(ceiling, {method: rate}) of the device-to-device copy, bytes read + written per second."""
+    rates = copy_bandwidths(gib)
+    return max(rates.values()), rates
 
 
 def n_rot(bytes_per_set):

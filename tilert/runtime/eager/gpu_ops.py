@@ -72,13 +72,6 @@ def linear(ctx, x, w, *extra, out_dtype="bf16", norm_eps=None, residual=False):
     return (y if res is None else res.float() + y,)
 
 
-def _moe_supported(x: torch.Tensor, w_gu: Any, w_d: Any, top_k: int) -> bool:
-    if not (isinstance(w_gu, QTensor) and w_gu.fmt == "mxfp4" and x.is_cuda):
-        return False
-    H, inter = x.shape[-1], w_d.shape[-1]
-    return x.shape[0] <= 16 and H % 256 == 0 and inter % 512 == 0
-
-
 @impl("matmul", "linear_bf16")
 def matmul_bf16(ctx, x, w, *extra, out_dtype="bf16", norm_eps=None, residual=False):
     """bf16 tensor-core GEMM with fp32 accumulation (the reference upcasts whole weights to fp32)."""
@@ -121,7 +114,11 @@ def fused_moe(
     norm_w, res = split_extras(extra, norm_eps, residual)
     if reduce and world > 1 and not getattr(ctx, "solo", False):
         raise NotImplementedError("fused_moe with a cross-rank reduce needs the NCCL path (not in this runtime)")
-    if n_group > 1 or not _kernels(ctx) or not _moe_supported(x, w_gu, w_d, top_k):
+    cfg = None
+    if _kernels(ctx) and x.is_cuda and isinstance(w_gu, QTensor) and w_gu.fmt == "mxfp4":
+        a = dict(top_k=top_k, n_group=n_group, expert_offset=expert_offset, scaling=scaling, normalize=normalize)
+        cfg = moe_config(x.shape[0], x.shape[-1], w_d.shape[-1], gate.shape[0], n_local, a)
+    if cfg is None:
         y = get_op("fused_moe_mxfp4").reference(
             ctx,
             x,
@@ -156,40 +153,67 @@ def fused_moe(
         expert_offset=expert_offset,
         normalize=normalize,
         scaling=scaling,
+        cfg=cfg,
     )
     if reduce:
         y = solo_all_reduce(ctx, y)
     return (y if res is None else res.float() + y,)
 
 
-def _attn_supported(a: dict, B: int) -> bool:
-    return (
+def attn_config(a: dict, B: int) -> Any:
+    """The attention kernel's config for an attention_block node's attrs and B tokens, or None
+    when the kernel does not cover it (q/k norms, non-causal drafter blocks, odd head dims)."""
+    ok = (
         a.get("qk_norm_eps") is None
         and a["head_dim"] % 16 == 0
         and a["v_head_dim"] % 16 == 0
         and a.get("causal", True)
         and B <= 64
     )
-
-
-@impl("attention_block")
-def attention_block(ctx, q, k, v, k_cache, v_cache, pos, *extra, **a):
-    if not (_kernels(ctx) and _attn_supported(a, q.shape[0]) and q.is_cuda and k_cache.dtype == torch.bfloat16):
-        return get_op("attention_block").reference(ctx, q, k, v, k_cache, v_cache, pos, *extra, **a)
+    if not ok:
+        return None
     from tilert.kernels import attention as attn
 
-    H, Hkv, D, Dv, B = a["heads"], a["kv_heads"], a["head_dim"], a["v_head_dim"], q.shape[0]
-    cfg = attn.AttnConfig(
-        q_heads=H,
-        kv_heads=Hkv,
-        head_dim=D,
-        v_head_dim=Dv,
+    return attn.AttnConfig(
+        q_heads=a["heads"],
+        kv_heads=a["kv_heads"],
+        head_dim=a["head_dim"],
+        v_head_dim=a["v_head_dim"],
         rope_dim=a["rope_dim"],
         rope_theta=a["theta"],
         block=B,
         window=a.get("window", 0),
         sink=bool(a.get("has_sink")),
     )
+
+
+def moe_config(tokens: int, hidden: int, inter: int, n_experts: int, n_local: int, a: dict) -> Any:
+    """The fused-MoE kernel's config for a fused_moe node, or None when the kernel does not cover it."""
+    if a.get("n_group", 1) > 1 or tokens > 16 or hidden % 256 or inter % 512:
+        return None
+    from tilert.kernels import moe
+
+    return moe.Config(
+        tokens,
+        hidden,
+        inter,
+        n_experts,
+        n_local,
+        a["top_k"],
+        a.get("expert_offset", 0),
+        a.get("scaling", 1.0),
+        a.get("normalize", True),
+    )
+
+
+@impl("attention_block")
+def attention_block(ctx, q, k, v, k_cache, v_cache, pos, *extra, **a):
+    cfg = attn_config(a, q.shape[0]) if _kernels(ctx) and q.is_cuda and k_cache.dtype == torch.bfloat16 else None
+    if cfg is None:
+        return get_op("attention_block").reference(ctx, q, k, v, k_cache, v_cache, pos, *extra, **a)
+    from tilert.kernels import attention as attn
+
+    H, Hkv, D, Dv, B = a["heads"], a["kv_heads"], a["head_dim"], a["v_head_dim"], q.shape[0]
     if a.get("v_scale") is not None:
         v = v.float() * a["v_scale"]
     sink = extra[0].float().contiguous() if a.get("has_sink") else None

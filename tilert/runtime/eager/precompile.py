@@ -17,6 +17,7 @@ def kernel_builds(g: Graph) -> dict[Any, Callable[[], Any]]:
     """Distinct kernel configurations of the graph -> a thunk that builds each."""
     from tilert.kernels import attention as attn
     from tilert.kernels import fp8_gemm, moe, mxfp4_gemm
+    from tilert.runtime.eager.gpu_ops import attn_config, moe_config
 
     out: dict[Any, Callable[[], Any]] = {}
     for n in g.nodes:
@@ -28,43 +29,14 @@ def kernel_builds(g: Graph) -> dict[Any, Callable[[], Any]]:
                 m *= d
             cfg = mod.pick_config(m, ins[1].shape[0], ins[1].shape[1])
             out[(n.op, cfg)] = lambda mod=mod, cfg=cfg: mod.compiled(cfg)
-        elif n.op == "fused_moe_mxfp4" and a.get("n_group", 1) == 1:
+        elif n.op == "fused_moe_mxfp4":
             x, gate, _, gu, d = ins[:5]
-            T, H = x.shape
-            inter = d.shape[2]
-            if T <= 16 and H % 256 == 0 and inter % 512 == 0:
-                cfg = moe.Config(
-                    T,
-                    H,
-                    inter,
-                    gate.shape[0],
-                    gu.shape[0],
-                    a["top_k"],
-                    a.get("expert_offset", 0),
-                    a.get("scaling", 1.0),
-                    a.get("normalize", True),
-                )
+            cfg = moe_config(x.shape[0], x.shape[1], d.shape[2], gate.shape[0], gu.shape[0], a)
+            if cfg is not None:
                 out[("moe", cfg)] = lambda cfg=cfg: moe.compiled(cfg)
         elif n.op == "attention_block":
-            B = ins[0].shape[0]
-            if (
-                a.get("qk_norm_eps") is None
-                and a["head_dim"] % 16 == 0
-                and a["v_head_dim"] % 16 == 0
-                and a.get("causal", True)
-                and B <= 64
-            ):
-                cfg = attn.AttnConfig(
-                    q_heads=a["heads"],
-                    kv_heads=a["kv_heads"],
-                    head_dim=a["head_dim"],
-                    v_head_dim=a["v_head_dim"],
-                    rope_dim=a["rope_dim"],
-                    rope_theta=a["theta"],
-                    block=B,
-                    window=a.get("window", 0),
-                    sink=bool(a.get("has_sink")),
-                )
+            cfg = attn_config(a, ins[0].shape[0])
+            if cfg is not None:
                 out[("attn", cfg)] = lambda cfg=cfg: attn.compiled(cfg)
     return out
 
