@@ -1,0 +1,166 @@
+"""Plan VM: the compiler's task tables, run tile by tile on torch in an adversarial legal order
+(NaN-poisoned activations), give the reference executor's outputs on the uncompiled graph.
+
+Two steps (a verify step of `block` tokens, then a decode step; the KV cache carries over), world
+1 and 2 (simulated ranks, collectives as peer pushes + rendezvous). Deleting one wait from a
+table makes the check fail, so it can fail.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from tests.passes.helpers import assert_same, run_steps, two_steps
+from tests.strategies import tiny_configs
+from tilert.models.binding import bind_params
+from tilert.models.config import load_config
+from tilert.models.weights import synthetic_weights
+from tilert.passes import PassContext, ShardError, compile_graph
+from tilert.plan import FIELD, OPCODES, WAITS
+from tilert.runtime.persistent.plan_vm import PlanVM, PlanVMError
+
+REL = 1e-4
+
+
+def compiled_steps(cfg: Any, world: int, seed: int = 0, prompt: int = 0) -> dict[str, Any]:
+    """Reference outputs of the uncompiled verify + decode steps, and the compiled rank graphs/tables
+    (prompt > 0: the first step is a `prompt`-token verify-shaped step, max_seq 256)."""
+    w = synthetic_weights(cfg, seed)
+    g1, g2, inputs = two_steps(cfg, prompt or cfg.dflash.block_size, max_seq=256 if prompt else 32, seed=seed)
+    ref = run_steps([([g1], inputs[0]), ([g2], inputs[1])], w)
+    params: list[dict] = [{} for _ in range(world)]
+    steps, bufs = [], []
+    for g in (g1, g2):
+        ctx = PassContext(world=world, max_seq=g.meta.get("max_seq", 32))
+        graphs = compile_graph(g, ctx)
+        for r, rg in enumerate(graphs):
+            bind_params(rg, w, params[r])
+        steps.append((graphs, [ctx.results["schedule"][r].table for r in range(world)]))
+        bufs.append([ctx.results["plan_memory"][r].buffers for r in range(world)])
+    return {"ref": ref, "steps": steps, "inputs": inputs, "params": params, "buffers": bufs}
+
+
+def run_vm(case: dict[str, Any], policy: str, seed: int = 0, steps: list | None = None,
+           shared: bool = True) -> list[list[dict]]:  # fmt: skip
+    """Both steps on one VM; shared: activations share storage as the memory plan says."""
+    vm = PlanVM(case["params"], policy=policy, seed=seed)
+    bufs = case["buffers"] if shared else [None, None]
+    return [vm.step(graphs, tables, inp, b) for (graphs, tables), inp, b in
+            zip(steps or case["steps"], case["inputs"], bufs)]  # fmt: skip
+
+
+def check(case: dict[str, Any], outs: list[list[dict]], where: str) -> None:
+    for k, per_rank in enumerate(outs):
+        for r, out in enumerate(per_rank):
+            assert_same(case["ref"][k], out, f"{where}, step {k}, rank {r}", rel=REL)
+            for key, a in case["ref"][k].items():  # ids equal outright (the margin check is in assert_same)
+                if not a.dtype.is_floating_point:
+                    assert torch.equal(a.long(), out[key].long()), f"{where}, step {k}, rank {r}: {key} differs"
+
+
+_CASES: dict[tuple[str, int], dict[str, Any]] = {}
+
+
+def tiny_case(model: str, world: int) -> dict[str, Any]:
+    if (model, world) not in _CASES:
+        _CASES[model, world] = compiled_steps(load_config(model), world)
+    return _CASES[model, world]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("model", ["tiny", "tiny-flash"])
+@pytest.mark.parametrize("policy", ["random", "consumers"])
+def test_tables_compute_the_reference_outputs(model: str, world: int, policy: str) -> None:
+    case = tiny_case(model, world)
+    check(case, run_vm(case, policy, seed=world), f"{model} world {world} {policy}")
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_long_context_uses_several_splits_and_row_blocks(world: int) -> None:
+    """A 140-token first step (280 query rows: 3 row blocks of 128) then a decode step at 140 (3 key
+    tiles: 2 used old-key splits in full-attention layers)."""
+    case = compiled_steps(load_config("tiny"), world, prompt=140)
+    check(case, run_vm(case, "random", seed=3), f"tiny world {world}, 140-token context")
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=tiny_configs(heads_multiple=2), world=st.sampled_from([1, 2]), seed=st.integers(0, 100))
+def test_random_tiny_configs(cfg: Any, world: int, seed: int) -> None:
+    try:
+        case = compiled_steps(cfg, world, seed)
+    except ShardError:
+        assume(False)
+    check(case, run_vm(case, "random", seed), f"{cfg.name} world {world}")
+
+
+def _without_wait(case: dict[str, Any], sm: int, k: int, w: int) -> list[list[dict]]:
+    """The two steps with wait slot w of task (sm, k) of the decode table deleted, consumers first."""
+    graphs, tables = case["steps"][1]
+    bad = tables[0].copy()
+    bad[sm, k, FIELD[f"wait{w}_counter"]] = -1
+    return run_vm(case, "consumers", steps=[case["steps"][0], (graphs, [bad])])
+
+
+def _fails(case: dict[str, Any], sm: int, k: int, w: int) -> bool:
+    """Whether the VM catches the deleted wait: wrong outputs, or a tile body that finds its input
+    missing (the MoE expert groups before the top-k list)."""
+    try:
+        check(case, _without_wait(case, sm, k, w), "deleted wait")
+    except (AssertionError, PlanVMError):
+        return True
+    return False
+
+
+def test_a_deleted_wait_is_caught() -> None:
+    """A GEMM tile heading its SM's queue with a single wait: without the wait it is ready at once,
+    and the consumers-first order runs it before its producer, so it reads NaN."""
+    case = tiny_case("tiny", 1)
+    t = case["steps"][1][1][0]
+    heads = [sm for sm in range(t.shape[0]) if t[sm, 0, FIELD["opcode"]] == OPCODES["LINEAR_FP8"]
+             and sum(t[sm, 0, FIELD[f"wait{i}_counter"]] >= 0 for i in range(WAITS)) == 1]  # fmt: skip
+    assert heads, "no GEMM tile heads a queue with a single wait"
+    w = next(i for i in range(WAITS) if t[heads[0], 0, FIELD[f"wait{i}_counter"]] >= 0)
+    assert _fails(case, heads[0], 0, w)
+
+
+@pytest.mark.parametrize("opcode", ["ATTN_COMBINE", "MOE_TOPK", "MOE_DOWN", "LM_HEAD_ARGMAX"])
+def test_deleted_waits_of_other_kinds_are_caught(opcode: str) -> None:
+    """Deleting the last wait (the op's own stage or nearest producer) of one of the first 3 tasks of
+    a kind is caught at least once (a wait can be redundant: SM program order or a transitive wait
+    may already cover it)."""
+    case = tiny_case("tiny", 1)
+    t = case["steps"][1][1][0]
+    found = [(sm, k) for sm in range(t.shape[0]) for k in range(t.shape[1]) if t[sm, k, 0] == OPCODES[opcode]][:3]
+    assert found
+    caught = 0
+    for sm, k in found:
+        w = max(i for i in range(WAITS) if t[sm, k, FIELD[f"wait{i}_counter"]] >= 0)
+        caught += _fails(case, sm, k, w)
+    assert caught, f"no deleted {opcode} wait was caught"
+
+
+def test_a_wait_nothing_satisfies_deadlocks() -> None:
+    case = tiny_case("tiny", 1)
+    graphs, tables = case["steps"][0]
+    bad = tables[0].copy()
+    bad[0, 0, FIELD["wait0_counter"]], bad[0, 0, FIELD["wait0_count"]] = 0, 1
+    bad[0, 0, FIELD["wait0_expected"]] = 10**6
+    with pytest.raises(PlanVMError, match="deadlock"):
+        PlanVM(case["params"]).step(graphs, [bad], case["inputs"][0])
+
+
+def test_a_tile_outside_the_op_is_reported() -> None:
+    case = tiny_case("tiny", 1)
+    graphs, tables = case["steps"][1]
+    bad = tables[0].copy()
+    t = bad.reshape(-1, bad.shape[-1])
+    k = int(np.nonzero(t[:, FIELD["opcode"]] == OPCODES["LINEAR_FP8"])[0][0])
+    t[k, FIELD["c0"]] = 99
+    with pytest.raises(PlanVMError, match="outside"):
+        PlanVM(case["params"]).step(graphs, [bad], case["inputs"][1])
