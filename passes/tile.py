@@ -129,14 +129,23 @@ def tile_lm_head(g: Graph, n: Node, ctx: Any) -> OpTiles:
     return OpTiles([gemm, tail], [0, 1, 1][: len(n.outputs)])
 
 
+def attention_tiling(T: int, Hkv: int, heads: int, window: int) -> tuple[int, int, int]:
+    """(query rows per kv head, rows per CTA, KV splits) of an attention node: one place for both the
+    tile pass and anything that replays its tasks (the plan VM)."""
+    c = TILE_CONFIG["attention"]
+    rows = T * heads // Hkv
+    bm = 64 if rows <= 64 else 128
+    splits = max(1, cdiv(window, c["block_n"])) if window else max(1, c["wave_ctas"] // (Hkv * cdiv(rows, bm)))
+    return rows, bm, splits
+
+
 def tile_attention(g: Graph, n: Node, ctx: Any) -> OpTiles:
-    c, a = TILE_CONFIG["attention"], n.a
+    a = n.a
     q, kc, vc = (g.values[n.inputs[i]] for i in (0, 3, 4))
     T, Hkv, H, D, Dv = q.shape[0], kc.shape[0], a["heads"], a["head_dim"], a["v_head_dim"]
-    group, rows = H // Hkv, T * H // Hkv
-    bm = 64 if rows <= 64 else 128
+    group = H // Hkv
+    rows, bm, splits = attention_tiling(T, Hkv, H, a.get("window") or 0)
     rb = cdiv(rows, bm)
-    splits = max(1, cdiv(a["window"], c["block_n"])) if a.get("window") else max(1, c["wave_ctas"] // (Hkv * rb))
     kv = kv_read_bytes(n, kc, vc, T, ctx.context) / Hkv
     flops = 2.0 * rows * (D + Dv) * kv / ((D + Dv) * 2)
     split = Stage("ATTN_SPLIT", Hkv, group * Dv)

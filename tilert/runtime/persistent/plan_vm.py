@@ -38,7 +38,7 @@ from tilert.ir.opset.fused import MOE_CORE, PeerValues, split_extras
 from tilert.ir.opset.moe import expected_experts
 from tilert.ir.registry import get_op
 from tilert.ops.qtensor import QTensor
-from tilert.passes.tile import TILE_CONFIG, cdiv, gemm_shape
+from tilert.passes.tile import TILE_CONFIG, attention_tiling, cdiv, gemm_shape
 from tilert.plan import FIELD, OPCODES, WAITS
 
 NAMES = {v: k for k, v in OPCODES.items()}
@@ -380,11 +380,9 @@ class PlanVM:
         a, q, kc = n.a, ins[0], ins[3]
         T, Hkv, H = q.shape[0], kc.shape[0], a["heads"]
         G = H // Hkv
-        rows = T * G
-        bm = 64 if rows <= 64 else 128
         cfg = TILE_CONFIG["attention"]
         W = a.get("window") or 0
-        NS = max(1, cdiv(W, cfg["block_n"])) if W else max(1, cfg["wave_ctas"] // (Hkv * cdiv(rows, bm)))
+        rows, bm, NS = attention_tiling(T, Hkv, H, W)
         pos = ins[5]
         start = int(pos[0])
         lo = max(start - W, 0) if W else 0
