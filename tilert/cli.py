@@ -191,9 +191,10 @@ def _extra_commands() -> list[Callable[[Any], None]]:
         pass
     from tilert.checkpoint.cli import add_quantize_parser
     from tilert.profile.cli import add_profile_parser
+    from tilert.runtime.eager.launch import add_launch_parser
     from tilert.serve.cli import add_serve_parser
 
-    hooks += [add_quantize_parser, add_serve_parser, add_profile_parser]
+    hooks += [add_quantize_parser, add_serve_parser, add_profile_parser, add_launch_parser]
     return hooks
 
 

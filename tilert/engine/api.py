@@ -57,7 +57,11 @@ def register_backend(name: str) -> Callable[[BackendFactory], BackendFactory]:
 
 
 # runtimes that register themselves when imported (imported only when asked for by name)
-_BACKEND_MODULES = {"eager": "tilert.runtime.eager.backend", "persistent": "tilert.runtime.persistent.backend"}
+_BACKEND_MODULES = {
+    "eager": "tilert.runtime.eager.backend",
+    "eager-dist": "tilert.runtime.eager.distributed",
+    "persistent": "tilert.runtime.persistent.backend",
+}
 
 
 def backend_names() -> list[str]:

@@ -5,7 +5,10 @@ TileLang kernel when the shapes fit the kernel (`supports`), and otherwise falls
 torch reference (which also runs on the GPU), so every graph runs and the fast path is taken
 where it exists. `solo` collectives: when one GPU stands in for rank 0 of N, a collective is
 replaced by local work of the same size (a copy of the bytes a ring all-reduce would move), so
-step times include it while results stay rank 0's partial values.
+step times include it while results stay rank 0's partial values. A distributed context
+(`runtime/eager/distributed.py`: real ranks, one per process, world > 1) runs each collective
+through torch.distributed (`ctx.all_reduce`, `ctx.all_gather`, `ctx.argmax_reduce`) with the
+references' semantics.
 """
 
 from __future__ import annotations
@@ -47,6 +50,16 @@ def _norm(ctx: Any, x: torch.Tensor, w: torch.Tensor | None, eps: float | None) 
 
 def _bf16_2d(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).to(torch.bfloat16).contiguous()
+
+
+def _dist(ctx: Any) -> bool:
+    """True for a real multi-rank context (torch.distributed, one rank per process), not solo."""
+    return bool(getattr(ctx, "distributed", False)) and not getattr(ctx, "solo", False) and ctx.world > 1
+
+
+def _reduce(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+    """The cross-rank sum of a partial: through torch.distributed, or solo's local stand-in."""
+    return ctx.all_reduce(x) if _dist(ctx) else solo_all_reduce(ctx, x)
 
 
 def solo_all_reduce(ctx: Any, x: torch.Tensor) -> torch.Tensor:
@@ -112,8 +125,8 @@ def fused_moe(
     residual=False,
 ):
     norm_w, res = split_extras(extra, norm_eps, residual)
-    if reduce and world > 1 and not getattr(ctx, "solo", False):
-        raise NotImplementedError("fused_moe with a cross-rank reduce needs the NCCL path (not in this runtime)")
+    if reduce and world > 1 and not getattr(ctx, "solo", False) and not _dist(ctx):
+        raise NotImplementedError("fused_moe with a cross-rank reduce needs a distributed context or solo mode")
     cfg = None
     if _kernels(ctx) and x.is_cuda and isinstance(w_gu, QTensor) and w_gu.fmt == "mxfp4":
         a = dict(top_k=top_k, n_group=n_group, expert_offset=expert_offset, scaling=scaling, normalize=normalize)
@@ -138,7 +151,7 @@ def fused_moe(
             reduce=False,
             norm_eps=norm_eps,
         )[0]
-        y = solo_all_reduce(ctx, y) if reduce else y
+        y = _reduce(ctx, y) if reduce else y
         return (y if res is None else res.float() + y,)
     from tilert.kernels import moe
 
@@ -156,7 +169,7 @@ def fused_moe(
         cfg=cfg,
     )
     if reduce:
-        y = solo_all_reduce(ctx, y)
+        y = _reduce(ctx, y)
     return (y if res is None else res.float() + y,)
 
 
@@ -234,6 +247,8 @@ def attention_block(ctx, q, k, v, k_cache, v_cache, pos, *extra, **a):
 
 @impl("all_reduce")
 def all_reduce(ctx, x):
+    if _dist(ctx):
+        return (ctx.all_reduce(x),)
     if getattr(ctx, "solo", False):
         return (solo_all_reduce(ctx, x),)
     return _ref("all_reduce")(ctx, x)
@@ -241,6 +256,8 @@ def all_reduce(ctx, x):
 
 @impl("all_reduce_residual")
 def all_reduce_residual(ctx, partial, residual, *, world=1):
+    if _dist(ctx):
+        return (residual.float() + ctx.all_reduce(partial),)
     if getattr(ctx, "solo", False):
         return (residual.float() + solo_all_reduce(ctx, partial).float(),)
     return _ref("all_reduce_residual")(ctx, partial, residual, world=world)
@@ -248,12 +265,13 @@ def all_reduce_residual(ctx, partial, residual, *, world=1):
 
 @impl("lm_head_argmax", "lm_head_accept")
 def lm_head(ctx, x, w, *rest, world=1, vocab_size, vocab_offset=0, norm_eps=None, out_dtype="f32"):
-    """Local logits + argmax; with `solo` the distributed argmax is rank 0's local one."""
+    """Local logits + argmax; with `solo` the distributed argmax is rank 0's local one, with a
+    distributed context it is vocab_argmax here + argmax_reduce over the ranks."""
     accept = len(rest) > int(norm_eps is not None)
     tokens = rest[0] if accept else None
     extra = rest[1:] if accept else rest
     kind = "lm_head_accept" if accept else "lm_head_argmax"
-    if not getattr(ctx, "solo", False) and world > 1:
+    if not getattr(ctx, "solo", False) and not _dist(ctx) and world > 1:
         return get_op(kind).reference(
             ctx,
             x,
@@ -271,13 +289,41 @@ def lm_head(ctx, x, w, *rest, world=1, vocab_size, vocab_offset=0, norm_eps=None
         logits = linear(ctx, h, w, out_dtype="f32")[0]
     else:
         logits = torch.matmul(h.to(w.dtype), w.t()).float()
-    nxt = _ref("argmax")(ctx, logits[:, : min(logits.shape[-1], vocab_size)])[0] + (vocab_offset if world > 1 else 0)
+    if _dist(ctx):
+        nxt = dist_argmax(ctx, logits, vocab_size)
+    else:
+        valid = logits[:, : min(logits.shape[-1], vocab_size)]
+        nxt = _ref("argmax")(ctx, valid)[0] + (vocab_offset if world > 1 else 0)
     out = (logits, nxt.to(torch.int32))
     return out + (_ref("dflash_accept")(ctx, tokens, nxt)[0],) if accept else out
 
 
+def dist_argmax(ctx: Any, logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Greedy ids over vocabulary-parallel logits [T, V/world] (rank r holds ids r*V/world..., the
+    padding past vocab_size ignored): the largest logit over ranks, ties to the lowest id."""
+    vloc = logits.shape[-1]
+    valid = min(vloc, vocab_size - ctx.rank * vloc)
+    if valid > 0:
+        val, idx = _ref("vocab_argmax")(ctx, logits, vocab_offset=ctx.rank * vloc, vocab_valid=valid)
+    else:  # a rank holding only padding never wins
+        val = torch.full(logits.shape[:1], float("-inf"), device=logits.device)
+        idx = torch.full(logits.shape[:1], vocab_size, dtype=torch.int32, device=logits.device)
+    return ctx.argmax_reduce(val, idx)
+
+
+@impl("argmax_reduce")
+def argmax_reduce(ctx, val, idx):
+    if _dist(ctx):
+        return (ctx.argmax_reduce(val, idx),)
+    if getattr(ctx, "solo", False):  # rank 0's local argmax stands in for the distributed one
+        return (idx.to(torch.int32),)
+    return _ref("argmax_reduce")(ctx, val, idx)
+
+
 @impl("all_gather")
 def all_gather(ctx, x, *, dim, world):
+    if _dist(ctx):
+        return (ctx.all_gather(x, dim),)
     if getattr(ctx, "solo", False):  # rank 0 alone: its shard stands in for every rank's (same bytes)
         return (torch.cat([x] * world, dim=dim),)
     return _ref("all_gather")(ctx, x, dim=dim, world=world)

@@ -27,14 +27,19 @@ class GpuContext:
         self.rank, self.world, self.solo, self.kernels = rank, world, solo, kernels
 
     def peers(self, i: int) -> list[Any]:
-        raise IRError("the eager runtime runs one rank per process: collectives need NCCL or solo mode")
+        raise IRError(
+            "the eager runtime runs one rank per process: collectives need a DistContext "
+            "(runtime/eager/distributed.py) or solo mode"
+        )
 
 
 class EagerRuntime:
     """Params on the GPU, per-graph state (KV caches, bf16), optional CUDA-graph replay per graph.
 
     use_kernels=False runs every op as plain torch (the references on the GPU): the baseline an
-    engineer would write without this compiler."""
+    engineer would write without this compiler. `ctx` replaces the rank context (a DistContext from
+    runtime/eager/distributed.py runs the collectives across processes); `state_dtype` is the KV
+    caches' dtype (float32 matches the reference executor's state exactly)."""
 
     def __init__(
         self,
@@ -45,10 +50,13 @@ class EagerRuntime:
         rank: int = 0,
         solo: bool = False,
         use_kernels: bool = True,
+        ctx: GpuContext | None = None,
+        state_dtype: torch.dtype = torch.bfloat16,
     ) -> None:
         self.params = dict(params)
         self.device = torch.device(device)
-        self.ctx = GpuContext(rank, world, solo, kernels=use_kernels)
+        self.ctx = ctx if ctx is not None else GpuContext(rank, world, solo, kernels=use_kernels)
+        self.state_dtype = state_dtype
         self.states: dict[str, torch.Tensor] = {}
         self._graphs: dict[str, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], dict[str, Any]]] = {}
         self.launches = 0
@@ -56,7 +64,7 @@ class EagerRuntime:
     def _state(self, g: Graph) -> None:
         for v in g.by_role("state"):
             if v.name not in self.states:
-                self.states[v.name] = torch.zeros(v.shape, dtype=torch.bfloat16, device=self.device)
+                self.states[v.name] = torch.zeros(v.shape, dtype=self.state_dtype, device=self.device)
 
     def reset(self) -> None:
         for t in self.states.values():
