@@ -1,4 +1,11 @@
-"""Eager GPU runtime vs the reference on the tiny configs; greedy and DFlash agree on the GPU."""
+"""Eager GPU runtime vs the reference on the tiny configs; greedy and DFlash agree on the GPU.
+
+The GPU path feeds bf16 activations to the FP8 GEMM kernels while the reference computes in
+float32. On random tiny models that rounding alone flips a router near-tie (top-k is discontinuous)
+for about one seed in eight (emulated on the CPU: row errors 0.1-0.7 on the flipped token), so the
+comparison pins the expert choice with a dominant selection bias: routing weights still come from
+the (continuous) scores, and what is compared is the kernels' numerics (observed ~4e-3 per row).
+"""
 
 from __future__ import annotations
 
@@ -12,21 +19,40 @@ from tilert.models.weights import synthetic_weights
 pytestmark = pytest.mark.gpu
 
 
+def row_errors(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    d = (got.double() - want.double()).norm(dim=-1)
+    return d / want.double().norm(dim=-1)
+
+
+def check_rows(got: torch.Tensor, want: torch.Tensor) -> None:
+    e = row_errors(got, want)
+    assert float(e.max()) < 2e-2, e.tolist()
+
+
+def margin_safe_weights(cfg, seed: int) -> dict:
+    """Synthetic weights whose selection bias (10 apart per expert) fixes every token's experts."""
+    w = synthetic_weights(cfg, seed)
+    for k in w:
+        if k.endswith("e_score_correction_bias"):
+            w[k] = torch.arange(cfg.n_routed_experts, 0, -1, dtype=torch.float32) * 10.0
+    return w
+
+
 @pytest.mark.parametrize("model", ["tiny", "tiny-flash"])
 def test_eager_logits_match_reference(model):
     from tilert.runtime.eager import EagerBackend
 
     cfg = load_config(model)
-    w = synthetic_weights(cfg, int(torch.randint(0, 1000, ())))
+    w = margin_safe_weights(cfg, int(torch.randint(0, 1000, ())))
     ref, gpu = ReferenceBackend(cfg, w, max_seq=128), EagerBackend(cfg, w, max_seq=128)
     prompt = torch.randint(0, cfg.vocab_size, (6,), dtype=torch.int32)
     pos = torch.arange(6, dtype=torch.int32)
     a, b = ref.target_step(prompt, pos), gpu.target_step(prompt, pos)
-    assert float((b["logits"].double() - a["logits"].double()).norm() / a["logits"].double().norm()) < 3e-2
+    check_rows(b["logits"], a["logits"])
     blk = torch.randint(0, cfg.vocab_size, (cfg.dflash.block_size,), dtype=torch.int32)
     p2 = 6 + torch.arange(cfg.dflash.block_size, dtype=torch.int32)
     a, b = ref.target_step(blk, p2, "verify"), gpu.target_step(blk, p2, "verify")
-    assert float((b["logits"].double() - a["logits"].double()).norm() / a["logits"].double().norm()) < 3e-2
+    check_rows(b["logits"], a["logits"])
 
 
 def test_dflash_on_gpu_equals_greedy_on_gpu():
