@@ -21,10 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import write_result  # noqa: E402
-from benchmarks.e2e import time_step  # noqa: E402
+from benchmarks.e2e import bench_drafter, time_step  # noqa: E402
 from tilert.models.builder import build_step_graph  # noqa: E402
 from tilert.models.config import load_config  # noqa: E402
-from tilert.models.drafter import build_drafter_graph  # noqa: E402
 from tilert.runtime.eager import EagerRuntime, compile_for_gpu  # noqa: E402
 from tilert.runtime.eager.synthetic import synthetic_params  # noqa: E402
 
@@ -46,19 +45,7 @@ def full_scale(model: str, world: int, context: int, blocks: list[int]) -> dict:
         rt.run(g, inputs)
         steps[B] = time_step(rt, g, inputs)[1]
         print(f"B={B}: {steps[B]:.3f} ms (eager + CUDA graph)", flush=True)
-    Bd = cfg.dflash.block_size
-    gd = compile_for_gpu(build_drafter_graph(cfg, context=Bd, max_seq=max_seq), max_seq, world)[0]
-    rt = EagerRuntime(synthetic_params(gd, seed=1), world=world, solo=True)
-    feats = torch.randn(Bd, gd.values["ctx_features"].shape[1], device="cuda").to(torch.bfloat16)
-    dinputs = {
-        "block_tokens": torch.zeros(Bd, dtype=torch.int32, device="cuda"),
-        "block_positions": torch.arange(context, context + Bd, dtype=torch.int32, device="cuda"),
-        "ctx_features": feats,
-        "ctx_positions": torch.arange(context - Bd, context, dtype=torch.int32, device="cuda"),
-    }
-    rt.run(gd, dinputs)
-    draft_ms = time_step(rt, gd, dinputs)[1]
-    print(f"drafter: {draft_ms:.3f} ms", flush=True)
+    draft_ms = bench_drafter(cfg, argparse.Namespace(world_size=world, context=context), max_seq)["eager_graph_ms"]
     greedy = 1e3 / steps[1]
     curve = {}
     for B in blocks:

@@ -40,10 +40,11 @@ class EagerBackend(GraphBackend):
     ) -> None:
         super().__init__(cfg, weights, max_seq)
         self.cuda_graph = cuda_graph
+        self.world, self.rank = 1, 0  # a distributed subclass runs one rank of `world`
         self.runtime = EagerRuntime({}, device=device, use_kernels=use_kernels)
 
     def _prepare(self, g: Graph) -> Graph:
-        (fused,) = compile_for_gpu(g, self.max_seq)
+        fused = compile_for_gpu(g, self.max_seq, self.world)[self.rank]
         self.runtime.params.update(to_device(bind_params(fused, self.weights, {}), self.runtime.device))
         return fused
 

@@ -30,11 +30,9 @@ import torch
 import torch.distributed as dist
 
 from tilert.engine.api import register_backend
-from tilert.ir.graph import Graph
-from tilert.models.binding import bind_params
 from tilert.models.config import ModelConfig
-from tilert.runtime.eager.backend import EagerBackend, compile_for_gpu
-from tilert.runtime.eager.runtime import EagerRuntime, GpuContext, to_device
+from tilert.runtime.eager.backend import EagerBackend
+from tilert.runtime.eager.runtime import EagerRuntime, GpuContext
 
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 DEFAULT_TIMEOUT_S = 300.0
@@ -154,12 +152,8 @@ class DistEagerBackend(EagerBackend):
         super().__init__(cfg, weights, max_seq=max_seq, device=str(ctx.device), cuda_graph=cuda_graph)
         ctx.kernels = use_kernels
         self.ctx = ctx
+        self.world, self.rank = ctx.world, ctx.rank
         self.runtime = EagerRuntime({}, device=str(ctx.device), ctx=ctx, state_dtype=state_dtype)
-
-    def _prepare(self, g: Graph) -> Graph:
-        fused = compile_for_gpu(g, self.max_seq, self.ctx.world)[self.ctx.rank]
-        self.runtime.params.update(to_device(bind_params(fused, self.weights, {}), self.runtime.device))
-        return fused
 
 
 @register_backend("eager-dist")
