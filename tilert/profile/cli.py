@@ -23,6 +23,13 @@ def add_profile_parser(sub: Any) -> None:
     p.add_argument("--steps", default="decode,verify", help="comma list of decode, verify")
     p.add_argument("--out", default=None, help="directory for profile.json, roofline.png and trace_*.json")
     p.add_argument("--top", type=int, default=15, help="kernels shown in the printed roofline table")
+    p.add_argument(
+        "--measure",
+        action="store_true",
+        help="also run the rank graph on the eager runtime (synthetic weights) and report each "
+        "kernel's measured time against its floor",
+    )
+    p.add_argument("--device", default=None, help="where --measure runs: cuda (default when a GPU is visible) or cpu")
     p.set_defaults(fn=cmd_profile)
 
 
@@ -33,7 +40,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     report = profile_model(
         cfg, args.gpus, rank=args.rank, gpu=args.gpu, max_seq=args.max_seq, context=args.context,
         steps=[s.strip() for s in args.steps.split(",") if s.strip()], out=args.out, top=args.top,
-        log=lambda m: print(m, file=sys.stderr, flush=True),
+        log=lambda m: print(m, file=sys.stderr, flush=True), measure=args.measure, device=args.device,
     )  # fmt: skip
     print(report["text"])
     return 0
@@ -55,6 +62,8 @@ def profile_model(
     out: str | Path | None = None,
     top: int = 15,
     log: Any = None,
+    measure: bool = False,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Everything `tilert profile` reports, as a dict (plus 'text': the printed report)."""
     from tilert.gpu_specs import GPUS
@@ -62,7 +71,7 @@ def profile_model(
     from tilert.passes.manager import PassContext
     from tilert.plan import OPCODES, TASK_FIELDS
     from tilert.profile.passes import compile_with_profile, format_pass_table
-    from tilert.profile.roofline import format_roofline, plot_roofline, roofline_rows
+    from tilert.profile.roofline import format_roofline, measure_rows, plot_roofline, roofline_rows
     from tilert.profile.timeline import simulate, trace_json, write_trace
 
     if gpu not in GPUS:
@@ -95,6 +104,13 @@ def profile_model(
         compile_s = time.perf_counter() - t0
         rg, sched = graphs[rank], ctx.results["schedule"][rank]
         krows = roofline_rows(rg, sched, spec, ctx.context)
+        measured = None
+        if measure:
+            import torch
+
+            dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            say(f"profile: {tag}: measuring {len(rg.nodes)} kernels on {dev}")
+            measured = measure_rows(krows, rg, dev, min(ctx.context, max_seq - B), world)
         say(f"profile: {tag}: simulating {sched.tasks} tasks on {sched.table.shape[0]} SMs")
         start, end = simulate(sched.table, sched.counter_expected, TASK_FIELDS,
                               progress=lambda d, n: say(f"  timeline {d}/{n} tasks"))  # fmt: skip
@@ -108,13 +124,17 @@ def profile_model(
             "simulated_makespan_ms": sim_ms,
             "occupancy": sched.occupancy,
             "floor_ms": sum(r.floor_us for r in krows) / 1e3,
+            "measured": measured,
+            "measured_ms": sum(r.measured_us for r in krows) / 1e3 if measured else None,
         }
         report["steps"][tag] = entry
         text += [f"== {cfg.name} {tag}, world {world}, rank {rank}, {gpu}: compiled in {compile_s:.2f} s", "",
                  format_pass_table(prows), "",
-                 f"kernels (top {top} by persistent time of {len(krows)}; sum of floors "
+                 f"kernels (top {top} by {'measured' if measured else 'persistent'} time of {len(krows)}; "
+                 f"sum of floors "
                  f"{entry['floor_ms']:.3f} ms, persistent makespan {entry['makespan_ms']:.3f} ms, "
                  f"simulated {sim_ms:.3f} ms, SM occupancy {sched.occupancy:.2f}):",
+                 *([f"{measured}: {entry['measured_ms']:.3f} ms in all"] if measured else []),
                  format_roofline(krows, top), ""]  # fmt: skip
         if outdir:
             op_names = [n.op for n in rg.nodes]

@@ -26,6 +26,7 @@ class KernelRow:
     persistent_us: float
     eager_us: float
     tasks: int
+    measured_us: float | None = None  # this node's time on the eager runtime (`profile --measure`)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,15 +54,38 @@ def roofline_rows(g: Graph, sched: Any, spec: Any, context: int) -> list[KernelR
 
 
 def format_roofline(rows: list[KernelRow], top: int | None = None) -> str:
-    rs = sorted(rows, key=lambda r: -r.persistent_us)[:top] if top else rows
+    measured = any(r.measured_us is not None for r in rows)
+    key = (lambda r: -(r.measured_us or 0.0)) if measured else (lambda r: -r.persistent_us)
+    rs = sorted(rows, key=key)[:top] if top else rows
     out = [f"{'#':>4} {'op':<22} {'MB':>9} {'GFLOP':>8} {'flop/B':>7} {'floor us':>9} {'pers. us':>9} "
-           f"{'eager us':>9} {'tasks':>6}"]  # fmt: skip
+           f"{'eager us':>9} {'tasks':>6}" + (f" {'meas. us':>9} {'x floor':>8}" if measured else "")]  # fmt: skip
     for r in rs:
-        out.append(
+        line = (
             f"{r.index:>4} {r.op:<22} {r.bytes / 1e6:>9.3f} {r.flops / 1e9:>8.3f} {r.intensity:>7.2f} "
             f"{r.floor_us:>9.2f} {r.persistent_us:>9.2f} {r.eager_us:>9.2f} {r.tasks:>6}"
         )
+        if measured and r.measured_us is not None:
+            line += f" {r.measured_us:>9.2f} {r.measured_us / r.floor_us if r.floor_us else 0.0:>8.1f}"
+        out.append(line)
     return "\n".join(out)
+
+
+def measure_rows(rows: list[KernelRow], g: Graph, device: str, context: int, world: int, iters: int = 5) -> str:
+    """Fill `measured_us` by running the rank graph on the eager runtime (synthetic weights; collectives
+    as single-GPU stand-ins when world > 1). Returns a one-line description of what was measured."""
+    import torch
+
+    from tilert.runtime.eager import EagerRuntime
+    from tilert.runtime.eager.synthetic import synthetic_params
+
+    T = g.values["tokens"].shape[0] if "tokens" in g.values else 1
+    rt = EagerRuntime(synthetic_params(g, device=device), device=device, world=world, solo=world > 1)
+    inputs = {"tokens": torch.zeros(T, dtype=torch.int32),
+              "positions": torch.arange(context, context + T, dtype=torch.int32)}  # fmt: skip
+    for r, t in zip(rows, rt.node_times(g, inputs, iters)):
+        r.measured_us = t
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    return f"measured on {name}: eager runtime, one launch per op, median of {iters} steps"
 
 
 def plot_roofline(rows: list[KernelRow], spec: Any, path: str | Path, title: str) -> str | None:
@@ -73,7 +97,12 @@ def plot_roofline(rows: list[KernelRow], spec: Any, path: str | Path, title: str
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed (pip install 'tilert[dev]'): roofline.png skipped"
-    pts = [r for r in rows if r.flops > 0 and r.bytes > 0 and r.persistent_us > 0]
+    measured = any(r.measured_us is not None for r in rows)
+
+    def us(r: KernelRow) -> float:
+        return (r.measured_us or 0.0) if measured else r.persistent_us
+
+    pts = [r for r in rows if r.flops > 0 and r.bytes > 0 and us(r) > 0]
     fig, ax = plt.subplots(figsize=(8, 5.5))
     peak, bw = spec.bf16_flops / 1e12, spec.hbm_bytes_per_s / 1e12
     lo = min([r.intensity for r in pts] + [0.1]) / 2
@@ -84,12 +113,12 @@ def plot_roofline(rows: list[KernelRow], spec: Any, path: str | Path, title: str
     cmap = plt.get_cmap("tab10")
     for k, kind in enumerate(kinds):
         sel = [r for r in pts if r.op == kind]
-        ax.scatter([r.intensity for r in sel], [r.flops / (r.persistent_us * 1e-6) / 1e12 for r in sel],
+        ax.scatter([r.intensity for r in sel], [r.flops / (us(r) * 1e-6) / 1e12 for r in sel],
                    s=18, color=cmap(k % 10), label=kind, alpha=0.8)  # fmt: skip
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("arithmetic intensity (flop / byte)")
-    ax.set_ylabel("predicted TFLOP/s (persistent share of the GPU)")
+    ax.set_ylabel("measured TFLOP/s (eager runtime)" if measured else "predicted TFLOP/s (persistent share of the GPU)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
