@@ -6,7 +6,8 @@ A param's `source` names the checkpoint tensors it comes from:
 - experts=PREFIX, projs=(...), count=E: per-expert linears stacked into [E, N, K].
 The shard pass adds slice=(dim, start, stop) (stop may run past the end: zero padding) and, for
 experts, expert_range=(start, stop). Quantised slices stay exact when they follow the format's
-blocks; an FP8 row/column slice that cuts a 128-block is re-quantised (documented in docs/).
+blocks; an FP8 slice that starts inside a 128-block gets a finer scale grid (one scale per row or
+column along the cut), so every rank's values are exactly the checkpoint's.
 """
 
 from __future__ import annotations
@@ -60,30 +61,34 @@ def slice_weight(w: torch.Tensor | QTensor, dim: int, start: int, stop: int) -> 
         if stop > n:  # padded rows/cols: e8m0 0x7F = 1.0 keeps zeros zero
             scales.narrow(ax, (min(stop, n) - start) // g, (stop - max(start, n)) // g).fill_(127)
         return QTensor("mxfp4", data, scales)
-    # fp8 with 128x128 block scales
-    aligned = start % FP8_BLOCK == 0 or start // FP8_BLOCK == (min(stop, n) - 1) // FP8_BLOCK
-    if not aligned:
-        from tilert.numerics import fp8
-
-        q, s = fp8.quantize_blocks(slice_weight(w.dequantize(), ax, start, stop))
-        return QTensor("fp8", q, s)
+    # fp8 with block scales: a slice that starts inside a scale block (or cuts a block of a wider
+    # one) keeps every value exact by refining the scale grid to one scale per row (or column) along
+    # the sliced axis; slices that follow the blocks keep the block grid.
+    blk = w.block[ax]
+    if start % blk and start // blk != (min(stop, n) - 1) // blk:
+        scales = w.scales.repeat_interleave(blk, dim=ax).narrow(ax, 0, n)
+        block = (1, w.block[1]) if ax == -2 else (w.block[0], 1)
+        w, blk = QTensor("fp8", w.data, scales, block), 1
     data = slice_weight(w.data.view(torch.uint8), ax, start, stop).view(torch.float8_e4m3fn)
-    b0 = start // FP8_BLOCK
-    nb = -(-(stop - start) // FP8_BLOCK)
+    b0 = start // blk
+    nb = -(-(stop - start) // blk) if start % blk == 0 else 1
     scales = slice_weight(w.scales, ax, b0, b0 + nb)
     if scales.shape[ax] and stop > n:
-        have = -(-(min(stop, n) - start) // FP8_BLOCK)
+        have = -(-(min(stop, n) - start) // blk)
         scales.narrow(ax, have, scales.shape[ax] - have).fill_(1.0)
-    return QTensor("fp8", data, scales)
+    return QTensor("fp8", data, scales, w.block)
 
 
 def _cat(ws: list[torch.Tensor | QTensor], dim: int = 0) -> torch.Tensor | QTensor:
     if len(ws) == 1:
         return ws[0]
     if isinstance(ws[0], QTensor):
-        if ws[0].fmt == "fp8" and any(w.shape[-2] % FP8_BLOCK for w in ws[:-1]):
-            raise WeightError("cannot concatenate FP8 weights whose rows are not whole 128-blocks")
-        return QTensor(ws[0].fmt, torch.cat([w.data for w in ws], dim), torch.cat([w.scales for w in ws], dim))
+        if ws[0].fmt == "fp8" and (
+            any(w.shape[-2] % w.block[0] for w in ws[:-1]) or len({w.block for w in ws}) > 1
+        ):
+            raise WeightError("cannot concatenate FP8 weights whose rows are not whole scale blocks")
+        return QTensor(ws[0].fmt, torch.cat([w.data for w in ws], dim), torch.cat([w.scales for w in ws], dim),
+                       ws[0].block)
     return torch.cat(ws, dim)
 
 

@@ -16,10 +16,10 @@ def dequant_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return mxfp4.dequantize(blocks, scales, dtype=torch.float32)
 
 
-def dequant_fp8(q: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+def dequant_fp8(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
     from tilert.numerics import fp8
 
-    return fp8.dequantize_blocks(q, scale_inv, dtype=torch.float32)
+    return fp8.dequantize_blocks(q, scale_inv, dtype=torch.float32, block=block)
 
 
 def mxfp4_linear(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

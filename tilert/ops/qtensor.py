@@ -11,7 +11,8 @@ import torch
 class QTensor:
     fmt: str  # "mxfp4" | "fp8"
     data: torch.Tensor  # mxfp4: uint8 [..., N, K/2]; fp8: float8_e4m3fn [..., N, K]
-    scales: torch.Tensor  # mxfp4: uint8 [..., N, K/32]; fp8: f32 [..., ceil(N/128), ceil(K/128)]
+    scales: torch.Tensor  # mxfp4: uint8 [..., N, K/32]; fp8: f32 [..., ceil(N/bn), ceil(K/bk)]
+    block: tuple[int, int] = (128, 128)  # fp8 scale block (bn, bk); finer after a slice that cuts a block
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -21,11 +22,13 @@ class QTensor:
     def dequantize(self) -> torch.Tensor:
         from tilert.ops.linear import dequant_fp8, dequant_mxfp4
 
-        return dequant_mxfp4(self.data, self.scales) if self.fmt == "mxfp4" else dequant_fp8(self.data, self.scales)
+        if self.fmt == "mxfp4":
+            return dequant_mxfp4(self.data, self.scales)
+        return dequant_fp8(self.data, self.scales, self.block)
 
     def __getitem__(self, i: int) -> QTensor:
         """One slice of a stacked [E, N, K] weight (e.g. one expert)."""
-        return QTensor(self.fmt, self.data[i], self.scales[i])
+        return QTensor(self.fmt, self.data[i], self.scales[i], self.block)
 
     def to(self, device: torch.device | str) -> QTensor:
-        return QTensor(self.fmt, self.data.to(device), self.scales.to(device))
+        return QTensor(self.fmt, self.data.to(device), self.scales.to(device), self.block)

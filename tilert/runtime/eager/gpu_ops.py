@@ -74,7 +74,8 @@ def solo_all_reduce(ctx: Any, x: torch.Tensor) -> torch.Tensor:
 @impl("linear_mxfp4", "linear_fp8")
 def linear(ctx, x, w, *extra, out_dtype="bf16", norm_eps=None, residual=False):
     norm_w, res = split_extras(extra, norm_eps, residual)
-    if not isinstance(w, QTensor) or x.shape[-1] % 32 or not x.is_cuda or not _kernels(ctx):
+    fast = isinstance(w, QTensor) and (w.fmt == "mxfp4" or w.block == (128, 128))
+    if not fast or x.shape[-1] % 32 or not x.is_cuda or not _kernels(ctx):
         kind = "linear_mxfp4" if isinstance(w, QTensor) and w.fmt == "mxfp4" else "linear_fp8"
         return get_op(kind).reference(ctx, x, w, *extra, out_dtype=out_dtype, norm_eps=norm_eps, residual=residual)
     from tilert.kernels import fp8_gemm, mxfp4_gemm
