@@ -47,12 +47,21 @@ class CheckpointReader:
     """
 
     def __init__(self, path: str | Path, device: str = "cpu") -> None:
+        self.path = Path(path)
+        files, weight_map = _checkpoint_files(self.path)
+        self._open(files, device)
+        if weight_map is not None:
+            for k, fname in weight_map.items():
+                if self._where.get(k) is None:
+                    raise CheckpointError(f"tensor {k} is in the index but not in {fname}")
+
+    def _open(self, files: list[Path], device: str) -> None:
+        """Open every file lazily (headers only) and map each tensor name to its file."""
         from safetensors import safe_open
 
-        self.path, self.device = Path(path), device
+        self.device = device
         self.reads: list[str] = []
         self._handles: dict[Path, Any] = {}
-        files, weight_map = _checkpoint_files(self.path)
         self._where: dict[str, Path] = {}
         for f in files:
             try:
@@ -64,10 +73,6 @@ class CheckpointReader:
                 if k in self._where:
                     raise CheckpointError(f"tensor {k} is stored twice ({self._where[k].name} and {f.name})")
                 self._where[k] = f
-        if weight_map is not None:
-            for k, fname in weight_map.items():
-                if self._where.get(k) is None:
-                    raise CheckpointError(f"tensor {k} is in the index but not in {fname}")
 
     def keys(self) -> list[str]:
         return list(self._where)

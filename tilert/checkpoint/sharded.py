@@ -105,21 +105,8 @@ class _RankReader(CheckpointReader):
     """A reader over an explicit file list (one rank's shards), not a whole directory."""
 
     def __init__(self, directory: Path, files: list[str], device: str) -> None:
-        from safetensors import safe_open
-
-        self.path, self.device, self.reads = directory, device, []
-        self._handles, self._where = {}, {}
-        for f in files:
-            p = directory / f
-            try:
-                h = safe_open(str(p), framework="pt", device=device)
-            except Exception as e:  # safetensors raises its own error types for a bad header
-                raise CheckpointError(f"cannot open {p}: {e}") from None
-            self._handles[p] = h
-            for k in h.keys():
-                if k in self._where:
-                    raise CheckpointError(f"tensor {k} is stored twice ({self._where[k].name} and {f})")
-                self._where[k] = p
+        self.path = directory
+        self._open([directory / f for f in files], device)
 
 
 def _value_check(rank: int, entries: Mapping[str, Any]) -> Any:
