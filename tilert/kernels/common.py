@@ -135,3 +135,18 @@ def toolchain_reason() -> str | None:
 
 def has_toolchain() -> bool:
     return toolchain_reason() is None
+
+
+def launch_decode_gemm(kernel: Any, x: Any, w: Any, s: Any, m_pad: int, n: int, split_k: int) -> Any:
+    """Run a decode GEMM launcher y[M_pad, N] f32 = x @ W^T: pads x to the compiled M, zeroes y when
+    split-K tiles accumulate into it; returns the M valid rows."""
+    import torch
+
+    m, k = x.shape
+    xp = x.contiguous()
+    if m_pad != m:
+        xp = torch.zeros(m_pad, k, dtype=x.dtype, device=x.device)
+        xp[:m] = x
+    y = (torch.zeros if split_k > 1 else torch.empty)(m_pad, n, dtype=torch.float32, device=x.device)
+    kernel(xp, w.contiguous(), s.contiguous(), y)
+    return y[:m]

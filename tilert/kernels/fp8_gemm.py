@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tilert.kernels.common import build, cdiv
+from tilert.kernels.common import build, cdiv, launch_decode_gemm
 from tilert.ops.linear import fp8_linear
 
 reference = fp8_linear
@@ -135,13 +135,7 @@ def run(x: torch.Tensor, q: torch.Tensor, scale_inv: torch.Tensor, cfg: Config |
     """y [M, N] float32 = x [M, K] bf16 @ (q * block scale_inv)^T."""
     m, n, k = _check_inputs(x, q, scale_inv)
     cfg = cfg or pick_config(m, n, k)
-    xp = x.contiguous()
-    if cfg.m != m:
-        xp = torch.zeros(cfg.m, k, dtype=x.dtype, device=x.device)
-        xp[:m] = x
-    y = (torch.zeros if cfg.split_k > 1 else torch.empty)(cfg.m, n, dtype=torch.float32, device=x.device)
-    compiled(cfg)(xp, q.contiguous(), scale_inv.contiguous(), y)
-    return y[:m]
+    return launch_decode_gemm(compiled(cfg), x, q, scale_inv, cfg.m, n, cfg.split_k)
 
 
 def check(m: int, n: int, k: int, seed: int | None = None, cfg: Config | None = None) -> float:

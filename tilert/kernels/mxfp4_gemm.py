@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tilert.kernels.common import DEVICE_PRELUDE, build, cdiv
+from tilert.kernels.common import DEVICE_PRELUDE, build, cdiv, launch_decode_gemm
 from tilert.ops.linear import mxfp4_linear
 
 reference = mxfp4_linear
@@ -304,13 +304,7 @@ def run(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, cfg: Config
     """y [M, N] float32 = x [M, K] bf16 @ dequant(blocks, scales)^T."""
     m, n, k = _check_inputs(x, blocks, scales)
     cfg = cfg or pick_config(m, n, k)
-    xp = x.contiguous()
-    if cfg.m != m:
-        xp = torch.zeros(cfg.m, k, dtype=x.dtype, device=x.device)
-        xp[:m] = x
-    y = (torch.zeros if cfg.split_k > 1 else torch.empty)(cfg.m, n, dtype=torch.float32, device=x.device)
-    compiled(cfg)(xp, blocks.contiguous(), scales.contiguous(), y)
-    return y[:m]
+    return launch_decode_gemm(compiled(cfg), x, blocks, scales, cfg.m, n, cfg.split_k)
 
 
 def check(m: int, n: int, k: int, seed: int | None = None, cfg: Config | None = None, wscale: float = 0.05) -> float:
