@@ -13,6 +13,7 @@ prediction of the cost model. Writes benchmarks/results/e2e-<device>.json.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -74,40 +75,74 @@ def time_step(rt: EagerRuntime, g, inputs: dict) -> tuple[float, float | None]:
 
 
 def bench_block(cfg, B: int, a: argparse.Namespace, max_seq: int, cache: dict) -> dict:
-    """Eager, eager + CUDA graph and plain-torch step times for B query tokens."""
+    """Persistent, eager, eager + CUDA graph and plain-torch step times for B query tokens, and the
+    persistent step's logits against the eager step's (same weights, same inputs, fresh caches)."""
+    from tilert.runtime.persistent.backend import compile_step
+    from tilert.runtime.persistent.step import PersistentStep
+
     mode = "verify" if B > 1 else "decode"
     t0 = time.time()
-    g = compile_for_gpu(build_step_graph(cfg, tokens=B, max_seq=max_seq, mode=mode), max_seq, a.world_size)[0]
+    g, sched = compile_step(build_step_graph(cfg, tokens=B, max_seq=max_seq, mode=mode), max_seq, a.world_size)
     if "params" not in cache:
         cache["params"] = synthetic_params(g, seed=0)
         torch.cuda.synchronize()
         gb = sum(v.nbytes for v in g.by_role("param")) / 1e9
         print(f"synthetic rank-0 weights: {gb:.1f} GB ({time.time() - t0:.1f} s)", flush=True)
-    rt = EagerRuntime(cache["params"], world=a.world_size, solo=True)
-    plain = EagerRuntime(cache["params"], world=a.world_size, solo=True, use_kernels=False)
     start = a.context
     inputs = {
         "tokens": torch.randint(0, cfg.vocab_size, (B,), dtype=torch.int32, device="cuda"),
         "positions": torch.arange(start, start + B, dtype=torch.int32, device="cuda"),
     }
+    row: dict = {}
+    try:
+        t1 = time.time()
+        st = PersistentStep(g, sched.table, sched.counter_expected, cache["params"])
+        print(f"persistent step program: {st.n_classes} node classes, {int((sched.table[:, :, 0] != 0).sum())} "
+              f"tasks, built in {time.time() - t1:.1f} s", flush=True)  # fmt: skip
+        p_out = {k: v.clone() for k, v in st.run(inputs).items()}
+        t_pers = time_cuda(lambda: st.launch(inputs), iters=20, warmup=3)
+        st.check()
+        row.update(persistent_ms=t_pers, persistent_tasks=int((sched.table[:, :, 0] != 0).sum()),
+                   persistent_node_classes=st.n_classes)  # fmt: skip
+        st.run(inputs)
+        if a.trace_dir:
+            Path(a.trace_dir).mkdir(parents=True, exist_ok=True)
+            tp = Path(a.trace_dir) / f"trace_persistent_{mode}.B{B}.json"
+            tp.write_text(json.dumps(st.measured_trace()))
+            row["persistent_trace"] = str(tp)
+    except Exception as e:  # keep the eager figures
+        import traceback
+
+        traceback.print_exc()
+        row["persistent_error"] = f"{type(e).__name__}: {e}"
+        p_out = None
+    rt = EagerRuntime(cache["params"], world=a.world_size, solo=True)
+    plain = EagerRuntime(cache["params"], world=a.world_size, solo=True, use_kernels=False)
     out = rt.run(g, inputs)  # compiles kernels
     torch.cuda.synchronize()
     finite = bool(torch.isfinite(out["logits"]).all())
+    if p_out is not None:
+        ref, got = out["logits"].double(), p_out["logits"].double()
+        row["persistent_vs_eager_logits_rel_err"] = float((got - ref).norm() / ref.norm())
+        same = torch.equal(out["next_tokens"].long(), p_out["next_tokens"].long())
+        row["persistent_next_tokens_equal_eager"] = bool(same)
+        print(f"persistent vs eager logits: rel err {row['persistent_vs_eager_logits_rel_err']:.2e}", flush=True)
     t_eager, t_graph = time_step(rt, g, inputs)
     t_plain = None if a.skip_plain else time_cuda(lambda: plain.run(g, inputs), iters=3, warmup=1)
     print(
-        f"B={B}: eager {t_eager:.2f} ms | eager+graph {t_graph} ms | plain torch "
-        f"{t_plain if t_plain is None else round(t_plain, 2)} ms",
+        f"B={B}: persistent {row.get('persistent_ms')} ms | eager {t_eager:.2f} ms | eager+graph {t_graph} ms | "
+        f"plain torch {t_plain if t_plain is None else round(t_plain, 2)} ms",
         flush=True,
     )
-    return {
+    row.update({
         "eager_ms": t_eager,
         "eager_graph_ms": t_graph,
         "plain_torch_ms": t_plain,
         "launches_per_step": {"eager": len(g.nodes), "eager_graph": 1, "persistent": 1},
         "fused_ops": g.op_counts(),
         "finite_logits": finite,
-    }
+    })  # fmt: skip
+    return row
 
 
 def bench_drafter(cfg, a: argparse.Namespace, max_seq: int) -> dict:
@@ -145,6 +180,8 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--skip-plain", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--trace-dir", default=None, help="write the persistent kernel's measured per-SM traces here")
+    ap.add_argument("--skip-drafter", action="store_true")
     a = ap.parse_args()
     cfg = load_config(a.model)
     max_seq = a.context + 64
@@ -162,10 +199,12 @@ def main() -> None:
             traceback.print_exc()
             rows[str(B)] = {"error": f"{type(e).__name__}: {e}"}
     try:
-        rows["drafter"] = bench_drafter(cfg, a, max_seq)
+        rows["drafter"] = {"skipped": True} if a.skip_drafter else bench_drafter(cfg, a, max_seq)
     except Exception as e:
         rows["drafter"] = {"error": f"{type(e).__name__}: {e}"}
     verify, draft = rows.get("8", {}).get("eager_graph_ms"), rows["drafter"].get("eager_graph_ms")
+    pverify = rows.get("8", {}).get("persistent_ms")
+    tps_persistent = a.accept_len / ((pverify + draft) * 1e-3) if pverify and draft else None
     if verify and draft:
         tps = a.accept_len / ((verify + draft) * 1e-3)
         note = "tokens/s per user = accept_len / (verify step B=8 + drafter step), both measured as eager + CUDA graph"
@@ -181,8 +220,9 @@ def main() -> None:
         "accept_len": a.accept_len,
         "steps": rows,
         "projected_tokens_per_s_per_user": tps,
+        "projected_tokens_per_s_per_user_persistent": tps_persistent,
         "projection_formula": note,
-        "persistent": "not measured: the full-step persistent program is not built yet (see chain benchmark)",
+        "persistent": "one launch per step: the compiler's task table run by runtime/persistent/step.py",
     }
     print(write_result("e2e", res, a.out))
 

@@ -1,21 +1,23 @@
 """tile: every op -> stages of tile tasks (opcode, tile coordinates, bytes/flops per tile).
 
 Tile shapes per op kind live in TILE_CONFIG and TILE_RULES below (one place to change them).
-They follow the TileLang kernels in tilert/kernels/: the GEMMs' block_m/block_n/block_k/split_k
-heuristic (fp8_gemm.plan, mxfp4_gemm), split-KV decode attention (AttnConfig: block_n 64 keys,
-splits ~one wave, plus the new-key split) with a combine stage, and the fused MoE as router,
-top-k, per-slot-group gate/up and down, and reduce stages.
+Tile coordinates are the TileLang kernels' (tilert/kernels/), so a persistent kernel can run
+their tile bodies straight from a task row: the GEMMs' block_m/block_n/block_k/split_k
+(`gemm_shape` = fp8_gemm/mxfp4_gemm pick_config), split-KV decode attention (rows, block_m and
+splits of the kernel's AttnConfig: `attention_tiling`) with a combine stage, and the fused MoE's
+router / route / gate_up / down bodies grouped by `tilert.kernels.moe.tiling`, plus a reduce stage.
 
 A stage's tasks each belong to one output chunk (a counter): the tile's column block for GEMMs,
-the kv head for attention, the slot group for MoE gate/up. Reads say which columns of which
-input (or which chunks of an earlier stage of the same op) a task needs; `schedule` turns them
-into counter waits. MoE expert tasks are slot groups: slot j of the routed (token, expert) list
-compacted by the top-k task; group g runs slots g, g+G, ... so the static table stays small and
-a task with no routed slot exits at once. Costs are expected values under uniform routing.
+the kv head for attention, the slot for MoE gate/up, the 128-column n tile for MoE down. Reads
+say which columns of which input (or which chunks of an earlier stage of the same op) a task
+needs; `schedule` turns them into counter waits. MoE expert tasks are per slot of the device-side
+active-expert list the top-k task compacts (slot < max_slots = min(n_local, T x top_k)); a slot
+>= Count exits at once. Costs are expected values under uniform routing (`slot_busy`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,16 +26,17 @@ from typing import Any
 from tilert.ir.graph import Graph, Node, Value
 from tilert.ir.opset.fused import MOE_CORE
 from tilert.ir.opset.moe import expected_experts
+from tilert.kernels import moe
 from tilert.passes.cost_model import kv_read_bytes, op_cost
 
 TILE_CONFIG: dict[str, dict[str, Any]] = {
     "gemm": {"block_m": (16, 64), "block_k": (128, 64, 32), "block_n": 128, "block_n_small": 64,
              "wide_n": 128 * 16, "wave": 1.2, "min_k_tiles": 2},
     "attention": {"block_n": 64, "wave_ctas": 128},
-    "moe": {"router_rows": 4, "block_n": 128, "gate_up_split_k": 4, "slot_margin": 1},
     "collective": {"cols": 1024},
     "generic": {"cols": 2048},
 }  # fmt: skip
+# the fused MoE's geometry is the kernel's: tilert.kernels.moe.tiling (ROUTER_E, GU_PER_TASK, DOWN_COLS)
 
 
 @dataclass(frozen=True)
@@ -129,14 +132,39 @@ def tile_lm_head(g: Graph, n: Node, ctx: Any) -> OpTiles:
     return OpTiles([gemm, tail], [0, 1, 1][: len(n.outputs)])
 
 
-def attention_tiling(T: int, Hkv: int, heads: int, window: int) -> tuple[int, int, int]:
-    """(query rows per kv head, rows per CTA, KV splits) of an attention node: one place for both the
-    tile pass and anything that replays its tasks (the plan VM)."""
-    c = TILE_CONFIG["attention"]
-    rows = T * heads // Hkv
+def attention_tiling(a: dict[str, Any], T: int, Hkv: int) -> tuple[int, int, int]:
+    """(query rows per kv head, rows per CTA, KV splits) of an attention_block node with attrs `a`, T
+    tokens and Hkv local kv heads: the kernel's AttnConfig (rows, block_m, splits) where the kernel
+    covers the node (the eager runtime's `attn_config`), so the persistent kernel runs
+    `attn_split_body` at the table's coordinates; else (q/k norms, non-causal, head dims not
+    multiples of 16, T > 64) block_m 64/128 by rows and ~one wave of CTAs. One place for the tile
+    pass and the plan VM."""
+    cfg = _attn_config(_attn_key(a), T)
+    if cfg is not None:
+        if cfg.kv_heads != Hkv:
+            raise ValueError(f"attention_block kv_heads {cfg.kv_heads} != {Hkv} kv heads in the cache")
+        return cfg.rows, cfg.block_m, cfg.splits
+    c, window = TILE_CONFIG["attention"], a.get("window") or 0
+    rows = T * a["heads"] // Hkv
     bm = 64 if rows <= 64 else 128
     splits = max(1, cdiv(window, c["block_n"])) if window else max(1, c["wave_ctas"] // (Hkv * cdiv(rows, bm)))
     return rows, bm, splits
+
+
+def _attn_key(a: dict[str, Any]) -> tuple:
+    return tuple(sorted((k, v) for k, v in a.items() if isinstance(v, (int, float, bool, str, type(None)))))
+
+
+@functools.cache
+def _attn_config(key: tuple, T: int) -> Any:
+    """The attention kernel's AttnConfig for these attrs and T tokens (None: the kernel does not cover
+    them), built by the eager runtime's `attn_config` so both runtimes pick the same kernel."""
+    from tilert.runtime.eager.gpu_ops import attn_config  # no tilelang; lazy: runtime imports passes
+
+    try:
+        return attn_config(dict(key), T)
+    except ValueError:  # AttnConfig rejects the shape (odd rope_dim, ...): the kernel does not cover it
+        return None
 
 
 def tile_attention(g: Graph, n: Node, ctx: Any) -> OpTiles:
@@ -144,7 +172,7 @@ def tile_attention(g: Graph, n: Node, ctx: Any) -> OpTiles:
     q, kc, vc = (g.values[n.inputs[i]] for i in (0, 3, 4))
     T, Hkv, H, D, Dv = q.shape[0], kc.shape[0], a["heads"], a["head_dim"], a["v_head_dim"]
     group = H // Hkv
-    rows, bm, splits = attention_tiling(T, Hkv, H, a.get("window") or 0)
+    rows, bm, splits = attention_tiling(a, T, Hkv)
     rb = cdiv(rows, bm)
     kv = kv_read_bytes(n, kc, vc, T, ctx.context) / Hkv
     flops = 2.0 * rows * (D + Dv) * kv / ((D + Dv) * 2)
@@ -164,56 +192,80 @@ def tile_attention(g: Graph, n: Node, ctx: Any) -> OpTiles:
     return OpTiles([split, comb], [1, 0, 0])
 
 
+def slot_busy(T: int, k: int, E: int, n_local: int, slots: int) -> list[float]:
+    """P(Count > s) for s < slots: the chance MoE slot s has an expert, with Count ~ Binomial(n_local,
+    q) routed local experts (q = P(an expert gets >= 1 of T tokens), uniform routing). The expected-
+    value cost of a slot's tasks is this times a routed slot's cost; the sum is the expected active
+    local experts, so weight bytes count only for experts expected to be routed to."""
+    q = expected_experts(T, k, E) / E
+    if q >= 1.0:
+        return [1.0] * slots
+    n, lq, lp = n_local, math.log(q), math.log1p(-q)
+    tail, out = 1.0, []
+    for s in range(slots):  # log-space pmf: no overflow for large n_local
+        tail -= math.exp(math.lgamma(n + 1) - math.lgamma(s + 1) - math.lgamma(n - s + 1) + s * lq + (n - s) * lp)
+        out.append(max(0.0, tail))
+    return out
+
+
 def tile_moe(g: Graph, n: Node, ctx: Any) -> OpTiles:
-    c, a = TILE_CONFIG["moe"], n.a
+    """The fused MoE at the kernel's coordinates (tilert/kernels/moe.py bodies, grouped by
+    `moe.tiling`): ROUTER (e_tile) -> TOPK -> GATE_UP (slot, chunk) -> DOWN (slot, n_tile, k_split)
+    -> REDUCE (column block), always (all-reduce only when reduce and world > 1)."""
+    a = n.a
     x, gate, _, gu, dn = (g.values[i] for i in n.inputs[:MOE_CORE])
+    out = g.values[n.outputs[0]]
     T, H = x.shape
     E, n_local, k, world = gate.shape[0], a["n_local"], a["top_k"], int(a.get("world", 1))
-    I2 = gu.shape[1]
-    active = min(n_local, expected_experts(T, k, E) / world)  # expected routed local experts
-    slots = min(T * k, n_local)
-    G = max(1, min(slots, math.ceil(active) + c["slot_margin"]))
-    per_group = active / G  # expected experts a slot group runs
-    router = Stage("MOE_ROUTER", cdiv(E, c["router_rows"]), c["router_rows"])
+    In = dn.shape[2]
+    geo = moe.tiling(T, H, In, n_local, k)
+    busy = slot_busy(T, k, E, n_local, geo.max_slots)
+    zper = cdiv(T * H, cdiv(E, moe.ROUTER_E))  # Y elements each router task zeroes
+    router = Stage("MOE_ROUTER", cdiv(E, moe.ROUTER_E), moe.ROUTER_E)
     for r in range(router.chunks):
-        rows = min(c["router_rows"], E - r * c["router_rows"])
-        router.add((r, 0, 0), r, gate.nbytes * rows / E + x.nbytes, 2.0 * T * rows * H, (Read(0),))
+        rows = min(moe.ROUTER_E, E - r * moe.ROUTER_E)
+        router.add((r, 0, 0), r, gate.nbytes * rows / E + x.nbytes + T * rows * 4 + zper * 4, 2.0 * T * rows * H,
+                   (Read(0),))  # fmt: skip
     topk = Stage("MOE_TOPK", 1, 0)
-    topk.add((0, 0, 0), 0, T * E * 8, reads=(Read(-1),))
-    bn, sk = c["block_n"], c["gate_up_split_k"]
-    kc = H // sk
-    tok = T * k / max(1e-9, expected_experts(T, k, E))  # expected tokens per routed expert
-    up = Stage("MOE_GATE_UP", G, 0)  # (slot group, n tile, k split): fp32 atomics, like split-K GEMMs
-    for s in range(G):
-        for j in range(cdiv(I2, bn)):
-            for q in range(sk):
-                up.add((s, j, q), s, per_group * (gu.nbytes / n_local * bn / I2 / sk + tok * kc * 2 + tok * bn * 4),
-                       per_group * 2.0 * tok * bn * kc, (Read(-2), Read(0, q * kc, (q + 1) * kc)))  # fmt: skip
+    topk.add((0, 0, 0), 0, T * E * 8 + n_local * (moe.TP + 1) * 4, reads=(Read(-1),))
+    up = Stage("MOE_GATE_UP", geo.max_slots, 0)  # one counter per slot: its down tiles wait for it
+    for s in range(geo.max_slots):
+        for c in range(geo.gu_chunks):
+            lo, hi = geo.gu_cols(c)
+            w = gu.nbytes / n_local * (hi - lo) / In / 2  # gate and up rows of one expert
+            up.add((s, c, 0), s, busy[s] * (w + x.nbytes + T * (hi - lo) * 2), busy[s] * 4.0 * T * (hi - lo) * H,
+                   (Read(-2), Read(0)))  # fmt: skip
+    down = Stage("MOE_DOWN", geo.down_tiles, moe.DOWN_COLS)  # one counter per n tile: REDUCE reads columns
+    for j in range(geo.down_tiles):
+        lo, hi = geo.down_cols(j)
+        for s in range(geo.max_slots):
+            for q in range(geo.down_split):
+                klo, khi = geo.down_k(q)
+                w = dn.nbytes / n_local * (hi - lo) / H * (khi - klo) / In
+                down.add((s, j, q), j, busy[s] * (w + T * (khi - klo) * 2 + T * (hi - lo) * 4),
+                         busy[s] * 2.0 * T * (hi - lo) * (khi - klo), (Read(-3, s, s + 1),))  # fmt: skip
     res = len(n.inputs) - 1 if a.get("residual") else None
-    down = Stage("MOE_DOWN", cdiv(H, bn), bn)
-    for j in range(cdiv(H, bn)):
-        for s in range(G):
-            reads = (Read(-3, s, s + 1),) + ((Read(res, j * bn, (j + 1) * bn),) if res is not None and not
-                                             a.get("reduce") else ())  # fmt: skip
-            down.add((s, j, 0), j, per_group * (dn.nbytes / n_local * bn / H + tok * (I2 * 2 + bn * 4)),
-                     per_group * 2.0 * tok * bn * I2 / 2, reads)  # fmt: skip
-    stages = [router, topk, up, down]
-    if a.get("reduce"):
-        stages.append(_reduce_stage("MOE_REDUCE", g.values[n.outputs[0]], world, src=-4, chunk_cols=bn, res=res))
-    return OpTiles(stages, [len(stages) - 1])
+    coll = bool(a.get("reduce")) and world > 1
+    reduce = _reduce_stage("MOE_REDUCE", out, world if coll else 1, src=-4, chunk_cols=moe.DOWN_COLS, res=res,
+                           y_bytes=4, collective=coll)  # fmt: skip
+    return OpTiles([router, topk, up, down, reduce], [4])
 
 
-def _reduce_stage(opcode: str, out: Value, world: int, src: int, chunk_cols: int | None, res: int | None) -> Stage:
+def _reduce_stage(opcode: str, out: Value, world: int, src: int, chunk_cols: int | None, res: int | None,
+                  y_bytes: float | None = None, collective: bool = True) -> Stage:  # fmt: skip
+    """Column blocks of an all-reduce (collective: over `world` ranks; else a local copy) with an
+    optional residual add; y_bytes: bytes per element of the partial it reads (default: the output's)."""
     cols = TILE_CONFIG["collective"]["cols"]
     W = out.shape[-1]
-    st = Stage(opcode, cdiv(W, cols), cols, collective=True)
+    st = Stage(opcode, cdiv(W, cols), cols, collective=collective)
     per_col = out.nbytes / W
+    in_col = per_col if y_bytes is None else y_bytes * math.prod(out.shape[:-1])
     for c in range(st.chunks):
         lo, hi = c * cols, min(W, (c + 1) * cols)
         rd = Read(src, lo // chunk_cols, cdiv(hi, chunk_cols)) if chunk_cols else Read(src, lo, hi)
         reads = (rd,) + ((Read(res, lo, hi),) if res is not None else ())
-        nb = per_col * (hi - lo) * (world + 2)
-        st.add((c, 0, 0), c, nb, comm=2 * (world - 1) * per_col * (hi - lo) / world, reads=reads)
+        nb = (in_col * world + per_col * 2) * (hi - lo)
+        st.add((c, 0, 0), c, nb, comm=2 * (world - 1) * in_col * (hi - lo) / world, reads=reads)
     return st
 
 

@@ -114,13 +114,16 @@ def test_task_table_runs_on_a_counter_vm(tiny_ctx) -> None:  # noqa: ANN001
     assert ran == s.tasks and (counters == expected).all()
 
 
-def test_moe_down_waits_only_for_its_slot_group(tiny_ctx) -> None:  # noqa: ANN001
+def test_moe_down_waits_only_for_its_slot(tiny_ctx) -> None:  # noqa: ANN001
+    """A down task (slot, n tile, k split) waits on one counter: the gate/up tasks of its own slot."""
     _, ctx = tiny_ctx
     t = ctx.results["schedule"][0].table.reshape(-1, len(TASK_FIELDS))
     down = t[t[:, F["opcode"]] == OPCODES["MOE_DOWN"]]
     up = t[t[:, F["opcode"]] == OPCODES["MOE_GATE_UP"]]
-    assert len(down) and (down[:, F["wait0_count"]] == 1).all()
-    assert set(down[:, F["wait0_counter"]]) <= set(up[:, F["signal"]])
+    slot_counter = {(int(r[F["op"]]), int(r[F["c0"]])): int(r[F["signal"]]) for r in up}
+    assert len(down) and (down[:, F["wait0_count"]] == 1).all() and (down[:, F["wait1_counter"]] < 0).all()
+    for r in down:
+        assert r[F["wait0_counter"]] == slot_counter[int(r[F["op"]]), int(r[F["c0"]])]
 
 
 def test_memory_reuses_buffers_and_reports_fit(tiny_ctx) -> None:  # noqa: ANN001

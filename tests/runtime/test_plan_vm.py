@@ -8,6 +8,8 @@ table makes the check fail, so it can fail.
 
 from __future__ import annotations
 
+import json
+from importlib import resources
 from typing import Any
 
 import numpy as np
@@ -19,7 +21,7 @@ from hypothesis import strategies as st
 from tests.passes.helpers import assert_same, run_steps, two_steps
 from tests.strategies import tiny_configs
 from tilert.models.binding import bind_params
-from tilert.models.config import load_config
+from tilert.models.config import load_config, parse_config
 from tilert.models.weights import synthetic_weights
 from tilert.passes import PassContext, ShardError, compile_graph
 from tilert.plan import FIELD, OPCODES, WAITS
@@ -89,6 +91,21 @@ def test_long_context_uses_several_splits_and_row_blocks(world: int) -> None:
     check(case, run_vm(case, "random", seed=3), f"tiny world {world}, 140-token context")
 
 
+def test_kernel_attention_tiling() -> None:
+    """head_dim 16 (the attention kernel covers it, so the tiles are its AttnConfig's): a 40-token first
+    step has 80 query rows per kv head in full layers -> two 64-row blocks and the two-CTAs-per-SM
+    splits; SWA layers one 128-row block."""
+    raw = json.loads((resources.files("tilert.models") / "configs" / "tiny.json").read_text())
+    dims = {f"{p}{k}": 16 for p in ("", "swa_") for k in ("head_dim", "v_head_dim")}
+    cfg = parse_config({**raw, **dims, "partial_rotary_factor": 0.5}, name="tiny-d16")
+    case = compiled_steps(cfg, 1, prompt=40)
+    graphs, tables = case["steps"][0]
+    t = tables[0].reshape(-1, tables[0].shape[-1])
+    split = t[t[:, FIELD["opcode"]] == OPCODES["ATTN_SPLIT"]]
+    assert split[:, FIELD["c1"]].max() == 1 and split[:, FIELD["c2"]].max() == 256 // (2 * 2)
+    check(case, run_vm(case, "random", seed=5), "tiny-d16 world 1, 40-token context")
+
+
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=tiny_configs(heads_multiple=2), world=st.sampled_from([1, 2]), seed=st.integers(0, 100))
 def test_random_tiny_configs(cfg: Any, world: int, seed: int) -> None:
@@ -109,7 +126,7 @@ def _without_wait(case: dict[str, Any], sm: int, k: int, w: int) -> list[list[di
 
 def _fails(case: dict[str, Any], sm: int, k: int, w: int) -> bool:
     """Whether the VM catches the deleted wait: wrong outputs, or a tile body that finds its input
-    missing (the MoE expert groups before the top-k list)."""
+    missing (an MoE slot task before the top-k task wrote Count and the active-expert list)."""
     try:
         check(case, _without_wait(case, sm, k, w), "deleted wait")
     except (AssertionError, PlanVMError):
@@ -129,7 +146,9 @@ def test_a_deleted_wait_is_caught() -> None:
     assert _fails(case, heads[0], 0, w)
 
 
-@pytest.mark.parametrize("opcode", ["ATTN_COMBINE", "MOE_TOPK", "MOE_DOWN", "LM_HEAD_ARGMAX"])
+@pytest.mark.parametrize(
+    "opcode", ["ATTN_COMBINE", "MOE_TOPK", "MOE_GATE_UP", "MOE_DOWN", "MOE_REDUCE", "LM_HEAD_ARGMAX"]
+)
 def test_deleted_waits_of_other_kinds_are_caught(opcode: str) -> None:
     """Deleting the last wait (the op's own stage or nearest producer) of one of the first 3 tasks of
     a kind is caught at least once (a wait can be redundant: SM program order or a transitive wait

@@ -51,6 +51,7 @@ class AttnConfig:
     num_stages: int = 0  # TMA ring depth (key tiles in flight per CTA); 0 = auto, see `stages`
     min_tiles: int = 2  # fewest key tiles per split (short contexts use fewer splits)
     rows_per_cta: int = 0  # 0 = auto, see `block_m`; 64 = one-warpgroup CTAs
+    v_scale: float = 1.0  # new v rows are scaled (fp32) and rounded to bf16 before the cache append
 
     def __post_init__(self) -> None:
         if self.q_heads % self.kv_heads:
@@ -125,8 +126,14 @@ def _split_plan(cfg: AttnConfig, start):
     return lo, per, T.ceildiv(tiles, per)
 
 
-def make_bodies(cfg: AttnConfig):
-    """The two tile bodies (T.macro) for `cfg`; see the module docstring for their contracts."""
+def make_bodies(cfg: AttnConfig, tma: bool = True):
+    """The two tile bodies (T.macro) for `cfg`; see the module docstring for their contracts.
+
+    tma=False loads key tiles with cp.async instead of TMA (the persistent kernel: its views come
+    from pointers, so there are no host-built TMA descriptors): every thread issues its share of a
+    tile into the same ring and commits two groups per ring step (empty ones past the last tile),
+    so waiting for all but the newest 2 x (stages - 1) groups means the tile being consumed landed;
+    a proxy fence then hands the generic-proxy writes to the MMA's async proxy."""
     import tilelang.language as T
 
     B, G, R, BM, BN = cfg.block, cfg.group, cfg.rows, cfg.block_m, cfg.block_n
@@ -146,6 +153,11 @@ def make_bodies(cfg: AttnConfig):
         other = T.Cast(f32, src[(*pre, e)])
         c, s_ = cs[b, f], cs[b, RH + f]
         return T.if_then_else(d < RH, x * c - other * s_, T.if_then_else(d < ROPE, x * c + other * s_, x))
+
+    def vnew(Vnew, b, h, d):
+        if cfg.v_scale == 1.0:
+            return Vnew[b, h, d]
+        return T.Cast(bf16, T.Cast(f32, Vnew[b, h, d]) * cfg.v_scale)
 
     @T.macro
     def tile(q_s, k_s, v_s, acc_s, acc_p, acc_o, m, m_prev, alpha, l_sum, r_sum, qpos, base, hi, masked):
@@ -176,11 +188,32 @@ def make_bodies(cfg: AttnConfig):
 
     @T.macro
     def issue(Kc, Vc, k_ring, v_ring, bar, st, h, base):
-        """One TMA load of the key tile at base (K and V) into ring slot st, completing on bar[st]."""
-        T.tma_copy(Kc[h, base : base + BN, :], k_ring[st, :, :], barrier=bar[st])
-        T.tma_copy(Vc[h, base : base + BN, :], v_ring[st, :, :], barrier=bar[st])
-        if T.shuffle_elect(TH):
-            T.barrier_arrive(bar[st])
+        """Load the key tile at base (K and V) into ring slot st: one TMA load completing on bar[st],
+        or (tma=False) cp.async by every thread, two commit groups."""
+        if tma:
+            T.tma_copy(Kc[h, base : base + BN, :], k_ring[st, :, :], barrier=bar[st])
+            T.tma_copy(Vc[h, base : base + BN, :], v_ring[st, :, :], barrier=bar[st])
+            if T.shuffle_elect(TH):
+                T.barrier_arrive(bar[st])
+        else:
+            T.async_copy(Kc[h, base : base + BN, :], k_ring[st, :, :])
+            T.async_copy(Vc[h, base : base + BN, :], v_ring[st, :, :])
+
+    @T.macro
+    def no_issue():
+        """(tma=False) two empty commit groups: every ring step commits the same number."""
+        if not tma:
+            T.ptx_commit_group()
+            T.ptx_commit_group()
+
+    @T.macro
+    def wait_tile(bar, st, t):
+        if tma:
+            T.mbarrier_wait_parity(bar[st], (t // NST) % 2)
+        else:
+            T.ptx_wait_group(2 * (NST - 1))
+            T.fence_proxy_async()
+            T.sync_threads()
 
     @T.macro
     def attn_split_body(Q, Knew, Vnew, Kc, Vc, Pos, Opart, Lse, h, rb, s):
@@ -209,6 +242,8 @@ def make_bodies(cfg: AttnConfig):
         for st in T.unroll(NST):
             if st < nt:
                 issue(Kc, Vc, k_ring, v_ring, bar, st, h, s_lo + st * BN)
+            else:
+                no_issue()
 
         # cos/sin of the B new positions in float64, like the reference (angles reach 1e5 rad).
         for b, f in T.Parallel(B, max(RH, 1)):
@@ -234,7 +269,7 @@ def make_bodies(cfg: AttnConfig):
             # is run by hand with mbarriers instead of T.Pipelined (see docs/attention.md).
             for t in T.serial(nt):
                 st = t % NST
-                T.mbarrier_wait_parity(bar[st], (t // NST) % 2)
+                wait_tile(bar, st, t)
                 base = s_lo + t * BN
                 if base + BN > s_hi:
                     # the split's partial last tile: rows at or past s_hi may be stale or never
@@ -282,13 +317,15 @@ def make_bodies(cfg: AttnConfig):
                 T.sync_threads()  # every warp is done with slot st before it is refilled
                 if t + NST < nt:
                     issue(Kc, Vc, k_ring, v_ring, bar, st, h, base + NST * BN)
+                else:
+                    no_issue()
         else:
             for j, d in T.Parallel(BN, DK):
                 k_ring[0, j, d] = T.if_then_else(
                     j < B, T.Cast(bf16, rotate(Knew, (T.min(j, B - 1), h), T.min(j, B - 1), d, cs)), T.Cast(bf16, 0)
                 )
             for j, d in T.Parallel(BN, DV):
-                v_ring[0, j, d] = T.if_then_else(j < B, Vnew[T.min(j, B - 1), h, d], T.Cast(bf16, 0))
+                v_ring[0, j, d] = T.if_then_else(j < B, vnew(Vnew, T.min(j, B - 1), h, d), T.Cast(bf16, 0))
             T.fence_proxy_async()  # generic-proxy smem writes, read next by wgmma (async proxy)
             T.sync_threads()
             if rb == 0:

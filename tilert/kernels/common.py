@@ -45,6 +45,11 @@ __device__ __forceinline__ unsigned tilert_e2m1x2(unsigned w, unsigned u, unsign
   const unsigned y = __byte_perm(w, u, sel);
   return tilert_bf16x2_mul(((y << 6) & 0x01C001C0u) | ((y << 12) & 0x80008000u), mult);
 }
+__device__ __forceinline__ long long tilert_globaltimer() {
+  long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
 #endif
 """
 

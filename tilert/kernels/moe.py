@@ -47,6 +47,7 @@ class Config:
     scaling: float = 1.0
     normalize: bool = True
     down_split: int = 1
+    cta_threads: int = 0  # 0: the standalone launchers' own (loop_shape); 256 in the persistent kernel
 
     @property
     def max_slots(self) -> int:
@@ -58,11 +59,68 @@ class Config:
 
     @property
     def gu_shape(self) -> tuple[int, int]:  # (threads, stages) of the gate_up CTA
-        return loop_shape(self.hidden // BLOCK_K)
+        return self._shape(self.hidden // BLOCK_K)
 
     @property
     def down_shape(self) -> tuple[int, int]:
-        return loop_shape(self.inter // BLOCK_K // self.down_split)
+        return self._shape(self.inter // BLOCK_K // self.down_split)
+
+    def _shape(self, chunks: int) -> tuple[int, int]:
+        threads, stages = loop_shape(chunks)
+        if self.cta_threads:  # a persistent CTA: its thread count, as many chunks in flight
+            return self.cta_threads, max(1, min(8, cdiv(chunks, self.cta_threads // 32)))
+        return threads, stages
+
+
+GU_COLS = 8  # h columns per gate_up_tile n_tile (8 gate rows + the 8 matching up rows: one BLOCK_N tile)
+GU_PER_TASK = 16  # gate_up n_tiles per MOE_GATE_UP task: 128 h columns
+DOWN_COLS = 128  # output features per MOE_DOWN task
+DOWN_PER_TASK = DOWN_COLS // BLOCK_N  # down_tile n_tiles (BLOCK_N features each) per MOE_DOWN task
+
+
+@dataclass(frozen=True)
+class MoeTiling:
+    """Task geometry of the fused MoE for the compiler's task tables (passes/tile.py) and the plan VM:
+    the kernel launch grids of make_kernels, grouped into tasks big enough to amortise a task."""
+
+    tokens: int
+    hidden: int
+    inter: int
+    max_slots: int  # = Config.max_slots: a slot >= Count exits at once
+    gu_tiles: int  # gate_up_tile n_tiles (= In // 8 when 8 divides In; the grid's x)
+    gu_chunks: int  # MOE_GATE_UP tasks per slot
+    down_tiles: int  # MOE_DOWN n tiles (DOWN_COLS output features each)
+    down_split: int  # MOE_DOWN k splits (Config.down_split)
+
+    def gu_range(self, chunk: int) -> tuple[int, int]:
+        """gate_up_tile n_tiles [lo, hi) that MOE_GATE_UP task `chunk` runs."""
+        return chunk * GU_PER_TASK, min(self.gu_tiles, (chunk + 1) * GU_PER_TASK)
+
+    def gu_cols(self, chunk: int) -> tuple[int, int]:
+        """h columns [lo, hi) that MOE_GATE_UP task `chunk` writes into Hb[slot]."""
+        lo, hi = self.gu_range(chunk)
+        return lo * GU_COLS, min(self.inter, hi * GU_COLS)
+
+    def down_range(self, n_tile: int) -> tuple[int, int]:
+        """down_tile n_tiles [lo, hi) (BLOCK_N features each) that MOE_DOWN task `n_tile` runs."""
+        return n_tile * DOWN_PER_TASK, min(cdiv(self.hidden, BLOCK_N), (n_tile + 1) * DOWN_PER_TASK)
+
+    def down_cols(self, n_tile: int) -> tuple[int, int]:
+        """Output columns [lo, hi) of Y that MOE_DOWN task `n_tile` adds into."""
+        return n_tile * DOWN_COLS, min(self.hidden, (n_tile + 1) * DOWN_COLS)
+
+    def down_k(self, k_split: int) -> tuple[int, int]:
+        """h columns [lo, hi) (the down GEMM's k) that k split `k_split` reduces."""
+        kc = self.inter // self.down_split
+        return k_split * kc, self.inter if k_split == self.down_split - 1 else (k_split + 1) * kc
+
+
+def tiling(tokens: int, hidden: int, inter: int, n_local: int, top_k: int,
+           down_split: int = Config.down_split) -> MoeTiling:  # fmt: skip
+    """The fused MoE's task geometry for T tokens (pure python, no tilelang: any shape, tiny too)."""
+    gu = cdiv(inter, GU_COLS)
+    return MoeTiling(tokens, hidden, inter, min(n_local, tokens * top_k), gu, cdiv(gu, GU_PER_TASK),
+                     cdiv(hidden, DOWN_COLS), down_split)  # fmt: skip
 
 
 def make_bodies(cfg: Config):

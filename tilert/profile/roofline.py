@@ -85,7 +85,7 @@ def measure_rows(rows: list[KernelRow], g: Graph, device: str, context: int, wor
     for r, t in zip(rows, rt.node_times(g, inputs, iters)):
         r.measured_us = t
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    return f"measured on {name}: eager runtime, one launch per op, median of {iters} steps"
+    return f"measured on {name}: eager runtime ({rt.timing}), one launch per op, median of {iters} steps"
 
 
 def plot_roofline(rows: list[KernelRow], spec: Any, path: str | Path, title: str) -> str | None:

@@ -74,16 +74,17 @@ class EagerRuntime:
         for i, node in enumerate(g.nodes):
             fn = IMPLS.get(node.op) or get_op(node.op).reference
             if marks is not None:
-                marks.append(self._mark())
+                marks.append(None if isinstance(marks, _Recorder) else self._mark())
             try:
                 outs = fn(self.ctx, *(env[x] for x in node.inputs), **node.a)
             except KeyError as e:
                 raise IRError(f"node {i} ({node.op}) in '{g.name}': value {e} was not provided") from None
             env.update(zip(node.outputs, outs))
         if marks is not None:
-            marks.append(self._mark())
+            marks.append(None if isinstance(marks, _Recorder) else self._mark())
 
     def _mark(self) -> Any:
+        """A timing mark: a recorded CUDA event on the GPU, perf_counter on the CPU."""
         if self.device.type == "cuda":
             e = torch.cuda.Event(enable_timing=True)
             e.record()
@@ -93,8 +94,17 @@ class EagerRuntime:
         return time.perf_counter()
 
     def node_times(self, g: Graph, inputs: Mapping[str, torch.Tensor], iters: int = 5) -> list[float]:
-        """Median microseconds of each node (CUDA events between launches on the GPU, wall time on
-        the CPU) over `iters` steps: the measured side of the profiler's roofline."""
+        """Median microseconds of each node over `iters` steps: the measured side of the profiler's
+        roofline. On the GPU the step is captured into a CUDA graph with timing events between the
+        nodes and replayed, so the figures are kernel time without Python's launch overhead (when
+        the step cannot be captured, events between eager launches, which include that overhead;
+        `self.timing` says which). On the CPU: wall time per node."""
+        if self.device.type == "cuda":
+            try:
+                return self._graph_node_times(g, inputs, iters)
+            except RuntimeError:
+                torch.cuda.synchronize()
+        self.timing = "eager launches" if self.device.type == "cuda" else "cpu wall time"
         runs = []
         for _ in range(iters + 1):  # the first run compiles kernels and warms caches
             marks: list[Any] = []
@@ -104,8 +114,24 @@ class EagerRuntime:
                 runs.append([a.elapsed_time(b) * 1e3 for a, b in zip(marks, marks[1:])])
             else:
                 runs.append([(b - a) * 1e6 for a, b in zip(marks, marks[1:])])
-        runs = runs[1:]
-        return [sorted(col)[len(col) // 2] for col in zip(*runs)]
+        return _median_cols(runs[1:])
+
+    def _graph_node_times(self, g: Graph, inputs: Mapping[str, torch.Tensor], iters: int) -> list[float]:
+        env = self._env(g, inputs)
+        self._execute(g, dict(env))  # compiles kernels, allocates workspaces
+        torch.cuda.synchronize()
+        marks = [torch.cuda.Event(enable_timing=True, external=True) for _ in range(len(g.nodes) + 1)]
+        it = iter(marks)
+        cg = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(cg):
+            self._execute(g, dict(env), _Recorder(it))
+        runs = []
+        for _ in range(iters + 1):
+            cg.replay()
+            torch.cuda.synchronize()
+            runs.append([a.elapsed_time(b) * 1e3 for a, b in zip(marks, marks[1:])])
+        self.timing = "CUDA graph replay"
+        return _median_cols(runs[1:])
 
     def _env(self, g: Graph, inputs: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         self._state(g)
@@ -142,6 +168,23 @@ class EagerRuntime:
         cg.replay()
         self.launches = 1
         return outs
+
+
+class _Recorder(list):
+    """A marks list for _execute that records pre-made (graph-capturable) events instead."""
+
+    def __init__(self, events: Any) -> None:
+        super().__init__()
+        self.events = events
+
+    def append(self, _: Any) -> None:
+        e = next(self.events)
+        e.record()
+        super().append(e)
+
+
+def _median_cols(runs: list[list[float]]) -> list[float]:
+    return [sorted(col)[len(col) // 2] for col in zip(*runs)]
 
 
 def to_device(params: Mapping[str, Any], device: str = "cuda") -> dict[str, Any]:

@@ -38,3 +38,23 @@ def synthetic_params(graph: Graph, seed: int = 0, device: str = "cuda") -> dict[
             dt = torch.float32 if v.dtype.name == "f32" else torch.bfloat16
             out[v.name] = (torch.randn(shape, device=device, generator=g) * (shape[-1] ** -0.5)).to(dt)
     return out
+
+
+def meta_params(graph: Graph) -> dict[str, Any]:
+    """Tensors with synthetic_params' shapes and dtypes on the meta device (no memory): enough to
+    build and compile a rank's kernels without its weights."""
+    out: dict[str, Any] = {}
+    for v in graph.by_role("param"):
+        shape = v.shape
+        if v.dtype.name == "mxfp4":
+            *lead, n, k = shape
+            out[v.name] = QTensor("mxfp4", torch.empty((*lead, n, k // 2), dtype=torch.uint8, device="meta"),
+                                  torch.empty((*lead, n, k // 32), dtype=torch.uint8, device="meta"))  # fmt: skip
+        elif v.dtype.name == "fp8_e4m3b":
+            *lead, n, k = shape
+            out[v.name] = QTensor("fp8", torch.empty(shape, dtype=torch.float8_e4m3fn, device="meta"),
+                                  torch.empty((*lead, -(-n // 128), -(-k // 128)), device="meta"))  # fmt: skip
+        else:
+            dt = torch.float32 if v.dtype.name == "f32" else torch.bfloat16
+            out[v.name] = torch.empty(shape, dtype=dt, device="meta")
+    return out

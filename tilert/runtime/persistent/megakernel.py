@@ -5,8 +5,8 @@ thread 0 waits (acquire) until each wait counter reaches need * epoch, bounded b
 deadline (no device prelude, so task bodies keep theirs); on timeout it raises the error flag and
 every CTA drains without running bodies; then the body for the row's opcode runs (the same
 TileLang body the standalone launchers use); then thread 0 signals (release). Counters are never
-reset: targets scale with the epoch. Each task's start/end clock64 stamps go to a trace buffer
-(per-SM timelines for the profiler).
+reset: targets scale with the epoch. Each task's start (before its waits) and end stamps, from the
+GPU-wide %globaltimer in ns, go to a trace buffer (per-SM timelines for the profiler).
 
 Error buffer (int32[4]): [code, sm, task slot, counter] of the first wait that timed out
 (code ERR_TIMEOUT), or [ERR_OPCODE, -, -, opcode] for an opcode with no body (the dispatch traps).
@@ -16,13 +16,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from tilert.kernels.common import DEVICE_PRELUDE
 from tilert.plan import FIELD, OPCODES, WAITS
 from tilert.runtime.persistent.tasks import NONE
 
 # No warp specialisation and no TMA in persistent kernels: a specialised producer warp would issue
 # a task's loads before thread 0's wait completes (reading data another SM has not yet written),
 # and cp.async through L2 keeps cross-SM reads coherent with the release/acquire counters.
-PERSISTENT_PASS_CONFIGS = {"tl.disable_warp_specialized": True, "tl.disable_tma_lower": True}
+# Aggressive shared-memory merging: the bodies of different opcodes never run at once, so their
+# shared buffers may overlap (without it the allocations of a whole step's bodies add up).
+PERSISTENT_PASS_CONFIGS = {
+    "tl.disable_warp_specialized": True,
+    "tl.disable_tma_lower": True,
+    "tl.enable_aggressive_shared_memory_merge": True,
+}
 
 DEFAULT_TIMEOUT_CYCLES = 4_000_000_000  # ~2 s at 2 GHz: far beyond any step, short enough to report a deadlock
 
@@ -62,6 +69,35 @@ def make_dispatch(bodies: dict[str, Any]) -> Any:
     return chain(0)
 
 
+def if_chain(cases: list[tuple[int, Any]], selector: Any) -> Any:
+    """A macro `(bufs, op, c0, c1, c2)` running the body of the case whose key equals
+    selector(bufs, op) (a chain of ifs; no case matches: nothing runs)."""
+    import tilelang.language as T
+
+    def chain(i: int) -> Any:
+        key, body = cases[i]
+        if i == len(cases) - 1:
+
+            @T.macro
+            def last(bufs, op, c0, c1, c2):
+                if selector(bufs, op) == key:
+                    body(bufs, op, c0, c1, c2)
+
+            return last
+        rest = chain(i + 1)
+
+        @T.macro
+        def step(bufs, op, c0, c1, c2):
+            if selector(bufs, op) == key:
+                body(bufs, op, c0, c1, c2)
+            else:
+                rest(bufs, op, c0, c1, c2)
+
+        return step
+
+    return chain(0)
+
+
 def make_persistent_loop(
     bodies: dict[str, Any], *, max_tasks: int, timeout_cycles: int = DEFAULT_TIMEOUT_CYCLES
 ) -> Any:
@@ -77,6 +113,7 @@ def make_persistent_loop(
 
     @T.macro
     def loop(sm, tasks, counters, err, epoch, trace, bufs):
+        T.import_source(DEVICE_PRELUDE)
         tx = T.get_thread_binding()
         deadline = T.alloc_var("int64")
         t0 = T.alloc_var("int64")
@@ -84,8 +121,8 @@ def make_persistent_loop(
             opc = tasks[sm, t, F["opcode"]]
             if opc != 0:
                 if tx == 0:
-                    t0 = T.call_extern("int64", "clock64")
-                    deadline = t0 + timeout_cycles
+                    t0 = T.call_extern("int64", "tilert_globaltimer")
+                    deadline = T.call_extern("int64", "clock64") + timeout_cycles
                     for w in T.serial(WAITS):
                         first = tasks[sm, t, F["wait0_counter"] + 3 * w]
                         if first != NONE:
@@ -117,7 +154,7 @@ def make_persistent_loop(
                     if sig != NONE:
                         T.atomic_add(counters[sig], 1, memory_order="release")
                     trace[sm, t, 0] = t0
-                    trace[sm, t, 1] = T.call_extern("int64", "clock64")
+                    trace[sm, t, 1] = T.call_extern("int64", "tilert_globaltimer")
 
     return loop
 

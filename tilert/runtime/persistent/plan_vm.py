@@ -12,13 +12,16 @@ and the step's outputs differ from the reference executor's.
 Tile bodies apply the op references (tilert.ops and `get_op(kind).reference`) to the tile's slice;
 the only math here that is not a reference call is the split-KV decomposition of attention
 (per-split softmax partial with its log-sum-exp, and their merge with the sink), as the TileLang
-`attn_split_body` / `combine_body` do it. Split-K GEMM tiles, MoE gate/up and down tiles add
-into zeroed fp32 workspaces (the GPU's atomics) and store the running sum to the output tile.
+`attn_split_body` / `combine_body` do it. Split-K GEMM tiles add into a zeroed fp32 workspace (the
+GPU's atomics) and store the running sum to the output tile. The fused MoE runs at the kernel's
+coordinates (`tilert.kernels.moe.tiling`) on the kernel's buffers (L, Idx, Wt, TokW, List, Count,
+Hb, Y), poisoned like activations: the routers zero Y, the down tasks add into it.
 
 Ranks are simulated: the N rank tables run interleaved in one loop. A collective task (ALL_REDUCE,
-ALL_GATHER, MOE_REDUCE, LM_HEAD_ARGMAX/ACCEPT with world > 1, collective generic kinds) first
-*arrives* (its waits met, it publishes a copy of its local tile: a peer-memory push), then blocks
-its SM until every rank has arrived at the same (op, stage, coords), and then combines the copies.
+ALL_GATHER, MOE_REDUCE of a reducing node, LM_HEAD_ARGMAX/ACCEPT with world > 1, collective
+generic kinds) first *arrives* (its waits met, it publishes a copy of its local tile: a peer-memory
+push), then blocks its SM until every rank has arrived at the same (op, stage, coords), and then
+combines the copies.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ import torch
 from tilert import ops
 from tilert.ir.graph import Graph, IRError
 from tilert.ir.opset.fused import MOE_CORE, PeerValues, split_extras
-from tilert.ir.opset.moe import expected_experts
 from tilert.ir.registry import get_op
+from tilert.kernels import moe
 from tilert.ops.qtensor import QTensor
 from tilert.passes.tile import TILE_CONFIG, attention_tiling, cdiv, gemm_shape
 from tilert.plan import FIELD, OPCODES, WAITS
@@ -187,9 +190,11 @@ class PlanVM:
         return True
 
     def _collective(self, r: int, name: str, row: list[int]) -> bool:
+        node = self.ranks[r].graph.nodes[row[FIELD["op"]]]
+        if name == "MOE_REDUCE":  # an all-reduce only when the node has one
+            return bool(node.a.get("reduce")) and int(node.a.get("world", 1)) > 1
         if name in COLLECTIVE:
             return True
-        node = self.ranks[r].graph.nodes[row[FIELD["op"]]]
         if name in ("LM_HEAD_ARGMAX", "LM_HEAD_ACCEPT"):
             return int(node.a.get("world", 1)) > 1
         return name.startswith("OP_") and get_op(node.op).collective
@@ -268,7 +273,9 @@ class PlanVM:
         if name in ("MOE_ROUTER", "MOE_TOPK", "MOE_GATE_UP", "MOE_DOWN"):
             self._expect(name, n, ("fused_moe_",))
             return getattr(self, "_" + name.lower())(r, row[FIELD["op"]], n, ins, c)
-        if name in ("LM_HEAD_ARGMAX", "LM_HEAD_ACCEPT"):  # world 1: no peers to wait for
+        if name in ("LM_HEAD_ARGMAX", "LM_HEAD_ACCEPT", "MOE_REDUCE"):  # no all-reduce: no peers to wait for
+            if name == "MOE_REDUCE":
+                self._expect(name, n, ("fused_moe_",))
             return self._complete(r, name, row, [self._arrive(r, name, row)])
         if name.startswith("OP_"):
             return self._generic(r, n, ins, c, None)
@@ -284,7 +291,7 @@ class PlanVM:
             return ins[0][..., c[0] * cols : (c[0] + 1) * cols].clone()
         if name == "MOE_REDUCE":
             lo, hi = self._cols(n, c, TILE_CONFIG["collective"]["cols"], self.ranks[r].env[n.outputs[0]])
-            return self._ws(r, row[FIELD["op"]])["out"][:, lo:hi].clone()
+            return self._moe_ws(r, row[FIELD["op"]], n, ins)["Y"][:, lo:hi].clone()
         if name in ("LM_HEAD_ARGMAX", "LM_HEAD_ACCEPT"):
             logits = self.ranks[r].env[n.outputs[0]]
             if int(n.a.get("world", 1)) == 1:
@@ -303,7 +310,7 @@ class PlanVM:
         out = env[n.outputs[0]]
         if name in ("ALL_REDUCE", "MOE_REDUCE"):
             lo, hi = self._cols(n, c, TILE_CONFIG["collective"]["cols"], out)
-            y = ref("all_reduce")(PeerValues(r, self.world, parts), parts[r])[0]
+            y = ref("all_reduce")(PeerValues(r, self.world, parts), parts[r])[0] if len(parts) > 1 else parts[0]
             res = None
             if name == "ALL_REDUCE" and n.op == "all_reduce_residual":
                 res = ins[1]
@@ -382,7 +389,7 @@ class PlanVM:
         G = H // Hkv
         cfg = TILE_CONFIG["attention"]
         W = a.get("window") or 0
-        rows, bm, NS = attention_tiling(T, Hkv, H, W)
+        rows, bm, NS = attention_tiling(a, T, Hkv)
         pos = ins[5]
         start = int(pos[0])
         lo = max(start - W, 0) if W else 0
@@ -452,98 +459,110 @@ class PlanVM:
         out = self.ranks[r].env[n.outputs[0]]
         out[t, hq * Dv : (hq + 1) * Dv] = _merge(ws["o"][h, row, slots], ws["lse"][h, row, slots], sink)
 
-    # ---- MoE: ROUTER (rows), TOPK, GATE_UP (group, n tile, k split), DOWN (group, n tile) -----------
+    # ---- MoE: ROUTER (e_tile), TOPK, GATE_UP (slot, chunk), DOWN (slot, n tile, k split), REDUCE --------
 
     def _moe_h(self, r: int, n: Any, ins: list[Any]) -> torch.Tensor:
+        """x, or with a norm prologue (norm_eps) rms_norm(x): the router and gate/up tasks each
+        normalise the whole rows they read (no extra task, no extra buffer)."""
         norm_w, _ = split_extras(tuple(ins[MOE_CORE:]), n.a.get("norm_eps"), bool(n.a.get("residual")))
         x = ins[0]
         return x.float() if norm_w is None else ref("rms_norm")(self._ctx(r), x, norm_w, eps=n.a["norm_eps"])[0]
 
+    def _moe_geo(self, n: Any, ins: list[Any]) -> moe.MoeTiling:
+        (T, H), In = ins[0].shape, ins[4].shape[2]
+        return moe.tiling(T, H, In, n.a["n_local"], n.a["top_k"])
+
     def _moe_ws(self, r: int, i: int, n: Any, ins: list[Any]) -> dict[str, Any]:
+        """The kernel's buffers (tilert/kernels/moe.py), poisoned: L [T, E] logits, Idx/Wt [T, k],
+        TokW [E_local, max(TP, T)], List [E_local], Count [1], Hb [max_slots, T, In] (fp32 here, bf16
+        on the GPU), Y [T, H] fp32 (zeroed by the router tasks, then the down tasks' atomics)."""
         ws = self._ws(r, i)
-        if "scores" not in ws:
+        if "L" not in ws:
             T, H = ins[0].shape
-            E, k, I2 = ins[1].shape[0], n.a["top_k"], ins[3].shape[1]
-            ws["scores"] = torch.full((T, E), float("nan"))
-            ws["idx"] = torch.full((T, k), INT_POISON, dtype=torch.int32)
-            ws["wts"] = torch.full((T, k), float("nan"))
-            ws["gu"] = torch.zeros(T, k, I2)  # fp32 atomics targets start at zero
-            ws["out"] = torch.zeros(T, H)
-            ws["slots"] = None  # the top-k task's compacted expert list
+            E, k, EL, In = ins[1].shape[0], n.a["top_k"], n.a["n_local"], ins[4].shape[2]
+            nan = float("nan")
+            ws["L"] = torch.full((T, E), nan)
+            ws["Idx"] = torch.full((T, k), INT_POISON, dtype=torch.int32)
+            ws["Wt"] = torch.full((T, k), nan)
+            ws["TokW"] = torch.full((EL, max(moe.TP, T)), nan)
+            ws["List"] = torch.full((EL,), INT_POISON, dtype=torch.int32)
+            ws["Count"] = torch.full((1,), INT_POISON, dtype=torch.int32)
+            ws["Hb"] = torch.full((self._moe_geo(n, ins).max_slots, T, In), nan)
+            ws["Y"] = torch.full((T, H), nan)
         return ws
 
     def _moe_router(self, r: int, i: int, n: Any, ins: list[Any], c: tuple[int, int, int]) -> None:
+        """router_tile(e_tile): L[:, 4 experts] and the zeroing of this task's slice of Y."""
         ws, ctx = self._moe_ws(r, i, n, ins), self._ctx(r)
-        rr = TILE_CONFIG["moe"]["router_rows"]
         E = ins[1].shape[0]
-        if c[0] * rr >= E:
-            raise PlanVMError(f"router tile {c} past {E} experts")
-        rows = slice(c[0] * rr, min(E, (c[0] + 1) * rr))
-        logits = ref("matmul")(ctx, self._moe_h(r, n, ins), ins[1][rows], out_dtype="f32")[0]
-        ws["scores"][:, rows] = ref("sigmoid")(ctx, logits)[0]
+        if c[0] * moe.ROUTER_E >= E:
+            raise PlanVMError(f"MoE router tile {c} outside ({cdiv(E, moe.ROUTER_E)})")
+        rows = slice(c[0] * moe.ROUTER_E, min(E, (c[0] + 1) * moe.ROUTER_E))
+        ws["L"][:, rows] = ref("matmul")(ctx, self._moe_h(r, n, ins), ins[1][rows], out_dtype="f32")[0]
+        y = ws["Y"].view(-1)
+        zper = cdiv(y.numel(), cdiv(E, moe.ROUTER_E))
+        y[c[0] * zper : (c[0] + 1) * zper] = 0.0
 
     def _moe_topk(self, r: int, i: int, n: Any, ins: list[Any], c: tuple[int, int, int]) -> None:
-        ws, ctx, a = self._moe_ws(r, i, n, ins), self._ctx(r), n.a
-        sel = ref("add")(ctx, ws["scores"], ins[2])[0]
-        idx = ref("topk_select")(ctx, sel, top_k=a["top_k"], n_group=a.get("n_group", 1),
-                                 topk_group=a.get("topk_group", 1))[0]  # fmt: skip
-        ws["idx"][...] = idx
-        ws["wts"][...] = ref("gather_weights")(ctx, ws["scores"], idx, normalize=a.get("normalize", True),
-                                               scaling=a.get("scaling", 1.0))[0]  # fmt: skip
-        local = sorted(e for e in torch.unique(idx.long() - a.get("expert_offset", 0)).tolist()
-                       if 0 <= e < a["n_local"])  # fmt: skip
-        ws["slots"] = local  # the compacted routed-expert list (slot j -> local expert)
+        """route_body: Idx/Wt, TokW (a token's weight per local expert, 0 if not routed there), the
+        active list List[0:Count] of local experts with >= 1 token, in increasing order."""
+        ws, a = self._moe_ws(r, i, n, ins), n.a
+        idx, wt = ops.route(ws["L"], ins[2], top_k=a["top_k"], n_group=a.get("n_group", 1),
+                            topk_group=a.get("topk_group", 1), normalize=a.get("normalize", True),
+                            scaling=a.get("scaling", 1.0))  # fmt: skip
+        ws["Idx"][...], ws["Wt"][...] = idx, wt
+        local = idx.long() - a.get("expert_offset", 0)
+        mine = (local >= 0) & (local < a["n_local"])
+        tok = torch.arange(idx.shape[0])[:, None].expand_as(idx)
+        ws["TokW"].zero_()
+        ws["TokW"][local[mine], tok[mine]] = wt[mine].float()
+        act = torch.unique(local[mine])  # sorted
+        ws["List"][: len(act)] = act.to(torch.int32)
+        ws["Count"][0] = len(act)
 
-    def _moe_groups(self, n: Any, ins: list[Any]) -> int:
-        a, cfg = n.a, TILE_CONFIG["moe"]
-        T, k, E, world = ins[0].shape[0], a["top_k"], ins[1].shape[0], int(a.get("world", 1))
-        active = min(a["n_local"], expected_experts(T, k, E) / world)
-        return max(1, min(min(T * k, a["n_local"]), math.ceil(active) + cfg["slot_margin"]))
-
-    def _group_idx(self, ws: dict[str, Any], n: Any, ins: list[Any], s: int) -> torch.Tensor:
-        """idx with every slot outside slot group s pointed at no local expert."""
-        G = self._moe_groups(n, ins)
-        if s >= G:
-            raise PlanVMError(f"MoE slot group {s} >= {G}")
-        if ws["slots"] is None:
-            raise PlanVMError(f"MoE slot group {s} ran before the top-k task wrote the routed-expert list")
-        off = n.a.get("expert_offset", 0)
-        mine = torch.tensor(ws["slots"][s::G], dtype=torch.long)
-        idx = ws["idx"]
-        keep = torch.isin(idx.long() - off, mine)
-        return torch.where(keep, idx, torch.full_like(idx, off - 1))
+    def _moe_slot(self, ws: dict[str, Any], n: Any, ins: list[Any], c: tuple[int, int, int]) -> int | None:
+        """The local expert of slot c[0] (List[slot]), None when slot >= Count (the task exits)."""
+        count = int(ws["Count"][0])
+        if count == INT_POISON:
+            raise PlanVMError(f"MoE slot task {c} ran before the top-k task wrote the active-expert list")
+        if c[0] >= self._moe_geo(n, ins).max_slots:
+            raise PlanVMError(f"MoE slot {c[0]} outside max_slots {self._moe_geo(n, ins).max_slots}")
+        return int(ws["List"][c[0]]) if c[0] < count else None
 
     def _moe_gate_up(self, r: int, i: int, n: Any, ins: list[Any], c: tuple[int, int, int]) -> None:
-        ws = self._moe_ws(r, i, n, ins)
-        s, j, q = c
-        cfg = TILE_CONFIG["moe"]
-        H, I2 = ins[0].shape[1], ins[3].shape[1]
-        bn, kc = cfg["block_n"], H // cfg["gate_up_split_k"]
-        if j * bn >= I2 or q >= cfg["gate_up_split_k"]:
-            raise PlanVMError(f"MoE gate/up tile {c} outside")
-        cols, ks = slice(j * bn, min(I2, (j + 1) * bn)), slice(q * kc, (q + 1) * kc)
-        idx = self._group_idx(ws, n, ins, s)
-        w = self._weight(r, n.inputs[3])[:, cols, ks]
-        h = self._moe_h(r, n, ins)[:, ks]
-        ws["gu"][:, :, cols] += ops.expert_linear(h, w, idx, expert_offset=n.a.get("expert_offset", 0))
+        """gate_up_tile n_tiles gu_range(chunk) of slot: Hb[slot, :, gu_cols(chunk)] = silu(g) * u."""
+        ws, geo = self._moe_ws(r, i, n, ins), self._moe_geo(n, ins)
+        slot, chunk, _ = c
+        if chunk >= geo.gu_chunks or c[2]:
+            raise PlanVMError(f"MoE gate/up tile {c} outside ({geo.max_slots}, {geo.gu_chunks}, 1)")
+        e = self._moe_slot(ws, n, ins, c)
+        if e is None:
+            return
+        lo, hi = geo.gu_cols(chunk)
+        w = self._weight(r, n.inputs[3])  # [E_local, 2In, H]: gate rows, then up rows
+        w = torch.cat([w[:, lo:hi], w[:, geo.inter + lo : geo.inter + hi]], dim=1)
+        off = n.a.get("expert_offset", 0)
+        x = self._moe_h(r, n, ins)
+        every = torch.full((x.shape[0], 1), e + off, dtype=torch.int32)  # every token through expert e
+        ws["Hb"][slot, :, lo:hi] = ops.silu_mul(ops.expert_linear(x, w, every, expert_offset=off))[:, 0]
 
     def _moe_down(self, r: int, i: int, n: Any, ins: list[Any], c: tuple[int, int, int]) -> None:
-        ws, ctx, a = self._moe_ws(r, i, n, ins), self._ctx(r), n.a
-        s, j, _ = c
-        H, bn = ins[0].shape[1], TILE_CONFIG["moe"]["block_n"]
-        if j * bn >= H:
-            raise PlanVMError(f"MoE down tile {c} outside")
-        cols = slice(j * bn, min(H, (j + 1) * bn))
-        idx = self._group_idx(ws, n, ins, s)
-        off = a.get("expert_offset", 0)
-        act = ref("silu_mul")(ctx, ws["gu"])[0]
-        y = ops.expert_linear(act, self._weight(r, n.inputs[4])[:, cols], idx, expert_offset=off)
-        ws["out"][:, cols] += ref("moe_combine")(ctx, y, ws["wts"], idx, expert_offset=off, n_local=a["n_local"])[0]
-        if a.get("reduce"):
-            return  # MOE_REDUCE sums the ranks' partials and adds the residual
-        if a.get("residual") and s == 0:
-            ws["out"][:, cols] += ins[-1][:, cols].float()
-        self.ranks[r].env[n.outputs[0]][:, cols] = ws["out"][:, cols]
+        """down_tile n_tiles down_range(n_tile) of slot, k split: Y[:, cols] += (Hb[slot] @ Wdown[e]^T)
+        x TokW[e, t] (the GPU's fp32 atomics)."""
+        ws, geo, a = self._moe_ws(r, i, n, ins), self._moe_geo(n, ins), n.a
+        slot, j, q = c
+        if j >= geo.down_tiles or q >= geo.down_split:
+            raise PlanVMError(f"MoE down tile {c} outside ({geo.max_slots}, {geo.down_tiles}, {geo.down_split})")
+        e = self._moe_slot(ws, n, ins, c)
+        if e is None:
+            return
+        (lo, hi), (klo, khi) = geo.down_cols(j), geo.down_k(q)
+        off, T = a.get("expert_offset", 0), geo.tokens
+        every = torch.full((T, 1), e + off, dtype=torch.int32)
+        y = ops.expert_linear(ws["Hb"][slot][:, klo:khi], self._weight(r, n.inputs[4])[:, lo:hi, klo:khi], every,
+                              expert_offset=off)  # fmt: skip
+        tokw = ws["TokW"][e, :T, None]
+        ws["Y"][:, lo:hi] += ops.moe_combine(y, tokw, every, expert_offset=off, n_local=a["n_local"])
 
     # ---- generic kinds: one task per block of output columns ----------------------------------------
 

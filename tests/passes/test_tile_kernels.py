@@ -1,0 +1,136 @@
+"""The tile pass uses the TileLang kernels' own tile coordinates (so a persistent kernel can run their
+bodies straight from a task row): fused MoE (tilert/kernels/moe.py launch grids, grouped by
+`moe.tiling`) and attention (AttnConfig rows / block_m / splits). No GPU, no tilelang."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tilert.ir.graph import Graph
+from tilert.ir.opset.moe import expected_experts
+from tilert.kernels import moe
+from tilert.kernels.attention import AttnConfig
+from tilert.kernels.common import cdiv
+from tilert.kernels.mxfp4_gemm import BLOCK_N
+from tilert.models.builder import build_step_graph
+from tilert.models.config import load_config
+from tilert.passes import PassContext, run_passes
+from tilert.passes.manager import passes_until
+from tilert.passes.tile import OpTiles, Read, attention_tiling, slot_busy
+from tilert.runtime.eager.gpu_ops import attn_config
+
+
+def tiled(model: str, tokens: int, world: int) -> tuple[Graph, list[OpTiles]]:
+    mode = "decode" if tokens == 1 else "verify"
+    g = build_step_graph(load_config(model), tokens=tokens, max_seq=4096, mode=mode)
+    ctx = PassContext(world=world, max_seq=4096)
+    graphs = run_passes(g, ctx, passes_until("tile"))
+    return graphs[0], ctx.results["tile"][0]
+
+
+CASES = [("mimo-v2.5-pro", 1, 8), ("mimo-v2.5-pro", 8, 8), ("tiny", 4, 1), ("tiny", 4, 2)]
+_TILED: dict[tuple, tuple[Graph, list[OpTiles]]] = {}
+
+
+@pytest.fixture(params=CASES, ids=lambda c: f"{c[0]}-T{c[1]}-w{c[2]}")
+def case(request: Any) -> tuple[Graph, list[OpTiles]]:
+    if request.param not in _TILED:
+        _TILED[request.param] = tiled(*request.param)
+    return _TILED[request.param]
+
+
+def test_tile_pass_imports_no_tilelang() -> None:
+    code = ("import sys; from tests.passes.test_tile_kernels import tiled; tiled('tiny', 4, 1); "
+            "assert 'tilelang' not in sys.modules, 'tilelang imported'")  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
+
+
+def test_moe_tasks_are_the_kernel_grids(case: tuple[Graph, list[OpTiles]]) -> None:
+    g, tiles = case
+    nodes = [(n, t) for n, t in zip(g.nodes, tiles) if n.op.startswith("fused_moe_")]
+    assert nodes
+    n, t = nodes[0]
+    x, gate, gu, dn = (g.values[n.inputs[i]] for i in (0, 1, 3, 4))
+    (T, H), E, In, EL, k = x.shape, gate.shape[0], dn.shape[2], n.a["n_local"], n.a["top_k"]
+    assert gu.shape[1] == 2 * In
+    cfg = moe.Config(T, H, In, E, EL, k)
+    geo = moe.tiling(T, H, In, EL, k)
+    assert geo.max_slots == cfg.max_slots and geo.down_split == cfg.down_split
+    assert [s.opcode for s in t.stages] == ["MOE_ROUTER", "MOE_TOPK", "MOE_GATE_UP", "MOE_DOWN", "MOE_REDUCE"]
+    router, topk, up, down, red = t.stages
+    assert router.coords == [(e, 0, 0) for e in range(cdiv(E, moe.ROUTER_E))]  # moe_router grid
+    assert topk.coords == [(0, 0, 0)]
+    # moe_gate_up grid (In // 8, max_slots): every (n_tile, slot) exactly once, <= GU_PER_TASK per task
+    assert sorted(up.coords) == [(s, c, 0) for s in range(geo.max_slots) for c in range(geo.gu_chunks)]
+    ranges = [geo.gu_range(c) for c in range(geo.gu_chunks)]
+    assert [i for lo, hi in ranges for i in range(lo, hi)] == list(range(cdiv(In, moe.GU_COLS)))
+    assert all(hi - lo <= moe.GU_PER_TASK for lo, hi in ranges) and moe.GU_PER_TASK * moe.GU_COLS == 128
+    if In % moe.GU_COLS == 0:
+        assert geo.gu_tiles == In // 8
+    # moe_down grid (cdiv(H, BLOCK_N), max_slots x down_split): 128 output features per task
+    assert sorted(down.coords) == [(s, j, q) for s in range(geo.max_slots) for j in range(cdiv(H, 128))
+                                   for q in range(geo.down_split)]  # fmt: skip
+    tiles = [i for j in range(geo.down_tiles) for i in range(*geo.down_range(j))]
+    assert tiles == list(range(cdiv(H, BLOCK_N)))
+    assert all(geo.down_cols(j) == (j * 128, min(H, (j + 1) * 128)) for j in range(geo.down_tiles))
+    assert [c for c, _, _ in red.coords] == list(range(len(red)))  # reduce: always, column blocks
+    assert red.collective == (bool(n.a.get("reduce")) and int(n.a.get("world", 1)) > 1)
+
+
+def test_moe_waits(case: tuple[Graph, list[OpTiles]]) -> None:
+    """gate/up waits on top-k and x; down (slot) on that slot's gate/up only; reduce on the down n
+    tiles of its columns; top-k on every router task (which zero Y before any down atomics)."""
+    g, tiles = case
+    n, t = next((n, t) for n, t in zip(g.nodes, tiles) if n.op.startswith("fused_moe_"))
+    router, topk, up, down, red = t.stages
+    assert all(r[0].src == 0 for r in router.reads)
+    assert topk.reads == [(Read(-1),)]
+    assert all({r.src for r in rd} == {-2, 0} and all(r.lo is None for r in rd) for rd in up.reads)
+    assert all(rd[0].src == -3 and (rd[0].lo, rd[0].hi) == (c[0], c[0] + 1) for rd, c in zip(down.reads, down.coords))
+    W, cols = g.values[n.outputs[0]].shape[-1], red.chunk_cols
+    for rd, c in zip(red.reads, red.coords):
+        lo, hi = c[0] * cols, min(W, (c[0] + 1) * cols)
+        assert rd[0] == Read(-4, lo // 128, cdiv(hi, 128)) and len(rd) == 1 + bool(n.a.get("residual"))
+
+
+def test_moe_costs_are_expected_values() -> None:
+    """Slot costs weigh by P(slot active); their sum is the expected number of routed local experts."""
+    for T, k, E, EL in ((1, 8, 384, 48), (8, 8, 384, 48), (4, 2, 8, 8), (16, 8, 256, 256)):
+        busy = slot_busy(T, k, E, EL, min(EL, T * k))
+        assert all(a >= b for a, b in zip(busy, busy[1:])) and 0.0 <= busy[-1] <= busy[0] <= 1.0
+        assert math.isclose(sum(busy), expected_experts(T, k, E) * EL / E, rel_tol=0.02, abs_tol=1e-3)
+
+
+def test_attention_tiles_are_the_kernel_config(case: tuple[Graph, list[OpTiles]]) -> None:
+    g, tiles = case
+    seen = 0
+    for n, t in zip(g.nodes, tiles):
+        if n.op != "attention_block":
+            continue
+        q, kc = g.values[n.inputs[0]], g.values[n.inputs[3]]
+        T, Hkv = q.shape[0], kc.shape[0]
+        cfg = attn_config(n.a, T)
+        rows, bm, splits = attention_tiling(n.a, T, Hkv)
+        if cfg is not None:
+            assert isinstance(cfg, AttnConfig) and (rows, bm, splits) == (cfg.rows, cfg.block_m, cfg.splits)
+            seen += 1
+        split = t.stages[0]
+        assert sorted(split.coords) == [(h, rb, s) for h in range(Hkv) for rb in range(cdiv(rows, bm))
+                                        for s in range(splits + 1)]  # fmt: skip
+    kernel = load_config(g.meta["model"]).head_dim % 16 == 0
+    assert bool(seen) == kernel  # mimo: the kernel covers every layer; tiny (head_dim 24): the fallback
+
+
+def test_full_attention_uses_two_cta_row_blocks() -> None:
+    """mimo verify B=8: 128 query rows per kv head in full layers -> two 64-row blocks, two CTAs per SM
+    (128 x 2 / 2 splits); SWA layers one 128-row block, window / 64 splits."""
+    a = dict(heads=16, kv_heads=1, head_dim=192, v_head_dim=128, rope_dim=64, theta=1e7, window=0)
+    assert attention_tiling(a, 8, 1) == (128, 64, 128)
+    assert attention_tiling({**a, "window": 128}, 8, 1) == (128, 128, 2)
+    assert attention_tiling({**a, "causal": False}, 8, 1) == (128, 128, 128)  # not the kernel: fallback

@@ -1,0 +1,44 @@
+"""The full-step persistent kernel builds for sm_90a without a GPU (meta tensors, no weights): the
+tiny-gpu config's decode and verify steps and rank 0 of the 8-rank mimo-v2.5-pro decode step, so a
+body that stops compiling fails CI. Checks the dispatch covers every (opcode, node) of the table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tilert.kernels.common import toolchain_reason
+from tilert.models.config import load_config
+from tilert.plan import FIELD, OPCODES
+
+pytestmark = pytest.mark.skipif(toolchain_reason() is not None, reason=str(toolchain_reason()))
+
+
+@pytest.mark.parametrize(("model", "tokens", "mode", "max_seq", "world"), [
+    ("tiny-gpu", 1, "decode", 256, 1),
+    ("tiny-gpu", 4, "verify", 256, 1),
+    ("mimo-v2.5-pro", 1, "decode", 4160, 8),
+])  # fmt: skip
+def test_step_kernel_compiles(model: str, tokens: int, mode: str, max_seq: int, world: int) -> None:
+    from tilert.runtime.persistent.backend import precompile
+
+    st = precompile(load_config(model), tokens, mode, max_seq, world)
+    src = st.kernel.get_kernel_source()
+    assert "tma_load" not in src and "globaltimer" in src
+    table = st.tasks.cpu().numpy()
+    used = {OPCODES[name] for p in st.programs for name in p.opcodes} | {OPCODES["BARRIER"]}
+    assert set(np.unique(table[:, :, FIELD["opcode"]])) - {0} <= used
+    for name in ("ATTN_SPLIT", "MOE_GATE_UP", "LM_HEAD_GEMM", "LINEAR_FP8"):
+        assert f"== {OPCODES[name]})" in src, name
+
+
+def test_step_rejects_unknown_kinds() -> None:
+    from tilert.models.builder import build_step_graph
+    from tilert.runtime.eager.synthetic import meta_params
+    from tilert.runtime.persistent.backend import compile_step
+    from tilert.runtime.persistent.step import PersistentError, PersistentStep
+
+    cfg = load_config("tiny")  # head dim 24, hidden 64: off the attention and MoE bodies' contracts
+    rg, sched = compile_step(build_step_graph(cfg, tokens=1, mode="decode", max_seq=64), 64)
+    with pytest.raises(PersistentError, match="attention_block|MoE|contract"):
+        PersistentStep(rg, sched.table, sched.counter_expected, meta_params(rg), device="meta", num_sms=132)

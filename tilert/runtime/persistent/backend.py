@@ -1,0 +1,92 @@
+"""PersistentBackend: the engine's StepBackend with one persistent launch per target step.
+
+Each step shape (B tokens, decode or verify) is compiled by the full pipeline once; its rank
+graph, task table and counters become a PersistentStep. The KV caches are shared by all of a
+model's step programs, so a verify step and the decode steps after it see the same cache. DFlash
+acceptance (lm_head_accept) runs inside the verify step's launch. The drafter's graph (non-causal
+block attention, which the persistent attention body does not cover) runs on the eager runtime.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from tilert.engine.api import register_backend
+from tilert.engine.backend import GraphBackend
+from tilert.ir.graph import Graph
+from tilert.models.binding import bind_params
+from tilert.models.config import ModelConfig
+from tilert.runtime.persistent.step import PersistentStep
+
+
+def compile_step(g: Graph, max_seq: int, world: int = 1, rank: int = 0) -> tuple[Graph, Any]:
+    """The full pipeline for one step graph: (rank graph, its Schedule)."""
+    from tilert.passes import PassContext, compile_graph
+
+    ctx = PassContext(world=world, max_seq=max_seq)
+    graphs = compile_graph(g, ctx)
+    return graphs[rank], ctx.results["schedule"][rank]
+
+
+class PersistentBackend(GraphBackend):
+    """Target steps as one persistent launch each (world size 1); drafter steps on the eager runtime."""
+
+    def __init__(self, cfg: ModelConfig, weights: Mapping[str, torch.Tensor], *, max_seq: int = 1024,
+                 device: str = "cuda") -> None:  # fmt: skip
+        super().__init__(cfg, weights, max_seq)
+        self.device = device
+        self.states: dict[str, torch.Tensor] = {}
+        self._eager: Any = None
+
+    def _prepare(self, g: Graph) -> Any:
+        if g.meta.get("kind") == "drafter":
+            return ("eager", self._drafter_backend()._prepare(g))
+        rg, sched = compile_step(g, self.max_seq)
+        params = {k: v.to(self.device) for k, v in bind_params(rg, self.weights, {}).items()}
+        return ("persistent", PersistentStep(rg, sched.table, sched.counter_expected, params, self.device,
+                                             states=self.states))  # fmt: skip
+
+    def _drafter_backend(self) -> Any:
+        if self._eager is None:
+            from tilert.runtime.eager.backend import EagerBackend
+
+            self._eager = EagerBackend(self.cfg, self.weights, max_seq=self.max_seq, device=self.device)
+        return self._eager
+
+    def _execute(self, prepared: Any, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+        kind, p = prepared
+        if kind == "eager":
+            return self._drafter_backend()._execute(p, inputs)
+        out = p.run(inputs)  # static buffers: the next launch overwrites them, so copy out
+        return {k: v.clone() if k == "features" else v.cpu() for k, v in out.items()}
+
+    def reset(self) -> None:
+        for t in self.states.values():
+            t.zero_()
+        if self._eager is not None:
+            self._eager.reset()
+
+
+@register_backend("persistent")
+def _persistent_factory(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], *, max_seq: int, world: int = 1,
+                        device: str = "cuda", plan: Any = None) -> PersistentBackend:  # fmt: skip
+    if world != 1:
+        raise ValueError("the persistent backend runs world size 1 per process")
+    if not torch.cuda.is_available():
+        raise ValueError("backend 'persistent' needs a CUDA GPU; none is visible (use backend='reference')")
+    return PersistentBackend(cfg, weights, max_seq=max_seq, device=device if device != "cpu" else "cuda")
+
+
+def precompile(cfg: ModelConfig, tokens: int, mode: str, max_seq: int, world: int = 1,
+               out_dir: str | None = None) -> PersistentStep:  # fmt: skip
+    """Build rank 0's step kernel for (tokens, mode) without weights or a GPU (meta tensors): fills
+    the kernel cache, so a GPU run later only loads it, and fails here if a body does not compile."""
+    from tilert.models.builder import build_step_graph
+    from tilert.runtime.eager.synthetic import meta_params
+
+    rg, sched = compile_step(build_step_graph(cfg, tokens=tokens, mode=mode, max_seq=max_seq), max_seq, world)
+    return PersistentStep(rg, sched.table, sched.counter_expected, meta_params(rg), device="meta",
+                          num_sms=sched.table.shape[0], out_dir=out_dir)  # fmt: skip

@@ -1,0 +1,656 @@
+"""The whole decode step as one persistent kernel: the compiler's task table run by one CTA per SM.
+
+Inputs are what the compiler hands over for one rank: the compiled rank graph (fused nodes), its
+task table (passes/schedule: opcode, node, tile coordinates, counter waits, signal per row) and
+the counters' expected counts. Nothing is restacked: each graph node gets one row of device
+addresses (the node table, `tilert/kernels/views.py`), nodes with the same static shapes share
+one *node class*, and the kernel dispatches a row on (opcode, class of its node) to the class's
+tile body, which builds typed views of the node's tensors from its address row. The bodies are
+the kernel families' own (linear_fused, attention with cp.async instead of TMA, moe, elementwise,
+lm_head_tail); their standalone launchers use the same views, so a body is tested as it runs here.
+
+One launch per step: inputs are copied into static buffers, the epoch (launch count) is bumped on
+the device, the kernel runs the table (waits compare counters with expected x epoch, so counters
+are never reset), and the host checks the error word only when it synchronises anyway
+(`check()`); a wait past its bound raises the error flag and the kernel drains instead of hanging.
+
+Activations are separate buffers with their rows padded to PAD_ROWS (the largest GEMM block_m),
+zero-filled once, so GEMM tiles never read past a buffer. Workspaces (split-K accumulators and
+arrival counters, attention partials) belong to their node.
+"""
+
+# no `from __future__ import annotations`: TileLang evaluates the prim_func annotations
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from tilert.ir.graph import Graph, Node, Value
+from tilert.kernels.common import cdiv
+from tilert.kernels.views import TORCH_DTYPES, ViewSpec
+from tilert.ops.qtensor import QTensor
+from tilert.plan import FIELD, OPCODES
+
+PAD_ROWS = 64
+NP_OPCODE = {v: k for k, v in OPCODES.items()}
+
+
+class PersistentError(RuntimeError):
+    """The persistent program cannot run this graph (no body for a node kind, shapes off-contract)."""
+
+
+@dataclass
+class NodeProgram:
+    """How one node runs: its class key, the views its bodies read, the bodies and its tensors."""
+
+    key: tuple
+    specs: list[ViewSpec]
+    bodies: Callable[[], dict[str, Any]]  # opcode name -> T.macro(V, c0, c1, c2); built lazily
+    tensors: list[torch.Tensor] = field(default_factory=list)
+    opcodes: tuple[str, ...] = ()  # the opcodes `bodies` provides
+
+
+def _tl_dtype(t: torch.Tensor) -> str:
+    inv = {v: k for k, v in TORCH_DTYPES.items()}
+    return inv[str(t.dtype).removeprefix("torch.")]
+
+
+class Bindings:
+    """Device tensors of a rank graph's values: params, inputs, KV caches, padded activations."""
+
+    def __init__(self, g: Graph, params: Mapping[str, Any], device: torch.device,
+                 states: dict[str, torch.Tensor] | None = None, state_rows_pad: int = 64) -> None:  # fmt: skip
+        self.g, self.device = g, device
+        self.env: dict[str, Any] = {}
+        for v in g.by_role("param"):
+            if v.name not in params:
+                raise PersistentError(f"param '{v.name}' is not bound")
+            self.env[v.name] = params[v.name]
+        for v in g.by_role("input"):
+            dt = torch.int32 if v.dtype.name == "i32" else torch.bfloat16
+            self.env[v.name] = torch.zeros(v.shape, dtype=dt, device=device)
+        # [Hkv, S, D] caches, S padded so key tiles never run past them; shared by a model's graphs
+        self.states: dict[str, torch.Tensor] = {} if states is None else states
+        for v in g.by_role("state"):
+            h, s, d = v.shape
+            if v.name not in self.states:
+                self.states[v.name] = torch.zeros(h, s + state_rows_pad, d, dtype=torch.bfloat16, device=device)
+            self.env[v.name] = self.states[v.name]
+        self.workspaces: list[torch.Tensor] = []
+
+    def activation(self, v: Value) -> torch.Tensor:
+        if v.name not in self.env:
+            dt = {"bf16": torch.bfloat16, "f32": torch.float32, "i32": torch.int32}[v.dtype.name]
+            shape = (cdiv(v.shape[0], PAD_ROWS) * PAD_ROWS, *v.shape[1:]) if len(v.shape) == 2 else v.shape
+            self.env[v.name] = torch.zeros(shape, dtype=dt, device=self.device)
+        return self.env[v.name]
+
+    def ws(self, shape: Sequence[int], dtype: torch.dtype, fill: float = 0) -> torch.Tensor:
+        t = torch.full(tuple(shape), fill, dtype=dtype, device=self.device)
+        self.workspaces.append(t)
+        return t
+
+
+# ---- node programs per op kind --------------------------------------------------------------------
+
+
+def _linear(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
+    from tilert.kernels import linear_fused as lf
+    from tilert.passes.tile import gemm_shape
+
+    x, w = g.values[n.inputs[0]], g.values[n.inputs[1]]
+    M, K, N = x.shape[0], x.shape[-1], w.shape[0]
+    wt = b.env[w.name]
+    bm, bn, bk, split = gemm_shape(M, N, K, sms)
+    if isinstance(wt, QTensor):
+        if wt.fmt != "fp8":
+            raise PersistentError(f"{n.op}: {wt.fmt} weights have no persistent linear body yet")
+        w_dtype, scale_rows, wtensors = "float8_e4m3", 1 if wt.scales.shape[0] == N else 128, [wt.data, wt.scales]
+    else:
+        w_dtype, scale_rows, wtensors = "bfloat16", 128, [wt.to(torch.bfloat16).contiguous()]
+    lm = n.op.startswith("lm_head_")
+    out = g.values[n.outputs[0]]
+    res = None if lm or not n.a.get("residual") else g.values[n.inputs[-1]]
+    eps = n.a.get("norm_eps")
+    spec = lf.LinearSpec(
+        M, N, K, bm, bn, bk, split, w_dtype, scale_rows, eps,
+        None if res is None else _tl_dtype(b.activation(res)), _tl_dtype(b.activation(out)),
+    )  # fmt: skip
+    if (K // bk) % split or (eps is not None and K % 128):
+        raise PersistentError(f"{n.op} {M}x{N}x{K}: tile shape {bm}x{bn}x{bk} split {split} is off the body's contract")
+    ts: list[torch.Tensor] = [b.activation(x), *wtensors]
+    if eps is not None:
+        gamma_i = 3 if n.op == "lm_head_accept" else 2
+        ts.append(b.env[g.values[n.inputs[gamma_i]].name].to(torch.bfloat16).contiguous())
+    if res is not None:
+        ts.append(b.activation(res))
+    ts.append(b.activation(out))
+    if split > 1:
+        ts += [b.ws((spec.mp, N), torch.float32), b.ws((spec.tiles,), torch.int32), b.epoch]
+    opcode = "LM_HEAD_GEMM" if lm else {"float8_e4m3": "LINEAR_FP8", "bfloat16": "LINEAR_BF16"}[w_dtype]
+    return NodeProgram(("linear", opcode, spec), lf.views(spec), lambda: {opcode: lf.make_body(spec)}, ts, (opcode,))
+
+
+def _lm_head_tail(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
+    from tilert.kernels import lm_head_tail as lt
+
+    gemm = _linear(g, n, b, sms)
+    logits = b.activation(g.values[n.outputs[0]])
+    nxt = b.activation(g.values[n.outputs[1]])
+    T, V = g.values[n.outputs[0]].shape
+    world, vocab = int(n.a.get("world", 1)), n.a["vocab_size"]
+    valid = min(V, vocab) if world == 1 else min(V, vocab - int(n.a.get("vocab_offset", 0)))
+    accept = n.op == "lm_head_accept"
+    if world > 1 and int(n.a.get("vocab_offset", 0)) > 0:
+        raise PersistentError("the LM head tail of a rank > 0 needs the cross-rank argmax (multi-GPU, issue #8)")
+    cfg = lt.Config(T, V, valid)
+    ts = [logits, nxt]
+    tail_specs: list[ViewSpec] = [("logits", (T, V), "float32"), ("next", (T,), "int32")]
+    if accept:
+        draft, acc = b.env[g.values[n.inputs[2]].name], b.activation(g.values[n.outputs[2]])
+        ts = [logits, draft, nxt, acc]
+        tail_specs = [tail_specs[0], ("draft", (T,), "int32"), tail_specs[1], ("accept", (T + 1,), "int32")]
+    tail_op = "LM_HEAD_ACCEPT" if accept else "LM_HEAD_ARGMAX"
+
+    def bodies() -> dict[str, Any]:
+        import tilelang.language as T_
+
+        gemm_body = gemm.bodies()["LM_HEAD_GEMM"]
+        argmax_body, accept_body, _ = lt.make_bodies(cfg)
+        k = len(gemm.specs)
+
+        @T_.macro
+        def gemm_part(V_, c0, c1, c2):
+            gemm_body(V_[:k], c0, c1, c2)
+
+        @T_.macro
+        def tail_part(V_, c0, c1, c2):
+            if accept:
+                accept_body(V_[k], V_[k + 1], V_[k + 2], V_[k + 3], valid)
+            else:
+                argmax_body(V_[k], V_[k + 1], valid)
+
+        return {"LM_HEAD_GEMM": gemm_part, tail_op: tail_part}
+
+    return NodeProgram(("lm_head", gemm.key, cfg), gemm.specs + tail_specs, bodies, gemm.tensors + ts,
+                       ("LM_HEAD_GEMM", tail_op))
+
+
+def _attention(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
+    from tilert.kernels import attention as attn
+
+    a = n.a
+    q = g.values[n.inputs[0]]
+    B = q.shape[0]
+    cfg = persistent_attn_config(a, B)
+    if cfg is None:
+        raise PersistentError(f"attention_block {a}: no persistent attention body for these shapes")
+    kc, vc = b.env[g.values[n.inputs[3]].name], b.env[g.values[n.inputs[4]].name]
+    S = kc.shape[1]
+    Hq, Hkv, DK, DV = cfg.q_heads, cfg.kv_heads, cfg.head_dim, cfg.v_head_dim
+    o_part = b.ws((Hkv, cfg.rows, cfg.splits + 1, DV), torch.float32)
+    lse = b.ws((Hkv, cfg.rows, cfg.splits + 1), torch.float32)
+    sink = b.env[g.values[n.inputs[6]].name].float().contiguous() if cfg.sink else b.ws((max(1, Hq),), torch.float32)
+    specs: list[ViewSpec] = [
+        ("q", (B, Hq, DK), "bfloat16"), ("k", (B, Hkv, DK), "bfloat16"), ("v", (B, Hkv, DV), "bfloat16"),
+        ("k_cache", (Hkv, S, DK), "bfloat16"), ("v_cache", (Hkv, S, DV), "bfloat16"), ("positions", (B,), "int32"),
+        ("o_part", tuple(o_part.shape), "float32"), ("lse", tuple(lse.shape), "float32"),
+        ("sink", (max(1, Hq),), "float32"), ("out", (B, Hq, DV), "bfloat16"),
+    ]  # fmt: skip
+    ts = [b.activation(g.values[i]) for i in n.inputs[:3]] + [kc, vc, b.env[g.values[n.inputs[5]].name]]
+    ts += [o_part, lse, sink, b.activation(g.values[n.outputs[0]])]
+    for o, st in zip(n.outputs[1:], (kc, vc)):  # the updated caches are the caches
+        b.env[g.values[o].name] = st
+
+    def bodies() -> dict[str, Any]:
+        import tilelang.language as T_
+
+        split, combine = attn.make_bodies(cfg, tma=False)
+
+        @T_.macro
+        def split_task(V, h, rb, s):
+            split(V[0], V[1], V[2], V[3], V[4], V[5], V[6], V[7], h, rb, s)
+
+        @T_.macro
+        def combine_task(V, h, r, c2):
+            combine(V[5], V[8], V[6], V[7], V[9], h, r)
+
+        return {"ATTN_SPLIT": split_task, "ATTN_COMBINE": combine_task}
+
+    return NodeProgram(("attention", cfg, S), specs, bodies, ts, ("ATTN_SPLIT", "ATTN_COMBINE"))
+
+
+def persistent_attn_config(a: Mapping[str, Any], B: int) -> Any:
+    """The attention kernel config the persistent bodies use for a node (256-thread CTAs: 128 query
+    rows per CTA), or None when the kernel does not cover the node."""
+    from tilert.runtime.eager.gpu_ops import attn_config
+
+    cfg = attn_config(dict(a), B)
+    if cfg is None:
+        return None
+    import dataclasses
+
+    return dataclasses.replace(cfg, rows_per_cta=128, v_scale=float(a.get("v_scale") or 1.0))
+
+
+def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
+    """Fused MoE as five stages: router (with the norm prologue), top-k, gate/up per (slot, chunk),
+    down per (slot, n tile, k split) into an fp32 partial, reduce per column block (+ residual)."""
+    from tilert.kernels import elementwise as ew
+    from tilert.kernels import moe
+    from tilert.ops.qtensor import QTensor as Q
+
+    a = n.a
+    x, gate, bias, gu, dn = (g.values[i] for i in n.inputs[:5])
+    T, H = x.shape
+    E, EL, k = gate.shape[0], a["n_local"], a["top_k"]
+    I2 = gu.shape[1]
+    In = I2 // 2
+    w_gu, w_d = b.env[gu.name], b.env[dn.name]
+    if not (isinstance(w_gu, Q) and w_gu.fmt == "mxfp4" and isinstance(w_d, Q)):
+        raise PersistentError(f"{n.op}: the persistent MoE body needs MXFP4 expert stacks")
+    if a.get("n_group", 1) > 1 or T > moe.TP or H % 256 or In % 128:
+        raise PersistentError(f"{n.op} T={T} H={H} I={In} groups={a.get('n_group', 1)}: off the MoE body's contract")
+    cfg = moe.Config(T, H, In, E, EL, k, a.get("expert_offset", 0), a.get("scaling", 1.0), a.get("normalize", True),
+                     cta_threads=256)  # fmt: skip
+    til = moe.tiling(T, H, In, EL, k)
+    eps = a.get("norm_eps")
+    extra = list(n.inputs[5:])
+    norm_w = b.env[g.values[extra.pop(0)].name].to(torch.bfloat16).contiguous() if eps is not None else None
+    res = b.activation(g.values[extra.pop(0)]) if a.get("residual") else None
+    TP, S = moe.TP, cfg.max_slots
+    xa = b.activation(x)
+    xh = b.ws((TP, H), torch.bfloat16) if eps is not None else xa
+    out = b.activation(g.values[n.outputs[0]])
+    world = int(a.get("world", 1)) if a.get("reduce") else 1
+    ts = [xa, xh, b.env[gate.name].float().contiguous(), b.env[bias.name].float().contiguous(),
+          w_gu.data, w_gu.scales, w_d.data, w_d.scales,
+          b.ws((TP, E), torch.float32), b.ws((TP, k), torch.int32), b.ws((TP, k), torch.float32),
+          b.ws((EL, TP), torch.float32), b.ws((EL,), torch.int32), b.ws((1,), torch.int32),
+          b.ws((S, TP, In), torch.bfloat16), b.ws((T, H), torch.float32),
+          norm_w if norm_w is not None else b.ws((H,), torch.bfloat16),
+          res if res is not None else b.ws((1, H), torch.bfloat16), out]  # fmt: skip
+    ts.append(b.ws((2, T, H), torch.float32) if world > 1 else b.ws((1,), torch.float32))
+    specs: list[ViewSpec] = [
+        ("x", (xa.shape[0], H), "bfloat16"), ("xh", (TP, H), "bfloat16"), ("router", (E, H), "float32"),
+        ("bias", (E,), "float32"), ("gu", tuple(w_gu.data.shape), "uint8"), ("gu_s", tuple(w_gu.scales.shape), "uint8"),
+        ("dn", tuple(w_d.data.shape), "uint8"), ("dn_s", tuple(w_d.scales.shape), "uint8"),
+        ("logits", (TP, E), "float32"), ("idx", (TP, k), "int32"), ("wt", (TP, k), "float32"),
+        ("tokw", (EL, TP), "float32"), ("list", (EL,), "int32"), ("count", (1,), "int32"),
+        ("hb", (S, TP, In), "bfloat16"), ("y", (T, H), "float32"), ("gamma", (H,), "bfloat16"),
+        ("residual", (ts[17].shape[0], H), "bfloat16"), ("out", (out.shape[0], H), _tl_dtype(out)),
+    ]  # fmt: skip
+    specs.append(("inbox", tuple(ts[-1].shape), "float32"))
+
+    def bodies() -> dict[str, Any]:
+        import tilelang.language as T_
+
+        router_tile, route_body, gate_up_tile, down_tile = moe.make_bodies(cfg)
+        reduce_body = ew.make_body(ew.AllReduceConfig(T, H, world, res is not None, "float32", "bfloat16",
+                                                      _tl_dtype(out)))  # fmt: skip
+        f32 = "float32"
+
+        @T_.macro
+        def router(V, e_tile, c1, c2):
+            if eps is not None:  # every router task writes the same bf16(rms_norm(x)) rows
+                sq = T_.alloc_fragment((TP, 128), f32)
+                rs = T_.alloc_fragment((TP,), f32)
+                rstd = T_.alloc_shared((TP,), f32)
+                T_.clear(sq)
+                for kc in T_.serial(H // 128):
+                    for i, j in T_.Parallel(TP, 128):
+                        v = T_.if_then_else(i < T, T_.Cast(f32, V[0][i, kc * 128 + j]), 0.0)
+                        sq[i, j] += v * v
+                T_.reduce_sum(sq, rs, dim=1)
+                for i in T_.Parallel(TP):
+                    rstd[i] = T_.rsqrt(rs[i] / H + eps)
+                for i, j in T_.Parallel(TP, H):
+                    if i < T:
+                        V[1][i, j] = T_.Cast("bfloat16", T_.Cast(f32, V[0][i, j]) * rstd[i] * T_.Cast(f32, V[16][j]))
+                T_.sync_threads()
+            router_tile(V[1], V[2], V[8], V[15], e_tile)
+
+        @T_.macro
+        def topk(V, c0, c1, c2):
+            route_body(V[8], V[3], V[9], V[10], V[11], V[12], V[13])
+
+        @T_.macro
+        def gate_up(V, slot, chunk, c2):
+            for u in T_.serial(moe.GU_PER_TASK):
+                if chunk * moe.GU_PER_TASK + u < In // 8:
+                    gate_up_tile(V[1], V[4], V[5], V[12], V[13], V[14], slot, chunk * moe.GU_PER_TASK + u)
+
+        @T_.macro
+        def down(V, slot, n_tile, k_split):
+            for u in T_.serial(moe.DOWN_PER_TASK):
+                if n_tile * moe.DOWN_PER_TASK + u < cdiv(H, moe.BLOCK_N):
+                    down_tile(V[14], V[6], V[7], V[12], V[13], V[11], V[15], slot, n_tile * moe.DOWN_PER_TASK + u,
+                              k_split)  # fmt: skip
+
+        @T_.macro
+        def reduce(V, c, c1, c2):
+            reduce_body(V[15], V[17], V[19], V[18], c)
+
+        return {"MOE_ROUTER": router, "MOE_TOPK": topk, "MOE_GATE_UP": gate_up, "MOE_DOWN": down, "MOE_REDUCE": reduce}
+
+    key = ("moe", cfg, til, eps, res is not None, world, xa.shape[0], out.shape[0], _tl_dtype(out))
+    return NodeProgram(key, specs, bodies, ts, ("MOE_ROUTER", "MOE_TOPK", "MOE_GATE_UP", "MOE_DOWN", "MOE_REDUCE"))
+
+
+def _elementwise_program(cfg: Any, opcode: str, specs: list[ViewSpec], ts: list[torch.Tensor],
+                         call: Callable[[Any, Any, Any], None]) -> NodeProgram:  # fmt: skip
+    """A node run by one of tilert/kernels/elementwise.py's column-block bodies."""
+    from tilert.kernels import elementwise as ew
+
+    def bodies() -> dict[str, Any]:
+        import tilelang.language as T_
+
+        body = ew.make_body(cfg)
+
+        @T_.macro
+        def task(V, c, c1, c2):
+            call(body, V, c)
+
+        return {opcode: task}
+
+    return NodeProgram(("elementwise", opcode, cfg, tuple(s[1:] for s in specs)), specs, bodies, ts, (opcode,))
+
+
+def _spec(name: str, t: torch.Tensor, shape: Sequence[int] | None = None) -> ViewSpec:
+    return (name, tuple(t.shape if shape is None else shape), _tl_dtype(t))
+
+
+def _embed(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
+    from tilert.kernels import elementwise as ew
+
+    table, tokens = b.env[g.values[n.inputs[0]].name], b.env[g.values[n.inputs[1]].name]
+    (T,), (V, H) = g.values[n.inputs[1]].shape, table.shape
+    out = b.activation(g.values[n.outputs[0]])
+    table = table.to(torch.bfloat16).contiguous()
+    specs = [_spec("table", table), _spec("tokens", tokens), _spec("out", out, (T, H))]
+    return _elementwise_program(ew.EmbedConfig(T, V, H), "OP_EMBED", specs, [table, tokens, out],
+                                lambda body, V_, c: body(V_[0], V_[1], V_[2], c))  # fmt: skip
+
+
+def _silu_mul(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
+    from tilert.kernels import elementwise as ew
+
+    if len(n.inputs) != 2:
+        raise PersistentError("silu_mul with one (concatenated) input has no persistent body")
+    T, N = g.values[n.outputs[0]].shape
+    ts = [b.activation(g.values[i]) for i in n.inputs] + [b.activation(g.values[n.outputs[0]])]
+    specs = [_spec(nm, t, (T, N)) for nm, t in zip(("gate", "up", "out"), ts)]
+    return _elementwise_program(ew.SiluMulConfig(T, N), "OP_SILU_MUL", specs, ts,
+                                lambda body, V_, c: body(V_[0], V_[1], V_[2], c))  # fmt: skip
+
+
+def _concat(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
+    from tilert.kernels import elementwise as ew
+
+    out_v = g.values[n.outputs[0]]
+    if n.a.get("dim", -1) % len(out_v.shape) != len(out_v.shape) - 1:
+        raise PersistentError("concat along a dim other than the last has no persistent body")
+    T = out_v.shape[0]
+    widths = tuple(g.values[i].shape[-1] for i in n.inputs)
+    ts = [b.activation(g.values[i]) for i in n.inputs] + [b.activation(out_v)]
+    specs = [_spec(f"in{k}", t, (T, w)) for k, (t, w) in enumerate(zip(ts, widths))]
+    specs.append(_spec("out", ts[-1], (T, sum(widths))))
+    k = len(widths)
+    return _elementwise_program(ew.ConcatConfig(T, widths), "OP_CONCAT", specs, ts,
+                                lambda body, V_, c: body(tuple(V_[:k]), V_[k], c))  # fmt: skip
+
+
+def _all_reduce(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
+    """World 1: the residual add; world > 1 on one GPU (solo): rank 0's partial plus a ring's traffic
+    through a local inbox (tilert/kernels/elementwise.py). Peer-memory collectives across real GPUs
+    need the multi-GPU machine (issue #8)."""
+    from tilert.kernels import elementwise as ew
+
+    part_v, out_v = g.values[n.inputs[0]], g.values[n.outputs[0]]
+    T, N = out_v.shape
+    res = n.op == "all_reduce_residual"
+    part, out = b.activation(part_v), b.activation(out_v)
+    resid = b.activation(g.values[n.inputs[1]]) if res else b.ws((1, N), torch.bfloat16)
+    world = int(n.a.get("world", g.meta.get("world", 1)))
+    inbox = b.ws((2, T, N), part.dtype) if world > 1 else b.ws((1,), part.dtype)
+    cfg = ew.AllReduceConfig(T, N, world, res, _tl_dtype(part), _tl_dtype(resid), _tl_dtype(out))
+    specs = [_spec("partial", part, (T, N)), _spec("residual", resid, (T, N) if res else (1, N)),
+             _spec("inbox", inbox), _spec("out", out, (T, N))]  # fmt: skip
+    return _elementwise_program(cfg, "ALL_REDUCE", specs, [part, resid, inbox, out],
+                                lambda body, V_, c: body(V_[0], V_[1], V_[2], V_[3], c))  # fmt: skip
+
+
+def _all_gather(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
+    """Solo all-gather (last dim): rank 0's block written to every rank's slot of the output."""
+    from tilert.passes.tile import TILE_CONFIG
+
+    x_v, out_v = g.values[n.inputs[0]], g.values[n.outputs[0]]
+    if n.a.get("dim", -1) % len(out_v.shape) != len(out_v.shape) - 1:
+        raise PersistentError("all_gather along a dim other than the last has no persistent body")
+    T, W = x_v.shape
+    world = out_v.shape[-1] // W
+    cols = TILE_CONFIG["collective"]["cols"]
+    x, out = b.activation(x_v), b.activation(out_v)
+    specs = [_spec("x", x, (T, W)), _spec("out", out, (T, W * world))]
+
+    def bodies() -> dict[str, Any]:
+        import tilelang.language as T_
+
+        @T_.macro
+        def gather(V, c, c1, c2):
+            for i, j in T_.Parallel(T, cols):
+                if c * cols + j < W:
+                    for q in T_.unroll(world):
+                        V[1][i, q * W + c * cols + j] = V[0][i, c * cols + j]
+
+        return {"ALL_GATHER": gather}
+
+    return NodeProgram(("all_gather", T, W, world, _tl_dtype(x)), specs, bodies, [x, out], ("ALL_GATHER",))
+
+
+PROGRAMS: dict[str, Callable[[Graph, Node, Bindings, int], NodeProgram]] = {
+    "linear_fp8": _linear,
+    "linear_bf16": _linear,
+    "lm_head_argmax": _lm_head_tail,
+    "lm_head_accept": _lm_head_tail,
+    "attention_block": _attention,
+    "fused_moe_mxfp4": _moe,
+    "embed": _embed,
+    "silu_mul": _silu_mul,
+    "concat": _concat,
+    "all_reduce": _all_reduce,
+    "all_reduce_residual": _all_reduce,
+    "all_gather": _all_gather,
+}
+
+
+def register_program(*kinds: str) -> Callable:
+    def deco(fn: Callable) -> Callable:
+        for k in kinds:
+            PROGRAMS[k] = fn
+        return fn
+
+    return deco
+
+
+# ---- the kernel -------------------------------------------------------------------------------------
+
+
+def make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, max_tasks: int, n_nodes: int, n_counters: int,
+                     max_views: int, timeout_cycles: int | None = None) -> Any:  # fmt: skip
+    """The persistent prim_func: (Tasks, NodeClass, Ptrs, Counters, Err, Epoch, Trace)."""
+    import tilelang.language as T
+
+    from tilert.kernels.views import PERSISTENT_THREADS, make_views
+    from tilert.runtime.persistent.megakernel import DEFAULT_TIMEOUT_CYCLES, if_chain, make_persistent_loop
+
+    built = [c.bodies() for c in classes]
+    by_opcode: dict[str, list[tuple[int, Any, list[ViewSpec]]]] = {}
+    for k, (c, bodies) in enumerate(zip(classes, built)):
+        for name, body in bodies.items():
+            by_opcode.setdefault(name, []).append((k, body, c.specs))
+
+    def opcode_body(cases: list[tuple[int, Any, list[ViewSpec]]]) -> Any:
+        def case(k: int, body: Any, specs: list[ViewSpec]) -> tuple[Any, Any]:
+            @T.macro
+            def run(bufs, op, c0, c1, c2):
+                body(make_views(bufs[1], op, specs), c0, c1, c2)
+
+            return k, run
+
+        return if_chain([case(*c) for c in cases], selector=lambda bufs, op: bufs[0][op])
+
+    bodies = {name: opcode_body(cases) for name, cases in by_opcode.items()}
+    bodies.setdefault("BARRIER", _noop())
+    loop = make_persistent_loop(bodies, max_tasks=max_tasks, timeout_cycles=timeout_cycles or DEFAULT_TIMEOUT_CYCLES)
+
+    @T.prim_func
+    def tilert_step(
+        Tasks: T.Tensor((num_sms, max_tasks, len(FIELD)), "int32"),
+        NodeClass: T.Tensor((n_nodes,), "int32"),
+        Ptrs: T.Tensor((n_nodes, max_views), T.ptr),
+        Counters: T.Tensor((n_counters,), "int32"),
+        Err: T.Tensor((4,), "int32"),
+        Epoch: T.Tensor((1,), "int32"),
+        Trace: T.Tensor((num_sms, max_tasks, 2), "int64"),
+    ):
+        with T.Kernel(num_sms, threads=PERSISTENT_THREADS) as sm:
+            loop(sm, Tasks, Counters, Err, Epoch, Trace, (NodeClass, Ptrs))
+
+    return tilert_step
+
+
+def _noop() -> Any:
+    import tilelang.language as T
+
+    @T.macro
+    def nop(bufs, op, c0, c1, c2):
+        T.evaluate(0)
+
+    return nop
+
+
+class PersistentStep:
+    """One rank's step graph as one persistent launch per step.
+
+    graph: the compiled rank graph; table/expected: its schedule (int32 rows, counters' expected
+    counts); params: the rank's bound weights on the GPU. `run(inputs)` enqueues one step and
+    returns the graph outputs (device tensors, valid once the stream reaches them); `check()`
+    raises if any launch so far hit a bounded wait or an unknown opcode.
+    """
+
+    def __init__(self, graph: Graph, table: np.ndarray, expected: np.ndarray, params: Mapping[str, Any],
+                 device: str = "cuda", num_sms: int | None = None, out_dir: str | None = None,
+                 states: dict[str, torch.Tensor] | None = None, compile_only: bool = False) -> None:  # fmt: skip
+        from tilert.kernels.common import build
+        from tilert.runtime.persistent.megakernel import PERSISTENT_PASS_CONFIGS
+
+        self.g = graph
+        self.device = torch.device(device)
+        sms = num_sms or torch.cuda.get_device_properties(self.device).multi_processor_count
+        if table.shape[0] > sms:
+            raise PersistentError(f"the table has {table.shape[0]} SM queues; this GPU has {sms} SMs")
+        self.sms = table.shape[0]
+        b = self.bind = Bindings(graph, params, self.device, states)
+        b.epoch = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self.programs: list[NodeProgram] = []
+        for n in graph.nodes:
+            fn = PROGRAMS.get(n.op)
+            if fn is None:
+                raise PersistentError(f"no persistent body for op kind '{n.op}' (node {len(self.programs)})")
+            self.programs.append(fn(graph, n, b, self.sms))
+        self._check_table(table, expected)
+        keys: dict[tuple, int] = {}
+        classes: list[NodeProgram] = []
+        node_class = []
+        for p in self.programs:
+            if p.key not in keys:
+                keys[p.key] = len(classes)
+                classes.append(p)
+            node_class.append(keys[p.key])
+        max_views = max(len(p.specs) for p in self.programs)
+        ptrs = torch.zeros(len(self.programs), max_views, dtype=torch.int64)
+        for i, p in enumerate(self.programs):
+            from tilert.kernels.views import pointer_row
+
+            ptrs[i, : len(p.specs)] = pointer_row(p.tensors, p.specs, f"node {i} ({graph.nodes[i].op})")[0]
+        self.ptrs = ptrs.to(self.device)
+        self.classes = classes
+        self.node_class = torch.tensor(node_class, dtype=torch.int32, device=self.device)
+        self.tasks = torch.from_numpy(np.ascontiguousarray(table)).to(self.device)
+        self.counters = torch.zeros(max(1, len(expected)), dtype=torch.int32, device=self.device)
+        self.err = torch.zeros(4, dtype=torch.int32, device=self.device)
+        self.trace = torch.zeros(self.sms, table.shape[1], 2, dtype=torch.int64, device=self.device)
+        self.n_classes = len(classes)
+        func = make_step_kernel(classes, self.sms, table.shape[1], len(self.programs), len(self.counters), max_views)
+        self.kernel = build(func, pass_configs=PERSISTENT_PASS_CONFIGS, out_dir=out_dir, name="tilert_step")
+        self.steps = 0
+        self.launches_per_step = 1
+
+    def _check_table(self, table: np.ndarray, expected: np.ndarray) -> None:
+        """Every row names a node of this graph with a body for its opcode; counters in range."""
+        ops, nodes = table[:, :, FIELD["opcode"]], table[:, :, FIELD["op"]]
+        for code, i in {(int(c), int(i)) for c, i in zip(ops[ops != 0].ravel(), nodes[ops != 0].ravel())}:
+            name = NP_OPCODE.get(code, f"#{code}")
+            if not 0 <= i < len(self.programs):
+                raise PersistentError(f"task {name} names node {i}; the graph has {len(self.programs)}")
+            if name != "BARRIER" and name not in self.programs[i].opcodes:
+                raise PersistentError(f"task {name} on node {i} ({self.g.nodes[i].op}): its body has "
+                                      f"{sorted(self.programs[i].opcodes)}")  # fmt: skip
+        sig = table[:, :, FIELD["signal"]]
+        if sig.max(initial=-1) >= len(expected):
+            raise PersistentError(f"a task signals counter {int(sig.max())}; the table has {len(expected)} counters")
+
+    def launch(self, inputs: Mapping[str, Any]) -> None:
+        """Copy inputs into the static buffers, bump the epoch and launch (no host sync)."""
+        for v in self.g.by_role("input"):
+            if v.name not in inputs:
+                raise ValueError(f"graph '{self.g.name}' needs input '{v.name}' ({v.dtype.name}{list(v.shape)})")
+            t = torch.as_tensor(inputs[v.name])
+            if tuple(t.shape) != v.shape:
+                raise ValueError(f"input '{v.name}' has shape {list(t.shape)}, graph expects {list(v.shape)}")
+            self.bind.env[v.name].copy_(t, non_blocking=True)
+        self.steps += 1
+        self.bind.epoch.fill_(self.steps)
+        self.kernel(self.tasks, self.node_class, self.ptrs, self.counters, self.err, self.bind.epoch, self.trace)
+
+    def outputs(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name in self.g.outputs:
+            v = self.g.values[name]
+            t = self.bind.env[name]
+            out[name] = t[: v.shape[0]] if len(v.shape) == 2 else t
+        return out
+
+    def measured_trace(self, process: str = "rank 0 (measured)") -> dict[str, Any]:
+        """Chrome/Perfetto trace of the last launch: one track per SM, one event per task, from the
+        kernel's own %globaltimer stamps (start before the task's waits, end after its signal)."""
+        from tilert.plan import TASK_FIELDS
+        from tilert.profile.timeline import trace_json
+
+        torch.cuda.synchronize(self.device)
+        tr = self.trace.cpu().numpy()
+        table = self.tasks.cpu().numpy()
+        used = table[:, :, FIELD["opcode"]] != 0
+        start = np.where(used, tr[:, :, 0], -1)
+        end = np.where(used, tr[:, :, 1], -1)
+        names = [n.op for n in self.g.nodes]
+        return trace_json(table, start, end, TASK_FIELDS, names, NP_OPCODE, process=process, pid=1,
+                          meta={"source": "persistent kernel %globaltimer", "graph": self.g.name})  # fmt: skip
+
+    def check(self) -> None:
+        from tilert.runtime.persistent.megakernel import raise_on_error
+
+        raise_on_error(self.err.tolist())
+
+    def run(self, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        self.launch(inputs)
+        torch.cuda.synchronize(self.device)
+        self.check()
+        return self.outputs()
+
+    def reset(self) -> None:
+        for t in self.bind.states.values():
+            t.zero_()
