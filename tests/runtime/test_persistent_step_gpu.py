@@ -69,7 +69,18 @@ def test_persistent_deadlock_is_reported() -> None:
     table[0, 0, FIELD["wait0_expected"]] = 10**6
     from tilert.models.weights import synthetic_weights
 
-    params = {k: v.cuda() for k, v in bind_params(rg, synthetic_weights(cfg, 0), {}).items()}
+    params = {k: v.to("cuda") for k, v in bind_params(rg, synthetic_weights(cfg, 0), {}).items()}
     st = PersistentStep(rg, table, sched.counter_expected, params)
     with pytest.raises(RuntimeError, match="timed out"):
         st.run({"tokens": torch.ones(1, dtype=torch.int32), "positions": torch.zeros(1, dtype=torch.int32)})
+
+
+def test_engine_on_persistent_backend_keeps_sequences_apart() -> None:
+    import tilert
+
+    with tilert.Engine("tiny-gpu", weights=5, max_seq=256, backend="persistent") as eng:
+        a = eng.generate([1, 2, 3, 4], max_new_tokens=8).tokens
+        b = eng.generate([7, 8, 9, 10, 11, 12], max_new_tokens=8, speculative="dflash").tokens
+        fa, fb = eng.submit([1, 2, 3, 4], 8), eng.submit([7, 8, 9, 10, 11, 12], 8, speculative="dflash")
+        assert fa.result(timeout=120).tokens == a
+        assert fb.result(timeout=120).tokens == b

@@ -5,9 +5,10 @@ fuse_residual) and tiles it as (n tile, m tile, k split) with `gemm_shape` (pass
 same block sizes as the standalone FP8 kernel (fp8_gemm.pick_config). This body runs one such
 tile inside the persistent kernel (256 threads, cp.async, no TMA: views come from pointers):
 
-  prologue   with a norm: the tile's block_m rows' mean square over all of K (each task reads its
-             rows once more: 12 KB per token at K = 6144), then x is scaled by rstd * gamma in
-             shared memory, rounded to bf16 as the eager path does.
+  prologue   with a norm: the mean square over all of K of the tile's rows that can hold tokens
+             (min(block_m, M); each task reads them once more: 12 KB per token at K = 6144, in
+             chunks of up to 8192 / rows columns so the loads are in flight together), then x is
+             scaled by rstd * gamma in shared memory, rounded to bf16 as the eager path does.
   mainloop   fp8 weights [block_n, block_k] are dequantised with their block scale (128x128, or one
              scale per row where a shard slice cut a scale block: `scale_rows` = 1) into a bf16
              tile; bf16 weights (the LM head) go straight to the MMA.
@@ -87,6 +88,8 @@ def make_body(spec: LinearSpec):
     norm, res, fp8 = spec.norm_eps is not None, spec.res_dtype is not None, spec.fp8
     n_mt = spec.mp // bm
     f32 = "float32"
+    mv = min(bm, M)  # rows of a row block that can be real tokens (the rest are zero padding)
+    cw = next(w for w in (8192 // mv, 4096 // mv, 2048 // mv, 1024, 512, 256, 128) if w <= K and K % w == 0)
 
     @T.macro
     def linear_tile(V, n_tile, m_tile, k_split):
@@ -112,15 +115,18 @@ def make_body(spec: LinearSpec):
         if norm:
             xn_s = T.alloc_shared((bm, bk), "bfloat16")
             rstd = T.alloc_shared((bm,), f32)
-            sq = T.alloc_fragment((bm, 128), f32)
-            rs = T.alloc_fragment((bm,), f32)
+            sq = T.alloc_fragment((mv, cw), f32)
+            rs = T.alloc_fragment((mv,), f32)
             T.clear(sq)
-            for kc in T.serial(K // 128):
-                for i, j in T.Parallel(bm, 128):
-                    v = T.Cast(f32, X[m_tile * bm + i, kc * 128 + j])
+            for kc in T.serial(K // cw):  # only the rows that exist, wide chunks: loads stay in flight
+                for i, j in T.Parallel(mv, cw):
+                    v = T.Cast(f32, X[m_tile * bm + i, kc * cw + j])
                     sq[i, j] += v * v
             T.reduce_sum(sq, rs, dim=1)
             for i in T.Parallel(bm):
+                rstd[i] = 0.0
+            T.sync_threads()
+            for i in T.Parallel(mv):
                 rstd[i] = T.rsqrt(rs[i] / K + spec.norm_eps)
         T.clear(acc)
         for kk in T.Pipelined(nk, num_stages=spec.stages):

@@ -73,8 +73,8 @@ class Config:
 
 
 GU_COLS = 8  # h columns per gate_up_tile n_tile (8 gate rows + the 8 matching up rows: one BLOCK_N tile)
-GU_PER_TASK = 16  # gate_up n_tiles per MOE_GATE_UP task: 128 h columns
-DOWN_COLS = 128  # output features per MOE_DOWN task
+GU_PER_TASK = 4  # gate_up n_tiles per MOE_GATE_UP task: 32 h columns (a task is ~4 serial tiles)
+DOWN_COLS = 64  # output features per MOE_DOWN task (4 down tiles)
 DOWN_PER_TASK = DOWN_COLS // BLOCK_N  # down_tile n_tiles (BLOCK_N features each) per MOE_DOWN task
 
 

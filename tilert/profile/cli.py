@@ -71,7 +71,13 @@ def profile_model(
     from tilert.passes.manager import PassContext
     from tilert.plan import OPCODES, TASK_FIELDS
     from tilert.profile.passes import compile_with_profile, format_pass_table
-    from tilert.profile.roofline import format_roofline, measure_rows, plot_roofline, roofline_rows
+    from tilert.profile.roofline import (
+        format_roofline,
+        measure_persistent,
+        measure_rows,
+        plot_roofline,
+        roofline_rows,
+    )
     from tilert.profile.timeline import simulate, trace_json, write_trace
 
     if gpu not in GPUS:
@@ -104,13 +110,26 @@ def profile_model(
         compile_s = time.perf_counter() - t0
         rg, sched = graphs[rank], ctx.results["schedule"][rank]
         krows = roofline_rows(rg, sched, spec, ctx.context)
-        measured = None
+        measured, pers_ms, pers_trace = None, None, None
         if measure:
             import torch
 
+            from tilert.runtime.eager.synthetic import synthetic_params
+
             dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
             say(f"profile: {tag}: measuring {len(rg.nodes)} kernels on {dev}")
-            measured = measure_rows(krows, rg, dev, min(ctx.context, max_seq - B), world)
+            params = synthetic_params(rg, device=dev)
+            kv = min(ctx.context, max_seq - B)
+            measured = measure_rows(krows, rg, dev, kv, world, params=params)
+            if dev == "cuda":
+                from tilert.runtime.persistent.step import PersistentError
+
+                say(f"profile: {tag}: the step as one persistent launch")
+                try:
+                    pers_ms, pers_trace = measure_persistent(rg, sched, params, kv)
+                except PersistentError as e:
+                    say(f"profile: {tag}: no persistent measurement: {e}")
+            del params
         say(f"profile: {tag}: simulating {sched.tasks} tasks on {sched.table.shape[0]} SMs")
         start, end = simulate(sched.table, sched.counter_expected, TASK_FIELDS,
                               progress=lambda d, n: say(f"  timeline {d}/{n} tasks"))  # fmt: skip
@@ -126,6 +145,7 @@ def profile_model(
             "floor_ms": sum(r.floor_us for r in krows) / 1e3,
             "measured": measured,
             "measured_ms": sum(r.measured_us for r in krows) / 1e3 if measured else None,
+            "persistent_measured_ms": pers_ms,
         }
         report["steps"][tag] = entry
         text += [f"== {cfg.name} {tag}, world {world}, rank {rank}, {gpu}: compiled in {compile_s:.2f} s", "",
@@ -135,6 +155,7 @@ def profile_model(
                  f"{entry['floor_ms']:.3f} ms, persistent makespan {entry['makespan_ms']:.3f} ms, "
                  f"simulated {sim_ms:.3f} ms, SM occupancy {sched.occupancy:.2f}):",
                  *([f"{measured}: {entry['measured_ms']:.3f} ms in all"] if measured else []),
+                 *([f"measured as one persistent launch: {pers_ms:.3f} ms"] if pers_ms else []),
                  format_roofline(krows, top), ""]  # fmt: skip
         if outdir:
             op_names = [n.op for n in rg.nodes]
@@ -142,6 +163,9 @@ def profile_model(
             tr = trace_json(sched.table, start, end, TASK_FIELDS, op_names, names, process=f"rank {rank} {tag}",
                             meta=meta)  # fmt: skip
             p = write_trace(tr, outdir / f"trace_{tag}.rank{rank}.json")
+            if pers_trace is not None:
+                mp = write_trace(pers_trace, outdir / f"trace_{tag}.rank{rank}.measured.json")
+                text.append(f"wrote {mp} (the persistent kernel's own per-SM timeline)")
             why = plot_roofline(krows, spec, outdir / f"roofline_{tag}.png", f"{cfg.name} {tag} rank {rank} ({gpu})")
             text.append(f"wrote {p}" + (f"; {why}" if why else f" and {outdir / f'roofline_{tag}.png'}"))
             text.append("")

@@ -70,22 +70,55 @@ def format_roofline(rows: list[KernelRow], top: int | None = None) -> str:
     return "\n".join(out)
 
 
-def measure_rows(rows: list[KernelRow], g: Graph, device: str, context: int, world: int, iters: int = 5) -> str:
-    """Fill `measured_us` by running the rank graph on the eager runtime (synthetic weights; collectives
-    as single-GPU stand-ins when world > 1). Returns a one-line description of what was measured."""
+def step_inputs(g: Graph, context: int) -> dict[str, Any]:
+    """Token ids and positions for one step of g at KV length `context`."""
+    import torch
+
+    T = g.values["tokens"].shape[0] if "tokens" in g.values else 1
+    return {"tokens": torch.zeros(T, dtype=torch.int32),
+            "positions": torch.arange(context, context + T, dtype=torch.int32)}  # fmt: skip
+
+
+def measure_rows(rows: list[KernelRow], g: Graph, device: str, context: int, world: int, iters: int = 5,
+                 params: dict[str, Any] | None = None) -> str:  # fmt: skip
+    """Fill `measured_us` by running the rank graph on the eager runtime (synthetic weights unless
+    given; collectives as single-GPU stand-ins when world > 1). Returns a one-line description."""
     import torch
 
     from tilert.runtime.eager import EagerRuntime
     from tilert.runtime.eager.synthetic import synthetic_params
 
-    T = g.values["tokens"].shape[0] if "tokens" in g.values else 1
-    rt = EagerRuntime(synthetic_params(g, device=device), device=device, world=world, solo=world > 1)
-    inputs = {"tokens": torch.zeros(T, dtype=torch.int32),
-              "positions": torch.arange(context, context + T, dtype=torch.int32)}  # fmt: skip
+    params = synthetic_params(g, device=device) if params is None else params
+    rt = EagerRuntime(params, device=device, world=world, solo=world > 1)
+    inputs = step_inputs(g, context)
     for r, t in zip(rows, rt.node_times(g, inputs, iters)):
         r.measured_us = t
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     return f"measured on {name}: eager runtime ({rt.timing}), one launch per op, median of {iters} steps"
+
+
+def measure_persistent(
+    g: Graph, sched: Any, params: dict[str, Any], context: int, iters: int = 10
+) -> tuple[float, dict]:
+    """Median ms of the whole step as one persistent launch, and the kernel's own per-SM trace
+    (Chrome/Perfetto JSON from its %globaltimer stamps) of the last launch."""
+    import torch
+
+    from tilert.runtime.persistent.step import PersistentStep
+
+    st = PersistentStep(g, sched.table, sched.counter_expected, params)
+    inputs = step_inputs(g, context)
+    st.run(inputs)  # first launch: loads the kernel
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        st.launch(inputs)
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    st.check()
+    return sorted(times)[len(times) // 2], st.measured_trace(f"rank 0 {g.name} (measured)")
 
 
 def plot_roofline(rows: list[KernelRow], spec: Any, path: str | Path, title: str) -> str | None:

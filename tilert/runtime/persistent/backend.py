@@ -46,8 +46,9 @@ class PersistentBackend(GraphBackend):
             return ("eager", self._drafter_backend()._prepare(g))
         rg, sched = compile_step(g, self.max_seq)
         params = {k: v.to(self.device) for k, v in bind_params(rg, self.weights, {}).items()}
-        return ("persistent", PersistentStep(rg, sched.table, sched.counter_expected, params, self.device,
-                                             states=self.states))  # fmt: skip
+        step = PersistentStep(rg, sched.table, sched.counter_expected, params, self.device, states=self.states)
+        step.use_states(self.states)  # caches this graph added join the current sequence's set
+        return ("persistent", step)
 
     def _drafter_backend(self) -> Any:
         if self._eager is None:
@@ -68,6 +69,19 @@ class PersistentBackend(GraphBackend):
             t.zero_()
         if self._eager is not None:
             self._eager.reset()
+
+    # per-sequence KV caches for the Engine: swapping a sequence in rewrites the node tables' cache rows
+    def new_cache(self) -> dict[str, Any]:
+        return {"target": {}, "drafter": self._drafter_backend().new_cache()}
+
+    def use_cache(self, cache: dict[str, Any]) -> None:
+        if cache["target"] is self.states:
+            return
+        self.states = cache["target"]
+        for kind, p in self._prepared.values():
+            if kind == "persistent":
+                p.use_states(self.states)
+        self._drafter_backend().use_cache(cache["drafter"])
 
 
 @register_backend("persistent")

@@ -295,20 +295,20 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         @T_.macro
         def router(V, e_tile, c1, c2):
             if eps is not None:  # every router task writes the same bf16(rms_norm(x)) rows
-                sq = T_.alloc_fragment((TP, 128), f32)
-                rs = T_.alloc_fragment((TP,), f32)
-                rstd = T_.alloc_shared((TP,), f32)
+                cw = next(w for w in (8192 // T, 4096 // T, 2048 // T, 1024, 512, 256, 128) if H % w == 0)
+                sq = T_.alloc_fragment((T, cw), f32)
+                rs = T_.alloc_fragment((T,), f32)
+                rstd = T_.alloc_shared((T,), f32)
                 T_.clear(sq)
-                for kc in T_.serial(H // 128):
-                    for i, j in T_.Parallel(TP, 128):
-                        v = T_.if_then_else(i < T, T_.Cast(f32, V[0][i, kc * 128 + j]), 0.0)
+                for kc in T_.serial(H // cw):
+                    for i, j in T_.Parallel(T, cw):
+                        v = T_.Cast(f32, V[0][i, kc * cw + j])
                         sq[i, j] += v * v
                 T_.reduce_sum(sq, rs, dim=1)
-                for i in T_.Parallel(TP):
+                for i in T_.Parallel(T):
                     rstd[i] = T_.rsqrt(rs[i] / H + eps)
-                for i, j in T_.Parallel(TP, H):
-                    if i < T:
-                        V[1][i, j] = T_.Cast("bfloat16", T_.Cast(f32, V[0][i, j]) * rstd[i] * T_.Cast(f32, V[16][j]))
+                for i, j in T_.Parallel(T, H):
+                    V[1][i, j] = T_.Cast("bfloat16", T_.Cast(f32, V[0][i, j]) * rstd[i] * T_.Cast(f32, V[16][j]))
                 T_.sync_threads()
             router_tile(V[1], V[2], V[8], V[15], e_tile)
 
@@ -577,7 +577,12 @@ class PersistentStep:
 
             ptrs[i, : len(p.specs)] = pointer_row(p.tensors, p.specs, f"node {i} ({graph.nodes[i].op})")[0]
         self.ptrs = ptrs.to(self.device)
+        self._ptrs_host = ptrs
         self.classes = classes
+        # where each KV cache sits in the node table, so another sequence's caches can be swapped in
+        own = {name: t for name, t in b.states.items() if name in graph.values}
+        self._state_slots = [(i, j, name) for name, t in own.items() for i, p in enumerate(self.programs)
+                             for j, u in enumerate(p.tensors) if u is t]  # fmt: skip
         self.node_class = torch.tensor(node_class, dtype=torch.int32, device=self.device)
         self.tasks = torch.from_numpy(np.ascontiguousarray(table)).to(self.device)
         self.counters = torch.zeros(max(1, len(expected)), dtype=torch.int32, device=self.device)
@@ -654,3 +659,17 @@ class PersistentStep:
     def reset(self) -> None:
         for t in self.bind.states.values():
             t.zero_()
+
+    def use_states(self, states: dict[str, torch.Tensor]) -> None:
+        """Point the node table at another set of KV caches (another sequence's): tensors missing from
+        `states` are created (zeros, same shape). One small host-to-device copy of the table."""
+        for name, t in list(self.bind.states.items()):
+            if name not in states:
+                states[name] = torch.zeros_like(t)
+        for i, j, name in self._state_slots:
+            self._ptrs_host[i, j] = states[name].data_ptr()
+            self.programs[i].tensors[j] = states[name]
+        for name in self.bind.states:
+            self.bind.env[name] = states[name]
+        self.bind.states = states
+        self.ptrs.copy_(self._ptrs_host)
