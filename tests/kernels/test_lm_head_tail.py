@@ -117,7 +117,7 @@ def mixed_kernel():
     silu = ew.make_body(S_CFG)
     add = ew.make_body(A_CFG)
     reduce_ = ew.make_body(R_CFG)
-    _, accept, _ = lm.make_bodies(L_CFG)
+    _, accept, _, _ = lm.make_bodies(L_CFG)
     n = len(TASKS)
     bf, f32, i32 = "bfloat16", "float32", "int32"
 

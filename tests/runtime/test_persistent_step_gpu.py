@@ -84,3 +84,54 @@ def test_engine_on_persistent_backend_keeps_sequences_apart() -> None:
         fa, fb = eng.submit([1, 2, 3, 4], 8), eng.submit([7, 8, 9, 10, 11, 12], 8, speculative="dflash")
         assert fa.result(timeout=120).tokens == a
         assert fb.result(timeout=120).tokens == b
+
+
+def test_two_ranks_on_one_gpu_match_reference() -> None:
+    """World 2 with real collectives: both ranks' persistent programs run at once (66 SMs each) and
+    exchange through peer buffers (all-reduces, the MoE reduce, the cross-rank argmax, all-gather)."""
+    from tilert.models.binding import bind_params
+    from tilert.models.builder import build_step_graph
+    from tilert.runtime.persistent.backend import compile_ranks
+    from tilert.runtime.persistent.step import MultiRankStep
+
+    cfg = load_config("tiny-gpu")
+    w = margin_safe_weights(cfg, int(torch.randint(0, 1000, ())))
+    ref = ReferenceBackend(cfg, w, max_seq=256)
+    states: list[dict] = [{}, {}]
+    progs: dict = {}
+
+    def step(tokens: torch.Tensor, pos: torch.Tensor, mode: str) -> list[dict]:
+        key = (len(tokens), mode)
+        if key not in progs:
+            graphs, scheds = compile_ranks(build_step_graph(cfg, tokens=len(tokens), mode=mode, max_seq=256), 256, 2)
+            params = [{k: v.to("cuda") for k, v in bind_params(rg, w, {}).items()} for rg in graphs]
+            progs[key] = MultiRankStep(graphs, scheds, params, states=states)
+        return progs[key].run({"tokens": tokens, "positions": pos})
+
+    def compare(a: dict, outs: list[dict]) -> None:
+        for o in outs:
+            got = o["logits"].float().cpu()
+            want = a["logits"] if got.shape == a["logits"].shape else None
+            if want is None:  # a rank's vocabulary slice
+                r = outs.index(o)
+                want = a["logits"][:, r * got.shape[1] : (r + 1) * got.shape[1]]
+            check_rows(got, want)
+        ids = [o["next_tokens"].cpu().long() for o in outs]
+        assert all(torch.equal(ids[0], x) for x in ids)  # the cross-rank argmax is the same on every rank
+        top2 = a["logits"].float().topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 1e-2 * a["logits"].abs().max()  # rows without a near-tie
+        assert torch.equal(ids[0][clear], a["next_tokens"].long()[clear])
+
+    prompt = torch.randint(0, cfg.vocab_size, (6,), dtype=torch.int32)
+    a = ref.target_step(prompt, torch.arange(6, dtype=torch.int32))
+    compare(a, step(prompt, torch.arange(6, dtype=torch.int32), "decode"))
+    blk = torch.randint(0, cfg.vocab_size, (cfg.dflash.block_size,), dtype=torch.int32)
+    blk[1] = int(a["next_tokens"][-1])
+    p2 = 6 + torch.arange(cfg.dflash.block_size, dtype=torch.int32)
+    a = ref.target_step(blk, p2, "verify")
+    outs = step(blk, p2, "verify")
+    compare(a, outs)
+    for o in outs:
+        assert torch.equal(o["accept"].cpu().long(), a["accept"].long())
+    tok, p3 = torch.randint(0, cfg.vocab_size, (1,), dtype=torch.int32), torch.tensor([10], dtype=torch.int32)
+    compare(ref.target_step(tok, p3), step(tok, p3, "decode"))

@@ -75,7 +75,8 @@ class Config:
 
 
 def make_bodies(cfg: Config):
-    """(argmax_body, accept_body, local_argmax_body) as T.macros (signatures: module docstring)."""
+    """(argmax_body, accept_body, local_argmax_body, dflash_accept_body) as T.macros (signatures: module
+    docstring; dflash_accept_body(Draft, Next, Accept) is accept_body's second half)."""
     import tilelang.language as T
 
     Tn, V, VEC = cfg.t, cfg.vloc, cfg.vec
@@ -169,40 +170,40 @@ def make_bodies(cfg: Config):
             Idx[tx] = red_i[tx, 0] + offset
 
     @T.macro
-    def accept_body(Logits, Draft, Next, Accept, valid):
-        red_v = T.alloc_shared((Tn, WARPS), f32)
-        red_i = T.alloc_shared((Tn, WARPS), i32)
+    def dflash_accept_body(Draft, Next, Accept):
+        """The DFlash greedy acceptance from the posterior ids Next (global, complete: written by this
+        CTA before a barrier, or by the cross-rank argmax): threads t < T each count the accepted
+        prefix a and write Accept[1 + t]; thread 0 writes Accept[0] = a."""
         acc = T.alloc_var(i32)
         tx = T.get_thread_binding()
-        scan(Logits, valid, red_v, red_i)
-        T.sync_threads()
         if tx < Tn:
-            merge(red_v, red_i, tx)
-            Next[tx] = red_i[tx, 0]  # red_i[t, 0] = posterior[t], read by every thread t < T below
-        T.sync_threads()
-        if tx < Tn:
-            # accepted = longest prefix with Draft[1 + k] == Next[k]; every thread t < T counts it
             acc = 0
             for k in T.serial(Tn - 1):
-                if acc == k and Draft[k + 1] == red_i[k, 0]:
+                if acc == k and Draft[k + 1] == Next[k]:
                     acc = k + 1
             if tx < acc:
                 Accept[1 + tx] = Draft[tx + 1]
             elif tx == acc:
-                Accept[1 + tx] = red_i[acc, 0]
+                Accept[1 + tx] = Next[acc]
             else:
                 Accept[1 + tx] = -1
             if tx == 0:
                 Accept[0] = acc
 
-    return argmax_body, accept_body, local_argmax_body
+    @T.macro
+    def accept_body(Logits, Draft, Next, Accept, valid):
+        argmax_body(Logits, Next, valid)
+        T.sync_threads()
+        dflash_accept_body(Draft, Next, Accept)
+
+    return argmax_body, accept_body, local_argmax_body, dflash_accept_body
 
 
 def make_kernels(cfg: Config):
     """Standalone launchers (1 CTA x 256 threads): (argmax, accept, local_argmax)."""
     import tilelang.language as T
 
-    argmax_body, accept_body, local_argmax_body = make_bodies(cfg)
+    argmax_body, accept_body, local_argmax_body, _ = make_bodies(cfg)
     Tn, V, valid, off = cfg.t, cfg.vloc, cfg.n_valid, cfg.offset
 
     @T.prim_func

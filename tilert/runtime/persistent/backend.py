@@ -31,6 +31,18 @@ def compile_step(g: Graph, max_seq: int, world: int = 1, rank: int = 0) -> tuple
     return graphs[rank], ctx.results["schedule"][rank]
 
 
+def compile_ranks(g: Graph, max_seq: int, world: int, sms: int = 132) -> tuple[list[Graph], list[Any]]:
+    """Every rank's graph and Schedule for `world` ranks sharing one GPU (sms // world SMs each)."""
+    import dataclasses
+
+    from tilert.gpu_specs import H200
+    from tilert.passes import PassContext, compile_graph
+
+    ctx = PassContext(gpu=dataclasses.replace(H200, sms=sms // world), world=world, max_seq=max_seq)
+    graphs = compile_graph(g, ctx)
+    return graphs, [ctx.results["schedule"][r] for r in range(world)]
+
+
 class PersistentBackend(GraphBackend):
     """Target steps as one persistent launch each (world size 1); drafter steps on the eager runtime."""
 
@@ -95,12 +107,18 @@ def _persistent_factory(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], *
 
 
 def precompile(cfg: ModelConfig, tokens: int, mode: str, max_seq: int, world: int = 1,
-               out_dir: str | None = None) -> PersistentStep:  # fmt: skip
-    """Build rank 0's step kernel for (tokens, mode) without weights or a GPU (meta tensors): fills
-    the kernel cache, so a GPU run later only loads it, and fails here if a body does not compile."""
+               out_dir: str | None = None, peers: bool = False) -> Any:  # fmt: skip
+    """Build the step kernel for (tokens, mode) without weights or a GPU (meta tensors): fills the
+    kernel cache, so a GPU run later only loads it, and fails here if a body does not compile.
+    peers=False: rank 0 of `world` alone (solo collectives); True: every rank of a MultiRankStep."""
     from tilert.models.builder import build_step_graph
     from tilert.runtime.eager.synthetic import meta_params
+    from tilert.runtime.persistent.step import MultiRankStep
 
-    rg, sched = compile_step(build_step_graph(cfg, tokens=tokens, mode=mode, max_seq=max_seq), max_seq, world)
+    g = build_step_graph(cfg, tokens=tokens, mode=mode, max_seq=max_seq)
+    if peers:
+        graphs, scheds = compile_ranks(g, max_seq, world)
+        return MultiRankStep(graphs, scheds, [meta_params(rg) for rg in graphs], device="meta", num_sms=132)
+    rg, sched = compile_step(g, max_seq, world)
     return PersistentStep(rg, sched.table, sched.counter_expected, meta_params(rg), device="meta",
                           num_sms=sched.table.shape[0], out_dir=out_dir)  # fmt: skip

@@ -165,6 +165,9 @@ def raise_on_error(err: list[int]) -> None:
         return
     if err[0] == ERR_OPCODE:
         raise RuntimeError(f"persistent kernel met opcode {err[3]}, which has no body in this program")
+    if err[1] == -1:
+        raise RuntimeError(f"persistent kernel collective wait timed out: tile {-1 - err[3]} never saw every rank "
+                           f"arrive (a peer not running, or ranks out of step)")  # fmt: skip
     raise RuntimeError(
         f"persistent kernel wait timed out: sm {err[1]}, task slot {err[2]}, counter {err[3]} "
         f"(schedule deadlock or a lost signal)"

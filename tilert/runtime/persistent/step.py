@@ -57,12 +57,33 @@ def _tl_dtype(t: torch.Tensor) -> str:
     return inv[str(t.dtype).removeprefix("torch.")]
 
 
+class PeerGroup:
+    """The buffers the ranks of one process exchange through (kernels/peer_collective.py): per
+    collective node, every rank's inbox (one slot per source rank) and arrival counters. Ranks ask
+    for the same node in the same shapes; the first request allocates it for all of them."""
+
+    def __init__(self, world: int, device: str | torch.device = "cuda") -> None:
+        self.world, self.device = world, torch.device(device)
+        self._bufs: dict[tuple, list[torch.Tensor]] = {}
+
+    def buffers(self, key: tuple, shape: Sequence[int], dtype: torch.dtype) -> list[torch.Tensor]:
+        """One zero-filled tensor per rank for (key, shape, dtype)."""
+        k = (key, tuple(shape), dtype)
+        if k not in self._bufs:
+            self._bufs[k] = [torch.zeros(tuple(shape), dtype=dtype, device=self.device) for _ in range(self.world)]
+        return self._bufs[k]
+
+
 class Bindings:
     """Device tensors of a rank graph's values: params, inputs, KV caches, padded activations."""
 
     def __init__(self, g: Graph, params: Mapping[str, Any], device: torch.device,
-                 states: dict[str, torch.Tensor] | None = None, state_rows_pad: int = 64) -> None:  # fmt: skip
+                 states: dict[str, torch.Tensor] | None = None, state_rows_pad: int = 64,
+                 group: PeerGroup | None = None, rank: int = 0) -> None:  # fmt: skip
         self.g, self.device = g, device
+        self.group, self.rank = group, rank
+        self.err = torch.zeros(4, dtype=torch.int32, device=device)
+        self.epoch = torch.zeros(1, dtype=torch.int32, device=device)
         self.env: dict[str, Any] = {}
         for v in g.by_role("param"):
             if v.name not in params:
@@ -143,23 +164,44 @@ def _lm_head_tail(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
     world, vocab = int(n.a.get("world", 1)), n.a["vocab_size"]
     valid = min(V, vocab) if world == 1 else min(V, vocab - int(n.a.get("vocab_offset", 0)))
     accept = n.op == "lm_head_accept"
-    if world > 1 and int(n.a.get("vocab_offset", 0)) > 0:
-        raise PersistentError("the LM head tail of a rank > 0 needs the cross-rank argmax (multi-GPU, issue #8)")
+    peer = b.group is not None and world > 1
+    if world > 1 and not peer and int(n.a.get("vocab_offset", 0)) > 0:
+        raise PersistentError("the LM head tail of a rank > 0 needs its peers (a PeerGroup: MultiRankStep)")
+    offset = int(n.a.get("vocab_offset", 0)) if world > 1 else 0
     cfg = lt.Config(T, V, valid)
     ts = [logits, nxt]
     tail_specs: list[ViewSpec] = [("logits", (T, V), "float32"), ("next", (T,), "int32")]
     if accept:
         draft, acc = b.env[g.values[n.inputs[2]].name], b.activation(g.values[n.outputs[2]])
-        ts = [logits, draft, nxt, acc]
-        tail_specs = [tail_specs[0], ("draft", (T,), "int32"), tail_specs[1], ("accept", (T + 1,), "int32")]
+        ts += [draft, acc]
+        tail_specs += [("draft", (T,), "int32"), ("accept", (T + 1,), "int32")]
+    pcfg = None
+    if peer:  # local argmax -> (value, id) pushed to every rank -> the cross-rank argmax
+        from tilert.kernels import peer_collective as pc
+
+        i = g.nodes.index(n)
+        world = b.group.world
+        pcfg = pc.PeerConfig("argmax", T, 0, world, b.rank)
+        val, idx = b.ws((T,), torch.float32), b.ws((T,), torch.int32)
+        inv = b.group.buffers(("in_val", i), (world, T), torch.float32)
+        ini = b.group.buffers(("in_idx", i), (world, T), torch.int32)
+        arrs = b.group.buffers(("arrivals", i), (1,), torch.int32)
+        peer_specs = pc.views(pcfg)
+        ts += [val, idx, nxt, b.epoch, b.err, *inv, *ini, *arrs]
+        tail_specs += peer_specs
     tail_op = "LM_HEAD_ACCEPT" if accept else "LM_HEAD_ARGMAX"
 
     def bodies() -> dict[str, Any]:
         import tilelang.language as T_
 
         gemm_body = gemm.bodies()["LM_HEAD_GEMM"]
-        argmax_body, accept_body, _ = lt.make_bodies(cfg)
+        argmax_body, accept_body, local_argmax_body, dflash_accept_body = lt.make_bodies(cfg)
         k = len(gemm.specs)
+        p0 = k + (4 if accept else 2)  # first view of the cross-rank argmax
+        if pcfg is not None:
+            from tilert.kernels import peer_collective as pc
+
+            cross = pc.make_body(pcfg)
 
         @T_.macro
         def gemm_part(V_, c0, c1, c2):
@@ -167,15 +209,22 @@ def _lm_head_tail(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
 
         @T_.macro
         def tail_part(V_, c0, c1, c2):
-            if accept:
-                accept_body(V_[k], V_[k + 1], V_[k + 2], V_[k + 3], valid)
+            if pcfg is not None:
+                local_argmax_body(V_[k], V_[p0], V_[p0 + 1], valid, offset)
+                T_.sync_threads()
+                cross(V_[p0:], 0)
+                if accept:
+                    T_.sync_threads()
+                    dflash_accept_body(V_[k + 2], V_[k + 1], V_[k + 3])
+            elif accept:
+                accept_body(V_[k], V_[k + 2], V_[k + 1], V_[k + 3], valid)
             else:
                 argmax_body(V_[k], V_[k + 1], valid)
 
         return {"LM_HEAD_GEMM": gemm_part, tail_op: tail_part}
 
-    return NodeProgram(("lm_head", gemm.key, cfg), gemm.specs + tail_specs, bodies, gemm.tensors + ts,
-                       ("LM_HEAD_GEMM", tail_op))
+    key = ("lm_head", gemm.key, cfg, accept, pcfg, offset)
+    return NodeProgram(key, gemm.specs + tail_specs, bodies, gemm.tensors + ts, ("LM_HEAD_GEMM", tail_op))
 
 
 def _attention(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
@@ -283,6 +332,10 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         ("residual", (ts[17].shape[0], H), "bfloat16"), ("out", (out.shape[0], H), _tl_dtype(out)),
     ]  # fmt: skip
     specs.append(("inbox", tuple(ts[-1].shape), "float32"))
+    peer = None
+    if b.group is not None and world > 1:  # the reduce is a real all-reduce over the ranks' Y
+        peer = _peer_allreduce(g, n, b, "MOE_REDUCE", ts[15], res, out, T, H)
+        specs, ts = specs + peer.specs, ts + peer.tensors
 
     def bodies() -> dict[str, Any]:
         import tilelang.language as T_
@@ -290,6 +343,7 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         router_tile, route_body, gate_up_tile, down_tile = moe.make_bodies(cfg)
         reduce_body = ew.make_body(ew.AllReduceConfig(T, H, world, res is not None, "float32", "bfloat16",
                                                       _tl_dtype(out)))  # fmt: skip
+        peer_body = None if peer is None else peer.bodies()["MOE_REDUCE"]
         f32 = "float32"
 
         @T_.macro
@@ -331,11 +385,15 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
 
         @T_.macro
         def reduce(V, c, c1, c2):
-            reduce_body(V[15], V[17], V[19], V[18], c)
+            if peer is None:
+                reduce_body(V[15], V[17], V[19], V[18], c)
+            else:
+                peer_body(V[20:], c, 0, 0)
 
         return {"MOE_ROUTER": router, "MOE_TOPK": topk, "MOE_GATE_UP": gate_up, "MOE_DOWN": down, "MOE_REDUCE": reduce}
 
-    key = ("moe", cfg, til, eps, res is not None, world, xa.shape[0], out.shape[0], _tl_dtype(out))
+    key = ("moe", cfg, til, eps, res is not None, world, xa.shape[0], out.shape[0], _tl_dtype(out),
+           None if peer is None else peer.key)
     return NodeProgram(key, specs, bodies, ts, ("MOE_ROUTER", "MOE_TOPK", "MOE_GATE_UP", "MOE_DOWN", "MOE_REDUCE"))
 
 
@@ -414,6 +472,8 @@ def _all_reduce(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
     part, out = b.activation(part_v), b.activation(out_v)
     resid = b.activation(g.values[n.inputs[1]]) if res else b.ws((1, N), torch.bfloat16)
     world = int(n.a.get("world", g.meta.get("world", 1)))
+    if b.group is not None and world > 1:
+        return _peer_allreduce(g, n, b, "ALL_REDUCE", part, resid if res else None, out, T, N)
     inbox = b.ws((2, T, N), part.dtype) if world > 1 else b.ws((1,), part.dtype)
     cfg = ew.AllReduceConfig(T, N, world, res, _tl_dtype(part), _tl_dtype(resid), _tl_dtype(out))
     specs = [_spec("partial", part, (T, N)), _spec("residual", resid, (T, N) if res else (1, N)),
@@ -433,6 +493,17 @@ def _all_gather(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
     world = out_v.shape[-1] // W
     cols = TILE_CONFIG["collective"]["cols"]
     x, out = b.activation(x_v), b.activation(out_v)
+    if b.group is not None and world > 1:  # every rank writes its block into every rank's output
+        from tilert.kernels import peer_collective as pc
+
+        i = g.nodes.index(n)
+        pcfg = pc.PeerConfig("allgather", T, W, world, b.rank, cols, out_dtype=_tl_dtype(x))
+        outs = b.group.buffers(("gather_out", i), out.shape, out.dtype)
+        b.env[out_v.name] = outs[b.rank]
+        arrs = b.group.buffers(("arrivals", i), (pcfg.tiles,), torch.int32)
+        specs = [(nm, (T, W) if nm == "x" else sh, dt) for nm, sh, dt in pc.views(pcfg)]
+        return NodeProgram(("peer", pcfg), specs, _peer_bodies(pcfg, "ALL_GATHER"),
+                           [x, b.epoch, b.err, *outs, *arrs], ("ALL_GATHER",))  # fmt: skip
     specs = [_spec("x", x, (T, W)), _spec("out", out, (T, W * world))]
 
     def bodies() -> dict[str, Any]:
@@ -448,6 +519,42 @@ def _all_gather(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         return {"ALL_GATHER": gather}
 
     return NodeProgram(("all_gather", T, W, world, _tl_dtype(x)), specs, bodies, [x, out], ("ALL_GATHER",))
+
+
+def _peer_bodies(pcfg: Any, opcode: str) -> Callable[[], dict[str, Any]]:
+    def bodies() -> dict[str, Any]:
+        import tilelang.language as T_
+
+        from tilert.kernels import peer_collective as pc
+
+        body = pc.make_body(pcfg)
+
+        @T_.macro
+        def task(V, c, c1, c2):
+            body(V, c)
+
+        return {opcode: task}
+
+    return bodies
+
+
+def _peer_allreduce(g: Graph, n: Node, b: Bindings, opcode: str, part: torch.Tensor, resid: torch.Tensor | None,
+                    out: torch.Tensor, T: int, N: int) -> NodeProgram:  # fmt: skip
+    """All-reduce (+ residual) over the ranks of b.group through peer inboxes."""
+    from tilert.kernels import peer_collective as pc
+    from tilert.passes.tile import TILE_CONFIG
+
+    i = g.nodes.index(n)
+    world = b.group.world
+    res_dt = _tl_dtype(resid) if resid is not None else "bfloat16"
+    pcfg = pc.PeerConfig("allreduce", T, N, world, b.rank, TILE_CONFIG["collective"]["cols"], resid is not None,
+                         _tl_dtype(part), res_dt, _tl_dtype(out))  # fmt: skip
+    inbox = b.group.buffers(("inbox", i), (world, T, N), torch.float32)
+    arrs = b.group.buffers(("arrivals", i), (pcfg.tiles,), torch.int32)
+    res_t = resid if resid is not None else b.ws((1, N), torch.bfloat16)
+    specs = pc.views(pcfg, res_rows=res_t.shape[0])
+    return NodeProgram(("peer", opcode, pcfg, res_t.shape[0]), specs, _peer_bodies(pcfg, opcode),
+                       [part, res_t, out, b.epoch, b.err, *inbox, *arrs], (opcode,))  # fmt: skip
 
 
 PROGRAMS: dict[str, Callable[[Graph, Node, Bindings, int], NodeProgram]] = {
@@ -543,7 +650,8 @@ class PersistentStep:
 
     def __init__(self, graph: Graph, table: np.ndarray, expected: np.ndarray, params: Mapping[str, Any],
                  device: str = "cuda", num_sms: int | None = None, out_dir: str | None = None,
-                 states: dict[str, torch.Tensor] | None = None, compile_only: bool = False) -> None:  # fmt: skip
+                 states: dict[str, torch.Tensor] | None = None, group: PeerGroup | None = None,
+                 rank: int = 0) -> None:  # fmt: skip
         from tilert.kernels.common import build
         from tilert.runtime.persistent.megakernel import PERSISTENT_PASS_CONFIGS
 
@@ -553,8 +661,7 @@ class PersistentStep:
         if table.shape[0] > sms:
             raise PersistentError(f"the table has {table.shape[0]} SM queues; this GPU has {sms} SMs")
         self.sms = table.shape[0]
-        b = self.bind = Bindings(graph, params, self.device, states)
-        b.epoch = torch.zeros(1, dtype=torch.int32, device=self.device)
+        b = self.bind = Bindings(graph, params, self.device, states, group=group, rank=rank)
         self.programs: list[NodeProgram] = []
         for n in graph.nodes:
             fn = PROGRAMS.get(n.op)
@@ -586,7 +693,7 @@ class PersistentStep:
         self.node_class = torch.tensor(node_class, dtype=torch.int32, device=self.device)
         self.tasks = torch.from_numpy(np.ascontiguousarray(table)).to(self.device)
         self.counters = torch.zeros(max(1, len(expected)), dtype=torch.int32, device=self.device)
-        self.err = torch.zeros(4, dtype=torch.int32, device=self.device)
+        self.err = b.err
         self.trace = torch.zeros(self.sms, table.shape[1], 2, dtype=torch.int64, device=self.device)
         self.n_classes = len(classes)
         func = make_step_kernel(classes, self.sms, table.shape[1], len(self.programs), len(self.counters), max_views)
@@ -673,3 +780,40 @@ class PersistentStep:
             self.bind.env[name] = states[name]
         self.bind.states = states
         self.ptrs.copy_(self._ptrs_host)
+
+
+class MultiRankStep:
+    """The ranks of one step in one process: one persistent program per rank, each on its own CUDA
+    stream so all are resident at once (each compiled for its share of the SMs), exchanging through
+    a PeerGroup (kernels/peer_collective.py). Every rank gets the same inputs (SPMD), as with
+    torchrun; `states[r]` are rank r's KV caches, shared by the programs of every step shape."""
+
+    def __init__(self, graphs: Sequence[Graph], schedules: Sequence[Any], params: Sequence[Mapping[str, Any]],
+                 device: str = "cuda", states: Sequence[dict[str, torch.Tensor]] | None = None,
+                 num_sms: int | None = None) -> None:  # fmt: skip
+        world = len(graphs)
+        dev = torch.device(device)
+        total = sum(int(s.table.shape[0]) for s in schedules)
+        sms = num_sms or torch.cuda.get_device_properties(dev).multi_processor_count
+        if total > sms:
+            raise PersistentError(f"{world} ranks need {total} SM queues together; this GPU has {sms} SMs "
+                                  f"(compile each rank for {sms // world} SMs)")  # fmt: skip
+        self.group = PeerGroup(world, dev)
+        states = states if states is not None else [{} for _ in range(world)]
+        self.ranks = [PersistentStep(g, s.table, s.counter_expected, p, device, states=st, group=self.group, rank=r,
+                                     num_sms=num_sms)  # fmt: skip
+                      for r, (g, s, p, st) in enumerate(zip(graphs, schedules, params, states))]
+        self.streams = [torch.cuda.Stream(dev) for _ in range(world)] if dev.type == "cuda" else []
+
+    def run(self, inputs: Mapping[str, Any]) -> list[dict[str, torch.Tensor]]:
+        """One step on every rank (all launched before any is waited for); outputs per rank."""
+        for st, stream in zip(self.ranks, self.streams):
+            with torch.cuda.stream(stream):
+                st.launch(inputs)
+        torch.cuda.synchronize()
+        for r, st in enumerate(self.ranks):
+            try:
+                st.check()
+            except RuntimeError as e:
+                raise RuntimeError(f"rank {r}/{len(self.ranks)}: {e}") from None
+        return [st.outputs() for st in self.ranks]
