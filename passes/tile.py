@@ -8,7 +8,7 @@ splits of the kernel's AttnConfig: `attention_tiling`) with a combine stage, and
 router / route / gate_up / down bodies grouped by `tilert.kernels.moe.tiling`, plus a reduce stage.
 
 A stage's tasks each belong to one output chunk (a counter): the tile's column block for GEMMs,
-the kv head for attention, the slot for MoE gate/up, the 128-column n tile for MoE down. Reads
+the kv head for attention, the slot for MoE gate/up, the DOWN_COLS-column n tile for MoE down. Reads
 say which columns of which input (or which chunks of an earlier stage of the same op) a task
 needs; `schedule` turns them into counter waits. MoE expert tasks are per slot of the device-side
 active-expert list the top-k task compacts (slot < max_slots = min(n_local, T x top_k)); a slot

@@ -125,11 +125,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     cfg = model_config(args)
     ids = parse_ids(args.prompt_ids)
-    if args.device != "cpu":
-        raise CLIError(f"--device {args.device}: the GPU runtimes are not available in this build; use --device cpu")
+    kind = args.backend or ("reference" if args.device == "cpu" else "eager")
+    if kind == "reference" and args.device != "cpu":
+        raise CLIError(f"--backend reference runs on the CPU, not --device {args.device}")
+    if kind != "reference":
+        import torch
+
+        if args.device != "cuda" or not torch.cuda.is_available():
+            raise CLIError(f"--backend {kind} needs --device cuda and a visible CUDA GPU")
+        if args.ranks != 1:
+            raise CLIError(f"--backend {kind} runs one rank per process (torchrun for more: see docs/runtime.md)")
     weights = _load_weights(cfg, args)
     max_seq = args.max_seq or max(64, 1 << (len(ids) + args.max_new_tokens + 16).bit_length())
-    backend = ReferenceBackend(cfg, weights, max_seq=max_seq, world=args.ranks)
+    if kind == "reference":
+        backend = ReferenceBackend(cfg, weights, max_seq=max_seq, world=args.ranks)
+    elif kind == "eager":
+        from tilert.runtime.eager.backend import EagerBackend
+
+        backend = EagerBackend(cfg, weights, max_seq=max_seq, cuda_graph=args.cuda_graph)
+    else:
+        from tilert.runtime.persistent.backend import PersistentBackend
+
+        backend = PersistentBackend(cfg, weights, max_seq=max_seq)
     res = generate(backend, ids, args.max_new_tokens, speculative=args.speculative)
     print(",".join(map(str, res.tokens)))
     if args.stats:
@@ -165,7 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     pg = sub.add_parser("generate", help="greedy (or DFlash speculative) decoding on the reference executor")
     add_model_args(pg)
     pg.set_defaults(model="tiny")
-    pg.add_argument("--device", default="cpu", help="cpu (reference executor)")
+    pg.add_argument("--device", default="cpu", help="cpu (reference executor) or cuda")
+    pg.add_argument("--backend", choices=("reference", "eager", "persistent"), default=None,
+                    help="runtime: reference (CPU; default with --device cpu), eager (one launch per fused op; "
+                         "default with --device cuda) or persistent (one launch per step)")  # fmt: skip
+    pg.add_argument("--cuda-graph", action="store_true", help="eager backend: replay each step from a CUDA graph")
     pg.add_argument("--prompt-ids", required=True, help="comma-separated token ids, e.g. 1,2,3")
     pg.add_argument("--max-new-tokens", type=int, default=16)
     pg.add_argument("--speculative", choices=["dflash"], default=None)

@@ -63,3 +63,19 @@ def test_bad_config_field(tmp_path):
     p.write_text(json.dumps({"num_hidden_layers": 2}))
     r = subprocess.run([sys.executable, "-m", "tilert", "inspect", "--config", str(p)], capture_output=True, text=True)
     assert r.returncode == 2 and "config field" in r.stderr and "Traceback" not in r.stderr
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(_has_cuda(), reason="checks the no-GPU error; the GPU backends have gpu-marked tests")
+def test_generate_gpu_backends_need_a_gpu(capsys):
+    for backend in ("eager", "persistent"):
+        assert main(["generate", "--model", "tiny", "--prompt-ids", "1,2", "--backend", backend]) == 2
+        assert "needs --device cuda" in capsys.readouterr().err
+    assert main(["generate", "--model", "tiny", "--prompt-ids", "1,2", "--device", "cuda", "--backend",
+                 "reference"]) == 2  # fmt: skip
+    assert "runs on the CPU" in capsys.readouterr().err

@@ -70,15 +70,16 @@ def test_moe_tasks_are_the_kernel_grids(case: tuple[Graph, list[OpTiles]]) -> No
     assert sorted(up.coords) == [(s, c, 0) for s in range(geo.max_slots) for c in range(geo.gu_chunks)]
     ranges = [geo.gu_range(c) for c in range(geo.gu_chunks)]
     assert [i for lo, hi in ranges for i in range(lo, hi)] == list(range(cdiv(In, moe.GU_COLS)))
-    assert all(hi - lo <= moe.GU_PER_TASK for lo, hi in ranges) and moe.GU_PER_TASK * moe.GU_COLS == 128
+    assert all(hi - lo <= moe.GU_PER_TASK for lo, hi in ranges)
     if In % moe.GU_COLS == 0:
         assert geo.gu_tiles == In // 8
-    # moe_down grid (cdiv(H, BLOCK_N), max_slots x down_split): 128 output features per task
-    assert sorted(down.coords) == [(s, j, q) for s in range(geo.max_slots) for j in range(cdiv(H, 128))
+    # moe_down grid (cdiv(H, BLOCK_N), max_slots x down_split): DOWN_COLS output features per task
+    D = moe.DOWN_COLS
+    assert sorted(down.coords) == [(s, j, q) for s in range(geo.max_slots) for j in range(cdiv(H, D))
                                    for q in range(geo.down_split)]  # fmt: skip
     tiles = [i for j in range(geo.down_tiles) for i in range(*geo.down_range(j))]
     assert tiles == list(range(cdiv(H, BLOCK_N)))
-    assert all(geo.down_cols(j) == (j * 128, min(H, (j + 1) * 128)) for j in range(geo.down_tiles))
+    assert all(geo.down_cols(j) == (j * D, min(H, (j + 1) * D)) for j in range(geo.down_tiles))
     assert [c for c, _, _ in red.coords] == list(range(len(red)))  # reduce: always, column blocks
     assert red.collective == (bool(n.a.get("reduce")) and int(n.a.get("world", 1)) > 1)
 
@@ -96,7 +97,8 @@ def test_moe_waits(case: tuple[Graph, list[OpTiles]]) -> None:
     W, cols = g.values[n.outputs[0]].shape[-1], red.chunk_cols
     for rd, c in zip(red.reads, red.coords):
         lo, hi = c[0] * cols, min(W, (c[0] + 1) * cols)
-        assert rd[0] == Read(-4, lo // 128, cdiv(hi, 128)) and len(rd) == 1 + bool(n.a.get("residual"))
+        D = moe.DOWN_COLS
+        assert rd[0] == Read(-4, lo // D, cdiv(hi, D)) and len(rd) == 1 + bool(n.a.get("residual"))
 
 
 def test_moe_costs_are_expected_values() -> None:

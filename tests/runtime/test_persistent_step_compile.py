@@ -25,11 +25,22 @@ def test_step_kernel_compiles(model: str, tokens: int, mode: str, max_seq: int, 
     st = precompile(load_config(model), tokens, mode, max_seq, world)
     src = st.kernel.get_kernel_source()
     assert "tma_load" not in src and "globaltimer" in src
-    table = st.tasks.cpu().numpy()
+    table = st.table
     used = {OPCODES[name] for p in st.programs for name in p.opcodes} | {OPCODES["BARRIER"]}
     assert set(np.unique(table[:, :, FIELD["opcode"]])) - {0} <= used
     for name in ("ATTN_SPLIT", "MOE_GATE_UP", "LM_HEAD_GEMM", "LINEAR_FP8"):
         assert f"== {OPCODES[name]})" in src, name
+
+
+def test_two_rank_kernels_with_peer_collectives_compile() -> None:
+    from tilert.runtime.persistent.backend import precompile
+
+    mr = precompile(load_config("tiny-gpu"), 1, "decode", 256, 2, peers=True)
+    for st in mr.ranks:
+        src = st.kernel.get_kernel_source()
+        assert "__threadfence_system" in src  # the peer pushes are fenced before the arrivals
+        assert {name for p in st.programs for name in p.opcodes} >= {"ALL_REDUCE", "MOE_REDUCE", "ALL_GATHER"}
+    assert len(mr.group._bufs) > 0  # inboxes and arrival counters shared by the two ranks
 
 
 def test_step_rejects_unknown_kinds() -> None:

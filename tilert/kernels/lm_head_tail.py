@@ -76,7 +76,7 @@ class Config:
 
 def make_bodies(cfg: Config):
     """(argmax_body, accept_body, local_argmax_body, dflash_accept_body) as T.macros (signatures: module
-    docstring; dflash_accept_body(Draft, Next, Accept) is accept_body's second half)."""
+    docstring; dflash_accept_body(Draft, Next, Accept) is accept_body's acceptance from a global Next)."""
     import tilelang.language as T
 
     Tn, V, VEC = cfg.t, cfg.vloc, cfg.vec
@@ -170,21 +170,29 @@ def make_bodies(cfg: Config):
             Idx[tx] = red_i[tx, 0] + offset
 
     @T.macro
-    def dflash_accept_body(Draft, Next, Accept):
-        """The DFlash greedy acceptance from the posterior ids Next (global, complete: written by this
-        CTA before a barrier, or by the cross-rank argmax): threads t < T each count the accepted
-        prefix a and write Accept[1 + t]; thread 0 writes Accept[0] = a."""
+    def accept_rows(Draft, Post, Accept, post_in_red):
+        """DFlash greedy acceptance given the posterior ids: Post = the shared red_i ([t, 0] holds
+        row t's argmax; post_in_red) or a global Next[T]. Threads t < T each count the accepted
+        prefix a (longest with Draft[1 + k] == posterior[k]) and write Accept[1 + t]; thread 0
+        writes Accept[0] = a."""
         acc = T.alloc_var(i32)
         tx = T.get_thread_binding()
         if tx < Tn:
             acc = 0
             for k in T.serial(Tn - 1):
-                if acc == k and Draft[k + 1] == Next[k]:
-                    acc = k + 1
+                if post_in_red:
+                    if acc == k and Draft[k + 1] == Post[k, 0]:
+                        acc = k + 1
+                else:
+                    if acc == k and Draft[k + 1] == Post[k]:
+                        acc = k + 1
             if tx < acc:
                 Accept[1 + tx] = Draft[tx + 1]
             elif tx == acc:
-                Accept[1 + tx] = Next[acc]
+                if post_in_red:
+                    Accept[1 + tx] = Post[acc, 0]
+                else:
+                    Accept[1 + tx] = Post[acc]
             else:
                 Accept[1 + tx] = -1
             if tx == 0:
@@ -192,9 +200,21 @@ def make_bodies(cfg: Config):
 
     @T.macro
     def accept_body(Logits, Draft, Next, Accept, valid):
-        argmax_body(Logits, Next, valid)
+        red_v = T.alloc_shared((Tn, WARPS), f32)
+        red_i = T.alloc_shared((Tn, WARPS), i32)
+        tx = T.get_thread_binding()
+        scan(Logits, valid, red_v, red_i)
         T.sync_threads()
-        dflash_accept_body(Draft, Next, Accept)
+        if tx < Tn:
+            merge(red_v, red_i, tx)
+            Next[tx] = red_i[tx, 0]  # red_i[t, 0] = posterior[t], read by every thread t < T below
+        T.sync_threads()
+        accept_rows(Draft, red_i, Accept, True)
+
+    @T.macro
+    def dflash_accept_body(Draft, Next, Accept):
+        """accept_body's second half from posterior ids already in global Next (the cross-rank argmax)."""
+        accept_rows(Draft, Next, Accept, False)
 
     return argmax_body, accept_body, local_argmax_body, dflash_accept_body
 

@@ -5,16 +5,16 @@ Four launches, no host round trip; only experts that received tokens read their 
 1. `router_tile(X, Wr, L, Y, e_tile)` (grid E / 4, 256 threads): fp32 logits L[t, 4 experts] =
    x @ Wr^T on CUDA cores (each thread strides over H, then a block reduction through 64 KiB of
    shared memory); also zeroes its slice of the output Y [T, H] (combined with atomics in step 4).
-2. `route_body(L, Bias, Idx, Wt, TokW, List, Count)` (1 CTA, 128 threads): one warp per token:
-   sigmoid + selection bias held in registers (E/32 per lane), top-k by k rounds of a warp argmax
-   (ties to the lower expert id), weights = unbiased scores renormalised and scaled; writes Idx/Wt
-   [T, k], TokW [E_local, T] (a token's weight for a local expert, 0 if not routed there) and the
-   device-side active list List[0:Count] of local experts that received at least one token.
-3. `gate_up_tile(X, GUb, GUs, List, Count, Hb, slot, n_tile)` (grid I/64 x max_slots): slot >=
-   Count exits; else expert e = List[slot], rows [n0, n0+64) of gate and of up in one 128-row
+2. `route_body(L, Bias, Idx, Wt, TokW, List, Count)` (1 CTA, 128 threads): one thread per token:
+   sigmoid, + selection bias, top-k by a guarded insertion list, weights = unbiased scores
+   renormalised and scaled; writes Idx/Wt [T, k], TokW [E_local, T] (a token's weight for a local
+   expert, 0 if not routed there) and the device-side active list List[0:Count] of local experts
+   that received at least one token.
+3. `gate_up_tile(X, GUb, GUs, List, Count, Hb, slot, n_tile)` (grid I/8 x max_slots): slot >=
+   Count exits; else expert e = List[slot], rows [8 n_tile, +8) of gate and of up in one 16-row
    MXFP4 tile (tilert.kernels.mxfp4_gemm's mainloop), h = silu(g) * up -> Hb[slot, T, I] bf16.
-4. `down_tile(Hb, Db, Ds, List, Count, TokW, Y, slot, n_tile, k_split)` (grid H/128 x
-   max_slots*split): y = h @ down^T for 128 output features, times TokW[e, t], atomically added
+4. `down_tile(Hb, Db, Ds, List, Count, TokW, Y, slot, n_tile, k_split)` (grid H/16 x
+   max_slots*split): y = h @ down^T for 16 output features, times TokW[e, t], atomically added
    into Y [T, H] f32 (a partial sum over this rank's experts).
 
 Expert stacks: gate_up blocks [E, 2I, H/2] (gate rows then up rows), scales [E, 2I, H/32];
@@ -175,89 +175,69 @@ def make_bodies(cfg: Config):
             if e_tile * ROUTER_E + i // Tn < E:
                 L[i % Tn, e_tile * ROUTER_E + i // Tn] = outf[i]
 
-    RT = cfg.cta_threads or 128  # route CTA threads: 128 standalone, the persistent CTA's otherwise
-    NW, EPL = RT // 32, cdiv(E, 32)
-    NEG = -T.infinity("float32")
-
     @T.macro
     def route_body(L, Bias, Idx, Wt, TokW, List, Count):
-        # One warp per token (tokens w, w + NW, ...): each lane holds the biased scores of experts
-        # lane, lane + 32, ... in registers; k rounds of a warp argmax (larger score, ties to the lower
-        # id, as the old insertion list kept the earlier expert) pick the experts in score order.
         hit = T.alloc_shared((EL,), "int32")
-        sc = T.alloc_local((EPL,), "float32")
-        bv = T.alloc_var("float32")
-        bi = T.alloc_var("int32")
-        ov = T.alloc_var("float32")
-        oi = T.alloc_var("int32")
-        myi = T.alloc_var("int32")
-        wv = T.alloc_var("float32")
-        ws = T.alloc_var("float32")
-        cnt = T.alloc_var("int32")
+        topv = T.alloc_local((K,), "float32")
+        topi = T.alloc_local((K,), "int32")
+        cur = T.alloc_local((2,), "float32")
+        curi = T.alloc_local((2,), "int32")
+        wsum = T.alloc_local((1,), "float32")
+        cnt = T.alloc_local((1,), "int32")
         Ls = T.alloc_shared((Tn, E), "float32")
         Bs = T.alloc_shared((E,), "float32")
         tx = T.get_thread_binding()
-        lane, warp = tx % 32, tx // 32
-        for z in T.serial(cdiv(Tn * E, RT)):  # logits, bias -> shared (coalesced)
-            f = z * RT + tx
+        for z in T.serial(cdiv(Tn * E, 128)):  # logits, bias -> shared (coalesced); the loop reads them
+            f = z * 128 + tx
             if f < Tn * E:
                 Ls[f // E, f % E] = L[f // E, f % E]
             if f < E:
                 Bs[f] = Bias[f]
-        for z in T.serial(cdiv(EL * TP, RT)):
-            f = z * RT + tx
+        for z in T.serial(cdiv(EL * TP, 128)):
+            f = z * 128 + tx
             if f < EL * TP:
                 TokW[f // TP, f % TP] = 0.0
         if tx < EL:
             hit[tx] = 0
         T.sync_threads()
-        for tt in T.serial(cdiv(Tn, NW)):
-            t = tt * NW + warp
-            if t < Tn:  # warp-uniform: the shuffles below run with the whole warp
-                for i in T.unroll(EPL):
-                    ec = T.min(i * 32 + lane, E - 1)
-                    sc[i] = T.if_then_else(i * 32 + lane < E, T.sigmoid(Ls[t, ec]) + Bs[ec], NEG)
-                myi = 0
-                for j in T.unroll(K):
-                    bv = NEG
-                    bi = E
-                    for i in T.unroll(EPL):
-                        if sc[i] > bv:
-                            bv = sc[i]
-                            bi = i * 32 + lane
-                    for sh in [16, 8, 4, 2, 1]:
-                        ov = T.shfl_xor(bv, sh)
-                        oi = T.shfl_xor(bi, sh)
-                        if ov > bv or (ov == bv and oi < bi):
-                            bv = ov
-                            bi = oi
-                    for i in T.unroll(EPL):
-                        if bi == i * 32 + lane:
-                            sc[i] = NEG
-                    if lane == j:
-                        myi = bi
-                wv = T.if_then_else(lane < K, T.sigmoid(Ls[t, myi]), 0.0)
-                ws = wv
-                for sh in [16, 8, 4, 2, 1]:
-                    ws = ws + T.shfl_xor(ws, sh)
-                if lane < K:
-                    if cfg.normalize:
-                        wv = wv / (ws + 1e-20) * cfg.scaling
-                    else:
-                        wv = wv * cfg.scaling
-                    Idx[t, lane] = myi
-                    Wt[t, lane] = wv
-                    if myi >= cfg.expert_offset and myi < cfg.expert_offset + EL:
-                        TokW[myi - cfg.expert_offset, t] = wv
-                        hit[myi - cfg.expert_offset] = 1
+        if tx < Tn:
+            for j in T.unroll(K):
+                topv[j] = -T.infinity("float32")
+                topi[j] = 0
+            for e in T.serial(E):
+                cur[0] = T.sigmoid(Ls[tx, e]) + Bs[e]
+                curi[0] = e
+                if cur[0] > topv[K - 1]:
+                    for j in T.unroll(K):
+                        if cur[0] > topv[j]:
+                            cur[1] = topv[j]
+                            curi[1] = topi[j]
+                            topv[j] = cur[0]
+                            topi[j] = curi[0]
+                            cur[0] = cur[1]
+                            curi[0] = curi[1]
+            wsum[0] = 0.0
+            for j in T.unroll(K):
+                topv[j] = T.sigmoid(Ls[tx, topi[j]])
+                wsum[0] += topv[j]
+            for j in T.unroll(K):
+                if cfg.normalize:
+                    topv[j] = topv[j] / (wsum[0] + 1e-20) * cfg.scaling
+                else:
+                    topv[j] = topv[j] * cfg.scaling
+                Idx[tx, j] = topi[j]
+                Wt[tx, j] = topv[j]
+                if topi[j] >= cfg.expert_offset and topi[j] < cfg.expert_offset + EL:
+                    TokW[topi[j] - cfg.expert_offset, tx] = topv[j]
+                    hit[topi[j] - cfg.expert_offset] = 1
         T.sync_threads()
         if tx == 0:
-            cnt = 0
+            cnt[0] = 0
             for e in T.serial(EL):
                 if hit[e] != 0:
-                    List[cnt] = e
-                    cnt = cnt + 1
-            Count[0] = cnt
+                    List[cnt[0]] = e
+                    cnt[0] = cnt[0] + 1
+            Count[0] = cnt[0]
 
     @T.macro
     def gate_up_tile(X, GUb, GUs, List, Count, Hb, slot, n_tile):
@@ -309,7 +289,7 @@ def make_kernels(cfg: Config):
         List: T.Tensor((EL,), "int32"),
         Count: T.Tensor((1,), "int32"),
     ):
-        with T.Kernel(1, threads=cfg.cta_threads or 128) as _:
+        with T.Kernel(1, threads=128) as _:
             route_body(L, Bias, Idx, Wt, TokW, List, Count)
 
     @T.prim_func

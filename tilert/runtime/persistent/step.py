@@ -691,7 +691,8 @@ class PersistentStep:
         self._state_slots = [(i, j, name) for name, t in own.items() for i, p in enumerate(self.programs)
                              for j, u in enumerate(p.tensors) if u is t]  # fmt: skip
         self.node_class = torch.tensor(node_class, dtype=torch.int32, device=self.device)
-        self.tasks = torch.from_numpy(np.ascontiguousarray(table)).to(self.device)
+        self.table = np.ascontiguousarray(table)  # host copy (the profiler's and the tests' view)
+        self.tasks = torch.from_numpy(self.table).to(self.device)
         self.counters = torch.zeros(max(1, len(expected)), dtype=torch.int32, device=self.device)
         self.err = b.err
         self.trace = torch.zeros(self.sms, table.shape[1], 2, dtype=torch.int64, device=self.device)
@@ -744,7 +745,7 @@ class PersistentStep:
 
         torch.cuda.synchronize(self.device)
         tr = self.trace.cpu().numpy()
-        table = self.tasks.cpu().numpy()
+        table = self.table
         used = table[:, :, FIELD["opcode"]] != 0
         start = np.where(used, tr[:, :, 0], -1)
         end = np.where(used, tr[:, :, 1], -1)
