@@ -76,6 +76,32 @@ def views(spec: LinearSpec) -> list[tuple[str, tuple[int, ...], str]]:
     return out
 
 
+def make_row_rstd(rows: int, k: int, eps: float):
+    """T.macro `row_rstd(X, row0, out)`: out[i] = rsqrt(mean(X[row0 + i, :k]^2) + eps) for i < rows,
+    the RMSNorm scale of the rows that can hold tokens. Wide column chunks (up to 8192 / rows
+    elements per row), so one CTA's loads are in flight together instead of one 128-column step at
+    a time. Shared by the fused linear's prologue and the persistent MoE router's."""
+    import tilelang.language as T
+
+    f32 = "float32"
+    cw = next(w for w in (8192 // rows, 4096 // rows, 2048 // rows, 1024, 512, 256, 128) if w <= k and k % w == 0)
+
+    @T.macro
+    def row_rstd(X, row0, out):
+        sq = T.alloc_fragment((rows, cw), f32)
+        rs = T.alloc_fragment((rows,), f32)
+        T.clear(sq)
+        for kc in T.serial(k // cw):
+            for i, j in T.Parallel(rows, cw):
+                v = T.Cast(f32, X[row0 + i, kc * cw + j])
+                sq[i, j] += v * v
+        T.reduce_sum(sq, rs, dim=1)
+        for i in T.Parallel(rows):
+            out[i] = T.rsqrt(rs[i] / k + eps)
+
+    return row_rstd
+
+
 def make_body(spec: LinearSpec):
     """T.macro `linear_tile(V, n_tile, m_tile, k_split)`; V: the tensors of `views(spec)` in order."""
     import tilelang.language as T
@@ -89,7 +115,7 @@ def make_body(spec: LinearSpec):
     n_mt = spec.mp // bm
     f32 = "float32"
     mv = min(bm, M)  # rows of a row block that can be real tokens (the rest are zero padding)
-    cw = next(w for w in (8192 // mv, 4096 // mv, 2048 // mv, 1024, 512, 256, 128) if w <= K and K % w == 0)
+    row_rstd = make_row_rstd(mv, K, spec.norm_eps) if norm else None
 
     @T.macro
     def linear_tile(V, n_tile, m_tile, k_split):
@@ -115,19 +141,10 @@ def make_body(spec: LinearSpec):
         if norm:
             xn_s = T.alloc_shared((bm, bk), "bfloat16")
             rstd = T.alloc_shared((bm,), f32)
-            sq = T.alloc_fragment((mv, cw), f32)
-            rs = T.alloc_fragment((mv,), f32)
-            T.clear(sq)
-            for kc in T.serial(K // cw):  # only the rows that exist, wide chunks: loads stay in flight
-                for i, j in T.Parallel(mv, cw):
-                    v = T.Cast(f32, X[m_tile * bm + i, kc * cw + j])
-                    sq[i, j] += v * v
-            T.reduce_sum(sq, rs, dim=1)
             for i in T.Parallel(bm):
                 rstd[i] = 0.0
             T.sync_threads()
-            for i in T.Parallel(mv):
-                rstd[i] = T.rsqrt(rs[i] / K + spec.norm_eps)
+            row_rstd(X, m_tile * bm, rstd)
         T.clear(acc)
         for kk in T.Pipelined(nk, num_stages=spec.stages):
             k0 = (k_split * nk + kk) * bk

@@ -147,14 +147,21 @@ def make_bodies(cfg: Config):
                 red_i[row, 0] = red_i[row, w]
 
     @T.macro
-    def argmax_body(Logits, Next, valid):
-        red_v = T.alloc_shared((Tn, WARPS), f32)
-        red_i = T.alloc_shared((Tn, WARPS), i32)
+    def row_best(Logits, valid, red_v, red_i):
+        """scan, a barrier, then thread t < T merges row t: (max, lowest argmax id) in red_v/red_i[t, 0]."""
         tx = T.get_thread_binding()
         scan(Logits, valid, red_v, red_i)
         T.sync_threads()
         if tx < Tn:
             merge(red_v, red_i, tx)
+
+    @T.macro
+    def argmax_body(Logits, Next, valid):
+        red_v = T.alloc_shared((Tn, WARPS), f32)
+        red_i = T.alloc_shared((Tn, WARPS), i32)
+        tx = T.get_thread_binding()
+        row_best(Logits, valid, red_v, red_i)
+        if tx < Tn:
             Next[tx] = red_i[tx, 0]
 
     @T.macro
@@ -162,10 +169,8 @@ def make_bodies(cfg: Config):
         red_v = T.alloc_shared((Tn, WARPS), f32)
         red_i = T.alloc_shared((Tn, WARPS), i32)
         tx = T.get_thread_binding()
-        scan(Logits, valid, red_v, red_i)
-        T.sync_threads()
+        row_best(Logits, valid, red_v, red_i)
         if tx < Tn:
-            merge(red_v, red_i, tx)
             Val[tx] = red_v[tx, 0]
             Idx[tx] = red_i[tx, 0] + offset
 
@@ -203,10 +208,8 @@ def make_bodies(cfg: Config):
         red_v = T.alloc_shared((Tn, WARPS), f32)
         red_i = T.alloc_shared((Tn, WARPS), i32)
         tx = T.get_thread_binding()
-        scan(Logits, valid, red_v, red_i)
-        T.sync_threads()
+        row_best(Logits, valid, red_v, red_i)
         if tx < Tn:
-            merge(red_v, red_i, tx)
             Next[tx] = red_i[tx, 0]  # red_i[t, 0] = posterior[t], read by every thread t < T below
         T.sync_threads()
         accept_rows(Draft, red_i, Accept, True)

@@ -289,6 +289,7 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
     down per (slot, n tile, k split) into an fp32 partial, reduce per column block (+ residual)."""
     from tilert.kernels import elementwise as ew
     from tilert.kernels import moe
+    from tilert.kernels.linear_fused import make_row_rstd
     from tilert.ops.qtensor import QTensor as Q
 
     a = n.a
@@ -341,6 +342,7 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         import tilelang.language as T_
 
         router_tile, route_body, gate_up_tile, down_tile = moe.make_bodies(cfg)
+        row_rstd = make_row_rstd(T, H, eps) if eps is not None else None
         reduce_body = ew.make_body(ew.AllReduceConfig(T, H, world, res is not None, "float32", "bfloat16",
                                                       _tl_dtype(out)))  # fmt: skip
         peer_body = None if peer is None else peer.bodies()["MOE_REDUCE"]
@@ -349,18 +351,8 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         @T_.macro
         def router(V, e_tile, c1, c2):
             if eps is not None:  # every router task writes the same bf16(rms_norm(x)) rows
-                cw = next(w for w in (8192 // T, 4096 // T, 2048 // T, 1024, 512, 256, 128) if H % w == 0)
-                sq = T_.alloc_fragment((T, cw), f32)
-                rs = T_.alloc_fragment((T,), f32)
                 rstd = T_.alloc_shared((T,), f32)
-                T_.clear(sq)
-                for kc in T_.serial(H // cw):
-                    for i, j in T_.Parallel(T, cw):
-                        v = T_.Cast(f32, V[0][i, kc * cw + j])
-                        sq[i, j] += v * v
-                T_.reduce_sum(sq, rs, dim=1)
-                for i in T_.Parallel(T):
-                    rstd[i] = T_.rsqrt(rs[i] / H + eps)
+                row_rstd(V[0], 0, rstd)
                 for i, j in T_.Parallel(T, H):
                     V[1][i, j] = T_.Cast("bfloat16", T_.Cast(f32, V[0][i, j]) * rstd[i] * T_.Cast(f32, V[16][j]))
                 T_.sync_threads()
