@@ -8,11 +8,11 @@ splits of the kernel's AttnConfig: `attention_tiling`) with a combine stage, and
 router / route / gate_up / down bodies grouped by `tilert.kernels.moe.tiling`, plus a reduce stage.
 
 A stage's tasks each belong to one output chunk (a counter): the tile's column block for GEMMs,
-the kv head for attention, the slot for MoE gate/up, the DOWN_COLS-column n tile for MoE down. Reads
-say which columns of which input (or which chunks of an earlier stage of the same op) a task
-needs; `schedule` turns them into counter waits. MoE expert tasks are per slot of the device-side
-active-expert list the top-k task compacts (slot < max_slots = min(n_local, T x top_k)); a slot
->= Count exits at once. Costs are expected values under uniform routing (`slot_busy`).
+the kv head for attention, one for each MoE stage. Reads say which columns of which input (or
+which chunks of an earlier stage of the same op) a task needs; `schedule` turns them into
+counter waits. MoE expert tasks stride over the items of the device-side active-expert list the
+top-k task compacts (moe.MoeTiling: only slots < Count have items), so their number does not
+depend on routing. Costs are expected values under uniform routing (`slot_busy`).
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ from tilert.passes.cost_model import kv_read_bytes, op_cost
 
 TILE_CONFIG: dict[str, dict[str, Any]] = {
     "gemm": {"block_m": (16, 64), "block_k": (128, 64, 32), "block_n": 128, "block_n_small": 64,
-             "wide_n": 128 * 16, "wave": 1.2, "min_k_tiles": 2},
+             "wide_n": 128 * 16, "wave": 1.0, "min_k_tiles": 2},
     "attention": {"block_n": 64, "wave_ctas": 128},
     "collective": {"cols": 1024},
     "generic": {"cols": 2048},
 }  # fmt: skip
-# the fused MoE's geometry is the kernel's: tilert.kernels.moe.tiling (ROUTER_E, GU_PER_TASK, DOWN_COLS)
+# the fused MoE's geometry is the kernel's: tilert.kernels.moe.tiling (ROUTER_E, GU_COLS, MOE_TASKS)
 
 
 @dataclass(frozen=True)
@@ -210,8 +210,8 @@ def slot_busy(T: int, k: int, E: int, n_local: int, slots: int) -> list[float]:
 
 def tile_moe(g: Graph, n: Node, ctx: Any) -> OpTiles:
     """The fused MoE at the kernel's coordinates (tilert/kernels/moe.py bodies, grouped by
-    `moe.tiling`): ROUTER (e_tile) -> TOPK -> GATE_UP (slot, chunk) -> DOWN (slot, n_tile, k_split)
-    -> REDUCE (column block), always (all-reduce only when reduce and world > 1)."""
+    `moe.tiling`): ROUTER (e_tile) -> TOPK -> GATE_UP (task) -> DOWN (task) -> REDUCE (column block),
+    always (all-reduce only when reduce and world > 1)."""
     a = n.a
     x, gate, _, gu, dn = (g.values[i] for i in n.inputs[:MOE_CORE])
     out = g.values[n.outputs[0]]
@@ -228,25 +228,25 @@ def tile_moe(g: Graph, n: Node, ctx: Any) -> OpTiles:
                    (Read(0),))  # fmt: skip
     topk = Stage("MOE_TOPK", 1, 0)
     topk.add((0, 0, 0), 0, T * E * 8 + n_local * (moe.TP + 1) * 4, reads=(Read(-1),))
-    up = Stage("MOE_GATE_UP", geo.max_slots, 0)  # one counter per slot: its down tiles wait for it
-    for s in range(geo.max_slots):
-        for c in range(geo.gu_chunks):
-            lo, hi = geo.gu_cols(c)
-            w = gu.nbytes / n_local * (hi - lo) / In / 2  # gate and up rows of one expert
-            up.add((s, c, 0), s, busy[s] * (w + x.nbytes + T * (hi - lo) * 2), busy[s] * 4.0 * T * (hi - lo) * H,
-                   (Read(-2), Read(0)))  # fmt: skip
-    down = Stage("MOE_DOWN", geo.down_tiles, moe.DOWN_COLS)  # one counter per n tile: REDUCE reads columns
-    for j in range(geo.down_tiles):
-        lo, hi = geo.down_cols(j)
-        for s in range(geo.max_slots):
-            for q in range(geo.down_split):
-                klo, khi = geo.down_k(q)
-                w = dn.nbytes / n_local * (hi - lo) / H * (khi - klo) / In
-                down.add((s, j, q), j, busy[s] * (w + T * (khi - klo) * 2 + T * (hi - lo) * 4),
-                         busy[s] * 2.0 * T * (hi - lo) * (khi - klo), (Read(-3, s, s + 1),))  # fmt: skip
+    # gate/up and down tasks stride over the active slots' items (moe.MoeTiling); costs are expected
+    # values: `act` routed local experts' weights spread over the stage's tasks
+    act = sum(busy)
+    up = Stage("MOE_GATE_UP", 1, 0)  # one counter: the down tasks wait for every gate/up task
+    for j in range(geo.gu_tasks):
+        w = gu.nbytes / n_local * act / geo.gu_tasks
+        items = act * geo.gu_tiles / geo.gu_tasks
+        up.add((j, 0, 0), 0, w + items * (x.nbytes + T * moe.GU_COLS * 2), items * 4.0 * T * moe.GU_COLS * H,
+               (Read(-2), Read(0)))  # fmt: skip
+    down = Stage("MOE_DOWN", 1, 0)  # one counter: REDUCE waits for every down task
+    for j in range(geo.down_tasks):
+        w = dn.nbytes / n_local * act / geo.down_tasks
+        items = act * geo.down_tiles * geo.down_split / geo.down_tasks
+        kc = In / geo.down_split
+        down.add((j, 0, 0), 0, w + items * (T * kc * 2 + T * moe.BLOCK_N * 4), items * 2.0 * T * moe.BLOCK_N * kc,
+                 (Read(-3),))  # fmt: skip
     res = len(n.inputs) - 1 if a.get("residual") else None
     coll = bool(a.get("reduce")) and world > 1
-    reduce = _reduce_stage("MOE_REDUCE", out, world if coll else 1, src=-4, chunk_cols=moe.DOWN_COLS, res=res,
+    reduce = _reduce_stage("MOE_REDUCE", out, world if coll else 1, src=-4, chunk_cols=None, res=res,
                            y_bytes=4, collective=coll)  # fmt: skip
     return OpTiles([router, topk, up, down, reduce], [4])
 
@@ -262,7 +262,10 @@ def _reduce_stage(opcode: str, out: Value, world: int, src: int, chunk_cols: int
     in_col = per_col if y_bytes is None else y_bytes * math.prod(out.shape[:-1])
     for c in range(st.chunks):
         lo, hi = c * cols, min(W, (c + 1) * cols)
-        rd = Read(src, lo // chunk_cols, cdiv(hi, chunk_cols)) if chunk_cols else Read(src, lo, hi)
+        if chunk_cols:
+            rd = Read(src, lo // chunk_cols, cdiv(hi, chunk_cols))
+        else:  # a node input's columns, or every chunk of an earlier stage of this op
+            rd = Read(src, lo, hi) if src >= 0 else Read(src)
         reads = (rd,) + ((Read(res, lo, hi),) if res is not None else ())
         nb = (in_col * world + per_col * 2) * (hi - lo)
         st.add((c, 0, 0), c, nb, comm=2 * (world - 1) * in_col * (hi - lo) / world, reads=reads)

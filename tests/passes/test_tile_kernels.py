@@ -66,39 +66,39 @@ def test_moe_tasks_are_the_kernel_grids(case: tuple[Graph, list[OpTiles]]) -> No
     router, topk, up, down, red = t.stages
     assert router.coords == [(e, 0, 0) for e in range(cdiv(E, moe.ROUTER_E))]  # moe_router grid
     assert topk.coords == [(0, 0, 0)]
-    # moe_gate_up grid (In // 8, max_slots): every (n_tile, slot) exactly once, <= GU_PER_TASK per task
-    assert sorted(up.coords) == [(s, c, 0) for s in range(geo.max_slots) for c in range(geo.gu_chunks)]
-    ranges = [geo.gu_range(c) for c in range(geo.gu_chunks)]
-    assert [i for lo, hi in ranges for i in range(lo, hi)] == list(range(cdiv(In, moe.GU_COLS)))
-    assert all(hi - lo <= moe.GU_PER_TASK for lo, hi in ranges)
+    # gate/up and down tasks stride over the active items: for every Count, each item exactly once
+    assert up.coords == [(j, 0, 0) for j in range(geo.gu_tasks)] and geo.gu_tasks <= moe.MOE_TASKS
+    assert down.coords == [(j, 0, 0) for j in range(geo.down_tasks)] and geo.down_tasks <= moe.MOE_TASKS
     if In % moe.GU_COLS == 0:
         assert geo.gu_tiles == In // 8
-    # moe_down grid (cdiv(H, BLOCK_N), max_slots x down_split): DOWN_COLS output features per task
-    D = moe.DOWN_COLS
-    assert sorted(down.coords) == [(s, j, q) for s in range(geo.max_slots) for j in range(cdiv(H, D))
-                                   for q in range(geo.down_split)]  # fmt: skip
-    tiles = [i for j in range(geo.down_tiles) for i in range(*geo.down_range(j))]
-    assert tiles == list(range(cdiv(H, BLOCK_N)))
-    assert all(geo.down_cols(j) == (j * D, min(H, (j + 1) * D)) for j in range(geo.down_tiles))
+    assert geo.down_tiles == cdiv(H, BLOCK_N)
+    for count in range(geo.max_slots + 1):
+        gu_items = [it for j in range(geo.gu_tasks) for it in geo.gu_items(j, count)]
+        assert sorted(gu_items) == [(s, t) for s in range(count) for t in range(geo.gu_tiles)]
+        assert max((len(geo.gu_items(j, count)) for j in range(geo.gu_tasks)), default=0) <= geo.gu_steps
+        dn_items = [it for j in range(geo.down_tasks) for it in geo.down_items(j, count)]
+        assert sorted(dn_items) == [(s, t, q) for s in range(count) for t in range(geo.down_tiles)
+                                    for q in range(geo.down_split)]  # fmt: skip
+        assert max((len(geo.down_items(j, count)) for j in range(geo.down_tasks)), default=0) <= geo.down_steps
+    assert [i for t in range(geo.gu_tiles) for i in range(*geo.gu_cols(t))] == list(range(In))
+    assert [i for t in range(geo.down_tiles) for i in range(*geo.down_cols(t))] == list(range(H))
     assert [c for c, _, _ in red.coords] == list(range(len(red)))  # reduce: always, column blocks
     assert red.collective == (bool(n.a.get("reduce")) and int(n.a.get("world", 1)) > 1)
 
 
 def test_moe_waits(case: tuple[Graph, list[OpTiles]]) -> None:
-    """gate/up waits on top-k and x; down (slot) on that slot's gate/up only; reduce on the down n
-    tiles of its columns; top-k on every router task (which zero Y before any down atomics)."""
+    """gate/up waits on top-k and x; down on every gate/up task; reduce on every down task; top-k on
+    every router task (which zero Y before any down atomics)."""
     g, tiles = case
     n, t = next((n, t) for n, t in zip(g.nodes, tiles) if n.op.startswith("fused_moe_"))
     router, topk, up, down, red = t.stages
     assert all(r[0].src == 0 for r in router.reads)
     assert topk.reads == [(Read(-1),)]
     assert all({r.src for r in rd} == {-2, 0} and all(r.lo is None for r in rd) for rd in up.reads)
-    assert all(rd[0].src == -3 and (rd[0].lo, rd[0].hi) == (c[0], c[0] + 1) for rd, c in zip(down.reads, down.coords))
-    W, cols = g.values[n.outputs[0]].shape[-1], red.chunk_cols
-    for rd, c in zip(red.reads, red.coords):
-        lo, hi = c[0] * cols, min(W, (c[0] + 1) * cols)
-        D = moe.DOWN_COLS
-        assert rd[0] == Read(-4, lo // D, cdiv(hi, D)) and len(rd) == 1 + bool(n.a.get("residual"))
+    assert all(rd == (Read(-3),) for rd in down.reads)
+    assert up.chunks == down.chunks == 1
+    for rd in red.reads:
+        assert rd[0] == Read(-4) and len(rd) == 1 + bool(n.a.get("residual"))
 
 
 def test_moe_costs_are_expected_values() -> None:

@@ -83,6 +83,13 @@ def test_simulate_respects_dependencies_and_measured_times_use_the_same_exporter
     tr = trace_json(t, measured_start, measured_end, TASK_FIELDS, ["a", "b", "c"], {2: "LINEAR_FP8"})
     xs = [e for e in tr["traceEvents"] if e["ph"] == "X"]
     assert [(e["name"], e["tid"]) for e in xs] == [("a", 0), ("b", 1), ("c", 1)]
+    # with ready stamps: B waited 30 ns (a 'wait' event), then ran from its ready stamp
+    ready = measured_start.copy()
+    ready[1, 0] += 30
+    tr = trace_json(t, measured_start, measured_end, TASK_FIELDS, ["a", "b", "c"], {}, ready_ns=ready)
+    xs = [e for e in tr["traceEvents"] if e["ph"] == "X"]
+    assert [e["name"] for e in xs] == ["a", "wait", "b", "c"]
+    assert xs[1]["dur"] == 0.03 and xs[2]["args"]["wait_us"] == 0.03 and xs[2]["ts"] == xs[1]["ts"] + 0.03
     with pytest.raises(TimelineError, match="deadlocks"):
         simulate(_table([[(0, 0, 0, 5)]]), np.array([1], np.int32), TASK_FIELDS)
     with pytest.raises(TimelineError, match="do not match"):

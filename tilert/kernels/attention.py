@@ -143,16 +143,30 @@ def make_bodies(cfg: AttnConfig, tma: bool = True):
     NEG = -T.infinity("float32")
     bf16, f32 = "bfloat16", "float32"
 
-    def rotate(src, pre, b, d, cs):
-        """Element d of src[*pre, :] (token b) after NeoX RoPE on the first ROPE dims, fp32."""
-        x = T.Cast(f32, src[(*pre, d)])
-        if ROPE == 0:
-            return x
-        f = d % RH
-        e = T.if_then_else(d < RH, d + RH, T.if_then_else(d < ROPE, d - RH, d))
-        other = T.Cast(f32, src[(*pre, e)])
-        c, s_ = cs[b, f], cs[b, RH + f]
-        return T.if_then_else(d < RH, x * c - other * s_, T.if_then_else(d < ROPE, x * c + other * s_, x))
+    QR = min(cfg.block_m, cfg.rows)  # rows of a q block that can be real (B = 1: 16 of 128)
+
+    @T.macro
+    def rotate_q(q_s, rb, cs):
+        """NeoX RoPE in place on q_s's real rows (plain bf16 copies of Q): each thread owns a
+        (d, d + RH) pair and binds both values before it stores, so nothing is read after a write.
+        fp32 math, one bf16 rounding, as the reference."""
+        for i, f in T.Parallel(QR, max(RH, 1)):
+            if f < RH:
+                b = T.min((rb * BM + i) // G, B - 1)
+                x0 = T.Cast(f32, q_s[i, f])
+                x1 = T.Cast(f32, q_s[i, f + RH])
+                q_s[i, f] = T.Cast(bf16, x0 * cs[b, f] - x1 * cs[b, RH + f])
+                q_s[i, f + RH] = T.Cast(bf16, x1 * cs[b, f] + x0 * cs[b, RH + f])
+
+    @T.macro
+    def rotate_k(k_ring, cs):
+        """The same on the B new key rows in ring slot 0."""
+        for j, f in T.Parallel(B, max(RH, 1)):
+            if f < RH:
+                y0 = T.Cast(f32, k_ring[0, j, f])
+                y1 = T.Cast(f32, k_ring[0, j, f + RH])
+                k_ring[0, j, f] = T.Cast(bf16, y0 * cs[j, f] - y1 * cs[j, RH + f])
+                k_ring[0, j, f + RH] = T.Cast(bf16, y1 * cs[j, f] + y0 * cs[j, RH + f])
 
     def vnew(Vnew, b, h, d):
         if cfg.v_scale == 1.0:
@@ -252,11 +266,13 @@ def make_bodies(cfg: AttnConfig, tma: bool = True):
             )
             cs[b, f] = T.Cast(f32, T.cos(ang))
             cs[b, RH + f] = T.Cast(f32, T.sin(ang))
+        # q rows: one plain (vectorised) copy into shared memory, then RoPE in place; only row
+        # blocks that can hold real rows are rotated (B = 1: 16 of 128 rows).
         for i, d in T.Parallel(BM, DK):
             r = rb * BM + i
-            b = T.min(r // G, B - 1)
-            hq = h * G + r % G
-            q_s[i, d] = T.if_then_else(r < R, T.Cast(bf16, rotate(Q, (b, hq), b, d, cs)), 0)
+            q_s[i, d] = T.if_then_else(r < R, Q[T.min(r // G, B - 1), h * G + r % G, d], T.Cast(bf16, 0))
+        T.sync_threads()
+        rotate_q(q_s, rb, cs)
         for i in T.Parallel(BM):
             qpos[i] = start + T.min((rb * BM + i) // G, B - 1)
         T.fill(acc_o, 0)
@@ -321,11 +337,11 @@ def make_bodies(cfg: AttnConfig, tma: bool = True):
                     no_issue()
         else:
             for j, d in T.Parallel(BN, DK):
-                k_ring[0, j, d] = T.if_then_else(
-                    j < B, T.Cast(bf16, rotate(Knew, (T.min(j, B - 1), h), T.min(j, B - 1), d, cs)), T.Cast(bf16, 0)
-                )
+                k_ring[0, j, d] = T.if_then_else(j < B, Knew[T.min(j, B - 1), h, d], T.Cast(bf16, 0))
             for j, d in T.Parallel(BN, DV):
                 v_ring[0, j, d] = T.if_then_else(j < B, vnew(Vnew, T.min(j, B - 1), h, d), T.Cast(bf16, 0))
+            T.sync_threads()
+            rotate_k(k_ring, cs)
             T.fence_proxy_async()  # generic-proxy smem writes, read next by wgmma (async proxy)
             T.sync_threads()
             if rb == 0:

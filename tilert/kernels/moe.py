@@ -5,11 +5,11 @@ Four launches, no host round trip; only experts that received tokens read their 
 1. `router_tile(X, Wr, L, Y, e_tile)` (grid E / 4, 256 threads): fp32 logits L[t, 4 experts] =
    x @ Wr^T on CUDA cores (each thread strides over H, then a block reduction through 64 KiB of
    shared memory); also zeroes its slice of the output Y [T, H] (combined with atomics in step 4).
-2. `route_body(L, Bias, Idx, Wt, TokW, List, Count)` (1 CTA, 128 threads): one thread per token:
-   sigmoid, + selection bias, top-k by a guarded insertion list, weights = unbiased scores
-   renormalised and scaled; writes Idx/Wt [T, k], TokW [E_local, T] (a token's weight for a local
-   expert, 0 if not routed there) and the device-side active list List[0:Count] of local experts
-   that received at least one token.
+2. `route_body(L, Bias, Idx, Wt, TokW, List, Count)` (1 CTA, 128 threads): one warp per token:
+   sigmoid + selection bias in registers (E/32 per lane), top-k by k rounds of a warp argmax (ties
+   to the lower expert id), weights = unbiased scores renormalised and scaled; writes Idx/Wt
+   [T, k], TokW [E_local, T] (a token's weight for a local expert, 0 if not routed there) and the
+   device-side active list List[0:Count] of local experts that received at least one token.
 3. `gate_up_tile(X, GUb, GUs, List, Count, Hb, slot, n_tile)` (grid I/8 x max_slots): slot >=
    Count exits; else expert e = List[slot], rows [8 n_tile, +8) of gate and of up in one 16-row
    MXFP4 tile (tilert.kernels.mxfp4_gemm's mainloop), h = silu(g) * up -> Hb[slot, T, I] bf16.
@@ -73,41 +73,57 @@ class Config:
 
 
 GU_COLS = 8  # h columns per gate_up_tile n_tile (8 gate rows + the 8 matching up rows: one BLOCK_N tile)
-GU_PER_TASK = 4  # gate_up n_tiles per MOE_GATE_UP task: 32 h columns (a task is ~4 serial tiles)
-DOWN_COLS = 64  # output features per MOE_DOWN task (4 down tiles)
-DOWN_PER_TASK = DOWN_COLS // BLOCK_N  # down_tile n_tiles (BLOCK_N features each) per MOE_DOWN task
+MOE_TASKS = 128  # MOE_GATE_UP and MOE_DOWN tasks per MoE node, about one per SM
 
 
 @dataclass(frozen=True)
 class MoeTiling:
-    """Task geometry of the fused MoE for the compiler's task tables (passes/tile.py) and the plan VM:
-    the kernel launch grids of make_kernels, grouped into tasks big enough to amortise a task."""
+    """Task geometry of the fused MoE for the compiler's task tables (passes/tile.py), the persistent
+    bodies (runtime/persistent/step.py) and the plan VM. The expert work is a list of items over
+    the active slots only (slot < Count, known on the device after the top-k): gate/up item w is
+    (slot, n_tile) = divmod(w, gu_tiles), down item w is (slot, n_tile, k_split); task j of a stage
+    runs items j, j + tasks, ... So every SM gets work whether 1 or 8 slots are active, and idle
+    slots cost no tasks."""
 
     tokens: int
     hidden: int
     inter: int
-    max_slots: int  # = Config.max_slots: a slot >= Count exits at once
-    gu_tiles: int  # gate_up_tile n_tiles (= In // 8 when 8 divides In; the grid's x)
-    gu_chunks: int  # MOE_GATE_UP tasks per slot
-    down_tiles: int  # MOE_DOWN n tiles (DOWN_COLS output features each)
+    max_slots: int  # = Config.max_slots
+    gu_tiles: int  # gate_up_tile n_tiles per slot (GU_COLS h columns each)
+    gu_tasks: int  # MOE_GATE_UP tasks
+    down_tiles: int  # down_tile n tiles per slot (BLOCK_N output features each)
     down_split: int  # MOE_DOWN k splits (Config.down_split)
+    down_tasks: int  # MOE_DOWN tasks
 
-    def gu_range(self, chunk: int) -> tuple[int, int]:
-        """gate_up_tile n_tiles [lo, hi) that MOE_GATE_UP task `chunk` runs."""
-        return chunk * GU_PER_TASK, min(self.gu_tiles, (chunk + 1) * GU_PER_TASK)
+    @property
+    def gu_steps(self) -> int:
+        """Items a gate/up task runs at most (all slots active)."""
+        return cdiv(self.max_slots * self.gu_tiles, self.gu_tasks)
 
-    def gu_cols(self, chunk: int) -> tuple[int, int]:
-        """h columns [lo, hi) that MOE_GATE_UP task `chunk` writes into Hb[slot]."""
-        lo, hi = self.gu_range(chunk)
-        return lo * GU_COLS, min(self.inter, hi * GU_COLS)
+    @property
+    def down_steps(self) -> int:
+        return cdiv(self.max_slots * self.down_tiles * self.down_split, self.down_tasks)
 
-    def down_range(self, n_tile: int) -> tuple[int, int]:
-        """down_tile n_tiles [lo, hi) (BLOCK_N features each) that MOE_DOWN task `n_tile` runs."""
-        return n_tile * DOWN_PER_TASK, min(cdiv(self.hidden, BLOCK_N), (n_tile + 1) * DOWN_PER_TASK)
+    def gu_items(self, task: int, count: int) -> list[tuple[int, int]]:
+        """(slot, n_tile) items gate/up task `task` runs when `count` slots are active."""
+        return [divmod(w, self.gu_tiles) for w in range(task, count * self.gu_tiles, self.gu_tasks)]
+
+    def down_items(self, task: int, count: int) -> list[tuple[int, int, int]]:
+        """(slot, n_tile, k_split) items down task `task` runs when `count` slots are active."""
+        per = self.down_tiles * self.down_split
+        out = []
+        for w in range(task, count * per, self.down_tasks):
+            slot, r = divmod(w, per)
+            out.append((slot, *divmod(r, self.down_split)))
+        return out
+
+    def gu_cols(self, n_tile: int) -> tuple[int, int]:
+        """h columns [lo, hi) of Hb[slot] that gate/up n tile `n_tile` writes."""
+        return n_tile * GU_COLS, min(self.inter, (n_tile + 1) * GU_COLS)
 
     def down_cols(self, n_tile: int) -> tuple[int, int]:
-        """Output columns [lo, hi) of Y that MOE_DOWN task `n_tile` adds into."""
-        return n_tile * DOWN_COLS, min(self.hidden, (n_tile + 1) * DOWN_COLS)
+        """Output columns [lo, hi) of Y that down n tile `n_tile` adds into."""
+        return n_tile * BLOCK_N, min(self.hidden, (n_tile + 1) * BLOCK_N)
 
     def down_k(self, k_split: int) -> tuple[int, int]:
         """h columns [lo, hi) (the down GEMM's k) that k split `k_split` reduces."""
@@ -116,11 +132,12 @@ class MoeTiling:
 
 
 def tiling(tokens: int, hidden: int, inter: int, n_local: int, top_k: int,
-           down_split: int = Config.down_split) -> MoeTiling:  # fmt: skip
+           down_split: int = Config.down_split, tasks: int = MOE_TASKS) -> MoeTiling:  # fmt: skip
     """The fused MoE's task geometry for T tokens (pure python, no tilelang: any shape, tiny too)."""
-    gu = cdiv(inter, GU_COLS)
-    return MoeTiling(tokens, hidden, inter, min(n_local, tokens * top_k), gu, cdiv(gu, GU_PER_TASK),
-                     cdiv(hidden, DOWN_COLS), down_split)  # fmt: skip
+    slots = min(n_local, tokens * top_k)
+    gu, dn = cdiv(inter, GU_COLS), cdiv(hidden, BLOCK_N)
+    return MoeTiling(tokens, hidden, inter, slots, gu, min(tasks, slots * gu), dn, down_split,
+                     min(tasks, slots * dn * down_split))  # fmt: skip
 
 
 def make_bodies(cfg: Config):
@@ -175,69 +192,82 @@ def make_bodies(cfg: Config):
             if e_tile * ROUTER_E + i // Tn < E:
                 L[i % Tn, e_tile * ROUTER_E + i // Tn] = outf[i]
 
+    RT = cfg.cta_threads or 128  # route CTA threads: 128 standalone, the persistent CTA's otherwise
+    NW, EPL = RT // 32, cdiv(E, 32)
+    NEG = -T.infinity("float32")
+
     @T.macro
     def route_body(L, Bias, Idx, Wt, TokW, List, Count):
+        # One warp per token (tokens w, w + NW, ...): lane l holds the biased scores of experts
+        # l, l + 32, ... in registers; k rounds of a warp argmax (the larger score, ties to the lower
+        # expert id, as torch.topk on the reference) pick the experts in score order.
         hit = T.alloc_shared((EL,), "int32")
-        topv = T.alloc_local((K,), "float32")
-        topi = T.alloc_local((K,), "int32")
-        cur = T.alloc_local((2,), "float32")
-        curi = T.alloc_local((2,), "int32")
-        wsum = T.alloc_local((1,), "float32")
-        cnt = T.alloc_local((1,), "int32")
-        Ls = T.alloc_shared((Tn, E), "float32")
-        Bs = T.alloc_shared((E,), "float32")
+        sc = T.alloc_local((EPL,), "float32")
+        bv = T.alloc_var("float32")
+        bi = T.alloc_var("int32")
+        ov = T.alloc_var("float32")
+        oi = T.alloc_var("int32")
+        myi = T.alloc_var("int32")
+        wv = T.alloc_var("float32")
+        ws = T.alloc_var("float32")
+        cnt = T.alloc_var("int32")
         tx = T.get_thread_binding()
-        for z in T.serial(cdiv(Tn * E, 128)):  # logits, bias -> shared (coalesced); the loop reads them
-            f = z * 128 + tx
-            if f < Tn * E:
-                Ls[f // E, f % E] = L[f // E, f % E]
-            if f < E:
-                Bs[f] = Bias[f]
-        for z in T.serial(cdiv(EL * TP, 128)):
-            f = z * 128 + tx
+        lane, warp = tx % 32, tx // 32
+        for z in T.serial(cdiv(EL * TP, RT)):
+            f = z * RT + tx
             if f < EL * TP:
                 TokW[f // TP, f % TP] = 0.0
-        if tx < EL:
-            hit[tx] = 0
+        for z in T.serial(cdiv(EL, RT)):
+            if z * RT + tx < EL:
+                hit[z * RT + tx] = 0
         T.sync_threads()
-        if tx < Tn:
-            for j in T.unroll(K):
-                topv[j] = -T.infinity("float32")
-                topi[j] = 0
-            for e in T.serial(E):
-                cur[0] = T.sigmoid(Ls[tx, e]) + Bs[e]
-                curi[0] = e
-                if cur[0] > topv[K - 1]:
-                    for j in T.unroll(K):
-                        if cur[0] > topv[j]:
-                            cur[1] = topv[j]
-                            curi[1] = topi[j]
-                            topv[j] = cur[0]
-                            topi[j] = curi[0]
-                            cur[0] = cur[1]
-                            curi[0] = curi[1]
-            wsum[0] = 0.0
-            for j in T.unroll(K):
-                topv[j] = T.sigmoid(Ls[tx, topi[j]])
-                wsum[0] += topv[j]
-            for j in T.unroll(K):
-                if cfg.normalize:
-                    topv[j] = topv[j] / (wsum[0] + 1e-20) * cfg.scaling
-                else:
-                    topv[j] = topv[j] * cfg.scaling
-                Idx[tx, j] = topi[j]
-                Wt[tx, j] = topv[j]
-                if topi[j] >= cfg.expert_offset and topi[j] < cfg.expert_offset + EL:
-                    TokW[topi[j] - cfg.expert_offset, tx] = topv[j]
-                    hit[topi[j] - cfg.expert_offset] = 1
+        for tt in T.serial(cdiv(Tn, NW)):
+            t = tt * NW + warp
+            if t < Tn:  # warp-uniform: the shuffles below run with the whole warp
+                for i in T.unroll(EPL):  # coalesced loads straight into registers
+                    ec = T.min(i * 32 + lane, E - 1)
+                    sc[i] = T.if_then_else(i * 32 + lane < E, T.sigmoid(L[t, ec]) + Bias[ec], NEG)
+                myi = 0
+                for j in T.unroll(K):
+                    bv = NEG
+                    bi = E
+                    for i in T.unroll(EPL):
+                        if sc[i] > bv:
+                            bv = sc[i]
+                            bi = i * 32 + lane
+                    for sh in [16, 8, 4, 2, 1]:
+                        ov = T.shfl_xor(bv, sh)
+                        oi = T.shfl_xor(bi, sh)
+                        if ov > bv or (ov == bv and oi < bi):
+                            bv = ov
+                            bi = oi
+                    for i in T.unroll(EPL):
+                        if bi == i * 32 + lane:
+                            sc[i] = NEG
+                    if lane == j:
+                        myi = bi
+                wv = T.if_then_else(lane < K, T.sigmoid(L[t, myi]), 0.0)
+                ws = wv
+                for sh in [16, 8, 4, 2, 1]:
+                    ws = ws + T.shfl_xor(ws, sh)
+                if lane < K:
+                    if cfg.normalize:
+                        wv = wv / (ws + 1e-20) * cfg.scaling
+                    else:
+                        wv = wv * cfg.scaling
+                    Idx[t, lane] = myi
+                    Wt[t, lane] = wv
+                    if myi >= cfg.expert_offset and myi < cfg.expert_offset + EL:
+                        TokW[myi - cfg.expert_offset, t] = wv
+                        hit[myi - cfg.expert_offset] = 1
         T.sync_threads()
         if tx == 0:
-            cnt[0] = 0
+            cnt = 0
             for e in T.serial(EL):
                 if hit[e] != 0:
-                    List[cnt[0]] = e
-                    cnt[0] = cnt[0] + 1
-            Count[0] = cnt[0]
+                    List[cnt] = e
+                    cnt = cnt + 1
+            Count[0] = cnt
 
     @T.macro
     def gate_up_tile(X, GUb, GUs, List, Count, Hb, slot, n_tile):
@@ -289,7 +319,7 @@ def make_kernels(cfg: Config):
         List: T.Tensor((EL,), "int32"),
         Count: T.Tensor((1,), "int32"),
     ):
-        with T.Kernel(1, threads=128) as _:
+        with T.Kernel(1, threads=cfg.cta_threads or 128) as _:
             route_body(L, Bias, Idx, Wt, TokW, List, Count)
 
     @T.prim_func

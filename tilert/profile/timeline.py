@@ -4,7 +4,9 @@ One track (tid) per SM; one complete event ("ph": "X") per task, named by its op
 opcode, node index and tile coordinates in args. Timestamps come either from `simulate()` (the
 schedule's predicted times: each SM runs its queue in order; a task starts when its SM is free
 and every counter it waits on has all its signals) or from the persistent kernel's measured
-per-task start/end clocks: both go through the same `trace_json()`.
+per-task start/ready/end clocks: both go through the same `trace_json()`. With ready stamps (the
+moment a task's waits were met) each task's event spans ready..end and its wait is a separate
+"wait" event before it, so a slow body and a late dependency look different.
 """
 
 from __future__ import annotations
@@ -91,10 +93,13 @@ def trace_json(
     process: str = "rank 0",
     pid: int = 0,
     meta: dict[str, Any] | None = None,
+    ready_ns: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """The Chrome trace dict: one track per SM, one 'X' event per task (timestamps in µs)."""
-    if start_ns.shape != table.shape[:2] or end_ns.shape != table.shape[:2]:
-        raise TimelineError(f"timestamps {start_ns.shape} do not match the task table {table.shape[:2]}")
+    """The Chrome trace dict: one track per SM, one 'X' event per task (timestamps in µs); with
+    `ready_ns`, the task's event starts when its waits were met, after a 'wait' event."""
+    shapes = [start_ns.shape, end_ns.shape] + ([] if ready_ns is None else [ready_ns.shape])
+    if any(sh != table.shape[:2] for sh in shapes):
+        raise TimelineError(f"timestamps {shapes} do not match the task table {table.shape[:2]}")
     F = _fields(task_fields)
     t_min = int(start_ns[start_ns >= 0].min()) if (start_ns >= 0).any() else 0
     ev: list[dict[str, Any]] = [{"ph": "M", "pid": pid, "name": "process_name", "args": {"name": process}}]
@@ -107,14 +112,23 @@ def trace_json(
                 continue
             op = int(row[F["op"]])
             code = opcode_names.get(int(row[F["opcode"]]), str(int(row[F["opcode"]])))
+            t0, t1 = int(start_ns[s, k]), int(end_ns[s, k])
+            args = {"opcode": code, "node": op, "tile": [int(row[F["c0"]]), int(row[F["c1"]]), int(row[F["c2"]])],
+                    "slot": k}  # fmt: skip
+            if ready_ns is not None:
+                tr = min(max(int(ready_ns[s, k]), t0), t1)
+                args["wait_us"] = (tr - t0) / 1e3
+                if tr > t0:
+                    ev.append({"ph": "X", "pid": pid, "tid": s, "name": "wait", "cat": "WAIT", "ts": (t0 - t_min) / 1e3,
+                               "dur": (tr - t0) / 1e3, "args": {"node": op, "slot": k}})  # fmt: skip
+                t0 = tr
             ev.append({
                 "ph": "X", "pid": pid, "tid": s,
                 "name": op_names[op] if 0 <= op < len(op_names) else code,
                 "cat": code,
-                "ts": (int(start_ns[s, k]) - t_min) / 1e3,
-                "dur": max(0, int(end_ns[s, k] - start_ns[s, k])) / 1e3,
-                "args": {"opcode": code, "node": op,
-                         "tile": [int(row[F["c0"]]), int(row[F["c1"]]), int(row[F["c2"]])], "slot": k},
+                "ts": (t0 - t_min) / 1e3,
+                "dur": max(0, t1 - t0) / 1e3,
+                "args": args,
             })  # fmt: skip
     return {"traceEvents": ev, "displayTimeUnit": "ns", "otherData": meta or {}}
 

@@ -97,7 +97,7 @@ def make_kernel(spec: ChainSpec, max_tasks: int, n_counters: int):
         Counters: T.Tensor((n_counters,), "int32"),
         Err: T.Tensor((4,), "int32"),
         Epoch: T.Tensor((1,), "int32"),
-        Trace: T.Tensor((spec.num_sms, max_tasks, 2), "int64"),
+        Trace: T.Tensor((spec.num_sms, max_tasks, 3), "int64"),
         X: T.Tensor((L + 1, Mp, N), "bfloat16"),
         W: T.Tensor((L, N, N // 2), "uint8"),
         S: T.Tensor((L, N, N // 32), "uint8"),
@@ -163,7 +163,7 @@ class PersistentChain:
         self.counters = torch.zeros(n_counters, dtype=torch.int32, device=dev)
         self.err = torch.zeros(4, dtype=torch.int32, device=dev)
         self.epoch = torch.zeros(1, dtype=torch.int32, device=dev)
-        self.trace = torch.zeros(spec.num_sms, table.shape[1], 2, dtype=torch.int64, device=dev)
+        self.trace = torch.zeros(spec.num_sms, table.shape[1], 3, dtype=torch.int64, device=dev)
         self.X = torch.zeros(spec.layers + 1, spec.mp, spec.n, dtype=torch.bfloat16, device=dev)
         self.Y = torch.zeros(spec.layers, spec.mp, spec.n, dtype=torch.float32, device=dev)
         self.W, self.S = W, S

@@ -5,8 +5,9 @@ thread 0 waits (acquire) until each wait counter reaches need * epoch, bounded b
 deadline (no device prelude, so task bodies keep theirs); on timeout it raises the error flag and
 every CTA drains without running bodies; then the body for the row's opcode runs (the same
 TileLang body the standalone launchers use); then thread 0 signals (release). Counters are never
-reset: targets scale with the epoch. Each task's start (before its waits) and end stamps, from the
-GPU-wide %globaltimer in ns, go to a trace buffer (per-SM timelines for the profiler).
+reset: targets scale with the epoch. Each task's start (before its waits), ready (waits done) and
+end stamps, from the GPU-wide %globaltimer in ns, go to a trace buffer [sms, tasks, 3] (per-SM
+timelines for the profiler: wait and run time apart).
 
 Error buffer (int32[4]): [code, sm, task slot, counter] of the first wait that timed out
 (code ERR_TIMEOUT), or [ERR_OPCODE, -, -, opcode] for an opcode with no body (the dispatch traps).
@@ -117,6 +118,7 @@ def make_persistent_loop(
         tx = T.get_thread_binding()
         deadline = T.alloc_var("int64")
         t0 = T.alloc_var("int64")
+        t1 = T.alloc_var("int64")
         for t in T.serial(max_tasks):
             opc = tasks[sm, t, F["opcode"]]
             if opc != 0:
@@ -137,6 +139,7 @@ def make_persistent_loop(
                                             err[1] = sm
                                             err[2] = t
                                             err[3] = first + j
+                    t1 = T.call_extern("int64", "tilert_globaltimer")
                 T.sync_threads()
                 if T.atomic_load(err[0], memory_order="relaxed") == 0:
                     dispatch(
@@ -155,6 +158,7 @@ def make_persistent_loop(
                         T.atomic_add(counters[sig], 1, memory_order="release")
                     trace[sm, t, 0] = t0
                     trace[sm, t, 1] = T.call_extern("int64", "tilert_globaltimer")
+                    trace[sm, t, 2] = t1
 
     return loop
 

@@ -77,7 +77,8 @@ class PlanVM:
     """Runs N rank graphs' task tables step by step; params per rank, KV state kept in float32.
 
     policy: "random" (a random ready SM moves next) or "consumers" (the ready head task of the
-    latest node moves next: a consumer whose wait is missing runs before its producer).
+    latest node, and of its latest stage, moves next: a consumer whose wait is missing runs before
+    its producer).
     """
 
     def __init__(self, params: Sequence[Mapping[str, Any]] | Mapping[str, Any], sms: int | None = None,
@@ -220,8 +221,12 @@ class PlanVM:
             if self.policy == "random":
                 r, s = self.rng.choice(ready)
             else:
-                top = max(self.ranks[r].rows[s][pc[r][s]][FIELD["op"]] for r, s in ready)
-                r, s = self.rng.choice([x for x in ready if self.ranks[x[0]].rows[x[1]][pc[x[0]][x[1]]][1] == top])
+                def stage(x: tuple[int, int]) -> tuple[int, int]:  # (node, opcode): opcodes follow stage order
+                    row = self.ranks[x[0]].rows[x[1]][pc[x[0]][x[1]]]
+                    return row[FIELD["op"]], row[FIELD["opcode"]]
+
+                top = max(stage(x) for x in ready)
+                r, s = self.rng.choice([x for x in ready if stage(x) == top])
             row = self.ranks[r].rows[s][pc[r][s]]
             name = NAMES.get(row[FIELD["opcode"]], "?")
             if self._collective(r, name, row):
@@ -459,7 +464,7 @@ class PlanVM:
         out = self.ranks[r].env[n.outputs[0]]
         out[t, hq * Dv : (hq + 1) * Dv] = _merge(ws["o"][h, row, slots], ws["lse"][h, row, slots], sink)
 
-    # ---- MoE: ROUTER (e_tile), TOPK, GATE_UP (slot, chunk), DOWN (slot, n tile, k split), REDUCE --------
+    # ---- MoE: ROUTER (e_tile), TOPK, GATE_UP (task), DOWN (task), REDUCE ------------------------------
 
     def _moe_h(self, r: int, n: Any, ins: list[Any]) -> torch.Tensor:
         """x, or with a norm prologue (norm_eps) rms_norm(x): the router and gate/up tasks each
@@ -520,49 +525,44 @@ class PlanVM:
         ws["List"][: len(act)] = act.to(torch.int32)
         ws["Count"][0] = len(act)
 
-    def _moe_slot(self, ws: dict[str, Any], n: Any, ins: list[Any], c: tuple[int, int, int]) -> int | None:
-        """The local expert of slot c[0] (List[slot]), None when slot >= Count (the task exits)."""
+    def _moe_count(self, ws: dict[str, Any], c: tuple[int, int, int]) -> int:
+        """Count (active slots) as the top-k task wrote it; List[0:Count] are their local experts."""
         count = int(ws["Count"][0])
         if count == INT_POISON:
-            raise PlanVMError(f"MoE slot task {c} ran before the top-k task wrote the active-expert list")
-        if c[0] >= self._moe_geo(n, ins).max_slots:
-            raise PlanVMError(f"MoE slot {c[0]} outside max_slots {self._moe_geo(n, ins).max_slots}")
-        return int(ws["List"][c[0]]) if c[0] < count else None
+            raise PlanVMError(f"MoE expert task {c} ran before the top-k task wrote the active-expert list")
+        return count
 
     def _moe_gate_up(self, r: int, i: int, n: Any, ins: list[Any], c: tuple[int, int, int]) -> None:
-        """gate_up_tile n_tiles gu_range(chunk) of slot: Hb[slot, :, gu_cols(chunk)] = silu(g) * u."""
+        """Gate/up task c[0]: its items (slot, n_tile) of the active slots (moe.MoeTiling.gu_items),
+        each Hb[slot, :, gu_cols(n_tile)] = silu(g) * u for expert List[slot]."""
         ws, geo = self._moe_ws(r, i, n, ins), self._moe_geo(n, ins)
-        slot, chunk, _ = c
-        if chunk >= geo.gu_chunks or c[2]:
-            raise PlanVMError(f"MoE gate/up tile {c} outside ({geo.max_slots}, {geo.gu_chunks}, 1)")
-        e = self._moe_slot(ws, n, ins, c)
-        if e is None:
-            return
-        lo, hi = geo.gu_cols(chunk)
+        if c[0] >= geo.gu_tasks or c[1] or c[2]:
+            raise PlanVMError(f"MoE gate/up task {c} outside ({geo.gu_tasks}, 1, 1)")
         w = self._weight(r, n.inputs[3])  # [E_local, 2In, H]: gate rows, then up rows
-        w = torch.cat([w[:, lo:hi], w[:, geo.inter + lo : geo.inter + hi]], dim=1)
         off = n.a.get("expert_offset", 0)
         x = self._moe_h(r, n, ins)
-        every = torch.full((x.shape[0], 1), e + off, dtype=torch.int32)  # every token through expert e
-        ws["Hb"][slot, :, lo:hi] = ops.silu_mul(ops.expert_linear(x, w, every, expert_offset=off))[:, 0]
+        for slot, nt in geo.gu_items(c[0], self._moe_count(ws, c)):
+            e = int(ws["List"][slot])
+            lo, hi = geo.gu_cols(nt)
+            we = torch.cat([w[:, lo:hi], w[:, geo.inter + lo : geo.inter + hi]], dim=1)
+            every = torch.full((x.shape[0], 1), e + off, dtype=torch.int32)  # every token through expert e
+            ws["Hb"][slot, :, lo:hi] = ops.silu_mul(ops.expert_linear(x, we, every, expert_offset=off))[:, 0]
 
     def _moe_down(self, r: int, i: int, n: Any, ins: list[Any], c: tuple[int, int, int]) -> None:
-        """down_tile n_tiles down_range(n_tile) of slot, k split: Y[:, cols] += (Hb[slot] @ Wdown[e]^T)
-        x TokW[e, t] (the GPU's fp32 atomics)."""
+        """Down task c[0]: its items (slot, n_tile, k split), each Y[:, down_cols] += (Hb[slot] @
+        Wdown[e]^T) x TokW[e, t] (the GPU's fp32 atomics)."""
         ws, geo, a = self._moe_ws(r, i, n, ins), self._moe_geo(n, ins), n.a
-        slot, j, q = c
-        if j >= geo.down_tiles or q >= geo.down_split:
-            raise PlanVMError(f"MoE down tile {c} outside ({geo.max_slots}, {geo.down_tiles}, {geo.down_split})")
-        e = self._moe_slot(ws, n, ins, c)
-        if e is None:
-            return
-        (lo, hi), (klo, khi) = geo.down_cols(j), geo.down_k(q)
+        if c[0] >= geo.down_tasks or c[1] or c[2]:
+            raise PlanVMError(f"MoE down task {c} outside ({geo.down_tasks}, 1, 1)")
         off, T = a.get("expert_offset", 0), geo.tokens
-        every = torch.full((T, 1), e + off, dtype=torch.int32)
-        y = ops.expert_linear(ws["Hb"][slot][:, klo:khi], self._weight(r, n.inputs[4])[:, lo:hi, klo:khi], every,
-                              expert_offset=off)  # fmt: skip
-        tokw = ws["TokW"][e, :T, None]
-        ws["Y"][:, lo:hi] += ops.moe_combine(y, tokw, every, expert_offset=off, n_local=a["n_local"])
+        wd = self._weight(r, n.inputs[4])
+        for slot, j, q in geo.down_items(c[0], self._moe_count(ws, c)):
+            e = int(ws["List"][slot])
+            (lo, hi), (klo, khi) = geo.down_cols(j), geo.down_k(q)
+            every = torch.full((T, 1), e + off, dtype=torch.int32)
+            y = ops.expert_linear(ws["Hb"][slot][:, klo:khi], wd[:, lo:hi, klo:khi], every, expert_offset=off)
+            tokw = ws["TokW"][e, :T, None]
+            ws["Y"][:, lo:hi] += ops.moe_combine(y, tokw, every, expert_offset=off, n_local=a["n_local"])
 
     # ---- generic kinds: one task per block of output columns ----------------------------------------
 

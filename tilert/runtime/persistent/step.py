@@ -285,8 +285,9 @@ def persistent_attn_config(a: Mapping[str, Any], B: int) -> Any:
 
 
 def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
-    """Fused MoE as five stages: router (with the norm prologue), top-k, gate/up per (slot, chunk),
-    down per (slot, n tile, k split) into an fp32 partial, reduce per column block (+ residual)."""
+    """Fused MoE as five stages: router (with the norm prologue), top-k, gate/up and down tasks that
+    stride over the active slots' items (moe.MoeTiling) into an fp32 partial, reduce per column block
+    (+ residual)."""
     from tilert.kernels import elementwise as ew
     from tilert.kernels import moe
     from tilert.kernels.linear_fused import make_row_rstd
@@ -363,17 +364,21 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
             route_body(V[8], V[3], V[9], V[10], V[11], V[12], V[13])
 
         @T_.macro
-        def gate_up(V, slot, chunk, c2):
-            for u in T_.serial(moe.GU_PER_TASK):
-                if chunk * moe.GU_PER_TASK + u < In // 8:
-                    gate_up_tile(V[1], V[4], V[5], V[12], V[13], V[14], slot, chunk * moe.GU_PER_TASK + u)
+        def gate_up(V, j, c1, c2):  # items j, j + gu_tasks, ... of the Count x gu_tiles active ones
+            for u in T_.serial(til.gu_steps):
+                w = j + u * til.gu_tasks
+                if w < V[13][0] * til.gu_tiles:
+                    gate_up_tile(V[1], V[4], V[5], V[12], V[13], V[14], w // til.gu_tiles, w % til.gu_tiles)
+
+        per_slot = til.down_tiles * til.down_split
 
         @T_.macro
-        def down(V, slot, n_tile, k_split):
-            for u in T_.serial(moe.DOWN_PER_TASK):
-                if n_tile * moe.DOWN_PER_TASK + u < cdiv(H, moe.BLOCK_N):
-                    down_tile(V[14], V[6], V[7], V[12], V[13], V[11], V[15], slot, n_tile * moe.DOWN_PER_TASK + u,
-                              k_split)  # fmt: skip
+        def down(V, j, c1, c2):
+            for u in T_.serial(til.down_steps):
+                w = j + u * til.down_tasks
+                if w < V[13][0] * per_slot:
+                    down_tile(V[14], V[6], V[7], V[12], V[13], V[11], V[15], w // per_slot,
+                              (w % per_slot) // til.down_split, w % til.down_split)  # fmt: skip
 
         @T_.macro
         def reduce(V, c, c1, c2):
@@ -613,7 +618,7 @@ def make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, max_tasks: in
         Counters: T.Tensor((n_counters,), "int32"),
         Err: T.Tensor((4,), "int32"),
         Epoch: T.Tensor((1,), "int32"),
-        Trace: T.Tensor((num_sms, max_tasks, 2), "int64"),
+        Trace: T.Tensor((num_sms, max_tasks, 3), "int64"),
     ):
         with T.Kernel(num_sms, threads=PERSISTENT_THREADS) as sm:
             loop(sm, Tasks, Counters, Err, Epoch, Trace, (NodeClass, Ptrs))
@@ -687,7 +692,7 @@ class PersistentStep:
         self.tasks = torch.from_numpy(self.table).to(self.device)
         self.counters = torch.zeros(max(1, len(expected)), dtype=torch.int32, device=self.device)
         self.err = b.err
-        self.trace = torch.zeros(self.sms, table.shape[1], 2, dtype=torch.int64, device=self.device)
+        self.trace = torch.zeros(self.sms, table.shape[1], 3, dtype=torch.int64, device=self.device)
         self.n_classes = len(classes)
         func = make_step_kernel(classes, self.sms, table.shape[1], len(self.programs), len(self.counters), max_views)
         self.kernel = build(func, pass_configs=PERSISTENT_PASS_CONFIGS, out_dir=out_dir, name="tilert_step")
@@ -731,7 +736,8 @@ class PersistentStep:
 
     def measured_trace(self, process: str = "rank 0 (measured)") -> dict[str, Any]:
         """Chrome/Perfetto trace of the last launch: one track per SM, one event per task, from the
-        kernel's own %globaltimer stamps (start before the task's waits, end after its signal)."""
+        kernel's own %globaltimer stamps (a 'wait' event until the task's waits are met, then the
+        task until its signal)."""
         from tilert.plan import TASK_FIELDS
         from tilert.profile.timeline import trace_json
 
@@ -741,9 +747,11 @@ class PersistentStep:
         used = table[:, :, FIELD["opcode"]] != 0
         start = np.where(used, tr[:, :, 0], -1)
         end = np.where(used, tr[:, :, 1], -1)
+        ready = np.where(used, tr[:, :, 2], -1)
         names = [n.op for n in self.g.nodes]
         return trace_json(table, start, end, TASK_FIELDS, names, NP_OPCODE, process=process, pid=1,
-                          meta={"source": "persistent kernel %globaltimer", "graph": self.g.name})  # fmt: skip
+                          meta={"source": "persistent kernel %globaltimer", "graph": self.g.name},
+                          ready_ns=ready)  # fmt: skip
 
     def check(self) -> None:
         from tilert.runtime.persistent.megakernel import raise_on_error
