@@ -27,11 +27,13 @@ from tilert.ir.graph import Graph, Node, Value
 from tilert.ir.opset.fused import MOE_CORE
 from tilert.ir.opset.moe import expected_experts
 from tilert.kernels import moe
+from tilert.kernels.linear_fused import GEMV_CHUNK, GEMV_M
 from tilert.passes.cost_model import kv_read_bytes, op_cost
 
 TILE_CONFIG: dict[str, dict[str, Any]] = {
+    # wave 1.0: one task per SM at most per GEMM (a second wave doubles a persistent step's path)
     "gemm": {"block_m": (16, 64), "block_k": (128, 64, 32), "block_n": 128, "block_n_small": 64,
-             "wide_n": 128 * 16, "wave": 1.0, "min_k_tiles": 2},
+             "wide_n": 128 * 16, "wave": 1.0, "min_k_tiles": 2, "gemv_block_n": 64, "gemv_min_chunks": 2},
     "attention": {"block_n": 64, "wave_ctas": 128},
     "collective": {"cols": 1024},
     "generic": {"cols": 2048},
@@ -82,9 +84,18 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def gemm_shape(M: int, N: int, K: int, sms: int) -> tuple[int, int, int, int]:
-    """(block_m, block_n, block_k, split_k) as the GEMM kernels pick them."""
+def gemm_shape(M: int, N: int, K: int, sms: int, gemv: bool = False) -> tuple[int, int, int, int]:
+    """(block_m, block_n, block_k, split_k) as the GEMM kernels pick them; gemv=True: the register
+    GEMV body's (kernels/linear_fused.py, fp8 weights and M <= GEMV_M): 64-row tiles of 64-element
+    chunks, split so the tasks fit one wave of SMs."""
     c = TILE_CONFIG["gemm"]
+    if gemv:
+        bm, bn, bk = (8 if M <= 8 else 16), c["gemv_block_n"], GEMV_CHUNK
+        tiles, nk, split = cdiv(N, bn) * cdiv(M, bm), K // bk, 1
+        for s in range(2, nk + 1):
+            if nk % s == 0 and nk // s >= c["gemv_min_chunks"] and tiles * s <= sms:
+                split = s
+        return bm, bn, bk, split
     bm = min(c["block_m"][1], max(c["block_m"][0], cdiv(M, 16) * 16))
     bk = next((b for b in c["block_k"] if K % b == 0), c["block_k"][-1])
     bn = c["block_n"] if N >= c["wide_n"] else c["block_n_small"]
@@ -95,9 +106,15 @@ def gemm_shape(M: int, N: int, K: int, sms: int) -> tuple[int, int, int, int]:
     return bm, bn, bk, split
 
 
-def _gemm_stage(opcode: str, x: Value, w: Value, out: Value, sms: int, whole_x: bool, res: int | None) -> Stage:
+def uses_gemv(op: str, M: int, K: int) -> bool:
+    """Whether a linear node runs the register GEMV body: fp8 weights, few tokens, K in 128-blocks."""
+    return op == "linear_fp8" and M <= GEMV_M and K % 128 == 0
+
+
+def _gemm_stage(opcode: str, x: Value, w: Value, out: Value, sms: int, whole_x: bool, res: int | None,
+                op: str = "") -> Stage:  # fmt: skip
     M, K, N = math.prod(x.shape[:-1]), x.shape[-1], w.shape[0]
-    bm, bn, _, split = gemm_shape(M, N, K, sms)
+    bm, bn, _, split = gemm_shape(M, N, K, sms, uses_gemv(op, M, K))
     st = Stage(opcode, cdiv(N, bn), bn)
     kc = K // split
     x_row = x.nbytes / max(1, M)
@@ -118,7 +135,8 @@ def _gemm_stage(opcode: str, x: Value, w: Value, out: Value, sms: int, whole_x: 
 def tile_linear(g: Graph, n: Node, ctx: Any) -> OpTiles:
     x, w = g.values[n.inputs[0]], g.values[n.inputs[1]]
     res = len(n.inputs) - 1 if n.a.get("residual") else None
-    st = _gemm_stage(n.op.upper(), x, w, g.values[n.outputs[0]], ctx.gpu.sms, n.a.get("norm_eps") is not None, res)
+    st = _gemm_stage(n.op.upper(), x, w, g.values[n.outputs[0]], ctx.gpu.sms, n.a.get("norm_eps") is not None, res,
+                     n.op)  # fmt: skip
     return OpTiles([st], [0])
 
 

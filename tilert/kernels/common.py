@@ -33,6 +33,10 @@ DEFAULT_CACHE = "~/.cache/tilert/kernels"
 # (high nibble -> lane 1); code (s e1 e0 m) placed as bf16 bits s<<15 | (e1 e0 m)<<6 is the true
 # value * 2^-126 (e = 0 lands on bf16 subnormals, which bf16x2 fma keeps); one bf16x2 multiply by
 # `mult` = 2^(scale-1) (both lanes) restores value * 2^(scale-127) exactly.
+# E4M3 pair -> bf16x2: `sel` moves two bytes of w into the high bytes of the two halves (0x1404:
+# bytes 0, 1; 0x3424: bytes 2, 3); sign stays at bit 15, exponent+mantissa shift to bits 10..4, so the
+# bf16 reads as value * 2^-120 (e = 0 on bf16 subnormals); one bf16x2 multiply by 2^120 is exact.
+# bf16x2 RMSNorm: bf16(x * rstd * gamma) per lane, fp32 math, as the norm prologues round it.
 DEVICE_PRELUDE = r"""
 #ifndef TILERT_DEVICE_PRELUDE
 #define TILERT_DEVICE_PRELUDE
@@ -44,6 +48,17 @@ __device__ __forceinline__ unsigned tilert_bf16x2_mul(unsigned a, unsigned b) {
 __device__ __forceinline__ unsigned tilert_e2m1x2(unsigned w, unsigned u, unsigned sel, unsigned mult) {
   const unsigned y = __byte_perm(w, u, sel);
   return tilert_bf16x2_mul(((y << 6) & 0x01C001C0u) | ((y << 12) & 0x80008000u), mult);
+}
+__device__ __forceinline__ unsigned tilert_e4m3x2(unsigned w, unsigned sel) {
+  const unsigned v = __byte_perm(w, 0u, sel);
+  return tilert_bf16x2_mul((v & 0x80008000u) | ((v >> 4) & 0x07F007F0u), 0x7B807B80u);
+}
+__device__ __forceinline__ unsigned tilert_bf16x2_norm(unsigned x, unsigned g, float r) {
+  const float lo = __uint_as_float(x << 16) * r * __uint_as_float(g << 16);
+  const float hi = __uint_as_float(x & 0xFFFF0000u) * r * __uint_as_float(g & 0xFFFF0000u);
+  unsigned d;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+  return d;
 }
 __device__ __forceinline__ long long tilert_globaltimer() {
   long long t;

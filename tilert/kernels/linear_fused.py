@@ -26,9 +26,13 @@ Reference: the linear op (tilert/ir/opset/fused.py), which composes rms_norm, de
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from tilert.kernels.common import cdiv
 from tilert.kernels.views import grid_launcher
+
+GEMV_M = 16  # fp8 linears with at most this many tokens run the register GEMV body
+GEMV_CHUNK = 64  # k elements per GEMV chunk: a quad of lanes x 16 fp8 bytes (one 16-byte load each)
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,13 @@ class LinearSpec:
     res_dtype: str | None = None  # None: no residual epilogue
     out_dtype: str = "bfloat16"
     stages: int = 3
+    gemv: bool = False  # the register GEMV body (fp8, m <= GEMV_M): `gemm_shape(..., gemv=True)` tiles
+
+    def __post_init__(self) -> None:
+        if self.gemv and not (self.fp8 and self.m <= GEMV_M and self.block_k == GEMV_CHUNK
+                              and self.block_n % 16 == 0 and self.block_m in (8, 16)):  # fmt: skip
+            raise ValueError(f"{self}: the GEMV body takes fp8 weights, m <= {GEMV_M}, block_k {GEMV_CHUNK}, "
+                             f"block_n a multiple of 16 and block_m 8 or 16")  # fmt: skip
 
     @property
     def mp(self) -> int:
@@ -102,8 +113,66 @@ def make_row_rstd(rows: int, k: int, eps: float):
     return row_rstd
 
 
+def _unpack(spec: LinearSpec, V: tuple) -> dict[str, Any]:
+    """The views of `views(spec)` by name."""
+    return {name: v for (name, _, _), v in zip(views(spec), V)}
+
+
+def make_epilogue(spec: LinearSpec):
+    """T.macro `epilogue(V, src, n_tile, m_tile)`: src [block_n, block_m] (fp32 fragment or shared)
+    -> Out (+ residual); with split_k > 1 fp32 atomics into the workspace, then the last of the
+    tile's split_k tasks (arrival counter vs split_k x epoch) writes Out and zeroes the workspace."""
+    import tilelang.language as T
+
+    bm, bn, split = spec.block_m, spec.block_n, spec.split_k
+    N, M = spec.n, spec.m
+    res = spec.res_dtype is not None
+    n_mt = spec.mp // bm
+    f32 = "float32"
+
+    @T.macro
+    def store(Out, R, v, row, col):
+        if res:
+            Out[row, col] = T.Cast(spec.out_dtype, v + T.Cast(f32, R[row, col]))
+        else:
+            Out[row, col] = T.Cast(spec.out_dtype, v)
+
+    @T.macro
+    def epilogue(V, src, n_tile, m_tile):
+        v = _unpack(spec, V)
+        Out, R = v["out"], v.get("residual")
+        if split == 1:
+            for i, j in T.Parallel(bn, bm):
+                if n_tile * bn + i < N and m_tile * bm + j < M:
+                    store(Out, R, src[i, j], m_tile * bm + j, n_tile * bn + i)
+        else:
+            Ws, Arr, Ep = v["ws"], v["arrivals"], v["epoch"]
+            last = T.alloc_shared((1,), "int32")
+            for i, j in T.Parallel(bn, bm):
+                if n_tile * bn + i < N and m_tile * bm + j < M:
+                    T.atomic_add(Ws[m_tile * bm + j, n_tile * bn + i], src[i, j])
+            T.sync_threads()
+            tx = T.get_thread_binding()
+            if tx == 0:
+                T.call_extern("handle", "__threadfence")
+                prev = T.atomic_add(Arr[n_tile * n_mt + m_tile], 1, return_prev=True)
+                last[0] = T.if_then_else(prev + 1 == split * Ep[0], 1, 0)
+                T.call_extern("handle", "__threadfence")
+            T.sync_threads()
+            if last[0] == 1:
+                for i, j in T.Parallel(bn, bm):
+                    if n_tile * bn + i < N and m_tile * bm + j < M:
+                        w = T.atomic_load(Ws[m_tile * bm + j, n_tile * bn + i], memory_order="relaxed")
+                        store(Out, R, w, m_tile * bm + j, n_tile * bn + i)
+                        Ws[m_tile * bm + j, n_tile * bn + i] = 0.0
+
+    return epilogue
+
+
 def make_body(spec: LinearSpec):
     """T.macro `linear_tile(V, n_tile, m_tile, k_split)`; V: the tensors of `views(spec)` in order."""
+    if spec.gemv:
+        return make_gemv_body(spec)
     import tilelang.language as T
 
     bm, bn, bk, split = spec.block_m, spec.block_n, spec.block_k, spec.split_k
@@ -111,28 +180,16 @@ def make_body(spec: LinearSpec):
     nk = K // bk // split
     assert K % bk == 0 and (K // bk) % split == 0, spec
     assert spec.norm_eps is None or K % 128 == 0, spec
-    norm, res, fp8 = spec.norm_eps is not None, spec.res_dtype is not None, spec.fp8
-    n_mt = spec.mp // bm
+    norm, fp8 = spec.norm_eps is not None, spec.fp8
     f32 = "float32"
     mv = min(bm, M)  # rows of a row block that can be real tokens (the rest are zero padding)
     row_rstd = make_row_rstd(mv, K, spec.norm_eps) if norm else None
+    epilogue = make_epilogue(spec)
 
     @T.macro
     def linear_tile(V, n_tile, m_tile, k_split):
-        i_v = 2
-        X, W = V[0], V[1]
-        if fp8:
-            Sinv = V[i_v]
-            i_v += 1
-        if norm:
-            G = V[i_v]
-            i_v += 1
-        if res:
-            R = V[i_v]
-            i_v += 1
-        Out = V[i_v]
-        if split > 1:
-            Ws, Arr, Ep = V[i_v + 1], V[i_v + 2], V[i_v + 3]
+        v = _unpack(spec, V)
+        X, W, Sinv, G = v["x"], v["w"], v.get("scale_inv"), v.get("gamma")
         x_s = T.alloc_shared((bm, bk), "bfloat16")
         w_s = T.alloc_shared((bn, bk), spec.w_dtype)
         acc = T.alloc_fragment((bn, bm), f32)
@@ -152,9 +209,7 @@ def make_body(spec: LinearSpec):
             T.copy(X[m_tile * bm, k0], x_s)
             if norm:
                 for i, j in T.Parallel(bm, bk):
-                    xn_s[i, j] = T.Cast(
-                        "bfloat16", T.Cast(f32, x_s[i, j]) * rstd[i] * T.Cast(f32, G[k0 + j])
-                    )
+                    xn_s[i, j] = T.Cast("bfloat16", T.Cast(f32, x_s[i, j]) * rstd[i] * T.Cast(f32, G[k0 + j]))
             if fp8:
                 for i, j in T.Parallel(bn, bk):
                     wd_s[i, j] = T.Cast(
@@ -170,41 +225,136 @@ def make_body(spec: LinearSpec):
                     T.gemm(w_s, xn_s, acc, transpose_B=True)
                 else:
                     T.gemm(w_s, x_s, acc, transpose_B=True)
-        if split == 1:
-            for i, j in T.Parallel(bn, bm):
-                if n_tile * bn + i < N and m_tile * bm + j < M:
-                    if res:
-                        Out[m_tile * bm + j, n_tile * bn + i] = T.Cast(
-                            spec.out_dtype, acc[i, j] + T.Cast(f32, R[m_tile * bm + j, n_tile * bn + i])
-                        )
-                    else:
-                        Out[m_tile * bm + j, n_tile * bn + i] = T.Cast(spec.out_dtype, acc[i, j])
-        else:
-            last = T.alloc_shared((1,), "int32")
-            for i, j in T.Parallel(bn, bm):
-                if n_tile * bn + i < N and m_tile * bm + j < M:
-                    T.atomic_add(Ws[m_tile * bm + j, n_tile * bn + i], acc[i, j])
-            T.sync_threads()
-            tx = T.get_thread_binding()
-            if tx == 0:
-                T.call_extern("handle", "__threadfence")
-                prev = T.atomic_add(Arr[n_tile * n_mt + m_tile], 1, return_prev=True)
-                last[0] = T.if_then_else(prev + 1 == split * Ep[0], 1, 0)
-                T.call_extern("handle", "__threadfence")
-            T.sync_threads()
-            if last[0] == 1:
-                for i, j in T.Parallel(bn, bm):
-                    if n_tile * bn + i < N and m_tile * bm + j < M:
-                        v = T.atomic_load(Ws[m_tile * bm + j, n_tile * bn + i], memory_order="relaxed")
-                        if res:
-                            Out[m_tile * bm + j, n_tile * bn + i] = T.Cast(
-                                spec.out_dtype, v + T.Cast(f32, R[m_tile * bm + j, n_tile * bn + i])
-                            )
-                        else:
-                            Out[m_tile * bm + j, n_tile * bn + i] = T.Cast(spec.out_dtype, v)
-                        Ws[m_tile * bm + j, n_tile * bn + i] = 0.0
+        epilogue(V, acc, n_tile, m_tile)
 
     return linear_tile
+
+
+def make_gemv_body(spec: LinearSpec):
+    """The register GEMV body for fp8 weights and m <= GEMV_M tokens (decode, DFlash verify).
+
+    No shared-memory weight tiles and no wgmma: each lane loads 16 fp8 bytes per (row, chunk)
+    straight into registers (`stages` chunks in flight per warp), converts pairs to bf16 exactly
+    (tilert_e4m3x2) and feeds mma.sync m16n8k16 with 16 weight rows in the M slot and the tokens in
+    N ("swap AB", as kernels/mxfp4_gemm.py: the K order inside a chunk is permuted the same way for
+    w and x, so no shuffles). Each chunk's product is scaled by its rows' block scales in fp32 (more
+    exact than rounding w * scale to bf16). The block_n rows form block_n / 16 row groups; each group's
+    8 / groups warps split the task's chunks and reduce through shared memory. With a norm, x is
+    normalised as it is loaded (bf16(x * rstd * gamma), the prologue's rounding)."""
+    import tilelang.language as T
+
+    from tilert.kernels.common import DEVICE_PRELUDE
+
+    bm, bn, split = spec.block_m, spec.block_n, spec.split_k
+    N, K, M = spec.n, spec.k, spec.m
+    CH = GEMV_CHUNK
+    assert K % 128 == 0 and (K // CH) % split == 0, spec
+    nck = K // CH // split  # chunks of this task
+    groups = bn // 16
+    warps = 256 // 32
+    assert warps % groups == 0, spec
+    wpg = warps // groups  # warps per row group (they split the chunks)
+    U = max(1, min(8, -(-nck // wpg)))  # chunks in flight per warp
+    rounds = -(-nck // (wpg * U))
+    NT = bm // 8
+    mv = min(bm, M)
+    norm = spec.norm_eps is not None
+    row_rstd = make_row_rstd(mv, K, spec.norm_eps) if norm else None
+    epilogue = make_epilogue(spec)
+    f32, u32 = "float32", "uint32"
+
+    @T.macro
+    def gemv_tile(V, n_tile, m_tile, k_split):
+        T.import_source(DEVICE_PRELUDE)
+        v = _unpack(spec, V)
+        X, W, Sinv, G = v["x"], v["w"], v["scale_inv"], v.get("gamma")
+        Wv = T.view(W, shape=[N, K // 4], dtype=u32)
+        Xv = T.view(X, shape=[spec.mp, K // 2], dtype=u32)
+        Gv = T.view(G, shape=[K // 2], dtype=u32) if norm else None
+        wq = T.alloc_local((U * 8,), u32)
+        sc = T.alloc_local((U * 2,), f32)
+        xq = T.alloc_local((NT * 8,), u32)
+        gq = T.alloc_local((8,), u32)
+        af = T.alloc_local((4,), u32)
+        acc = T.alloc_local((NT * 4,), f32)
+        part = T.alloc_local((NT * 4,), f32)
+        red = T.alloc_shared((warps, 16, bm), f32)
+        out_s = T.alloc_shared((bn, bm), f32)
+        rstd = T.alloc_shared((bm,), f32)
+        tx = T.get_thread_binding()
+        warp = tx // 32
+        grp, wi = warp // wpg, warp % wpg
+        r, c = (tx % 32) // 4, tx % 4
+        row0 = T.min(n_tile * bn + grp * 16 + r, N - 1)
+        row1 = T.min(n_tile * bn + grp * 16 + r + 8, N - 1)
+        if norm:
+            row_rstd(X, m_tile * bm, rstd)
+            T.sync_threads()
+        for i in T.unroll(NT * 4):
+            acc[i] = T.float32(0)
+        for it in T.serial(rounds):
+            for u in T.unroll(U):  # issue every chunk's weight loads and scales first
+                ci = it * (wpg * U) + u * wpg + wi
+                ok = ci < nck
+                ch = k_split * nck + T.min(ci, nck - 1)
+                uc = ch * 4 + c
+                for q in T.vectorized(4):
+                    wq[u * 8 + q] = Wv[row0, uc * 4 + q]
+                for q in T.vectorized(4):
+                    wq[u * 8 + 4 + q] = Wv[row1, uc * 4 + q]
+                sc[u * 2] = T.if_then_else(ok, Sinv[row0 // spec.scale_rows, ch * CH // 128], T.float32(0))
+                sc[u * 2 + 1] = T.if_then_else(ok, Sinv[row1 // spec.scale_rows, ch * CH // 128], T.float32(0))
+            for u in T.unroll(U):
+                ci = it * (wpg * U) + u * wpg + wi
+                ch = k_split * nck + T.min(ci, nck - 1)
+                uc = ch * 4 + c
+                for t in T.unroll(NT):  # x of this lane's token (row r of token tile t), same K order
+                    if t * 8 < mv:
+                        if t * 8 + r < mv:
+                            for q in T.vectorized(8):
+                                xq[t * 8 + q] = Xv[m_tile * bm + t * 8 + r, uc * 8 + q]
+                            if norm:
+                                for q in T.vectorized(8):
+                                    gq[q] = Gv[uc * 8 + q]
+                                for q in T.unroll(8):
+                                    xq[t * 8 + q] = T.call_extern(
+                                        u32, "tilert_bf16x2_norm", xq[t * 8 + q], gq[q], rstd[t * 8 + r]
+                                    )
+                        else:
+                            for q in T.unroll(8):
+                                xq[t * 8 + q] = T.uint32(0)
+                    else:
+                        for q in T.unroll(8):
+                            xq[t * 8 + q] = T.uint32(0)
+                for i in T.unroll(NT * 4):
+                    part[i] = T.float32(0)
+                for s_ in T.unroll(4):
+                    w0 = wq[u * 8 + s_]
+                    w1 = wq[u * 8 + 4 + s_]
+                    af[0] = T.call_extern(u32, "tilert_e4m3x2", w0, 0x1404)
+                    af[1] = T.call_extern(u32, "tilert_e4m3x2", w1, 0x1404)
+                    af[2] = T.call_extern(u32, "tilert_e4m3x2", w0, 0x3424)
+                    af[3] = T.call_extern(u32, "tilert_e4m3x2", w1, 0x3424)
+                    for t in T.unroll(NT):
+                        T.ptx_mma(f32, "m16n8k16", "row", "col", "bf16", "bf16", "fp32", af.data, 0, xq.data,
+                                  t * 8 + s_ * 2, part.data, t * 4, T.bool(False))  # fmt: skip
+                for t in T.unroll(NT):  # fp32 block scales: rows r (c0, c1) and r + 8 (c2, c3)
+                    for h in T.unroll(2):
+                        for j in T.unroll(2):
+                            acc[t * 4 + h * 2 + j] += part[t * 4 + h * 2 + j] * sc[u * 2 + h]
+        for t in T.unroll(NT):
+            for h in T.unroll(2):
+                for j in T.unroll(2):
+                    red[warp, r + 8 * h, t * 8 + 2 * c + j] = acc[t * 4 + h * 2 + j]
+        T.sync_threads()
+        for i, j in T.Parallel(bn, bm):
+            out_s[i, j] = red[(i // 16) * wpg, i % 16, j]
+            for w in T.serial(wpg - 1):
+                out_s[i, j] = out_s[i, j] + red[(i // 16) * wpg + w + 1, i % 16, j]
+        T.sync_threads()
+        epilogue(V, out_s, n_tile, m_tile)
+
+    return gemv_tile
 
 
 def make_kernel(spec: LinearSpec):
@@ -214,3 +364,72 @@ def make_kernel(spec: LinearSpec):
         "linear_fused", make_body(spec), views(spec), (n_t, m_t * spec.split_k),
         lambda bx, by, bz: (bx, by // spec.split_k, by % spec.split_k),
     )  # fmt: skip
+
+
+def reference(spec: LinearSpec, x: Any, w: Any, scale_inv: Any = None, gamma: Any = None, residual: Any = None) -> Any:
+    """Torch reference (fp32) composing the unfused ops: [rms_norm, rounded to bf16 as the
+    prologues do ->] dequant + linear [-> + residual]; x [m, k], w [n, k]."""
+    import torch
+
+    from tilert.ops.linear import dequant_fp8, linear
+    from tilert.ops.norm import rms_norm
+
+    xf = x[: spec.m].float()
+    if spec.norm_eps is not None:
+        xf = rms_norm(xf, gamma, spec.norm_eps).to(torch.bfloat16).float()
+    wf = dequant_fp8(w, scale_inv, (spec.scale_rows, 128)) if spec.fp8 else w.float()
+    y = linear(xf, wf)
+    return y if residual is None else y + residual[: spec.m].float()
+
+
+def make_inputs(spec: LinearSpec, *, seed: int | None = None, device: str = "cuda") -> dict[str, Any]:
+    """Fresh random operands for `spec` (x rows padded to mp with zeros; fp8 weights quantised with
+    block scales) and NaN-poisoned outputs (workspace zeroed, as the runtime allocates it)."""
+    import torch
+
+    from tilert.numerics import fp8
+
+    g = torch.Generator(device=device)
+    g.manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    M, N, K, mp = spec.m, spec.n, spec.k, spec.mp
+    f32 = torch.float32
+    dt = {"bfloat16": torch.bfloat16, "float32": f32}
+    x = torch.zeros(mp, K, dtype=torch.bfloat16, device=device)
+    x[:M] = torch.randn(M, K, device=device, generator=g).to(torch.bfloat16)
+    w = torch.randn(N, K, device=device, generator=g) * K**-0.5
+    t: dict[str, Any] = {"x": x}
+    if spec.fp8:
+        t["w"], t["scale_inv"] = fp8.quantize_blocks(w, (spec.scale_rows, 128))
+    else:
+        t["w"] = w.to(torch.bfloat16)
+    if spec.norm_eps is not None:
+        t["gamma"] = (1 + 0.1 * torch.randn(K, device=device, generator=g)).to(torch.bfloat16)
+    if spec.res_dtype is not None:
+        t["residual"] = torch.randn(mp, N, device=device, generator=g).to(dt[spec.res_dtype])
+    t["out"] = torch.full((mp, N), float("nan"), dtype=dt[spec.out_dtype], device=device)
+    if spec.split_k > 1:
+        t["ws"] = torch.zeros(mp, N, dtype=f32, device=device)
+        t["arrivals"] = torch.zeros(spec.tiles, dtype=torch.int32, device=device)
+        t["epoch"] = torch.ones(1, dtype=torch.int32, device=device)
+    return t
+
+
+def run(spec: LinearSpec, t: dict[str, Any]) -> Any:
+    """Launch the standalone kernel over the tensors `t` (names of `views(spec)`); returns out[:m]."""
+    from tilert.kernels.common import build
+    from tilert.kernels.views import pointer_row
+
+    specs = views(spec)
+    row = pointer_row([t[name] for name, _, _ in specs], specs, "linear_fused").to(t["x"].device)
+    build(make_kernel(spec))(row)
+    return t["out"][: spec.m]
+
+
+def check(spec: LinearSpec, seed: int | None = None) -> float:
+    """||out - reference|| / ||reference|| on fresh random inputs (raises on unwritten outputs)."""
+    t = make_inputs(spec, seed=seed)
+    y = run(spec, t).double()
+    if not y.isfinite().all():
+        raise AssertionError(f"unwritten or non-finite outputs: {spec}")
+    ref = reference(spec, t["x"], t["w"], t.get("scale_inv"), t.get("gamma"), t.get("residual")).double()
+    return ((y - ref).norm() / ref.norm()).item()

@@ -41,7 +41,7 @@ from tilert.ir.opset.fused import MOE_CORE, PeerValues, split_extras
 from tilert.ir.registry import get_op
 from tilert.kernels import moe
 from tilert.ops.qtensor import QTensor
-from tilert.passes.tile import TILE_CONFIG, attention_tiling, cdiv, gemm_shape
+from tilert.passes.tile import TILE_CONFIG, attention_tiling, cdiv, gemm_shape, uses_gemv
 from tilert.plan import FIELD, OPCODES, WAITS
 
 NAMES = {v: k for k, v in OPCODES.items()}
@@ -362,7 +362,7 @@ class PlanVM:
         x, out = ins[0], self.ranks[r].env[n.outputs[0]]
         w = self._weight(r, n.inputs[1])
         M, K, N = math.prod(x.shape[:-1]), x.shape[-1], w.shape[0]
-        bm, bn, _, split = gemm_shape(M, N, K, self.sms_now)
+        bm, bn, _, split = gemm_shape(M, N, K, self.sms_now, uses_gemv(n.op, M, K))
         nt, mt, s = c
         if not (nt * bn < N and mt * bm < M and s < split):
             raise PlanVMError(f"{n.op} tile {c} outside ({cdiv(N, bn)}, {cdiv(M, bm)}, {split})")

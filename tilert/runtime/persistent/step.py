@@ -119,12 +119,15 @@ class Bindings:
 
 def _linear(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
     from tilert.kernels import linear_fused as lf
-    from tilert.passes.tile import gemm_shape
+    from tilert.passes.tile import gemm_shape, uses_gemv
 
     x, w = g.values[n.inputs[0]], g.values[n.inputs[1]]
     M, K, N = x.shape[0], x.shape[-1], w.shape[0]
     wt = b.env[w.name]
-    bm, bn, bk, split = gemm_shape(M, N, K, sms)
+    gemv = uses_gemv(n.op, M, K)  # as the plan's tiling (passes/tile.py) decided it
+    if gemv and not (isinstance(wt, QTensor) and wt.fmt == "fp8"):
+        raise PersistentError(f"{n.op} node bound to {type(wt).__name__} weights; its plan tiles expect fp8")
+    bm, bn, bk, split = gemm_shape(M, N, K, sms, gemv)
     if isinstance(wt, QTensor):
         if wt.fmt != "fp8":
             raise PersistentError(f"{n.op}: {wt.fmt} weights have no persistent linear body yet")
@@ -137,7 +140,7 @@ def _linear(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
     eps = n.a.get("norm_eps")
     spec = lf.LinearSpec(
         M, N, K, bm, bn, bk, split, w_dtype, scale_rows, eps,
-        None if res is None else _tl_dtype(b.activation(res)), _tl_dtype(b.activation(out)),
+        None if res is None else _tl_dtype(b.activation(res)), _tl_dtype(b.activation(out)), gemv=gemv,
     )  # fmt: skip
     if (K // bk) % split or (eps is not None and K % 128):
         raise PersistentError(f"{n.op} {M}x{N}x{K}: tile shape {bm}x{bn}x{bk} split {split} is off the body's contract")

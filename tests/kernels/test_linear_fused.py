@@ -1,0 +1,100 @@
+"""Fused linear tile bodies (wgmma tile and the register GEMV): correctness on a Hopper GPU
+(skipped without one), tiling and spec checks on CPU, sm_90a compiles (skipped without nvcc)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from tilert.kernels import common
+from tilert.kernels import linear_fused as lf
+from tilert.passes.tile import gemm_shape, uses_gemv
+
+needs_toolchain = pytest.mark.skipif(not common.has_toolchain(), reason=str(common.toolchain_reason()))
+
+
+def spec(m, n, k, sms=132, gemv=True, **kw):
+    bm, bn, bk, split = gemm_shape(m, n, k, sms, gemv)
+    return lf.LinearSpec(m, n, k, bm, bn, bk, split, gemv=gemv, **kw)
+
+
+# mimo-v2.5-pro rank 0 of 8: q (norm), o (+ residual), dense gate/up (norm), down, a small kv slice
+MIMO = [(3072, 6144, 1e-6, None), (6144, 2048, None, "bfloat16"), (4096, 6144, 1e-6, None), (6144, 2048, None, None),
+        (320, 6144, 1e-6, None)]  # fmt: skip
+
+
+def test_gemv_tiling_fits_one_wave_and_divides_k():
+    for m in (1, 8, 16):
+        for n, k, _, _ in MIMO:
+            bm, bn, bk, split = gemm_shape(m, n, k, 132, gemv=True)
+            assert bk == lf.GEMV_CHUNK and bm == (8 if m <= 8 else 16) and bn % 16 == 0
+            assert (k // bk) % split == 0 and -(-n // bn) * split <= 132
+    assert uses_gemv("linear_fp8", 16, 6144) and not uses_gemv("linear_fp8", 17, 6144)
+    assert not uses_gemv("linear_bf16", 1, 6144) and not uses_gemv("linear_fp8", 1, 6144 + 64)
+
+
+def test_gemv_spec_is_checked():
+    with pytest.raises(ValueError, match="GEMV body"):
+        lf.LinearSpec(32, 64, 256, 16, 64, 64, 1, gemv=True)  # too many tokens
+    with pytest.raises(ValueError, match="GEMV body"):
+        lf.LinearSpec(1, 64, 256, 8, 64, 64, 1, w_dtype="bfloat16", gemv=True)
+
+
+def test_reference_composes_the_ops_on_cpu():
+    s = spec(3, 128, 256, norm_eps=1e-5, res_dtype="float32", out_dtype="float32")
+    t = lf.make_inputs(s, seed=1, device="cpu")
+    ref = lf.reference(s, t["x"], t["w"], t["scale_inv"], t["gamma"], t["residual"])
+    xf = t["x"][:3].float()
+    xn = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * t["gamma"].float()).bfloat16().float()
+    from tilert.numerics import fp8
+
+    w = fp8.dequantize_blocks(t["w"], t["scale_inv"], dtype=torch.float32)
+    torch.testing.assert_close(ref, xn @ w.t() + t["residual"][:3].float())
+    assert torch.isnan(t["out"]).all()  # poisoned
+
+
+@needs_toolchain
+@pytest.mark.parametrize("m", [1, 8])
+def test_gemv_compiles_for_sm90a(m):
+    for n, k, eps, res in MIMO[:2]:
+        lf.make_kernel(spec(m, n, k, norm_eps=eps, res_dtype=res))  # builds the prim_func
+        common.build(lf.make_kernel(spec(m, n, k, norm_eps=eps, res_dtype=res)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 8, 16])
+@pytest.mark.parametrize("n, k, eps, res", MIMO)
+def test_gemv_mimo_shapes(m, n, k, eps, res):
+    s = spec(m, n, k, norm_eps=eps, res_dtype=res)
+    assert lf.check(s) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "m, n, k, kw",
+    [
+        (3, 200, 1024, {"norm_eps": 1e-5, "res_dtype": "float32", "out_dtype": "float32"}),
+        (13, 72, 256, {"scale_rows": 1}),
+        (5, 1000, 384, {"norm_eps": 1e-6}),
+        (16, 64, 128, {"res_dtype": "bfloat16"}),
+    ],
+)
+def test_gemv_odd_shapes(m, n, k, kw):
+    assert lf.check(spec(m, n, k, **kw)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split", [1, 2, 6])
+def test_gemv_split_k_last_arriver(split):
+    s = dataclasses.replace(spec(2, 256, 1536, norm_eps=1e-6, res_dtype="bfloat16"), split_k=split)
+    assert lf.check(s) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "m, n, k, kw",
+    [(1, 3072, 6144, {"norm_eps": 1e-6}), (40, 640, 1024, {"res_dtype": "bfloat16"}),
+     (8, 1000, 512, {"w_dtype": "bfloat16"})],
+)  # fmt: skip
+def test_wgmma_tile_body(m, n, k, kw):
+    assert lf.check(spec(m, n, k, gemv=False, **kw)) < 1e-2
