@@ -27,7 +27,7 @@ from tilert.ir.graph import Graph, Node, Value
 from tilert.ir.opset.fused import MOE_CORE
 from tilert.ir.opset.moe import expected_experts
 from tilert.kernels import moe
-from tilert.kernels.linear_fused import GEMV_CHUNK, GEMV_M
+from tilert.kernels.linear_fused import GEMV_CHUNK, GEMV_M, GEMV_X_BYTES
 from tilert.passes.cost_model import kv_read_bytes, op_cost
 
 TILE_CONFIG: dict[str, dict[str, Any]] = {
@@ -87,15 +87,15 @@ def cdiv(a: int, b: int) -> int:
 def gemm_shape(M: int, N: int, K: int, sms: int, gemv: bool = False) -> tuple[int, int, int, int]:
     """(block_m, block_n, block_k, split_k) as the GEMM kernels pick them; gemv=True: the register
     GEMV body's (kernels/linear_fused.py, fp8 weights and M <= GEMV_M): 64-row tiles of 64-element
-    chunks, split so the tasks fit one wave of SMs."""
+    chunks, split so each task's x block fits GEMV_X_BYTES of shared memory and, beyond that, as
+    far as the tasks fit one wave of SMs."""
     c = TILE_CONFIG["gemm"]
     if gemv:
         bm, bn, bk = (8 if M <= 8 else 16), c["gemv_block_n"], GEMV_CHUNK
-        tiles, nk, split = cdiv(N, bn) * cdiv(M, bm), K // bk, 1
-        for s in range(2, nk + 1):
-            if nk % s == 0 and nk // s >= c["gemv_min_chunks"] and tiles * s <= sms:
-                split = s
-        return bm, bn, bk, split
+        tiles, nk = cdiv(N, bn) * cdiv(M, bm), K // bk
+        fits = [s for s in range(1, nk + 1) if nk % s == 0 and bm * (K // s) * 2 <= GEMV_X_BYTES]
+        ok = [s for s in fits if s == fits[0] or (nk // s >= c["gemv_min_chunks"] and tiles * s <= sms)]
+        return bm, bn, bk, max(ok)
     bm = min(c["block_m"][1], max(c["block_m"][0], cdiv(M, 16) * 16))
     bk = next((b for b in c["block_k"] if K % b == 0), c["block_k"][-1])
     bn = c["block_n"] if N >= c["wide_n"] else c["block_n_small"]

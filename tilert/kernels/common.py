@@ -60,6 +60,9 @@ __device__ __forceinline__ unsigned tilert_bf16x2_norm(unsigned x, unsigned g, f
   asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
   return d;
 }
+__device__ __forceinline__ void tilert_prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" : : "l"(p));
+}
 __device__ __forceinline__ long long tilert_globaltimer() {
   long long t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));

@@ -33,6 +33,7 @@ from tilert.kernels.views import grid_launcher
 
 GEMV_M = 16  # fp8 linears with at most this many tokens run the register GEMV body
 GEMV_CHUNK = 64  # k elements per GEMV chunk: a quad of lanes x 16 fp8 bytes (one 16-byte load each)
+GEMV_X_BYTES = 96 * 1024  # most shared memory a GEMV task stages its x block in
 
 
 @dataclass(frozen=True)
@@ -91,24 +92,34 @@ def make_row_rstd(rows: int, k: int, eps: float):
     """T.macro `row_rstd(X, row0, out)`: out[i] = rsqrt(mean(X[row0 + i, :k]^2) + eps) for i < rows,
     the RMSNorm scale of the rows that can hold tokens. Wide column chunks (up to 8192 / rows
     elements per row), so one CTA's loads are in flight together instead of one 128-column step at
-    a time. Shared by the fused linear's prologue and the persistent MoE router's."""
+    a time. Shared by the fused linear's prologue and the persistent MoE router's. A row count whose
+    chunk does not split evenly over the CTA (5 rows x 128) is computed for the next power of two
+    (X must hold those rows: activations are padded) and only `rows` results are written."""
     import tilelang.language as T
 
     f32 = "float32"
-    cw = next(w for w in (8192 // rows, 4096 // rows, 2048 // rows, 1024, 512, 256, 128) if w <= k and k % w == 0)
+
+    def width(r: int) -> int:
+        return next(w for w in (8192 // r, 4096 // r, 2048 // r, 1024, 512, 256, 128) if w <= k and k % w == 0)
+
+    rp = rows if rows * width(rows) % 256 == 0 else 1 << (rows - 1).bit_length()
+    cw = width(rp)
 
     @T.macro
     def row_rstd(X, row0, out):
-        sq = T.alloc_fragment((rows, cw), f32)
-        rs = T.alloc_fragment((rows,), f32)
+        sq = T.alloc_fragment((rp, cw), f32)
+        rs = T.alloc_fragment((rp,), f32)
         T.clear(sq)
         for kc in T.serial(k // cw):
-            for i, j in T.Parallel(rows, cw):
+            for i, j in T.Parallel(rp, cw):
                 v = T.Cast(f32, X[row0 + i, kc * cw + j])
                 sq[i, j] += v * v
         T.reduce_sum(sq, rs, dim=1)
-        for i in T.Parallel(rows):
-            out[i] = T.rsqrt(rs[i] / k + eps)
+        for i in T.Parallel(rp):
+            if rp == rows:
+                out[i] = T.rsqrt(rs[i] / k + eps)
+            elif i < rows:
+                out[i] = T.rsqrt(rs[i] / k + eps)
 
     return row_rstd
 
@@ -234,13 +245,15 @@ def make_gemv_body(spec: LinearSpec):
     """The register GEMV body for fp8 weights and m <= GEMV_M tokens (decode, DFlash verify).
 
     No shared-memory weight tiles and no wgmma: each lane loads 16 fp8 bytes per (row, chunk)
-    straight into registers (`stages` chunks in flight per warp), converts pairs to bf16 exactly
+    straight into registers (up to 8 chunks in flight per warp), converts pairs to bf16 exactly
     (tilert_e4m3x2) and feeds mma.sync m16n8k16 with 16 weight rows in the M slot and the tokens in
     N ("swap AB", as kernels/mxfp4_gemm.py: the K order inside a chunk is permuted the same way for
     w and x, so no shuffles). Each chunk's product is scaled by its rows' block scales in fp32 (more
     exact than rounding w * scale to bf16). The block_n rows form block_n / 16 row groups; each group's
-    8 / groups warps split the task's chunks and reduce through shared memory. With a norm, x is
-    normalised as it is loaded (bf16(x * rstd * gamma), the prologue's rounding)."""
+    8 / groups warps split the task's chunks and reduce through shared memory. The task's x block
+    (its rows that can hold tokens x its k range, at most GEMV_X_BYTES) is staged in shared memory
+    once, normalised there with a norm (bf16(x * rstd * gamma), the prologue's rounding), so the
+    MMAs never wait on a global x load."""
     import tilelang.language as T
 
     from tilert.kernels.common import DEVICE_PRELUDE
@@ -258,6 +271,9 @@ def make_gemv_body(spec: LinearSpec):
     rounds = -(-nck // (wpg * U))
     NT = bm // 8
     mv = min(bm, M)
+    mvp = 1 << (mv - 1).bit_length()  # staged rows: a power of two (X holds them: rows are padded)
+    kt = K // split  # k elements of this task
+    assert mvp * kt * 2 <= GEMV_X_BYTES, spec
     norm = spec.norm_eps is not None
     row_rstd = make_row_rstd(mv, K, spec.norm_eps) if norm else None
     epilogue = make_epilogue(spec)
@@ -269,13 +285,11 @@ def make_gemv_body(spec: LinearSpec):
         v = _unpack(spec, V)
         X, W, Sinv, G = v["x"], v["w"], v["scale_inv"], v.get("gamma")
         Wv = T.view(W, shape=[N, K // 4], dtype=u32)
-        Xv = T.view(X, shape=[spec.mp, K // 2], dtype=u32)
-        Gv = T.view(G, shape=[K // 2], dtype=u32) if norm else None
         wq = T.alloc_local((U * 8,), u32)
         sc = T.alloc_local((U * 2,), f32)
-        xq = T.alloc_local((NT * 8,), u32)
-        gq = T.alloc_local((8,), u32)
+        xb = T.alloc_local((NT * 16,), "bfloat16")
         af = T.alloc_local((4,), u32)
+        xs = T.alloc_shared((mvp, kt), "bfloat16")
         acc = T.alloc_local((NT * 4,), f32)
         part = T.alloc_local((NT * 4,), f32)
         red = T.alloc_shared((warps, 16, bm), f32)
@@ -290,6 +304,14 @@ def make_gemv_body(spec: LinearSpec):
         if norm:
             row_rstd(X, m_tile * bm, rstd)
             T.sync_threads()
+        k0 = k_split * kt
+        for i, j in T.Parallel(mvp, kt):
+            if norm:
+                xv = T.Cast(f32, X[m_tile * bm + i, k0 + j])
+                xs[i, j] = T.Cast("bfloat16", xv * rstd[T.min(i, mv - 1)] * T.Cast(f32, G[k0 + j]))
+            else:
+                xs[i, j] = X[m_tile * bm + i, k0 + j]
+        T.sync_threads()
         for i in T.unroll(NT * 4):
             acc[i] = T.float32(0)
         for it in T.serial(rounds):
@@ -306,26 +328,14 @@ def make_gemv_body(spec: LinearSpec):
                 sc[u * 2 + 1] = T.if_then_else(ok, Sinv[row1 // spec.scale_rows, ch * CH // 128], T.float32(0))
             for u in T.unroll(U):
                 ci = it * (wpg * U) + u * wpg + wi
-                ch = k_split * nck + T.min(ci, nck - 1)
-                uc = ch * 4 + c
+                xo = T.min(ci, nck - 1) * CH + c * 16  # this lane's 16 x elements of the chunk
                 for t in T.unroll(NT):  # x of this lane's token (row r of token tile t), same K order
-                    if t * 8 < mv:
-                        if t * 8 + r < mv:
-                            for q in T.vectorized(8):
-                                xq[t * 8 + q] = Xv[m_tile * bm + t * 8 + r, uc * 8 + q]
-                            if norm:
-                                for q in T.vectorized(8):
-                                    gq[q] = Gv[uc * 8 + q]
-                                for q in T.unroll(8):
-                                    xq[t * 8 + q] = T.call_extern(
-                                        u32, "tilert_bf16x2_norm", xq[t * 8 + q], gq[q], rstd[t * 8 + r]
-                                    )
-                        else:
-                            for q in T.unroll(8):
-                                xq[t * 8 + q] = T.uint32(0)
+                    if t * 8 + r < mv:
+                        for q in T.vectorized(16):
+                            xb[t * 16 + q] = xs[t * 8 + r, xo + q]
                     else:
-                        for q in T.unroll(8):
-                            xq[t * 8 + q] = T.uint32(0)
+                        for q in T.unroll(16):
+                            xb[t * 16 + q] = T.Cast("bfloat16", 0)
                 for i in T.unroll(NT * 4):
                     part[i] = T.float32(0)
                 for s_ in T.unroll(4):
@@ -336,8 +346,8 @@ def make_gemv_body(spec: LinearSpec):
                     af[2] = T.call_extern(u32, "tilert_e4m3x2", w0, 0x3424)
                     af[3] = T.call_extern(u32, "tilert_e4m3x2", w1, 0x3424)
                     for t in T.unroll(NT):
-                        T.ptx_mma(f32, "m16n8k16", "row", "col", "bf16", "bf16", "fp32", af.data, 0, xq.data,
-                                  t * 8 + s_ * 2, part.data, t * 4, T.bool(False))  # fmt: skip
+                        T.ptx_mma(f32, "m16n8k16", "row", "col", "bf16", "bf16", "fp32", af.data, 0, xb.data,
+                                  t * 16 + s_ * 4, part.data, t * 4, T.bool(False))  # fmt: skip
                 for t in T.unroll(NT):  # fp32 block scales: rows r (c0, c1) and r + 8 (c2, c3)
                     for h in T.unroll(2):
                         for j in T.unroll(2):

@@ -35,7 +35,7 @@ PERSISTENT_PASS_CONFIGS = {
 DEFAULT_TIMEOUT_CYCLES = 4_000_000_000  # ~2 s at 2 GHz: far beyond any step, short enough to report a deadlock
 
 
-ERR_TIMEOUT, ERR_OPCODE = 1, 2
+ERR_TIMEOUT, ERR_OPCODE, ERR_DRY = 1, 2, 3  # ERR_DRY: set by the host for a launch that runs no body
 
 
 def make_dispatch(bodies: dict[str, Any]) -> Any:
@@ -119,11 +119,16 @@ def make_persistent_loop(
         deadline = T.alloc_var("int64")
         t0 = T.alloc_var("int64")
         t1 = T.alloc_var("int64")
+        failed = T.alloc_var("int32")
         for t in T.serial(max_tasks):
             opc = tasks[sm, t, F["opcode"]]
             if opc != 0:
+                failed = 0
                 if tx == 0:
                     t0 = T.call_extern("int64", "tilert_globaltimer")
+                    # the row after next into L2 while this task waits and runs (its first touch)
+                    ahead = T.address_of(tasks[sm, T.min(t + 2, max_tasks - 1), 0])
+                    T.call_extern("handle", "tilert_prefetch_l2", ahead)
                     deadline = T.call_extern("int64", "clock64") + timeout_cycles
                     for w in T.serial(WAITS):
                         first = tasks[sm, t, F["wait0_counter"] + 3 * w]
@@ -139,9 +144,10 @@ def make_persistent_loop(
                                             err[1] = sm
                                             err[2] = t
                                             err[3] = first + j
+                    failed = T.if_then_else(T.atomic_load(err[0], memory_order="relaxed") != 0, 1, 0)
                     t1 = T.call_extern("int64", "tilert_globaltimer")
-                T.sync_threads()
-                if T.atomic_load(err[0], memory_order="relaxed") == 0:
+                # one barrier that also hands thread 0's verdict to every thread (no global re-read)
+                if T.call_extern("int32", "__syncthreads_or", failed) == 0:
                     dispatch(
                         bufs,
                         err,

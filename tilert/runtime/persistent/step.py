@@ -307,8 +307,10 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         raise PersistentError(f"{n.op}: the persistent MoE body needs MXFP4 expert stacks")
     if a.get("n_group", 1) > 1 or T > moe.TP or H % 256 or In % 128:
         raise PersistentError(f"{n.op} T={T} H={H} I={In} groups={a.get('n_group', 1)}: off the MoE body's contract")
+    mvp = 1 << (T - 1).bit_length()  # x rows a task stages in shared memory (padded rows are zero)
+    x_smem = mvp * max(H, In) * 2 <= 96 * 1024
     cfg = moe.Config(T, H, In, E, EL, k, a.get("expert_offset", 0), a.get("scaling", 1.0), a.get("normalize", True),
-                     cta_threads=256)  # fmt: skip
+                     cta_threads=256, x_smem=x_smem)  # fmt: skip
     til = moe.tiling(T, H, In, EL, k)
     eps = a.get("norm_eps")
     extra = list(n.inputs[5:])
@@ -368,19 +370,37 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
 
         @T_.macro
         def gate_up(V, j, c1, c2):  # items j, j + gu_tasks, ... of the Count x gu_tiles active ones
+            if x_smem:  # the task's x (the normalised rows) once into shared memory
+                xs = T_.alloc_shared((mvp, H), "bfloat16")
+                for i, c in T_.Parallel(mvp, H):
+                    xs[i, c] = V[1][i, c]
+                T_.sync_threads()
             for u in T_.serial(til.gu_steps):
                 w = j + u * til.gu_tasks
                 if w < V[13][0] * til.gu_tiles:
-                    gate_up_tile(V[1], V[4], V[5], V[12], V[13], V[14], w // til.gu_tiles, w % til.gu_tiles)
+                    gate_up_tile(xs if x_smem else V[1], V[4], V[5], V[12], V[13], V[14], w // til.gu_tiles,
+                                 w % til.gu_tiles)  # fmt: skip
 
         per_slot = til.down_tiles * til.down_split
 
         @T_.macro
         def down(V, j, c1, c2):
+            if x_smem:
+                hs = T_.alloc_shared((mvp, In), "bfloat16")
+                staged = T_.alloc_var("int32")
+                staged = -1
             for u in T_.serial(til.down_steps):
                 w = j + u * til.down_tasks
-                if w < V[13][0] * per_slot:
-                    down_tile(V[14], V[6], V[7], V[12], V[13], V[11], V[15], w // per_slot,
+                live = w < V[13][0] * per_slot
+                if x_smem:  # Hb[slot] into shared memory when the slot changes (barriers stay unconditional)
+                    T_.sync_threads()
+                    if live and w // per_slot != staged:
+                        for i, c in T_.Parallel(mvp, In):
+                            hs[i, c] = V[14][w // per_slot, i, c]
+                        staged = w // per_slot
+                    T_.sync_threads()
+                if live:
+                    down_tile(hs if x_smem else V[14], V[6], V[7], V[12], V[13], V[11], V[15], w // per_slot,
                               (w % per_slot) // til.down_split, w % til.down_split)  # fmt: skip
 
         @T_.macro
@@ -729,6 +749,19 @@ class PersistentStep:
         self.bind.epoch.fill_(self.steps)
         self.kernel(self.tasks, self.node_class, self.ptrs, self.counters, self.err, self.bind.epoch, self.trace)
 
+    def preload(self) -> None:
+        """One dry launch (the error word preset, so every task skips its waits and body), then the
+        counters and the error word are cleared. It makes CUDA load the kernel now: under lazy module
+        loading a first launch may wait for the device to go idle, which never happens while another
+        rank's program spins on this one's arrivals (MultiRankStep preloads every rank)."""
+        from tilert.runtime.persistent.megakernel import ERR_DRY
+
+        self.err.fill_(ERR_DRY)
+        self.kernel(self.tasks, self.node_class, self.ptrs, self.counters, self.err, self.bind.epoch, self.trace)
+        torch.cuda.synchronize(self.device)
+        self.err.zero_()
+        self.counters.zero_()
+
     def outputs(self) -> dict[str, torch.Tensor]:
         out = {}
         for name in self.g.outputs:
@@ -808,6 +841,9 @@ class MultiRankStep:
                                      num_sms=num_sms)  # fmt: skip
                       for r, (g, s, p, st) in enumerate(zip(graphs, schedules, params, states))]
         self.streams = [torch.cuda.Stream(dev) for _ in range(world)] if dev.type == "cuda" else []
+        if dev.type == "cuda":  # every rank's kernel loaded before any runs: they spin on each other
+            for st in self.ranks:
+                st.preload()
 
     def run(self, inputs: Mapping[str, Any]) -> list[dict[str, torch.Tensor]]:
         """One step on every rank (all launched before any is waited for); outputs per rank."""
