@@ -1,8 +1,9 @@
 """The persistent-kernel skeleton: one CTA per SM runs its row of the task table.
 
 `make_persistent_loop` builds the macro every persistent program shares: read a task row;
-thread 0 waits (acquire) until each wait counter reaches need * epoch, bounded by a clock64
-deadline (no device prelude, so task bodies keep theirs); on timeout it raises the error flag and
+warp 0 waits (acquire) until each wait counter reaches need * epoch, its lanes polling a wait's
+counters in parallel (a top-k waiting on 96 router chunks pays one round trip, not 96), bounded
+by a clock64 deadline; on timeout it raises the error flag and
 every CTA drains without running bodies; then the body for the row's opcode runs (the same
 TileLang body the standalone launchers use); then thread 0 signals (release). Counters are never
 reset: targets scale with the epoch. Each task's start (before its waits), ready (waits done) and
@@ -124,29 +125,35 @@ def make_persistent_loop(
             opc = tasks[sm, t, F["opcode"]]
             if opc != 0:
                 failed = 0
-                if tx == 0:
-                    t0 = T.call_extern("int64", "tilert_globaltimer")
-                    # the row after next into L2 while this task waits and runs (its first touch)
-                    ahead = T.address_of(tasks[sm, T.min(t + 2, max_tasks - 1), 0])
-                    T.call_extern("handle", "tilert_prefetch_l2", ahead)
+                if tx < 32:  # warp 0 waits; lane l polls counters l, l + 32, ... of each wait at once
+                    if tx == 0:
+                        t0 = T.call_extern("int64", "tilert_globaltimer")
+                        # the row after next into L2 while this task waits and runs (its first touch)
+                        ahead = T.address_of(tasks[sm, T.min(t + 2, max_tasks - 1), 0])
+                        T.call_extern("handle", "tilert_prefetch_l2", ahead)
                     deadline = T.call_extern("int64", "clock64") + timeout_cycles
                     for w in T.serial(WAITS):
                         first = tasks[sm, t, F["wait0_counter"] + 3 * w]
                         if first != NONE:
                             target = tasks[sm, t, F["wait0_expected"] + 3 * w] * epoch[0]
-                            for j in T.serial(tasks[sm, t, F["wait0_count"] + 3 * w]):
-                                while (
-                                    T.atomic_load(counters[first + j], memory_order="acquire") < target
-                                    and T.atomic_load(err[0], memory_order="relaxed") == 0
-                                ):
-                                    if T.call_extern("int64", "clock64") > deadline:
-                                        if T.atomic_add(err[0], ERR_TIMEOUT, return_prev=True) == 0:
-                                            err[1] = sm
-                                            err[2] = t
-                                            err[3] = first + j
+                            n_wait = tasks[sm, t, F["wait0_count"] + 3 * w]
+                            for jj in T.serial(T.ceildiv(n_wait, 32)):
+                                j = jj * 32 + tx
+                                if j < n_wait:
+                                    while (
+                                        T.atomic_load(counters[first + j], memory_order="acquire") < target
+                                        and T.atomic_load(err[0], memory_order="relaxed") == 0
+                                    ):
+                                        if T.call_extern("int64", "clock64") > deadline:
+                                            if T.atomic_add(err[0], ERR_TIMEOUT, return_prev=True) == 0:
+                                                err[1] = sm
+                                                err[2] = t
+                                                err[3] = first + j
                     failed = T.if_then_else(T.atomic_load(err[0], memory_order="relaxed") != 0, 1, 0)
-                    t1 = T.call_extern("int64", "tilert_globaltimer")
-                # one barrier that also hands thread 0's verdict to every thread (no global re-read)
+                    T.call_extern("handle", "__syncwarp")
+                    if tx == 0:
+                        t1 = T.call_extern("int64", "tilert_globaltimer")
+                # one barrier that also hands warp 0's verdict to every thread (no global re-read)
                 if T.call_extern("int32", "__syncthreads_or", failed) == 0:
                     dispatch(
                         bufs,
