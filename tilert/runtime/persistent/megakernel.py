@@ -129,8 +129,9 @@ def make_persistent_loop(
                     if tx == 0:
                         t0 = T.call_extern("int64", "tilert_globaltimer")
                         # the row after next into L2 while this task waits and runs (its first touch)
-                        ahead = T.address_of(tasks[sm, T.min(t + 2, max_tasks - 1), 0])
-                        T.call_extern("handle", "tilert_prefetch_l2", ahead)
+                        T.call_extern(
+                            "handle", "tilert_prefetch_l2", T.address_of(tasks[sm, T.min(t + 2, max_tasks - 1), 0])
+                        )
                     deadline = T.call_extern("int64", "clock64") + timeout_cycles
                     for w in T.serial(WAITS):
                         first = tasks[sm, t, F["wait0_counter"] + 3 * w]
