@@ -387,19 +387,17 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         def down(V, j, c1, c2):
             if x_smem:
                 hs = T_.alloc_shared((mvp, In), "bfloat16")
-                staged = T_.alloc_var("int32")
-                staged = -1
             for u in T_.serial(til.down_steps):
                 w = j + u * til.down_tasks
-                live = w < V[13][0] * per_slot
-                if x_smem:  # Hb[slot] into shared memory when the slot changes (barriers stay unconditional)
+                if x_smem:  # this item's Hb[slot] into shared memory (restaged per item: 4 KB a token
+                    # from L2; a copy kept across items would be live across loop iterations, which
+                    # the shared-memory merge of the persistent kernel does not see)
                     T_.sync_threads()
-                    if live and w // per_slot != staged:
+                    if w < V[13][0] * per_slot:
                         for i, c in T_.Parallel(mvp, In):
                             hs[i, c] = V[14][w // per_slot, i, c]
-                        staged = w // per_slot
                     T_.sync_threads()
-                if live:
+                if w < V[13][0] * per_slot:
                     down_tile(hs if x_smem else V[14], V[6], V[7], V[12], V[13], V[11], V[15], w // per_slot,
                               (w % per_slot) // til.down_split, w % til.down_split)  # fmt: skip
 
