@@ -309,6 +309,7 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         raise PersistentError(f"{n.op} T={T} H={H} I={In} groups={a.get('n_group', 1)}: off the MoE body's contract")
     mvp = 1 << (T - 1).bit_length()  # x rows a task stages in shared memory (padded rows are zero)
     x_smem = mvp * max(H, In) * 2 <= 96 * 1024
+    xn_smem = T * H * 2 <= 96 * 1024  # the router keeps its normalised rows in shared memory
     cfg = moe.Config(T, H, In, E, EL, k, a.get("expert_offset", 0), a.get("scaling", 1.0), a.get("normalize", True),
                      cta_threads=256, x_smem=x_smem)  # fmt: skip
     til = moe.tiling(T, H, In, EL, k)
@@ -354,15 +355,33 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         peer_body = None if peer is None else peer.bodies()["MOE_REDUCE"]
         f32 = "float32"
 
+        n_router = cdiv(E, moe.ROUTER_E)
+        cw = cdiv(H, n_router)  # columns of the normalised rows each router task publishes
+
         @T_.macro
         def router(V, e_tile, c1, c2):
-            if eps is not None:  # every router task writes the same bf16(rms_norm(x)) rows
+            if eps is not None and xn_smem:  # bf16(rms_norm(x)) in shared memory for this task's
+                # dot products; it publishes only its column slice for the gate/up tasks
                 rstd = T_.alloc_shared((T,), f32)
+                xn = T_.alloc_shared((T, H), "bfloat16")
                 row_rstd(V[0], 0, rstd)
                 for i, j in T_.Parallel(T, H):
-                    V[1][i, j] = T_.Cast("bfloat16", T_.Cast(f32, V[0][i, j]) * rstd[i] * T_.Cast(f32, V[16][j]))
+                    xn[i, j] = T_.Cast("bfloat16", T_.Cast(f32, V[0][i, j]) * rstd[i] * T_.Cast(f32, V[16][j]))
                 T_.sync_threads()
-            router_tile(V[1], V[2], V[8], V[15], e_tile)
+                tx = T_.get_thread_binding()
+                for f in T_.serial(cdiv(T * cw, 256)):
+                    q = f * 256 + tx
+                    if q < T * cw and e_tile * cw + q % cw < H:
+                        V[1][q // cw, e_tile * cw + q % cw] = xn[q // cw, e_tile * cw + q % cw]
+                router_tile(xn, V[2], V[8], V[15], e_tile)
+            else:
+                if eps is not None:  # every router task writes the same bf16(rms_norm(x)) rows
+                    rstd = T_.alloc_shared((T,), f32)
+                    row_rstd(V[0], 0, rstd)
+                    for i, j in T_.Parallel(T, H):
+                        V[1][i, j] = T_.Cast("bfloat16", T_.Cast(f32, V[0][i, j]) * rstd[i] * T_.Cast(f32, V[16][j]))
+                    T_.sync_threads()
+                router_tile(V[1], V[2], V[8], V[15], e_tile)
 
         @T_.macro
         def topk(V, c0, c1, c2):
