@@ -360,6 +360,7 @@ def make_gemv_body(spec: LinearSpec):
                     for h in T.unroll(2):
                         for j in T.unroll(2):
                             acc[t * 4 + h * 2 + j] += part[t * 4 + h * 2 + j] * sc[u * 2 + h]
+        T.sync_threads()  # every warp done with xs before `red` is written (a merged buffer may overlap it)
         for t in T.unroll(NT):
             for h in T.unroll(2):
                 for j in T.unroll(2):

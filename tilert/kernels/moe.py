@@ -189,6 +189,7 @@ def make_bodies(cfg: Config):
                     for t in T.unroll(Tn):
                         for v in T.unroll(4):
                             acc[e * Tn + t] += wv[e * 4 + v] * T.cast(xv[t * 4 + v], "float32")
+        T.sync_threads()  # X may be a shared block (the persistent router's) that `red` overlaps once merged
         for i in T.serial(R):
             red[i, tx] = acc[i]
         T.copy(red, redf)

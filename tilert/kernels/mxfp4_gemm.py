@@ -226,6 +226,9 @@ def make_mainloop(
                                 T.ptx_mma("float32", "m16n8k16", "row", "col", "bf16", "bf16", "fp32", af.data, 0,
                                           xq.data, (p % 2) * NT * 16 + t * 16 + s * 2, acc.data, t * 4,
                                           T.bool(False))  # fmt: skip
+        if x_smem:  # every warp done reading the x block before `red` is written: the persistent
+            # kernel's shared-memory merge may place `red` over it (a merge sees statement order, not warps)
+            T.sync_threads()
         for t in T.unroll(NT):
             for h in T.unroll(2):
                 for j in T.unroll(2):
