@@ -245,8 +245,7 @@ def make_gemv_body(spec: LinearSpec):
     """The register GEMV body for fp8 weights and m <= GEMV_M tokens (decode, DFlash verify).
 
     No shared-memory weight tiles and no wgmma: each lane loads 16 fp8 bytes per (row, chunk)
-    straight into registers (up to 8 chunks in flight per warp; the first round is issued before
-    the norm prologue and the x staging, so they overlap its latency), converts pairs to bf16 exactly
+    straight into registers (up to 8 chunks in flight per warp), converts pairs to bf16 exactly
     (tilert_e4m3x2) and feeds mma.sync m16n8k16 with 16 weight rows in the M slot and the tokens in
     N ("swap AB", as kernels/mxfp4_gemm.py: the K order inside a chunk is permuted the same way for
     w and x, so no shuffles). Each chunk's product is scaled by its rows' block scales in fp32 (more
@@ -281,21 +280,6 @@ def make_gemv_body(spec: LinearSpec):
     f32, u32 = "float32", "uint32"
 
     @T.macro
-    def issue(Wv, Sinv, wq, sc, row0, row1, wi, c, it, k_split):
-        """Round `it`'s weight loads and block scales (U chunks per warp) into registers."""
-        for u in T.unroll(U):
-            ci = it * (wpg * U) + u * wpg + wi
-            ok = ci < nck
-            ch = k_split * nck + T.min(ci, nck - 1)
-            uc = ch * 4 + c
-            for q in T.vectorized(4):
-                wq[u * 8 + q] = Wv[row0, uc * 4 + q]
-            for q in T.vectorized(4):
-                wq[u * 8 + 4 + q] = Wv[row1, uc * 4 + q]
-            sc[u * 2] = T.if_then_else(ok, Sinv[row0 // spec.scale_rows, ch * CH // 128], T.float32(0))
-            sc[u * 2 + 1] = T.if_then_else(ok, Sinv[row1 // spec.scale_rows, ch * CH // 128], T.float32(0))
-
-    @T.macro
     def gemv_tile(V, n_tile, m_tile, k_split):
         T.import_source(DEVICE_PRELUDE)
         v = _unpack(spec, V)
@@ -317,7 +301,6 @@ def make_gemv_body(spec: LinearSpec):
         r, c = (tx % 32) // 4, tx % 4
         row0 = T.min(n_tile * bn + grp * 16 + r, N - 1)
         row1 = T.min(n_tile * bn + grp * 16 + r + 8, N - 1)
-        issue(Wv, Sinv, wq, sc, row0, row1, wi, c, 0, k_split)  # round 0 flies during the prologue
         if norm:
             row_rstd(X, m_tile * bm, rstd)
             T.sync_threads()
@@ -332,8 +315,17 @@ def make_gemv_body(spec: LinearSpec):
         for i in T.unroll(NT * 4):
             acc[i] = T.float32(0)
         for it in T.serial(rounds):
-            if it > 0:
-                issue(Wv, Sinv, wq, sc, row0, row1, wi, c, it, k_split)
+            for u in T.unroll(U):  # issue every chunk's weight loads and scales first
+                ci = it * (wpg * U) + u * wpg + wi
+                ok = ci < nck
+                ch = k_split * nck + T.min(ci, nck - 1)
+                uc = ch * 4 + c
+                for q in T.vectorized(4):
+                    wq[u * 8 + q] = Wv[row0, uc * 4 + q]
+                for q in T.vectorized(4):
+                    wq[u * 8 + 4 + q] = Wv[row1, uc * 4 + q]
+                sc[u * 2] = T.if_then_else(ok, Sinv[row0 // spec.scale_rows, ch * CH // 128], T.float32(0))
+                sc[u * 2 + 1] = T.if_then_else(ok, Sinv[row1 // spec.scale_rows, ch * CH // 128], T.float32(0))
             for u in T.unroll(U):
                 ci = it * (wpg * U) + u * wpg + wi
                 xo = T.min(ci, nck - 1) * CH + c * 16  # this lane's 16 x elements of the chunk

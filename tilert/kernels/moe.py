@@ -17,9 +17,6 @@ Four launches, no host round trip; only experts that received tokens read their 
    max_slots*split): y = h @ down^T for 16 output features, times TokW[e, t], atomically added
    into Y [T, H] f32 (a partial sum over this rank's experts).
 
-With Config.x_smem (the persistent step) X of gate_up_tile is a shared [rows, H] block and Hb of
-down_tile a shared [rows, I] block of one slot, both staged by the caller.
-
 Expert stacks: gate_up blocks [E, 2I, H/2] (gate rows then up rows), scales [E, 2I, H/32];
 down blocks [E, H, I/2], scales [E, H, I/32]; router weight f32 [E_total, H], bias f32 [E_total].
 """
@@ -51,7 +48,6 @@ class Config:
     normalize: bool = True
     down_split: int = 1
     cta_threads: int = 0  # 0: the standalone launchers' own (loop_shape); 256 in the persistent kernel
-    x_smem: bool = False  # gate_up_tile / down_tile read x from a shared block the caller staged
 
     @property
     def max_slots(self) -> int:
@@ -154,9 +150,8 @@ def make_bodies(cfg: Config):
     bm = cfg.block_m
     nk_gu = H // BLOCK_K
     nk_dn = In // BLOCK_K // cfg.down_split
-    xs = cfg.x_smem
-    gu_loop = make_mainloop(bm, BLOCK_N, BLOCK_K, *cfg.gu_shape, w3d=True, two=True, m_valid=Tn, x_smem=xs)
-    dn_loop = make_mainloop(bm, BLOCK_N, BLOCK_K, *cfg.down_shape, w3d=True, x3d=not xs, m_valid=Tn, x_smem=xs)
+    gu_loop = make_mainloop(bm, BLOCK_N, BLOCK_K, *cfg.gu_shape, w3d=True, two=True, m_valid=Tn)
+    dn_loop = make_mainloop(bm, BLOCK_N, BLOCK_K, *cfg.down_shape, w3d=True, x3d=True, m_valid=Tn)
     zero_per_cta = cdiv(Tn * H, cdiv(E, ROUTER_E))
 
     @T.macro
@@ -189,7 +184,6 @@ def make_bodies(cfg: Config):
                     for t in T.unroll(Tn):
                         for v in T.unroll(4):
                             acc[e * Tn + t] += wv[e * 4 + v] * T.cast(xv[t * 4 + v], "float32")
-        T.sync_threads()  # X may be a shared block (the persistent router's) that `red` overlaps once merged
         for i in T.serial(R):
             red[i, tx] = acc[i]
         T.copy(red, redf)

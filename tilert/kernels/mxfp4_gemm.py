@@ -85,7 +85,6 @@ def make_mainloop(
     x3d: bool = False,
     two: bool = False,
     m_valid: int = 0,
-    x_smem: bool = False,
 ):
     """The shared K loop: out_s[bn, bm] = dequant(W[(e,) rows, k]) @ X[(a,) x_row0 : +bm, k]^T.
 
@@ -97,9 +96,7 @@ def make_mainloop(
     out_s: a shared float32 [bn, bm] buffer, complete (after a barrier) when the macro returns.
     X rows x_row0 .. x_row0 + bm - 1 must exist (callers pad tokens with zeros); with 0 < m_valid <
     bm only the first m_valid are read (the other MMA columns get zeros).
-    x for chunk u + 1 is loaded before chunk u's MMAs (two register buffers). With x_smem, X is a
-    bf16 shared-memory block [rows, K] (x_row0 / xa ignored) staged by the caller: the persistent
-    MoE bodies stage a task's x once, so the MMAs never wait on global x loads.
+    x for chunk u + 1 is loaded before chunk u's MMAs (two register buffers).
     """
     import tilelang.language as T
 
@@ -118,14 +115,10 @@ def make_mainloop(
         nblk = S.shape[-1]
         n_rows = rows_of(W)
         Wv = T.view(W, shape=list(W.shape[:-1]) + [W.shape[-1] // 4], dtype="uint32")
-        if not x_smem:
-            Xv = T.view(X, shape=list(X.shape[:-1]) + [X.shape[-1] // 2], dtype="uint32")
+        Xv = T.view(X, shape=list(X.shape[:-1]) + [X.shape[-1] // 2], dtype="uint32")
         wq = T.alloc_local((U * 8,), "uint32")
         sq = T.alloc_local((U * 2,), "int32")
-        if x_smem:
-            xb = T.alloc_local((2 * NT * 32,), "bfloat16")
-        else:
-            xq = T.alloc_local((2 * NT * 16,), "uint32")
+        xq = T.alloc_local((2 * NT * 16,), "uint32")
         af = T.alloc_local((4,), "uint32")
         ml = T.alloc_local((4,), "uint32")
         acc = T.alloc_local((NT * 4,), "float32")
@@ -164,28 +157,20 @@ def make_mainloop(
                     for t in T.unroll(NT):
                         if t * 8 < mv:
                             if t * 8 + r < mv:
-                                if x_smem:
-                                    for q in T.vectorized(32):
-                                        xb[(u % 2) * NT * 32 + t * 32 + q] = X[t * 8 + r, bcx * 32 + q]
-                                else:
-                                    for q in T.unroll(4):
-                                        if x3d:
-                                            for v in T.vectorized(4):
-                                                xq[(u % 2) * NT * 16 + t * 16 + q * 4 + v] = Xv[
-                                                    xa, x_row0 + t * 8 + r, bcx * 16 + q * 4 + v
-                                                ]
-                                        else:
-                                            for v in T.vectorized(4):
-                                                xq[(u % 2) * NT * 16 + t * 16 + q * 4 + v] = Xv[
-                                                    x_row0 + t * 8 + r, bcx * 16 + q * 4 + v
-                                                ]
+                                for q in T.unroll(4):
+                                    if x3d:
+                                        for v in T.vectorized(4):
+                                            xq[(u % 2) * NT * 16 + t * 16 + q * 4 + v] = Xv[
+                                                xa, x_row0 + t * 8 + r, bcx * 16 + q * 4 + v
+                                            ]
+                                    else:
+                                        for v in T.vectorized(4):
+                                            xq[(u % 2) * NT * 16 + t * 16 + q * 4 + v] = Xv[
+                                                x_row0 + t * 8 + r, bcx * 16 + q * 4 + v
+                                            ]
                             else:
-                                if x_smem:
-                                    for q in T.unroll(32):
-                                        xb[(u % 2) * NT * 32 + t * 32 + q] = T.Cast("bfloat16", 0)
-                                else:
-                                    for q in T.unroll(16):
-                                        xq[(u % 2) * NT * 16 + t * 16 + q] = T.uint32(0)
+                                for q in T.unroll(16):
+                                    xq[(u % 2) * NT * 16 + t * 16 + q] = T.uint32(0)
                 if u > 0:  # dequant + MMAs of chunk p = u - 1
                     p = u - 1
                     # bf16x2 multipliers 2^(s-1) (s <= 128), else 2^127 then 2^(s-128); 0 if invalid
@@ -218,17 +203,22 @@ def make_mainloop(
                             af[2] = T.call_extern("uint32", "tilert_bf16x2_mul", af[2], ml[2])
                             af[3] = T.call_extern("uint32", "tilert_bf16x2_mul", af[3], ml[3])
                         for t in T.unroll(NT):
-                            if x_smem:
-                                T.ptx_mma("float32", "m16n8k16", "row", "col", "bf16", "bf16", "fp32", af.data, 0,
-                                          xb.data, (p % 2) * NT * 32 + t * 32 + s * 4, acc.data, t * 4,
-                                          T.bool(False))  # fmt: skip
-                            else:
-                                T.ptx_mma("float32", "m16n8k16", "row", "col", "bf16", "bf16", "fp32", af.data, 0,
-                                          xq.data, (p % 2) * NT * 16 + t * 16 + s * 2, acc.data, t * 4,
-                                          T.bool(False))  # fmt: skip
-        if x_smem:  # every warp done reading the x block before `red` is written: the persistent
-            # kernel's shared-memory merge may place `red` over it (a merge sees statement order, not warps)
-            T.sync_threads()
+                            T.ptx_mma(
+                                "float32",
+                                "m16n8k16",
+                                "row",
+                                "col",
+                                "bf16",
+                                "bf16",
+                                "fp32",
+                                af.data,
+                                0,
+                                xq.data,
+                                (p % 2) * NT * 16 + t * 16 + s * 2,
+                                acc.data,
+                                t * 4,
+                                T.bool(False),
+                            )
         for t in T.unroll(NT):
             for h in T.unroll(2):
                 for j in T.unroll(2):

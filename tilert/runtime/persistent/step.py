@@ -307,11 +307,8 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         raise PersistentError(f"{n.op}: the persistent MoE body needs MXFP4 expert stacks")
     if a.get("n_group", 1) > 1 or T > moe.TP or H % 256 or In % 128:
         raise PersistentError(f"{n.op} T={T} H={H} I={In} groups={a.get('n_group', 1)}: off the MoE body's contract")
-    mvp = 1 << (T - 1).bit_length()  # x rows a task stages in shared memory (padded rows are zero)
-    x_smem = mvp * max(H, In) * 2 <= 96 * 1024
-    xn_smem = T * H * 2 <= 96 * 1024  # the router keeps its normalised rows in shared memory
     cfg = moe.Config(T, H, In, E, EL, k, a.get("expert_offset", 0), a.get("scaling", 1.0), a.get("normalize", True),
-                     cta_threads=256, x_smem=x_smem)  # fmt: skip
+                     cta_threads=256)  # fmt: skip
     til = moe.tiling(T, H, In, EL, k)
     eps = a.get("norm_eps")
     extra = list(n.inputs[5:])
@@ -355,33 +352,15 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         peer_body = None if peer is None else peer.bodies()["MOE_REDUCE"]
         f32 = "float32"
 
-        n_router = cdiv(E, moe.ROUTER_E)
-        cw = cdiv(H, n_router)  # columns of the normalised rows each router task publishes
-
         @T_.macro
         def router(V, e_tile, c1, c2):
-            if eps is not None and xn_smem:  # bf16(rms_norm(x)) in shared memory for this task's
-                # dot products; it publishes only its column slice for the gate/up tasks
+            if eps is not None:  # every router task writes the same bf16(rms_norm(x)) rows
                 rstd = T_.alloc_shared((T,), f32)
-                xn = T_.alloc_shared((T, H), "bfloat16")
                 row_rstd(V[0], 0, rstd)
                 for i, j in T_.Parallel(T, H):
-                    xn[i, j] = T_.Cast("bfloat16", T_.Cast(f32, V[0][i, j]) * rstd[i] * T_.Cast(f32, V[16][j]))
+                    V[1][i, j] = T_.Cast("bfloat16", T_.Cast(f32, V[0][i, j]) * rstd[i] * T_.Cast(f32, V[16][j]))
                 T_.sync_threads()
-                tx = T_.get_thread_binding()
-                for f in T_.serial(cdiv(T * cw, 256)):
-                    q = f * 256 + tx
-                    if q < T * cw and e_tile * cw + q % cw < H:
-                        V[1][q // cw, e_tile * cw + q % cw] = xn[q // cw, e_tile * cw + q % cw]
-                router_tile(xn, V[2], V[8], V[15], e_tile)
-            else:
-                if eps is not None:  # every router task writes the same bf16(rms_norm(x)) rows
-                    rstd = T_.alloc_shared((T,), f32)
-                    row_rstd(V[0], 0, rstd)
-                    for i, j in T_.Parallel(T, H):
-                        V[1][i, j] = T_.Cast("bfloat16", T_.Cast(f32, V[0][i, j]) * rstd[i] * T_.Cast(f32, V[16][j]))
-                    T_.sync_threads()
-                router_tile(V[1], V[2], V[8], V[15], e_tile)
+            router_tile(V[1], V[2], V[8], V[15], e_tile)
 
         @T_.macro
         def topk(V, c0, c1, c2):
@@ -389,35 +368,19 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
 
         @T_.macro
         def gate_up(V, j, c1, c2):  # items j, j + gu_tasks, ... of the Count x gu_tiles active ones
-            if x_smem:  # the task's x (the normalised rows) once into shared memory
-                xs = T_.alloc_shared((mvp, H), "bfloat16")
-                for i, c in T_.Parallel(mvp, H):
-                    xs[i, c] = V[1][i, c]
-                T_.sync_threads()
             for u in T_.serial(til.gu_steps):
                 w = j + u * til.gu_tasks
                 if w < V[13][0] * til.gu_tiles:
-                    gate_up_tile(xs if x_smem else V[1], V[4], V[5], V[12], V[13], V[14], w // til.gu_tiles,
-                                 w % til.gu_tiles)  # fmt: skip
+                    gate_up_tile(V[1], V[4], V[5], V[12], V[13], V[14], w // til.gu_tiles, w % til.gu_tiles)
 
         per_slot = til.down_tiles * til.down_split
 
         @T_.macro
         def down(V, j, c1, c2):
-            if x_smem:
-                hs = T_.alloc_shared((mvp, In), "bfloat16")
             for u in T_.serial(til.down_steps):
                 w = j + u * til.down_tasks
-                if x_smem:  # this item's Hb[slot] into shared memory (restaged per item: 4 KB a token
-                    # from L2; a copy kept across items would be live across loop iterations, which
-                    # the shared-memory merge of the persistent kernel does not see)
-                    T_.sync_threads()
-                    if w < V[13][0] * per_slot:
-                        for i, c in T_.Parallel(mvp, In):
-                            hs[i, c] = V[14][w // per_slot, i, c]
-                    T_.sync_threads()
                 if w < V[13][0] * per_slot:
-                    down_tile(hs if x_smem else V[14], V[6], V[7], V[12], V[13], V[11], V[15], w // per_slot,
+                    down_tile(V[14], V[6], V[7], V[12], V[13], V[11], V[15], w // per_slot,
                               (w % per_slot) // til.down_split, w % til.down_split)  # fmt: skip
 
         @T_.macro
