@@ -76,6 +76,32 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def make_mma_reduce(bm: int, groups: int, warps: int):
+    """T.macro `mma_reduce(red, acc, out_s, warp, r, c)`: sums the m16n8k16 accumulators of a CTA's
+    warps ("swap AB": 16 weight rows x bm tokens per warp, lane (r, c) holding rows r and r + 8,
+    token columns 2c, 2c + 1 of each 8-token tile) into out_s [16 * groups, bm] through red [warps,
+    16, bm]; warp w belongs to row group w // (warps / groups). Shared by the MXFP4 mainloop (one
+    group) and the FP8 GEMV body (block_n / 16 groups)."""
+    import tilelang.language as T
+
+    wpg = warps // groups
+
+    @T.macro
+    def mma_reduce(red, acc, out_s, warp, r, c):
+        for t in T.unroll(bm // 8):
+            for h in T.unroll(2):
+                for j in T.unroll(2):
+                    red[warp, r + 8 * h, t * 8 + 2 * c + j] = acc[t * 4 + h * 2 + j]
+        T.sync_threads()
+        for i, j in T.Parallel(16 * groups, bm):
+            out_s[i, j] = red[(i // 16) * wpg, i % 16, j]
+            for w in T.serial(wpg - 1):
+                out_s[i, j] = out_s[i, j] + red[(i // 16) * wpg + w + 1, i % 16, j]
+        T.sync_threads()
+
+    return mma_reduce
+
+
 def cache_dir() -> Path:
     """The kernel disk cache directory (created on demand)."""
     return Path(os.path.expanduser(os.environ.get("TILERT_KERNEL_CACHE", DEFAULT_CACHE)))

@@ -256,7 +256,7 @@ def make_gemv_body(spec: LinearSpec):
     MMAs never wait on a global x load."""
     import tilelang.language as T
 
-    from tilert.kernels.common import DEVICE_PRELUDE
+    from tilert.kernels.common import DEVICE_PRELUDE, make_mma_reduce
 
     bm, bn, split = spec.block_m, spec.block_n, spec.split_k
     N, K, M = spec.n, spec.k, spec.m
@@ -277,6 +277,7 @@ def make_gemv_body(spec: LinearSpec):
     norm = spec.norm_eps is not None
     row_rstd = make_row_rstd(mv, K, spec.norm_eps) if norm else None
     epilogue = make_epilogue(spec)
+    mma_reduce = make_mma_reduce(bm, groups, warps)
     f32, u32 = "float32", "uint32"
 
     @T.macro
@@ -353,16 +354,7 @@ def make_gemv_body(spec: LinearSpec):
                         for j in T.unroll(2):
                             acc[t * 4 + h * 2 + j] += part[t * 4 + h * 2 + j] * sc[u * 2 + h]
         T.sync_threads()  # every warp done with xs before `red` is written (a merged buffer may overlap it)
-        for t in T.unroll(NT):
-            for h in T.unroll(2):
-                for j in T.unroll(2):
-                    red[warp, r + 8 * h, t * 8 + 2 * c + j] = acc[t * 4 + h * 2 + j]
-        T.sync_threads()
-        for i, j in T.Parallel(bn, bm):
-            out_s[i, j] = red[(i // 16) * wpg, i % 16, j]
-            for w in T.serial(wpg - 1):
-                out_s[i, j] = out_s[i, j] + red[(i // 16) * wpg + w + 1, i % 16, j]
-        T.sync_threads()
+        mma_reduce(red, acc, out_s, warp, r, c)
         epilogue(V, out_s, n_tile, m_tile)
 
     return gemv_tile

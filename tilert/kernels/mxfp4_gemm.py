@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tilert.kernels.common import DEVICE_PRELUDE, build, cdiv, launch_decode_gemm
+from tilert.kernels.common import DEVICE_PRELUDE, build, cdiv, launch_decode_gemm, make_mma_reduce
 from tilert.ops.linear import mxfp4_linear
 
 reference = mxfp4_linear
@@ -105,6 +105,7 @@ def make_mainloop(
     U = stages
     NT = bm // 8
     mv = m_valid if 0 < m_valid < bm else bm
+    mma_reduce = make_mma_reduce(bm, 1, warps)
 
     def rows_of(buf):
         return buf.shape[1] if w3d else buf.shape[0]
@@ -219,16 +220,7 @@ def make_mainloop(
                                 t * 4,
                                 T.bool(False),
                             )
-        for t in T.unroll(NT):
-            for h in T.unroll(2):
-                for j in T.unroll(2):
-                    red[warp, r + 8 * h, t * 8 + 2 * c + j] = acc[t * 4 + h * 2 + j]
-        T.sync_threads()
-        for i, j in T.Parallel(bn, bm):
-            out_s[i, j] = red[0, i, j]
-            for w in T.serial(warps - 1):
-                out_s[i, j] = out_s[i, j] + red[w + 1, i, j]
-        T.sync_threads()
+        mma_reduce(red, acc, out_s, warp, r, c)
 
     return mxfp4_mainloop
 
