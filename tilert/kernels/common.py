@@ -36,7 +36,6 @@ DEFAULT_CACHE = "~/.cache/tilert/kernels"
 # E4M3 pair -> bf16x2: `sel` moves two bytes of w into the high bytes of the two halves (0x1404:
 # bytes 0, 1; 0x3424: bytes 2, 3); sign stays at bit 15, exponent+mantissa shift to bits 10..4, so the
 # bf16 reads as value * 2^-120 (e = 0 on bf16 subnormals); one bf16x2 multiply by 2^120 is exact.
-# bf16x2 RMSNorm: bf16(x * rstd * gamma) per lane, fp32 math, as the norm prologues round it.
 DEVICE_PRELUDE = r"""
 #ifndef TILERT_DEVICE_PRELUDE
 #define TILERT_DEVICE_PRELUDE
@@ -52,13 +51,6 @@ __device__ __forceinline__ unsigned tilert_e2m1x2(unsigned w, unsigned u, unsign
 __device__ __forceinline__ unsigned tilert_e4m3x2(unsigned w, unsigned sel) {
   const unsigned v = __byte_perm(w, 0u, sel);
   return tilert_bf16x2_mul((v & 0x80008000u) | ((v >> 4) & 0x07F007F0u), 0x7B807B80u);
-}
-__device__ __forceinline__ unsigned tilert_bf16x2_norm(unsigned x, unsigned g, float r) {
-  const float lo = __uint_as_float(x << 16) * r * __uint_as_float(g << 16);
-  const float hi = __uint_as_float(x & 0xFFFF0000u) * r * __uint_as_float(g & 0xFFFF0000u);
-  unsigned d;
-  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
-  return d;
 }
 __device__ __forceinline__ void tilert_prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];" : : "l"(p));

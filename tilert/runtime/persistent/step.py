@@ -727,6 +727,9 @@ class PersistentStep:
             self.bind.env[v.name].copy_(t, non_blocking=True)
         self.steps += 1
         self.bind.epoch.fill_(self.steps)
+        self._enqueue()
+
+    def _enqueue(self) -> None:
         self.kernel(self.tasks, self.node_class, self.ptrs, self.counters, self.err, self.bind.epoch, self.trace)
 
     def preload(self) -> None:
@@ -737,7 +740,7 @@ class PersistentStep:
         from tilert.runtime.persistent.megakernel import ERR_DRY
 
         self.err.fill_(ERR_DRY)
-        self.kernel(self.tasks, self.node_class, self.ptrs, self.counters, self.err, self.bind.epoch, self.trace)
+        self._enqueue()
         torch.cuda.synchronize(self.device)
         self.err.zero_()
         self.counters.zero_()
