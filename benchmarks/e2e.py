@@ -89,6 +89,56 @@ def pin_routing(params: dict, world: int) -> dict:
     return params
 
 
+def truncated(cfg, layers: int):
+    """The model with only its first `layers` layers (same shapes, same layer kinds in order; the
+    drafter's target layers clamped into range): a quick full-width check of the kernels."""
+    import dataclasses
+
+    n = cfg.num_hidden_layers
+    if not 1 <= layers <= n:
+        raise SystemExit(f"--layers {layers}: {cfg.name} has 1..{n} layers")
+    cut = {f.name: getattr(cfg, f.name)[:layers] for f in dataclasses.fields(cfg)
+           if isinstance(getattr(cfg, f.name), tuple) and len(getattr(cfg, f.name)) == n}  # fmt: skip
+    ids = sorted({min(i, layers - 1) for i in cfg.dflash.target_layer_ids})
+    dflash = dataclasses.replace(cfg.dflash, target_layer_ids=tuple(ids))
+    return dataclasses.replace(cfg, num_hidden_layers=layers, dflash=dflash, **cut)
+
+
+def diff_nodes(st, rt, g, inputs, tol: float = 0.1) -> list[dict]:
+    """Every node output of the persistent step (its last run) against the eager runtime's on the same
+    inputs: relative error (float64 norms) per value, in graph order. A kernel bug shows as the first
+    value whose error jumps far above the bf16 drift (about 1e-2)."""
+    env = rt._env(g, inputs)
+    rt._execute(g, env)
+    torch.cuda.synchronize()
+    rows = []
+    for i, node in enumerate(g.nodes):
+        for o in node.outputs:
+            p, e = st.bind.env.get(o), env.get(o)
+            if not (torch.is_tensor(p) and torch.is_tensor(e)):
+                continue
+            p = p[: e.shape[0]] if p.dim() == e.dim() and p.shape[0] != e.shape[0] else p
+            if p.shape != e.shape:
+                continue
+            if not e.is_floating_point():
+                rows.append({"node": i, "op": node.op, "value": o, "equal": bool(torch.equal(p.long(), e.long()))})
+                continue
+            ref = e.double()
+            err = float((p.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+            rows.append({"node": i, "op": node.op, "value": o, "rel_err": err,
+                         "finite": bool(torch.isfinite(p).all())})  # fmt: skip
+    bad = [r for r in rows if r.get("rel_err", 0) > tol or r.get("equal") is False or r.get("finite") is False]
+    print(f"diff: {len(rows)} values compared, {len(bad)} off (rel err > {tol}, unequal ints or non-finite)")
+    for r in rows[:0] + bad[:12]:
+        print("  ", r)
+    worst = {}
+    for r in rows:
+        if "rel_err" in r:
+            worst[r["op"]] = max(worst.get(r["op"], 0.0), r["rel_err"])
+    print("  worst rel err per op:", {k: round(v, 4) for k, v in worst.items()})
+    return rows
+
+
 def bench_block(cfg, B: int, a: argparse.Namespace, max_seq: int, cache: dict) -> dict:
     """Persistent, eager, eager + CUDA graph and plain-torch step times for B query tokens, and the
     persistent step's logits against the eager step's (same weights, same inputs, fresh caches)."""
@@ -115,7 +165,7 @@ def bench_block(cfg, B: int, a: argparse.Namespace, max_seq: int, cache: dict) -
         print(f"persistent step program: {st.n_classes} node classes, {int((sched.table[:, :, 0] != 0).sum())} "
               f"tasks, built in {time.time() - t1:.1f} s", flush=True)  # fmt: skip
         p_out = {k: v.clone() for k, v in st.run(inputs).items()}
-        t_pers = time_cuda(lambda: st.launch(inputs), iters=20, warmup=3)
+        t_pers = None if a.skip_timing else time_cuda(lambda: st.launch(inputs), iters=20, warmup=3)
         st.check()
         row.update(persistent_ms=t_pers, persistent_tasks=int((sched.table[:, :, 0] != 0).sum()),
                    persistent_node_classes=st.n_classes)  # fmt: skip
@@ -135,6 +185,9 @@ def bench_block(cfg, B: int, a: argparse.Namespace, max_seq: int, cache: dict) -
     plain = EagerRuntime(cache["params"], world=a.world_size, solo=True, use_kernels=False)
     out = rt.run(g, inputs)  # compiles kernels
     torch.cuda.synchronize()
+    if a.diff_nodes and p_out is not None:
+        rows = diff_nodes(st, rt, g, inputs)
+        row["node_diff_off"] = [r for r in rows if r.get("rel_err", 0) > 0.1 or r.get("equal") is False][:50]
     finite = bool(torch.isfinite(out["logits"]).all())
     if p_out is not None:
         ref, got = out["logits"].double(), p_out["logits"].double()
@@ -142,7 +195,7 @@ def bench_block(cfg, B: int, a: argparse.Namespace, max_seq: int, cache: dict) -
         same = torch.equal(out["next_tokens"].long(), p_out["next_tokens"].long())
         row["persistent_next_tokens_equal_eager"] = bool(same)
         print(f"persistent vs eager logits: rel err {row['persistent_vs_eager_logits_rel_err']:.2e}", flush=True)
-    t_eager, t_graph = time_step(rt, g, inputs)
+    t_eager, t_graph = (float("nan"), None) if a.skip_timing else time_step(rt, g, inputs)
     t_plain = None
     if not a.skip_plain:
         pl = plain.run(g, inputs)["logits"].double()
@@ -203,12 +256,17 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--trace-dir", default=None, help="write the persistent kernel's measured per-SM traces here")
     ap.add_argument("--skip-drafter", action="store_true")
+    ap.add_argument("--layers", type=int, default=None, help="only the first N layers (a quick check)")
+    ap.add_argument("--diff-nodes", action="store_true", help="compare every persistent node output with eager's")
+    ap.add_argument("--skip-timing", action="store_true", help="correctness only: no step timings")
     a = ap.parse_args()
     cfg = load_config(a.model)
+    if a.layers:
+        cfg = truncated(cfg, a.layers)
     max_seq = a.context + 64
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
-    pred = predicted(a.model, a.world_size, max_seq, a.context, a.accept_len)
+    pred = None if a.layers else predicted(a.model, a.world_size, max_seq, a.context, a.accept_len)
     print(f"cost model: {pred}", flush=True)
     rows, cache = {}, {}
     for B in a.blocks:
@@ -238,6 +296,7 @@ def main() -> None:
         "context": a.context,
         "mode": "solo rank 0",
         "copy_bandwidth_Bps": bw,
+        "cost_model": pred,
         "accept_len": a.accept_len,
         "steps": rows,
         "projected_tokens_per_s_per_user": tps,

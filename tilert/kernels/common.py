@@ -94,6 +94,21 @@ def make_mma_reduce(bm: int, groups: int, warps: int):
     return mma_reduce
 
 
+def alloc_unmerged(shape: tuple[int, ...], dtype: str) -> Any:
+    """A small shared buffer outside TileLang's shared-memory merge (a static `__shared__` array).
+
+    The persistent kernel merges every body's dynamic shared buffers by first and last use in
+    statement order, and a loop whose body is a single statement is not a scope there: in
+    `for ...: xs[...] = f(X[...], rstd[...])` the loop's store is rstd's last use and xs's first,
+    so the two may share bytes, and the first iteration's store overwrites rstd before the next
+    iteration reads it (it did: full-scale q_proj was wrong while the tiny configs, whose staging
+    loop runs once, were right). Buffers read in such a loop go here; static shared memory is
+    never merged (tirx.merge_static_smem is off)."""
+    import tilelang.language as T
+
+    return T.alloc_shared(shape, dtype, scope="shared")
+
+
 def cache_dir() -> Path:
     """The kernel disk cache directory (created on demand)."""
     return Path(os.path.expanduser(os.environ.get("TILERT_KERNEL_CACHE", DEFAULT_CACHE)))

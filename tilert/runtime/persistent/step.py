@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from tilert.ir.graph import Graph, Node, Value
-from tilert.kernels.common import cdiv
+from tilert.kernels.common import alloc_unmerged, cdiv
 from tilert.kernels.views import TORCH_DTYPES, ViewSpec
 from tilert.ops.qtensor import QTensor
 from tilert.plan import FIELD, OPCODES
@@ -355,7 +355,7 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         @T_.macro
         def router(V, e_tile, c1, c2):
             if eps is not None:  # every router task writes the same bf16(rms_norm(x)) rows
-                rstd = T_.alloc_shared((T,), f32)
+                rstd = alloc_unmerged((T,), f32)
                 row_rstd(V[0], 0, rstd)
                 for i, j in T_.Parallel(T, H):
                     V[1][i, j] = T_.Cast("bfloat16", T_.Cast(f32, V[0][i, j]) * rstd[i] * T_.Cast(f32, V[16][j]))
