@@ -17,6 +17,9 @@ Four launches, no host round trip; only experts that received tokens read their 
    max_slots*split): y = h @ down^T for 16 output features, times TokW[e, t], atomically added
    into Y [T, H] f32 (a partial sum over this rank's experts).
 
+The persistent step stages x (gate/up) and Hb[slot] (down, Config.x_stage) in a shared-memory block
+it owns, so the mainloop's x loads come from shared memory instead of one L2 round trip per chunk.
+
 Expert stacks: gate_up blocks [E, 2I, H/2] (gate rows then up rows), scales [E, 2I, H/32];
 down blocks [E, H, I/2], scales [E, H, I/32]; router weight f32 [E_total, H], bias f32 [E_total].
 """
@@ -48,6 +51,7 @@ class Config:
     normalize: bool = True
     down_split: int = 1
     cta_threads: int = 0  # 0: the standalone launchers' own (loop_shape); 256 in the persistent kernel
+    x_stage: bool = False  # down_tile's Hb is one slot's [rows, I] block (a shared-memory stage), not [S, TP, I]
 
     @property
     def max_slots(self) -> int:
@@ -151,7 +155,7 @@ def make_bodies(cfg: Config):
     nk_gu = H // BLOCK_K
     nk_dn = In // BLOCK_K // cfg.down_split
     gu_loop = make_mainloop(bm, BLOCK_N, BLOCK_K, *cfg.gu_shape, w3d=True, two=True, m_valid=Tn)
-    dn_loop = make_mainloop(bm, BLOCK_N, BLOCK_K, *cfg.down_shape, w3d=True, x3d=True, m_valid=Tn)
+    dn_loop = make_mainloop(bm, BLOCK_N, BLOCK_K, *cfg.down_shape, w3d=True, x3d=not cfg.x_stage, m_valid=Tn)
     zero_per_cta = cdiv(Tn * H, cdiv(E, ROUTER_E))
 
     @T.macro

@@ -20,6 +20,7 @@ arrival counters, attention partials) belong to their node.
 """
 
 # no `from __future__ import annotations`: TileLang evaluates the prim_func annotations
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +51,7 @@ class NodeProgram:
     bodies: Callable[[], dict[str, Any]]  # opcode name -> T.macro(V, c0, c1, c2); built lazily
     tensors: list[torch.Tensor] = field(default_factory=list)
     opcodes: tuple[str, ...] = ()  # the opcodes `bodies` provides
+    stage: int = 0  # bf16 elements of a shared-memory block the kernel owns and hands the bodies as V[-1]
 
 
 def _tl_dtype(t: torch.Tensor) -> str:
@@ -287,6 +289,9 @@ def persistent_attn_config(a: Mapping[str, Any], B: int) -> Any:
     return dataclasses.replace(cfg, rows_per_cta=128, v_scale=float(a.get("v_scale") or 1.0))
 
 
+MOE_STAGE_BYTES = 48 * 1024  # the MoE x stage: B=1 (12 KB) and B=4 fit beside the bodies' own buffers
+
+
 def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
     """Fused MoE as five stages: router (with the norm prologue), top-k, gate/up and down tasks that
     stride over the active slots' items (moe.MoeTiling) into an fp32 partial, reduce per column block
@@ -307,8 +312,12 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         raise PersistentError(f"{n.op}: the persistent MoE body needs MXFP4 expert stacks")
     if a.get("n_group", 1) > 1 or T > moe.TP or H % 256 or In % 128:
         raise PersistentError(f"{n.op} T={T} H={H} I={In} groups={a.get('n_group', 1)}: off the MoE body's contract")
+    # x (gate/up) and Hb[slot] (down) staged in a kernel-owned shared block: the mainloop then reads
+    # x from shared memory instead of paying an L2 round trip per k chunk (T x lcm(H, I) bf16)
+    stage = T * math.lcm(H, In)
+    stage = stage if stage * 2 <= MOE_STAGE_BYTES else 0
     cfg = moe.Config(T, H, In, E, EL, k, a.get("expert_offset", 0), a.get("scaling", 1.0), a.get("normalize", True),
-                     cta_threads=256)  # fmt: skip
+                     cta_threads=256, x_stage=stage > 0)  # fmt: skip
     til = moe.tiling(T, H, In, EL, k)
     eps = a.get("norm_eps")
     extra = list(n.inputs[5:])
@@ -368,19 +377,36 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
 
         @T_.macro
         def gate_up(V, j, c1, c2):  # items j, j + gu_tasks, ... of the Count x gu_tiles active ones
+            if stage:  # the x rows once per task (every item of the task reads all of them)
+                xs = T_.view(V[-1], shape=(stage // H, H))
+                for i, c in T_.Parallel(T, H):
+                    xs[i, c] = V[1][i, c]
+                T_.sync_threads()
             for u in T_.serial(til.gu_steps):
                 w = j + u * til.gu_tasks
                 if w < V[13][0] * til.gu_tiles:
-                    gate_up_tile(V[1], V[4], V[5], V[12], V[13], V[14], w // til.gu_tiles, w % til.gu_tiles)
+                    gate_up_tile(xs if stage else V[1], V[4], V[5], V[12], V[13], V[14], w // til.gu_tiles,
+                                 w % til.gu_tiles)  # fmt: skip
 
         per_slot = til.down_tiles * til.down_split
 
         @T_.macro
         def down(V, j, c1, c2):
+            if stage:
+                hs = T_.view(V[-1], shape=(stage // In, In))
+                staged = T_.alloc_var("int32")
+                staged = -1
             for u in T_.serial(til.down_steps):
                 w = j + u * til.down_tasks
+                if stage:  # Hb[slot] rows into the stage when the slot changes (barriers outside the if)
+                    T_.sync_threads()
+                    if w < V[13][0] * per_slot and w // per_slot != staged:
+                        for i, c in T_.Parallel(T, In):
+                            hs[i, c] = V[14][w // per_slot, i, c]
+                        staged = w // per_slot
+                    T_.sync_threads()
                 if w < V[13][0] * per_slot:
-                    down_tile(V[14], V[6], V[7], V[12], V[13], V[11], V[15], w // per_slot,
+                    down_tile(hs if stage else V[14], V[6], V[7], V[12], V[13], V[11], V[15], w // per_slot,
                               (w % per_slot) // til.down_split, w % til.down_split)  # fmt: skip
 
         @T_.macro
@@ -388,13 +414,14 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
             if peer is None:
                 reduce_body(V[15], V[17], V[19], V[18], c)
             else:
-                peer_body(V[20:], c, 0, 0)
+                peer_body(V[20:20 + len(peer.specs)], c, 0, 0)
 
         return {"MOE_ROUTER": router, "MOE_TOPK": topk, "MOE_GATE_UP": gate_up, "MOE_DOWN": down, "MOE_REDUCE": reduce}
 
     key = ("moe", cfg, til, eps, res is not None, world, xa.shape[0], out.shape[0], _tl_dtype(out),
            None if peer is None else peer.key)
-    return NodeProgram(key, specs, bodies, ts, ("MOE_ROUTER", "MOE_TOPK", "MOE_GATE_UP", "MOE_DOWN", "MOE_REDUCE"))
+    return NodeProgram(key, specs, bodies, ts, ("MOE_ROUTER", "MOE_TOPK", "MOE_GATE_UP", "MOE_DOWN", "MOE_REDUCE"),
+                       stage)  # fmt: skip
 
 
 def _elementwise_program(cfg: Any, opcode: str, specs: list[ViewSpec], ts: list[torch.Tensor],
@@ -594,16 +621,26 @@ def make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, max_tasks: in
     from tilert.runtime.persistent.megakernel import DEFAULT_TIMEOUT_CYCLES, if_chain, make_persistent_loop
 
     built = [c.bodies() for c in classes]
-    by_opcode: dict[str, list[tuple[int, Any, list[ViewSpec]]]] = {}
+    by_opcode: dict[str, list[tuple[int, Any, NodeProgram]]] = {}
     for k, (c, bodies) in enumerate(zip(classes, built)):
         for name, body in bodies.items():
-            by_opcode.setdefault(name, []).append((k, body, c.specs))
+            by_opcode.setdefault(name, []).append((k, body, c))
+    # Shared blocks the kernel owns (NodeProgram.stage), one per size. TileLang's aggressive merge
+    # places buffers by their first and last use in statement order, which is wrong for a block a
+    # body keeps across the iterations of its own loop; a block touched before and after the task
+    # loop is live for the whole launch, so no body's buffer ever shares its bytes.
+    stage_sizes = sorted({c.stage for c in classes if c.stage})
 
-    def opcode_body(cases: list[tuple[int, Any, list[ViewSpec]]]) -> Any:
-        def case(k: int, body: Any, specs: list[ViewSpec]) -> tuple[Any, Any]:
+    def opcode_body(cases: list[tuple[int, Any, NodeProgram]]) -> Any:
+        def case(k: int, body: Any, c: NodeProgram) -> tuple[Any, Any]:
+            specs, at = c.specs, stage_sizes.index(c.stage) if c.stage else -1
+
             @T.macro
             def run(bufs, op, c0, c1, c2):
-                body(make_views(bufs[1], op, specs), c0, c1, c2)
+                if at < 0:
+                    body(make_views(bufs[1], op, specs), c0, c1, c2)
+                else:
+                    body(make_views(bufs[1], op, specs) + (bufs[2][at],), c0, c1, c2)
 
             return k, run
 
@@ -612,6 +649,12 @@ def make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, max_tasks: in
     bodies = {name: opcode_body(cases) for name, cases in by_opcode.items()}
     bodies.setdefault("BARRIER", _noop())
     loop = make_persistent_loop(bodies, max_tasks=max_tasks, timeout_cycles=timeout_cycles or DEFAULT_TIMEOUT_CYCLES)
+
+    @T.macro
+    def pin(Epoch, stages):  # a touch the compiler cannot drop (the epoch is never negative)
+        if Epoch[0] < 0:
+            for b in stages:
+                b[0] = T.cast(0, "bfloat16")
 
     @T.prim_func
     def tilert_step(
@@ -624,7 +667,12 @@ def make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, max_tasks: in
         Trace: T.Tensor((num_sms, max_tasks, 3), "int64"),
     ):
         with T.Kernel(num_sms, threads=PERSISTENT_THREADS) as sm:
-            loop(sm, Tasks, Counters, Err, Epoch, Trace, (NodeClass, Ptrs))
+            stages = tuple(T.alloc_shared((n,), "bfloat16") for n in stage_sizes)
+            if stage_sizes:
+                pin(Epoch, stages)
+            loop(sm, Tasks, Counters, Err, Epoch, Trace, (NodeClass, Ptrs, stages))
+            if stage_sizes:
+                pin(Epoch, stages)
 
     return tilert_step
 
