@@ -630,6 +630,7 @@ def make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, max_tasks: in
     # body keeps across the iterations of its own loop; a block touched before and after the task
     # loop is live for the whole launch, so no body's buffer ever shares its bytes.
     stage_sizes = sorted({c.stage for c in classes if c.stage})
+    pinned = len(stage_sizes) > 0
 
     def opcode_body(cases: list[tuple[int, Any, NodeProgram]]) -> Any:
         def case(k: int, body: Any, c: NodeProgram) -> tuple[Any, Any]:
@@ -668,10 +669,10 @@ def make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, max_tasks: in
     ):
         with T.Kernel(num_sms, threads=PERSISTENT_THREADS) as sm:
             stages = tuple(T.alloc_shared((n,), "bfloat16") for n in stage_sizes)
-            if stage_sizes:
+            if pinned:
                 pin(Epoch, stages)
             loop(sm, Tasks, Counters, Err, Epoch, Trace, (NodeClass, Ptrs, stages))
-            if stage_sizes:
+            if pinned:
                 pin(Epoch, stages)
 
     return tilert_step
