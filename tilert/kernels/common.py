@@ -55,6 +55,9 @@ __device__ __forceinline__ unsigned tilert_e4m3x2(unsigned w, unsigned sel) {
 __device__ __forceinline__ void tilert_prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];" : : "l"(p));
 }
+__device__ __forceinline__ void tilert_prefetch_bulk_l2(long long addr, int bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" : : "l"(addr), "r"(bytes) : "memory");
+}
 __device__ __forceinline__ long long tilert_globaltimer() {
   long long t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));

@@ -100,31 +100,54 @@ def if_chain(cases: list[tuple[int, Any]], selector: Any) -> Any:
     return chain(0)
 
 
+PREFETCH_ROWS = 256  # most rows one task's prefetch region spans (a GEMV tile has 64)
+
+
 def make_persistent_loop(
-    bodies: dict[str, Any], *, max_tasks: int, timeout_cycles: int = DEFAULT_TIMEOUT_CYCLES
+    bodies: dict[str, Any], *, max_tasks: int, timeout_cycles: int = DEFAULT_TIMEOUT_CYCLES, prefetch: bool = False
 ) -> Any:
-    """Macro `loop(sm, tasks, counters, err, epoch, trace, bufs)`; call inside `T.Kernel(num_sms, ...)`.
+    """Macro `loop(sm, tasks, counters, err, epoch, trace, bufs[, pf])`; call inside `T.Kernel(num_sms, ...)`.
 
     Rows follow tilert.plan.TASK_FIELDS. `bodies[name]` (name: a tilert.plan.OPCODES key) is a
     T.macro `(bufs, op, c0, c1, c2)`: the program's buffers (a tuple) and the row's coordinates.
+    With `prefetch`, pf is an int64 [sms, tasks, 4] table of each task's weight region (address,
+    bytes per row, rows, row stride; rows = 0: none): while warp 0 waits for a task's inputs, the
+    other warps ask L2 for the next task's region (cp.async.bulk.prefetch), so that task's weight
+    loads meet L2 instead of DRAM. Weights never depend on the step's data, so this is always safe.
     """
     import tilelang.language as T
 
     dispatch = make_dispatch(bodies)
     F = FIELD
+    others = 256 - 32  # the CTA's threads outside warp 0
 
     @T.macro
-    def loop(sm, tasks, counters, err, epoch, trace, bufs):
+    def prefetch_region(pf, sm, t, tx):
+        rows = pf[sm, t, 2]
+        for rr in T.serial(T.ceildiv(PREFETCH_ROWS, others)):
+            r = rr * others + tx - 32
+            if r < rows:
+                T.call_extern("handle", "tilert_prefetch_bulk_l2", pf[sm, t, 0] + r * pf[sm, t, 3],
+                              T.cast(pf[sm, t, 1], "int32"))  # fmt: skip
+
+    @T.macro
+    def loop(sm, tasks, counters, err, epoch, trace, bufs, pf=None):
         T.import_source(DEVICE_PRELUDE)
         tx = T.get_thread_binding()
         deadline = T.alloc_var("int64")
         t0 = T.alloc_var("int64")
         t1 = T.alloc_var("int64")
         failed = T.alloc_var("int32")
+        if prefetch:
+            if tx >= 32:
+                prefetch_region(pf, sm, 0, tx)
         for t in T.serial(max_tasks):
             opc = tasks[sm, t, F["opcode"]]
             if opc != 0:
                 failed = 0
+                if prefetch:
+                    if tx >= 32 and t + 1 < max_tasks:  # the next task's weights into L2 while this one waits
+                        prefetch_region(pf, sm, t + 1, tx)
                 if tx < 32:  # warp 0 waits; lane l polls counters l, l + 32, ... of each wait at once
                     if tx == 0:
                         t0 = T.call_extern("int64", "tilert_globaltimer")

@@ -52,6 +52,9 @@ class NodeProgram:
     tensors: list[torch.Tensor] = field(default_factory=list)
     opcodes: tuple[str, ...] = ()  # the opcodes `bodies` provides
     stage: int = 0  # bf16 elements of a shared-memory block the kernel owns and hands the bodies as V[-1]
+    # (opcode name, c0, c1, c2) -> (address, bytes per row, rows, row stride) of the weights the task
+    # reads, or None: the persistent loop prefetches the next task's region into L2 during waits
+    prefetch: Callable[[str, int, int, int], tuple[int, int, int, int] | None] | None = None
 
 
 def _tl_dtype(t: torch.Tensor) -> str:
@@ -156,7 +159,17 @@ def _linear(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
     if split > 1:
         ts += [b.ws((spec.mp, N), torch.float32), b.ws((spec.tiles,), torch.int32), b.epoch]
     opcode = "LM_HEAD_GEMM" if lm else {"float8_e4m3": "LINEAR_FP8", "bfloat16": "LINEAR_BF16"}[w_dtype]
-    return NodeProgram(("linear", opcode, spec), lf.views(spec), lambda: {opcode: lf.make_body(spec)}, ts, (opcode,))
+    w0, esz, kt = wtensors[0], wtensors[0].element_size(), K // split
+
+    def prefetch(name: str, n_tile: int, m_tile: int, k_split: int) -> tuple[int, int, int, int] | None:
+        r0 = n_tile * bn
+        rows = min(bn, N - r0)
+        if name != opcode or rows * kt * esz > PREFETCH_MAX_BYTES:  # e.g. an LM-head tile: DRAM-bound anyway
+            return None
+        return w0.data_ptr() + (r0 * K + k_split * kt) * esz, kt * esz, rows, K * esz
+
+    return NodeProgram(("linear", opcode, spec), lf.views(spec), lambda: {opcode: lf.make_body(spec)}, ts, (opcode,),
+                       prefetch=prefetch)  # fmt: skip
 
 
 def _lm_head_tail(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
@@ -289,6 +302,7 @@ def persistent_attn_config(a: Mapping[str, Any], B: int) -> Any:
     return dataclasses.replace(cfg, rows_per_cta=128, v_scale=float(a.get("v_scale") or 1.0))
 
 
+PREFETCH_MAX_BYTES = 256 * 1024  # the largest weight region one task prefetches into L2 (132 SMs: 33 MB)
 MOE_STAGE_BYTES = 48 * 1024  # the MoE x stage: B=1 (12 KB) and B=4 fit beside the bodies' own buffers
 
 
@@ -420,8 +434,16 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
 
     key = ("moe", cfg, til, eps, res is not None, world, xa.shape[0], out.shape[0], _tl_dtype(out),
            None if peer is None else peer.key)
+    wr = ts[2]
+
+    def prefetch(name: str, e_tile: int, c1: int, c2: int) -> tuple[int, int, int, int] | None:
+        if name != "MOE_ROUTER":  # the experts' rows are known only on the device, after the top-k
+            return None
+        e0 = e_tile * moe.ROUTER_E
+        return wr.data_ptr() + e0 * H * 4, H * 4, min(moe.ROUTER_E, E - e0), H * 4
+
     return NodeProgram(key, specs, bodies, ts, ("MOE_ROUTER", "MOE_TOPK", "MOE_GATE_UP", "MOE_DOWN", "MOE_REDUCE"),
-                       stage)  # fmt: skip
+                       stage, prefetch)  # fmt: skip
 
 
 def _elementwise_program(cfg: Any, opcode: str, specs: list[ViewSpec], ts: list[torch.Tensor],
@@ -614,7 +636,7 @@ def register_program(*kinds: str) -> Callable:
 
 def make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, max_tasks: int, n_nodes: int, n_counters: int,
                      max_views: int, timeout_cycles: int | None = None) -> Any:  # fmt: skip
-    """The persistent prim_func: (Tasks, NodeClass, Ptrs, Counters, Err, Epoch, Trace)."""
+    """The persistent prim_func: (Tasks, NodeClass, Ptrs, Counters, Err, Epoch, Trace, Prefetch)."""
     import tilelang.language as T
 
     from tilert.kernels.views import PERSISTENT_THREADS, make_views
@@ -649,13 +671,14 @@ def make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, max_tasks: in
 
     bodies = {name: opcode_body(cases) for name, cases in by_opcode.items()}
     bodies.setdefault("BARRIER", _noop())
-    loop = make_persistent_loop(bodies, max_tasks=max_tasks, timeout_cycles=timeout_cycles or DEFAULT_TIMEOUT_CYCLES)
+    loop = make_persistent_loop(bodies, max_tasks=max_tasks, timeout_cycles=timeout_cycles or DEFAULT_TIMEOUT_CYCLES,
+                                prefetch=True)  # fmt: skip
 
     @T.macro
     def pin(Epoch, stages):  # a touch the compiler cannot drop (the epoch is never negative)
         if Epoch[0] < 0:
-            for b in stages:
-                b[0] = T.cast(0, "bfloat16")
+            for stage in stages:
+                stage[0] = T.cast(0, "bfloat16")
 
     @T.prim_func
     def tilert_step(
@@ -666,12 +689,13 @@ def make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, max_tasks: in
         Err: T.Tensor((4,), "int32"),
         Epoch: T.Tensor((1,), "int32"),
         Trace: T.Tensor((num_sms, max_tasks, 3), "int64"),
+        Prefetch: T.Tensor((num_sms, max_tasks, 4), "int64"),
     ):
         with T.Kernel(num_sms, threads=PERSISTENT_THREADS) as sm:
             stages = tuple(T.alloc_shared((n,), "bfloat16") for n in stage_sizes)
             if pinned:
                 pin(Epoch, stages)
-            loop(sm, Tasks, Counters, Err, Epoch, Trace, (NodeClass, Ptrs, stages))
+            loop(sm, Tasks, Counters, Err, Epoch, Trace, (NodeClass, Ptrs, stages), Prefetch)
             if pinned:
                 pin(Epoch, stages)
 
@@ -745,11 +769,31 @@ class PersistentStep:
         self.counters = torch.zeros(max(1, len(expected)), dtype=torch.int32, device=self.device)
         self.err = b.err
         self.trace = torch.zeros(self.sms, table.shape[1], 3, dtype=torch.int64, device=self.device)
+        self.prefetch = torch.from_numpy(self._prefetch_table()).to(self.device)
         self.n_classes = len(classes)
         func = make_step_kernel(classes, self.sms, table.shape[1], len(self.programs), len(self.counters), max_views)
         self.kernel = build(func, pass_configs=PERSISTENT_PASS_CONFIGS, out_dir=out_dir, name="tilert_step")
         self.steps = 0
         self.launches_per_step = 1
+
+    def _prefetch_table(self) -> np.ndarray:
+        """int64 [sms, tasks, 4]: each task's weight region (NodeProgram.prefetch), rows 0 if none."""
+        from tilert.runtime.persistent.megakernel import PREFETCH_ROWS
+
+        tb = self.table
+        pf = np.zeros((*tb.shape[:2], 4), dtype=np.int64)
+        for s_, t_ in zip(*np.nonzero(tb[:, :, FIELD["opcode"]])):
+            row = tb[s_, t_]
+            p = self.programs[int(row[FIELD["op"]])]
+            name = NP_OPCODE.get(int(row[FIELD["opcode"]]))
+            r = p.prefetch(name, *(int(row[FIELD[c]]) for c in ("c0", "c1", "c2"))) if p.prefetch else None
+            if r is not None:
+                addr, nbytes, rows, stride = r
+                if addr % 16 or nbytes % 16 or stride % 16:
+                    raise PersistentError(f"node {int(row[FIELD['op']])} {name}: prefetch region {r} is not "
+                                          f"16-byte aligned")  # fmt: skip
+                pf[s_, t_] = (addr, nbytes, min(rows, PREFETCH_ROWS), stride)
+        return pf
 
     def _check_table(self, table: np.ndarray, expected: np.ndarray) -> None:
         """Every row names a node of this graph with a body for its opcode; counters in range."""
@@ -779,7 +823,8 @@ class PersistentStep:
         self._enqueue()
 
     def _enqueue(self) -> None:
-        self.kernel(self.tasks, self.node_class, self.ptrs, self.counters, self.err, self.bind.epoch, self.trace)
+        self.kernel(self.tasks, self.node_class, self.ptrs, self.counters, self.err, self.bind.epoch, self.trace,
+                    self.prefetch)  # fmt: skip
 
     def preload(self) -> None:
         """One dry launch (the error word preset, so every task skips its waits and body), then the
