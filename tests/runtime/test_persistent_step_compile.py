@@ -4,6 +4,8 @@ body that stops compiling fails CI. Checks the dispatch covers every (opcode, no
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -30,6 +32,11 @@ def test_step_kernel_compiles(model: str, tokens: int, mode: str, max_seq: int, 
     assert set(np.unique(table[:, :, FIELD["opcode"]])) - {0} <= used
     for name in ("ATTN_SPLIT", "MOE_GATE_UP", "LM_HEAD_GEMM", "LINEAR_FP8"):
         assert f"== {OPCODES[name]})" in src, name
+    # the norm scales are read inside loops that write other shared buffers: never in the merged
+    # dynamic block, where a one-statement loop let the x stage overwrite them (common.alloc_unmerged)
+    merged = re.findall(r"void\* (\w+) = \(\(void\*\)\(\(char\*\)buf_dyn_shmem", src)
+    assert merged and not [b for b in merged if b.startswith("rstd")]
+    assert re.search(r"__shared__ __align__\(\d+\) float rstd\w*\[", src)
 
 
 def test_two_rank_kernels_with_peer_collectives_compile() -> None:
