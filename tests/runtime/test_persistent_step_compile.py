@@ -37,13 +37,6 @@ def test_step_kernel_compiles(model: str, tokens: int, mode: str, max_seq: int, 
     merged = re.findall(r"void\* (\w+) = \(\(void\*\)\(\(char\*\)buf_dyn_shmem", src)
     assert merged and not [b for b in merged if b.startswith("rstd")]
     assert re.search(r"__shared__ __align__\(\d+\) float rstd\w*\[", src)
-    # the kernel-owned stage (the MoE x block): no other dynamic buffer shares its bytes
-    offs = {n: int(o) for n, o in re.findall(r"void\* (\w+) = \(\(void\*\)\(\(char\*\)buf_dyn_shmem \+ (\d+)\)", src)}
-    sizes = sorted({p.stage for p in st.programs if p.stage})
-    stages = sorted((o, n) for n, o in offs.items() if n.startswith("stage"))
-    assert len(stages) == len(sizes)
-    for (o, n), size in zip(stages, sizes):
-        assert not [b for b, ob in offs.items() if b != n and o <= ob < o + 2 * size], n
     # weight prefetch: every fp8 linear and router task names its region, 16-byte aligned
     assert "cp.async.bulk.prefetch.L2" in src
     pf = st._prefetch_table()

@@ -17,8 +17,8 @@ Four launches, no host round trip; only experts that received tokens read their 
    max_slots*split): y = h @ down^T for 16 output features, times TokW[e, t], atomically added
    into Y [T, H] f32 (a partial sum over this rank's experts).
 
-The persistent step stages x (gate/up) and Hb[slot] (down, Config.x_stage) in a shared-memory block
-it owns, so the mainloop's x loads come from shared memory instead of one L2 round trip per chunk.
+The persistent step stages x (gate/up) and Hb[slot] (down, Config.x_stage) in shared memory, kept
+live across the task's items, so the mainloop's x loads skip one L2 round trip per k chunk.
 
 Expert stacks: gate_up blocks [E, 2I, H/2] (gate rows then up rows), scales [E, 2I, H/32];
 down blocks [E, H, I/2], scales [E, H, I/32]; router weight f32 [E_total, H], bias f32 [E_total].

@@ -20,7 +20,6 @@ arrival counters, attention partials) belong to their node.
 """
 
 # no `from __future__ import annotations`: TileLang evaluates the prim_func annotations
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,7 +50,6 @@ class NodeProgram:
     bodies: Callable[[], dict[str, Any]]  # opcode name -> T.macro(V, c0, c1, c2); built lazily
     tensors: list[torch.Tensor] = field(default_factory=list)
     opcodes: tuple[str, ...] = ()  # the opcodes `bodies` provides
-    stage: int = 0  # bf16 elements of a shared-memory block the kernel owns and hands the bodies as V[-1]
     # (opcode name, c0, c1, c2) -> (address, bytes per row, rows, row stride) of the weights the task
     # reads, or None: the persistent loop prefetches the next task's region into L2 during waits
     prefetch: Callable[[str, int, int, int], tuple[int, int, int, int] | None] | None = None
@@ -303,7 +301,7 @@ def persistent_attn_config(a: Mapping[str, Any], B: int) -> Any:
 
 
 PREFETCH_MAX_BYTES = 256 * 1024  # the largest weight region one task prefetches into L2 (132 SMs: 33 MB)
-MOE_STAGE_BYTES = 48 * 1024  # the MoE x stage: B=1 (12 KB) and B=4 fit beside the bodies' own buffers
+MOE_STAGE_BYTES = 96 * 1024  # the most shared memory an MoE body stages its x rows in (B = 8 at H = 6144)
 
 
 def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
@@ -326,12 +324,11 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         raise PersistentError(f"{n.op}: the persistent MoE body needs MXFP4 expert stacks")
     if a.get("n_group", 1) > 1 or T > moe.TP or H % 256 or In % 128:
         raise PersistentError(f"{n.op} T={T} H={H} I={In} groups={a.get('n_group', 1)}: off the MoE body's contract")
-    # x (gate/up) and Hb[slot] (down) staged in a kernel-owned shared block: the mainloop then reads
-    # x from shared memory instead of paying an L2 round trip per k chunk (T x lcm(H, I) bf16)
-    stage = T * math.lcm(H, In)
-    stage = stage if stage * 2 <= MOE_STAGE_BYTES else 0
+    # x (gate/up) and Hb[slot] (down) staged in shared memory: the mainloop then reads x there
+    # instead of paying an L2 round trip per k chunk
+    stage_x, stage_h = T * H * 2 <= MOE_STAGE_BYTES, T * In * 2 <= MOE_STAGE_BYTES
     cfg = moe.Config(T, H, In, E, EL, k, a.get("expert_offset", 0), a.get("scaling", 1.0), a.get("normalize", True),
-                     cta_threads=256, x_stage=stage > 0)  # fmt: skip
+                     cta_threads=256, x_stage=stage_h)  # fmt: skip
     til = moe.tiling(T, H, In, EL, k)
     eps = a.get("norm_eps")
     extra = list(n.inputs[5:])
@@ -389,30 +386,43 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         def topk(V, c0, c1, c2):
             route_body(V[8], V[3], V[9], V[10], V[11], V[12], V[13])
 
+        # A stage is read by every item of the task's loop, and the items' own buffers (the mainloop's
+        # reduction, c_s) are written in between. TileLang's merge places buffers by first and last
+        # use in statement order, so a stage touched last inside the loop could share their bytes
+        # from the second item on: `keep` touches it once more after the loop (Count is never
+        # negative), which makes it live across the whole loop.
+        @T_.macro
+        def keep(buf, V):
+            if V[13][0] < 0:
+                buf[0, 0] = T_.cast(0, "bfloat16")
+
         @T_.macro
         def gate_up(V, j, c1, c2):  # items j, j + gu_tasks, ... of the Count x gu_tiles active ones
-            if stage:  # the x rows once per task (every item of the task reads all of them)
-                xs = T_.view(V[-1], shape=(stage // H, H))
+            if stage_x:  # the x rows once per task (every item of the task reads all of them)
+                xs = T_.alloc_shared((T, H), "bfloat16")
                 for i, c in T_.Parallel(T, H):
                     xs[i, c] = V[1][i, c]
                 T_.sync_threads()
             for u in T_.serial(til.gu_steps):
                 w = j + u * til.gu_tasks
                 if w < V[13][0] * til.gu_tiles:
-                    gate_up_tile(xs if stage else V[1], V[4], V[5], V[12], V[13], V[14], w // til.gu_tiles,
+                    gate_up_tile(xs if stage_x else V[1], V[4], V[5], V[12], V[13], V[14], w // til.gu_tiles,
                                  w % til.gu_tiles)  # fmt: skip
+            if stage_x:
+                keep(xs, V)
 
         per_slot = til.down_tiles * til.down_split
 
         @T_.macro
         def down(V, j, c1, c2):
-            if stage:
-                hs = T_.view(V[-1], shape=(stage // In, In))
+            if stage_h:
+                hs = T_.alloc_shared((T, In), "bfloat16")
                 staged = T_.alloc_var("int32")
                 staged = -1
+                keep(hs, V)
             for u in T_.serial(til.down_steps):
                 w = j + u * til.down_tasks
-                if stage:  # Hb[slot] rows into the stage when the slot changes (barriers outside the if)
+                if stage_h:  # Hb[slot] rows into the stage when the slot changes (barriers outside the if)
                     T_.sync_threads()
                     if w < V[13][0] * per_slot and w // per_slot != staged:
                         for i, c in T_.Parallel(T, In):
@@ -420,8 +430,10 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
                         staged = w // per_slot
                     T_.sync_threads()
                 if w < V[13][0] * per_slot:
-                    down_tile(hs if stage else V[14], V[6], V[7], V[12], V[13], V[11], V[15], w // per_slot,
+                    down_tile(hs if stage_h else V[14], V[6], V[7], V[12], V[13], V[11], V[15], w // per_slot,
                               (w % per_slot) // til.down_split, w % til.down_split)  # fmt: skip
+            if stage_h:
+                keep(hs, V)
 
         @T_.macro
         def reduce(V, c, c1, c2):
@@ -443,7 +455,7 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         return wr.data_ptr() + e0 * H * 4, H * 4, min(moe.ROUTER_E, E - e0), H * 4
 
     return NodeProgram(key, specs, bodies, ts, ("MOE_ROUTER", "MOE_TOPK", "MOE_GATE_UP", "MOE_DOWN", "MOE_REDUCE"),
-                       stage, prefetch)  # fmt: skip
+                       prefetch=prefetch)  # fmt: skip
 
 
 def _elementwise_program(cfg: Any, opcode: str, specs: list[ViewSpec], ts: list[torch.Tensor],
@@ -647,23 +659,14 @@ def make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, max_tasks: in
     for k, (c, bodies) in enumerate(zip(classes, built)):
         for name, body in bodies.items():
             by_opcode.setdefault(name, []).append((k, body, c))
-    # Shared blocks the kernel owns (NodeProgram.stage), one per size. TileLang's aggressive merge
-    # places buffers by their first and last use in statement order, which is wrong for a block a
-    # body keeps across the iterations of its own loop; a block touched before and after the task
-    # loop is live for the whole launch, so no body's buffer ever shares its bytes.
-    stage_sizes = sorted({c.stage for c in classes if c.stage})
-    pinned = len(stage_sizes) > 0
 
     def opcode_body(cases: list[tuple[int, Any, NodeProgram]]) -> Any:
         def case(k: int, body: Any, c: NodeProgram) -> tuple[Any, Any]:
-            specs, at = c.specs, stage_sizes.index(c.stage) if c.stage else -1
+            specs = c.specs
 
             @T.macro
             def run(bufs, op, c0, c1, c2):
-                if at < 0:
-                    body(make_views(bufs[1], op, specs), c0, c1, c2)
-                else:
-                    body(make_views(bufs[1], op, specs) + (bufs[2][at],), c0, c1, c2)
+                body(make_views(bufs[1], op, specs), c0, c1, c2)
 
             return k, run
 
@@ -673,12 +676,6 @@ def make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, max_tasks: in
     bodies.setdefault("BARRIER", _noop())
     loop = make_persistent_loop(bodies, max_tasks=max_tasks, timeout_cycles=timeout_cycles or DEFAULT_TIMEOUT_CYCLES,
                                 prefetch=True)  # fmt: skip
-
-    @T.macro
-    def pin(Epoch, stages):  # a touch the compiler cannot drop (the epoch is never negative)
-        if Epoch[0] < 0:
-            for stage in stages:
-                stage[0] = T.cast(0, "bfloat16")
 
     @T.prim_func
     def tilert_step(
@@ -692,12 +689,7 @@ def make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, max_tasks: in
         Prefetch: T.Tensor((num_sms, max_tasks, 4), "int64"),
     ):
         with T.Kernel(num_sms, threads=PERSISTENT_THREADS) as sm:
-            stages = tuple(T.alloc_shared((n,), "bfloat16") for n in stage_sizes)
-            if pinned:
-                pin(Epoch, stages)
-            loop(sm, Tasks, Counters, Err, Epoch, Trace, (NodeClass, Ptrs, stages), Prefetch)
-            if pinned:
-                pin(Epoch, stages)
+            loop(sm, Tasks, Counters, Err, Epoch, Trace, (NodeClass, Ptrs), Prefetch)
 
     return tilert_step
 
