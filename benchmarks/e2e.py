@@ -89,21 +89,6 @@ def pin_routing(params: dict, world: int) -> dict:
     return params
 
 
-def truncated(cfg, layers: int):
-    """The model with only its first `layers` layers (same shapes, same layer kinds in order; the
-    drafter's target layers clamped into range): a quick full-width check of the kernels."""
-    import dataclasses
-
-    n = cfg.num_hidden_layers
-    if not 1 <= layers <= n:
-        raise SystemExit(f"--layers {layers}: {cfg.name} has 1..{n} layers")
-    cut = {f.name: getattr(cfg, f.name)[:layers] for f in dataclasses.fields(cfg)
-           if isinstance(getattr(cfg, f.name), tuple) and len(getattr(cfg, f.name)) == n}  # fmt: skip
-    ids = sorted({min(i, layers - 1) for i in cfg.dflash.target_layer_ids})
-    dflash = dataclasses.replace(cfg.dflash, target_layer_ids=tuple(ids))
-    return dataclasses.replace(cfg, num_hidden_layers=layers, dflash=dflash, **cut)
-
-
 def diff_nodes(st, rt, g, inputs, tol: float = 0.1) -> list[dict]:
     """Every node output of the persistent step (its last run) against the eager runtime's on the same
     inputs: relative error (float64 norms) per value, in graph order. A kernel bug shows as the first
@@ -262,7 +247,7 @@ def main() -> None:
     a = ap.parse_args()
     cfg = load_config(a.model)
     if a.layers:
-        cfg = truncated(cfg, a.layers)
+        cfg = cfg.first_layers(a.layers)
     max_seq = a.context + 64
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)

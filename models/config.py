@@ -7,7 +7,7 @@ field is checked on load; a bad or missing field raises ConfigError naming it.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -128,6 +128,21 @@ class ModelConfig:
     def rope_dim(self, head_dim: int) -> int:
         d = int(round(self.partial_rotary_factor * head_dim))
         return d - d % 2
+
+    def first_layers(self, n: int) -> ModelConfig:
+        """The model cut to its first `n` layers: same widths and layer kinds in order, the drafter's
+        target layers clamped into range. A quick full-width check of kernels (benchmarks/e2e.py
+        --layers) without a full model's weights or compile of every layer's tasks."""
+        L = self.num_hidden_layers
+        if not 1 <= n <= L:
+            raise ConfigError(f"{self.name} has 1..{L} layers, not {n}")
+        cut = {f.name: getattr(self, f.name)[:n] for f in fields(self)
+               if isinstance(getattr(self, f.name), tuple) and len(getattr(self, f.name)) == L}  # fmt: skip
+        dflash = self.dflash
+        if dflash is not None:
+            ids = tuple(sorted({min(i, n - 1) for i in dflash.target_layer_ids}))
+            dflash = replace(dflash, target_layer_ids=ids)
+        return replace(self, num_hidden_layers=n, dflash=dflash, **cut)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}

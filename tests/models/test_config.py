@@ -93,3 +93,14 @@ def test_config_round_trip(tmp_path):
         p.write_text(json.dumps(c.to_dict()))
         c2 = load_config(p)
         assert c2.to_dict() | {"name": name} == c.to_dict()
+
+
+def test_first_layers_keeps_widths_and_layer_kinds():
+    cfg = load_config("mimo-v2.5-pro")
+    cut = cfg.first_layers(4)
+    assert cut.num_hidden_layers == 4 and cut.hidden_size == cfg.hidden_size
+    assert [cut.is_sliding(i) for i in range(4)] == [cfg.is_sliding(i) for i in range(4)]
+    assert [cut.is_moe(i) for i in range(4)] == [cfg.is_moe(i) for i in range(4)] == [False, True, True, True]
+    assert max(cut.dflash.target_layer_ids) == 3
+    with pytest.raises(ConfigError, match="1..70 layers"):
+        cfg.first_layers(71)
