@@ -23,6 +23,31 @@ from tilert.numerics import mxfp4  # noqa: E402
 from tilert.runtime.persistent import chain  # noqa: E402
 
 
+def task_times(pk: chain.PersistentChain) -> dict:
+    """Median body time (ready -> end) and wait (start -> ready) of the GEMM tasks in the last
+    launch's per-task trace: the body alone, whatever the dependencies cost."""
+    import numpy as np
+
+    from tilert.plan import FIELD, OPCODES
+
+    pk.launch(torch.zeros(1, pk.spec.n, dtype=torch.bfloat16, device="cuda"))
+    torch.cuda.synchronize()
+    tr, ops = pk.trace.cpu().numpy(), pk.tasks.cpu().numpy()[:, :, FIELD["opcode"]]
+    sel = ops == OPCODES[chain.GEMM]
+    run, wait = (tr[:, :, 1] - tr[:, :, 2])[sel], (tr[:, :, 2] - tr[:, :, 0])[sel]
+    return {"gemm_task_us": float(np.median(run)) / 1e3, "gemm_wait_us": float(np.median(wait)) / 1e3}
+
+
+def precompile(layers: int, m: int, n: int, queues: int = 132) -> None:
+    """Build the chain kernel without a GPU (fills the kernel cache)."""
+    from tilert.kernels.common import build
+    from tilert.runtime.persistent.megakernel import PERSISTENT_PASS_CONFIGS
+
+    spec = chain.ChainSpec(layers=layers, m=m, n=n, num_sms=queues)
+    table, n_counters = chain.chain_table(spec)
+    build(chain.make_kernel(spec, table.shape[1], n_counters), pass_configs=PERSISTENT_PASS_CONFIGS)
+
+
 def bench(layers: int, m: int, n: int, bw: float, queues: int = 132) -> dict:
     spec = chain.ChainSpec(layers=layers, m=m, n=n, num_sms=queues)
     W, S = mxfp4.quantize(torch.randn(layers, n, n, device="cuda") * n**-0.5)
@@ -33,6 +58,7 @@ def bench(layers: int, m: int, n: int, bw: float, queues: int = 132) -> dict:
     err = float((y - ref).norm() / ref.norm())
     t_pk = time_cuda(lambda: pk.launch(x))
     pk.check()
+    body = task_times(pk)
     t_eager = time_cuda(lambda: chain.eager_chain(x, W, S, spec))
     g = torch.cuda.CUDAGraph()
     chain.eager_chain(x, W, S, spec)
@@ -58,12 +84,14 @@ def bench(layers: int, m: int, n: int, bw: float, queues: int = 132) -> dict:
         "persistent_over_floor": t_pk / floor,
         "gemm_config": repr(spec.gemm),
         "queues": queues,
+        **body,
     }
     print(
         f"Q={queues} L={layers:3d} M={m:2d} N={n}: persistent {t_pk:.3f} ms | eager {t_eager:.3f} | "
         f"graph {t_graph:.3f} | "
         f"floor {floor:.3f} | x{t_eager / t_pk:.2f} vs eager, x{t_graph / t_pk:.2f} vs graph, "
-        f"{t_pk / floor:.2f}x floor, err {err:.1e}",
+        f"{t_pk / floor:.2f}x floor, err {err:.1e}; a GEMM task runs {body['gemm_task_us']:.1f} us "
+        f"(median, waits excluded) and waits {body['gemm_wait_us']:.1f} us",
         flush=True,
     )
     return row
@@ -76,7 +104,17 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=6144)
     ap.add_argument("--queues", type=int, nargs="+", default=[132], help="task queues (CTAs); >132 = several per SM")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--precompile", action="store_true", help="only build the kernels (no GPU needed)")
     a = ap.parse_args()
+    if a.precompile:
+        from tilert.kernels import mxfp4_gemm
+
+        for q in a.queues:
+            for L in a.layers:
+                for m in a.m:
+                    precompile(L, m, a.n, q)
+                    mxfp4_gemm.compiled(chain.ChainSpec(layers=L, m=m, n=a.n, num_sms=q).gemm)
+        return
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
     rows = [bench(L, m, a.n, bw, q) for q in a.queues for L in a.layers for m in a.m]
