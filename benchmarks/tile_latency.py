@@ -13,7 +13,7 @@ prefetch. Writes benchmarks/results/tile-latency-<device>.json.
 reads them: tells latency of the body from the cost of cold L2 and TLB.
 """
 
-# no `from __future__ import annotations`: TileLang evaluates the prim_func annotations
+from __future__ import annotations
 
 import argparse
 import sys
@@ -33,32 +33,11 @@ def configs(k: int, per_sm: list[int]) -> list[tuple[int, mx.Config]]:
 
 
 def padded_kernel(c: mx.Config, pad_kb: int):
-    """The standalone tile kernel with `pad_kb` KB more dynamic shared memory, as a CTA of the
-    persistent kernel holds (its largest body's buffers): the SM's unified L1/shared memory then
-    leaves that much less L1 for the body's loads in flight."""
-    import tilelang.language as T
-
+    """The standalone tile kernel beside `pad_kb` KB more dynamic shared memory, as a CTA of the
+    persistent kernel holds (its largest body's buffers), leaving the SM that much less L1."""
     from tilert.kernels.common import build
 
-    body = mx.make_body(c)
-    M, N, K = c.m, c.n, c.k
-
-    @T.prim_func
-    def mxfp4_gemm_padded(
-        X: T.Tensor((M, K), "bfloat16"),
-        W: T.Tensor((N, K // 2), "uint8"),
-        S: T.Tensor((N, K // 32), "uint8"),
-        Y: T.Tensor((M, N), "float32"),
-    ):
-        with T.Kernel(N // 16, 1, threads=c.threads) as (bx, by):
-            pad = T.alloc_shared((pad_kb * 256,), "float32")
-            tx = T.get_thread_binding()
-            pad[tx * (pad_kb * 256 // c.threads)] = T.cast(X[0, tx], "float32")
-            body(X, W, S, Y, bx, 0, 0)
-            if Y[0, 0] == 12345.0:  # never: keeps the pad block from being dropped
-                Y[0, 1] = pad[tx * (pad_kb * 256 // c.threads)]
-
-    return build(mxfp4_gemm_padded)
+    return build(mx.make_kernel(c, extra_shared_kb=pad_kb))
 
 
 PADS = [100, 200]  # KB of extra shared memory (the persistent step kernel holds about 216 KB)

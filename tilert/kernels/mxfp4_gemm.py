@@ -247,12 +247,16 @@ def make_body(cfg: Config):
     return mxfp4_tile
 
 
-def make_kernel(cfg: Config):
-    """Standalone launcher: grid (n tiles, m tiles * split_k), one body call per CTA."""
+def make_kernel(cfg: Config, extra_shared_kb: int = 0):
+    """Standalone launcher: grid (n tiles, m tiles * split_k), one body call per CTA. With
+    `extra_shared_kb`, each CTA also holds that much more dynamic shared memory (so the SM keeps
+    that much less L1), as a CTA of the persistent kernel does: benchmarks/tile_latency.py."""
     import tilelang.language as T
 
     body = make_body(cfg)
     M, N, K = cfg.m, cfg.n, cfg.k
+    pad = extra_shared_kb * 256  # float32 words
+    stride = max(1, pad // cfg.threads)
 
     @T.prim_func
     def mxfp4_gemm(
@@ -262,7 +266,14 @@ def make_kernel(cfg: Config):
         Y: T.Tensor((M, N), "float32"),
     ):
         with T.Kernel(cdiv(N, cfg.block_n), (M // cfg.block_m) * cfg.split_k, threads=cfg.threads) as (bx, by):
+            if pad:
+                block = T.alloc_shared((pad,), "float32")
+                tx = T.get_thread_binding()
+                block[tx * stride] = T.cast(X[0, tx], "float32")
             body(X, W, S, Y, bx, by // cfg.split_k, by % cfg.split_k)
+            if pad:
+                if Y[0, 0] == 12345.0:  # never: keeps the block from being dropped
+                    Y[0, 1] = block[tx * stride]
 
     return mxfp4_gemm
 
