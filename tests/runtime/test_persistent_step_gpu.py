@@ -89,6 +89,17 @@ def test_engine_on_persistent_backend_keeps_sequences_apart() -> None:
 def test_two_ranks_on_one_gpu_match_reference() -> None:
     """World 2 with real collectives: both ranks' persistent programs run at once (66 SMs each) and
     exchange through peer buffers (all-reduces, the MoE reduce, the cross-rank argmax, all-gather)."""
+    two_ranks_match_reference(None)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_two_ranks_on_two_gpus_match_reference() -> None:
+    """The same with each rank on its own GPU (a whole GPU each): the collectives write the other
+    GPU's inboxes and arrival counters through NVLink peer access."""
+    two_ranks_match_reference(["cuda:0", "cuda:1"])
+
+
+def two_ranks_match_reference(devices: list[str] | None) -> None:
     from tilert.models.binding import bind_params
     from tilert.models.builder import build_step_graph
     from tilert.runtime.persistent.backend import compile_ranks
@@ -103,9 +114,11 @@ def test_two_ranks_on_one_gpu_match_reference() -> None:
     def step(tokens: torch.Tensor, pos: torch.Tensor, mode: str) -> list[dict]:
         key = (len(tokens), mode)
         if key not in progs:
-            graphs, scheds = compile_ranks(build_step_graph(cfg, tokens=len(tokens), mode=mode, max_seq=256), 256, 2)
-            params = [{k: v.to("cuda") for k, v in bind_params(rg, w, {}).items()} for rg in graphs]
-            progs[key] = MultiRankStep(graphs, scheds, params, states=states)
+            graphs, scheds = compile_ranks(build_step_graph(cfg, tokens=len(tokens), mode=mode, max_seq=256), 256, 2,
+                                           gpus=1 if devices is None else 2)  # fmt: skip
+            devs = devices or ["cuda", "cuda"]
+            params = [{k: v.to(d) for k, v in bind_params(rg, w, {}).items()} for rg, d in zip(graphs, devs)]
+            progs[key] = MultiRankStep(graphs, scheds, params, states=states, devices=devices)
         return progs[key].run({"tokens": tokens, "positions": pos})
 
     def compare(a: dict, outs: list[dict]) -> None:

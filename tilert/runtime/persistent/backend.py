@@ -31,14 +31,17 @@ def compile_step(g: Graph, max_seq: int, world: int = 1, rank: int = 0) -> tuple
     return graphs[rank], ctx.results["schedule"][rank]
 
 
-def compile_ranks(g: Graph, max_seq: int, world: int, sms: int = 132) -> tuple[list[Graph], list[Any]]:
-    """Every rank's graph and Schedule for `world` ranks sharing one GPU (sms // world SMs each)."""
+def compile_ranks(g: Graph, max_seq: int, world: int, sms: int = 132, gpus: int = 1) -> tuple[list[Graph], list[Any]]:
+    """Every rank's graph and Schedule for `world` ranks on `gpus` GPUs of `sms` SMs each (one GPU:
+    sms // world SMs per rank; gpus = world: a whole GPU per rank)."""
     import dataclasses
 
     from tilert.gpu_specs import H200
     from tilert.passes import PassContext, compile_graph
 
-    ctx = PassContext(gpu=dataclasses.replace(H200, sms=sms // world), world=world, max_seq=max_seq)
+    if world % gpus:
+        raise ValueError(f"{world} ranks do not split evenly over {gpus} GPUs")
+    ctx = PassContext(gpu=dataclasses.replace(H200, sms=sms * gpus // world), world=world, max_seq=max_seq)
     graphs = compile_graph(g, ctx)
     return graphs, [ctx.results["schedule"][r] for r in range(world)]
 

@@ -63,18 +63,51 @@ def _tl_dtype(t: torch.Tensor) -> str:
 class PeerGroup:
     """The buffers the ranks of one process exchange through (kernels/peer_collective.py): per
     collective node, every rank's inbox (one slot per source rank) and arrival counters. Ranks ask
-    for the same node in the same shapes; the first request allocates it for all of them."""
+    for the same node in the same shapes; the first request allocates it for all of them. With
+    `devices`, rank r's buffers live on devices[r] and the other ranks' kernels write them through
+    peer access (NVLink P2P; `enable_peer_access`)."""
 
-    def __init__(self, world: int, device: str | torch.device = "cuda") -> None:
+    def __init__(self, world: int, device: str | torch.device = "cuda",
+                 devices: Sequence[str | torch.device] | None = None) -> None:  # fmt: skip
         self.world, self.device = world, torch.device(device)
+        self.devices = [torch.device(d) for d in devices] if devices is not None else [self.device] * world
+        if len(self.devices) != world:
+            raise PersistentError(f"{len(self.devices)} devices for {world} ranks")
         self._bufs: dict[tuple, list[torch.Tensor]] = {}
 
     def buffers(self, key: tuple, shape: Sequence[int], dtype: torch.dtype) -> list[torch.Tensor]:
-        """One zero-filled tensor per rank for (key, shape, dtype)."""
+        """One zero-filled tensor per rank for (key, shape, dtype), rank r's on its device."""
         k = (key, tuple(shape), dtype)
         if k not in self._bufs:
-            self._bufs[k] = [torch.zeros(tuple(shape), dtype=dtype, device=self.device) for _ in range(self.world)]
+            self._bufs[k] = [torch.zeros(tuple(shape), dtype=dtype, device=d) for d in self.devices]
         return self._bufs[k]
+
+
+def enable_peer_access(devices: Sequence[torch.device]) -> None:
+    """Let every listed GPU's kernels read and write every other's memory (cudaDeviceEnablePeerAccess,
+    through cupy, the GPU extra); a pair without a P2P path raises naming it."""
+    ids = sorted({d.index if d.index is not None else torch.cuda.current_device() for d in devices})
+    if len(ids) < 2:
+        return
+    for a in ids:
+        for b in ids:
+            if a != b and not torch.cuda.can_device_access_peer(a, b):
+                raise PersistentError(f"GPU {a} cannot access GPU {b}'s memory (no P2P path): ranks on "
+                                      f"separate GPUs exchange through peer memory")  # fmt: skip
+    try:
+        import cupy
+    except ImportError as e:
+        raise PersistentError("ranks on separate GPUs need cupy (pip install 'tilert[gpu]') to enable "
+                              "peer access") from e  # fmt: skip
+    for a in ids:
+        with cupy.cuda.Device(a):
+            for b in ids:
+                if a != b:
+                    try:
+                        cupy.cuda.runtime.deviceEnablePeerAccess(b)
+                    except cupy.cuda.runtime.CUDARuntimeError as e:  # already enabled is fine
+                        if "AlreadyEnabled" not in str(e) and "already" not in str(e).lower():
+                            raise PersistentError(f"enabling GPU {a} -> GPU {b} peer access failed: {e}") from e
 
 
 class Bindings:
@@ -890,36 +923,48 @@ class PersistentStep:
 
 class MultiRankStep:
     """The ranks of one step in one process: one persistent program per rank, each on its own CUDA
-    stream so all are resident at once (each compiled for its share of the SMs), exchanging through
-    a PeerGroup (kernels/peer_collective.py). Every rank gets the same inputs (SPMD), as with
-    torchrun; `states[r]` are rank r's KV caches, shared by the programs of every step shape."""
+    stream so all are resident at once, exchanging through a PeerGroup (kernels/peer_collective.py).
+    On one GPU (`device`) each rank is compiled for its share of the SMs (`compile_ranks`); with
+    `devices` rank r runs on devices[r] with the whole GPU (`compile_ranks(..., gpus=world)`) and
+    the collectives write the other GPUs' inboxes through peer access. Every rank gets the same
+    inputs (SPMD), as with torchrun; `states[r]` are rank r's KV caches, shared by the programs of
+    every step shape; `params[r]` must live on rank r's device."""
 
     def __init__(self, graphs: Sequence[Graph], schedules: Sequence[Any], params: Sequence[Mapping[str, Any]],
                  device: str = "cuda", states: Sequence[dict[str, torch.Tensor]] | None = None,
-                 num_sms: int | None = None) -> None:  # fmt: skip
+                 num_sms: int | None = None, devices: Sequence[str] | None = None) -> None:  # fmt: skip
         world = len(graphs)
-        dev = torch.device(device)
-        total = sum(int(s.table.shape[0]) for s in schedules)
-        sms = num_sms or torch.cuda.get_device_properties(dev).multi_processor_count
-        if total > sms:
-            raise PersistentError(f"{world} ranks need {total} SM queues together; this GPU has {sms} SMs "
-                                  f"(compile each rank for {sms // world} SMs)")  # fmt: skip
-        self.group = PeerGroup(world, dev)
+        devs = [torch.device(d) for d in devices] if devices is not None else [torch.device(device)] * world
+        if len(devs) != world:
+            raise PersistentError(f"{len(devs)} devices for {world} ranks")
+        for d in set(devs):
+            total = sum(int(s.table.shape[0]) for s, dr in zip(schedules, devs) if dr == d)
+            sms = num_sms or torch.cuda.get_device_properties(d).multi_processor_count
+            if total > sms:
+                n = devs.count(d)
+                raise PersistentError(f"{n} ranks on {d} need {total} SM queues together; it has {sms} SMs "
+                                      f"(compile each rank for {sms // n} SMs)")  # fmt: skip
+        if devices is not None and devs[0].type == "cuda":
+            enable_peer_access(devs)
+        self.devices = devs
+        self.group = PeerGroup(world, devs[0], devices=devs if devices is not None else None)
         states = states if states is not None else [{} for _ in range(world)]
-        self.ranks = [PersistentStep(g, s.table, s.counter_expected, p, device, states=st, group=self.group, rank=r,
+        self.ranks = [PersistentStep(g, s.table, s.counter_expected, p, str(d), states=st, group=self.group, rank=r,
                                      num_sms=num_sms)  # fmt: skip
-                      for r, (g, s, p, st) in enumerate(zip(graphs, schedules, params, states))]
-        self.streams = [torch.cuda.Stream(dev) for _ in range(world)] if dev.type == "cuda" else []
-        if dev.type == "cuda":  # every rank's kernel loaded before any runs: they spin on each other
+                      for r, (g, s, p, st, d) in enumerate(zip(graphs, schedules, params, states, devs))]
+        self.streams = [torch.cuda.Stream(d) for d in devs] if devs[0].type == "cuda" else []
+        if devs[0].type == "cuda":  # every rank's kernel loaded before any runs: they spin on each other
             for st in self.ranks:
-                st.preload()
+                with torch.cuda.device(st.device):
+                    st.preload()
 
     def run(self, inputs: Mapping[str, Any]) -> list[dict[str, torch.Tensor]]:
         """One step on every rank (all launched before any is waited for); outputs per rank."""
         for st, stream in zip(self.ranks, self.streams):
-            with torch.cuda.stream(stream):
+            with torch.cuda.device(st.device), torch.cuda.stream(stream):
                 st.launch(inputs)
-        torch.cuda.synchronize()
+        for d in dict.fromkeys(self.devices):
+            torch.cuda.synchronize(d)
         for r, st in enumerate(self.ranks):
             try:
                 st.check()
