@@ -688,15 +688,13 @@ def make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, max_tasks: in
     from tilert.runtime.persistent.megakernel import DEFAULT_TIMEOUT_CYCLES, if_chain, make_persistent_loop
 
     built = [c.bodies() for c in classes]
-    by_opcode: dict[str, list[tuple[int, Any, NodeProgram]]] = {}
+    by_opcode: dict[str, list[tuple[int, Any, list[ViewSpec]]]] = {}
     for k, (c, bodies) in enumerate(zip(classes, built)):
         for name, body in bodies.items():
-            by_opcode.setdefault(name, []).append((k, body, c))
+            by_opcode.setdefault(name, []).append((k, body, c.specs))
 
-    def opcode_body(cases: list[tuple[int, Any, NodeProgram]]) -> Any:
-        def case(k: int, body: Any, c: NodeProgram) -> tuple[Any, Any]:
-            specs = c.specs
-
+    def opcode_body(cases: list[tuple[int, Any, list[ViewSpec]]]) -> Any:
+        def case(k: int, body: Any, specs: list[ViewSpec]) -> tuple[Any, Any]:
             @T.macro
             def run(bufs, op, c0, c1, c2):
                 body(make_views(bufs[1], op, specs), c0, c1, c2)
@@ -952,19 +950,29 @@ class MultiRankStep:
         self.ranks = [PersistentStep(g, s.table, s.counter_expected, p, str(d), states=st, group=self.group, rank=r,
                                      num_sms=num_sms)  # fmt: skip
                       for r, (g, s, p, st, d) in enumerate(zip(graphs, schedules, params, states, devs))]
+        self.multi_gpu = devices is not None
         self.streams = [torch.cuda.Stream(d) for d in devs] if devs[0].type == "cuda" else []
         if devs[0].type == "cuda":  # every rank's kernel loaded before any runs: they spin on each other
             for st in self.ranks:
-                with torch.cuda.device(st.device):
+                with self._on(st):
                     st.preload()
+
+    def _on(self, st: PersistentStep) -> Any:
+        """The rank's GPU as the current device (ranks on separate GPUs; a no-op on one GPU)."""
+        import contextlib
+
+        return torch.cuda.device(st.device) if self.multi_gpu else contextlib.nullcontext()
 
     def run(self, inputs: Mapping[str, Any]) -> list[dict[str, torch.Tensor]]:
         """One step on every rank (all launched before any is waited for); outputs per rank."""
         for st, stream in zip(self.ranks, self.streams):
-            with torch.cuda.device(st.device), torch.cuda.stream(stream):
+            with self._on(st), torch.cuda.stream(stream):
                 st.launch(inputs)
-        for d in dict.fromkeys(self.devices):
-            torch.cuda.synchronize(d)
+        if self.multi_gpu:
+            for d in dict.fromkeys(self.devices):
+                torch.cuda.synchronize(d)
+        else:
+            torch.cuda.synchronize()
         for r, st in enumerate(self.ranks):
             try:
                 st.check()
