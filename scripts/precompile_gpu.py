@@ -1,10 +1,14 @@
 """Fill a kernel cache with the whole-step persistent kernels the GPU tests and benchmarks load, on a
 machine without a GPU (meta tensors), so a short GPU session spends its time running, not
-compiling. Usage: TILERT_KERNEL_CACHE=DIR python scripts/precompile_gpu.py [--bench]
+compiling. Usage: TILERT_KERNEL_CACHE=DIR python scripts/precompile_gpu.py [--bench] [--diff-layers N]
+[--probes] [--jobs 2] [--prune]
 
 Builds tiny-gpu's step kernels at world 1 (decode B=1/4/6, verify B=4: the GPU tests' shapes) and
 world 2 (both ranks: the two-ranks-on-one-GPU test); with --bench also rank 0 of the 8-rank
-mimo-v2.5-pro decode and verify steps (benchmarks/e2e.py). TileLang's own nvcc cubin cache
+mimo-v2.5-pro decode and verify steps (benchmarks/e2e.py); with --diff-layers N the same steps of
+the model cut to its first N layers (`benchmarks/e2e.py --layers N --diff-nodes`); with --probes
+the kernels of benchmarks/tile_latency.py and persistent_chain.py (--layers 1 8 --m 1). Jobs run in
+`--jobs` processes (each compile is one nvcc process). TileLang's own nvcc cubin cache
 (cuda-binaries) is not needed once a kernel is cached, so --prune drops it to keep the cache small.
 """
 
@@ -13,32 +17,63 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tilert.models.config import load_config  # noqa: E402
-from tilert.runtime.persistent.backend import precompile  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 TINY = [(1, "decode", 1), (4, "decode", 1), (6, "decode", 1), (4, "verify", 1),
         (1, "decode", 2), (6, "decode", 2), (4, "verify", 2)]  # fmt: skip
 BENCH = [(1, "decode", 8), (8, "verify", 8)]
 
 
+def build_step(model: str, tokens: int, mode: str, max_seq: int, world: int, layers: int) -> str:
+    """One step kernel into the cache (runs in a worker process)."""
+    from tilert.models.config import load_config
+    from tilert.runtime.persistent.backend import precompile
+
+    t0 = time.time()
+    cfg = load_config(model)
+    if layers:
+        cfg = cfg.first_layers(layers)
+    precompile(cfg, tokens, mode, max_seq, world, peers=world > 1 and model == "tiny-gpu")
+    cut = f" ({layers} layers)" if layers else ""
+    return f"{model}{cut} {mode} B={tokens} world {world}: {time.time() - t0:.0f} s"
+
+
+def build_probes() -> str:
+    """The probe benchmarks' kernels (they have their own --precompile)."""
+    t0 = time.time()
+    for cmd in (["benchmarks/tile_latency.py", "--precompile"],
+                ["benchmarks/persistent_chain.py", "--precompile", "--layers", "1", "8", "--m", "1"]):  # fmt: skip
+        subprocess.run([sys.executable, *cmd], cwd=ROOT, check=True, capture_output=True)
+    return f"probes (tile_latency, persistent_chain): {time.time() - t0:.0f} s"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bench", action="store_true", help="also the mimo-v2.5-pro rank-0 steps of benchmarks/e2e.py")
+    ap.add_argument("--diff-layers", type=int, default=0, help="also those steps of the model cut to N layers")
+    ap.add_argument("--probes", action="store_true", help="also the tile_latency and persistent_chain kernels")
+    ap.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     ap.add_argument("--prune", action="store_true", help="drop TileLang's cubin cache afterwards")
     a = ap.parse_args()
-    jobs = [("tiny-gpu", t, m, 256, w) for t, m, w in TINY]
+    jobs = [("tiny-gpu", t, m, 256, w, 0) for t, m, w in TINY]
     if a.bench:
-        jobs += [("mimo-v2.5-pro", t, m, 4096 + 64, w) for t, m, w in BENCH]
-    for model, tokens, mode, max_seq, world in jobs:
-        t0 = time.time()
-        precompile(load_config(model), tokens, mode, max_seq, world, peers=world > 1 and model == "tiny-gpu")
-        print(f"{model} {mode} B={tokens} world {world}: {time.time() - t0:.0f} s", flush=True)
+        jobs += [("mimo-v2.5-pro", t, m, 4096 + 64, w, 0) for t, m, w in BENCH]
+    if a.diff_layers:
+        jobs += [("mimo-v2.5-pro", t, m, 4096 + 64, w, a.diff_layers) for t, m, w in BENCH]
+    with ProcessPoolExecutor(max_workers=max(1, a.jobs), mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(build_step, *j) for j in jobs]
+        if a.probes:
+            futures.append(pool.submit(build_probes))
+        for f in futures:
+            print(f.result(), flush=True)
     cache = Path(os.environ.get("TILERT_KERNEL_CACHE", "~/.cache/tilert/kernels")).expanduser()
     if a.prune:
         for d in cache.glob("*/cuda-binaries"):
