@@ -38,16 +38,6 @@ def task_times(pk: chain.PersistentChain) -> dict:
     return {"gemm_task_us": float(np.median(run)) / 1e3, "gemm_wait_us": float(np.median(wait)) / 1e3}
 
 
-def precompile(layers: int, m: int, n: int, queues: int = 132) -> None:
-    """Build the chain kernel without a GPU (fills the kernel cache)."""
-    from tilert.kernels.common import build
-    from tilert.runtime.persistent.megakernel import PERSISTENT_PASS_CONFIGS
-
-    spec = chain.ChainSpec(layers=layers, m=m, n=n, num_sms=queues)
-    table, n_counters = chain.chain_table(spec)
-    build(chain.make_kernel(spec, table.shape[1], n_counters), pass_configs=PERSISTENT_PASS_CONFIGS)
-
-
 def bench(layers: int, m: int, n: int, bw: float, queues: int = 132) -> dict:
     spec = chain.ChainSpec(layers=layers, m=m, n=n, num_sms=queues)
     W, S = mxfp4.quantize(torch.randn(layers, n, n, device="cuda") * n**-0.5)
@@ -112,7 +102,7 @@ def main() -> None:
         for q in a.queues:
             for L in a.layers:
                 for m in a.m:
-                    precompile(L, m, a.n, q)
+                    chain.build_chain(chain.ChainSpec(layers=L, m=m, n=a.n, num_sms=q))
                     mxfp4_gemm.compiled(chain.ChainSpec(layers=L, m=m, n=a.n, num_sms=q).gemm)
         return
     bw = copy_bandwidth()

@@ -12,6 +12,7 @@ convert(l, chunk) waits for all gemm(l) tiles, writes X[l+1] = bf16(Y[l]) and ze
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -151,14 +152,19 @@ def run_vm(spec: ChainSpec, x: torch.Tensor, W: torch.Tensor, S: torch.Tensor, e
     return X[spec.layers, : x.shape[0]]
 
 
+def build_chain(spec: ChainSpec) -> tuple[Any, torch.Tensor, int]:
+    """(compiled kernel, task table, counters) of the chain; needs no GPU (fills the kernel cache)."""
+    table, n_counters = chain_table(spec)
+    return build(make_kernel(spec, table.shape[1], n_counters), pass_configs=PERSISTENT_PASS_CONFIGS), table, n_counters
+
+
 class PersistentChain:
     """The compiled persistent chain on the GPU: one launch per step."""
 
     def __init__(self, spec: ChainSpec, W: torch.Tensor, S: torch.Tensor) -> None:
         self.spec = spec
-        table, n_counters = chain_table(spec)
+        self.kernel, table, n_counters = build_chain(spec)
         self.tasks = table.cuda()
-        self.kernel = build(make_kernel(spec, table.shape[1], n_counters), pass_configs=PERSISTENT_PASS_CONFIGS)
         dev = W.device
         self.counters = torch.zeros(n_counters, dtype=torch.int32, device=dev)
         self.err = torch.zeros(4, dtype=torch.int32, device=dev)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from tilert.kernels.common import DEVICE_PRELUDE
+from tilert.kernels.views import PERSISTENT_THREADS
 from tilert.plan import FIELD, OPCODES, WAITS
 from tilert.runtime.persistent.tasks import NONE
 
@@ -119,7 +120,7 @@ def make_persistent_loop(
 
     dispatch = make_dispatch(bodies)
     F = FIELD
-    others = 256 - 32  # the CTA's threads outside warp 0
+    others = PERSISTENT_THREADS - 32  # the CTA's threads outside warp 0 (prefetch: step kernels only)
 
     @T.macro
     def prefetch_region(pf, sm, t, tx):

@@ -20,6 +20,7 @@ arrival counters, attention partials) belong to their node.
 """
 
 # no `from __future__ import annotations`: TileLang evaluates the prim_func annotations
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -959,8 +960,6 @@ class MultiRankStep:
 
     def _on(self, st: PersistentStep) -> Any:
         """The rank's GPU as the current device (ranks on separate GPUs; a no-op on one GPU)."""
-        import contextlib
-
         return torch.cuda.device(st.device) if self.multi_gpu else contextlib.nullcontext()
 
     def run(self, inputs: Mapping[str, Any]) -> list[dict[str, torch.Tensor]]:
