@@ -60,7 +60,7 @@ def run(a: argparse.Namespace) -> None:
     st.check()
     classes = collections.defaultdict(list)
     for i, node in enumerate(g.nodes):
-        classes[int(st.node_class[i])].append(node.name)
+        classes[int(st.node_class[i])].append(f"{i}:{node.op}:{node.outputs[0]}")
     for k, names in sorted(classes.items()):
         print(f"class {k}: {len(names)} nodes, e.g. {names[:3]}")
     print(f"ran {a.launches} launches of {g.name}: {int((sched.table[:, :, 0] != 0).sum())} tasks")
