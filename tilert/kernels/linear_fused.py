@@ -34,6 +34,10 @@ from tilert.kernels.views import grid_launcher
 GEMV_M = 16  # fp8 linears with at most this many tokens run the register GEMV body
 GEMV_CHUNK = 64  # k elements per GEMV chunk: a quad of lanes x 16 fp8 bytes (one 16-byte load each)
 GEMV_X_BYTES = 96 * 1024  # most shared memory a GEMV task stages its x block in
+GEMV_STAGE_CHUNKS = 8  # most chunks per weight ring stage (64 rows x 8 chunks = 32 KB)
+GEMV_RING_BYTES = 128 * 1024  # most shared memory of the GEMV weight ring
+GEMV_SMEM_BYTES = 192 * 1024  # ring + x stage at most (scales and the reduction take up to 20 KB more)
+GEMV_ROW_PAD = 64  # bytes after each ring row: rows r and r + 1 fall in different banks
 
 
 @dataclass(frozen=True)
@@ -239,19 +243,35 @@ def make_body(spec: LinearSpec):
     return linear_tile
 
 
+def gemv_stages(spec: LinearSpec) -> tuple[int, int]:
+    """(chunks per ring stage, ring stages) of the GEMV body's weight ring: a stage is block_n rows
+    x up to GEMV_STAGE_CHUNKS chunks (a divisor of the task's chunks); as many stages as the task
+    has, up to GEMV_RING_BYTES and what GEMV_SMEM_BYTES leaves beside the x stage."""
+    nck = spec.k // GEMV_CHUNK // spec.split_k
+    sk = max(d for d in range(1, GEMV_STAGE_CHUNKS + 1) if nck % d == 0)
+    stage = spec.block_n * (sk * GEMV_CHUNK + GEMV_ROW_PAD)
+    mv = min(spec.block_m, spec.m)
+    x_bytes = (1 << (mv - 1).bit_length()) * (spec.k // spec.split_k) * 2
+    budget = min(GEMV_RING_BYTES, GEMV_SMEM_BYTES - x_bytes)
+    return sk, max(1, min(nck // sk, budget // stage))
+
+
 def make_gemv_body(spec: LinearSpec):
     """The register GEMV body for fp8 weights and m <= GEMV_M tokens (decode, DFlash verify).
 
-    No shared-memory weight tiles and no wgmma: each lane loads 16 fp8 bytes per (row, chunk)
-    straight into registers (up to 8 chunks in flight per warp), converts pairs to bf16 exactly
-    (tilert_e4m3x2) and feeds mma.sync m16n8k16 with 16 weight rows in the M slot and the tokens in
-    N ("swap AB", as kernels/mxfp4_gemm.py: the K order inside a chunk is permuted the same way for
-    w and x, so no shuffles). Each chunk's product is scaled by its rows' block scales in fp32 (more
-    exact than rounding w * scale to bf16). The block_n rows form block_n / 16 row groups; each group's
-    8 / groups warps split the task's chunks and reduce through shared memory. The task's x block
-    (its rows that can hold tokens x its k range, at most GEMV_X_BYTES) is staged in shared memory
-    once, normalised there with a norm (bf16(x * rstd * gamma), the prologue's rounding), so the
-    MMAs never wait on a global x load."""
+    Weights stream through a shared-memory ring of cp.async stages (`gemv_stages`: block_n rows x
+    up to 8 chunks each). The first stages are issued before anything else, so their DRAM latency
+    overlaps the norm prologue and x staging; then every stage is waited for, computed, and its
+    slot refilled with the stage a ring length ahead. Each lane reads 16 fp8 bytes per (row, chunk)
+    from the ring (rows padded so a quarter-warp's reads hit distinct banks), converts pairs to bf16
+    exactly (tilert_e4m3x2) and feeds mma.sync m16n8k16 with 16 weight rows in the M slot and the
+    tokens in N ("swap AB", as kernels/mxfp4_gemm.py: the K order inside a chunk is permuted the same
+    way for w and x, so no shuffles). Each chunk's product is scaled by its rows' block scales in fp32
+    (more exact than rounding w * scale to bf16); the task's scales are staged in shared memory once.
+    The block_n rows form block_n / 16 row groups; each group's 8 / groups warps split a stage's
+    chunks and reduce through shared memory. The task's x block (its rows that can hold tokens x its
+    k range, at most GEMV_X_BYTES) is staged in shared memory once, normalised there with a norm
+    (bf16(x * rstd * gamma), the prologue's rounding), so the MMAs never wait on a global x load."""
     import tilelang.language as T
 
     from tilert.kernels.common import DEVICE_PRELUDE, make_mma_reduce
@@ -264,14 +284,21 @@ def make_gemv_body(spec: LinearSpec):
     groups = bn // 16
     warps = 256 // 32
     assert warps % groups == 0, spec
-    wpg = warps // groups  # warps per row group (they split the chunks)
-    U = max(1, min(8, -(-nck // wpg)))  # chunks in flight per warp
-    rounds = -(-nck // (wpg * U))
+    wpg = warps // groups  # warps per row group (they split each stage's chunks)
+    SK, NS = gemv_stages(spec)
+    nst = nck // SK  # stages of this task
+    UK = -(-SK // wpg)  # chunks per warp per stage
+    RW = (SK * CH + GEMV_ROW_PAD) // 4  # u32 words per ring row
     NT = bm // 8
     mv = min(bm, M)
     mvp = 1 << (mv - 1).bit_length()  # staged rows: a power of two (X holds them: rows are padded)
     kt = K // split  # k elements of this task
     assert mvp * kt * 2 <= GEMV_X_BYTES, spec
+    sr = spec.scale_rows
+    srows = max(1, bn // sr)  # scale rows a tile spans (tiles are block_n-aligned; sr divides or is a multiple of bn)
+    scols = nck * CH // 128 + 1  # scale columns a task's k range can touch
+    KS = K // 128
+    NSR = -(-N // sr)
     norm = spec.norm_eps is not None
     row_rstd = make_row_rstd(mv, K, spec.norm_eps) if norm else None
     epilogue = make_epilogue(spec)
@@ -279,13 +306,24 @@ def make_gemv_body(spec: LinearSpec):
     f32, u32 = "float32", "uint32"
 
     @T.macro
+    def issue(Wv, ring, n_tile, k_split, st):
+        """Stage st of the task (if it has one) into ring slot st % NS: one commit group either way."""
+        if st < nst:
+            T.async_copy(Wv[n_tile * bn : n_tile * bn + bn, (k_split * nck + st * SK) * (CH // 4) :
+                            (k_split * nck + st * SK + SK) * (CH // 4)],
+                         ring[st % NS, :, 0 : SK * CH // 4])  # fmt: skip
+        else:
+            T.ptx_commit_group()
+
+    @T.macro
     def gemv_tile(V, n_tile, m_tile, k_split):
         T.import_source(DEVICE_PRELUDE)
         v = _unpack(spec, V)
         X, W, Sinv, G = v["x"], v["w"], v["scale_inv"], v.get("gamma")
         Wv = T.view(W, shape=[N, K // 4], dtype=u32)
-        wq = T.alloc_local((U * 8,), u32)
-        sc = T.alloc_local((U * 2,), f32)
+        ring = T.alloc_shared((NS, bn, RW), u32)
+        sc_s = T.alloc_shared((srows, scols), f32)
+        wq = T.alloc_local((8,), u32)
         xb = T.alloc_local((NT * 16,), "bfloat16")
         af = T.alloc_local((4,), u32)
         xs = T.alloc_shared((mvp, kt), "bfloat16")
@@ -298,8 +336,11 @@ def make_gemv_body(spec: LinearSpec):
         warp = tx // 32
         grp, wi = warp // wpg, warp % wpg
         r, c = (tx % 32) // 4, tx % 4
-        row0 = T.min(n_tile * bn + grp * 16 + r, N - 1)
-        row1 = T.min(n_tile * bn + grp * 16 + r + 8, N - 1)
+        for st in T.unroll(NS):  # the weights first: nothing below waits for them until the mainloop
+            issue(Wv, ring, n_tile, k_split, st)
+        col0 = (k_split * nck * CH) // 128  # the task's first scale column
+        for i, j in T.Parallel(srows, scols):
+            sc_s[i, j] = Sinv[T.min((n_tile * bn) // sr + i, NSR - 1), T.min(col0 + j, KS - 1)]
         if norm:
             row_rstd(X, m_tile * bm, rstd)
             T.sync_threads()
@@ -310,48 +351,50 @@ def make_gemv_body(spec: LinearSpec):
                 xs[i, j] = T.Cast("bfloat16", xv * rstd[T.min(i, mv - 1)] * T.Cast(f32, G[k0 + j]))
             else:
                 xs[i, j] = X[m_tile * bm + i, k0 + j]
-        T.sync_threads()
         for i in T.unroll(NT * 4):
             acc[i] = T.float32(0)
-        for it in T.serial(rounds):
-            for u in T.unroll(U):  # issue every chunk's weight loads and scales first
-                ci = it * (wpg * U) + u * wpg + wi
-                ok = ci < nck
-                ch = k_split * nck + T.min(ci, nck - 1)
-                uc = ch * 4 + c
-                for q in T.vectorized(4):
-                    wq[u * 8 + q] = Wv[row0, uc * 4 + q]
-                for q in T.vectorized(4):
-                    wq[u * 8 + 4 + q] = Wv[row1, uc * 4 + q]
-                sc[u * 2] = T.if_then_else(ok, Sinv[row0 // spec.scale_rows, ch * CH // 128], T.float32(0))
-                sc[u * 2 + 1] = T.if_then_else(ok, Sinv[row1 // spec.scale_rows, ch * CH // 128], T.float32(0))
-            for u in T.unroll(U):
-                ci = it * (wpg * U) + u * wpg + wi
-                xo = T.min(ci, nck - 1) * CH + c * 16  # this lane's 16 x elements of the chunk
-                for t in T.unroll(NT):  # x of this lane's token (row r of token tile t), same K order
-                    if t * 8 + r < mv:
-                        for q in T.vectorized(16):
-                            xb[t * 16 + q] = xs[t * 8 + r, xo + q]
-                    else:
-                        for q in T.unroll(16):
-                            xb[t * 16 + q] = T.Cast("bfloat16", 0)
-                for i in T.unroll(NT * 4):
-                    part[i] = T.float32(0)
-                for s_ in T.unroll(4):
-                    w0 = wq[u * 8 + s_]
-                    w1 = wq[u * 8 + 4 + s_]
-                    af[0] = T.call_extern(u32, "tilert_e4m3x2", w0, 0x1404)
-                    af[1] = T.call_extern(u32, "tilert_e4m3x2", w1, 0x1404)
-                    af[2] = T.call_extern(u32, "tilert_e4m3x2", w0, 0x3424)
-                    af[3] = T.call_extern(u32, "tilert_e4m3x2", w1, 0x3424)
-                    for t in T.unroll(NT):
-                        T.ptx_mma(f32, "m16n8k16", "row", "col", "bf16", "bf16", "fp32", af.data, 0, xb.data,
-                                  t * 16 + s_ * 4, part.data, t * 4, T.bool(False))  # fmt: skip
-                for t in T.unroll(NT):  # fp32 block scales: rows r (c0, c1) and r + 8 (c2, c3)
-                    for h in T.unroll(2):
+        srow0 = T.min((n_tile * bn + grp * 16 + r) // sr - (n_tile * bn) // sr, srows - 1)
+        srow1 = T.min((n_tile * bn + grp * 16 + r + 8) // sr - (n_tile * bn) // sr, srows - 1)
+        for it in T.serial(nst):
+            T.ptx_wait_group(NS - 1)  # stage it has landed (this thread's copies) ...
+            T.sync_threads()  # ... and everyone's; xs and sc_s are ready too
+            slot = it % NS
+            for u in T.unroll(UK):
+                cl = u * wpg + wi  # this warp's chunk within the stage
+                if cl < SK:
+                    ci = it * SK + cl  # chunk within the task
+                    for q in T.vectorized(4):
+                        wq[q] = ring[slot, grp * 16 + r, cl * (CH // 4) + c * 4 + q]
+                    for q in T.vectorized(4):
+                        wq[4 + q] = ring[slot, grp * 16 + r + 8, cl * (CH // 4) + c * 4 + q]
+                    scol = (k_split * nck + ci) * CH // 128 - col0
+                    xo = ci * CH + c * 16  # this lane's 16 x elements of the chunk
+                    for t in T.unroll(NT):  # x of this lane's token (row r of token tile t), same K order
+                        if t * 8 + r < mv:
+                            for q in T.vectorized(16):
+                                xb[t * 16 + q] = xs[t * 8 + r, xo + q]
+                        else:
+                            for q in T.unroll(16):
+                                xb[t * 16 + q] = T.Cast("bfloat16", 0)
+                    for i in T.unroll(NT * 4):
+                        part[i] = T.float32(0)
+                    for s_ in T.unroll(4):
+                        w0 = wq[s_]
+                        w1 = wq[4 + s_]
+                        af[0] = T.call_extern(u32, "tilert_e4m3x2", w0, 0x1404)
+                        af[1] = T.call_extern(u32, "tilert_e4m3x2", w1, 0x1404)
+                        af[2] = T.call_extern(u32, "tilert_e4m3x2", w0, 0x3424)
+                        af[3] = T.call_extern(u32, "tilert_e4m3x2", w1, 0x3424)
+                        for t in T.unroll(NT):
+                            T.ptx_mma(f32, "m16n8k16", "row", "col", "bf16", "bf16", "fp32", af.data, 0, xb.data,
+                                      t * 16 + s_ * 4, part.data, t * 4, T.bool(False))  # fmt: skip
+                    for t in T.unroll(NT):  # fp32 block scales: rows r (c0, c1) and r + 8 (c2, c3)
                         for j in T.unroll(2):
-                            acc[t * 4 + h * 2 + j] += part[t * 4 + h * 2 + j] * sc[u * 2 + h]
-        T.sync_threads()  # every warp done with xs before `red` is written (a merged buffer may overlap it)
+                            acc[t * 4 + j] += part[t * 4 + j] * sc_s[srow0, scol]
+                            acc[t * 4 + 2 + j] += part[t * 4 + 2 + j] * sc_s[srow1, scol]
+            T.sync_threads()  # every warp done with slot before it is refilled
+            issue(Wv, ring, n_tile, k_split, it + NS)
+        # every warp is past the last barrier: done with xs and the ring before `red` is written
         mma_reduce(red, acc, out_s, warp, r, c)
         epilogue(V, out_s, n_tile, m_tile)
 

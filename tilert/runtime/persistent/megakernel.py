@@ -139,6 +139,12 @@ def make_persistent_loop(
         t0 = T.alloc_var("int64")
         t1 = T.alloc_var("int64")
         failed = T.alloc_var("int32")
+        # the row's operands in registers: a body that indexed tasks[...] directly would reload them
+        # from global memory at every use (the loads cannot move across its barriers and asm)
+        op = T.alloc_var("int32")
+        c0 = T.alloc_var("int32")
+        c1 = T.alloc_var("int32")
+        c2 = T.alloc_var("int32")
         if prefetch:
             if tx >= 32:
                 prefetch_region(pf, sm, 0, tx)
@@ -179,16 +185,12 @@ def make_persistent_loop(
                     if tx == 0:
                         t1 = T.call_extern("int64", "tilert_globaltimer")
                 # one barrier that also hands warp 0's verdict to every thread (no global re-read)
+                op = tasks[sm, t, F["op"]]
+                c0 = tasks[sm, t, F["c0"]]
+                c1 = tasks[sm, t, F["c1"]]
+                c2 = tasks[sm, t, F["c2"]]
                 if T.call_extern("int32", "__syncthreads_or", failed) == 0:
-                    dispatch(
-                        bufs,
-                        err,
-                        opc,
-                        tasks[sm, t, F["op"]],
-                        tasks[sm, t, F["c0"]],
-                        tasks[sm, t, F["c1"]],
-                        tasks[sm, t, F["c2"]],
-                    )
+                    dispatch(bufs, err, opc, op, c0, c1, c2)
                 T.sync_threads()
                 if tx == 0:
                     sig = tasks[sm, t, F["signal"]]
