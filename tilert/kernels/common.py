@@ -58,6 +58,15 @@ __device__ __forceinline__ void tilert_prefetch_l2(const void* p) {
 __device__ __forceinline__ void tilert_prefetch_bulk_l2(long long addr, int bytes) {
   asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" : : "l"(addr), "r"(bytes) : "memory");
 }
+__device__ __forceinline__ void tilert_cp_async16_ef(void* smem, const void* gmem, bool ok) {
+  // 16 bytes global -> shared (zero-filled when !ok), marked evict-first in L2: streamed weights are
+  // read once per step, so they should not push the kernel's code and activations out of L2
+  unsigned long long pol;
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+  const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;"
+               : : "r"(s), "l"(gmem), "r"(ok ? 16 : 0), "l"(pol) : "memory");
+}
 __device__ __forceinline__ long long tilert_globaltimer() {
   long long t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));

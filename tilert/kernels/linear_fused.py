@@ -305,15 +305,23 @@ def make_gemv_body(spec: LinearSpec):
     mma_reduce = make_mma_reduce(bm, groups, warps)
     f32, u32 = "float32", "uint32"
 
+    PR = SK * CH // 16  # 16-byte pieces per stage row
+    pieces = bn * PR
+
     @T.macro
-    def issue(Wv, ring, n_tile, k_split, st):
-        """Stage st of the task (if it has one) into ring slot st % NS: one commit group either way."""
+    def issue(Wv, ring, n_tile, k_split, st, tx):
+        """Stage st of the task (if it has one) into ring slot st % NS (cp.async, evict-first in L2;
+        rows past N zero-filled): one commit group either way."""
         if st < nst:
-            T.async_copy(Wv[n_tile * bn : n_tile * bn + bn, (k_split * nck + st * SK) * (CH // 4) :
-                            (k_split * nck + st * SK + SK) * (CH // 4)],
-                         ring[st % NS, :, 0 : SK * CH // 4])  # fmt: skip
-        else:
-            T.ptx_commit_group()
+            for pi in T.unroll(-(-pieces // 256)):
+                pc = pi * 256 + tx
+                if pieces % 256 == 0 or pc < pieces:
+                    row = n_tile * bn + pc // PR
+                    col = (k_split * nck + st * SK) * (CH // 4) + (pc % PR) * 4
+                    dst = T.address_of(ring[st % NS, pc // PR, (pc % PR) * 4])
+                    src = T.address_of(Wv[T.min(row, N - 1), col])
+                    T.call_extern("handle", "tilert_cp_async16_ef", dst, src, row < N)
+        T.ptx_commit_group()
 
     @T.macro
     def gemv_tile(V, n_tile, m_tile, k_split):
@@ -337,7 +345,7 @@ def make_gemv_body(spec: LinearSpec):
         grp, wi = warp // wpg, warp % wpg
         r, c = (tx % 32) // 4, tx % 4
         for st in T.unroll(NS):  # the weights first: nothing below waits for them until the mainloop
-            issue(Wv, ring, n_tile, k_split, st)
+            issue(Wv, ring, n_tile, k_split, st, tx)
         col0 = (k_split * nck * CH) // 128  # the task's first scale column
         for i, j in T.Parallel(srows, scols):
             sc_s[i, j] = Sinv[T.min((n_tile * bn) // sr + i, NSR - 1), T.min(col0 + j, KS - 1)]
@@ -393,7 +401,7 @@ def make_gemv_body(spec: LinearSpec):
                             acc[t * 4 + j] += part[t * 4 + j] * sc_s[srow0, scol]
                             acc[t * 4 + 2 + j] += part[t * 4 + 2 + j] * sc_s[srow1, scol]
             T.sync_threads()  # every warp done with slot before it is refilled
-            issue(Wv, ring, n_tile, k_split, it + NS)
+            issue(Wv, ring, n_tile, k_split, it + NS, tx)
         # every warp is past the last barrier: done with xs and the ring before `red` is written
         mma_reduce(red, acc, out_s, warp, r, c)
         epilogue(V, out_s, n_tile, m_tile)
