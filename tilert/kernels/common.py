@@ -67,6 +67,16 @@ __device__ __forceinline__ void tilert_cp_async16_ef(void* smem, const void* gme
   asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;"
                : : "r"(s), "l"(gmem), "r"(ok ? 16 : 0), "l"(pol) : "memory");
 }
+__device__ __forceinline__ void tilert_ld16_ef(void* dst, const void* gmem) {
+  // 16 bytes global -> registers (dst: a local array the caller indexes with constants), L2
+  // evict-first, no L1 allocation: as tilert_cp_async16_ef, for weights loaded into registers
+  unsigned long long pol;
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+  uint4 v;
+  asm volatile("ld.global.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(gmem), "l"(pol));
+  *reinterpret_cast<uint4*>(dst) = v;
+}
 __device__ __forceinline__ long long tilert_globaltimer() {
   long long t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));

@@ -107,6 +107,10 @@ def make_mainloop(
     mv = m_valid if 0 < m_valid < bm else bm
     mma_reduce = make_mma_reduce(bm, 1, warps)
 
+    @T.macro
+    def ld16(dst, i, src, idx):  # dst[i : i + 4] = the 16 bytes at src[idx], evict-first in L2
+        T.call_extern("handle", "tilert_ld16_ef", T.address_of(dst[i]), T.address_of(src[idx]))
+
     def rows_of(buf):
         return buf.shape[1] if w3d else buf.shape[0]
 
@@ -138,18 +142,16 @@ def make_mainloop(
                 blk = (k_tile0 + ci) * 4 + c
                 bc = T.max(T.min(blk, nblk - 1), 0)
                 ok = ci < nk and blk < nblk
+                # weights are read once per step: evict-first in L2 (tilert_ld16_ef), so they do not
+                # push code and activations out of it
                 if w3d:
-                    for v in T.vectorized(4):
-                        wq[u * 8 + v] = Wv[e, row0, bc * 4 + v]
-                    for v in T.vectorized(4):
-                        wq[u * 8 + 4 + v] = Wv[e, row1, bc * 4 + v]
+                    ld16(wq, u * 8, Wv, (e, row0, bc * 4))
+                    ld16(wq, u * 8 + 4, Wv, (e, row1, bc * 4))
                     sq[u * 2] = T.if_then_else(ok, T.cast(S[e, row0, bc], "int32"), -1)
                     sq[u * 2 + 1] = T.if_then_else(ok, T.cast(S[e, row1, bc], "int32"), -1)
                 else:
-                    for v in T.vectorized(4):
-                        wq[u * 8 + v] = Wv[row0, bc * 4 + v]
-                    for v in T.vectorized(4):
-                        wq[u * 8 + 4 + v] = Wv[row1, bc * 4 + v]
+                    ld16(wq, u * 8, Wv, (row0, bc * 4))
+                    ld16(wq, u * 8 + 4, Wv, (row1, bc * 4))
                     sq[u * 2] = T.if_then_else(ok, T.cast(S[row0, bc], "int32"), -1)
                     sq[u * 2 + 1] = T.if_then_else(ok, T.cast(S[row1, bc], "int32"), -1)
             for u in T.unroll(U + 1):
