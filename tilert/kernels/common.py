@@ -58,24 +58,26 @@ __device__ __forceinline__ void tilert_prefetch_l2(const void* p) {
 __device__ __forceinline__ void tilert_prefetch_bulk_l2(long long addr, int bytes) {
   asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" : : "l"(addr), "r"(bytes) : "memory");
 }
-__device__ __forceinline__ void tilert_cp_async16_ef(void* smem, const void* gmem, bool ok) {
-  // 16 bytes global -> shared (zero-filled when !ok), marked evict-first in L2: streamed weights are
-  // read once per step, so they should not push the kernel's code and activations out of L2
+__device__ __forceinline__ void tilert_cp_async16_ef(void* smem, int soff, const void* gmem, long long goff,
+                                                     bool ok) {
+  // 16 bytes global -> shared (u32 offsets from each base; zero-filled when !ok), marked evict-first
+  // in L2: streamed weights are read once per step, so they should not push the kernel's code and
+  // activations out of L2
   unsigned long long pol;
   asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
-  const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+  const unsigned s = (unsigned)__cvta_generic_to_shared((unsigned*)smem + soff);
   asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;"
-               : : "r"(s), "l"(gmem), "r"(ok ? 16 : 0), "l"(pol) : "memory");
+               : : "r"(s), "l"((const unsigned*)gmem + goff), "r"(ok ? 16 : 0), "l"(pol) : "memory");
 }
-__device__ __forceinline__ void tilert_ld16_ef(void* dst, const void* gmem) {
-  // 16 bytes global -> registers (dst: a local array the caller indexes with constants), L2
+__device__ __forceinline__ void tilert_ld16_ef(void* dst, int doff, const void* gmem, long long goff) {
+  // 16 bytes global -> registers (dst: a local u32 array, doff a constant after unrolling), L2
   // evict-first, no L1 allocation: as tilert_cp_async16_ef, for weights loaded into registers
   unsigned long long pol;
   asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
   uint4 v;
   asm volatile("ld.global.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(gmem), "l"(pol));
-  *reinterpret_cast<uint4*>(dst) = v;
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"((const unsigned*)gmem + goff), "l"(pol));
+  *reinterpret_cast<uint4*>((unsigned*)dst + doff) = v;
 }
 __device__ __forceinline__ long long tilert_globaltimer() {
   long long t;

@@ -318,9 +318,9 @@ def make_gemv_body(spec: LinearSpec):
                 if pieces % 256 == 0 or pc < pieces:
                     row = n_tile * bn + pc // PR
                     col = (k_split * nck + st * SK) * (CH // 4) + (pc % PR) * 4
-                    dst = T.address_of(ring[st % NS, pc // PR, (pc % PR) * 4])
-                    src = T.address_of(Wv[T.min(row, N - 1), col])
-                    T.call_extern("handle", "tilert_cp_async16_ef", dst, src, row < N)
+                    dst = ((st % NS) * bn + pc // PR) * RW + (pc % PR) * 4
+                    src = T.cast(T.min(row, N - 1), "int64") * (K // 4) + col
+                    T.call_extern("handle", "tilert_cp_async16_ef", ring.data, dst, Wv.data, src, row < N)
         T.ptx_commit_group()
 
     @T.macro

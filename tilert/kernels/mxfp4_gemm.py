@@ -22,6 +22,7 @@ rows fill the MMA M slot, 8 tokens the N slot; block_m = 16 issues two MMAs per 
 """
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -107,9 +108,12 @@ def make_mainloop(
     mv = m_valid if 0 < m_valid < bm else bm
     mma_reduce = make_mma_reduce(bm, 1, warps)
 
+    def flat(src, idx):  # the element offset of src[idx] (row-major), int64
+        return sum(T.cast(v, "int64") * math.prod(src.shape[d + 1 :]) for d, v in enumerate(idx))
+
     @T.macro
     def ld16(dst, i, src, idx):  # dst[i : i + 4] = the 16 bytes at src[idx], evict-first in L2
-        T.call_extern("handle", "tilert_ld16_ef", T.address_of(dst[i]), T.address_of(src[idx]))
+        T.call_extern("handle", "tilert_ld16_ef", dst.data, i, src.data, flat(src, idx))
 
     def rows_of(buf):
         return buf.shape[1] if w3d else buf.shape[0]
