@@ -58,6 +58,15 @@ def run(a: argparse.Namespace) -> None:
         st.launch(inputs)
         torch.cuda.synchronize()
     st.check()
+    if a.time:
+        from benchmarks.common import time_cuda
+
+        ms = time_cuda(lambda: st.launch(inputs), iters=a.time, warmup=3)
+        st.check()
+        print(f"{g.name}: {ms:.3f} ms per step (median of {a.time})")
+    if a.trace:
+        st.run(inputs)
+        Path(a.trace).write_bytes(gzip.compress(json.dumps(st.measured_trace(), separators=(",", ":")).encode()))
     classes = collections.defaultdict(list)
     for i, node in enumerate(g.nodes):
         classes[int(st.node_class[i])].append(f"{i}:{node.op}:{node.outputs[0]}")
@@ -75,9 +84,9 @@ def carve_cubin(lib: str, out: str) -> None:
     i = 0
     while (i := b.find(b"\x7fELF", i + 1)) > 0:
         if b[i + 4] == 2 and struct.unpack_from("<H", b, i + 18)[0] == 190:  # 64-bit, EM_CUDA
-            shoff = struct.unpack_from("<Q", b, i + 0x28)[0]
-            shentsize, shnum = struct.unpack_from("<HH", b, i + 0x3A)
-            Path(out).write_bytes(b[i : i + shoff + shentsize * shnum])
+            phoff, shoff = struct.unpack_from("<QQ", b, i + 0x20)
+            phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", b, i + 0x36)
+            Path(out).write_bytes(b[i : i + max(shoff + shentsize * shnum, phoff + phentsize * phnum)])
             return
     raise SystemExit(f"{lib}: no embedded CUDA ELF")
 
@@ -190,6 +199,8 @@ def main() -> None:
     r.add_argument("--context", type=int, default=4096)
     r.add_argument("--launches", type=int, default=4)
     r.add_argument("--source-out", default=None, help="write the step kernel's CUDA source here")
+    r.add_argument("--time", type=int, default=0, help="also time this many launches (median ms)")
+    r.add_argument("--trace", default=None, help="write one launch's measured trace here (.json.gz)")
     c = sub.add_parser("cubin")
     c.add_argument("--lib", required=True)
     c.add_argument("--out", required=True)
