@@ -99,13 +99,14 @@ def line_table(disasm: str) -> dict[int, int]:
     """SASS offset -> CUDA source line, from `nvdisasm -g` text (`//## File "...", line N` comments
     precede the instructions they cover; offsets are the `/*0a30*/` prefixes)."""
     table, line = {}, -1
-    pat_line = re.compile(r'//## File ".*?", line (\d+)')
+    pat_line = re.compile(r'//## File "(.*?)", line (\d+)')
     pat_off = re.compile(r"/\*([0-9a-f]{4,})\*/")
     with _open(disasm) as f:
         for s in f:
             m = pat_line.search(s)
-            if m:
-                line = int(m.group(1))
+            if m:  # a header's line (an inlined template) keeps the kernel line that called it
+                if m.group(1).endswith("tvm_kernels.cu"):
+                    line = int(m.group(2))
                 continue
             m = pat_off.search(s)
             if m:
@@ -136,7 +137,9 @@ def report(a: argparse.Namespace) -> dict:
     regions = source_regions(a.source)
     src = Path(a.source).read_text().splitlines()
     with _open(a.sass) as f:
-        rows = list(csv.DictReader(f))
+        lines_ = f.read().splitlines()
+    head = next(i for i, s in enumerate(lines_) if s.startswith('"Address"') or s.startswith("Address"))
+    rows = list(csv.DictReader(lines_[head:]))
     if not rows:
         raise SystemExit(f"{a.sass}: no rows")
     cols = list(rows[0])
@@ -157,12 +160,13 @@ def report(a: argparse.Namespace) -> dict:
                 lab = name
         return lab
 
+    base = min(int(r[addr_col], 16) if r[addr_col].startswith("0x") else int(num(r[addr_col])) for r in rows)
     per_region: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     per_line: collections.Counter = collections.Counter()
     per_line_ops: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
     total = 0.0
     for r in rows:
-        off = int(r[addr_col], 16) if r[addr_col].startswith("0x") else int(num(r[addr_col]))
+        off = (int(r[addr_col], 16) if r[addr_col].startswith("0x") else int(num(r[addr_col]))) - base
         s = num(r[samp])
         total += s
         line = lines.get(off, -1)

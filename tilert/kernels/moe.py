@@ -273,10 +273,13 @@ def make_bodies(cfg: Config):
                     cnt = cnt + 1
             Count[0] = cnt
 
+    # The expert id is read once into a register: an expression List[slot] would be re-read from
+    # global memory at every weight address of the mainloop (ncu: the top stall of both bodies).
     @T.macro
     def gate_up_tile(X, GUb, GUs, List, Count, Hb, slot, n_tile):
         if slot < Count[0]:
             c_s = T.alloc_shared((BLOCK_N, bm), "float32")
+            e = T.alloc_var("int32")
             e = List[slot]
             gu_loop(X, 0, 0, GUb, GUs, e, n_tile * 8, In + n_tile * 8, 0, nk_gu, c_s)
             for i, j in T.Parallel(8, bm):
@@ -287,6 +290,7 @@ def make_bodies(cfg: Config):
     def down_tile(Hb, Db, Ds, List, Count, TokW, Y, slot, n_tile, k_split):
         if slot < Count[0]:
             c_s = T.alloc_shared((BLOCK_N, bm), "float32")
+            e = T.alloc_var("int32")
             e = List[slot]
             dn_loop(Hb, slot, 0, Db, Ds, e, n_tile * BLOCK_N, 0, k_split * nk_dn, nk_dn, c_s)
             for i, j in T.Parallel(BLOCK_N, bm):

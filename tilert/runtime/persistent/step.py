@@ -406,20 +406,6 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         peer_body = None if peer is None else peer.bodies()["MOE_REDUCE"]
         f32 = "float32"
 
-        @T_.macro
-        def router(V, e_tile, c1, c2):
-            if eps is not None:  # every router task writes the same bf16(rms_norm(x)) rows
-                rstd = alloc_unmerged((T,), f32)
-                row_rstd(V[0], 0, rstd)
-                for i, j in T_.Parallel(T, H):
-                    V[1][i, j] = T_.Cast("bfloat16", T_.Cast(f32, V[0][i, j]) * rstd[i] * T_.Cast(f32, V[16][j]))
-                T_.sync_threads()
-            router_tile(V[1], V[2], V[8], V[15], e_tile)
-
-        @T_.macro
-        def topk(V, c0, c1, c2):
-            route_body(V[8], V[3], V[9], V[10], V[11], V[12], V[13])
-
         # A stage is read by every item of the task's loop, and the items' own buffers (the mainloop's
         # reduction, c_s) are written in between. TileLang's merge places buffers by first and last
         # use in statement order, so a stage touched last inside the loop could share their bytes
@@ -430,8 +416,42 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
             if V[13][0] < 0:
                 buf[0, 0] = T_.cast(0, "bfloat16")
 
+        # Every router task normalises x into its shared memory (when x fits the stage budget) and
+        # reads it there; only task 0 also writes the bf16(rms_norm(x)) rows to xh for the gate/up
+        # tasks (they wait for the top-k, which waits for every router task). Before, all 96 tasks
+        # wrote the same rows to global memory and read them back.
+        @T_.macro
+        def router(V, e_tile, c1, c2):
+            if eps is not None and not stage_x:  # x too large for shared memory: every task writes xh
+                rstd = alloc_unmerged((T,), f32)
+                row_rstd(V[0], 0, rstd)
+                for i, j in T_.Parallel(T, H):
+                    V[1][i, j] = T_.Cast("bfloat16", T_.Cast(f32, V[0][i, j]) * rstd[i] * T_.Cast(f32, V[16][j]))
+                T_.sync_threads()
+                router_tile(V[1], V[2], V[8], V[15], e_tile)
+            elif eps is not None:
+                rstd = alloc_unmerged((T,), f32)
+                xn = T_.alloc_shared((T, H), "bfloat16")
+                row_rstd(V[0], 0, rstd)
+                for i, j in T_.Parallel(T, H):
+                    xn[i, j] = T_.Cast("bfloat16", T_.Cast(f32, V[0][i, j]) * rstd[i] * T_.Cast(f32, V[16][j]))
+                T_.sync_threads()
+                if e_tile == 0:
+                    for i, j in T_.Parallel(T, H):
+                        V[1][i, j] = xn[i, j]
+                router_tile(xn, V[2], V[8], V[15], e_tile)
+                keep(xn, V)  # live through router_tile: its reduction buffer must not share xn's bytes
+            else:
+                router_tile(V[1], V[2], V[8], V[15], e_tile)
+
+        @T_.macro
+        def topk(V, c0, c1, c2):
+            route_body(V[8], V[3], V[9], V[10], V[11], V[12], V[13])
+
         @T_.macro
         def gate_up(V, j, c1, c2):  # items j, j + gu_tasks, ... of the Count x gu_tiles active ones
+            count = T_.alloc_var("int32")  # read once: the items' bounds would re-read it otherwise
+            count = V[13][0]
             if stage_x:  # the x rows once per task (every item of the task reads all of them)
                 xs = T_.alloc_shared((T, H), "bfloat16")
                 for i, c in T_.Parallel(T, H):
@@ -439,7 +459,7 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
                 T_.sync_threads()
             for u in T_.serial(til.gu_steps):
                 w = j + u * til.gu_tasks
-                if w < V[13][0] * til.gu_tiles:
+                if w < count * til.gu_tiles:
                     gate_up_tile(xs if stage_x else V[1], V[4], V[5], V[12], V[13], V[14], w // til.gu_tiles,
                                  w % til.gu_tiles)  # fmt: skip
             if stage_x:
@@ -449,6 +469,8 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
 
         @T_.macro
         def down(V, j, c1, c2):
+            count = T_.alloc_var("int32")
+            count = V[13][0]
             if stage_h:
                 hs = T_.alloc_shared((T, In), "bfloat16")
                 staged = T_.alloc_var("int32")
@@ -458,12 +480,12 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
                 w = j + u * til.down_tasks
                 if stage_h:  # Hb[slot] rows into the stage when the slot changes (barriers outside the if)
                     T_.sync_threads()
-                    if w < V[13][0] * per_slot and w // per_slot != staged:
+                    if w < count * per_slot and w // per_slot != staged:
                         for i, c in T_.Parallel(T, In):
                             hs[i, c] = V[14][w // per_slot, i, c]
                         staged = w // per_slot
                     T_.sync_threads()
-                if w < V[13][0] * per_slot:
+                if w < count * per_slot:
                     down_tile(hs if stage_h else V[14], V[6], V[7], V[12], V[13], V[11], V[15], w // per_slot,
                               (w % per_slot) // til.down_split, w % til.down_split)  # fmt: skip
             if stage_h:
