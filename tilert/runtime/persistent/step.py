@@ -457,7 +457,9 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
                 for i, c in T_.Parallel(T, H):
                     xs[i, c] = V[1][i, c]
                 T_.sync_threads()
-            for u in T_.serial(til.gu_steps):
+            steps = T_.alloc_var("int32")  # this task's items: the loop runs no step past them
+            steps = T_.min((count * til.gu_tiles - j + til.gu_tasks - 1) // til.gu_tasks, til.gu_steps)
+            for u in T_.serial(steps):
                 w = j + u * til.gu_tasks
                 if w < count * til.gu_tiles:
                     gate_up_tile(xs if stage_x else V[1], V[4], V[5], V[12], V[13], V[14], w // til.gu_tiles,
@@ -476,7 +478,11 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
                 staged = T_.alloc_var("int32")
                 staged = -1
                 keep(hs, V)
-            for u in T_.serial(til.down_steps):
+            # this task's items only (Count, not the most slots: at B=8 that was 144 steps of two
+            # barriers each for the 3 items one active expert gives a task)
+            steps = T_.alloc_var("int32")
+            steps = T_.min((count * per_slot - j + til.down_tasks - 1) // til.down_tasks, til.down_steps)
+            for u in T_.serial(steps):
                 w = j + u * til.down_tasks
                 if stage_h:  # Hb[slot] rows into the stage when the slot changes (barriers outside the if)
                     T_.sync_threads()
