@@ -157,15 +157,16 @@ def make_bodies(cfg: Config):
     gu_loop = make_mainloop(bm, BLOCK_N, BLOCK_K, *cfg.gu_shape, w3d=True, two=True, m_valid=Tn)
     dn_loop = make_mainloop(bm, BLOCK_N, BLOCK_K, *cfg.down_shape, w3d=True, x3d=not cfg.x_stage, m_valid=Tn)
     zero_per_cta = cdiv(Tn * H, cdiv(E, ROUTER_E))
+    GR = min(32, THREADS // R)  # lanes per router output row (a power of two: R is ROUTER_E x Tn)
+    GR = 1 << (GR.bit_length() - 1)
+    GR_SHIFTS = [GR >> k for k in range(1, GR.bit_length())]  # GR/2, ..., 1
 
     @T.macro
     def router_tile(X, Wr, L, Y, e_tile):
         acc = T.alloc_local((R,), "float32")
         xv = T.alloc_local((Tn * 4,), "bfloat16")
         wv = T.alloc_local((ROUTER_E * 4,), "float32")
-        red = T.alloc_shared((R, THREADS), "float32")
-        redf = T.alloc_fragment((R, THREADS), "float32")
-        outf = T.alloc_fragment((R,), "float32")
+        red = T.alloc_shared((R, THREADS + 8), "float32")  # +8: a group's rows start in different banks
         tx = T.get_thread_binding()
         for z in T.serial(cdiv(zero_per_cta, THREADS)):
             f = e_tile * zero_per_cta + z * THREADS + tx
@@ -188,13 +189,21 @@ def make_bodies(cfg: Config):
                     for t in T.unroll(Tn):
                         for v in T.unroll(4):
                             acc[e * Tn + t] += wv[e * 4 + v] * T.cast(xv[t * 4 + v], "float32")
-        for i in T.serial(R):
+        # Reduce the R partial rows in one pass: a group of GR lanes per row, each lane summing
+        # THREADS / GR columns, then a butterfly over the group (a fragment reduce_sum ran one
+        # CTA-wide all-reduce per row: 32 barrier rounds at 8 tokens).
+        for i in T.unroll(R):  # unrolled: acc stays in registers
             red[i, tx] = acc[i]
-        T.copy(red, redf)
-        T.reduce_sum(redf, outf, dim=1)
-        for i in T.Parallel(R):
-            if e_tile * ROUTER_E + i // Tn < E:
-                L[i % Tn, e_tile * ROUTER_E + i // Tn] = outf[i]
+        T.sync_threads()
+        ri = T.min(tx // GR, R - 1)  # every lane takes part in the shuffles; spare groups repeat row R - 1
+        tot = T.alloc_var("float32")
+        tot = 0.0
+        for q in T.unroll(THREADS // GR):
+            tot += red[ri, q * GR + tx % GR]
+        for sh in GR_SHIFTS:
+            tot += T.shfl_xor(tot, sh)
+        if tx // GR < R and tx % GR == 0 and e_tile * ROUTER_E + ri // Tn < E:
+            L[ri % Tn, e_tile * ROUTER_E + ri // Tn] = tot
 
     RT = cfg.cta_threads or 128  # route CTA threads: 128 standalone, the persistent CTA's otherwise
     NW, EPL = RT // 32, cdiv(E, 32)
