@@ -33,6 +33,28 @@ def test_gemv_tiling_fits_one_wave_and_divides_k():
     assert not uses_gemv("linear_bf16", 1, 6144) and not uses_gemv("linear_fp8", 1, 6144 + 64)
 
 
+def test_gemv_tasks_carry_enough_chunks():
+    # a GEMV task's fixed cost is about 4 us: small projections get few tasks of >= 16 chunks
+    # (k_proj 192 x 6144 was 96 tasks of 3 chunks), unless K itself has fewer chunks
+    for n, k in [(192, 6144), (128, 6144), (3072, 6144), (6144, 2048), (64, 256)]:
+        _, bn, bk, split = gemm_shape(1, n, k, 132, gemv=True)
+        assert k // bk // split >= min(16, k // bk)
+    assert gemm_shape(1, 192, 6144, 132, gemv=True)[3] == 6
+
+
+def test_gemv_ring_fits_shared_memory():
+    # the weight ring + x stage stay within GEMV_SMEM_BYTES, and the ring holds whole stages
+    for m in (1, 8, 16):
+        for n, k, _, _ in MIMO + [(192, 6144, None, None), (200, 1024, None, None)]:
+            s = spec(m, n, k)
+            sk, ns = lf.gemv_stages(s)
+            nck = k // lf.GEMV_CHUNK // s.split_k
+            assert nck % sk == 0 and 1 <= ns <= nck // sk
+            ring = ns * s.block_n * (sk * lf.GEMV_CHUNK + lf.GEMV_ROW_PAD)
+            x = (1 << (min(s.block_m, m) - 1).bit_length()) * (k // s.split_k) * 2
+            assert ring <= lf.GEMV_RING_BYTES and (ns == 1 or ring + x <= lf.GEMV_SMEM_BYTES)
+
+
 def test_gemv_spec_is_checked():
     with pytest.raises(ValueError, match="GEMV body"):
         lf.LinearSpec(32, 64, 256, 16, 64, 64, 1, gemv=True)  # too many tokens
