@@ -65,9 +65,14 @@ __device__ __forceinline__ void tilert_cp_async16_ef(void* smem, int soff, const
   // activations out of L2
   unsigned long long pol;
   asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+  // src-size is kept a runtime value (`gmem` is never null): with a constant 16, ptxas emitted the
+  // unpredicated LDGSTS with an L2 descriptor, which raised "illegal instruction" on the H200
+  // (compute-sanitizer, standalone GEMV); the predicated zero-fill form is the one the persistent
+  // step ran correctly at full scale
   const unsigned s = (unsigned)__cvta_generic_to_shared((unsigned*)smem + soff);
   asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;"
-               : : "r"(s), "l"((const unsigned*)gmem + goff), "r"(ok ? 16 : 0), "l"(pol) : "memory");
+               : : "r"(s), "l"((const unsigned*)gmem + goff), "r"(ok && gmem != nullptr ? 16 : 0), "l"(pol)
+               : "memory");
 }
 __device__ __forceinline__ void tilert_ld16_ef(void* dst, int doff, const void* gmem, long long goff) {
   // 16 bytes global -> registers (dst: a local u32 array, doff a constant after unrolling), L2
