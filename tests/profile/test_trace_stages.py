@@ -1,0 +1,29 @@
+"""benchmarks/trace_stages.py: per-node spans and task times from a measured trace."""
+
+import gzip
+import json
+
+from benchmarks import trace_stages
+
+
+def ev(node, cat, ts, dur, name="linear_fp8"):
+    return {"ph": "X", "pid": 1, "tid": 0, "name": name, "cat": cat, "ts": ts, "dur": dur, "args": {"node": node}}
+
+
+def test_stages_span_and_task_times(tmp_path):
+    events = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "rank 0"}},
+        ev(5, "LINEAR_FP8", 100.0, 4.0), ev(5, "LINEAR_FP8", 101.0, 6.0), ev(5, "LINEAR_FP8", 110.0, 2.0),
+        {"ph": "X", "pid": 1, "tid": 0, "name": "wait", "cat": "WAIT", "ts": 90.0, "dur": 10.0, "args": {"node": 5}},
+        ev(3, "MOE_ROUTER", 10.0, 5.0, "fused_moe"), ev(3, "MOE_TOPK", 16.0, 9.0, "fused_moe"),
+        ev(9, "LINEAR_FP8", 500.0, 1.0),
+    ]  # fmt: skip
+    p = tmp_path / "t.json.gz"
+    p.write_bytes(gzip.compress(json.dumps({"traceEvents": events}).encode()))
+    rows = trace_stages.stages(trace_stages.load(str(p)), 0, 9)
+    assert [r["node"] for r in rows] == [3, 5]  # by first start; node 9 is outside [0, 9)
+    moe, lin = rows
+    assert moe["span_us"] == 15.0 and moe["opcodes"]["MOE_TOPK"] == {"tasks": 1, "median_us": 9.0, "max_us": 9.0}
+    assert lin["span_us"] == 12.0  # 100 .. 112; the wait event is not a task
+    assert lin["opcodes"]["LINEAR_FP8"] == {"tasks": 3, "median_us": 4.0, "max_us": 6.0}
+    assert "span   12.0" in trace_stages.format_rows(rows)
