@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Nsight Compute profile of one persistent step launch (GPU machine with ncu, nvdisasm, cuobjdump).
+# Nsight Compute profile of one persistent step launch (GPU machine with ncu and nvdisasm).
 #   bash scripts/ncu_step.sh OUT_DIR [ncu_step.py run options, e.g. --layers 4 --tokens 1]
 # Writes OUT_DIR/step.ncu-rep, details.txt (the sections' summaries), sass.csv.gz (per-instruction
 # warp samples), disasm.txt.gz (the kernel's SASS with line info) and device_kernel.cu, then prints

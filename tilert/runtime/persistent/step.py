@@ -422,25 +422,20 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         # wrote the same rows to global memory and read them back.
         @T_.macro
         def router(V, e_tile, c1, c2):
-            if eps is not None and not stage_x:  # x too large for shared memory: every task writes xh
+            if eps is not None:
                 rstd = alloc_unmerged((T,), f32)
-                row_rstd(V[0], 0, rstd)
-                for i, j in T_.Parallel(T, H):
-                    V[1][i, j] = T_.Cast("bfloat16", T_.Cast(f32, V[0][i, j]) * rstd[i] * T_.Cast(f32, V[16][j]))
-                T_.sync_threads()
-                router_tile(V[1], V[2], V[8], V[15], e_tile)
-            elif eps is not None:
-                rstd = alloc_unmerged((T,), f32)
-                xn = T_.alloc_shared((T, H), "bfloat16")
+                xn = T_.alloc_shared((T, H), "bfloat16") if stage_x else V[1]  # too large: every task writes xh
                 row_rstd(V[0], 0, rstd)
                 for i, j in T_.Parallel(T, H):
                     xn[i, j] = T_.Cast("bfloat16", T_.Cast(f32, V[0][i, j]) * rstd[i] * T_.Cast(f32, V[16][j]))
                 T_.sync_threads()
-                if e_tile == 0:
-                    for i, j in T_.Parallel(T, H):
-                        V[1][i, j] = xn[i, j]
+                if stage_x:
+                    if e_tile == 0:
+                        for i, j in T_.Parallel(T, H):
+                            V[1][i, j] = xn[i, j]
                 router_tile(xn, V[2], V[8], V[15], e_tile)
-                keep(xn, V)  # live through router_tile: its reduction buffer must not share xn's bytes
+                if stage_x:
+                    keep(xn, V)  # live through router_tile: its reduction buffer must not share xn's bytes
             else:
                 router_tile(V[1], V[2], V[8], V[15], e_tile)
 
