@@ -25,11 +25,15 @@ from dataclasses import dataclass
 
 import torch
 
-from tilert.kernels.common import build, cdiv
+from tilert.kernels.common import build, cdiv, gate_ok
+from tilert.kernels.common import gated as mark_gated
 from tilert.ops.attention import attention as _ref_attention
 from tilert.ops.attention import kv_append, rope
 
 LOG2E = 1.4426950408889634
+# The persistent kernel splits the keys into 1-tile splits: splits past the keys exit at once, and a
+# split's cost there is mostly its fixed q-block prologue, so more, shorter splits shorten the layer
+PERSISTENT_MIN_TILES = 1
 PASS_CONFIGS = {"tl.disable_warp_specialized": True}
 
 
@@ -126,8 +130,12 @@ def _split_plan(cfg: AttnConfig, start):
     return lo, per, T.ceildiv(tiles, per)
 
 
-def make_bodies(cfg: AttnConfig, tma: bool = True):
+def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
     """The two tile bodies (T.macro) for `cfg`; see the module docstring for their contracts.
+
+    gated: the split body is the persistent kernel's gated form `(..., h, rb, s, gate)`: it issues
+    its first KV tiles (old keys, written by earlier steps) and the RoPE table, then waits for its
+    inputs (runtime/persistent/megakernel.Gate).
 
     tma=False loads key tiles with cp.async instead of TMA (the persistent kernel: its views come
     from pointers, so there are no host-built TMA descriptors): every thread issues its share of a
@@ -174,18 +182,17 @@ def make_bodies(cfg: AttnConfig, tma: bool = True):
         return T.Cast(bf16, T.Cast(f32, Vnew[b, h, d]) * cfg.v_scale)
 
     @T.macro
-    def tile(q_s, k_s, v_s, acc_s, acc_p, acc_o, m, m_prev, alpha, l_sum, r_sum, qpos, base, hi, masked):
-        """Online-softmax update with keys base..base+BN-1 (k_s, v_s), visible below hi.
-        masked=False (a Python flag) skips the mask: every key of the tile is visible to every row."""
+    def tile(q_s, k_s, v_s, acc_s, acc_p, acc_o, m, m_prev, alpha, l_sum, r_sum, qpos, base, hi):
+        """Online-softmax update with keys base..base+BN-1 (k_s, v_s), visible below hi (and by the
+        causal / window mask; on a full tile of old keys the mask is all true)."""
         T.clear(acc_s)
         T.gemm(q_s, k_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
-        if masked:
-            for i, j in T.Parallel(BM, BN):
-                kp = base + j
-                ok = (kp < hi) & (kp <= qpos[i])
-                if W:
-                    ok = ok & (kp >= qpos[i] - W)
-                acc_s[i, j] = T.if_then_else(ok, acc_s[i, j], NEG)
+        for i, j in T.Parallel(BM, BN):
+            kp = base + j
+            ok = (kp < hi) & (kp <= qpos[i])
+            if W:
+                ok = ok & (kp >= qpos[i] - W)
+            acc_s[i, j] = T.if_then_else(ok, acc_s[i, j], NEG)
         T.copy(m, m_prev)
         T.reduce_max(acc_s, m, dim=1, clear=False)
         for i in T.Parallel(BM):
@@ -230,7 +237,7 @@ def make_bodies(cfg: AttnConfig, tma: bool = True):
             T.sync_threads()
 
     @T.macro
-    def attn_split_body(Q, Knew, Vnew, Kc, Vc, Pos, Opart, Lse, h, rb, s):
+    def split_core(Q, Knew, Vnew, Kc, Vc, Pos, Opart, Lse, h, rb, s, gate):
         q_s = T.alloc_shared([BM, DK], bf16)
         k_ring = T.alloc_shared([NST, BN, DK], bf16)
         v_ring = T.alloc_shared([NST, BN, DV], bf16)
@@ -259,123 +266,101 @@ def make_bodies(cfg: AttnConfig, tma: bool = True):
             else:
                 no_issue()
 
-        # cos/sin of the B new positions in float64, like the reference (angles reach 1e5 rad).
-        for b, f in T.Parallel(B, max(RH, 1)):
-            ang = T.Cast("float64", start + b) * T.pow(
-                T.float64(cfg.rope_theta), T.Cast("float64", f) * T.float64(-2.0 / max(ROPE, 1))
-            )
-            cs[b, f] = T.Cast(f32, T.cos(ang))
-            cs[b, RH + f] = T.Cast(f32, T.sin(ang))
-        # q rows: one plain (vectorised) copy into shared memory, then RoPE in place; only row
-        # blocks that can hold real rows are rotated (B = 1: 16 of 128 rows).
-        for i, d in T.Parallel(BM, DK):
-            r = rb * BM + i
-            q_s[i, d] = T.if_then_else(r < R, Q[T.min(r // G, B - 1), h * G + r % G, d], T.Cast(bf16, 0))
-        T.sync_threads()
-        rotate_q(q_s, rb, cs)
-        for i in T.Parallel(BM):
-            qpos[i] = start + T.min((rb * BM + i) // G, B - 1)
-        T.fill(acc_o, 0)
-        T.fill(l_sum, 0)
-        T.fill(m, NEG)
+        # Splits past n_used (short contexts) have no keys: they exit before the q block and
+        # RoPE (in the persistent kernel they shared a wave with the busy splits, ~7 us each).
+        busy = (s == NS) | (s < n_used)
+        if busy:
+            # cos/sin of the B new positions in float64, like the reference (angles reach 1e5 rad).
+            for b, f in T.Parallel(B, max(RH, 1)):
+                ang = T.Cast("float64", start + b) * T.pow(
+                    T.float64(cfg.rope_theta), T.Cast("float64", f) * T.float64(-2.0 / max(ROPE, 1))
+                )
+                cs[b, f] = T.Cast(f32, T.cos(ang))
+                cs[b, RH + f] = T.Cast(f32, T.sin(ang))
+        if gate is not None:
+            gate.wait()  # q and the new k/v come from earlier tasks; nothing above read them
+        if gate_ok(gate):
+            if busy:
+                # q rows: one plain (vectorised) copy into shared memory, then RoPE in place; only row
+                # blocks that can hold real rows are rotated (B = 1: 16 of 128 rows).
+                for i, d in T.Parallel(BM, DK):
+                    r = rb * BM + i
+                    q_s[i, d] = T.if_then_else(r < R, Q[T.min(r // G, B - 1), h * G + r % G, d], T.Cast(bf16, 0))
+                T.sync_threads()
+                rotate_q(q_s, rb, cs)
+                for i in T.Parallel(BM):
+                    qpos[i] = start + T.min((rb * BM + i) // G, B - 1)
+                T.fill(acc_o, 0)
+                T.fill(l_sum, 0)
+                T.fill(m, NEG)
 
-        if s < NS:
-            # Ring of NST slots: tile t lives in slot t % NST; its barrier's phase flips once per
-            # pass over the ring. The trip count comes from the device (positions), so the ring
-            # is run by hand with mbarriers instead of T.Pipelined (see docs/attention.md).
-            for t in T.serial(nt):
-                st = t % NST
-                wait_tile(bar, st, t)
-                base = s_lo + t * BN
-                if base + BN > s_hi:
-                    # the split's partial last tile: rows at or past s_hi may be stale or never
-                    # written (NaN; 0 * NaN = NaN even where P = 0): zero their v rows.
+                if s == NS:  # the B new keys: ring slot 0 (no loads are in flight: nt = 0), RoPE, append
+                    for j, d in T.Parallel(BN, DK):
+                        k_ring[0, j, d] = T.if_then_else(j < B, Knew[T.min(j, B - 1), h, d], T.Cast(bf16, 0))
                     for j, d in T.Parallel(BN, DV):
-                        if base + j >= s_hi:
-                            v_ring[st, j, d] = T.Cast(bf16, 0)
-                    T.fence_proxy_async()
+                        v_ring[0, j, d] = T.if_then_else(j < B, vnew(Vnew, T.min(j, B - 1), h, d), T.Cast(bf16, 0))
                     T.sync_threads()
-                    tile(
-                        q_s,
-                        k_ring[st, :, :],
-                        v_ring[st, :, :],
-                        acc_s,
-                        acc_p,
-                        acc_o,
-                        m,
-                        m_prev,
-                        alpha,
-                        l_sum,
-                        r_sum,
-                        qpos,
-                        base,
-                        s_hi,
-                        True,
-                    )
-                else:
-                    tile(
-                        q_s,
-                        k_ring[st, :, :],
-                        v_ring[st, :, :],
-                        acc_s,
-                        acc_p,
-                        acc_o,
-                        m,
-                        m_prev,
-                        alpha,
-                        l_sum,
-                        r_sum,
-                        qpos,
-                        base,
-                        s_hi,
-                        W > 0,
-                    )
-                T.sync_threads()  # every warp is done with slot st before it is refilled
-                if t + NST < nt:
-                    issue(Kc, Vc, k_ring, v_ring, bar, st, h, base + NST * BN)
-                else:
-                    no_issue()
-        else:
-            for j, d in T.Parallel(BN, DK):
-                k_ring[0, j, d] = T.if_then_else(j < B, Knew[T.min(j, B - 1), h, d], T.Cast(bf16, 0))
-            for j, d in T.Parallel(BN, DV):
-                v_ring[0, j, d] = T.if_then_else(j < B, vnew(Vnew, T.min(j, B - 1), h, d), T.Cast(bf16, 0))
-            T.sync_threads()
-            rotate_k(k_ring, cs)
-            T.fence_proxy_async()  # generic-proxy smem writes, read next by wgmma (async proxy)
-            T.sync_threads()
-            if rb == 0:
-                for j, d in T.Parallel(B, DK):
-                    Kc[h, start + j, d] = k_ring[0, j, d]
-                for j, d in T.Parallel(B, DV):
-                    Vc[h, start + j, d] = v_ring[0, j, d]
-            tile(
-                q_s,
-                k_ring[0, :, :],
-                v_ring[0, :, :],
-                acc_s,
-                acc_p,
-                acc_o,
-                m,
-                m_prev,
-                alpha,
-                l_sum,
-                r_sum,
-                qpos,
-                start,
-                start + B,
-                True,
-            )
+                    rotate_k(k_ring, cs)
+                    T.fence_proxy_async()  # generic-proxy smem writes, read next by wgmma (async proxy)
+                    T.sync_threads()
+                    if rb == 0:
+                        for j, d in T.Parallel(B, DK):
+                            Kc[h, start + j, d] = k_ring[0, j, d]
+                        for j, d in T.Parallel(B, DV):
+                            Vc[h, start + j, d] = v_ring[0, j, d]
+                # One loop and one (always masked) tile for the old keys' splits and the new keys' split:
+                # the body's code is fetched cold at every layer, and three expansions of the tile (full,
+                # partial last, new keys) made it about 70 KB of SASS. Ring of NST slots: tile t lives in
+                # slot t % NST; the trip count comes from the device (positions), so the ring is run by
+                # hand instead of T.Pipelined (see docs/attention.md).
+                for t in T.serial(T.if_then_else(s == NS, 1, nt)):
+                    st = t % NST
+                    base = T.if_then_else(s == NS, start, s_lo + t * BN)
+                    hi = T.if_then_else(s == NS, start + B, s_hi)
+                    if s < NS:
+                        wait_tile(bar, st, t)
+                        if base + BN > s_hi:
+                            # the split's partial last tile: rows at or past s_hi may be stale or never
+                            # written (NaN; 0 * NaN = NaN even where P = 0): zero their v rows.
+                            for j, d in T.Parallel(BN, DV):
+                                if base + j >= s_hi:
+                                    v_ring[st, j, d] = T.Cast(bf16, 0)
+                            T.fence_proxy_async()
+                            T.sync_threads()
+                    tile(q_s, k_ring[st, :, :], v_ring[st, :, :], acc_s, acc_p, acc_o, m, m_prev, alpha, l_sum, r_sum,
+                         qpos, base, hi)  # fmt: skip
+                    T.sync_threads()  # every warp is done with slot st before it is refilled
+                    if s < NS:
+                        if t + NST < nt:
+                            issue(Kc, Vc, k_ring, v_ring, bar, st, h, base + NST * BN)
+                        else:
+                            no_issue()
 
-        if (s == NS) | (s < n_used):
-            for i, d in T.Parallel(BM, DV):
-                r = rb * BM + i
-                if r < R:
-                    Opart[h, r, s, d] = T.if_then_else(l_sum[i] > 0, acc_o[i, d] / l_sum[i], 0)
-            for i in T.Parallel(BM):
-                r = rb * BM + i
-                if r < R:
-                    Lse[h, r, s] = T.if_then_else(l_sum[i] > 0, T.log2(l_sum[i]) + m[i] * SL2, NEG)
+                # one reciprocal per row (alpha is free now): a division per element was an inlined
+                # IEEE divide for each of a thread's 64 acc_o values, ~16 KB of the body's code
+                for i in T.Parallel(BM):
+                    alpha[i] = T.if_then_else(l_sum[i] > 0, 1.0 / l_sum[i], 0)
+                for i, d in T.Parallel(BM, DV):
+                    r = rb * BM + i
+                    if r < R:
+                        Opart[h, r, s, d] = acc_o[i, d] * alpha[i]
+                for i in T.Parallel(BM):
+                    r = rb * BM + i
+                    if r < R:
+                        Lse[h, r, s] = T.if_then_else(l_sum[i] > 0, T.log2(l_sum[i]) + m[i] * SL2, NEG)
+
+    if gated:
+
+        @T.macro
+        def attn_split_body(Q, Knew, Vnew, Kc, Vc, Pos, Opart, Lse, h, rb, s, gate):
+            split_core(Q, Knew, Vnew, Kc, Vc, Pos, Opart, Lse, h, rb, s, gate)
+
+        attn_split_body = mark_gated(attn_split_body)
+    else:
+
+        @T.macro
+        def attn_split_body(Q, Knew, Vnew, Kc, Vc, Pos, Opart, Lse, h, rb, s):
+            split_core(Q, Knew, Vnew, Kc, Vc, Pos, Opart, Lse, h, rb, s, None)
 
     CT = 256  # combine threads: 32 lanes x 4 columns each, CT // 32 slot groups
     NG, CPL = CT // 32, DV // 32
@@ -423,6 +408,7 @@ def make_bodies(cfg: AttnConfig, tma: bool = True):
             tot = T.exp2(Sink[hq] * LOG2E - mx)
         for g in T.serial(NG):
             tot = tot + red[1, g]
+        tot = 1.0 / tot  # the weights below multiply by it (a divide per slot was unrolled code)
         for c in T.serial(CPL):
             o[c] = 0.0
         # a static, unrolled slot loop (predicated), so the partials' loads are all in flight
@@ -430,7 +416,7 @@ def make_bodies(cfg: AttnConfig, tma: bool = True):
             k = i * NG + grp
             if k <= n_used:
                 sl = T.if_then_else(k < n_used, k, NS)
-                wk = T.exp2(lse_s[k] - mx) / tot
+                wk = T.exp2(lse_s[k] - mx) * tot
                 for c in T.vectorized(CPL):
                     o[c] = o[c] + wk * Opart[h, r, sl, lane * CPL + c]
         T.sync_threads()  # lse_s and part may share memory

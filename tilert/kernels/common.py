@@ -58,6 +58,15 @@ __device__ __forceinline__ void tilert_prefetch_l2(const void* p) {
 __device__ __forceinline__ void tilert_prefetch_bulk_l2(long long addr, int bytes) {
   asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" : : "l"(addr), "r"(bytes) : "memory");
 }
+__device__ __forceinline__ void tilert_prefetch_l2_span(const void* base, long long off, long long bytes) {
+  // ask L2 for bytes [off, off + bytes) of base, trimmed inward to 16-byte bounds (bulk prefetch
+  // needs them, and the span never reaches past the buffer)
+  const long long lo = ((long long)base + off + 15) & ~15ll, hi = ((long long)base + off + bytes) & ~15ll;
+  if (hi > lo) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" : : "l"(lo), "r"((int)(hi - lo)) : "memory");
+}
+__device__ __forceinline__ unsigned tilert_ballot(int p) { return __ballot_sync(0xffffffffu, p != 0); }
+__device__ __forceinline__ int tilert_popc(unsigned m) { return __popc(m); }
+__device__ __forceinline__ int tilert_popc_below(unsigned m, int lane) { return __popc(m & ((1u << lane) - 1u)); }
 __device__ __forceinline__ void tilert_cp_async16_ef(void* smem, int soff, const void* gmem, long long goff,
                                                      bool ok) {
   // 16 bytes global -> shared (u32 offsets from each base; zero-filled when !ok), marked evict-first
@@ -84,6 +93,37 @@ __device__ __forceinline__ void tilert_ld16_ef(void* dst, int doff, const void* 
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"((const unsigned*)gmem + goff), "l"(pol));
   *reinterpret_cast<uint4*>((unsigned*)dst + doff) = v;
 }
+__device__ __noinline__ int tilert_wait_task(const int* row, int* counters, int* err, int epoch, int sm, int t,
+                                            long long timeout, int waits, int f_counter, int f_count,
+                                            int f_expected, int none, int err_timeout) {
+  // the persistent kernel's task wait (runtime/persistent/megakernel.py), run by warp 0: until each
+  // wait w of the task row reaches expected * epoch on counters [first, first + count), lane l
+  // polling counters l, l + 32, ... (acquire); past the clock64 deadline the first waiter to time
+  // out records [err_timeout, sm, t, counter] in err. Returns whether err is set (any CTA's).
+  const long long deadline = clock64() + timeout;
+  for (int w = 0; w < waits; ++w) {
+    const int first = row[f_counter + 3 * w];
+    if (first == none) continue;
+    const int target = row[f_expected + 3 * w] * epoch, n = row[f_count + 3 * w];
+    for (int j = threadIdx.x & 31; j < n; j += 32) {
+      int v, e;
+      while (true) {
+        asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(counters + first + j) : "memory");
+        asm volatile("ld.relaxed.gpu.global.b32 %0, [%1];" : "=r"(e) : "l"(err) : "memory");
+        if (v >= target || e != 0) break;
+        if (clock64() > deadline && atomicCAS(err, 0, err_timeout) == 0) {
+          err[1] = sm;
+          err[2] = t;
+          err[3] = first + j;
+        }
+      }
+    }
+  }
+  int e;
+  asm volatile("ld.relaxed.gpu.global.b32 %0, [%1];" : "=r"(e) : "l"(err) : "memory");
+  __syncwarp();
+  return e != 0;
+}
 __device__ __forceinline__ long long tilert_globaltimer() {
   long long t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -95,6 +135,22 @@ __device__ __forceinline__ long long tilert_globaltimer() {
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def gated(body: Any) -> Any:
+    """Mark a tile body macro `(..., gate)` as waiting for its inputs itself: the persistent kernel
+    hands it a Gate (runtime/persistent/megakernel.py) instead of waiting before it runs."""
+    body.tilert_gated = True
+    return body
+
+
+def is_gated(body: Any) -> bool:
+    return bool(getattr(body, "tilert_gated", False))
+
+
+def gate_ok(gate: Any) -> Any:
+    """Inside a gated body, after `gate.wait()`: whether to run the rest (always, standalone)."""
+    return True if gate is None else gate.ok()
 
 
 def make_mma_reduce(bm: int, groups: int, warps: int):

@@ -28,7 +28,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tilert.kernels.common import alloc_unmerged, cdiv
+from tilert.kernels.common import alloc_unmerged, cdiv, gate_ok
+from tilert.kernels.common import gated as mark_gated
 from tilert.kernels.views import grid_launcher
 
 GEMV_M = 16  # fp8 linears with at most this many tokens run the register GEMV body
@@ -182,10 +183,13 @@ def make_epilogue(spec: LinearSpec):
     return epilogue
 
 
-def make_body(spec: LinearSpec):
-    """T.macro `linear_tile(V, n_tile, m_tile, k_split)`; V: the tensors of `views(spec)` in order."""
+def make_body(spec: LinearSpec, gated: bool = False):
+    """T.macro `linear_tile(V, n_tile, m_tile, k_split)`; V: the tensors of `views(spec)` in order.
+    gated: the persistent kernel's form of the GEMV body, `(V, n_tile, m_tile, k_split, gate)`
+    (it issues its first weight stages, then waits for its inputs: runtime/persistent/megakernel.Gate);
+    check `megakernel.is_gated` on the result (the wgmma tile body has no gated form)."""
     if spec.gemv:
-        return make_gemv_body(spec)
+        return make_gemv_body(spec, gated)
     import tilelang.language as T
 
     bm, bn, bk, split = spec.block_m, spec.block_n, spec.block_k, spec.split_k
@@ -256,12 +260,13 @@ def gemv_stages(spec: LinearSpec) -> tuple[int, int]:
     return sk, max(1, min(nck // sk, budget // stage))
 
 
-def make_gemv_body(spec: LinearSpec):
+def make_gemv_body(spec: LinearSpec, gated: bool = False):
     """The register GEMV body for fp8 weights and m <= GEMV_M tokens (decode, DFlash verify).
 
     Weights stream through a shared-memory ring of cp.async stages (`gemv_stages`: block_n rows x
-    up to 8 chunks each). The first stages are issued before anything else, so their DRAM latency
-    overlaps the norm prologue and x staging; then every stage is waited for, computed, and its
+    up to 8 chunks each). The first stages and the block scales are issued before anything else,
+    so their DRAM latency overlaps the norm prologue and x staging (and, gated, the wait for the
+    task's inputs, which comes right after them); then every stage is waited for, computed, and its
     slot refilled with the stage a ring length ahead. Each lane reads 16 fp8 bytes per (row, chunk)
     from the ring (rows padded so a quarter-warp's reads hit distinct banks), converts pairs to bf16
     exactly (tilert_e4m3x2) and feeds mma.sync m16n8k16 with 16 weight rows in the M slot and the
@@ -324,7 +329,7 @@ def make_gemv_body(spec: LinearSpec):
         T.ptx_commit_group()
 
     @T.macro
-    def gemv_tile(V, n_tile, m_tile, k_split):
+    def gemv_core(V, n_tile, m_tile, k_split, gate):
         T.import_source(DEVICE_PRELUDE)
         v = _unpack(spec, V)
         X, W, Sinv, G = v["x"], v["w"], v["scale_inv"], v.get("gamma")
@@ -349,62 +354,77 @@ def make_gemv_body(spec: LinearSpec):
         col0 = (k_split * nck * CH) // 128  # the task's first scale column
         for i, j in T.Parallel(srows, scols):
             sc_s[i, j] = Sinv[T.min((n_tile * bn) // sr + i, NSR - 1), T.min(col0 + j, KS - 1)]
-        if norm:
-            row_rstd(X, m_tile * bm, rstd)
-            T.sync_threads()
-        k0 = k_split * kt
-        for i, j in T.Parallel(mvp, kt):
+        if gate is not None:
+            gate.wait()  # x (and the residual) come from earlier tasks; nothing above read them
+        if gate_ok(gate):
             if norm:
-                xv = T.Cast(f32, X[m_tile * bm + i, k0 + j])
-                xs[i, j] = T.Cast("bfloat16", xv * rstd[T.min(i, mv - 1)] * T.Cast(f32, G[k0 + j]))
-            else:
-                xs[i, j] = X[m_tile * bm + i, k0 + j]
-        for i in T.unroll(NT * 4):
-            acc[i] = T.float32(0)
-        srow0 = T.min((n_tile * bn + grp * 16 + r) // sr - (n_tile * bn) // sr, srows - 1)
-        srow1 = T.min((n_tile * bn + grp * 16 + r + 8) // sr - (n_tile * bn) // sr, srows - 1)
-        for it in T.serial(nst):
-            T.ptx_wait_group(NS - 1)  # stage it has landed (this thread's copies) ...
-            T.sync_threads()  # ... and everyone's; xs and sc_s are ready too
-            slot = it % NS
-            for u in T.unroll(UK):
-                cl = u * wpg + wi  # this warp's chunk within the stage
-                if cl < SK:
-                    ci = it * SK + cl  # chunk within the task
-                    for q in T.vectorized(4):
-                        wq[q] = ring[slot, grp * 16 + r, cl * (CH // 4) + c * 4 + q]
-                    for q in T.vectorized(4):
-                        wq[4 + q] = ring[slot, grp * 16 + r + 8, cl * (CH // 4) + c * 4 + q]
-                    scol = (k_split * nck + ci) * CH // 128 - col0
-                    xo = ci * CH + c * 16  # this lane's 16 x elements of the chunk
-                    for t in T.unroll(NT):  # x of this lane's token (row r of token tile t), same K order
-                        if t * 8 + r < mv:
-                            for q in T.vectorized(16):
-                                xb[t * 16 + q] = xs[t * 8 + r, xo + q]
-                        else:
-                            for q in T.unroll(16):
-                                xb[t * 16 + q] = T.Cast("bfloat16", 0)
-                    for i in T.unroll(NT * 4):
-                        part[i] = T.float32(0)
-                    for s_ in T.unroll(4):
-                        w0 = wq[s_]
-                        w1 = wq[4 + s_]
-                        af[0] = T.call_extern(u32, "tilert_e4m3x2", w0, 0x1404)
-                        af[1] = T.call_extern(u32, "tilert_e4m3x2", w1, 0x1404)
-                        af[2] = T.call_extern(u32, "tilert_e4m3x2", w0, 0x3424)
-                        af[3] = T.call_extern(u32, "tilert_e4m3x2", w1, 0x3424)
-                        for t in T.unroll(NT):
-                            T.ptx_mma(f32, "m16n8k16", "row", "col", "bf16", "bf16", "fp32", af.data, 0, xb.data,
-                                      t * 16 + s_ * 4, part.data, t * 4, T.bool(False))  # fmt: skip
-                    for t in T.unroll(NT):  # fp32 block scales: rows r (c0, c1) and r + 8 (c2, c3)
-                        for j in T.unroll(2):
-                            acc[t * 4 + j] += part[t * 4 + j] * sc_s[srow0, scol]
-                            acc[t * 4 + 2 + j] += part[t * 4 + 2 + j] * sc_s[srow1, scol]
-            T.sync_threads()  # every warp done with slot before it is refilled
-            issue(Wv, ring, n_tile, k_split, it + NS, tx)
-        # every warp is past the last barrier: done with xs and the ring before `red` is written
-        mma_reduce(red, acc, out_s, warp, r, c)
-        epilogue(V, out_s, n_tile, m_tile)
+                row_rstd(X, m_tile * bm, rstd)
+                T.sync_threads()
+            k0 = k_split * kt
+            for i, j in T.Parallel(mvp, kt):
+                if norm:
+                    xv = T.Cast(f32, X[m_tile * bm + i, k0 + j])
+                    xs[i, j] = T.Cast("bfloat16", xv * rstd[T.min(i, mv - 1)] * T.Cast(f32, G[k0 + j]))
+                else:
+                    xs[i, j] = X[m_tile * bm + i, k0 + j]
+            for i in T.unroll(NT * 4):
+                acc[i] = T.float32(0)
+            srow0 = T.min((n_tile * bn + grp * 16 + r) // sr - (n_tile * bn) // sr, srows - 1)
+            srow1 = T.min((n_tile * bn + grp * 16 + r + 8) // sr - (n_tile * bn) // sr, srows - 1)
+            for it in T.serial(nst):
+                T.ptx_wait_group(NS - 1)  # stage it has landed (this thread's copies) ...
+                T.sync_threads()  # ... and everyone's; xs and sc_s are ready too
+                slot = it % NS
+                for u in T.unroll(UK):
+                    cl = u * wpg + wi  # this warp's chunk within the stage
+                    if cl < SK:
+                        ci = it * SK + cl  # chunk within the task
+                        for q in T.vectorized(4):
+                            wq[q] = ring[slot, grp * 16 + r, cl * (CH // 4) + c * 4 + q]
+                        for q in T.vectorized(4):
+                            wq[4 + q] = ring[slot, grp * 16 + r + 8, cl * (CH // 4) + c * 4 + q]
+                        scol = (k_split * nck + ci) * CH // 128 - col0
+                        xo = ci * CH + c * 16  # this lane's 16 x elements of the chunk
+                        for t in T.unroll(NT):  # x of this lane's token (row r of token tile t), same K order
+                            if t * 8 + r < mv:
+                                for q in T.vectorized(16):
+                                    xb[t * 16 + q] = xs[t * 8 + r, xo + q]
+                            else:
+                                for q in T.unroll(16):
+                                    xb[t * 16 + q] = T.Cast("bfloat16", 0)
+                        for i in T.unroll(NT * 4):
+                            part[i] = T.float32(0)
+                        for s_ in T.unroll(4):
+                            w0 = wq[s_]
+                            w1 = wq[4 + s_]
+                            af[0] = T.call_extern(u32, "tilert_e4m3x2", w0, 0x1404)
+                            af[1] = T.call_extern(u32, "tilert_e4m3x2", w1, 0x1404)
+                            af[2] = T.call_extern(u32, "tilert_e4m3x2", w0, 0x3424)
+                            af[3] = T.call_extern(u32, "tilert_e4m3x2", w1, 0x3424)
+                            for t in T.unroll(NT):
+                                T.ptx_mma(f32, "m16n8k16", "row", "col", "bf16", "bf16", "fp32", af.data, 0, xb.data,
+                                          t * 16 + s_ * 4, part.data, t * 4, T.bool(False))  # fmt: skip
+                        for t in T.unroll(NT):  # fp32 block scales: rows r (c0, c1) and r + 8 (c2, c3)
+                            for j in T.unroll(2):
+                                acc[t * 4 + j] += part[t * 4 + j] * sc_s[srow0, scol]
+                                acc[t * 4 + 2 + j] += part[t * 4 + 2 + j] * sc_s[srow1, scol]
+                T.sync_threads()  # every warp done with slot before it is refilled
+                issue(Wv, ring, n_tile, k_split, it + NS, tx)
+            # every warp is past the last barrier: done with xs and the ring before `red` is written
+            mma_reduce(red, acc, out_s, warp, r, c)
+            epilogue(V, out_s, n_tile, m_tile)
+
+    if gated:
+
+        @T.macro
+        def gemv_tile_gated(V, n_tile, m_tile, k_split, gate):
+            gemv_core(V, n_tile, m_tile, k_split, gate)
+
+        return mark_gated(gemv_tile_gated)
+
+    @T.macro
+    def gemv_tile(V, n_tile, m_tile, k_split):
+        gemv_core(V, n_tile, m_tile, k_split, None)
 
     return gemv_tile
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tilert.kernels.common import build, cdiv
+from tilert.kernels.common import DEVICE_PRELUDE, build, cdiv
 from tilert.kernels.mxfp4_gemm import BLOCK_K, BLOCK_N, loop_shape, make_mainloop
 from tilert.ops.moe import moe_experts, route
 
@@ -213,7 +213,10 @@ def make_bodies(cfg: Config):
     def route_body(L, Bias, Idx, Wt, TokW, List, Count):
         # One warp per token (tokens w, w + NW, ...): lane l holds the biased scores of experts
         # l, l + 32, ... in registers; k rounds of a warp argmax (the larger score, ties to the lower
-        # expert id, as torch.topk on the reference) pick the experts in score order.
+        # expert id, as torch.topk on the reference) pick the experts in score order. The rounds are
+        # a loop, not unrolled: the body runs once per layer on one SM, so its code is fetched cold
+        # and k unrolled copies cost more in instruction fetch than the loop does in branches.
+        T.import_source(DEVICE_PRELUDE)
         hit = T.alloc_shared((EL,), "int32")
         sc = T.alloc_local((EPL,), "float32")
         bv = T.alloc_var("float32")
@@ -241,7 +244,7 @@ def make_bodies(cfg: Config):
                     ec = T.min(i * 32 + lane, E - 1)
                     sc[i] = T.if_then_else(i * 32 + lane < E, T.sigmoid(L[t, ec]) + Bias[ec], NEG)
                 myi = 0
-                for j in T.unroll(K):
+                for j in T.serial(K):
                     bv = NEG
                     bi = E
                     for i in T.unroll(EPL):
@@ -274,13 +277,19 @@ def make_bodies(cfg: Config):
                         TokW[myi - cfg.expert_offset, t] = wv
                         hit[myi - cfg.expert_offset] = 1
         T.sync_threads()
-        if tx == 0:
+        # the active list in expert order, 32 experts per ballot (was thread 0 looping over E_local)
+        hv = T.alloc_var("int32")
+        bal = T.alloc_var("uint32")  # a variable: the ballot runs once, with the whole warp
+        if warp == 0:
             cnt = 0
-            for e in T.serial(EL):
-                if hit[e] != 0:
-                    List[cnt] = e
-                    cnt = cnt + 1
-            Count[0] = cnt
+            for z in T.unroll(cdiv(EL, 32)):
+                hv = T.if_then_else(z * 32 + lane < EL, hit[T.min(z * 32 + lane, EL - 1)], 0)
+                bal = T.call_extern("uint32", "tilert_ballot", hv)
+                if hv != 0:
+                    List[cnt + T.call_extern("int32", "tilert_popc_below", bal, lane)] = z * 32 + lane
+                cnt = cnt + T.call_extern("int32", "tilert_popc", bal)
+            if lane == 0:
+                Count[0] = cnt
 
     # The expert id is read once into a register: an expression List[slot] would be re-read from
     # global memory at every weight address of the mainloop (ncu: the top stall of both bodies).
@@ -307,6 +316,53 @@ def make_bodies(cfg: Config):
                     T.atomic_add(Y[j, n_tile * BLOCK_N + i], c_s[i, j] * TokW[e, j])
 
     return router_tile, route_body, gate_up_tile, down_tile
+
+
+PREFETCH_AHEAD = 2  # expert items a persistent MoE task asks L2 for ahead of the one it computes
+
+
+def make_l2_prefetch(cfg: Config, til: MoeTiling):
+    """Two macros asking L2 for one expert item's weights (cp.async.bulk.prefetch, a hint: no
+    effect on results), for the persistent tasks, which run their items one after another:
+    `gate_up_item(GUb, GUs, List, w, part)` (part 0/1: the 8 gate/up rows, 2/3: their scales) and
+    `down_item(Db, Ds, List, w, part)` (part 0: the 16 rows' k range, 1: their scales; with a k
+    split, parts 0..15 are the rows' k ranges one by one). Item w is the stage's item index
+    (MoeTiling); a task issues its next items' parts while it computes the current one, so their
+    loads meet L2 instead of DRAM (an item's weights are one load round trip in the mainloop).
+    Returns (gate_up_item, down_item, parts of a down item)."""
+    import tilelang.language as T
+
+    H, In, ds = cfg.hidden, cfg.inter, til.down_split
+    per = til.down_tiles * ds
+    kc = In // ds
+
+    @T.macro
+    def gate_up_item(GUb, GUs, List, w, part):
+        e = T.cast(List[w // til.gu_tiles], "int64")
+        r0 = (w % til.gu_tiles) * GU_COLS
+        rows = T.cast(T.min(GU_COLS, In - r0), "int64")
+        row = e * (2 * In) + r0 + (part % 2) * In
+        if part < 2:
+            T.call_extern("handle", "tilert_prefetch_l2_span", GUb.data, row * (H // 2), rows * (H // 2))
+        else:
+            T.call_extern("handle", "tilert_prefetch_l2_span", GUs.data, row * (H // 32), rows * (H // 32))
+
+    @T.macro
+    def down_item(Db, Ds, List, w, part):
+        e = T.cast(List[w // per], "int64")
+        r0 = ((w % per) // ds) * BLOCK_N
+        row = e * H + r0
+        if ds == 1:
+            rows = T.cast(T.min(BLOCK_N, H - r0), "int64")
+            if part == 0:
+                T.call_extern("handle", "tilert_prefetch_l2_span", Db.data, row * (In // 2), rows * (In // 2))
+            else:
+                T.call_extern("handle", "tilert_prefetch_l2_span", Ds.data, row * (In // 32), rows * (In // 32))
+        elif r0 + part < H:
+            T.call_extern("handle", "tilert_prefetch_l2_span", Db.data,
+                          (row + part) * (In // 2) + (w % ds) * (kc // 2), T.int64(kc // 2))  # fmt: skip
+
+    return gate_up_item, down_item, (2 if ds == 1 else BLOCK_N)
 
 
 def make_kernels(cfg: Config):

@@ -10,15 +10,21 @@ reset: targets scale with the epoch. Each task's start (before its waits), ready
 end stamps, from the GPU-wide %globaltimer in ns, go to a trace buffer [sms, tasks, 3] (per-SM
 timelines for the profiler: wait and run time apart).
 
+The body runs the wait itself (Gate): a `gated` body first issues the loads that do not depend on
+the step's data (a GEMV's first weight stages, attention's first KV tiles) into its shared memory,
+then waits, so their DRAM latency overlaps the wait instead of following it; any other body is
+waited for before it starts. The wait is one non-inlined device function shared by every body.
+
 Error buffer (int32[4]): [code, sm, task slot, counter] of the first wait that timed out
 (code ERR_TIMEOUT), or [ERR_OPCODE, -, -, opcode] for an opcode with no body (the dispatch traps).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, NamedTuple
 
-from tilert.kernels.common import DEVICE_PRELUDE
+from tilert.kernels.common import DEVICE_PRELUDE, gated, is_gated
 from tilert.kernels.views import PERSISTENT_THREADS
 from tilert.plan import FIELD, OPCODES, WAITS
 from tilert.runtime.persistent.tasks import NONE
@@ -40,9 +46,42 @@ DEFAULT_TIMEOUT_CYCLES = 4_000_000_000  # ~2 s at 2 GHz: far beyond any step, sh
 ERR_TIMEOUT, ERR_OPCODE, ERR_DRY = 1, 2, 3  # ERR_DRY: set by the host for a launch that runs no body
 
 
+class Gate(NamedTuple):
+    """A task's input wait, handed to a body that issues data-independent loads first (weights, the
+    KV cache's old keys): `wait()` (every thread, once, outside thread-dependent branches) returns
+    when the task's inputs are ready, after which `ok()` holds unless some wait timed out (then the
+    body skips the rest). Bodies without the `gated` mark are waited for before they run."""
+
+    wait: Any
+    flags: Any  # local int32[2]: [failed (warp 0's wait), go]
+
+    def ok(self) -> Any:
+        """After wait(): true unless a wait timed out somewhere (every thread sees the same)."""
+        return self.flags[1] != 0
+
+
+def run_gated(body: Any, gate: Any, *args: Any) -> Any:
+    """Expand `body(*args)` under the Gate protocol (call inside a T.macro): a gated body gets the
+    gate; any other is waited for first."""
+    import tilelang.language as T
+
+    @T.macro
+    def plain():
+        gate.wait()
+        if gate.ok():
+            body(*args)
+
+    @T.macro
+    def early():
+        body(*args, gate)
+
+    return early() if is_gated(body) else plain()
+
+
 def make_dispatch(bodies: dict[str, Any]) -> Any:
-    """A macro `dispatch(bufs, err, op_code, op, c0, c1, c2)`: the body whose opcode matches, as a
-    chain of ifs; an opcode with no body raises the error flag (ERR_OPCODE) instead of running."""
+    """A macro `dispatch(bufs, err, op_code, op, c0, c1, c2, gate)`: the body whose opcode matches,
+    as a chain of ifs, under the Gate protocol; an opcode with no body raises the error flag
+    (ERR_OPCODE) instead of running."""
     import tilelang.language as T
 
     for name in bodies:
@@ -51,7 +90,7 @@ def make_dispatch(bodies: dict[str, Any]) -> Any:
     names = list(bodies)
 
     @T.macro
-    def trap(bufs, err, code, op, c0, c1, c2):
+    def trap(bufs, err, code, op, c0, c1, c2, gate):
         if T.atomic_add(err[0], ERR_OPCODE, return_prev=True) == 0:
             err[3] = code
 
@@ -61,11 +100,11 @@ def make_dispatch(bodies: dict[str, Any]) -> Any:
         body, rest, code = bodies[names[i]], chain(i + 1), OPCODES[names[i]]
 
         @T.macro
-        def step(bufs, err, opc, op, c0, c1, c2):
+        def step(bufs, err, opc, op, c0, c1, c2, gate):
             if opc == code:
-                body(bufs, op, c0, c1, c2)
+                run_gated(body, gate, bufs, op, c0, c1, c2)
             else:
-                rest(bufs, err, opc, op, c0, c1, c2)
+                rest(bufs, err, opc, op, c0, c1, c2, gate)
 
         return step
 
@@ -73,8 +112,8 @@ def make_dispatch(bodies: dict[str, Any]) -> Any:
 
 
 def if_chain(cases: list[tuple[int, Any]], selector: Any) -> Any:
-    """A macro `(bufs, op, c0, c1, c2)` running the body of the case whose key equals
-    selector(bufs, op) (a chain of ifs; no case matches: nothing runs)."""
+    """A gated macro `(bufs, op, c0, c1, c2, gate)` running the body of the case whose key equals
+    selector(bufs, op) under the Gate protocol (a chain of ifs; no case matches: nothing runs)."""
     import tilelang.language as T
 
     def chain(i: int) -> Any:
@@ -82,23 +121,23 @@ def if_chain(cases: list[tuple[int, Any]], selector: Any) -> Any:
         if i == len(cases) - 1:
 
             @T.macro
-            def last(bufs, op, c0, c1, c2):
+            def last(bufs, op, c0, c1, c2, gate):
                 if selector(bufs, op) == key:
-                    body(bufs, op, c0, c1, c2)
+                    run_gated(body, gate, bufs, op, c0, c1, c2)
 
             return last
         rest = chain(i + 1)
 
         @T.macro
-        def step(bufs, op, c0, c1, c2):
+        def step(bufs, op, c0, c1, c2, gate):
             if selector(bufs, op) == key:
-                body(bufs, op, c0, c1, c2)
+                run_gated(body, gate, bufs, op, c0, c1, c2)
             else:
-                rest(bufs, op, c0, c1, c2)
+                rest(bufs, op, c0, c1, c2, gate)
 
         return step
 
-    return chain(0)
+    return gated(chain(0))
 
 
 PREFETCH_ROWS = 256  # most rows one task's prefetch region spans (a GEMV tile has 64)
@@ -132,13 +171,28 @@ def make_persistent_loop(
                               T.cast(pf[sm, t, 1], "int32"))  # fmt: skip
 
     @T.macro
+    def wait_inputs(sm, t, tasks, counters, err, epoch, stamps, flags):
+        """Warp 0 waits for the task's inputs (tilert_wait_task in DEVICE_PRELUDE: lane l polls
+        counters l, l + 32, ... of each wait at once, so a top-k waiting on 96 router chunks pays one
+        round trip, not 96; it is not inlined, so every body's call site shares one copy of the
+        code, which stays hot in the instruction cache); one barrier then hands its verdict
+        to every thread: flags[1] = go. stamps[1]: when the inputs were ready (thread 0)."""
+        tx = T.get_thread_binding()
+        if tx < 32:
+            # the row layout's offsets and the timeout as arguments: the prelude is one string per kernel
+            flags[0] = T.call_extern("int32", "tilert_wait_task", T.address_of(tasks[sm, t, 0]), counters.data,
+                                     err.data, epoch[0], sm, t, T.int64(timeout_cycles), WAITS, F["wait0_counter"],
+                                     F["wait0_count"], F["wait0_expected"], NONE, ERR_TIMEOUT)  # fmt: skip
+            if tx == 0:
+                stamps[1] = T.call_extern("int64", "tilert_globaltimer")
+        flags[1] = T.if_then_else(T.call_extern("int32", "__syncthreads_or", flags[0]) == 0, 1, 0)
+
+    @T.macro
     def loop(sm, tasks, counters, err, epoch, trace, bufs, pf=None):
         T.import_source(DEVICE_PRELUDE)
         tx = T.get_thread_binding()
-        deadline = T.alloc_var("int64")
-        t0 = T.alloc_var("int64")
-        t1 = T.alloc_var("int64")
-        failed = T.alloc_var("int32")
+        stamps = T.alloc_local((2,), "int64")  # the task's start and ready times (thread 0's)
+        flags = T.alloc_local((2,), "int32")  # [failed (warp 0's wait), go]
         # the row's operands in registers: a body that indexed tasks[...] directly would reload them
         # from global memory at every use (the loads cannot move across its barriers and asm)
         op = T.alloc_var("int32")
@@ -151,54 +205,31 @@ def make_persistent_loop(
         for t in T.serial(max_tasks):
             opc = tasks[sm, t, F["opcode"]]
             if opc != 0:
-                failed = 0
+                flags[0] = 0
                 if prefetch:
                     if tx >= 32 and t + 1 < max_tasks:  # the next task's weights into L2 while this one waits
                         prefetch_region(pf, sm, t + 1, tx)
-                if tx < 32:  # warp 0 waits; lane l polls counters l, l + 32, ... of each wait at once
-                    if tx == 0:
-                        t0 = T.call_extern("int64", "tilert_globaltimer")
-                        # the row after next into L2 while this task waits and runs (its first touch)
-                        T.call_extern(
-                            "handle", "tilert_prefetch_l2", T.address_of(tasks[sm, T.min(t + 2, max_tasks - 1), 0])
-                        )
-                    deadline = T.call_extern("int64", "clock64") + timeout_cycles
-                    for w in T.serial(WAITS):
-                        first = tasks[sm, t, F["wait0_counter"] + 3 * w]
-                        if first != NONE:
-                            target = tasks[sm, t, F["wait0_expected"] + 3 * w] * epoch[0]
-                            n_wait = tasks[sm, t, F["wait0_count"] + 3 * w]
-                            for jj in T.serial(T.ceildiv(n_wait, 32)):
-                                j = jj * 32 + tx
-                                if j < n_wait:
-                                    while (
-                                        T.atomic_load(counters[first + j], memory_order="acquire") < target
-                                        and T.atomic_load(err[0], memory_order="relaxed") == 0
-                                    ):
-                                        if T.call_extern("int64", "clock64") > deadline:
-                                            if T.atomic_add(err[0], ERR_TIMEOUT, return_prev=True) == 0:
-                                                err[1] = sm
-                                                err[2] = t
-                                                err[3] = first + j
-                    failed = T.if_then_else(T.atomic_load(err[0], memory_order="relaxed") != 0, 1, 0)
-                    T.call_extern("handle", "__syncwarp")
-                    if tx == 0:
-                        t1 = T.call_extern("int64", "tilert_globaltimer")
-                # one barrier that also hands warp 0's verdict to every thread (no global re-read)
+                if tx == 0:
+                    stamps[0] = T.call_extern("int64", "tilert_globaltimer")
+                    # the row after next into L2 while this task waits and runs (its first touch)
+                    T.call_extern(
+                        "handle", "tilert_prefetch_l2", T.address_of(tasks[sm, T.min(t + 2, max_tasks - 1), 0])
+                    )
                 op = tasks[sm, t, F["op"]]
                 c0 = tasks[sm, t, F["c0"]]
                 c1 = tasks[sm, t, F["c1"]]
                 c2 = tasks[sm, t, F["c2"]]
-                if T.call_extern("int32", "__syncthreads_or", failed) == 0:
-                    dispatch(bufs, err, opc, op, c0, c1, c2)
+                # the body runs the wait (Gate): a gated body first issues its data-independent loads
+                gate = Gate(functools.partial(wait_inputs, sm, t, tasks, counters, err, epoch, stamps, flags), flags)
+                dispatch(bufs, err, opc, op, c0, c1, c2, gate)
                 T.sync_threads()
                 if tx == 0:
                     sig = tasks[sm, t, F["signal"]]
                     if sig != NONE:
                         T.atomic_add(counters[sig], 1, memory_order="release")
-                    trace[sm, t, 0] = t0
+                    trace[sm, t, 0] = stamps[0]
                     trace[sm, t, 1] = T.call_extern("int64", "tilert_globaltimer")
-                    trace[sm, t, 2] = t1
+                    trace[sm, t, 2] = stamps[1]
 
     return loop
 

@@ -40,13 +40,13 @@ from tilert.ir.graph import Graph, IRError
 from tilert.ir.opset.fused import MOE_CORE, PeerValues, split_extras
 from tilert.ir.registry import get_op
 from tilert.kernels import moe
+from tilert.kernels.attention import PERSISTENT_MIN_TILES
 from tilert.ops.qtensor import QTensor
 from tilert.passes.tile import TILE_CONFIG, attention_tiling, cdiv, gemm_shape, uses_gemv
 from tilert.plan import FIELD, OPCODES, WAITS
 
 NAMES = {v: k for k, v in OPCODES.items()}
 INT_POISON = torch.iinfo(torch.int32).min
-ATTN_MIN_TILES = 2  # AttnConfig.min_tiles: fewest key tiles per split (tilert/kernels/attention.py)
 COLLECTIVE = {"ALL_REDUCE", "ALL_GATHER", "MOE_REDUCE"}
 ELEMENTWISE = ("add", "scale")
 
@@ -400,7 +400,7 @@ class PlanVM:
         lo = max(start - W, 0) if W else 0
         BN = cfg["block_n"]
         tiles = cdiv(start - lo, BN)
-        per = max(cdiv(tiles, NS), ATTN_MIN_TILES)
+        per = max(cdiv(tiles, NS), PERSISTENT_MIN_TILES)
         return dict(T=T, Hkv=Hkv, H=H, G=G, rows=rows, bm=bm, NS=NS, W=W, start=start, lo=lo, per=per, BN=BN,
                     n_used=cdiv(tiles, per), D=a["head_dim"], Dv=a["v_head_dim"])  # fmt: skip
 

@@ -21,6 +21,7 @@ arrival counters, attention partials) belong to their node.
 
 # no `from __future__ import annotations`: TileLang evaluates the prim_func annotations
 import contextlib
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from tilert.ir.graph import Graph, Node, Value
-from tilert.kernels.common import alloc_unmerged, cdiv
+from tilert.kernels.common import alloc_unmerged, cdiv, gated, is_gated
 from tilert.kernels.views import TORCH_DTYPES, ViewSpec
 from tilert.ops.qtensor import QTensor
 from tilert.plan import FIELD, OPCODES
@@ -200,8 +201,9 @@ def _linear(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
             return None
         return w0.data_ptr() + (r0 * K + k_split * kt) * esz, kt * esz, rows, K * esz
 
-    return NodeProgram(("linear", opcode, spec), lf.views(spec), lambda: {opcode: lf.make_body(spec)}, ts, (opcode,),
-                       prefetch=prefetch)  # fmt: skip
+    early = early_loads()
+    return NodeProgram(("linear", opcode, spec, early), lf.views(spec), lambda: {opcode: lf.make_body(spec, early)}, ts,
+                       (opcode,), prefetch=prefetch)  # fmt: skip
 
 
 def _lm_head_tail(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
@@ -258,6 +260,10 @@ def _lm_head_tail(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
             gemm_body(V_[:k], c0, c1, c2)
 
         @T_.macro
+        def gemm_part_gated(V_, c0, c1, c2, gate):
+            gemm_body(V_[:k], c0, c1, c2, gate)
+
+        @T_.macro
         def tail_part(V_, c0, c1, c2):
             if pcfg is not None:
                 local_argmax_body(V_[k], V_[p0], V_[p0 + 1], valid, offset)
@@ -271,7 +277,8 @@ def _lm_head_tail(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
             else:
                 argmax_body(V_[k], V_[k + 1], valid)
 
-        return {"LM_HEAD_GEMM": gemm_part, tail_op: tail_part}
+        gemm_task = gated(gemm_part_gated) if is_gated(gemm_body) else gemm_part
+        return {"LM_HEAD_GEMM": gemm_task, tail_op: tail_part}
 
     key = ("lm_head", gemm.key, cfg, accept, pcfg, offset)
     return NodeProgram(key, gemm.specs + tail_specs, bodies, gemm.tensors + ts, ("LM_HEAD_GEMM", tail_op))
@@ -306,24 +313,30 @@ def _attention(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
     def bodies() -> dict[str, Any]:
         import tilelang.language as T_
 
-        split, combine = attn.make_bodies(cfg, tma=False)
+        early = early_loads()
+        split, combine = attn.make_bodies(cfg, tma=False, gated=early)
 
         @T_.macro
-        def split_task(V, h, rb, s):
+        def split_task(V, h, rb, s, gate):  # gated: its first KV tiles fly while it waits for q
+            split(V[0], V[1], V[2], V[3], V[4], V[5], V[6], V[7], h, rb, s, gate)
+
+        @T_.macro
+        def split_task_plain(V, h, rb, s):
             split(V[0], V[1], V[2], V[3], V[4], V[5], V[6], V[7], h, rb, s)
 
         @T_.macro
         def combine_task(V, h, r, c2):
             combine(V[5], V[8], V[6], V[7], V[9], h, r)
 
-        return {"ATTN_SPLIT": split_task, "ATTN_COMBINE": combine_task}
+        return {"ATTN_SPLIT": gated(split_task) if early else split_task_plain, "ATTN_COMBINE": combine_task}
 
-    return NodeProgram(("attention", cfg, S), specs, bodies, ts, ("ATTN_SPLIT", "ATTN_COMBINE"))
+    return NodeProgram(("attention", cfg, S, early_loads()), specs, bodies, ts, ("ATTN_SPLIT", "ATTN_COMBINE"))
 
 
 def persistent_attn_config(a: Mapping[str, Any], B: int) -> Any:
     """The attention kernel config the persistent bodies use for a node (256-thread CTAs: 128 query
     rows per CTA), or None when the kernel does not cover the node."""
+    from tilert.kernels import attention as attn
     from tilert.runtime.eager.gpu_ops import attn_config
 
     cfg = attn_config(dict(a), B)
@@ -331,7 +344,15 @@ def persistent_attn_config(a: Mapping[str, Any], B: int) -> Any:
         return None
     import dataclasses
 
-    return dataclasses.replace(cfg, rows_per_cta=128, v_scale=float(a.get("v_scale") or 1.0))
+    return dataclasses.replace(cfg, rows_per_cta=128, min_tiles=attn.PERSISTENT_MIN_TILES,
+                               v_scale=float(a.get("v_scale") or 1.0))
+
+
+def early_loads() -> bool:
+    """Whether GEMV and attention-split tasks issue their data-independent loads before their
+    wait (megakernel.Gate); TILERT_EARLY_LOADS=0 builds the step with every body waited for first,
+    to measure what the early loads are worth (docs/profiling.md)."""
+    return os.environ.get("TILERT_EARLY_LOADS", "1") != "0"
 
 
 PREFETCH_MAX_BYTES = 256 * 1024  # the largest weight region one task prefetches into L2 (132 SMs: 33 MB)
@@ -443,10 +464,31 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         def topk(V, c0, c1, c2):
             route_body(V[8], V[3], V[9], V[10], V[11], V[12], V[13])
 
+        # L2 prefetch of the items a task computes next: gate/up task j asks for its items
+        # u + 1 .. u + AHEAD while it computes item u, and at its last item for the first AHEAD
+        # items of down task j (and j + gu_tasks, ...), whose weights would otherwise come from
+        # DRAM after the gate/up -> down hand-over; a down task asks for item u + AHEAD at item u
+        pf_gu, pf_dn, dn_parts = moe.make_l2_prefetch(cfg, til)
+        AHEAD = moe.PREFETCH_AHEAD
+        per_slot = til.down_tiles * til.down_split
+
+        @T_.macro
+        def prefetch_down_firsts(V, j, count, lt):  # lt: the issuing thread's index from 0
+            for q in T_.unroll(cdiv(til.down_tasks, til.gu_tasks) * AHEAD):
+                dj = j + (q // AHEAD) * til.gu_tasks
+                w = dj + (q % AHEAD) * til.down_tasks
+                if lt >= q * dn_parts and lt < (q + 1) * dn_parts and dj < til.down_tasks and w < count * per_slot:
+                    pf_dn(V[6], V[7], V[12], w, lt - q * dn_parts)
+
         @T_.macro
         def gate_up(V, j, c1, c2):  # items j, j + gu_tasks, ... of the Count x gu_tiles active ones
             count = T_.alloc_var("int32")  # read once: the items' bounds would re-read it otherwise
             count = V[13][0]
+            tx = T_.get_thread_binding()
+            # items 1 .. AHEAD - 1 now (item 0 is loaded next, directly); no steps bound yet: w's bound
+            for q in T_.unroll(AHEAD - 1):
+                if tx // 4 == q and j + (q + 1) * til.gu_tasks < count * til.gu_tiles:
+                    pf_gu(V[4], V[5], V[12], j + (q + 1) * til.gu_tasks, tx % 4)
             if stage_x:  # the x rows once per task (every item of the task reads all of them)
                 xs = T_.alloc_shared((T, H), "bfloat16")
                 for i, c in T_.Parallel(T, H):
@@ -456,13 +498,15 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
             steps = T_.min((count * til.gu_tiles - j + til.gu_tasks - 1) // til.gu_tasks, til.gu_steps)
             for u in T_.serial(steps):
                 w = j + u * til.gu_tasks
+                if tx < 4 and w + AHEAD * til.gu_tasks < count * til.gu_tiles:
+                    pf_gu(V[4], V[5], V[12], w + AHEAD * til.gu_tasks, tx)
+                if u == steps - 1:
+                    prefetch_down_firsts(V, j, count, tx - 32)  # warps 1.. (warp 0 issued the above)
                 if w < count * til.gu_tiles:
                     gate_up_tile(xs if stage_x else V[1], V[4], V[5], V[12], V[13], V[14], w // til.gu_tiles,
                                  w % til.gu_tiles)  # fmt: skip
             if stage_x:
                 keep(xs, V)
-
-        per_slot = til.down_tiles * til.down_split
 
         @T_.macro
         def down(V, j, c1, c2):
@@ -477,8 +521,11 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
             # barriers each for the 3 items one active expert gives a task)
             steps = T_.alloc_var("int32")
             steps = T_.min((count * per_slot - j + til.down_tasks - 1) // til.down_tasks, til.down_steps)
+            tx = T_.get_thread_binding()
             for u in T_.serial(steps):
                 w = j + u * til.down_tasks
+                if tx < dn_parts and w + AHEAD * til.down_tasks < count * per_slot:
+                    pf_dn(V[6], V[7], V[12], w + AHEAD * til.down_tasks, tx)
                 if stage_h:  # Hb[slot] rows into the stage when the slot changes (barriers outside the if)
                     T_.sync_threads()
                     if w < count * per_slot and w // per_slot != staged:
@@ -719,6 +766,14 @@ def make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, max_tasks: in
 
     def opcode_body(cases: list[tuple[int, Any, list[ViewSpec]]]) -> Any:
         def case(k: int, body: Any, specs: list[ViewSpec]) -> tuple[Any, Any]:
+            if is_gated(body):  # it waits for its inputs itself (megakernel.Gate)
+
+                @T.macro
+                def run_gate(bufs, op, c0, c1, c2, gate):
+                    body(make_views(bufs[1], op, specs), c0, c1, c2, gate)
+
+                return k, gated(run_gate)
+
             @T.macro
             def run(bufs, op, c0, c1, c2):
                 body(make_views(bufs[1], op, specs), c0, c1, c2)
