@@ -13,6 +13,9 @@ routing, as benchmarks/e2e.py) and launches only the persistent kernel, so ncu c
 CUDA source, and prints the stall samples per opcode body and the hottest source lines:
 
     python benchmarks/ncu_step.py report --sass sass.csv.gz --disasm disasm.txt.gz --source device_kernel.cu
+
+`codesize` prints the SASS bytes of each opcode body (no GPU: `cubin` carves the cubin out of a
+cached kernel's executable.so, then `nvdisasm -gi -c`).
 """
 
 from __future__ import annotations
@@ -96,16 +99,21 @@ def _open(path: str) -> io.TextIOBase:
 
 
 def line_table(disasm: str) -> dict[int, int]:
-    """SASS offset -> CUDA source line, from `nvdisasm -g` text (`//## File "...", line N` comments
-    precede the instructions they cover; offsets are the `/*0a30*/` prefixes)."""
+    """SASS offset -> CUDA source line, from `nvdisasm -g` or `-gi` text (`//## File "...", line N`
+    comments precede the instructions they cover; offsets are the `/*0a30*/` prefixes). With -gi a
+    comment may add `inlined at "...", line M`: code inlined into the kernel source counts at M, so a
+    prelude helper's instructions (DEVICE_PRELUDE sits at the top of the file) count in the body
+    that called it."""
     table, line = {}, -1
-    pat_line = re.compile(r'//## File "(.*?)", line (\d+)')
+    pat_line = re.compile(r'//## File "(.*?)", line (\d+)(?: inlined at "(.*?)", line (\d+))?')
     pat_off = re.compile(r"/\*([0-9a-f]{4,})\*/")
     with _open(disasm) as f:
         for s in f:
             m = pat_line.search(s)
             if m:  # a header's line (an inlined template) keeps the kernel line that called it
-                if m.group(1).endswith("tvm_kernels.cu"):
+                if m.group(3) and m.group(3).endswith("tvm_kernels.cu"):
+                    line = int(m.group(4))
+                elif m.group(1).endswith("tvm_kernels.cu") and not m.group(3):
                     line = int(m.group(2))
                 continue
             m = pat_off.search(s)
@@ -192,6 +200,23 @@ def report(a: argparse.Namespace) -> dict:
     return out
 
 
+def code_size(disasm: str, source: str) -> dict[str, int]:
+    """SASS bytes per opcode body (the `report` regions) of a kernel's `nvdisasm -gi` text: a body
+    runs once per layer on an SM, so its code is fetched cold (ncu's no_instruction stalls), and
+    its size is a cost of its own."""
+    regions = source_regions(source)
+    sizes: collections.Counter = collections.Counter()
+    for _, line in line_table(disasm).items():
+        lab = "?"
+        if line > 0:
+            lab = "loop"
+            for first, name in regions:
+                if first <= line:
+                    lab = name
+        sizes[lab] += 16  # one SASS instruction
+    return dict(sizes.most_common())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -214,11 +239,19 @@ def main() -> None:
     p.add_argument("--source", required=True)
     p.add_argument("--top", type=int, default=40)
     p.add_argument("--out", default=None)
+    z = sub.add_parser("codesize")
+    z.add_argument("--disasm", required=True, help="nvdisasm -gi text of the kernel's cubin")
+    z.add_argument("--source", required=True)
     a = ap.parse_args()
     if a.cmd == "run":
         run(a)
     elif a.cmd == "cubin":
         carve_cubin(a.lib, a.out)
+    elif a.cmd == "codesize":
+        sizes = code_size(a.disasm, a.source)
+        for lab, b in sizes.items():
+            print(f"  {lab:24s} {b / 1024:7.1f} KB")
+        print(f"  {'total':24s} {sum(sizes.values()) / 1024:7.1f} KB")
     else:
         res = report(a)
         if a.out:

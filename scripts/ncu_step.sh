@@ -25,7 +25,7 @@ for f in "${TILERT_KERNEL_CACHE:-$HOME/.cache/tilert}"/*/*/kernels/*/device_kern
 done
 [ -n "$dir" ] || { echo "the step kernel's library is not in the kernel cache" >&2; exit 3; }
 python benchmarks/ncu_step.py cubin --lib "$dir/executable.so" --out "$out/$tag.cubin"
-"${CUDA_HOME:-/usr/local/cuda}/bin/nvdisasm" -g -c "$out/$tag.cubin" | gzip > "$out/$tag-disasm.txt.gz"
+"${CUDA_HOME:-/usr/local/cuda}/bin/nvdisasm" -gi -c "$out/$tag.cubin" | gzip > "$out/$tag-disasm.txt.gz"
 rm -f "$out/$tag.cubin"
 python benchmarks/ncu_step.py report --sass "$out/$tag-sass.csv.gz" --disasm "$out/$tag-disasm.txt.gz" \
   --source "$out/$tag-device_kernel.cu" --out "$out/$tag-report.json"

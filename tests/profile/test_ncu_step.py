@@ -53,3 +53,25 @@ def test_report_maps_samples_to_bodies(tmp_path, capsys):
     assert out["regions"]["MOE_GATE_UP"]["samples"] == 40
     assert out["regions"]["loop"]["samples"] == 10
     assert [(r["line"], r["region"]) for r in out["lines"]] == [(6, "LINEAR_FP8#1"), (10, "MOE_GATE_UP"), (3, "loop")]
+
+
+DISASM_INLINE = """\t//## File "/tmp/x/tvm_kernels.cu", line 6
+        /*0000*/                   LDG.E.128 R8, [R6.64] ;
+\t//## File "/tmp/x/tvm_kernels.cu", line 1 inlined at "/tmp/x/tvm_kernels.cu", line 10
+        /*0010*/                   PRMT R2, R8, 0x5410, R9 ;
+        /*0020*/                   HMUL2.BF16_V2 R2, R2, R3 ;
+\t//## File "/usr/include/cute/mma.hpp", line 40 inlined at "/tmp/x/tvm_kernels.cu", line 6
+        /*0030*/                   HMMA.16816.F32.BF16 R4, R8, R2, R4 ;
+\t//## File "/usr/include/cute/arch.hpp", line 7 inlined at "/usr/include/cute/mma.hpp", line 40
+        /*0040*/                   NOP ;
+"""
+
+
+def test_inlined_prelude_code_counts_in_its_caller(tmp_path):
+    # nvdisasm -gi: a prelude helper (line 1) inlined into a body counts at the body's line; a
+    # header inlined into a header keeps the last kernel line
+    src, dis = tmp_path / "k.cu", tmp_path / "d.txt"
+    src.write_text(SOURCE)
+    dis.write_text(DISASM_INLINE)
+    assert ncu_step.line_table(str(dis)) == {0: 6, 0x10: 10, 0x20: 10, 0x30: 6, 0x40: 6}
+    assert ncu_step.code_size(str(dis), str(src)) == {"LINEAR_FP8#1": 48, "MOE_GATE_UP": 32}

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tilert.kernels.common import build, cdiv, gate_ok
+from tilert.kernels.common import build, cdiv, gate_passed
 from tilert.kernels.common import gated as mark_gated
 from tilert.ops.attention import attention as _ref_attention
 from tilert.ops.attention import kv_append, rope
@@ -266,76 +266,74 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
             else:
                 no_issue()
 
-        # Splits past n_used (short contexts) have no keys: they exit before the q block and
-        # RoPE (in the persistent kernel they shared a wave with the busy splits, ~7 us each).
-        busy = (s == NS) | (s < n_used)
-        if busy:
-            # cos/sin of the B new positions in float64, like the reference (angles reach 1e5 rad).
-            for b, f in T.Parallel(B, max(RH, 1)):
-                ang = T.Cast("float64", start + b) * T.pow(
-                    T.float64(cfg.rope_theta), T.Cast("float64", f) * T.float64(-2.0 / max(ROPE, 1))
-                )
-                cs[b, f] = T.Cast(f32, T.cos(ang))
-                cs[b, RH + f] = T.Cast(f32, T.sin(ang))
+        # cos/sin of the B new positions in float64, like the reference (angles reach 1e5 rad).
+        for b, f in T.Parallel(B, max(RH, 1)):
+            ang = T.Cast("float64", start + b) * T.pow(
+                T.float64(cfg.rope_theta), T.Cast("float64", f) * T.float64(-2.0 / max(ROPE, 1))
+            )
+            cs[b, f] = T.Cast(f32, T.cos(ang))
+            cs[b, RH + f] = T.Cast(f32, T.sin(ang))
         if gate is not None:
+            T.sync_threads()  # cs is written: a barrier ThreadSync can see (Gate.passed() is opaque to it)
             gate.wait()  # q and the new k/v come from earlier tasks; nothing above read them
-        if gate_ok(gate):
-            if busy:
-                # q rows: one plain (vectorised) copy into shared memory, then RoPE in place; only row
-                # blocks that can hold real rows are rotated (B = 1: 16 of 128 rows).
-                for i, d in T.Parallel(BM, DK):
-                    r = rb * BM + i
-                    q_s[i, d] = T.if_then_else(r < R, Q[T.min(r // G, B - 1), h * G + r % G, d], T.Cast(bf16, 0))
+        if gate_passed(gate):  # every input is ready (a barrier); false only after a timed-out wait
+            # q rows: one plain (vectorised) copy into shared memory, then RoPE in place; only row
+            # blocks that can hold real rows are rotated (B = 1: 16 of 128 rows).
+            for i, d in T.Parallel(BM, DK):
+                r = rb * BM + i
+                q_s[i, d] = T.if_then_else(r < R, Q[T.min(r // G, B - 1), h * G + r % G, d], T.Cast(bf16, 0))
+            T.sync_threads()
+            rotate_q(q_s, rb, cs)
+            for i in T.Parallel(BM):
+                qpos[i] = start + T.min((rb * BM + i) // G, B - 1)
+            T.fill(acc_o, 0)
+            T.fill(l_sum, 0)
+            T.fill(m, NEG)
+
+            if s == NS:  # the B new keys: ring slot 0 (no loads are in flight: nt = 0), RoPE, append
+                for j, d in T.Parallel(BN, DK):
+                    k_ring[0, j, d] = T.if_then_else(j < B, Knew[T.min(j, B - 1), h, d], T.Cast(bf16, 0))
+                for j, d in T.Parallel(BN, DV):
+                    v_ring[0, j, d] = T.if_then_else(j < B, vnew(Vnew, T.min(j, B - 1), h, d), T.Cast(bf16, 0))
                 T.sync_threads()
-                rotate_q(q_s, rb, cs)
-                for i in T.Parallel(BM):
-                    qpos[i] = start + T.min((rb * BM + i) // G, B - 1)
-                T.fill(acc_o, 0)
-                T.fill(l_sum, 0)
-                T.fill(m, NEG)
+                rotate_k(k_ring, cs)
+                T.fence_proxy_async()  # generic-proxy smem writes, read next by wgmma (async proxy)
+                T.sync_threads()
+                if rb == 0:
+                    for j, d in T.Parallel(B, DK):
+                        Kc[h, start + j, d] = k_ring[0, j, d]
+                    for j, d in T.Parallel(B, DV):
+                        Vc[h, start + j, d] = v_ring[0, j, d]
+                T.sync_threads()  # here, not inside the append's partial-warp branches (ThreadSync)
+            # One loop and one (always masked) tile for the old keys' splits and the new keys' split:
+            # the body's code is fetched cold at every layer, and three expansions of the tile (full,
+            # partial last, new keys) made it about 70 KB of SASS. Ring of NST slots: tile t lives in
+            # slot t % NST; the trip count comes from the device (positions), so the ring is run by
+            # hand instead of T.Pipelined (see docs/attention.md).
+            for t in T.serial(T.if_then_else(s == NS, 1, nt)):
+                st = t % NST
+                base = T.if_then_else(s == NS, start, s_lo + t * BN)
+                hi = T.if_then_else(s == NS, start + B, s_hi)
+                if s < NS:
+                    wait_tile(bar, st, t)
+                    if base + BN > s_hi:
+                        # the split's partial last tile: rows at or past s_hi may be stale or never
+                        # written (NaN; 0 * NaN = NaN even where P = 0): zero their v rows.
+                        for j, d in T.Parallel(BN, DV):
+                            if base + j >= s_hi:
+                                v_ring[st, j, d] = T.Cast(bf16, 0)
+                        T.fence_proxy_async()
+                        T.sync_threads()
+                tile(q_s, k_ring[st, :, :], v_ring[st, :, :], acc_s, acc_p, acc_o, m, m_prev, alpha, l_sum, r_sum,
+                     qpos, base, hi)  # fmt: skip
+                T.sync_threads()  # every warp is done with slot st before it is refilled
+                if s < NS:
+                    if t + NST < nt:
+                        issue(Kc, Vc, k_ring, v_ring, bar, st, h, base + NST * BN)
+                    else:
+                        no_issue()
 
-                if s == NS:  # the B new keys: ring slot 0 (no loads are in flight: nt = 0), RoPE, append
-                    for j, d in T.Parallel(BN, DK):
-                        k_ring[0, j, d] = T.if_then_else(j < B, Knew[T.min(j, B - 1), h, d], T.Cast(bf16, 0))
-                    for j, d in T.Parallel(BN, DV):
-                        v_ring[0, j, d] = T.if_then_else(j < B, vnew(Vnew, T.min(j, B - 1), h, d), T.Cast(bf16, 0))
-                    T.sync_threads()
-                    rotate_k(k_ring, cs)
-                    T.fence_proxy_async()  # generic-proxy smem writes, read next by wgmma (async proxy)
-                    T.sync_threads()
-                    if rb == 0:
-                        for j, d in T.Parallel(B, DK):
-                            Kc[h, start + j, d] = k_ring[0, j, d]
-                        for j, d in T.Parallel(B, DV):
-                            Vc[h, start + j, d] = v_ring[0, j, d]
-                # One loop and one (always masked) tile for the old keys' splits and the new keys' split:
-                # the body's code is fetched cold at every layer, and three expansions of the tile (full,
-                # partial last, new keys) made it about 70 KB of SASS. Ring of NST slots: tile t lives in
-                # slot t % NST; the trip count comes from the device (positions), so the ring is run by
-                # hand instead of T.Pipelined (see docs/attention.md).
-                for t in T.serial(T.if_then_else(s == NS, 1, nt)):
-                    st = t % NST
-                    base = T.if_then_else(s == NS, start, s_lo + t * BN)
-                    hi = T.if_then_else(s == NS, start + B, s_hi)
-                    if s < NS:
-                        wait_tile(bar, st, t)
-                        if base + BN > s_hi:
-                            # the split's partial last tile: rows at or past s_hi may be stale or never
-                            # written (NaN; 0 * NaN = NaN even where P = 0): zero their v rows.
-                            for j, d in T.Parallel(BN, DV):
-                                if base + j >= s_hi:
-                                    v_ring[st, j, d] = T.Cast(bf16, 0)
-                            T.fence_proxy_async()
-                            T.sync_threads()
-                    tile(q_s, k_ring[st, :, :], v_ring[st, :, :], acc_s, acc_p, acc_o, m, m_prev, alpha, l_sum, r_sum,
-                         qpos, base, hi)  # fmt: skip
-                    T.sync_threads()  # every warp is done with slot st before it is refilled
-                    if s < NS:
-                        if t + NST < nt:
-                            issue(Kc, Vc, k_ring, v_ring, bar, st, h, base + NST * BN)
-                        else:
-                            no_issue()
-
+            if (s == NS) | (s < n_used):  # splits past the keys write nothing (the combine skips them)
                 # one reciprocal per row (alpha is free now): a division per element was an inlined
                 # IEEE divide for each of a thread's 64 acc_o values, ~16 KB of the body's code
                 for i in T.Parallel(BM):

@@ -148,9 +148,10 @@ def is_gated(body: Any) -> bool:
     return bool(getattr(body, "tilert_gated", False))
 
 
-def gate_ok(gate: Any) -> Any:
-    """Inside a gated body, after `gate.wait()`: whether to run the rest (always, standalone)."""
-    return True if gate is None else gate.ok()
+def gate_passed(gate: Any) -> Any:
+    """Inside a gated body, after `gate.wait()`: the condition of the `if` holding the rest (a CTA
+    barrier: evaluate it once; see megakernel.Gate). Always true standalone (no gate)."""
+    return True if gate is None else gate.passed()
 
 
 def make_mma_reduce(bm: int, groups: int, warps: int):

@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tilert.kernels.common import alloc_unmerged, cdiv, gate_ok
+from tilert.kernels.common import alloc_unmerged, cdiv, gate_passed
 from tilert.kernels.common import gated as mark_gated
 from tilert.kernels.views import grid_launcher
 
@@ -355,8 +355,9 @@ def make_gemv_body(spec: LinearSpec, gated: bool = False):
         for i, j in T.Parallel(srows, scols):
             sc_s[i, j] = Sinv[T.min((n_tile * bn) // sr + i, NSR - 1), T.min(col0 + j, KS - 1)]
         if gate is not None:
+            T.sync_threads()  # sc_s is written: a barrier ThreadSync can see (Gate.passed() is opaque to it)
             gate.wait()  # x (and the residual) come from earlier tasks; nothing above read them
-        if gate_ok(gate):
+        if gate_passed(gate):  # every input is ready (a barrier); false only after a timed-out wait
             if norm:
                 row_rstd(X, m_tile * bm, rstd)
                 T.sync_threads()

@@ -48,16 +48,20 @@ ERR_TIMEOUT, ERR_OPCODE, ERR_DRY = 1, 2, 3  # ERR_DRY: set by the host for a lau
 
 class Gate(NamedTuple):
     """A task's input wait, handed to a body that issues data-independent loads first (weights, the
-    KV cache's old keys): `wait()` (every thread, once, outside thread-dependent branches) returns
-    when the task's inputs are ready, after which `ok()` holds unless some wait timed out (then the
-    body skips the rest). Bodies without the `gated` mark are waited for before they run."""
+    KV cache's old keys): `wait()` (every thread, once) has warp 0 wait for the task's inputs;
+    `passed()` is then the condition of the `if` that holds the rest of the body: a CTA barrier
+    (__syncthreads_or of warp 0's verdict) that is true unless some wait timed out. Evaluate it
+    once, outside thread-dependent branches. (An if on the barrier's result is what TileLang's
+    ThreadSync accepts around the rest's own barriers; a flag in a local variable is not.) Bodies
+    without the `gated` mark are waited for before they run."""
 
     wait: Any
-    flags: Any  # local int32[2]: [failed (warp 0's wait), go]
+    flags: Any  # local int32[1]: warp 0's verdict (1: a wait timed out)
 
-    def ok(self) -> Any:
-        """After wait(): true unless a wait timed out somewhere (every thread sees the same)."""
-        return self.flags[1] != 0
+    def passed(self) -> Any:
+        import tilelang.language as T
+
+        return T.call_extern("int32", "__syncthreads_or", self.flags[0]) == 0
 
 
 def run_gated(body: Any, gate: Any, *args: Any) -> Any:
@@ -68,7 +72,7 @@ def run_gated(body: Any, gate: Any, *args: Any) -> Any:
     @T.macro
     def plain():
         gate.wait()
-        if gate.ok():
+        if gate.passed():
             body(*args)
 
     @T.macro
@@ -171,12 +175,12 @@ def make_persistent_loop(
                               T.cast(pf[sm, t, 1], "int32"))  # fmt: skip
 
     @T.macro
-    def wait_inputs(sm, t, tasks, counters, err, epoch, stamps, flags):
+    def wait_inputs(sm, t, tasks, counters, err, epoch, stamps, flags):  # Gate.wait
         """Warp 0 waits for the task's inputs (tilert_wait_task in DEVICE_PRELUDE: lane l polls
         counters l, l + 32, ... of each wait at once, so a top-k waiting on 96 router chunks pays one
         round trip, not 96; it is not inlined, so every body's call site shares one copy of the
-        code, which stays hot in the instruction cache); one barrier then hands its verdict
-        to every thread: flags[1] = go. stamps[1]: when the inputs were ready (thread 0)."""
+        code, which stays hot in the instruction cache): flags[0] = its verdict, handed to every
+        thread by the barrier in Gate.passed(). stamps[1]: when the inputs were ready (thread 0)."""
         tx = T.get_thread_binding()
         if tx < 32:
             # the row layout's offsets and the timeout as arguments: the prelude is one string per kernel
@@ -185,14 +189,13 @@ def make_persistent_loop(
                                      F["wait0_count"], F["wait0_expected"], NONE, ERR_TIMEOUT)  # fmt: skip
             if tx == 0:
                 stamps[1] = T.call_extern("int64", "tilert_globaltimer")
-        flags[1] = T.if_then_else(T.call_extern("int32", "__syncthreads_or", flags[0]) == 0, 1, 0)
 
     @T.macro
     def loop(sm, tasks, counters, err, epoch, trace, bufs, pf=None):
         T.import_source(DEVICE_PRELUDE)
         tx = T.get_thread_binding()
         stamps = T.alloc_local((2,), "int64")  # the task's start and ready times (thread 0's)
-        flags = T.alloc_local((2,), "int32")  # [failed (warp 0's wait), go]
+        flags = T.alloc_local((1,), "int32")  # warp 0's verdict: a wait timed out
         # the row's operands in registers: a body that indexed tasks[...] directly would reload them
         # from global memory at every use (the loads cannot move across its barriers and asm)
         op = T.alloc_var("int32")
