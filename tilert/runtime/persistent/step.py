@@ -390,6 +390,7 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
     norm_w = b.env[g.values[extra.pop(0)].name].to(torch.bfloat16).contiguous() if eps is not None else None
     res = b.activation(g.values[extra.pop(0)]) if a.get("residual") else None
     TP, S = moe.TP, cfg.max_slots
+    moe_pf = os.environ.get("TILERT_MOE_PREFETCH", "1") != "0"  # the expert items' L2 prefetch (below)
     xa = b.activation(x)
     xh = b.ws((TP, H), torch.bfloat16) if eps is not None else xa
     out = b.activation(g.values[n.outputs[0]])
@@ -486,9 +487,10 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
             count = V[13][0]
             tx = T_.get_thread_binding()
             # items 1 .. AHEAD - 1 now (item 0 is loaded next, directly); no steps bound yet: w's bound
-            for q in T_.unroll(AHEAD - 1):
-                if tx // 4 == q and j + (q + 1) * til.gu_tasks < count * til.gu_tiles:
-                    pf_gu(V[4], V[5], V[12], j + (q + 1) * til.gu_tasks, tx % 4)
+            if moe_pf:
+                for q in T_.unroll(AHEAD - 1):
+                    if tx // 4 == q and j + (q + 1) * til.gu_tasks < count * til.gu_tiles:
+                        pf_gu(V[4], V[5], V[12], j + (q + 1) * til.gu_tasks, tx % 4)
             if stage_x:  # the x rows once per task (every item of the task reads all of them)
                 xs = T_.alloc_shared((T, H), "bfloat16")
                 for i, c in T_.Parallel(T, H):
@@ -498,10 +500,11 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
             steps = T_.min((count * til.gu_tiles - j + til.gu_tasks - 1) // til.gu_tasks, til.gu_steps)
             for u in T_.serial(steps):
                 w = j + u * til.gu_tasks
-                if tx < 4 and w + AHEAD * til.gu_tasks < count * til.gu_tiles:
-                    pf_gu(V[4], V[5], V[12], w + AHEAD * til.gu_tasks, tx)
-                if u == steps - 1:
-                    prefetch_down_firsts(V, j, count, tx - 32)  # warps 1.. (warp 0 issued the above)
+                if moe_pf:
+                    if tx < 4 and w + AHEAD * til.gu_tasks < count * til.gu_tiles:
+                        pf_gu(V[4], V[5], V[12], w + AHEAD * til.gu_tasks, tx)
+                    if u == steps - 1:
+                        prefetch_down_firsts(V, j, count, tx - 32)  # warps 1.. (warp 0 issued the above)
                 if w < count * til.gu_tiles:
                     gate_up_tile(xs if stage_x else V[1], V[4], V[5], V[12], V[13], V[14], w // til.gu_tiles,
                                  w % til.gu_tiles)  # fmt: skip
@@ -524,7 +527,7 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
             tx = T_.get_thread_binding()
             for u in T_.serial(steps):
                 w = j + u * til.down_tasks
-                if tx < dn_parts and w + AHEAD * til.down_tasks < count * per_slot:
+                if moe_pf and tx < dn_parts and w + AHEAD * til.down_tasks < count * per_slot:
                     pf_dn(V[6], V[7], V[12], w + AHEAD * til.down_tasks, tx)
                 if stage_h:  # Hb[slot] rows into the stage when the slot changes (barriers outside the if)
                     T_.sync_threads()
@@ -548,7 +551,7 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
 
         return {"MOE_ROUTER": router, "MOE_TOPK": topk, "MOE_GATE_UP": gate_up, "MOE_DOWN": down, "MOE_REDUCE": reduce}
 
-    key = ("moe", cfg, til, eps, res is not None, world, xa.shape[0], out.shape[0], _tl_dtype(out),
+    key = ("moe", cfg, til, eps, res is not None, world, xa.shape[0], out.shape[0], _tl_dtype(out), moe_pf,
            None if peer is None else peer.key)
     wr = ts[2]
 
