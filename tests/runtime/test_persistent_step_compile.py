@@ -68,3 +68,17 @@ def test_step_rejects_unknown_kinds() -> None:
     rg, sched = compile_step(build_step_graph(cfg, tokens=1, mode="decode", max_seq=64), 64)
     with pytest.raises(PersistentError, match="attention_block|MoE|contract"):
         PersistentStep(rg, sched.table, sched.counter_expected, meta_params(rg), device="meta", num_sms=132)
+
+
+def test_step_kernel_with_early_loads_compiles(monkeypatch) -> None:
+    # opt-in (TILERT_EARLY_LOADS=1): the GEMV and attention-split bodies issue their weight / KV
+    # loads, then wait (megakernel.Gate); every body's wait is the one shared tilert_wait_task
+    from tilert.runtime.persistent.backend import precompile
+
+    monkeypatch.setenv("TILERT_EARLY_LOADS", "1")
+    st = precompile(load_config("tiny-gpu"), 1, "decode", 256, 1)
+    src = st.kernel.get_kernel_source()
+    body = src[src.index("tilert_step_kernel("):]
+    calls = body.count("tilert_wait_task(")
+    assert calls >= len({name for p in st.programs for name in p.opcodes})  # one call site per body
+    assert "__noinline__ int tilert_wait_task" in src

@@ -58,12 +58,6 @@ __device__ __forceinline__ void tilert_prefetch_l2(const void* p) {
 __device__ __forceinline__ void tilert_prefetch_bulk_l2(long long addr, int bytes) {
   asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" : : "l"(addr), "r"(bytes) : "memory");
 }
-__device__ __forceinline__ void tilert_prefetch_l2_span(const void* base, long long off, long long bytes) {
-  // ask L2 for bytes [off, off + bytes) of base, trimmed inward to 16-byte bounds (bulk prefetch
-  // needs them, and the span never reaches past the buffer)
-  const long long lo = ((long long)base + off + 15) & ~15ll, hi = ((long long)base + off + bytes) & ~15ll;
-  if (hi > lo) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" : : "l"(lo), "r"((int)(hi - lo)) : "memory");
-}
 __device__ __forceinline__ unsigned tilert_ballot(int p) { return __ballot_sync(0xffffffffu, p != 0); }
 __device__ __forceinline__ int tilert_popc(unsigned m) { return __popc(m); }
 __device__ __forceinline__ int tilert_popc_below(unsigned m, int lane) { return __popc(m & ((1u << lane) - 1u)); }

@@ -318,53 +318,6 @@ def make_bodies(cfg: Config):
     return router_tile, route_body, gate_up_tile, down_tile
 
 
-PREFETCH_AHEAD = 2  # expert items a persistent MoE task asks L2 for ahead of the one it computes
-
-
-def make_l2_prefetch(cfg: Config, til: MoeTiling):
-    """Two macros asking L2 for one expert item's weights (cp.async.bulk.prefetch, a hint: no
-    effect on results), for the persistent tasks, which run their items one after another:
-    `gate_up_item(GUb, GUs, List, w, part)` (part 0/1: the 8 gate/up rows, 2/3: their scales) and
-    `down_item(Db, Ds, List, w, part)` (part 0: the 16 rows' k range, 1: their scales; with a k
-    split, parts 0..15 are the rows' k ranges one by one). Item w is the stage's item index
-    (MoeTiling); a task issues its next items' parts while it computes the current one, so their
-    loads meet L2 instead of DRAM (an item's weights are one load round trip in the mainloop).
-    Returns (gate_up_item, down_item, parts of a down item)."""
-    import tilelang.language as T
-
-    H, In, ds = cfg.hidden, cfg.inter, til.down_split
-    per = til.down_tiles * ds
-    kc = In // ds
-
-    @T.macro
-    def gate_up_item(GUb, GUs, List, w, part):
-        e = T.cast(List[w // til.gu_tiles], "int64")
-        r0 = (w % til.gu_tiles) * GU_COLS
-        rows = T.cast(T.min(GU_COLS, In - r0), "int64")
-        row = e * (2 * In) + r0 + (part % 2) * In
-        if part < 2:
-            T.call_extern("handle", "tilert_prefetch_l2_span", GUb.data, row * (H // 2), rows * (H // 2))
-        else:
-            T.call_extern("handle", "tilert_prefetch_l2_span", GUs.data, row * (H // 32), rows * (H // 32))
-
-    @T.macro
-    def down_item(Db, Ds, List, w, part):
-        e = T.cast(List[w // per], "int64")
-        r0 = ((w % per) // ds) * BLOCK_N
-        row = e * H + r0
-        if ds == 1:
-            rows = T.cast(T.min(BLOCK_N, H - r0), "int64")
-            if part == 0:
-                T.call_extern("handle", "tilert_prefetch_l2_span", Db.data, row * (In // 2), rows * (In // 2))
-            else:
-                T.call_extern("handle", "tilert_prefetch_l2_span", Ds.data, row * (In // 32), rows * (In // 32))
-        elif r0 + part < H:
-            T.call_extern("handle", "tilert_prefetch_l2_span", Db.data,
-                          (row + part) * (In // 2) + (w % ds) * (kc // 2), T.int64(kc // 2))  # fmt: skip
-
-    return gate_up_item, down_item, (2 if ds == 1 else BLOCK_N)
-
-
 def make_kernels(cfg: Config):
     """Four standalone launchers, one per body."""
     import tilelang.language as T

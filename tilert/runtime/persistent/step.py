@@ -349,10 +349,10 @@ def persistent_attn_config(a: Mapping[str, Any], B: int) -> Any:
 
 
 def early_loads() -> bool:
-    """Whether GEMV and attention-split tasks issue their data-independent loads before their
-    wait (megakernel.Gate); TILERT_EARLY_LOADS=0 builds the step with every body waited for first,
-    to measure what the early loads are worth (docs/profiling.md)."""
-    return os.environ.get("TILERT_EARLY_LOADS", "1") != "0"
+    """Whether GEMV and attention-split tasks issue their data-independent loads before their wait
+    (megakernel.Gate), opt-in with TILERT_EARLY_LOADS=1: measured on the H200 it gained nothing at
+    B=1 and cost ~10% at B=8 (docs/runtime.md), so every body is waited for first by default."""
+    return os.environ.get("TILERT_EARLY_LOADS", "0") == "1"
 
 
 PREFETCH_MAX_BYTES = 256 * 1024  # the largest weight region one task prefetches into L2 (132 SMs: 33 MB)
@@ -390,7 +390,6 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
     norm_w = b.env[g.values[extra.pop(0)].name].to(torch.bfloat16).contiguous() if eps is not None else None
     res = b.activation(g.values[extra.pop(0)]) if a.get("residual") else None
     TP, S = moe.TP, cfg.max_slots
-    moe_pf = os.environ.get("TILERT_MOE_PREFETCH", "1") != "0"  # the expert items' L2 prefetch (below)
     xa = b.activation(x)
     xh = b.ws((TP, H), torch.bfloat16) if eps is not None else xa
     out = b.activation(g.values[n.outputs[0]])
@@ -465,32 +464,12 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         def topk(V, c0, c1, c2):
             route_body(V[8], V[3], V[9], V[10], V[11], V[12], V[13])
 
-        # L2 prefetch of the items a task computes next: gate/up task j asks for its items
-        # u + 1 .. u + AHEAD while it computes item u, and at its last item for the first AHEAD
-        # items of down task j (and j + gu_tasks, ...), whose weights would otherwise come from
-        # DRAM after the gate/up -> down hand-over; a down task asks for item u + AHEAD at item u
-        pf_gu, pf_dn, dn_parts = moe.make_l2_prefetch(cfg, til)
-        AHEAD = moe.PREFETCH_AHEAD
         per_slot = til.down_tiles * til.down_split
-
-        @T_.macro
-        def prefetch_down_firsts(V, j, count, lt):  # lt: the issuing thread's index from 0
-            for q in T_.unroll(cdiv(til.down_tasks, til.gu_tasks) * AHEAD):
-                dj = j + (q // AHEAD) * til.gu_tasks
-                w = dj + (q % AHEAD) * til.down_tasks
-                if lt >= q * dn_parts and lt < (q + 1) * dn_parts and dj < til.down_tasks and w < count * per_slot:
-                    pf_dn(V[6], V[7], V[12], w, lt - q * dn_parts)
 
         @T_.macro
         def gate_up(V, j, c1, c2):  # items j, j + gu_tasks, ... of the Count x gu_tiles active ones
             count = T_.alloc_var("int32")  # read once: the items' bounds would re-read it otherwise
             count = V[13][0]
-            tx = T_.get_thread_binding()
-            # items 1 .. AHEAD - 1 now (item 0 is loaded next, directly); no steps bound yet: w's bound
-            if moe_pf:
-                for q in T_.unroll(AHEAD - 1):
-                    if tx // 4 == q and j + (q + 1) * til.gu_tasks < count * til.gu_tiles:
-                        pf_gu(V[4], V[5], V[12], j + (q + 1) * til.gu_tasks, tx % 4)
             if stage_x:  # the x rows once per task (every item of the task reads all of them)
                 xs = T_.alloc_shared((T, H), "bfloat16")
                 for i, c in T_.Parallel(T, H):
@@ -500,11 +479,6 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
             steps = T_.min((count * til.gu_tiles - j + til.gu_tasks - 1) // til.gu_tasks, til.gu_steps)
             for u in T_.serial(steps):
                 w = j + u * til.gu_tasks
-                if moe_pf:
-                    if tx < 4 and w + AHEAD * til.gu_tasks < count * til.gu_tiles:
-                        pf_gu(V[4], V[5], V[12], w + AHEAD * til.gu_tasks, tx)
-                    if u == steps - 1:
-                        prefetch_down_firsts(V, j, count, tx - 32)  # warps 1.. (warp 0 issued the above)
                 if w < count * til.gu_tiles:
                     gate_up_tile(xs if stage_x else V[1], V[4], V[5], V[12], V[13], V[14], w // til.gu_tiles,
                                  w % til.gu_tiles)  # fmt: skip
@@ -524,11 +498,8 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
             # barriers each for the 3 items one active expert gives a task)
             steps = T_.alloc_var("int32")
             steps = T_.min((count * per_slot - j + til.down_tasks - 1) // til.down_tasks, til.down_steps)
-            tx = T_.get_thread_binding()
             for u in T_.serial(steps):
                 w = j + u * til.down_tasks
-                if moe_pf and tx < dn_parts and w + AHEAD * til.down_tasks < count * per_slot:
-                    pf_dn(V[6], V[7], V[12], w + AHEAD * til.down_tasks, tx)
                 if stage_h:  # Hb[slot] rows into the stage when the slot changes (barriers outside the if)
                     T_.sync_threads()
                     if w < count * per_slot and w // per_slot != staged:
@@ -551,7 +522,7 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
 
         return {"MOE_ROUTER": router, "MOE_TOPK": topk, "MOE_GATE_UP": gate_up, "MOE_DOWN": down, "MOE_REDUCE": reduce}
 
-    key = ("moe", cfg, til, eps, res is not None, world, xa.shape[0], out.shape[0], _tl_dtype(out), moe_pf,
+    key = ("moe", cfg, til, eps, res is not None, world, xa.shape[0], out.shape[0], _tl_dtype(out),
            None if peer is None else peer.key)
     wr = ts[2]
 
