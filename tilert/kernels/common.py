@@ -77,6 +77,14 @@ __device__ __forceinline__ void tilert_cp_async16_ef(void* smem, int soff, const
                : : "r"(s), "l"((const unsigned*)gmem + goff), "r"(ok && gmem != nullptr ? 16 : 0), "l"(pol)
                : "memory");
 }
+__device__ __forceinline__ void tilert_cp_async16(void* smem, int soff, const void* gmem, long long goff, bool ok) {
+  // as tilert_cp_async16_ef without the L2 policy, for standalone launches: in one standalone GEMV
+  // (m=1, 3072 x 6144) ptxas put the policy descriptor of the loop's LDGSTS in an odd uniform
+  // register (desc[UR1]), which the H200 rejects as an illegal instruction (compute-sanitizer)
+  const unsigned s = (unsigned)__cvta_generic_to_shared((unsigned*)smem + soff);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+               : : "r"(s), "l"((const unsigned*)gmem + goff), "r"(ok && gmem != nullptr ? 16 : 0) : "memory");
+}
 __device__ __forceinline__ void tilert_ld16_ef(void* dst, int doff, const void* gmem, long long goff) {
   // 16 bytes global -> registers (dst: a local u32 array, doff a constant after unrolling), L2
   // evict-first, no L1 allocation: as tilert_cp_async16_ef, for weights loaded into registers

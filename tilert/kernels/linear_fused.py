@@ -260,7 +260,7 @@ def gemv_stages(spec: LinearSpec) -> tuple[int, int]:
     return sk, max(1, min(nck // sk, budget // stage))
 
 
-def make_gemv_body(spec: LinearSpec, gated: bool = False):
+def make_gemv_body(spec: LinearSpec, gated: bool = False, evict_first: bool = True):
     """The register GEMV body for fp8 weights and m <= GEMV_M tokens (decode, DFlash verify).
 
     Weights stream through a shared-memory ring of cp.async stages (`gemv_stages`: block_n rows x
@@ -312,6 +312,9 @@ def make_gemv_body(spec: LinearSpec, gated: bool = False):
 
     PR = SK * CH // 16  # 16-byte pieces per stage row
     pieces = bn * PR
+    # weights evict-first in L2 inside the persistent step (a step streams GBs through it); the
+    # standalone launcher uses the plain cp.async (see tilert_cp_async16 in the prelude)
+    cp_async = "tilert_cp_async16_ef" if evict_first else "tilert_cp_async16"
 
     @T.macro
     def issue(Wv, ring, n_tile, k_split, st, tx):
@@ -325,7 +328,7 @@ def make_gemv_body(spec: LinearSpec, gated: bool = False):
                     col = (k_split * nck + st * SK) * (CH // 4) + (pc % PR) * 4
                     dst = ((st % NS) * bn + pc // PR) * RW + (pc % PR) * 4
                     src = T.cast(T.min(row, N - 1), "int64") * (K // 4) + col
-                    T.call_extern("handle", "tilert_cp_async16_ef", ring.data, dst, Wv.data, src, row < N)
+                    T.call_extern("handle", cp_async, ring.data, dst, Wv.data, src, row < N)
         T.ptx_commit_group()
 
     @T.macro
@@ -434,7 +437,8 @@ def make_kernel(spec: LinearSpec):
     """Standalone launcher of the body (grid: n tiles x m tiles * k splits) over a pointer row."""
     n_t, m_t = cdiv(spec.n, spec.block_n), spec.mp // spec.block_m
     return grid_launcher(
-        "linear_fused", make_body(spec), views(spec), (n_t, m_t * spec.split_k),
+        "linear_fused", make_gemv_body(spec, evict_first=False) if spec.gemv else make_body(spec), views(spec),
+        (n_t, m_t * spec.split_k),
         lambda bx, by, bz: (bx, by // spec.split_k, by % spec.split_k),
     )  # fmt: skip
 
