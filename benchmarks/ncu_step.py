@@ -78,22 +78,6 @@ def run(a: argparse.Namespace) -> None:
     print(f"ran {a.launches} launches of {g.name}: {int((sched.table[:, :, 0] != 0).sum())} tasks")
 
 
-def carve_cubin(lib: str, out: str) -> None:
-    """Write the sm_90a cubin embedded in a TileLang kernel library (an ELF inside the .so: the
-    kernel's SASS and its line table, which nvdisasm -g reads)."""
-    import struct
-
-    b = Path(lib).read_bytes()
-    i = 0
-    while (i := b.find(b"\x7fELF", i + 1)) > 0:
-        if b[i + 4] == 2 and struct.unpack_from("<H", b, i + 18)[0] == 190:  # 64-bit, EM_CUDA
-            phoff, shoff = struct.unpack_from("<QQ", b, i + 0x20)
-            phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", b, i + 0x36)
-            Path(out).write_bytes(b[i : i + max(shoff + shentsize * shnum, phoff + phentsize * phnum)])
-            return
-    raise SystemExit(f"{lib}: no embedded CUDA ELF")
-
-
 def _open(path: str) -> io.TextIOBase:
     return gzip.open(path, "rt") if path.endswith(".gz") else open(path)
 
@@ -246,6 +230,8 @@ def main() -> None:
     if a.cmd == "run":
         run(a)
     elif a.cmd == "cubin":
+        from tilert.kernels.sass import carve_cubin
+
         carve_cubin(a.lib, a.out)
     elif a.cmd == "codesize":
         sizes = code_size(a.disasm, a.source)

@@ -37,6 +37,15 @@ def test_step_kernel_compiles(model: str, tokens: int, mode: str, max_seq: int, 
     merged = re.findall(r"void\* (\w+) = \(\(void\*\)\(\(char\*\)buf_dyn_shmem", src)
     assert merged and not [b for b in merged if b.startswith("rstd")]
     assert re.search(r"__shared__ __align__\(\d+\) float rstd\w*\[", src)
+    # no cache-policy load with an odd uniform descriptor register (illegal on the H200): the
+    # kernel's SASS, when nvdisasm is at hand (the dev extra installs it)
+    from tilert.kernels import sass
+    from tilert.kernels.common import cache_dir
+
+    lib = sass.library_of(src, cache_dir())
+    if lib is not None and sass.find_nvdisasm():
+        code = sass.disassemble(lib)
+        assert "LDGSTS" in code and not sass.odd_descriptors(code)
     # weight prefetch: every fp8 linear and router task names its region, 16-byte aligned
     assert "cp.async.bulk.prefetch.L2" in src
     pf = st._prefetch_table()

@@ -1,0 +1,74 @@
+"""A compiled kernel's SASS, without a GPU: carve the sm_90a cubin out of TileLang's kernel library,
+disassemble it (nvdisasm from CUDA_HOME, PATH or the nvidia-cuda-nvdisasm wheel), and check it for
+code the H200 rejects at run time.
+
+The check: a global access with an L2 cache policy (`LDGSTS ... desc[URn]`, `LD.E ... desc[URn]`)
+reads its 64-bit descriptor from the uniform register pair URn:URn+1, which must start at an even
+register. ptxas 13.0 once gave a standalone GEMV's cp.async loop desc[UR1], and the H200 raised
+"illegal instruction" there (compute-sanitizer); CI compiles the step kernels and looks for it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sysconfig
+from pathlib import Path
+
+_ODD_DESC = re.compile(r"desc\[UR(\d*[13579])\]")
+
+
+def carve_cubin(lib: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Write the sm_90a cubin embedded in a TileLang kernel library (an ELF inside the .so: the
+    kernel's SASS and its line table, which nvdisasm -g reads)."""
+    b = Path(lib).read_bytes()
+    i = 0
+    while (i := b.find(b"\x7fELF", i + 1)) > 0:
+        if b[i + 4] == 2 and struct.unpack_from("<H", b, i + 18)[0] == 190:  # 64-bit, EM_CUDA
+            phoff, shoff = struct.unpack_from("<QQ", b, i + 0x20)
+            phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", b, i + 0x36)
+            Path(out).write_bytes(b[i : i + max(shoff + shentsize * shnum, phoff + phentsize * phnum)])
+            return
+    raise ValueError(f"{lib}: no embedded CUDA ELF")
+
+
+def find_nvdisasm() -> str | None:
+    """nvdisasm from CUDA_HOME, PATH, or the nvidia-cuda-nvdisasm wheel (the dev extra), else None."""
+    home = os.environ.get("CUDA_HOME")
+    cands = [Path(home, "bin", "nvdisasm")] if home else []
+    on_path = shutil.which("nvdisasm")
+    cands += [Path(on_path)] if on_path else []
+    site = Path(sysconfig.get_paths()["purelib"], "nvidia")
+    cands += sorted(site.glob("cu*/bin/nvdisasm")) + sorted(site.glob("cuda_nvdisasm/bin/nvdisasm"))
+    return next((str(c) for c in cands if c.is_file() and os.access(c, os.X_OK)), None)
+
+
+def disassemble(lib: str | os.PathLike, line_info: bool = False) -> str:
+    """The SASS text of a kernel library's cubin (`nvdisasm -c`, with -gi: inlined line info)."""
+    tool = find_nvdisasm()
+    if tool is None:
+        raise FileNotFoundError("nvdisasm not found (CUDA_HOME/bin, PATH or pip install nvidia-cuda-nvdisasm)")
+    cubin = Path(str(lib) + ".cubin")
+    carve_cubin(lib, cubin)
+    try:
+        args = [tool, "-c", *(["-gi"] if line_info else []), str(cubin)]
+        return subprocess.run(args, check=True, capture_output=True, text=True).stdout
+    finally:
+        cubin.unlink(missing_ok=True)
+
+
+def odd_descriptors(sass: str) -> list[str]:
+    """The instructions that read a cache-policy descriptor from an odd uniform register."""
+    return [s.strip() for s in sass.splitlines() if _ODD_DESC.search(s)]
+
+
+def library_of(source: str, cache: str | os.PathLike) -> Path | None:
+    """The cached kernel library (executable.so) whose device source is `source`, if any."""
+    for cu in Path(cache).glob("*/*/kernels/*/device_kernel.cu"):
+        if cu.read_text() == source:
+            lib = cu.with_name("executable.so")
+            return lib if lib.exists() else None
+    return None
