@@ -3,9 +3,10 @@ disassemble it (nvdisasm from CUDA_HOME, PATH or the nvidia-cuda-nvdisasm wheel)
 code the H200 rejects at run time.
 
 The check: a global access with an L2 cache policy (`LDGSTS ... desc[URn]`, `LD.E ... desc[URn]`)
-reads its 64-bit descriptor from the uniform register pair URn:URn+1, which must start at an even
-register. ptxas 13.0 once gave a standalone GEMV's cp.async loop desc[UR1], and the H200 raised
-"illegal instruction" there (compute-sanitizer); CI compiles the step kernels and looks for it.
+reads its 64-bit descriptor from the uniform register pair URn:URn+1. ptxas 13.0 once gave a
+standalone GEMV's cp.async loop desc[UR1], an odd start, and the H200 raised "illegal instruction"
+at exactly that instruction (compute-sanitizer); every even-started descriptor has run. CI
+compiles the step kernels and fails on an odd one.
 """
 
 from __future__ import annotations
