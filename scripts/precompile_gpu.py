@@ -76,7 +76,7 @@ def main() -> None:
             print(f.result(), flush=True)
     cache = Path(os.environ.get("TILERT_KERNEL_CACHE", "~/.cache/tilert/kernels")).expanduser()
     if a.prune:
-        for d in cache.glob("*/cuda-binaries"):
+        for d in [*cache.glob("*/cuda-binaries"), *cache.glob("*/.staging")]:  # TileLang 0.1.15: .staging
             shutil.rmtree(d)
     print(f"cache: {cache}")
 
