@@ -86,7 +86,7 @@ def test_tables_compute_the_reference_outputs(model: str, world: int, policy: st
 @pytest.mark.parametrize("world", [1, 2])
 def test_long_context_uses_several_splits_and_row_blocks(world: int) -> None:
     """A 140-token first step (280 query rows: 3 row blocks of 128) then a decode step at 140 (3 key
-    tiles: 2 used old-key splits in full-attention layers)."""
+    tiles: 3 used 1-tile old-key splits in full-attention layers)."""
     case = compiled_steps(load_config("tiny"), world, prompt=140)
     check(case, run_vm(case, "random", seed=3), f"tiny world {world}, 140-token context")
 
