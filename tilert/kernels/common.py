@@ -68,10 +68,9 @@ __device__ __forceinline__ void tilert_cp_async16_ef(void* smem, int soff, const
   // activations out of L2
   unsigned long long pol;
   asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
-  // src-size is kept a runtime value (`gmem` is never null): with a constant 16, ptxas emitted the
-  // unpredicated LDGSTS with an L2 descriptor, which raised "illegal instruction" on the H200
-  // (compute-sanitizer, standalone GEMV); the predicated zero-fill form is the one the persistent
-  // step ran correctly at full scale
+  // src-size is a runtime value (`gmem` is never null), so ptxas emits the predicated zero-fill
+  // LDGSTS, the form the persistent step runs on the H200. (A standalone GEMV's "illegal
+  // instruction" here was an odd policy-descriptor register, not this form: tilert_cp_async16.)
   const unsigned s = (unsigned)__cvta_generic_to_shared((unsigned*)smem + soff);
   asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;"
                : : "r"(s), "l"((const unsigned*)gmem + goff), "r"(ok && gmem != nullptr ? 16 : 0), "l"(pol)

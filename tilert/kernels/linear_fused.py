@@ -187,7 +187,7 @@ def make_body(spec: LinearSpec, gated: bool = False):
     """T.macro `linear_tile(V, n_tile, m_tile, k_split)`; V: the tensors of `views(spec)` in order.
     gated: the persistent kernel's form of the GEMV body, `(V, n_tile, m_tile, k_split, gate)`
     (it issues its first weight stages, then waits for its inputs: runtime/persistent/megakernel.Gate);
-    check `megakernel.is_gated` on the result (the wgmma tile body has no gated form)."""
+    check `kernels.common.is_gated` on the result (the wgmma tile body has no gated form)."""
     if spec.gemv:
         return make_gemv_body(spec, gated)
     import tilelang.language as T

@@ -310,10 +310,11 @@ def _attention(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
     for o, st in zip(n.outputs[1:], (kc, vc)):  # the updated caches are the caches
         b.env[g.values[o].name] = st
 
+    early = early_loads()
+
     def bodies() -> dict[str, Any]:
         import tilelang.language as T_
 
-        early = early_loads()
         split, combine = attn.make_bodies(cfg, tma=False, gated=early)
 
         @T_.macro
@@ -330,7 +331,7 @@ def _attention(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
 
         return {"ATTN_SPLIT": gated(split_task) if early else split_task_plain, "ATTN_COMBINE": combine_task}
 
-    return NodeProgram(("attention", cfg, S, early_loads()), specs, bodies, ts, ("ATTN_SPLIT", "ATTN_COMBINE"))
+    return NodeProgram(("attention", cfg, S, early), specs, bodies, ts, ("ATTN_SPLIT", "ATTN_COMBINE"))
 
 
 def persistent_attn_config(a: Mapping[str, Any], B: int) -> Any:
