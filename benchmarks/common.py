@@ -84,9 +84,10 @@ def git_commit() -> str:
         return "unknown"
 
 
-def write_result(kind: str, data: dict, out_dir: str | os.PathLike | None = None) -> Path:
-    """benchmarks/results/<kind>-<device>.json (or under out_dir), stamped with device, date, commit."""
-    name = torch.cuda.get_device_name().lower().replace(" ", "-")
+def write_result(kind: str, data: dict, out_dir: str | os.PathLike | None = None, name: str | None = None) -> Path:
+    """benchmarks/results/<kind>-<name>.json (or under out_dir), stamped with device, date, commit;
+    name defaults to the device's (nvidia-h200)."""
+    name = name or torch.cuda.get_device_name().lower().replace(" ", "-")
     meta = {
         "device": torch.cuda.get_device_name(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),

@@ -8,6 +8,11 @@ implementation (the op references on the GPU: dequantise, then torch matmul), an
 prediction of the cost model. Writes benchmarks/results/e2e-<device>.json.
 
     python benchmarks/e2e.py [--model mimo-v2.5-pro] [--world-size 8] [--context 4096] [--accept-len 6.3]
+
+On a node with at least --world-size GPUs (or with --ranks gpus) every rank runs on its own GPU
+instead (benchmarks/e2e_ranks.py): eager over NCCL and persistent over NVLink peer memory, side by
+side, with the collective time per layer and the gap to the cost model; it writes
+benchmarks/results/e2e-<N>x<device>.json (e2e-8xh200.json on 8 H200s).
 """
 
 from __future__ import annotations
@@ -244,7 +249,16 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None, help="only the first N layers (a quick check)")
     ap.add_argument("--diff-nodes", action="store_true", help="compare every persistent node output with eager's")
     ap.add_argument("--skip-timing", action="store_true", help="correctness only: no step timings")
+    ap.add_argument("--ranks", choices=("auto", "solo", "gpus"), default="auto",
+                    help="solo: rank 0 alone, collectives as local work; gpus: every rank on its own GPU; "
+                         "auto: gpus when --world-size GPUs are visible")  # fmt: skip
+    ap.add_argument("--rank-timeout", type=float, default=1800.0, help="bound on the eager NCCL phase (s)")
     a = ap.parse_args()
+    ranks = a.ranks
+    if ranks == "auto":
+        ranks = "gpus" if a.world_size > 1 and torch.cuda.device_count() >= a.world_size else "solo"
+    if ranks == "gpus" and torch.cuda.device_count() < a.world_size:
+        raise SystemExit(f"--ranks gpus needs {a.world_size} GPUs; {torch.cuda.device_count()} visible")
     cfg = load_config(a.model)
     if a.layers:
         cfg = cfg.first_layers(a.layers)
@@ -254,7 +268,11 @@ def main() -> None:
     pred = None if a.layers else predicted(a.model, a.world_size, max_seq, a.context, a.accept_len)
     print(f"cost model: {pred}", flush=True)
     rows, cache = {}, {}
-    for B in a.blocks:
+    if ranks == "gpus":
+        from benchmarks.e2e_ranks import bench_ranks
+
+        rows = bench_ranks(a, max_seq)
+    for B in a.blocks if ranks == "solo" else ():
         try:
             rows[str(B)] = bench_block(cfg, B, a, max_seq, cache)
         except Exception as e:  # keep the figures measured so far
@@ -262,6 +280,10 @@ def main() -> None:
 
             traceback.print_exc()
             rows[str(B)] = {"error": f"{type(e).__name__}: {e}"}
+    for B, row in rows.items():
+        want = (pred or {}).get("predicted_step_ms", {}).get(B)
+        if want and row.get("persistent_ms"):  # measured over the cost model's persistent prediction
+            row["persistent_over_cost_model"] = round(row["persistent_ms"] / want, 3)
     try:
         rows["drafter"] = {"skipped": True} if a.skip_drafter else bench_drafter(cfg, a, max_seq)
     except Exception as e:
@@ -277,9 +299,9 @@ def main() -> None:
     res = {
         "model": a.model,
         "world_size": a.world_size,
-        "rank": 0,
+        "rank": 0 if ranks == "solo" else "all",
         "context": a.context,
-        "mode": "solo rank 0",
+        "mode": "solo rank 0" if ranks == "solo" else f"{a.world_size} ranks on {a.world_size} GPUs",
         "copy_bandwidth_Bps": bw,
         "cost_model": pred,
         "accept_len": a.accept_len,
@@ -289,7 +311,11 @@ def main() -> None:
         "projection_formula": note,
         "persistent": "one launch per step: the compiler's task table run by runtime/persistent/step.py",
     }
-    print(write_result("e2e", res, a.out))
+    if ranks == "gpus":
+        res["drafter_note"] = "the drafter step is measured on GPU 0 alone (solo collectives)"
+        res["layers"] = a.layers or cfg.num_hidden_layers
+    short = torch.cuda.get_device_name().lower().replace(" ", "-").removeprefix("nvidia-")
+    print(write_result("e2e", res, a.out, name=None if ranks == "solo" else f"{a.world_size}x{short}"))
 
 
 if __name__ == "__main__":

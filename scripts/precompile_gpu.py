@@ -4,7 +4,8 @@ compiling. Usage: TILERT_KERNEL_CACHE=DIR python scripts/precompile_gpu.py [--be
 [--probes] [--jobs 2] [--prune]
 
 Builds tiny-gpu's step kernels at world 1 (decode B=1/4/6, verify B=4: the GPU tests' shapes) and
-world 2 (both ranks: the two-ranks-on-one-GPU test); with --bench also rank 0 of the 8-rank
+world 2 (both ranks: the two-ranks tests, on one GPU and on two), and tiny-gpu-8's verify step at
+world 1, 8 (one GPU), 4 and 8 (a GPU per rank); with --bench also rank 0 of the 8-rank
 mimo-v2.5-pro decode and verify steps (benchmarks/e2e.py); with --diff-layers N the same steps of
 the model cut to its first N layers (`benchmarks/e2e.py --layers N --diff-nodes`); with --probes
 the kernels of benchmarks/tile_latency.py and persistent_chain.py (--layers 1 8 --m 1). Jobs run in
@@ -27,12 +28,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-TINY = [(1, "decode", 1), (4, "decode", 1), (6, "decode", 1), (4, "verify", 1),
-        (1, "decode", 2), (6, "decode", 2), (4, "verify", 2)]  # fmt: skip
+TINY = [(1, "decode", 1, 1), (4, "decode", 1, 1), (6, "decode", 1, 1), (4, "verify", 1, 1),
+        (1, "decode", 2, 1), (6, "decode", 2, 1), (4, "verify", 2, 1),
+        (1, "decode", 2, 2), (6, "decode", 2, 2), (4, "verify", 2, 2)]  # fmt: skip
+TINY8 = [(4, "verify", 1, 1), (4, "verify", 8, 1), (4, "verify", 4, 4), (4, "verify", 8, 8)]  # the 8-way checks
 BENCH = [(1, "decode", 8), (8, "verify", 8)]
 
 
-def build_step(model: str, tokens: int, mode: str, max_seq: int, world: int, layers: int) -> str:
+def build_step(model: str, tokens: int, mode: str, max_seq: int, world: int, layers: int, gpus: int = 1) -> str:
     """One step kernel into the cache (runs in a worker process)."""
     from tilert.models.config import load_config
     from tilert.runtime.persistent.backend import precompile
@@ -41,9 +44,9 @@ def build_step(model: str, tokens: int, mode: str, max_seq: int, world: int, lay
     cfg = load_config(model)
     if layers:
         cfg = cfg.first_layers(layers)
-    precompile(cfg, tokens, mode, max_seq, world, peers=world > 1 and model == "tiny-gpu")
+    precompile(cfg, tokens, mode, max_seq, world, peers=world > 1 and model.startswith("tiny"), gpus=gpus)
     cut = f" ({layers} layers)" if layers else ""
-    return f"{model}{cut} {mode} B={tokens} world {world}: {time.time() - t0:.0f} s"
+    return f"{model}{cut} {mode} B={tokens} world {world} on {gpus} GPU(s): {time.time() - t0:.0f} s"
 
 
 def build_probes() -> str:
@@ -63,7 +66,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     ap.add_argument("--prune", action="store_true", help="drop TileLang's cubin cache afterwards")
     a = ap.parse_args()
-    jobs = [("tiny-gpu", t, m, 256, w, 0) for t, m, w in TINY]
+    jobs = [("tiny-gpu", t, m, 256, w, 0, gpus) for t, m, w, gpus in TINY]
+    jobs += [("tiny-gpu-8", t, m, 256, w, 0, gpus) for t, m, w, gpus in TINY8]
     if a.bench:
         jobs += [("mimo-v2.5-pro", t, m, 4096 + 64, w, 0) for t, m, w in BENCH]
     if a.diff_layers:

@@ -89,34 +89,56 @@ def test_engine_on_persistent_backend_keeps_sequences_apart() -> None:
 def test_two_ranks_on_one_gpu_match_reference() -> None:
     """World 2 with real collectives: both ranks' persistent programs run at once (66 SMs each) and
     exchange through peer buffers (all-reduces, the MoE reduce, the cross-rank argmax, all-gather)."""
-    two_ranks_match_reference(None)
+    ranks_match_reference("tiny-gpu", 2, None)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_two_ranks_on_two_gpus_match_reference() -> None:
     """The same with each rank on its own GPU (a whole GPU each): the collectives write the other
     GPU's inboxes and arrival counters through NVLink peer access."""
-    two_ranks_match_reference(["cuda:0", "cuda:1"])
+    ranks_match_reference("tiny-gpu", 2, ["cuda:0", "cuda:1"])
 
 
-def two_ranks_match_reference(devices: list[str] | None) -> None:
+def test_eight_ranks_on_one_gpu_match_unsharded() -> None:
+    """tiny-gpu-8 (16 heads, 8 KV heads, 32 experts: it shards 8 ways) as 8 ranks of 16 SMs on one
+    GPU: the verify step's logits and acceptance equal the unsharded model's, on the reference
+    executor and on the one-rank persistent step."""
+    ranks_match_reference("tiny-gpu-8", 8, None, steps=("verify",))
+
+
+@pytest.mark.parametrize("world", [4, 8])
+def test_ranks_on_their_own_gpus_match_unsharded(world: int) -> None:
+    """Issue 8's check: every rank on its own GPU, the logits equal the unsharded one-GPU run."""
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} GPUs")
+    ranks_match_reference("tiny-gpu-8", world, [f"cuda:{r}" for r in range(world)], steps=("verify",))
+
+
+def ranks_match_reference(model: str, world: int, devices: list[str] | None,
+                          steps: tuple[str, ...] = ("decode", "verify", "decode")) -> None:  # fmt: skip
+    """`world` ranks of `model` (MultiRankStep: on one GPU with devices None, else rank r on
+    devices[r]) against the unsharded reference executor over `steps`: a 6-token prompt, a DFlash
+    verify block (its acceptance too) and a 1-token decode. steps=("verify",): one verify block at
+    position 0, also run unsharded by the one-rank persistent step on cuda:0, and the ranks'
+    logits, next tokens and acceptance compared with that run as well."""
     from tilert.models.binding import bind_params
     from tilert.models.builder import build_step_graph
-    from tilert.runtime.persistent.backend import compile_ranks
+    from tilert.runtime.persistent.backend import PersistentBackend, compile_ranks
     from tilert.runtime.persistent.step import MultiRankStep
 
-    cfg = load_config("tiny-gpu")
+    cfg = load_config(model)
     w = margin_safe_weights(cfg, int(torch.randint(0, 1000, ())))
     ref = ReferenceBackend(cfg, w, max_seq=256)
-    states: list[dict] = [{}, {}]
+    one = PersistentBackend(cfg, w, max_seq=256) if steps == ("verify",) else None
+    states: list[dict] = [{} for _ in range(world)]
     progs: dict = {}
 
     def step(tokens: torch.Tensor, pos: torch.Tensor, mode: str) -> list[dict]:
         key = (len(tokens), mode)
         if key not in progs:
-            graphs, scheds = compile_ranks(build_step_graph(cfg, tokens=len(tokens), mode=mode, max_seq=256), 256, 2,
-                                           gpus=1 if devices is None else 2)  # fmt: skip
-            devs = devices or ["cuda", "cuda"]
+            graphs, scheds = compile_ranks(build_step_graph(cfg, tokens=len(tokens), mode=mode, max_seq=256), 256,
+                                           world, gpus=1 if devices is None else world)  # fmt: skip
+            devs = devices or ["cuda"] * world
             params = [{k: v.to(d) for k, v in bind_params(rg, w, {}).items()} for rg, d in zip(graphs, devs)]
             progs[key] = MultiRankStep(graphs, scheds, params, states=states, devices=devices)
         return progs[key].run({"tokens": tokens, "positions": pos})
@@ -135,6 +157,18 @@ def two_ranks_match_reference(devices: list[str] | None) -> None:
         clear = (top2[:, 0] - top2[:, 1]) > 1e-2 * a["logits"].abs().max()  # rows without a near-tie
         assert torch.equal(ids[0][clear], a["next_tokens"].long()[clear])
 
+    if steps == ("verify",):
+        blk = torch.randint(0, cfg.vocab_size, (cfg.dflash.block_size,), dtype=torch.int32)
+        p0 = torch.arange(cfg.dflash.block_size, dtype=torch.int32)
+        a, outs = ref.target_step(blk, p0, "verify"), step(blk, p0, "verify")
+        compare(a, outs)
+        b = one.target_step(blk, p0, "verify")
+        check_rows(b["logits"].float().cpu(), a["logits"])
+        compare({"logits": b["logits"].float().cpu(), "next_tokens": b["next_tokens"].cpu()}, outs)
+        for o in outs:
+            assert torch.equal(o["accept"].cpu().long(), a["accept"].long())
+            assert torch.equal(o["accept"].cpu().long(), b["accept"].cpu().long())
+        return
     prompt = torch.randint(0, cfg.vocab_size, (6,), dtype=torch.int32)
     a = ref.target_step(prompt, torch.arange(6, dtype=torch.int32))
     compare(a, step(prompt, torch.arange(6, dtype=torch.int32), "decode"))

@@ -52,6 +52,7 @@ class Config:
     down_split: int = 1
     cta_threads: int = 0  # 0: the standalone launchers' own (loop_shape); 256 in the persistent kernel
     x_stage: bool = False  # down_tile's Hb is one slot's [rows, I] block (a shared-memory stage), not [S, TP, I]
+    norm_eps: float | None = None  # router_tile reads raw x and applies the RMSNorm itself (see router_tile)
 
     @property
     def max_slots(self) -> int:
@@ -156,23 +157,32 @@ def make_bodies(cfg: Config):
     nk_dn = In // BLOCK_K // cfg.down_split
     gu_loop = make_mainloop(bm, BLOCK_N, BLOCK_K, *cfg.gu_shape, w3d=True, two=True, m_valid=Tn)
     dn_loop = make_mainloop(bm, BLOCK_N, BLOCK_K, *cfg.down_shape, w3d=True, x3d=not cfg.x_stage, m_valid=Tn)
-    zero_per_cta = cdiv(Tn * H, cdiv(E, ROUTER_E))
-    GR = min(32, THREADS // R)  # lanes per router output row (a power of two: R is ROUTER_E x Tn)
+    n_tiles = cdiv(E, ROUTER_E)
+    zero_per_cta = cdiv(Tn * H, n_tiles)
+    eps = cfg.norm_eps
+    RR = R + (Tn if eps is not None else 0)  # reduced rows: the logits, then each token's sum of squares
+    xh_cols = cdiv(H, n_tiles)  # columns of the normalised rows each task writes (with a norm)
+    GR = min(32, THREADS // RR)  # lanes per reduced row, a power of two
     GR = 1 << (GR.bit_length() - 1)
     GR_SHIFTS = [GR >> k for k in range(1, GR.bit_length())]  # GR/2, ..., 1
 
     @T.macro
-    def router_tile(X, Wr, L, Y, e_tile):
-        acc = T.alloc_local((R,), "float32")
+    def router_tile(X, Wr, L, Y, e_tile, Gamma, Xh):
+        # With cfg.norm_eps (the persistent step's fused pre-MoE RMSNorm), X is the raw residual
+        # stream and Wr the router weight times the norm's gamma: logits = rstd[t] * (x[t] . Wr[e]),
+        # the sums of squares accumulated in the same pass, so no task normalises whole rows
+        # before its dot products (at 8 tokens that pass was two thirds of the task). Each task
+        # also writes its xh_cols columns of bf16(rms_norm(x)) to Xh for the gate/up tasks.
+        acc = T.alloc_local((RR,), "float32")
         xv = T.alloc_local((Tn * 4,), "bfloat16")
         wv = T.alloc_local((ROUTER_E * 4,), "float32")
-        red = T.alloc_shared((R, THREADS + 8), "float32")  # +8: a group's rows start in different banks
+        red = T.alloc_shared((RR, THREADS + 8), "float32")  # +8: a group's rows start in different banks
         tx = T.get_thread_binding()
         for z in T.serial(cdiv(zero_per_cta, THREADS)):
             f = e_tile * zero_per_cta + z * THREADS + tx
             if z * THREADS + tx < zero_per_cta and f < Tn * H:
                 Y[f // H, f % H] = 0.0
-        for i in T.unroll(R):
+        for i in T.unroll(RR):
             acc[i] = 0.0
         # 16-byte loads of 4 consecutive router weights per expert, 8-byte loads of x (only the
         # Tn real tokens); all iterations unrolled so every load is issued before the FMAs
@@ -189,21 +199,40 @@ def make_bodies(cfg: Config):
                     for t in T.unroll(Tn):
                         for v in T.unroll(4):
                             acc[e * Tn + t] += wv[e * 4 + v] * T.cast(xv[t * 4 + v], "float32")
-        # Reduce the R partial rows in one pass: a group of GR lanes per row, each lane summing
+                if eps is not None:
+                    for t in T.unroll(Tn):
+                        for v in T.unroll(4):
+                            acc[R + t] += T.cast(xv[t * 4 + v], "float32") * T.cast(xv[t * 4 + v], "float32")
+        # Reduce the RR partial rows in one pass: a group of GR lanes per row, each lane summing
         # THREADS / GR columns, then a butterfly over the group (a fragment reduce_sum ran one
         # CTA-wide all-reduce per row: 32 barrier rounds at 8 tokens).
-        for i in T.unroll(R):  # unrolled: acc stays in registers
+        for i in T.unroll(RR):  # unrolled: acc stays in registers
             red[i, tx] = acc[i]
         T.sync_threads()
-        ri = T.min(tx // GR, R - 1)  # every lane takes part in the shuffles; spare groups repeat row R - 1
+        ri = T.min(tx // GR, RR - 1)  # every lane takes part in the shuffles; spare groups repeat row RR - 1
         tot = T.alloc_var("float32")
         tot = 0.0
         for q in T.unroll(THREADS // GR):
             tot += red[ri, q * GR + tx % GR]
         for sh in GR_SHIFTS:
             tot += T.shfl_xor(tot, sh)
-        if tx // GR < R and tx % GR == 0 and e_tile * ROUTER_E + ri // Tn < E:
-            L[ri % Tn, e_tile * ROUTER_E + ri // Tn] = tot
+        if eps is None:
+            if tx // GR < R and tx % GR == 0 and e_tile * ROUTER_E + ri // Tn < E:
+                L[ri % Tn, e_tile * ROUTER_E + ri // Tn] = tot
+        else:
+            tots = T.alloc_shared((RR,), "float32")
+            if tx // GR < RR and tx % GR == 0:
+                tots[ri] = tot
+            T.sync_threads()
+            if tx < R and e_tile * ROUTER_E + tx // Tn < E:
+                L[tx % Tn, e_tile * ROUTER_E + tx // Tn] = tots[tx] * T.rsqrt(tots[R + tx % Tn] / H + eps)
+            for z in T.serial(cdiv(Tn * xh_cols, THREADS)):
+                f = z * THREADS + tx
+                c = e_tile * xh_cols + f % xh_cols
+                if f < Tn * xh_cols and c < H:
+                    Xh[f // xh_cols, c] = T.cast(
+                        T.cast(X[f // xh_cols, c], "float32") * T.rsqrt(tots[R + f // xh_cols] / H + eps)
+                        * T.cast(Gamma[c], "float32"), "bfloat16")  # fmt: skip
 
     RT = cfg.cta_threads or 128  # route CTA threads: 128 standalone, the persistent CTA's otherwise
     NW, EPL = RT // 32, cdiv(E, 32)
@@ -333,7 +362,7 @@ def make_kernels(cfg: Config):
         Y: T.Tensor((Tn, H), "float32"),
     ):
         with T.Kernel(cdiv(E, ROUTER_E), threads=THREADS) as bx:
-            router_tile(X, Wr, L, Y, bx)
+            router_tile(X, Wr, L, Y, bx, None, None)
 
     @T.prim_func
     def moe_route(

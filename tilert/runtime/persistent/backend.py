@@ -110,18 +110,20 @@ def _persistent_factory(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], *
 
 
 def precompile(cfg: ModelConfig, tokens: int, mode: str, max_seq: int, world: int = 1,
-               out_dir: str | None = None, peers: bool = False) -> Any:  # fmt: skip
+               out_dir: str | None = None, peers: bool = False, gpus: int = 1) -> Any:  # fmt: skip
     """Build the step kernel for (tokens, mode) without weights or a GPU (meta tensors): fills the
     kernel cache, so a GPU run later only loads it, and fails here if a body does not compile.
-    peers=False: rank 0 of `world` alone (solo collectives); True: every rank of a MultiRankStep."""
+    peers=False: rank 0 of `world` alone (solo collectives); True: every rank of a MultiRankStep,
+    the ranks spread over `gpus` GPUs of 132 SMs (compile_ranks)."""
     from tilert.models.builder import build_step_graph
     from tilert.runtime.eager.synthetic import meta_params
     from tilert.runtime.persistent.step import MultiRankStep
 
     g = build_step_graph(cfg, tokens=tokens, mode=mode, max_seq=max_seq)
     if peers:
-        graphs, scheds = compile_ranks(g, max_seq, world)
-        return MultiRankStep(graphs, scheds, [meta_params(rg) for rg in graphs], device="meta", num_sms=132)
+        graphs, scheds = compile_ranks(g, max_seq, world, gpus=gpus)
+        # one meta device stands for the gpus GPUs: their SMs together
+        return MultiRankStep(graphs, scheds, [meta_params(rg) for rg in graphs], device="meta", num_sms=132 * gpus)
     rg, sched = compile_step(g, max_seq, world)
     return PersistentStep(rg, sched.table, sched.counter_expected, meta_params(rg), device="meta",
                           num_sms=sched.table.shape[0], out_dir=out_dir)  # fmt: skip

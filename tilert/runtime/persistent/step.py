@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from tilert.ir.graph import Graph, Node, Value
-from tilert.kernels.common import alloc_unmerged, cdiv, gated, is_gated
+from tilert.kernels.common import cdiv, gated, is_gated
 from tilert.kernels.views import TORCH_DTYPES, ViewSpec
 from tilert.ops.qtensor import QTensor
 from tilert.plan import FIELD, OPCODES
@@ -366,7 +366,6 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
     (+ residual)."""
     from tilert.kernels import elementwise as ew
     from tilert.kernels import moe
-    from tilert.kernels.linear_fused import make_row_rstd
     from tilert.ops.qtensor import QTensor as Q
 
     a = n.a
@@ -383,19 +382,23 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
     # x (gate/up) and Hb[slot] (down) staged in shared memory: the mainloop then reads x there
     # instead of paying an L2 round trip per k chunk
     stage_x, stage_h = T * H * 2 <= MOE_STAGE_BYTES, T * In * 2 <= MOE_STAGE_BYTES
-    cfg = moe.Config(T, H, In, E, EL, k, a.get("expert_offset", 0), a.get("scaling", 1.0), a.get("normalize", True),
-                     cta_threads=256, x_stage=stage_h)  # fmt: skip
-    til = moe.tiling(T, H, In, EL, k)
     eps = a.get("norm_eps")
+    cfg = moe.Config(T, H, In, E, EL, k, a.get("expert_offset", 0), a.get("scaling", 1.0), a.get("normalize", True),
+                     cta_threads=256, x_stage=stage_h, norm_eps=eps)  # fmt: skip
+    til = moe.tiling(T, H, In, EL, k)
     extra = list(n.inputs[5:])
-    norm_w = b.env[g.values[extra.pop(0)].name].to(torch.bfloat16).contiguous() if eps is not None else None
+    gamma = b.env[g.values[extra.pop(0)].name] if eps is not None else None
+    norm_w = gamma.to(torch.bfloat16).contiguous() if gamma is not None else None
     res = b.activation(g.values[extra.pop(0)]) if a.get("residual") else None
     TP, S = moe.TP, cfg.max_slots
     xa = b.activation(x)
     xh = b.ws((TP, H), torch.bfloat16) if eps is not None else xa
     out = b.activation(g.values[n.outputs[0]])
     world = int(a.get("world", 1)) if a.get("reduce") else 1
-    ts = [xa, xh, b.env[gate.name].float().contiguous(), b.env[bias.name].float().contiguous(),
+    router_w = b.env[gate.name].float()
+    if gamma is not None:  # the norm's gamma folded into the router weight (moe.router_tile)
+        router_w = router_w * gamma.float()
+    ts = [xa, xh, router_w.contiguous(), b.env[bias.name].float().contiguous(),
           w_gu.data, w_gu.scales, w_d.data, w_d.scales,
           b.ws((TP, E), torch.float32), b.ws((TP, k), torch.int32), b.ws((TP, k), torch.float32),
           b.ws((EL, TP), torch.float32), b.ws((EL,), torch.int32), b.ws((1,), torch.int32),
@@ -422,11 +425,9 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         import tilelang.language as T_
 
         router_tile, route_body, gate_up_tile, down_tile = moe.make_bodies(cfg)
-        row_rstd = make_row_rstd(T, H, eps) if eps is not None else None
         reduce_body = ew.make_body(ew.AllReduceConfig(T, H, world, res is not None, "float32", "bfloat16",
                                                       _tl_dtype(out)))  # fmt: skip
         peer_body = None if peer is None else peer.bodies()["MOE_REDUCE"]
-        f32 = "float32"
 
         # A stage is read by every item of the task's loop, and the items' own buffers (the mainloop's
         # reduction, c_s) are written in between. TileLang's merge places buffers by first and last
@@ -438,28 +439,16 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
             if V[13][0] < 0:
                 buf[0, 0] = T_.cast(0, "bfloat16")
 
-        # Every router task normalises x into its shared memory (when x fits the stage budget) and
-        # reads it there; only task 0 also writes the bf16(rms_norm(x)) rows to xh for the gate/up
-        # tasks (they wait for the top-k, which waits for every router task). Before, all 96 tasks
-        # wrote the same rows to global memory and read them back.
+        # With the fused pre-MoE RMSNorm the router tasks read the raw rows and the router weight
+        # times gamma (bound below) and scale their logits by rstd (moe.router_tile); each writes
+        # its slice of the normalised bf16 rows to xh for the gate/up tasks (they wait for the
+        # top-k, which waits for every router task).
         @T_.macro
         def router(V, e_tile, c1, c2):
             if eps is not None:
-                rstd = alloc_unmerged((T,), f32)
-                xn = T_.alloc_shared((T, H), "bfloat16") if stage_x else V[1]  # too large: every task writes xh
-                row_rstd(V[0], 0, rstd)
-                for i, j in T_.Parallel(T, H):
-                    xn[i, j] = T_.Cast("bfloat16", T_.Cast(f32, V[0][i, j]) * rstd[i] * T_.Cast(f32, V[16][j]))
-                T_.sync_threads()
-                if stage_x:
-                    if e_tile == 0:
-                        for i, j in T_.Parallel(T, H):
-                            V[1][i, j] = xn[i, j]
-                router_tile(xn, V[2], V[8], V[15], e_tile)
-                if stage_x:
-                    keep(xn, V)  # live through router_tile: its reduction buffer must not share xn's bytes
+                router_tile(V[0], V[2], V[8], V[15], e_tile, V[16], V[1])
             else:
-                router_tile(V[1], V[2], V[8], V[15], e_tile)
+                router_tile(V[1], V[2], V[8], V[15], e_tile, None, None)
 
         @T_.macro
         def topk(V, c0, c1, c2):
@@ -1015,16 +1004,24 @@ class MultiRankStep:
         """The rank's GPU as the current device (ranks on separate GPUs; a no-op on one GPU)."""
         return torch.cuda.device(st.device) if self.multi_gpu else contextlib.nullcontext()
 
-    def run(self, inputs: Mapping[str, Any]) -> list[dict[str, torch.Tensor]]:
-        """One step on every rank (all launched before any is waited for); outputs per rank."""
+    def launch(self, inputs: Mapping[str, Any]) -> None:
+        """Enqueue one step on every rank (no host sync): a benchmark launches several, then syncs."""
         for st, stream in zip(self.ranks, self.streams):
             with self._on(st), torch.cuda.stream(stream):
                 st.launch(inputs)
+
+    def synchronize(self) -> None:
+        """Wait for every rank's GPU."""
         if self.multi_gpu:
             for d in dict.fromkeys(self.devices):
                 torch.cuda.synchronize(d)
         else:
             torch.cuda.synchronize()
+
+    def run(self, inputs: Mapping[str, Any]) -> list[dict[str, torch.Tensor]]:
+        """One step on every rank (all launched before any is waited for); outputs per rank."""
+        self.launch(inputs)
+        self.synchronize()
         for r, st in enumerate(self.ranks):
             try:
                 st.check()
