@@ -66,6 +66,9 @@ def test_two_rank_kernels_with_peer_collectives_compile() -> None:
         assert "__threadfence_system" in src  # the peer pushes are fenced before the arrivals
         assert {name for p in st.programs for name in p.opcodes} >= {"ALL_REDUCE", "MOE_REDUCE", "ALL_GATHER"}
     assert len(mr.group._bufs) > 0  # inboxes and arrival counters shared by the two ranks
+    # one kernel for every rank: rank, expert and vocabulary offsets and the peer buffers' order are
+    # data (N ranks compile once), never constants in the source
+    assert mr.ranks[0].kernel.get_kernel_source() == mr.ranks[1].kernel.get_kernel_source()
 
 
 def test_step_rejects_unknown_kinds() -> None:

@@ -5,7 +5,7 @@ Four launches, no host round trip; only experts that received tokens read their 
 1. `router_tile(X, Wr, L, Y, e_tile)` (grid E / 4, 256 threads): fp32 logits L[t, 4 experts] =
    x @ Wr^T on CUDA cores (each thread strides over H, then a block reduction through 64 KiB of
    shared memory); also zeroes its slice of the output Y [T, H] (combined with atomics in step 4).
-2. `route_body(L, Bias, Idx, Wt, TokW, List, Count)` (1 CTA, 128 threads): one warp per token:
+2. `route_body(L, Bias, Idx, Wt, TokW, List, Count, off)` (1 CTA, 128 threads): one warp per token:
    sigmoid + selection bias in registers (E/32 per lane), top-k by k rounds of a warp argmax (ties
    to the lower expert id), weights = unbiased scores renormalised and scaled; writes Idx/Wt
    [T, k], TokW [E_local, T] (a token's weight for a local expert, 0 if not routed there) and the
@@ -239,7 +239,8 @@ def make_bodies(cfg: Config):
     NEG = -T.infinity("float32")
 
     @T.macro
-    def route_body(L, Bias, Idx, Wt, TokW, List, Count):
+    def route_body(L, Bias, Idx, Wt, TokW, List, Count, off):
+        # off: this rank's first expert id (an int, or a value the persistent step loads per rank)
         # One warp per token (tokens w, w + NW, ...): lane l holds the biased scores of experts
         # l, l + 32, ... in registers; k rounds of a warp argmax (the larger score, ties to the lower
         # expert id, as torch.topk on the reference) pick the experts in score order. The rounds are
@@ -302,9 +303,9 @@ def make_bodies(cfg: Config):
                         wv = wv * cfg.scaling
                     Idx[t, lane] = myi
                     Wt[t, lane] = wv
-                    if myi >= cfg.expert_offset and myi < cfg.expert_offset + EL:
-                        TokW[myi - cfg.expert_offset, t] = wv
-                        hit[myi - cfg.expert_offset] = 1
+                    if myi >= off and myi < off + EL:
+                        TokW[myi - off, t] = wv
+                        hit[myi - off] = 1
         T.sync_threads()
         # the active list in expert order, 32 experts per ballot (was thread 0 looping over E_local)
         hv = T.alloc_var("int32")
@@ -375,7 +376,7 @@ def make_kernels(cfg: Config):
         Count: T.Tensor((1,), "int32"),
     ):
         with T.Kernel(1, threads=cfg.cta_threads or 128) as _:
-            route_body(L, Bias, Idx, Wt, TokW, List, Count)
+            route_body(L, Bias, Idx, Wt, TokW, List, Count, cfg.expert_offset)
 
     @T.prim_func
     def moe_gate_up(

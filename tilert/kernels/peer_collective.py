@@ -13,16 +13,20 @@ block c:
   4. combine  reads the world slots of its own inbox in rank order, so every rank computes the
               same result bit for bit.
 
+The kernels are the same for every rank: the rank comes from a one-int view, and each rank's views
+list the per-rank buffers starting with its own (`rotated`), so "my inbox" is always view 0 of
+its group. Slots keep absolute rank order, so the combine adds in the same order everywhere.
+
 This is the plan VM's rendezvous (tilert/runtime/persistent/plan_vm.py) on the GPU: the table
 holds no cross-rank waits; the task itself blocks until its peers arrived. A wait past its bound
 raises the error word (ERR_TIMEOUT, sm = -1, counter = -(1 + tile)) and the kernel drains.
 
 Bodies (CTA of 256 threads, column block of `cols`):
-    allreduce_body(Partial[T, N], Residual[T, N], Out[T, N], Epoch[1], Err[4], *Inbox_q[world, T, N] f32,
-                   *Arr_q[tiles] i32, c)   Out = cast(sum_s Inbox_r[s] (+ Residual))
-    allgather_body(X[T, W], Out_q[T, world * W] (every rank's output), Epoch, Err, *Arr_q, c)
+    allreduce_body(Partial[T, N], Residual[T, N], Out[T, N], Epoch[1], Err[4], Rank[1],
+                   *Inbox_q[world, T, N] f32, *Arr_q[tiles] i32, c)   Out = cast(sum_s Inbox_0[s] (+ Residual))
+    allgather_body(X[T, W], Epoch, Err, Rank, Out_q[T, world * W] (every rank's output), *Arr_q, c)
                    writes X's block into columns rank * W + block of every rank's output
-    argmax_body(Val[T] f32, Idx[T] i32, Next[T] i32, Epoch, Err, *InV_q[world, T] f32,
+    argmax_body(Val[T] f32, Idx[T] i32, Next[T] i32, Epoch, Err, Rank, *InV_q[world, T] f32,
                 *InI_q[world, T] i32, *Arr_q[1], c)   Next[t] = id of the largest value over ranks,
                 ties to the lowest id (the "argmax_reduce" reference)
 Reference: tilert/ir/opset/collective.py (all_reduce, all_reduce_residual, all_gather,
@@ -43,7 +47,6 @@ class PeerConfig:
     t: int
     n: int  # columns of the partial (allreduce), of X (allgather), 0 (argmax)
     world: int
-    rank: int
     cols: int = 1024
     residual: bool = False
     partial_dtype: str = "float32"
@@ -72,7 +75,7 @@ def _arrive_and_wait(cfg: PeerConfig):
                 T.atomic_add(arrs[q][c], 1, memory_order="release")
             deadline = T.call_extern("int64", "clock64") + DEFAULT_TIMEOUT_CYCLES
             while (
-                T.atomic_load(arrs[cfg.rank][c], memory_order="acquire") < W * Epoch[0]
+                T.atomic_load(arrs[0][c], memory_order="acquire") < W * Epoch[0]  # its own: view 0
                 and T.atomic_load(Err[0], memory_order="relaxed") == 0
             ):
                 if T.call_extern("int64", "clock64") > deadline:
@@ -89,7 +92,7 @@ def make_body(cfg: PeerConfig):
     """The collective's tile body (T.macro of (V, c)); V: the views of `views(cfg)` in order."""
     import tilelang.language as T
 
-    W, R, Tn, C = cfg.world, cfg.rank, cfg.t, cfg.cols
+    W, Tn, C = cfg.world, cfg.t, cfg.cols
     sync = _arrive_and_wait(cfg)
     f32 = "float32"
     QS = list(range(W))
@@ -99,21 +102,21 @@ def make_body(cfg: PeerConfig):
 
         @T.macro
         def allreduce_body(V, c):
-            Partial, Residual, Out, Epoch, Err = V[0], V[1], V[2], V[3], V[4]
-            inbox = V[5 : 5 + W]
-            arrs = V[5 + W : 5 + 2 * W]
+            Partial, Residual, Out, Epoch, Err, Rank = V[0], V[1], V[2], V[3], V[4], V[5]
+            inbox = V[6 : 6 + W]
+            arrs = V[6 + W : 6 + 2 * W]
             acc = T.alloc_var(f32)
             for q in QS:
                 for i, j in T.Parallel(Tn, C):
                     if c * C + j < N:
-                        inbox[q][R, i, c * C + j] = T.Cast(f32, Partial[i, c * C + j])
+                        inbox[q][Rank[0], i, c * C + j] = T.Cast(f32, Partial[i, c * C + j])
             sync(Epoch, Err, arrs, c)
             if T.atomic_load(Err[0], memory_order="relaxed") == 0:
                 for i, j in T.Parallel(Tn, C):
                     if c * C + j < N:
                         acc = 0.0
                         for s in T.unroll(W):
-                            acc = acc + inbox[R][s, i, c * C + j]
+                            acc = acc + inbox[0][s, i, c * C + j]
                         if cfg.residual:
                             Out[i, c * C + j] = T.Cast(cfg.out_dtype, T.Cast(f32, Residual[i, c * C + j]) + acc)
                         else:
@@ -126,48 +129,53 @@ def make_body(cfg: PeerConfig):
 
         @T.macro
         def allgather_body(V, c):
-            X, Epoch, Err = V[0], V[1], V[2]
-            outs = V[3 : 3 + W]
-            arrs = V[3 + W : 3 + 2 * W]
+            X, Epoch, Err, Rank = V[0], V[1], V[2], V[3]
+            outs = V[4 : 4 + W]
+            arrs = V[4 + W : 4 + 2 * W]
             for q in QS:
                 for i, j in T.Parallel(Tn, C):
                     if c * C + j < Wd:
-                        outs[q][i, R * Wd + c * C + j] = X[i, c * C + j]
+                        outs[q][i, Rank[0] * Wd + c * C + j] = X[i, c * C + j]
             sync(Epoch, Err, arrs, c)
 
         return allgather_body
 
     @T.macro
     def argmax_body(V, c):
-        Val, Idx, Next, Epoch, Err = V[0], V[1], V[2], V[3], V[4]
-        inv = V[5 : 5 + W]
-        ini = V[5 + W : 5 + 2 * W]
-        arrs = V[5 + 2 * W : 5 + 3 * W]
+        Val, Idx, Next, Epoch, Err, Rank = V[0], V[1], V[2], V[3], V[4], V[5]
+        inv = V[6 : 6 + W]
+        ini = V[6 + W : 6 + 2 * W]
+        arrs = V[6 + 2 * W : 6 + 3 * W]
         bv = T.alloc_var(f32)
         bi = T.alloc_var("int32")
         tx = T.get_thread_binding()
         if tx < Tn:
             for q in QS:
-                inv[q][R, tx] = Val[tx]
-                ini[q][R, tx] = Idx[tx]
+                inv[q][Rank[0], tx] = Val[tx]
+                ini[q][Rank[0], tx] = Idx[tx]
         sync(Epoch, Err, arrs, 0)
         if tx < Tn:
-            bv = inv[R][0, tx]
-            bi = ini[R][0, tx]
+            bv = inv[0][0, tx]
+            bi = ini[0][0, tx]
             for s in T.unroll(1, W):
-                if inv[R][s, tx] > bv or (inv[R][s, tx] == bv and ini[R][s, tx] < bi):
-                    bv = inv[R][s, tx]
-                    bi = ini[R][s, tx]
+                if inv[0][s, tx] > bv or (inv[0][s, tx] == bv and ini[0][s, tx] < bi):
+                    bv = inv[0][s, tx]
+                    bi = ini[0][s, tx]
             Next[tx] = bi
 
     return argmax_body
+
+
+def rotated(per_rank: list, rank: int) -> list:
+    """Per-rank buffers in the order rank `rank`'s views list them: its own first."""
+    return per_rank[rank:] + per_rank[:rank]
 
 
 def views(cfg: PeerConfig, res_rows: int = 0) -> list[tuple[str, tuple[int, ...], str]]:
     """(name, shape, dtype) of the body's tensors, in order (res_rows: the residual view's rows)."""
     W, Tn, N = cfg.world, cfg.t, cfg.n
     arrs = [(f"arrivals{q}", (cfg.tiles,), "int32") for q in range(W)]
-    ctl = [("epoch", (1,), "int32"), ("err", (4,), "int32")]
+    ctl = [("epoch", (1,), "int32"), ("err", (4,), "int32"), ("rank", (1,), "int32")]
     if cfg.kind == "allreduce":
         return ([("partial", (Tn, N), cfg.partial_dtype), ("residual", (res_rows or Tn, N), cfg.residual_dtype),
                  ("out", (Tn, N), cfg.out_dtype), *ctl]

@@ -122,6 +122,9 @@ class Bindings:
         self.group, self.rank = group, rank
         self.err = torch.zeros(4, dtype=torch.int32, device=device)
         self.epoch = torch.zeros(1, dtype=torch.int32, device=device)
+        # rank-dependent numbers are data (views), never constants in the kernel: every rank of a
+        # step shape runs the same kernel, so a world of N compiles it once
+        self.rank_id = torch.tensor([rank], dtype=torch.int32, device=device)
         self.env: dict[str, Any] = {}
         for v in g.by_role("param"):
             if v.name not in params:
@@ -145,6 +148,10 @@ class Bindings:
             shape = (cdiv(v.shape[0], PAD_ROWS) * PAD_ROWS, *v.shape[1:]) if len(v.shape) == 2 else v.shape
             self.env[v.name] = torch.zeros(shape, dtype=dt, device=self.device)
         return self.env[v.name]
+
+    def ints(self, *values: int) -> torch.Tensor:
+        """A small int32 tensor of per-rank numbers a body reads at run time (expert or vocab offsets)."""
+        return torch.tensor(values, dtype=torch.int32, device=self.device)
 
     def ws(self, shape: Sequence[int], dtype: torch.dtype, fill: float = 0) -> torch.Tensor:
         t = torch.full(tuple(shape), fill, dtype=dtype, device=self.device)
@@ -220,7 +227,7 @@ def _lm_head_tail(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
     if world > 1 and not peer and int(n.a.get("vocab_offset", 0)) > 0:
         raise PersistentError("the LM head tail of a rank > 0 needs its peers (a PeerGroup: MultiRankStep)")
     offset = int(n.a.get("vocab_offset", 0)) if world > 1 else 0
-    cfg = lt.Config(T, V, valid)
+    cfg = lt.Config(T, V, 0 if peer else valid)  # with peers valid and offset are read at run time
     ts = [logits, nxt]
     tail_specs: list[ViewSpec] = [("logits", (T, V), "float32"), ("next", (T,), "int32")]
     if accept:
@@ -233,14 +240,13 @@ def _lm_head_tail(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
 
         i = g.nodes.index(n)
         world = b.group.world
-        pcfg = pc.PeerConfig("argmax", T, 0, world, b.rank)
+        pcfg = pc.PeerConfig("argmax", T, 0, world)
         val, idx = b.ws((T,), torch.float32), b.ws((T,), torch.int32)
-        inv = b.group.buffers(("in_val", i), (world, T), torch.float32)
-        ini = b.group.buffers(("in_idx", i), (world, T), torch.int32)
-        arrs = b.group.buffers(("arrivals", i), (1,), torch.int32)
-        peer_specs = pc.views(pcfg)
-        ts += [val, idx, nxt, b.epoch, b.err, *inv, *ini, *arrs]
-        tail_specs += peer_specs
+        inv = pc.rotated(b.group.buffers(("in_val", i), (world, T), torch.float32), b.rank)
+        ini = pc.rotated(b.group.buffers(("in_idx", i), (world, T), torch.int32), b.rank)
+        arrs = pc.rotated(b.group.buffers(("arrivals", i), (1,), torch.int32), b.rank)
+        ts += [val, idx, nxt, b.epoch, b.err, b.rank_id, *inv, *ini, *arrs, b.ints(offset, valid)]
+        tail_specs += [*pc.views(pcfg), ("vocab", (2,), "int32")]
     tail_op = "LM_HEAD_ACCEPT" if accept else "LM_HEAD_ARGMAX"
 
     def bodies() -> dict[str, Any]:
@@ -266,7 +272,8 @@ def _lm_head_tail(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         @T_.macro
         def tail_part(V_, c0, c1, c2):
             if pcfg is not None:
-                local_argmax_body(V_[k], V_[p0], V_[p0 + 1], valid, offset)
+                vocab = V_[len(V_) - 1]  # (offset, valid) of this rank's vocabulary slice
+                local_argmax_body(V_[k], V_[p0], V_[p0 + 1], vocab[1], vocab[0])
                 T_.sync_threads()
                 cross(V_[p0:], 0)
                 if accept:
@@ -280,7 +287,7 @@ def _lm_head_tail(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         gemm_task = gated(gemm_part_gated) if is_gated(gemm_body) else gemm_part
         return {"LM_HEAD_GEMM": gemm_task, tail_op: tail_part}
 
-    key = ("lm_head", gemm.key, cfg, accept, pcfg, offset)
+    key = ("lm_head", gemm.key, cfg, accept, pcfg, None if peer else offset)
     return NodeProgram(key, gemm.specs + tail_specs, bodies, gemm.tensors + ts, ("LM_HEAD_GEMM", tail_op))
 
 
@@ -383,7 +390,8 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
     # instead of paying an L2 round trip per k chunk
     stage_x, stage_h = T * H * 2 <= MOE_STAGE_BYTES, T * In * 2 <= MOE_STAGE_BYTES
     eps = a.get("norm_eps")
-    cfg = moe.Config(T, H, In, E, EL, k, a.get("expert_offset", 0), a.get("scaling", 1.0), a.get("normalize", True),
+    # expert_offset 0 in the kernel's config: the rank's offset is a view (every rank, one kernel)
+    cfg = moe.Config(T, H, In, E, EL, k, 0, a.get("scaling", 1.0), a.get("normalize", True),
                      cta_threads=256, x_stage=stage_h, norm_eps=eps)  # fmt: skip
     til = moe.tiling(T, H, In, EL, k)
     extra = list(n.inputs[5:])
@@ -420,6 +428,9 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
     if b.group is not None and world > 1:  # the reduce is a real all-reduce over the ranks' Y
         peer = _peer_allreduce(g, n, b, "MOE_REDUCE", ts[15], res, out, T, H)
         specs, ts = specs + peer.specs, ts + peer.tensors
+    off_view = len(specs)
+    specs.append(("expert_offset", (1,), "int32"))
+    ts.append(b.ints(int(a.get("expert_offset", 0))))
 
     def bodies() -> dict[str, Any]:
         import tilelang.language as T_
@@ -452,7 +463,7 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
 
         @T_.macro
         def topk(V, c0, c1, c2):
-            route_body(V[8], V[3], V[9], V[10], V[11], V[12], V[13])
+            route_body(V[8], V[3], V[9], V[10], V[11], V[12], V[13], V[off_view][0])
 
         per_slot = til.down_tiles * til.down_split
 
@@ -626,13 +637,13 @@ def _all_gather(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         from tilert.kernels import peer_collective as pc
 
         i = g.nodes.index(n)
-        pcfg = pc.PeerConfig("allgather", T, W, world, b.rank, cols, out_dtype=_tl_dtype(x))
+        pcfg = pc.PeerConfig("allgather", T, W, world, cols, out_dtype=_tl_dtype(x))
         outs = b.group.buffers(("gather_out", i), out.shape, out.dtype)
         b.env[out_v.name] = outs[b.rank]
         arrs = b.group.buffers(("arrivals", i), (pcfg.tiles,), torch.int32)
         specs = [(nm, (T, W) if nm == "x" else sh, dt) for nm, sh, dt in pc.views(pcfg)]
-        return NodeProgram(("peer", pcfg), specs, _peer_bodies(pcfg, "ALL_GATHER"),
-                           [x, b.epoch, b.err, *outs, *arrs], ("ALL_GATHER",))  # fmt: skip
+        ts = [x, b.epoch, b.err, b.rank_id, *pc.rotated(outs, b.rank), *pc.rotated(arrs, b.rank)]
+        return NodeProgram(("peer", pcfg), specs, _peer_bodies(pcfg, "ALL_GATHER"), ts, ("ALL_GATHER",))
     specs = [_spec("x", x, (T, W)), _spec("out", out, (T, W * world))]
 
     def bodies() -> dict[str, Any]:
@@ -676,14 +687,14 @@ def _peer_allreduce(g: Graph, n: Node, b: Bindings, opcode: str, part: torch.Ten
     i = g.nodes.index(n)
     world = b.group.world
     res_dt = _tl_dtype(resid) if resid is not None else "bfloat16"
-    pcfg = pc.PeerConfig("allreduce", T, N, world, b.rank, TILE_CONFIG["collective"]["cols"], resid is not None,
+    pcfg = pc.PeerConfig("allreduce", T, N, world, TILE_CONFIG["collective"]["cols"], resid is not None,
                          _tl_dtype(part), res_dt, _tl_dtype(out))  # fmt: skip
-    inbox = b.group.buffers(("inbox", i), (world, T, N), torch.float32)
-    arrs = b.group.buffers(("arrivals", i), (pcfg.tiles,), torch.int32)
+    inbox = pc.rotated(b.group.buffers(("inbox", i), (world, T, N), torch.float32), b.rank)
+    arrs = pc.rotated(b.group.buffers(("arrivals", i), (pcfg.tiles,), torch.int32), b.rank)
     res_t = resid if resid is not None else b.ws((1, N), torch.bfloat16)
     specs = pc.views(pcfg, res_rows=res_t.shape[0])
     return NodeProgram(("peer", opcode, pcfg, res_t.shape[0]), specs, _peer_bodies(pcfg, opcode),
-                       [part, res_t, out, b.epoch, b.err, *inbox, *arrs], (opcode,))  # fmt: skip
+                       [part, res_t, out, b.epoch, b.err, b.rank_id, *inbox, *arrs], (opcode,))  # fmt: skip
 
 
 PROGRAMS: dict[str, Callable[[Graph, Node, Bindings, int], NodeProgram]] = {
