@@ -7,7 +7,9 @@ Builds tiny-gpu's step kernels at world 1 (decode B=1/4/6, verify B=4: the GPU t
 world 2 (both ranks: the two-ranks tests, on one GPU and on two), and tiny-gpu-8's verify step at
 world 1, 8 (one GPU), 4 and 8 (a GPU per rank); with --bench also rank 0 of the 8-rank
 mimo-v2.5-pro decode and verify steps (benchmarks/e2e.py); with --diff-layers N the same steps of
-the model cut to its first N layers (`benchmarks/e2e.py --layers N --diff-nodes`); with --probes
+the model cut to its first N layers (`benchmarks/e2e.py --layers N --diff-nodes`); with
+--ranks-world N mimo's steps with N ranks on N GPUs (`e2e.py --ranks gpus`: the persistent
+kernel and every rank's eager kernels); with --probes
 the kernels of benchmarks/tile_latency.py and persistent_chain.py (--layers 1 8 --m 1). Jobs run in
 `--jobs` processes (each compile is one nvcc process). TileLang's own nvcc cubin cache
 (cuda-binaries) is not needed once a kernel is cached, so --prune drops it to keep the cache small.
@@ -35,7 +37,8 @@ TINY8 = [(4, "verify", 1, 1), (4, "verify", 8, 1), (4, "verify", 4, 4), (4, "ver
 BENCH = [(1, "decode", 8), (8, "verify", 8)]
 
 
-def build_step(model: str, tokens: int, mode: str, max_seq: int, world: int, layers: int, gpus: int = 1) -> str:
+def build_step(model: str, tokens: int, mode: str, max_seq: int, world: int, layers: int, gpus: int = 1,
+               peers: bool | None = None) -> str:  # fmt: skip
     """One step kernel into the cache (runs in a worker process)."""
     from tilert.models.config import load_config
     from tilert.runtime.persistent.backend import precompile
@@ -44,9 +47,31 @@ def build_step(model: str, tokens: int, mode: str, max_seq: int, world: int, lay
     cfg = load_config(model)
     if layers:
         cfg = cfg.first_layers(layers)
-    precompile(cfg, tokens, mode, max_seq, world, peers=world > 1 and model.startswith("tiny"), gpus=gpus)
+    if peers is None:  # the tiny configs' multi-rank tests run every rank; mimo's e2e rank 0 alone
+        peers = world > 1 and model.startswith("tiny")
+    precompile(cfg, tokens, mode, max_seq, world, peers=peers, gpus=gpus)
     cut = f" ({layers} layers)" if layers else ""
     return f"{model}{cut} {mode} B={tokens} world {world} on {gpus} GPU(s): {time.time() - t0:.0f} s"
+
+
+def build_eager_ranks(model: str, tokens: int, mode: str, max_seq: int, world: int, layers: int) -> str:
+    """The eager kernels of every rank's graph (compile_ranks(..., gpus=world)): the NCCL phase of
+    `e2e.py --ranks gpus` runs these graphs on the eager runtime."""
+    from tilert.models.builder import build_step_graph
+    from tilert.models.config import load_config
+    from tilert.runtime.eager.precompile import precompile as eager_precompile
+    from tilert.runtime.persistent.backend import compile_ranks
+
+    t0 = time.time()
+    cfg = load_config(model)
+    if layers:
+        cfg = cfg.first_layers(layers)
+    graphs, _ = compile_ranks(build_step_graph(cfg, tokens=tokens, mode=mode, max_seq=max_seq), max_seq, world,
+                              gpus=world)  # fmt: skip
+    n = eager_precompile(graphs)
+    cut = f" ({layers} layers)" if layers else ""
+    took = time.time() - t0
+    return f"{model}{cut} {mode} B={tokens}, eager kernels of {world} ranks ({n} configurations): {took:.0f} s"
 
 
 def build_probes() -> str:
@@ -63,6 +88,9 @@ def main() -> None:
     ap.add_argument("--bench", action="store_true", help="also the mimo-v2.5-pro rank-0 steps of benchmarks/e2e.py")
     ap.add_argument("--diff-layers", type=int, default=0, help="also those steps of the model cut to N layers")
     ap.add_argument("--probes", action="store_true", help="also the tile_latency and persistent_chain kernels")
+    ap.add_argument("--ranks-world", type=int, default=0,
+                    help="also mimo's steps with every rank on its own GPU at this world size (e2e.py --ranks "
+                         "gpus; with --diff-layers: the cut model only)")  # fmt: skip
     ap.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     ap.add_argument("--prune", action="store_true", help="drop TileLang's cubin cache afterwards")
     a = ap.parse_args()
@@ -72,8 +100,14 @@ def main() -> None:
         jobs += [("mimo-v2.5-pro", t, m, 4096 + 64, w, 0) for t, m, w in BENCH]
     if a.diff_layers:
         jobs += [("mimo-v2.5-pro", t, m, 4096 + 64, w, a.diff_layers) for t, m, w in BENCH]
+    if a.ranks_world:  # one kernel serves every rank (the rank's numbers are data)
+        n = a.ranks_world
+        jobs += [("mimo-v2.5-pro", t, m, 4096 + 64, n, a.diff_layers, n, True) for t, m, _ in BENCH]
+        eager_jobs = [("mimo-v2.5-pro", t, m, 4096 + 64, n, a.diff_layers) for t, m, _ in BENCH]
+    else:
+        eager_jobs = []
     with ProcessPoolExecutor(max_workers=max(1, a.jobs), mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(build_step, *j) for j in jobs]
+        futures = [pool.submit(build_step, *j) for j in jobs] + [pool.submit(build_eager_ranks, *j) for j in eager_jobs]
         if a.probes:
             futures.append(pool.submit(build_probes))
         for f in futures:
