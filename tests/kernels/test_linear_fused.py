@@ -116,7 +116,7 @@ def test_gemv_split_k_last_arriver(split):
 @pytest.mark.parametrize(
     "m, n, k, kw",
     [(1, 3072, 6144, {"norm_eps": 1e-6}), (40, 640, 1024, {"res_dtype": "bfloat16"}),
-     (8, 1000, 512, {"w_dtype": "bfloat16"})],
+     (8, 1000, 512, {"w_dtype": "bfloat16"}), (4, 256, 64, {})],  # K = 64: one k step
 )  # fmt: skip
 def test_wgmma_tile_body(m, n, k, kw):
     assert lf.check(spec(m, n, k, gemv=False, **kw)) < 1e-2

@@ -220,7 +220,9 @@ def make_body(spec: LinearSpec, gated: bool = False):
             T.sync_threads()
             row_rstd(X, m_tile * bm, rstd)
         T.clear(acc)
-        for kk in T.Pipelined(nk, num_stages=spec.stages):
+        # never more stages than k steps: a 3-stage pipeline over one step (K = block_k = 64, a
+        # dense MLP's down_proj slice at 8 ranks) computed garbage on the H200
+        for kk in T.Pipelined(nk, num_stages=min(spec.stages, nk)):
             k0 = (k_split * nk + kk) * bk
             T.copy(W[n_tile * bn, k0], w_s)
             T.copy(X[m_tile * bm, k0], x_s)
