@@ -83,8 +83,10 @@ def time_step(rt: EagerRuntime, g, inputs: dict) -> tuple[float, float | None]:
 def pin_routing(params: dict, world: int) -> dict:
     """Give every MoE layer's selection bias one clear winner per rank's expert range (expert r * E/world
     gets +100, the rest ranks by a small descending ramp): top-8 = one expert per rank for every token,
-    the expected load of a rank at decode, and no router near-ties, so runtimes that round differently
-    still pick the same experts and their logits can be compared."""
+    the expected load of a rank at decode (B=1), and no router near-ties, so runtimes that round
+    differently still pick the same experts and their logits can be compared. Every token of a B=8
+    verify block then picks the same experts too: one active expert per rank, where routing that
+    varies by token activates about 7 of a rank's 48 (`--routing random` measures that)."""
     for k, v in params.items():
         if k.endswith("e_score_correction_bias"):
             E = v.shape[0]
@@ -92,6 +94,15 @@ def pin_routing(params: dict, world: int) -> dict:
             bias[:: max(1, E // world)] += 100.0
             v.copy_(bias)
     return params
+
+
+def active_experts(st) -> dict | None:
+    """Local experts the last step's top-k activated, per MoE layer of the persistent step (its
+    device-side Count): what the gate/up and down stages streamed."""
+    counts = [int(p.tensors[13][0]) for p in st.programs if p.key and p.key[0] == "moe"]
+    if not counts:
+        return None
+    return {"mean": round(sum(counts) / len(counts), 2), "min": min(counts), "max": max(counts)}
 
 
 def diff_nodes(st, rt, g, inputs, tol: float = 0.1) -> list[dict]:
@@ -139,7 +150,9 @@ def bench_block(cfg, B: int, a: argparse.Namespace, max_seq: int, cache: dict) -
     t0 = time.time()
     g, sched = compile_step(build_step_graph(cfg, tokens=B, max_seq=max_seq, mode=mode), max_seq, a.world_size)
     if "params" not in cache:
-        cache["params"] = pin_routing(synthetic_params(g, seed=0), a.world_size)
+        cache["params"] = synthetic_params(g, seed=0)
+        if a.routing == "pinned":
+            pin_routing(cache["params"], a.world_size)
         torch.cuda.synchronize()
         gb = sum(v.nbytes for v in g.by_role("param")) / 1e9
         print(f"synthetic rank-0 weights: {gb:.1f} GB ({time.time() - t0:.1f} s)", flush=True)
@@ -158,7 +171,7 @@ def bench_block(cfg, B: int, a: argparse.Namespace, max_seq: int, cache: dict) -
         t_pers = None if a.skip_timing else time_cuda(lambda: st.launch(inputs), iters=20, warmup=3)
         st.check()
         row.update(persistent_ms=t_pers, persistent_tasks=int((sched.table[:, :, 0] != 0).sum()),
-                   persistent_node_classes=st.n_classes)  # fmt: skip
+                   persistent_node_classes=st.n_classes, active_experts=active_experts(st))  # fmt: skip
         st.run(inputs)
         if a.trace_dir:
             Path(a.trace_dir).mkdir(parents=True, exist_ok=True)
@@ -253,6 +266,9 @@ def main() -> None:
                     help="solo: rank 0 alone, collectives as local work; gpus: every rank on its own GPU; "
                          "auto: gpus when --world-size GPUs are visible")  # fmt: skip
     ap.add_argument("--rank-timeout", type=float, default=1800.0, help="bound on the eager NCCL phase (s)")
+    ap.add_argument("--routing", choices=("pinned", "random"), default="pinned",
+                    help="pinned: one clear expert per rank for every token (comparable logits); random: "
+                         "the synthetic router's choices, which differ by token (a verify block's load)")  # fmt: skip
     a = ap.parse_args()
     ranks = a.ranks
     if ranks == "auto":
@@ -305,6 +321,7 @@ def main() -> None:
         "copy_bandwidth_Bps": bw,
         "cost_model": pred,
         "accept_len": a.accept_len,
+        "routing": a.routing,
         "steps": rows,
         "projected_tokens_per_s_per_user": tps,
         "projected_tokens_per_s_per_user_persistent": tps_persistent,

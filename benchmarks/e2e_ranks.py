@@ -55,16 +55,17 @@ def step_inputs(vocab: int, B: int, context: int, device: str) -> dict[str, torc
     }
 
 
-def rank_params(graph: Any, rank: int, world: int, device: str) -> dict[str, Any]:
+def rank_params(graph: Any, rank: int, world: int, device: str, routing: str = "pinned") -> dict[str, Any]:
     from benchmarks.e2e import pin_routing
     from tilert.runtime.eager.synthetic import synthetic_params
 
     with torch.cuda.device(device):
-        return pin_routing(synthetic_params(graph, seed=rank, device=device), world)
+        params = synthetic_params(graph, seed=rank, device=device)
+    return pin_routing(params, world) if routing == "pinned" else params
 
 
 def eager_rank_job(ctx: Any, model: str, layers: int | None, world: int, blocks: list[int], context: int,
-                   max_seq: int) -> dict[str, Any]:  # fmt: skip
+                   max_seq: int, routing: str = "pinned") -> dict[str, Any]:  # fmt: skip
     """One NCCL rank (runs in a run_local process): eager and eager + CUDA graph step times per B."""
     from benchmarks.e2e import time_step
     from tilert.runtime.eager import EagerRuntime
@@ -76,7 +77,7 @@ def eager_rank_job(ctx: Any, model: str, layers: int | None, world: int, blocks:
         cfg, graphs, _ = rank_graphs(model, layers, B, max_seq, world)
         g = graphs[ctx.rank]
         if params is None:  # every step shape binds the same weights
-            params = rank_params(g, ctx.rank, world, dev)
+            params = rank_params(g, ctx.rank, world, dev, routing)
         rt = EagerRuntime(params, device=dev, ctx=ctx)
         inputs = step_inputs(cfg.vocab_size, B, context, dev)
         res = rt.run(g, inputs)
@@ -119,6 +120,7 @@ def time_ranks(step: Any, inputs: dict[str, torch.Tensor], iters: int = 20, warm
 
 def bench_ranks(a: argparse.Namespace, max_seq: int) -> dict[str, Any]:
     """Both phases for every block size in a.blocks; one row per B."""
+    from benchmarks.e2e import active_experts
     from tilert.runtime.eager.distributed import multicast_off, run_local
     from tilert.runtime.persistent.step import MultiRankStep
 
@@ -128,7 +130,7 @@ def bench_ranks(a: argparse.Namespace, max_seq: int) -> dict[str, Any]:
     t0 = time.time()
     try:
         eager = run_local(eager_rank_job, world, a.model, a.layers, world, list(a.blocks), a.context, max_seq,
-                          device="cuda", timeout_s=a.rank_timeout, collective_timeout_s=300)  # fmt: skip
+                          a.routing, device="cuda", timeout_s=a.rank_timeout, collective_timeout_s=300)  # fmt: skip
         print(f"eager phase, {world} NCCL ranks: {time.time() - t0:.0f} s", flush=True)
     except Exception as e:  # keep the persistent figures
         print(f"eager phase failed: {e}", flush=True)
@@ -150,7 +152,7 @@ def bench_ranks(a: argparse.Namespace, max_seq: int) -> dict[str, Any]:
             t1 = time.time()
             cfg, graphs, scheds = rank_graphs(a.model, a.layers, B, max_seq, world)
             if params is None:
-                params = [rank_params(g, r, world, d) for r, (g, d) in enumerate(zip(graphs, devices))]
+                params = [rank_params(g, r, world, d, a.routing) for r, (g, d) in enumerate(zip(graphs, devices))]
                 gb = sum(v.nbytes for v in graphs[0].by_role("param")) / 1e9
                 print(f"synthetic weights: {gb:.1f} GB per rank ({time.time() - t1:.0f} s)", flush=True)
             step = MultiRankStep(graphs, scheds, params, devices=devices)
@@ -168,6 +170,7 @@ def bench_ranks(a: argparse.Namespace, max_seq: int) -> dict[str, Any]:
                 row["persistent_next_tokens_equal_eager"] = bool(torch.equal(ids[0].long(), want))
                 print(f"B={B}: persistent vs eager logits (rank 0) rel err "
                       f"{row['persistent_vs_eager_logits_rel_err']:.2e}", flush=True)  # fmt: skip
+            row["active_experts_rank0"] = active_experts(step.ranks[0])
             if not a.skip_timing:
                 row["persistent_ms"] = time_ranks(step, inputs)
             step.run(inputs)
