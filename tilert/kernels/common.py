@@ -99,12 +99,8 @@ __device__ __noinline__ int tilert_wait_task(const int* row, int* counters, int*
                                             int f_expected, int none, int err_timeout) {
   // the persistent kernel's task wait (runtime/persistent/megakernel.py), run by warp 0: until each
   // wait w of the task row reaches expected * epoch on counters [first, first + count), lane l
-  // polling counters l, l + 32, ... ; past the clock64 deadline the first waiter to time out
-  // records [err_timeout, sm, t, counter] in err. Returns whether err is set (any CTA's).
-  // A poll is two relaxed loads in flight together (the counter and the error word), one L2 round
-  // trip; the acquire is one fence after the counters are seen (relaxed read + fence.acq_rel is
-  // the PTX model's acquire pattern). An acquire load per poll kept the error-word load behind it:
-  // two round trips per poll, so a hand-over was seen up to a round trip later.
+  // polling counters l, l + 32, ... (acquire); past the clock64 deadline the first waiter to time
+  // out records [err_timeout, sm, t, counter] in err. Returns whether err is set (any CTA's).
   const long long deadline = clock64() + timeout;
   for (int w = 0; w < waits; ++w) {
     const int first = row[f_counter + 3 * w];
@@ -113,13 +109,8 @@ __device__ __noinline__ int tilert_wait_task(const int* row, int* counters, int*
     for (int j = threadIdx.x & 31; j < n; j += 32) {
       int v, e;
       while (true) {
-#ifdef TILERT_ACQUIRE_EACH_POLL
         asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(counters + first + j) : "memory");
         asm volatile("ld.relaxed.gpu.global.b32 %0, [%1];" : "=r"(e) : "l"(err) : "memory");
-#else
-        asm volatile("ld.relaxed.gpu.global.b32 %0, [%2];\n\tld.relaxed.gpu.global.b32 %1, [%3];"
-                     : "=r"(v), "=r"(e) : "l"(counters + first + j), "l"(err) : "memory");
-#endif
         if (v >= target || e != 0) break;
         if (clock64() > deadline && atomicCAS(err, 0, err_timeout) == 0) {
           err[1] = sm;
@@ -129,7 +120,6 @@ __device__ __noinline__ int tilert_wait_task(const int* row, int* counters, int*
       }
     }
   }
-  asm volatile("fence.acq_rel.gpu;" ::: "memory");
   int e;
   asm volatile("ld.relaxed.gpu.global.b32 %0, [%1];" : "=r"(e) : "l"(err) : "memory");
   __syncwarp();
@@ -142,8 +132,6 @@ __device__ __forceinline__ long long tilert_globaltimer() {
 }
 #endif
 """
-if os.environ.get("TILERT_ACQUIRE_EACH_POLL") == "1":  # the earlier task wait, for A/B runs (docs/runtime.md)
-    DEVICE_PRELUDE = "#define TILERT_ACQUIRE_EACH_POLL 1\n" + DEVICE_PRELUDE
 
 
 def cdiv(a: int, b: int) -> int:
