@@ -1,0 +1,72 @@
+"""Every value of a multi-rank persistent step against the plan VM's, node by node (GPU).
+
+The plan VM (runtime/persistent/plan_vm.py) runs the same rank graphs and task tables with the
+op references on the CPU; a persistent kernel bug shows as the first node whose output leaves the
+VM's (relative error > 5e-2 or non-finite), per rank. Used to find the K = 64 GEMM bug (node 10,
+every rank, tiny-gpu-8 at 8 ranks on one GPU).
+
+    python benchmarks/diff_vm.py tiny-gpu-8 --world 8 [--gpus 1] [--runs 3]
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.runtime.test_eager_gpu import margin_safe_weights  # noqa: E402
+from tilert.models.binding import bind_params  # noqa: E402
+from tilert.models.builder import build_step_graph  # noqa: E402
+from tilert.models.config import load_config  # noqa: E402
+from tilert.runtime.persistent.backend import compile_ranks  # noqa: E402
+from tilert.runtime.persistent.plan_vm import PlanVM  # noqa: E402
+from tilert.runtime.persistent.step import MultiRankStep  # noqa: E402
+
+ap = argparse.ArgumentParser()
+ap.add_argument("model")
+ap.add_argument("--world", type=int, default=2)
+ap.add_argument("--gpus", type=int, default=1, help="1: every rank on cuda:0; world: rank r on cuda:r")
+ap.add_argument("--runs", type=int, default=1, help="fresh programs, the same inputs (a race shows as a change)")
+a = ap.parse_args()
+model, world, gpus, reps = a.model, a.world, a.gpus, a.runs
+cfg = load_config(model)
+w = margin_safe_weights(cfg, 7)
+B = cfg.dflash.block_size
+g = build_step_graph(cfg, tokens=B, mode="verify", max_seq=256)
+graphs, scheds = compile_ranks(g, 256, world, gpus=gpus)
+pc = [bind_params(rg, w, {}) for rg in graphs]
+devs = None if gpus == 1 else [f"cuda:{r}" for r in range(world)]
+params = [{k: v.to(d) for k, v in p.items()} for p, d in zip(pc, devs or ["cuda"] * world)]
+tok = torch.randint(0, cfg.vocab_size, (B,), dtype=torch.int32, generator=torch.Generator().manual_seed(3))
+inp = {"tokens": tok, "positions": torch.arange(B, dtype=torch.int32)}
+vm = PlanVM(pc)
+vm.step(graphs, [s.table for s in scheds], inp)
+for rep in range(reps):
+    ms = MultiRankStep(graphs, scheds, params, devices=devs)
+    ms.run(inp)
+    bad = []
+    for r in range(world):
+        env, venv = ms.ranks[r].bind.env, vm.ranks[r].env
+        for i, n in enumerate(graphs[r].nodes):
+            for o in n.outputs:
+                p, e = env.get(o), venv.get(o)
+                if not (torch.is_tensor(p) and torch.is_tensor(e)):
+                    continue
+                p = p.detach().float().cpu()
+                e = e.detach().float().cpu()
+                if p.dim() == e.dim() and p.shape[0] != e.shape[0]:
+                    p = p[: e.shape[0]]
+                if p.shape != e.shape:
+                    continue
+                err = float((p.double() - e.double()).norm() / e.double().norm().clamp_min(1e-30))
+                if err > 5e-2 or not torch.isfinite(p).all():
+                    bad.append((r, i, n.op, o, round(err, 3)))
+    print(f"{model} world {world} on {gpus} GPU(s), run {rep}: {len(bad)} bad values; first per rank:")
+    seen = set()
+    for b in bad:
+        if b[0] not in seen:
+            seen.add(b[0])
+            print("   ", b)
+    del ms
