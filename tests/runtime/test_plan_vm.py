@@ -8,6 +8,7 @@ table makes the check fail, so it can fail.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from importlib import resources
 from typing import Any
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 
 from tests.passes.helpers import assert_same, run_steps, two_steps
 from tests.strategies import tiny_configs
+from tilert.gpu_specs import H200
 from tilert.models.binding import bind_params
 from tilert.models.config import load_config, parse_config
 from tilert.models.weights import synthetic_weights
@@ -30,16 +32,18 @@ from tilert.runtime.persistent.plan_vm import PlanVM, PlanVMError
 REL = 1e-4
 
 
-def compiled_steps(cfg: Any, world: int, seed: int = 0, prompt: int = 0) -> dict[str, Any]:
+def compiled_steps(cfg: Any, world: int, seed: int = 0, prompt: int = 0, sms: int | None = None) -> dict[str, Any]:
     """Reference outputs of the uncompiled verify + decode steps, and the compiled rank graphs/tables
-    (prompt > 0: the first step is a `prompt`-token verify-shaped step, max_seq 256)."""
+    (prompt > 0: the first step is a `prompt`-token verify-shaped step, max_seq 256; sms: the SMs
+    each rank is scheduled for, the H200's by default)."""
     w = synthetic_weights(cfg, seed)
     g1, g2, inputs = two_steps(cfg, prompt or cfg.dflash.block_size, max_seq=256 if prompt else 32, seed=seed)
     ref = run_steps([([g1], inputs[0]), ([g2], inputs[1])], w)
     params: list[dict] = [{} for _ in range(world)]
     steps, bufs = [], []
     for g in (g1, g2):
-        ctx = PassContext(world=world, max_seq=g.meta.get("max_seq", 32))
+        kw = {"gpu": dataclasses.replace(H200, sms=sms)} if sms else {}
+        ctx = PassContext(world=world, max_seq=g.meta.get("max_seq", 32), **kw)
         graphs = compile_graph(g, ctx)
         for r, rg in enumerate(graphs):
             bind_params(rg, w, params[r])
@@ -89,6 +93,14 @@ def test_long_context_uses_several_splits_and_row_blocks(world: int) -> None:
     tiles: 3 used 1-tile old-key splits in full-attention layers)."""
     case = compiled_steps(load_config("tiny"), world, prompt=140)
     check(case, run_vm(case, "random", seed=3), f"tiny world {world}, 140-token context")
+
+
+def test_eight_ranks_of_a_shared_gpu_compute_the_reference_outputs() -> None:
+    """tiny-gpu-8 at world 8, each rank scheduled for 16 SMs (8 ranks on one H200, as the GPU test
+    test_eight_ranks_on_one_gpu_match_unsharded runs them): the tables of all 8 ranks, their
+    collectives' rendezvous included, give the unsharded reference's outputs."""
+    case = compiled_steps(load_config("tiny-gpu-8"), 8, sms=16)
+    check(case, run_vm(case, "random", seed=8), "tiny-gpu-8 world 8 on 16 SMs a rank")
 
 
 def test_kernel_attention_tiling() -> None:
