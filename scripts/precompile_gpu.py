@@ -1,7 +1,7 @@
 """Fill a kernel cache with the whole-step persistent kernels the GPU tests and benchmarks load, on a
 machine without a GPU (meta tensors), so a short GPU session spends its time running, not
 compiling. Usage: TILERT_KERNEL_CACHE=DIR python scripts/precompile_gpu.py [--bench] [--diff-layers N]
-[--probes] [--jobs 2] [--prune]
+[--probes] [--jobs 2] [--prune] [--pack OUT.tar.xz]
 
 Builds tiny-gpu's step kernels at world 1 (decode B=1/4/6, verify B=4: the GPU tests' shapes) and
 world 2 (both ranks: the two-ranks tests, on one GPU and on two), and tiny-gpu-8's verify step at
@@ -12,7 +12,8 @@ the model cut to its first N layers (`benchmarks/e2e.py --layers N --diff-nodes`
 kernel and every rank's eager kernels); with --probes
 the kernels of benchmarks/tile_latency.py and persistent_chain.py (--layers 1 8 --m 1). Jobs run in
 `--jobs` processes (each compile is one nvcc process). TileLang's own nvcc cubin cache
-(cuda-binaries) is not needed once a kernel is cached, so --prune drops it to keep the cache small.
+(cuda-binaries) is not needed once a kernel is cached, so --prune drops it to keep the cache small;
+--pack writes the cache as one .tar.xz (about 13x smaller: the kernel sources compress well).
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ def main() -> None:
                          "gpus; with --diff-layers: the cut model only)")  # fmt: skip
     ap.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     ap.add_argument("--prune", action="store_true", help="drop TileLang's cubin cache afterwards")
+    ap.add_argument("--pack", default=None, help="also write the cache as this .tar.xz (for a GPU machine)")
     a = ap.parse_args()
     jobs = [("tiny-gpu", t, m, 256, w, 0, gpus) for t, m, w, gpus in TINY]
     jobs += [("tiny-gpu-8", t, m, 256, w, 0, gpus) for t, m, w, gpus in TINY8]
@@ -114,9 +116,29 @@ def main() -> None:
             print(f.result(), flush=True)
     cache = Path(os.environ.get("TILERT_KERNEL_CACHE", "~/.cache/tilert/kernels")).expanduser()
     if a.prune:
-        for d in [*cache.glob("*/cuda-binaries"), *cache.glob("*/.staging")]:  # TileLang 0.1.15: .staging
+        for d in prunable(cache):
             shutil.rmtree(d)
     print(f"cache: {cache}")
+    if a.pack:
+        print(f"packed: {pack(cache, Path(a.pack))}")
+
+
+def prunable(cache: Path) -> list[Path]:
+    """TileLang's nvcc cubin caches under the kernel cache (cuda-binaries; .staging since TileLang
+    0.1.15, under <version>/<platform>/), which a loaded kernel no longer needs."""
+    return sorted({d for name in ("cuda-binaries", ".staging") for d in cache.rglob(name) if d.is_dir()})
+
+
+def pack(cache: Path, out: Path) -> Path:
+    """The cache as one .tar.xz (the kernel sources compress about 13x), so it travels to a GPU
+    machine within a small upload budget; unpack with `tar -C DIR -xJf OUT` and point
+    TILERT_KERNEL_CACHE at DIR/<the cache directory's name>."""
+    import tarfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(out, "w:xz") as tf:
+        tf.add(cache, arcname=cache.name)
+    return out
 
 
 if __name__ == "__main__":
