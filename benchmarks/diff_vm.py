@@ -2,7 +2,7 @@
 
 The plan VM (runtime/persistent/plan_vm.py) runs the same rank graphs and task tables with the
 op references on the CPU; a persistent kernel bug shows as the first node whose output leaves the
-VM's (relative error > 5e-2 or non-finite), per rank. Used to find the K = 64 GEMM bug (node 10,
+VM's (relative error > 5e-2, non-finite, or unequal integers), per rank. Used to find the K = 64 GEMM bug (node 10,
 every rank, tiny-gpu-8 at 8 ranks on one GPU).
 
     python benchmarks/diff_vm.py tiny-gpu-8 --world 8 [--gpus 1] [--runs 3]
@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.e2e import compare_values, off_rows  # noqa: E402
 from tests.runtime.test_eager_gpu import margin_safe_weights  # noqa: E402
 from tilert.models.binding import bind_params  # noqa: E402
 from tilert.models.builder import build_step_graph  # noqa: E402
@@ -48,21 +49,8 @@ for rep in range(reps):
     ms.run(inp)
     bad = []
     for r in range(world):
-        env, venv = ms.ranks[r].bind.env, vm.ranks[r].env
-        for i, n in enumerate(graphs[r].nodes):
-            for o in n.outputs:
-                p, e = env.get(o), venv.get(o)
-                if not (torch.is_tensor(p) and torch.is_tensor(e)):
-                    continue
-                p = p.detach().float().cpu()
-                e = e.detach().float().cpu()
-                if p.dim() == e.dim() and p.shape[0] != e.shape[0]:
-                    p = p[: e.shape[0]]
-                if p.shape != e.shape:
-                    continue
-                err = float((p.double() - e.double()).norm() / e.double().norm().clamp_min(1e-30))
-                if err > 5e-2 or not torch.isfinite(p).all():
-                    bad.append((r, i, n.op, o, round(err, 3)))
+        for row in off_rows(compare_values(graphs[r], ms.ranks[r].bind.env, vm.ranks[r].env), 5e-2):
+            bad.append((r, row["node"], row["op"], row["value"], round(row.get("rel_err", float("nan")), 3)))
     print(f"{model} world {world} on {gpus} GPU(s), run {rep}: {len(bad)} bad values; first per rank:")
     seen = set()
     for b in bad:

@@ -99,25 +99,24 @@ def pin_routing(params: dict, world: int) -> dict:
 def active_experts(st) -> dict | None:
     """Local experts the last step's top-k activated, per MoE layer of the persistent step (its
     device-side Count): what the gate/up and down stages streamed."""
-    counts = [int(p.tensors[13][0]) for p in st.programs if p.key and p.key[0] == "moe"]
+    counts = [int(p.tensors[[v[0] for v in p.specs].index("count")][0]) for p in st.programs
+              if p.key and p.key[0] == "moe"]  # fmt: skip
     if not counts:
         return None
     return {"mean": round(sum(counts) / len(counts), 2), "min": min(counts), "max": max(counts)}
 
 
-def diff_nodes(st, rt, g, inputs, tol: float = 0.1) -> list[dict]:
-    """Every node output of the persistent step (its last run) against the eager runtime's on the same
-    inputs: relative error (float64 norms) per value, in graph order. A kernel bug shows as the first
-    value whose error jumps far above the bf16 drift (about 1e-2)."""
-    env = rt._env(g, inputs)
-    rt._execute(g, env)
-    torch.cuda.synchronize()
+def compare_values(g, got: dict, want: dict) -> list[dict]:
+    """Every node output of graph g present in both environments, in graph order: float values as
+    a relative error (float64 norms) and whether `got` is finite, integer values as equal or not.
+    `got`'s padded activation rows are cut to `want`'s; values of other shapes are left out."""
     rows = []
     for i, node in enumerate(g.nodes):
         for o in node.outputs:
-            p, e = st.bind.env.get(o), env.get(o)
+            p, e = got.get(o), want.get(o)
             if not (torch.is_tensor(p) and torch.is_tensor(e)):
                 continue
+            p = p.detach().to(e.device)
             p = p[: e.shape[0]] if p.dim() == e.dim() and p.shape[0] != e.shape[0] else p
             if p.shape != e.shape:
                 continue
@@ -128,7 +127,23 @@ def diff_nodes(st, rt, g, inputs, tol: float = 0.1) -> list[dict]:
             err = float((p.double() - ref).norm() / ref.norm().clamp_min(1e-30))
             rows.append({"node": i, "op": node.op, "value": o, "rel_err": err,
                          "finite": bool(torch.isfinite(p).all())})  # fmt: skip
-    bad = [r for r in rows if r.get("rel_err", 0) > tol or r.get("equal") is False or r.get("finite") is False]
+    return rows
+
+
+def off_rows(rows: list[dict], tol: float) -> list[dict]:
+    """The rows of compare_values past tol, unequal or not finite."""
+    return [r for r in rows if r.get("rel_err", 0) > tol or r.get("equal") is False or r.get("finite") is False]
+
+
+def diff_nodes(st, rt, g, inputs, tol: float = 0.1) -> list[dict]:
+    """Every node output of the persistent step (its last run) against the eager runtime's on the same
+    inputs: relative error (float64 norms) per value, in graph order. A kernel bug shows as the first
+    value whose error jumps far above the bf16 drift (about 1e-2)."""
+    env = rt._env(g, inputs)
+    rt._execute(g, env)
+    torch.cuda.synchronize()
+    rows = compare_values(g, st.bind.env, env)
+    bad = off_rows(rows, tol)
     print(f"diff: {len(rows)} values compared, {len(bad)} off (rel err > {tol}, unequal ints or non-finite)")
     for r in rows[:0] + bad[:12]:
         print("  ", r)

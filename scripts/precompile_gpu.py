@@ -58,17 +58,11 @@ def build_step(model: str, tokens: int, mode: str, max_seq: int, world: int, lay
 def build_eager_ranks(model: str, tokens: int, mode: str, max_seq: int, world: int, layers: int) -> str:
     """The eager kernels of every rank's graph (compile_ranks(..., gpus=world)): the NCCL phase of
     `e2e.py --ranks gpus` runs these graphs on the eager runtime."""
-    from tilert.models.builder import build_step_graph
-    from tilert.models.config import load_config
+    from benchmarks.e2e_ranks import rank_graphs
     from tilert.runtime.eager.precompile import precompile as eager_precompile
-    from tilert.runtime.persistent.backend import compile_ranks
 
     t0 = time.time()
-    cfg = load_config(model)
-    if layers:
-        cfg = cfg.first_layers(layers)
-    graphs, _ = compile_ranks(build_step_graph(cfg, tokens=tokens, mode=mode, max_seq=max_seq), max_seq, world,
-                              gpus=world)  # fmt: skip
+    _, graphs, _ = rank_graphs(model, layers, tokens, max_seq, world)
     n = eager_precompile(graphs)
     cut = f" ({layers} layers)" if layers else ""
     took = time.time() - t0

@@ -18,3 +18,23 @@ def test_collective_time_is_the_span_of_each_collective_node_per_layer() -> None
         {"ph": "X", "cat": "WAIT", "ts": 0.0, "dur": 99.0, "args": {"node": 3}},
     ]}  # fmt: skip
     assert collective_us_per_layer(trace, layers=2) == {"ALL_REDUCE": 3.0, "MOE_REDUCE": 2.0}
+
+
+def test_compare_values_cuts_padding_and_flags_wrong_values() -> None:
+    from types import SimpleNamespace
+
+    import torch
+
+    from benchmarks.e2e import compare_values, off_rows
+
+    g = SimpleNamespace(nodes=[SimpleNamespace(op="linear", outputs=["a"]), SimpleNamespace(op="argmax", outputs=["i"]),
+                               SimpleNamespace(op="odd", outputs=["s", "n"])])  # fmt: skip
+    want = {"a": torch.randn(3, 8), "i": torch.tensor([1, 2, 3]), "s": torch.randn(4), "n": torch.randn(2)}
+    got = {"a": torch.cat([want["a"] * 1.001, torch.zeros(61, 8)]).bfloat16(),  # padded to 64 rows
+           "i": torch.tensor([1, 5, 3], dtype=torch.int32), "s": torch.randn(4, 1),
+           "n": torch.tensor([1.0, float("nan")])}  # fmt: skip
+    rows = compare_values(g, got, want)
+    assert [r["value"] for r in rows] == ["a", "i", "n"]  # s: another shape, left out
+    assert rows[0]["rel_err"] < 1e-2 and rows[0]["finite"]
+    assert rows[1]["equal"] is False
+    assert [r["value"] for r in off_rows(rows, 0.05)] == ["i", "n"]

@@ -124,7 +124,7 @@ class Bindings:
         self.epoch = torch.zeros(1, dtype=torch.int32, device=device)
         # rank-dependent numbers are data (views), never constants in the kernel: every rank of a
         # step shape runs the same kernel, so a world of N compiles it once
-        self.rank_id = torch.tensor([rank], dtype=torch.int32, device=device)
+        self.rank_id = self.ints(rank)
         self.env: dict[str, Any] = {}
         for v in g.by_role("param"):
             if v.name not in params:
