@@ -227,6 +227,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:  # every user-facing error class derives from ValueError
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except RuntimeError as e:
+        if not getattr(e, "user_facing", False):  # a bug: keep the stack
+            raise
+        print(f"error: {e}", file=sys.stderr)  # a GPU step that failed (a timed-out wait, say)
+        return 1
     except BrokenPipeError:  # output piped into `head` and closed early
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
         return 0

@@ -41,12 +41,42 @@ class StepBackend(Protocol):
     def reset(self) -> None: ...
 
 
+PREFILL_CHUNK = 16  # rows of a GPU prefill step: the most the MoE and LM-head bodies take at once
+
+
+def prefill_plan(n: int, start: int, max_seq: int, chunk: int) -> list[tuple[int, int, int]]:
+    """How a GPU backend runs a prompt of n tokens at positions start.. as steps of compiled shapes:
+    (offset, real rows, step rows) per step. Every step has `chunk` rows or 1: a short last chunk is
+    padded with rows at the positions after it (their KV entries lie past the prompt, where later
+    steps overwrite them, as with rejected drafts), or, where that padding would run past the cache
+    (max_seq), its rows go one by one. So any prompt length runs on two compiled step shapes."""
+    if n < 1:
+        raise ValueError(f"a prefill needs at least one token, got {n}")
+    steps, i = [], 0
+    while i < n:
+        rest = n - i
+        if rest >= chunk:
+            steps.append((i, chunk, chunk))
+            i += chunk
+        elif rest > 1 and start + i + chunk <= max_seq:
+            steps.append((i, rest, chunk))
+            i += rest
+        else:
+            steps.append((i, 1, 1))
+            i += 1
+    return steps
+
+
 class GraphBackend:
     """What every runtime's backend shares: the step graphs per shape, built (and prepared) once.
 
     Subclasses say how a built graph is prepared (`_prepare`: shard/compile and bind weights) and
-    run (`_execute`: one step, outputs of the first rank).
+    run (`_execute`: one step, outputs of the first rank). `prefill_chunk` (GPU backends): a
+    multi-token decode step (a prefill) runs as steps of that many rows (`prefill_plan`), so every
+    prompt length uses the same compiled shapes; None runs it as one step of any size.
     """
+
+    prefill_chunk: int | None = None
 
     def __init__(self, cfg: ModelConfig, weights: Mapping[str, torch.Tensor], max_seq: int) -> None:
         self.cfg, self.weights, self.max_seq = cfg, weights, max_seq
@@ -64,6 +94,28 @@ class GraphBackend:
         return self._prepared[key]
 
     def target_step(self, tokens: torch.Tensor, positions: torch.Tensor, mode: str = "decode") -> dict[str, Any]:
+        B = int(tokens.shape[0])
+        chunk = self.prefill_chunk
+        if mode == "decode" and chunk and B > 1 and B != chunk:
+            return self._prefill(tokens, positions, chunk)
+        return self._step(tokens, positions, mode)
+
+    def _prefill(self, tokens: torch.Tensor, positions: torch.Tensor, chunk: int) -> dict[str, Any]:
+        """A multi-token decode step as prefill_plan's steps; outputs of the real rows, concatenated."""
+        pos = positions.to(torch.int32)
+        if not bool((pos[1:] - pos[:-1] == 1).all()):
+            raise ValueError("a prefill's positions must be consecutive")
+        outs: dict[str, list[torch.Tensor]] = {}
+        for off, real, rows in prefill_plan(int(tokens.shape[0]), int(pos[0]), self.max_seq, chunk):
+            t = tokens[off : off + real]
+            if rows > real:  # padding rows: copies of the last token at the positions after it
+                t = torch.cat([t, t[-1:].expand(rows - real)])
+            out = self._step(t, pos[off] + torch.arange(rows, dtype=torch.int32), "decode")
+            for k, v in out.items():
+                outs.setdefault(k, []).append(v[:real].clone())  # a replayed graph reuses its outputs
+        return {k: torch.cat(v) for k, v in outs.items()}
+
+    def _step(self, tokens: torch.Tensor, positions: torch.Tensor, mode: str) -> dict[str, Any]:
         B = int(tokens.shape[0])
         prepared = self._get(
             ("target", B, mode), lambda: build_step_graph(self.cfg, tokens=B, max_seq=self.max_seq, mode=mode)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tilert.kernels.common import build, cdiv, gate_passed
+from tilert.kernels.common import build, cdiv, gate_passed, warp_rows
 from tilert.kernels.common import gated as mark_gated
 from tilert.ops.attention import attention as _ref_attention
 from tilert.ops.attention import kv_append, rope
@@ -117,7 +117,8 @@ class AttnConfig:
 
     def smem_bytes(self) -> int:
         tile = self.block_n * (self.head_dim + self.v_head_dim) * 2
-        return self.block_m * self.head_dim * 2 + self.stages * tile + self.block * self.rope_dim * 4
+        table_rows = warp_rows(self.block, max(self.rope_dim // 2, 1), self.block_n)  # the RoPE table
+        return self.block_m * self.head_dim * 2 + self.stages * tile + table_rows * self.rope_dim * 4
 
 
 def _split_plan(cfg: AttnConfig, start):
@@ -152,13 +153,17 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
     bf16, f32 = "bfloat16", "float32"
 
     QR = min(cfg.block_m, cfg.rows)  # rows of a q block that can be real (B = 1: 16 of 128)
+    # RoPE loops over whole warps (common.warp_rows): padded q rows and new-key rows are zeros, and
+    # the table's padded rows (positions past the B new ones) are computed but never used by real rows
+    QRP = warp_rows(QR, max(RH, 1), BM)
+    BK = warp_rows(B, max(RH, 1), BN)
 
     @T.macro
     def rotate_q(q_s, rb, cs):
         """NeoX RoPE in place on q_s's real rows (plain bf16 copies of Q): each thread owns a
         (d, d + RH) pair and binds both values before it stores, so nothing is read after a write.
         fp32 math, one bf16 rounding, as the reference."""
-        for i, f in T.Parallel(QR, max(RH, 1)):
+        for i, f in T.Parallel(QRP, max(RH, 1)):
             if f < RH:
                 b = T.min((rb * BM + i) // G, B - 1)
                 x0 = T.Cast(f32, q_s[i, f])
@@ -168,8 +173,8 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
 
     @T.macro
     def rotate_k(k_ring, cs):
-        """The same on the B new key rows in ring slot 0."""
-        for j, f in T.Parallel(B, max(RH, 1)):
+        """The same on the B new key rows in ring slot 0 (and BK - B zero rows)."""
+        for j, f in T.Parallel(BK, max(RH, 1)):
             if f < RH:
                 y0 = T.Cast(f32, k_ring[0, j, f])
                 y1 = T.Cast(f32, k_ring[0, j, f + RH])
@@ -242,7 +247,7 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
         k_ring = T.alloc_shared([NST, BN, DK], bf16)
         v_ring = T.alloc_shared([NST, BN, DV], bf16)
         bar = T.alloc_barrier([1] * NST)
-        cs = T.alloc_shared([B, 2 * max(RH, 1)], f32)
+        cs = T.alloc_shared([BK, 2 * max(RH, 1)], f32)
         acc_s = T.alloc_fragment([BM, BN], f32)
         acc_p = T.alloc_fragment([BM, BN], bf16)
         acc_o = T.alloc_fragment([BM, DV], f32)
@@ -267,7 +272,7 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
                 no_issue()
 
         # cos/sin of the B new positions in float64, like the reference (angles reach 1e5 rad).
-        for b, f in T.Parallel(B, max(RH, 1)):
+        for b, f in T.Parallel(BK, max(RH, 1)):
             ang = T.Cast("float64", start + b) * T.pow(
                 T.float64(cfg.rope_theta), T.Cast("float64", f) * T.float64(-2.0 / max(ROPE, 1))
             )

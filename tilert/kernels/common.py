@@ -7,9 +7,11 @@ API (stable; other kernel files import it):
     cache_dir()              Path of the kernel disk cache (env TILERT_KERNEL_CACHE,
                              default ~/.cache/tilert/kernels)
     build(func, *, out_idx=None, target=HOPPER_TARGET, pass_configs=None, compile_flags=None,
-          out_dir=None, name=None) -> tilelang JITKernel
+          out_dir=None, name=None, what=None) -> tilelang JITKernel
                              compile a TileLang prim_func (memory + disk cached); with out_dir,
-                             also write the generated CUDA source to out_dir/<name>.cu
+                             also write the generated CUDA source to out_dir/<name>.cu; a failure
+                             raises KernelCompileError (a ValueError: one line, CLI exit code 2)
+    warp_rows(rows, cols, limit)          pad a T.Parallel loop's rows to whole warps
     hopper_reason() / has_hopper()        None/True when a Hopper (sm_90) GPU is usable
     toolchain_reason() / has_toolchain()  None/True when tilelang and nvcc can build for sm_90a
     cdiv(a, b)               ceiling division
@@ -138,6 +140,18 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def warp_rows(rows: int, cols: int, limit: int) -> int:
+    """The fewest rows >= `rows` (at most `limit`) such that a T.Parallel(rows, cols) loop covers
+    whole warps. TileLang lowers a parallel loop of n < threads elements to `if tx < n`; when n is
+    not a multiple of 32 that branch is not warp-uniform, and ThreadSync cannot place a barrier
+    inside it (a compile error for odd row counts, e.g. a 3-token step). Bodies pad such loops with
+    rows whose results are never read (zero rows, or table rows past the last token)."""
+    r = rows
+    while (r * cols) % 32 and r < limit:
+        r += 1
+    return r
+
+
 def gated(body: Any) -> Any:
     """Mark a tile body macro `(..., gate)` as waiting for its inputs itself: the persistent kernel
     hands it a Gate (runtime/persistent/megakernel.py) instead of waiting before it runs."""
@@ -201,6 +215,18 @@ def cache_dir() -> Path:
     return Path(os.path.expanduser(os.environ.get("TILERT_KERNEL_CACHE", DEFAULT_CACHE)))
 
 
+class KernelCompileError(ValueError):
+    """A TileLang kernel failed to compile for its target: one line naming the kernel (and, where
+    the caller knows it, the shape) and the compiler's own final message, not a TVM stack."""
+
+
+def compile_error_line(e: BaseException) -> str:
+    """The informative line of a TileLang/TVM/nvcc failure (its last non-empty, non-frame line)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith("File ")]
+    line = lines[-1] if lines else type(e).__name__
+    return line if len(line) <= 400 else line[:400] + " ..."
+
+
 def _cuda_home() -> str | None:
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if home and Path(home, "bin", "nvcc").exists():
@@ -220,11 +246,14 @@ def build(
     compile_flags: list[str] | None = None,
     out_dir: str | os.PathLike | None = None,
     name: str | None = None,
+    what: str | None = None,
 ) -> Any:
     """Compile a TileLang prim_func for `target` (default sm_90a) and return the JITKernel.
 
     Compiled kernels are cached in memory and on disk under `cache_dir()` (keyed by TileLang on
     the function text, target and options), so a second build of the same config is cheap.
+    A compile failure raises KernelCompileError naming the kernel (`what`: its shape, say) and the
+    compiler's final message.
     """
     home = _cuda_home()
     if home and "CUDA_HOME" not in os.environ:
@@ -234,9 +263,13 @@ def build(
     os.environ["TILELANG_CACHE_DIR"] = str(root)  # tilelang reads this live at each compile
     import tilelang
 
-    kernel = tilelang.compile(
-        func, out_idx=out_idx, target=target, pass_configs=pass_configs, compile_flags=compile_flags
-    )
+    try:
+        kernel = tilelang.compile(
+            func, out_idx=out_idx, target=target, pass_configs=pass_configs, compile_flags=compile_flags
+        )
+    except Exception as e:  # TVM's InternalError, nvcc failures: many frames of C++ stack
+        label = what or name or (str(func.attrs["global_symbol"]) if func.attrs else "kernel")
+        raise KernelCompileError(f"kernel {label} failed to compile: {compile_error_line(e)}") from e
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

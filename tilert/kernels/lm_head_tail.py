@@ -18,7 +18,7 @@ are not handled (unspecified result).
     argmax_body(Logits[T, Vloc] f32, Next[T] i32, valid)
         Next[t] = argmax(Logits[t, :valid])                         tilert.ops.sampling.argmax
     accept_body(Logits, Draft[T] i32, Next[T] i32, Accept[T + 1] i32, valid)
-        Next as above (also kept in shared red_i[t, 0]), a barrier, then threads t < T each count the
+        Next as above (also kept in shared best_i[t]), a barrier, then threads t < T each count the
         accepted prefix a = longest k with Draft[1:k+1] == Next[:k], and write Accept[1 + t] =
         Draft[t + 1] (t < a), Next[a] (t == a), -1 (t > a); thread 0 writes Accept[0] = a.
                                                                     tilert.ops.sampling.dflash_accept
@@ -139,65 +139,62 @@ def make_bodies(cfg: Config):
                 red_i[t, warp] = bi
 
     @T.macro
-    def merge(red_v, red_i, row):
-        """Merge row's 8 warp results into red_v/red_i[row, 0] (only the calling thread touches row)."""
-        for w in T.unroll(1, WARPS):
-            if better(red_v[row, w], red_i[row, w], red_v[row, 0], red_i[row, 0]):
-                red_v[row, 0] = red_v[row, w]
-                red_i[row, 0] = red_i[row, w]
-
-    @T.macro
-    def row_best(Logits, valid, red_v, red_i):
-        """scan, a barrier, then thread t < T merges row t: (max, lowest argmax id) in red_v/red_i[t, 0]."""
+    def row_best(Logits, valid, best_v, best_i):
+        """scan, a barrier, then thread t < T merges row t's 8 warp results into best_v/best_i[t]
+        (buffers apart from the scan's, so no thread's reads and another's writes meet in one buffer
+        inside the partial-warp branch: ThreadSync could not place a barrier there)."""
+        red_v = T.alloc_shared((Tn, WARPS), f32)
+        red_i = T.alloc_shared((Tn, WARPS), i32)
+        bv = T.alloc_var(f32)
+        bi = T.alloc_var(i32)
         tx = T.get_thread_binding()
         scan(Logits, valid, red_v, red_i)
         T.sync_threads()
         if tx < Tn:
-            merge(red_v, red_i, tx)
+            bv = red_v[tx, 0]
+            bi = red_i[tx, 0]
+            for w in T.unroll(1, WARPS):
+                if better(red_v[tx, w], red_i[tx, w], bv, bi):
+                    bv = red_v[tx, w]
+                    bi = red_i[tx, w]
+            best_v[tx] = bv
+            best_i[tx] = bi
 
     @T.macro
     def argmax_body(Logits, Next, valid):
-        red_v = T.alloc_shared((Tn, WARPS), f32)
-        red_i = T.alloc_shared((Tn, WARPS), i32)
+        best_v = T.alloc_shared((Tn,), f32)
+        best_i = T.alloc_shared((Tn,), i32)
         tx = T.get_thread_binding()
-        row_best(Logits, valid, red_v, red_i)
+        row_best(Logits, valid, best_v, best_i)
         if tx < Tn:
-            Next[tx] = red_i[tx, 0]
+            Next[tx] = best_i[tx]
 
     @T.macro
     def local_argmax_body(Logits, Val, Idx, valid, offset):
-        red_v = T.alloc_shared((Tn, WARPS), f32)
-        red_i = T.alloc_shared((Tn, WARPS), i32)
+        best_v = T.alloc_shared((Tn,), f32)
+        best_i = T.alloc_shared((Tn,), i32)
         tx = T.get_thread_binding()
-        row_best(Logits, valid, red_v, red_i)
+        row_best(Logits, valid, best_v, best_i)
         if tx < Tn:
-            Val[tx] = red_v[tx, 0]
-            Idx[tx] = red_i[tx, 0] + offset
+            Val[tx] = best_v[tx]
+            Idx[tx] = best_i[tx] + offset
 
     @T.macro
-    def accept_rows(Draft, Post, Accept, post_in_red):
-        """DFlash greedy acceptance given the posterior ids: Post = the shared red_i ([t, 0] holds
-        row t's argmax; post_in_red) or a global Next[T]. Threads t < T each count the accepted
-        prefix a (longest with Draft[1 + k] == posterior[k]) and write Accept[1 + t]; thread 0
-        writes Accept[0] = a."""
+    def accept_rows(Draft, Post, Accept):
+        """DFlash greedy acceptance given the posterior ids Post[T] (shared best_i, or a global
+        Next): threads t < T each count the accepted prefix a (longest with Draft[1 + k] ==
+        posterior[k]) and write Accept[1 + t]; thread 0 writes Accept[0] = a."""
         acc = T.alloc_var(i32)
         tx = T.get_thread_binding()
         if tx < Tn:
             acc = 0
             for k in T.serial(Tn - 1):
-                if post_in_red:
-                    if acc == k and Draft[k + 1] == Post[k, 0]:
-                        acc = k + 1
-                else:
-                    if acc == k and Draft[k + 1] == Post[k]:
-                        acc = k + 1
+                if acc == k and Draft[k + 1] == Post[k]:
+                    acc = k + 1
             if tx < acc:
                 Accept[1 + tx] = Draft[tx + 1]
             elif tx == acc:
-                if post_in_red:
-                    Accept[1 + tx] = Post[acc, 0]
-                else:
-                    Accept[1 + tx] = Post[acc]
+                Accept[1 + tx] = Post[acc]
             else:
                 Accept[1 + tx] = -1
             if tx == 0:
@@ -205,19 +202,19 @@ def make_bodies(cfg: Config):
 
     @T.macro
     def accept_body(Logits, Draft, Next, Accept, valid):
-        red_v = T.alloc_shared((Tn, WARPS), f32)
-        red_i = T.alloc_shared((Tn, WARPS), i32)
+        best_v = T.alloc_shared((Tn,), f32)
+        best_i = T.alloc_shared((Tn,), i32)
         tx = T.get_thread_binding()
-        row_best(Logits, valid, red_v, red_i)
+        row_best(Logits, valid, best_v, best_i)
         if tx < Tn:
-            Next[tx] = red_i[tx, 0]  # red_i[t, 0] = posterior[t], read by every thread t < T below
+            Next[tx] = best_i[tx]  # best_i[t] = posterior[t], read by every thread t < T below
         T.sync_threads()
-        accept_rows(Draft, red_i, Accept, True)
+        accept_rows(Draft, best_i, Accept)
 
     @T.macro
     def dflash_accept_body(Draft, Next, Accept):
         """accept_body's second half from posterior ids already in global Next (the cross-rank argmax)."""
-        accept_rows(Draft, Next, Accept, False)
+        accept_rows(Draft, Next, Accept)
 
     return argmax_body, accept_body, local_argmax_body, dflash_accept_body
 

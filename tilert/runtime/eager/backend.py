@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from tilert.engine.api import register_backend
-from tilert.engine.backend import GraphBackend
+from tilert.engine.backend import PREFILL_CHUNK, GraphBackend
 from tilert.ir.graph import Graph
 from tilert.models.binding import bind_params
 from tilert.models.config import ModelConfig
-from tilert.runtime.eager.runtime import EagerRuntime, to_device
+from tilert.runtime.eager.runtime import EagerRuntime, GraphCaptureError, to_device
+
+log = logging.getLogger(__name__)
 
 REWRITE_UNTIL = "fuse_residual"  # the rewriting prefix of the pipeline; analysis passes are not needed to run
 
@@ -28,6 +31,8 @@ def compile_for_gpu(g: Graph, max_seq: int, world: int = 1) -> list[Graph]:
 class EagerBackend(GraphBackend):
     """Runs the target and drafter step graphs of a model on one GPU (world size 1)."""
 
+    prefill_chunk = PREFILL_CHUNK
+
     def __init__(
         self,
         cfg: ModelConfig,
@@ -42,6 +47,7 @@ class EagerBackend(GraphBackend):
         self.cuda_graph = cuda_graph
         self.world, self.rank = 1, 0  # a distributed subclass runs one rank of `world`
         self.runtime = EagerRuntime({}, device=device, use_kernels=use_kernels)
+        self.uncaptured: dict[str, str] = {}  # graphs whose capture failed (host syncs), and why
 
     def _prepare(self, g: Graph) -> Graph:
         fused = compile_for_gpu(g, self.max_seq, self.world)[self.rank]
@@ -50,7 +56,23 @@ class EagerBackend(GraphBackend):
 
     def _execute(self, g: Graph, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
         B = g.values[g.by_role("input")[0].name].shape[0]
-        out = self.runtime.run(g, inputs, capture=self.cuda_graph and B <= 16)
+        capture = self.cuda_graph and B <= PREFILL_CHUNK and g.name not in self.uncaptured
+        try:
+            out = self.runtime.run(g, inputs, capture=capture)
+        except GraphCaptureError as e:  # an op of this shape syncs with the host: run it launch by launch
+            self.uncaptured[g.name] = str(e)
+            log.warning("%s", e)
+            out = self.runtime.run(g, inputs, capture=False)
+        return {k: v if k == "features" else v.cpu() for k, v in out.items()}
+
+    def execute_on(self, g: Graph, inputs: dict[str, torch.Tensor], states: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """One step of a prepared graph with `states` as its KV caches (another runtime's tensors:
+        the persistent backend runs the shapes its bodies do not take here), uncaptured."""
+        saved, self.runtime.states = self.runtime.states, states
+        try:
+            out = self.runtime.run(g, inputs, capture=False)
+        finally:
+            self.runtime.states = saved
         return {k: v if k == "features" else v.cpu() for k, v in out.items()}
 
     def reset(self) -> None:

@@ -20,6 +20,10 @@ from tilert.runtime.eager.gpu_ops import IMPLS
 from tilert.runtime.reference.executor import bind_env
 
 
+class GraphCaptureError(RuntimeError):
+    """A step could not be captured into a CUDA graph (an op synchronises with the host)."""
+
+
 class GpuContext:
     """Rank, world size and whether this GPU stands in alone for rank 0 of `world` (solo)."""
 
@@ -157,7 +161,8 @@ class EagerRuntime:
                 with torch.cuda.graph(cg):
                     self._execute(g, env)
             except RuntimeError as e:
-                raise RuntimeError(
+                torch.cuda.synchronize()
+                raise GraphCaptureError(
                     f"CUDA-graph capture of '{g.name}' failed (an op synchronises with the host; "
                     f"use capture=False): {e}"
                 ) from None

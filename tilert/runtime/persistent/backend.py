@@ -9,17 +9,21 @@ block attention, which the persistent attention body does not cover) runs on the
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from tilert.engine.api import register_backend
-from tilert.engine.backend import GraphBackend
+from tilert.engine.backend import PREFILL_CHUNK, GraphBackend
 from tilert.ir.graph import Graph
+from tilert.kernels.common import KernelCompileError
 from tilert.models.binding import bind_params
 from tilert.models.config import ModelConfig
-from tilert.runtime.persistent.step import PersistentStep
+from tilert.runtime.persistent.step import PersistentError, PersistentStep, kv_states
+
+log = logging.getLogger(__name__)
 
 
 def compile_step(g: Graph, max_seq: int, world: int = 1, rank: int = 0) -> tuple[Graph, Any]:
@@ -49,19 +53,29 @@ def compile_ranks(g: Graph, max_seq: int, world: int, sms: int = 132, gpus: int 
 class PersistentBackend(GraphBackend):
     """Target steps as one persistent launch each (world size 1); drafter steps on the eager runtime."""
 
+    prefill_chunk = PREFILL_CHUNK
+
     def __init__(self, cfg: ModelConfig, weights: Mapping[str, torch.Tensor], *, max_seq: int = 1024,
                  device: str = "cuda") -> None:  # fmt: skip
         super().__init__(cfg, weights, max_seq)
         self.device = device
         self.states: dict[str, torch.Tensor] = {}
         self._eager: Any = None
+        self.fallbacks: list[str] = []  # step shapes that run on the eager runtime, and why
 
     def _prepare(self, g: Graph) -> Any:
         if g.meta.get("kind") == "drafter":
             return ("eager", self._drafter_backend()._prepare(g))
         rg, sched = compile_step(g, self.max_seq)
         params = {k: v.to(self.device) for k, v in bind_params(rg, self.weights, {}).items()}
-        step = PersistentStep(rg, sched.table, sched.counter_expected, params, self.device, states=self.states)
+        try:
+            step = PersistentStep(rg, sched.table, sched.counter_expected, params, self.device, states=self.states)
+        except (PersistentError, KernelCompileError) as e:
+            # a shape the persistent bodies do not take: this step runs on the eager runtime (same
+            # KV caches), never a failed request
+            self.fallbacks.append(f"{g.name}: {e}")
+            log.warning("step %s runs on the eager runtime: %s", g.name, e)
+            return ("eager-target", self._drafter_backend()._prepare(g))
         step.use_states(self.states)  # caches this graph added join the current sequence's set
         return ("persistent", step)
 
@@ -76,6 +90,9 @@ class PersistentBackend(GraphBackend):
         kind, p = prepared
         if kind == "eager":
             return self._drafter_backend()._execute(p, inputs)
+        if kind == "eager-target":  # on the target's caches (the persistent steps' tensors)
+            states = kv_states(p, torch.device(self.device), self.states)
+            return self._drafter_backend().execute_on(p, inputs, states)
         out = p.run(inputs)  # static buffers: the next launch overwrites them, so copy out
         return {k: v.clone() if k == "features" else v.cpu() for k, v in out.items()}
 

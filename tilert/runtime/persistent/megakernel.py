@@ -45,6 +45,14 @@ PERSISTENT_PASS_CONFIGS = {
 DEFAULT_TIMEOUT_CYCLES = 4_000_000_000  # ~2 s at 2 GHz: far beyond any step, short enough to report a deadlock
 
 
+class PersistentError(RuntimeError):
+    """The persistent program cannot run this graph (no body for a node kind, shapes off-contract),
+    or a launch failed (a bounded wait timed out, the grid could not be resident). One line that
+    names the cause: the CLI prints it without a stack."""
+
+    user_facing = True
+
+
 ERR_TIMEOUT, ERR_OPCODE, ERR_DRY = 1, 2, 3  # ERR_DRY: set by the host for a launch that runs no body
 
 
@@ -244,11 +252,11 @@ def raise_on_error(err: list[int]) -> None:
     if err[0] == 0:
         return
     if err[0] == ERR_OPCODE:
-        raise RuntimeError(f"persistent kernel met opcode {err[3]}, which has no body in this program")
+        raise PersistentError(f"persistent kernel met opcode {err[3]}, which has no body in this program")
     if err[1] == -1:
-        raise RuntimeError(f"persistent kernel collective wait timed out: tile {-1 - err[3]} never saw every rank "
+        raise PersistentError(f"persistent kernel collective wait timed out: tile {-1 - err[3]} never saw every rank "
                            f"arrive (a peer not running, or ranks out of step)")  # fmt: skip
-    raise RuntimeError(
+    raise PersistentError(
         f"persistent kernel wait timed out: sm {err[1]}, task slot {err[2]}, counter {err[3]} "
         f"(schedule deadlock or a lost signal)"
     )

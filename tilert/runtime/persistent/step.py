@@ -33,14 +33,11 @@ from tilert.ir.graph import Graph, Node, Value
 from tilert.kernels.common import cdiv, gated, is_gated
 from tilert.kernels.views import TORCH_DTYPES, ViewSpec
 from tilert.ops.qtensor import QTensor
-from tilert.plan import FIELD, OPCODES
+from tilert.plan import FIELD, OPCODES, WAITS
+from tilert.runtime.persistent.megakernel import PersistentError
 
 PAD_ROWS = 64
 NP_OPCODE = {v: k for k, v in OPCODES.items()}
-
-
-class PersistentError(RuntimeError):
-    """The persistent program cannot run this graph (no body for a node kind, shapes off-contract)."""
 
 
 @dataclass
@@ -112,11 +109,25 @@ def enable_peer_access(devices: Sequence[torch.device]) -> None:
                             raise PersistentError(f"enabling GPU {a} -> GPU {b} peer access failed: {e}") from e
 
 
+STATE_ROWS_PAD = 64  # KV cache rows past max_seq: a key tile (64 rows) never runs past a cache
+
+
+def kv_states(g: Graph, device: torch.device, states: dict[str, torch.Tensor],
+              pad: int = STATE_ROWS_PAD) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The graph's [Hkv, S, D] KV caches in `states` (created as zeros where missing: bf16, S + pad
+    rows, so key tiles never run past them), shared by every step program of a model."""
+    for v in g.by_role("state"):
+        h, s, d = v.shape
+        if v.name not in states:
+            states[v.name] = torch.zeros(h, s + pad, d, dtype=torch.bfloat16, device=device)
+    return states
+
+
 class Bindings:
     """Device tensors of a rank graph's values: params, inputs, KV caches, padded activations."""
 
     def __init__(self, g: Graph, params: Mapping[str, Any], device: torch.device,
-                 states: dict[str, torch.Tensor] | None = None, state_rows_pad: int = 64,
+                 states: dict[str, torch.Tensor] | None = None, state_rows_pad: int = STATE_ROWS_PAD,
                  group: PeerGroup | None = None, rank: int = 0) -> None:  # fmt: skip
         self.g, self.device = g, device
         self.group, self.rank = group, rank
@@ -134,11 +145,8 @@ class Bindings:
             dt = torch.int32 if v.dtype.name == "i32" else torch.bfloat16
             self.env[v.name] = torch.zeros(v.shape, dtype=dt, device=device)
         # [Hkv, S, D] caches, S padded so key tiles never run past them; shared by a model's graphs
-        self.states: dict[str, torch.Tensor] = {} if states is None else states
+        self.states = kv_states(g, device, {} if states is None else states, state_rows_pad)
         for v in g.by_role("state"):
-            h, s, d = v.shape
-            if v.name not in self.states:
-                self.states[v.name] = torch.zeros(h, s + state_rows_pad, d, dtype=torch.bfloat16, device=device)
             self.env[v.name] = self.states[v.name]
         self.workspaces: list[torch.Tensor] = []
 
@@ -774,6 +782,12 @@ def make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, max_tasks: in
         Prefetch: T.Tensor((num_sms, max_tasks, 4), "int64"),
     ):
         with T.Kernel(num_sms, threads=PERSISTENT_THREADS) as sm:
+            # Never runs (epochs start at 1); its presence makes this a cooperative launch
+            # (TileLang marks kernels that can grid-sync), and the driver then starts the kernel only
+            # with every CTA resident at once, or refuses it: CTAs spin on each other's counters, so
+            # one CTA left waiting for an SM another kernel holds would stall the step.
+            if Epoch[0] < 0:
+                T.sync_grid()
             loop(sm, Tasks, Counters, Err, Epoch, Trace, (NodeClass, Ptrs), Prefetch)
 
     return tilert_step
@@ -849,7 +863,9 @@ class PersistentStep:
         self.prefetch = torch.from_numpy(self._prefetch_table()).to(self.device)
         self.n_classes = len(classes)
         func = make_step_kernel(classes, self.sms, table.shape[1], len(self.programs), len(self.counters), max_views)
-        self.kernel = build(func, pass_configs=PERSISTENT_PASS_CONFIGS, out_dir=out_dir, name="tilert_step")
+        kinds = ", ".join(sorted({n.op for n in graph.nodes}))
+        self.kernel = build(func, pass_configs=PERSISTENT_PASS_CONFIGS, out_dir=out_dir, name="tilert_step",
+                            what=f"persistent step of '{graph.name}' (node bodies: {kinds})")  # fmt: skip
         self.steps = 0
         self.launches_per_step = 1
 
@@ -900,8 +916,18 @@ class PersistentStep:
         self._enqueue()
 
     def _enqueue(self) -> None:
-        self.kernel(self.tasks, self.node_class, self.ptrs, self.counters, self.err, self.bind.epoch, self.trace,
-                    self.prefetch)  # fmt: skip
+        try:
+            self.kernel(self.tasks, self.node_class, self.ptrs, self.counters, self.err, self.bind.epoch, self.trace,
+                        self.prefetch)  # fmt: skip
+        except Exception as e:  # the cooperative launch refuses a grid that cannot be resident at once
+            msg = str(e).strip().splitlines()
+            if any("COOPERATIVE" in m.upper() for m in msg):
+                raise PersistentError(
+                    f"the persistent step needs its {self.sms} CTAs (one per SM queue) resident at once, and this "
+                    f"GPU cannot hold them together (another kernel's share of the SMs, an MPS or MIG limit, or "
+                    f"a schedule for more SMs than the GPU has): {msg[-1] if msg else e}"
+                ) from None
+            raise
 
     def preload(self) -> None:
         """One dry launch (the error word preset, so every task skips its waits and body), then the
@@ -944,9 +970,31 @@ class PersistentStep:
                           ready_ns=ready)  # fmt: skip
 
     def check(self) -> None:
-        from tilert.runtime.persistent.megakernel import raise_on_error
+        from tilert.runtime.persistent.megakernel import ERR_TIMEOUT, raise_on_error
 
-        raise_on_error(self.err.tolist())
+        err = self.err.tolist()
+        try:
+            raise_on_error(err)
+        except PersistentError as e:
+            if err[0] != ERR_TIMEOUT or not 0 <= err[1] < self.sms:
+                raise
+            raise PersistentError(f"{e}: {self.describe_wait(err[1], err[2], err[3])}") from None
+
+    def describe_wait(self, sm: int, slot: int, counter: int) -> str:
+        """Which task waited on which counter, and how far the counter got: a timed-out wait's report."""
+        row = self.table[sm, slot]
+        name = NP_OPCODE.get(int(row[FIELD["opcode"]]), f"#{int(row[FIELD['opcode']])}")
+        node = int(row[FIELD["op"]])
+        need = None
+        for w in range(WAITS):
+            first, count = int(row[FIELD[f"wait{w}_counter"]]), int(row[FIELD[f"wait{w}_count"]])
+            if first >= 0 and first <= counter < first + max(count, 1):
+                need = int(row[FIELD[f"wait{w}_expected"]]) * self.steps
+        seen = int(self.counters[counter]) if 0 <= counter < len(self.counters) else None
+        op = self.g.nodes[node].op if 0 <= node < len(self.g.nodes) else "?"
+        where = ", ".join(f"{c}={int(row[FIELD[c]])}" for c in ("c0", "c1", "c2"))
+        return (f"task {name} of node {node} ({op}, {where}) waited for counter {counter} to reach {need}; "
+                f"it holds {seen} (step {self.steps} of this program)")  # fmt: skip
 
     def run(self, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         self.launch(inputs)
