@@ -2,8 +2,8 @@
 
 The plan VM (runtime/persistent/plan_vm.py) runs the same rank graphs and task tables with the
 op references on the CPU; a persistent kernel bug shows as the first node whose output leaves the
-VM's (relative error > 5e-2, non-finite, or unequal integers), per rank. Used to find the K = 64 GEMM bug (node 10,
-every rank, tiny-gpu-8 at 8 ranks on one GPU).
+VM's (relative error > 5e-2, non-finite, or unequal integers), per rank. --runs rebuilds the
+programs: a value that changes between runs is a race, one that does not a deterministic bug.
 
     python benchmarks/diff_vm.py tiny-gpu-8 --world 8 [--gpus 1] [--runs 3]
 """

@@ -48,7 +48,7 @@ PIPELINE: list[Pass] = [
     Pass("fuse_lm_head", fuse_lm_head),  # lm_head GEMM + (distributed) argmax (+ accept) -> lm_head_*
     Pass("fuse_norm", fuse_norm),  # rms_norm -> prologue of the GEMMs that read it
     Pass("fuse_residual", fuse_residual),  # residual add -> epilogue of its producer
-    Pass("tile", tile, rewrites=False),  # fused op -> tile tasks (shapes per kind: TILE_TABLE)
+    Pass("tile", tile, rewrites=False),  # fused op -> tile tasks (shapes per kind: TILE_CONFIG, TILE_RULES)
     Pass("schedule", schedule, rewrites=False),  # task DAG -> per-SM queues, int32 task rows
     Pass("plan_memory", plan_memory, rewrites=False),  # buffers, liveness, bytes per rank, fits?
 ]

@@ -33,8 +33,8 @@ from tilert.passes.cost_model import kv_read_bytes, op_cost
 TILE_CONFIG: dict[str, dict[str, Any]] = {
     # wave 1.0: one task per SM at most per GEMM (a second wave doubles a persistent step's path);
     # gemv_min_chunks 16: a GEMV task costs about 4 us beside its bytes (norm prologue, x stage,
-    # split-K epilogue), so a small projection split into 96 tasks of 3 chunks (k_proj) queued
-    # behind q_proj's wave for longer than q_proj ran (trace, B=1: 33 us for the q/k/v stage)
+    # split-K epilogue), so a small projection runs as a few long tasks beside q_proj's wave, not as
+    # many short ones queued behind it (docs/performance.md)
     "gemm": {"block_m": (16, 64), "block_k": (128, 64, 32), "block_n": 128, "block_n_small": 64,
              "wide_n": 128 * 16, "wave": 1.0, "min_k_tiles": 2, "gemv_block_n": 64, "gemv_min_chunks": 16},
     "attention": {"block_n": 64, "wave_ctas": 128},

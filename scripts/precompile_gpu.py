@@ -1,5 +1,5 @@
 """Fill a kernel cache with the whole-step persistent kernels the GPU tests and benchmarks load, on a
-machine without a GPU (meta tensors), so a short GPU session spends its time running, not
+machine without a GPU (meta tensors), so a GPU run spends its time running, not
 compiling. Usage: TILERT_KERNEL_CACHE=DIR python scripts/precompile_gpu.py [--bench] [--diff-layers N]
 [--probes] [--jobs 2] [--prune] [--pack OUT.tar.xz]
 

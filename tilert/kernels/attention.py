@@ -4,7 +4,7 @@ One launch per layer and step does: NeoX partial RoPE on the B new q and k rows,
 (the new k after RoPE and v written to the cache at their positions), and split-KV
 flash-decoding over the cache; a second, small launch combines the splits with log-sum-exp and
 the attention-sink logit. Math, mask and window convention: `tilert.ops.attention` (the
-reference). Design notes and measured figures: docs/attention.md.
+reference). Design notes: docs/attention.md; measured figures: docs/performance.md.
 
 Step contract (device tensors only, so one compiled kernel serves every step):
     positions [B] int32 = start + arange(B); start = tokens already in the cache, kv_len = start + B.

@@ -202,9 +202,9 @@ def alloc_unmerged(shape: tuple[int, ...], dtype: str) -> Any:
     statement order, and a loop whose body is a single statement is not a scope there: in
     `for ...: xs[...] = f(X[...], rstd[...])` the loop's store is rstd's last use and xs's first,
     so the two may share bytes, and the first iteration's store overwrites rstd before the next
-    iteration reads it (it did: full-scale q_proj was wrong while the tiny configs, whose staging
-    loop runs once, were right). Buffers read in such a loop go here; static shared memory is
-    never merged (tirx.merge_static_smem is off)."""
+    iteration reads it (wrong only when the loop runs more than once: full-scale shapes, not the
+    tiny configs; docs/performance.md). Buffers read in such a loop go here; static shared memory
+    is never merged (tirx.merge_static_smem is off)."""
     import tilelang.language as T
 
     return T.alloc_shared(shape, dtype, scope="shared")

@@ -307,7 +307,7 @@ def make_bodies(cfg: Config):
                         TokW[myi - off, t] = wv
                         hit[myi - off] = 1
         T.sync_threads()
-        # the active list in expert order, 32 experts per ballot (was thread 0 looping over E_local)
+        # the active list in expert order, 32 experts per ballot (warp 0; no serial loop over E_local)
         hv = T.alloc_var("int32")
         bal = T.alloc_var("uint32")  # a variable: the ballot runs once, with the whole warp
         if warp == 0:

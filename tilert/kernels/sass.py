@@ -3,9 +3,9 @@ disassemble it (nvdisasm from CUDA_HOME, PATH or the nvidia-cuda-nvdisasm wheel)
 code the H200 rejects at run time.
 
 The check: a global access with an L2 cache policy (`LDGSTS ... desc[URn]`, `LD.E ... desc[URn]`)
-reads its 64-bit descriptor from the uniform register pair URn:URn+1. ptxas 13.0 once gave a
-standalone GEMV's cp.async loop desc[UR1], an odd start, and the H200 raised "illegal instruction"
-at exactly that instruction (compute-sanitizer); every even-started descriptor has run. CI
+reads its 64-bit descriptor from the uniform register pair URn:URn+1. ptxas (CUDA 13.0) can start
+that pair at an odd register (desc[UR1]), and the H200 raises "illegal instruction" at such an
+access (compute-sanitizer, docs/performance.md); every even-started descriptor has run. CI
 compiles the step kernels and fails on an odd one.
 """
 

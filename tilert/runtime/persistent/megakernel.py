@@ -13,9 +13,10 @@ timelines for the profiler: wait and run time apart).
 The body runs the wait itself (Gate): a `gated` body first issues the loads that do not depend on
 the step's data (a GEMV's first weight stages, attention's first KV tiles) into its shared memory,
 then waits, so their DRAM latency overlaps the wait instead of following it (the step program
-gates its GEMV and attention-split bodies only with TILERT_EARLY_LOADS=1: on the H200 that gained
-nothing at B=1 and cost ~10% at B=8); any other body is waited for before it starts. The wait is
-one non-inlined device function (tilert_wait_task) shared by every body's call site.
+gates its GEMV and attention-split bodies only with TILERT_EARLY_LOADS=1, off by default: on the
+H200 it gains nothing at B=1 and costs ~10% at B=8, docs/performance.md); any other body is waited
+for before it starts. The wait is one non-inlined device function (tilert_wait_task) shared by
+every body's call site.
 
 Error buffer (int32[4]): [code, sm, task slot, counter] of the first wait that timed out
 (code ERR_TIMEOUT), or [ERR_OPCODE, -, -, opcode] for an opcode with no body (the dispatch traps).

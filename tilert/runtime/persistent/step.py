@@ -366,8 +366,8 @@ def persistent_attn_config(a: Mapping[str, Any], B: int) -> Any:
 
 def early_loads() -> bool:
     """Whether GEMV and attention-split tasks issue their data-independent loads before their wait
-    (megakernel.Gate), opt-in with TILERT_EARLY_LOADS=1: measured on the H200 it gained nothing at
-    B=1 and cost ~10% at B=8 (docs/runtime.md), so every body is waited for first by default."""
+    (megakernel.Gate), opt-in with TILERT_EARLY_LOADS=1: it gains nothing at B=1 and costs ~10% at
+    B=8 on the H200 (docs/performance.md), so every body is waited for first by default."""
     return os.environ.get("TILERT_EARLY_LOADS", "0") == "1"
 
 
@@ -503,8 +503,8 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
                 staged = T_.alloc_var("int32")
                 staged = -1
                 keep(hs, V)
-            # this task's items only (Count, not the most slots: at B=8 that was 144 steps of two
-            # barriers each for the 3 items one active expert gives a task)
+            # this task's items only (bounded by Count, not by the most slots: at B=8 the most slots
+            # mean 144 steps of two barriers each for the 3 items one active expert gives a task)
             steps = T_.alloc_var("int32")
             steps = T_.min((count * per_slot - j + til.down_tasks - 1) // til.down_tasks, til.down_steps)
             for u in T_.serial(steps):
@@ -609,9 +609,9 @@ def _concat(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
 
 
 def _all_reduce(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
-    """World 1: the residual add; world > 1 on one GPU (solo): rank 0's partial plus a ring's traffic
-    through a local inbox (tilert/kernels/elementwise.py). Peer-memory collectives across real GPUs
-    need the multi-GPU machine (issue #8)."""
+    """World 1: the residual add; world > 1 without a PeerGroup (solo): rank 0's partial plus a ring's
+    traffic through a local inbox (tilert/kernels/elementwise.py); with one: the ranks' all-reduce
+    through peer inboxes (_peer_allreduce)."""
     from tilert.kernels import elementwise as ew
 
     part_v, out_v = g.values[n.inputs[0]], g.values[n.outputs[0]]
