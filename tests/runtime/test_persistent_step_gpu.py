@@ -71,8 +71,12 @@ def test_persistent_deadlock_is_reported() -> None:
 
     params = {k: v.to("cuda") for k, v in bind_params(rg, synthetic_weights(cfg, 0), {}).items()}
     st = PersistentStep(rg, table, sched.counter_expected, params)
-    with pytest.raises(RuntimeError, match="timed out"):
+    with pytest.raises(RuntimeError, match="timed out") as e:
         st.run({"tokens": torch.ones(1, dtype=torch.int32), "positions": torch.zeros(1, dtype=torch.int32)})
+    # the report names the task, its node and the counter it waited on, with the count it reached
+    msg = str(e.value)
+    assert "sm 0, task slot 0, counter 0" in msg and f"of node {int(table[0, 0, FIELD['op']])} (" in msg
+    assert "to reach 1000000" in msg and "it holds" in msg
 
 
 def test_engine_on_persistent_backend_keeps_sequences_apart() -> None:

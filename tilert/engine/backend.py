@@ -67,6 +67,13 @@ def prefill_plan(n: int, start: int, max_seq: int, chunk: int) -> list[tuple[int
     return steps
 
 
+def request_shapes(n: int, max_seq: int, block: int | None, chunk: int = PREFILL_CHUNK) -> set[tuple[int, str]]:
+    """The (tokens, mode) step shapes a request with an n-token prompt makes a GPU backend compile:
+    its prefill steps, a decode step, and with a DFlash block size the verify step."""
+    shapes = {(rows, "decode") for _, _, rows in prefill_plan(n, 0, max_seq, chunk)} | {(1, "decode")}
+    return shapes | ({(block, "verify")} if block else set())
+
+
 class GraphBackend:
     """What every runtime's backend shares: the step graphs per shape, built (and prepared) once.
 

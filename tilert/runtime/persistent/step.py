@@ -803,6 +803,9 @@ def _noop() -> Any:
     return nop
 
 
+_STEP_KERNELS: dict[tuple, Any] = {}  # compiled step kernels of this process, by classes and shape
+
+
 class PersistentStep:
     """One rank's step graph as one persistent launch per step.
 
@@ -862,10 +865,17 @@ class PersistentStep:
         self.trace = torch.zeros(self.sms, table.shape[1], 3, dtype=torch.int64, device=self.device)
         self.prefetch = torch.from_numpy(self._prefetch_table()).to(self.device)
         self.n_classes = len(classes)
-        func = make_step_kernel(classes, self.sms, table.shape[1], len(self.programs), len(self.counters), max_views)
-        kinds = ", ".join(sorted({n.op for n in graph.nodes}))
-        self.kernel = build(func, pass_configs=PERSISTENT_PASS_CONFIGS, out_dir=out_dir, name="tilert_step",
-                            what=f"persistent step of '{graph.name}' (node bodies: {kinds})")  # fmt: skip
+        shape = (self.sms, table.shape[1], len(self.programs), len(self.counters), max_views)
+        # the kernel follows from its classes' keys and its shape: built (traced) once per process,
+        # so another backend, sequence or server worker with the same step shape reuses it
+        kernel_key = (tuple(c.key for c in classes), shape, early_loads(), str(out_dir))
+        if kernel_key not in _STEP_KERNELS:
+            func = make_step_kernel(classes, *shape)
+            kinds = ", ".join(sorted({n.op for n in graph.nodes}))
+            _STEP_KERNELS[kernel_key] = build(func, pass_configs=PERSISTENT_PASS_CONFIGS, out_dir=out_dir,
+                                              name="tilert_step",
+                                              what=f"persistent step of '{graph.name}' (node bodies: {kinds})")  # fmt: skip
+        self.kernel = _STEP_KERNELS[kernel_key]
         self.steps = 0
         self.launches_per_step = 1
 
