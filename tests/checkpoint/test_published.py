@@ -218,3 +218,23 @@ def test_mixed_formats_cannot_run_as_stored(tmp_path):
     ck = open_checkpoint(d)  # auto converts the mixed group to the config's format
     assert ck.config.quantization.attention == "fp8" and p not in ck.converted
     assert ck.converted["model.layers.2.self_attn.q_proj"] == ("bf16", "fp8")
+
+
+def test_unknown_quantize_mode_is_refused(published):
+    _, _, d = published
+    with pytest.raises(CheckpointError, match="quantize must be one of auto, on-load, none, got 'fp4'"):
+        Engine(None, d, quantize="fp4")
+
+
+def test_quantise_on_load_per_rank(published):
+    """Two simulated ranks each convert what their params need and keep their slices: same tokens."""
+    if not hasattr(pytest.importorskip("tilert.passes"), "shard_for_ranks"):
+        pytest.skip("needs the shard pass")
+    _, _, d = published
+
+    def run(world):
+        eng = Engine(None, d, world=world, max_seq=64, background=False)
+        return eng.world, eng.generate(PROMPT, 5).tokens
+
+    (w1, one), (w2, two) = in_thread(lambda: (run(1), run(2)))
+    assert (w1, w2) == (1, 2) and one == two

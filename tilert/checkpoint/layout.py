@@ -16,7 +16,7 @@ import torch
 
 from tilert.checkpoint.loader import CheckpointError, CheckpointReader, raise_problems
 from tilert.models.config import ModelConfig, QuantConfig
-from tilert.models.weights import DRAFTER_PREFIX, FP8_BLOCK, MXFP4_BLOCK, castable, logical_tensors
+from tilert.models.weights import DRAFTER_PREFIX, FP8_BLOCK, MXFP4_BLOCK, castable, logical_tensors, stored_specs
 
 # Stored tensors tilert does not use, skipped rather than refused: MiMo's MTP layers (tilert drafts with
 # DFlash) and rotary caches some exporters write.
@@ -71,8 +71,6 @@ def inspect_layout(cfg: ModelConfig, reader: CheckpointReader, include_drafter: 
 
     for t in logical_tensors(cfg, include_drafter):
         if t.fmt == "raw":
-            from tilert.models.weights import stored_specs
-
             formats[t.name] = "raw"
             expect(t.name, t.shape, stored_specs(t)[0].dtype)
             continue

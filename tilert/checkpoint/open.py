@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tilert.checkpoint.layout import Layout, conversions, inspect_layout, run_config
+from tilert.checkpoint.layout import QUANTIZE_MODES, Layout, conversions, inspect_layout, run_config
 from tilert.checkpoint.loader import CheckpointError, CheckpointReader, LazyWeights, nan_check
 from tilert.checkpoint.manifest import is_sharded_checkpoint
 from tilert.models.config import ModelConfig
@@ -52,6 +52,8 @@ def open_checkpoint(
     from tilert.tokenizer import find_tokenizer
 
     p = Path(path)
+    if quantize not in QUANTIZE_MODES:
+        raise CheckpointError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {p}")
     from tilert.checkpoint.sharded import open_sharded, shard_files

@@ -103,9 +103,10 @@ def open_sharded(
     if (d / MANIFEST_NAME).is_file():
         manifest, mcfg = read_manifest(d)
     elif checksums:
-        names = ", ".join(f.name for f in shard_files(d)[:3])
+        found = shard_files(d)
+        names = ", ".join(f.name for f in found[:3]) + (", ..." if len(found) > 3 else "")
         raise CheckpointError(
-            f"{d / MANIFEST_NAME} is missing: {d} holds tilert shard files ({names}, ...) whose checksums it "
+            f"{d / MANIFEST_NAME} is missing: {d} holds tilert shard files ({names}) whose checksums it "
             "records; restore it, or load without checksums (--no-verify-checksums, verify_checksums=False)"
         )
     else:
