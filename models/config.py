@@ -183,6 +183,13 @@ def _check(raw: dict[str, Any], key: str, kind: str, where: str = "", default: A
     return float(v) if kind == _FLOAT else v
 
 
+def _check_nullable(raw: dict[str, Any], key: str, null: float, default: Any = ...) -> float:
+    """A float field whose JSON null means `null` (published configs write null for "no scaling")."""
+    if key in raw and raw[key] is None:
+        return null
+    return _check(raw, key, _FLOAT, default=default)
+
+
 def _positive(cfg: dict[str, Any], *keys: str, where: str = "") -> None:
     for k in keys:
         if cfg[k] <= 0:
@@ -208,16 +215,19 @@ def parse_config(raw: dict[str, Any], name: str = "custom") -> ModelConfig:
         "topk_group",
         "sliding_window_size",
     ]
+    raw = _published_aliases(raw)
     c: dict[str, Any] = {k: _check(raw, k, _INT) for k in ints}
     _positive(c, *ints)
     c["v_head_dim"] = _check(raw, "v_head_dim", _INT, default=c["head_dim"])
     for k in ("num_attention_heads", "num_key_value_heads", "head_dim", "v_head_dim"):
         c[f"swa_{k}"] = _check(raw, f"swa_{k}", _INT, default=c[k])
     _positive(c, "v_head_dim", "swa_num_attention_heads", "swa_num_key_value_heads", "swa_head_dim", "swa_v_head_dim")
-    for k in ("attention_value_scale", "partial_rotary_factor", "rope_theta", "layernorm_epsilon"):
+    for k in ("partial_rotary_factor", "rope_theta", "layernorm_epsilon"):
         c[k] = _check(raw, k, _FLOAT)
     c["swa_rope_theta"] = _check(raw, "swa_rope_theta", _FLOAT, default=c["rope_theta"])
-    c["routed_scaling_factor"] = _check(raw, "routed_scaling_factor", _FLOAT, default=1.0)
+    # published configs write null for "no scaling" (1.0; the serving code skips the multiply)
+    c["attention_value_scale"] = _check_nullable(raw, "attention_value_scale", null=1.0)
+    c["routed_scaling_factor"] = _check_nullable(raw, "routed_scaling_factor", null=1.0, default=1.0)
     for k in ("add_swa_attention_sink_bias", "add_full_attention_sink_bias", "norm_topk_prob"):
         c[k] = _check(raw, k, _BOOL)
     c["tie_word_embeddings"] = _check(raw, "tie_word_embeddings", _BOOL, default=False)
@@ -258,6 +268,7 @@ def parse_config(raw: dict[str, Any], name: str = "custom") -> ModelConfig:
         raise ConfigError(f"config field 'hidden_act' must be 'silu', got {c['hidden_act']!r}")
     if c["layernorm_epsilon"] <= 0:
         raise ConfigError("config field 'layernorm_epsilon' must be > 0")
+    _check_unsupported(raw)
 
     q = raw.get("quantization", {})
     if not isinstance(q, dict):
@@ -276,6 +287,50 @@ def parse_config(raw: dict[str, Any], name: str = "custom") -> ModelConfig:
         _parse_dflash(raw["dflash"], L, c["vocab_size"], c["hidden_size"]) if raw.get("dflash") is not None else None
     )
     return ModelConfig(name=name, **c)
+
+
+# HF spellings of fields this family names otherwise: (tilert/hub name, the other spelling)
+_ALIASES = (("layernorm_epsilon", "rms_norm_eps"), ("sliding_window_size", "sliding_window"))
+
+
+def _published_aliases(raw: dict[str, Any]) -> dict[str, Any]:
+    """Map the other spelling of a field onto the hub name; both present must agree."""
+    out = dict(raw)
+    for name, other in _ALIASES:
+        if other not in out:
+            continue
+        if name not in out:
+            out[name] = out[other]
+        elif out[other] is not None and out[other] != out[name]:
+            raise ConfigError(f"config fields '{name}' ({out[name]!r}) and '{other}' ({out[other]!r}) disagree")
+    return out
+
+
+def _check_unsupported(raw: dict[str, Any]) -> None:
+    """Fields published configs carry that tilert ignores when they hold their usual value, and refuses
+    (naming the field) when a value would change the model: silently ignoring it would give wrong tokens."""
+    shared = raw.get("n_shared_experts")
+    if shared not in (None, 0):
+        raise ConfigError(f"config field 'n_shared_experts' must be 0 or null (no shared expert), got {shared!r}")
+    if raw.get("attention_bias") not in (None, False):
+        raise ConfigError(f"config field 'attention_bias' must be false (no q/k/v bias), got {raw['attention_bias']!r}")
+    rs = raw.get("rope_scaling")
+    if rs is not None and not (isinstance(rs, dict) and rs.get("rope_type", rs.get("type")) == "default"):
+        raise ConfigError(f"config field 'rope_scaling' must be null (RoPE scaling is not supported), got {rs!r}")
+    qc = raw.get("quantization_config")
+    if qc is None:
+        return
+    if not isinstance(qc, dict):
+        raise ConfigError(f"config field 'quantization_config' must be an object, got {qc!r}")
+    method = qc.get("quant_method")
+    if method not in ("fp8", "mxfp4"):
+        raise ConfigError(
+            f"config field 'quantization_config.quant_method' must be 'fp8' or 'mxfp4' (or no quantization_config), "
+            f"got {method!r}"
+        )
+    block = qc.get("weight_block_size")
+    if method == "fp8" and block is not None and list(block) != [128, 128]:
+        raise ConfigError(f"config field 'quantization_config.weight_block_size' must be [128, 128], got {block!r}")
 
 
 def _parse_dflash(raw: Any, num_layers: int, vocab: int, hidden: int) -> DFlashConfig:

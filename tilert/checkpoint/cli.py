@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from typing import Any
 
@@ -17,13 +16,18 @@ def add_quantize_parser(sub: Any) -> None:
     p.add_argument("--model", default=None, help="shipped model name (default: config.json next to the input)")
     p.add_argument("--config", default=None, help="path to a config.json (overrides --model)")
     p.add_argument("--max-file-gb", type=float, default=4.0, help="split each rank's output into files of this size")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or info messages (also: TILERT_QUIET=1)")
     p.set_defaults(fn=cmd_quantize)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from tilert.checkpoint.quantize import quantize_checkpoint
     from tilert.models.config import load_config
+    from tilert.progress import configure_logging
 
+    configure_logging(args.quiet)
+    if args.max_file_gb <= 0:
+        raise ValueError(f"--max-file-gb must be > 0, got {args.max_file_gb}")
     name = args.config or args.model
     cfg = load_config(name) if name else None
     t0 = time.perf_counter()
@@ -33,7 +37,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         args.gpus,
         cfg,
         max_file_bytes=int(args.max_file_gb * (1 << 30)),
-        progress=lambda msg: print(msg, file=sys.stderr, flush=True),
     )
     summary = {
         "model": m["model"],

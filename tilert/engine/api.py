@@ -260,6 +260,8 @@ class Engine:
     path (HF safetensors file/dir, or a `tilert quantize` output dir), an int seed for synthetic
     weights, or None (seed 0; tiny models only). plan: a compiled plan directory, handed to the
     backend (GPU runtimes run it; the reference backend takes its world size).
+    quantize ("auto" | "on-load" | "none") and verify_checksums apply to a checkpoint path: see
+    `tilert.checkpoint.open_checkpoint` and docs/checkpoints.md.
     """
 
     def __init__(
@@ -275,6 +277,8 @@ class Engine:
         max_active: int = 8,
         tokenizer: Any = None,
         background: bool = True,
+        quantize: str = "auto",
+        verify_checksums: bool = True,
     ) -> None:
         factory = _backend_factory(backend)
         if device.startswith("cuda"):
@@ -289,13 +293,13 @@ class Engine:
         self.plan = _load_plan(plan) if plan is not None else None
         if self.plan is not None and world == 1:
             world = int(getattr(self.plan, "world", 1) or 1)
-        self.cfg, self.weights, tok_path = _resolve(model, weights, device)
+        self.cfg, self.weights, tok_path = _resolve(model, weights, device, quantize, verify_checksums)
         world = getattr(self.weights, "world", world)
         self.backend_name, self.device, self.world = backend, device, world
         self.backend: StepBackend = factory(
             self.cfg, self.weights, max_seq=max_seq, world=world, device=device, plan=self.plan
         )
-        self.tokenizer = _resolve_tokenizer(tokenizer if tokenizer is not None else tok_path)
+        self.tokenizer = _resolve_tokenizer(tokenizer if tokenizer is not None else tok_path, self.cfg.vocab_size)
         self._caches = _Caches(self.backend)
         self.max_active = self._caches.slots or max_active
         self._background = background
@@ -452,7 +456,13 @@ def _load_plan(path: str | Path) -> Any:
     return load_plan(path)
 
 
-def _resolve(model: str | Path | ModelConfig | None, weights: Any, device: str) -> tuple[ModelConfig, Any, Path | None]:
+def _resolve(
+    model: str | Path | ModelConfig | None,
+    weights: Any,
+    device: str,
+    quantize: str = "auto",
+    verify_checksums: bool = True,
+) -> tuple[ModelConfig, Any, Path | None]:
     """(config, weights for the backend, tokenizer.json path or None)."""
     from tilert.models import weights as W
 
@@ -460,7 +470,7 @@ def _resolve(model: str | Path | ModelConfig | None, weights: Any, device: str) 
         from tilert.checkpoint import open_checkpoint
 
         cfg = model if isinstance(model, ModelConfig) else (load_config(model) if model is not None else None)
-        ck = open_checkpoint(weights, cfg, device=device)
+        ck = open_checkpoint(weights, cfg, device=device, quantize=quantize, verify_checksums=verify_checksums)
         return ck.config, ck.weights, ck.tokenizer_path
     if model is None:
         raise EngineError("model=None needs a checkpoint directory as weights")
@@ -474,12 +484,15 @@ def _resolve(model: str | Path | ModelConfig | None, weights: Any, device: str) 
     return cfg, W.synthetic_weights(cfg, weights or 0, device=device), None
 
 
-def _resolve_tokenizer(tok: Any) -> Any:
-    if tok is None or hasattr(tok, "decode"):
-        return tok
-    from tilert.tokenizer import load_tokenizer
+def _resolve_tokenizer(tok: Any, vocab_size: int) -> Any:
+    from tilert.tokenizer import check_vocab, load_tokenizer
 
-    return load_tokenizer(tok)
+    if tok is None:
+        return tok
+    if hasattr(tok, "decode"):
+        check_vocab(tok, vocab_size)
+        return tok
+    return load_tokenizer(tok, vocab_size)
 
 
 __all__ = [

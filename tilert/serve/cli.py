@@ -16,6 +16,9 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument("--model", default=None, help="shipped model name (default: the checkpoint's config, else tiny)")
     p.add_argument("--config", default=None, help="path to a config.json (overrides --model)")
     p.add_argument("--weights", default=None, help="checkpoint (HF safetensors or `tilert quantize` output dir)")
+    from tilert.cli import add_checkpoint_args
+
+    add_checkpoint_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed of synthetic weights when --weights is not given")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--backend", default="reference", help="step backend (reference; eager/persistent on GPUs)")
@@ -45,6 +48,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_seq=args.max_seq,
         max_active=args.max_active,
         tokenizer=args.tokenizer,
+        quantize=args.quantize,
+        verify_checksums=not args.no_verify_checksums,
     )
     with engine:
         try:
