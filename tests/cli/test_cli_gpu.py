@@ -72,7 +72,8 @@ def test_generate_on_gpu_equals_cpu_reference(capsys, weights_file, length, max_
 
 @pytest.mark.parametrize("argv", [
     "generate --model tiny-gpu --device cuda --backend persistent --prompt-ids 1,2,3",
-    "generate --model tiny-gpu --device cuda --backend persistent --prompt-ids 1,2,3 --max-seq 256 --speculative dflash",
+    "generate --model tiny-gpu --device cuda --backend persistent --prompt-ids 1,2,3 --max-seq 256 "
+    "--speculative dflash",
     "generate --model tiny-gpu --device cuda --backend eager --cuda-graph --prompt-ids 1,2,3",
 ])  # fmt: skip
 def test_readme_commands(capsys, argv: str) -> None:

@@ -734,12 +734,12 @@ def register_program(*kinds: str) -> Callable:
 
 
 def make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, max_tasks: int, n_nodes: int, n_counters: int,
-                     max_views: int, timeout_cycles: int | None = None) -> Any:  # fmt: skip
+                     max_views: int, timeout_ns: int | None = None) -> Any:  # fmt: skip
     """The persistent prim_func: (Tasks, NodeClass, Ptrs, Counters, Err, Epoch, Trace, Prefetch)."""
     import tilelang.language as T
 
     from tilert.kernels.views import PERSISTENT_THREADS, make_views
-    from tilert.runtime.persistent.megakernel import DEFAULT_TIMEOUT_CYCLES, if_chain, make_persistent_loop
+    from tilert.runtime.persistent.megakernel import DEFAULT_TIMEOUT_NS, if_chain, make_persistent_loop
 
     built = [c.bodies() for c in classes]
     by_opcode: dict[str, list[tuple[int, Any, list[ViewSpec]]]] = {}
@@ -767,7 +767,7 @@ def make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, max_tasks: in
 
     bodies = {name: opcode_body(cases) for name, cases in by_opcode.items()}
     bodies.setdefault("BARRIER", _noop())
-    loop = make_persistent_loop(bodies, max_tasks=max_tasks, timeout_cycles=timeout_cycles or DEFAULT_TIMEOUT_CYCLES,
+    loop = make_persistent_loop(bodies, max_tasks=max_tasks, timeout_ns=timeout_ns or DEFAULT_TIMEOUT_NS,
                                 prefetch=True)  # fmt: skip
 
     @T.prim_func
