@@ -136,6 +136,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.ranks != 1:
             raise CLIError(f"--backend {kind} runs one rank per process (torchrun for more: see docs/runtime.md)")
     weights = _load_weights(cfg, args)
+    if args.drafter:
+        from tilert.checkpoint.drafter import attach_drafter
+
+        cfg, weights = attach_drafter(cfg, weights, args.drafter)
     max_seq = args.max_seq or max(64, 1 << (len(ids) + args.max_new_tokens + 16).bit_length())
     if kind == "reference":
         backend = ReferenceBackend(cfg, weights, max_seq=max_seq, world=args.ranks)
@@ -191,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("--max-new-tokens", type=int, default=16)
     pg.add_argument("--speculative", choices=["dflash"], default=None)
     pg.add_argument("--weights", default=None, help="safetensors file or directory (default: seeded synthetic)")
+    pg.add_argument("--drafter", default=None, help="DFlash drafter directory (published layout) for --speculative")
     pg.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights")
     pg.add_argument("--max-seq", type=int, default=None, help="KV cache capacity in tokens")
     pg.add_argument("--ranks", type=int, default=1, help="simulated tensor/expert-parallel ranks")
