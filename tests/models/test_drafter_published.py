@@ -174,6 +174,11 @@ def test_plain_drafter_agrees(target, tmp_path, over):
     ref = published_forward(raw, tensors, w["model.embed_tokens.weight"], w["lm_head.weight"], feats,
                             [PROMPT[n]] + [dcfg.dflash.mask_token_id] * 3, n)  # fmt: skip
     assert rel(drafter.draft(PROMPT[n], n), ref) < REL
+    be = ReferenceBackend(dcfg, dw, max_seq=64)
+    out = be.target_step(torch.tensor(PROMPT[:n], dtype=torch.int32), torch.arange(n, dtype=torch.int32))
+    block = torch.tensor([PROMPT[n]] + [dcfg.dflash.mask_token_id] * 3, dtype=torch.int32)
+    draft = be.draft_step(block, torch.arange(n, n + 4, dtype=torch.int32), out["features"], torch.arange(n))
+    assert draft.tolist() == [PROMPT[n]] + drafter.draft_tokens(PROMPT[n], n)
     tokens, accepts = plain_dflash_generate(pm, drafter, PROMPT, 20)
     res = generate(ReferenceBackend(dcfg, dw, max_seq=64), PROMPT, 20, speculative="dflash")
     assert res.tokens == tokens and res.accepted == accepts
@@ -354,7 +359,7 @@ def test_gpu_backends_draft_with_published_drafters(tmp_path, backend, layout):
 
     cfg = load_config("tiny-gpu")
     raw = reference_config(cfg) if layout == "reference" else mimo_config(cfg, window=5)
-    raw.update(num_attention_heads=4, num_key_value_heads=1, head_dim=64, intermediate_size=128)
+    raw.update(num_attention_heads=4, num_key_value_heads=1, head_dim=64, v_head_dim=64, intermediate_size=128)
     write_drafter_dir(tmp_path / "d", cfg, raw, layout)
     prompt = [5, 17, 3, 99, 42, 7, 150, 64, 1, 88, 23]
     with (
@@ -374,7 +379,7 @@ def test_eager_drafter_logits_match_the_executor(tmp_path):
 
     cfg = load_config("tiny-gpu")
     raw = mimo_config(cfg, window=5)
-    raw.update(num_attention_heads=4, num_key_value_heads=1, head_dim=64, intermediate_size=128)
+    raw.update(num_attention_heads=4, num_key_value_heads=1, head_dim=64, v_head_dim=64, intermediate_size=128)
     write_drafter_dir(tmp_path / "d", cfg, raw, "mimo")
     w = synthetic_weights(cfg, 4)
     dcfg, dw = attach_drafter(cfg, w, tmp_path / "d")
