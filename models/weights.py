@@ -118,6 +118,8 @@ def _logical_drafter(cfg: ModelConfig) -> Iterator[_Logical]:
     P = DRAFTER_PREFIX
     yield _lin(P + "fc", Hd, len(d.target_layer_ids) * cfg.hidden_size, "bf16", g)
     yield _raw(P + "hidden_norm.weight", (Hd,), "norm", g)
+    if d.mask_embedding:
+        yield _raw(P + "mask_embedding", (cfg.hidden_size,), "embedding", g)
     for i in range(d.num_hidden_layers):
         p = f"{P}layers.{i}."
         yield _raw(p + "input_layernorm.weight", (Hd,), "norm", g)
@@ -127,6 +129,8 @@ def _logical_drafter(cfg: ModelConfig) -> Iterator[_Logical]:
         yield _lin(p + "self_attn.o_proj", Hd, d.num_attention_heads * hd, "bf16", g)
         yield _raw(p + "self_attn.q_norm.weight", (hd,), "norm", g)
         yield _raw(p + "self_attn.k_norm.weight", (hd,), "norm", g)
+        if d.attention_sink:
+            yield _raw(p + "self_attn.attention_sink_bias", (d.num_attention_heads,), "sink_bias", g)
         yield _raw(p + "post_attention_layernorm.weight", (Hd,), "norm", g)
         yield _lin(p + "mlp.gate_proj", d.intermediate_size, Hd, "bf16", g)
         yield _lin(p + "mlp.up_proj", d.intermediate_size, Hd, "bf16", g)

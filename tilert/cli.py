@@ -145,6 +145,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.ranks != 1:
             raise CLIError(f"--backend {kind} runs one rank per process (torchrun for more: see docs/runtime.md)")
     cfg, weights = _load_weights(args)
+    if args.drafter:
+        from tilert.checkpoint.drafter import attach_drafter
+
+        cfg, weights = attach_drafter(cfg, weights, args.drafter)
     max_seq = args.max_seq or max(64, 1 << (len(ids) + args.max_new_tokens + 16).bit_length())
     if hasattr(weights, "unsliced"):  # a checkpoint quantised for several ranks: each binds its own files
         from tilert.checkpoint.sharded import ShardedReferenceBackend
@@ -221,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: seeded synthetic weights)")  # fmt: skip
     add_checkpoint_args(pg)
     pg.add_argument("--quiet", action="store_true", help="no progress bars or info messages (also: TILERT_QUIET=1)")
+    pg.add_argument("--drafter", default=None, help="DFlash drafter directory (published layout) for --speculative")
     pg.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights")
     pg.add_argument("--max-seq", type=int, default=None, help="KV cache capacity in tokens")
     pg.add_argument("--ranks", type=int, default=1, help="simulated tensor/expert-parallel ranks")

@@ -261,7 +261,9 @@ class Engine:
     weights, or None (seed 0; tiny models only). plan: a compiled plan directory, handed to the
     backend (GPU runtimes run it; the reference backend takes its world size).
     quantize ("auto" | "on-load" | "none") and verify_checksums apply to a checkpoint path: see
-    `tilert.checkpoint.open_checkpoint` and docs/checkpoints.md.
+    `tilert.checkpoint.open_checkpoint` and docs/checkpoints.md. drafter: a DFlash
+    drafter directory in a published layout (tilert.checkpoint.drafter); by default a checkpoint
+    directory's own `dflash/` drafter, if it has one and its config names none.
     """
 
     def __init__(
@@ -279,6 +281,7 @@ class Engine:
         background: bool = True,
         quantize: str = "auto",
         verify_checksums: bool = True,
+        drafter: str | Path | None = None,
     ) -> None:
         factory = _backend_factory(backend)
         if device.startswith("cuda"):
@@ -294,6 +297,7 @@ class Engine:
         if self.plan is not None and world == 1:
             world = int(getattr(self.plan, "world", 1) or 1)
         self.cfg, self.weights, tok_path = _resolve(model, weights, device, quantize, verify_checksums)
+        self.cfg, self.weights = _attach_drafter(self.cfg, self.weights, drafter, weights, device)
         world = getattr(self.weights, "world", world)
         self.backend_name, self.device, self.world = backend, device, world
         self.backend: StepBackend = factory(
@@ -482,6 +486,14 @@ def _resolve(
     if cfg.num_hidden_layers * cfg.hidden_size * cfg.n_routed_experts > 64 * 4096 * 64:
         raise EngineError(f"model '{cfg.name}' is too large for synthetic weights; pass a checkpoint")
     return cfg, W.synthetic_weights(cfg, weights or 0, device=device), None
+
+
+def _attach_drafter(cfg: ModelConfig, w: Any, drafter: Any, weights_arg: Any, device: str) -> tuple[ModelConfig, Any]:
+    from tilert.checkpoint.drafter import attach_drafter, find_drafter
+
+    if drafter is None and cfg.dflash is None and isinstance(weights_arg, (str, Path)) and Path(weights_arg).is_dir():
+        drafter = find_drafter(Path(weights_arg) / "dflash")
+    return (cfg, w) if drafter is None else attach_drafter(cfg, w, drafter, device=device)
 
 
 def _resolve_tokenizer(tok: Any, vocab_size: int) -> Any:

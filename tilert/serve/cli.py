@@ -23,6 +23,11 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--backend", default="reference", help="step backend (reference; eager/persistent on GPUs)")
     p.add_argument("--plan", default=None, help="compiled plan directory")
+    p.add_argument(
+        "--drafter",
+        default=None,
+        help="DFlash drafter directory (published layout; default: the checkpoint's dflash/, if any)",
+    )
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's, if any)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -50,6 +55,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer,
         quantize=args.quantize,
         verify_checksums=not args.no_verify_checksums,
+        drafter=args.drafter,
     )
     with engine:
         try:
