@@ -155,6 +155,12 @@ def test_cancel_and_stop_tokens(weights, solo):
     req.cancel()
     with pytest.raises(RequestCancelled):
         req.result()
+    queued = eng.submit(PROMPTS[1], 9)
+    queued.cancel()  # before it was admitted: it never gets a cache
+    eng.step()
+    with pytest.raises(RequestCancelled):
+        queued.result()
+    assert eng.kv_caches_live == 0 and eng.counters["cancelled"] == 2 and eng.counters["steps"] == 1
     want = solo[(0, "dflash")]
     r = eng.generate(PROMPTS[0], 9, speculative="dflash", stop_token_ids=[want[3]])
     assert r.tokens == want[: want.index(want[3]) + 1] and r.finish_reason == "stop"

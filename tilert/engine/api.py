@@ -376,7 +376,10 @@ class Engine:
         self.max_active = self._caches.slots or max_active
         self.kv_bytes_per_sequence = kv_bytes_per_sequence(self.backend)
         if self.kv_bytes_per_sequence is not None:
-            budget, source = (kv_memory, "kv_memory") if kv_memory is not None else default_budget(device, self.weights)
+            if kv_memory is not None:
+                budget, source = kv_memory, "kv_memory / --kv-cache-gb"
+            else:
+                budget, source = default_budget(device, self.weights)
             check_kv_memory(self.kv_bytes_per_sequence, self.max_active, max_seq, budget, source)
         self.eos_token_ids = self._eos_ids(eos_token_id, weights)
         self._background = background
@@ -511,6 +514,11 @@ class Engine:
         with self._cond:
             while self._pending and len(self._active) < self.max_active and not self._closed:
                 req = self._pending.popleft()
+                if req.cancelled:  # gone before it started: no cache for it
+                    err = RequestCancelled("request was cancelled")
+                    self._count(err)
+                    req._finish(err)
+                    continue
                 try:
                     req.seq.cache = self._caches.new()
                 except Exception as e:  # no cache for it (out of memory): fail it, keep the others

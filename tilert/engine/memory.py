@@ -51,10 +51,13 @@ def default_budget(device: str, weights: Any = None) -> tuple[int, str]:
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         pending = _host_tensor_bytes(weights)
         return max(0, int(free * GPU_FRACTION) - pending), (
-            f"{GPU_FRACTION:.0%} of free GPU memory {free / GiB:.2f} GiB less {pending / GiB:.2f} GiB of weights"
+            f"{GPU_FRACTION:.0%} of free GPU memory {free / GiB:.2f} GiB less {pending / GiB:.2f} GiB of weights; "
+            "set it with kv_memory / --kv-cache-gb"
         )
     avail = host_available_bytes()
-    return int(avail * CPU_FRACTION), f"{CPU_FRACTION:.0%} of available host memory {avail / GiB:.2f} GiB"
+    return int(avail * CPU_FRACTION), (
+        f"{CPU_FRACTION:.0%} of available host memory {avail / GiB:.2f} GiB; set it with kv_memory / --kv-cache-gb"
+    )
 
 
 def _host_tensor_bytes(weights: Any) -> int:
@@ -80,7 +83,7 @@ def check_kv_memory(per_sequence: int, slots: int, max_seq: int, budget: int, so
     raise KVMemoryError(
         f"KV cache does not fit: max_seq={max_seq} x max_active={slots} needs {need / GiB:.2f} GiB "
         f"({per_sequence / GiB:.3f} GiB per sequence), budget {budget / GiB:.2f} GiB ({source}); {hint}, "
-        f"or max_seq <= {longest} at max_active={slots}; set the budget with kv_memory / --kv-cache-gb"
+        f"or max_seq <= {longest} at max_active={slots}"
     )
 
 
