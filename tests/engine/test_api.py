@@ -35,10 +35,20 @@ def in_thread(fn):
     """Run fn in a fresh thread: torch's CPU ops run several times faster there than in pytest's
     main thread on small CI machines (OpenMP pool contention), and the engine's own worker is a thread."""
     out: list = []
-    t = threading.Thread(target=lambda: out.append(fn()))
+
+    def run() -> None:
+        try:
+            out.append((fn(), None))
+        except BaseException as e:  # re-raised in the caller
+            out.append((None, e))
+
+    t = threading.Thread(target=run)
     t.start()
     t.join(120)
-    return out[0]
+    assert out, "timed out"
+    if out[0][1] is not None:
+        raise out[0][1]
+    return out[0][0]
 
 
 @pytest.fixture(scope="module")
@@ -229,6 +239,14 @@ def test_on_chunk_that_raises_fails_only_its_request(weights, solo):
         later = [eng.submit(PROMPTS[i], 9) for i in (1, 2)]
         assert [r.result(timeout=30).tokens for r in later] == [solo[(1, None)], solo[(2, None)]]
         assert eng.kv_caches_live == 0 and eng.counters["failed"] == 1
+
+
+def test_waiting_from_on_chunk_raises_instead_of_deadlocking(weights, solo):
+    with Engine("tiny", weights, max_seq=128) as eng:
+        req = eng.submit(PROMPTS[0], 9, on_chunk=lambda c: eng.generate(PROMPTS[1], 2) if c is not None else None)
+        with pytest.raises(EngineError, match="inside the engine's step"):
+            req.result(timeout=30)
+        assert eng.submit(PROMPTS[1], 9).result(timeout=30).tokens == solo[(1, None)]
 
 
 @pytest.mark.parametrize("background", [True, False])

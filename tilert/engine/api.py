@@ -249,6 +249,7 @@ class Request:
     def result(self, timeout: float | None = None) -> EngineResult:
         """Wait for the whole generation; raises the request's error (bad step, engine closed, cancelled)
         and TimeoutError after `timeout` seconds."""
+        self._engine._check_not_in_step()
         self._engine._drive_until(self._done, timeout)
         t_end = None if timeout is None else time.perf_counter() + timeout
         while not self._done.is_set():
@@ -263,6 +264,7 @@ class Request:
 
     def chunks(self, timeout: float | None = None) -> Iterator[Chunk]:
         """The chunks as steps produce them; TimeoutError when none comes within `timeout` seconds."""
+        self._engine._check_not_in_step()
         while True:
             if self._engine._background:
                 item = self._next_chunk(timeout)
@@ -593,6 +595,11 @@ class Engine:
         w = self._worker
         if self._background and (w is None or not w.is_alive()):
             raise EngineClosedError("the engine's worker is not running (engine closed)")
+
+    def _check_not_in_step(self) -> None:
+        """Waiting for a request from inside a step (an on_chunk callback) would wait for itself."""
+        if self._stepping == threading.get_ident():
+            raise EngineError("cannot wait for a request from inside the engine's step (an on_chunk callback)")
 
     def _wake(self) -> None:
         with self._cond:

@@ -129,7 +129,7 @@ class DecodeSequence:
                 logits = _logits(out, pos, slice(0, B))
                 if logits is None:
                     raise GenerationError("this backend returns no logits; sampling needs them (use temperature 0)")
-                new = speculative_accept(block.tolist(), self._probs(logits), self._gen)
+                new = speculative_accept(block.tolist(), lambda i: self._probs(logits[i]), self._gen)
             rows_used = None if logits is None else logits[: len(new)]
             res.accepted.append(len(new) - 1)
             res.steps += 1

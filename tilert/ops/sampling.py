@@ -7,7 +7,7 @@ draws from its own `torch.Generator`, so a seed reproduces its tokens.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -42,25 +42,32 @@ def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top
     """The distribution a sampled token is drawn from, float64 [..., V] (rows sum to 1).
 
     softmax(logits / temperature), then top-k (keep the k most likely; 0 = all), then top-p (keep
-    the smallest set of most likely tokens whose mass reaches top_p; the most likely token always
-    stays), renormalised. temperature must be > 0.
+    the smallest set of most likely tokens whose mass reaches top_p of what top-k kept; the most
+    likely token always stays), renormalised. temperature must be > 0. Only the candidates are
+    ranked (top-k, or a top-p prefix found by doubling), never the whole vocabulary unless needed.
     """
+    if logits.dim() > 1:
+        return torch.stack([sampling_probs(row, temperature, top_k, top_p) for row in logits])
     probs = torch.softmax(logits.double() / temperature, dim=-1)
     V = probs.shape[-1]
-    if 0 < top_k < V:
-        keep = torch.zeros_like(probs, dtype=torch.bool)
-        keep.scatter_(-1, torch.topk(probs, top_k, dim=-1, sorted=False).indices, True)
-        probs = torch.where(keep, probs, torch.zeros_like(probs))
-        probs = probs / probs.sum(-1, keepdim=True)
-    if top_p < 1.0:
-        sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
-        mass_before = torch.cumsum(sorted_p, dim=-1) - sorted_p
-        keep_sorted = mass_before < top_p
-        keep_sorted[..., 0] = True
-        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
-        probs = torch.where(keep, probs, torch.zeros_like(probs))
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+    k = top_k if 0 < top_k < V else V
+    if k == V and top_p >= 1.0:
+        return probs
+    n = k if (k < V or top_p >= 1.0) else min(64, V)
+    while True:
+        vals, idx = torch.topk(probs, n)  # most likely first
+        if top_p >= 1.0:
+            m = n
+            break
+        mass = float(vals.sum()) if n == k else float(probs.sum())  # what top-k kept (all of it without top-k)
+        before = torch.cumsum(vals, 0) - vals
+        m = max(1, int((before < top_p * mass).sum()))
+        if m < n or n == k:
+            break
+        n = min(2 * n, k)
+    out = torch.zeros_like(probs)
+    out[idx[:m]] = vals[:m] / vals[:m].sum()
+    return out
 
 
 def uniform(generator: torch.Generator) -> float:
@@ -77,24 +84,26 @@ def sample(probs: torch.Tensor, generator: torch.Generator) -> int:
 
 def speculative_accept(
     draft: Sequence[int],
-    target_probs: torch.Tensor,
+    target_probs: torch.Tensor | Callable[[int], torch.Tensor],
     generator: torch.Generator,
     draft_probs: torch.Tensor | None = None,
 ) -> list[int]:
     """Verify a drafted block by the standard rejection rule; returns the tokens to emit.
 
-    draft: the block [anchor, x_1 .. x_{B-1}]; target_probs [B, V]: row i is the target's sampling
-    distribution p_i for the token after draft[i]; draft_probs [B-1, V]: row i-1 is the drafter's
+    draft: the block [anchor, x_1 .. x_{B-1}]; target_probs [B, V] (or a function of i, so rows
+    past the first rejection are never computed): row i is the target's sampling distribution p_i
+    for the token after draft[i]; draft_probs [B-1, V]: row i-1 is the drafter's
     distribution q_i that x_i was drawn from (None: greedy drafts, q_i one-hot at x_i).
     Each x_i is accepted with probability min(1, p(x_i) / q(x_i)); the first rejected one is
     replaced by a draw from normalize(max(0, p - q)) and the block ends there; if all are accepted
     a bonus token is drawn from the last row. Every emitted token is then distributed exactly as
     plain sampling from the target would give it.
     """
+    row = target_probs if callable(target_probs) else target_probs.__getitem__
     out: list[int] = []
     for i in range(1, len(draft)):
         x = int(draft[i])
-        p = target_probs[i - 1].double()
+        p = row(i - 1).double()
         q = None if draft_probs is None else draft_probs[i - 1].double()
         q_x = 1.0 if q is None else float(q[x])
         if uniform(generator) * q_x < float(p[x]):
@@ -107,7 +116,7 @@ def speculative_accept(
             residual = torch.clamp(p - q, min=0.0)
         out.append(sample(residual if float(residual.sum()) > 0 else p, generator))
         return out
-    out.append(sample(target_probs[len(draft) - 1], generator))
+    out.append(sample(row(len(draft) - 1), generator))
     return out
 
 
