@@ -132,6 +132,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from tilert.engine import ReferenceBackend, generate
+    from tilert.engine.generate import SamplingParams
 
     ids = parse_ids(args.prompt_ids)
     kind = args.backend or ("reference" if args.device == "cpu" else "eager")
@@ -166,7 +167,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from tilert.runtime.persistent.backend import PersistentBackend
 
         backend = PersistentBackend(cfg, weights, max_seq=max_seq)
-    res = generate(backend, ids, args.max_new_tokens, speculative=args.speculative)
+    sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.sample_seed)
+    res = generate(backend, ids, args.max_new_tokens, speculative=args.speculative, sampling=sampling)
     print(",".join(map(str, res.tokens)))
     if args.stats:
         print(json.dumps(res.stats()), file=sys.stderr)
@@ -230,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("--max-seq", type=int, default=None, help="KV cache capacity in tokens")
     pg.add_argument("--ranks", type=int, default=1, help="simulated tensor/expert-parallel ranks")
     pg.add_argument("--stats", action="store_true", help="print step statistics as JSON on stderr")
+    pg.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
+    pg.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus mass to keep")
+    pg.add_argument("--top-k", type=int, default=0, help="sampling: keep the k most likely tokens (0: all)")
+    pg.add_argument("--sample-seed", type=int, default=None, help="sampling: seed (reproducible tokens)")
     pg.set_defaults(fn=cmd_generate)
 
     for hook in _extra_commands():
