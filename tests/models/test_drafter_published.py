@@ -252,7 +252,7 @@ def test_serve_cli_passes_the_drafter(target, tmp_path, monkeypatch):
     class Stub:
         url = "http://stub"
 
-        def __init__(self, engine, host, port):
+        def __init__(self, engine, host, port, **kw):
             seen["dflash"] = engine.cfg.dflash
 
         def start(self):
