@@ -139,7 +139,7 @@ def test_serve_passes_loading_options(published, monkeypatch, capsys):
     seen = {}
 
     class FakeServer:  # records the engine serve built, serves nothing
-        def __init__(self, engine, host, port):
+        def __init__(self, engine, host, port, **kw):
             seen["cfg"], seen["tokens"] = engine.cfg, engine.generate(PROMPT, 2).tokens
             self.url = f"http://{host}:{port}"
 

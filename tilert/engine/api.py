@@ -415,7 +415,13 @@ class Engine:
                 p = Path(weights)
                 dirs.append(p if p.is_dir() else p.parent)
             ids = find_eos_token_ids(dirs, self.cfg, self.tokenizer)
-        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.cfg.vocab_size]
+            # a checkpoint's files may name an id this vocabulary lacks (a cut-down model keeping its
+            # parent's generation_config): such an id can never be generated, so it is dropped
+            outside = [t for t in ids if not _in_vocab(t, self.cfg.vocab_size)]
+            if outside:
+                log.warning("ignoring eos token id(s) %s: outside the vocabulary [0, %d)", outside, self.cfg.vocab_size)
+                ids = [t for t in ids if _in_vocab(t, self.cfg.vocab_size)]
+        bad = [t for t in ids if not _in_vocab(t, self.cfg.vocab_size)]
         if bad:
             raise EngineError(f"eos token id {bad[0]!r} is outside the vocabulary [0, {self.cfg.vocab_size})")
         return frozenset(ids)
@@ -679,6 +685,10 @@ def _resolve(
     if cfg.num_hidden_layers * cfg.hidden_size * cfg.n_routed_experts > 64 * 4096 * 64:
         raise EngineError(f"model '{cfg.name}' is too large for synthetic weights; pass a checkpoint")
     return cfg, W.synthetic_weights(cfg, weights or 0, device=device), None
+
+
+def _in_vocab(t: Any, vocab: int) -> bool:
+    return not isinstance(t, bool) and isinstance(t, int) and 0 <= t < vocab
 
 
 def _attach_drafter(cfg: ModelConfig, w: Any, drafter: Any, weights_arg: Any, device: str) -> tuple[ModelConfig, Any]:
