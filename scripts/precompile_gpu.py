@@ -169,7 +169,8 @@ def main() -> None:
 def prunable(cache: Path) -> list[Path]:
     """TileLang's nvcc cubin caches under the kernel cache (cuda-binaries; .staging since TileLang
     0.1.15, under <version>/<platform>/), which a loaded kernel no longer needs."""
-    return sorted({d for name in ("cuda-binaries", ".staging") for d in cache.rglob(name) if d.is_dir()})
+    found = sorted({d for name in ("cuda-binaries", ".staging") for d in cache.rglob(name) if d.is_dir()})
+    return [d for d in found if not any(p in found for p in d.parents)]  # the outermost of nested ones
 
 
 def pack(cache: Path, out: Path) -> Path:

@@ -872,9 +872,9 @@ class PersistentStep:
         if kernel_key not in _STEP_KERNELS:
             func = make_step_kernel(classes, *shape)
             kinds = ", ".join(sorted({n.op for n in graph.nodes}))
+            what = f"persistent step of '{graph.name}' (node bodies: {kinds})"
             _STEP_KERNELS[kernel_key] = build(func, pass_configs=PERSISTENT_PASS_CONFIGS, out_dir=out_dir,
-                                              name="tilert_step",
-                                              what=f"persistent step of '{graph.name}' (node bodies: {kinds})")  # fmt: skip
+                                              name="tilert_step", what=what)  # fmt: skip
         self.kernel = _STEP_KERNELS[kernel_key]
         self.steps = 0
         self.launches_per_step = 1
