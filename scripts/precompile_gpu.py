@@ -129,12 +129,15 @@ def main() -> None:
                     help="also the shapes of tests/cli/test_cli_gpu.py (tiny-gpu at max_seq 64/128/256, eager and "
                          "persistent) and the residency test's oversized grid")  # fmt: skip
     ap.add_argument("--only-cli", action="store_true", help="only what --cli adds")
+    ap.add_argument("--max-gpus", type=int, default=8,
+                    help="skip the tests' steps that need more GPUs than this (a one-GPU machine: 1)")  # fmt: skip
     ap.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     ap.add_argument("--prune", action="store_true", help="drop TileLang's cubin cache afterwards")
     ap.add_argument("--pack", default=None, help="also write the cache as this .tar.xz (for a GPU machine)")
     a = ap.parse_args()
-    jobs = [] if a.only_cli else [("tiny-gpu", t, m, 256, w, 0, gpus) for t, m, w, gpus in TINY]
-    jobs += [] if a.only_cli else [("tiny-gpu-8", t, m, 256, w, 0, gpus) for t, m, w, gpus in TINY8]
+    jobs = [] if a.only_cli else [("tiny-gpu", t, m, 256, w, 0, gpus) for t, m, w, gpus in TINY if gpus <= a.max_gpus]
+    jobs += [] if a.only_cli else [("tiny-gpu-8", t, m, 256, w, 0, gpus) for t, m, w, gpus in TINY8
+                                   if gpus <= a.max_gpus]  # fmt: skip
     cli = a.cli or a.only_cli
     if cli:
         jobs += [("tiny-gpu", t, m, q, 1, 0) for q in CLI_MAX_SEQ for t, m in ((1, "decode"), (16, "decode"),
