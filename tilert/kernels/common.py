@@ -265,6 +265,8 @@ def build(
     os.environ["TILELANG_CACHE_DIR"] = str(root)  # tilelang reads this live at each compile
     import tilelang
 
+    _quiet_tilelang_log()
+
     try:
         kernel = tilelang.compile(
             func, out_idx=out_idx, target=target, pass_configs=pass_configs, compile_flags=compile_flags
@@ -278,6 +280,23 @@ def build(
         stem = name or (str(func.attrs["global_symbol"]) if func.attrs else "kernel")
         (out / f"{stem}.cu").write_text(kernel.get_kernel_source())
     return kernel
+
+
+@functools.cache
+def _quiet_tilelang_log() -> None:
+    """TileLang logs each compile at INFO through tqdm.write, i.e. to stdout, where it mixes with a
+    command's output (`generate` prints its tokens there): its messages go to stderr, WARNING and up
+    (TILERT_TILELANG_LOG=INFO shows the compile messages again)."""
+    import logging
+    import sys
+
+    log = logging.getLogger("tilelang")
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(h.formatter)
+        log.addHandler(handler)
+    log.setLevel(os.environ.get("TILERT_TILELANG_LOG", "WARNING").upper())
 
 
 @functools.cache
