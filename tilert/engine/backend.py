@@ -107,6 +107,18 @@ class GraphBackend:
     def _execute(self, prepared: Any, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
         raise NotImplementedError
 
+    def _device_params(self, params: Mapping[str, Any], device: Any) -> dict[str, Any]:
+        """The bound params on `device`, one copy per name for every step graph of this backend.
+        A name binds the same checkpoint tensor in every graph (the drafter's embedding and LM head
+        are the target's), so a second graph must not replace the first one's copy: that copy may
+        be what an earlier captured CUDA graph reads, and freeing it leaves the graph reading
+        reused memory; and a copy per step shape would multiply the weights' GPU memory."""
+        cache = self.__dict__.setdefault("_param_copies", {})
+        for k, v in params.items():
+            if k not in cache:
+                cache[k] = v.to(device)
+        return {k: cache[k] for k in params}
+
     def _get(self, key: tuple, build: Any) -> Any:
         if key not in self._prepared:
             self._prepared[key] = self._prepare(build())

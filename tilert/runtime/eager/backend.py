@@ -13,7 +13,7 @@ from tilert.engine.backend import PREFILL_CHUNK, GraphBackend
 from tilert.ir.graph import Graph
 from tilert.models.binding import bind_params
 from tilert.models.config import ModelConfig
-from tilert.runtime.eager.runtime import EagerRuntime, GraphCaptureError, to_device
+from tilert.runtime.eager.runtime import EagerRuntime, GraphCaptureError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class EagerBackend(GraphBackend):
 
     def _prepare(self, g: Graph) -> Graph:
         fused = compile_for_gpu(g, self.max_seq, self.world)[self.rank]
-        self.runtime.params.update(to_device(bind_params(fused, self.weights, {}), self.runtime.device))
+        self.runtime.params.update(self._device_params(bind_params(fused, self.weights, {}), self.runtime.device))
         return fused
 
     def _execute(self, g: Graph, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -74,7 +74,7 @@ class PersistentBackend(GraphBackend):
         if g.meta.get("kind") == "drafter":
             return ("eager", self._drafter_backend()._prepare(g))
         rg, sched = compile_step(g, self.max_seq, sms=self.sms)
-        params = {k: v.to(self.device) for k, v in bind_params(rg, self.weights, {}).items()}
+        params = self._device_params(bind_params(rg, self.weights, {}), self.device)
         try:
             step = PersistentStep(rg, sched.table, sched.counter_expected, params, self.device, states=self.states,
                                   num_sms=self.sms)  # fmt: skip

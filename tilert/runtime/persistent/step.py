@@ -868,7 +868,7 @@ class PersistentStep:
         shape = (self.sms, table.shape[1], len(self.programs), len(self.counters), max_views)
         # the kernel follows from its classes' keys and its shape: built (traced) once per process,
         # so another backend, sequence or server worker with the same step shape reuses it
-        kernel_key = (tuple(c.key for c in classes), shape, early_loads(), str(out_dir))
+        kernel_key = (tuple(c.key for c in classes), shape, early_loads(), str(out_dir), build)
         if kernel_key not in _STEP_KERNELS:
             func = make_step_kernel(classes, *shape)
             kinds = ", ".join(sorted({n.op for n in graph.nodes}))
