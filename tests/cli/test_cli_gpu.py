@@ -50,9 +50,8 @@ def _prompt(length: int, seed: int) -> str:
 @pytest.fixture(scope="module")
 def weights_file(tmp_path_factory) -> str:
     """tiny-gpu weights whose expert selection has a clear margin, so bf16 and fp32 route alike."""
-    from tests.runtime.test_eager_gpu import margin_safe_weights
     from tilert.models.config import load_config
-    from tilert.models.weights import save_safetensors
+    from tilert.models.weights import margin_safe_weights, save_safetensors
 
     f = tmp_path_factory.mktemp("w") / "tiny-gpu.safetensors"
     save_safetensors(margin_safe_weights(load_config("tiny-gpu"), 5), f)

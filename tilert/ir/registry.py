@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tilert.ir.dtypes import DType
-from tilert.ir.graph import IRError, Value
+from tilert.ir.value import IRError, Value
 
 Shape = tuple[int, ...]
 InferFn = Callable[[list[Value], dict[str, Any]], list[tuple[Shape, DType]]]
@@ -75,7 +75,6 @@ def op(
 
 
 def get_op(name: str) -> OpDef:
-    _load_opsets()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -83,12 +82,7 @@ def get_op(name: str) -> OpDef:
 
 
 def all_ops() -> dict[str, OpDef]:
-    _load_opsets()
     return dict(_REGISTRY)
-
-
-def _load_opsets() -> None:
-    import tilert.ir.opset  # noqa: F401  (registers the built-in kinds on first use)
 
 
 # ---- helpers for op definitions --------------------------------------------------------------

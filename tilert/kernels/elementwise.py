@@ -50,6 +50,8 @@ from tilert.ir.opset.fused import PeerValues
 from tilert.ir.registry import get_op
 from tilert.kernels.common import build, cdiv
 
+# tilelang (the kernel compiler, slow to import) is imported only inside the functions that build kernels
+
 THREADS = 256  # the persistent kernel's CTA size (tilert.kernels.common.PERSISTENT_THREADS)
 GENERIC_COLS = 2048  # passes/tile.py TILE_CONFIG["generic"]["cols"]
 COLLECTIVE_COLS = 1024  # passes/tile.py TILE_CONFIG["collective"]["cols"]

@@ -35,8 +35,10 @@ argmax_reduce) with PeerValues.
 
 from dataclasses import dataclass
 
+from tilert.abi import DEFAULT_TIMEOUT_NS, ERR_TIMEOUT
 from tilert.kernels.common import cdiv
-from tilert.runtime.persistent.megakernel import DEFAULT_TIMEOUT_NS, ERR_TIMEOUT
+
+# tilelang (the kernel compiler, slow to import) is imported only inside the functions that build kernels
 
 THREADS = 256
 

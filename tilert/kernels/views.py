@@ -17,6 +17,10 @@ is tested exactly as the persistent kernel calls it.
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
+
+# tilelang (the kernel compiler, slow to import) is imported only inside the functions that build kernels
+
 ViewSpec = tuple[str, tuple[int, ...], str]
 PERSISTENT_THREADS = 256
 
@@ -61,8 +65,6 @@ def grid_launcher(
 
 def pointer_row(tensors: Sequence[Any], specs: Sequence[ViewSpec], where: str = "") -> Any:
     """int64 CPU tensor [1, n] of the tensors' addresses after checking each against its spec."""
-    import torch
-
     if len(tensors) != len(specs):
         raise ValueError(f"{where}: {len(tensors)} tensors for {len(specs)} views")
     for t, (name, shape, dtype) in zip(tensors, specs):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from tilert import ops
 from tilert.ir.dtypes import BF16, I32
-from tilert.ir.graph import Value
 from tilert.ir.registry import Cost, expect, op
+from tilert.ir.value import Value
 
 
 def _infer_rope(ins: list[Value], a: dict) -> list:

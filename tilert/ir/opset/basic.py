@@ -6,8 +6,8 @@ import torch
 
 from tilert import ops
 from tilert.ir.dtypes import BF16, F32, I32, DType, dtype
-from tilert.ir.graph import Value
 from tilert.ir.registry import Cost, expect, io_cost, op, same_as
+from tilert.ir.value import Value
 from tilert.ops.qtensor import QTensor
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 
 from tilert.ir.dtypes import F32, I32
-from tilert.ir.graph import Value
 from tilert.ir.registry import Cost, expect, op, same_as
+from tilert.ir.value import Value
 
 
 def _ring_cost(ins: list[Value], outs: list[Value], a: dict) -> Cost:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from tilert.ir.dtypes import I32
-from tilert.ir.graph import Value
 from tilert.ir.registry import expect, op
+from tilert.ir.value import Value
 
 
 def _infer_override(ins: list[Value], a: dict) -> list:

@@ -17,10 +17,10 @@ from __future__ import annotations
 from typing import Any
 
 from tilert.ir.dtypes import F32, I32, DType, dtype
-from tilert.ir.graph import Value
 from tilert.ir.opset.basic import matmul_cost, matmul_infer
 from tilert.ir.opset.moe import expected_experts, expert_cost
 from tilert.ir.registry import Cost, expect, get_op, io_cost, op
+from tilert.ir.value import Value
 from tilert.ops.qtensor import QTensor
 
 

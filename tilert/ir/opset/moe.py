@@ -6,8 +6,8 @@ import math
 
 from tilert import ops
 from tilert.ir.dtypes import F32, I32
-from tilert.ir.graph import Value
 from tilert.ir.registry import Cost, expect, op
+from tilert.ir.value import Value
 
 
 def _infer_select(ins: list[Value], a: dict) -> list:

@@ -20,6 +20,8 @@ import torch
 
 from tilert.ir.opset.fused import split_extras
 from tilert.ir.registry import get_op
+from tilert.kernels import attention as attn
+from tilert.kernels import fp8_gemm, moe, mxfp4_gemm
 from tilert.ops.qtensor import QTensor
 
 GpuImpl = Callable[..., tuple]
@@ -78,7 +80,6 @@ def linear(ctx, x, w, *extra, out_dtype="bf16", norm_eps=None, residual=False):
     if not fast or x.shape[-1] % 32 or not x.is_cuda or not _kernels(ctx):
         kind = "linear_mxfp4" if isinstance(w, QTensor) and w.fmt == "mxfp4" else "linear_fp8"
         return get_op(kind).reference(ctx, x, w, *extra, out_dtype=out_dtype, norm_eps=norm_eps, residual=residual)
-    from tilert.kernels import fp8_gemm, mxfp4_gemm
 
     h = _bf16_2d(_norm(ctx, x, norm_w, norm_eps))
     run = mxfp4_gemm.run if w.fmt == "mxfp4" else fp8_gemm.run
@@ -130,8 +131,9 @@ def fused_moe(
         raise NotImplementedError("fused_moe with a cross-rank reduce needs a distributed context or solo mode")
     cfg = None
     if _kernels(ctx) and x.is_cuda and isinstance(w_gu, QTensor) and w_gu.fmt == "mxfp4":
-        a = dict(top_k=top_k, n_group=n_group, expert_offset=expert_offset, scaling=scaling, normalize=normalize)
-        cfg = moe_config(x.shape[0], x.shape[-1], w_d.shape[-1], gate.shape[0], n_local, a)
+        a = dict(top_k=top_k, n_group=n_group, expert_offset=expert_offset, scaling=scaling, normalize=normalize,
+                 n_local=n_local)  # fmt: skip
+        cfg = moe_config(x.shape[0], x.shape[-1], w_d.shape[-1], gate.shape[0], a)
     if cfg is None:
         y = get_op("fused_moe_mxfp4").reference(
             ctx,
@@ -154,8 +156,6 @@ def fused_moe(
         )[0]
         y = _reduce(ctx, y) if reduce else y
         return (y if res is None else res.float() + y,)
-    from tilert.kernels import moe
-
     h = _bf16_2d(_norm(ctx, x, norm_w, norm_eps))
     y, _, _ = moe.run(
         h,
@@ -175,49 +175,17 @@ def fused_moe(
 
 
 def attn_config(a: dict, B: int) -> Any:
-    """The attention kernel's config for an attention_block node's attrs and B tokens, or None
-    when the kernel does not cover it (q/k norms, non-causal drafter blocks, odd head dims)."""
-    ok = (
-        a.get("qk_norm_eps") is None
-        and a["head_dim"] % 16 == 0
-        and a["v_head_dim"] % 16 == 0
-        and a.get("causal", True)
-        and B <= 64
-    )
-    if not ok:
+    """The attention kernel's config for an attention_block node's attrs and B tokens, or None when
+    the kernel does not cover it (`tilert.kernels.attention.supports`)."""
+    return attn.AttnConfig.for_node(a, B) if attn.supports(a, B) is None else None
+
+
+def moe_config(tokens: int, hidden: int, inter: int, n_experts: int, a: dict) -> Any:
+    """The fused-MoE kernel's config for a fused_moe node, or None when the standalone kernel does not
+    cover it (`tilert.kernels.moe.supports`)."""
+    if moe.supports(tokens, hidden, inter, a.get("n_group", 1)) is not None:
         return None
-    from tilert.kernels import attention as attn
-
-    return attn.AttnConfig(
-        q_heads=a["heads"],
-        kv_heads=a["kv_heads"],
-        head_dim=a["head_dim"],
-        v_head_dim=a["v_head_dim"],
-        rope_dim=a["rope_dim"],
-        rope_theta=a["theta"],
-        block=B,
-        window=a.get("window", 0),
-        sink=bool(a.get("has_sink")),
-    )
-
-
-def moe_config(tokens: int, hidden: int, inter: int, n_experts: int, n_local: int, a: dict) -> Any:
-    """The fused-MoE kernel's config for a fused_moe node, or None when the kernel does not cover it."""
-    if a.get("n_group", 1) > 1 or tokens > 16 or hidden % 256 or inter % 512:
-        return None
-    from tilert.kernels import moe
-
-    return moe.Config(
-        tokens,
-        hidden,
-        inter,
-        n_experts,
-        n_local,
-        a["top_k"],
-        a.get("expert_offset", 0),
-        a.get("scaling", 1.0),
-        a.get("normalize", True),
-    )
+    return moe.Config.for_node(a, tokens, hidden, inter, n_experts)
 
 
 @impl("attention_block")
@@ -225,8 +193,6 @@ def attention_block(ctx, q, k, v, k_cache, v_cache, pos, *extra, **a):
     cfg = attn_config(a, q.shape[0]) if _kernels(ctx) and q.is_cuda and k_cache.dtype == torch.bfloat16 else None
     if cfg is None:
         return get_op("attention_block").reference(ctx, q, k, v, k_cache, v_cache, pos, *extra, **a)
-    from tilert.kernels import attention as attn
-
     H, Hkv, D, Dv, B = a["heads"], a["kv_heads"], a["head_dim"], a["v_head_dim"], q.shape[0]
     if a.get("v_scale") is not None:
         v = v.float() * a["v_scale"]

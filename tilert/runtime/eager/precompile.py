@@ -11,14 +11,13 @@ from collections.abc import Callable
 from typing import Any
 
 from tilert.ir.graph import Graph
+from tilert.kernels import attention as attn
+from tilert.kernels import fp8_gemm, moe, mxfp4_gemm
+from tilert.runtime.eager.gpu_ops import attn_config, moe_config
 
 
 def kernel_builds(g: Graph) -> dict[Any, Callable[[], Any]]:
     """Distinct kernel configurations of the graph -> a thunk that builds each."""
-    from tilert.kernels import attention as attn
-    from tilert.kernels import fp8_gemm, moe, mxfp4_gemm
-    from tilert.runtime.eager.gpu_ops import attn_config, moe_config
-
     out: dict[Any, Callable[[], Any]] = {}
     for n in g.nodes:
         a, ins = n.a, [g.values[x] for x in n.inputs]
@@ -31,7 +30,7 @@ def kernel_builds(g: Graph) -> dict[Any, Callable[[], Any]]:
             out[(n.op, cfg)] = lambda mod=mod, cfg=cfg: mod.compiled(cfg)
         elif n.op == "fused_moe_mxfp4":
             x, gate, _, gu, d = ins[:5]
-            cfg = moe_config(x.shape[0], x.shape[1], d.shape[2], gate.shape[0], gu.shape[0], a)
+            cfg = moe_config(x.shape[0], x.shape[1], d.shape[2], gate.shape[0], dict(a, n_local=gu.shape[0]))
             if cfg is not None:
                 out[("moe", cfg)] = lambda cfg=cfg: moe.compiled(cfg)
         elif n.op == "attention_block":

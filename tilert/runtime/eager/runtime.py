@@ -9,6 +9,7 @@ with an error naming the op).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -93,7 +94,6 @@ class EagerRuntime:
             e = torch.cuda.Event(enable_timing=True)
             e.record()
             return e
-        import time
 
         return time.perf_counter()
 

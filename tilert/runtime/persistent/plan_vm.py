@@ -36,15 +36,16 @@ import numpy as np
 import torch
 
 from tilert import ops
+from tilert.abi import FIELD, OPCODES, WAITS
 from tilert.ir.graph import Graph, IRError
 from tilert.ir.opset.fused import MOE_CORE, PeerValues, split_extras
 from tilert.ir.registry import get_op
-from tilert.kernels import moe
+from tilert.kernels import attention, linear_tiling, moe
 from tilert.kernels.attention import PERSISTENT_MIN_TILES
+from tilert.kernels.common import cdiv
+from tilert.kernels.elementwise import COLLECTIVE_COLS, GENERIC_COLS
 from tilert.ops.attention import visible as attention_visible
 from tilert.ops.qtensor import QTensor
-from tilert.passes.tile import TILE_CONFIG, attention_tiling, cdiv, gemm_shape, uses_gemv
-from tilert.plan import FIELD, OPCODES, WAITS
 
 NAMES = {v: k for k, v in OPCODES.items()}
 INT_POISON = torch.iinfo(torch.int32).min
@@ -290,13 +291,13 @@ class PlanVM:
     def _arrive(self, r: int, name: str, row: list[int]) -> Any:
         n, ins, c = self._node(r, row)
         if name == "ALL_REDUCE":
-            lo, hi = self._cols(n, c, TILE_CONFIG["collective"]["cols"], self.ranks[r].env[n.outputs[0]])
+            lo, hi = self._cols(n, c, COLLECTIVE_COLS, self.ranks[r].env[n.outputs[0]])
             return ins[0][..., lo:hi].float().clone()
         if name == "ALL_GATHER":
-            cols = TILE_CONFIG["collective"]["cols"]
+            cols = COLLECTIVE_COLS
             return ins[0][..., c[0] * cols : (c[0] + 1) * cols].clone()
         if name == "MOE_REDUCE":
-            lo, hi = self._cols(n, c, TILE_CONFIG["collective"]["cols"], self.ranks[r].env[n.outputs[0]])
+            lo, hi = self._cols(n, c, COLLECTIVE_COLS, self.ranks[r].env[n.outputs[0]])
             return self._moe_ws(r, row[FIELD["op"]], n, ins)["Y"][:, lo:hi].clone()
         if name in ("LM_HEAD_ARGMAX", "LM_HEAD_ACCEPT"):
             logits = self.ranks[r].env[n.outputs[0]]
@@ -315,7 +316,7 @@ class PlanVM:
         env, ctx = self.ranks[r].env, self._ctx(r)
         out = env[n.outputs[0]]
         if name in ("ALL_REDUCE", "MOE_REDUCE"):
-            lo, hi = self._cols(n, c, TILE_CONFIG["collective"]["cols"], out)
+            lo, hi = self._cols(n, c, COLLECTIVE_COLS, out)
             y = ref("all_reduce")(PeerValues(r, self.world, parts), parts[r])[0] if len(parts) > 1 else parts[0]
             res = None
             if name == "ALL_REDUCE" and n.op == "all_reduce_residual":
@@ -329,7 +330,7 @@ class PlanVM:
             d = n.a["dim"] % out.dim()
             if d != out.dim() - 1:
                 raise PlanVMError(f"all_gather along dim {n.a['dim']} of {list(out.shape)}: only the last dim")
-            W, cols = ins[0].shape[-1], TILE_CONFIG["collective"]["cols"]
+            W, cols = ins[0].shape[-1], COLLECTIVE_COLS
             lo, hi = c[0] * cols, min(W, (c[0] + 1) * cols)
             for q, p in enumerate(parts):
                 out[..., q * W + lo : q * W + hi] = p
@@ -363,7 +364,7 @@ class PlanVM:
         x, out = ins[0], self.ranks[r].env[n.outputs[0]]
         w = self._weight(r, n.inputs[1])
         M, K, N = math.prod(x.shape[:-1]), x.shape[-1], w.shape[0]
-        bm, bn, _, split = gemm_shape(M, N, K, self.sms_now, uses_gemv(n.op, M, K))
+        bm, bn, _, split, _ = linear_tiling.node_shape(n.op, M, N, K, self.sms_now)
         nt, mt, s = c
         if not (nt * bn < N and mt * bm < M and s < split):
             raise PlanVMError(f"{n.op} tile {c} outside ({cdiv(N, bn)}, {cdiv(M, bm)}, {split})")
@@ -393,13 +394,12 @@ class PlanVM:
         a, q, kc = n.a, ins[0], ins[3]
         T, Hkv, H = q.shape[0], kc.shape[0], a["heads"]
         G = H // Hkv
-        cfg = TILE_CONFIG["attention"]
         W = a.get("window") or 0
-        rows, bm, NS = attention_tiling(a, T, Hkv)
+        rows, bm, NS = attention.tiling(a, T, Hkv)
         pos = ins[5]
         start = int(pos[0])
         lo = max(start - W + 1, 0) if W else 0  # the block's first row sees keys start-W+1 .. start
-        BN = cfg["block_n"]
+        BN = attention.BLOCK_N
         tiles = cdiv(start - lo, BN)
         per = max(cdiv(tiles, NS), PERSISTENT_MIN_TILES)
         return dict(T=T, Hkv=Hkv, H=H, G=G, rows=rows, bm=bm, NS=NS, W=W, start=start, lo=lo, per=per, BN=BN,
@@ -571,7 +571,7 @@ class PlanVM:
         env = self.ranks[r].env
         outs = [env[o] for o in n.outputs]
         W = outs[0].shape[-1] if outs[0].dim() else 1
-        cols = TILE_CONFIG["generic"]["cols"]
+        cols = GENERIC_COLS
         lo, hi = c[0] * cols, min(W, (c[0] + 1) * cols)
         if lo >= W:
             raise PlanVMError(f"{n.op} column block {c[0]} past width {W}")

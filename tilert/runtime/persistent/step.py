@@ -29,12 +29,29 @@ from typing import Any
 import numpy as np
 import torch
 
+from tilert.abi import DEFAULT_TIMEOUT_NS, ERR_DRY, ERR_TIMEOUT, FIELD, OPCODES, WAITS
 from tilert.ir.graph import Graph, Node, Value
-from tilert.kernels.common import cdiv, gated, is_gated
-from tilert.kernels.views import TORCH_DTYPES, ViewSpec
+from tilert.kernels import attention as attn
+from tilert.kernels import elementwise as ew
+from tilert.kernels import linear_fused as lf
+from tilert.kernels import linear_tiling, moe
+from tilert.kernels import lm_head_tail as lt
+from tilert.kernels import peer_collective as pc
+from tilert.kernels.common import build, cdiv, gated, is_gated
+from tilert.kernels.elementwise import COLLECTIVE_COLS
+from tilert.kernels.views import PERSISTENT_THREADS, TORCH_DTYPES, ViewSpec, make_views, pointer_row
 from tilert.ops.qtensor import QTensor
-from tilert.plan import FIELD, OPCODES, WAITS
-from tilert.runtime.persistent.megakernel import PersistentError
+from tilert.ops.qtensor import QTensor as Q
+from tilert.runtime.persistent.megakernel import (
+    PERSISTENT_PASS_CONFIGS,
+    PREFETCH_ROWS,
+    PersistentError,
+    if_chain,
+    make_persistent_loop,
+    raise_on_error,
+)
+
+# tilelang (the kernel compiler, slow to import) is imported only inside the functions that build kernels
 
 PAD_ROWS = 64
 NP_OPCODE = {v: k for k, v in OPCODES.items()}
@@ -171,16 +188,12 @@ class Bindings:
 
 
 def _linear(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
-    from tilert.kernels import linear_fused as lf
-    from tilert.passes.tile import gemm_shape, uses_gemv
-
     x, w = g.values[n.inputs[0]], g.values[n.inputs[1]]
     M, K, N = x.shape[0], x.shape[-1], w.shape[0]
     wt = b.env[w.name]
-    gemv = uses_gemv(n.op, M, K)  # as the plan's tiling (passes/tile.py) decided it
+    bm, bn, bk, split, gemv = linear_tiling.node_shape(n.op, M, N, K, sms)  # as the plan's tiling chose it
     if gemv and not (isinstance(wt, QTensor) and wt.fmt == "fp8"):
         raise PersistentError(f"{n.op} node bound to {type(wt).__name__} weights; its plan tiles expect fp8")
-    bm, bn, bk, split = gemm_shape(M, N, K, sms, gemv)
     if isinstance(wt, QTensor):
         if wt.fmt != "fp8":
             raise PersistentError(f"{n.op}: {wt.fmt} weights have no persistent linear body yet")
@@ -195,8 +208,8 @@ def _linear(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         M, N, K, bm, bn, bk, split, w_dtype, scale_rows, eps,
         None if res is None else _tl_dtype(b.activation(res)), _tl_dtype(b.activation(out)), gemv=gemv,
     )  # fmt: skip
-    if (K // bk) % split or (eps is not None and K % 128):
-        raise PersistentError(f"{n.op} {M}x{N}x{K}: tile shape {bm}x{bn}x{bk} split {split} is off the body's contract")
+    if (why := linear_tiling.supports(M, N, K, (bm, bn, bk, split), eps is not None)) is not None:
+        raise PersistentError(f"{n.op} {why}")
     ts: list[torch.Tensor] = [b.activation(x), *wtensors]
     if eps is not None:
         gamma_i = 3 if n.op == "lm_head_accept" else 2
@@ -222,8 +235,6 @@ def _linear(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
 
 
 def _lm_head_tail(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
-    from tilert.kernels import lm_head_tail as lt
-
     gemm = _linear(g, n, b, sms)
     logits = b.activation(g.values[n.outputs[0]])
     nxt = b.activation(g.values[n.outputs[1]])
@@ -244,7 +255,6 @@ def _lm_head_tail(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         tail_specs += [("draft", (T,), "int32"), ("accept", (T + 1,), "int32")]
     pcfg = None
     if peer:  # local argmax -> (value, id) pushed to every rank -> the cross-rank argmax
-        from tilert.kernels import peer_collective as pc
 
         i = g.nodes.index(n)
         world = b.group.world
@@ -265,8 +275,6 @@ def _lm_head_tail(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         k = len(gemm.specs)
         p0 = k + (4 if accept else 2)  # first view of the cross-rank argmax
         if pcfg is not None:
-            from tilert.kernels import peer_collective as pc
-
             cross = pc.make_body(pcfg)
 
         @T_.macro
@@ -300,14 +308,12 @@ def _lm_head_tail(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
 
 
 def _attention(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
-    from tilert.kernels import attention as attn
-
     a = n.a
     q = g.values[n.inputs[0]]
     B = q.shape[0]
-    cfg = persistent_attn_config(a, B)
-    if cfg is None:
+    if attn.supports(a, B) is not None:
         raise PersistentError(f"attention_block {a}: no persistent attention body for these shapes")
+    cfg = attn.AttnConfig.for_node(a, B, persistent=True)
     kc, vc = b.env[g.values[n.inputs[3]].name], b.env[g.values[n.inputs[4]].name]
     S = kc.shape[1]
     Hq, Hkv, DK, DV = cfg.q_heads, cfg.kv_heads, cfg.head_dim, cfg.v_head_dim
@@ -349,21 +355,6 @@ def _attention(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
     return NodeProgram(("attention", cfg, S, early), specs, bodies, ts, ("ATTN_SPLIT", "ATTN_COMBINE"))
 
 
-def persistent_attn_config(a: Mapping[str, Any], B: int) -> Any:
-    """The attention kernel config the persistent bodies use for a node (256-thread CTAs: 128 query
-    rows per CTA), or None when the kernel does not cover the node."""
-    from tilert.kernels import attention as attn
-    from tilert.runtime.eager.gpu_ops import attn_config
-
-    cfg = attn_config(dict(a), B)
-    if cfg is None:
-        return None
-    import dataclasses
-
-    return dataclasses.replace(cfg, rows_per_cta=128, min_tiles=attn.PERSISTENT_MIN_TILES,
-                               v_scale=float(a.get("v_scale") or 1.0))
-
-
 def early_loads() -> bool:
     """Whether GEMV and attention-split tasks issue their data-independent loads before their wait
     (megakernel.Gate), opt-in with TILERT_EARLY_LOADS=1: it gains nothing at B=1 and costs ~10% at
@@ -379,10 +370,6 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
     """Fused MoE as five stages: router (with the norm prologue), top-k, gate/up and down tasks that
     stride over the active slots' items (moe.MoeTiling) into an fp32 partial, reduce per column block
     (+ residual)."""
-    from tilert.kernels import elementwise as ew
-    from tilert.kernels import moe
-    from tilert.ops.qtensor import QTensor as Q
-
     a = n.a
     x, gate, bias, gu, dn = (g.values[i] for i in n.inputs[:5])
     T, H = x.shape
@@ -392,15 +379,14 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
     w_gu, w_d = b.env[gu.name], b.env[dn.name]
     if not (isinstance(w_gu, Q) and w_gu.fmt == "mxfp4" and isinstance(w_d, Q)):
         raise PersistentError(f"{n.op}: the persistent MoE body needs MXFP4 expert stacks")
-    if a.get("n_group", 1) > 1 or T > moe.TP or H % 256 or In % 128:
-        raise PersistentError(f"{n.op} T={T} H={H} I={In} groups={a.get('n_group', 1)}: off the MoE body's contract")
+    if (why := moe.supports(T, H, In, a.get("n_group", 1), persistent=True)) is not None:
+        raise PersistentError(f"{n.op} T={T} H={H} I={In}: off the MoE body's contract: {why}")
     # x (gate/up) and Hb[slot] (down) staged in shared memory: the mainloop then reads x there
     # instead of paying an L2 round trip per k chunk
     stage_x, stage_h = T * H * 2 <= MOE_STAGE_BYTES, T * In * 2 <= MOE_STAGE_BYTES
     eps = a.get("norm_eps")
     # expert_offset 0 in the kernel's config: the rank's offset is a view (every rank, one kernel)
-    cfg = moe.Config(T, H, In, E, EL, k, 0, a.get("scaling", 1.0), a.get("normalize", True),
-                     cta_threads=256, x_stage=stage_h, norm_eps=eps)  # fmt: skip
+    cfg = moe.Config.for_node(a, T, H, In, E, expert_offset=0, cta_threads=256, x_stage=stage_h, norm_eps=eps)
     til = moe.tiling(T, H, In, EL, k)
     extra = list(n.inputs[5:])
     gamma = b.env[g.values[extra.pop(0)].name] if eps is not None else None
@@ -548,8 +534,6 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
 def _elementwise_program(cfg: Any, opcode: str, specs: list[ViewSpec], ts: list[torch.Tensor],
                          call: Callable[[Any, Any, Any], None]) -> NodeProgram:  # fmt: skip
     """A node run by one of tilert/kernels/elementwise.py's column-block bodies."""
-    from tilert.kernels import elementwise as ew
-
     def bodies() -> dict[str, Any]:
         import tilelang.language as T_
 
@@ -569,8 +553,6 @@ def _spec(name: str, t: torch.Tensor, shape: Sequence[int] | None = None) -> Vie
 
 
 def _embed(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
-    from tilert.kernels import elementwise as ew
-
     table, tokens = b.env[g.values[n.inputs[0]].name], b.env[g.values[n.inputs[1]].name]
     (T,), (V, H) = g.values[n.inputs[1]].shape, table.shape
     out = b.activation(g.values[n.outputs[0]])
@@ -581,8 +563,6 @@ def _embed(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
 
 
 def _silu_mul(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
-    from tilert.kernels import elementwise as ew
-
     if len(n.inputs) != 2:
         raise PersistentError("silu_mul with one (concatenated) input has no persistent body")
     T, N = g.values[n.outputs[0]].shape
@@ -593,8 +573,6 @@ def _silu_mul(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
 
 
 def _concat(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
-    from tilert.kernels import elementwise as ew
-
     out_v = g.values[n.outputs[0]]
     if n.a.get("dim", -1) % len(out_v.shape) != len(out_v.shape) - 1:
         raise PersistentError("concat along a dim other than the last has no persistent body")
@@ -612,8 +590,6 @@ def _all_reduce(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
     """World 1: the residual add; world > 1 without a PeerGroup (solo): rank 0's partial plus a ring's
     traffic through a local inbox (tilert/kernels/elementwise.py); with one: the ranks' all-reduce
     through peer inboxes (_peer_allreduce)."""
-    from tilert.kernels import elementwise as ew
-
     part_v, out_v = g.values[n.inputs[0]], g.values[n.outputs[0]]
     T, N = out_v.shape
     res = n.op == "all_reduce_residual"
@@ -632,17 +608,14 @@ def _all_reduce(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
 
 def _all_gather(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
     """Solo all-gather (last dim): rank 0's block written to every rank's slot of the output."""
-    from tilert.passes.tile import TILE_CONFIG
-
     x_v, out_v = g.values[n.inputs[0]], g.values[n.outputs[0]]
     if n.a.get("dim", -1) % len(out_v.shape) != len(out_v.shape) - 1:
         raise PersistentError("all_gather along a dim other than the last has no persistent body")
     T, W = x_v.shape
     world = out_v.shape[-1] // W
-    cols = TILE_CONFIG["collective"]["cols"]
+    cols = COLLECTIVE_COLS
     x, out = b.activation(x_v), b.activation(out_v)
     if b.group is not None and world > 1:  # every rank writes its block into every rank's output
-        from tilert.kernels import peer_collective as pc
 
         i = g.nodes.index(n)
         pcfg = pc.PeerConfig("allgather", T, W, world, cols, out_dtype=_tl_dtype(x))
@@ -673,8 +646,6 @@ def _peer_bodies(pcfg: Any, opcode: str) -> Callable[[], dict[str, Any]]:
     def bodies() -> dict[str, Any]:
         import tilelang.language as T_
 
-        from tilert.kernels import peer_collective as pc
-
         body = pc.make_body(pcfg)
 
         @T_.macro
@@ -689,13 +660,10 @@ def _peer_bodies(pcfg: Any, opcode: str) -> Callable[[], dict[str, Any]]:
 def _peer_allreduce(g: Graph, n: Node, b: Bindings, opcode: str, part: torch.Tensor, resid: torch.Tensor | None,
                     out: torch.Tensor, T: int, N: int) -> NodeProgram:  # fmt: skip
     """All-reduce (+ residual) over the ranks of b.group through peer inboxes."""
-    from tilert.kernels import peer_collective as pc
-    from tilert.passes.tile import TILE_CONFIG
-
     i = g.nodes.index(n)
     world = b.group.world
     res_dt = _tl_dtype(resid) if resid is not None else "bfloat16"
-    pcfg = pc.PeerConfig("allreduce", T, N, world, TILE_CONFIG["collective"]["cols"], resid is not None,
+    pcfg = pc.PeerConfig("allreduce", T, N, world, COLLECTIVE_COLS, resid is not None,
                          _tl_dtype(part), res_dt, _tl_dtype(out))  # fmt: skip
     inbox = pc.rotated(b.group.buffers(("inbox", i), (world, T, N), torch.float32), b.rank)
     arrs = pc.rotated(b.group.buffers(("arrivals", i), (pcfg.tiles,), torch.int32), b.rank)
@@ -737,9 +705,6 @@ def make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, max_tasks: in
                      max_views: int, timeout_ns: int | None = None) -> Any:  # fmt: skip
     """The persistent prim_func: (Tasks, NodeClass, Ptrs, Counters, Err, Epoch, Trace, Prefetch)."""
     import tilelang.language as T
-
-    from tilert.kernels.views import PERSISTENT_THREADS, make_views
-    from tilert.runtime.persistent.megakernel import DEFAULT_TIMEOUT_NS, if_chain, make_persistent_loop
 
     built = [c.bodies() for c in classes]
     by_opcode: dict[str, list[tuple[int, Any, list[ViewSpec]]]] = {}
@@ -819,8 +784,6 @@ class PersistentStep:
                  device: str = "cuda", num_sms: int | None = None, out_dir: str | None = None,
                  states: dict[str, torch.Tensor] | None = None, group: PeerGroup | None = None,
                  rank: int = 0) -> None:  # fmt: skip
-        from tilert.kernels.common import build
-        from tilert.runtime.persistent.megakernel import PERSISTENT_PASS_CONFIGS
 
         self.g = graph
         self.device = torch.device(device)
@@ -847,8 +810,6 @@ class PersistentStep:
         max_views = max(len(p.specs) for p in self.programs)
         ptrs = torch.zeros(len(self.programs), max_views, dtype=torch.int64)
         for i, p in enumerate(self.programs):
-            from tilert.kernels.views import pointer_row
-
             ptrs[i, : len(p.specs)] = pointer_row(p.tensors, p.specs, f"node {i} ({graph.nodes[i].op})")[0]
         self.ptrs = ptrs.to(self.device)
         self._ptrs_host = ptrs
@@ -872,17 +833,15 @@ class PersistentStep:
         if kernel_key not in _STEP_KERNELS:
             func = make_step_kernel(classes, *shape)
             kinds = ", ".join(sorted({n.op for n in graph.nodes}))
+            what = f"persistent step of '{graph.name}' (node bodies: {kinds})"
             _STEP_KERNELS[kernel_key] = build(func, pass_configs=PERSISTENT_PASS_CONFIGS, out_dir=out_dir,
-                                              name="tilert_step",
-                                              what=f"persistent step of '{graph.name}' (node bodies: {kinds})")  # fmt: skip
+                                              name="tilert_step", what=what)  # fmt: skip
         self.kernel = _STEP_KERNELS[kernel_key]
         self.steps = 0
         self.launches_per_step = 1
 
     def _prefetch_table(self) -> np.ndarray:
         """int64 [sms, tasks, 4]: each task's weight region (NodeProgram.prefetch), rows 0 if none."""
-        from tilert.runtime.persistent.megakernel import PREFETCH_ROWS
-
         tb = self.table
         pf = np.zeros((*tb.shape[:2], 4), dtype=np.int64)
         for s_, t_ in zip(*np.nonzero(tb[:, :, FIELD["opcode"]])):
@@ -944,8 +903,6 @@ class PersistentStep:
         counters and the error word are cleared. It makes CUDA load the kernel now: under lazy module
         loading a first launch may wait for the device to go idle, which never happens while another
         rank's program spins on this one's arrivals (MultiRankStep preloads every rank)."""
-        from tilert.runtime.persistent.megakernel import ERR_DRY
-
         self.err.fill_(ERR_DRY)
         self._enqueue()
         torch.cuda.synchronize(self.device)
@@ -960,28 +917,7 @@ class PersistentStep:
             out[name] = t[: v.shape[0]] if len(v.shape) == 2 else t
         return out
 
-    def measured_trace(self, process: str = "rank 0 (measured)") -> dict[str, Any]:
-        """Chrome/Perfetto trace of the last launch: one track per SM, one event per task, from the
-        kernel's own %globaltimer stamps (a 'wait' event until the task's waits are met, then the
-        task until its signal)."""
-        from tilert.plan import TASK_FIELDS
-        from tilert.profile.timeline import trace_json
-
-        torch.cuda.synchronize(self.device)
-        tr = self.trace.cpu().numpy()
-        table = self.table
-        used = table[:, :, FIELD["opcode"]] != 0
-        start = np.where(used, tr[:, :, 0], -1)
-        end = np.where(used, tr[:, :, 1], -1)
-        ready = np.where(used, tr[:, :, 2], -1)
-        names = [n.op for n in self.g.nodes]
-        return trace_json(table, start, end, TASK_FIELDS, names, NP_OPCODE, process=process, pid=1,
-                          meta={"source": "persistent kernel %globaltimer", "graph": self.g.name},
-                          ready_ns=ready)  # fmt: skip
-
     def check(self) -> None:
-        from tilert.runtime.persistent.megakernel import ERR_TIMEOUT, raise_on_error
-
         err = self.err.tolist()
         try:
             raise_on_error(err)
