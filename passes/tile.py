@@ -94,8 +94,8 @@ def _gemm_stage(opcode: str, x: Value, w: Value, out: Value, sms: int, whole_x: 
 
 def tile_linear(g: Graph, n: Node, ctx: Any) -> OpTiles:
     x, w = g.values[n.inputs[0]], g.values[n.inputs[1]]
-    res = len(n.inputs) - 1 if n.a.get("residual") else None
-    st = _gemm_stage(n.op.upper(), x, w, g.values[n.outputs[0]], ctx.gpu.sms, n.a.get("norm_eps") is not None, res,
+    res = len(n.inputs) - 1 if n.a.residual else None
+    st = _gemm_stage(n.op.upper(), x, w, g.values[n.outputs[0]], ctx.gpu.sms, n.a.norm_eps is not None, res,
                      n.op)  # fmt: skip
     return OpTiles([st], [0])
 
@@ -113,7 +113,7 @@ def tile_lm_head(g: Graph, n: Node, ctx: Any) -> OpTiles:
 def tile_attention(g: Graph, n: Node, ctx: Any) -> OpTiles:
     a = n.a
     q, kc, vc = (g.values[n.inputs[i]] for i in (0, 3, 4))
-    T, Hkv, H, D, Dv = q.shape[0], kc.shape[0], a["heads"], a["head_dim"], a["v_head_dim"]
+    T, Hkv, H, D, Dv = q.shape[0], kc.shape[0], a.heads, a.head_dim, a.v_head_dim
     group = H // Hkv
     rows, bm, splits = attention.tiling(a, T, Hkv)
     rb = cdiv(rows, bm)
@@ -161,7 +161,7 @@ def tile_moe(g: Graph, n: Node, ctx: Any) -> OpTiles:
     x, gate, _, gu, dn = (g.values[i] for i in n.inputs[:MOE_CORE])
     out = g.values[n.outputs[0]]
     T, H = x.shape
-    E, n_local, k, world = gate.shape[0], a["n_local"], a["top_k"], int(a.get("world", 1))
+    E, n_local, k, world = gate.shape[0], a.n_local, a.top_k, a.world
     In = dn.shape[2]
     geo = moe.tiling(T, H, In, n_local, k)
     busy = slot_busy(T, k, E, n_local, geo.max_slots)
@@ -189,8 +189,8 @@ def tile_moe(g: Graph, n: Node, ctx: Any) -> OpTiles:
         kc = In / geo.down_split
         down.add((j, 0, 0), 0, w + items * (T * kc * 2 + T * moe.BLOCK_N * 4), items * 2.0 * T * moe.BLOCK_N * kc,
                  (Read(-3),))  # fmt: skip
-    res = len(n.inputs) - 1 if a.get("residual") else None
-    coll = bool(a.get("reduce")) and world > 1
+    res = len(n.inputs) - 1 if a.residual else None
+    coll = a.reduce and world > 1
     reduce = _reduce_stage("MOE_REDUCE", out, world if coll else 1, src=-4, chunk_cols=None, res=res,
                            y_bytes=4, collective=coll)  # fmt: skip
     return OpTiles([router, topk, up, down, reduce], [4])

@@ -8,6 +8,7 @@ exactly (`Graph.from_json(g.to_json()) == g`).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -15,6 +16,7 @@ from typing import Any
 
 import networkx as nx
 
+from tilert.ir.attrs import Attrs
 from tilert.ir.dtypes import dtype
 from tilert.ir.registry import get_op
 from tilert.ir.value import REPLICATED, IRError, Sharding, Value, freeze_attrs
@@ -28,14 +30,15 @@ class Node:
     op: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
-    attrs: tuple[tuple[str, Any], ...] = ()  # sorted (key, value); values are JSON scalars/tuples
+    attrs: tuple[tuple[str, Any], ...] = ()  # as set: sorted (key, value); values are JSON scalars/tuples
 
-    @property
-    def a(self) -> dict[str, Any]:
-        return dict(self.attrs)
+    @functools.cached_property
+    def a(self) -> Attrs:
+        """The attributes, typed: the kind's Attrs class with its defaults filled in."""
+        return get_op(self.op).attrs.parse(self.attrs)
 
     def with_attrs(self, **kw: Any) -> Node:
-        return replace(self, attrs=freeze_attrs({**self.a, **kw}))
+        return replace(self, attrs=freeze_attrs({**dict(self.attrs), **kw}))
 
 
 def _thaw(v: Any) -> Any:
@@ -108,6 +111,10 @@ class Graph:
         for i, n in enumerate(self.nodes):
             where = f"node {i} ({n.op})"
             opdef = get_op(n.op)
+            try:
+                a = n.a
+            except IRError as e:
+                raise IRError(f"{where}: {e}") from None
             for x in n.inputs:
                 if x not in self.values:
                     raise IRError(f"{where}: input '%{x}' is not a value of the graph")
@@ -127,7 +134,7 @@ class Graph:
                 consumed_state[x] = i
             ins = [self.values[x] for x in n.inputs]
             try:
-                expect = opdef.infer(ins, n.a)
+                expect = opdef.infer(ins, a)
             except IRError as e:
                 raise IRError(f"{where}: {e}") from None
             if len(expect) != len(n.outputs):

@@ -22,12 +22,11 @@ Tile bodies (the persistent runtime calls these with its own coordinates):
 
 import dataclasses
 import functools
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
+from tilert.ir.opset.fused import AttentionBlockAttrs
 from tilert.kernels.common import build, cdiv, gate_passed, warp_rows
 from tilert.kernels.common import gated as mark_gated
 from tilert.ops.attention import attention as _ref_attention
@@ -75,17 +74,16 @@ class AttnConfig:
             raise ValueError(f"block {self.block} must be in [1, block_n={self.block_n}]")
 
     @classmethod
-    def for_node(cls, a: Mapping[str, Any], tokens: int, persistent: bool = False) -> "AttnConfig":
+    def for_node(cls, a: AttentionBlockAttrs, tokens: int, persistent: bool = False) -> "AttnConfig":
         """The config of an attention_block node (attrs `a`, `tokens` rows; `supports` must hold).
         persistent: the persistent bodies' (256-thread CTAs: 128 query rows each, 1-tile splits, the
         value scale applied to the new rows)."""
-        cfg = cls(q_heads=a["heads"], kv_heads=a["kv_heads"], head_dim=a["head_dim"], v_head_dim=a["v_head_dim"],
-                  rope_dim=a["rope_dim"], rope_theta=a["theta"], block=tokens, window=a.get("window", 0),
-                  sink=bool(a.get("has_sink")))  # fmt: skip
+        cfg = cls(q_heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim, v_head_dim=a.v_head_dim,
+                  rope_dim=a.rope_dim, rope_theta=a.theta, block=tokens, window=a.window, sink=a.has_sink)
         if not persistent:
             return cfg
         return dataclasses.replace(cfg, rows_per_cta=128, min_tiles=PERSISTENT_MIN_TILES,
-                                   v_scale=float(a.get("v_scale") or 1.0))  # fmt: skip
+                                   v_scale=float(a.v_scale or 1.0))  # fmt: skip
 
     @property
     def group(self) -> int:
@@ -141,15 +139,15 @@ class AttnConfig:
         return self.block_m * self.head_dim * 2 + self.stages * tile + table_rows * self.rope_dim * 4
 
 
-def supports(a: Mapping[str, Any], tokens: int) -> str | None:
+def supports(a: AttentionBlockAttrs, tokens: int) -> str | None:
     """None when the kernel covers an attention_block node with attrs `a` and `tokens` rows, else why
     not (q/k norms, non-causal drafter blocks, head dims not multiples of 16, more rows than a key
     tile, a config AttnConfig rejects)."""
-    if a.get("qk_norm_eps") is not None:
+    if a.qk_norm_eps is not None:
         return "q/k norms"
-    if a["head_dim"] % 16 or a["v_head_dim"] % 16:
-        return f"head dims {a['head_dim']}/{a['v_head_dim']} are not multiples of 16"
-    if not a.get("causal", True):
+    if a.head_dim % 16 or a.v_head_dim % 16:
+        return f"head dims {a.head_dim}/{a.v_head_dim} are not multiples of 16"
+    if not a.causal:
         return "non-causal attention"
     if tokens > BLOCK_N:
         return f"{tokens} tokens > {BLOCK_N}"
@@ -160,7 +158,7 @@ def supports(a: Mapping[str, Any], tokens: int) -> str | None:
     return None
 
 
-def tiling(a: Mapping[str, Any], tokens: int, kv_heads: int) -> tuple[int, int, int]:
+def tiling(a: AttentionBlockAttrs, tokens: int, kv_heads: int) -> tuple[int, int, int]:
     """(query rows per kv head, rows per CTA, KV splits) of an attention_block node's tasks: the
     kernel's (rows, block_m, splits) where it covers the node, so the persistent kernel runs
     `attn_split_body` at the table's coordinates; else block_m 64/128 by rows and about one wave of
@@ -170,8 +168,8 @@ def tiling(a: Mapping[str, Any], tokens: int, kv_heads: int) -> tuple[int, int, 
         if cfg.kv_heads != kv_heads:
             raise ValueError(f"attention_block kv_heads {cfg.kv_heads} != {kv_heads} kv heads in the cache")
         return cfg.rows, cfg.block_m, cfg.splits
-    window = a.get("window") or 0
-    rows = tokens * a["heads"] // kv_heads
+    window = a.window
+    rows = tokens * a.heads // kv_heads
     bm = 64 if rows <= 64 else 128
     splits = max(1, cdiv(window, BLOCK_N)) if window else max(1, WAVE_CTAS // (kv_heads * cdiv(rows, bm)))
     return rows, bm, splits

@@ -26,12 +26,12 @@ down blocks [E, H, I/2], scales [E, H, I/32]; router weight f32 [E_total, H], bi
 
 import dataclasses
 import functools
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from tilert.ir.opset.fused import MoeAttrs
 from tilert.kernels.common import DEVICE_PRELUDE, build, cdiv
 from tilert.kernels.mxfp4_gemm import BLOCK_K, BLOCK_N, loop_shape, make_mainloop
 from tilert.numerics import mxfp4
@@ -61,12 +61,10 @@ class Config:
     norm_eps: float | None = None  # router_tile reads raw x and applies the RMSNorm itself (see router_tile)
 
     @classmethod
-    def for_node(cls, a: Mapping[str, Any], tokens: int, hidden: int, inter: int, n_experts: int,
-                 **kw: Any) -> "Config":  # fmt: skip
+    def for_node(cls, a: MoeAttrs, tokens: int, hidden: int, inter: int, n_experts: int, **kw: Any) -> "Config":
         """The config of a fused_moe node with attrs `a` (`supports` must hold); kw: the persistent
         step's overrides (cta_threads, x_stage, norm_eps, expert_offset)."""
-        cfg = cls(tokens, hidden, inter, n_experts, a["n_local"], a["top_k"], a.get("expert_offset", 0),
-                  a.get("scaling", 1.0), a.get("normalize", True))  # fmt: skip
+        cfg = cls(tokens, hidden, inter, n_experts, a.n_local, a.top_k, a.expert_offset, a.scaling, a.normalize)
         return dataclasses.replace(cfg, **kw)
 
     @property

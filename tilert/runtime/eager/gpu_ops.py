@@ -13,12 +13,13 @@ references' semantics.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from tilert.ir.opset.fused import split_extras
+from tilert.ir.opset.fused import AttentionBlockAttrs, MoeAttrs, split_extras
 from tilert.ir.registry import get_op
 from tilert.kernels import attention as attn
 from tilert.kernels import fp8_gemm, moe, mxfp4_gemm
@@ -74,7 +75,7 @@ def solo_all_reduce(ctx: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 @impl("linear_mxfp4", "linear_fp8")
-def linear(ctx, x, w, *extra, out_dtype="bf16", norm_eps=None, residual=False):
+def linear(ctx, x, w, *extra, out_dtype, norm_eps, residual):
     norm_w, res = split_extras(extra, norm_eps, residual)
     fast = isinstance(w, QTensor) and (w.fmt == "mxfp4" or w.block == (128, 128))
     if not fast or x.shape[-1] % 32 or not x.is_cuda or not _kernels(ctx):
@@ -87,116 +88,74 @@ def linear(ctx, x, w, *extra, out_dtype="bf16", norm_eps=None, residual=False):
     return (y if res is None else res.float() + y,)
 
 
-@impl("matmul", "linear_bf16")
-def matmul_bf16(ctx, x, w, *extra, out_dtype="bf16", norm_eps=None, residual=False):
+def _bf16_gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """bf16 tensor-core GEMM with fp32 accumulation (the reference upcasts whole weights to fp32)."""
-    kind = "matmul" if not extra and norm_eps is None and not residual else "linear_bf16"
+    return torch.matmul(x.to(torch.bfloat16), w.t()).float()
+
+
+@impl("matmul")
+def matmul_bf16(ctx, x, w, *, out_dtype):
     if not (x.is_cuda and w.dtype == torch.bfloat16):
-        return get_op(kind).reference(
-            ctx,
-            x,
-            w,
-            *extra,
-            out_dtype=out_dtype,
-            **({} if kind == "matmul" else {"norm_eps": norm_eps, "residual": residual}),
-        )
+        return get_op("matmul").reference(ctx, x, w, out_dtype=out_dtype)
+    return (_bf16_gemm(x, w),)
+
+
+@impl("linear_bf16")
+def linear_bf16(ctx, x, w, *extra, out_dtype, norm_eps, residual):
+    if not (x.is_cuda and w.dtype == torch.bfloat16):
+        return get_op("linear_bf16").reference(ctx, x, w, *extra, out_dtype=out_dtype, norm_eps=norm_eps,
+                                               residual=residual)  # fmt: skip
     norm_w, res = split_extras(extra, norm_eps, residual)
-    y = torch.matmul(_norm(ctx, x, norm_w, norm_eps).to(torch.bfloat16), w.t()).float()
+    y = _bf16_gemm(_norm(ctx, x, norm_w, norm_eps), w)
     return (y if res is None else res.float() + y,)
 
 
 @impl("fused_moe_mxfp4")
-def fused_moe(
-    ctx,
-    x,
-    gate,
-    bias,
-    w_gu,
-    w_d,
-    *extra,
-    top_k,
-    n_group=1,
-    topk_group=1,
-    normalize=True,
-    scaling=1.0,
-    expert_offset=0,
-    n_local,
-    world=1,
-    reduce=False,
-    norm_eps=None,
-    residual=False,
-):
-    norm_w, res = split_extras(extra, norm_eps, residual)
-    if reduce and world > 1 and not getattr(ctx, "solo", False) and not _dist(ctx):
+def fused_moe(ctx, x, gate, bias, w_gu, w_d, *extra, **kw):
+    a = MoeAttrs(**kw)
+    norm_w, res = split_extras(extra, a.norm_eps, a.residual)
+    if a.reduce and a.world > 1 and not getattr(ctx, "solo", False) and not _dist(ctx):
         raise NotImplementedError("fused_moe with a cross-rank reduce needs a distributed context or solo mode")
     cfg = None
     if _kernels(ctx) and x.is_cuda and isinstance(w_gu, QTensor) and w_gu.fmt == "mxfp4":
-        a = dict(top_k=top_k, n_group=n_group, expert_offset=expert_offset, scaling=scaling, normalize=normalize,
-                 n_local=n_local)  # fmt: skip
         cfg = moe_config(x.shape[0], x.shape[-1], w_d.shape[-1], gate.shape[0], a)
-    if cfg is None:
-        y = get_op("fused_moe_mxfp4").reference(
-            ctx,
-            x,
-            gate,
-            bias,
-            w_gu,
-            w_d,
-            *(() if norm_w is None else (norm_w,)),
-            top_k=top_k,
-            n_group=n_group,
-            topk_group=topk_group,
-            normalize=normalize,
-            scaling=scaling,
-            expert_offset=expert_offset,
-            n_local=n_local,
-            world=world,
-            reduce=False,
-            norm_eps=norm_eps,
-        )[0]
-        y = _reduce(ctx, y) if reduce else y
-        return (y if res is None else res.float() + y,)
-    h = _bf16_2d(_norm(ctx, x, norm_w, norm_eps))
-    y, _, _ = moe.run(
-        h,
-        gate,
-        bias,
-        (w_gu.data, w_gu.scales),
-        (w_d.data, w_d.scales),
-        top_k=top_k,
-        expert_offset=expert_offset,
-        normalize=normalize,
-        scaling=scaling,
-        cfg=cfg,
-    )
-    if reduce:
+    if cfg is None:  # the reference of this rank's partial, then the collective and the residual here
+        local = dataclasses.replace(a, reduce=False, residual=False)
+        norm = () if norm_w is None else (norm_w,)
+        y = get_op("fused_moe_mxfp4").reference(ctx, x, gate, bias, w_gu, w_d, *norm, **local.kwargs())[0]
+    else:
+        h = _bf16_2d(_norm(ctx, x, norm_w, a.norm_eps))
+        y, _, _ = moe.run(h, gate, bias, (w_gu.data, w_gu.scales), (w_d.data, w_d.scales), top_k=a.top_k,
+                          expert_offset=a.expert_offset, normalize=a.normalize, scaling=a.scaling, cfg=cfg)  # fmt: skip
+    if a.reduce:
         y = _reduce(ctx, y)
     return (y if res is None else res.float() + y,)
 
 
-def attn_config(a: dict, B: int) -> Any:
+def attn_config(a: AttentionBlockAttrs, B: int) -> Any:
     """The attention kernel's config for an attention_block node's attrs and B tokens, or None when
     the kernel does not cover it (`tilert.kernels.attention.supports`)."""
     return attn.AttnConfig.for_node(a, B) if attn.supports(a, B) is None else None
 
 
-def moe_config(tokens: int, hidden: int, inter: int, n_experts: int, a: dict) -> Any:
+def moe_config(tokens: int, hidden: int, inter: int, n_experts: int, a: MoeAttrs) -> Any:
     """The fused-MoE kernel's config for a fused_moe node, or None when the standalone kernel does not
     cover it (`tilert.kernels.moe.supports`)."""
-    if moe.supports(tokens, hidden, inter, a.get("n_group", 1)) is not None:
+    if moe.supports(tokens, hidden, inter, a.n_group) is not None:
         return None
     return moe.Config.for_node(a, tokens, hidden, inter, n_experts)
 
 
 @impl("attention_block")
-def attention_block(ctx, q, k, v, k_cache, v_cache, pos, *extra, **a):
+def attention_block(ctx, q, k, v, k_cache, v_cache, pos, *extra, **kw):
+    a = AttentionBlockAttrs(**kw)
     cfg = attn_config(a, q.shape[0]) if _kernels(ctx) and q.is_cuda and k_cache.dtype == torch.bfloat16 else None
     if cfg is None:
-        return get_op("attention_block").reference(ctx, q, k, v, k_cache, v_cache, pos, *extra, **a)
-    H, Hkv, D, Dv, B = a["heads"], a["kv_heads"], a["head_dim"], a["v_head_dim"], q.shape[0]
-    if a.get("v_scale") is not None:
-        v = v.float() * a["v_scale"]
-    sink = extra[0].float().contiguous() if a.get("has_sink") else None
+        return get_op("attention_block").reference(ctx, q, k, v, k_cache, v_cache, pos, *extra, **kw)
+    H, Hkv, D, Dv, B = a.heads, a.kv_heads, a.head_dim, a.v_head_dim, q.shape[0]
+    if a.v_scale is not None:
+        v = v.float() * a.v_scale
+    sink = extra[0].float().contiguous() if a.has_sink else None
     bf = torch.bfloat16
     o = attn.run(
         cfg,
@@ -222,7 +181,7 @@ def all_reduce(ctx, x):
 
 
 @impl("all_reduce_residual")
-def all_reduce_residual(ctx, partial, residual, *, world=1):
+def all_reduce_residual(ctx, partial, residual, *, world):
     if _dist(ctx):
         return (residual.float() + ctx.all_reduce(partial),)
     if getattr(ctx, "solo", False):
@@ -231,7 +190,7 @@ def all_reduce_residual(ctx, partial, residual, *, world=1):
 
 
 @impl("lm_head_argmax", "lm_head_accept")
-def lm_head(ctx, x, w, *rest, world=1, vocab_size, vocab_offset=0, norm_eps=None, out_dtype="f32"):
+def lm_head(ctx, x, w, *rest, world, vocab_size, vocab_offset, norm_eps, out_dtype):
     """Local logits + argmax; with `solo` the distributed argmax is rank 0's local one, with a
     distributed context it is vocab_argmax here + argmax_reduce over the ranks."""
     accept = len(rest) > int(norm_eps is not None)
@@ -253,7 +212,7 @@ def lm_head(ctx, x, w, *rest, world=1, vocab_size, vocab_offset=0, norm_eps=None
     norm_w, _ = split_extras(extra, norm_eps, False)
     h = _norm(ctx, x, norm_w, norm_eps)
     if isinstance(w, QTensor):
-        logits = linear(ctx, h, w, out_dtype="f32")[0]
+        logits = linear(ctx, h, w, out_dtype="f32", norm_eps=None, residual=False)[0]
     else:
         logits = torch.matmul(h.to(w.dtype), w.t()).float()
     if _dist(ctx):

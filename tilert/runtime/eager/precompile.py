@@ -30,7 +30,7 @@ def kernel_builds(g: Graph) -> dict[Any, Callable[[], Any]]:
             out[(n.op, cfg)] = lambda mod=mod, cfg=cfg: mod.compiled(cfg)
         elif n.op == "fused_moe_mxfp4":
             x, gate, _, gu, d = ins[:5]
-            cfg = moe_config(x.shape[0], x.shape[1], d.shape[2], gate.shape[0], dict(a, n_local=gu.shape[0]))
+            cfg = moe_config(x.shape[0], x.shape[1], d.shape[2], gate.shape[0], a)
             if cfg is not None:
                 out[("moe", cfg)] = lambda cfg=cfg: moe.compiled(cfg)
         elif n.op == "attention_block":

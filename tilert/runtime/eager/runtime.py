@@ -81,7 +81,7 @@ class EagerRuntime:
             if marks is not None:
                 marks.append(None if isinstance(marks, _Recorder) else self._mark())
             try:
-                outs = fn(self.ctx, *(env[x] for x in node.inputs), **node.a)
+                outs = fn(self.ctx, *(env[x] for x in node.inputs), **node.a.kwargs())
             except KeyError as e:
                 raise IRError(f"node {i} ({node.op}) in '{g.name}': value {e} was not provided") from None
             env.update(zip(node.outputs, outs))

@@ -195,11 +195,11 @@ class PlanVM:
     def _collective(self, r: int, name: str, row: list[int]) -> bool:
         node = self.ranks[r].graph.nodes[row[FIELD["op"]]]
         if name == "MOE_REDUCE":  # an all-reduce only when the node has one
-            return bool(node.a.get("reduce")) and int(node.a.get("world", 1)) > 1
+            return node.a.reduce and node.a.world > 1
         if name in COLLECTIVE:
             return True
         if name in ("LM_HEAD_ARGMAX", "LM_HEAD_ACCEPT"):
-            return int(node.a.get("world", 1)) > 1
+            return node.a.world > 1
         return name.startswith("OP_") and get_op(node.op).collective
 
     def _run(self) -> None:
@@ -301,9 +301,9 @@ class PlanVM:
             return self._moe_ws(r, row[FIELD["op"]], n, ins)["Y"][:, lo:hi].clone()
         if name in ("LM_HEAD_ARGMAX", "LM_HEAD_ACCEPT"):
             logits = self.ranks[r].env[n.outputs[0]]
-            if int(n.a.get("world", 1)) == 1:
+            if n.a.world == 1:
                 return ref("argmax")(self._ctx(r), logits)[0]
-            vloc, vocab = logits.shape[-1], n.a["vocab_size"]
+            vloc, vocab = logits.shape[-1], n.a.vocab_size
             v, i = ref("vocab_argmax")(self._ctx(r), logits, vocab_offset=r * vloc,
                                        vocab_valid=min(vloc, vocab - r * vloc))  # fmt: skip
             return v.clone(), i.clone()
@@ -321,21 +321,21 @@ class PlanVM:
             res = None
             if name == "ALL_REDUCE" and n.op == "all_reduce_residual":
                 res = ins[1]
-            elif name == "MOE_REDUCE" and n.a.get("residual"):
+            elif name == "MOE_REDUCE" and n.a.residual:
                 res = ins[-1]
             if res is not None:
                 y = ref("add")(ctx, res[..., lo:hi], y)[0]
             out[..., lo:hi] = y
         elif name == "ALL_GATHER":
-            d = n.a["dim"] % out.dim()
+            d = n.a.dim % out.dim()
             if d != out.dim() - 1:
-                raise PlanVMError(f"all_gather along dim {n.a['dim']} of {list(out.shape)}: only the last dim")
+                raise PlanVMError(f"all_gather along dim {n.a.dim} of {list(out.shape)}: only the last dim")
             W, cols = ins[0].shape[-1], COLLECTIVE_COLS
             lo, hi = c[0] * cols, min(W, (c[0] + 1) * cols)
             for q, p in enumerate(parts):
                 out[..., q * W + lo : q * W + hi] = p
         elif name in ("LM_HEAD_ARGMAX", "LM_HEAD_ACCEPT"):
-            if int(n.a.get("world", 1)) == 1:
+            if n.a.world == 1:
                 nxt = parts[0]
             else:
                 vals, ids = [p[0] for p in parts], [p[1] for p in parts]
@@ -372,12 +372,13 @@ class PlanVM:
         kc = K // split
         ks = slice(s * kc, (s + 1) * kc)
         ctx = self._ctx(r)
-        eps = n.a.get("norm_eps")
-        norm_w, res = split_extras(tuple(ins[3 if n.op == "lm_head_accept" else 2 :]), eps, bool(n.a.get("residual")))
+        eps = n.a.norm_eps
+        residual = not n.op.startswith("lm_head_") and n.a.residual
+        norm_w, res = split_extras(tuple(ins[3 if n.op == "lm_head_accept" else 2 :]), eps, residual)
         xr = x.reshape(M, K)[rows]
         if norm_w is not None:
             xr = ref("rms_norm")(ctx, xr, norm_w, eps=eps)[0]  # the prologue needs whole rows
-        y = ref("matmul")(ctx, xr[:, ks], w[cols, ks])[0]
+        y = ref("matmul")(ctx, xr[:, ks], w[cols, ks], out_dtype="bf16")[0]
         if res is not None and s == 0:
             y = ref("add")(ctx, res.reshape(M, N)[rows, cols], y)[0]
         o2 = out.view(M, N)
@@ -392,9 +393,9 @@ class PlanVM:
 
     def _attn_geom(self, n: Any, ins: list[Any]) -> dict[str, Any]:
         a, q, kc = n.a, ins[0], ins[3]
-        T, Hkv, H = q.shape[0], kc.shape[0], a["heads"]
+        T, Hkv, H = q.shape[0], kc.shape[0], a.heads
         G = H // Hkv
-        W = a.get("window") or 0
+        W = a.window
         rows, bm, NS = attention.tiling(a, T, Hkv)
         pos = ins[5]
         start = int(pos[0])
@@ -403,7 +404,7 @@ class PlanVM:
         tiles = cdiv(start - lo, BN)
         per = max(cdiv(tiles, NS), PERSISTENT_MIN_TILES)
         return dict(T=T, Hkv=Hkv, H=H, G=G, rows=rows, bm=bm, NS=NS, W=W, start=start, lo=lo, per=per, BN=BN,
-                    n_used=cdiv(tiles, per), D=a["head_dim"], Dv=a["v_head_dim"])  # fmt: skip
+                    n_used=cdiv(tiles, per), D=a.head_dim, Dv=a.v_head_dim)  # fmt: skip
 
     def _attn_ws(self, r: int, i: int, g: dict[str, Any]) -> dict[str, Any]:
         ws = self._ws(r, i)
@@ -420,9 +421,9 @@ class PlanVM:
         q, k, v, kcache, vcache, pos = ins[:6]
         extra = ins[6:]
         G, D, Dv, T = g["G"], g["D"], g["Dv"], g["T"]
-        eps = a.get("qk_norm_eps")
-        norms = extra[int(bool(a.get("has_sink"))) :] if eps is not None else ()
-        rope = dict(head_dim=D, rope_dim=a["rope_dim"], theta=a["theta"])
+        eps = a.qk_norm_eps
+        norms = extra[int(a.has_sink) :] if eps is not None else ()
+        rope = dict(head_dim=D, rope_dim=a.rope_dim, theta=a.theta)
         qh = q[:, h * G * D : (h + 1) * G * D]
         if eps is not None:
             qh = ref("head_rms_norm")(ctx, qh, norms[0], heads=G, eps=eps)[0]
@@ -442,12 +443,12 @@ class PlanVM:
                 kh = ref("head_rms_norm")(ctx, kh, norms[1], heads=1, eps=eps)[0]
             kh = ref("rope")(ctx, kh, pos, heads=1, **rope)[0]
             vh = v[:, h * Dv : (h + 1) * Dv]
-            if a.get("v_scale") is not None:
-                vh = ref("scale")(ctx, vh, factor=a["v_scale"])[0]
+            if a.v_scale is not None:
+                vh = ref("scale")(ctx, vh, factor=a.v_scale)[0]
             if rb == 0:
                 ops.kv_append(kcache[h : h + 1], vcache[h : h + 1], kh.view(T, 1, D), vh.view(T, 1, Dv), pos)
             keys, vals, kpos = kh.float(), vh.float(), pos.long()
-        o, lse = _split_partial(qr, qpos, keys, vals, kpos, a["scale"], g["W"], a.get("causal", True))
+        o, lse = _split_partial(qr, qpos, keys, vals, kpos, a.scale, g["W"], a.causal)
         ws = self._attn_ws(r, i, g)
         ws["o"][h, r0:r1, s] = o
         ws["lse"][h, r0:r1, s] = lse
@@ -461,7 +462,7 @@ class PlanVM:
         slots = [*range(g["n_used"]), g["NS"]]
         G, Dv = g["G"], g["Dv"]
         t, hq = row // G, h * G + row % G
-        sink = ins[6][hq] if a.get("has_sink") else None
+        sink = ins[6][hq] if a.has_sink else None
         out = self.ranks[r].env[n.outputs[0]]
         out[t, hq * Dv : (hq + 1) * Dv] = _merge(ws["o"][h, row, slots], ws["lse"][h, row, slots], sink)
 
@@ -470,13 +471,13 @@ class PlanVM:
     def _moe_h(self, r: int, n: Any, ins: list[Any]) -> torch.Tensor:
         """x, or with a norm prologue (norm_eps) rms_norm(x): the router and gate/up tasks each
         normalise the whole rows they read (no extra task, no extra buffer)."""
-        norm_w, _ = split_extras(tuple(ins[MOE_CORE:]), n.a.get("norm_eps"), bool(n.a.get("residual")))
+        norm_w, _ = split_extras(tuple(ins[MOE_CORE:]), n.a.norm_eps, n.a.residual)
         x = ins[0]
-        return x.float() if norm_w is None else ref("rms_norm")(self._ctx(r), x, norm_w, eps=n.a["norm_eps"])[0]
+        return x.float() if norm_w is None else ref("rms_norm")(self._ctx(r), x, norm_w, eps=n.a.norm_eps)[0]
 
     def _moe_geo(self, n: Any, ins: list[Any]) -> moe.MoeTiling:
         (T, H), In = ins[0].shape, ins[4].shape[2]
-        return moe.tiling(T, H, In, n.a["n_local"], n.a["top_k"])
+        return moe.tiling(T, H, In, n.a.n_local, n.a.top_k)
 
     def _moe_ws(self, r: int, i: int, n: Any, ins: list[Any]) -> dict[str, Any]:
         """The kernel's buffers (tilert/kernels/moe.py), poisoned: L [T, E] logits, Idx/Wt [T, k],
@@ -485,7 +486,7 @@ class PlanVM:
         ws = self._ws(r, i)
         if "L" not in ws:
             T, H = ins[0].shape
-            E, k, EL, In = ins[1].shape[0], n.a["top_k"], n.a["n_local"], ins[4].shape[2]
+            E, k, EL, In = ins[1].shape[0], n.a.top_k, n.a.n_local, ins[4].shape[2]
             nan = float("nan")
             ws["L"] = torch.full((T, E), nan)
             ws["Idx"] = torch.full((T, k), INT_POISON, dtype=torch.int32)
@@ -513,12 +514,11 @@ class PlanVM:
         """route_body: Idx/Wt, TokW (a token's weight per local expert, 0 if not routed there), the
         active list List[0:Count] of local experts with >= 1 token, in increasing order."""
         ws, a = self._moe_ws(r, i, n, ins), n.a
-        idx, wt = ops.route(ws["L"], ins[2], top_k=a["top_k"], n_group=a.get("n_group", 1),
-                            topk_group=a.get("topk_group", 1), normalize=a.get("normalize", True),
-                            scaling=a.get("scaling", 1.0))  # fmt: skip
+        idx, wt = ops.route(ws["L"], ins[2], top_k=a.top_k, n_group=a.n_group, topk_group=a.topk_group,
+                            normalize=a.normalize, scaling=a.scaling)  # fmt: skip
         ws["Idx"][...], ws["Wt"][...] = idx, wt
-        local = idx.long() - a.get("expert_offset", 0)
-        mine = (local >= 0) & (local < a["n_local"])
+        local = idx.long() - a.expert_offset
+        mine = (local >= 0) & (local < a.n_local)
         tok = torch.arange(idx.shape[0])[:, None].expand_as(idx)
         ws["TokW"].zero_()
         ws["TokW"][local[mine], tok[mine]] = wt[mine].float()
@@ -540,7 +540,7 @@ class PlanVM:
         if c[0] >= geo.gu_tasks or c[1] or c[2]:
             raise PlanVMError(f"MoE gate/up task {c} outside ({geo.gu_tasks}, 1, 1)")
         w = self._weight(r, n.inputs[3])  # [E_local, 2In, H]: gate rows, then up rows
-        off = n.a.get("expert_offset", 0)
+        off = n.a.expert_offset
         x = self._moe_h(r, n, ins)
         for slot, nt in geo.gu_items(c[0], self._moe_count(ws, c)):
             e = int(ws["List"][slot])
@@ -555,7 +555,7 @@ class PlanVM:
         ws, geo, a = self._moe_ws(r, i, n, ins), self._moe_geo(n, ins), n.a
         if c[0] >= geo.down_tasks or c[1] or c[2]:
             raise PlanVMError(f"MoE down task {c} outside ({geo.down_tasks}, 1, 1)")
-        off, T = a.get("expert_offset", 0), geo.tokens
+        off, T = a.expert_offset, geo.tokens
         wd = self._weight(r, n.inputs[4])
         for slot, j, q in geo.down_items(c[0], self._moe_count(ws, c)):
             e = int(ws["List"][slot])
@@ -563,7 +563,7 @@ class PlanVM:
             every = torch.full((T, 1), e + off, dtype=torch.int32)
             y = ops.expert_linear(ws["Hb"][slot][:, klo:khi], wd[:, lo:hi, klo:khi], every, expert_offset=off)
             tokw = ws["TokW"][e, :T, None]
-            ws["Y"][:, lo:hi] += ops.moe_combine(y, tokw, every, expert_offset=off, n_local=a["n_local"])
+            ws["Y"][:, lo:hi] += ops.moe_combine(y, tokw, every, expert_offset=off, n_local=a.n_local)
 
     # ---- generic kinds: one task per block of output columns ----------------------------------------
 
@@ -579,7 +579,7 @@ class PlanVM:
         args = [x[..., lo:hi] if ew and x.shape[-1] == W else x for x in ins]
         ctx: Any = self._ctx(r) if parts is None else PeerValues(r, self.world, *zip(*parts))
         try:
-            res = get_op(n.op).reference(ctx, *args, **n.a)
+            res = get_op(n.op).reference(ctx, *args, **n.a.kwargs())
         except KeyError as e:
             raise IRError(f"{n.op}: {e}") from None
         for o, y in zip(outs, res):

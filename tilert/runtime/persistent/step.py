@@ -39,7 +39,7 @@ from tilert.kernels import lm_head_tail as lt
 from tilert.kernels import peer_collective as pc
 from tilert.kernels.common import build, cdiv, gated, is_gated
 from tilert.kernels.elementwise import COLLECTIVE_COLS
-from tilert.kernels.views import PERSISTENT_THREADS, TORCH_DTYPES, ViewSpec, make_views, pointer_row
+from tilert.kernels.views import PERSISTENT_THREADS, TORCH_DTYPES, ViewSpec, make_views, pointer_row, prefixed
 from tilert.ops.qtensor import QTensor
 from tilert.ops.qtensor import QTensor as Q
 from tilert.runtime.persistent.megakernel import (
@@ -202,8 +202,8 @@ def _linear(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         w_dtype, scale_rows, wtensors = "bfloat16", 128, [wt.to(torch.bfloat16).contiguous()]
     lm = n.op.startswith("lm_head_")
     out = g.values[n.outputs[0]]
-    res = None if lm or not n.a.get("residual") else g.values[n.inputs[-1]]
-    eps = n.a.get("norm_eps")
+    res = None if lm or not n.a.residual else g.values[n.inputs[-1]]
+    eps = n.a.norm_eps
     spec = lf.LinearSpec(
         M, N, K, bm, bn, bk, split, w_dtype, scale_rows, eps,
         None if res is None else _tl_dtype(b.activation(res)), _tl_dtype(b.activation(out)), gemv=gemv,
@@ -239,13 +239,13 @@ def _lm_head_tail(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
     logits = b.activation(g.values[n.outputs[0]])
     nxt = b.activation(g.values[n.outputs[1]])
     T, V = g.values[n.outputs[0]].shape
-    world, vocab = int(n.a.get("world", 1)), n.a["vocab_size"]
-    valid = min(V, vocab) if world == 1 else min(V, vocab - int(n.a.get("vocab_offset", 0)))
+    world, vocab = n.a.world, n.a.vocab_size
+    valid = min(V, vocab) if world == 1 else min(V, vocab - n.a.vocab_offset)
     accept = n.op == "lm_head_accept"
     peer = b.group is not None and world > 1
-    if world > 1 and not peer and int(n.a.get("vocab_offset", 0)) > 0:
+    if world > 1 and not peer and n.a.vocab_offset > 0:
         raise PersistentError("the LM head tail of a rank > 0 needs its peers (a PeerGroup: MultiRankStep)")
-    offset = int(n.a.get("vocab_offset", 0)) if world > 1 else 0
+    offset = n.a.vocab_offset if world > 1 else 0
     cfg = lt.Config(T, V, 0 if peer else valid)  # with peers valid and offset are read at run time
     ts = [logits, nxt]
     tail_specs: list[ViewSpec] = [("logits", (T, V), "float32"), ("next", (T,), "int32")]
@@ -264,7 +264,7 @@ def _lm_head_tail(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         ini = pc.rotated(b.group.buffers(("in_idx", i), (world, T), torch.int32), b.rank)
         arrs = pc.rotated(b.group.buffers(("arrivals", i), (1,), torch.int32), b.rank)
         ts += [val, idx, nxt, b.epoch, b.err, b.rank_id, *inv, *ini, *arrs, b.ints(offset, valid)]
-        tail_specs += [*pc.views(pcfg), ("vocab", (2,), "int32")]
+        tail_specs += [*prefixed("peer", pc.views(pcfg)), ("vocab", (2,), "int32")]
     tail_op = "LM_HEAD_ACCEPT" if accept else "LM_HEAD_ARGMAX"
 
     def bodies() -> dict[str, Any]:
@@ -272,39 +272,38 @@ def _lm_head_tail(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
 
         gemm_body = gemm.bodies()["LM_HEAD_GEMM"]
         argmax_body, accept_body, local_argmax_body, dflash_accept_body = lt.make_bodies(cfg)
-        k = len(gemm.specs)
-        p0 = k + (4 if accept else 2)  # first view of the cross-rank argmax
         if pcfg is not None:
             cross = pc.make_body(pcfg)
 
         @T_.macro
-        def gemm_part(V_, c0, c1, c2):
-            gemm_body(V_[:k], c0, c1, c2)
+        def gemm_part(V, c0, c1, c2):
+            gemm_body(V.part("gemm"), c0, c1, c2)
 
         @T_.macro
-        def gemm_part_gated(V_, c0, c1, c2, gate):
-            gemm_body(V_[:k], c0, c1, c2, gate)
+        def gemm_part_gated(V, c0, c1, c2, gate):
+            gemm_body(V.part("gemm"), c0, c1, c2, gate)
 
         @T_.macro
-        def tail_part(V_, c0, c1, c2):
+        def tail_part(V, c0, c1, c2):
             if pcfg is not None:
-                vocab = V_[len(V_) - 1]  # (offset, valid) of this rank's vocabulary slice
-                local_argmax_body(V_[k], V_[p0], V_[p0 + 1], vocab[1], vocab[0])
+                peers, vocab = V.part("peer"), V.vocab  # vocab: (offset, valid) of this rank's slice
+                local_argmax_body(V.logits, peers.val, peers.idx, vocab[1], vocab[0])
                 T_.sync_threads()
-                cross(V_[p0:], 0)
+                cross(peers, 0)
                 if accept:
                     T_.sync_threads()
-                    dflash_accept_body(V_[k + 2], V_[k + 1], V_[k + 3])
+                    dflash_accept_body(V.draft, V.next, V.accept)
             elif accept:
-                accept_body(V_[k], V_[k + 2], V_[k + 1], V_[k + 3], valid)
+                accept_body(V.logits, V.draft, V.next, V.accept, valid)
             else:
-                argmax_body(V_[k], V_[k + 1], valid)
+                argmax_body(V.logits, V.next, valid)
 
         gemm_task = gated(gemm_part_gated) if is_gated(gemm_body) else gemm_part
         return {"LM_HEAD_GEMM": gemm_task, tail_op: tail_part}
 
     key = ("lm_head", gemm.key, cfg, accept, pcfg, None if peer else offset)
-    return NodeProgram(key, gemm.specs + tail_specs, bodies, gemm.tensors + ts, ("LM_HEAD_GEMM", tail_op))
+    return NodeProgram(key, prefixed("gemm", gemm.specs) + tail_specs, bodies, gemm.tensors + ts,
+                       ("LM_HEAD_GEMM", tail_op))  # fmt: skip
 
 
 def _attention(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
@@ -340,15 +339,15 @@ def _attention(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
 
         @T_.macro
         def split_task(V, h, rb, s, gate):  # gated: its first KV tiles fly while it waits for q
-            split(V[0], V[1], V[2], V[3], V[4], V[5], V[6], V[7], h, rb, s, gate)
+            split(V.q, V.k, V.v, V.k_cache, V.v_cache, V.positions, V.o_part, V.lse, h, rb, s, gate)
 
         @T_.macro
         def split_task_plain(V, h, rb, s):
-            split(V[0], V[1], V[2], V[3], V[4], V[5], V[6], V[7], h, rb, s)
+            split(V.q, V.k, V.v, V.k_cache, V.v_cache, V.positions, V.o_part, V.lse, h, rb, s)
 
         @T_.macro
         def combine_task(V, h, r, c2):
-            combine(V[5], V[8], V[6], V[7], V[9], h, r)
+            combine(V.positions, V.sink, V.o_part, V.lse, V.out, h, r)
 
         return {"ATTN_SPLIT": gated(split_task) if early else split_task_plain, "ATTN_COMBINE": combine_task}
 
@@ -373,30 +372,30 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
     a = n.a
     x, gate, bias, gu, dn = (g.values[i] for i in n.inputs[:5])
     T, H = x.shape
-    E, EL, k = gate.shape[0], a["n_local"], a["top_k"]
+    E, EL, k = gate.shape[0], a.n_local, a.top_k
     I2 = gu.shape[1]
     In = I2 // 2
     w_gu, w_d = b.env[gu.name], b.env[dn.name]
     if not (isinstance(w_gu, Q) and w_gu.fmt == "mxfp4" and isinstance(w_d, Q)):
         raise PersistentError(f"{n.op}: the persistent MoE body needs MXFP4 expert stacks")
-    if (why := moe.supports(T, H, In, a.get("n_group", 1), persistent=True)) is not None:
+    if (why := moe.supports(T, H, In, a.n_group, persistent=True)) is not None:
         raise PersistentError(f"{n.op} T={T} H={H} I={In}: off the MoE body's contract: {why}")
     # x (gate/up) and Hb[slot] (down) staged in shared memory: the mainloop then reads x there
     # instead of paying an L2 round trip per k chunk
     stage_x, stage_h = T * H * 2 <= MOE_STAGE_BYTES, T * In * 2 <= MOE_STAGE_BYTES
-    eps = a.get("norm_eps")
+    eps = a.norm_eps
     # expert_offset 0 in the kernel's config: the rank's offset is a view (every rank, one kernel)
     cfg = moe.Config.for_node(a, T, H, In, E, expert_offset=0, cta_threads=256, x_stage=stage_h, norm_eps=eps)
     til = moe.tiling(T, H, In, EL, k)
     extra = list(n.inputs[5:])
     gamma = b.env[g.values[extra.pop(0)].name] if eps is not None else None
     norm_w = gamma.to(torch.bfloat16).contiguous() if gamma is not None else None
-    res = b.activation(g.values[extra.pop(0)]) if a.get("residual") else None
+    res = b.activation(g.values[extra.pop(0)]) if a.residual else None
     TP, S = moe.TP, cfg.max_slots
     xa = b.activation(x)
     xh = b.ws((TP, H), torch.bfloat16) if eps is not None else xa
     out = b.activation(g.values[n.outputs[0]])
-    world = int(a.get("world", 1)) if a.get("reduce") else 1
+    world = a.world if a.reduce else 1
     router_w = b.env[gate.name].float()
     if gamma is not None:  # the norm's gamma folded into the router weight (moe.router_tile)
         router_w = router_w * gamma.float()
@@ -421,10 +420,9 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
     peer = None
     if b.group is not None and world > 1:  # the reduce is a real all-reduce over the ranks' Y
         peer = _peer_allreduce(g, n, b, "MOE_REDUCE", ts[15], res, out, T, H)
-        specs, ts = specs + peer.specs, ts + peer.tensors
-    off_view = len(specs)
+        specs, ts = specs + prefixed("peer", peer.specs), ts + peer.tensors
     specs.append(("expert_offset", (1,), "int32"))
-    ts.append(b.ints(int(a.get("expert_offset", 0))))
+    ts.append(b.ints(a.expert_offset))
 
     def bodies() -> dict[str, Any]:
         import tilelang.language as T_
@@ -441,7 +439,7 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         # negative), which makes it live across the whole loop.
         @T_.macro
         def keep(buf, V):
-            if V[13][0] < 0:
+            if V.count[0] < 0:
                 buf[0, 0] = T_.cast(0, "bfloat16")
 
         # With the fused pre-MoE RMSNorm the router tasks read the raw rows and the router weight
@@ -451,31 +449,31 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         @T_.macro
         def router(V, e_tile, c1, c2):
             if eps is not None:
-                router_tile(V[0], V[2], V[8], V[15], e_tile, V[16], V[1])
+                router_tile(V.x, V.router, V.logits, V.y, e_tile, V.gamma, V.xh)
             else:
-                router_tile(V[1], V[2], V[8], V[15], e_tile, None, None)
+                router_tile(V.xh, V.router, V.logits, V.y, e_tile, None, None)
 
         @T_.macro
         def topk(V, c0, c1, c2):
-            route_body(V[8], V[3], V[9], V[10], V[11], V[12], V[13], V[off_view][0])
+            route_body(V.logits, V.bias, V.idx, V.wt, V.tokw, V.list, V.count, V.expert_offset[0])
 
         per_slot = til.down_tiles * til.down_split
 
         @T_.macro
         def gate_up(V, j, c1, c2):  # items j, j + gu_tasks, ... of the Count x gu_tiles active ones
             count = T_.alloc_var("int32")  # read once: the items' bounds would re-read it otherwise
-            count = V[13][0]
+            count = V.count[0]
             if stage_x:  # the x rows once per task (every item of the task reads all of them)
                 xs = T_.alloc_shared((T, H), "bfloat16")
                 for i, c in T_.Parallel(T, H):
-                    xs[i, c] = V[1][i, c]
+                    xs[i, c] = V.xh[i, c]
                 T_.sync_threads()
             steps = T_.alloc_var("int32")  # this task's items: the loop runs no step past them
             steps = T_.min((count * til.gu_tiles - j + til.gu_tasks - 1) // til.gu_tasks, til.gu_steps)
             for u in T_.serial(steps):
                 w = j + u * til.gu_tasks
                 if w < count * til.gu_tiles:
-                    gate_up_tile(xs if stage_x else V[1], V[4], V[5], V[12], V[13], V[14], w // til.gu_tiles,
+                    gate_up_tile(xs if stage_x else V.xh, V.gu, V.gu_s, V.list, V.count, V.hb, w // til.gu_tiles,
                                  w % til.gu_tiles)  # fmt: skip
             if stage_x:
                 keep(xs, V)
@@ -483,7 +481,7 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         @T_.macro
         def down(V, j, c1, c2):
             count = T_.alloc_var("int32")
-            count = V[13][0]
+            count = V.count[0]
             if stage_h:
                 hs = T_.alloc_shared((T, In), "bfloat16")
                 staged = T_.alloc_var("int32")
@@ -499,11 +497,11 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
                     T_.sync_threads()
                     if w < count * per_slot and w // per_slot != staged:
                         for i, c in T_.Parallel(T, In):
-                            hs[i, c] = V[14][w // per_slot, i, c]
+                            hs[i, c] = V.hb[w // per_slot, i, c]
                         staged = w // per_slot
                     T_.sync_threads()
                 if w < count * per_slot:
-                    down_tile(hs if stage_h else V[14], V[6], V[7], V[12], V[13], V[11], V[15], w // per_slot,
+                    down_tile(hs if stage_h else V.hb, V.dn, V.dn_s, V.list, V.count, V.tokw, V.y, w // per_slot,
                               (w % per_slot) // til.down_split, w % til.down_split)  # fmt: skip
             if stage_h:
                 keep(hs, V)
@@ -511,9 +509,9 @@ def _moe(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         @T_.macro
         def reduce(V, c, c1, c2):
             if peer is None:
-                reduce_body(V[15], V[17], V[19], V[18], c)
+                reduce_body(V.y, V.residual, V.inbox, V.out, c)
             else:
-                peer_body(V[20:20 + len(peer.specs)], c, 0, 0)
+                peer_body(V.part("peer"), c, 0, 0)
 
         return {"MOE_ROUTER": router, "MOE_TOPK": topk, "MOE_GATE_UP": gate_up, "MOE_DOWN": down, "MOE_REDUCE": reduce}
 
@@ -559,7 +557,7 @@ def _embed(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
     table = table.to(torch.bfloat16).contiguous()
     specs = [_spec("table", table), _spec("tokens", tokens), _spec("out", out, (T, H))]
     return _elementwise_program(ew.EmbedConfig(T, V, H), "OP_EMBED", specs, [table, tokens, out],
-                                lambda body, V_, c: body(V_[0], V_[1], V_[2], c))  # fmt: skip
+                                lambda body, V, c: body(V.table, V.tokens, V.out, c))  # fmt: skip
 
 
 def _silu_mul(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
@@ -569,21 +567,20 @@ def _silu_mul(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
     ts = [b.activation(g.values[i]) for i in n.inputs] + [b.activation(g.values[n.outputs[0]])]
     specs = [_spec(nm, t, (T, N)) for nm, t in zip(("gate", "up", "out"), ts)]
     return _elementwise_program(ew.SiluMulConfig(T, N), "OP_SILU_MUL", specs, ts,
-                                lambda body, V_, c: body(V_[0], V_[1], V_[2], c))  # fmt: skip
+                                lambda body, V, c: body(V.gate, V.up, V.out, c))  # fmt: skip
 
 
 def _concat(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
     out_v = g.values[n.outputs[0]]
-    if n.a.get("dim", -1) % len(out_v.shape) != len(out_v.shape) - 1:
+    if n.a.dim % len(out_v.shape) != len(out_v.shape) - 1:
         raise PersistentError("concat along a dim other than the last has no persistent body")
     T = out_v.shape[0]
     widths = tuple(g.values[i].shape[-1] for i in n.inputs)
     ts = [b.activation(g.values[i]) for i in n.inputs] + [b.activation(out_v)]
-    specs = [_spec(f"in{k}", t, (T, w)) for k, (t, w) in enumerate(zip(ts, widths))]
+    specs = [_spec(f"in.{k}", t, (T, w)) for k, (t, w) in enumerate(zip(ts, widths))]
     specs.append(_spec("out", ts[-1], (T, sum(widths))))
-    k = len(widths)
     return _elementwise_program(ew.ConcatConfig(T, widths), "OP_CONCAT", specs, ts,
-                                lambda body, V_, c: body(tuple(V_[:k]), V_[k], c))  # fmt: skip
+                                lambda body, V, c: body(tuple(V.part("in")), V.out, c))  # fmt: skip
 
 
 def _all_reduce(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
@@ -595,7 +592,7 @@ def _all_reduce(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
     res = n.op == "all_reduce_residual"
     part, out = b.activation(part_v), b.activation(out_v)
     resid = b.activation(g.values[n.inputs[1]]) if res else b.ws((1, N), torch.bfloat16)
-    world = int(n.a.get("world", g.meta.get("world", 1)))
+    world = n.a.world if n.op == "all_reduce_residual" else int(g.meta.get("world", 1))
     if b.group is not None and world > 1:
         return _peer_allreduce(g, n, b, "ALL_REDUCE", part, resid if res else None, out, T, N)
     inbox = b.ws((2, T, N), part.dtype) if world > 1 else b.ws((1,), part.dtype)
@@ -603,13 +600,13 @@ def _all_reduce(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
     specs = [_spec("partial", part, (T, N)), _spec("residual", resid, (T, N) if res else (1, N)),
              _spec("inbox", inbox), _spec("out", out, (T, N))]  # fmt: skip
     return _elementwise_program(cfg, "ALL_REDUCE", specs, [part, resid, inbox, out],
-                                lambda body, V_, c: body(V_[0], V_[1], V_[2], V_[3], c))  # fmt: skip
+                                lambda body, V, c: body(V.partial, V.residual, V.inbox, V.out, c))  # fmt: skip
 
 
 def _all_gather(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
     """Solo all-gather (last dim): rank 0's block written to every rank's slot of the output."""
     x_v, out_v = g.values[n.inputs[0]], g.values[n.outputs[0]]
-    if n.a.get("dim", -1) % len(out_v.shape) != len(out_v.shape) - 1:
+    if n.a.dim % len(out_v.shape) != len(out_v.shape) - 1:
         raise PersistentError("all_gather along a dim other than the last has no persistent body")
     T, W = x_v.shape
     world = out_v.shape[-1] // W
@@ -635,7 +632,7 @@ def _all_gather(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
             for i, j in T_.Parallel(T, cols):
                 if c * cols + j < W:
                     for q in T_.unroll(world):
-                        V[1][i, q * W + c * cols + j] = V[0][i, c * cols + j]
+                        V.out[i, q * W + c * cols + j] = V.x[i, c * cols + j]
 
         return {"ALL_GATHER": gather}
 
