@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from tilert.runtime.eager import EagerRuntime
+from tilert.runtime.eager.runtime import EagerRuntime
 
 
 def time_cuda(fn: Callable[[], object], iters: int = 50, warmup: int = 5) -> float:

@@ -34,8 +34,8 @@ from tilert.engine.persistent import compile_ranks
 from tilert.models.builder import build_step_graph
 from tilert.models.config import load_config
 from tilert.profile.timeline import measured_trace
-from tilert.runtime.eager import EagerRuntime
 from tilert.runtime.eager.distributed import multicast_off, run_local
+from tilert.runtime.eager.runtime import EagerRuntime
 from tilert.runtime.eager.synthetic import synthetic_params
 from tilert.runtime.persistent.step import MultiRankStep
 

@@ -33,7 +33,7 @@ from benchmarks.e2e import bench_drafter  # noqa: E402
 from tilert.engine.eager import compile_for_gpu  # noqa: E402
 from tilert.models.builder import build_step_graph  # noqa: E402
 from tilert.models.config import load_config  # noqa: E402
-from tilert.runtime.eager import EagerRuntime  # noqa: E402
+from tilert.runtime.eager.runtime import EagerRuntime  # noqa: E402
 from tilert.runtime.eager.synthetic import synthetic_params  # noqa: E402
 
 

@@ -91,15 +91,9 @@ class EagerBackend(GraphBackend):
         self.runtime.states = cache
 
 
-def eager_backend(
-    cfg: ModelConfig,
-    weights: Mapping[str, torch.Tensor],
-    *,
-    max_seq: int,
-    world: int = 1,
-    device: str = "cuda",
-    plan: Any = None,
-) -> EagerBackend:
+def eager_backend(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], *, max_seq: int, world: int = 1,
+                  device: str = "cuda", plan: Any = None) -> EagerBackend:  # fmt: skip
+    """The Engine's "eager" backend (tilert.engine.api)."""
     if world != 1:
         raise ValueError("the eager backend runs world size 1 per process (use torchrun for more ranks)")
     if not torch.cuda.is_available():
@@ -130,16 +124,10 @@ class DistEagerBackend(EagerBackend):
         self.runtime = EagerRuntime({}, device=str(ctx.device), ctx=ctx, state_dtype=state_dtype)
 
 
-def eager_dist_backend(
-    cfg: ModelConfig,
-    weights: Mapping[str, torch.Tensor],
-    *,
-    max_seq: int,
-    world: int = 1,
-    device: str = "cuda",
-    plan: Any = None,
-) -> DistEagerBackend:
-    """The rank of this process (torchrun's env; world 1 without it); `world` 1 means "the launcher's"."""
+def eager_dist_backend(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], *, max_seq: int, world: int = 1,
+                       device: str = "cuda", plan: Any = None) -> DistEagerBackend:  # fmt: skip
+    """The Engine's "eager-dist" backend: the rank of this process (torchrun's env; world 1 without
+    it); `world` 1 means "the launcher's"."""
     ctx = init_distributed(device)
     if world not in (1, ctx.world):
         raise ValueError(f"world={world} but this process is one of {ctx.world} ranks (torchrun --nproc-per-node)")

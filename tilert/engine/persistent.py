@@ -26,7 +26,8 @@ from tilert.models.builder import build_step_graph
 from tilert.models.config import ModelConfig
 from tilert.passes import PassContext, compile_graph
 from tilert.runtime.eager.synthetic import meta_params
-from tilert.runtime.persistent.step import MultiRankStep, PersistentError, PersistentStep, kv_states
+from tilert.runtime.persistent.program import kv_states
+from tilert.runtime.persistent.step import MultiRankStep, PersistentError, PersistentStep
 
 log = logging.getLogger(__name__)
 

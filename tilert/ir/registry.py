@@ -101,6 +101,11 @@ def get_op(name: str) -> OpDef:
         raise IRError(f"unknown op kind '{name}'") from None
 
 
+def ref(name: str) -> Callable[..., Sequence[Any]]:
+    """The torch reference of op kind `name` (fused references and runtimes compose them)."""
+    return get_op(name).reference
+
+
 def all_ops() -> dict[str, OpDef]:
     return dict(_REGISTRY)
 

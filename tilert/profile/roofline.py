@@ -17,7 +17,7 @@ import torch
 from tilert.ir.graph import Graph
 from tilert.passes.cost_model import eager_seconds, op_cost
 from tilert.profile.timeline import measured_trace
-from tilert.runtime.eager import EagerRuntime
+from tilert.runtime.eager.runtime import EagerRuntime
 from tilert.runtime.eager.synthetic import synthetic_params
 from tilert.runtime.persistent.step import PersistentStep
 

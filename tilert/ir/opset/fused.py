@@ -21,13 +21,9 @@ from tilert.ir.dtypes import F32, I32, DType, dtype
 from tilert.ir.opset.attention import AttentionAttrs, RopeAttrs
 from tilert.ir.opset.basic import MatmulAttrs, matmul_cost, matmul_infer
 from tilert.ir.opset.moe import ExpertAttrs, expected_experts, expert_cost
-from tilert.ir.registry import Cost, Placement, expect, get_op, io_cost, op
+from tilert.ir.registry import Cost, Placement, expect, get_op, io_cost, op, ref
 from tilert.ir.value import Value
 from tilert.ops.qtensor import QTensor
-
-
-def ref(kind: str) -> Any:
-    return get_op(kind).reference
 
 
 class PeerValues:

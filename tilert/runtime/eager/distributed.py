@@ -1,6 +1,6 @@
 """Multi-rank eager execution: one rank per process, collectives through torch.distributed.
 
-`DistContext` is the rank context the GPU implementations in gpu_ops.py call when a graph has a
+`DistContext` is the rank context the eager implementations (tilert/runtime/kinds/) call when a graph has a
 collective: `all_reduce` (sum, float32), `all_gather` (along a dim, rank order) and
 `argmax_reduce` (largest logit over ranks, ties to the lowest token id). Values and semantics are
 the reference executor's simulated ranks'. NCCL on CUDA, gloo on the CPU (so N CPU processes test
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from tilert.runtime.eager.runtime import GpuContext
+from tilert.runtime.eager.context import GpuContext
 
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 DEFAULT_TIMEOUT_S = 300.0

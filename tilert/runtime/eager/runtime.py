@@ -1,7 +1,8 @@
 """Eager GPU runtime: runs compiled (fused) step graphs with one launch per fused op.
 
 It interprets the graph like the reference executor, but on the GPU, with bf16 KV caches and
-the kernels of gpu_ops.IMPLS in place of references where they apply. A step can be captured
+the task kinds' eager implementations (tilert/runtime/kinds/) in place of references where they
+apply. A step can be captured
 into a CUDA graph (`capture=True`) when every op in it is free of host synchronisation (the
 kernel paths are; the reference fallbacks for attention and MoE are not, and capture then fails
 with an error naming the op).
@@ -17,25 +18,13 @@ import torch
 
 from tilert.ir.graph import Graph, IRError
 from tilert.ir.registry import get_op
-from tilert.runtime.eager.gpu_ops import IMPLS
+from tilert.runtime.eager.context import GpuContext
+from tilert.runtime.kinds import eager_impl
 from tilert.runtime.reference.executor import bind_env
 
 
 class GraphCaptureError(RuntimeError):
     """A step could not be captured into a CUDA graph (an op synchronises with the host)."""
-
-
-class GpuContext:
-    """Rank, world size and whether this GPU stands in alone for rank 0 of `world` (solo)."""
-
-    def __init__(self, rank: int, world: int, solo: bool, kernels: bool = True) -> None:
-        self.rank, self.world, self.solo, self.kernels = rank, world, solo, kernels
-
-    def peers(self, i: int) -> list[Any]:
-        raise IRError(
-            "the eager runtime runs one rank per process: collectives need a DistContext "
-            "(runtime/eager/distributed.py) or solo mode"
-        )
 
 
 class EagerRuntime:
@@ -77,7 +66,7 @@ class EagerRuntime:
 
     def _execute(self, g: Graph, env: dict[str, Any], marks: list[Any] | None = None) -> None:
         for i, node in enumerate(g.nodes):
-            fn = IMPLS.get(node.op) or get_op(node.op).reference
+            fn = eager_impl(node.op) or get_op(node.op).reference
             if marks is not None:
                 marks.append(None if isinstance(marks, _Recorder) else self._mark())
             try:
