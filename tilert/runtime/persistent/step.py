@@ -126,7 +126,6 @@ class PersistentStep:
                  device: str = "cuda", num_sms: int | None = None, out_dir: str | None = None,
                  states: dict[str, torch.Tensor] | None = None, group: PeerGroup | None = None,
                  rank: int = 0) -> None:  # fmt: skip
-
         self.g = graph
         self.device = torch.device(device)
         sms = num_sms or torch.cuda.get_device_properties(self.device).multi_processor_count
