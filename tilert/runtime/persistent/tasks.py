@@ -1,4 +1,4 @@
-"""Building task tables in the plan's row format (tilert/plan.py: the compiler-runtime contract).
+"""Building task tables in the plan's row format (tilert/abi.py: the compiler-runtime contract).
 
 A row is `TASK_FIELDS` int32s: opcode, op, c0, c1, c2 (the body's coordinates), then WAITS x
 (counter, count, expected): before the body, counters counter .. counter+count-1 must each reach
