@@ -13,9 +13,13 @@ attention-<device>.json through benchmarks.common.write_result (git commit from 
 import argparse
 import os
 import sys
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from test_attention import CASES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -67,8 +71,6 @@ def bench_kernel(cfg: AttnConfig, ctx: int, split_only: bool = False) -> dict:
 
 def bench_sdpa(cfg: AttnConfig, ctx: int) -> float | None:
     """torch SDPA over the same cache, GQA expanded to Hq heads, bottom-right causal mask."""
-    import torch.nn.functional as F
-
     x = make_inputs(cfg, ctx, capacity=ctx, seed=0)
     g = cfg.group
     q = x["q"].transpose(0, 1)[None]  # [1, Hq, B, Dk]
@@ -95,9 +97,6 @@ def _compile_one(cfg: AttnConfig) -> str:
 
 def precompile(extra: list[AttnConfig]) -> None:
     """Fill the kernel disk cache in parallel (the tests' and this benchmark's configs)."""
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
-
     cfgs = list(dict.fromkeys(extra))
     with ProcessPoolExecutor(min(16, os.cpu_count() or 1, len(cfgs)), mp_context=get_context("spawn")) as ex:
         for name in ex.map(_compile_one, cfgs):
@@ -135,7 +134,6 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.precompile:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "kernels"))
-        from test_attention import CASES
 
         precompile([c for c, _ in CASES] + bench_configs())
         return 0

@@ -1,4 +1,5 @@
-"""Shared benchmark helpers: device timing with CUDA events, copy bandwidth, result files."""
+"""Shared benchmark helpers: device timing with CUDA events, copy bandwidth, result files, pinned
+routing, and value comparisons between runtimes."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from tilert.runtime.eager.runtime import EagerRuntime
 
 
 def time_cuda(fn: Callable[[], object], iters: int = 50, warmup: int = 5) -> float:
@@ -99,3 +102,69 @@ def write_result(kind: str, data: dict, out_dir: str | os.PathLike | None = None
     path = out / f"{kind}-{name}.json"
     path.write_text(json.dumps({**meta, **data}, indent=1))
     return path
+
+
+def time_step(rt: EagerRuntime, g, inputs: dict) -> tuple[float, float | None]:
+    """Median ms of one step with eager launches, and replayed from a CUDA graph (None if capture fails)."""
+    t_eager = time_cuda(lambda: rt.run(g, inputs), iters=10, warmup=2)
+    try:
+        rt.run(g, inputs, capture=True)
+        return t_eager, time_cuda(lambda: rt.run(g, inputs, capture=True), iters=20, warmup=3)
+    except RuntimeError as e:
+        print(f"CUDA graph capture of {g.name} failed: {e}", flush=True)
+        return t_eager, None
+
+
+def pin_routing(params: dict, world: int) -> dict:
+    """Give every MoE layer's selection bias one clear winner per rank's expert range (expert r * E/world
+    gets +100, the rest ranks by a small descending ramp): top-8 = one expert per rank for every token,
+    the expected load of a rank at decode (B=1), and no router near-ties, so runtimes that round
+    differently still pick the same experts and their logits can be compared. Every token of a B=8
+    verify block then picks the same experts too: one active expert per rank, where routing that
+    varies by token activates about 7 of a rank's 48 (`--routing random` measures that)."""
+    for k, v in params.items():
+        if k.endswith("e_score_correction_bias"):
+            E = v.shape[0]
+            bias = -torch.arange(E, dtype=torch.float32, device=v.device) * 1e-3
+            bias[:: max(1, E // world)] += 100.0
+            v.copy_(bias)
+    return params
+
+
+def active_experts(st) -> dict | None:
+    """Local experts the last step's top-k activated, per MoE layer of the persistent step (its
+    device-side Count): what the gate/up and down stages streamed."""
+    counts = [int(p.tensors[[v[0] for v in p.specs].index("count")][0]) for p in st.programs
+              if p.key and p.key[0] == "moe"]  # fmt: skip
+    if not counts:
+        return None
+    return {"mean": round(sum(counts) / len(counts), 2), "min": min(counts), "max": max(counts)}
+
+
+def compare_values(g, got: dict, want: dict) -> list[dict]:
+    """Every node output of graph g present in both environments, in graph order: float values as
+    a relative error (float64 norms) and whether `got` is finite, integer values as equal or not.
+    `got`'s padded activation rows are cut to `want`'s; values of other shapes are left out."""
+    rows = []
+    for i, node in enumerate(g.nodes):
+        for o in node.outputs:
+            p, e = got.get(o), want.get(o)
+            if not (torch.is_tensor(p) and torch.is_tensor(e)):
+                continue
+            p = p.detach().to(e.device)
+            p = p[: e.shape[0]] if p.dim() == e.dim() and p.shape[0] != e.shape[0] else p
+            if p.shape != e.shape:
+                continue
+            if not e.is_floating_point():
+                rows.append({"node": i, "op": node.op, "value": o, "equal": bool(torch.equal(p.long(), e.long()))})
+                continue
+            ref = e.double()
+            err = float((p.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+            rows.append({"node": i, "op": node.op, "value": o, "rel_err": err,
+                         "finite": bool(torch.isfinite(p).all())})  # fmt: skip
+    return rows
+
+
+def off_rows(rows: list[dict], tol: float) -> list[dict]:
+    """The rows of compare_values past tol, unequal or not finite."""
+    return [r for r in rows if r.get("rel_err", 0) > tol or r.get("equal") is False or r.get("finite") is False]

@@ -16,12 +16,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.e2e import compare_values, off_rows  # noqa: E402
-from tests.runtime.test_eager_gpu import margin_safe_weights  # noqa: E402
+from benchmarks.common import compare_values, off_rows  # noqa: E402
+from tilert.engine.persistent import compile_ranks  # noqa: E402
 from tilert.models.binding import bind_params  # noqa: E402
 from tilert.models.builder import build_step_graph  # noqa: E402
 from tilert.models.config import load_config  # noqa: E402
-from tilert.runtime.persistent.backend import compile_ranks  # noqa: E402
+from tilert.models.weights import margin_safe_weights  # noqa: E402
 from tilert.runtime.persistent.plan_vm import PlanVM  # noqa: E402
 from tilert.runtime.persistent.step import MultiRankStep  # noqa: E402
 

@@ -20,27 +20,42 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import subprocess
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
 
+from benchmarks.e2e_ranks import bench_ranks
+from tilert.engine.persistent import compile_step
+from tilert.models.drafter import build_drafter_graph
+from tilert.runtime.persistent.step import PersistentStep
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import copy_bandwidth, time_cuda, write_result  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    active_experts,
+    compare_values,
+    copy_bandwidth,
+    off_rows,
+    pin_routing,
+    time_cuda,
+    time_step,
+    write_result,
+)
+from tilert.engine.eager import compile_for_gpu  # noqa: E402
 from tilert.models.builder import build_step_graph  # noqa: E402
 from tilert.models.config import load_config  # noqa: E402
-from tilert.runtime.eager import EagerRuntime, compile_for_gpu  # noqa: E402
+from tilert.profile.timeline import measured_trace
+from tilert.runtime.eager.runtime import EagerRuntime  # noqa: E402
 from tilert.runtime.eager.synthetic import synthetic_params  # noqa: E402
 
 
 def predicted(model: str, world: int, max_seq: int, context: int, accept_len: float) -> dict:
     """The compiler's cost-model figures for this plan (python -m tilert compile --json)."""
-    import json
-    import subprocess
-    import tempfile
-
     with tempfile.TemporaryDirectory() as out:
         cmd = [
             sys.executable,
@@ -69,72 +84,6 @@ def predicted(model: str, world: int, max_seq: int, context: int, accept_len: fl
     return {k: d.get(k) for k in keys if k in d}
 
 
-def time_step(rt: EagerRuntime, g, inputs: dict) -> tuple[float, float | None]:
-    """Median ms of one step with eager launches, and replayed from a CUDA graph (None if capture fails)."""
-    t_eager = time_cuda(lambda: rt.run(g, inputs), iters=10, warmup=2)
-    try:
-        rt.run(g, inputs, capture=True)
-        return t_eager, time_cuda(lambda: rt.run(g, inputs, capture=True), iters=20, warmup=3)
-    except RuntimeError as e:
-        print(f"CUDA graph capture of {g.name} failed: {e}", flush=True)
-        return t_eager, None
-
-
-def pin_routing(params: dict, world: int) -> dict:
-    """Give every MoE layer's selection bias one clear winner per rank's expert range (expert r * E/world
-    gets +100, the rest ranks by a small descending ramp): top-8 = one expert per rank for every token,
-    the expected load of a rank at decode (B=1), and no router near-ties, so runtimes that round
-    differently still pick the same experts and their logits can be compared. Every token of a B=8
-    verify block then picks the same experts too: one active expert per rank, where routing that
-    varies by token activates about 7 of a rank's 48 (`--routing random` measures that)."""
-    for k, v in params.items():
-        if k.endswith("e_score_correction_bias"):
-            E = v.shape[0]
-            bias = -torch.arange(E, dtype=torch.float32, device=v.device) * 1e-3
-            bias[:: max(1, E // world)] += 100.0
-            v.copy_(bias)
-    return params
-
-
-def active_experts(st) -> dict | None:
-    """Local experts the last step's top-k activated, per MoE layer of the persistent step (its
-    device-side Count): what the gate/up and down stages streamed."""
-    counts = [int(p.tensors[[v[0] for v in p.specs].index("count")][0]) for p in st.programs
-              if p.key and p.key[0] == "moe"]  # fmt: skip
-    if not counts:
-        return None
-    return {"mean": round(sum(counts) / len(counts), 2), "min": min(counts), "max": max(counts)}
-
-
-def compare_values(g, got: dict, want: dict) -> list[dict]:
-    """Every node output of graph g present in both environments, in graph order: float values as
-    a relative error (float64 norms) and whether `got` is finite, integer values as equal or not.
-    `got`'s padded activation rows are cut to `want`'s; values of other shapes are left out."""
-    rows = []
-    for i, node in enumerate(g.nodes):
-        for o in node.outputs:
-            p, e = got.get(o), want.get(o)
-            if not (torch.is_tensor(p) and torch.is_tensor(e)):
-                continue
-            p = p.detach().to(e.device)
-            p = p[: e.shape[0]] if p.dim() == e.dim() and p.shape[0] != e.shape[0] else p
-            if p.shape != e.shape:
-                continue
-            if not e.is_floating_point():
-                rows.append({"node": i, "op": node.op, "value": o, "equal": bool(torch.equal(p.long(), e.long()))})
-                continue
-            ref = e.double()
-            err = float((p.double() - ref).norm() / ref.norm().clamp_min(1e-30))
-            rows.append({"node": i, "op": node.op, "value": o, "rel_err": err,
-                         "finite": bool(torch.isfinite(p).all())})  # fmt: skip
-    return rows
-
-
-def off_rows(rows: list[dict], tol: float) -> list[dict]:
-    """The rows of compare_values past tol, unequal or not finite."""
-    return [r for r in rows if r.get("rel_err", 0) > tol or r.get("equal") is False or r.get("finite") is False]
-
-
 def diff_nodes(st, rt, g, inputs, tol: float = 0.1) -> list[dict]:
     """Every node output of the persistent step (its last run) against the eager runtime's on the same
     inputs: relative error (float64 norms) per value, in graph order. A kernel bug shows as the first
@@ -158,9 +107,6 @@ def diff_nodes(st, rt, g, inputs, tol: float = 0.1) -> list[dict]:
 def bench_block(cfg, B: int, a: argparse.Namespace, max_seq: int, cache: dict) -> dict:
     """Persistent, eager, eager + CUDA graph and plain-torch step times for B query tokens, and the
     persistent step's logits against the eager step's (same weights, same inputs, fresh caches)."""
-    from tilert.runtime.persistent.backend import compile_step
-    from tilert.runtime.persistent.step import PersistentStep
-
     mode = "verify" if B > 1 else "decode"
     t0 = time.time()
     g, sched = compile_step(build_step_graph(cfg, tokens=B, max_seq=max_seq, mode=mode), max_seq, a.world_size)
@@ -191,10 +137,9 @@ def bench_block(cfg, B: int, a: argparse.Namespace, max_seq: int, cache: dict) -
         if a.trace_dir:
             Path(a.trace_dir).mkdir(parents=True, exist_ok=True)
             tp = Path(a.trace_dir) / f"trace_persistent_{mode}.B{B}.json.gz"
-            tp.write_bytes(gzip.compress(json.dumps(st.measured_trace(), separators=(",", ":")).encode()))
+            tp.write_bytes(gzip.compress(json.dumps(measured_trace(st), separators=(",", ":")).encode()))
             row["persistent_trace"] = str(tp)
     except Exception as e:  # keep the eager figures
-        import traceback
 
         traceback.print_exc()
         row["persistent_error"] = f"{type(e).__name__}: {e}"
@@ -239,8 +184,6 @@ def bench_block(cfg, B: int, a: argparse.Namespace, max_seq: int, cache: dict) -
 
 def bench_drafter(cfg, a: argparse.Namespace, max_seq: int) -> dict:
     """The DFlash drafter pass (block B, B new context rows) of rank 0, eager + CUDA graph."""
-    from tilert.models.drafter import build_drafter_graph
-
     B = cfg.dflash.block_size
     g = compile_for_gpu(build_drafter_graph(cfg, context=B, max_seq=max_seq), max_seq, a.world_size)[0]
     rt = EagerRuntime(synthetic_params(g, seed=1), world=a.world_size, solo=True)
@@ -300,14 +243,11 @@ def main() -> None:
     print(f"cost model: {pred}", flush=True)
     rows, cache = {}, {}
     if ranks == "gpus":
-        from benchmarks.e2e_ranks import bench_ranks
-
         rows = bench_ranks(a, max_seq)
     for B in a.blocks if ranks == "solo" else ():
         try:
             rows[str(B)] = bench_block(cfg, B, a, max_seq, cache)
         except Exception as e:  # keep the figures measured so far
-            import traceback
 
             traceback.print_exc()
             rows[str(B)] = {"error": f"{type(e).__name__}: {e}"}

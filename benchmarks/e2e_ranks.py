@@ -23,20 +23,27 @@ import gzip
 import json
 import statistics
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from benchmarks.common import active_experts, pin_routing, time_step
+from tilert.engine.persistent import compile_ranks
+from tilert.models.builder import build_step_graph
+from tilert.models.config import load_config
+from tilert.profile.timeline import measured_trace
+from tilert.runtime.eager.distributed import multicast_off, run_local
+from tilert.runtime.eager.runtime import EagerRuntime
+from tilert.runtime.eager.synthetic import synthetic_params
+from tilert.runtime.persistent.step import MultiRankStep
 
 COLLECTIVE_OPCODES = ("ALL_REDUCE", "MOE_REDUCE", "ALL_GATHER")  # tasks that wait for their peers
 
 
 def rank_graphs(model: str, layers: int | None, B: int, max_seq: int, world: int) -> tuple[Any, list, list]:
     """(config, every rank's compiled graph, their schedules) for a B-token step."""
-    from tilert.models.builder import build_step_graph
-    from tilert.models.config import load_config
-    from tilert.runtime.persistent.backend import compile_ranks
-
     cfg = load_config(model)
     if layers:
         cfg = cfg.first_layers(layers)
@@ -56,9 +63,6 @@ def step_inputs(vocab: int, B: int, context: int, device: str) -> dict[str, torc
 
 
 def rank_params(graph: Any, rank: int, world: int, device: str, routing: str = "pinned") -> dict[str, Any]:
-    from benchmarks.e2e import pin_routing
-    from tilert.runtime.eager.synthetic import synthetic_params
-
     with torch.cuda.device(device):
         params = synthetic_params(graph, seed=rank, device=device)
     return pin_routing(params, world) if routing == "pinned" else params
@@ -67,9 +71,6 @@ def rank_params(graph: Any, rank: int, world: int, device: str, routing: str = "
 def eager_rank_job(ctx: Any, model: str, layers: int | None, world: int, blocks: list[int], context: int,
                    max_seq: int, routing: str = "pinned") -> dict[str, Any]:  # fmt: skip
     """One NCCL rank (runs in a run_local process): eager and eager + CUDA graph step times per B."""
-    from benchmarks.e2e import time_step
-    from tilert.runtime.eager import EagerRuntime
-
     dev = str(ctx.device)
     out: dict[str, Any] = {}
     params = None
@@ -120,10 +121,6 @@ def time_ranks(step: Any, inputs: dict[str, torch.Tensor], iters: int = 20, warm
 
 def bench_ranks(a: argparse.Namespace, max_seq: int) -> dict[str, Any]:
     """Both phases for every block size in a.blocks; one row per B."""
-    from benchmarks.e2e import active_experts
-    from tilert.runtime.eager.distributed import multicast_off, run_local
-    from tilert.runtime.persistent.step import MultiRankStep
-
     multicast_off()
     world = a.world_size
     rows: dict[str, Any] = {str(B): {} for B in a.blocks}
@@ -174,7 +171,7 @@ def bench_ranks(a: argparse.Namespace, max_seq: int) -> dict[str, Any]:
             if not a.skip_timing:
                 row["persistent_ms"] = time_ranks(step, inputs)
             step.run(inputs)
-            trace = step.ranks[0].measured_trace()
+            trace = measured_trace(step.ranks[0])
             row["collective_us_per_layer"] = collective_us_per_layer(trace, cfg.num_hidden_layers)
             if a.trace_dir:
                 Path(a.trace_dir).mkdir(parents=True, exist_ok=True)
@@ -186,7 +183,6 @@ def bench_ranks(a: argparse.Namespace, max_seq: int) -> dict[str, Any]:
                   f"{row['collective_us_per_layer']} us", flush=True)  # fmt: skip
             del step
         except Exception as e:  # keep the other block sizes
-            import traceback
 
             traceback.print_exc()
             row["persistent_error"] = f"{type(e).__name__}: {e}"

@@ -14,8 +14,14 @@ import json
 import os
 import statistics
 import sys
+import traceback
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+import test_fp8_gemm as tf
+import test_mxfp4_gemm as tm
+
+from tilert.numerics import fp8, mxfp4
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -38,8 +44,6 @@ def _build_one(item):
 
 def precompile():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernels"))
-    import test_fp8_gemm as tf
-    import test_mxfp4_gemm as tm
 
     items = {("mxfp4_gemm", mxfp4_gemm.pick_config(*s)) for s in tm.ODD + tm.MIMO}
     items |= {("fp8_gemm", fp8_gemm.pick_config(*s)) for s in tf.ODD + tf.MIMO}
@@ -73,8 +77,6 @@ def n_rot(bytes_per_set):
 
 
 def bench_mxfp4(bw, res):
-    from tilert.numerics import mxfp4
-
     for name, (n, k) in mxfp4_gemm.MIMO_SHAPES.items():
         wbytes = n * k // 2 + n * k // 32
         r = n_rot(wbytes)
@@ -117,8 +119,6 @@ def bench_mxfp4(bw, res):
 
 
 def bench_fp8(bw, res):
-    from tilert.numerics import fp8
-
     for name in fp8_gemm.PLAN_SHAPES:
         n, k = fp8_gemm.MIMO_SHAPES[name]
         wbytes = n * k + 4 * (-(-n // 128)) * (-(-k // 128))
@@ -194,8 +194,6 @@ def torch_moe(x, rw, b, wbf, top_k, n_local):
 
 
 def bench_moe(bw, res):
-    from tilert.numerics import mxfp4
-
     mm = moe.MIMO
     H, In, E, EL, K = mm["hidden"], mm["inter"], mm["n_experts"], mm["n_local"], mm["top_k"]
     _, _, _, gu, dn = moe.make_inputs(1, H, In, E, EL, seed=1)
@@ -267,8 +265,6 @@ def main():
         try:
             {"mxfp4": bench_mxfp4, "fp8": bench_fp8, "moe": bench_moe}[part](bw, res)
         except Exception as e:
-            import traceback
-
             traceback.print_exc()
             res.append(dict(kernel=part, error=str(e)[:500]))
     dev = torch.cuda.get_device_name()

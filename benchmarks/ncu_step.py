@@ -30,19 +30,22 @@ import re
 import sys
 from pathlib import Path
 
+import torch
+
+from benchmarks.common import pin_routing, time_cuda
+from tilert.abi import OPCODES
+from tilert.engine.persistent import compile_step
+from tilert.kernels.sass import carve_cubin
+from tilert.models.builder import build_step_graph
+from tilert.models.config import load_config
+from tilert.profile.timeline import measured_trace
+from tilert.runtime.eager.synthetic import synthetic_params
+from tilert.runtime.persistent.step import PersistentStep
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def run(a: argparse.Namespace) -> None:
-    import torch
-
-    from benchmarks.e2e import pin_routing
-    from tilert.models.builder import build_step_graph
-    from tilert.models.config import load_config
-    from tilert.runtime.eager.synthetic import synthetic_params
-    from tilert.runtime.persistent.backend import compile_step
-    from tilert.runtime.persistent.step import PersistentStep
-
     cfg = load_config(a.model)
     if a.layers:
         cfg = cfg.first_layers(a.layers)
@@ -62,14 +65,12 @@ def run(a: argparse.Namespace) -> None:
         torch.cuda.synchronize()
     st.check()
     if a.time:
-        from benchmarks.common import time_cuda
-
         ms = time_cuda(lambda: st.launch(inputs), iters=a.time, warmup=3)
         st.check()
         print(f"{g.name}: {ms:.3f} ms per step (median of {a.time})")
     if a.trace:
         st.run(inputs)
-        Path(a.trace).write_bytes(gzip.compress(json.dumps(st.measured_trace(), separators=(",", ":")).encode()))
+        Path(a.trace).write_bytes(gzip.compress(json.dumps(measured_trace(st), separators=(",", ":")).encode()))
     classes = collections.defaultdict(list)
     for i, node in enumerate(g.nodes):
         classes[int(st.node_class[i])].append(f"{i}:{node.op}:{node.outputs[0]}")
@@ -109,8 +110,6 @@ def line_table(disasm: str) -> dict[int, int]:
 def source_regions(source: str) -> list[tuple[int, str]]:
     """(first line, label) of each opcode case in the generated kernel: the dispatch is a chain of
     `if (code == K)` blocks, so a line belongs to the nearest case above it."""
-    from tilert.plan import OPCODES
-
     names = {v: k for k, v in OPCODES.items()}
     regions, opcode = [(0, "loop")], "?"
     for i, s in enumerate(Path(source).read_text().splitlines(), 1):
@@ -230,8 +229,6 @@ def main() -> None:
     if a.cmd == "run":
         run(a)
     elif a.cmd == "cubin":
-        from tilert.kernels.sass import carve_cubin
-
         carve_cubin(a.lib, a.out)
     elif a.cmd == "codesize":
         sizes = code_size(a.disasm, a.source)

@@ -14,7 +14,11 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from tilert.abi import FIELD, OPCODES
+from tilert.kernels import mxfp4_gemm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -26,10 +30,6 @@ from tilert.runtime.persistent import chain  # noqa: E402
 def task_times(pk: chain.PersistentChain) -> dict:
     """Median body time (ready -> end) and wait (start -> ready) of the GEMM tasks in the last
     launch's per-task trace: the body alone, whatever the dependencies cost."""
-    import numpy as np
-
-    from tilert.plan import FIELD, OPCODES
-
     pk.launch(torch.zeros(1, pk.spec.n, dtype=torch.bfloat16, device="cuda"))
     torch.cuda.synchronize()
     tr, ops = pk.trace.cpu().numpy(), pk.tasks.cpu().numpy()[:, :, FIELD["opcode"]]
@@ -97,8 +97,6 @@ def main() -> None:
     ap.add_argument("--precompile", action="store_true", help="only build the kernels (no GPU needed)")
     a = ap.parse_args()
     if a.precompile:
-        from tilert.kernels import mxfp4_gemm
-
         for q in a.queues:
             for L in a.layers:
                 for m in a.m:

@@ -14,17 +14,26 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
 
+from tilert.engine import OracleDrafter, generate
+from tilert.engine.eager import EagerBackend
+from tilert.models.weights import synthetic_weights
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import write_result  # noqa: E402
-from benchmarks.e2e import bench_drafter, time_step  # noqa: E402
+from benchmarks.common import (
+    time_step,  # noqa: E402
+    write_result,  # noqa: E402
+)
+from benchmarks.e2e import bench_drafter  # noqa: E402
+from tilert.engine.eager import compile_for_gpu  # noqa: E402
 from tilert.models.builder import build_step_graph  # noqa: E402
 from tilert.models.config import load_config  # noqa: E402
-from tilert.runtime.eager import EagerRuntime, compile_for_gpu  # noqa: E402
+from tilert.runtime.eager.runtime import EagerRuntime  # noqa: E402
 from tilert.runtime.eager.synthetic import synthetic_params  # noqa: E402
 
 
@@ -66,12 +75,6 @@ def full_scale(model: str, world: int, context: int, blocks: list[int]) -> dict:
 
 def oracle_loop(accept_lens: list[float], new_tokens: int = 64) -> list[dict]:
     """The real draft/verify/accept loop on the GPU with the oracle drafter (synthetic drafts)."""
-    import time
-
-    from tilert.engine import OracleDrafter, generate
-    from tilert.models.weights import synthetic_weights
-    from tilert.runtime.eager import EagerBackend
-
     cfg = load_config("tiny")
     be = EagerBackend(cfg, synthetic_weights(cfg, 0), max_seq=256)
     prompt = [3, 1, 4, 1, 5]

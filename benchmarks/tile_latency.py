@@ -19,6 +19,12 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
+from benchmarks.common import copy_bandwidth, time_graph, write_result
+from tilert.kernels.common import build
+from tilert.numerics import mxfp4
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tilert.kernels import mxfp4_gemm as mx  # noqa: E402
@@ -35,8 +41,6 @@ def configs(k: int, per_sm: list[int]) -> list[tuple[int, mx.Config]]:
 def padded_kernel(c: mx.Config, pad_kb: int):
     """The standalone tile kernel beside `pad_kb` KB more dynamic shared memory, as a CTA of the
     persistent kernel holds (its largest body's buffers), leaving the SM that much less L1."""
-    from tilert.kernels.common import build
-
     return build(mx.make_kernel(c, extra_shared_kb=pad_kb))
 
 
@@ -60,10 +64,6 @@ def main() -> None:
             padded_kernel(cfgs[0][1], kb)
         print(f"built {len(cfgs) + len(PADS)} kernels")
         return
-    import torch
-
-    from benchmarks.common import copy_bandwidth, time_graph, write_result
-    from tilert.numerics import mxfp4
 
     bw = copy_bandwidth()
     rows = []

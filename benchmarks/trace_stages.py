@@ -1,6 +1,6 @@
 """Per-node stage table of a measured persistent trace (what a layer's critical path is made of).
 
-The persistent kernel's trace (`PersistentStep.measured_trace()`, written by `benchmarks/e2e.py
+The persistent kernel's trace (`tilert.profile.timeline.measured_trace(step)`, written by `benchmarks/e2e.py
 --trace-dir` and `ncu_step.py run --trace`) has one event per task: its node, opcode, start and
 duration (waits are separate `wait` events). For each node in a range this prints when its first
 task started, its span (first start to last end) and, per opcode, the task count and the median

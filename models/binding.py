@@ -20,6 +20,7 @@ import torch
 from tilert.ir.graph import Graph, Value
 from tilert.models.weights import UPCASTS, WeightError
 from tilert.ops.qtensor import QTensor
+from tilert.progress import progress
 
 FP8_BLOCK = 128
 
@@ -135,8 +136,6 @@ def bind_params(
     graph: Graph, weights: Mapping[str, torch.Tensor], cache: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Runtime objects for every param of the graph (reusing `cache` entries by name)."""
-    from tilert.progress import progress
-
     cache = {} if cache is None else cache
     todo = [v for v in graph.by_role("param") if v.name not in cache]
     nbytes = sum(v.nbytes for v in todo)

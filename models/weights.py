@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from safetensors.torch import save_file
+
+from tilert.numerics import fp8, mxfp4
 
 from .config import ModelConfig
 
@@ -239,11 +242,8 @@ def _store(t: _Logical, x: torch.Tensor) -> dict[str, torch.Tensor]:
     if t.fmt == "bf16":
         return {w: x.to(torch.bfloat16)}
     if t.fmt == "fp8":
-        from tilert.numerics import fp8
-
         qw, sc = fp8.quantize_blocks(x)
         return {w: qw, w + "_scale_inv": sc.to(torch.float32)}
-    from tilert.numerics import mxfp4
 
     blocks, scales = mxfp4.quantize(x)
     return {w + "_blocks": blocks, w + "_scales": scales}
@@ -274,6 +274,16 @@ def synthetic_weights(
 
 
 # ---- validation, dequantisation, files ----------------------------------------------------------
+
+
+def margin_safe_weights(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Synthetic weights whose selection bias (10 apart per expert) fixes every token's experts, so
+    runtimes that round differently still route alike and their outputs can be compared."""
+    w = synthetic_weights(cfg, seed)
+    for k in w:
+        if k.endswith("e_score_correction_bias"):
+            w[k] = torch.arange(cfg.n_routed_experts, 0, -1, dtype=torch.float32) * 10.0
+    return w
 
 
 def nonfinite(t: torch.Tensor, role: str = "") -> bool:
@@ -320,40 +330,15 @@ def dequantize_weight(weights: dict[str, torch.Tensor], prefix: str) -> torch.Te
     prefix = prefix.removesuffix(".weight")
     w = prefix + ".weight"
     if w + "_blocks" in weights:
-        from tilert.numerics import mxfp4
-
         return mxfp4.dequantize(weights[w + "_blocks"], weights[w + "_scales"], dtype=torch.float32)
     if w + "_scale_inv" in weights:
-        from tilert.numerics import fp8
-
         return fp8.dequantize_blocks(weights[w], weights[w + "_scale_inv"], dtype=torch.float32)
     if w in weights:
         return weights[w].to(torch.float32)
     raise WeightError(f"no weight stored for {prefix} (looked for {w}, {w}_scale_inv, {w}_blocks)")
 
 
-def load_safetensors(
-    path: str | Path,
-    cfg: ModelConfig,
-    device: str | torch.device = "cpu",
-    include_drafter: bool | None = None,
-) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint in memory, in `cfg`'s formats (GPU launchers bind from a dict).
-
-    It goes through the one loader (`tilert.checkpoint.open_checkpoint`), so it makes the same
-    checks as every entry point (names, shapes, dtypes, checksums, NaN/Inf) and converts linears
-    stored in another format to cfg's. include_drafter=None keeps the drafter iff it is stored.
-    """
-    from tilert.checkpoint.open import open_checkpoint
-
-    ck = open_checkpoint(path, cfg, device=str(device), quantize="on-load", include_drafter=include_drafter)
-    if ck.world > 1:
-        raise WeightError(f"{path} is sharded for {ck.world} ranks; load it with tilert.Engine or open_checkpoint")
-    return {name: ck.weights[name] for name in ck.weights}
-
-
 def save_safetensors(weights: dict[str, torch.Tensor], path: str | Path) -> None:
-    """Write a storage-form dict as one safetensors file (HF layout, loadable by load_safetensors)."""
-    from safetensors.torch import save_file
-
+    """Write a storage-form dict as one safetensors file (HF layout, loadable by
+    `tilert.checkpoint.load_safetensors`)."""
     save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(path), metadata={"format": "pt"})

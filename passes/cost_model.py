@@ -18,16 +18,16 @@ from typing import Any
 
 from tilert.gpu_specs import GpuSpec
 from tilert.ir.graph import Graph, Node
+from tilert.ir.opset.fused import MoeAttrs
 from tilert.ir.opset.moe import expected_experts
-from tilert.ir.registry import Cost, get_op
+from tilert.ir.registry import Cost, Placement, get_op
 
 
 def op_cost(g: Graph, n: Node, context: int) -> Cost:
     """The registry cost of node n with the plan's world size and KV context filled in."""
-    a = {**n.a, "world": int(g.meta.get("world", 1)), "context_len": context}
     ins = [g.values[x] for x in n.inputs]
     outs = [g.values[x] for x in n.outputs]
-    return get_op(n.op).cost(ins, outs, a)
+    return get_op(n.op).cost(ins, outs, n.a, Placement(int(g.meta.get("world", 1)), context))
 
 
 def task_seconds(spec: GpuSpec, nbytes: float, flops: float, comm: float = 0.0, collective: bool = False) -> float:
@@ -48,8 +48,8 @@ def eager_seconds(spec: GpuSpec, c: Cost, longest_task: float, collective: bool,
 def kv_read_bytes(n: Node, kc: Any, vc: Any, tokens: int, context: int) -> int:
     """KV cache bytes one attention reads at `context` (window-limited for sliding layers)."""
     keys = context + tokens
-    if n.a.get("window"):
-        keys = min(keys, n.a["window"] + tokens)
+    if n.a.window:
+        keys = min(keys, n.a.window + tokens)
     return keys * (kc.shape[0] * kc.shape[2] * kc.dtype.bits + vc.shape[0] * vc.shape[2] * vc.dtype.bits) // 8
 
 
@@ -68,7 +68,8 @@ def floor_bytes(g: Graph, context: int) -> int:
             if n.op == "embed":
                 total += v.nbytes // v.shape[0] * ins[1].shape[0]
             elif "experts" in v.src():
-                T, k = ins[0].shape[0], int(n.a.get("top_k", 0) or g.values[n.inputs[2]].shape[1])
+                k = n.a.top_k if isinstance(n.a, MoeAttrs) else g.values[n.inputs[2]].shape[1]  # expert_matmul: idx
+                T = ins[0].shape[0]
                 touched = expected_experts(T, k, v.shape[0] * world) / world
                 total += int(v.nbytes * min(1.0, touched / v.shape[0]))
             else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tilert.ir.graph import Graph
+from tilert.ir.graph import Graph, Node
 from tilert.passes.rewrite import Rewriter, make_node
 
 
@@ -26,6 +26,10 @@ def _roped(rw: Rewriter, v: str) -> tuple[list[int], str, Any, Any] | None:
     return [r[0], hn[0]], hn[1].inputs[0], r[1], hn[1]
 
 
+def _rope(n: Node) -> tuple:
+    return n.a.rope_dim, n.a.theta, n.a.head_dim
+
+
 def _match(rw: Rewriter, ai: int) -> tuple[set[int], Any] | None:
     at = rw.g.nodes[ai]
     q, kc, vc, pos = at.inputs[:4]
@@ -37,7 +41,7 @@ def _match(rw: Rewriter, ai: int) -> tuple[set[int], Any] | None:
     rk = _roped(rw, k)
     if rk is None or len({pos, kpos, rq[2].inputs[1], rk[2].inputs[1]}) != 1:
         return None
-    if (rq[3] is None) != (rk[3] is None) or any(rq[2].a[x] != rk[2].a[x] for x in ("rope_dim", "theta", "head_dim")):
+    if (rq[3] is None) != (rk[3] is None) or _rope(rq[2]) != _rope(rk[2]):
         return None
     sc = rw.producer(v, "scale")
     nodes = {ai, kv[0], *rq[0], *rk[0], *([sc[0]] if sc else [])}
@@ -47,13 +51,13 @@ def _match(rw: Rewriter, ai: int) -> tuple[set[int], Any] | None:
     extra = list(at.inputs[4:])
     eps = None
     if rq[3] is not None:
-        if rq[3].a["eps"] != rk[3].a["eps"]:
+        if rq[3].a.eps != rk[3].a.eps:
             return None
         extra += [rq[3].inputs[1], rk[3].inputs[1]]
-        eps = rq[3].a["eps"]
+        eps = rq[3].a.eps
     ins = (rq[1], rk[1], sc[1].inputs[0] if sc else v, kc0, vc0, pos, *extra)
-    a = {**at.a, "rope_dim": rq[2].a["rope_dim"], "theta": rq[2].a["theta"]}
-    a.update(v_scale=sc[1].a["factor"] if sc else None, qk_norm_eps=eps)
+    a = {**dict(at.attrs), "rope_dim": rq[2].a.rope_dim, "theta": rq[2].a.theta}
+    a.update(v_scale=sc[1].a.factor if sc else None, qk_norm_eps=eps)
     return nodes, make_node("attention_block", ins, (at.outputs[0], kc, vc), **a)
 
 

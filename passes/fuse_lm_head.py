@@ -30,8 +30,8 @@ def _match(rw: Rewriter, i: int) -> tuple[set[int], Any] | None:
         lm = va and rw.producer(va[1].inputs[0], HEADS)
         if not va or va[1].outputs[1] != n.inputs[1]:
             return None
-        nodes, nxt, a = {i, va[0]}, n.outputs[0], {"vocab_offset": va[1].a["vocab_offset"]}
-    if not lm or lm[1].a.get("norm_eps") is not None or lm[1].a.get("residual"):
+        nodes, nxt, a = {i, va[0]}, n.outputs[0], {"vocab_offset": va[1].a.vocab_offset}
+    if not lm or lm[1].a.norm_eps is not None or lm[1].a.residual:
         return None
     logits = lm[1].outputs[0]
     nodes.add(lm[0])

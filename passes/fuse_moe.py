@@ -45,11 +45,11 @@ def _match(rw: Rewriter, ci: int) -> tuple[set[int], Any] | None:
     if not all(rw.private(v, nodes) for v in inner):
         return None
     a = {
-        **{k: v for k, v in tk[1].a.items() if k in ("top_k", "n_group", "topk_group")},
-        "normalize": gw[1].a.get("normalize", True),
-        "scaling": gw[1].a.get("scaling", 1.0),
-        "expert_offset": c.a.get("expert_offset", 0),
-        "n_local": c.a["n_local"],
+        **dict(tk[1].attrs),  # top_k, and the group limits where set
+        "normalize": gw[1].a.normalize,
+        "scaling": gw[1].a.scaling,
+        "expert_offset": c.a.expert_offset,
+        "n_local": c.a.n_local,
         "world": int(rw.g.meta.get("world", 1)),
         "reduce": reduce,
     }

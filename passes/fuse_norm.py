@@ -24,13 +24,12 @@ CORE_INPUTS = {
 
 
 def _can_take(n: Node, h: str) -> bool:
-    a = n.a
     return (
         n.op in CORE_INPUTS
         and n.inputs[0] == h
         and h not in n.inputs[1:]
-        and a.get("norm_eps") is None
-        and not a.get("residual")
+        and n.a.norm_eps is None
+        and (n.op.startswith("lm_head_") or not n.a.residual)  # the LM head has no residual epilogue
     )
 
 
@@ -51,5 +50,5 @@ def fuse_norm(graph: Graph, ctx: Any = None) -> Graph:
             u = graph.nodes[j]
             k = CORE_INPUTS[u.op]
             ins = (x, *u.inputs[1:k], w, *u.inputs[k:])
-            rw.replace([j], Node(u.op, ins, u.outputs, freeze_attrs({**u.a, "norm_eps": n.a["eps"]})))
+            rw.replace([j], Node(u.op, ins, u.outputs, freeze_attrs({**dict(u.attrs), "norm_eps": n.a.eps})))
     return rw.finish()

@@ -21,8 +21,8 @@ EPILOGUE = ("linear_bf16", "linear_fp8", "linear_mxfp4", "fused_moe_bf16", "fuse
 def _fused(p: Node, res: str, out: str, world: int) -> Node | None:
     if p.op == "all_reduce":
         return Node("all_reduce_residual", (p.inputs[0], res), (out,), freeze_attrs({"world": world}))
-    if p.op in EPILOGUE and not p.a.get("residual"):
-        return Node(p.op, (*p.inputs, res), (out, *p.outputs[1:]), freeze_attrs({**p.a, "residual": True}))
+    if p.op in EPILOGUE and not p.a.residual:
+        return Node(p.op, (*p.inputs, res), (out, *p.outputs[1:]), freeze_attrs({**dict(p.attrs), "residual": True}))
     return None
 
 

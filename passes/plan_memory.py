@@ -18,9 +18,12 @@ from typing import Any
 from tilert.gpu_specs import GIB, GpuSpec
 from tilert.ir.graph import Graph
 from tilert.ir.registry import get_op
-from tilert.plan import PlanDoesNotFit
 
 ALIGN = 256
+
+
+class PlanDoesNotFit(ValueError):
+    """A plan whose per-rank memory exceeds the GPU's; the message gives the figures."""
 
 
 @dataclass

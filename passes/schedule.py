@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from tilert.abi import OPCODES, TASK_FIELDS, WAITS
 from tilert.ir.graph import Graph
 from tilert.passes.cost_model import task_seconds
 from tilert.passes.tile import OpTiles, structure_key
-from tilert.plan import OPCODES, TASK_FIELDS, WAITS
 
 NONE = -1
 

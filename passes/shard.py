@@ -37,11 +37,11 @@ def _local_param(v: Value, split: Split | None, r: int) -> Value:
 
 def _local_attrs(n: Node, ins: list[Value], a: dict[str, Any], splits: dict[str, Split], r: int, N: int) -> dict:
     if n.op == "rope":
-        a["heads"] = ins[0].shape[-1] // a["head_dim"]
+        a["heads"] = ins[0].shape[-1] // n.a.head_dim
     elif n.op == "head_rms_norm":
         a["heads"] = ins[0].shape[-1] // ins[1].shape[0]
     elif n.op == "attention":
-        a["heads"] = ins[0].shape[-1] // a["head_dim"]
+        a["heads"] = ins[0].shape[-1] // n.a.head_dim
         a["kv_heads"] = ins[1].shape[0]
     elif n.op in EXPERT_KINDS or n.op == "moe_combine":
         sp = next((s for s in splits.values() if s.experts), None)  # every expert stack splits alike
@@ -68,7 +68,7 @@ class _RankBuilder:
         """Append a node with inferred local shapes and propagated shardings; graph outputs that
         come out split or partial get a '.local' name and a collective that restores them."""
         ins = [self.g.values[x] for x in inputs]
-        shapes = get_op(op).infer(ins, attrs)
+        shapes = get_op(op).infer(ins, get_op(op).attrs.parse(attrs))
         probe = Node(op, tuple(inputs), tuple(outputs), freeze_attrs(attrs))
         shards = propagate(probe, [v.sharding for v in ins], [len(v.shape) for v in ins])
         local = [f"{o}.local" if o in self.outs and sh.kind != "R" else o for o, sh in zip(outputs, shards)]
@@ -101,7 +101,7 @@ class _RankBuilder:
             if n.op not in ACCEPTS_PARTIAL:
                 ins = [self.replicated(x) for x in ins]
             vals = [self.g.values[x] for x in ins]
-            self.emit(n.op, ins, list(n.outputs), _local_attrs(n, vals, dict(n.a), self.splits, self.r, self.N))
+            self.emit(n.op, ins, list(n.outputs), _local_attrs(n, vals, dict(n.attrs), self.splits, self.r, self.N))
         return self.g.verify()
 
     def distributed_argmax(self, n: Node, logits: str) -> None:

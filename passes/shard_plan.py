@@ -69,8 +69,8 @@ class _Planner:
     # ---- rules ------------------------------------------------------------------------------
     def attention(self, n: Node) -> None:
         a, N = n.a, self.world
-        H, Hkv, D, Dv = a["heads"], a["kv_heads"], a["head_dim"], a["v_head_dim"]
-        pre = "dflash." if self.g.meta.get("kind") == "drafter" else ("swa_" if a.get("window") else "")
+        H, Hkv, D, Dv = a.heads, a.kv_heads, a.head_dim, a.v_head_dim
+        pre = "dflash." if self.g.meta.get("kind") == "drafter" else ("swa_" if a.window else "")
         if H % N:
             raise ShardError(f"config field '{pre}num_attention_heads' = {H} does not split over {N} ranks")
         hq = H // N
@@ -84,7 +84,7 @@ class _Planner:
             )
         q_rows = even(H, N, D)
         self.set(self.weight(n.inputs[0]), Split(0, q_rows))
-        if a.get("has_sink"):
+        if a.has_sink:
             self.set(n.inputs[4], Split(0, even(H, N)))
         caches = [n.inputs[1], n.inputs[2]]
         while caches[0] in self.prod:  # walk back the kv_append chain to the state

@@ -60,7 +60,7 @@ def _combine(n: Node, ins: list[Sharding], ranks: list[int]) -> list[Sharding]:
 
 
 def _moe(n: Node, ins: list[Sharding], ranks: list[int]) -> list[Sharding]:
-    return [R if n.a.get("reduce") or ins[3].kind == "R" else PSUM]
+    return [R if n.a.reduce or ins[3].kind == "R" else PSUM]
 
 
 def _reduced(n: Node, ins: list[Sharding], ranks: list[int]) -> list[Sharding]:

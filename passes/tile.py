@@ -1,11 +1,12 @@
 """tile: every op -> stages of tile tasks (opcode, tile coordinates, bytes/flops per tile).
 
-Tile shapes per op kind live in TILE_CONFIG and TILE_RULES below (one place to change them).
-Tile coordinates are the TileLang kernels' (tilert/kernels/), so a persistent kernel can run
-their tile bodies straight from a task row: the GEMMs' block_m/block_n/block_k/split_k
-(`gemm_shape` = fp8_gemm/mxfp4_gemm pick_config), split-KV decode attention (rows, block_m and
-splits of the kernel's AttnConfig: `attention_tiling`) with a combine stage, and the fused MoE's
-router / route / gate_up / down bodies grouped by `tilert.kernels.moe.tiling`, plus a reduce stage.
+TILE_RULES below maps op kinds to their rules. Tile shapes and coordinates are the kernels' own
+(each kernel family owns its tiling), so a persistent kernel can run their tile bodies straight
+from a task row: the GEMMs' (n tile, m tile, k split) of `tilert.kernels.linear_tiling`, split-KV
+decode attention (rows, block_m and splits of `tilert.kernels.attention.tiling`) with a combine
+stage, the fused MoE's router / route / gate_up / down bodies grouped by
+`tilert.kernels.moe.tiling` plus a reduce stage, and the column blocks of the collective and
+generic bodies (`tilert.kernels.elementwise`).
 
 A stage's tasks each belong to one output chunk (a counter): the tile's column block for GEMMs,
 the kv head for attention, one for each MoE stage. Reads say which columns of which input (or
@@ -17,7 +18,6 @@ depend on routing. Costs are expected values under uniform routing (`slot_busy`)
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,22 +26,10 @@ from typing import Any
 from tilert.ir.graph import Graph, Node, Value
 from tilert.ir.opset.fused import MOE_CORE
 from tilert.ir.opset.moe import expected_experts
-from tilert.kernels import moe
-from tilert.kernels.linear_fused import GEMV_CHUNK, GEMV_M, GEMV_X_BYTES
+from tilert.kernels import attention, linear_tiling, moe
+from tilert.kernels.common import cdiv
+from tilert.kernels.elementwise import COLLECTIVE_COLS, GENERIC_COLS
 from tilert.passes.cost_model import kv_read_bytes, op_cost
-
-TILE_CONFIG: dict[str, dict[str, Any]] = {
-    # wave 1.0: one task per SM at most per GEMM (a second wave doubles a persistent step's path);
-    # gemv_min_chunks 16: a GEMV task costs about 4 us beside its bytes (norm prologue, x stage,
-    # split-K epilogue), so a small projection runs as a few long tasks beside q_proj's wave, not as
-    # many short ones queued behind it (docs/performance.md)
-    "gemm": {"block_m": (16, 64), "block_k": (128, 64, 32), "block_n": 128, "block_n_small": 64,
-             "wide_n": 128 * 16, "wave": 1.0, "min_k_tiles": 2, "gemv_block_n": 64, "gemv_min_chunks": 16},
-    "attention": {"block_n": 64, "wave_ctas": 128},
-    "collective": {"cols": 1024},
-    "generic": {"cols": 2048},
-}  # fmt: skip
-# the fused MoE's geometry is the kernel's: tilert.kernels.moe.tiling (ROUTER_E, GU_COLS, MOE_TASKS)
 
 
 @dataclass(frozen=True)
@@ -83,41 +71,10 @@ class OpTiles:
     out_stage: list[int]  # stage index that produces each node output
 
 
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def gemm_shape(M: int, N: int, K: int, sms: int, gemv: bool = False) -> tuple[int, int, int, int]:
-    """(block_m, block_n, block_k, split_k) as the GEMM kernels pick them; gemv=True: the register
-    GEMV body's (kernels/linear_fused.py, fp8 weights and M <= GEMV_M): 64-row tiles of 64-element
-    chunks, split so each task's x block fits GEMV_X_BYTES of shared memory and, beyond that, as
-    far as the tasks fit one wave of SMs."""
-    c = TILE_CONFIG["gemm"]
-    if gemv:
-        bm, bn, bk = (8 if M <= 8 else 16), c["gemv_block_n"], GEMV_CHUNK
-        tiles, nk = cdiv(N, bn) * cdiv(M, bm), K // bk
-        fits = [s for s in range(1, nk + 1) if nk % s == 0 and bm * (K // s) * 2 <= GEMV_X_BYTES]
-        ok = [s for s in fits if s == fits[0] or (nk // s >= c["gemv_min_chunks"] and tiles * s <= sms)]
-        return bm, bn, bk, max(ok)
-    bm = min(c["block_m"][1], max(c["block_m"][0], cdiv(M, 16) * 16))
-    bk = next((b for b in c["block_k"] if K % b == 0), c["block_k"][-1])
-    bn = c["block_n"] if N >= c["wide_n"] else c["block_n_small"]
-    tiles, nk, split = cdiv(N, bn) * cdiv(M, bm), cdiv(K, bk), 1
-    for s in range(2, nk + 1):
-        if nk % s == 0 and nk // s >= c["min_k_tiles"] and tiles * s <= sms * c["wave"]:
-            split = s
-    return bm, bn, bk, split
-
-
-def uses_gemv(op: str, M: int, K: int) -> bool:
-    """Whether a linear node runs the register GEMV body: fp8 weights, few tokens, K in 128-blocks."""
-    return op == "linear_fp8" and M <= GEMV_M and K % 128 == 0
-
-
 def _gemm_stage(opcode: str, x: Value, w: Value, out: Value, sms: int, whole_x: bool, res: int | None,
                 op: str = "") -> Stage:  # fmt: skip
     M, K, N = math.prod(x.shape[:-1]), x.shape[-1], w.shape[0]
-    bm, bn, _, split = gemm_shape(M, N, K, sms, uses_gemv(op, M, K))
+    bm, bn, _, split, _ = linear_tiling.node_shape(op, M, N, K, sms)
     st = Stage(opcode, cdiv(N, bn), bn)
     kc = K // split
     x_row = x.nbytes / max(1, M)
@@ -137,8 +94,8 @@ def _gemm_stage(opcode: str, x: Value, w: Value, out: Value, sms: int, whole_x: 
 
 def tile_linear(g: Graph, n: Node, ctx: Any) -> OpTiles:
     x, w = g.values[n.inputs[0]], g.values[n.inputs[1]]
-    res = len(n.inputs) - 1 if n.a.get("residual") else None
-    st = _gemm_stage(n.op.upper(), x, w, g.values[n.outputs[0]], ctx.gpu.sms, n.a.get("norm_eps") is not None, res,
+    res = len(n.inputs) - 1 if n.a.residual else None
+    st = _gemm_stage(n.op.upper(), x, w, g.values[n.outputs[0]], ctx.gpu.sms, n.a.norm_eps is not None, res,
                      n.op)  # fmt: skip
     return OpTiles([st], [0])
 
@@ -153,47 +110,12 @@ def tile_lm_head(g: Graph, n: Node, ctx: Any) -> OpTiles:
     return OpTiles([gemm, tail], [0, 1, 1][: len(n.outputs)])
 
 
-def attention_tiling(a: dict[str, Any], T: int, Hkv: int) -> tuple[int, int, int]:
-    """(query rows per kv head, rows per CTA, KV splits) of an attention_block node with attrs `a`, T
-    tokens and Hkv local kv heads: the kernel's AttnConfig (rows, block_m, splits) where the kernel
-    covers the node (the eager runtime's `attn_config`), so the persistent kernel runs
-    `attn_split_body` at the table's coordinates; else (q/k norms, non-causal, head dims not
-    multiples of 16, T > 64) block_m 64/128 by rows and ~one wave of CTAs. One place for the tile
-    pass and the plan VM."""
-    cfg = _attn_config(_attn_key(a), T)
-    if cfg is not None:
-        if cfg.kv_heads != Hkv:
-            raise ValueError(f"attention_block kv_heads {cfg.kv_heads} != {Hkv} kv heads in the cache")
-        return cfg.rows, cfg.block_m, cfg.splits
-    c, window = TILE_CONFIG["attention"], a.get("window") or 0
-    rows = T * a["heads"] // Hkv
-    bm = 64 if rows <= 64 else 128
-    splits = max(1, cdiv(window, c["block_n"])) if window else max(1, c["wave_ctas"] // (Hkv * cdiv(rows, bm)))
-    return rows, bm, splits
-
-
-def _attn_key(a: dict[str, Any]) -> tuple:
-    return tuple(sorted((k, v) for k, v in a.items() if isinstance(v, (int, float, bool, str, type(None)))))
-
-
-@functools.cache
-def _attn_config(key: tuple, T: int) -> Any:
-    """The attention kernel's AttnConfig for these attrs and T tokens (None: the kernel does not cover
-    them), built by the eager runtime's `attn_config` so both runtimes pick the same kernel."""
-    from tilert.runtime.eager.gpu_ops import attn_config  # no tilelang; lazy: runtime imports passes
-
-    try:
-        return attn_config(dict(key), T)
-    except ValueError:  # AttnConfig rejects the shape (odd rope_dim, ...): the kernel does not cover it
-        return None
-
-
 def tile_attention(g: Graph, n: Node, ctx: Any) -> OpTiles:
     a = n.a
     q, kc, vc = (g.values[n.inputs[i]] for i in (0, 3, 4))
-    T, Hkv, H, D, Dv = q.shape[0], kc.shape[0], a["heads"], a["head_dim"], a["v_head_dim"]
+    T, Hkv, H, D, Dv = q.shape[0], kc.shape[0], a.heads, a.head_dim, a.v_head_dim
     group = H // Hkv
-    rows, bm, splits = attention_tiling(a, T, Hkv)
+    rows, bm, splits = attention.tiling(a, T, Hkv)
     rb = cdiv(rows, bm)
     kv = kv_read_bytes(n, kc, vc, T, ctx.context) / Hkv
     flops = 2.0 * rows * (D + Dv) * kv / ((D + Dv) * 2)
@@ -239,7 +161,7 @@ def tile_moe(g: Graph, n: Node, ctx: Any) -> OpTiles:
     x, gate, _, gu, dn = (g.values[i] for i in n.inputs[:MOE_CORE])
     out = g.values[n.outputs[0]]
     T, H = x.shape
-    E, n_local, k, world = gate.shape[0], a["n_local"], a["top_k"], int(a.get("world", 1))
+    E, n_local, k, world = gate.shape[0], a.n_local, a.top_k, a.world
     In = dn.shape[2]
     geo = moe.tiling(T, H, In, n_local, k)
     busy = slot_busy(T, k, E, n_local, geo.max_slots)
@@ -267,8 +189,8 @@ def tile_moe(g: Graph, n: Node, ctx: Any) -> OpTiles:
         kc = In / geo.down_split
         down.add((j, 0, 0), 0, w + items * (T * kc * 2 + T * moe.BLOCK_N * 4), items * 2.0 * T * moe.BLOCK_N * kc,
                  (Read(-3),))  # fmt: skip
-    res = len(n.inputs) - 1 if a.get("residual") else None
-    coll = bool(a.get("reduce")) and world > 1
+    res = len(n.inputs) - 1 if a.residual else None
+    coll = a.reduce and world > 1
     reduce = _reduce_stage("MOE_REDUCE", out, world if coll else 1, src=-4, chunk_cols=None, res=res,
                            y_bytes=4, collective=coll)  # fmt: skip
     return OpTiles([router, topk, up, down, reduce], [4])
@@ -278,7 +200,7 @@ def _reduce_stage(opcode: str, out: Value, world: int, src: int, chunk_cols: int
                   y_bytes: float | None = None, collective: bool = True) -> Stage:  # fmt: skip
     """Column blocks of an all-reduce (collective: over `world` ranks; else a local copy) with an
     optional residual add; y_bytes: bytes per element of the partial it reads (default: the output's)."""
-    cols = TILE_CONFIG["collective"]["cols"]
+    cols = COLLECTIVE_COLS
     W = out.shape[-1]
     st = Stage(opcode, cdiv(W, cols), cols, collective=collective)
     per_col = out.nbytes / W
@@ -300,7 +222,7 @@ def tile_collective(g: Graph, n: Node, ctx: Any) -> OpTiles:
     out = g.values[n.outputs[0]]
     if n.op == "all_gather":  # each task sends one block of local columns to every peer
         x = g.values[n.inputs[0]]
-        cols = TILE_CONFIG["collective"]["cols"]
+        cols = COLLECTIVE_COLS
         W = x.shape[-1]
         st = Stage("ALL_GATHER", cdiv(W, cols), 0, collective=True)
         for c in range(st.chunks):
@@ -316,7 +238,7 @@ def tile_generic(g: Graph, n: Node, ctx: Any) -> OpTiles:
     """One task per block of output columns; elementwise kinds read the same columns."""
     out = g.values[n.outputs[0]]
     W = out.shape[-1] if out.shape else 1
-    cols = TILE_CONFIG["generic"]["cols"]
+    cols = GENERIC_COLS
     st = Stage("OP_" + n.op.upper(), cdiv(W, cols), cols if len(n.outputs) == 1 else 0)
     cost = op_cost(g, n, ctx.context)
     ew = n.op in ("add", "scale") or (n.op == "silu_mul" and len(n.inputs) == 2)

@@ -25,10 +25,22 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
+
+from benchmarks.e2e_ranks import rank_graphs
+from tilert.engine.backend import PREFILL_CHUNK
+from tilert.engine.eager import compile_for_gpu
+from tilert.engine.persistent import compile_step, precompile
+from tilert.models.builder import build_step_graph
+from tilert.models.config import load_config
+from tilert.models.drafter import build_drafter_graph
+from tilert.runtime.eager.precompile import precompile as eager_precompile
+from tilert.runtime.eager.synthetic import meta_params
+from tilert.runtime.persistent.step import PersistentStep
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -45,9 +57,6 @@ RESIDENCY_SMS = 9 * 132  # tests/runtime/test_persistent_residency_gpu.py: more 
 def build_step(model: str, tokens: int, mode: str, max_seq: int, world: int, layers: int, gpus: int = 1,
                peers: bool | None = None) -> str:  # fmt: skip
     """One step kernel into the cache (runs in a worker process)."""
-    from tilert.models.config import load_config
-    from tilert.runtime.persistent.backend import precompile
-
     t0 = time.time()
     cfg = load_config(model)
     if layers:
@@ -61,12 +70,6 @@ def build_step(model: str, tokens: int, mode: str, max_seq: int, world: int, lay
 
 def build_residency() -> str:
     """tiny-gpu's decode step scheduled over RESIDENCY_SMS queues: a grid no GPU holds at once."""
-    from tilert.models.builder import build_step_graph
-    from tilert.models.config import load_config
-    from tilert.runtime.eager.synthetic import meta_params
-    from tilert.runtime.persistent.backend import compile_step
-    from tilert.runtime.persistent.step import PersistentStep
-
     t0 = time.time()
     rg, sched = compile_step(build_step_graph(load_config("tiny-gpu"), tokens=1, mode="decode", max_seq=256), 256,
                              sms=RESIDENCY_SMS)  # fmt: skip
@@ -77,13 +80,6 @@ def build_residency() -> str:
 def build_cli_eager(max_seq: int) -> str:
     """The eager kernels of tiny-gpu's step shapes (prefill chunk, decode, verify) and of its drafter
     at every context length a 1..40-token prompt gives (the CLI GPU test)."""
-    from tilert.engine.backend import PREFILL_CHUNK
-    from tilert.models.builder import build_step_graph
-    from tilert.models.config import load_config
-    from tilert.models.drafter import build_drafter_graph
-    from tilert.runtime.eager.backend import compile_for_gpu
-    from tilert.runtime.eager.precompile import precompile as eager_precompile
-
     t0 = time.time()
     cfg = load_config("tiny-gpu")
     block = cfg.dflash.block_size
@@ -97,9 +93,6 @@ def build_cli_eager(max_seq: int) -> str:
 def build_eager_ranks(model: str, tokens: int, mode: str, max_seq: int, world: int, layers: int) -> str:
     """The eager kernels of every rank's graph (compile_ranks(..., gpus=world)): the NCCL phase of
     `e2e.py --ranks gpus` runs these graphs on the eager runtime."""
-    from benchmarks.e2e_ranks import rank_graphs
-    from tilert.runtime.eager.precompile import precompile as eager_precompile
-
     t0 = time.time()
     _, graphs, _ = rank_graphs(model, layers, tokens, max_seq, world)
     n = eager_precompile(graphs)
@@ -180,8 +173,6 @@ def pack(cache: Path, out: Path) -> Path:
     """The cache as one .tar.xz (the kernel sources compress about 13x), so it travels to a GPU
     machine within a small upload budget; unpack with `tar -C DIR -xJf OUT` and point
     TILERT_KERNEL_CACHE at DIR/<the cache directory's name>."""
-    import tarfile
-
     out.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(out, "w:xz") as tf:
         tf.add(cache, arcname=cache.name)

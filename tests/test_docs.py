@@ -72,5 +72,5 @@ def test_checks_can_fail(tmp_path: Path) -> None:
     assert named_paths(text) == {"tilert/no_such_module.py", "tilert/kernels/common.py", "tilert/kernels/nope.py",
                                  "tilert/ir"}  # fmt: skip
     assert slug("The plan (`tilert/plan.py`)") == "the-plan-tilertplanpy"
-    assert "the-plan-tilertplanpy" in anchors(ROOT / "docs" / "architecture.md")
+    assert "the-plan-tilertplanpy-and-the-task-table-tilertabipy" in anchors(ROOT / "docs" / "architecture.md")
     assert "no-such-heading" not in anchors(ROOT / "docs" / "architecture.md")

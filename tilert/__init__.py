@@ -5,23 +5,10 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 __version__ = "0.1.0"
-
-
-def _source_tree_packages() -> None:
-    """Running from a source checkout without installing (PYTHONPATH=.): `models/` and `passes/`
-    sit beside `tilert/`, so let `tilert.models` / `tilert.passes` resolve there too."""
-    import os
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    root = os.path.dirname(here)
-    if not os.path.isdir(os.path.join(here, "models")) and os.path.isfile(os.path.join(root, "models", "config.py")):
-        __path__.append(root)  # type: ignore[name-defined]  # noqa: F821
-
-
-_source_tree_packages()
 
 _LAZY = {
     "Engine": "tilert.engine.api",
@@ -37,8 +24,6 @@ def __getattr__(name: str) -> Any:
     mod = _LAZY.get(name)
     if mod is None:
         raise AttributeError(f"module 'tilert' has no attribute {name!r}")
-    import importlib
-
     value = getattr(importlib.import_module(mod), name)
     globals()[name] = value
     return value

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from tqdm import tqdm
+
 _quiet = False
 
 
@@ -45,7 +47,6 @@ def progress(total: int | None = None, desc: str = "", unit: str = "it", **kw: A
     if not bars_enabled() or total == 0:
         yield _NoBar()
         return
-    from tqdm import tqdm
 
     bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=False, **kw)
     try:

@@ -90,8 +90,8 @@ def test_generate_on_gpu_equals_cpu_reference(capsys, weights_file, length, max_
 
 
 def _margin_weights() -> dict:
-    from tests.runtime.test_eager_gpu import margin_safe_weights
     from tilert.models.config import load_config
+    from tilert.models.weights import margin_safe_weights
 
     return margin_safe_weights(load_config("tiny-gpu"), 5)
 

@@ -13,7 +13,7 @@ import tilert.ops.sampling as S
 from tests.engine.test_api import in_thread
 from tilert.engine import ReferenceBackend, generate
 from tilert.engine.api import Engine
-from tilert.engine.generate import GenerationError, SamplingParams
+from tilert.engine.request import GenerationError, SamplingParams
 from tilert.models.config import load_config
 from tilert.models.weights import synthetic_weights
 

@@ -79,6 +79,59 @@ def test_dtype_bytes():
     assert BF16.nbytes((3, 5)) == 30 and F32.nbytes((4,)) == 16
 
 
+def test_attrs_are_typed_with_defaults_filled_and_stored_as_set():
+    g = small_graph()
+    norm = g.nodes[0]
+    assert norm.a.eps == 1e-6 and norm.attrs == (("eps", 1e-6),)
+    mm = g.nodes[-1]
+    assert mm.attrs == () and mm.a.out_dtype == "bf16"  # the default, not stored: the forms stay as set
+    assert "matmul(%rms_norm, %dequant)\n" in g.to_text()
+    assert Graph.from_json(g.to_json()).to_json() == g.to_json()
+
+
+@pytest.mark.parametrize(("attrs", "msg"), [
+    ({"eps": "small"}, "node 0 \\(rms_norm\\): attribute 'eps' = 'small' is not float"),
+    ({"eps": 1e-6, "epsilon": 1e-6}, "node 0 \\(rms_norm\\): unknown attribute 'epsilon' \\(known: eps\\)"),
+    ({}, "node 0 \\(rms_norm\\): missing attribute 'eps'"),
+    ({"eps": True}, "attribute 'eps' = True is not float"),
+])  # fmt: skip
+def test_verify_rejects_unknown_missing_and_mistyped_attrs(attrs, msg):
+    g = small_graph()
+    n = g.nodes[0]
+    g.nodes[0] = Node(n.op, n.inputs, n.outputs, tuple(sorted(attrs.items())))
+    with pytest.raises(IRError, match=msg):
+        g.verify()
+
+
+def test_attrs_types_follow_the_annotations():
+    from tilert.ir.opset.fused import AttentionBlockAttrs, MoeAttrs
+
+    a = MoeAttrs.parse({"top_k": 8, "n_local": 48, "scaling": 2})  # an int is a float
+    assert (a.n_group, a.normalize, a.norm_eps, a.scaling) == (1, True, None, 2)
+    assert MoeAttrs.parse({"top_k": 8, "n_local": 48, "norm_eps": 1e-6}).norm_eps == 1e-6
+    with pytest.raises(IRError, match="'norm_eps' = 'x' is not float | None"):
+        MoeAttrs.parse({"top_k": 8, "n_local": 48, "norm_eps": "x"})
+    with pytest.raises(IRError, match="'top_k' = 8.0 is not int"):
+        MoeAttrs.parse({"top_k": 8.0, "n_local": 48})
+    base = dict(heads=4, kv_heads=1, head_dim=64, v_head_dim=64, scale=0.125, rope_dim=32, theta=1e4)
+    assert AttentionBlockAttrs.parse(base).window == 0
+    with pytest.raises(IRError, match="'causal' = 1 is not bool"):
+        AttentionBlockAttrs.parse({**base, "causal": 1})
+
+
+def test_references_take_exactly_the_attrs_without_defaults():
+    """Every kind's defaults are written once, in its attributes class: a reference's keyword
+    arguments are the class's fields, with no default of their own."""
+    import dataclasses
+    import inspect
+
+    for name, opdef in all_ops().items():
+        params = inspect.signature(opdef.reference).parameters.values()
+        kw = [p for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        assert {p.name for p in kw} == {f.name for f in dataclasses.fields(opdef.attrs)}, name
+        assert all(p.default is inspect.Parameter.empty for p in kw), name
+
+
 def test_every_op_has_a_docstring_or_reference():
     for name, opdef in all_ops().items():
         assert callable(opdef.reference) and callable(opdef.infer), name
@@ -94,6 +147,17 @@ def test_model_graphs_round_trip_exactly(model):
         assert g2.to_json() == s
         assert g2.values == g.values and g2.nodes == g.nodes and g2.outputs == g.outputs
         g2.verify()
+
+
+def test_compiled_rank_graphs_round_trip_exactly():
+    """Fused kinds (typed attributes, set by the passes) keep their JSON and text forms."""
+    from tilert.passes import PassContext, compile_graph
+
+    g = build_step_graph(load_config("tiny"), tokens=4, mode="verify", max_seq=64)
+    for rg in compile_graph(g, PassContext(world=2, max_seq=64)):
+        s, text = rg.to_json(), rg.to_text()
+        g2 = Graph.from_json(s).verify()
+        assert g2.to_json() == s and g2.to_text() == text and g2.nodes == rg.nodes
 
 
 names = st.text("abcdefgh._", min_size=1, max_size=8)

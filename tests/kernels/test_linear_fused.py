@@ -8,7 +8,7 @@ import torch
 
 from tilert.kernels import common
 from tilert.kernels import linear_fused as lf
-from tilert.passes.tile import gemm_shape, uses_gemv
+from tilert.kernels.linear_tiling import gemm_shape, uses_gemv
 
 needs_toolchain = pytest.mark.skipif(not common.has_toolchain(), reason=str(common.toolchain_reason()))
 

@@ -375,7 +375,7 @@ def test_gpu_backends_draft_with_published_drafters(tmp_path, backend, layout):
 def test_eager_drafter_logits_match_the_executor(tmp_path):
     """The eager runtime's drafter pass (bf16 KV cache, sinks, value scale, partial RoPE, mask
     embedding, per-row window) against the reference executor: relative error <= 2e-2."""
-    from tilert.runtime.eager.backend import EagerBackend
+    from tilert.engine.eager import EagerBackend
 
     cfg = load_config("tiny-gpu")
     raw = mimo_config(cfg, window=5)

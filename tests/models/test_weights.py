@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
+from tilert.checkpoint import load_safetensors
 from tilert.models.config import QuantConfig, load_config
 from tilert.models.weights import (
     WeightError,
     dequantize_weight,
-    load_safetensors,
     logical_param_counts,
     save_safetensors,
     synthetic_weights,

@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
+from tilert.abi import TASK_FIELDS
 from tilert.cli import main
-from tilert.plan import TASK_FIELDS, load_plan
+from tilert.plan import load_plan
 
 
 def _compile(tmp_path, capsys, *args: str) -> tuple[int, dict | None, str]:  # noqa: ANN001

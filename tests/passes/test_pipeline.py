@@ -8,12 +8,13 @@ from importlib import resources
 import numpy as np
 import pytest
 
+from tilert.abi import OPCODES, TASK_FIELDS, WAITS
 from tilert.ir.graph import Graph, IRError
 from tilert.models.builder import build_step_graph
 from tilert.models.config import load_config, parse_config
 from tilert.passes import PIPELINE, PassContext, ShardError, run_passes, shard_for_ranks
 from tilert.passes.manager import Pass
-from tilert.plan import OPCODES, TASK_FIELDS, WAITS, PlanDoesNotFit
+from tilert.passes.plan_memory import PlanDoesNotFit
 
 F = {f: i for i, f in enumerate(TASK_FIELDS)}
 

@@ -7,23 +7,25 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tilert.ir.graph import Graph
+from tilert.ir.opset.fused import AttentionBlockAttrs
 from tilert.ir.opset.moe import expected_experts
 from tilert.kernels import moe
-from tilert.kernels.attention import AttnConfig
+from tilert.kernels.attention import AttnConfig, supports
+from tilert.kernels.attention import tiling as attention_tiling
 from tilert.kernels.common import cdiv
 from tilert.kernels.mxfp4_gemm import BLOCK_N
 from tilert.models.builder import build_step_graph
 from tilert.models.config import load_config
 from tilert.passes import PassContext, run_passes
 from tilert.passes.manager import passes_until
-from tilert.passes.tile import OpTiles, Read, attention_tiling, slot_busy
-from tilert.runtime.eager.gpu_ops import attn_config
+from tilert.passes.tile import OpTiles, Read, slot_busy
 
 
 def tiled(model: str, tokens: int, world: int) -> tuple[Graph, list[OpTiles]]:
@@ -57,7 +59,7 @@ def test_moe_tasks_are_the_kernel_grids(case: tuple[Graph, list[OpTiles]]) -> No
     assert nodes
     n, t = nodes[0]
     x, gate, gu, dn = (g.values[n.inputs[i]] for i in (0, 1, 3, 4))
-    (T, H), E, In, EL, k = x.shape, gate.shape[0], dn.shape[2], n.a["n_local"], n.a["top_k"]
+    (T, H), E, In, EL, k = x.shape, gate.shape[0], dn.shape[2], n.a.n_local, n.a.top_k
     assert gu.shape[1] == 2 * In
     cfg = moe.Config(T, H, In, E, EL, k)
     geo = moe.tiling(T, H, In, EL, k)
@@ -83,7 +85,7 @@ def test_moe_tasks_are_the_kernel_grids(case: tuple[Graph, list[OpTiles]]) -> No
     assert [i for t in range(geo.gu_tiles) for i in range(*geo.gu_cols(t))] == list(range(In))
     assert [i for t in range(geo.down_tiles) for i in range(*geo.down_cols(t))] == list(range(H))
     assert [c for c, _, _ in red.coords] == list(range(len(red)))  # reduce: always, column blocks
-    assert red.collective == (bool(n.a.get("reduce")) and int(n.a.get("world", 1)) > 1)
+    assert red.collective == (n.a.reduce and n.a.world > 1)
 
 
 def test_moe_waits(case: tuple[Graph, list[OpTiles]]) -> None:
@@ -98,7 +100,7 @@ def test_moe_waits(case: tuple[Graph, list[OpTiles]]) -> None:
     assert all(rd == (Read(-3),) for rd in down.reads)
     assert up.chunks == down.chunks == 1
     for rd in red.reads:
-        assert rd[0] == Read(-4) and len(rd) == 1 + bool(n.a.get("residual"))
+        assert rd[0] == Read(-4) and len(rd) == 1 + n.a.residual
 
 
 def test_moe_costs_are_expected_values() -> None:
@@ -117,7 +119,7 @@ def test_attention_tiles_are_the_kernel_config(case: tuple[Graph, list[OpTiles]]
             continue
         q, kc = g.values[n.inputs[0]], g.values[n.inputs[3]]
         T, Hkv = q.shape[0], kc.shape[0]
-        cfg = attn_config(n.a, T)
+        cfg = AttnConfig.for_node(n.a, T) if supports(n.a, T) is None else None
         rows, bm, splits = attention_tiling(n.a, T, Hkv)
         if cfg is not None:
             assert isinstance(cfg, AttnConfig) and (rows, bm, splits) == (cfg.rows, cfg.block_m, cfg.splits)
@@ -132,7 +134,7 @@ def test_attention_tiles_are_the_kernel_config(case: tuple[Graph, list[OpTiles]]
 def test_full_attention_uses_two_cta_row_blocks() -> None:
     """mimo verify B=8: 128 query rows per kv head in full layers -> two 64-row blocks, two CTAs per SM
     (128 x 2 / 2 splits); SWA layers one 128-row block, window / 64 splits."""
-    a = dict(heads=16, kv_heads=1, head_dim=192, v_head_dim=128, rope_dim=64, theta=1e7, window=0)
+    a = AttentionBlockAttrs(heads=16, kv_heads=1, head_dim=192, v_head_dim=128, rope_dim=64, theta=1e7, scale=0.07)
     assert attention_tiling(a, 8, 1) == (128, 64, 128)
-    assert attention_tiling({**a, "window": 128}, 8, 1) == (128, 128, 2)
-    assert attention_tiling({**a, "causal": False}, 8, 1) == (128, 128, 128)  # not the kernel: fallback
+    assert attention_tiling(replace(a, window=128), 8, 1) == (128, 128, 2)
+    assert attention_tiling(replace(a, causal=False), 8, 1) == (128, 128, 128)  # not the kernel: fallback

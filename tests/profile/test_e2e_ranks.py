@@ -25,7 +25,7 @@ def test_compare_values_cuts_padding_and_flags_wrong_values() -> None:
 
     import torch
 
-    from benchmarks.e2e import compare_values, off_rows
+    from benchmarks.common import compare_values, off_rows
 
     g = SimpleNamespace(nodes=[SimpleNamespace(op="linear", outputs=["a"]), SimpleNamespace(op="argmax", outputs=["i"]),
                                SimpleNamespace(op="odd", outputs=["s", "n"])])  # fmt: skip

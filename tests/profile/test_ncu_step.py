@@ -3,7 +3,7 @@
 import gzip
 
 from benchmarks import ncu_step
-from tilert.plan import OPCODES
+from tilert.abi import OPCODES
 
 SOURCE = """// prelude
 __global__ void tilert_step_kernel() {

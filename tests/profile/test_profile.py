@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
+from tilert.abi import TASK_FIELDS
 from tilert.cli import main
 from tilert.models.config import load_config
-from tilert.plan import TASK_FIELDS
-from tilert.profile.cli import ProfileError, profile_model
+from tilert.profile.report import ProfileError, profile_model
 from tilert.profile.timeline import TimelineError, simulate, trace_json
 
 

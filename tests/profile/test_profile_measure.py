@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tilert.models.config import load_config
-from tilert.profile.cli import profile_model
+from tilert.profile.report import profile_model
 
 
 def test_measure_fills_every_kernel_row(tmp_path):

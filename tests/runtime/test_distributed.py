@@ -42,7 +42,7 @@ def _steps(be, cfg) -> list[dict[str, torch.Tensor]]:
 
 
 def _model_job(ctx, model: str, seed: int) -> dict:
-    from tilert.runtime.eager.distributed import DistEagerBackend
+    from tilert.engine.eager import DistEagerBackend
 
     cfg = load_config(model)
     w = synthetic_weights(cfg, seed)
@@ -72,7 +72,7 @@ def _hang_job(ctx, sleep_s: float):
 def _env_job(ctx) -> dict:
     import torch.distributed as dist
 
-    from tilert.runtime.eager.distributed import DistEagerBackend
+    from tilert.engine.eager import DistEagerBackend
 
     cfg = load_config("tiny")
     tokens = generate(DistEagerBackend(cfg, synthetic_weights(cfg, 3), ctx, max_seq=128), [1, 2, 3, 4], 12).tokens
@@ -132,7 +132,7 @@ def test_stalled_rank_times_out_and_failures_name_ranks():
 
 
 def _launch(cmd: list[str], timeout: float = 90) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
@@ -140,7 +140,7 @@ def _launch(cmd: list[str], timeout: float = 90) -> subprocess.CompletedProcess:
 
 def _torchrun(n: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}", "--master-addr=127.0.0.1",
-            f"--master-port={free_port()}", "-m", "tilert.runtime.eager.launch"]  # fmt: skip
+            f"--master-port={free_port()}", "-m", "tilert", "launch"]  # fmt: skip
 
 
 def test_torchrun_launch_dflash_equals_greedy():
@@ -160,13 +160,13 @@ def test_launch_without_torchrun_is_world_one():
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == ",".join(map(str, greedy))
     assert '"world": 1' in r.stderr
-    bad = _launch([sys.executable, "-m", "tilert.runtime.eager.launch", "--device", "cpu", "--prompt-ids", "1,999"])
+    bad = _launch([sys.executable, "-m", "tilert", "launch", "--device", "cpu", "--prompt-ids", "1,999"])
     assert bad.returncode == 2 and "rank 0" in bad.stderr and "999" in bad.stderr
 
 
 @pytest.mark.gpu
 def test_nccl_world_one_matches_eager_backend():
-    from tilert.runtime.eager import EagerBackend
+    from tilert.engine.eager import EagerBackend
 
     cfg = load_config("tiny")
     expect = generate(EagerBackend(cfg, synthetic_weights(cfg, 3), max_seq=128), [1, 2, 3, 4], 12).tokens

@@ -14,7 +14,7 @@ import torch
 
 from tilert.engine import ReferenceBackend, generate
 from tilert.models.config import load_config
-from tilert.models.weights import synthetic_weights
+from tilert.models.weights import margin_safe_weights, synthetic_weights
 
 pytestmark = pytest.mark.gpu
 
@@ -44,18 +44,9 @@ def check_accept(draft: torch.Tensor, got: dict, want: dict) -> None:
         assert torch.equal(acc, ref), (acc, ref)
 
 
-def margin_safe_weights(cfg, seed: int) -> dict:
-    """Synthetic weights whose selection bias (10 apart per expert) fixes every token's experts."""
-    w = synthetic_weights(cfg, seed)
-    for k in w:
-        if k.endswith("e_score_correction_bias"):
-            w[k] = torch.arange(cfg.n_routed_experts, 0, -1, dtype=torch.float32) * 10.0
-    return w
-
-
 @pytest.mark.parametrize("model", ["tiny", "tiny-flash"])
 def test_eager_logits_match_reference(model):
-    from tilert.runtime.eager import EagerBackend
+    from tilert.engine.eager import EagerBackend
 
     cfg = load_config(model)
     w = margin_safe_weights(cfg, int(torch.randint(0, 1000, ())))
@@ -71,7 +62,7 @@ def test_eager_logits_match_reference(model):
 
 
 def test_dflash_on_gpu_equals_greedy_on_gpu():
-    from tilert.runtime.eager import EagerBackend
+    from tilert.engine.eager import EagerBackend
 
     cfg = load_config("tiny")
     be = EagerBackend(cfg, synthetic_weights(cfg, 3), max_seq=128)

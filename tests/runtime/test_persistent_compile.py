@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tilert.abi import OPCODES
 from tilert.kernels.common import toolchain_reason
-from tilert.plan import OPCODES
 from tilert.runtime.persistent import chain
 from tilert.runtime.persistent.megakernel import PERSISTENT_PASS_CONFIGS
 

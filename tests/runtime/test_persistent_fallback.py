@@ -9,7 +9,7 @@ from tilert.models.weights import synthetic_weights
 
 
 def test_off_contract_shape_is_routed_to_the_eager_runtime() -> None:
-    from tilert.runtime.persistent.backend import PersistentBackend
+    from tilert.engine.persistent import PersistentBackend
 
     cfg = load_config("tiny")  # head dim 24, hidden 64: off the attention and MoE bodies' contracts
     be = PersistentBackend(cfg, synthetic_weights(cfg, 0), max_seq=64, device="meta", sms=132)

@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 
 import tilert.kernels.common as common
+from tilert.abi import FIELD, OPCODES
 from tilert.models.config import load_config
-from tilert.plan import FIELD, OPCODES
 
 pytest.importorskip("tilelang")  # the step's prim_func is built (not compiled) with TileLang
 
 
 @pytest.fixture(scope="module")
 def step():
-    from tilert.runtime.persistent.backend import precompile
+    from tilert.engine.persistent import precompile
 
     real = common.build
     common.build = lambda func, **kw: func  # the prim_func is built, not compiled

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tilert.engine.persistent import compile_ranks
 from tilert.models.builder import build_step_graph
 from tilert.models.config import load_config
-from tilert.runtime.persistent.backend import compile_ranks
 from tilert.runtime.persistent.step import PeerGroup, PersistentError
 
 

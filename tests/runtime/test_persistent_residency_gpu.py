@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tilert.engine.persistent import compile_step
 from tilert.models.builder import build_step_graph
 from tilert.models.config import load_config
 from tilert.runtime.eager.synthetic import synthetic_params
-from tilert.runtime.persistent.backend import compile_step
 from tilert.runtime.persistent.step import PersistentError, PersistentStep
 
 pytestmark = pytest.mark.gpu

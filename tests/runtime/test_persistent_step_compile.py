@@ -9,9 +9,9 @@ import re
 import numpy as np
 import pytest
 
+from tilert.abi import FIELD, OPCODES
 from tilert.kernels.common import toolchain_reason
 from tilert.models.config import load_config
-from tilert.plan import FIELD, OPCODES
 
 pytestmark = pytest.mark.skipif(toolchain_reason() is not None, reason=str(toolchain_reason()))
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(toolchain_reason() is not None, reason=str(toolc
     ("mimo-v2.5-pro", 1, "decode", 4160, 8),
 ])  # fmt: skip
 def test_step_kernel_compiles(model: str, tokens: int, mode: str, max_seq: int, world: int) -> None:
-    from tilert.runtime.persistent.backend import precompile
+    from tilert.engine.persistent import precompile
 
     st = precompile(load_config(model), tokens, mode, max_seq, world)
     src = st.kernel.get_kernel_source()
@@ -58,7 +58,7 @@ def test_step_kernel_compiles(model: str, tokens: int, mode: str, max_seq: int, 
 
 
 def test_two_rank_kernels_with_peer_collectives_compile() -> None:
-    from tilert.runtime.persistent.backend import precompile
+    from tilert.engine.persistent import precompile
 
     mr = precompile(load_config("tiny-gpu"), 1, "decode", 256, 2, peers=True)
     for st in mr.ranks:
@@ -72,9 +72,9 @@ def test_two_rank_kernels_with_peer_collectives_compile() -> None:
 
 
 def test_step_rejects_unknown_kinds() -> None:
+    from tilert.engine.persistent import compile_step
     from tilert.models.builder import build_step_graph
     from tilert.runtime.eager.synthetic import meta_params
-    from tilert.runtime.persistent.backend import compile_step
     from tilert.runtime.persistent.step import PersistentError, PersistentStep
 
     cfg = load_config("tiny")  # head dim 24, hidden 64: off the attention and MoE bodies' contracts
@@ -86,7 +86,7 @@ def test_step_rejects_unknown_kinds() -> None:
 def test_step_kernel_with_early_loads_compiles(monkeypatch) -> None:
     # opt-in (TILERT_EARLY_LOADS=1): the GEMV and attention-split bodies issue their weight / KV
     # loads, then wait (megakernel.Gate); every body's wait is the one shared tilert_wait_task
-    from tilert.runtime.persistent.backend import precompile
+    from tilert.engine.persistent import precompile
 
     monkeypatch.setenv("TILERT_EARLY_LOADS", "1")
     st = precompile(load_config("tiny-gpu"), 1, "decode", 256, 1)

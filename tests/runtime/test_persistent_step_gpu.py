@@ -13,15 +13,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.runtime.test_eager_gpu import check_accept, check_rows, margin_safe_weights
+from tests.runtime.test_eager_gpu import check_accept, check_rows
 from tilert.engine import ReferenceBackend, generate
 from tilert.models.config import load_config
+from tilert.models.weights import margin_safe_weights
 
 pytestmark = pytest.mark.gpu
 
 
 def test_persistent_steps_match_reference() -> None:
-    from tilert.runtime.persistent.backend import PersistentBackend
+    from tilert.engine.persistent import PersistentBackend
 
     cfg = load_config("tiny-gpu")
     w = margin_safe_weights(cfg, int(torch.randint(0, 1000, ())))
@@ -44,7 +45,7 @@ def test_persistent_steps_match_reference() -> None:
 
 
 def test_persistent_dflash_equals_greedy() -> None:
-    from tilert.runtime.persistent.backend import PersistentBackend
+    from tilert.engine.persistent import PersistentBackend
 
     cfg = load_config("tiny-gpu")
     be = PersistentBackend(cfg, margin_safe_weights(cfg, 5), max_seq=256)
@@ -55,10 +56,10 @@ def test_persistent_dflash_equals_greedy() -> None:
 
 
 def test_persistent_deadlock_is_reported() -> None:
+    from tilert.abi import FIELD
+    from tilert.engine.persistent import compile_step
     from tilert.models.binding import bind_params
     from tilert.models.builder import build_step_graph
-    from tilert.plan import FIELD
-    from tilert.runtime.persistent.backend import compile_step
     from tilert.runtime.persistent.step import PersistentStep
 
     cfg = load_config("tiny-gpu")
@@ -129,9 +130,9 @@ def ranks_match_reference(model: str, world: int, devices: list[str] | None,
     verify block (its acceptance too) and a 1-token decode. steps=("verify",): one verify block at
     position 0, also run unsharded by the one-rank persistent step on cuda:0, and the ranks'
     logits, next tokens and acceptance compared with that run as well."""
+    from tilert.engine.persistent import PersistentBackend, compile_ranks
     from tilert.models.binding import bind_params
     from tilert.models.builder import build_step_graph
-    from tilert.runtime.persistent.backend import PersistentBackend, compile_ranks
     from tilert.runtime.persistent.step import MultiRankStep
 
     cfg = load_config(model)

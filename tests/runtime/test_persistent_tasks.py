@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tilert.plan import FIELD, OPCODES, TASK_FIELDS
+from tilert.abi import FIELD, NONE, OPCODES, TASK_FIELDS
 from tilert.runtime.persistent import chain
-from tilert.runtime.persistent.tasks import NONE, WIDTH, Task, build_table, list_schedule
+from tilert.runtime.persistent.tasks import WIDTH, Task, build_table, list_schedule
 from tilert.runtime.persistent.vm import DeadlockError, run_table
 
 

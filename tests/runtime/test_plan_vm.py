@@ -21,12 +21,12 @@ from hypothesis import strategies as st
 
 from tests.passes.helpers import assert_same, run_steps, two_steps
 from tests.strategies import tiny_configs
+from tilert.abi import FIELD, OPCODES, WAITS
 from tilert.gpu_specs import H200
 from tilert.models.binding import bind_params
 from tilert.models.config import load_config, parse_config
 from tilert.models.weights import synthetic_weights
 from tilert.passes import PassContext, ShardError, compile_graph
-from tilert.plan import FIELD, OPCODES, WAITS
 from tilert.runtime.persistent.plan_vm import PlanVM, PlanVMError
 
 REL = 1e-4

@@ -57,7 +57,7 @@ def _chosen() -> list[tuple[str, int, str, int]]:
 @pytest.mark.skipif(toolchain_reason() is not None, reason=str(toolchain_reason()))
 @pytest.mark.parametrize(("model", "tokens", "mode", "max_seq"), _chosen())
 def test_request_step_shape_compiles(model: str, tokens: int, mode: str, max_seq: int) -> None:
-    from tilert.runtime.persistent.backend import precompile
+    from tilert.engine.persistent import precompile
 
     st = precompile(load_config(model), tokens, mode, max_seq, MODELS[model])
     src = st.kernel.get_kernel_source()

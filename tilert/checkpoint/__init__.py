@@ -5,29 +5,21 @@ tensor by tensor (`CheckpointReader`, `LazyWeights`); nothing loads a whole chec
 Every problem is a `CheckpointError` (a WeightError, a ValueError) that names the tensor or field.
 """
 
-from __future__ import annotations
+from tilert.checkpoint.layout import QUANTIZE_MODES
+from tilert.checkpoint.loader import CheckpointError, CheckpointReader, LazyWeights
+from tilert.checkpoint.manifest import MANIFEST_NAME, read_manifest
+from tilert.checkpoint.open import Checkpoint, load_safetensors, open_checkpoint
+from tilert.checkpoint.quantize import quantize_checkpoint
 
-from typing import Any
-
-_LAZY = {
-    "Checkpoint": "tilert.checkpoint.open",
-    "open_checkpoint": "tilert.checkpoint.open",
-    "CheckpointError": "tilert.checkpoint.loader",
-    "CheckpointReader": "tilert.checkpoint.loader",
-    "LazyWeights": "tilert.checkpoint.loader",
-    "quantize_checkpoint": "tilert.checkpoint.quantize",
-    "QUANTIZE_MODES": "tilert.checkpoint.layout",
-    "read_manifest": "tilert.checkpoint.manifest",
-    "MANIFEST_NAME": "tilert.checkpoint.manifest",
-}
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    """Lazy exports: the CLI imports `tilert.checkpoint.cli` without paying for torch."""
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError(f"module 'tilert.checkpoint' has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(mod), name)
+__all__ = [
+    "MANIFEST_NAME",
+    "QUANTIZE_MODES",
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointReader",
+    "LazyWeights",
+    "load_safetensors",
+    "open_checkpoint",
+    "quantize_checkpoint",
+    "read_manifest",
+]

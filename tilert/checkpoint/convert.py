@@ -18,6 +18,7 @@ from tilert.checkpoint.loader import CheckpointError, nan_check
 from tilert.models.binding import slice_weight
 from tilert.models.config import ModelConfig
 from tilert.models.weights import dequantize_weight, logical_tensors, stored_specs
+from tilert.numerics import fp8, mxfp4
 
 Slice = tuple[int, int, int] | None
 
@@ -49,13 +50,9 @@ class Source:
         x = slice_weight(self._f32, *sl) if sl else self._f32
         w = self.name + ".weight"
         if fmt == "fp8":
-            from tilert.numerics import fp8
-
             q, s = fp8.quantize_blocks(x)
             out = {w: q, w + "_scale_inv": s.to(torch.float32)}
         elif fmt == "mxfp4":
-            from tilert.numerics import mxfp4
-
             blocks, scales = mxfp4.quantize(x)
             out = {w + "_blocks": blocks, w + "_scales": scales}
         elif fmt == "bf16":

@@ -22,8 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from tilert.checkpoint.loader import CheckpointError, CheckpointReader, nonfinite
+from tilert.checkpoint.manifest import config_next_to
+from tilert.checkpoint.sharded import RankWeights
 from tilert.models.config import (
     DRAFTER_LAYER_TYPES,
     WINDOW_CONVENTIONS,
@@ -413,8 +416,6 @@ class WithDrafter(Mapping[str, Any]):
 def _with_rank_drafter(weights: Any, drafter: Drafter) -> Any:
     """Per-rank shards (`tilert quantize` output) + a whole drafter: each rank binds the drafter's
     params from the drafter's full tensors, sliced as the shard pass says."""
-    from tilert.checkpoint.sharded import RankWeights
-
     class RankWeightsWithDrafter(RankWeights):
         def __init__(self, base: RankWeights) -> None:
             self.__dict__.update(base.__dict__)
@@ -432,8 +433,6 @@ def _with_rank_drafter(weights: Any, drafter: Drafter) -> Any:
 
 def attach_drafter(cfg: ModelConfig, weights: Any, path: str | Path, device: str = "cpu") -> tuple[ModelConfig, Any]:
     """(target config with the drafter's `dflash` config, target weights + the drafter's tensors)."""
-    from tilert.checkpoint.sharded import RankWeights
-
     drafter = open_drafter(path, cfg, device)
     out = replace(cfg, dflash=drafter.config)
     if isinstance(weights, RankWeights):
@@ -447,8 +446,6 @@ def attach_drafter(cfg: ModelConfig, weights: Any, path: str | Path, device: str
 def write_drafter(drafter: Drafter, target: ModelConfig, out: str | Path, max_file_bytes: int = 4 << 30) -> dict:
     """Write `drafter` as a reference-layout directory `out` (config.json, safetensors + index,
     mask_embedding.pt), tensor by tensor, files of at most `max_file_bytes`. Returns a summary."""
-    from safetensors.torch import save_file
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     weight_map: dict[str, str] = {}
@@ -487,8 +484,6 @@ def drafter_for_quantize(src: str | Path, drafter: str | Path | None, cfg: Model
     `dflash/` in the input), else a function out_dir -> summary that writes the drafter (checked
     against the target now, before the long quantisation) into `out/dflash/`, where Engine, generate
     and serve find it next to the target's shards. Its weights stay bf16, as tilert runs them."""
-    from tilert.checkpoint.manifest import config_next_to
-
     path = drafter if drafter is not None else find_drafter(Path(src) / SUBDIR)
     if path is None:
         return None

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from tilert.models.weights import WeightError, nonfinite
 
@@ -61,8 +62,6 @@ class CheckpointReader:
 
     def _open(self, files: list[Path], device: str) -> None:
         """Open every file lazily (headers only) and map each tensor name to its file."""
-        from safetensors import safe_open
-
         self.device = device
         self.reads: list[str] = []
         self._handles: dict[Path, Any] = {}

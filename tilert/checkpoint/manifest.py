@@ -15,8 +15,12 @@ from typing import Any
 
 import torch
 
+from tilert.checkpoint.loader import CheckpointError
+from tilert.models.builder import build_step_graph
 from tilert.models.config import ModelConfig, QuantConfig, parse_config
+from tilert.models.drafter import build_drafter_graph
 from tilert.models.weights import FP8_BLOCK, MXFP4_BLOCK, logical_tensors, stored_specs, weight_specs
+from tilert.passes import shard_for_ranks
 
 MANIFEST_NAME = "tilert-manifest.json"
 FORMAT = "tilert-sharded-checkpoint"
@@ -48,21 +52,12 @@ def logical_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def rank_graphs(cfg: ModelConfig, world: int) -> list[list[Any]]:
     """Per graph kind (decode, verify, drafter), the rank graphs a runtime binds."""
-    from tilert.models.builder import build_step_graph
-    from tilert.models.drafter import build_drafter_graph
-
     graphs = [build_step_graph(cfg, tokens=1, max_seq=64)]
     if cfg.dflash is not None:
         graphs.append(build_step_graph(cfg, tokens=cfg.dflash.block_size, max_seq=64, mode="verify"))
         graphs.append(build_drafter_graph(cfg, context=1, max_seq=64))
     if world == 1:
         return [[g] for g in graphs]
-    try:
-        from tilert.passes import shard_for_ranks
-    except ImportError:
-        raise ValueError(
-            "sharding needs the shard pass (tilert.passes.shard_for_ranks), absent in this build"
-        ) from None
     return [shard_for_ranks(g, world) for g in graphs]
 
 
@@ -140,8 +135,6 @@ def read_manifest(directory: str | Path) -> tuple[dict[str, Any], ModelConfig]:
 
     Every field is type-checked; anything malformed is one CheckpointError naming the field.
     """
-    from tilert.checkpoint.loader import CheckpointError
-
     p = Path(directory) / MANIFEST_NAME
     try:
         m = json.loads(p.read_text())
@@ -238,8 +231,6 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
 
 def config_next_to(path: str | Path) -> ModelConfig:
     """The config.json beside a checkpoint; its model name is the config's `name` field or the directory's."""
-    from tilert.checkpoint.loader import CheckpointError
-
     p = Path(path)
     d = p if p.is_dir() else p.parent
     cj = d / "config.json"

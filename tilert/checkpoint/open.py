@@ -9,14 +9,20 @@ and its sha256 against the manifest). Nothing reads the whole checkpoint into me
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from tilert.checkpoint.convert import ConvertingWeights
 from tilert.checkpoint.layout import QUANTIZE_MODES, Layout, conversions, inspect_layout, run_config
 from tilert.checkpoint.loader import CheckpointError, CheckpointReader, LazyWeights, nan_check
-from tilert.checkpoint.manifest import is_sharded_checkpoint
+from tilert.checkpoint.manifest import config_next_to, is_sharded_checkpoint
+from tilert.checkpoint.sharded import open_sharded, shard_files
 from tilert.models.config import ModelConfig
+from tilert.tokenizer import find_tokenizer
 
 log = logging.getLogger("tilert.checkpoint")
 
@@ -49,22 +55,17 @@ def open_checkpoint(
     runs every tensor as stored (see docs/checkpoints.md). A `tilert quantize` output runs as stored.
     verify_checksums=False skips sha256 checks (and accepts a sharded directory whose manifest is gone).
     """
-    from tilert.tokenizer import find_tokenizer
-
     p = Path(path)
     if quantize not in QUANTIZE_MODES:
         raise CheckpointError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {p}")
-    from tilert.checkpoint.sharded import open_sharded, shard_files
 
     if is_sharded_checkpoint(p) or shard_files(p):
         cfg, rw = open_sharded(p, cfg, device=device, verify=verify, checksums=verify_checksums)
         weights = rw[0] if rw.world == 1 else rw
         return Checkpoint(cfg, weights, rw.world, find_tokenizer(p), p)
     if cfg is None:
-        from tilert.checkpoint.manifest import config_next_to
-
         cfg = config_next_to(p)
     reader = CheckpointReader(p, device=device)
     layout = inspect_layout(cfg, reader, include_drafter)
@@ -85,11 +86,26 @@ def hf_weights(
     converted = conversions(cfg, run, layout)
     if not converted:
         return source, {}
-    from collections import Counter
-
-    from tilert.checkpoint.convert import ConvertingWeights
 
     kinds = Counter(f"{a} -> {b}" for a, b in converted.values())
     summary = ", ".join(f"{n} x {k}" for k, n in kinds.items())
     log.info("converting %d linear(s) as they load: %s", len(converted), summary)
     return ConvertingWeights(source, run, layout.formats, layout.include_drafter), converted
+
+
+def load_safetensors(
+    path: str | Path,
+    cfg: ModelConfig,
+    device: str | torch.device = "cpu",
+    include_drafter: bool | None = None,
+) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint in memory, in `cfg`'s formats (GPU launchers bind from a dict).
+
+    It goes through the one loader (`tilert.checkpoint.open_checkpoint`), so it makes the same
+    checks as every entry point (names, shapes, dtypes, checksums, NaN/Inf) and converts linears
+    stored in another format to cfg's. include_drafter=None keeps the drafter iff it is stored.
+    """
+    ck = open_checkpoint(path, cfg, device=str(device), quantize="on-load", include_drafter=include_drafter)
+    if ck.world > 1:
+        raise CheckpointError(f"{path} is sharded for {ck.world} ranks; load it with tilert.Engine or open_checkpoint")
+    return {name: ck.weights[name] for name in ck.weights}

@@ -13,6 +13,7 @@ written first and each tensor's bytes go straight to their offset.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import shutil
@@ -42,7 +43,7 @@ from tilert.checkpoint.manifest import (
 from tilert.checkpoint.sharded import shard_file_name, shard_files
 from tilert.models.config import ModelConfig
 from tilert.progress import progress
-from tilert.tokenizer import find_tokenizer
+from tilert.tokenizer import find_tokenizer, load_tokenizer
 
 log = logging.getLogger("tilert.quantize")
 
@@ -93,8 +94,6 @@ def quantize_checkpoint(
     source = LazyWeights(reader, nan_check, casts=layout.casts)
     tok = find_tokenizer(src)
     if tok is not None and _has_tokenizers():
-        from tilert.tokenizer import load_tokenizer
-
         load_tokenizer(tok, vocab_size=cfg.vocab_size)  # refuse a tokenizer of another model before writing
     needs = rank_needs(cfg, world)
     plan = _plan_files(cfg, needs, max_file_bytes)
@@ -144,8 +143,6 @@ def quantize_checkpoint(
 
 
 def _has_tokenizers() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("tokenizers") is not None
 
 

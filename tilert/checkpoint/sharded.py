@@ -2,8 +2,8 @@
 
 Opening checks structure from headers (every file present, every tensor of the manifest present
 with its shape and dtype, nothing extra, and the manifest agrees with what the shard pass gives
-each rank); reading a tensor checks its sha256 and NaN/Inf. `ShardedReferenceBackend` binds each
-rank's params from that rank's files: the stored tensors are already the rank's slices.
+each rank); reading a tensor checks its sha256 and NaN/Inf. The stored tensors are already the
+ranks' slices (`tilert.engine.backend.ShardedReferenceBackend` binds each rank from its files).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from tilert.checkpoint.convert import stored_names
 from tilert.checkpoint.loader import (
     ST_DTYPES,
     CheckpointError,
@@ -27,18 +28,19 @@ from tilert.checkpoint.loader import (
 )
 from tilert.checkpoint.manifest import (
     MANIFEST_NAME,
+    config_next_to,
     dtype_name,
     logical_shapes,
+    param_needs,
     rank_needs,
     raw_dtypes,
     read_manifest,
     sliced_shape,
     stored_layout,
 )
-from tilert.engine.backend import ReferenceBackend
-from tilert.ir.graph import Graph, Value
-from tilert.models.binding import bind_param
+from tilert.ir.graph import Value
 from tilert.models.config import ModelConfig
+from tilert.progress import progress
 
 _DTYPES = {str(d).removeprefix("torch."): d for d in ST_DTYPES.values()}
 
@@ -59,8 +61,6 @@ class RankWeights:
 
     def unsliced(self, rank: int, v: Value) -> Value:
         """`v` with its slice dropped (the rank's file holds exactly that slice); checks they agree."""
-        from tilert.checkpoint.manifest import param_needs
-
         for n in param_needs(v):
             if n.name not in self._slices[rank]:
                 raise CheckpointError(f"rank {rank} shard has no tensor {n.name} (needed by param '{v.name}')")
@@ -141,8 +141,6 @@ def open_sharded(
         nbytes = sum((d / f).stat().st_size for rk in manifest["ranks"] for f in rk["files"])
         verify = nbytes < 1 << 30
     if verify:
-        from tilert.progress import progress
-
         with progress(total=sum(len(w) for w in ranks), desc="verify checkpoint", unit="tensor") as bar:
             for w in ranks:
                 for name in w:
@@ -155,9 +153,6 @@ def open_sharded(
 def _manifest_from_files(d: Path, cfg: ModelConfig | None) -> tuple[dict[str, Any], ModelConfig]:
     """What the manifest would say, from the shard files' headers, config.json and the shard pass
     (no checksums): for a directory whose manifest was lost, loaded on the user's explicit request."""
-    from tilert.checkpoint.convert import stored_names
-    from tilert.checkpoint.manifest import config_next_to
-
     cfg = cfg if cfg is not None else config_next_to(d)
     by_rank: dict[int, list[str]] = {}
     for f in shard_files(d):
@@ -223,19 +218,3 @@ def _check_against_config(cfg: ModelConfig, manifest: dict[str, Any], world: int
             if dtype is not None and have[k]["dtype"] != dtype_name(dtype):
                 problems.append(f"tensor {k}: expected {dtype_name(dtype)}, got {have[k]['dtype']}")
         raise_problems(problems, f"manifest rank {r} does not match config '{cfg.name}'")
-
-
-class ShardedReferenceBackend(ReferenceBackend):
-    """The reference backend over a sharded checkpoint: rank r binds only rank r's files."""
-
-    def __init__(self, cfg: ModelConfig, weights: RankWeights, *, max_seq: int = 1024, device: str = "cpu") -> None:
-        super().__init__(cfg, {}, max_seq=max_seq, world=weights.world, device=device)
-        self.rank_weights = weights
-
-    def _bind(self, graphs: list[Graph]) -> None:
-        """Rank r's params come from rank r's files, which hold exactly its slices."""
-        for r, gr in enumerate(graphs):
-            params = self.executor.params[r]
-            for v in gr.by_role("param"):
-                if v.name not in params:
-                    params[v.name] = bind_param(self.rank_weights.unsliced(r, v), self.rank_weights[r])

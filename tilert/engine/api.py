@@ -9,6 +9,7 @@ Nothing is global: two Engines in one process share nothing but the backend fact
 
 from __future__ import annotations
 
+import importlib
 import logging
 import queue
 import threading
@@ -19,12 +20,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tilert.engine.backend import StepBackend
-from tilert.engine.generate import GenerationError, SamplingParams, StepError, TokenLogprob
+import torch
+
+from tilert.checkpoint import open_checkpoint
+from tilert.checkpoint.drafter import attach_drafter, find_drafter
+from tilert.checkpoint.sharded import RankWeights
+from tilert.engine.backend import ReferenceBackend, ShardedReferenceBackend, StepBackend
 from tilert.engine.memory import KVMemoryError, check_kv_memory, default_budget, kv_bytes_per_sequence
+from tilert.engine.request import GenerationError, SamplingParams, StepError, TokenLogprob
 from tilert.engine.sequence import DecodeSequence
 from tilert.engine.text import TextStream, find_eos_token_ids
 from tilert.models.config import ModelConfig, load_config
+from tilert.models.weights import synthetic_weights
+from tilert.plan import load_plan
+from tilert.tokenizer import check_vocab, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +54,17 @@ class RequestCancelled(RuntimeError):
 
 BackendFactory = Callable[..., StepBackend]
 _BACKENDS: dict[str, BackendFactory] = {}
+# the GPU runtimes' backends, "module:factory", imported when first asked for by name
+_BUILT_IN = {
+    "eager": "tilert.engine.eager:eager_backend",
+    "eager-dist": "tilert.engine.eager:eager_dist_backend",
+    "persistent": "tilert.engine.persistent:persistent_backend",
+}
 
 
 def register_backend(name: str) -> Callable[[BackendFactory], BackendFactory]:
-    """Decorator: `factory(cfg, weights, *, max_seq, world, device, plan) -> StepBackend`.
-
-    GPU runtimes register themselves here ("eager", "persistent") so the Engine, the CLI and the
-    server pick them up by name without importing them.
-    """
+    """Decorator: `factory(cfg, weights, *, max_seq, world, device, plan) -> StepBackend`, so the
+    Engine, the CLI and the server pick a backend of one's own by name."""
 
     def deco(fn: BackendFactory) -> BackendFactory:
         _BACKENDS[name] = fn
@@ -61,24 +73,15 @@ def register_backend(name: str) -> Callable[[BackendFactory], BackendFactory]:
     return deco
 
 
-# runtimes that register themselves when imported (imported only when asked for by name)
-_BACKEND_MODULES = {
-    "eager": "tilert.runtime.eager.backend",
-    "eager-dist": "tilert.runtime.eager.distributed",
-    "persistent": "tilert.runtime.persistent.backend",
-}
-
-
 def backend_names() -> list[str]:
-    return sorted(_BACKENDS)
+    return sorted(set(_BACKENDS) | set(_BUILT_IN))
 
 
 def _backend_factory(name: str) -> BackendFactory:
-    if name not in _BACKENDS and name in _BACKEND_MODULES:
-        import importlib
-
+    if name not in _BACKENDS and name in _BUILT_IN:
+        module, factory = _BUILT_IN[name].split(":")
         try:
-            importlib.import_module(_BACKEND_MODULES[name])
+            _BACKENDS[name] = getattr(importlib.import_module(module), factory)
         except ImportError as e:
             raise EngineError(f"backend {name!r} is not available in this build: {e}") from None
     if name not in _BACKENDS:
@@ -90,9 +93,6 @@ def _backend_factory(name: str) -> BackendFactory:
 def _reference_backend(
     cfg: ModelConfig, weights: Any, *, max_seq: int, world: int, device: str, plan: Any = None
 ) -> StepBackend:
-    from tilert.checkpoint.sharded import RankWeights, ShardedReferenceBackend
-    from tilert.engine.backend import ReferenceBackend
-
     if isinstance(weights, RankWeights):
         return ShardedReferenceBackend(cfg, weights, max_seq=max_seq, device=device)
     return ReferenceBackend(cfg, weights, max_seq=max_seq, world=world, device=device)
@@ -359,8 +359,6 @@ class Engine:
     ) -> None:
         factory = _backend_factory(backend)
         if device.startswith("cuda"):
-            import torch
-
             if not torch.cuda.is_available():
                 raise EngineError(f"device {device!r}: no CUDA GPU is visible; use device='cpu'")
         elif device != "cpu":
@@ -371,7 +369,7 @@ class Engine:
             raise EngineError(f"max_seq must be an integer >= 2, got {max_seq!r}")
         if kv_memory is not None and (isinstance(kv_memory, bool) or not isinstance(kv_memory, int) or kv_memory < 0):
             raise EngineError(f"kv_memory must be a number of bytes >= 0, got {kv_memory!r}")
-        self.plan = _load_plan(plan) if plan is not None else None
+        self.plan = load_plan(plan) if plan is not None else None
         if self.plan is not None and world == 1:
             world = int(getattr(self.plan, "world", 1) or 1)
         self.cfg, self.weights, tok_path = _resolve(model, weights, device, quantize, verify_checksums)
@@ -651,14 +649,6 @@ class Engine:
 # ---- construction helpers ----------------------------------------------------------------------
 
 
-def _load_plan(path: str | Path) -> Any:
-    try:
-        from tilert.plan import load_plan
-    except ImportError:
-        raise EngineError("this build has no plan loader (tilert.plan); omit plan=") from None
-    return load_plan(path)
-
-
 def _resolve(
     model: str | Path | ModelConfig | None,
     weights: Any,
@@ -667,11 +657,7 @@ def _resolve(
     verify_checksums: bool = True,
 ) -> tuple[ModelConfig, Any, Path | None]:
     """(config, weights for the backend, tokenizer.json path or None)."""
-    from tilert.models import weights as W
-
     if isinstance(weights, (str, Path)):
-        from tilert.checkpoint import open_checkpoint
-
         cfg = model if isinstance(model, ModelConfig) else (load_config(model) if model is not None else None)
         ck = open_checkpoint(weights, cfg, device=device, quantize=quantize, verify_checksums=verify_checksums)
         return ck.config, ck.weights, ck.tokenizer_path
@@ -684,7 +670,7 @@ def _resolve(
         raise EngineError(f"weights must be a dict, a checkpoint path or an int seed, got {type(weights).__name__}")
     if cfg.num_hidden_layers * cfg.hidden_size * cfg.n_routed_experts > 64 * 4096 * 64:
         raise EngineError(f"model '{cfg.name}' is too large for synthetic weights; pass a checkpoint")
-    return cfg, W.synthetic_weights(cfg, weights or 0, device=device), None
+    return cfg, synthetic_weights(cfg, weights or 0, device=device), None
 
 
 def _in_vocab(t: Any, vocab: int) -> bool:
@@ -692,16 +678,12 @@ def _in_vocab(t: Any, vocab: int) -> bool:
 
 
 def _attach_drafter(cfg: ModelConfig, w: Any, drafter: Any, weights_arg: Any, device: str) -> tuple[ModelConfig, Any]:
-    from tilert.checkpoint.drafter import attach_drafter, find_drafter
-
     if drafter is None and cfg.dflash is None and isinstance(weights_arg, (str, Path)) and Path(weights_arg).is_dir():
         drafter = find_drafter(Path(weights_arg) / "dflash")
     return (cfg, w) if drafter is None else attach_drafter(cfg, w, drafter, device=device)
 
 
 def _resolve_tokenizer(tok: Any, vocab_size: int) -> Any:
-    from tilert.tokenizer import check_vocab, load_tokenizer
-
     if tok is None:
         return tok
     if hasattr(tok, "decode"):

@@ -12,11 +12,14 @@ from typing import Any, Protocol
 
 import torch
 
+from tilert.checkpoint.sharded import RankWeights
+from tilert.engine.memory import state_bytes
 from tilert.ir.graph import Graph
-from tilert.models.binding import bind_params
+from tilert.models.binding import bind_param, bind_params
 from tilert.models.builder import build_step_graph
 from tilert.models.config import ModelConfig
 from tilert.models.drafter import build_drafter_graph
+from tilert.passes import shard_for_ranks
 from tilert.runtime.reference import ReferenceExecutor
 
 
@@ -93,8 +96,6 @@ class GraphBackend:
     def kv_bytes_per_sequence(self) -> int:
         """Bytes of one sequence's KV caches in this process: the state values of the target and
         drafter graphs (a backend that runs one rank of `world`, i.e. has a `rank`, holds 1/world)."""
-        from tilert.engine.memory import state_bytes
-
         graphs = {"target": build_step_graph(self.cfg, tokens=1, max_seq=self.max_seq)}
         if self.cfg.dflash is not None:
             graphs["drafter"] = build_drafter_graph(self.cfg, context=1, max_seq=self.max_seq)
@@ -191,7 +192,7 @@ class ReferenceBackend(GraphBackend):
         self.device = torch.device(device)
 
     def _prepare(self, g: Graph) -> list[Graph]:
-        graphs = [g] if self.world == 1 else _shard(g, self.world)
+        graphs = [g] if self.world == 1 else shard_for_ranks(g, self.world)
         self._bind(graphs)
         return graphs
 
@@ -206,7 +207,17 @@ class ReferenceBackend(GraphBackend):
         self.executor.reset()
 
 
-def _shard(graph: Graph, world: int) -> list[Graph]:
-    from tilert.passes import shard_for_ranks
+class ShardedReferenceBackend(ReferenceBackend):
+    """The reference backend over a sharded checkpoint (`tilert quantize` output): rank r binds only
+    rank r's files, which hold exactly its slices."""
 
-    return shard_for_ranks(graph, world)
+    def __init__(self, cfg: ModelConfig, weights: RankWeights, *, max_seq: int = 1024, device: str = "cpu") -> None:
+        super().__init__(cfg, {}, max_seq=max_seq, world=weights.world, device=device)
+        self.rank_weights = weights
+
+    def _bind(self, graphs: list[Graph]) -> None:
+        for r, gr in enumerate(graphs):
+            params = self.executor.params[r]
+            for v in gr.by_role("param"):
+                if v.name not in params:
+                    params[v.name] = bind_param(self.rank_weights.unsliced(r, v), self.rank_weights[r])

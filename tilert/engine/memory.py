@@ -11,8 +11,11 @@ device's free memory less the weights still to be copied there (GPU).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
+
+import torch
 
 CPU_FRACTION = 0.8
 GPU_FRACTION = 0.9
@@ -38,7 +41,6 @@ def host_available_bytes() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import os
 
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
@@ -46,8 +48,6 @@ def host_available_bytes() -> int:
 def default_budget(device: str, weights: Any = None) -> tuple[int, str]:
     """(bytes, where it comes from) for the KV caches when no explicit budget is given."""
     if device.startswith("cuda"):
-        import torch
-
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         pending = _host_tensor_bytes(weights)
         return max(0, int(free * GPU_FRACTION) - pending), (

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from tilert.engine.backend import StepBackend
-from tilert.engine.generate import (
+from tilert.engine.request import (
     GenerationError,
     GenerationResult,
     SamplingParams,

@@ -26,7 +26,7 @@ class GraphBuilder:
         """Append a node; returns its output name (or a tuple of names for multi-output kinds)."""
         opdef = get_op(kind)
         ins = [self.g.values[x] for x in inputs]
-        inferred = opdef.infer(ins, attrs)
+        inferred = opdef.infer(ins, opdef.attrs.parse(attrs))
         outs = []
         for i, (shape, dt) in enumerate(inferred):
             base = name or kind

@@ -8,65 +8,21 @@ exactly (`Graph.from_json(g.to_json()) == g`).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from tilert.ir.dtypes import DType, dtype
+import networkx as nx
+
+from tilert.ir.attrs import Attrs
+from tilert.ir.dtypes import dtype
+from tilert.ir.registry import get_op
+from tilert.ir.value import REPLICATED, IRError, Sharding, Value, freeze_attrs
 
 ROLES = ("input", "param", "state", "act")
-
-
-class IRError(ValueError):
-    """A malformed graph; the message names the node or value at fault."""
-
-
-@dataclass(frozen=True)
-class Sharding:
-    """How a value is spread over ranks: replicated, split along a dim, or a partial reduction."""
-
-    kind: str = "R"  # R | S | P
-    dim: int = -1  # for S
-    reduce: str = "sum"  # for P: sum | argmax
-
-    def __str__(self) -> str:
-        return {"R": "R", "S": f"S({self.dim})", "P": f"P({self.reduce})"}[self.kind]
-
-    @staticmethod
-    def parse(s: str) -> Sharding:
-        if s == "R":
-            return REPLICATED
-        if s.startswith("S(") and s.endswith(")"):
-            return Sharding("S", int(s[2:-1]))
-        if s.startswith("P(") and s.endswith(")"):
-            return Sharding("P", reduce=s[2:-1])
-        raise IRError(f"bad sharding '{s}'")
-
-
-REPLICATED = Sharding()
-
-
-@dataclass(frozen=True)
-class Value:
-    name: str
-    shape: tuple[int, ...]
-    dtype: DType
-    role: str = "act"
-    sharding: Sharding = REPLICATED
-    source: tuple[tuple[str, Any], ...] = ()  # params: where the weight comes from (sorted items)
-
-    @property
-    def nbytes(self) -> int:
-        return self.dtype.nbytes(self.shape)
-
-    def src(self) -> dict[str, Any]:
-        return dict(self.source)
-
-    def __str__(self) -> str:
-        dims = "x".join(map(str, self.shape)) or "scalar"
-        sh = "" if self.sharding == REPLICATED else f" {self.sharding}"
-        return f"%{self.name}: {self.dtype.name}[{dims}]{sh}"
+__all__ = ["REPLICATED", "ROLES", "Graph", "IRError", "Node", "Sharding", "Value", "freeze_attrs", "unique_name"]
 
 
 @dataclass(frozen=True)
@@ -74,25 +30,15 @@ class Node:
     op: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
-    attrs: tuple[tuple[str, Any], ...] = ()  # sorted (key, value); values are JSON scalars/tuples
+    attrs: tuple[tuple[str, Any], ...] = ()  # as set: sorted (key, value); values are JSON scalars/tuples
 
-    @property
-    def a(self) -> dict[str, Any]:
-        return dict(self.attrs)
+    @functools.cached_property
+    def a(self) -> Attrs:
+        """The attributes, typed: the kind's Attrs class with its defaults filled in."""
+        return get_op(self.op).attrs.parse(self.attrs)
 
     def with_attrs(self, **kw: Any) -> Node:
-        return replace(self, attrs=freeze_attrs({**self.a, **kw}))
-
-
-def freeze_attrs(attrs: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
-    def fr(v: Any) -> Any:
-        if isinstance(v, (list, tuple)):
-            return tuple(fr(x) for x in v)
-        if isinstance(v, dict):
-            return tuple(sorted((k, fr(x)) for k, x in v.items()))
-        return v
-
-    return tuple(sorted((k, fr(v)) for k, v in attrs.items()))
+        return replace(self, attrs=freeze_attrs({**dict(self.attrs), **kw}))
 
 
 def _thaw(v: Any) -> Any:
@@ -144,7 +90,6 @@ class Graph:
         return dict(sorted(counts.items()))
 
     def to_networkx(self):  # noqa: ANN201 - networkx is an optional import at call time
-        import networkx as nx
 
         g = nx.DiGraph()
         prod = self.producers()
@@ -158,8 +103,6 @@ class Graph:
     # ---- verification -------------------------------------------------------------------
     def verify(self) -> Graph:
         """Check the graph is well formed; raises IRError naming the problem. Returns self."""
-        from tilert.ir.registry import get_op
-
         defined = {v.name for v in self.values.values() if v.role != "act"}
         consumed_state: dict[str, int] = {}
         for v in self.values.values():
@@ -168,6 +111,10 @@ class Graph:
         for i, n in enumerate(self.nodes):
             where = f"node {i} ({n.op})"
             opdef = get_op(n.op)
+            try:
+                a = n.a
+            except IRError as e:
+                raise IRError(f"{where}: {e}") from None
             for x in n.inputs:
                 if x not in self.values:
                     raise IRError(f"{where}: input '%{x}' is not a value of the graph")
@@ -187,7 +134,7 @@ class Graph:
                 consumed_state[x] = i
             ins = [self.values[x] for x in n.inputs]
             try:
-                expect = opdef.infer(ins, n.a)
+                expect = opdef.infer(ins, a)
             except IRError as e:
                 raise IRError(f"{where}: {e}") from None
             if len(expect) != len(n.outputs):

@@ -1,13 +1,21 @@
-"""Op registry: each op kind declares shape/dtype inference, a torch reference and its cost.
+"""Op registry: each op kind declares its attributes, shape/dtype inference, a torch reference and
+its cost.
 
 Register with the `op` decorator on the reference function:
 
-    @op("rms_norm", infer=same_as(0), cost=elementwise_cost)
+    @attrs
+    class NormAttrs(Attrs):
+        eps: float
+
+    @op("rms_norm", attrs=NormAttrs, infer=same_as(0), cost=elementwise_cost)
     def rms_norm(ctx, x, w, *, eps): ...
 
-References receive runtime objects (torch tensors; quantised weights as `QTensor`) and the
-node's attrs as keyword arguments, and return a tuple of outputs. Kinds that update state in
-place (KV caches) list the input positions in `mutates` and return those inputs as outputs.
+Inference gets the node's typed attributes (`Node.a`), a cost function also the `Placement` it
+is costed at (the plan's world size and KV context). References receive runtime objects (torch
+tensors; quantised weights as `QTensor`) and every attribute as a keyword argument (their defaults
+are the attributes class's, so a reference restates none), and return a tuple of outputs. Kinds
+that update state in place (KV caches) list the input positions in `mutates` and return those
+inputs as outputs.
 """
 
 from __future__ import annotations
@@ -16,11 +24,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tilert.ir.attrs import Attrs
 from tilert.ir.dtypes import DType
-from tilert.ir.graph import IRError, Value
+from tilert.ir.value import IRError, Value
 
 Shape = tuple[int, ...]
-InferFn = Callable[[list[Value], dict[str, Any]], list[tuple[Shape, DType]]]
+InferFn = Callable[[list[Value], Any], list[tuple[Shape, DType]]]
+
+
+@dataclass(frozen=True)
+class Placement:
+    """What a cost depends on beside the node: the plan's world size and the KV length it plans for."""
+
+    world: int = 1
+    context: int = 4096
 
 
 @dataclass(frozen=True)
@@ -45,7 +62,7 @@ class Cost:
         )
 
 
-CostFn = Callable[[list[Value], list[Value], dict[str, Any]], Cost]
+CostFn = Callable[[list[Value], list[Value], Any, Placement], Cost]
 
 
 @dataclass(frozen=True)
@@ -54,6 +71,7 @@ class OpDef:
     infer: InferFn
     reference: Callable[..., Sequence[Any]]
     cost: CostFn
+    attrs: type[Attrs] = Attrs
     mutates: tuple[int, ...] = ()
     collective: bool = False
     doc: str = ""
@@ -63,38 +81,39 @@ _REGISTRY: dict[str, OpDef] = {}
 
 
 def op(
-    name: str, *, infer: InferFn, cost: CostFn | None = None, mutates: tuple[int, ...] = (), collective: bool = False
-) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    name: str, *, infer: InferFn, attrs: type[Attrs] = Attrs, cost: CostFn | None = None, mutates: tuple[int, ...] = (),
+    collective: bool = False,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:  # fmt: skip
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in _REGISTRY:
             raise ValueError(f"op kind '{name}' registered twice")
-        _REGISTRY[name] = OpDef(name, infer, fn, cost or io_cost, mutates, collective, (fn.__doc__ or "").strip())
+        doc = (fn.__doc__ or "").strip()
+        _REGISTRY[name] = OpDef(name, infer, fn, cost or io_cost, attrs, mutates, collective, doc)
         return fn
 
     return deco
 
 
 def get_op(name: str) -> OpDef:
-    _load_opsets()
     try:
         return _REGISTRY[name]
     except KeyError:
         raise IRError(f"unknown op kind '{name}'") from None
 
 
+def ref(name: str) -> Callable[..., Sequence[Any]]:
+    """The torch reference of op kind `name` (fused references and runtimes compose them)."""
+    return get_op(name).reference
+
+
 def all_ops() -> dict[str, OpDef]:
-    _load_opsets()
     return dict(_REGISTRY)
-
-
-def _load_opsets() -> None:
-    import tilert.ir.opset  # noqa: F401  (registers the built-in kinds on first use)
 
 
 # ---- helpers for op definitions --------------------------------------------------------------
 
 
-def io_cost(ins: list[Value], outs: list[Value], attrs: dict[str, Any]) -> Cost:
+def io_cost(ins: list[Value], outs: list[Value], a: Attrs, at: Placement) -> Cost:
     """Every input read once, every output written once, no flops."""
     return Cost(sum(v.nbytes for v in ins), sum(v.nbytes for v in outs))
 

@@ -20,21 +20,27 @@ Tile bodies (the persistent runtime calls these with its own coordinates):
     combine_body(h, r): one query row; reads the used splits and writes out[b, h*group+g, :].
 """
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
 import torch
 
+from tilert.ir.opset.fused import AttentionBlockAttrs
 from tilert.kernels.common import build, cdiv, gate_passed, warp_rows
 from tilert.kernels.common import gated as mark_gated
 from tilert.ops.attention import attention as _ref_attention
 from tilert.ops.attention import kv_append, rope
+
+# tilelang (the kernel compiler, slow to import) is imported only inside the functions that build kernels
 
 LOG2E = 1.4426950408889634
 # The persistent kernel splits the keys into 1-tile splits: splits past the keys exit at once, and a
 # split's cost there is mostly its fixed q-block prologue, so more, shorter splits shorten the layer
 PERSISTENT_MIN_TILES = 1
 PASS_CONFIGS = {"tl.disable_warp_specialized": True}
+BLOCK_N = 64  # keys per tile
+WAVE_CTAS = 128  # about one wave of CTAs on 132 SMs
 
 
 @dataclass(frozen=True)
@@ -51,7 +57,7 @@ class AttnConfig:
     window: int = 0  # 0 = full causal; W > 0: a query at p sees the W keys p-W+1 .. p (tilert.ops.attention)
     sink: bool = False
     num_split: int = 0  # 0 = auto: about one wave of CTAs on 132 SMs
-    block_n: int = 64  # keys per tile
+    block_n: int = BLOCK_N  # keys per tile
     num_stages: int = 0  # TMA ring depth (key tiles in flight per CTA); 0 = auto, see `stages`
     min_tiles: int = 2  # fewest key tiles per split (short contexts use fewer splits)
     rows_per_cta: int = 0  # 0 = auto, see `block_m`; 64 = one-warpgroup CTAs
@@ -66,6 +72,18 @@ class AttnConfig:
             raise ValueError(f"rows_per_cta {self.rows_per_cta} must be 0 (auto), 64 or 128")
         if not 1 <= self.block <= self.block_n:
             raise ValueError(f"block {self.block} must be in [1, block_n={self.block_n}]")
+
+    @classmethod
+    def for_node(cls, a: AttentionBlockAttrs, tokens: int, persistent: bool = False) -> "AttnConfig":
+        """The config of an attention_block node (attrs `a`, `tokens` rows; `supports` must hold).
+        persistent: the persistent bodies' (256-thread CTAs: 128 query rows each, 1-tile splits, the
+        value scale applied to the new rows)."""
+        cfg = cls(q_heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim, v_head_dim=a.v_head_dim,
+                  rope_dim=a.rope_dim, rope_theta=a.theta, block=tokens, window=a.window, sink=a.has_sink)
+        if not persistent:
+            return cfg
+        return dataclasses.replace(cfg, rows_per_cta=128, min_tiles=PERSISTENT_MIN_TILES,
+                                   v_scale=float(a.v_scale or 1.0))  # fmt: skip
 
     @property
     def group(self) -> int:
@@ -109,7 +127,7 @@ class AttnConfig:
             return self.num_split
         if self.window:
             return max(1, cdiv(self.window, self.block_n))
-        return max(1, 128 * self.ctas_per_sm // (self.kv_heads * self.row_blocks))
+        return max(1, WAVE_CTAS * self.ctas_per_sm // (self.kv_heads * self.row_blocks))
 
     @property
     def scale(self) -> float:
@@ -119,6 +137,42 @@ class AttnConfig:
         tile = self.block_n * (self.head_dim + self.v_head_dim) * 2
         table_rows = warp_rows(self.block, max(self.rope_dim // 2, 1), self.block_n)  # the RoPE table
         return self.block_m * self.head_dim * 2 + self.stages * tile + table_rows * self.rope_dim * 4
+
+
+def supports(a: AttentionBlockAttrs, tokens: int) -> str | None:
+    """None when the kernel covers an attention_block node with attrs `a` and `tokens` rows, else why
+    not (q/k norms, non-causal drafter blocks, head dims not multiples of 16, more rows than a key
+    tile, a config AttnConfig rejects)."""
+    if a.qk_norm_eps is not None:
+        return "q/k norms"
+    if a.head_dim % 16 or a.v_head_dim % 16:
+        return f"head dims {a.head_dim}/{a.v_head_dim} are not multiples of 16"
+    if not a.causal:
+        return "non-causal attention"
+    if tokens > BLOCK_N:
+        return f"{tokens} tokens > {BLOCK_N}"
+    try:
+        AttnConfig.for_node(a, tokens)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def tiling(a: AttentionBlockAttrs, tokens: int, kv_heads: int) -> tuple[int, int, int]:
+    """(query rows per kv head, rows per CTA, KV splits) of an attention_block node's tasks: the
+    kernel's (rows, block_m, splits) where it covers the node, so the persistent kernel runs
+    `attn_split_body` at the table's coordinates; else block_m 64/128 by rows and about one wave of
+    CTAs (the plan VM runs such nodes). One place for the tile pass, the plan VM and the runtimes."""
+    if supports(a, tokens) is None:
+        cfg = AttnConfig.for_node(a, tokens)
+        if cfg.kv_heads != kv_heads:
+            raise ValueError(f"attention_block kv_heads {cfg.kv_heads} != {kv_heads} kv heads in the cache")
+        return cfg.rows, cfg.block_m, cfg.splits
+    window = a.window
+    rows = tokens * a.heads // kv_heads
+    bm = 64 if rows <= 64 else 128
+    splits = max(1, cdiv(window, BLOCK_N)) if window else max(1, WAVE_CTAS // (kv_heads * cdiv(rows, bm)))
+    return rows, bm, splits
 
 
 def _split_plan(cfg: AttnConfig, start):

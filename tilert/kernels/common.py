@@ -28,6 +28,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+
+# tilelang (the kernel compiler, slow to import) is imported only inside the functions that build kernels
+
 HOPPER_TARGET: dict[str, str] = {"kind": "cuda", "arch": "sm_90a"}
 DEFAULT_CACHE = "~/.cache/tilert/kernels"
 
@@ -302,10 +306,6 @@ def _quiet_tilelang_log() -> None:
 @functools.cache
 def hopper_reason() -> str | None:
     """None when a Hopper (sm_90) GPU is usable from torch, else the reason why not."""
-    try:
-        import torch
-    except ImportError:
-        return "torch is not installed"
     if not torch.cuda.is_available():
         return "needs an NVIDIA Hopper GPU (sm_90); none is visible"
     major, minor = torch.cuda.get_device_capability()
@@ -337,8 +337,6 @@ def has_toolchain() -> bool:
 def launch_decode_gemm(kernel: Any, x: Any, w: Any, s: Any, m_pad: int, n: int, split_k: int) -> Any:
     """Run a decode GEMM launcher y[M_pad, N] f32 = x @ W^T: pads x to the compiled M, zeroes y when
     split-K tiles accumulate into it; returns the M valid rows."""
-    import torch
-
     m, k = x.shape
     xp = x.contiguous()
     if m_pad != m:

@@ -24,7 +24,7 @@ Buffers must be aligned to VEC elements (row starts are, since VEC divides the r
         Out = cast(f32 a + f32 b)                                        ("add" op)
     solo_all_reduce_body(Partial[T, N], Residual[T, N], Inbox[2, T, N], Out[T, N], c)   cols 1024
         Out = cast(f32 residual + f32 partial), or cast(partial) without a residual: rank 0's own
-        partial, as tilert/runtime/eager/gpu_ops.solo_all_reduce leaves it ("solo": one GPU stands
+        partial, as tilert/runtime/eager/context.solo_all_reduce leaves it ("solo": one GPU stands
         in for rank 0 of `world`; the result is NOT a sum over ranks). With world > 1 it moves a
         ring all-reduce's traffic through Inbox (Partial's dtype): the block is cut into `world`
         column chunks; phase 1 writes chunks 1..w-1 of the partial to Inbox[0] (what the
@@ -49,6 +49,8 @@ import torch
 from tilert.ir.opset.fused import PeerValues
 from tilert.ir.registry import get_op
 from tilert.kernels.common import build, cdiv
+
+# tilelang (the kernel compiler, slow to import) is imported only inside the functions that build kernels
 
 THREADS = 256  # the persistent kernel's CTA size (tilert.kernels.common.PERSISTENT_THREADS)
 GENERIC_COLS = 2048  # passes/tile.py TILE_CONFIG["generic"]["cols"]

@@ -28,9 +28,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tilert.kernels.common import alloc_unmerged, cdiv, gate_passed
+import torch
+
+from tilert.kernels.common import DEVICE_PRELUDE, alloc_unmerged, build, cdiv, gate_passed, make_mma_reduce
 from tilert.kernels.common import gated as mark_gated
-from tilert.kernels.views import grid_launcher
+from tilert.kernels.views import grid_launcher, pointer_row
+from tilert.numerics import fp8
+from tilert.ops.linear import dequant_fp8, linear
+from tilert.ops.norm import rms_norm
+
+# tilelang (the kernel compiler, slow to import) is imported only inside the functions that build kernels
 
 GEMV_M = 16  # fp8 linears with at most this many tokens run the register GEMV body
 GEMV_CHUNK = 64  # k elements per GEMV chunk: a quad of lanes x 16 fp8 bytes (one 16-byte load each)
@@ -281,8 +288,6 @@ def make_gemv_body(spec: LinearSpec, gated: bool = False, evict_first: bool = Tr
     (bf16(x * rstd * gamma), the prologue's rounding), so the MMAs never wait on a global x load."""
     import tilelang.language as T
 
-    from tilert.kernels.common import DEVICE_PRELUDE, make_mma_reduce
-
     bm, bn, split = spec.block_m, spec.block_n, spec.split_k
     N, K, M = spec.n, spec.k, spec.m
     CH = GEMV_CHUNK
@@ -448,11 +453,6 @@ def make_kernel(spec: LinearSpec):
 def reference(spec: LinearSpec, x: Any, w: Any, scale_inv: Any = None, gamma: Any = None, residual: Any = None) -> Any:
     """Torch reference (fp32) composing the unfused ops: [rms_norm, rounded to bf16 as the
     prologues do ->] dequant + linear [-> + residual]; x [m, k], w [n, k]."""
-    import torch
-
-    from tilert.ops.linear import dequant_fp8, linear
-    from tilert.ops.norm import rms_norm
-
     xf = x[: spec.m].float()
     if spec.norm_eps is not None:
         xf = rms_norm(xf, gamma, spec.norm_eps).to(torch.bfloat16).float()
@@ -464,10 +464,6 @@ def reference(spec: LinearSpec, x: Any, w: Any, scale_inv: Any = None, gamma: An
 def make_inputs(spec: LinearSpec, *, seed: int | None = None, device: str = "cuda") -> dict[str, Any]:
     """Fresh random operands for `spec` (x rows padded to mp with zeros; fp8 weights quantised with
     block scales) and NaN-poisoned outputs (workspace zeroed, as the runtime allocates it)."""
-    import torch
-
-    from tilert.numerics import fp8
-
     g = torch.Generator(device=device)
     g.manual_seed(seed if seed is not None else torch.seed() % 2**31)
     M, N, K, mp = spec.m, spec.n, spec.k, spec.mp
@@ -495,9 +491,6 @@ def make_inputs(spec: LinearSpec, *, seed: int | None = None, device: str = "cud
 
 def run(spec: LinearSpec, t: dict[str, Any]) -> Any:
     """Launch the standalone kernel over the tensors `t` (names of `views(spec)`); returns out[:m]."""
-    from tilert.kernels.common import build
-    from tilert.kernels.views import pointer_row
-
     specs = views(spec)
     row = pointer_row([t[name] for name, _, _ in specs], specs, "linear_fused").to(t["x"].device)
     build(make_kernel(spec))(row)

@@ -45,6 +45,8 @@ from tilert.kernels.common import build, cdiv
 from tilert.ops.sampling import argmax as argmax_reference
 from tilert.ops.sampling import dflash_accept as accept_reference
 
+# tilelang (the kernel compiler, slow to import) is imported only inside the functions that build kernels
+
 THREADS = 256  # the persistent kernel's CTA size (tilert.kernels.common.PERSISTENT_THREADS)
 WARPS = THREADS // 32
 PASS_CONFIGS = {"tl.disable_warp_specialized": True}  # no T.copy here, so nothing for TMA to lower

@@ -24,14 +24,20 @@ Expert stacks: gate_up blocks [E, 2I, H/2] (gate rows then up rows), scales [E, 
 down blocks [E, H, I/2], scales [E, H, I/32]; router weight f32 [E_total, H], bias f32 [E_total].
 """
 
+import dataclasses
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from tilert.ir.opset.fused import MoeAttrs
 from tilert.kernels.common import DEVICE_PRELUDE, build, cdiv
 from tilert.kernels.mxfp4_gemm import BLOCK_K, BLOCK_N, loop_shape, make_mainloop
+from tilert.numerics import mxfp4
 from tilert.ops.moe import moe_experts, route
+
+# tilelang (the kernel compiler, slow to import) is imported only inside the functions that build kernels
 
 TP = 16  # token tile (MMA N slot); T <= 16
 ROUTER_E = 4  # experts per router CTA
@@ -54,6 +60,13 @@ class Config:
     x_stage: bool = False  # down_tile's Hb is one slot's [rows, I] block (a shared-memory stage), not [S, TP, I]
     norm_eps: float | None = None  # router_tile reads raw x and applies the RMSNorm itself (see router_tile)
 
+    @classmethod
+    def for_node(cls, a: MoeAttrs, tokens: int, hidden: int, inter: int, n_experts: int, **kw: Any) -> "Config":
+        """The config of a fused_moe node with attrs `a` (`supports` must hold); kw: the persistent
+        step's overrides (cta_threads, x_stage, norm_eps, expert_offset)."""
+        cfg = cls(tokens, hidden, inter, n_experts, a.n_local, a.top_k, a.expert_offset, a.scaling, a.normalize)
+        return dataclasses.replace(cfg, **kw)
+
     @property
     def max_slots(self) -> int:
         return min(self.n_local, self.t * self.top_k)
@@ -75,6 +88,20 @@ class Config:
         if self.cta_threads:  # a persistent CTA: its thread count, as many chunks in flight
             return self.cta_threads, max(1, min(8, cdiv(chunks, self.cta_threads // 32)))
         return threads, stages
+
+
+def supports(tokens: int, hidden: int, inter: int, n_group: int = 1, persistent: bool = False) -> str | None:
+    """None when the fused-MoE bodies take `tokens` tokens of width `hidden`, experts of width
+    `inter` and `n_group` router groups; else why not. The standalone launchers take inter in
+    multiples of 512, the persistent step's 256-thread bodies in multiples of 128."""
+    inter_block = 128 if persistent else 512
+    if n_group > 1:
+        return f"{n_group} router groups (the route body selects over all experts)"
+    if not 1 <= tokens <= TP:
+        return f"T = {tokens} tokens; the fused MoE handles 1..{TP}"
+    if hidden % 256 or inter % inter_block:
+        return f"hidden {hidden} must be a multiple of 256 and intermediate {inter} of {inter_block}"
+    return None
 
 
 GU_COLS = 8  # h columns per gate_up_tile n_tile (8 gate rows + the 8 matching up rows: one BLOCK_N tile)
@@ -422,8 +449,6 @@ def _check(x, router_w, bias, gate_up, down, top_k):
     if x.dim() != 2 or x.dtype != torch.bfloat16:
         raise TypeError(f"x must be bf16 [T, H]; got {x.dtype} {tuple(x.shape)}")
     t, h = x.shape
-    if not 1 <= t <= TP:
-        raise ValueError(f"T = {t} tokens; the fused MoE handles 1..{TP}")
     (gb, gs), (db, ds) = gate_up, down
     el, two_i = gb.shape[0], gb.shape[1]
     inter = two_i // 2
@@ -441,8 +466,8 @@ def _check(x, router_w, bias, gate_up, down, top_k):
             raise ValueError(f"{name} shape {tuple(ten.shape)} != expected {shape}")
         if ten.dtype != dt:
             raise TypeError(f"{name} dtype {ten.dtype} != {dt}")
-    if h % 256 or inter % 512:
-        raise ValueError(f"hidden {h} must be a multiple of 256 and intermediate {inter} of 512")
+    if (why := supports(t, h, inter)) is not None:
+        raise ValueError(why)
     if top_k > e:
         raise ValueError(f"top_k {top_k} > experts {e}")
     return Config(t, h, inter, e, el, top_k)
@@ -475,8 +500,6 @@ def run(x, router_w, bias, gate_up, down, *, top_k, expert_offset=0, normalize=T
 
 def make_inputs(t, hidden, inter, n_experts, n_local, *, seed=None, device="cuda"):
     """Random MoE weights (MXFP4 experts) and tokens for tests and benchmarks."""
-    from tilert.numerics import mxfp4
-
     g = torch.Generator(device=device)
     g.manual_seed(seed if seed is not None else torch.seed() % 2**31)
     x = torch.randn(t, hidden, device=device, generator=g).to(torch.bfloat16)

@@ -35,8 +35,10 @@ argmax_reduce) with PeerValues.
 
 from dataclasses import dataclass
 
+from tilert.abi import DEFAULT_TIMEOUT_NS, ERR_TIMEOUT
 from tilert.kernels.common import cdiv
-from tilert.runtime.persistent.megakernel import DEFAULT_TIMEOUT_NS, ERR_TIMEOUT
+
+# tilelang (the kernel compiler, slow to import) is imported only inside the functions that build kernels
 
 THREADS = 256
 
@@ -89,7 +91,7 @@ def _arrive_and_wait(cfg: PeerConfig):
 
 
 def make_body(cfg: PeerConfig):
-    """The collective's tile body (T.macro of (V, c)); V: the views of `views(cfg)` in order."""
+    """The collective's tile body (T.macro of (V, c)); V: the Views of `views(cfg)`."""
     import tilelang.language as T
 
     W, Tn, C = cfg.world, cfg.t, cfg.cols
@@ -102,9 +104,8 @@ def make_body(cfg: PeerConfig):
 
         @T.macro
         def allreduce_body(V, c):
-            Partial, Residual, Out, Epoch, Err, Rank = V[0], V[1], V[2], V[3], V[4], V[5]
-            inbox = V[6 : 6 + W]
-            arrs = V[6 + W : 6 + 2 * W]
+            Partial, Residual, Out, Epoch, Err, Rank = V.partial, V.residual, V.out, V.epoch, V.err, V.rank
+            inbox, arrs = V.part("inbox"), V.part("arrivals")
             acc = T.alloc_var(f32)
             for q in QS:
                 for i, j in T.Parallel(Tn, C):
@@ -129,9 +130,8 @@ def make_body(cfg: PeerConfig):
 
         @T.macro
         def allgather_body(V, c):
-            X, Epoch, Err, Rank = V[0], V[1], V[2], V[3]
-            outs = V[4 : 4 + W]
-            arrs = V[4 + W : 4 + 2 * W]
+            X, Epoch, Err, Rank = V.x, V.epoch, V.err, V.rank
+            outs, arrs = V.part("outs"), V.part("arrivals")
             for q in QS:
                 for i, j in T.Parallel(Tn, C):
                     if c * C + j < Wd:
@@ -142,10 +142,8 @@ def make_body(cfg: PeerConfig):
 
     @T.macro
     def argmax_body(V, c):
-        Val, Idx, Next, Epoch, Err, Rank = V[0], V[1], V[2], V[3], V[4], V[5]
-        inv = V[6 : 6 + W]
-        ini = V[6 + W : 6 + 2 * W]
-        arrs = V[6 + 2 * W : 6 + 3 * W]
+        Val, Idx, Next, Epoch, Err, Rank = V.val, V.idx, V.next, V.epoch, V.err, V.rank
+        inv, ini, arrs = V.part("in_val"), V.part("in_idx"), V.part("arrivals")
         bv = T.alloc_var(f32)
         bi = T.alloc_var("int32")
         tx = T.get_thread_binding()
@@ -174,15 +172,15 @@ def rotated(per_rank: list, rank: int) -> list:
 def views(cfg: PeerConfig, res_rows: int = 0) -> list[tuple[str, tuple[int, ...], str]]:
     """(name, shape, dtype) of the body's tensors, in order (res_rows: the residual view's rows)."""
     W, Tn, N = cfg.world, cfg.t, cfg.n
-    arrs = [(f"arrivals{q}", (cfg.tiles,), "int32") for q in range(W)]
+    arrs = [(f"arrivals.{q}", (cfg.tiles,), "int32") for q in range(W)]
     ctl = [("epoch", (1,), "int32"), ("err", (4,), "int32"), ("rank", (1,), "int32")]
     if cfg.kind == "allreduce":
         return ([("partial", (Tn, N), cfg.partial_dtype), ("residual", (res_rows or Tn, N), cfg.residual_dtype),
                  ("out", (Tn, N), cfg.out_dtype), *ctl]
-                + [(f"inbox{q}", (W, Tn, N), "float32") for q in range(W)] + arrs)  # fmt: skip
+                + [(f"inbox.{q}", (W, Tn, N), "float32") for q in range(W)] + arrs)  # fmt: skip
     if cfg.kind == "allgather":
-        outs = [(f"out{q}", (Tn, W * N), cfg.out_dtype) for q in range(W)]
+        outs = [(f"outs.{q}", (Tn, W * N), cfg.out_dtype) for q in range(W)]
         return [("x", (Tn, N), cfg.out_dtype), *ctl, *outs, *arrs]
     return ([("val", (Tn,), "float32"), ("idx", (Tn,), "int32"), ("next", (Tn,), "int32"), *ctl]
-            + [(f"in_val{q}", (W, Tn), "float32") for q in range(W)]
-            + [(f"in_idx{q}", (W, Tn), "int32") for q in range(W)] + arrs)  # fmt: skip
+            + [(f"in_val.{q}", (W, Tn), "float32") for q in range(W)]
+            + [(f"in_idx.{q}", (W, Tn), "int32") for q in range(W)] + arrs)  # fmt: skip

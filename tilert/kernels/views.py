@@ -6,9 +6,9 @@ with T.make_tensor at dispatch, so one kernel signature serves every node of eve
 weights are restacked. Standalone launchers use the same path with a one-row table, so a body
 is tested exactly as the persistent kernel calls it.
 
-    ViewSpec             (name, shape, TileLang dtype)
+    ViewSpec             (name, shape, TileLang dtype); "part.name" puts a view in a named part
     PERSISTENT_THREADS   threads of every persistent CTA; every body must work with this many
-    make_views(Ptrs, row, specs)          inside a prim_func: the views of one table row
+    make_views(Ptrs, row, specs)          inside a prim_func: the views of one table row (`Views`)
     grid_launcher(name, body, specs, grid, coords)   a prim_func running body over a grid
     pointer_row(tensors, specs)           host side: check shapes/dtypes, int64 tensor of addresses
 """
@@ -16,6 +16,10 @@ is tested exactly as the persistent kernel calls it.
 # no `from __future__ import annotations`: TileLang evaluates the prim_func's annotations
 from collections.abc import Callable, Sequence
 from typing import Any
+
+import torch
+
+# tilelang (the kernel compiler, slow to import) is imported only inside the functions that build kernels
 
 ViewSpec = tuple[str, tuple[int, ...], str]
 PERSISTENT_THREADS = 256
@@ -30,11 +34,47 @@ TORCH_DTYPES = {
 }
 
 
-def make_views(Ptrs: Any, row: Any, specs: Sequence[ViewSpec]) -> tuple:
+class Views:
+    """A body's operand views in spec order, also by name: `V.count` is the view its spec names
+    "count"; `V.part("peer")` is the Views of the specs named "peer.<name>" (a body composed of
+    another body hands it its part); a slice is the Views of those positions."""
+
+    __slots__ = ("_names", "_views")
+
+    def __init__(self, views: Sequence[Any], names: Sequence[str]) -> None:
+        self._views, self._names = tuple(views), tuple(names)
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+    def __iter__(self) -> Any:
+        return iter(self._views)
+
+    def __getitem__(self, i: int | slice) -> Any:
+        return Views(self._views[i], self._names[i]) if isinstance(i, slice) else self._views[i]
+
+    def __getattr__(self, name: str) -> Any:
+        hits = [v for n, v in zip(self._names, self._views) if n == name]
+        if len(hits) != 1:
+            raise AttributeError(f"{len(hits)} views named {name!r} among {list(self._names)}")
+        return hits[0]
+
+    def part(self, prefix: str) -> "Views":
+        at = [i for i, n in enumerate(self._names) if n.startswith(prefix + ".")]
+        return Views([self._views[i] for i in at], [self._names[i][len(prefix) + 1 :] for i in at])
+
+
+def make_views(Ptrs: Any, row: Any, specs: Sequence[ViewSpec]) -> Views:
     """Typed views of the addresses Ptrs[row, 0..] (call inside a T.prim_func / T.macro)."""
     import tilelang.language as T
 
-    return tuple(T.make_tensor(Ptrs[row, j], tuple(shape), dtype) for j, (_, shape, dtype) in enumerate(specs))
+    views = [T.make_tensor(Ptrs[row, j], tuple(shape), dtype) for j, (_, shape, dtype) in enumerate(specs)]
+    return Views(views, [name for name, _, _ in specs])
+
+
+def prefixed(prefix: str, specs: Sequence[ViewSpec]) -> list[ViewSpec]:
+    """specs as the part `prefix` of a larger body's views (`Views.part`)."""
+    return [(f"{prefix}.{name}", shape, dtype) for name, shape, dtype in specs]
 
 
 def grid_launcher(
@@ -61,8 +101,6 @@ def grid_launcher(
 
 def pointer_row(tensors: Sequence[Any], specs: Sequence[ViewSpec], where: str = "") -> Any:
     """int64 CPU tensor [1, n] of the tensors' addresses after checking each against its spec."""
-    import torch
-
     if len(tensors) != len(specs):
         raise ValueError(f"{where}: {len(tensors)} tensors for {len(specs)} views")
     for t, (name, shape, dtype) in zip(tensors, specs):

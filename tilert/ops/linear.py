@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from tilert.numerics import fp8, mxfp4
+
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """y = x @ w^T in float32; w is [N, K] (or [E, N, K] with x [E, T, K])."""
@@ -11,14 +13,10 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def dequant_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    from tilert.numerics import mxfp4
-
     return mxfp4.dequantize(blocks, scales, dtype=torch.float32)
 
 
 def dequant_fp8(q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
-    from tilert.numerics import fp8
-
     return fp8.dequantize_blocks(q, scale_inv, dtype=torch.float32, block=block)
 
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tilert.ops.linear import dequant_fp8, dequant_mxfp4
+
 
 @dataclass(frozen=True)
 class QTensor:
@@ -20,8 +22,6 @@ class QTensor:
         return (*lead, k * 2) if self.fmt == "mxfp4" else tuple(self.data.shape)
 
     def dequantize(self) -> torch.Tensor:
-        from tilert.ops.linear import dequant_fp8, dequant_mxfp4
-
         if self.fmt == "mxfp4":
             return dequant_mxfp4(self.data, self.scales)
         return dequant_fp8(self.data, self.scales, self.block)

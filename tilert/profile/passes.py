@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tilert.ir.graph import Graph
+from tilert.passes.manager import PIPELINE, Pass, run_passes
 
 
 @dataclass
@@ -29,8 +30,6 @@ def compile_with_profile(
     graph: Graph, ctx: Any, step: str, log: Callable[[str], None] | None = None
 ) -> tuple[list[Graph], list[PassRow]]:
     """Run the whole pipeline on one step graph; returns the rank graphs and one row per pass."""
-    from tilert.passes.manager import PIPELINE, Pass, run_passes
-
     outputs: dict[str, list[Graph]] = {}
 
     def wrap(p: Pass) -> Pass:

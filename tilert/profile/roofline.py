@@ -12,7 +12,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from tilert.ir.graph import Graph
+from tilert.passes.cost_model import eager_seconds, op_cost
+from tilert.profile.timeline import measured_trace
+from tilert.runtime.eager.runtime import EagerRuntime
+from tilert.runtime.eager.synthetic import synthetic_params
+from tilert.runtime.persistent.step import PersistentStep
 
 
 @dataclass
@@ -33,8 +40,6 @@ class KernelRow:
 
 
 def roofline_rows(g: Graph, sched: Any, spec: Any, context: int) -> list[KernelRow]:
-    from tilert.passes.cost_model import eager_seconds, op_cost
-
     ops = sched.table[:, :, 1]
     live = sched.table[:, :, 0] != 0
     rows = []
@@ -72,8 +77,6 @@ def format_roofline(rows: list[KernelRow], top: int | None = None) -> str:
 
 def step_inputs(g: Graph, context: int) -> dict[str, Any]:
     """Token ids and positions for one step of g at KV length `context`."""
-    import torch
-
     T = g.values["tokens"].shape[0] if "tokens" in g.values else 1
     return {"tokens": torch.zeros(T, dtype=torch.int32),
             "positions": torch.arange(context, context + T, dtype=torch.int32)}  # fmt: skip
@@ -83,11 +86,6 @@ def measure_rows(rows: list[KernelRow], g: Graph, device: str, context: int, wor
                  params: dict[str, Any] | None = None) -> str:  # fmt: skip
     """Fill `measured_us` by running the rank graph on the eager runtime (synthetic weights unless
     given; collectives as single-GPU stand-ins when world > 1). Returns a one-line description."""
-    import torch
-
-    from tilert.runtime.eager import EagerRuntime
-    from tilert.runtime.eager.synthetic import synthetic_params
-
     params = synthetic_params(g, device=device) if params is None else params
     rt = EagerRuntime(params, device=device, world=world, solo=world > 1)
     inputs = step_inputs(g, context)
@@ -102,10 +100,6 @@ def measure_persistent(
 ) -> tuple[float, dict]:
     """Median ms of the whole step as one persistent launch, and the kernel's own per-SM trace
     (Chrome/Perfetto JSON from its %globaltimer stamps) of the last launch."""
-    import torch
-
-    from tilert.runtime.persistent.step import PersistentStep
-
     st = PersistentStep(g, sched.table, sched.counter_expected, params)
     inputs = step_inputs(g, context)
     st.run(inputs)  # first launch: loads the kernel
@@ -118,7 +112,7 @@ def measure_persistent(
         torch.cuda.synchronize()
         times.append(a.elapsed_time(b))
     st.check()
-    return sorted(times)[len(times) // 2], st.measured_trace(f"rank 0 {g.name} (measured)")
+    return sorted(times)[len(times) // 2], measured_trace(st, f"rank 0 {g.name} (measured)")
 
 
 def plot_roofline(rows: list[KernelRow], spec: Any, path: str | Path, title: str) -> str | None:

@@ -17,6 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+
+from tilert.abi import FIELD, OPCODE_NAMES, TASK_FIELDS
+from tilert.runtime.persistent.step import PersistentStep
 
 
 class TimelineError(ValueError):
@@ -131,6 +135,23 @@ def trace_json(
                 "args": args,
             })  # fmt: skip
     return {"traceEvents": ev, "displayTimeUnit": "ns", "otherData": meta or {}}
+
+
+def measured_trace(step: PersistentStep, process: str = "rank 0 (measured)") -> dict[str, Any]:
+    """Chrome/Perfetto trace of a PersistentStep's last launch: one track per SM, one event per task,
+    from the kernel's own %globaltimer stamps (a 'wait' event until the task's waits are met, then
+    the task until its signal)."""
+    torch.cuda.synchronize(step.device)
+    tr = step.trace.cpu().numpy()
+    table = step.table
+    used = table[:, :, FIELD["opcode"]] != 0
+    start = np.where(used, tr[:, :, 0], -1)
+    end = np.where(used, tr[:, :, 1], -1)
+    ready = np.where(used, tr[:, :, 2], -1)
+    names = [n.op for n in step.g.nodes]
+    return trace_json(table, start, end, TASK_FIELDS, names, OPCODE_NAMES, process=process, pid=1,
+                      meta={"source": "persistent kernel %globaltimer", "graph": step.g.name},
+                      ready_ns=ready)  # fmt: skip
 
 
 def write_trace(trace: dict[str, Any], path: str | Path) -> Path:

@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import torch
 
+from tilert.ir.attrs import Attrs, attrs
 from tilert.ir.dtypes import I32
-from tilert.ir.graph import Value
 from tilert.ir.registry import expect, op
+from tilert.ir.value import Value
 
 
-def _infer_override(ins: list[Value], a: dict) -> list:
+@attrs
+class OverrideAttrs(Attrs):
+    token: int
+
+
+def _infer_override(ins: list[Value], a: OverrideAttrs) -> list:
     x, ids, row = ins
     expect(ids.dtype == I32 and ids.shape == (x.shape[0],), "embed_override: ids must be i32[T]")
     expect(row.shape == (x.shape[-1],), f"embed_override: row {list(row.shape)} does not match x {list(x.shape)}")
     return [(x.shape, x.dtype)]
 
 
-@op("embed_override", infer=_infer_override)
+@op("embed_override", attrs=OverrideAttrs, infer=_infer_override)
 def embed_override(ctx, x, ids, row, *, token):
     """x with every row whose id is `token` replaced by `row` (a drafter's trained mask embedding,
     which MiMo ships as mask_embedding.pt instead of the target's untrained table row)."""

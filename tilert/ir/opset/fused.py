@@ -16,16 +16,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from tilert.ir.attrs import Attrs, attrs
 from tilert.ir.dtypes import F32, I32, DType, dtype
-from tilert.ir.graph import Value
-from tilert.ir.opset.basic import matmul_cost, matmul_infer
-from tilert.ir.opset.moe import expected_experts, expert_cost
-from tilert.ir.registry import Cost, expect, get_op, io_cost, op
+from tilert.ir.opset.attention import AttentionAttrs, RopeAttrs
+from tilert.ir.opset.basic import MatmulAttrs, matmul_cost, matmul_infer
+from tilert.ir.opset.moe import ExpertAttrs, expected_experts, expert_cost
+from tilert.ir.registry import Cost, Placement, expect, get_op, io_cost, op, ref
+from tilert.ir.value import Value
 from tilert.ops.qtensor import QTensor
-
-
-def ref(kind: str) -> Any:
-    return get_op(kind).reference
 
 
 class PeerValues:
@@ -47,8 +45,63 @@ def _peer_inputs(ctx: Any, idx: list[int], local: tuple[Any, ...]) -> list[tuple
     return [tuple(c[r] for c in cols) for r in range(world)]
 
 
-def n_extras(a: dict[str, Any]) -> int:
-    return int(a.get("norm_eps") is not None) + int(bool(a.get("residual")))
+@attrs
+class LinearAttrs(MatmulAttrs):
+    norm_eps: float | None = None  # RMSNorm prologue
+    residual: bool = False  # residual epilogue
+
+
+@attrs
+class QuantExpertAttrs(ExpertAttrs):
+    world: int = 1
+
+
+@attrs
+class MoeAttrs(Attrs):
+    top_k: int
+    n_group: int = 1
+    topk_group: int = 1
+    normalize: bool = True
+    scaling: float = 1.0
+    expert_offset: int = 0  # global id of this rank's first expert
+    n_local: int  # experts of this rank
+    world: int = 1
+    reduce: bool = False  # all-reduce the ranks' partial sums (expert parallelism)
+    norm_eps: float | None = None  # RMSNorm prologue
+    residual: bool = False  # residual epilogue
+
+
+@attrs
+class AttentionBlockAttrs(AttentionAttrs):
+    rope_dim: int
+    theta: float
+    v_scale: float | None = None  # the new values are scaled before the cache append
+    qk_norm_eps: float | None = None  # per-head RMSNorm of q and k (the drafter's)
+
+
+@attrs
+class LmHeadAttrs(Attrs):
+    world: int = 1
+    vocab_size: int  # the true vocabulary (the rank slices may be padded)
+    vocab_offset: int = 0  # this rank's first token id
+    norm_eps: float | None = None  # the final RMSNorm as a prologue
+    out_dtype: str = "f32"
+
+
+@attrs
+class WorldAttrs(Attrs):
+    world: int = 1
+
+
+@attrs
+class NarrowAttrs(Attrs):
+    dim: int
+    start: int
+    length: int
+
+
+def n_extras(norm_eps: float | None, residual: bool) -> int:
+    return int(norm_eps is not None) + int(residual)
 
 
 def split_extras(extra: tuple[Any, ...], norm_eps: float | None, residual: bool) -> tuple[Any, Any]:
@@ -69,19 +122,21 @@ def _epilogue(ctx: Any, y: Any, res: Any) -> Any:
     return y if res is None else ref("add")(ctx, res, y)[0]
 
 
-def _check_extras(ins: list[Value], n_core: int, a: dict[str, Any], width_in: int, out_shape: tuple) -> None:
-    expect(len(ins) == n_core + n_extras(a), f"expects {n_core} inputs + prologue/epilogue extras, got {len(ins)}")
+def _check_extras(ins: list[Value], n_core: int, norm_eps: float | None, residual: bool, width_in: int,
+                  out_shape: tuple) -> None:  # fmt: skip
+    n = n_core + n_extras(norm_eps, residual)
+    expect(len(ins) == n, f"expects {n_core} inputs + prologue/epilogue extras, got {len(ins)}")
     i = n_core
-    if a.get("norm_eps") is not None:
+    if norm_eps is not None:
         expect(ins[i].shape == (width_in,), f"norm weight {list(ins[i].shape)} does not match width {width_in}")
         i += 1
-    if a.get("residual"):
+    if residual:
         expect(ins[i].shape == tuple(out_shape), f"residual {list(ins[i].shape)} != output {list(out_shape)}")
 
 
-def _out_dtype(ins: list[Value], n_core: int, a: dict[str, Any], dt: DType) -> DType:
+def _out_dtype(ins: list[Value], n_core: int, residual: bool, dt: DType) -> DType:
     """With a residual epilogue the output takes the residual's dtype, as `add` would."""
-    return ins[-1].dtype if a.get("residual") and len(ins) > n_core else dt
+    return ins[-1].dtype if residual and len(ins) > n_core else dt
 
 
 def _extras_cost(ins: list[Value], n_core: int) -> Cost:
@@ -92,23 +147,23 @@ def _extras_cost(ins: list[Value], n_core: int) -> Cost:
 
 
 def _linear_infer(fmt: DType | None) -> Any:
-    def infer(ins: list[Value], a: dict) -> list:
+    def infer(ins: list[Value], a: LinearAttrs) -> list:
         if fmt is not None:
             expect(ins[1].dtype == fmt, f"weight is {ins[1].dtype.name}, kind needs {fmt.name}")
         [(shape, dt)] = matmul_infer(ins[:2], a)
-        _check_extras(ins, 2, a, ins[0].shape[-1], shape)
-        return [(shape, _out_dtype(ins, 2, a, dt))]
+        _check_extras(ins, 2, a.norm_eps, a.residual, ins[0].shape[-1], shape)
+        return [(shape, _out_dtype(ins, 2, a.residual, dt))]
 
     return infer
 
 
-def _linear_cost(ins: list[Value], outs: list[Value], a: dict) -> Cost:
-    return matmul_cost(ins[:2], outs, a) + _extras_cost(ins, 2)
+def _linear_cost(ins: list[Value], outs: list[Value], a: LinearAttrs, at: Placement) -> Cost:
+    return matmul_cost(ins[:2], outs, a, at) + _extras_cost(ins, 2)
 
 
 def _make_linear(name: str, fmt: DType | None) -> None:
-    @op(name, infer=_linear_infer(fmt), cost=_linear_cost)
-    def linear(ctx, x, w, *extra, out_dtype="bf16", norm_eps=None, residual=False):
+    @op(name, attrs=LinearAttrs, infer=_linear_infer(fmt), cost=_linear_cost)
+    def linear(ctx, x, w, *extra, out_dtype, norm_eps, residual):
         """[rms_norm ->] dequant -> matmul [-> + residual]."""
         norm_w, res = split_extras(extra, norm_eps, residual)
         x = _prologue(ctx, x, norm_w, norm_eps)
@@ -122,12 +177,12 @@ for _f in ("bf16", "fp8_e4m3b", "mxfp4"):
 
 
 def _make_expert_matmul(name: str, fmt: DType) -> None:
-    def infer(ins: list[Value], a: dict) -> list:
+    def infer(ins: list[Value], a: QuantExpertAttrs) -> list:
         expect(ins[1].dtype == fmt, f"expert weight is {ins[1].dtype.name}, kind needs {fmt.name}")
         return get_op("expert_matmul").infer([ins[0], Value("w", ins[1].shape, F32), ins[2]], a)
 
-    @op(name, infer=infer, cost=expert_cost)
-    def expert_matmul(ctx, x, w, idx, *, expert_offset=0, world=1):
+    @op(name, attrs=QuantExpertAttrs, infer=infer, cost=expert_cost)
+    def expert_matmul(ctx, x, w, idx, *, expert_offset, world):
         """dequant -> expert_matmul; only the experts that received tokens are dequantised."""
         return ref("expert_matmul")(ctx, x, w, idx, expert_offset=expert_offset)
 
@@ -141,34 +196,34 @@ _make_expert_matmul("expert_matmul_mxfp4", dtype("mxfp4"))
 MOE_CORE = 5  # x, router gate [E, H] f32, score bias [E], gate_up [E_local, 2I, H], down [E_local, H, I]
 
 
-def _moe_infer(ins: list[Value], a: dict) -> list:
+def _moe_infer(ins: list[Value], a: MoeAttrs) -> list:
     x, gate, bias, gu, d = ins[:MOE_CORE]
     T, H = x.shape
     expect(gate.shape[1] == H and bias.shape == (gate.shape[0],), "fused_moe: router gate/bias do not match x")
-    expect(gu.shape[0] == d.shape[0] == a["n_local"], "fused_moe: expert stacks must hold n_local experts")
+    expect(gu.shape[0] == d.shape[0] == a.n_local, "fused_moe: expert stacks must hold n_local experts")
     expect(gu.shape[2] == H and d.shape[1] == H and gu.shape[1] == 2 * d.shape[2], "fused_moe: expert shapes")
-    _check_extras(ins, MOE_CORE, a, H, (T, H))
-    return [((T, H), _out_dtype(ins, MOE_CORE, a, F32))]
+    _check_extras(ins, MOE_CORE, a.norm_eps, a.residual, H, (T, H))
+    return [((T, H), _out_dtype(ins, MOE_CORE, a.residual, F32))]
 
 
-def _moe_cost(ins: list[Value], outs: list[Value], a: dict) -> Cost:
+def _moe_cost(ins: list[Value], outs: list[Value], a: MoeAttrs, at: Placement) -> Cost:
     x, gate, bias, gu, d = ins[:MOE_CORE]
-    T, k = x.shape[0], a["top_k"]
+    T, k = x.shape[0], a.top_k
     idx = Value("idx", (T, k), I32)
-    e = expert_cost([x, gu, idx], [Value("h", (T, k, gu.shape[1]), F32)], a)
-    e += expert_cost([Value("a", (T, k, d.shape[2]), F32), d, idx], [Value("y", (T, k, d.shape[1]), F32)], a)
+    e = expert_cost([x, gu, idx], [Value("h", (T, k, gu.shape[1]), F32)], a, at)
+    e += expert_cost([Value("a", (T, k, d.shape[2]), F32), d, idx], [Value("y", (T, k, d.shape[1]), F32)], a, at)
     router = Cost(gate.nbytes + bias.nbytes, 0, 2 * T * gate.shape[0] * gate.shape[1])
-    world = int(a.get("world", 1))
-    comm = Cost(comm_bytes=2 * (world - 1) * outs[0].nbytes // world) if a.get("reduce") else Cost()
+    world = at.world
+    comm = Cost(comm_bytes=2 * (world - 1) * outs[0].nbytes // world) if a.reduce else Cost()
     # the [T, k, *] expert intermediates stay on chip: count the weights, x and the output only
     return Cost(e.bytes_read - x.nbytes, outs[0].nbytes, e.flops) + router + comm + _extras_cost(ins, MOE_CORE)
 
 
 def _make_moe(name: str) -> None:
-    @op(name, infer=_moe_infer, cost=_moe_cost, collective=True)
+    @op(name, attrs=MoeAttrs, infer=_moe_infer, cost=_moe_cost, collective=True)
     def fused_moe(
-        ctx, x, gate, bias, w_gu, w_d, *extra, top_k, n_group=1, topk_group=1, normalize=True, scaling=1.0,
-        expert_offset=0, n_local, world=1, reduce=False, norm_eps=None, residual=False,
+        ctx, x, gate, bias, w_gu, w_d, *extra, top_k, n_group, topk_group, normalize, scaling, expert_offset, n_local,
+        world, reduce, norm_eps, residual,
     ):  # fmt: skip
         """rms_norm? -> router matmul -> sigmoid -> +bias -> topk -> weights -> experts -> combine -> all_reduce?
         -> + residual?"""
@@ -202,29 +257,28 @@ for _f in ("bf16", "fp8", "mxfp4"):
 # ---- attention block: (head norm) + rope + v scale + kv_append + attention ------------------------
 
 
-def _attn_block_infer(ins: list[Value], a: dict) -> list:
+def _attn_block_infer(ins: list[Value], a: AttentionBlockAttrs) -> list:
     q, k, v, kc, vc, pos = ins[:6]
-    H, Hkv, D = a["heads"], a["kv_heads"], a["head_dim"]
-    rope = dict(head_dim=D, rope_dim=a["rope_dim"], theta=a["theta"])
-    get_op("rope").infer([q, pos], {**rope, "heads": H})
-    get_op("rope").infer([k, pos], {**rope, "heads": Hkv})
-    get_op("kv_append").infer([kc, vc, k, v, pos], {})
+    rope = dict(head_dim=a.head_dim, rope_dim=a.rope_dim, theta=a.theta)
+    get_op("rope").infer([q, pos], RopeAttrs(heads=a.heads, **rope))
+    get_op("rope").infer([k, pos], RopeAttrs(heads=a.kv_heads, **rope))
+    get_op("kv_append").infer([kc, vc, k, v, pos], Attrs())
     rest = ins[6:]
-    attn_ins = [q, kc, vc, pos] + ([rest[0]] if a.get("has_sink") else [])
+    attn_ins = [q, kc, vc, pos] + ([rest[0]] if a.has_sink else [])
     [o] = get_op("attention").infer(attn_ins, a)
     return [o, (kc.shape, kc.dtype), (vc.shape, vc.dtype)]
 
 
-def _attn_block_cost(ins: list[Value], outs: list[Value], a: dict) -> Cost:
+def _attn_block_cost(ins: list[Value], outs: list[Value], a: AttentionBlockAttrs, at: Placement) -> Cost:
     q, k, v, kc, vc, pos = ins[:6]
-    c = get_op("attention").cost([q, kc, vc, pos], outs[:1], a)
+    c = get_op("attention").cost([q, kc, vc, pos], outs[:1], a, at)
     return c + Cost(k.nbytes + v.nbytes + pos.nbytes, k.nbytes + v.nbytes)
 
 
-@op("attention_block", infer=_attn_block_infer, cost=_attn_block_cost, mutates=(3, 4))
+@op("attention_block", attrs=AttentionBlockAttrs, infer=_attn_block_infer, cost=_attn_block_cost, mutates=(3, 4))
 def attention_block(
     ctx, q, k, v, k_cache, v_cache, pos, *extra, heads, kv_heads, head_dim, v_head_dim, rope_dim, theta, scale,
-    window=0, causal=True, has_sink=False, v_scale=None, qk_norm_eps=None, context_len=None,
+    window, causal, has_sink, v_scale, qk_norm_eps,
 ):  # fmt: skip
     """[head_rms_norm(q), head_rms_norm(k)] -> rope(q), rope(k) -> [scale(v)] -> kv_append -> attention."""
     sink = extra[0] if has_sink else None
@@ -248,10 +302,10 @@ def attention_block(
 
 
 def _lm_infer(accept: bool) -> Any:
-    def infer(ins: list[Value], a: dict) -> list:
+    def infer(ins: list[Value], a: LmHeadAttrs) -> list:
         n_core = 3 if accept else 2
-        [(shape, dt)] = matmul_infer(ins[:2], {"out_dtype": "f32"})
-        _check_extras(ins, n_core, a, ins[0].shape[-1], shape)
+        [(shape, dt)] = matmul_infer(ins[:2], MatmulAttrs(out_dtype="f32"))
+        _check_extras(ins, n_core, a.norm_eps, False, ins[0].shape[-1], shape)
         out = [(shape, dt), ((shape[0],), I32)]
         if accept:
             expect(ins[2].shape == (shape[0],) and ins[2].dtype == I32, "lm_head_accept: tokens must be i32[T]")
@@ -261,10 +315,9 @@ def _lm_infer(accept: bool) -> Any:
     return infer
 
 
-def _lm_cost(ins: list[Value], outs: list[Value], a: dict) -> Cost:
-    world = int(a.get("world", 1))
-    comm = (world - 1) * 8 * ins[0].shape[0]
-    return matmul_cost(ins[:2], outs[:1], a) + Cost(comm_bytes=comm) + io_cost(ins[2:], outs[1:], a)
+def _lm_cost(ins: list[Value], outs: list[Value], a: LmHeadAttrs, at: Placement) -> Cost:
+    comm = (at.world - 1) * 8 * ins[0].shape[0]
+    return matmul_cost(ins[:2], outs[:1], a, at) + Cost(comm_bytes=comm) + io_cost(ins[2:], outs[1:], a, at)
 
 
 def _lm_head(ctx, x, w, norm_w, *, norm_eps, world, vocab_size, n_core):
@@ -291,15 +344,15 @@ def _lm_head(ctx, x, w, norm_w, *, norm_eps, world, vocab_size, n_core):
     return mine, ref("argmax_reduce")(PeerValues(ctx.rank, world, vals, ids), vals[ctx.rank], ids[ctx.rank])[0]
 
 
-@op("lm_head_argmax", infer=_lm_infer(False), cost=_lm_cost, collective=True)
-def lm_head_argmax(ctx, x, w, *extra, world=1, vocab_size, vocab_offset=0, norm_eps=None, out_dtype="f32"):
+@op("lm_head_argmax", attrs=LmHeadAttrs, infer=_lm_infer(False), cost=_lm_cost, collective=True)
+def lm_head_argmax(ctx, x, w, *extra, world, vocab_size, vocab_offset, norm_eps, out_dtype):
     """[final norm ->] LM head GEMM -> argmax (distributed over vocabulary shards when world > 1)."""
     norm_w, _ = split_extras(extra, norm_eps, False)
     return _lm_head(ctx, x, w, norm_w, norm_eps=norm_eps, world=world, vocab_size=vocab_size, n_core=2)
 
 
-@op("lm_head_accept", infer=_lm_infer(True), cost=_lm_cost, collective=True)
-def lm_head_accept(ctx, x, w, tokens, *extra, world=1, vocab_size, vocab_offset=0, norm_eps=None, out_dtype="f32"):
+@op("lm_head_accept", attrs=LmHeadAttrs, infer=_lm_infer(True), cost=_lm_cost, collective=True)
+def lm_head_accept(ctx, x, w, tokens, *extra, world, vocab_size, vocab_offset, norm_eps, out_dtype):
     """lm_head_argmax -> dflash_accept: the whole greedy acceptance inside the step."""
     norm_w, _ = split_extras(extra, norm_eps, False)
     logits, nxt = _lm_head(ctx, x, w, norm_w, norm_eps=norm_eps, world=world, vocab_size=vocab_size, n_core=3)
@@ -309,30 +362,30 @@ def lm_head_accept(ctx, x, w, tokens, *extra, world=1, vocab_size, vocab_offset=
 # ---- collectives with an epilogue, and a view ---------------------------------------------------
 
 
-def _ar_res_infer(ins: list[Value], a: dict) -> list:
+def _ar_res_infer(ins: list[Value], a: WorldAttrs) -> list:
     expect(len(ins) == 2 and ins[0].shape == ins[1].shape, "all_reduce_residual(partial, residual) shapes differ")
     return [(ins[1].shape, ins[1].dtype)]
 
 
-def _ar_res_cost(ins: list[Value], outs: list[Value], a: dict) -> Cost:
-    return get_op("all_reduce").cost(ins[:1], outs, a) + Cost(ins[1].nbytes)
+def _ar_res_cost(ins: list[Value], outs: list[Value], a: WorldAttrs, at: Placement) -> Cost:
+    return get_op("all_reduce").cost(ins[:1], outs, a, at) + Cost(ins[1].nbytes)
 
 
-@op("all_reduce_residual", infer=_ar_res_infer, cost=_ar_res_cost, collective=True)
-def all_reduce_residual(ctx, partial, residual, *, world=1):
+@op("all_reduce_residual", attrs=WorldAttrs, infer=_ar_res_infer, cost=_ar_res_cost, collective=True)
+def all_reduce_residual(ctx, partial, residual, *, world):
     """all_reduce -> + residual (the residual add in the reduce epilogue)."""
     return (ref("add")(ctx, residual, ref("all_reduce")(ctx, partial)[0])[0],)
 
 
-def _narrow_infer(ins: list[Value], a: dict) -> list:
+def _narrow_infer(ins: list[Value], a: NarrowAttrs) -> list:
     s = list(ins[0].shape)
-    d = a["dim"] % len(s)
-    expect(0 <= a["start"] and a["start"] + a["length"] <= s[d], "narrow: range outside the value")
-    s[d] = a["length"]
+    d = a.dim % len(s)
+    expect(0 <= a.start and a.start + a.length <= s[d], "narrow: range outside the value")
+    s[d] = a.length
     return [(tuple(s), ins[0].dtype)]
 
 
-@op("narrow", infer=_narrow_infer)
+@op("narrow", attrs=NarrowAttrs, infer=_narrow_infer)
 def narrow(ctx, x, *, dim, start, length):
     """A slice along one dim (drops the zero padding of a vocabulary-parallel LM head)."""
     return (x.narrow(dim, start, length),)

@@ -1,6 +1,3 @@
-"""Eager GPU runtime: one launch per fused op, optional CUDA-graph capture of a whole step."""
-
-from tilert.runtime.eager.backend import EagerBackend, compile_for_gpu
-from tilert.runtime.eager.runtime import EagerRuntime
-
-__all__ = ["EagerBackend", "EagerRuntime", "compile_for_gpu"]
+"""Eager GPU runtime: one launch per fused op, optional CUDA-graph capture of a whole step
+(`runtime.py`); the rank context its implementations use (`context.py`); ranks over torch.distributed
+(`distributed.py`)."""

@@ -1,6 +1,6 @@
 """Multi-rank eager execution: one rank per process, collectives through torch.distributed.
 
-`DistContext` is the rank context the GPU implementations in gpu_ops.py call when a graph has a
+`DistContext` is the rank context the eager implementations (tilert/runtime/kinds/) call when a graph has a
 collective: `all_reduce` (sum, float32), `all_gather` (along a dim, rank order) and
 `argmax_reduce` (largest logit over ranks, ties to the lowest token id). Values and semantics are
 the reference executor's simulated ranks'. NCCL on CUDA, gloo on the CPU (so N CPU processes test
@@ -8,10 +8,8 @@ it). Every blocking collective is bounded by the process group's timeout and a f
 `DistError` naming the rank. NVLink multicast stays off (DESIGN §4): `init_distributed` sets
 `MULTICAST_OFF` before the process group exists.
 
-`DistEagerBackend` is the engine's StepBackend for one rank: step graphs compiled for the world
-(`compile_for_gpu(g, max_seq, world)[rank]`), this rank's weight slices bound from the full
-checkpoint. Every rank runs the same steps (SPMD) and gets the same next tokens, so each rank's
-decode loop stays in lockstep. `run_local` runs a function on N local processes (tests, debugging).
+The engine's backend for one rank is `tilert.engine.eager.DistEagerBackend`. `run_local` runs a
+function on N local processes (tests, debugging).
 """
 
 from __future__ import annotations
@@ -22,17 +20,14 @@ import queue
 import socket
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from tilert.engine.api import register_backend
-from tilert.models.config import ModelConfig
-from tilert.runtime.eager.backend import EagerBackend
-from tilert.runtime.eager.runtime import EagerRuntime, GpuContext
+from tilert.runtime.eager.context import GpuContext
 
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 DEFAULT_TIMEOUT_S = 300.0
@@ -131,46 +126,6 @@ def init_distributed(device: str = "cpu", *, timeout_s: float = DEFAULT_TIMEOUT_
         except Exception as e:
             raise DistError(f"rank {env_rank}: init_process_group({backend}) failed: {e}") from e
     return DistContext(dist.get_rank(), dist.get_world_size(), device=dev, kernels=kernels)
-
-
-class DistEagerBackend(EagerBackend):
-    """EagerBackend for one rank of ctx.world (SPMD: every rank makes the same calls in order)."""
-
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        weights: Mapping[str, torch.Tensor],
-        ctx: DistContext,
-        *,
-        max_seq: int = 1024,
-        cuda_graph: bool = False,
-        use_kernels: bool = True,
-        state_dtype: torch.dtype = torch.bfloat16,
-    ) -> None:
-        if cuda_graph and ctx.device.type != "cuda":
-            raise ValueError("CUDA graphs need device cuda")
-        super().__init__(cfg, weights, max_seq=max_seq, device=str(ctx.device), cuda_graph=cuda_graph)
-        ctx.kernels = use_kernels
-        self.ctx = ctx
-        self.world, self.rank = ctx.world, ctx.rank
-        self.runtime = EagerRuntime({}, device=str(ctx.device), ctx=ctx, state_dtype=state_dtype)
-
-
-@register_backend("eager-dist")
-def _eager_dist_factory(
-    cfg: ModelConfig,
-    weights: Mapping[str, torch.Tensor],
-    *,
-    max_seq: int,
-    world: int = 1,
-    device: str = "cuda",
-    plan: Any = None,
-) -> DistEagerBackend:
-    """The rank of this process (torchrun's env; world 1 without it); `world` 1 means "the launcher's"."""
-    ctx = init_distributed(device)
-    if world not in (1, ctx.world):
-        raise ValueError(f"world={world} but this process is one of {ctx.world} ranks (torchrun --nproc-per-node)")
-    return DistEagerBackend(cfg, weights, ctx, max_seq=max_seq)
 
 
 # ---- N local processes (tests, debugging) -------------------------------------------------------
@@ -273,7 +228,6 @@ def run_local(
 __all__ = [
     "MULTICAST_OFF",
     "DistContext",
-    "DistEagerBackend",
     "DistError",
     "free_port",
     "init_distributed",

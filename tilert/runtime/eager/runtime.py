@@ -1,7 +1,8 @@
 """Eager GPU runtime: runs compiled (fused) step graphs with one launch per fused op.
 
 It interprets the graph like the reference executor, but on the GPU, with bf16 KV caches and
-the kernels of gpu_ops.IMPLS in place of references where they apply. A step can be captured
+the task kinds' eager implementations (tilert/runtime/kinds/) in place of references where they
+apply. A step can be captured
 into a CUDA graph (`capture=True`) when every op in it is free of host synchronisation (the
 kernel paths are; the reference fallbacks for attention and MoE are not, and capture then fails
 with an error naming the op).
@@ -9,6 +10,7 @@ with an error naming the op).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,25 +18,13 @@ import torch
 
 from tilert.ir.graph import Graph, IRError
 from tilert.ir.registry import get_op
-from tilert.runtime.eager.gpu_ops import IMPLS
+from tilert.runtime.eager.context import GpuContext
+from tilert.runtime.kinds import eager_impl
 from tilert.runtime.reference.executor import bind_env
 
 
 class GraphCaptureError(RuntimeError):
     """A step could not be captured into a CUDA graph (an op synchronises with the host)."""
-
-
-class GpuContext:
-    """Rank, world size and whether this GPU stands in alone for rank 0 of `world` (solo)."""
-
-    def __init__(self, rank: int, world: int, solo: bool, kernels: bool = True) -> None:
-        self.rank, self.world, self.solo, self.kernels = rank, world, solo, kernels
-
-    def peers(self, i: int) -> list[Any]:
-        raise IRError(
-            "the eager runtime runs one rank per process: collectives need a DistContext "
-            "(runtime/eager/distributed.py) or solo mode"
-        )
 
 
 class EagerRuntime:
@@ -76,11 +66,11 @@ class EagerRuntime:
 
     def _execute(self, g: Graph, env: dict[str, Any], marks: list[Any] | None = None) -> None:
         for i, node in enumerate(g.nodes):
-            fn = IMPLS.get(node.op) or get_op(node.op).reference
+            fn = eager_impl(node.op) or get_op(node.op).reference
             if marks is not None:
                 marks.append(None if isinstance(marks, _Recorder) else self._mark())
             try:
-                outs = fn(self.ctx, *(env[x] for x in node.inputs), **node.a)
+                outs = fn(self.ctx, *(env[x] for x in node.inputs), **node.a.kwargs())
             except KeyError as e:
                 raise IRError(f"node {i} ({node.op}) in '{g.name}': value {e} was not provided") from None
             env.update(zip(node.outputs, outs))
@@ -93,7 +83,6 @@ class EagerRuntime:
             e = torch.cuda.Event(enable_timing=True)
             e.record()
             return e
-        import time
 
         return time.perf_counter()
 

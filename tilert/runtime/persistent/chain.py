@@ -16,12 +16,15 @@ from typing import Any
 
 import torch
 
+from tilert.abi import FIELD
 from tilert.kernels import mxfp4_gemm
 from tilert.kernels.common import build, cdiv
-from tilert.plan import FIELD
+from tilert.ops.linear import dequant_mxfp4, mxfp4_linear
 from tilert.runtime.persistent.megakernel import PERSISTENT_PASS_CONFIGS, make_persistent_loop, raise_on_error
 from tilert.runtime.persistent.tasks import WIDTH, Task, build_table, list_schedule
 from tilert.runtime.persistent.vm import run_table
+
+# tilelang (the kernel compiler, slow to import) is imported only inside the functions that build kernels
 
 GEMM, CAST = "LINEAR_MXFP4", "CAST_BF16"
 
@@ -112,8 +115,6 @@ def make_kernel(spec: ChainSpec, max_tasks: int, n_counters: int):
 
 def vm_bodies(X: torch.Tensor, W: torch.Tensor, S: torch.Tensor, Y: torch.Tensor, spec: ChainSpec) -> dict:
     """Torch versions of the task bodies, for the Python VM (same table, same buffers)."""
-    from tilert.ops.linear import dequant_mxfp4
-
     g = spec.gemm
     ks = spec.n // g.split_k
 
@@ -135,8 +136,6 @@ def vm_bodies(X: torch.Tensor, W: torch.Tensor, S: torch.Tensor, Y: torch.Tensor
 
 def reference(x: torch.Tensor, W: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
     """The chain in plain ops (bf16 between layers, as the kernels store it)."""
-    from tilert.ops.linear import mxfp4_linear
-
     for layer in range(W.shape[0]):
         x = mxfp4_linear(x, W[layer], S[layer]).to(torch.bfloat16)
     return x

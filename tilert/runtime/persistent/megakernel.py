@@ -27,10 +27,11 @@ from __future__ import annotations
 import functools
 from typing import Any, NamedTuple
 
+from tilert.abi import DEFAULT_TIMEOUT_NS, ERR_OPCODE, ERR_TIMEOUT, FIELD, NONE, OPCODES, WAITS
 from tilert.kernels.common import DEVICE_PRELUDE, gated, is_gated
 from tilert.kernels.views import PERSISTENT_THREADS
-from tilert.plan import FIELD, OPCODES, WAITS
-from tilert.runtime.persistent.tasks import NONE
+
+# tilelang (the kernel compiler, slow to import) is imported only inside the functions that build kernels
 
 # No warp specialisation and no TMA in persistent kernels: a specialised producer warp would issue
 # a task's loads before thread 0's wait completes (reading data another SM has not yet written),
@@ -43,12 +44,6 @@ PERSISTENT_PASS_CONFIGS = {
     "tl.enable_aggressive_shared_memory_merge": True,
 }
 
-# Wait deadlines run on %globaltimer (ns, one clock for the whole GPU), not clock64: clock64 counts
-# one SM's cycles, SMs' counters drift apart, and a CTA preempted while the GPU is time-sliced
-# between processes can resume on another SM, where a clock64 deadline taken on the first SM is
-# meaningless (a spurious timeout, or none).
-DEFAULT_TIMEOUT_NS = 2_000_000_000  # 2 s: far beyond any step, short enough to report a deadlock
-
 
 class PersistentError(RuntimeError):
     """The persistent program cannot run this graph (no body for a node kind, shapes off-contract),
@@ -56,9 +51,6 @@ class PersistentError(RuntimeError):
     names the cause: the CLI prints it without a stack."""
 
     user_facing = True
-
-
-ERR_TIMEOUT, ERR_OPCODE, ERR_DRY = 1, 2, 3  # ERR_DRY: set by the host for a launch that runs no body
 
 
 class Gate(NamedTuple):
@@ -105,7 +97,7 @@ def make_dispatch(bodies: dict[str, Any]) -> Any:
 
     for name in bodies:
         if name not in OPCODES:
-            raise KeyError(f"no opcode for persistent body '{name}' in tilert.plan.OPCODES")
+            raise KeyError(f"no opcode for persistent body '{name}' in tilert.abi.OPCODES")
     names = list(bodies)
 
     @T.macro
@@ -167,7 +159,7 @@ def make_persistent_loop(
 ) -> Any:
     """Macro `loop(sm, tasks, counters, err, epoch, trace, bufs[, pf])`; call inside `T.Kernel(num_sms, ...)`.
 
-    Rows follow tilert.plan.TASK_FIELDS. `bodies[name]` (name: a tilert.plan.OPCODES key) is a
+    Rows follow tilert.abi.TASK_FIELDS. `bodies[name]` (name: a tilert.abi.OPCODES key) is a
     T.macro `(bufs, op, c0, c1, c2)`: the program's buffers (a tuple) and the row's coordinates.
     With `prefetch`, pf is an int64 [sms, tasks, 4] table of each task's weight region (address,
     bytes per row, rows, row stride; rows = 0: none): while warp 0 waits for a task's inputs, the

@@ -1,4 +1,4 @@
-"""Building task tables in the plan's row format (tilert/plan.py: the compiler-runtime contract).
+"""Building task tables in the plan's row format (tilert/abi.py: the compiler-runtime contract).
 
 A row is `TASK_FIELDS` int32s: opcode, op, c0, c1, c2 (the body's coordinates), then WAITS x
 (counter, count, expected): before the body, counters counter .. counter+count-1 must each reach
@@ -10,20 +10,20 @@ for hand-written persistent programs (and tests).
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from tilert.plan import FIELD, OPCODES, TASK_FIELDS, WAITS
+from tilert.abi import FIELD, NONE, OPCODES, TASK_FIELDS, WAITS
 
 WIDTH = len(TASK_FIELDS)
-NONE = -1
 
 
 @dataclass(frozen=True)
 class Task:
-    opcode: str  # a key of tilert.plan.OPCODES
+    opcode: str  # a key of tilert.abi.OPCODES
     coords: tuple[int, ...] = ()  # (op, c0, c1, c2)
     waits: tuple[tuple[int, int, int], ...] = ()  # (first counter, count, expected per epoch)
     signal: int = NONE
@@ -31,7 +31,7 @@ class Task:
 
     def __post_init__(self) -> None:
         if self.opcode not in OPCODES:
-            raise KeyError(f"task kind '{self.opcode}' has no opcode in tilert.plan.OPCODES")
+            raise KeyError(f"task kind '{self.opcode}' has no opcode in tilert.abi.OPCODES")
         if len(self.coords) > 4:
             raise ValueError(f"task {self.opcode} has {len(self.coords)} coordinates; rows hold 4 (op, c0, c1, c2)")
         if len(self.waits) > WAITS:
@@ -66,8 +66,6 @@ def list_schedule(tasks: Sequence[Task], num_sms: int) -> list[list[Task]]:
     Tasks must come in a topological order of their counters (producers first); a consumer is
     placed no earlier than its producers finish, so queues cannot deadlock.
     """
-    import heapq
-
     free = [(0.0, s) for s in range(num_sms)]
     heapq.heapify(free)
     done_at: dict[int, float] = {}

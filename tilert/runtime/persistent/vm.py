@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from tilert.plan import FIELD, OPCODES, WAITS
+from tilert.abi import FIELD, OPCODES, WAITS
 
 NAMES = {v: k for k, v in OPCODES.items()}
 

@@ -39,7 +39,7 @@ def run_graphs(graphs: Sequence[Graph], envs: Sequence[dict[str, Any]]) -> None:
             opdef = get_op(node.op)
             ctx = RankContext(r, len(graphs), envs, node.inputs)
             try:
-                outs = opdef.reference(ctx, *(env[x] for x in node.inputs), **node.a)
+                outs = opdef.reference(ctx, *(env[x] for x in node.inputs), **node.a.kwargs())
             except KeyError as e:
                 raise IRError(f"node {i} ({node.op}) in '{g.name}': value {e} was not provided") from None
             if len(outs) != len(node.outputs):

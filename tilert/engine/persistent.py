@@ -1,4 +1,4 @@
-"""PersistentBackend: the engine's StepBackend with one persistent launch per target step.
+"""The persistent runtime as an engine backend: one persistent launch per target step.
 
 Each step shape (B tokens, decode or verify) is compiled by the full pipeline once; its rank
 graph, task table and counters become a PersistentStep. The KV caches are shared by all of a
@@ -9,19 +9,25 @@ block attention, which the persistent attention body does not cover) runs on the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from tilert.engine.api import register_backend
 from tilert.engine.backend import PREFILL_CHUNK, GraphBackend
+from tilert.engine.eager import EagerBackend
+from tilert.gpu_specs import H200
 from tilert.ir.graph import Graph
 from tilert.kernels.common import KernelCompileError
 from tilert.models.binding import bind_params
+from tilert.models.builder import build_step_graph
 from tilert.models.config import ModelConfig
-from tilert.runtime.persistent.step import PersistentError, PersistentStep, kv_states
+from tilert.passes import PassContext, compile_graph
+from tilert.runtime.eager.synthetic import meta_params
+from tilert.runtime.persistent.program import kv_states
+from tilert.runtime.persistent.step import MultiRankStep, PersistentError, PersistentStep
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +35,6 @@ log = logging.getLogger(__name__)
 def compile_step(g: Graph, max_seq: int, world: int = 1, rank: int = 0, sms: int | None = None) -> tuple[Graph, Any]:
     """The full pipeline for one step graph: (rank graph, its Schedule), scheduled over `sms` SM
     queues (default: the H200's 132)."""
-    import dataclasses
-
-    from tilert.gpu_specs import H200
-    from tilert.passes import PassContext, compile_graph
-
     gpu = H200 if sms is None else dataclasses.replace(H200, sms=sms)
     ctx = PassContext(gpu=gpu, world=world, max_seq=max_seq)
     graphs = compile_graph(g, ctx)
@@ -43,11 +44,6 @@ def compile_step(g: Graph, max_seq: int, world: int = 1, rank: int = 0, sms: int
 def compile_ranks(g: Graph, max_seq: int, world: int, sms: int = 132, gpus: int = 1) -> tuple[list[Graph], list[Any]]:
     """Every rank's graph and Schedule for `world` ranks on `gpus` GPUs of `sms` SMs each (one GPU:
     sms // world SMs per rank; gpus = world: a whole GPU per rank)."""
-    import dataclasses
-
-    from tilert.gpu_specs import H200
-    from tilert.passes import PassContext, compile_graph
-
     if world % gpus:
         raise ValueError(f"{world} ranks do not split evenly over {gpus} GPUs")
     ctx = PassContext(gpu=dataclasses.replace(H200, sms=sms * gpus // world), world=world, max_seq=max_seq)
@@ -89,8 +85,6 @@ class PersistentBackend(GraphBackend):
 
     def _drafter_backend(self) -> Any:
         if self._eager is None:
-            from tilert.runtime.eager.backend import EagerBackend
-
             self._eager = EagerBackend(self.cfg, self.weights, max_seq=self.max_seq, device=self.device)
         return self._eager
 
@@ -124,8 +118,7 @@ class PersistentBackend(GraphBackend):
         self._drafter_backend().use_cache(cache["drafter"])
 
 
-@register_backend("persistent")
-def _persistent_factory(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], *, max_seq: int, world: int = 1,
+def persistent_backend(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], *, max_seq: int, world: int = 1,
                         device: str = "cuda", plan: Any = None) -> PersistentBackend:  # fmt: skip
     if world != 1:
         raise ValueError("the persistent backend runs world size 1 per process")
@@ -140,10 +133,6 @@ def precompile(cfg: ModelConfig, tokens: int, mode: str, max_seq: int, world: in
     kernel cache, so a GPU run later only loads it, and fails here if a body does not compile.
     peers=False: rank 0 of `world` alone (solo collectives); True: every rank of a MultiRankStep,
     the ranks spread over `gpus` GPUs of 132 SMs (compile_ranks)."""
-    from tilert.models.builder import build_step_graph
-    from tilert.runtime.eager.synthetic import meta_params
-    from tilert.runtime.persistent.step import MultiRankStep
-
     g = build_step_graph(cfg, tokens=tokens, mode=mode, max_seq=max_seq)
     if peers:
         graphs, scheds = compile_ranks(g, max_seq, world, gpus=gpus)

@@ -6,6 +6,14 @@ import argparse
 import logging
 from typing import Any
 
+from tilert.cli.common import add_checkpoint_args
+from tilert.engine.api import Engine
+
+try:  # the serve extra: aiohttp, pydantic, jinja2
+    from tilert.serve import app
+except ImportError as _e:
+    app, _MISSING = None, str(_e)
+
 log = logging.getLogger("tilert.serve")
 
 
@@ -18,8 +26,6 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument("--model", default=None, help="shipped model name (default: the checkpoint's config, else tiny)")
     p.add_argument("--config", default=None, help="path to a config.json (overrides --model)")
     p.add_argument("--weights", default=None, help="checkpoint (HF safetensors or `tilert quantize` output dir)")
-    from tilert.cli import add_checkpoint_args
-
     add_checkpoint_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed of synthetic weights when --weights is not given")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -45,12 +51,8 @@ def add_serve_parser(sub: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        from tilert.serve.app import Server
-    except ImportError as e:
-        raise ServeError(f"serving needs aiohttp, pydantic and jinja2: pip install 'tilert[serve]' ({e})") from None
-    from tilert.engine.api import Engine
-
+    if app is None:
+        raise ServeError(f"serving needs aiohttp, pydantic and jinja2: pip install 'tilert[serve]' ({_MISSING})")
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("tilert").setLevel(args.log_level.upper())
@@ -73,7 +75,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     with engine:
         try:
-            server = Server(engine, args.host, args.port, chat_template=args.chat_template).start()
+            server = app.Server(engine, args.host, args.port, chat_template=args.chat_template).start()
         except OSError as e:
             raise ServeError(str(e)) from None
         log.info("serving %s (%s, %s) on %s", engine.model_name, engine.backend_name, args.device, server.url)

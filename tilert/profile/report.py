@@ -1,49 +1,24 @@
-"""`python -m tilert profile`: compile a model with per-pass timing and IR sizes, then write the
-roofline table/plot and the predicted per-SM timeline of one rank's persistent schedule."""
+"""`tilert profile`'s report: a model compiled with per-pass timing and IR sizes, the roofline
+table/plot and the predicted (and, with --measure, measured) per-SM timeline of one rank."""
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
 
-def add_profile_parser(sub: Any) -> None:
-    p = sub.add_parser("profile", help="per-pass compile time/IR size, roofline, predicted per-SM trace")
-    p.add_argument("--model", default="mimo-v2.5-pro", help="shipped model name")
-    p.add_argument("--config", default=None, help="path to a config.json (overrides --model)")
-    p.add_argument("--gpus", type=int, default=8, help="world size to compile for")
-    p.add_argument("--rank", type=int, default=0, help="rank whose kernels and schedule are reported")
-    p.add_argument("--gpu", default="h200", help="GPU spec of the cost model")
-    p.add_argument("--max-seq", type=int, default=4096, help="KV cache capacity the plan is built for")
-    p.add_argument("--context", type=int, default=None, help="KV length the cost model assumes (default max-seq)")
-    p.add_argument("--steps", default="decode,verify", help="comma list of decode, verify")
-    p.add_argument("--out", default=None, help="directory for profile.json, roofline.png and trace_*.json")
-    p.add_argument("--top", type=int, default=15, help="kernels shown in the printed roofline table")
-    p.add_argument(
-        "--measure",
-        action="store_true",
-        help="also run the rank graph on the eager runtime (synthetic weights) and report each "
-        "kernel's measured time against its floor",
-    )
-    p.add_argument("--device", default=None, help="where --measure runs: cuda (default when a GPU is visible) or cpu")
-    p.set_defaults(fn=cmd_profile)
-
-
-def cmd_profile(args: argparse.Namespace) -> int:
-    from tilert.models.config import load_config
-
-    cfg = load_config(args.config or args.model)
-    report = profile_model(
-        cfg, args.gpus, rank=args.rank, gpu=args.gpu, max_seq=args.max_seq, context=args.context,
-        steps=[s.strip() for s in args.steps.split(",") if s.strip()], out=args.out, top=args.top,
-        log=lambda m: print(m, file=sys.stderr, flush=True), measure=args.measure, device=args.device,
-    )  # fmt: skip
-    print(report["text"])
-    return 0
+from tilert.abi import OPCODE_NAMES, TASK_FIELDS
+from tilert.gpu_specs import GPUS
+from tilert.models.builder import build_step_graph
+from tilert.passes.manager import PassContext
+from tilert.profile.passes import compile_with_profile, format_pass_table
+from tilert.profile.roofline import format_roofline, measure_persistent, measure_rows, plot_roofline, roofline_rows
+from tilert.profile.timeline import simulate, trace_json, write_trace
+from tilert.runtime.eager.synthetic import synthetic_params
+from tilert.runtime.persistent.step import PersistentError
 
 
 class ProfileError(ValueError):
@@ -66,20 +41,6 @@ def profile_model(
     device: str | None = None,
 ) -> dict[str, Any]:
     """Everything `tilert profile` reports, as a dict (plus 'text': the printed report)."""
-    from tilert.gpu_specs import GPUS
-    from tilert.models.builder import build_step_graph
-    from tilert.passes.manager import PassContext
-    from tilert.plan import OPCODES, TASK_FIELDS
-    from tilert.profile.passes import compile_with_profile, format_pass_table
-    from tilert.profile.roofline import (
-        format_roofline,
-        measure_persistent,
-        measure_rows,
-        plot_roofline,
-        roofline_rows,
-    )
-    from tilert.profile.timeline import simulate, trace_json, write_trace
-
     if gpu not in GPUS:
         raise ProfileError(f"unknown --gpu {gpu!r} (known: {', '.join(GPUS)})")
     if not 0 <= rank < world:
@@ -96,7 +57,6 @@ def profile_model(
     outdir = Path(out) if out else None
     if outdir:
         outdir.mkdir(parents=True, exist_ok=True)
-    names = {v: k for k, v in OPCODES.items()}
     report: dict[str, Any] = {"model": cfg.name, "world": world, "rank": rank, "gpu": gpu, "steps": {}}
     text: list[str] = []
     for step in steps:
@@ -112,18 +72,12 @@ def profile_model(
         krows = roofline_rows(rg, sched, spec, ctx.context)
         measured, pers_ms, pers_trace = None, None, None
         if measure:
-            import torch
-
-            from tilert.runtime.eager.synthetic import synthetic_params
-
             dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
             say(f"profile: {tag}: measuring {len(rg.nodes)} kernels on {dev}")
             params = synthetic_params(rg, device=dev)
             kv = min(ctx.context, max_seq - B)
             measured = measure_rows(krows, rg, dev, kv, world, params=params)
             if dev == "cuda":
-                from tilert.runtime.persistent.step import PersistentError
-
                 say(f"profile: {tag}: the step as one persistent launch")
                 try:
                     pers_ms, pers_trace = measure_persistent(rg, sched, params, kv)
@@ -160,7 +114,7 @@ def profile_model(
         if outdir:
             op_names = [n.op for n in rg.nodes]
             meta = {"model": cfg.name, "step": tag, "world": world, "rank": rank, "gpu": gpu, "source": "predicted"}
-            tr = trace_json(sched.table, start, end, TASK_FIELDS, op_names, names, process=f"rank {rank} {tag}",
+            tr = trace_json(sched.table, start, end, TASK_FIELDS, op_names, OPCODE_NAMES, process=f"rank {rank} {tag}",
                             meta=meta)  # fmt: skip
             p = write_trace(tr, outdir / f"trace_{tag}.rank{rank}.json")
             if pers_trace is not None:

@@ -1,21 +1,28 @@
-"""Multi-rank generation entry point, one process per rank (torchrun-compatible).
+"""`python -m tilert launch`: multi-rank eager generation, one process per rank (under torchrun).
 
-    torchrun --nproc-per-node 2 -m tilert.runtime.eager.launch --model tiny --device cpu \\
+    torchrun --nproc-per-node 2 -m tilert launch --model tiny --device cpu \\
         --prompt-ids 1,2,3 --max-new-tokens 8 [--speculative dflash]
 
 Every rank builds the sharded step graphs, binds its slices of the full checkpoint (synthetic
 weights from --seed, or --weights) and runs the same decode loop; rank 0 prints the ids. Without
-torchrun it runs as a world of one. Also `python -m tilert launch ...`. Errors print one line
-naming the rank; exit code 2 for a bad argument, 1 for a failed run.
+torchrun it runs as a world of one. Errors print one line naming the rank; exit code 2 for a bad
+argument, 1 for a failed run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from collections.abc import Sequence
 from typing import Any
+
+from tilert.checkpoint import load_safetensors
+from tilert.cli.common import model_config, parse_ids
+from tilert.engine import generate
+from tilert.engine.eager import DistEagerBackend
+from tilert.models.weights import synthetic_weights
+from tilert.runtime.eager.distributed import init_distributed
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
 
@@ -37,7 +44,6 @@ def add_launch_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_launch_parser(sub: Any) -> None:
-    """`python -m tilert launch`: the CLI hook (tilert/cli.py `_extra_commands`)."""
     p = sub.add_parser("launch", help="multi-rank eager generation, one process per rank (under torchrun)")
     add_launch_args(p)
     p.set_defaults(fn=cmd_launch)
@@ -45,16 +51,11 @@ def add_launch_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> list[int]:
     """Generate on this rank; every rank returns the same ids."""
-    from tilert.cli import model_config, parse_ids
-    from tilert.engine import generate
-    from tilert.models import weights as W
-    from tilert.runtime.eager.distributed import DistEagerBackend, init_distributed
-
     cfg = model_config(args)
     ids = parse_ids(args.prompt_ids)
     ctx = init_distributed(args.device, timeout_s=args.timeout, kernels=not args.no_kernels)
     try:
-        weights = W.load_safetensors(args.weights, cfg) if args.weights else W.synthetic_weights(cfg, args.seed)
+        weights = load_safetensors(args.weights, cfg) if args.weights else synthetic_weights(cfg, args.seed)
         max_seq = args.max_seq or max(64, 1 << (len(ids) + args.max_new_tokens + 16).bit_length())
         backend = DistEagerBackend(
             cfg, weights, ctx, max_seq=max_seq, cuda_graph=args.cuda_graph, use_kernels=not args.no_kernels
@@ -68,8 +69,6 @@ def run(args: argparse.Namespace) -> list[int]:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    import os
-
     rank = os.environ.get("RANK", "0")
     try:
         tokens = run(args)
@@ -83,13 +82,3 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if rank == "0":
         print(",".join(map(str, tokens)), flush=True)
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tilert.runtime.eager.launch", description=__doc__.splitlines()[0])
-    add_launch_args(p)
-    return cmd_launch(p.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

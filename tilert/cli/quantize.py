@@ -7,6 +7,11 @@ import json
 import time
 from typing import Any
 
+from tilert.checkpoint.drafter import drafter_for_quantize
+from tilert.checkpoint.quantize import quantize_checkpoint
+from tilert.models.config import load_config
+from tilert.progress import configure_logging
+
 
 def add_quantize_parser(sub: Any) -> None:
     p = sub.add_parser("quantize", help="quantise a bf16 checkpoint into per-rank MXFP4/FP8 shards + manifest")
@@ -26,11 +31,6 @@ def add_quantize_parser(sub: Any) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from tilert.checkpoint.drafter import drafter_for_quantize
-    from tilert.checkpoint.quantize import quantize_checkpoint
-    from tilert.models.config import load_config
-    from tilert.progress import configure_logging
-
     configure_logging(args.quiet)
     if args.max_file_gb <= 0:
         raise ValueError(f"--max-file-gb must be > 0, got {args.max_file_gb}")

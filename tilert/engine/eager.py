@@ -1,4 +1,8 @@
-"""EagerBackend: the engine's StepBackend on one GPU (fused graphs, kernels, optional CUDA graphs)."""
+"""The eager runtime as engine backends: `EagerBackend` on one GPU (fused graphs, kernels, optional
+CUDA graphs) and `DistEagerBackend`, one rank of a torch.distributed world per process (step graphs
+compiled for the world, `compile_for_gpu(g, max_seq, world)[rank]`, this rank's weight slices bound
+from the full checkpoint; every rank runs the same steps and gets the same next tokens, so each
+rank's decode loop stays in lockstep)."""
 
 from __future__ import annotations
 
@@ -8,11 +12,13 @@ from typing import Any
 
 import torch
 
-from tilert.engine.api import register_backend
 from tilert.engine.backend import PREFILL_CHUNK, GraphBackend
 from tilert.ir.graph import Graph
 from tilert.models.binding import bind_params
 from tilert.models.config import ModelConfig
+from tilert.passes import PassContext, run_passes
+from tilert.passes.manager import passes_until
+from tilert.runtime.eager.distributed import DistContext, init_distributed
 from tilert.runtime.eager.runtime import EagerRuntime, GraphCaptureError
 
 log = logging.getLogger(__name__)
@@ -22,9 +28,6 @@ REWRITE_UNTIL = "fuse_residual"  # the rewriting prefix of the pipeline; analysi
 
 def compile_for_gpu(g: Graph, max_seq: int, world: int = 1) -> list[Graph]:
     """Shard (world ranks) and fuse a step graph: the graphs the eager runtime executes."""
-    from tilert.passes import PassContext, run_passes
-    from tilert.passes.manager import passes_until
-
     return run_passes(g, PassContext(world=world, max_seq=max_seq), passes_until(REWRITE_UNTIL))
 
 
@@ -88,18 +91,44 @@ class EagerBackend(GraphBackend):
         self.runtime.states = cache
 
 
-@register_backend("eager")
-def _eager_factory(
-    cfg: ModelConfig,
-    weights: Mapping[str, torch.Tensor],
-    *,
-    max_seq: int,
-    world: int = 1,
-    device: str = "cuda",
-    plan: Any = None,
-) -> EagerBackend:
+def eager_backend(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], *, max_seq: int, world: int = 1,
+                  device: str = "cuda", plan: Any = None) -> EagerBackend:  # fmt: skip
+    """The Engine's "eager" backend (tilert.engine.api)."""
     if world != 1:
         raise ValueError("the eager backend runs world size 1 per process (use torchrun for more ranks)")
     if not torch.cuda.is_available():
         raise ValueError("backend 'eager' needs a CUDA GPU; none is visible (use backend='reference')")
     return EagerBackend(cfg, weights, max_seq=max_seq, device=device if device != "cpu" else "cuda")
+
+
+class DistEagerBackend(EagerBackend):
+    """EagerBackend for one rank of ctx.world (SPMD: every rank makes the same calls in order)."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        weights: Mapping[str, torch.Tensor],
+        ctx: DistContext,
+        *,
+        max_seq: int = 1024,
+        cuda_graph: bool = False,
+        use_kernels: bool = True,
+        state_dtype: torch.dtype = torch.bfloat16,
+    ) -> None:
+        if cuda_graph and ctx.device.type != "cuda":
+            raise ValueError("CUDA graphs need device cuda")
+        super().__init__(cfg, weights, max_seq=max_seq, device=str(ctx.device), cuda_graph=cuda_graph)
+        ctx.kernels = use_kernels
+        self.ctx = ctx
+        self.world, self.rank = ctx.world, ctx.rank
+        self.runtime = EagerRuntime({}, device=str(ctx.device), ctx=ctx, state_dtype=state_dtype)
+
+
+def eager_dist_backend(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], *, max_seq: int, world: int = 1,
+                       device: str = "cuda", plan: Any = None) -> DistEagerBackend:  # fmt: skip
+    """The Engine's "eager-dist" backend: the rank of this process (torchrun's env; world 1 without
+    it); `world` 1 means "the launcher's"."""
+    ctx = init_distributed(device)
+    if world not in (1, ctx.world):
+        raise ValueError(f"world={world} but this process is one of {ctx.world} ranks (torchrun --nproc-per-node)")
+    return DistEagerBackend(cfg, weights, ctx, max_seq=max_seq)

@@ -9,23 +9,31 @@ a one-line message (the CLI turns it into exit code 2).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from tilert.abi import opcode_header
 from tilert.gpu_specs import GIB, GpuSpec, gpu_spec
 from tilert.ir.graph import Graph
 from tilert.ir.registry import get_op
+from tilert.kernels.common import toolchain_reason
+from tilert.models.builder import build_step_graph
+from tilert.models.config import load_config
+from tilert.models.drafter import build_drafter_graph
 from tilert.passes.cost_model import eager_seconds, floor_seconds, op_cost
 from tilert.passes.manager import PIPELINE, PassContext, run_passes
 from tilert.passes.plan_memory import check_fits
 from tilert.passes.report import write_report
-from tilert.plan import OPCODES, Plan, RankPlan, StepPlan, opcode_header, save_array, save_plan
+from tilert.plan import Plan, RankPlan, StepPlan, save_array, save_plan
 from tilert.progress import bars_enabled, configure_logging, progress
+from tilert.runtime.eager.precompile import precompile
 
 log = logging.getLogger("tilert.compile")
 
@@ -77,9 +85,6 @@ def _check(args: argparse.Namespace, block: int) -> None:
 
 
 def _steps(cfg: Any, block: int, max_seq: int) -> list[tuple[str, Graph]]:
-    from tilert.models.builder import build_step_graph
-    from tilert.models.drafter import build_drafter_graph
-
     steps = [("decode.B1", build_step_graph(cfg, tokens=1, max_seq=max_seq, mode="decode"))]
     steps.append((f"verify.B{block}", build_step_graph(cfg, tokens=block, max_seq=max_seq, mode="verify")))
     if cfg.dflash is not None:  # context rows per draft: at most one block of newly verified tokens
@@ -135,8 +140,6 @@ def _compile_step(name: str, g: Graph, args: argparse.Namespace, spec: GpuSpec, 
 
 
 def run_compile(args: argparse.Namespace) -> int:
-    from tilert.models.config import load_config
-
     configure_logging(getattr(args, "quiet", False))
     t0 = time.perf_counter()
     cfg = load_config(args.config or args.model)
@@ -175,12 +178,6 @@ def run_compile(args: argparse.Namespace) -> int:
 
 def build_kernels(finals: dict[str, list[Graph]], cache: Path) -> int:
     """Compile the kernels of every rank graph into `cache` (TileLang's disk cache: reruns are cheap)."""
-    import contextlib
-    import os
-
-    from tilert.kernels.common import toolchain_reason
-    from tilert.runtime.eager.precompile import precompile
-
     reason = toolchain_reason()
     if reason:
         raise CompileError(f"--kernels: cannot build TileLang kernels here: {reason}")
@@ -266,4 +263,4 @@ _FUSED = {
     "all_reduce_residual",
 }  # fmt: skip
 
-__all__ = ["OPCODES", "CompileError", "add_compile_parser", "run_compile"]
+__all__ = ["CompileError", "add_compile_parser", "run_compile"]
