@@ -11,7 +11,7 @@ from tilert.models.weights import synthetic_weights
 
 
 def test_step_graphs_share_one_device_copy_of_each_param() -> None:
-    from tilert.runtime.eager.backend import EagerBackend
+    from tilert.engine.eager import EagerBackend
 
     cfg = load_config("tiny-gpu")
     be = EagerBackend(cfg, synthetic_weights(cfg, 0), max_seq=64, device="meta")
