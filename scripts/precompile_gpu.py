@@ -1,7 +1,7 @@
 """Fill a kernel cache with the whole-step persistent kernels the GPU tests and benchmarks load, on a
 machine without a GPU (meta tensors), so a GPU run spends its time running, not
 compiling. Usage: TILERT_KERNEL_CACHE=DIR python scripts/precompile_gpu.py [--bench] [--diff-layers N]
-[--probes] [--jobs 2] [--prune] [--pack OUT.tar.xz]
+[--probes] [--kernels-sweep] [--jobs 2] [--prune] [--pack OUT.tar.xz]
 
 Builds tiny-gpu's step kernels at world 1 (decode B=1/4/6, verify B=4: the GPU tests' shapes) and
 world 2 (both ranks: the two-ranks tests, on one GPU and on two), and tiny-gpu-8's verify step at
@@ -10,7 +10,9 @@ mimo-v2.5-pro decode and verify steps (benchmarks/e2e.py); with --diff-layers N 
 the model cut to its first N layers (`benchmarks/e2e.py --layers N --diff-nodes`); with
 --ranks-world N mimo's steps with N ranks on N GPUs (`e2e.py --ranks gpus`: the persistent
 kernel and every rank's eager kernels); with --probes
-the kernels of benchmarks/tile_latency.py and persistent_chain.py (--layers 1 8 --m 1). Jobs run in
+the kernels of benchmarks/tile_latency.py and persistent_chain.py (--layers 1 8 --m 1); with
+--kernels-sweep every kernel benchmarks/gemv_sweep.py launches (GEMV variants, their persistent
+task streams, the old GEMMs) and the GEMV GPU tests' kernels (alone with --no-steps). Jobs run in
 `--jobs` processes (each compile is one nvcc process). TileLang's own nvcc cubin cache
 (cuda-binaries) is not needed once a kernel is cached, so --prune drops it to keep the cache small;
 --pack writes the cache as one .tar.xz (about 13x smaller: the kernel sources compress well).
@@ -78,6 +80,13 @@ def build_probes() -> str:
     return f"probes (tile_latency, persistent_chain): {time.time() - t0:.0f} s"
 
 
+def build_sweep_kernel(item: tuple) -> str:
+    """One kernel of benchmarks/gemv_sweep.kernel_list (runs in a worker process)."""
+    from benchmarks.gemv_sweep import build_item
+
+    return build_item(item)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bench", action="store_true", help="also the mimo-v2.5-pro rank-0 steps of benchmarks/e2e.py")
@@ -86,12 +95,15 @@ def main() -> None:
     ap.add_argument("--ranks-world", type=int, default=0,
                     help="also mimo's steps with every rank on its own GPU at this world size (e2e.py --ranks "
                          "gpus; with --diff-layers: the cut model only)")  # fmt: skip
+    ap.add_argument("--kernels-sweep", action="store_true",
+                    help="also every kernel of benchmarks/gemv_sweep.py and the GEMV GPU tests")  # fmt: skip
+    ap.add_argument("--no-steps", action="store_true", help="skip the tiny step kernels (e.g. with --kernels-sweep)")
     ap.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     ap.add_argument("--prune", action="store_true", help="drop TileLang's cubin cache afterwards")
     ap.add_argument("--pack", default=None, help="also write the cache as this .tar.xz (for a GPU machine)")
     a = ap.parse_args()
-    jobs = [("tiny-gpu", t, m, 256, w, 0, gpus) for t, m, w, gpus in TINY]
-    jobs += [("tiny-gpu-8", t, m, 256, w, 0, gpus) for t, m, w, gpus in TINY8]
+    jobs = [] if a.no_steps else [("tiny-gpu", t, m, 256, w, 0, gpus) for t, m, w, gpus in TINY]
+    jobs += [] if a.no_steps else [("tiny-gpu-8", t, m, 256, w, 0, gpus) for t, m, w, gpus in TINY8]
     if a.bench:
         jobs += [("mimo-v2.5-pro", t, m, 4096 + 64, w, 0) for t, m, w in BENCH]
     if a.diff_layers:
@@ -106,6 +118,10 @@ def main() -> None:
         futures = [pool.submit(build_step, *j) for j in jobs] + [pool.submit(build_eager_ranks, *j) for j in eager_jobs]
         if a.probes:
             futures.append(pool.submit(build_probes))
+        if a.kernels_sweep:
+            from benchmarks.gemv_sweep import kernel_list
+
+            futures += [pool.submit(build_sweep_kernel, it) for it in kernel_list()]
         for f in futures:
             print(f.result(), flush=True)
     cache = Path(os.environ.get("TILERT_KERNEL_CACHE", "~/.cache/tilert/kernels")).expanduser()
@@ -120,7 +136,8 @@ def main() -> None:
 def prunable(cache: Path) -> list[Path]:
     """TileLang's nvcc cubin caches under the kernel cache (cuda-binaries; .staging since TileLang
     0.1.15, under <version>/<platform>/), which a loaded kernel no longer needs."""
-    return sorted({d for name in ("cuda-binaries", ".staging") for d in cache.rglob(name) if d.is_dir()})
+    found = {d for name in ("cuda-binaries", ".staging") for d in cache.rglob(name) if d.is_dir()}
+    return sorted(d for d in found if not any(p in found for p in d.parents))  # nested: removed with its parent
 
 
 def pack(cache: Path, out: Path) -> Path:

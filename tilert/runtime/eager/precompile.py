@@ -27,7 +27,7 @@ def kernel_builds(g: Graph) -> dict[Any, Callable[[], Any]]:
             m = 1
             for d in ins[0].shape[:-1]:
                 m *= d
-            cfg = mod.pick_config(m, ins[1].shape[0], ins[1].shape[1])
+            cfg = mod.eager_config(m, ins[1].shape[0], ins[1].shape[1])
             out[(n.op, cfg)] = lambda mod=mod, cfg=cfg: mod.compiled(cfg)
         elif n.op == "fused_moe_mxfp4":
             x, gate, _, gu, d = ins[:5]

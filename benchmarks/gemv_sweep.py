@@ -1,0 +1,375 @@
+"""Decode GEMV sweep on one GPU: the streaming GEMV's tilings (kernels/gemv.py) against torch bf16,
+the old kernels and the copy bandwidth, standalone and as a persistent task stream.
+
+    python benchmarks/gemv_sweep.py --list                # the kernels a run launches
+    python benchmarks/gemv_sweep.py --precompile --jobs 2 # build them on a CPU (sm_90a) into the cache
+    python benchmarks/gemv_sweep.py [--out DIR] [--budget-s 200] [--shapes q_proj,k_proj] [--m 1,8,16]
+
+For every shape of gemv.PLAN_SHAPES and EXTRA_SHAPES and M in 1, 8, 16: torch's bf16 GEMV
+(F.linear on bf16 weights), the old kernel (mxfp4_gemm / fp8_gemm GEMM), each GEMV variant
+(`variants`: tile rows, split-K, ring depth, CTAs per SM) standalone and a few as a persistent
+task stream (one CTA per SM looping over `copies` x tiles tasks: the rate a persistent step's
+tasks would see). Each variant's output is checked against the float64 reference (NaN-poisoned)
+before it is timed; a wrong one is reported, not timed. Timing: CUDA-graph replay of one call per
+weight copy, rotating over enough copies that they never fit in L2, median of `--reps` replays.
+Writes DIR/kernels-<device>.json and prints a table, then the gemv.TUNED lines of the winners.
+"""
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tilert.kernels import fp8_gemm, gemv, mxfp4_gemm  # noqa: E402
+from tilert.kernels.common import cdiv  # noqa: E402
+
+SWEEP_M = (1, 8, 16)
+SMS = 132  # H100 SXM and H200; the stream kernels are compiled for this many CTAs
+L2_TARGET = 200 << 20  # rotate over at least this many bytes of weights (L2: 50 MB)
+TOL = 1e-3
+SHAPES = {**gemv.PLAN_SHAPES, **gemv.EXTRA_SHAPES}
+
+
+def copies_for(nbytes: int) -> int:
+    """Weight copies a timing rotates over: at least L2_TARGET bytes, 2..128 copies."""
+    return max(2, min(128, cdiv(L2_TARGET, nbytes)))
+
+
+def variants(fmt: str, m: int, n: int, k: int, sms: int = SMS) -> list[gemv.Config]:
+    """The standalone tilings the sweep times: the cost model's best with 1, 2 and 4 CTAs per SM,
+    its best without split-K, with rows of 16 and with rows >= 128, and the ring-depth neighbours
+    (2, and the deepest that fits) of the 1-CTA pick. Deduplicated, the model's order."""
+    cands = gemv.candidates(fmt, m, n, k, sms)
+    key = lambda c: (gemv.model_time(c, sms), c.split, c.ctas, c.depth)  # noqa: E731
+    picks = []
+    for pred in (lambda c: c.ctas == 1, lambda c: c.ctas == 2, lambda c: c.ctas == 4, lambda c: c.split == 1,
+                 lambda c: c.rows == 16, lambda c: c.rows >= 128):  # fmt: skip
+        sub = [c for c in cands if pred(c)]
+        if sub:
+            picks.append(min(sub, key=key))
+    if picks and picks[0].ctas == 1:
+        one = picks[0]
+        same = [c for c in cands if (c.wr, c.g, c.split, c.ctas) == (one.wr, one.g, one.split, one.ctas)]
+        picks += [c for c in same if c.depth in (2, max(s.depth for s in same))]
+    out = []
+    for c in sorted(picks, key=key):
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def stream_variants(fmt: str, m: int, n: int, k: int, sms: int = SMS) -> list[gemv.Config]:
+    """Tilings for the persistent task stream (one CTA per SM): the 1-CTA picks whose tiles fill
+    the SMs once and twice per weight copy."""
+    cands = [c for c in gemv.candidates(fmt, m, n, k, sms) if c.ctas == 1]
+    key = lambda c: (gemv.model_time(c, sms), c.split, c.depth)  # noqa: E731
+    out = []
+    for lo, hi in ((0.7, 1.0), (1.4, 2.0)):
+        sub = [c for c in cands if lo * sms <= c.tiles <= hi * sms]
+        if sub:
+            out.append(min(sub, key=key))
+    return out or [min(cands, key=key)]
+
+
+def old_config(fmt: str, m: int, n: int, k: int):
+    return mxfp4_gemm.pick_config(m, n, k) if fmt == "mxfp4" else fp8_gemm.pick_config(m, n, k)
+
+
+def kernel_list(shapes=None, ms=SWEEP_M, sms: int = SMS, tests: bool = True) -> list[tuple]:
+    """Every kernel a sweep run launches, as build items: ("gemv", cfg), ("stream", cfg, copies,
+    sms), ("old", fmt, cfg); with `tests`, also the GEMV GPU tests' kernels."""
+    items = []
+    for (fmt, n, k), name in SHAPES.items():
+        if shapes and not set(name.split(",")) & set(shapes):
+            continue
+        w = gemv.Config(fmt, 1, n, k).weight_bytes
+        for m in ms:
+            items += [("gemv", c) for c in variants(fmt, m, n, k, sms)]
+            items += [("stream", c, copies_for(w), sms) for c in stream_variants(fmt, m, n, k, sms)]
+            items.append(("old", fmt, old_config(fmt, m, n, k)))
+    if tests:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernels"))
+        import test_gemv as tg
+
+        cfgs = set(tg.ODD) | {gemv.pick_config(f, m, n, k) for (f, n, k) in tg.SHAPES for m in tg.TEST_M}
+        cfgs |= {gemv.pick_config(f, m, 136, 32 * 37) for f in ("mxfp4", "fp8") for m in (1, 3, 7, 16)}
+        cfgs |= {gemv.pick_config("mxfp4", 8, 256, 1024)} | {
+            gemv.pick_config(f, 3, 256, 1024) for f in ("mxfp4", "fp8")
+        }
+        items += [("gemv", c) for c in cfgs] + [("stream", c, 3, sms) for c in tg.STREAM]
+        items += [
+            ("old", "mxfp4", mxfp4_gemm.pick_config(3, 256, 1024)),
+            ("old", "fp8", fp8_gemm.pick_config(3, 256, 1024)),
+        ]
+    seen, out = set(), []
+    for it in items:
+        if it not in seen:
+            seen.add(it)
+            out.append(it)
+    return out
+
+
+def build_item(item: tuple) -> str:
+    """Compile one kernel of kernel_list into the cache (a worker process)."""
+    t0 = time.time()
+    if item[0] == "gemv":
+        gemv.compiled(item[1])
+    elif item[0] == "stream":
+        gemv.compiled_stream(*item[1:])
+    else:
+        (mxfp4_gemm if item[1] == "mxfp4" else fp8_gemm).compiled(item[2])
+    return f"{item[0]} {item[-1] if item[0] == 'old' else item[1]}: {time.time() - t0:.1f} s"
+
+
+def precompile(items: list[tuple], jobs: int) -> None:
+    with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=get_context("spawn")) as pool:
+        for i, line in enumerate(pool.map(build_item, items), 1):
+            print(f"[{i}/{len(items)}] {line}", flush=True)
+
+
+# --- the GPU run -------------------------------------------------------------------------------
+
+
+def _inputs(fmt: str, n: int, k: int, copies: int, seed: int):
+    """`copies` independent quantised weights (w, s) and their bf16 dequantisation (for torch)."""
+    import torch
+
+    from tilert.numerics import fp8, mxfp4
+
+    g = torch.Generator(device="cuda")
+    g.manual_seed(seed)
+    qs, bf = [], []
+    for _ in range(copies):
+        wf = torch.randn(n, k, device="cuda", generator=g) * 0.05
+        q = mxfp4.quantize(wf) if fmt == "mxfp4" else fp8.quantize_blocks(wf)
+        qs.append(q)
+        del wf
+    for c in range(copies_for(2 * n * k)):  # bf16 weights are 2-4x the bytes: their own rotation
+        w, s = qs[c % copies]
+        deq = mxfp4.dequantize if fmt == "mxfp4" else fp8.dequantize_blocks
+        bf.append(deq(w, s, dtype=torch.bfloat16))
+    return qs, bf
+
+
+def _time(calls: list, reps: int) -> float:
+    from benchmarks.common import time_graph
+
+    return time_graph(calls, reps=reps)[0]
+
+
+def _stream_check_and_time(cfg: gemv.Config, qs: list, xs: list, ref, copies: int, sms: int, reps: int):
+    """(rel err of copy 0, seconds per GEMV) of the persistent task stream over `copies` copies."""
+    import torch
+
+    from tilert.kernels.views import pointer_row
+
+    specs = gemv.views(cfg)
+    dev = xs[0].device
+    tensors = []
+    for c in range(copies):
+        t = {"x": xs[c], "w": qs[c][0], "s": qs[c][1]}
+        t["y"] = torch.full((cfg.m, cfg.n), float("nan"), device=dev, dtype=getattr(torch, cfg.out_dtype))
+        if cfg.split > 1:
+            t["ws"] = torch.full((cfg.split, cfg.m, cfg.n), float("nan"), device=dev)
+            t["cnt"] = torch.zeros(cfg.n_tiles, dtype=torch.int32, device=dev)
+        tensors.append(t)
+    ptrs = torch.cat([pointer_row([t[nm] for nm, _, _ in specs], specs, "stream") for t in tensors]).to(dev)
+    kern = gemv.compiled_stream(cfg, copies, sms)
+    kern(ptrs)
+    err = gemv.rel_err(tensors[0]["y"], ref)
+    if err >= TOL:
+        return err, None
+    return err, _time([lambda: kern(ptrs)], reps) / copies
+
+
+def sweep_shape(fmt: str, n: int, k: int, name: str, ms, bw: float, sms: int, reps: int, deadline: float) -> list[dict]:
+    import torch
+    import torch.nn.functional as F
+
+    w_bytes = gemv.Config(fmt, 1, n, k).weight_bytes
+    copies = copies_for(w_bytes)
+    qs, bf = _inputs(fmt, n, k, copies, seed=n * 7 + k)
+    out = []
+    for m in ms:
+        xs = [torch.randn(m, k, device="cuda").to(torch.bfloat16) for _ in range(max(copies, len(bf)))]
+        ref = gemv.reference(fmt, xs[0], *qs[0])
+        floor = w_bytes / bw
+        rec = dict(fmt=fmt, shape=name, n=n, k=k, m=m, weight_bytes=w_bytes, copies=copies, floor_us=floor * 1e6)
+        t_bf = _time([lambda c=c, xs=xs: F.linear(xs[c], bf[c]) for c in range(len(bf))], reps)
+        rec["torch_bf16_us"] = t_bf * 1e6
+        rec["torch_bf16_frac_copy_bw"] = 2 * n * k / t_bf / bw
+        try:  # the old kernel (x padded to its block, y zeroed when split): as benchmarks/kernels.py
+            oc = old_config(fmt, m, n, k)
+            kern = (mxfp4_gemm if fmt == "mxfp4" else fp8_gemm).compiled(oc)
+            xp = [torch.zeros(oc.m, k, dtype=torch.bfloat16, device="cuda") for _ in range(copies)]
+            for c in range(copies):
+                xp[c][:m] = xs[c]
+            yo = [torch.zeros(oc.m, n, device="cuda") for _ in range(copies)]
+            split = oc.split_k > 1
+
+            def old(c, kern=kern, xp=xp, yo=yo, split=split):
+                if split:
+                    yo[c].zero_()
+                kern(xp[c], qs[c][0], qs[c][1], yo[c])
+
+            old(0)
+            rec["old_err"] = gemv.rel_err(yo[0][:m], ref)
+            rec["old_us"] = _time([lambda c=c: old(c) for c in range(copies)], reps) * 1e6
+            rec["old_cfg"] = repr(oc)
+        except Exception as e:  # noqa: BLE001 - report and go on
+            rec["old_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        rec["variants"] = []
+        for launcher, cfgs in (
+            ("standalone", variants(fmt, m, n, k, sms)),
+            ("stream", stream_variants(fmt, m, n, k, sms)),
+        ):
+            for cfg in cfgs:
+                v = dict(launcher=launcher, cfg=repr(cfg), tiling=(cfg.wr, cfg.g, cfg.split, cfg.depth, cfg.ctas),
+                         model_us=gemv.model_time(cfg, sms, bw) * 1e6)  # fmt: skip
+                if time.time() > deadline:
+                    v["skipped"] = "time budget"
+                    rec["variants"].append(v)
+                    continue
+                try:
+                    if launcher == "standalone":
+                        y = torch.full((m, n), float("nan"), device="cuda")
+                        if cfg.split > 1:
+                            gemv.workspace(cfg, y.device)[0].fill_(float("nan"))
+                        gemv.launch(cfg, xs[0], *qs[0], y)
+                        v["err"] = gemv.rel_err(y, ref)
+                        if v["err"] < TOL:
+                            calls = [lambda c=c, cfg=cfg, xs=xs: gemv.launch(cfg, xs[c], *qs[c]) for c in range(copies)]
+                            t = _time(calls, reps)
+                        else:
+                            t = None
+                    else:
+                        v["err"], t = _stream_check_and_time(cfg, qs, xs, ref, copies, sms, reps)
+                except Exception as e:  # noqa: BLE001 - a variant that fails to load or run is reported
+                    v["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                    t = None
+                if t is not None:
+                    v.update(
+                        t_us=t * 1e6, gbps=w_bytes / t / 1e9, frac_copy_bw=w_bytes / t / bw, vs_torch_bf16=t_bf / t
+                    )
+                elif "error" not in v and "skipped" not in v:
+                    v["wrong"] = True
+                rec["variants"].append(v)
+                what = v.get("error") or v.get("skipped") or f"WRONG err {v.get('err')}"
+                if "t_us" in v:
+                    what = f"{v['t_us']:.2f} us, {v['frac_copy_bw']:.0%} of copy bw"
+                print(f"  {name} M={m} {launcher} {v['tiling']}: {what}", flush=True)
+        for launcher in ("standalone", "stream"):
+            timed = [v for v in rec["variants"] if v["launcher"] == launcher and "t_us" in v]
+            if timed:
+                rec[f"best_{launcher}"] = min(timed, key=lambda v: v["t_us"])
+        out.append(rec)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--list", action="store_true", help="print the kernels a run launches")
+    ap.add_argument("--precompile", action="store_true", help="build them into the kernel cache (no GPU)")
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--no-tests", action="store_true", help="precompile: skip the GEMV GPU tests' kernels")
+    ap.add_argument("--shapes", default="", help="comma-separated names of SHAPES (default: all)")
+    ap.add_argument("--m", default=",".join(map(str, SWEEP_M)))
+    ap.add_argument("--sms", type=int, default=SMS)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--budget-s", type=float, default=200.0, help="stop timing variants after this long")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    a = ap.parse_args()
+    shapes = [s for s in a.shapes.split(",") if s]
+    ms = tuple(int(v) for v in a.m.split(","))
+    if a.list or a.precompile:
+        items = kernel_list(shapes, ms, a.sms, tests=not a.no_tests)
+        if a.list:
+            for it in items:
+                print(*it)
+            print(f"{len(items)} kernels")
+        if a.precompile:
+            precompile(items, a.jobs)
+        return
+    run(shapes, ms, a.sms, a.reps, a.budget_s, Path(a.out))
+
+
+def run(shapes: list[str], ms: tuple[int, ...], sms: int, reps: int, budget_s: float, out_dir: Path) -> Path:
+    import torch
+
+    from benchmarks.common import copy_bandwidths, git_commit
+
+    t0 = time.time()
+    dev_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    if dev_sms != sms:
+        print(f"note: this GPU has {dev_sms} SMs; the stream kernels run {sms} CTAs (compiled for --sms {sms})")
+    rates = copy_bandwidths()
+    bw = max(rates.values())
+    print(
+        f"copy bandwidth {bw / 1e12:.3f} TB/s (read + write); "
+        + ", ".join(f"{k} {v / 1e12:.3f}" for k, v in rates.items())
+    )
+    torch.cuda.empty_cache()
+    deadline = t0 + budget_s
+    results = []
+    for (fmt, n, k), name in SHAPES.items():
+        if shapes and not set(name.split(",")) & set(shapes):
+            continue
+        print(f"{name} ({fmt} {n} x {k})", flush=True)
+        try:
+            results += sweep_shape(fmt, n, k, name, ms, bw, sms, reps, deadline)
+        except Exception as e:  # noqa: BLE001 - keep the other shapes
+            import traceback
+
+            traceback.print_exc()
+            results.append(dict(fmt=fmt, shape=name, n=n, k=k, error=f"{type(e).__name__}: {str(e)[:300]}"))
+    dev_name = torch.cuda.get_device_name()
+    doc = dict(
+        device=dev_name,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        commit=git_commit(),
+        torch=torch.__version__,
+        sms=dev_sms,
+        copy_bw_tbps=bw / 1e12,
+        copy_bw_methods_tbps={k: v / 1e12 for k, v in rates.items()},
+        wall_s=time.time() - t0,
+        gemv=results,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"kernels-{dev_name.replace(' ', '-').lower()}.json"
+    path.write_text(json.dumps(doc, indent=1))
+    print_table(doc)
+    print("wrote", path)
+    return path
+
+
+def print_table(doc: dict) -> None:
+    print(f"\ncopy bw {doc['copy_bw_tbps']:.2f} TB/s on {doc['device']}; frac = weight bytes / time / copy bw")
+    print(f"{'shape':16} {'M':>2} {'bf16 us':>8} {'old us':>7} {'gemv us':>8} {'frac':>5} {'x bf16':>6} "
+          f"{'stream us':>9} {'frac':>5}  tiling (wr, g, split, depth, ctas)")  # fmt: skip
+    tuned = []
+    for r in doc["gemv"]:
+        if "error" in r:
+            print(f"{r['shape'][:16]:16} ERROR {r['error'][:100]}")
+            continue
+        b, s = r.get("best_standalone"), r.get("best_stream")
+        print(f"{r['shape'][:16]:16} {r['m']:2} {r['torch_bf16_us']:8.2f} {r.get('old_us', float('nan')):7.2f} "
+              f"{b['t_us'] if b else float('nan'):8.2f} {b['frac_copy_bw'] if b else 0:5.0%} "
+              f"{b['vs_torch_bf16'] if b else 0:6.2f} {s['t_us'] if s else float('nan'):9.2f} "
+              f"{s['frac_copy_bw'] if s else 0:5.0%}  {tuple(b['tiling']) if b else '-'}")  # fmt: skip
+        bad = [v["tiling"] for v in r["variants"] if v.get("wrong") or "error" in v]
+        if bad:
+            print(f"{'':19} WRONG or failed: {bad}")
+        if b:
+            tuned.append(f"    ({r['fmt']!r}, {r['n']}, {r['k']}, {r['m']}): {tuple(b['tiling'])},")
+    print("\ngemv.TUNED entries (fastest standalone tiling per shape and M):")
+    print("\n".join(tuned))
+
+
+if __name__ == "__main__":
+    main()
