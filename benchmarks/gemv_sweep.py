@@ -9,8 +9,9 @@ For every shape of gemv.PLAN_SHAPES and EXTRA_SHAPES and M in 1, 8, 16: torch's 
 (F.linear on bf16 weights), the old kernel (mxfp4_gemm / fp8_gemm GEMM), each GEMV variant
 (`variants`: tile rows, split-K, ring depth, CTAs per SM) standalone and a few as a persistent
 task stream (one CTA per SM looping over `copies` x tiles tasks: the rate a persistent step's
-tasks would see). Each variant's output is checked against the float64 reference (NaN-poisoned)
-before it is timed; a wrong one is reported, not timed. Timing: CUDA-graph replay of one call per
+tasks would see), each task alone and with the next task's first chunks prefetched. Each
+variant's output is checked against the float64 reference (NaN-poisoned) before it is timed; a
+wrong one is reported, not timed. Timing: CUDA-graph replay of one call per
 weight copy, rotating over enough copies that they never fit in L2, median of `--reps` replays.
 Writes DIR/kernels-<device>.json and prints a table, then the gemv.TUNED lines of the winners.
 """
@@ -91,7 +92,10 @@ def kernel_list(shapes=None, ms=SWEEP_M, sms: int = SMS, tests: bool = True) -> 
         w = gemv.Config(fmt, 1, n, k).weight_bytes
         for m in ms:
             items += [("gemv", c) for c in variants(fmt, m, n, k, sms)]
-            items += [("stream", c, copies_for(w), sms) for c in stream_variants(fmt, m, n, k, sms)]
+            for c in stream_variants(fmt, m, n, k, sms):
+                items += [
+                    ("stream", c, copies_for(w), sms, pf) for pf in (False, True) if not pf or gemv.prefetch_ok(c)
+                ]
             items.append(("old", fmt, old_config(fmt, m, n, k)))
     if tests:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "kernels"))
@@ -102,7 +106,8 @@ def kernel_list(shapes=None, ms=SWEEP_M, sms: int = SMS, tests: bool = True) -> 
         cfgs |= {gemv.pick_config("mxfp4", 8, 256, 1024)} | {
             gemv.pick_config(f, 3, 256, 1024) for f in ("mxfp4", "fp8")
         }
-        items += [("gemv", c) for c in cfgs] + [("stream", c, 3, sms) for c in tg.STREAM]
+        items += [("gemv", c) for c in cfgs]
+        items += [("stream", c, tg.stream_copies(c), sms, pf) for c in tg.STREAM for pf in (False, True)]
         items += [
             ("old", "mxfp4", mxfp4_gemm.pick_config(3, 256, 1024)),
             ("old", "fp8", fp8_gemm.pick_config(3, 256, 1024)),
@@ -136,17 +141,17 @@ def precompile(items: list[tuple], jobs: int) -> None:
 # --- the GPU run -------------------------------------------------------------------------------
 
 
-def _inputs(fmt: str, n: int, k: int, copies: int, seed: int):
+def _inputs(fmt: str, n: int, k: int, copies: int, seed: int, device: str):
     """`copies` independent quantised weights (w, s) and their bf16 dequantisation (for torch)."""
     import torch
 
     from tilert.numerics import fp8, mxfp4
 
-    g = torch.Generator(device="cuda")
+    g = torch.Generator(device=device)
     g.manual_seed(seed)
     qs, bf = [], []
     for _ in range(copies):
-        wf = torch.randn(n, k, device="cuda", generator=g) * 0.05
+        wf = torch.randn(n, k, device=device, generator=g) * 0.05
         q = mxfp4.quantize(wf) if fmt == "mxfp4" else fp8.quantize_blocks(wf)
         qs.append(q)
         del wf
@@ -163,8 +168,9 @@ def _time(calls: list, reps: int) -> float:
     return time_graph(calls, reps=reps)[0]
 
 
-def _stream_check_and_time(cfg: gemv.Config, qs: list, xs: list, ref, copies: int, sms: int, reps: int):
-    """(rel err of copy 0, seconds per GEMV) of the persistent task stream over `copies` copies."""
+def _stream_check_and_time(cfg: gemv.Config, qs: list, xs: list, ref, copies: int, sms: int, reps: int, prefetch: bool):
+    """(largest rel err of copies 0 and last, seconds per GEMV) of the persistent task stream over
+    `copies` copies (with prefetch: each task issues the next one's first chunks)."""
     import torch
 
     from tilert.kernels.views import pointer_row
@@ -180,24 +186,28 @@ def _stream_check_and_time(cfg: gemv.Config, qs: list, xs: list, ref, copies: in
             t["cnt"] = torch.zeros(cfg.n_tiles, dtype=torch.int32, device=dev)
         tensors.append(t)
     ptrs = torch.cat([pointer_row([t[nm] for nm, _, _ in specs], specs, "stream") for t in tensors]).to(dev)
-    kern = gemv.compiled_stream(cfg, copies, sms)
+    kern = gemv.compiled_stream(cfg, copies, sms, prefetch)
     kern(ptrs)
-    err = gemv.rel_err(tensors[0]["y"], ref)
+    ref_last = gemv.reference(cfg.fmt, xs[copies - 1], *qs[copies - 1])
+    err = max(gemv.rel_err(tensors[0]["y"], ref), gemv.rel_err(tensors[-1]["y"], ref_last))
     if err >= TOL:
         return err, None
     return err, _time([lambda: kern(ptrs)], reps) / copies
 
 
-def sweep_shape(fmt: str, n: int, k: int, name: str, ms, bw: float, sms: int, reps: int, deadline: float) -> list[dict]:
+def sweep_shape(
+    fmt: str, n: int, k: int, name: str, ms, bw: float, sms: int, reps: int, deadline: float, device: str = "cuda"
+) -> list[dict]:
+    """The records of one weight shape, one per M (see the module docstring)."""
     import torch
     import torch.nn.functional as F
 
     w_bytes = gemv.Config(fmt, 1, n, k).weight_bytes
     copies = copies_for(w_bytes)
-    qs, bf = _inputs(fmt, n, k, copies, seed=n * 7 + k)
+    qs, bf = _inputs(fmt, n, k, copies, seed=n * 7 + k, device=device)
     out = []
     for m in ms:
-        xs = [torch.randn(m, k, device="cuda").to(torch.bfloat16) for _ in range(max(copies, len(bf)))]
+        xs = [torch.randn(m, k, device=device).to(torch.bfloat16) for _ in range(max(copies, len(bf)))]
         ref = gemv.reference(fmt, xs[0], *qs[0])
         floor = w_bytes / bw
         rec = dict(fmt=fmt, shape=name, n=n, k=k, m=m, weight_bytes=w_bytes, copies=copies, floor_us=floor * 1e6)
@@ -207,10 +217,10 @@ def sweep_shape(fmt: str, n: int, k: int, name: str, ms, bw: float, sms: int, re
         try:  # the old kernel (x padded to its block, y zeroed when split): as benchmarks/kernels.py
             oc = old_config(fmt, m, n, k)
             kern = (mxfp4_gemm if fmt == "mxfp4" else fp8_gemm).compiled(oc)
-            xp = [torch.zeros(oc.m, k, dtype=torch.bfloat16, device="cuda") for _ in range(copies)]
+            xp = [torch.zeros(oc.m, k, dtype=torch.bfloat16, device=device) for _ in range(copies)]
             for c in range(copies):
                 xp[c][:m] = xs[c]
-            yo = [torch.zeros(oc.m, n, device="cuda") for _ in range(copies)]
+            yo = [torch.zeros(oc.m, n, device=device) for _ in range(copies)]
             split = oc.split_k > 1
 
             def old(c, kern=kern, xp=xp, yo=yo, split=split):
@@ -225,9 +235,11 @@ def sweep_shape(fmt: str, n: int, k: int, name: str, ms, bw: float, sms: int, re
         except Exception as e:  # noqa: BLE001 - report and go on
             rec["old_error"] = f"{type(e).__name__}: {str(e)[:200]}"
         rec["variants"] = []
+        streams = stream_variants(fmt, m, n, k, sms)
         for launcher, cfgs in (
             ("standalone", variants(fmt, m, n, k, sms)),
-            ("stream", stream_variants(fmt, m, n, k, sms)),
+            ("stream", streams),
+            ("stream+prefetch", [c for c in streams if gemv.prefetch_ok(c)]),
         ):
             for cfg in cfgs:
                 v = dict(launcher=launcher, cfg=repr(cfg), tiling=(cfg.wr, cfg.g, cfg.split, cfg.depth, cfg.ctas),
@@ -238,7 +250,7 @@ def sweep_shape(fmt: str, n: int, k: int, name: str, ms, bw: float, sms: int, re
                     continue
                 try:
                     if launcher == "standalone":
-                        y = torch.full((m, n), float("nan"), device="cuda")
+                        y = torch.full((m, n), float("nan"), device=device)
                         if cfg.split > 1:
                             gemv.workspace(cfg, y.device)[0].fill_(float("nan"))
                         gemv.launch(cfg, xs[0], *qs[0], y)
@@ -249,7 +261,8 @@ def sweep_shape(fmt: str, n: int, k: int, name: str, ms, bw: float, sms: int, re
                         else:
                             t = None
                     else:
-                        v["err"], t = _stream_check_and_time(cfg, qs, xs, ref, copies, sms, reps)
+                        pf = launcher == "stream+prefetch"
+                        v["err"], t = _stream_check_and_time(cfg, qs, xs, ref, copies, sms, reps, pf)
                 except Exception as e:  # noqa: BLE001 - a variant that fails to load or run is reported
                     v["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                     t = None
@@ -264,10 +277,10 @@ def sweep_shape(fmt: str, n: int, k: int, name: str, ms, bw: float, sms: int, re
                 if "t_us" in v:
                     what = f"{v['t_us']:.2f} us, {v['frac_copy_bw']:.0%} of copy bw"
                 print(f"  {name} M={m} {launcher} {v['tiling']}: {what}", flush=True)
-        for launcher in ("standalone", "stream"):
-            timed = [v for v in rec["variants"] if v["launcher"] == launcher and "t_us" in v]
+        for best, kinds in (("best_standalone", ("standalone",)), ("best_stream", ("stream", "stream+prefetch"))):
+            timed = [v for v in rec["variants"] if v["launcher"] in kinds and "t_us" in v]
             if timed:
-                rec[f"best_{launcher}"] = min(timed, key=lambda v: v["t_us"])
+                rec[best] = min(timed, key=lambda v: v["t_us"])
         out.append(rec)
     return out
 
@@ -299,22 +312,28 @@ def main() -> None:
     run(shapes, ms, a.sms, a.reps, a.budget_s, Path(a.out))
 
 
-def run(shapes: list[str], ms: tuple[int, ...], sms: int, reps: int, budget_s: float, out_dir: Path) -> Path:
+def run(
+    shapes: list[str], ms: tuple[int, ...], sms: int, reps: int, budget_s: float, out_dir: Path, device: str = "cuda"
+) -> Path:
+    """Measure, write out_dir/kernels-<device>.json, print the table (device "cpu": the tests'
+    stand-in kernels and timer)."""
     import torch
 
-    from benchmarks.common import copy_bandwidths, git_commit
+    from benchmarks import common
 
     t0 = time.time()
-    dev_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cuda = device == "cuda"
+    dev_sms = torch.cuda.get_device_properties(0).multi_processor_count if cuda else sms
     if dev_sms != sms:
         print(f"note: this GPU has {dev_sms} SMs; the stream kernels run {sms} CTAs (compiled for --sms {sms})")
-    rates = copy_bandwidths()
+    rates = common.copy_bandwidths()
     bw = max(rates.values())
     print(
         f"copy bandwidth {bw / 1e12:.3f} TB/s (read + write); "
         + ", ".join(f"{k} {v / 1e12:.3f}" for k, v in rates.items())
     )
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     deadline = t0 + budget_s
     results = []
     for (fmt, n, k), name in SHAPES.items():
@@ -322,17 +341,17 @@ def run(shapes: list[str], ms: tuple[int, ...], sms: int, reps: int, budget_s: f
             continue
         print(f"{name} ({fmt} {n} x {k})", flush=True)
         try:
-            results += sweep_shape(fmt, n, k, name, ms, bw, sms, reps, deadline)
+            results += sweep_shape(fmt, n, k, name, ms, bw, sms, reps, deadline, device)
         except Exception as e:  # noqa: BLE001 - keep the other shapes
             import traceback
 
             traceback.print_exc()
             results.append(dict(fmt=fmt, shape=name, n=n, k=k, error=f"{type(e).__name__}: {str(e)[:300]}"))
-    dev_name = torch.cuda.get_device_name()
+    dev_name = torch.cuda.get_device_name() if cuda else device
     doc = dict(
         device=dev_name,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        commit=git_commit(),
+        commit=common.git_commit(),
         torch=torch.__version__,
         sms=dev_sms,
         copy_bw_tbps=bw / 1e12,

@@ -35,6 +35,12 @@ STREAM = [
 TEST_M = (1, 3, 7, 8, 16)
 
 
+def stream_copies(cfg: gemv.Config) -> int:
+    """Copies for a stream test: some of the 132 CTAs run three tasks (prefetch across tasks and
+    both x buffers)."""
+    return 2 * 132 // cfg.tiles + 2
+
+
 def test_config_rejects_bad_tilings():
     with pytest.raises(ValueError, match="fmt"):
         C("int4", 1, 64, 256)
@@ -174,10 +180,21 @@ def test_compiles_for_sm90a_without_mainloop_barriers(cfg):
 
 @needs_toolchain
 @pytest.mark.timeout(600)
-def test_stream_launcher_compiles():
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_stream_launcher_compiles(prefetch):
     for cfg in STREAM if THOROUGH else STREAM[:1]:
-        src = gemv.compiled_stream(cfg, 2, 132).get_kernel_source()
+        src = gemv.compiled_stream(cfg, 2, 132, prefetch).get_kernel_source()
         assert "Ptrs" in src and src.count("__syncthreads()") == 4 + 2 * (cfg.split > 1)
+        # prefetch: the reduction buffers must stay out of the merged block the next task's copies land in
+        assert ("__shared__ __align__(16) float red[" in src) == prefetch
+
+
+def test_prefetch_needs_the_next_tasks_chunks_to_fit():
+    cfg = C("fp8", 8, 192, 6144, wr=1, g=1, split=6, depth=4)  # 2 chunks a warp, 3 issued ahead
+    assert cfg.items == 2 and not gemv.prefetch_ok(cfg)
+    with pytest.raises(ValueError, match="prefetch"):
+        gemv.make_stream_kernel(cfg, 2, 132, prefetch=True)
+    assert gemv.prefetch_ok(STREAM[0])
 
 
 # --- GPU ---------------------------------------------------------------------------------------
@@ -223,9 +240,10 @@ def test_gemv_repeated_calls_reset_the_split_counters():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("cfg", STREAM, ids=repr)
-def test_gemv_stream_matches_reference(cfg):
-    assert gemv.check_stream(cfg, copies=3) < TOL
+def test_gemv_stream_matches_reference(cfg, prefetch):
+    assert gemv.check_stream(cfg, copies=stream_copies(cfg), prefetch=prefetch) < TOL
 
 
 @pytest.mark.gpu

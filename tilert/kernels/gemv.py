@@ -33,14 +33,16 @@ Body `gemv_tile(V, n_tile, k_split)`, V = the tensors of `views(cfg)` (X, W, S, 
 Persistent contract: 256 threads, no TMA descriptors, no warp specialisation, no grid-wide waits;
 the views may come from pointers (`views.make_views`, as the stream launcher does). The persistent
 step calls `make_body(cfg)` with its node's views in `views(cfg)` order and (n_tile, k_split) of a
-task in 0..n_tiles-1 x 0..split-1, after T.import_source of a prelude holding DEVICE_PRELUDE
-(GEMV_PRELUDE; `import_prelude=False` when the step imports it itself); WS (never initialised) and CNT (zeroed
-once) are the node's own buffers when split > 1. Shared memory: `smem_bytes(cfg)`.
+task in 0..n_tiles-1 x 0..split-1, after T.import_source of a prelude holding GEMV_PRELUDE
+(`import_prelude=False` when the step imports it itself); WS (never initialised) and CNT (zeroed
+once) are the node's own buffers when split > 1. Shared memory: `smem_bytes(cfg)`. To keep the
+loads flowing across tasks it calls `make_body(cfg, prefetch=True)` instead, with the next task
+of the same node on that CTA (`make_body`'s docstring; `smem_bytes(cfg, prefetch=True)`).
 
 Launchers: `make_kernel(cfg)` (grid n_tiles x split, typed tensor arguments) and
-`make_stream_kernel(cfg, copies, sms)` (one CTA per SM looping over copies x tiles tasks, each
-copy's views a row of a pointer table: the persistent task stream of benchmarks/gemv_sweep.py).
-Reference: tilert.ops.linear.mxfp4_linear / fp8_linear.
+`make_stream_kernel(cfg, copies, sms, prefetch)` (one CTA per SM looping over copies x tiles
+tasks back to back, each copy's views a row of a pointer table: the persistent task stream of
+benchmarks/gemv_sweep.py). Reference: tilert.ops.linear.mxfp4_linear / fp8_linear.
 """
 
 # no `from __future__ import annotations`: TileLang evaluates the prim_func annotations
@@ -92,6 +94,12 @@ __device__ __forceinline__ unsigned tilert_e4m3x2_sx(unsigned w, unsigned sel) {
   // 2^-120, e = 0 on bf16 subnormals), one multiply by 2^120
   const unsigned y = tilert_prmt(w, w, sel);
   return tilert_bf16x2_mul((y << 4) & 0x87F087F0u, 0x7B807B80u);
+}
+__device__ __forceinline__ void tilert_cp_async4(void* smem, int soff, const void* gmem, long long goff, bool ok) {
+  // 4 bytes global -> shared (offsets in 4-byte words; zero-filled when !ok), through L1
+  const unsigned s = (unsigned)__cvta_generic_to_shared((unsigned*)smem + soff);
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;"
+               : : "r"(s), "l"((const unsigned*)gmem + goff), "r"(ok && gmem != nullptr ? 4 : 0) : "memory");
 }
 template <int N>
 __device__ __forceinline__ void tilert_cp_async_wait() {
@@ -210,8 +218,9 @@ def _sum(terms: Any) -> Any:
     return functools.reduce(operator.add, terms)
 
 
-def smem_bytes(cfg: Config) -> int:
-    """Shared memory of one body: ring + x slice + scales + reduction buffer (+ flag)."""
+def smem_bytes(cfg: Config, prefetch: bool = False) -> int:
+    """Shared memory of one body: ring + x slice + scales (both twice with prefetch) + reduction
+    buffer (+ flag)."""
     ring = cfg.depth * 2 * cfg.g * 16 * THREADS
     xs = cfg.m * cfg.ncs * CHUNK_ELEMS[cfg.fmt] * 2
     if cfg.fmt == "mxfp4":
@@ -219,7 +228,13 @@ def smem_bytes(cfg: Config) -> int:
     else:
         sc = cdiv(cfg.rows, 128) * (cfg.ncs // 2 + 1) * 4
     red = cfg.wk * 8 * cfg.nt * cfg.rows * 4
-    return ring + xs + sc + red + 16
+    return ring + (2 if prefetch else 1) * (xs + sc) + red + 16
+
+
+def prefetch_ok(cfg: Config) -> bool:
+    """Whether the stream launcher can prefetch the next task with this tiling: its first depth - 1
+    chunks fit in this task's issue slots, and the doubled x and scale buffers fit."""
+    return cfg.depth - 1 <= cfg.items and smem_bytes(cfg, prefetch=True) <= SMEM_LIMIT
 
 
 def views(cfg: Config) -> list[tuple[str, tuple[int, ...], str]]:
@@ -235,9 +250,17 @@ def views(cfg: Config) -> list[tuple[str, tuple[int, ...], str]]:
     return out
 
 
-def make_body(cfg: Config, import_prelude: bool = True):
-    """The GEMV tile body: T.macro `gemv_tile(V, n_tile, k_split)` (module docstring)."""
+def make_body(cfg: Config, import_prelude: bool = True, prefetch: bool = False):
+    """The GEMV tile body: T.macro `gemv_tile(V, n_tile, k_split)` (module docstring). prefetch:
+    `gemv_tile_prefetch(V, n_tile, k_split, Vn, n_tile_n, k_split_n, has_next, first, b, base)`
+    for back-to-back tasks on one CTA: the task's last depth - 1 issue slots carry the next task's
+    (views Vn, coordinates n_tile_n, k_split_n; if has_next) first chunks and its x and scales (into
+    buffer 1 - b), so its loads are in flight during this task's tail and reduction; `first`: no
+    task before issued this one's; `base`: ring slots used before (task index x cfg.items). Needs
+    depth - 1 <= cfg.items, and nothing else may touch the body's shared memory between tasks."""
     import tilelang.language as T
+
+    from tilert.kernels import common
 
     mx = cfg.fmt == "mxfp4"
     M, N, K = cfg.m, cfg.n, cfg.k
@@ -252,6 +275,7 @@ def make_body(cfg: Config, import_prelude: bool = True):
     XW = UPP * 4  # x words per lane per token tile
     XU = NCS * UPC  # staged x units per token row
     XUK = K // 8  # x units per row of X
+    XS_WORDS = M * XU * 4  # u32 words of one staged x slice
     NCW = cdiv(NCS, 4) * 4  # MXFP4 scale words per staged row
     SR, SC = cdiv(R, 128), NCS // 2 + 1  # FP8 scale rows / columns a tile touches
     NSR, NSC = cdiv(N, 128), cdiv(K, 128)
@@ -259,29 +283,30 @@ def make_body(cfg: Config, import_prelude: bool = True):
     cp_async = "tilert_cp_async16_ef" if cfg.evict_first else "tilert_cp_async16"
 
     @T.macro
-    def issue(Wv, ring, n_tile, k_split, j, tx):
-        """Chunk j of this thread's warp -> ring slot j % D; one commit group (empty past the tile)."""
+    def issue(Wv, ring, n_tile, k_split, i, slot, tx):
+        """Chunk i of this thread's warp in the tile -> ring slot `slot` (nothing past the tile; rows
+        past N and pieces past K are zero-filled). The caller commits the group."""
         warp, r, c = tx // 32, (tx % 32) // 4, tx % 4
-        ci = warp % WK + WK * j
+        ci = warp % WK + WK * i
         if ci < NCS:
             unit = (k_split * NCS + ci) * 4 + c
             for p in T.unroll(P):
                 row = n_tile * R + (warp // WK) * 16 * G + (p // 2) * 16 + (p % 2) * 8 + r
                 src = T.cast(T.min(row, N - 1), i64) * RW + T.min(unit, PPR - 1) * 4
-                dst = (((j % D) * P + p) * THREADS + tx) * 4
+                dst = ((slot * P + p) * THREADS + tx) * 4
                 T.call_extern("handle", cp_async, ring.data, dst, Wv.data, src, row < N and unit < PPR)
-        T.ptx_commit_group()
 
     @T.macro
-    def stage(X, S, xs, scw, scf, n_tile, k_split, tx):
-        """The tile's x slice (cp.async, zeros past K) and block scales into shared memory."""
+    def stage(X, S, xs, scw, scf, n_tile, k_split, b, tx):
+        """The tile's x slice (cp.async, zeros past K) and block scales into buffer b (0, 1) of xs and
+        scw / scf: cp.async, but for MXFP4 scale rows that are not 16-byte aligned (byte loads)."""
         Xv = T.view(X, shape=[M, K // 2], dtype=u32)
         for e in T.serial(cdiv(M * XU, THREADS)):
             idx = e * THREADS + tx
             if idx < M * XU:
                 row, u = idx // XU, idx % XU
                 ku = k_split * XU + u
-                dst = (row * XU + (u ^ ((u >> 2) & 2) ^ (row & 1))) * 4
+                dst = b * XS_WORDS + (row * XU + (u ^ ((u >> 2) & 2) ^ (row & 1))) * 4
                 src = T.cast(row, i64) * (K // 2) + T.min(ku, XUK - 1) * 4
                 T.call_extern("handle", "tilert_cp_async16", xs.data, dst, Xv.data, src, ku < XUK)
         if mx and cfg.scale_async:
@@ -293,8 +318,10 @@ def make_body(cfg: Config, import_prelude: bool = True):
                     row = n_tile * R + lr
                     col = k_split * NCS + pc * 4
                     src = T.cast(T.min(row, N - 1), i64) * (K // 128) + T.min(col, K // 128 - 4)
-                    T.call_extern("handle", "tilert_cp_async16", scw.data, lr * NCW + pc * 4, Sv.data, src,
-                                  row < N and col < K // 128)  # fmt: skip
+                    dst = b * R * NCW + lr * NCW + pc * 4
+                    T.call_extern(
+                        "handle", "tilert_cp_async16", scw.data, dst, Sv.data, src, row < N and col < K // 128
+                    )
         elif mx:  # rows not 16-byte aligned (odd K): byte loads, assembled into words
             for e in T.serial(cdiv(R * NCS, THREADS)):
                 idx = e * THREADS + tx
@@ -302,17 +329,19 @@ def make_body(cfg: Config, import_prelude: bool = True):
                     lr, ci = idx // NCS, idx % NCS
                     row = T.min(n_tile * R + lr, N - 1)
                     blk = (k_split * NCS + ci) * 4
-                    scw[lr * NCW + ci] = _sum(
-                        T.if_then_else(blk + b < K // 32, T.cast(S[row, T.min(blk + b, K // 32 - 1)], u32), T.uint32(0))
-                        << T.uint32(8 * b)
-                        for b in range(4)
+                    scw[b * R * NCW + lr * NCW + ci] = _sum(
+                        T.if_then_else(blk + q < K // 32, T.cast(S[row, T.min(blk + q, K // 32 - 1)], u32), T.uint32(0))
+                        << T.uint32(8 * q)
+                        for q in range(4)
                     )
         else:
             for e in T.serial(cdiv(SR * SC, THREADS)):
                 idx = e * THREADS + tx
                 if idx < SR * SC:
                     i, j = idx // SC, idx % SC
-                    scf[idx] = S[T.min((n_tile * R) // 128 + i, NSR - 1), T.min((k_split * NCS) // 2 + j, NSC - 1)]
+                    row = T.min((n_tile * R) // 128 + i, NSR - 1)
+                    src = T.cast(row, i64) * NSC + T.min((k_split * NCS) // 2 + j, NSC - 1)
+                    T.call_extern("handle", "tilert_cp_async4", scf.data, b * SR * SC + idx, S.data, src, True)
 
     @T.macro
     def mma_mx(wq, xb, af, ml, sq, acc, big):
@@ -337,20 +366,19 @@ def make_body(cfg: Config, import_prelude: bool = True):
                               t * XW + s * 2, acc.data, (grp * NT + t) * 4, T.bool(False))  # fmt: skip
 
     @T.macro
-    def compute(ring, xs, scw, scf, wq, xb, af, ml, sq, part, acc, n_tile, k_split, j, tx):
-        """MMAs of chunk j of this thread's warp (its pieces in ring slot j % D)."""
+    def compute(ring, xs, scw, scf, wq, xb, af, ml, sq, part, acc, n_tile, k_split, i, slot, b, tx):
+        """MMAs of chunk i of this thread's warp (its pieces in ring slot `slot`, x and scales in
+        buffer b)."""
         warp, r, c = tx // 32, (tx % 32) // 4, tx % 4
-        ci = warp % WK + WK * j
+        ci = warp % WK + WK * i
         if ci < NCS:
             for p in T.unroll(P):
-                T.call_extern(
-                    "handle", "tilert_lds16", wq.data, p * 4, ring.data, (((j % D) * P + p) * THREADS + tx) * 4
-                )
+                T.call_extern("handle", "tilert_lds16", wq.data, p * 4, ring.data, ((slot * P + p) * THREADS + tx) * 4)
             for t in T.unroll(NT):
                 if t * 8 + r < M:
                     for uu in T.unroll(UPP):
                         u = ci * UPC + c * UPP + uu
-                        xo = ((t * 8 + r) * XU + (u ^ ((u >> 2) & 2) ^ (r & 1))) * 4
+                        xo = b * XS_WORDS + ((t * 8 + r) * XU + (u ^ ((u >> 2) & 2) ^ (r & 1))) * 4
                         for q in T.vectorized(4):
                             xb[t * XW + uu * 4 + q] = xs[xo + q]
                 else:
@@ -359,7 +387,8 @@ def make_body(cfg: Config, import_prelude: bool = True):
             lr0 = (warp // WK) * 16 * G + r  # tile row of this lane's first row (group 0)
             if mx:
                 for h in T.unroll(2 * G):  # block scale codes of rows r (even h) and r + 8 (odd h)
-                    sq[h] = T.cast((scw[(lr0 + h * 8) * NCW + ci] >> T.cast(8 * c, u32)) & T.uint32(255), "int32")
+                    word = scw[b * R * NCW + (lr0 + h * 8) * NCW + ci]
+                    sq[h] = T.cast((word >> T.cast(8 * c, u32)) & T.uint32(255), "int32")
                 # scale codes > 128 (blocks with |w| >= 8) need a second multiply: a warp-uniform
                 # branch, so the common path pays nothing for it
                 if T.call_extern(u32, "tilert_ballot", _any(sq[h] > 128 for h in range(2 * G))) != T.uint32(0):
@@ -369,7 +398,7 @@ def make_body(cfg: Config, import_prelude: bool = True):
             for grp in T.unroll(G):
                 if not mx:
                     srow = T.min((n_tile * R + lr0 - r + grp * 16) // 128 - (n_tile * R) // 128, SR - 1)
-                    sc = scf[srow * SC + (k_split * NCS + ci) // 2 - (k_split * NCS) // 2]
+                    sc = scf[b * SR * SC + srow * SC + (k_split * NCS + ci) // 2 - (k_split * NCS) // 2]
                     for i in T.unroll(NT * 4):
                         part[i] = T.float32(0)
                     for s in T.unroll(4):
@@ -436,48 +465,98 @@ def make_body(cfg: Config, import_prelude: bool = True):
             if tx == 0:
                 CNT[n_tile] = 0
 
+    def regs():
+        return (
+            T.alloc_local((P * 4,), u32),  # wq
+            T.alloc_local((NT * XW,), u32),  # xb
+            T.alloc_local((4,), u32),  # af
+            T.alloc_local((4,), u32),  # ml
+            T.alloc_local((2 * G,), "int32"),  # sq
+            T.alloc_local((NT * 4,), f32),  # part
+            T.alloc_local((G * NT * 4,), f32),  # acc
+        )
+
+    def alloc(prefetch):
+        """The body's buffers: with prefetch, x and scales double-buffered and the reduction
+        buffers outside TileLang's shared-memory merge (they are written while the next task's
+        copies, invisible to TileLang, land in the ring and the other x buffer)."""
+        nb = 2 if prefetch else 1
+        shared = common.alloc_unmerged if prefetch else T.alloc_shared
+        return (
+            T.alloc_shared((D * P * THREADS * 4,), u32),  # ring
+            T.alloc_shared((nb * XS_WORDS,), u32),  # xs
+            T.alloc_shared((nb * R * NCW if mx else 4,), u32),  # scw
+            T.alloc_shared((4 if mx else nb * SR * SC,), f32),  # scf
+            shared((WK * MT * R,), f32),  # red
+            shared((1,), "int32"),  # last
+        )
+
     @T.macro
-    def gemv_tile(V, n_tile, k_split):
-        if import_prelude:
-            T.import_source(GEMV_PRELUDE)
-        X, W, S = V[0], V[1], V[2]
-        Wv = T.view(W, shape=[N, RW], dtype=u32)
-        ring = T.alloc_shared((D * P * THREADS * 4,), u32)
-        xs = T.alloc_shared((M * XU * 4,), u32)
-        scw = T.alloc_shared((R * NCW if mx else 4,), u32)
-        scf = T.alloc_shared((4 if mx else SR * SC,), f32)
-        red = T.alloc_shared((WK * MT * R,), f32)
-        last = T.alloc_shared((1,), "int32")
-        wq = T.alloc_local((P * 4,), u32)
-        xb = T.alloc_local((NT * XW,), u32)
-        af = T.alloc_local((4,), u32)
-        ml = T.alloc_local((4,), u32)
-        sq = T.alloc_local((2 * G,), "int32")
-        part = T.alloc_local((NT * 4,), f32)
-        acc = T.alloc_local((G * NT * 4,), f32)
-        tx = T.get_thread_binding()
-        for i in T.unroll(G * NT * 4):
-            acc[i] = T.float32(0)
-        for j in T.unroll(D - 1):  # the weights first: nothing below waits for them
-            issue(Wv, ring, n_tile, k_split, j, tx)
-        stage(X, S, xs, scw, scf, n_tile, k_split, tx)
-        T.ptx_commit_group()
-        T.ptx_wait_group(0)  # this thread's first depth - 1 chunks, its x and scale copies ...
-        T.sync_threads()  # ... and everyone's
-        for j in T.serial(ITEMS):
-            T.call_extern("handle", f"tilert_cp_async_wait<{D - 2}>")
-            issue(Wv, ring, n_tile, k_split, j + D - 1, tx)
-            compute(ring, xs, scw, scf, wq, xb, af, ml, sq, part, acc, n_tile, k_split, j, tx)
-        # TileLang cannot see the ring reads (tilert_lds16) and may place `red` over the ring
-        T.sync_threads()
+    def finish(V, red, last, acc, n_tile, k_split, tx):
+        T.sync_threads()  # TileLang cannot see the ring reads (tilert_lds16): `red` may share their bytes
         reduce_warps(red, acc, tx)
         if SPLIT == 1:
             store_direct(V[3], red, n_tile, tx)
         else:
             store_split(V[3], V[4], V[5], red, last, n_tile, k_split, tx)
-        T.sync_threads()  # shared memory free for whatever runs next on this CTA
+        T.sync_threads()
 
-    return gemv_tile
+    @T.macro
+    def gemv_tile(V, n_tile, k_split):
+        if import_prelude:
+            T.import_source(GEMV_PRELUDE)
+        Wv = T.view(V[1], shape=[N, RW], dtype=u32)
+        ring, xs, scw, scf, red, last = alloc(False)
+        wq, xb, af, ml, sq, part, acc = regs()
+        tx = T.get_thread_binding()
+        for i in T.unroll(G * NT * 4):
+            acc[i] = T.float32(0)
+        for j in T.unroll(D - 1):  # the weights first; x and scales in chunk 0's group
+            issue(Wv, ring, n_tile, k_split, j, j, tx)
+            if j == 0:
+                stage(V[0], V[2], xs, scw, scf, n_tile, k_split, 0, tx)
+            T.ptx_commit_group()
+        T.call_extern("handle", f"tilert_cp_async_wait<{D - 2}>")  # this thread's chunk 0, x, scales ...
+        T.sync_threads()  # ... and everyone's
+        for j in T.serial(ITEMS):
+            T.call_extern("handle", f"tilert_cp_async_wait<{D - 2}>")
+            issue(Wv, ring, n_tile, k_split, j + D - 1, (j + D - 1) % D, tx)
+            T.ptx_commit_group()
+            compute(ring, xs, scw, scf, wq, xb, af, ml, sq, part, acc, n_tile, k_split, j, j % D, 0, tx)
+        finish(V, red, last, acc, n_tile, k_split, tx)
+
+    @T.macro
+    def gemv_tile_prefetch(V, n_tile, k_split, Vn, n_tile_n, k_split_n, has_next, first, b, base):
+        if import_prelude:
+            T.import_source(GEMV_PRELUDE)
+        Wv = T.view(V[1], shape=[N, RW], dtype=u32)
+        Wn = T.view(Vn[1], shape=[N, RW], dtype=u32)
+        ring, xs, scw, scf, red, last = alloc(True)
+        wq, xb, af, ml, sq, part, acc = regs()
+        tx = T.get_thread_binding()
+        for i in T.unroll(G * NT * 4):
+            acc[i] = T.float32(0)
+        if first:  # later tasks' first chunks were issued by the task before
+            for j in T.unroll(D - 1):
+                issue(Wv, ring, n_tile, k_split, j, (base + j) % D, tx)
+                if j == 0:
+                    stage(V[0], V[2], xs, scw, scf, n_tile, k_split, b, tx)
+                T.ptx_commit_group()
+        T.call_extern("handle", f"tilert_cp_async_wait<{D - 2}>")
+        T.sync_threads()
+        for j in T.serial(ITEMS):
+            T.call_extern("handle", f"tilert_cp_async_wait<{D - 2}>")
+            if j + D - 1 < ITEMS:
+                issue(Wv, ring, n_tile, k_split, j + D - 1, (base + j + D - 1) % D, tx)
+            elif has_next:  # the next task's chunk j + D - 1 - ITEMS (its x and scales with its first)
+                issue(Wn, ring, n_tile_n, k_split_n, j + D - 1 - ITEMS, (base + j + D - 1) % D, tx)
+                if j + D - 1 == ITEMS:
+                    stage(Vn[0], Vn[2], xs, scw, scf, n_tile_n, k_split_n, 1 - b, tx)
+            T.ptx_commit_group()
+            compute(ring, xs, scw, scf, wq, xb, af, ml, sq, part, acc, n_tile, k_split, j, (base + j) % D, b, tx)
+        finish(V, red, last, acc, n_tile, k_split, tx)
+
+    return gemv_tile_prefetch if prefetch else gemv_tile
 
 
 def make_kernel(cfg: Config):
@@ -518,17 +597,21 @@ def make_kernel(cfg: Config):
     return gemv_split
 
 
-def make_stream_kernel(cfg: Config, copies: int, sms: int):
+def make_stream_kernel(cfg: Config, copies: int, sms: int, prefetch: bool = False):
     """Persistent task stream: `sms` CTAs (one per SM), each looping over its share of the
     copies x tiles tasks (task i on CTA i % sms, back to back, no waits between tasks); copy c's
-    views are row c of the pointer table Ptrs [copies, len(views(cfg))] (`views.pointer_row`)."""
+    views are row c of the pointer table Ptrs [copies, len(views(cfg))] (`views.pointer_row`).
+    prefetch: each task issues the next one's first chunks (make_body's prefetch form)."""
     import tilelang.language as T
 
     from tilert.kernels.views import make_views
 
-    body = make_body(cfg)
+    if prefetch and not prefetch_ok(cfg):
+        raise ValueError(f"GEMV stream prefetch needs depth - 1 <= {cfg.items} chunks and the doubled buffers: {cfg}")
+    body = make_body(cfg, prefetch=prefetch)
     specs = views(cfg)
     tasks = copies * cfg.tiles
+    T_ = cfg.tiles
 
     @T.prim_func
     def gemv_stream(Ptrs: T.Tensor((copies, len(specs)), T.ptr)):
@@ -536,7 +619,14 @@ def make_stream_kernel(cfg: Config, copies: int, sms: int):
             for it in T.serial(cdiv(tasks, sms)):
                 task = it * sms + bx
                 if task < tasks:
-                    body(make_views(Ptrs, task // cfg.tiles, specs), (task % cfg.tiles) // cfg.split, task % cfg.split)
+                    V = make_views(Ptrs, task // T_, specs)
+                    if prefetch:
+                        nxt = T.min(task + sms, tasks - 1)
+                        Vn = make_views(Ptrs, nxt // T_, specs)
+                        body(V, (task % T_) // cfg.split, task % cfg.split, Vn, (nxt % T_) // cfg.split,
+                             nxt % cfg.split, task + sms < tasks, it == 0, it % 2, it * cfg.items)  # fmt: skip
+                    else:
+                        body(V, (task % T_) // cfg.split, task % cfg.split)
 
     return gemv_stream
 
@@ -547,8 +637,9 @@ def compiled(cfg: Config):
 
 
 @functools.cache
-def compiled_stream(cfg: Config, copies: int, sms: int):
-    return build(make_stream_kernel(cfg, copies, sms), what=f"gemv stream {cfg} x {copies} on {sms} SMs")
+def compiled_stream(cfg: Config, copies: int, sms: int, prefetch: bool = False):
+    what = f"gemv stream {cfg} x {copies} on {sms} SMs{' (prefetch)' if prefetch else ''}"
+    return build(make_stream_kernel(cfg, copies, sms, prefetch), what=what)
 
 
 # --- choosing a tiling -------------------------------------------------------------------------
@@ -727,7 +818,9 @@ def check(cfg: Config, seed: int | None = None, wscale: float = 0.05) -> float:
     return rel_err(t["y"], reference(cfg.fmt, t["x"], t["w"], t["s"]))
 
 
-def check_stream(cfg: Config, copies: int = 3, sms: int = 132, seed: int | None = None) -> float:
+def check_stream(
+    cfg: Config, copies: int = 3, sms: int = 132, seed: int | None = None, prefetch: bool = False
+) -> float:
     """The persistent task stream over `copies` independent problems (fresh inputs, poisoned
     outputs): the largest relative error over the copies."""
     import torch
@@ -741,7 +834,7 @@ def check_stream(cfg: Config, copies: int = 3, sms: int = 132, seed: int | None 
             t["ws"] = torch.full((cfg.split, cfg.m, cfg.n), float("nan"), device=t["x"].device)
             t["cnt"] = torch.zeros(cfg.n_tiles, dtype=torch.int32, device=t["x"].device)
     rows = [pointer_row([t[name] for name, _, _ in specs], specs, "gemv stream") for t in sets]
-    compiled_stream(cfg, copies, sms)(torch.cat(rows).to(sets[0]["x"].device))
+    compiled_stream(cfg, copies, sms, prefetch)(torch.cat(rows).to(sets[0]["x"].device))
     return max(rel_err(t["y"], reference(cfg.fmt, t["x"], t["w"], t["s"])) for t in sets)
 
 
