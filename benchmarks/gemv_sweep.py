@@ -67,13 +67,15 @@ def variants(fmt: str, m: int, n: int, k: int, sms: int = SMS) -> list[gemv.Conf
 
 def stream_variants(fmt: str, m: int, n: int, k: int, sms: int = SMS) -> list[gemv.Config]:
     """Tilings for the persistent task stream (one CTA per SM): the 1-CTA picks whose tiles fill
-    the SMs once and twice per weight copy."""
+    the SMs once and twice per weight copy, and the one without split-K (few large tasks per copy:
+    the small k/v projections stream as a step would run them, beside other work)."""
     cands = [c for c in gemv.candidates(fmt, m, n, k, sms) if c.ctas == 1]
     key = lambda c: (gemv.model_time(c, sms), c.split, c.depth)  # noqa: E731
     out = []
-    for lo, hi in ((0.7, 1.0), (1.4, 2.0)):
-        sub = [c for c in cands if lo * sms <= c.tiles <= hi * sms]
-        if sub:
+    for pred in (lambda c: 0.7 * sms <= c.tiles <= sms, lambda c: 1.4 * sms <= c.tiles <= 2 * sms,
+                 lambda c: c.split == 1):  # fmt: skip
+        sub = [c for c in cands if pred(c)]
+        if sub and min(sub, key=key) not in out:
             out.append(min(sub, key=key))
     return out or [min(cands, key=key)]
 
@@ -361,10 +363,22 @@ def run(
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"kernels-{dev_name.replace(' ', '-').lower()}.json"
-    path.write_text(json.dumps(doc, indent=1))
+    path.write_text(json.dumps(keep_other_run(path, doc, "results"), indent=1))
     print_table(doc)
     print("wrote", path)
     return path
+
+
+def keep_other_run(path: Path, doc: dict, key: str) -> dict:
+    """doc plus section `key` of the results file already at path (benchmarks/kernels.py's
+    "results", or this sweep's "gemv"), with that run's date, commit and copy bandwidth under
+    key + "_run": both benchmarks write kernels-<device>.json without dropping the other's figures."""
+    if path.exists():
+        old = json.loads(path.read_text())
+        if key in old:
+            doc[key] = old[key]
+            doc[key + "_run"] = old.get(key + "_run") or {f: old.get(f) for f in ("date", "commit", "copy_bw_tbps")}
+    return doc
 
 
 def print_table(doc: dict) -> None:

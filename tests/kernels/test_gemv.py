@@ -27,6 +27,7 @@ ODD = [
     C("fp8", 3, 136, 32 * 37, wr=1, g=4, split=1, depth=4),
     C("fp8", 7, 300, 2048 + 96, wr=4, g=1, split=3, depth=3, ctas=2),
     C("fp8", 1, 192, 6144, wr=1, g=1, split=11, depth=3),
+    C("fp8", 4, 24, 64, wr=8, g=1, split=1, depth=2),  # the tiny models' shapes: 1 chunk, 24 of 128 rows
 ]
 STREAM = [
     C("fp8", 8, 192, 6144, wr=1, g=1, split=6, depth=3),
@@ -75,6 +76,15 @@ def test_pick_config_fits_and_covers(shape):
         assert gemv.smem_bytes(cfg) * cfg.ctas <= gemv.SMEM_LIMIT
         assert cfg.ncs >= cfg.wk and (cfg.split - 1) * cfg.ncs < cfg.chunks
         assert cfg.tiles <= 8 * 132
+
+
+@pytest.mark.parametrize("n, k", [(16, 64), (24, 64), (48, 64), (8, 32)])
+def test_pick_config_takes_tiny_shapes(n, k):
+    # the tiny test models' projections (fewer chunks than warps along k, fewer rows than a tile)
+    for fmt in ("fp8", "mxfp4"):
+        for m in (1, 4, 16):
+            cfg = gemv.pick_config(fmt, m, n, k)
+            assert cfg.split == 1 and (cfg.m, cfg.n, cfg.k) == (m, n, k)
 
 
 def test_model_prefers_filling_the_sms():

@@ -60,8 +60,11 @@ def test_sweep_runs_checks_and_writes_its_table(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(gemv, "compiled_stream", _fake_stream)
     monkeypatch.setattr(mxfp4_gemm, "compiled", _fake_old("mxfp4"))
     monkeypatch.setattr(fp8_gemm, "compiled", _fake_old("fp8"))
+    other = {"date": "then", "commit": "abc", "copy_bw_tbps": 3.1, "results": [{"kernel": "fused_moe"}]}
+    (tmp_path / "kernels-cpu.json").write_text(json.dumps(other))  # benchmarks/kernels.py's run: kept
     path = S.run([], (1, 3), 132, 2, 600.0, tmp_path, device="cpu")
     doc = json.loads(path.read_text())
+    assert doc["results"] == other["results"] and doc["results_run"]["commit"] == "abc"
     assert path.name == "kernels-cpu.json" and doc["copy_bw_tbps"] == 3.0
     recs = {(r["shape"], r["m"]): r for r in doc["gemv"]}
     assert set(recs) == {(s, m) for s in ("tiny_fp8", "tiny_mx") for m in (1, 3)}

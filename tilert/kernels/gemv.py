@@ -722,9 +722,15 @@ def pick_config(fmt: str, m: int, n: int, k: int, sms: int = 132) -> Config:
         wr, g, split, depth, ctas = hit
         return Config(fmt, m, n, k, wr, g, split, depth, ctas)
     cands = candidates(fmt, m, n, k, sms)
-    if not cands:
-        raise ValueError(f"no GEMV tiling for {fmt} M={m}, N={n}, K={k}")
-    return min(cands, key=lambda c: (round(model_time(c, sms) * 1e8), c.split, c.ctas, c.depth, -c.g))
+    if cands:
+        return min(cands, key=lambda c: (round(model_time(c, sms) * 1e8), c.split, c.ctas, c.depth, -c.g))
+    # tiny shapes (fewer chunks than warps along k and a few rows): 8 row warps, one split that fits
+    for split in range(1, cdiv(k, CHUNK_ELEMS[fmt]) + 1):
+        try:
+            return Config(fmt, m, n, k, wr=8, g=1, split=split, depth=2)
+        except ValueError:
+            continue
+    raise ValueError(f"no GEMV tiling for {fmt} M={m}, N={n}, K={k}")
 
 
 # --- host side -------------------------------------------------------------------------------
