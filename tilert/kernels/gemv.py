@@ -21,10 +21,11 @@ Body `gemv_tile(V, n_tile, k_split)`, V = the tensors of `views(cfg)` (X, W, S, 
              (depth - 1) x 8 KB x g.
   x, scales  the tile's x slice (M rows x its k range, bf16, 16-byte units XOR-swizzled so a
              quarter-warp's reads hit distinct banks) and block scales are staged in shared memory
-             once, issued with the first chunk (MXFP4 scales by cp.async when the rows are 16-byte
-             aligned, else byte loads), behind one barrier.
-  decode     in registers: MXFP4 via tilert_e2m1x2 (the block scale folded into its bf16x2 multiply),
-             FP8 via tilert_e4m3x2 exactly, the chunk's fp32 product times its 128x128 scale.
+             once by cp.async in the first chunk's group (MXFP4 scale rows that are not 16-byte
+             aligned, odd K: byte loads); the first chunk's wait and one barrier gate the loop.
+  decode     in registers, 4 instructions per bf16 pair: MXFP4 by tilert_e2m1x2_lh (the block
+             scale folded into its bf16x2 multiply; codes > 128: a warp-uniform second multiply),
+             FP8 by tilert_e4m3x2_sx exactly, the chunk's fp32 product times its 128x128 scale.
   epilogue   the wk warps of a row slice reduce through shared memory; split == 1 stores Y; split > 1
              stores the CTA's partial in WS[k_split] and the last of the tile's `split` CTAs (arrival
              counter CNT[n_tile], reset by that CTA) sums the partials in split order into Y: every
@@ -61,10 +62,10 @@ CHUNK_BYTES = 64  # bytes of one weight row per chunk: 4 lanes x 16 bytes
 CHUNK_ELEMS = {"mxfp4": 128, "fp8": 64}
 SMEM_LIMIT = 227 * 1024  # shared memory one SM offers its CTAs (H100, H200)
 
-# DEVICE_PRELUDE plus the GEMV's own helper (moves into DEVICE_PRELUDE when the persistent step
-# adopts the body: a persistent kernel imports one prelude). The ring is read through a helper so
-# TileLang's barrier insertion does not see a shared buffer read that a later cp.async (to a slot
-# this thread alone owns) would need a __syncthreads against.
+# DEVICE_PRELUDE plus the GEMV's helpers (they move into DEVICE_PRELUDE when the persistent step
+# adopts the body: a persistent kernel imports one prelude). The ring is read and waited on through
+# helpers so TileLang's barrier insertion sees neither: its slots are private to a thread, and a
+# __syncthreads per chunk would only stall the warps.
 GEMV_PRELUDE = (
     DEVICE_PRELUDE
     + r"""
