@@ -2,6 +2,7 @@
 CPU, sm_90a compiles (skipped without nvcc), correctness on a Hopper GPU (skipped without one)."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -176,8 +177,11 @@ def _compile_set() -> list[gemv.Config]:
 def test_compiles_for_sm90a_without_mainloop_barriers(cfg):
     from tilert.kernels import sass
 
-    src = gemv.compiled(cfg).get_kernel_source()
+    kern = gemv.compiled(cfg)
+    src = kern.get_kernel_source()
     assert "tilert_cp_async16" in src and "tilert_cp_async_wait" in src and "mma_sync" in src
+    dyn = _dynamic_smem(kern.get_host_source())
+    assert dyn is None or dyn <= gemv.smem_bytes(cfg), (dyn, gemv.smem_bytes(cfg))
     # the private rings need no barrier in the mainloop: prologue, after the loop, the reduction,
     # the end (+ the split-K hand-over's two)
     assert src.count("__syncthreads()") == 4 + 2 * (cfg.split > 1), cfg
@@ -188,13 +192,28 @@ def test_compiles_for_sm90a_without_mainloop_barriers(cfg):
         assert "LDL" not in code and "STL" not in code, f"{cfg}: registers spilled to local memory"
 
 
+def _dynamic_smem(host: str) -> int | None:
+    """The dynamic shared memory a TileLang host stub launches with (the value after the block
+    dims 256, 1, 1), or None when the stub's form is not recognised."""
+    vals = [int(v) for v in re.findall(r"v_int64\) = \(\(int64_t\)(\d+)\)", host)]
+    at = [j + 3 for j in range(len(vals) - 3) if vals[j : j + 3] == [256, 1, 1]]
+    return vals[at[0]] if at else None
+
+
+def _static_smem(src: str) -> int:
+    return sum(int(n) * 4 for n in re.findall(r"__shared__ __align__\(16\) (?:float|int) \w+\[(\d+)\]", src))
+
+
 @needs_toolchain
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_stream_launcher_compiles(prefetch):
     for cfg in STREAM if THOROUGH else STREAM[:1]:
-        src = gemv.compiled_stream(cfg, 2, 132, prefetch).get_kernel_source()
+        kern = gemv.compiled_stream(cfg, 2, 132, prefetch)
+        src = kern.get_kernel_source()
         assert "Ptrs" in src and src.count("__syncthreads()") == 4 + 2 * (cfg.split > 1)
+        dyn = _dynamic_smem(kern.get_host_source())
+        assert dyn is None or dyn + _static_smem(src) <= gemv.smem_bytes(cfg, prefetch)
         # prefetch: the reduction buffers must stay out of the merged block the next task's copies land in
         assert ("__shared__ __align__(16) float red[" in src) == prefetch
 

@@ -227,7 +227,7 @@ def smem_bytes(cfg: Config, prefetch: bool = False) -> int:
     if cfg.fmt == "mxfp4":
         sc = cfg.rows * cdiv(cfg.ncs, 4) * 16
     else:
-        sc = cdiv(cfg.rows, 128) * (cfg.ncs // 2 + 1) * 4
+        sc = cdiv(cdiv(cfg.rows, 128) * (cfg.ncs // 2 + 1) * 4, 16) * 16  # buffers start 16-byte aligned
     red = cfg.wk * 8 * cfg.nt * cfg.rows * 4
     return ring + (2 if prefetch else 1) * (xs + sc) + red + 16
 
