@@ -78,7 +78,7 @@ def bench_sdpa(cfg: AttnConfig, ctx: int) -> float | None:
     j = torch.arange(ctx, device="cuda")[None]
     vis = j <= qp
     if cfg.window:
-        vis &= j >= qp - cfg.window
+        vis &= j > qp - cfg.window  # W keys, the query included (tilert.ops.attention)
     try:
         us = _time_graph(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=vis, scale=cfg.scale), iters=10)
     except Exception as e:

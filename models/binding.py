@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from tilert.ir.graph import Graph, Value
-from tilert.models.weights import WeightError
+from tilert.models.weights import UPCASTS, WeightError
 from tilert.ops.qtensor import QTensor
 
 FP8_BLOCK = 128
@@ -103,6 +103,8 @@ def bind_param(v: Value, weights: Mapping[str, torch.Tensor]) -> torch.Tensor | 
     sl = src.get("slice")
     if "tensor" in src:
         t = _get(weights, src["tensor"])
+        if v.dtype.name == "f32" and t.dtype in UPCASTS[torch.float32]:
+            t = t.float()  # a bf16-stored router/sink bias, upcast as upstream loaders do
         out = slice_weight(t, sl[0], sl[1], sl[2]) if sl else t
     elif "linear" in src:
         parts = [load_linear(weights, p, v.dtype.name) for p in src["linear"]]
@@ -126,12 +128,22 @@ def bind_param(v: Value, weights: Mapping[str, torch.Tensor]) -> torch.Tensor | 
     return out
 
 
+LOAD_BAR_BYTES = 1 << 30  # a load of at least this much shows a progress bar (on a terminal)
+
+
 def bind_params(
     graph: Graph, weights: Mapping[str, torch.Tensor], cache: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Runtime objects for every param of the graph (reusing `cache` entries by name)."""
+    from tilert.progress import progress
+
     cache = {} if cache is None else cache
-    for v in graph.by_role("param"):
-        if v.name not in cache:
+    todo = [v for v in graph.by_role("param") if v.name not in cache]
+    nbytes = sum(v.nbytes for v in todo)
+    rank = graph.meta.get("rank")
+    desc = "load weights" + (f" (rank {rank})" if rank is not None else "")
+    with progress(total=nbytes if nbytes >= LOAD_BAR_BYTES else 0, desc=desc, unit="B", unit_scale=True) as bar:
+        for v in todo:
             cache[v.name] = bind_param(v, weights)
+            bar.update(v.nbytes)
     return cache

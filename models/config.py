@@ -13,6 +13,28 @@ from pathlib import Path
 from typing import Any
 
 QUANT_CHOICES = ("mxfp4", "fp8", "bf16")
+# Sliding-window conventions, by the keys a query at position p sees for a window W:
+#   "transformers"    (default; transformers' `kv_idx > q_idx - W`, vLLM's FlashAttention (W-1, 0)):
+#                      the W keys p-W+1 .. p, the query included;
+#   "flash_attention" (FlashAttention's window (W, 0) read literally, SGLang's FA3 backend):
+#                      the W+1 keys p-W .. p.
+# Every attention implementation takes the window as a key count (`window_keys`), so the convention
+# is decided here once.
+WINDOW_CONVENTIONS = {"transformers": 0, "flash_attention": 1}
+DRAFTER_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def window_keys(window: int, convention: str = "transformers") -> int:
+    """Keys a query sees on its side of a sliding window W (itself included); 0 = no window."""
+    if convention not in WINDOW_CONVENTIONS:
+        raise ConfigError(f"sliding-window convention must be one of {sorted(WINDOW_CONVENTIONS)}, got {convention!r}")
+    return window + WINDOW_CONVENTIONS[convention] if window > 0 else 0
+
+
+def rotary_dim(partial_rotary_factor: float, head_dim: int) -> int:
+    """Leading dims of a head that RoPE rotates (NeoX halves): factor x head_dim, rounded, even."""
+    d = int(round(partial_rotary_factor * head_dim))
+    return d - d % 2
 
 
 class ConfigError(ValueError):
@@ -30,13 +52,19 @@ class AttentionSpec:
     v_head_dim: int
     rope_dim: int  # leading dims of q/k that are rotated (NeoX halves)
     rope_theta: float
-    window: int  # 0 = full attention; else a query at p sees keys p-window .. p
+    window: int  # 0 = full attention; else a query at p sees the `window` keys p-window+1 .. p
     sink: bool
 
 
 @dataclass(frozen=True)
 class DFlashConfig:
-    """The DFlash block drafter (DESIGN §7)."""
+    """The DFlash block drafter (DESIGN §7; semantics and sources in docs/speculative.md).
+
+    Per layer: attention type (`layer_types`: full_attention | sliding_attention) and causality
+    (`is_causal`; None = the reference repository's rule: sliding layers causal, full layers not).
+    A sliding layer masks each query row on its own: key k is visible to the query at q iff
+    q - k < W (and k - q < W unless causal), W = `window_keys(sliding_window_size, convention)`.
+    """
 
     num_hidden_layers: int
     hidden_size: int
@@ -49,6 +77,34 @@ class DFlashConfig:
     sliding_window_size: int
     rope_theta: float
     mask_token_id: int
+    rms_norm_eps: float = 1e-6
+    layer_types: tuple[str, ...] = ()  # () = every layer sliding if sliding_window_size > 0, else full
+    is_causal: bool | None = False
+    partial_rotary_factor: float = 1.0
+    attention_value_scale: float = 1.0  # v (context and block rows) is scaled before attention
+    attention_sink: bool = False  # per-layer `self_attn.attention_sink_bias` (one logit per query head)
+    mask_embedding: bool = False  # `dflash.mask_embedding` replaces the mask token's embedding
+    sliding_window_convention: str = "transformers"
+
+    def layer_type(self, i: int) -> str:
+        if self.layer_types:
+            return self.layer_types[i]
+        return "sliding_attention" if self.sliding_window_size > 0 else "full_attention"
+
+    def layer_window(self, i: int) -> int:
+        """Keys a query sees on each side (itself included) in layer i; 0 = no window."""
+        if self.layer_type(i) != "sliding_attention":
+            return 0
+        return window_keys(self.sliding_window_size, self.sliding_window_convention)
+
+    def layer_causal(self, i: int) -> bool:
+        if self.is_causal is None:
+            return self.layer_type(i) == "sliding_attention"
+        return self.is_causal
+
+    @property
+    def rope_dim(self) -> int:
+        return rotary_dim(self.partial_rotary_factor, self.head_dim)
 
 
 @dataclass(frozen=True)
@@ -97,6 +153,7 @@ class ModelConfig:
     hidden_act: str
     layernorm_epsilon: float
     routed_scaling_factor: float = 1.0
+    sliding_window_convention: str = "transformers"  # see WINDOW_CONVENTIONS
     max_position_embeddings: int = 1 << 20
     tie_word_embeddings: bool = False
     num_nextn_predict_layers: int = 0
@@ -121,13 +178,12 @@ class ModelConfig:
             v_head_dim=self.swa_v_head_dim if s else self.v_head_dim,
             rope_dim=self.rope_dim(hd),
             rope_theta=self.swa_rope_theta if s else self.rope_theta,
-            window=self.sliding_window_size if s else 0,
+            window=window_keys(self.sliding_window_size, self.sliding_window_convention) if s else 0,
             sink=self.add_swa_attention_sink_bias if s else self.add_full_attention_sink_bias,
         )
 
     def rope_dim(self, head_dim: int) -> int:
-        d = int(round(self.partial_rotary_factor * head_dim))
-        return d - d % 2
+        return rotary_dim(self.partial_rotary_factor, head_dim)
 
     def first_layers(self, n: int) -> ModelConfig:
         """The model cut to its first `n` layers: same widths and layer kinds in order, the drafter's
@@ -183,6 +239,13 @@ def _check(raw: dict[str, Any], key: str, kind: str, where: str = "", default: A
     return float(v) if kind == _FLOAT else v
 
 
+def _check_nullable(raw: dict[str, Any], key: str, null: float, default: Any = ...) -> float:
+    """A float field whose JSON null means `null` (published configs write null for "no scaling")."""
+    if key in raw and raw[key] is None:
+        return null
+    return _check(raw, key, _FLOAT, default=default)
+
+
 def _positive(cfg: dict[str, Any], *keys: str, where: str = "") -> None:
     for k in keys:
         if cfg[k] <= 0:
@@ -208,16 +271,20 @@ def parse_config(raw: dict[str, Any], name: str = "custom") -> ModelConfig:
         "topk_group",
         "sliding_window_size",
     ]
+    raw = _published_aliases(raw)
     c: dict[str, Any] = {k: _check(raw, k, _INT) for k in ints}
     _positive(c, *ints)
     c["v_head_dim"] = _check(raw, "v_head_dim", _INT, default=c["head_dim"])
     for k in ("num_attention_heads", "num_key_value_heads", "head_dim", "v_head_dim"):
         c[f"swa_{k}"] = _check(raw, f"swa_{k}", _INT, default=c[k])
     _positive(c, "v_head_dim", "swa_num_attention_heads", "swa_num_key_value_heads", "swa_head_dim", "swa_v_head_dim")
-    for k in ("attention_value_scale", "partial_rotary_factor", "rope_theta", "layernorm_epsilon"):
+    for k in ("partial_rotary_factor", "rope_theta", "layernorm_epsilon"):
         c[k] = _check(raw, k, _FLOAT)
     c["swa_rope_theta"] = _check(raw, "swa_rope_theta", _FLOAT, default=c["rope_theta"])
-    c["routed_scaling_factor"] = _check(raw, "routed_scaling_factor", _FLOAT, default=1.0)
+    # published configs write null for "no scaling" (1.0; the serving code skips the multiply)
+    c["attention_value_scale"] = _check_nullable(raw, "attention_value_scale", null=1.0)
+    c["routed_scaling_factor"] = _check_nullable(raw, "routed_scaling_factor", null=1.0, default=1.0)
+    c["sliding_window_convention"] = _convention(raw, "")
     for k in ("add_swa_attention_sink_bias", "add_full_attention_sink_bias", "norm_topk_prob"):
         c[k] = _check(raw, k, _BOOL)
     c["tie_word_embeddings"] = _check(raw, "tie_word_embeddings", _BOOL, default=False)
@@ -258,6 +325,7 @@ def parse_config(raw: dict[str, Any], name: str = "custom") -> ModelConfig:
         raise ConfigError(f"config field 'hidden_act' must be 'silu', got {c['hidden_act']!r}")
     if c["layernorm_epsilon"] <= 0:
         raise ConfigError("config field 'layernorm_epsilon' must be > 0")
+    _check_unsupported(raw)
 
     q = raw.get("quantization", {})
     if not isinstance(q, dict):
@@ -273,12 +341,69 @@ def parse_config(raw: dict[str, Any], name: str = "custom") -> ModelConfig:
             if c[k] % 32:
                 raise ConfigError(f"config field '{k}' must be a multiple of 32 for MXFP4 experts")
     c["dflash"] = (
-        _parse_dflash(raw["dflash"], L, c["vocab_size"], c["hidden_size"]) if raw.get("dflash") is not None else None
+        _parse_dflash(raw["dflash"], L, c["vocab_size"], c["hidden_size"], c["layernorm_epsilon"])
+        if raw.get("dflash") is not None
+        else None
     )
     return ModelConfig(name=name, **c)
 
 
-def _parse_dflash(raw: Any, num_layers: int, vocab: int, hidden: int) -> DFlashConfig:
+# HF spellings of fields this family names otherwise: (tilert/hub name, the other spelling)
+_ALIASES = (("layernorm_epsilon", "rms_norm_eps"), ("sliding_window_size", "sliding_window"))
+
+
+def _published_aliases(raw: dict[str, Any]) -> dict[str, Any]:
+    """Map the other spelling of a field onto the hub name; both present must agree."""
+    out = dict(raw)
+    for name, other in _ALIASES:
+        if other not in out:
+            continue
+        if name not in out:
+            out[name] = out[other]
+        elif out[other] is not None and out[other] != out[name]:
+            raise ConfigError(f"config fields '{name}' ({out[name]!r}) and '{other}' ({out[other]!r}) disagree")
+    return out
+
+
+def _check_unsupported(raw: dict[str, Any]) -> None:
+    """Fields published configs carry that tilert ignores when they hold their usual value, and refuses
+    (naming the field) when a value would change the model: silently ignoring it would give wrong tokens."""
+    shared = raw.get("n_shared_experts")
+    if shared not in (None, 0):
+        raise ConfigError(f"config field 'n_shared_experts' must be 0 or null (no shared expert), got {shared!r}")
+    if raw.get("attention_bias") not in (None, False):
+        raise ConfigError(f"config field 'attention_bias' must be false (no q/k/v bias), got {raw['attention_bias']!r}")
+    rs = raw.get("rope_scaling")
+    if rs is not None and not (isinstance(rs, dict) and rs.get("rope_type", rs.get("type")) == "default"):
+        raise ConfigError(f"config field 'rope_scaling' must be null (RoPE scaling is not supported), got {rs!r}")
+    qc = raw.get("quantization_config")
+    if qc is None:
+        return
+    if not isinstance(qc, dict):
+        raise ConfigError(f"config field 'quantization_config' must be an object, got {qc!r}")
+    method = qc.get("quant_method")
+    if method not in ("fp8", "mxfp4"):
+        raise ConfigError(
+            f"config field 'quantization_config.quant_method' must be 'fp8' or 'mxfp4' (or no quantization_config), "
+            f"got {method!r}"
+        )
+    block = qc.get("weight_block_size")
+    if method == "fp8" and block is not None and list(block) != [128, 128]:
+        raise ConfigError(f"config field 'quantization_config.weight_block_size' must be [128, 128], got {block!r}")
+
+
+def _convention(raw: dict[str, Any], where: str) -> str:
+    v = _check(raw, "sliding_window_convention", _STR, where, default="transformers")
+    if v not in WINDOW_CONVENTIONS:
+        known = ", ".join(WINDOW_CONVENTIONS)
+        raise ConfigError(f"config field '{where}sliding_window_convention' must be one of {known}, got {v!r}")
+    return v
+
+
+def _parse_dflash(raw: Any, num_layers: int, vocab: int, hidden: int, target_eps: float) -> DFlashConfig:
+    """tilert's own drafter block (the target config's "dflash" object). Fields absent from older
+    configs keep their old meaning: rms_norm_eps = the target's, every layer bidirectional and
+    sliding iff sliding_window_size > 0, full RoPE, no value scale, sink or mask embedding."""
     if not isinstance(raw, dict):
         raise ConfigError("config field 'dflash' must be an object")
     w = "dflash."
@@ -294,7 +419,7 @@ def _parse_dflash(raw: Any, num_layers: int, vocab: int, hidden: int) -> DFlashC
         "mask_token_id",
     ]
     d: dict[str, Any] = {k: _check(raw, k, _INT, w) for k in ints}
-    _positive(d, *[k for k in ints if k != "mask_token_id"], where=w)
+    _positive(d, *[k for k in ints if k not in ("mask_token_id", "sliding_window_size")], where=w)
     d["rope_theta"] = _check(raw, "rope_theta", _FLOAT, w)
     ids = raw.get("target_layer_ids")
     if not isinstance(ids, list) or not ids or any(not isinstance(i, int) or not 0 <= i < num_layers for i in ids):
@@ -308,7 +433,40 @@ def _parse_dflash(raw: Any, num_layers: int, vocab: int, hidden: int) -> DFlashC
         raise ConfigError(f"config field 'dflash.mask_token_id' must be < vocab_size ({vocab})")
     if d["num_attention_heads"] % d["num_key_value_heads"]:
         raise ConfigError("config field 'dflash.num_attention_heads' must be a multiple of num_key_value_heads")
+    d["rms_norm_eps"] = _check(raw, "rms_norm_eps", _FLOAT, w, default=target_eps)
+    d["partial_rotary_factor"] = _check(raw, "partial_rotary_factor", _FLOAT, w, default=1.0)
+    d["attention_value_scale"] = _check(raw, "attention_value_scale", _FLOAT, w, default=1.0)
+    d["attention_sink"] = _check(raw, "attention_sink", _BOOL, w, default=False)
+    d["mask_embedding"] = _check(raw, "mask_embedding", _BOOL, w, default=False)
+    d["sliding_window_convention"] = _convention(raw, w)
+    causal = raw.get("is_causal", False)
+    if causal is not None and not isinstance(causal, bool):
+        raise ConfigError(f"config field 'dflash.is_causal' must be true, false or null, got {causal!r}")
+    d["is_causal"] = causal
+    types = raw.get("layer_types") or []
+    if not isinstance(types, list) or (types and len(types) != d["num_hidden_layers"]) or any(
+        t not in DRAFTER_LAYER_TYPES for t in types
+    ):
+        raise ConfigError(
+            f"config field 'dflash.layer_types' must list {d['num_hidden_layers']} of {', '.join(DRAFTER_LAYER_TYPES)}"
+        )
+    d["layer_types"] = tuple(types)
+    check_drafter(DFlashConfig(**d), "dflash.")
     return DFlashConfig(**d)
+
+
+def check_drafter(d: DFlashConfig, where: str = "") -> None:
+    """Value checks a drafter config must pass whichever layout it was read from."""
+    for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+              "head_dim", "block_size"):  # fmt: skip
+        if getattr(d, k) <= 0:
+            raise ConfigError(f"config field '{where}{k}' must be > 0, got {getattr(d, k)}")
+    if d.rms_norm_eps <= 0:
+        raise ConfigError(f"config field '{where}rms_norm_eps' must be > 0")
+    if not 0.0 < d.partial_rotary_factor <= 1.0 or d.rope_dim == 0:
+        raise ConfigError(f"config field '{where}partial_rotary_factor' must rotate an even number of dims in (0, 1]")
+    if any(d.layer_type(i) == "sliding_attention" for i in range(d.num_hidden_layers)) and d.sliding_window_size <= 0:
+        raise ConfigError(f"config field '{where}sliding_window_size' must be > 0 for sliding_attention layers")
 
 
 # ---- registry ---------------------------------------------------------------------------------

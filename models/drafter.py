@@ -1,17 +1,19 @@
-"""Graph of one DFlash drafter pass (DESIGN §7).
+"""Graph of one DFlash drafter pass (DESIGN §7; semantics and sources in docs/speculative.md).
 
-The block [anchor, MASK x (B-1)] is embedded with the target's embedding; C new context rows
-(target hidden states of the drafter's target layers, concatenated) are projected (fc) and
-RMS-normed, then appended to the drafter's KV cache at their positions. Each drafter layer
-attends from the block, bidirectionally, over cache entries below the block end, limited by the
-drafter window (a query at p sees keys >= p - W). Block K/V are written at the block's positions,
-past the committed context, so later context rows overwrite them: the cache keeps only context.
+The block [anchor, MASK x (B-1)] is embedded with the target's embedding (the mask token's row
+replaced by the drafter's own mask embedding when it ships one); C new context rows (target hidden
+states of the drafter's target layers, concatenated) are projected (fc) and RMS-normed, then
+appended to the drafter's KV cache at their positions. Each drafter layer attends from the block
+over cache entries below the block end, with the layer's own mask: full or sliding window (each
+query row has its own window), bidirectional or causal (DFlashConfig.layer_window/layer_causal).
+Block K/V are written at the block's positions, past the committed context, so later context rows
+overwrite them: the cache keeps only context.
 """
 
 from __future__ import annotations
 
 from tilert.ir.builder import GraphBuilder
-from tilert.ir.dtypes import BF16, I32
+from tilert.ir.dtypes import BF16, F32, I32
 from tilert.ir.graph import Graph
 from tilert.models.builder import dense_mlp, linear, lm_head, norm
 from tilert.models.config import ConfigError, ModelConfig
@@ -25,7 +27,7 @@ def build_drafter_graph(cfg: ModelConfig, *, context: int, max_seq: int = 4096) 
     d = cfg.dflash
     if d is None:
         raise ConfigError(f"model '{cfg.name}' has no 'dflash' drafter config")
-    B, Hd, D, eps = d.block_size, d.hidden_size, d.head_dim, cfg.layernorm_epsilon
+    B, Hd, D, eps = d.block_size, d.hidden_size, d.head_dim, d.rms_norm_eps
     nq, nkv = d.num_attention_heads, d.num_key_value_heads
     meta = {
         "model": cfg.name,
@@ -43,9 +45,12 @@ def build_drafter_graph(cfg: ModelConfig, *, context: int, max_seq: int = 4096) 
     cpos = b.input("ctx_positions", (context,), I32)
     table = b.param("model.embed_tokens", (cfg.vocab_size, cfg.hidden_size), BF16, tensor="model.embed_tokens.weight")
     x = b.op("embed", table, ids, name="dflash.embed")
+    if d.mask_embedding:
+        row = b.param("dflash.mask_embedding", (cfg.hidden_size,), BF16, tensor="dflash.mask_embedding")
+        x = b.op("embed_override", x, ids, row, name="dflash.embed_mask", token=d.mask_token_id)
     ctx = linear(b, feats, "dflash.fc", Hd, len(d.target_layer_ids) * cfg.hidden_size, "bf16")
     ctx = norm(b, ctx, "dflash.hidden_norm", Hd, eps)
-    rope = dict(head_dim=D, rope_dim=D, theta=d.rope_theta)
+    rope = dict(head_dim=D, rope_dim=d.rope_dim, theta=d.rope_theta)
     for i in range(d.num_hidden_layers):
         p = f"dflash.layers.{i}"
         a = f"{p}.self_attn"
@@ -62,22 +67,24 @@ def build_drafter_graph(cfg: ModelConfig, *, context: int, max_seq: int = 4096) 
             k = b.op("matmul", src, wk, name=f"{a}.k.{tag}")
             k = b.op("rope", b.op("head_rms_norm", k, kn, heads=nkv, eps=eps), sp, heads=nkv, **rope)
             v = b.op("matmul", src, wv, name=f"{a}.v.{tag}")
+            if d.attention_value_scale != 1.0:
+                v = b.op("scale", v, name=f"{a}.v_scaled.{tag}", factor=d.attention_value_scale)
             kc, vc = b.op("kv_append", kc, vc, k, v, sp, name=f"{a}.kv_{tag}")
+        ins = [q, kc, vc, pos]
+        if d.attention_sink:
+            ins.append(b.param(f"{a}.attention_sink_bias", (nq,), F32, tensor=f"{a}.attention_sink_bias"))
         o = b.op(
             "attention",
-            q,
-            kc,
-            vc,
-            pos,
+            *ins,
             name=f"{a}.attn",
             heads=nq,
             kv_heads=nkv,
             head_dim=D,
             v_head_dim=D,
             scale=D**-0.5,
-            window=d.sliding_window_size,
-            causal=False,
-            has_sink=False,
+            window=d.layer_window(i),
+            causal=d.layer_causal(i),
+            has_sink=d.attention_sink,
         )
         x = b.op("add", x, linear(b, o, f"{a}.o_proj", Hd, nq * D, "bf16"), name=f"{p}.attn_residual")
         h = norm(b, x, f"{p}.post_attention_layernorm", Hd, eps)

@@ -5,13 +5,13 @@ It exists so that the IR-based executor and this file, written separately from t
 all arithmetic is float32 (RoPE angles in float64, then cast), on whatever device the weights are.
 
 Conventions that another implementation must match:
-- Position p of the target sees keys at positions max(0, p-W) .. p on sliding layers (W = window),
-  0 .. p on full layers; the sink logit joins only the softmax denominator.
+- Position p of the target sees keys at positions max(0, p-W+1) .. p on sliding layers (W =
+  `AttentionSpec.window`, the key count the config's sliding-window convention gives), 0 .. p on
+  full layers; the sink logit joins only the softmax denominator.
 - `forward(..., return_hidden=True)` returns {i: residual stream after layer i} for every layer
   (pre final-norm, also for the last layer).
-- Drafter (see PlainDFlashDrafter): every block row sees the same keys: all B block rows plus the
-  context entries at positions start_pos - W .. start_pos - 1 (W = dflash.sliding_window_size,
-  start_pos = position of the anchor). RMSNorm eps is the target's layernorm_epsilon.
+- Drafter (see PlainDFlashDrafter): the published DFlash semantics (docs/speculative.md): per layer
+  full or sliding attention, bidirectional or causal, each block row with its own window.
 """
 
 from __future__ import annotations
@@ -51,11 +51,25 @@ def rope(x: torch.Tensor, pos: torch.Tensor, rope_dim: int, theta: float) -> tor
 
 
 def causal_window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
-    """[T, S] bool: key visible iff k <= q and (window == 0 or k >= q - window)."""
+    """[T, S] bool: key visible iff k <= q and (window == 0 or k > q - window): W keys, q included."""
     qp, kp = q_pos[:, None], k_pos[None, :]
     allowed = kp <= qp
     if window:
-        allowed &= kp >= qp - window
+        allowed &= kp > qp - window
+    return allowed
+
+
+def drafter_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, causal: bool) -> torch.Tensor:
+    """[T, S] bool, as the DFlash reference masks a drafter layer: causal keeps k <= q; a window W
+    keeps q - k < W and, unless causal, k - q < W (each query row on its own)."""
+    qp, kp = q_pos[:, None], k_pos[None, :]
+    allowed = torch.ones(qp.shape[0], kp.shape[1], dtype=torch.bool, device=q_pos.device)
+    if causal:
+        allowed &= kp <= qp
+    if window:
+        allowed &= qp - kp < window
+        if not causal:
+            allowed &= kp - qp < window
     return allowed
 
 
@@ -262,6 +276,7 @@ class PlainModel(nn.Module):
 class _DrafterLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, i: int, weights: dict[str, torch.Tensor]) -> None:
         super().__init__()
+        d = cfg.dflash
         p = f"dflash.layers.{i}."
         for n in ("q", "k", "v", "o"):
             self.register_buffer(f"w_{n}", dequantize_weight(weights, f"{p}self_attn.{n}_proj"))
@@ -269,9 +284,12 @@ class _DrafterLayer(nn.Module):
         self.register_buffer("k_norm", _f32(weights, p + "self_attn.k_norm.weight"))
         self.register_buffer("ln1", _f32(weights, p + "input_layernorm.weight"))
         self.register_buffer("ln2", _f32(weights, p + "post_attention_layernorm.weight"))
+        sink = _f32(weights, p + "self_attn.attention_sink_bias") if d.attention_sink else None
+        self.register_buffer("sink", sink)
         self.mlp = PlainMLP(weights, p + "mlp.")
+        self.window, self.causal = d.layer_window(i), d.layer_causal(i)
         self.k_ctx: torch.Tensor | None = None  # [S, Hkv, d] after k_norm and RoPE
-        self.v_ctx: torch.Tensor | None = None
+        self.v_ctx: torch.Tensor | None = None  # [S, Hkv, d] after the value scale
 
 
 class PlainDFlashDrafter(nn.Module):
@@ -280,11 +298,12 @@ class PlainDFlashDrafter(nn.Module):
     Context rows are fc(concat of target hidden states at target_layer_ids) -> hidden_norm; every
     layer projects the same context features to k/v (k_norm, RoPE at the token positions) and caches
     them. A block [anchor, MASK * (B-1)] at positions start_pos .. start_pos+B-1 (start_pos = the
-    anchor's position) is embedded with the target's embed_tokens; in each layer q comes from the
-    block only, k/v from concat(context, block). Window convention: every block row sees all B block
-    rows (bidirectional, no mask) and exactly the context entries at positions
-    start_pos - sliding_window_size .. start_pos - 1. No value scale, no sink. Block rows are never
-    cached.
+    anchor's position) is embedded with the target's embed_tokens (the mask token's row replaced by
+    `dflash.mask_embedding` when the drafter has one); in each layer q comes from the block only,
+    k/v from concat(context, block), masked as `drafter_mask` says for the layer's window and
+    causality. RMSNorm eps is the drafter's rms_norm_eps; RoPE (NeoX) on the first rope_dim dims;
+    v of context and block rows times attention_value_scale; the sink logit joins the softmax
+    denominator. Block rows are never cached.
     """
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], target: PlainModel | None = None) -> None:
@@ -294,7 +313,7 @@ class PlainDFlashDrafter(nn.Module):
         self.cfg, self.d = cfg, cfg.dflash
         if self.d.hidden_size != cfg.hidden_size:
             raise ValueError("the drafter shares embed_tokens/lm_head, so its hidden_size must equal the target's")
-        self.eps = cfg.layernorm_epsilon
+        self.eps = self.d.rms_norm_eps
         if target is not None:
             embed, head = target.embed, target.lm_head
         else:
@@ -302,6 +321,8 @@ class PlainDFlashDrafter(nn.Module):
             head = embed if cfg.tie_word_embeddings else dequantize_weight(weights, "lm_head")
         self.register_buffer("embed", embed)
         self.register_buffer("lm_head", head)
+        mask = _f32(weights, "dflash.mask_embedding") if self.d.mask_embedding else None
+        self.register_buffer("mask_embedding", mask)
         self.register_buffer("fc", dequantize_weight(weights, "dflash.fc"))
         self.register_buffer("hidden_norm", _f32(weights, "dflash.hidden_norm.weight"))
         self.register_buffer("norm", _f32(weights, "dflash.norm.weight"))
@@ -330,8 +351,8 @@ class PlainDFlashDrafter(nn.Module):
     def _heads(self, layer: _DrafterLayer, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.d
         k = rms_norm((x @ layer.w_k.T).view(-1, d.num_key_value_heads, d.head_dim), layer.k_norm, self.eps)
-        v = (x @ layer.w_v.T).view(-1, d.num_key_value_heads, d.head_dim)
-        return rope(k, pos, d.head_dim, d.rope_theta), v
+        v = (x @ layer.w_v.T).view(-1, d.num_key_value_heads, d.head_dim) * d.attention_value_scale
+        return rope(k, pos, d.rope_dim, d.rope_theta), v
 
     @torch.no_grad()
     def append_context(self, hidden: dict[int, torch.Tensor], start_pos: int | None = None) -> None:
@@ -349,6 +370,12 @@ class PlainDFlashDrafter(nn.Module):
             layer.k_ctx, layer.v_ctx = k, v
         self.ctx_pos = pos if self.ctx_pos is None else torch.cat([self.ctx_pos, pos])
 
+    def embed_block(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed[ids]
+        if self.mask_embedding is not None:
+            x = torch.where((ids == self.d.mask_token_id)[:, None], self.mask_embedding, x)
+        return x
+
     @torch.no_grad()
     def forward_block(self, block_ids: torch.Tensor | Sequence[int], start_pos: int) -> torch.Tensor:
         """Drafter logits [B, V] for an arbitrary block at positions start_pos.. (no caching)."""
@@ -356,20 +383,19 @@ class PlainDFlashDrafter(nn.Module):
         ids = torch.as_tensor(block_ids, dtype=torch.long, device=self.embed.device).reshape(-1)
         B = ids.numel()
         pos = torch.arange(start_pos, start_pos + B, device=ids.device)
-        if self.ctx_pos is None:
-            visible = torch.zeros(0, dtype=torch.bool, device=ids.device)
-        else:
-            visible = (self.ctx_pos >= start_pos - d.sliding_window_size) & (self.ctx_pos < start_pos)
-        allowed = torch.cat([visible, torch.ones(B, dtype=torch.bool, device=ids.device)])[None].expand(B, -1)
-        x = self.embed[ids]
+        ctx_pos = self.ctx_pos if self.ctx_pos is not None else pos[:0]
+        keys = torch.cat([ctx_pos[ctx_pos < start_pos], pos])  # context below the block, then the block
+        x = self.embed_block(ids)
         for layer in self.layers:
             h = rms_norm(x, layer.ln1, self.eps)
             q = rms_norm((h @ layer.w_q.T).view(B, d.num_attention_heads, d.head_dim), layer.q_norm, self.eps)
-            q = rope(q, pos, d.head_dim, d.rope_theta)
+            q = rope(q, pos, d.rope_dim, d.rope_theta)
             k, v = self._heads(layer, h, pos)
             if layer.k_ctx is not None:
-                k, v = torch.cat([layer.k_ctx, k]), torch.cat([layer.v_ctx, v])
-            o = attend(q, k, v, allowed, d.head_dim**-0.5)
+                below = ctx_pos < start_pos
+                k, v = torch.cat([layer.k_ctx[below], k]), torch.cat([layer.v_ctx[below], v])
+            allowed = drafter_mask(pos, keys, layer.window, layer.causal)
+            o = attend(q, k, v, allowed, d.head_dim**-0.5, layer.sink)
             x = x + o.reshape(B, -1) @ layer.w_o.T
             x = x + layer.mlp(rms_norm(x, layer.ln2, self.eps))
         return rms_norm(x, self.norm, self.eps) @ self.lm_head.T

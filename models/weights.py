@@ -12,7 +12,6 @@ Linear weights come in three forms, chosen per module group by `cfg.quantization
 
 from __future__ import annotations
 
-import json
 import math
 import zlib
 from collections.abc import Callable, Iterator
@@ -52,6 +51,10 @@ class _Logical(NamedTuple):
     fmt: str  # "bf16" | "fp8" | "mxfp4" (linears) | "raw"
     role: str  # linear | embedding | norm | router_weight | router_bias | sink_bias
     group: str  # "target" | "expert" | "drafter"
+    quant: str = ""  # linears: the QuantConfig field that sets its format ("" = always bf16: the drafter)
+
+
+LogicalTensor = _Logical
 
 
 _RAW_DTYPE = {
@@ -63,8 +66,8 @@ _RAW_DTYPE = {
 }
 
 
-def _lin(name: str, out: int, inp: int, fmt: str, group: str = "target") -> _Logical:
-    return _Logical(name, (out, inp), fmt, "linear", group)
+def _lin(name: str, out: int, inp: int, fmt: str, group: str = "target", quant: str = "") -> _Logical:
+    return _Logical(name, (out, inp), fmt, "linear", group, quant)
 
 
 def _raw(name: str, shape: tuple[int, ...], role: str, group: str = "target") -> _Logical:
@@ -80,10 +83,10 @@ def _logical(cfg: ModelConfig, include_drafter: bool) -> Iterator[_Logical]:
         p = f"model.layers.{i}."
         a = cfg.attention(i)
         yield _raw(p + "input_layernorm.weight", (H,), "norm")
-        yield _lin(p + "self_attn.q_proj", a.num_heads * a.head_dim, H, q.attention)
-        yield _lin(p + "self_attn.k_proj", a.num_kv_heads * a.head_dim, H, q.attention)
-        yield _lin(p + "self_attn.v_proj", a.num_kv_heads * a.v_head_dim, H, q.attention)
-        yield _lin(p + "self_attn.o_proj", H, a.num_heads * a.v_head_dim, q.attention)
+        yield _lin(p + "self_attn.q_proj", a.num_heads * a.head_dim, H, q.attention, quant="attention")
+        yield _lin(p + "self_attn.k_proj", a.num_kv_heads * a.head_dim, H, q.attention, quant="attention")
+        yield _lin(p + "self_attn.v_proj", a.num_kv_heads * a.v_head_dim, H, q.attention, quant="attention")
+        yield _lin(p + "self_attn.o_proj", H, a.num_heads * a.v_head_dim, q.attention, quant="attention")
         if a.sink:
             yield _raw(p + "self_attn.attention_sink_bias", (a.num_heads,), "sink_bias")
         yield _raw(p + "post_attention_layernorm.weight", (H,), "norm")
@@ -93,17 +96,17 @@ def _logical(cfg: ModelConfig, include_drafter: bool) -> Iterator[_Logical]:
             yield _raw(p + "mlp.gate.e_score_correction_bias", (E,), "router_bias")
             for e in range(E):
                 ep = f"{p}mlp.experts.{e}."
-                yield _lin(ep + "gate_proj", inter, H, q.experts, "expert")
-                yield _lin(ep + "up_proj", inter, H, q.experts, "expert")
-                yield _lin(ep + "down_proj", H, inter, q.experts, "expert")
+                yield _lin(ep + "gate_proj", inter, H, q.experts, "expert", "experts")
+                yield _lin(ep + "up_proj", inter, H, q.experts, "expert", "experts")
+                yield _lin(ep + "down_proj", H, inter, q.experts, "expert", "experts")
         else:
             inter = cfg.intermediate_size
-            yield _lin(p + "mlp.gate_proj", inter, H, q.dense_mlp)
-            yield _lin(p + "mlp.up_proj", inter, H, q.dense_mlp)
-            yield _lin(p + "mlp.down_proj", H, inter, q.dense_mlp)
+            yield _lin(p + "mlp.gate_proj", inter, H, q.dense_mlp, quant="dense_mlp")
+            yield _lin(p + "mlp.up_proj", inter, H, q.dense_mlp, quant="dense_mlp")
+            yield _lin(p + "mlp.down_proj", H, inter, q.dense_mlp, quant="dense_mlp")
     yield _raw("model.norm.weight", (H,), "norm")
     if not cfg.tie_word_embeddings:
-        yield _lin("lm_head", cfg.vocab_size, H, q.lm_head)
+        yield _lin("lm_head", cfg.vocab_size, H, q.lm_head, quant="lm_head")
     if include_drafter and cfg.dflash is not None:
         yield from _logical_drafter(cfg)
 
@@ -115,6 +118,8 @@ def _logical_drafter(cfg: ModelConfig) -> Iterator[_Logical]:
     P = DRAFTER_PREFIX
     yield _lin(P + "fc", Hd, len(d.target_layer_ids) * cfg.hidden_size, "bf16", g)
     yield _raw(P + "hidden_norm.weight", (Hd,), "norm", g)
+    if d.mask_embedding:
+        yield _raw(P + "mask_embedding", (cfg.hidden_size,), "embedding", g)
     for i in range(d.num_hidden_layers):
         p = f"{P}layers.{i}."
         yield _raw(p + "input_layernorm.weight", (Hd,), "norm", g)
@@ -124,6 +129,8 @@ def _logical_drafter(cfg: ModelConfig) -> Iterator[_Logical]:
         yield _lin(p + "self_attn.o_proj", Hd, d.num_attention_heads * hd, "bf16", g)
         yield _raw(p + "self_attn.q_norm.weight", (hd,), "norm", g)
         yield _raw(p + "self_attn.k_norm.weight", (hd,), "norm", g)
+        if d.attention_sink:
+            yield _raw(p + "self_attn.attention_sink_bias", (d.num_attention_heads,), "sink_bias", g)
         yield _raw(p + "post_attention_layernorm.weight", (Hd,), "norm", g)
         yield _lin(p + "mlp.gate_proj", d.intermediate_size, Hd, "bf16", g)
         yield _lin(p + "mlp.up_proj", d.intermediate_size, Hd, "bf16", g)
@@ -153,6 +160,26 @@ def _stored(t: _Logical) -> list[TensorSpec]:
             TensorSpec(w + "_scales", (out, inp // MXFP4_BLOCK), torch.uint8, "mxfp4_scales"),
         ]
     raise WeightError(f"{w}: unknown storage format {t.fmt!r}")
+
+
+def logical_tensors(cfg: ModelConfig, include_drafter: bool = True) -> list[LogicalTensor]:
+    """Every logical tensor (linears by prefix, raw tensors by name) in the config's formats."""
+    return list(_logical(cfg, include_drafter))
+
+
+def stored_specs(t: LogicalTensor) -> list[TensorSpec]:
+    """The stored tensors that hold one logical tensor in its format."""
+    return _stored(t)
+
+
+# Casts applied on load, as upstream loaders do: a float32 tensor (router, its bias, sink bias, FP8
+# scales) may be stored in bf16/f16 and is upcast (exact). Nothing is ever downcast.
+UPCASTS: dict[torch.dtype, frozenset[torch.dtype]] = {torch.float32: frozenset({torch.bfloat16, torch.float16})}
+
+
+def castable(stored: torch.dtype | str, want: torch.dtype) -> bool:
+    """True if a tensor stored as `stored` loads as `want` (equal, or an exact upcast)."""
+    return stored == want or stored in UPCASTS.get(want, ())
 
 
 def weight_specs(cfg: ModelConfig, include_drafter: bool = True) -> dict[str, TensorSpec]:
@@ -249,13 +276,14 @@ def synthetic_weights(
 # ---- validation, dequantisation, files ----------------------------------------------------------
 
 
-def _nonfinite(t: torch.Tensor, role: str) -> bool:
-    if role == "mxfp4_blocks":
-        return False  # E2M1 has no Inf/NaN
+def nonfinite(t: torch.Tensor, role: str = "") -> bool:
+    """True if a stored tensor holds NaN/Inf in its own format (e4m3fn NaN, e8m0 0xFF, float NaN/Inf)."""
     if role == "mxfp4_scales":
         return bool((t == 0xFF).any())  # e8m0 NaN
     if t.dtype == torch.float8_e4m3fn:
         return bool(((t.view(torch.uint8) & 0x7F) == 0x7F).any())  # e4m3fn NaN (no Inf)
+    if not t.is_floating_point():
+        return False  # E2M1 blocks, integers: no NaN/Inf
     flat = t.reshape(-1)
     step = 1 << 26  # bound the temporary memory of the check on huge tensors
     return any(not bool(torch.isfinite(flat[i : i + step]).all()) for i in range(0, flat.numel(), step))
@@ -275,9 +303,9 @@ def validate_weights(
         t = weights.get(name)
         if t is None:
             problems.append(f"missing tensor {name}")
-        elif tuple(t.shape) != s.shape or t.dtype != s.dtype:
+        elif tuple(t.shape) != s.shape or not castable(t.dtype, s.dtype):
             problems.append(f"tensor {name}: expected {s.dtype} {list(s.shape)}, got {t.dtype} {list(t.shape)}")
-        elif check_values and _nonfinite(t, s.role):
+        elif check_values and nonfinite(t, s.role):
             problems.append(f"tensor {name}: contains NaN/Inf")
     for name in weights:
         if name not in specs and (include_drafter or not name.startswith(DRAFTER_PREFIX)):
@@ -304,49 +332,24 @@ def dequantize_weight(weights: dict[str, torch.Tensor], prefix: str) -> torch.Te
     raise WeightError(f"no weight stored for {prefix} (looked for {w}, {w}_scale_inv, {w}_blocks)")
 
 
-def _checkpoint_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
-    if path.is_file():
-        return [path], None
-    if not path.is_dir():
-        raise WeightError(f"checkpoint not found: {path}")
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        return [path / f for f in sorted(set(weight_map.values()))], weight_map
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise WeightError(f"no *.safetensors files in {path}")
-    return files, None
-
-
 def load_safetensors(
     path: str | Path,
     cfg: ModelConfig,
     device: str | torch.device = "cpu",
     include_drafter: bool | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Load a checkpoint (one file, or a directory with optional index) tensor by tensor, then validate.
+    """Every tensor of a checkpoint in memory, in `cfg`'s formats (GPU launchers bind from a dict).
 
-    include_drafter=None validates the drafter iff the checkpoint has `dflash.*` tensors.
+    It goes through the one loader (`tilert.checkpoint.open_checkpoint`), so it makes the same
+    checks as every entry point (names, shapes, dtypes, checksums, NaN/Inf) and converts linears
+    stored in another format to cfg's. include_drafter=None keeps the drafter iff it is stored.
     """
-    from safetensors import safe_open
+    from tilert.checkpoint.open import open_checkpoint
 
-    files, weight_map = _checkpoint_files(Path(path))
-    out: dict[str, torch.Tensor] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt", device=str(device)) as fh:
-            for k in fh.keys():
-                if k in out:
-                    raise WeightError(f"tensor {k} is stored twice (again in {f.name})")
-                out[k] = fh.get_tensor(k)
-    if weight_map is not None:
-        lost = [k for k in weight_map if k not in out]
-        if lost:
-            raise WeightError(f"tensor {lost[0]} is in the index but in none of its files")
-    if include_drafter is None:
-        include_drafter = cfg.dflash is not None and any(k.startswith(DRAFTER_PREFIX) for k in out)
-    validate_weights(cfg, out, include_drafter=include_drafter)
-    return out
+    ck = open_checkpoint(path, cfg, device=str(device), quantize="on-load", include_drafter=include_drafter)
+    if ck.world > 1:
+        raise WeightError(f"{path} is sharded for {ck.world} ranks; load it with tilert.Engine or open_checkpoint")
+    return {name: ck.weights[name] for name in ck.weights}
 
 
 def save_safetensors(weights: dict[str, torch.Tensor], path: str | Path) -> None:

@@ -1,7 +1,8 @@
 """fuse_attention: [head norm] + rope(q), rope(k) + [scale(v)] + kv_append + attention -> attention_block.
 
-One kind with the causal block mask for B query tokens (B=1 decode, B=block DFlash verify; the
-drafter's block attention is the non-causal variant): the kernel ropes the new q/k in registers,
+One kind for B query tokens (B=1 decode, B=block DFlash verify: the causal block mask; drafter
+layers: bidirectional or causal, per layer, with the block's v scale fused as `v_scale`; the
+drafter's context rows keep their own kv_append before it): the kernel ropes the new q/k in registers,
 writes the new k/v into the cache at their positions and runs split-KV attention over it, so
 there is no separate launch or round trip for the rope and the cache update.
 """

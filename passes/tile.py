@@ -200,7 +200,9 @@ def tile_attention(g: Graph, n: Node, ctx: Any) -> OpTiles:
     split = Stage("ATTN_SPLIT", Hkv, group * Dv)
     for h in range(Hkv):
         q_cols = Read(0, h * group * D, (h + 1) * group * D)
-        reads = (q_cols, Read(1, h * D, (h + 1) * D), Read(2, h * Dv, (h + 1) * Dv))
+        # the caches too: a drafter step appends its context rows (a kv_append node) before the block
+        # attends over them; a target step's caches are states, which no task of the step produces
+        reads = (q_cols, Read(1, h * D, (h + 1) * D), Read(2, h * Dv, (h + 1) * Dv), Read(3), Read(4))
         for r in range(rb):
             for s in range(splits + 1):  # split `splits` = the new keys (rope + cache write)
                 new = s == splits

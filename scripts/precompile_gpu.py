@@ -1,18 +1,20 @@
 """Fill a kernel cache with the whole-step persistent kernels the GPU tests and benchmarks load, on a
 machine without a GPU (meta tensors), so a GPU run spends its time running, not
 compiling. Usage: TILERT_KERNEL_CACHE=DIR python scripts/precompile_gpu.py [--bench] [--diff-layers N]
-[--probes] [--kernels-sweep] [--jobs 2] [--prune] [--pack OUT.tar.xz]
+[--probes] [--cli] [--kernels-sweep [--no-steps]] [--jobs 2] [--prune] [--pack OUT.tar.xz]
 
-Builds tiny-gpu's step kernels at world 1 (decode B=1/4/6, verify B=4: the GPU tests' shapes) and
+Builds tiny-gpu's step kernels at world 1 (decode B=1/4/6/16, verify B=4: the GPU tests' shapes) and
 world 2 (both ranks: the two-ranks tests, on one GPU and on two), and tiny-gpu-8's verify step at
 world 1, 8 (one GPU), 4 and 8 (a GPU per rank); with --bench also rank 0 of the 8-rank
 mimo-v2.5-pro decode and verify steps (benchmarks/e2e.py); with --diff-layers N the same steps of
 the model cut to its first N layers (`benchmarks/e2e.py --layers N --diff-nodes`); with
 --ranks-world N mimo's steps with N ranks on N GPUs (`e2e.py --ranks gpus`: the persistent
 kernel and every rank's eager kernels); with --probes
-the kernels of benchmarks/tile_latency.py and persistent_chain.py (--layers 1 8 --m 1); with
---kernels-sweep every kernel benchmarks/gemv_sweep.py launches (GEMV variants, their persistent
-task streams, the old GEMMs) and the GEMV GPU tests' kernels (alone with --no-steps). Jobs run in
+the kernels of benchmarks/tile_latency.py and persistent_chain.py (--layers 1 8 --m 1); with --cli the
+shapes of the CLI GPU test (tiny-gpu at max_seq 64/128/256, persistent and eager, the drafter at every
+context length of a 1..40-token prompt) and the residency test's oversized grid; with --kernels-sweep
+every kernel benchmarks/gemv_sweep.py launches (GEMV variants, their persistent task streams, the old
+GEMMs) and the GEMV GPU tests' kernels (--no-steps: without the tiny step kernels). Jobs run in
 `--jobs` processes (each compile is one nvcc process). TileLang's own nvcc cubin cache
 (cuda-binaries) is not needed once a kernel is cached, so --prune drops it to keep the cache small;
 --pack writes the cache as one .tar.xz (about 13x smaller: the kernel sources compress well).
@@ -33,11 +35,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-TINY = [(1, "decode", 1, 1), (4, "decode", 1, 1), (6, "decode", 1, 1), (4, "verify", 1, 1),
+TINY = [(1, "decode", 1, 1), (4, "decode", 1, 1), (6, "decode", 1, 1), (4, "verify", 1, 1), (16, "decode", 1, 1),
         (1, "decode", 2, 1), (6, "decode", 2, 1), (4, "verify", 2, 1),
         (1, "decode", 2, 2), (6, "decode", 2, 2), (4, "verify", 2, 2)]  # fmt: skip
 TINY8 = [(4, "verify", 1, 1), (4, "verify", 8, 1), (4, "verify", 4, 4), (4, "verify", 8, 8)]  # the 8-way checks
 BENCH = [(1, "decode", 8), (8, "verify", 8)]
+CLI_MAX_SEQ = (64, 128, 256)  # tests/cli/test_cli_gpu.py: tiny-gpu at these capacities
+RESIDENCY_SMS = 9 * 132  # tests/runtime/test_persistent_residency_gpu.py: more CTAs than any SM set holds
 
 
 def build_step(model: str, tokens: int, mode: str, max_seq: int, world: int, layers: int, gpus: int = 1,
@@ -55,6 +59,41 @@ def build_step(model: str, tokens: int, mode: str, max_seq: int, world: int, lay
     precompile(cfg, tokens, mode, max_seq, world, peers=peers, gpus=gpus)
     cut = f" ({layers} layers)" if layers else ""
     return f"{model}{cut} {mode} B={tokens} world {world} on {gpus} GPU(s): {time.time() - t0:.0f} s"
+
+
+def build_residency() -> str:
+    """tiny-gpu's decode step scheduled over RESIDENCY_SMS queues: a grid no GPU holds at once."""
+    from tilert.models.builder import build_step_graph
+    from tilert.models.config import load_config
+    from tilert.runtime.eager.synthetic import meta_params
+    from tilert.runtime.persistent.backend import compile_step
+    from tilert.runtime.persistent.step import PersistentStep
+
+    t0 = time.time()
+    rg, sched = compile_step(build_step_graph(load_config("tiny-gpu"), tokens=1, mode="decode", max_seq=256), 256,
+                             sms=RESIDENCY_SMS)  # fmt: skip
+    PersistentStep(rg, sched.table, sched.counter_expected, meta_params(rg), device="meta", num_sms=RESIDENCY_SMS)
+    return f"tiny-gpu decode B=1 over {RESIDENCY_SMS} SM queues: {time.time() - t0:.0f} s"
+
+
+def build_cli_eager(max_seq: int) -> str:
+    """The eager kernels of tiny-gpu's step shapes (prefill chunk, decode, verify) and of its drafter
+    at every context length a 1..40-token prompt gives (the CLI GPU test)."""
+    from tilert.engine.backend import PREFILL_CHUNK
+    from tilert.models.builder import build_step_graph
+    from tilert.models.config import load_config
+    from tilert.models.drafter import build_drafter_graph
+    from tilert.runtime.eager.backend import compile_for_gpu
+    from tilert.runtime.eager.precompile import precompile as eager_precompile
+
+    t0 = time.time()
+    cfg = load_config("tiny-gpu")
+    block = cfg.dflash.block_size
+    graphs = [build_step_graph(cfg, tokens=t, mode=m, max_seq=max_seq)
+              for t, m in ((1, "decode"), (PREFILL_CHUNK, "decode"), (block, "verify"))]  # fmt: skip
+    graphs += [build_drafter_graph(cfg, context=c, max_seq=max_seq) for c in range(1, 41)]
+    n = eager_precompile([compile_for_gpu(g, max_seq)[0] for g in graphs])
+    return f"tiny-gpu eager kernels at max_seq {max_seq} ({n} configurations): {time.time() - t0:.0f} s"
 
 
 def build_eager_ranks(model: str, tokens: int, mode: str, max_seq: int, world: int, layers: int) -> str:
@@ -95,6 +134,12 @@ def main() -> None:
     ap.add_argument("--ranks-world", type=int, default=0,
                     help="also mimo's steps with every rank on its own GPU at this world size (e2e.py --ranks "
                          "gpus; with --diff-layers: the cut model only)")  # fmt: skip
+    ap.add_argument("--cli", action="store_true",
+                    help="also the shapes of tests/cli/test_cli_gpu.py (tiny-gpu at max_seq 64/128/256, eager and "
+                         "persistent) and the residency test's oversized grid")  # fmt: skip
+    ap.add_argument("--only-cli", action="store_true", help="only what --cli adds")
+    ap.add_argument("--max-gpus", type=int, default=8,
+                    help="skip the tests' steps that need more GPUs than this (a one-GPU machine: 1)")  # fmt: skip
     ap.add_argument("--kernels-sweep", action="store_true",
                     help="also every kernel of benchmarks/gemv_sweep.py and the GEMV GPU tests")  # fmt: skip
     ap.add_argument("--no-steps", action="store_true", help="skip the tiny step kernels (e.g. with --kernels-sweep)")
@@ -102,8 +147,13 @@ def main() -> None:
     ap.add_argument("--prune", action="store_true", help="drop TileLang's cubin cache afterwards")
     ap.add_argument("--pack", default=None, help="also write the cache as this .tar.xz (for a GPU machine)")
     a = ap.parse_args()
-    jobs = [] if a.no_steps else [("tiny-gpu", t, m, 256, w, 0, gpus) for t, m, w, gpus in TINY]
-    jobs += [] if a.no_steps else [("tiny-gpu-8", t, m, 256, w, 0, gpus) for t, m, w, gpus in TINY8]
+    steps = not (a.only_cli or a.no_steps)
+    jobs = [("tiny-gpu", t, m, 256, w, 0, gpus) for t, m, w, gpus in TINY if steps and gpus <= a.max_gpus]
+    jobs += [("tiny-gpu-8", t, m, 256, w, 0, gpus) for t, m, w, gpus in TINY8 if steps and gpus <= a.max_gpus]
+    cli = a.cli or a.only_cli
+    if cli:
+        jobs += [("tiny-gpu", t, m, q, 1, 0) for q in CLI_MAX_SEQ for t, m in ((1, "decode"), (16, "decode"),
+                                                                              (4, "verify"))]  # fmt: skip
     if a.bench:
         jobs += [("mimo-v2.5-pro", t, m, 4096 + 64, w, 0) for t, m, w in BENCH]
     if a.diff_layers:
@@ -116,6 +166,8 @@ def main() -> None:
         eager_jobs = []
     with ProcessPoolExecutor(max_workers=max(1, a.jobs), mp_context=get_context("spawn")) as pool:
         futures = [pool.submit(build_step, *j) for j in jobs] + [pool.submit(build_eager_ranks, *j) for j in eager_jobs]
+        if cli:
+            futures += [pool.submit(build_residency)] + [pool.submit(build_cli_eager, q) for q in CLI_MAX_SEQ]
         if a.probes:
             futures.append(pool.submit(build_probes))
         if a.kernels_sweep:
@@ -136,8 +188,8 @@ def main() -> None:
 def prunable(cache: Path) -> list[Path]:
     """TileLang's nvcc cubin caches under the kernel cache (cuda-binaries; .staging since TileLang
     0.1.15, under <version>/<platform>/), which a loaded kernel no longer needs."""
-    found = {d for name in ("cuda-binaries", ".staging") for d in cache.rglob(name) if d.is_dir()}
-    return sorted(d for d in found if not any(p in found for p in d.parents))  # nested: removed with its parent
+    found = sorted({d for name in ("cuda-binaries", ".staging") for d in cache.rglob(name) if d.is_dir()})
+    return [d for d in found if not any(p in found for p in d.parents)]  # the outermost of nested ones
 
 
 def pack(cache: Path, out: Path) -> Path:

@@ -31,6 +31,16 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
     return load_config(args.config or args.model)
 
 
+def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    """How a checkpoint given with --weights loads (docs/checkpoints.md)."""
+    p.add_argument("--quantize", choices=("auto", "on-load", "none"), default="auto",
+                   help="HF checkpoints: auto (default) quantises linears stored in bf16 to the config's formats "
+                        "and runs quantised ones as stored; on-load converts every linear to the config's formats; "
+                        "none runs every tensor as stored (bf16 stays bf16)")  # fmt: skip
+    p.add_argument("--no-verify-checksums", action="store_true",
+                   help="skip the manifest's sha256 checks (and load a sharded checkpoint whose manifest is missing)")
+
+
 def parse_ids(text: str) -> list[int]:
     try:
         ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
@@ -122,8 +132,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from tilert.engine import ReferenceBackend, generate
+    from tilert.engine.generate import SamplingParams
 
-    cfg = model_config(args)
     ids = parse_ids(args.prompt_ids)
     kind = args.backend or ("reference" if args.device == "cpu" else "eager")
     if kind == "reference" and args.device != "cpu":
@@ -135,9 +145,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise CLIError(f"--backend {kind} needs --device cuda and a visible CUDA GPU")
         if args.ranks != 1:
             raise CLIError(f"--backend {kind} runs one rank per process (torchrun for more: see docs/runtime.md)")
-    weights = _load_weights(cfg, args)
+    cfg, weights = _load_weights(args)
+    if args.drafter:
+        from tilert.checkpoint.drafter import attach_drafter
+
+        cfg, weights = attach_drafter(cfg, weights, args.drafter)
     max_seq = args.max_seq or max(64, 1 << (len(ids) + args.max_new_tokens + 16).bit_length())
-    if kind == "reference":
+    if hasattr(weights, "unsliced"):  # a checkpoint quantised for several ranks: each binds its own files
+        from tilert.checkpoint.sharded import ShardedReferenceBackend
+
+        if kind != "reference":
+            raise CLIError(f"a checkpoint sharded for {weights.world} ranks runs on --backend reference here")
+        backend = ShardedReferenceBackend(cfg, weights, max_seq=max_seq)
+    elif kind == "reference":
         backend = ReferenceBackend(cfg, weights, max_seq=max_seq, world=args.ranks)
     elif kind == "eager":
         from tilert.runtime.eager.backend import EagerBackend
@@ -147,23 +167,36 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from tilert.runtime.persistent.backend import PersistentBackend
 
         backend = PersistentBackend(cfg, weights, max_seq=max_seq)
-    res = generate(backend, ids, args.max_new_tokens, speculative=args.speculative)
+    sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.sample_seed)
+    res = generate(backend, ids, args.max_new_tokens, speculative=args.speculative, sampling=sampling)
     print(",".join(map(str, res.tokens)))
     if args.stats:
         print(json.dumps(res.stats()), file=sys.stderr)
     return 0
 
 
-def _load_weights(cfg: ModelConfig, args: argparse.Namespace) -> dict:
+def _load_weights(args: argparse.Namespace) -> tuple[ModelConfig, Any]:
+    """(config, weights): a checkpoint through the one loader (config from it unless --model/--config),
+    else seeded synthetic weights."""
     from tilert.models import weights as W
 
     if args.weights:
-        return W.load_safetensors(args.weights, cfg)
+        from tilert.checkpoint import open_checkpoint
+        from tilert.progress import configure_logging
+
+        configure_logging(args.quiet)
+        name = args.config or args.model
+        ck = open_checkpoint(
+            args.weights, load_config(name) if name else None,
+            quantize=args.quantize, verify_checksums=not args.no_verify_checksums,
+        )  # fmt: skip
+        return ck.config, ck.weights
+    cfg = load_config(args.config or args.model or "tiny")
     if cfg.num_hidden_layers * cfg.hidden_size * cfg.n_routed_experts > 64 * 4096 * 64:
         raise CLIError(
             f"model '{cfg.name}' is too large for synthetic weights on the CPU; pass --weights or use a tiny model"
         )
-    return W.synthetic_weights(cfg, args.seed)
+    return cfg, W.synthetic_weights(cfg, args.seed)
 
 
 # ---- main --------------------------------------------------------------------------------------
@@ -181,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pg = sub.add_parser("generate", help="greedy (or DFlash speculative) decoding on the reference executor")
     add_model_args(pg)
-    pg.set_defaults(model="tiny")
+    pg.set_defaults(model=None)  # tiny, or the checkpoint's config with --weights
     pg.add_argument("--device", default="cpu", help="cpu (reference executor) or cuda")
     pg.add_argument("--backend", choices=("reference", "eager", "persistent"), default=None,
                     help="runtime: reference (CPU; default with --device cpu), eager (one launch per fused op; "
@@ -190,11 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
     pg.add_argument("--prompt-ids", required=True, help="comma-separated token ids, e.g. 1,2,3")
     pg.add_argument("--max-new-tokens", type=int, default=16)
     pg.add_argument("--speculative", choices=["dflash"], default=None)
-    pg.add_argument("--weights", default=None, help="safetensors file or directory (default: seeded synthetic)")
+    pg.add_argument("--weights", default=None, help="checkpoint: HF safetensors file/dir or `quantize` output "
+                    "(default: seeded synthetic weights)")  # fmt: skip
+    add_checkpoint_args(pg)
+    pg.add_argument("--quiet", action="store_true", help="no progress bars or info messages (also: TILERT_QUIET=1)")
+    pg.add_argument("--drafter", default=None, help="DFlash drafter directory (published layout) for --speculative")
     pg.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights")
     pg.add_argument("--max-seq", type=int, default=None, help="KV cache capacity in tokens")
     pg.add_argument("--ranks", type=int, default=1, help="simulated tensor/expert-parallel ranks")
     pg.add_argument("--stats", action="store_true", help="print step statistics as JSON on stderr")
+    pg.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
+    pg.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus mass to keep")
+    pg.add_argument("--top-k", type=int, default=0, help="sampling: keep the k most likely tokens (0: all)")
+    pg.add_argument("--sample-seed", type=int, default=None, help="sampling: seed (reproducible tokens)")
     pg.set_defaults(fn=cmd_generate)
 
     for hook in _extra_commands():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 import time
@@ -20,10 +21,13 @@ from tilert.gpu_specs import GIB, GpuSpec, gpu_spec
 from tilert.ir.graph import Graph
 from tilert.ir.registry import get_op
 from tilert.passes.cost_model import eager_seconds, floor_seconds, op_cost
-from tilert.passes.manager import PassContext, run_passes
+from tilert.passes.manager import PIPELINE, PassContext, run_passes
 from tilert.passes.plan_memory import check_fits
 from tilert.passes.report import write_report
 from tilert.plan import OPCODES, Plan, RankPlan, StepPlan, opcode_header, save_array, save_plan
+from tilert.progress import bars_enabled, configure_logging, progress
+
+log = logging.getLogger("tilert.compile")
 
 
 class CompileError(ValueError):
@@ -46,16 +50,13 @@ def add_compile_parser(subparsers: Any) -> None:
     p.add_argument("--dump-ir", default=None, help="write the IR after every pass into this directory")
     p.add_argument("--print-after", default=None, help="print the IR after this pass")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or info messages (also: TILERT_QUIET=1)")
     p.add_argument(
         "--kernels",
         action="store_true",
         help="also build every TileLang kernel the plan launches (sm_90a, no GPU needed) into OUT/kernels",
     )
     p.set_defaults(fn=run_compile)
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _context(args: argparse.Namespace) -> int:
@@ -102,12 +103,20 @@ def predict(spec: GpuSpec, g: Graph, sched: Any, context: int) -> dict[str, floa
 
 
 def _compile_step(name: str, g: Graph, args: argparse.Namespace, spec: GpuSpec, out: Path, written: dict) -> tuple:
-    ctx = PassContext(
-        gpu=spec, world=args.gpus, max_seq=args.max_seq, context_len=_context(args), log=_log,
-        dump_ir=Path(args.dump_ir) / name if args.dump_ir else None, print_after=args.print_after,
-    )  # fmt: skip
-    _log(f"compile {name}: {len(g.nodes)} ops, {args.gpus} rank(s)")
-    graphs = run_passes(g, ctx)
+    log.info("compile %s: %d ops, %d rank(s)", name, len(g.nodes), args.gpus)
+    with progress(total=len(PIPELINE), desc=f"compile {name}", unit="pass") as bar:
+
+        def on_pass(msg: str) -> None:  # the pass manager logs one line per pass: a bar step on a terminal
+            if bars_enabled():
+                bar.update(1)
+            else:
+                log.info(msg)
+
+        ctx = PassContext(
+            gpu=spec, world=args.gpus, max_seq=args.max_seq, context_len=_context(args), log=on_pass,
+            dump_ir=Path(args.dump_ir) / name if args.dump_ir else None, print_after=args.print_after,
+        )  # fmt: skip
+        graphs = run_passes(g, ctx)
     ranks, mems = [], []
     for gr in graphs:
         r = int(gr.meta.get("rank", 0))
@@ -128,6 +137,7 @@ def _compile_step(name: str, g: Graph, args: argparse.Namespace, spec: GpuSpec, 
 def run_compile(args: argparse.Namespace) -> int:
     from tilert.models.config import load_config
 
+    configure_logging(getattr(args, "quiet", False))
     t0 = time.perf_counter()
     cfg = load_config(args.config or args.model)
     spec = gpu_spec(args.gpu)
@@ -152,7 +162,7 @@ def run_compile(args: argparse.Namespace) -> int:
     (out / "opcodes.h").write_text(opcode_header())
     save_plan(plan, out)
     write_report(out / "report.md", plan, summary, spec)
-    _log(f"wrote {out}/plan.json and {out}/report.md in {time.perf_counter() - t0:.1f} s")
+    log.info("wrote %s/plan.json and %s/report.md in %.1f s", out, out, time.perf_counter() - t0)
     if args.json:
         print(json.dumps(summary, indent=1))
     else:
@@ -179,7 +189,7 @@ def build_kernels(finals: dict[str, list[Graph]], cache: Path) -> int:
     os.environ["TILERT_KERNEL_CACHE"] = str(cache.resolve())
     try:  # keep stdout for the --json summary: the toolchain prints to stdout
         with contextlib.redirect_stdout(sys.stderr):
-            return precompile([g for gs in finals.values() for g in gs], log=lambda m: _log(f"  kernel {m}"))
+            return precompile([g for gs in finals.values() for g in gs], log=lambda m: log.info("  kernel %s", m))
     finally:
         if old is None:
             os.environ.pop("TILERT_KERNEL_CACHE", None)

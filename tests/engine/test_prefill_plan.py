@@ -73,3 +73,14 @@ def test_prefill_positions_must_be_consecutive() -> None:
     ch = ChunkedReference(cfg, synthetic_weights(cfg, seed=1), max_seq=64)
     with pytest.raises(ValueError, match="consecutive"):
         ch.target_step(torch.tensor([1, 2, 3], dtype=torch.int32), torch.tensor([0, 2, 3], dtype=torch.int32))
+
+
+def test_requests_of_any_prompt_length_need_three_step_shapes() -> None:
+    from tilert.engine.backend import request_shapes
+
+    seen = set()
+    for n in range(1, 300):
+        seen |= request_shapes(n, 4096, 8)
+    assert seen == {(1, "decode"), (PREFILL_CHUNK, "decode"), (8, "verify")}
+    assert request_shapes(5, 64, None) == {(1, "decode"), (PREFILL_CHUNK, "decode")}
+    assert request_shapes(60, 64, None) == {(1, "decode"), (PREFILL_CHUNK, "decode")}  # 12 tail rows one by one

@@ -29,6 +29,10 @@ CASES = (
     # mimo-v2-flash per rank of 8: 8 query heads on 1 kv head
     + [(AttnConfig(q_heads=8, block=8, **FULL), n) for n in (7 + 8, 8191)]
     + [(AttnConfig(q_heads=8, block=1, **SWA), n) for n in (1000,)]
+    # the window edge under both conventions: W = 128 keys (transformers) and 129 keys (FlashAttention
+    # (128, 0)), contexts where the first row's oldest visible key is key 0, 1 or inside the cache
+    + [(AttnConfig(block=1, rope_theta=1e4, window=w, sink=True), n) for w in (128, 129) for n in (128, 129, 130, 300)]
+    + [(AttnConfig(block=8, rope_theta=1e4, window=w, sink=True), n) for w in (128, 129) for n in (135, 136, 137)]
 )
 
 
@@ -66,3 +70,41 @@ def test_attention_repeat_steps_are_consistent():
         ref = reference(cfg, q, k, v, kc, vc, pos, x["sink"])
         err = float((out.float() - ref).norm() / ref.norm())
         assert err < 1e-2, f"step {step}: rel err {err:.3g}"
+
+
+def written_mask(q_pos, k_pos, W, convention):
+    """Causal sliding window from the definitions (tests/ops/test_attention_window.py): W keys
+    q-W+1 .. q (transformers) or W+1 keys q-W .. q (FlashAttention (W, 0))."""
+    import torch
+
+    reach = W - 1 if convention == "transformers" else W
+    return torch.tensor([[k <= q and q - k <= reach for k in k_pos] for q in q_pos], dtype=torch.bool)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("convention", ["transformers", "flash_attention"])
+@pytest.mark.parametrize("block", [1, 8])
+def test_kernel_window_follows_the_written_mask(convention, block):
+    """q = 0 gives equal scores, so each row averages the v rows of its visible keys; v of key j is
+    the one-hot e_(j mod 128). With W = 60 a row's visible keys are distinct mod 128, so
+    out[row, d] > 0 exactly where key d (mod 128) is visible: the kernel's mask, read back."""
+    import torch
+
+    from tilert.kernels.attention import make_inputs, run
+    from tilert.models.config import window_keys
+
+    W = 60
+    cfg = AttnConfig(block=block, rope_theta=1e4, window=window_keys(W, convention))
+    for kv_len in (W - 1 + block, W + block, W + 1 + block, 200):
+        x = make_inputs(cfg, kv_len, capacity=256)
+        onehot = torch.eye(128, dtype=torch.bfloat16, device="cuda")
+        x["v_cache"][0] = onehot[torch.arange(256) % 128]
+        start = kv_len - block
+        v_new = onehot[torch.arange(start, kv_len) % 128][:, None, :].contiguous()
+        out = run(cfg, torch.zeros_like(x["q"]), x["k"], v_new, x["k_cache"], x["v_cache"], x["positions"])
+        seen = out[:, 0].float().cpu() > 1e-4  # [B, 128]
+        want = written_mask(list(range(start, kv_len)), list(range(kv_len)), W, convention)
+        folded = torch.zeros(block, 128, dtype=torch.bool)
+        for k in range(kv_len):
+            folded[:, k % 128] |= want[:, k]
+        assert torch.equal(seen, folded), (convention, block, kv_len)

@@ -104,3 +104,52 @@ def test_first_layers_keeps_widths_and_layer_kinds():
     assert max(cut.dflash.target_layer_ids) == 3
     with pytest.raises(ConfigError, match="1..70 layers"):
         cfg.first_layers(71)
+
+
+def test_published_nulls_mean_no_scaling(tmp_path):
+    """Hub configs write `routed_scaling_factor: null` (and may write attention_value_scale: null)."""
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(_raw(routed_scaling_factor=None, attention_value_scale=None)))
+    c = load_config(p)
+    assert c.routed_scaling_factor == 1.0 and c.attention_value_scale == 1.0
+    raw = _raw()
+    del raw["routed_scaling_factor"]
+    p.write_text(json.dumps(raw))
+    assert load_config(p).routed_scaling_factor == 1.0
+    p.write_text(json.dumps(_raw(routed_scaling_factor=2.5)))
+    assert load_config(p).routed_scaling_factor == 2.5
+    p.write_text(json.dumps(_raw(routed_scaling_factor="x")))
+    with pytest.raises(ConfigError, match="routed_scaling_factor"):
+        load_config(p)
+
+
+def test_hf_spellings_and_unused_fields(tmp_path):
+    """Fields tilert does not use are ignored; HF spellings map onto the hub names; both must agree."""
+    raw = _raw(torch_dtype="bfloat16", use_cache=True, auto_map={"AutoConfig": "x.Y"}, attention_chunk_size=4,
+               n_shared_experts=None, rope_scaling=None, attention_bias=False, bos_token_id=None)  # fmt: skip
+    raw["rms_norm_eps"] = raw.pop("layernorm_epsilon")
+    raw["sliding_window"] = raw.pop("sliding_window_size")
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(raw))
+    c = load_config(p)
+    assert c.layernorm_epsilon == 1e-6 and c.sliding_window_size == load_config("tiny").sliding_window_size
+    p.write_text(json.dumps(_raw(sliding_window=99)))
+    with pytest.raises(ConfigError, match="'sliding_window_size' .* and 'sliding_window' .* disagree"):
+        load_config(p)
+
+
+@pytest.mark.parametrize(
+    "over, field",
+    [
+        ({"n_shared_experts": 2}, "n_shared_experts"),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"rope_scaling": {"type": "yarn", "factor": 2.0}}, "rope_scaling"),
+        ({"quantization_config": {"quant_method": "gptq"}}, "quantization_config.quant_method"),
+        ({"quantization_config": "fp8"}, "quantization_config"),
+    ],
+)
+def test_published_fields_that_change_the_model_are_refused(tmp_path, over, field):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(_raw(**over)))
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(p)

@@ -75,7 +75,7 @@ def test_truncate_and_rerun(flash) -> None:
 
 
 def test_window_convention_in_attend() -> None:
-    """Query at p sees keys p-W .. p: key p-W matters, key p-W-1 and key p+1 do not."""
+    """Query at p sees the W keys p-W+1 .. p: key p-W+1 matters, key p-W and key p+1 do not."""
     g = torch.Generator().manual_seed(0)
     S, W, p = 10, 3, 6
     q = torch.randn(S, 4, 8, generator=g)
@@ -83,9 +83,9 @@ def test_window_convention_in_attend() -> None:
     v = torch.randn(S, 2, 5, generator=g)
     pos = torch.arange(S)
     allowed = causal_window_mask(pos, pos, W)
-    assert allowed[p].nonzero().flatten().tolist() == [3, 4, 5, 6]
+    assert allowed[p].nonzero().flatten().tolist() == [4, 5, 6]
     base = attend(q, k, v, allowed, 0.3)[p]
-    for j, changes in [(p - W, True), (p - W - 1, False), (p + 1, False), (p, True)]:
+    for j, changes in [(p - W + 1, True), (p - W, False), (p + 1, False), (p, True)]:
         v2 = v.clone()
         v2[j] += 1.0
         assert (not torch.allclose(attend(q, k, v2, allowed, 0.3)[p], base)) == changes, j
@@ -111,13 +111,13 @@ def test_sink_formula() -> None:
 
 
 def test_model_window_matters(tiny) -> None:
-    """Positions <= W see everything either way; later positions must differ if the window is honoured."""
+    """Positions < W see everything either way; later positions must differ if the window is honoured."""
     cfg, w = tiny
-    W = cfg.sliding_window_size
+    W = cfg.sliding_window_size  # the default (transformers) convention: W keys, the query included
     a = PlainModel(cfg, w)(SEQ, 0)
     b = PlainModel(dataclasses.replace(cfg, sliding_window_size=1000), w)(SEQ, 0)
-    assert _rel(a[: W + 1], b[: W + 1]) < 1e-6
-    assert all(_rel(a[i], b[i]) > 1e-3 for i in range(W + 1, len(SEQ)))
+    assert _rel(a[:W], b[:W]) < 1e-6
+    assert all(_rel(a[i], b[i]) > 1e-3 for i in range(W, len(SEQ)))
 
 
 def test_model_sink_matters(flash) -> None:
@@ -235,8 +235,9 @@ def test_drafter_window_and_truncate(flash) -> None:
     d.append_context({k: h[:10] for k, h in hid.items()}, 0)
     d.append_context({k: h[10:] for k, h in hid.items()})
     ref = d.draft(5, n)
-    # perturbing context entries older than n - W changes nothing; n - W itself is visible
-    for pos, visible in [(n - W - 1, False), (0, False), (n - W, True), (n - 1, True)]:
+    # each row has its own window (|q - k| < W): the block's first row (at n) sees context from
+    # n - W + 1 on, later rows less; entries at or before n - W are visible to no row
+    for pos, visible in [(n - W, False), (0, False), (n - W + 1, True), (n - 1, True)]:
         h2 = {k: h.clone() for k, h in hid.items()}
         for h in h2.values():
             h[pos] += 1.0

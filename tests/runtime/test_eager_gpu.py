@@ -29,6 +29,21 @@ def check_rows(got: torch.Tensor, want: torch.Tensor) -> None:
     assert float(e.max()) < 2e-2, e.tolist()
 
 
+def check_accept(draft: torch.Tensor, got: dict, want: dict) -> None:
+    """A GPU verify step's acceptance: exactly what its own posterior (next_tokens) gives, and the
+    reference's wherever the rows that decide it have no near tie (bf16 and float32 may pick either
+    of two logits within 1% of the row's scale; the weights are drawn afresh each run)."""
+    from tilert.ops.sampling import dflash_accept
+
+    acc, nxt = got["accept"].cpu().long(), got["next_tokens"].cpu()
+    assert torch.equal(acc, dflash_accept(draft.cpu(), nxt).long()), (acc, nxt)
+    ref, logits = want["accept"].long(), want["logits"].float()
+    rows = logits[: int(ref[0]) + 1]
+    top2 = rows.topk(2, dim=-1).values
+    if bool(((top2[:, 0] - top2[:, 1]) > 1e-2 * logits.abs().max()).all()):
+        assert torch.equal(acc, ref), (acc, ref)
+
+
 def margin_safe_weights(cfg, seed: int) -> dict:
     """Synthetic weights whose selection bias (10 apart per expert) fixes every token's experts."""
     w = synthetic_weights(cfg, seed)

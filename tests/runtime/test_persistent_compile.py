@@ -18,8 +18,10 @@ def test_persistent_chain_compiles_for_sm90a():
     table, n_counters = chain.chain_table(spec)
     k = build(chain.make_kernel(spec, table.shape[1], n_counters), pass_configs=PERSISTENT_PASS_CONFIGS)
     src = k.get_kernel_source()
-    # the waits: acquire loads bounded by a clock64 deadline, in the one shared wait function
-    assert "ld.acquire.gpu" in src and "clock64" in src
+    # the waits: acquire loads bounded by a deadline on the GPU-wide %globaltimer (never one SM's
+    # clock64: a preempted CTA may resume on another SM), in the one shared wait function
+    assert "ld.acquire.gpu" in src and "deadline = tilert_globaltimer() + timeout" in src
+    assert "clock64()" not in src
     assert src[src.index("__global__"):].count("tilert_wait_task(") >= 2  # a call site per body
     assert "tma_load" not in src  # producers must not run ahead of the waits
     assert "cp.async.ca" not in src

@@ -1,8 +1,8 @@
 """Checkpoints: HF safetensors (single file or sharded with an index) and `tilert quantize` outputs.
 
-Everything reads tensor by tensor (`CheckpointReader`, `LazyWeights`); nothing loads a whole
-checkpoint into memory. Every problem is a `CheckpointError` (a WeightError, a ValueError) that
-names the tensor.
+`open_checkpoint` is the one loader every entry point uses (docs/checkpoints.md). Everything reads
+tensor by tensor (`CheckpointReader`, `LazyWeights`); nothing loads a whole checkpoint into memory.
+Every problem is a `CheckpointError` (a WeightError, a ValueError) that names the tensor or field.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ _LAZY = {
     "CheckpointReader": "tilert.checkpoint.loader",
     "LazyWeights": "tilert.checkpoint.loader",
     "quantize_checkpoint": "tilert.checkpoint.quantize",
+    "QUANTIZE_MODES": "tilert.checkpoint.layout",
     "read_manifest": "tilert.checkpoint.manifest",
     "MANIFEST_NAME": "tilert.checkpoint.manifest",
 }

@@ -3,8 +3,9 @@
 A 1T-parameter checkpoint never fits in host memory, so nothing here loads a whole file:
 `CheckpointReader` maps names to files from the headers (or model.safetensors.index.json) and
 reads a tensor only when asked; `LazyWeights` is a Mapping over it that the binder
-(`models/binding.py`) reads param by param. Structure (names, shapes, dtypes) is validated from
-the headers alone; values (NaN/Inf, checksums) are validated as each tensor is read.
+(`models/binding.py`) reads param by param, checking each tensor (NaN/Inf, checksums) and casting
+it (exact upcasts) as it is read. Structure (names, shapes, dtypes) is validated from the headers
+alone, before anything is read (`tilert/checkpoint/layout.py`, `sharded.py`).
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ from typing import Any
 
 import torch
 
-from tilert.models.config import ModelConfig
-from tilert.models.weights import DRAFTER_PREFIX, WeightError, weight_specs
+from tilert.models.weights import WeightError, nonfinite
 
-# safetensors header dtype names -> torch dtypes
+# safetensors header dtype names <-> torch dtypes
 ST_DTYPES: dict[str, torch.dtype] = {
     "BF16": torch.bfloat16,
     "F16": torch.float16,
@@ -29,11 +29,15 @@ ST_DTYPES: dict[str, torch.dtype] = {
     "F8_E4M3": torch.float8_e4m3fn,
     "U8": torch.uint8,
     "I8": torch.int8,
+    "I16": torch.int16,
     "I32": torch.int32,
     "I64": torch.int64,
     "BOOL": torch.bool,
 }
+ST_NAMES: dict[torch.dtype, str] = {d: n for n, d in ST_DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
+
+__all__ = ["CheckpointError", "CheckpointReader", "LazyWeights", "nonfinite", "sha256"]
 
 
 class CheckpointError(WeightError):
@@ -93,21 +97,33 @@ class CheckpointReader:
         if name not in self._where:
             raise CheckpointError(f"tensor {name} is not in the checkpoint {self.path}")
         self.reads.append(name)
-        return self._handles[self._where[name]].get_tensor(name)
+        try:
+            return self._handles[self._where[name]].get_tensor(name)
+        except Exception as e:  # a file truncated or rewritten after it was opened
+            raise CheckpointError(f"tensor {name}: cannot read it from {self._where[name]}: {e}") from None
+
+
+Check = Callable[[str, torch.Tensor], None]
 
 
 class LazyWeights(Mapping[str, torch.Tensor]):
-    """A read-on-access Mapping over a checkpoint; `check(name, tensor)` validates each read."""
+    """A read-on-access Mapping over a checkpoint.
+
+    Each read is checked with `check(name, stored_tensor)` (NaN/Inf, checksum) and then cast to
+    `casts[name]` if given (exact upcasts, e.g. a bf16-stored router weight to float32).
+    """
 
     def __init__(
         self,
         reader: CheckpointReader,
-        check: Callable[[str, torch.Tensor], None] | None = None,
+        check: Check | None = None,
         names: list[str] | None = None,
+        casts: Mapping[str, torch.dtype] | None = None,
     ) -> None:
         self.reader, self._check = reader, check
         self._names = names if names is not None else reader.keys()
         self._set = set(self._names)
+        self._casts = dict(casts or {})
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._set:
@@ -115,7 +131,8 @@ class LazyWeights(Mapping[str, torch.Tensor]):
         t = self.reader.read(name)
         if self._check is not None:
             self._check(name, t)
-        return t
+        want = self._casts.get(name)
+        return t.to(want) if want is not None and t.dtype != want else t
 
     def __contains__(self, name: object) -> bool:
         return name in self._set
@@ -135,36 +152,23 @@ def _checkpoint_files(path: Path) -> tuple[list[Path], dict[str, str] | None]:
     index = path / INDEX_NAME
     if index.is_file():
         try:
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as e:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ValueError("'weight_map' must map tensor names to file names")
+        except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
-        files = [path / f for f in sorted(set(weight_map.values()))]
-        for f in files:
-            if not f.is_file():
-                raise CheckpointError(f"{index} names {f.name}, which does not exist")
+        files = []
+        for fname in sorted(set(weight_map.values())):
+            if Path(fname).name != fname:
+                raise CheckpointError(f"{index} names {fname!r}: files must lie in the checkpoint directory")
+            if not (path / fname).is_file():
+                raise CheckpointError(f"{index} names {fname}, which does not exist")
+            files.append(path / fname)
         return files, weight_map
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"no *.safetensors files in {path}")
     return files, None
-
-
-# ---- validation ---------------------------------------------------------------------------------
-
-
-def nonfinite(t: torch.Tensor, role: str = "") -> bool:
-    """True if a stored tensor holds NaN/Inf in its own format (e4m3fn NaN, e8m0 0xFF, float NaN/Inf)."""
-    if role == "mxfp4_blocks" or (t.dtype == torch.uint8 and role != "mxfp4_scales"):
-        return False
-    if role == "mxfp4_scales":
-        return bool((t == 0xFF).any())
-    if t.dtype == torch.float8_e4m3fn:
-        return bool(((t.view(torch.uint8) & 0x7F) == 0x7F).any())
-    if not t.is_floating_point():
-        return False
-    flat = t.reshape(-1)
-    step = 1 << 26  # bound the temporary memory on huge tensors
-    return any(not bool(torch.isfinite(flat[i : i + step]).all()) for i in range(0, flat.numel(), step))
 
 
 def sha256(t: torch.Tensor) -> str:
@@ -173,37 +177,19 @@ def sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(memoryview(b)).hexdigest()
 
 
-def validate_structure(cfg: ModelConfig, reader: CheckpointReader, include_drafter: bool | None = None) -> None:
-    """Names, shapes and dtypes against the config, from the headers alone (no tensor is read)."""
-    if include_drafter is None:
-        include_drafter = cfg.dflash is not None and any(k.startswith(DRAFTER_PREFIX) for k in reader.keys())
-    specs = weight_specs(cfg, include_drafter)
-    problems = []
-    for name, s in specs.items():
-        if name not in reader:
-            problems.append(f"missing tensor {name}")
-            continue
-        shape, dtype = reader.info(name)
-        if shape != s.shape or dtype != s.dtype:
-            problems.append(f"tensor {name}: expected {s.dtype} {list(s.shape)}, got {dtype} {list(shape)}")
-    for name in reader.keys():
-        if name not in specs and (include_drafter or not name.startswith(DRAFTER_PREFIX)):
-            problems.append(f"unexpected tensor {name}")
-    _raise(problems, f"checkpoint {reader.path} does not match config '{cfg.name}'")
+def role_of(name: str) -> str:
+    """The storage role `nonfinite` needs: MXFP4 scales are e8m0 (0xFF is NaN); the rest by dtype."""
+    return "mxfp4_scales" if name.endswith(".weight_scales") else ""
 
 
-def value_check(cfg: ModelConfig) -> Callable[[str, torch.Tensor], None]:
-    """A per-read check that rejects NaN/Inf, naming the tensor."""
-    roles = {n: s.role for n, s in weight_specs(cfg, True).items()}
-
-    def check(name: str, t: torch.Tensor) -> None:
-        if nonfinite(t, roles.get(name, "")):
-            raise CheckpointError(f"tensor {name}: contains NaN/Inf")
-
-    return check
+def nan_check(name: str, t: torch.Tensor) -> None:
+    """The per-read value check every loader applies: no NaN/Inf, in the tensor's own format."""
+    if nonfinite(t, role_of(name)):
+        raise CheckpointError(f"tensor {name}: contains NaN/Inf")
 
 
-def _raise(problems: list[str], head: str) -> None:
+def raise_problems(problems: list[str], head: str) -> None:
+    """One CheckpointError listing the first ten problems."""
     if problems:
         more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
         raise CheckpointError(f"{head}: " + "; ".join(problems[:10]) + more)

@@ -13,8 +13,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from tilert.models.config import ModelConfig, QuantConfig, parse_config
-from tilert.models.weights import FP8_BLOCK, MXFP4_BLOCK, weight_specs
+from tilert.models.weights import FP8_BLOCK, MXFP4_BLOCK, logical_tensors, stored_specs, weight_specs
 
 MANIFEST_NAME = "tilert-manifest.json"
 FORMAT = "tilert-sharded-checkpoint"
@@ -102,15 +104,31 @@ def sliced_shape(shape: tuple[int, ...], sl: tuple[int, int, int] | None) -> tup
 
 def stored_shapes(need: Need, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
     """Stored tensor names and shapes for a need of this (already sliced) logical shape."""
+    return {k: v[0] for k, v in stored_layout(need, shape).items()}
+
+
+def stored_layout(need: Need, shape: tuple[int, ...], raw_dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """Stored tensor name -> (shape, dtype) for a need of this (already sliced) logical shape.
+
+    Raw tensors have no format-given dtype: `raw_dtype` (their contract dtype) or None.
+    """
     if need.fmt == "raw":
-        return {need.name: shape}
+        return {need.name: (shape, raw_dtype)}
     w = need.name + ".weight"
     n, k = shape
     if need.fmt == "fp8":
-        return {w: shape, w + "_scale_inv": (-(-n // FP8_BLOCK), -(-k // FP8_BLOCK))}
+        return {
+            w: (shape, torch.float8_e4m3fn),
+            w + "_scale_inv": ((-(-n // FP8_BLOCK), -(-k // FP8_BLOCK)), torch.float32),
+        }
     if need.fmt == "mxfp4":
-        return {w + "_blocks": (n, k // 2), w + "_scales": (n, k // MXFP4_BLOCK)}
-    return {w: shape}
+        return {w + "_blocks": ((n, k // 2), torch.uint8), w + "_scales": ((n, k // MXFP4_BLOCK), torch.uint8)}
+    return {w: (shape, torch.bfloat16)}
+
+
+def raw_dtypes(cfg: ModelConfig) -> dict[str, torch.dtype]:
+    """Contract dtype of every raw tensor (norms, embedding, router, biases, sinks)."""
+    return {t.name: stored_specs(t)[0].dtype for t in logical_tensors(cfg) if t.fmt == "raw"}
 
 
 def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
@@ -118,7 +136,10 @@ def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
 
 
 def read_manifest(directory: str | Path) -> tuple[dict[str, Any], ModelConfig]:
-    """The manifest of a `tilert quantize` output and its model config; ValueError if malformed."""
+    """The manifest of a `tilert quantize` output and its model config.
+
+    Every field is type-checked; anything malformed is one CheckpointError naming the field.
+    """
     from tilert.checkpoint.loader import CheckpointError
 
     p = Path(directory) / MANIFEST_NAME
@@ -126,14 +147,89 @@ def read_manifest(directory: str | Path) -> tuple[dict[str, Any], ModelConfig]:
         m = json.loads(p.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read manifest {p}: {e}") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("version") != VERSION:
-        raise CheckpointError(f"{p}: not a {FORMAT} v{VERSION} manifest")
-    for key in ("model", "config", "world", "ranks"):
-        if key not in m:
-            raise CheckpointError(f"{p}: field '{key}' is missing")
-    if len(m["ranks"]) != m["world"]:
-        raise CheckpointError(f"{p}: world is {m['world']} but {len(m['ranks'])} ranks are listed")
-    return m, parse_config(m["config"], name=m["model"])
+    try:
+        _validate(m)
+        cfg = parse_config(m["config"], name=m["model"])
+    except ValueError as e:
+        raise CheckpointError(f"manifest {p}: {e}") from None
+    return m, cfg
+
+
+def _validate(m: Any) -> None:
+    """Raise ValueError naming the first field of a manifest that is missing or has the wrong type."""
+    _expect(isinstance(m, dict), "", "must be a JSON object", m)
+    if m.get("format") != FORMAT:
+        raise ValueError(f"field 'format' must be {FORMAT!r}, got {m.get('format')!r}")
+    v = m.get("version")
+    if v != VERSION:
+        raise ValueError(f"version {v!r} is not supported (this tilert reads version {VERSION})")
+    for key, ok, what in (
+        ("model", lambda x: isinstance(x, str), "a string"),
+        ("world", lambda x: _int(x) and x >= 1, "an integer >= 1"),
+        ("config", lambda x: isinstance(x, dict), "an object"),
+        ("ranks", lambda x: isinstance(x, list), "a list"),
+    ):
+        _expect(key in m, key, "is missing")
+        _expect(ok(m[key]), key, f"must be {what}", m[key])
+    tok = m.get("tokenizer")
+    _expect(tok is None or (isinstance(tok, str) and _plain_name(tok)), "tokenizer", "must be a file name or null", tok)
+    _expect(len(m["ranks"]) == m["world"], "ranks", f"must list world={m['world']} ranks, got {len(m['ranks'])}")
+    for r, rk in enumerate(m["ranks"]):
+        at = f"ranks[{r}]"
+        _expect(isinstance(rk, dict), at, "must be an object", rk)
+        _expect(rk.get("rank") == r, f"{at}.rank", f"must be {r}", rk.get("rank"))
+        files = rk.get("files")
+        ok = isinstance(files, list) and all(isinstance(f, str) and _plain_name(f) for f in files)
+        _expect(ok, f"{at}.files", "must be a list of file names in the checkpoint directory", files)
+        tensors = rk.get("tensors")
+        _expect(isinstance(tensors, dict), f"{at}.tensors", "must be an object", tensors)
+        for name, e in tensors.items():
+            _tensor_entry(f"{at}.tensors[{name!r}]", e, files)
+
+
+def _tensor_entry(at: str, e: Any, files: list[str]) -> None:
+    _expect(isinstance(e, dict), at, "must be an object", e)
+    checks = (
+        ("shape", lambda x: isinstance(x, list) and all(_int(d) and d >= 0 for d in x), "a list of sizes"),
+        ("dtype", lambda x: x in _DTYPE_NAMES, f"one of {', '.join(sorted(_DTYPE_NAMES))}"),
+        ("file", lambda x: x in files, "one of the rank's files"),
+        ("sha256", lambda x: isinstance(x, str) and len(x) == 64 and all(c in _HEX for c in x), "a sha256 hex digest"),
+        ("source", lambda x: isinstance(x, str), "a tensor name"),
+        ("format", lambda x: x in ("raw", "bf16", "fp8", "mxfp4"), "raw, bf16, fp8 or mxfp4"),
+        ("slice", lambda x: x is None or (isinstance(x, list) and len(x) == 3 and all(map(_int, x))),
+         "null or [dim, start, stop]"),
+    )  # fmt: skip
+    for key, ok, what in checks:
+        _expect(key in e, f"{at}.{key}", "is missing")
+        _expect(ok(e[key]), f"{at}.{key}", f"must be {what}", e[key])
+
+
+def _expect(ok: bool, field: str, problem: str, value: Any = ...) -> None:
+    if not ok:
+        got = "" if value is ... else f", got {_short(value)}"
+        raise ValueError(f"field '{field}' {problem}{got}" if field else f"{problem}{got}")
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _plain_name(f: str) -> bool:
+    """A file name inside the checkpoint directory (no path, so a manifest cannot point elsewhere)."""
+    return bool(f) and Path(f).name == f and f not in (".", "..")
+
+
+_HEX = set("0123456789abcdef")
+_DTYPE_NAMES = {"bfloat16", "float16", "float32", "float8_e4m3fn", "uint8"}
+
+
+def dtype_name(d: torch.dtype) -> str:
+    return str(d).removeprefix("torch.")
 
 
 def is_sharded_checkpoint(path: str | Path) -> bool:
@@ -153,4 +249,7 @@ def config_next_to(path: str | Path) -> ModelConfig:
         raw = json.loads(cj.read_text())
     except ValueError as e:
         raise CheckpointError(f"{cj}: not valid JSON ({e})") from None
-    return parse_config(raw, name=str(raw.get("name") or d.resolve().name))
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cj}: must be a JSON object")
+    name = raw.get("name")
+    return parse_config(raw, name=name if isinstance(name, str) and name else d.resolve().name)

@@ -1,66 +1,73 @@
-"""`tilert quantize`: a bf16 (or already quantised) HF checkpoint -> per-rank quantised shards.
+"""`tilert quantize`: an HF checkpoint (bf16, or already quantised) -> per-rank quantised shards.
 
-Each rank's file holds exactly what the shard pass gives that rank (its attention heads, its
+Each rank's files hold exactly what the shard pass gives that rank (its attention heads, its
 experts, its vocabulary slice of lm_head; replicated tensors duplicated), each linear quantised
-per `cfg.quantization` on the slice's own block grid, so no runtime ever re-quantises. Memory
-stays bounded: tensors are read one at a time and a rank's output is flushed to a new file every
-`max_file_bytes`.
+per `cfg.quantization` on the slice's own block grid, so no runtime ever re-quantises.
+
+The input goes through the same checks as every loader (`layout.inspect_layout`: names, shapes,
+dtypes; NaN/Inf as each tensor is read). Each source tensor is read (and dequantised) once and
+sliced for every rank that needs it. Memory stays bounded by one logical tensor: every output file's
+layout is known up front (names, shapes, dtypes follow from the config), so its safetensors header is
+written first and each tensor's bytes go straight to their offset.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
-from collections.abc import Callable
+import struct
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tilert.checkpoint.loader import CheckpointError, CheckpointReader, LazyWeights, nonfinite, sha256
+from tilert.checkpoint.convert import Source
+from tilert.checkpoint.layout import inspect_layout
+from tilert.checkpoint.loader import ST_NAMES, CheckpointError, CheckpointReader, LazyWeights, nan_check, sha256
 from tilert.checkpoint.manifest import (
     FORMAT,
+    MANIFEST_NAME,
     VERSION,
     Need,
+    config_next_to,
+    dtype_name,
     logical_shapes,
     rank_needs,
-    stored_shapes,
+    raw_dtypes,
+    sliced_shape,
+    stored_layout,
     write_manifest,
 )
-from tilert.models.binding import slice_weight
+from tilert.checkpoint.sharded import shard_file_name, shard_files
 from tilert.models.config import ModelConfig
-from tilert.models.weights import dequantize_weight
+from tilert.progress import progress
 from tilert.tokenizer import find_tokenizer
 
-Progress = Callable[[str], None]
+log = logging.getLogger("tilert.quantize")
 
 
-def quantize_need(weights: LazyWeights, need: Need) -> dict[str, torch.Tensor]:
-    """Read one logical tensor, cut the rank's slice, store it in the need's format."""
+def quantize_need(weights: Any, need: Need) -> dict[str, torch.Tensor]:
+    """Read one logical tensor (any stored form), cut the rank's slice, store it in the need's format."""
     if need.fmt == "raw":
-        t = weights[need.name]
-        return {need.name: slice_weight(t, *need.slice) if need.slice else t}
-    x = dequantize_weight(weights, need.name)  # any input form -> f32 [out, in]
-    if need.slice:
-        x = slice_weight(x, *need.slice)
+        return Source(weights, need.name, "raw").to("raw", need.slice)
     w = need.name + ".weight"
-    if need.fmt == "fp8":
-        from tilert.numerics import fp8
-
-        q, s = fp8.quantize_blocks(x)
-        return {w: q, w + "_scale_inv": s.to(torch.float32)}
-    if need.fmt == "mxfp4":
-        from tilert.numerics import mxfp4
-
-        blocks, scales = mxfp4.quantize(x)
-        return {w + "_blocks": blocks, w + "_scales": scales}
-    return {w: x.to(torch.bfloat16)}
+    fmt = "mxfp4" if w + "_blocks" in weights else "fp8" if w + "_scale_inv" in weights else "bf16"
+    return Source(weights, need.name, fmt).to(need.fmt, need.slice)
 
 
-def _input_config(src: Path, cfg: ModelConfig | None) -> ModelConfig:
-    from tilert.checkpoint.manifest import config_next_to
-
-    return cfg if cfg is not None else config_next_to(src)
+def check_paths(src: Path, out: Path) -> None:
+    """Refuse an output that is, contains or lies inside the input (it would overwrite it)."""
+    s = src.resolve()
+    s_dir = s if s.is_dir() else s.parent
+    o = out.resolve()
+    if o == s_dir or s_dir in o.parents or o in s.parents or o == s:
+        raise CheckpointError(
+            f"--out {out} overlaps --in {src}: quantize writes config.json and shard files there and would "
+            "overwrite the input; choose a separate output directory"
+        )
+    if o.exists() and not o.is_dir():
+        raise CheckpointError(f"--out {out} exists and is not a directory")
 
 
 def quantize_checkpoint(
@@ -70,40 +77,53 @@ def quantize_checkpoint(
     cfg: ModelConfig | None = None,
     *,
     max_file_bytes: int = 4 << 30,
-    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Write per-rank shards + tilert-manifest.json + config.json (+ tokenizer.json) to `out`."""
     src, out = Path(src), Path(out)
     if not src.exists():
         raise CheckpointError(f"checkpoint not found: {src}")
+    check_paths(src, out)
     if world < 1:
         raise CheckpointError(f"--gpus must be >= 1, got {world}")
-    cfg = _input_config(src, cfg)
+    if (src / MANIFEST_NAME).is_file() or shard_files(src):
+        raise CheckpointError(f"{src} is already a tilert sharded checkpoint; quantize reads HF checkpoints")
+    cfg = cfg if cfg is not None else config_next_to(src)
     reader = CheckpointReader(src)
-    weights = LazyWeights(reader)
+    layout = inspect_layout(cfg, reader, include_drafter=cfg.dflash is not None)
+    source = LazyWeights(reader, nan_check, casts=layout.casts)
+    tok = find_tokenizer(src)
+    if tok is not None and _has_tokenizers():
+        from tilert.tokenizer import load_tokenizer
+
+        load_tokenizer(tok, vocab_size=cfg.vocab_size)  # refuse a tokenizer of another model before writing
     needs = rank_needs(cfg, world)
-    shapes = logical_shapes(cfg)
-    _check_inputs(reader, cfg, needs)
-    out.mkdir(parents=True, exist_ok=True)
-    say = progress or (lambda _m: None)
-    ranks = []
-    total = sum(len(n) for n in needs)
-    done = 0
+    plan = _plan_files(cfg, needs, max_file_bytes)
+    _clear_previous(out)
+    files = {name: _PlannedFile(out / name, entries) for name, entries in plan.items()}
+    where = {(r, k): f for f, entries in plan.items() for (r, k) in ((e.rank, e.name) for e in entries)}
+    users: dict[str, list[tuple[int, Need]]] = {}
     for r, rneeds in enumerate(needs):
-        w = _RankWriter(out, r, max_file_bytes)
-        for need in rneeds.values():
-            want = stored_shapes(need, _sliced(shapes[need.name], need))
-            for k, t in quantize_need(weights, need).items():
-                if tuple(t.shape) != want[k]:
-                    raise CheckpointError(f"tensor {k}: expected {want[k]} for rank {r}, produced {list(t.shape)}")
-                if nonfinite(t, _role(k, need)):
-                    raise CheckpointError(f"tensor {k} (rank {r}): contains NaN/Inf after quantisation")
-                w.add(k, t, need)
-            done += 1
-            if done % 200 == 0 or done == total:
-                say(f"quantize: {done}/{total} tensors (rank {r}/{world})")
-        w.flush()
-        ranks.append({"rank": r, "files": w.files, "tensors": w.tensors})
+        for n in rneeds.values():
+            users.setdefault(n.name, []).append((r, n))
+    ranks: list[dict[str, Any]] = [{"rank": r, "files": [], "tensors": {}} for r in range(world)]
+    for f, entries in plan.items():
+        ranks[entries[0].rank]["files"].append(f)
+    with progress(total=len(users), desc="quantize", unit="tensor") as bar:
+        for i, (name, uses) in enumerate(users.items()):
+            one = Source(source, name, layout.formats[name])  # read (and dequantised) once for all ranks
+            for r, need in uses:
+                for k, t in one.to(need.fmt, need.slice).items():
+                    digest = files[where[(r, k)]].write(k, t)
+                    ranks[r]["tensors"][k] = {
+                        "shape": list(t.shape), "dtype": dtype_name(t.dtype), "file": where[(r, k)],
+                        "sha256": digest, "source": need.name, "format": need.fmt,
+                        "slice": list(need.slice) if need.slice else None,
+                    }  # fmt: skip
+            bar.update(1)
+            if (i + 1) % 1000 == 0:
+                log.debug("quantize: %d/%d tensors", i + 1, len(users))
+    for f in files.values():
+        f.finish()
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -114,84 +134,97 @@ def quantize_checkpoint(
         "tokenizer": None,
         "ranks": ranks,
     }
-    tok = find_tokenizer(src)
     if tok is not None:
         shutil.copyfile(tok, out / "tokenizer.json")
         manifest["tokenizer"] = "tokenizer.json"
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
-    write_manifest(out, manifest)
+    write_manifest(out, manifest)  # last: a directory without it is incomplete (and refused)
+    log.info("quantize: wrote %d files for %d rank(s) to %s", len(files), world, out)
     return manifest
 
 
-class _RankWriter:
-    """Collects one rank's tensors and writes a new safetensors file every `max_bytes`."""
+def _has_tokenizers() -> bool:
+    import importlib.util
 
-    def __init__(self, out: Path, rank: int, max_bytes: int) -> None:
-        self.out, self.rank, self.max_bytes = out, rank, max_bytes
-        self.files: list[str] = []
-        self.tensors: dict[str, dict[str, Any]] = {}
-        self._buf: dict[str, torch.Tensor] = {}
-        self._bytes = 0
-
-    def add(self, name: str, t: torch.Tensor, need: Need) -> None:
-        self.tensors[name] = {
-            "shape": list(t.shape),
-            "dtype": str(t.dtype).removeprefix("torch."),
-            "source": need.name,
-            "format": need.fmt,
-            "slice": list(need.slice) if need.slice else None,
-            "sha256": sha256(t),
-        }
-        self._buf[name] = t
-        self._bytes += t.numel() * t.element_size()
-        if self._bytes >= self.max_bytes:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self._buf:
-            return
-        from safetensors.torch import save_file
-
-        fname = f"rank{self.rank:03d}-{len(self.files):05d}.safetensors"
-        save_file({k: v.contiguous() for k, v in self._buf.items()}, str(self.out / fname), metadata={"format": "pt"})
-        for k in self._buf:
-            self.tensors[k]["file"] = fname
-        self.files.append(fname)
-        self._buf, self._bytes = {}, 0
+    return importlib.util.find_spec("tokenizers") is not None
 
 
-def _sliced(shape: tuple[int, ...], need: Need) -> tuple[int, ...]:
-    from tilert.checkpoint.manifest import sliced_shape
+class _Entry:
+    __slots__ = ("rank", "name", "shape", "dtype", "nbytes")
 
-    return sliced_shape(shape, need.slice)
-
-
-def _role(stored: str, need: Need) -> str:
-    if stored.endswith("_blocks"):
-        return "mxfp4_blocks"
-    if stored.endswith("_scales"):
-        return "mxfp4_scales"
-    return need.fmt
+    def __init__(self, rank: int, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self.rank, self.name, self.shape, self.dtype = rank, name, shape, dtype
+        n = 1
+        for d in shape:
+            n *= d
+        self.nbytes = n * dtype.itemsize
 
 
-def _check_inputs(reader: CheckpointReader, cfg: ModelConfig, needs: list[dict[str, Need]]) -> None:
-    """Every needed tensor is present in some storage form with its logical shape; nothing is extra."""
-    shapes = logical_shapes(cfg)
-    fmts = {n.name: n.fmt for rn in needs for n in rn.values()}
-    problems, used = [], set()
-    for name, shape in shapes.items():
-        forms = [name] if name in reader else [name + s for s in (".weight", ".weight_blocks") if name + s in reader]
-        if not forms:
-            if name in fmts:
-                problems.append(f"missing tensor {name}" + ("" if fmts[name] == "raw" else ".weight"))
-            continue
-        f = forms[0]
-        used.update({f, f + "_scale_inv", name + ".weight_scales"} & set(reader.keys()))
-        got = reader.info(f)[0]
-        exp = shape if not f.endswith("_blocks") else (shape[0], shape[1] // 2)
-        if got != exp:
-            problems.append(f"tensor {f}: expected shape {list(exp)}, got {list(got)}")
-    problems += [f"unexpected tensor {k}" for k in reader.keys() if k not in used]
-    if problems:
-        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
-        raise CheckpointError(f"input checkpoint {reader.path}: " + "; ".join(problems[:10]) + more)
+def _plan_files(cfg: ModelConfig, needs: list[dict[str, Need]], max_bytes: int) -> dict[str, list[_Entry]]:
+    """Every output file and the tensors it holds, from the config alone (names, shapes, dtypes)."""
+    shapes, raw = logical_shapes(cfg), raw_dtypes(cfg)
+    plan: dict[str, list[_Entry]] = {}
+    for r, rneeds in enumerate(needs):
+        index, size = 0, 0
+        for n in rneeds.values():
+            for k, (shape, dtype) in stored_layout(n, sliced_shape(shapes[n.name], n.slice), raw.get(n.name)).items():
+                e = _Entry(r, k, tuple(shape), dtype)
+                if size and size + e.nbytes > max_bytes:
+                    index, size = index + 1, 0
+                plan.setdefault(shard_file_name(r, index), []).append(e)
+                size += e.nbytes
+    return plan
+
+
+def _clear_previous(out: Path) -> None:
+    """Remove an earlier run's manifest and shard files (only those: nothing else in `out` is touched)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
+    for f in shard_files(out):
+        f.unlink()
+
+
+class _PlannedFile:
+    """A safetensors file whose header is written first; tensors are then written at their offsets."""
+
+    def __init__(self, path: Path, entries: list[_Entry]) -> None:
+        self.path = path
+        ordered = sorted(entries, key=lambda e: -e.dtype.itemsize)  # keep every tensor aligned
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        self._slots: dict[str, tuple[int, _Entry]] = {}
+        offset = 0
+        for e in ordered:
+            end = offset + e.nbytes
+            header[e.name] = {"dtype": ST_NAMES[e.dtype], "shape": list(e.shape), "data_offsets": [offset, end]}
+            self._slots[e.name] = (offset, e)
+            offset += e.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._data_start = 8 + len(raw)
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            f.truncate(self._data_start + offset)
+        self._written: set[str] = set()
+
+    def write(self, name: str, t: torch.Tensor) -> str:
+        """Write one tensor's bytes at its planned offset; returns their sha256."""
+        offset, e = self._slots[name]
+        if tuple(t.shape) != e.shape or t.dtype != e.dtype:
+            raise CheckpointError(
+                f"tensor {name}: expected {dtype_name(e.dtype)} {list(e.shape)}, produced {dtype_name(t.dtype)} "
+                f"{list(t.shape)}"
+            )
+        if name in self._written:
+            raise CheckpointError(f"tensor {name} written twice to {self.path.name}")
+        data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+        with open(self.path, "r+b") as f:
+            f.seek(self._data_start + offset)
+            f.write(memoryview(data))
+        self._written.add(name)
+        return sha256(t)
+
+    def finish(self) -> None:
+        missing = [k for k in self._slots if k not in self._written]
+        if missing:
+            raise CheckpointError(f"{self.path.name}: tensors {missing[:3]} were never written")

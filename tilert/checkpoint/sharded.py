@@ -15,8 +15,26 @@ from typing import Any
 
 import torch
 
-from tilert.checkpoint.loader import ST_DTYPES, CheckpointError, CheckpointReader, LazyWeights, nonfinite, sha256
-from tilert.checkpoint.manifest import logical_shapes, rank_needs, read_manifest, sliced_shape, stored_shapes
+from tilert.checkpoint.loader import (
+    ST_DTYPES,
+    CheckpointError,
+    CheckpointReader,
+    LazyWeights,
+    nonfinite,
+    raise_problems,
+    role_of,
+    sha256,
+)
+from tilert.checkpoint.manifest import (
+    MANIFEST_NAME,
+    dtype_name,
+    logical_shapes,
+    rank_needs,
+    raw_dtypes,
+    read_manifest,
+    sliced_shape,
+    stored_layout,
+)
 from tilert.engine.backend import ReferenceBackend
 from tilert.ir.graph import Graph, Value
 from tilert.models.binding import bind_param
@@ -56,17 +74,47 @@ class RankWeights:
         return [n for w in self.ranks for n in w.reader.reads]
 
 
+SHARD_PATTERN = "rank[0-9][0-9][0-9]-[0-9][0-9][0-9][0-9][0-9].safetensors"
+
+
+def shard_file_name(rank: int, index: int) -> str:
+    return f"rank{rank:03d}-{index:05d}.safetensors"
+
+
+def shard_files(directory: Path) -> list[Path]:
+    """The per-rank files `tilert quantize` writes, if `directory` holds any."""
+    return sorted(directory.glob(SHARD_PATTERN)) if directory.is_dir() else []
+
+
 def open_sharded(
-    directory: str | Path, cfg: ModelConfig | None = None, device: str = "cpu", verify: bool | None = None
+    directory: str | Path,
+    cfg: ModelConfig | None = None,
+    device: str = "cpu",
+    verify: bool | None = None,
+    checksums: bool = True,
 ) -> tuple[ModelConfig, RankWeights]:
     """Open and structurally validate a sharded checkpoint; verify=True also reads and checks every value
-    (None: only when the whole checkpoint is under 1 GiB)."""
+    (None: only when the whole checkpoint is under 1 GiB).
+
+    checksums=False skips the sha256 checks and lets a directory whose manifest is missing load from
+    its shard files and config.json (structure is still checked against the config).
+    """
     d = Path(directory)
-    manifest, mcfg = read_manifest(d)
+    if (d / MANIFEST_NAME).is_file():
+        manifest, mcfg = read_manifest(d)
+    elif checksums:
+        found = shard_files(d)
+        names = ", ".join(f.name for f in found[:3]) + (", ..." if len(found) > 3 else "")
+        raise CheckpointError(
+            f"{d / MANIFEST_NAME} is missing: {d} holds tilert shard files ({names}) whose checksums it "
+            "records; restore it, or load without checksums (--no-verify-checksums, verify_checksums=False)"
+        )
+    else:
+        manifest, mcfg = _manifest_from_files(d, cfg)
     if cfg is not None and cfg.to_dict() | {"name": ""} != mcfg.to_dict() | {"name": ""}:
         raise CheckpointError(f"{d}: the checkpoint was quantised for a different config than '{cfg.name}'")
     cfg = mcfg if cfg is None else cfg
-    world = int(manifest["world"])
+    world = manifest["world"]
     _check_against_config(cfg, manifest, world)
     ranks = []
     for r, rk in enumerate(manifest["ranks"]):
@@ -86,19 +134,56 @@ def open_sharded(
                     f"tensor {name}: manifest says {want[1]} {list(want[0])}, file has {dtype} {list(shape)}"
                 )
         problems += [f"unexpected tensor {k}" for k in reader.keys() if k not in rk["tensors"]]
-        if problems:
-            raise CheckpointError(f"{d} rank {r}: " + "; ".join(problems[:10]))
-        ranks.append(LazyWeights(reader, _value_check(r, rk["tensors"]), names=list(rk["tensors"])))
+        raise_problems(problems, f"{d} rank {r}")
+        ranks.append(LazyWeights(reader, _value_check(r, rk["tensors"], checksums), names=list(rk["tensors"])))
     rw = RankWeights(d, manifest, ranks)
     if verify is None:
         nbytes = sum((d / f).stat().st_size for rk in manifest["ranks"] for f in rk["files"])
         verify = nbytes < 1 << 30
     if verify:
-        for w in ranks:
-            for name in w:
-                w[name]
-            w.reader.reads.clear()
+        from tilert.progress import progress
+
+        with progress(total=sum(len(w) for w in ranks), desc="verify checkpoint", unit="tensor") as bar:
+            for w in ranks:
+                for name in w:
+                    w[name]
+                    bar.update(1)
+                w.reader.reads.clear()
     return cfg, rw
+
+
+def _manifest_from_files(d: Path, cfg: ModelConfig | None) -> tuple[dict[str, Any], ModelConfig]:
+    """What the manifest would say, from the shard files' headers, config.json and the shard pass
+    (no checksums): for a directory whose manifest was lost, loaded on the user's explicit request."""
+    from tilert.checkpoint.convert import stored_names
+    from tilert.checkpoint.manifest import config_next_to
+
+    cfg = cfg if cfg is not None else config_next_to(d)
+    by_rank: dict[int, list[str]] = {}
+    for f in shard_files(d):
+        by_rank.setdefault(int(f.name[4:7]), []).append(f.name)
+    world = len(by_rank)
+    if sorted(by_rank) != list(range(world)):
+        raise CheckpointError(f"{d}: shard files for ranks {sorted(by_rank)}; expected ranks 0..{world - 1}")
+    needs = rank_needs(cfg, world)
+    ranks = []
+    for r in range(world):
+        source = {}
+        for n in needs[r].values():
+            for k in stored_names(n.name, n.fmt):
+                source[k] = n
+        reader = _RankReader(d, by_rank[r], "cpu")
+        tensors = {}
+        for k in reader.keys():
+            shape, dtype = reader.info(k)
+            n = source.get(k)
+            tensors[k] = {
+                "shape": list(shape), "dtype": dtype_name(dtype) if isinstance(dtype, torch.dtype) else str(dtype),
+                "file": reader.file_of(k).name, "sha256": None, "source": n.name if n else k,
+                "format": n.fmt if n else "raw", "slice": list(n.slice) if n and n.slice else None,
+            }  # fmt: skip
+        ranks.append({"rank": r, "files": by_rank[r], "tensors": tensors})
+    return {"format": "tilert-sharded-checkpoint", "world": world, "model": cfg.name, "ranks": ranks}, cfg
 
 
 class _RankReader(CheckpointReader):
@@ -109,33 +194,35 @@ class _RankReader(CheckpointReader):
         self._open([directory / f for f in files], device)
 
 
-def _value_check(rank: int, entries: Mapping[str, Any]) -> Any:
+def _value_check(rank: int, entries: Mapping[str, Any], checksums: bool) -> Any:
     def check(name: str, t: torch.Tensor) -> None:
-        e = entries[name]
-        role = "mxfp4_blocks" if name.endswith("_blocks") else "mxfp4_scales" if name.endswith("_scales") else ""
-        if nonfinite(t, role):
+        if nonfinite(t, role_of(name)):
             raise CheckpointError(f"tensor {name} (rank {rank}): contains NaN/Inf")
-        if sha256(t) != e["sha256"]:
+        if checksums and sha256(t) != entries[name]["sha256"]:
             raise CheckpointError(f"tensor {name} (rank {rank}): checksum mismatch (file corrupted or edited)")
 
     return check
 
 
 def _check_against_config(cfg: ModelConfig, manifest: dict[str, Any], world: int) -> None:
-    """The manifest must list exactly what the shard pass gives each rank, in the configured formats."""
-    needs, shapes = rank_needs(cfg, world), logical_shapes(cfg)
+    """The manifest must list exactly what the shard pass gives each rank, in the configured formats
+    (names, shapes and dtypes), so a checkpoint that cannot run is refused at load, not per request."""
+    needs, shapes, raw = rank_needs(cfg, world), logical_shapes(cfg), raw_dtypes(cfg)
     for r, (rn, rk) in enumerate(zip(needs, manifest["ranks"])):
-        want: dict[str, tuple[int, ...]] = {}
+        want: dict[str, Any] = {}
         for n in rn.values():
-            want.update(stored_shapes(n, sliced_shape(shapes[n.name], n.slice)))
-        have = {k: tuple(t["shape"]) for k, t in rk["tensors"].items()}
+            want.update(stored_layout(n, sliced_shape(shapes[n.name], n.slice), raw.get(n.name)))
+        have = rk["tensors"]
         problems = [f"missing tensor {k}" for k in want if k not in have]
         problems += [f"unexpected tensor {k}" for k in have if k not in want]
-        problems += [
-            f"tensor {k}: expected {list(s)}, got {list(have[k])}" for k, s in want.items() if have.get(k, s) != s
-        ]
-        if problems:
-            raise CheckpointError(f"manifest rank {r} does not match config '{cfg.name}': " + "; ".join(problems[:10]))
+        for k, (shape, dtype) in want.items():
+            if k not in have:
+                continue
+            if tuple(have[k]["shape"]) != shape:
+                problems.append(f"tensor {k}: expected {list(shape)}, got {have[k]['shape']}")
+            if dtype is not None and have[k]["dtype"] != dtype_name(dtype):
+                problems.append(f"tensor {k}: expected {dtype_name(dtype)}, got {have[k]['dtype']}")
+        raise_problems(problems, f"manifest rank {r} does not match config '{cfg.name}'")
 
 
 class ShardedReferenceBackend(ReferenceBackend):

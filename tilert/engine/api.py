@@ -9,6 +9,7 @@ Nothing is global: two Engines in one process share nothing but the backend fact
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -19,9 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from tilert.engine.backend import StepBackend
-from tilert.engine.generate import GenerationError
+from tilert.engine.generate import GenerationError, SamplingParams, StepError, TokenLogprob
+from tilert.engine.memory import KVMemoryError, check_kv_memory, default_budget, kv_bytes_per_sequence
 from tilert.engine.sequence import DecodeSequence
+from tilert.engine.text import TextStream, find_eos_token_ids
 from tilert.models.config import ModelConfig, load_config
+
+log = logging.getLogger(__name__)
 
 
 class EngineError(ValueError):
@@ -113,13 +118,17 @@ class _Caches:
         else:
             self.kind, self.slots = "single", 1
         self._current: Any = None
+        self.live = 0  # caches handed out and not freed
 
     def new(self) -> Any:
         if self.kind == "native":
-            return self.backend.new_cache()
-        if self.kind == "swap":
-            return [{} for _ in range(self.backend.executor.world)]
-        return object()  # a token: reset the backend when the live sequence changes
+            cache = self.backend.new_cache()
+        elif self.kind == "swap":
+            cache = [{} for _ in range(self.backend.executor.world)]
+        else:
+            cache = object()  # a token: reset the backend when the live sequence changes
+        self.live += 1
+        return cache
 
     def use(self, cache: Any) -> None:
         if self.kind == "native":
@@ -131,10 +140,15 @@ class _Caches:
         self._current = cache
 
     def free(self, cache: Any) -> None:
+        if cache is None:
+            return
+        self.live -= 1
         if self.kind == "native" and hasattr(self.backend, "free_cache"):
             self.backend.free_cache(cache)
         if cache is self._current:
             self._current = None
+            if self.kind == "swap":  # the executor must not keep the freed tensors alive
+                self.backend.executor.states = [{} for _ in range(self.backend.executor.world)]
 
 
 # ---- requests ----------------------------------------------------------------------------------
@@ -142,10 +156,12 @@ class _Caches:
 
 @dataclass
 class Chunk:
-    """Tokens accepted by one step (several per DFlash verify step) and their text, if a tokenizer."""
+    """Tokens accepted by one step (several per DFlash verify step), their text (with a tokenizer;
+    text that may still begin a stop string is held back) and logprobs (when asked for)."""
 
     tokens: list[int]
     text: str | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -154,22 +170,31 @@ class EngineResult:
     text: str | None
     finish_reason: str
     stats: dict[str, Any] = field(default_factory=dict)
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt: list[int] = field(default_factory=list)
 
 
 _DONE = object()
+_POLL_S = 0.25  # how often a waiting caller checks that the worker is still alive
 
 
 class Request:
     """A submitted generation: iterate it for chunks, or wait for `result()`; `cancel()` drops it."""
 
     def __init__(
-        self, engine: Engine, seq: DecodeSequence, on_chunk: Callable[[Chunk | None], None] | None = None
+        self,
+        engine: Engine,
+        seq: DecodeSequence,
+        on_chunk: Callable[[Chunk | None], None] | None = None,
+        stop: Sequence[str] = (),
     ) -> None:
         self._engine, self.seq, self._on_chunk = engine, seq, on_chunk
         self._chunks: queue.Queue[Any] = queue.Queue()
         self._done = threading.Event()
         self._error: BaseException | None = None
-        self._text = ""
+        tok = engine.tokenizer
+        self._text = TextStream(tok, stop) if tok is not None else None
         self.cancelled = False
         self.t_submit = time.perf_counter()
         self.t_first: float | None = None
@@ -177,17 +202,25 @@ class Request:
 
     # -- called by the engine (worker thread) --
     def _push(self, tokens: list[int]) -> None:
+        """Hand out one step's tokens; a stop string in their text ends the sequence there.
+        Raises whatever on_chunk raises (the engine then fails this request with it)."""
         if not tokens:
             return
         if self.t_first is None:
             self.t_first = time.perf_counter()
-        text = None
-        tok = self._engine.tokenizer
-        if tok is not None:
-            full = tok.decode(self.seq.result.tokens)
-            text = full[len(self._text) :] if full.startswith(self._text) else tok.decode(tokens)
-            self._text = full
-        chunk = Chunk(list(tokens), text)
+        seq, text = self.seq, None
+        if self._text is not None:
+            ends_on_stop_id = seq.finish_reason == "stop" and tokens[-1] in seq.stop_token_ids
+            for i, t in enumerate(tokens[:-1] if ends_on_stop_id else tokens):  # a stop token has no text
+                if self._text.add(t):
+                    seq.stop_after(len(seq.result.tokens) - len(tokens) + i + 1)
+                    tokens = tokens[: i + 1]
+                    break
+            if seq.done:
+                self._text.finish()
+            text = self._text.delta(final=seq.done)
+        lps = seq.result.logprobs[len(seq.result.tokens) - len(tokens) :] if seq.logprobs is not None else None
+        chunk = Chunk(list(tokens), text, lps)
         self._chunks.put(chunk)
         if self._on_chunk is not None:
             self._on_chunk(chunk)
@@ -199,30 +232,42 @@ class Request:
         self._done.set()
         self._chunks.put(_DONE)
         if self._on_chunk is not None:
-            self._on_chunk(None)
+            try:
+                self._on_chunk(None)
+            except Exception as e:  # the request is already complete; nothing else to fail
+                log.warning("on_chunk(None) raised %r", e)
 
     # -- called by the user --
     def done(self) -> bool:
         return self._done.is_set()
 
     def cancel(self) -> None:
-        """Stop generating; the worker drops the sequence at its next step."""
+        """Stop generating; the engine drops the sequence (and frees its cache) at its next step."""
         self.cancelled = True
         self._engine._wake()
 
     def result(self, timeout: float | None = None) -> EngineResult:
-        """Wait for the whole generation; raises the request's error (bad step, engine closed)."""
+        """Wait for the whole generation; raises the request's error (bad step, engine closed, cancelled)
+        and TimeoutError after `timeout` seconds."""
+        self._engine._check_not_in_step()
         self._engine._drive_until(self._done, timeout)
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"generation did not finish within {timeout} s")
+        t_end = None if timeout is None else time.perf_counter() + timeout
+        while not self._done.is_set():
+            left = _POLL_S if t_end is None else min(_POLL_S, t_end - time.perf_counter())
+            if left <= 0:
+                raise TimeoutError(f"generation did not finish within {timeout} s")
+            if not self._done.wait(left):
+                self._engine._check_worker()
         if self._error is not None:
             raise self._error
         return self._make_result()
 
-    def __iter__(self) -> Iterator[Chunk]:
+    def chunks(self, timeout: float | None = None) -> Iterator[Chunk]:
+        """The chunks as steps produce them; TimeoutError when none comes within `timeout` seconds."""
+        self._engine._check_not_in_step()
         while True:
             if self._engine._background:
-                item = self._chunks.get()
+                item = self._next_chunk(timeout)
             else:
                 while self._chunks.empty():
                     self._engine.step()
@@ -233,33 +278,64 @@ class Request:
                 return
             yield item
 
+    def __iter__(self) -> Iterator[Chunk]:
+        return self.chunks()
+
+    def _next_chunk(self, timeout: float | None) -> Any:
+        t_end = None if timeout is None else time.perf_counter() + timeout
+        while True:
+            left = _POLL_S if t_end is None else min(_POLL_S, t_end - time.perf_counter())
+            if left <= 0:
+                raise TimeoutError(f"no tokens within {timeout} s")
+            try:
+                return self._chunks.get(timeout=left)
+            except queue.Empty:
+                if not self._done.is_set():
+                    self._engine._check_worker()
+
     def _make_result(self) -> EngineResult:
-        r = self.seq.result
+        seq, r = self.seq, self.seq.result
         t_done = self.t_done or time.perf_counter()
         lat = t_done - self.t_submit
         stats = dict(r.stats())
         stats.update(
-            prompt_tokens=len(self.seq.prompt),
-            finish_reason=self.seq.finish_reason,
+            prompt_tokens=len(seq.prompt),
+            finish_reason=seq.finish_reason,
             latency_s=round(lat, 6),
             time_to_first_token_s=round((self.t_first or t_done) - self.t_submit, 6),
             tokens_per_s=round(len(r.tokens) / lat, 3) if lat > 0 else 0.0,
         )
-        text = self._engine.tokenizer.decode(r.tokens) if self._engine.tokenizer is not None else None
-        return EngineResult(list(r.tokens), text, self.seq.finish_reason or "length", stats)
+        if self._text is not None:
+            self._text.finish()
+        return EngineResult(
+            list(r.tokens),
+            self._text.text if self._text is not None else None,
+            seq.finish_reason or "length",
+            stats,
+            logprobs=list(r.logprobs) if seq.logprobs is not None else None,
+            prompt_logprobs=list(r.prompt_logprobs) if seq.prompt_logprobs else None,
+            prompt=list(seq.prompt),
+        )
 
 
 # ---- the engine --------------------------------------------------------------------------------
 
 
 class Engine:
-    """Greedy / DFlash decoding of one model, many sequences at once, thread-safe submission.
+    """Greedy / sampled / DFlash decoding of one model, many sequences at once, thread-safe submission.
 
     model: a shipped model name, a config.json path or a ModelConfig; None takes the config of a
     checkpoint directory given as `weights`. weights: a dict of storage-form tensors, a checkpoint
     path (HF safetensors file/dir, or a `tilert quantize` output dir), an int seed for synthetic
     weights, or None (seed 0; tiny models only). plan: a compiled plan directory, handed to the
     backend (GPU runtimes run it; the reference backend takes its world size).
+    quantize ("auto" | "on-load" | "none") and verify_checksums apply to a checkpoint path: see
+    `tilert.checkpoint.open_checkpoint` and docs/checkpoints.md. drafter: a DFlash
+    drafter directory in a published layout (tilert.checkpoint.drafter); by default a checkpoint
+    directory's own `dflash/` drafter, if it has one and its config names none.
+    eos_token_id: ids that end a generation (default: what the checkpoint and tokenizer declare).
+    kv_memory: bytes the KV caches may use (default: see tilert.engine.memory); max_active caches
+    of max_seq tokens must fit, or the constructor raises KVMemoryError.
     """
 
     def __init__(
@@ -275,6 +351,11 @@ class Engine:
         max_active: int = 8,
         tokenizer: Any = None,
         background: bool = True,
+        quantize: str = "auto",
+        verify_checksums: bool = True,
+        drafter: str | Path | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        kv_memory: int | None = None,
     ) -> None:
         factory = _backend_factory(backend)
         if device.startswith("cuda"):
@@ -286,29 +367,69 @@ class Engine:
             raise EngineError(f"unknown device {device!r} (cpu or cuda)")
         if max_active < 1:
             raise EngineError(f"max_active must be >= 1, got {max_active}")
+        if isinstance(max_seq, bool) or not isinstance(max_seq, int) or max_seq < 2:
+            raise EngineError(f"max_seq must be an integer >= 2, got {max_seq!r}")
+        if kv_memory is not None and (isinstance(kv_memory, bool) or not isinstance(kv_memory, int) or kv_memory < 0):
+            raise EngineError(f"kv_memory must be a number of bytes >= 0, got {kv_memory!r}")
         self.plan = _load_plan(plan) if plan is not None else None
         if self.plan is not None and world == 1:
             world = int(getattr(self.plan, "world", 1) or 1)
-        self.cfg, self.weights, tok_path = _resolve(model, weights, device)
+        self.cfg, self.weights, tok_path = _resolve(model, weights, device, quantize, verify_checksums)
+        self.cfg, self.weights = _attach_drafter(self.cfg, self.weights, drafter, weights, device)
         world = getattr(self.weights, "world", world)
-        self.backend_name, self.device, self.world = backend, device, world
+        self.backend_name, self.device, self.world, self.max_seq = backend, device, world, max_seq
         self.backend: StepBackend = factory(
             self.cfg, self.weights, max_seq=max_seq, world=world, device=device, plan=self.plan
         )
-        self.tokenizer = _resolve_tokenizer(tokenizer if tokenizer is not None else tok_path)
+        self.tokenizer = _resolve_tokenizer(tokenizer if tokenizer is not None else tok_path, self.cfg.vocab_size)
         self._caches = _Caches(self.backend)
         self.max_active = self._caches.slots or max_active
+        self.kv_bytes_per_sequence = kv_bytes_per_sequence(self.backend)
+        if self.kv_bytes_per_sequence is not None:
+            if kv_memory is not None:
+                budget, source = kv_memory, "kv_memory / --kv-cache-gb"
+            else:
+                budget, source = default_budget(device, self.weights)
+            check_kv_memory(self.kv_bytes_per_sequence, self.max_active, max_seq, budget, source)
+        self.eos_token_ids = self._eos_ids(eos_token_id, weights)
         self._background = background
         self._cond = threading.Condition()
         self._step_lock = threading.Lock()
+        self._stepping: int | None = None  # thread id inside step()
         self._pending: deque[Request] = deque()
         self._active: list[Request] = []
         self._closed = False
         self._worker: threading.Thread | None = None
+        self.counters = {"finished": 0, "failed": 0, "cancelled": 0, "steps": 0}
 
     @property
     def model_name(self) -> str:
         return self.cfg.name
+
+    def _eos_ids(self, given: int | Sequence[int] | None, weights: Any) -> frozenset[int]:
+        if given is not None:
+            ids = [given] if isinstance(given, int) else list(given)
+        else:
+            dirs = []
+            if isinstance(weights, (str, Path)):
+                p = Path(weights)
+                dirs.append(p if p.is_dir() else p.parent)
+            ids = find_eos_token_ids(dirs, self.cfg, self.tokenizer)
+            # a checkpoint's files may name an id this vocabulary lacks (a cut-down model keeping its
+            # parent's generation_config): such an id can never be generated, so it is dropped
+            outside = [t for t in ids if not _in_vocab(t, self.cfg.vocab_size)]
+            if outside:
+                log.warning("ignoring eos token id(s) %s: outside the vocabulary [0, %d)", outside, self.cfg.vocab_size)
+                ids = [t for t in ids if _in_vocab(t, self.cfg.vocab_size)]
+        bad = [t for t in ids if not _in_vocab(t, self.cfg.vocab_size)]
+        if bad:
+            raise EngineError(f"eos token id {bad[0]!r} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        return frozenset(ids)
+
+    @property
+    def kv_caches_live(self) -> int:
+        """KV caches currently allocated (one per admitted, unfinished sequence)."""
+        return self._caches.live
 
     # -- submission --
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
@@ -325,20 +446,48 @@ class Engine:
         max_new_tokens: int = 16,
         speculative: str | None = None,
         *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
         stop_token_ids: Sequence[int] = (),
+        ignore_eos: bool = False,
+        logprobs: int | None = None,
+        prompt_logprobs: bool = False,
         on_chunk: Callable[[Chunk | None], None] | None = None,
         drafter: Callable[..., list[int]] | None = None,
     ) -> Request:
         """Queue a request (from any thread); bad requests raise GenerationError here, not later.
 
-        on_chunk(chunk) is called from the worker thread for every chunk and with None at the end.
+        temperature 0 is greedy; > 0 samples (top_p, top_k, seed: see SamplingParams); with
+        speculative="dflash" sampled drafts are verified by the rejection rule (distribution-exact).
+        Generation ends at max_new_tokens, at an EOS id (unless ignore_eos), at a stop_token_ids id
+        (kept in tokens, not in text) or when the text reaches a stop string (text cut before it).
+        logprobs=N records each token's logprob and its N most likely alternatives; prompt_logprobs
+        also the prompt's. on_chunk(chunk) is called from the worker thread for every chunk and with
+        None at the end; if it raises, the request fails with that error and the engine goes on.
         drafter replaces the model's DFlash drafter (as in `generate`; e.g. the benchmark OracleDrafter).
         """
+        if isinstance(stop, str):
+            stop = [stop]
+        if stop and self.tokenizer is None:
+            raise GenerationError("stop strings need a tokenizer; use stop_token_ids")
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise GenerationError("stop strings must be non-empty strings")
+        stops = frozenset(stop_token_ids) | (frozenset() if ignore_eos else self.eos_token_ids)
         seq = DecodeSequence(
-            self.encode(prompt), max_new_tokens, speculative, frozenset(stop_token_ids), drafter=drafter
+            self.encode(prompt),
+            max_new_tokens,
+            speculative,
+            stops,
+            drafter=drafter,
+            sampling=SamplingParams(temperature, top_p, top_k, seed),
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
         seq.check(self.backend)
-        req = Request(self, seq, on_chunk)
+        req = Request(self, seq, on_chunk, stop)
         with self._cond:
             if self._closed:
                 raise EngineClosedError("engine is closed")
@@ -363,36 +512,79 @@ class Engine:
 
     # -- scheduling --
     def step(self) -> int:
-        """Admit pending requests and advance every active sequence by one step; returns how many ran."""
+        """Admit pending requests and advance every active sequence by one step; returns how many ran.
+
+        A failing step, or an on_chunk callback that raises, fails only its request. close() from
+        inside a step (e.g. from on_chunk) stops the round; the unfinished requests fail.
+        """
         with self._step_lock:
-            with self._cond:
-                while self._pending and len(self._active) < self.max_active:
-                    req = self._pending.popleft()
-                    req.seq.cache = self._caches.new()
-                    self._active.append(req)
-            ran = 0
-            for req in list(self._active):
-                if req.cancelled:
-                    self._retire(req, RequestCancelled("request was cancelled"))
+            self._stepping = threading.get_ident()
+            try:
+                return self._round()
+            finally:
+                self._stepping = None
+                if self._closed:
+                    self._fail_unfinished(EngineClosedError("engine was closed before the request finished"))
+
+    def _round(self) -> int:
+        with self._cond:
+            while self._pending and len(self._active) < self.max_active and not self._closed:
+                req = self._pending.popleft()
+                if req.cancelled:  # gone before it started: no cache for it
+                    err = RequestCancelled("request was cancelled")
+                    self._count(err)
+                    req._finish(err)
                     continue
-                if not req.seq.done:
-                    try:
-                        self._caches.use(req.seq.cache)
-                        new = req.seq.advance(self.backend)
-                    except Exception as e:  # a failing step fails its request, not the engine
-                        self._retire(req, e)
-                        continue
+                try:
+                    req.seq.cache = self._caches.new()
+                except Exception as e:  # no cache for it (out of memory): fail it, keep the others
+                    self._count(e)
+                    req._finish(e)
+                    continue
+                self._active.append(req)
+        ran = 0
+        for req in list(self._active):
+            if self._closed:
+                break
+            if req.cancelled:
+                self._retire(req, RequestCancelled("request was cancelled"))
+                continue
+            if not req.seq.done:
+                try:
+                    self._caches.use(req.seq.cache)
+                    new = req.seq.advance(self.backend)
                     ran += 1
                     req._push(new)
-                if req.seq.done:
-                    self._retire(req)
-            return ran
+                except Exception as e:  # a failing step or callback fails its request, not the engine
+                    log.debug("request failed: %r", e)
+                    self._retire(req, e)
+                    continue
+            if req.seq.done:
+                self._retire(req)
+        self.counters["steps"] += ran
+        return ran
+
+    def _count(self, error: BaseException | None) -> None:
+        key = "finished" if error is None else "cancelled" if isinstance(error, RequestCancelled) else "failed"
+        self.counters[key] += 1
 
     def _retire(self, req: Request, error: BaseException | None = None) -> None:
-        self._active.remove(req)
+        if req in self._active:
+            self._active.remove(req)
         self._caches.free(req.seq.cache)
         req.seq.cache = None
+        self._count(error)
         req._finish(error)
+
+    def _fail_unfinished(self, error: BaseException) -> None:
+        with self._cond:
+            active, pending = list(self._active), list(self._pending)
+            self._pending.clear()
+        for req in active:
+            self._retire(req, error)
+        for req in pending:
+            self._count(error)
+            req._finish(error)
 
     def idle(self) -> bool:
         with self._cond:
@@ -404,8 +596,24 @@ class Engine:
                 while not self._closed and not self._pending and not self._active:
                     self._cond.wait()
                 if self._closed:
-                    return
-            self.step()
+                    break
+            try:
+                self.step()
+            except Exception as e:  # an engine-level failure: fail what is queued, keep serving
+                log.exception("engine step failed")
+                with self._step_lock:
+                    self._fail_unfinished(e)
+
+    def _check_worker(self) -> None:
+        """Raise EngineClosedError if no worker will ever finish the caller's request."""
+        w = self._worker
+        if self._background and (w is None or not w.is_alive()):
+            raise EngineClosedError("the engine's worker is not running (engine closed)")
+
+    def _check_not_in_step(self) -> None:
+        """Waiting for a request from inside a step (an on_chunk callback) would wait for itself."""
+        if self._stepping == threading.get_ident():
+            raise EngineError("cannot wait for a request from inside the engine's step (an on_chunk callback)")
 
     def _wake(self) -> None:
         with self._cond:
@@ -420,19 +628,18 @@ class Engine:
 
     # -- shutdown --
     def close(self) -> None:
-        """Stop the worker; every unfinished request fails with EngineClosedError. Idempotent."""
+        """Stop the worker; every unfinished request fails with EngineClosedError. Idempotent, and
+        safe from inside a step (an on_chunk callback): the running round stops and cleans up."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-            worker, self._worker = self._worker, None
-        if worker is not None:
+            worker = self._worker
+        if self._stepping == threading.get_ident():
+            return  # called from inside step(): its epilogue fails the unfinished requests
+        if worker is not None and worker is not threading.current_thread():
             worker.join()
-        with self._step_lock, self._cond:
-            err = EngineClosedError("engine was closed before the request finished")
-            for req in list(self._active):
-                self._retire(req, err)
-            while self._pending:
-                self._pending.popleft()._finish(err)
+        with self._step_lock:
+            self._fail_unfinished(EngineClosedError("engine was closed before the request finished"))
 
     def __enter__(self) -> Engine:
         return self
@@ -452,7 +659,13 @@ def _load_plan(path: str | Path) -> Any:
     return load_plan(path)
 
 
-def _resolve(model: str | Path | ModelConfig | None, weights: Any, device: str) -> tuple[ModelConfig, Any, Path | None]:
+def _resolve(
+    model: str | Path | ModelConfig | None,
+    weights: Any,
+    device: str,
+    quantize: str = "auto",
+    verify_checksums: bool = True,
+) -> tuple[ModelConfig, Any, Path | None]:
     """(config, weights for the backend, tokenizer.json path or None)."""
     from tilert.models import weights as W
 
@@ -460,7 +673,7 @@ def _resolve(model: str | Path | ModelConfig | None, weights: Any, device: str) 
         from tilert.checkpoint import open_checkpoint
 
         cfg = model if isinstance(model, ModelConfig) else (load_config(model) if model is not None else None)
-        ck = open_checkpoint(weights, cfg, device=device)
+        ck = open_checkpoint(weights, cfg, device=device, quantize=quantize, verify_checksums=verify_checksums)
         return ck.config, ck.weights, ck.tokenizer_path
     if model is None:
         raise EngineError("model=None needs a checkpoint directory as weights")
@@ -474,12 +687,27 @@ def _resolve(model: str | Path | ModelConfig | None, weights: Any, device: str) 
     return cfg, W.synthetic_weights(cfg, weights or 0, device=device), None
 
 
-def _resolve_tokenizer(tok: Any) -> Any:
-    if tok is None or hasattr(tok, "decode"):
-        return tok
-    from tilert.tokenizer import load_tokenizer
+def _in_vocab(t: Any, vocab: int) -> bool:
+    return not isinstance(t, bool) and isinstance(t, int) and 0 <= t < vocab
 
-    return load_tokenizer(tok)
+
+def _attach_drafter(cfg: ModelConfig, w: Any, drafter: Any, weights_arg: Any, device: str) -> tuple[ModelConfig, Any]:
+    from tilert.checkpoint.drafter import attach_drafter, find_drafter
+
+    if drafter is None and cfg.dflash is None and isinstance(weights_arg, (str, Path)) and Path(weights_arg).is_dir():
+        drafter = find_drafter(Path(weights_arg) / "dflash")
+    return (cfg, w) if drafter is None else attach_drafter(cfg, w, drafter, device=device)
+
+
+def _resolve_tokenizer(tok: Any, vocab_size: int) -> Any:
+    from tilert.tokenizer import check_vocab, load_tokenizer
+
+    if tok is None:
+        return tok
+    if hasattr(tok, "decode"):
+        check_vocab(tok, vocab_size)
+        return tok
+    return load_tokenizer(tok, vocab_size)
 
 
 __all__ = [
@@ -489,8 +717,12 @@ __all__ = [
     "EngineError",
     "EngineResult",
     "GenerationError",
+    "KVMemoryError",
     "Request",
     "RequestCancelled",
+    "SamplingParams",
+    "StepError",
+    "TokenLogprob",
     "backend_names",
     "register_backend",
 ]

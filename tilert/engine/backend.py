@@ -67,6 +67,13 @@ def prefill_plan(n: int, start: int, max_seq: int, chunk: int) -> list[tuple[int
     return steps
 
 
+def request_shapes(n: int, max_seq: int, block: int | None, chunk: int = PREFILL_CHUNK) -> set[tuple[int, str]]:
+    """The (tokens, mode) step shapes a request with an n-token prompt makes a GPU backend compile:
+    its prefill steps, a decode step, and with a DFlash block size the verify step."""
+    shapes = {(rows, "decode") for _, _, rows in prefill_plan(n, 0, max_seq, chunk)} | {(1, "decode")}
+    return shapes | ({(block, "verify")} if block else set())
+
+
 class GraphBackend:
     """What every runtime's backend shares: the step graphs per shape, built (and prepared) once.
 
@@ -77,10 +84,22 @@ class GraphBackend:
     """
 
     prefill_chunk: int | None = None
+    kv_element_bytes = 2  # GPU runtimes keep KV caches in bf16
 
     def __init__(self, cfg: ModelConfig, weights: Mapping[str, torch.Tensor], max_seq: int) -> None:
         self.cfg, self.weights, self.max_seq = cfg, weights, max_seq
         self._prepared: dict[tuple, Any] = {}
+
+    def kv_bytes_per_sequence(self) -> int:
+        """Bytes of one sequence's KV caches in this process: the state values of the target and
+        drafter graphs (a backend that runs one rank of `world`, i.e. has a `rank`, holds 1/world)."""
+        from tilert.engine.memory import state_bytes
+
+        graphs = {"target": build_step_graph(self.cfg, tokens=1, max_seq=self.max_seq)}
+        if self.cfg.dflash is not None:
+            graphs["drafter"] = build_drafter_graph(self.cfg, context=1, max_seq=self.max_seq)
+        total = state_bytes(graphs, self.kv_element_bytes)
+        return total // max(1, getattr(self, "world", 1)) if hasattr(self, "rank") else total
 
     def _prepare(self, g: Graph) -> Any:
         raise NotImplementedError
@@ -142,6 +161,8 @@ class GraphBackend:
 
 class ReferenceBackend(GraphBackend):
     """Runs step graphs on the reference executor; `world` > 1 runs sharded rank graphs in lockstep."""
+
+    kv_element_bytes = 4  # the reference executor keeps state in float32
 
     def __init__(
         self,

@@ -1,13 +1,16 @@
-"""The decode loop: plain greedy decoding and DFlash block speculative decoding (DESIGN §7).
+"""The decode loop: plain decoding and DFlash block speculative decoding (DESIGN §7).
 
-Speculative output is identical to greedy output (lossless). Per verify step the device computes
-the acceptance (accepted length, bonus token) inside the step; the host only reads the result
-to know where the next block starts. KV rollback is free: cache index == token position, so
-rejected entries are simply overwritten by the next block.
+Greedy speculative output is identical to greedy output (lossless): per verify step the device
+computes the acceptance (accepted length, bonus token) inside the step and the host only reads
+the result. Sampled speculative decoding verifies on the host with the rejection rule
+(`tilert.ops.sampling.speculative_accept`), which keeps the target's distribution exactly. KV
+rollback is free: cache index == token position, so rejected entries are simply overwritten by
+the next block.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +21,53 @@ from tilert.engine.backend import StepBackend
 
 
 class GenerationError(ValueError):
-    """Bad generation request (empty prompt, ids out of range, context too long)."""
+    """Bad generation request (empty prompt, ids out of range, context too long, bad sampling)."""
+
+
+class StepError(RuntimeError):
+    """A step produced unusable output (non-finite logits): the request fails, the engine goes on."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How tokens are chosen. temperature 0 is greedy (the step's own argmax, token-identical to
+    plain greedy decoding); > 0 samples from `tilert.ops.sampling.sampling_probs` (temperature,
+    then top-k, then top-p) with a generator seeded by `seed` (None: a fresh random seed)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise GenerationError(f"temperature must be a finite number >= 0, got {t!r}")
+        p = self.top_p
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1], got {p!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise GenerationError(f"top_k must be an integer >= 0 (0: off), got {self.top_k!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise GenerationError(f"seed must be an integer, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def generator(self) -> torch.Generator:
+        seed = self.seed if self.seed is not None else random.SystemRandom().getrandbits(63)
+        return torch.Generator().manual_seed(seed % (1 << 64))
+
+
+@dataclass
+class TokenLogprob:
+    """A token's log-probability under the model (log_softmax of the raw logits) and the top-N
+    alternatives at its position, most likely first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -28,6 +77,8 @@ class GenerationResult:
     accepted: list[int] = field(default_factory=list)  # accepted drafts per verify step
     speculative: str | None = None
     synthetic: bool = False  # True when an oracle drafter produced the drafts (benchmarks only)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when asked for
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # first is None, when asked for
 
     @property
     def acceptance_lengths(self) -> list[int]:
@@ -54,21 +105,17 @@ def check_prompt(backend: StepBackend, prompt_ids: Sequence[int], max_new_tokens
     cfg = backend.cfg
     if not prompt_ids:
         raise GenerationError("prompt is empty: give at least one token id")
-    bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < cfg.vocab_size]
-    if bad:
-        raise GenerationError(f"token id {bad[0]!r} is outside the vocabulary [0, {cfg.vocab_size})")
-    if max_new_tokens < 0:
-        raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise GenerationError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     block = cfg.dflash.block_size if cfg.dflash else 1
-    if len(prompt_ids) + max_new_tokens + block > backend.max_seq:
+    if len(prompt_ids) + max_new_tokens + block > backend.max_seq:  # before the per-token check: cheap
         raise GenerationError(
             f"prompt ({len(prompt_ids)}) + max_new_tokens ({max_new_tokens}) + block ({block}) exceeds the "
             f"KV cache capacity max_seq={backend.max_seq}"
         )
-
-
-def _ids(xs: Sequence[int], device: torch.device | None = None) -> torch.Tensor:
-    return torch.tensor(list(xs), dtype=torch.int32, device=device)
+    bad = [t for t in prompt_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < cfg.vocab_size]
+    if bad:
+        raise GenerationError(f"token id {bad[0]!r} is outside the vocabulary [0, {cfg.vocab_size})")
 
 
 def generate(
@@ -77,53 +124,33 @@ def generate(
     max_new_tokens: int,
     speculative: str | None = None,
     drafter: Callable | None = None,
+    *,
+    sampling: SamplingParams | None = None,
+    stop_token_ids: Sequence[int] = (),
+    logprobs: int | None = None,
 ) -> GenerationResult:
-    """Greedy decoding, or DFlash speculative decoding when speculative == 'dflash'.
+    """Greedy decoding (or sampling, with `sampling`), or DFlash speculative decoding when
+    speculative == 'dflash': one `DecodeSequence` advanced to the end on a freshly reset backend.
 
     `drafter` (optional) replaces the model's DFlash drafter: a callable
-    (anchor, anchor_pos, backend) -> block token list; used by the oracle drafter in benchmarks.
+    (anchor, anchor_pos, B) -> block token list; used by the oracle drafter in benchmarks.
     """
-    if speculative not in (None, "dflash"):
-        raise GenerationError(f"unknown speculative method {speculative!r} (known: dflash)")
-    if speculative and backend.cfg.dflash is None and drafter is None:
-        raise GenerationError(f"model '{backend.cfg.name}' has no DFlash drafter config")
-    check_prompt(backend, prompt_ids, max_new_tokens)
+    from tilert.engine.sequence import DecodeSequence
+
+    seq = DecodeSequence(
+        list(prompt_ids),
+        max_new_tokens,
+        speculative,
+        frozenset(stop_token_ids),
+        drafter=drafter,
+        sampling=sampling or SamplingParams(),
+        logprobs=logprobs,
+    )
+    seq.check(backend)
     backend.reset()
-    res = GenerationResult([], speculative=speculative, synthetic=getattr(drafter, "synthetic", False))
-    if max_new_tokens == 0:
-        return res
-    n = len(prompt_ids)
-    out = backend.target_step(_ids(prompt_ids), torch.arange(n, dtype=torch.int32))
-    res.tokens.append(int(out["next_tokens"][-1]))
-    if not speculative:
-        while len(res.tokens) < max_new_tokens:
-            p = n + len(res.tokens) - 1
-            out = backend.target_step(_ids(res.tokens[-1:]), _ids([p]))
-            res.tokens.append(int(out["next_tokens"][-1]))
-            res.steps += 1
-        return res
-    B = backend.cfg.dflash.block_size if backend.cfg.dflash else drafter.block_size
-    ctx, ctx_pos = out.get("features"), torch.arange(n, dtype=torch.int32)
-    pos = n  # position of the anchor res.tokens[-1]
-    while len(res.tokens) < max_new_tokens:
-        anchor = res.tokens[-1]
-        if drafter is not None:
-            block = _ids(drafter(anchor, pos, B))
-        else:
-            mask = backend.cfg.dflash.mask_token_id
-            block = backend.draft_step(
-                _ids([anchor] + [mask] * (B - 1)), pos + torch.arange(B, dtype=torch.int32), ctx, ctx_pos
-            )
-        out = backend.target_step(block, pos + torch.arange(B, dtype=torch.int32), mode="verify")
-        acc = out["accept"].tolist()
-        a = acc[0]
-        res.tokens.extend(acc[1 : a + 2])
-        res.accepted.append(a)
-        res.steps += 1
-        ctx, ctx_pos = out.get("features"), pos + torch.arange(B, dtype=torch.int32)
-        pos += a + 1
-    res.tokens = res.tokens[:max_new_tokens]
-    return res
+    while not seq.done:
+        seq.advance(backend)
+    return seq.result
 
 
 class OracleDrafter:

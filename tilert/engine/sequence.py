@@ -1,11 +1,14 @@
 """One decoding sequence as a resumable state machine, so a scheduler can interleave many.
 
-`generate()` runs a whole request in one loop; a server needs to run one step of one request,
-then one step of another. `DecodeSequence.advance()` is exactly one iteration of that loop
-(prefill, a greedy step, or one DFlash draft + verify) and returns the tokens it accepted; the
-token stream is identical to `generate()` (tests check it). Each sequence owns its KV cache
-(`cache`), which the engine binds into the backend before advancing it, so sequences never see
-each other's state.
+`DecodeSequence.advance()` is exactly one step of a request (prefill, a plain decode step, or one
+DFlash draft + verify) and returns the tokens it accepted; `generate()` runs one sequence to the
+end. Each sequence owns its KV cache (`cache`), which the engine binds into the backend before
+advancing it, so sequences never see each other's state.
+
+Token choice: greedy takes the step's own argmax (`next_tokens`, and the device-side `accept` of
+a verify step); sampling draws from the step's logits on the host with the request's generator,
+and a sampled verify step uses the rejection rule (`tilert.ops.sampling.speculative_accept`).
+Every step's logits are checked for NaN/Inf before a token is taken from them.
 """
 
 from __future__ import annotations
@@ -17,7 +20,17 @@ from typing import Any
 import torch
 
 from tilert.engine.backend import StepBackend
-from tilert.engine.generate import GenerationError, GenerationResult, check_prompt
+from tilert.engine.generate import (
+    GenerationError,
+    GenerationResult,
+    SamplingParams,
+    StepError,
+    TokenLogprob,
+    check_prompt,
+)
+from tilert.ops.sampling import sample, sampling_probs, speculative_accept, token_logprobs
+
+MAX_LOGPROBS = 20  # top-N alternatives per token, at most (as OpenAI's API)
 
 
 def _ids(xs: Sequence[int]) -> torch.Tensor:
@@ -34,17 +47,21 @@ class DecodeSequence:
     stop_token_ids: frozenset[int] = frozenset()
     cache: Any = None
     drafter: Any = None  # optional (anchor, anchor_pos, B) -> block, as in generate(); benchmarks/tests
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    logprobs: int | None = None  # record each token's logprob and this many alternatives (None: off)
+    prompt_logprobs: bool = False  # also the prompt tokens' logprobs (from the prefill's logits)
     result: GenerationResult = field(init=False)
     finish_reason: str | None = None  # "length" | "stop" once done
     _pos: int = 0  # position of the anchor (last emitted token) in DFlash mode
     _ctx: Any = None
     _ctx_pos: Any = None
+    _gen: Any = None
 
     def __post_init__(self) -> None:
         self.result = GenerationResult(
             [], speculative=self.speculative, synthetic=bool(getattr(self.drafter, "synthetic", False))
         )
-        if self.max_new_tokens == 0:
+        if self.max_new_tokens == 0 and not self.prompt_logprobs:  # else the prefill still runs, for them
             self.finish_reason = "length"
 
     @property
@@ -57,21 +74,40 @@ class DecodeSequence:
             raise GenerationError(f"unknown speculative method {self.speculative!r} (known: dflash)")
         if self.speculative and backend.cfg.dflash is None and self.drafter is None:
             raise GenerationError(f"model '{backend.cfg.name}' has no DFlash drafter config")
+        if not isinstance(self.sampling, SamplingParams):
+            raise GenerationError(f"sampling must be a SamplingParams, got {type(self.sampling).__name__}")
+        n = self.logprobs
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_LOGPROBS):
+            raise GenerationError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {n!r}")
+        V = backend.cfg.vocab_size
+        bad = [t for t in self.stop_token_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < V]
+        if bad:
+            raise GenerationError(f"stop token id {bad[0]!r} is outside the vocabulary [0, {V})")
         check_prompt(backend, self.prompt, self.max_new_tokens)
 
     def advance(self, backend: StepBackend) -> list[int]:
         """Run one target step (plus a draft in DFlash mode); return the newly accepted tokens."""
         if self.done:
             return []
+        if self._gen is None and not self.sampling.greedy:
+            self._gen = self.sampling.generator()
         res, n = self.result, len(self.prompt)
         if not res.tokens:  # prefill
             out = backend.target_step(_ids(self.prompt), torch.arange(n, dtype=torch.int32))
-            new = [int(out["next_tokens"][-1])]
+            logits = _logits(out, 0, slice(0, n) if self.prompt_logprobs else slice(n - 1, n))
+            new = [self._choose(out, logits)]
+            if self.prompt_logprobs:
+                assert logits is not None
+                rows = token_logprobs(logits[:-1], self.prompt[1:], self.logprobs or 0)
+                res.prompt_logprobs = [None] + [TokenLogprob(t, lp, top) for t, (lp, top) in zip(self.prompt[1:], rows)]
+            rows_used = None if logits is None else logits[-1:]
             self._ctx, self._ctx_pos, self._pos = out.get("features"), torch.arange(n, dtype=torch.int32), n
         elif not self.speculative:
             p = n + len(res.tokens) - 1
             out = backend.target_step(_ids(res.tokens[-1:]), _ids([p]))
-            new = [int(out["next_tokens"][-1])]
+            logits = _logits(out, p, slice(0, 1))
+            new = [self._choose(out, logits)]
+            rows_used = logits
             res.steps += 1
         else:
             cfg, pos = backend.cfg.dflash, self._pos
@@ -85,15 +121,34 @@ class DecodeSequence:
                     _ids([res.tokens[-1]] + [cfg.mask_token_id] * (B - 1)), positions, self._ctx, self._ctx_pos
                 )
             out = backend.target_step(block, positions, mode="verify")
-            acc = out["accept"].tolist()
-            a = acc[0]
-            new = acc[1 : a + 2]
-            res.accepted.append(a)
+            if self.sampling.greedy:
+                acc = out["accept"].tolist()
+                new = acc[1 : acc[0] + 2]
+                logits = _logits(out, pos, slice(0, len(new)))
+            else:
+                logits = _logits(out, pos, slice(0, B))
+                if logits is None:
+                    raise GenerationError("this backend returns no logits; sampling needs them (use temperature 0)")
+                new = speculative_accept(block.tolist(), lambda i: self._probs(logits[i]), self._gen)
+            rows_used = None if logits is None else logits[: len(new)]
+            res.accepted.append(len(new) - 1)
             res.steps += 1
-            self._ctx, self._ctx_pos, self._pos = out.get("features"), positions, pos + a + 1
-        return self._emit(new)
+            self._ctx, self._ctx_pos, self._pos = out.get("features"), positions, pos + len(new)
+        return self._emit(new, rows_used)
 
-    def _emit(self, new: list[int]) -> list[int]:
+    def _probs(self, logits: torch.Tensor) -> torch.Tensor:
+        s = self.sampling
+        return sampling_probs(logits, s.temperature, s.top_k, s.top_p)
+
+    def _choose(self, out: dict[str, Any], logits: torch.Tensor | None) -> int:
+        """The next token after the last row: the step's argmax (greedy) or a draw (sampling)."""
+        if self.sampling.greedy:
+            return int(out["next_tokens"][-1])
+        if logits is None:
+            raise GenerationError("this backend returns no logits; sampling needs them (use temperature 0)")
+        return sample(self._probs(logits[-1]), self._gen)
+
+    def _emit(self, new: list[int], rows: torch.Tensor | None) -> list[int]:
         room = self.max_new_tokens - len(self.result.tokens)
         new = new[:room]
         for i, t in enumerate(new):
@@ -101,7 +156,32 @@ class DecodeSequence:
                 new = new[: i + 1]
                 self.finish_reason = "stop"
                 break
+        if self.logprobs is not None and new:
+            if rows is None:
+                raise GenerationError("this backend returns no logits; logprobs need them")
+            lps = token_logprobs(rows[: len(new)], new, self.logprobs)
+            self.result.logprobs.extend(TokenLogprob(t, lp, top) for t, (lp, top) in zip(new, lps))
         self.result.tokens.extend(new)
         if self.finish_reason is None and len(self.result.tokens) >= self.max_new_tokens:
             self.finish_reason = "length"
         return new
+
+    def stop_after(self, n_tokens: int) -> None:
+        """End the sequence with finish_reason 'stop', keeping its first n_tokens (a stop string ended there)."""
+        self.result.tokens = self.result.tokens[:n_tokens]
+        self.result.logprobs = self.result.logprobs[:n_tokens]
+        self.finish_reason = "stop"
+
+
+def _logits(out: dict[str, Any], position: int, rows: slice) -> torch.Tensor | None:
+    """The step's logits rows that tokens are taken from (on the host), checked for NaN/Inf."""
+    logits = out.get("logits")
+    if logits is None:
+        return None
+    logits = logits[rows].cpu()
+    if not bool(torch.isfinite(logits).all()):
+        raise StepError(
+            f"the step at position {position} produced non-finite logits (NaN/Inf); the weights or the runtime "
+            "are broken, so no token was taken from it"
+        )
+    return logits

@@ -13,7 +13,7 @@ head, so they are one tensor-core (wgmma) M dimension: B=8 x 16 heads = 128 rows
 
 Tile bodies (the persistent runtime calls these with its own coordinates):
     attn_split_body(h, rb, s): kv head h, row block rb (BM rows), split s in [0, NS]. Splits
-        0..NS-1 cover the old keys [lo, start) (lo = start - window for SWA layers, else 0) in
+        0..NS-1 cover the old keys [lo, start) (lo = start - window + 1 for SWA layers, else 0) in
         equal block_n-aligned chunks (only the first n_used(start) do work); split NS covers the
         B new keys from q/k/v in registers and (row block 0) appends them to the cache.
         Writes o_part[h, rows, s, :] (fp32, normalised) and lse[h, rows, s] (log2 domain).
@@ -48,7 +48,7 @@ class AttnConfig:
     rope_dim: int = 64
     rope_theta: float = 1e7
     block: int = 1  # B query tokens per step (1 decode, 8/16 DFlash verify)
-    window: int = 0  # 0 = full causal; W > 0: a query at p sees keys p-W..p
+    window: int = 0  # 0 = full causal; W > 0: a query at p sees the W keys p-W+1 .. p (tilert.ops.attention)
     sink: bool = False
     num_split: int = 0  # 0 = auto: about one wave of CTAs on 132 SMs
     block_n: int = 64  # keys per tile
@@ -125,7 +125,7 @@ def _split_plan(cfg: AttnConfig, start):
     """(lo, tiles_per_split, n_used) for the old keys [lo, start), as device expressions."""
     import tilelang.language as T
 
-    lo = T.max(start - cfg.window, 0) if cfg.window else 0
+    lo = T.max(start - cfg.window + 1, 0) if cfg.window else 0  # row 0 (position start) sees start-W+1 ..
     tiles = T.ceildiv(start - lo, cfg.block_n)
     per = T.max(T.ceildiv(tiles, cfg.splits), cfg.min_tiles)
     return lo, per, T.ceildiv(tiles, per)
@@ -196,7 +196,7 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
             kp = base + j
             ok = (kp < hi) & (kp <= qpos[i])
             if W:
-                ok = ok & (kp >= qpos[i] - W)
+                ok = ok & (kp > qpos[i] - W)  # W keys: qpos-W+1 .. qpos
             acc_s[i, j] = T.if_then_else(ok, acc_s[i, j], NEG)
         T.copy(m, m_prev)
         T.reduce_max(acc_s, m, dim=1, clear=False)
@@ -662,8 +662,8 @@ def check(cfg: AttnConfig, kv_len: int, seed=None, tol: float = 1e-2) -> dict:
 
 
 def kv_bytes(cfg: AttnConfig, kv_len: int) -> int:
-    """KV-cache bytes one step must read (SWA layers: the last window + B keys)."""
-    keys = min(kv_len, cfg.window + cfg.block) if cfg.window else kv_len
+    """KV-cache bytes one step must read (SWA layers: the W - 1 keys before the block + its B keys)."""
+    keys = min(kv_len, cfg.window - 1 + cfg.block) if cfg.window else kv_len
     return cfg.kv_heads * keys * (cfg.head_dim + cfg.v_head_dim) * 2
 
 

@@ -96,14 +96,21 @@ __device__ __forceinline__ void tilert_ld16_ef(void* dst, int doff, const void* 
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"((const unsigned*)gmem + goff), "l"(pol));
   *reinterpret_cast<uint4*>((unsigned*)dst + doff) = v;
 }
+__device__ __forceinline__ long long tilert_globaltimer() {
+  long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
 __device__ __noinline__ int tilert_wait_task(const int* row, int* counters, int* err, int epoch, int sm, int t,
                                             long long timeout, int waits, int f_counter, int f_count,
                                             int f_expected, int none, int err_timeout) {
   // the persistent kernel's task wait (runtime/persistent/megakernel.py), run by warp 0: until each
   // wait w of the task row reaches expected * epoch on counters [first, first + count), lane l
-  // polling counters l, l + 32, ... (acquire); past the clock64 deadline the first waiter to time
-  // out records [err_timeout, sm, t, counter] in err. Returns whether err is set (any CTA's).
-  const long long deadline = clock64() + timeout;
+  // polling counters l, l + 32, ... (acquire); past the deadline the first waiter to time
+  // out records [err_timeout, sm, t, counter] in err. Returns whether err is set (any CTA's). The
+  // deadline is on %globaltimer (ns, GPU-wide): a preempted CTA may resume on another SM, whose
+  // clock64 is not this one's.
+  const long long deadline = tilert_globaltimer() + timeout;
   for (int w = 0; w < waits; ++w) {
     const int first = row[f_counter + 3 * w];
     if (first == none) continue;
@@ -114,7 +121,7 @@ __device__ __noinline__ int tilert_wait_task(const int* row, int* counters, int*
         asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(counters + first + j) : "memory");
         asm volatile("ld.relaxed.gpu.global.b32 %0, [%1];" : "=r"(e) : "l"(err) : "memory");
         if (v >= target || e != 0) break;
-        if (clock64() > deadline && atomicCAS(err, 0, err_timeout) == 0) {
+        if (tilert_globaltimer() > deadline && atomicCAS(err, 0, err_timeout) == 0) {
           err[1] = sm;
           err[2] = t;
           err[3] = first + j;
@@ -126,11 +133,6 @@ __device__ __noinline__ int tilert_wait_task(const int* row, int* counters, int*
   asm volatile("ld.relaxed.gpu.global.b32 %0, [%1];" : "=r"(e) : "l"(err) : "memory");
   __syncwarp();
   return e != 0;
-}
-__device__ __forceinline__ long long tilert_globaltimer() {
-  long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
 }
 #endif
 """
@@ -263,6 +265,8 @@ def build(
     os.environ["TILELANG_CACHE_DIR"] = str(root)  # tilelang reads this live at each compile
     import tilelang
 
+    _quiet_tilelang_log()
+
     try:
         kernel = tilelang.compile(
             func, out_idx=out_idx, target=target, pass_configs=pass_configs, compile_flags=compile_flags
@@ -276,6 +280,23 @@ def build(
         stem = name or (str(func.attrs["global_symbol"]) if func.attrs else "kernel")
         (out / f"{stem}.cu").write_text(kernel.get_kernel_source())
     return kernel
+
+
+@functools.cache
+def _quiet_tilelang_log() -> None:
+    """TileLang logs each compile at INFO through tqdm.write, i.e. to stdout, where it mixes with a
+    command's output (`generate` prints its tokens there): its messages go to stderr, WARNING and up
+    (TILERT_TILELANG_LOG=INFO shows the compile messages again)."""
+    import logging
+    import sys
+
+    log = logging.getLogger("tilelang")
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(h.formatter)
+        log.addHandler(handler)
+    log.setLevel(os.environ.get("TILERT_TILELANG_LOG", "WARNING").upper())
 
 
 @functools.cache

@@ -7,7 +7,7 @@ block c:
 
   1. push     writes its local block into slot r of every rank's inbox (its own included);
   2. arrive   after a system-scope fence, adds 1 to tile c's arrival counter of every rank;
-  3. wait     thread 0 spins (acquire, bounded by a clock64 deadline) until its own counter
+  3. wait     thread 0 spins (acquire, bounded by a %globaltimer deadline) until its own counter
               reaches world x epoch, i.e. every rank has pushed this step's block (counters are
               never reset, like the task counters);
   4. combine  reads the world slots of its own inbox in rank order, so every rank computes the
@@ -36,7 +36,7 @@ argmax_reduce) with PeerValues.
 from dataclasses import dataclass
 
 from tilert.kernels.common import cdiv
-from tilert.runtime.persistent.megakernel import DEFAULT_TIMEOUT_CYCLES, ERR_TIMEOUT
+from tilert.runtime.persistent.megakernel import DEFAULT_TIMEOUT_NS, ERR_TIMEOUT
 
 THREADS = 256
 
@@ -73,12 +73,12 @@ def _arrive_and_wait(cfg: PeerConfig):
             T.call_extern("handle", "__threadfence_system")
             for q in QS:  # a Python loop: q picks a buffer
                 T.atomic_add(arrs[q][c], 1, memory_order="release")
-            deadline = T.call_extern("int64", "clock64") + DEFAULT_TIMEOUT_CYCLES
+            deadline = T.call_extern("int64", "tilert_globaltimer") + DEFAULT_TIMEOUT_NS
             while (
                 T.atomic_load(arrs[0][c], memory_order="acquire") < W * Epoch[0]  # its own: view 0
                 and T.atomic_load(Err[0], memory_order="relaxed") == 0
             ):
-                if T.call_extern("int64", "clock64") > deadline:
+                if T.call_extern("int64", "tilert_globaltimer") > deadline:
                     if T.atomic_add(Err[0], ERR_TIMEOUT, return_prev=True) == 0:
                         Err[1] = -1
                         Err[2] = -1

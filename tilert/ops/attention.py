@@ -2,10 +2,11 @@
 
 Cache layout is head-major [Hkv, S, D] with cache index == absolute token position, so a
 split-KV kernel reads each head's keys contiguously.
-Mask convention (FlashAttention window (W, 0)): a query at position p sees keys j with
-j <= p (causal) and j >= p - W when W > 0. Non-causal (DFlash drafter block): every key below
-kv_len, window-limited from the block's first position p0 (keys j >= p0 - W), so every block row
-sees the same keys.
+Mask (`visible`): `window` W is the number of keys a query sees on its side, itself included (the
+config turns a model's sliding_window_size into W by its convention: models/config.window_keys).
+Causal: the query at position p sees keys j with j <= p and, when W > 0, p - j < W (keys
+p-W+1 .. p). Non-causal (DFlash drafter layers): every key below kv_len and, when W > 0, |p - j| < W:
+each query row has its own window.
 """
 
 from __future__ import annotations
@@ -38,6 +39,15 @@ def kv_append(
     v_cache[:, pos] = v.transpose(0, 1).to(v_cache.dtype)
 
 
+def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, causal: bool) -> torch.Tensor:
+    """[T, S] bool: which keys (positions k_pos [S]) each query (positions q_pos [T]) sees."""
+    d = q_pos.long()[:, None] - k_pos.long()[None, :].to(q_pos.device)  # query - key
+    ok = d >= 0 if causal else torch.ones_like(d, dtype=torch.bool)
+    if window > 0:
+        ok = ok & (d < window) if causal else ok & (d.abs() < window)
+    return ok
+
+
 def attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -62,15 +72,11 @@ def attention(
     k = k_cache[:, :n].float().repeat_interleave(group, dim=0)  # [Hq, n, Dk]
     v = v_cache[:, :n].float().repeat_interleave(group, dim=0)
     s = torch.einsum("thd,hnd->htn", q.float(), k) * scale  # [Hq, T, n]
-    j = torch.arange(n, device=q.device)[None, :]
-    p = q_pos.long().to(q.device)[:, None]
-    visible = j < kv_len if isinstance(kv_len, torch.Tensor) else torch.ones(T, n, dtype=torch.bool, device=q.device)
-    visible = visible.expand(T, n).clone()
-    if causal:
-        visible &= j <= p
-    if window > 0:
-        visible &= j >= (p if causal else p.min()) - window
-    s = s.masked_fill(~visible[None], float("-inf"))
+    j = torch.arange(n, device=q.device)
+    ok = visible(q_pos.to(q.device), j, window, causal)
+    if isinstance(kv_len, torch.Tensor):
+        ok = ok & (j[None, :] < kv_len)
+    s = s.masked_fill(~ok[None], float("-inf"))
     m = s.amax(-1, keepdim=True)
     if sink is not None:
         m = torch.maximum(m, sink.float()[:, None, None])

@@ -1,80 +1,96 @@
-"""An OpenAI-compatible completions server (aiohttp) around one `tilert.Engine`.
+"""An OpenAI-compatible server (aiohttp) around one `tilert.Engine`.
 
-The event loop never runs model code: requests go to the Engine's worker thread, whose chunk
-callback hands tokens back to the loop with `call_soon_threadsafe`. Greedy decoding only, so
-`temperature`/`top_p` are accepted and ignored; `speculative: "dflash"` is our extension field.
-A client that goes away mid-stream cancels its request; the engine drops the sequence.
+Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health.
+The event loop never runs model code or anything that grows with the request: JSON decoding,
+validation (pydantic, tilert/serve/schema.py), tokenisation and chat templating run in a thread
+pool; generation runs on the Engine's worker thread, whose chunk callback hands tokens back to the
+loop with `call_soon_threadsafe`. A client that disconnects cancels its request (the handler is
+cancelled with the connection, and the engine drops the sequence and frees its cache). Every
+error, routing and body-size errors included, is an OpenAI-style JSON error object.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
-import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from tilert.engine.api import Chunk, Engine, EngineClosedError, EngineResult
+from tilert.engine.api import Chunk, Engine, EngineClosedError
+from tilert.serve.chat import ChatTemplate, ChatTemplateError, load_chat_template
+from tilert.serve.responses import SSE_DONE, Formatter, Prepared, error_body, sse
+from tilert.serve.schema import ChatRequest, CompletionRequest, RequestError, parse
 
-OBJECT = "text_completion"
+log = logging.getLogger("tilert.serve")
 
-
-class BadRequest(ValueError):
-    """A malformed completion request; becomes HTTP 400 with the message."""
-
-
-def _error(status: int, message: str, kind: str = "invalid_request_error") -> web.Response:
-    return web.json_response({"error": {"message": message, "type": kind, "code": status}}, status=status)
+MAX_BODY = 8 << 20  # bytes of a request body; larger ones get 413
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
-def parse_request(body: Any, engine: Engine) -> dict[str, Any]:
-    """Validate a /v1/completions body; returns submit() arguments plus `stream`."""
-    if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object")
-    model = body.get("model")
-    if model is not None and model != engine.model_name:
-        raise BadRequest(f"model {model!r} is not served here (serving {engine.model_name!r})")
-    if "prompt" not in body:
-        raise BadRequest("field 'prompt' is required (text or a list of token ids)")
-    prompt = body["prompt"]
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, list):
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            raise BadRequest("field 'prompt' must be a string or a list of integer token ids")
-    elif not isinstance(prompt, str):
-        raise BadRequest("field 'prompt' must be a string or a list of integer token ids")
-    max_tokens = body.get("max_tokens", 16)
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
-        raise BadRequest(f"field 'max_tokens' must be a non-negative integer, got {max_tokens!r}")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise BadRequest("field 'stream' must be true or false")
-    spec = body.get("speculative")
-    if spec not in (None, "dflash"):
-        raise BadRequest(f"field 'speculative' must be null or \"dflash\", got {spec!r}")
-    if body.get("n", 1) != 1:
-        raise BadRequest("only n=1 is supported")
-    return {"prompt": prompt, "max_new_tokens": max_tokens, "speculative": spec, "stream": stream}
+def _json_error(status: int, message: str, param: str | None = None) -> web.Response:
+    return web.json_response(error_body(status, message, param), status=status)
 
 
-class CompletionsApp:
+def _status_of(exc: BaseException) -> int:
+    if isinstance(exc, RequestError):
+        return exc.status
+    if isinstance(exc, EngineClosedError):
+        return 503
+    if isinstance(exc, ValueError):  # GenerationError, EngineError, TokenizerError, ChatTemplateError
+        return 400
+    return 500
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Any:
+    """Every error as an OpenAI error object: aiohttp's own (404, 405, 413), ours, and crashes."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        msg = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+        resp = _json_error(exc.status, f"{msg} ({request.method} {request.path})")
+        if "Allow" in exc.headers:  # 405 names the methods that are allowed
+            resp.headers["Allow"] = exc.headers["Allow"]
+        return resp
+    except (RequestError, ValueError, EngineClosedError) as exc:
+        return _json_error(_status_of(exc), str(exc), getattr(exc, "param", None))
+    except Exception as exc:
+        log.exception("request %s %s failed", request.method, request.path)
+        return _json_error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def decode_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise RequestError("request body is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RequestError(f"request body is not valid JSON: {exc}") from None
+
+
+class OpenAIApp:
     """The aiohttp handlers; one per Engine."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, engine: Engine, chat_template: ChatTemplate | None = None) -> None:
+        self.engine, self.chat_template = engine, chat_template
         self.created = int(time.time())
 
     def make_app(self) -> web.Application:
-        app = web.Application(client_max_size=8 << 20)
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[json_errors])
         app.add_routes(
             [
                 web.get("/v1/models", self.models),
                 web.get("/health", self.health),
                 web.post("/v1/completions", self.completions),
+                web.post("/v1/chat/completions", self.chat_completions),
             ]
         )
         return app
@@ -89,19 +105,71 @@ class CompletionsApp:
             "object": "model",
             "created": self.created,
             "owned_by": "tilert",
+            "max_model_len": e.max_seq,
             "backend": e.backend_name,
             "world": e.world,
             "vocab_size": e.cfg.vocab_size,
             "speculative": ["dflash"] if e.cfg.dflash is not None else [],
             "tokenizer": e.tokenizer is not None,
+            "chat_template": self.chat_template is not None,
         }
         return web.json_response({"object": "list", "data": [card]})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        try:
-            body = await request.json()
-        except (ValueError, UnicodeDecodeError) as exc:
-            return _error(400, f"request body is not valid JSON: {exc}")
+        raw = await request.read()  # 413 past MAX_BODY
+        p = await asyncio.get_running_loop().run_in_executor(None, self.prepare_completion, raw)
+        return await self._generate(request, p)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        p = await asyncio.get_running_loop().run_in_executor(None, self.prepare_chat, raw)
+        return await self._generate(request, p)
+
+    # -- validation, tokenisation, templating (thread pool; no side effects, so safe to abandon) --
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.engine.model_name:
+            raise RequestError(
+                f"model {model!r} is not served here (serving {self.engine.model_name!r})", "model", status=404
+            )
+
+    def prepare_completion(self, raw: bytes) -> Prepared:
+        r = parse(CompletionRequest, decode_json(raw))
+        self._check_model(r.model)
+        ids = self.engine.encode(r.prompt)
+        echo_text = None
+        if r.echo:
+            tok = self.engine.tokenizer
+            echo_text = r.prompt if isinstance(r.prompt, str) else (tok.decode(ids) if tok is not None else "")
+        submit = dict(r.sampling(), logprobs=r.logprobs, prompt_logprobs=r.echo and r.logprobs is not None)
+        max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if r.max_tokens is None else r.max_tokens
+        return Prepared(
+            False, ids, max_tokens, submit, r.stream, r.include_usage, echo_text, r.logprobs is not None, r.model
+        )
+
+    def prepare_chat(self, raw: bytes) -> Prepared:
+        r = parse(ChatRequest, decode_json(raw))
+        self._check_model(r.model)
+        if self.engine.tokenizer is None:
+            raise RequestError(f"model '{self.engine.model_name}' has no tokenizer; chat needs one", "messages")
+        if self.chat_template is None:
+            raise RequestError(
+                f"model '{self.engine.model_name}' has no chat template (no 'chat_template' in its "
+                "tokenizer_config.json); use /v1/completions or serve with --chat-template FILE",
+                "messages",
+            )
+        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in r.messages]
+        text = self.chat_template.render(messages, add_generation_prompt=r.add_generation_prompt)
+        ids = self.engine.encode(text)
+        e = self.engine
+        block = e.cfg.dflash.block_size if e.cfg.dflash else 1
+        max_tokens = r.limit if r.limit is not None else max(0, e.max_seq - len(ids) - block)
+        n_top = (r.top_logprobs or 0) if r.logprobs else None
+        submit = dict(r.sampling(), logprobs=n_top)
+        return Prepared(True, ids, max_tokens, submit, r.stream, r.include_usage, None, r.logprobs, r.model)
+
+    # -- generation (event loop) --
+    async def _generate(self, request: web.Request, p: Prepared) -> web.StreamResponse:
+        p.model = self.engine.model_name
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[Chunk | None] = asyncio.Queue()
 
@@ -111,82 +179,40 @@ class CompletionsApp:
             except RuntimeError:  # the loop is closed (server shutting down)
                 pass
 
+        req = self.engine.submit(p.prompt_ids, p.max_tokens, on_chunk=on_chunk, **p.submit)
+        fmt = Formatter(self.engine, p)
         try:
-            args = parse_request(body, self.engine)
-            stream = args.pop("stream")
-            req = self.engine.submit(**args, on_chunk=on_chunk)
-        except EngineClosedError as exc:
-            return _error(503, str(exc), "server_error")
-        except ValueError as exc:  # BadRequest, GenerationError, EngineError, TokenizerError
-            return _error(400, str(exc))
-        cid = f"cmpl-{uuid.uuid4().hex[:24]}"
-        try:
-            if not stream:
-                while await q.get() is not None:
-                    pass
-                return self._final(cid, req.result(timeout=0))
-            return await self._stream(request, cid, req, q)
-        except EngineClosedError as exc:
-            return _error(503, str(exc), "server_error")
+            if p.stream:
+                return await self._stream(request, req, q, fmt)
+            while await q.get() is not None:
+                pass
+            return web.json_response(fmt.result(req.result(timeout=0)))
         finally:
             if not req.done():
                 req.cancel()  # the client went away (handler cancelled) or writing failed
 
-    def _final(self, cid: str, r: EngineResult) -> web.Response:
-        n_prompt = r.stats.get("prompt_tokens", 0)
-        return web.json_response(
-            {
-                "id": cid,
-                "object": OBJECT,
-                "created": int(time.time()),
-                "model": self.engine.model_name,
-                "choices": [
-                    {
-                        "index": 0,
-                        "text": r.text or "",
-                        "token_ids": r.tokens,
-                        "logprobs": None,
-                        "finish_reason": r.finish_reason,
-                    }
-                ],
-                "usage": {
-                    "prompt_tokens": n_prompt,
-                    "completion_tokens": len(r.tokens),
-                    "total_tokens": n_prompt + len(r.tokens),
-                },
-                "tilert": r.stats,
-            }
-        )
-
-    async def _stream(self, request: web.Request, cid: str, req: Any, q: asyncio.Queue) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, req: Any, q: asyncio.Queue, fmt: Formatter) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
-
-        def event(tokens: list[int], text: str | None, finish: str | None, extra: dict | None = None) -> bytes:
-            d = {
-                "id": cid,
-                "object": OBJECT,
-                "created": int(time.time()),
-                "model": self.engine.model_name,
-                "choices": [
-                    {"index": 0, "text": text or "", "token_ids": tokens, "logprobs": None, "finish_reason": finish}
-                ],
-            }
-            if extra:
-                d.update(extra)
-            return f"data: {json.dumps(d)}\n\n".encode()
-
-        while (c := await q.get()) is not None:
-            await resp.write(event(c.tokens, c.text, None))
+        started = False
+        while True:
+            c = await q.get()
+            if not started:  # the prompt's logprobs (echo) exist once the prefill ran
+                for ev in fmt.first_events(req.seq.result.prompt_logprobs):
+                    await resp.write(sse(ev))
+                started = True
+            if c is None:
+                break
+            await resp.write(sse(fmt.chunk_event(c)))
         try:
             r = req.result(timeout=0)
         except Exception as exc:  # the request failed after the stream started: report it in-band
-            await resp.write(
-                f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n".encode()
-            )
+            log.warning("streamed request failed: %s", exc)
+            await resp.write(sse(error_body(_status_of(exc), str(exc))))
         else:
-            await resp.write(event([], "", r.finish_reason, {"tilert": r.stats}))
-        await resp.write(b"data: [DONE]\n\n")
+            for ev in fmt.final_events(r):
+                await resp.write(sse(ev))
+        await resp.write(SSE_DONE)
         await resp.write_eof()
         return resp
 
@@ -194,8 +220,11 @@ class CompletionsApp:
 class Server:
     """Runs the app on its own event-loop thread: `start()` returns once the port is bound."""
 
-    def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = 8000) -> None:
+    def __init__(
+        self, engine: Engine, host: str = "127.0.0.1", port: int = 8000, chat_template: str | Path | None = None
+    ) -> None:
         self.engine, self.host, self.port = engine, host, port
+        self._template = load_chat_template(engine.tokenizer, chat_template)  # ChatTemplateError: a bad template
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -219,7 +248,10 @@ class Server:
         loop = self._loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         try:
-            self._runner = web.AppRunner(CompletionsApp(self.engine).make_app(), shutdown_timeout=1.0)
+            app = OpenAIApp(self.engine, self._template).make_app()
+            # handler_cancellation: a handler is cancelled when its client disconnects (aiohttp's
+            # default keeps it running), which is what cancels the generation of a gone client
+            self._runner = web.AppRunner(app, shutdown_timeout=1.0, handler_cancellation=True)
             loop.run_until_complete(self._runner.setup())
             site = web.TCPSite(self._runner, self.host, self.port)
             loop.run_until_complete(site.start())
@@ -250,3 +282,6 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+__all__ = ["ChatTemplateError", "OpenAIApp", "Server"]

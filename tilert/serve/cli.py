@@ -1,10 +1,12 @@
-"""`python -m tilert serve`: an OpenAI-compatible /v1/completions server on one Engine."""
+"""`python -m tilert serve`: an OpenAI-compatible server (completions and chat) on one Engine."""
 
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 from typing import Any
+
+log = logging.getLogger("tilert.serve")
 
 
 class ServeError(ValueError):
@@ -12,29 +14,48 @@ class ServeError(ValueError):
 
 
 def add_serve_parser(sub: Any) -> None:
-    p = sub.add_parser("serve", help="OpenAI-compatible /v1/completions server (aiohttp)")
+    p = sub.add_parser("serve", help="OpenAI-compatible /v1/completions and /v1/chat/completions server (aiohttp)")
     p.add_argument("--model", default=None, help="shipped model name (default: the checkpoint's config, else tiny)")
     p.add_argument("--config", default=None, help="path to a config.json (overrides --model)")
     p.add_argument("--weights", default=None, help="checkpoint (HF safetensors or `tilert quantize` output dir)")
+    from tilert.cli import add_checkpoint_args
+
+    add_checkpoint_args(p)
     p.add_argument("--seed", type=int, default=0, help="seed of synthetic weights when --weights is not given")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--backend", default="reference", help="step backend (reference; eager/persistent on GPUs)")
     p.add_argument("--plan", default=None, help="compiled plan directory")
+    p.add_argument(
+        "--drafter",
+        default=None,
+        help="DFlash drafter directory (published layout; default: the checkpoint's dflash/, if any)",
+    )
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's, if any)")
+    p.add_argument("--chat-template", default=None,
+                   help="jinja chat template file (default: chat_template of tokenizer_config.json)")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-seq", type=int, default=1024, help="KV cache capacity per sequence")
-    p.add_argument("--max-active", type=int, default=8, help="sequences decoded concurrently")
+    p.add_argument("--max-seq", type=int, default=1024, help="KV cache capacity per sequence (tokens)")
+    p.add_argument("--max-active", type=int, default=8, help="sequences decoded concurrently (KV cache slots)")
+    p.add_argument("--kv-cache-gb", type=float, default=None,
+                   help="memory the KV caches may use (default: 80%% of available RAM, "
+                        "90%% of free GPU memory)")  # fmt: skip
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(fn=cmd_serve)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from tilert.serve.app import Server
-    except ImportError:
-        raise ServeError("serving needs aiohttp: pip install 'tilert[serve]'") from None
+    except ImportError as e:
+        raise ServeError(f"serving needs aiohttp, pydantic and jinja2: pip install 'tilert[serve]' ({e})") from None
     from tilert.engine.api import Engine
 
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("tilert").setLevel(args.log_level.upper())
+    if args.kv_cache_gb is not None and args.kv_cache_gb < 0:
+        raise ServeError(f"--kv-cache-gb must be >= 0, got {args.kv_cache_gb}")
     model = args.config or args.model or (None if args.weights else "tiny")
     engine = Engine(
         model,
@@ -45,17 +66,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_seq=args.max_seq,
         max_active=args.max_active,
         tokenizer=args.tokenizer,
+        quantize=args.quantize,
+        verify_checksums=not args.no_verify_checksums,
+        drafter=args.drafter,
+        kv_memory=None if args.kv_cache_gb is None else int(args.kv_cache_gb * (1 << 30)),
     )
     with engine:
         try:
-            server = Server(engine, args.host, args.port).start()
+            server = Server(engine, args.host, args.port, chat_template=args.chat_template).start()
         except OSError as e:
             raise ServeError(str(e)) from None
-        print(f"serving {engine.model_name} ({engine.backend_name}, {args.device}) on {server.url}", file=sys.stderr)
+        log.info("serving %s (%s, %s) on %s", engine.model_name, engine.backend_name, args.device, server.url)
         try:
             server.wait()
         except KeyboardInterrupt:
-            print("shutting down", file=sys.stderr)
+            log.info("shutting down")
         finally:
             server.stop()
     return 0

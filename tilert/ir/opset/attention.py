@@ -96,7 +96,8 @@ def attention(
     causal=True,
     has_sink=False,
 ):
-    """Masked attention of T queries over the cache (causal block mask, window (W, 0), sink logit)."""
+    """Masked attention of T queries over the cache: causal block mask or bidirectional (drafter),
+    `window` = keys a query sees on its side, itself included (tilert.ops.attention.visible), sink logit."""
     T = q.shape[0]
     kv_len = pos.max() + 1 if pos.is_cuda else int(pos.max()) + 1  # a device tensor: no host sync
     o = ops.attention(

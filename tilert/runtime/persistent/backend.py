@@ -26,11 +26,16 @@ from tilert.runtime.persistent.step import PersistentError, PersistentStep, kv_s
 log = logging.getLogger(__name__)
 
 
-def compile_step(g: Graph, max_seq: int, world: int = 1, rank: int = 0) -> tuple[Graph, Any]:
-    """The full pipeline for one step graph: (rank graph, its Schedule)."""
+def compile_step(g: Graph, max_seq: int, world: int = 1, rank: int = 0, sms: int | None = None) -> tuple[Graph, Any]:
+    """The full pipeline for one step graph: (rank graph, its Schedule), scheduled over `sms` SM
+    queues (default: the H200's 132)."""
+    import dataclasses
+
+    from tilert.gpu_specs import H200
     from tilert.passes import PassContext, compile_graph
 
-    ctx = PassContext(world=world, max_seq=max_seq)
+    gpu = H200 if sms is None else dataclasses.replace(H200, sms=sms)
+    ctx = PassContext(gpu=gpu, world=world, max_seq=max_seq)
     graphs = compile_graph(g, ctx)
     return graphs[rank], ctx.results["schedule"][rank]
 
@@ -56,9 +61,11 @@ class PersistentBackend(GraphBackend):
     prefill_chunk = PREFILL_CHUNK
 
     def __init__(self, cfg: ModelConfig, weights: Mapping[str, torch.Tensor], *, max_seq: int = 1024,
-                 device: str = "cuda") -> None:  # fmt: skip
+                 device: str = "cuda", sms: int | None = None) -> None:  # fmt: skip
         super().__init__(cfg, weights, max_seq)
         self.device = device
+        # one SM queue per SM of this GPU (an H100 PCIe has 114): the step's CTAs are all resident
+        self.sms = sms or torch.cuda.get_device_properties(torch.device(device)).multi_processor_count
         self.states: dict[str, torch.Tensor] = {}
         self._eager: Any = None
         self.fallbacks: list[str] = []  # step shapes that run on the eager runtime, and why
@@ -66,10 +73,11 @@ class PersistentBackend(GraphBackend):
     def _prepare(self, g: Graph) -> Any:
         if g.meta.get("kind") == "drafter":
             return ("eager", self._drafter_backend()._prepare(g))
-        rg, sched = compile_step(g, self.max_seq)
+        rg, sched = compile_step(g, self.max_seq, sms=self.sms)
         params = {k: v.to(self.device) for k, v in bind_params(rg, self.weights, {}).items()}
         try:
-            step = PersistentStep(rg, sched.table, sched.counter_expected, params, self.device, states=self.states)
+            step = PersistentStep(rg, sched.table, sched.counter_expected, params, self.device, states=self.states,
+                                  num_sms=self.sms)  # fmt: skip
         except (PersistentError, KernelCompileError) as e:
             # a shape the persistent bodies do not take: this step runs on the eager runtime (same
             # KV caches), never a failed request

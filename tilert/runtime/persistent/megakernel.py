@@ -3,7 +3,7 @@
 `make_persistent_loop` builds the macro every persistent program shares: read a task row;
 warp 0 waits (acquire) until each wait counter reaches need * epoch, its lanes polling a wait's
 counters in parallel (a top-k waiting on 96 router chunks pays one round trip, not 96), bounded
-by a clock64 deadline; on timeout it raises the error flag and
+by a %globaltimer deadline; on timeout it raises the error flag and
 every CTA drains without running bodies; then the body for the row's opcode runs (the same
 TileLang body the standalone launchers use); then thread 0 signals (release). Counters are never
 reset: targets scale with the epoch. Each task's start (before its waits), ready (waits done) and
@@ -43,7 +43,11 @@ PERSISTENT_PASS_CONFIGS = {
     "tl.enable_aggressive_shared_memory_merge": True,
 }
 
-DEFAULT_TIMEOUT_CYCLES = 4_000_000_000  # ~2 s at 2 GHz: far beyond any step, short enough to report a deadlock
+# Wait deadlines run on %globaltimer (ns, one clock for the whole GPU), not clock64: clock64 counts
+# one SM's cycles, SMs' counters drift apart, and a CTA preempted while the GPU is time-sliced
+# between processes can resume on another SM, where a clock64 deadline taken on the first SM is
+# meaningless (a spurious timeout, or none).
+DEFAULT_TIMEOUT_NS = 2_000_000_000  # 2 s: far beyond any step, short enough to report a deadlock
 
 
 class PersistentError(RuntimeError):
@@ -159,7 +163,7 @@ PREFETCH_ROWS = 256  # most rows one task's prefetch region spans (a GEMV tile h
 
 
 def make_persistent_loop(
-    bodies: dict[str, Any], *, max_tasks: int, timeout_cycles: int = DEFAULT_TIMEOUT_CYCLES, prefetch: bool = False
+    bodies: dict[str, Any], *, max_tasks: int, timeout_ns: int = DEFAULT_TIMEOUT_NS, prefetch: bool = False
 ) -> Any:
     """Macro `loop(sm, tasks, counters, err, epoch, trace, bufs[, pf])`; call inside `T.Kernel(num_sms, ...)`.
 
@@ -196,7 +200,7 @@ def make_persistent_loop(
         if tx < 32:
             # the row layout's offsets and the timeout as arguments: the prelude is one string per kernel
             flags[0] = T.call_extern("int32", "tilert_wait_task", T.address_of(tasks[sm, t, 0]), counters.data,
-                                     err.data, epoch[0], sm, t, T.int64(timeout_cycles), WAITS, F["wait0_counter"],
+                                     err.data, epoch[0], sm, t, T.int64(timeout_ns), WAITS, F["wait0_counter"],
                                      F["wait0_count"], F["wait0_expected"], NONE, ERR_TIMEOUT)  # fmt: skip
             if tx == 0:
                 stamps[1] = T.call_extern("int64", "tilert_globaltimer")

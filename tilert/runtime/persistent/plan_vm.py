@@ -41,6 +41,7 @@ from tilert.ir.opset.fused import MOE_CORE, PeerValues, split_extras
 from tilert.ir.registry import get_op
 from tilert.kernels import moe
 from tilert.kernels.attention import PERSISTENT_MIN_TILES
+from tilert.ops.attention import visible as attention_visible
 from tilert.ops.qtensor import QTensor
 from tilert.passes.tile import TILE_CONFIG, attention_tiling, cdiv, gemm_shape, uses_gemv
 from tilert.plan import FIELD, OPCODES, WAITS
@@ -397,7 +398,7 @@ class PlanVM:
         rows, bm, NS = attention_tiling(a, T, Hkv)
         pos = ins[5]
         start = int(pos[0])
-        lo = max(start - W, 0) if W else 0
+        lo = max(start - W + 1, 0) if W else 0  # the block's first row sees keys start-W+1 .. start
         BN = cfg["block_n"]
         tiles = cdiv(start - lo, BN)
         per = max(cdiv(tiles, NS), PERSISTENT_MIN_TILES)
@@ -446,7 +447,7 @@ class PlanVM:
             if rb == 0:
                 ops.kv_append(kcache[h : h + 1], vcache[h : h + 1], kh.view(T, 1, D), vh.view(T, 1, Dv), pos)
             keys, vals, kpos = kh.float(), vh.float(), pos.long()
-        o, lse = _split_partial(qr, qpos, keys, vals, kpos, a["scale"], g["W"], a.get("causal", True), pos)
+        o, lse = _split_partial(qr, qpos, keys, vals, kpos, a["scale"], g["W"], a.get("causal", True))
         ws = self._attn_ws(r, i, g)
         ws["o"][h, r0:r1, s] = o
         ws["lse"][h, r0:r1, s] = lse
@@ -592,18 +593,13 @@ class PlanVM:
 
 def _split_partial(
     q: torch.Tensor, qpos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpos: torch.Tensor,
-    scale: float, window: int, causal: bool, pos: torch.Tensor,
+    scale: float, window: int, causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """One split of flash-decoding: (softmax-normalised partial output, log-sum-exp) of rows q over
     keys k at positions kpos, with the mask of tilert.ops.attention; rows with no visible key give
     (0, -inf)."""
     s = (q.float() @ k.float().T) * scale
-    vis = torch.ones(s.shape, dtype=torch.bool)
-    if causal:
-        vis &= kpos[None, :] <= qpos[:, None]
-    if window > 0:
-        vis &= kpos[None, :] >= (qpos[:, None] if causal else pos.long().min()) - window
-    s = s.masked_fill(~vis, float("-inf"))
+    s = s.masked_fill(~attention_visible(qpos, kpos, window, causal), float("-inf"))
     m = s.amax(-1, keepdim=True) if s.shape[1] else torch.full((s.shape[0], 1), float("-inf"))
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)

@@ -734,12 +734,12 @@ def register_program(*kinds: str) -> Callable:
 
 
 def make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, max_tasks: int, n_nodes: int, n_counters: int,
-                     max_views: int, timeout_cycles: int | None = None) -> Any:  # fmt: skip
+                     max_views: int, timeout_ns: int | None = None) -> Any:  # fmt: skip
     """The persistent prim_func: (Tasks, NodeClass, Ptrs, Counters, Err, Epoch, Trace, Prefetch)."""
     import tilelang.language as T
 
     from tilert.kernels.views import PERSISTENT_THREADS, make_views
-    from tilert.runtime.persistent.megakernel import DEFAULT_TIMEOUT_CYCLES, if_chain, make_persistent_loop
+    from tilert.runtime.persistent.megakernel import DEFAULT_TIMEOUT_NS, if_chain, make_persistent_loop
 
     built = [c.bodies() for c in classes]
     by_opcode: dict[str, list[tuple[int, Any, list[ViewSpec]]]] = {}
@@ -767,7 +767,7 @@ def make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, max_tasks: in
 
     bodies = {name: opcode_body(cases) for name, cases in by_opcode.items()}
     bodies.setdefault("BARRIER", _noop())
-    loop = make_persistent_loop(bodies, max_tasks=max_tasks, timeout_cycles=timeout_cycles or DEFAULT_TIMEOUT_CYCLES,
+    loop = make_persistent_loop(bodies, max_tasks=max_tasks, timeout_ns=timeout_ns or DEFAULT_TIMEOUT_NS,
                                 prefetch=True)  # fmt: skip
 
     @T.prim_func
@@ -801,6 +801,9 @@ def _noop() -> Any:
         T.evaluate(0)
 
     return nop
+
+
+_STEP_KERNELS: dict[tuple, Any] = {}  # compiled step kernels of this process, by classes and shape
 
 
 class PersistentStep:
@@ -862,10 +865,17 @@ class PersistentStep:
         self.trace = torch.zeros(self.sms, table.shape[1], 3, dtype=torch.int64, device=self.device)
         self.prefetch = torch.from_numpy(self._prefetch_table()).to(self.device)
         self.n_classes = len(classes)
-        func = make_step_kernel(classes, self.sms, table.shape[1], len(self.programs), len(self.counters), max_views)
-        kinds = ", ".join(sorted({n.op for n in graph.nodes}))
-        self.kernel = build(func, pass_configs=PERSISTENT_PASS_CONFIGS, out_dir=out_dir, name="tilert_step",
-                            what=f"persistent step of '{graph.name}' (node bodies: {kinds})")  # fmt: skip
+        shape = (self.sms, table.shape[1], len(self.programs), len(self.counters), max_views)
+        # the kernel follows from its classes' keys and its shape: built (traced) once per process,
+        # so another backend, sequence or server worker with the same step shape reuses it
+        kernel_key = (tuple(c.key for c in classes), shape, early_loads(), str(out_dir))
+        if kernel_key not in _STEP_KERNELS:
+            func = make_step_kernel(classes, *shape)
+            kinds = ", ".join(sorted({n.op for n in graph.nodes}))
+            what = f"persistent step of '{graph.name}' (node bodies: {kinds})"
+            _STEP_KERNELS[kernel_key] = build(func, pass_configs=PERSISTENT_PASS_CONFIGS, out_dir=out_dir,
+                                              name="tilert_step", what=what)  # fmt: skip
+        self.kernel = _STEP_KERNELS[kernel_key]
         self.steps = 0
         self.launches_per_step = 1
 
@@ -981,7 +991,7 @@ class PersistentStep:
             raise PersistentError(f"{e}: {self.describe_wait(err[1], err[2], err[3])}") from None
 
     def describe_wait(self, sm: int, slot: int, counter: int) -> str:
-        """Which task waited on which counter, and how far the counter got: a timed-out wait's report."""
+        """Which task waited on which counter for what count: a timed-out wait's report."""
         row = self.table[sm, slot]
         name = NP_OPCODE.get(int(row[FIELD["opcode"]]), f"#{int(row[FIELD['opcode']])}")
         node = int(row[FIELD["op"]])
@@ -990,11 +1000,11 @@ class PersistentStep:
             first, count = int(row[FIELD[f"wait{w}_counter"]]), int(row[FIELD[f"wait{w}_count"]])
             if first >= 0 and first <= counter < first + max(count, 1):
                 need = int(row[FIELD[f"wait{w}_expected"]]) * self.steps
-        seen = int(self.counters[counter]) if 0 <= counter < len(self.counters) else None
         op = self.g.nodes[node].op if 0 <= node < len(self.g.nodes) else "?"
         where = ", ".join(f"{c}={int(row[FIELD[c]])}" for c in ("c0", "c1", "c2"))
-        return (f"task {name} of node {node} ({op}, {where}) waited for counter {counter} to reach {need}; "
-                f"it holds {seen} (step {self.steps} of this program)")  # fmt: skip
+        # (the counter's value now says nothing: after a timeout every CTA drains and still signals)
+        return (f"task {name} of node {node} ({op}, {where}) waited for counter {counter} to reach {need} "
+                f"(step {self.steps} of this program)")  # fmt: skip
 
     def run(self, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         self.launch(inputs)
