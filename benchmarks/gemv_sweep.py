@@ -251,6 +251,7 @@ def sweep_shape(
                     v["skipped"] = "time budget"
                     rec["variants"].append(v)
                     continue
+                print(f"  {name} M={m} {launcher} {v['tiling']}: ", end="", flush=True)  # names a variant that faults
                 try:
                     if launcher == "standalone":
                         y = torch.full((m, n), float("nan"), device=device)
@@ -279,7 +280,7 @@ def sweep_shape(
                 what = v.get("error") or v.get("skipped") or f"WRONG err {v.get('err')}"
                 if "t_us" in v:
                     what = f"{v['t_us']:.2f} us, {v['frac_copy_bw']:.0%} of copy bw"
-                print(f"  {name} M={m} {launcher} {v['tiling']}: {what}", flush=True)
+                print(what, flush=True)
         for best, kinds in (("best_standalone", ("standalone",)), ("best_stream", ("stream", "stream+prefetch"))):
             timed = [v for v in rec["variants"] if v["launcher"] in kinds and "t_us" in v]
             if timed:
@@ -300,6 +301,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--budget-s", type=float, default=180.0, help="time no more variants or shapes after this long")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--isolate", action="store_true", help="each shape in its own process (after a kernel fault)")
     a = ap.parse_args()
     shapes = [s for s in a.shapes.split(",") if s]
     ms = tuple(int(v) for v in a.m.split(","))
@@ -312,14 +314,21 @@ def main() -> None:
         if a.precompile:
             precompile(items, a.jobs)
         return
-    run(shapes, ms, a.sms, a.reps, a.budget_s, Path(a.out))
+    run(shapes, ms, a.sms, a.reps, a.budget_s, Path(a.out), isolate=a.isolate)
 
 
 def run(
-    shapes: list[str], ms: tuple[int, ...], sms: int, reps: int, budget_s: float, out_dir: Path, device: str = "cuda"
+    shapes: list[str],
+    ms: tuple[int, ...],
+    sms: int,
+    reps: int,
+    budget_s: float,
+    out_dir: Path,
+    device: str = "cuda",
+    isolate: bool = False,
 ) -> Path:
     """Measure, write out_dir/kernels-<device>.json, print the table (device "cpu": the tests'
-    stand-in kernels and timer)."""
+    stand-in kernels and timer). isolate: each shape in its own process."""
     import torch
 
     from benchmarks import common
@@ -338,7 +347,26 @@ def run(
     if cuda:
         torch.cuda.empty_cache()
     deadline = t0 + budget_s
-    results = []
+    dev_name = torch.cuda.get_device_name() if cuda else device
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"kernels-{dev_name.replace(' ', '-').lower()}.json"
+    results: list[dict] = []
+
+    def write() -> dict:  # after every shape: a run cut short (a fault, the time limit) keeps what it measured
+        doc = dict(
+            device=dev_name,
+            date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            commit=common.git_commit(),
+            torch=torch.__version__,
+            sms=dev_sms,
+            copy_bw_tbps=bw / 1e12,
+            copy_bw_methods_tbps={k: v / 1e12 for k, v in rates.items()},
+            wall_s=time.time() - t0,
+            gemv=results,
+        )
+        path.write_text(json.dumps(keep_other_run(path, doc, "results"), indent=1))
+        return doc
+
     for (fmt, n, k), name in SHAPES.items():
         if shapes and not set(name.split(",")) & set(shapes):
             continue
@@ -346,28 +374,20 @@ def run(
             results.append(dict(fmt=fmt, shape=name, n=n, k=k, error="skipped: time budget"))
             continue
         print(f"{name} ({fmt} {n} x {k})", flush=True)
+        args = (fmt, n, k, name, ms, bw, sms, reps, deadline, device)
         try:
-            results += sweep_shape(fmt, n, k, name, ms, bw, sms, reps, deadline, device)
+            if isolate:  # a fresh process (and CUDA context) per shape: a faulting kernel costs one shape
+                with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+                    results += pool.submit(sweep_shape, *args).result()
+            else:
+                results += sweep_shape(*args)
         except Exception as e:  # noqa: BLE001 - keep the other shapes
             import traceback
 
             traceback.print_exc()
             results.append(dict(fmt=fmt, shape=name, n=n, k=k, error=f"{type(e).__name__}: {str(e)[:300]}"))
-    dev_name = torch.cuda.get_device_name() if cuda else device
-    doc = dict(
-        device=dev_name,
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        commit=common.git_commit(),
-        torch=torch.__version__,
-        sms=dev_sms,
-        copy_bw_tbps=bw / 1e12,
-        copy_bw_methods_tbps={k: v / 1e12 for k, v in rates.items()},
-        wall_s=time.time() - t0,
-        gemv=results,
-    )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"kernels-{dev_name.replace(' ', '-').lower()}.json"
-    path.write_text(json.dumps(keep_other_run(path, doc, "results"), indent=1))
+        write()
+    doc = write()
     print_table(doc)
     print("wrote", path)
     return path
