@@ -1,4 +1,5 @@
 """Decode kernels side by side on one GPU: MXFP4 GEMM, FP8 GEMM, fused MoE vs torch and vs floors.
+(The streaming GEMV that runs M <= 16: benchmarks/gemv_sweep.py, into the same results file.)
 
     python benchmarks/kernels.py --precompile        # build every test/bench config in parallel
     python benchmarks/kernels.py --out DIR           # time; writes DIR/kernels-<device>.json
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.common import copy_bandwidths, time_graph  # noqa: E402
+from benchmarks.gemv_sweep import keep_other_run  # noqa: E402
 from tilert.kernels import fp8_gemm, moe, mxfp4_gemm  # noqa: E402
 from tilert.kernels.common import build  # noqa: E402
 
@@ -279,7 +281,7 @@ def main():
     )
     path = Path(a.out) / f"kernels-{dev.replace(' ', '-').lower()}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
+    path.write_text(json.dumps(keep_other_run(path, out, "gemv"), indent=1))
     print("wrote", path)
     print(f"copy bw {bw / 1e12:.2f} TB/s")
     print(f"{'kernel':10} {'shape':14} {'M/T':>3} {'us':>7} {'bf16/loop':>9} {'floor':>6} {'xfloor':>6}", end="")

@@ -1,7 +1,7 @@
 """Fill a kernel cache with the whole-step persistent kernels the GPU tests and benchmarks load, on a
 machine without a GPU (meta tensors), so a GPU run spends its time running, not
 compiling. Usage: TILERT_KERNEL_CACHE=DIR python scripts/precompile_gpu.py [--bench] [--diff-layers N]
-[--probes] [--jobs 2] [--prune] [--pack OUT.tar.xz]
+[--probes] [--cli] [--kernels-sweep [--no-steps]] [--jobs 2] [--prune] [--pack OUT.tar.xz]
 
 Builds tiny-gpu's step kernels at world 1 (decode B=1/4/6/16, verify B=4: the GPU tests' shapes) and
 world 2 (both ranks: the two-ranks tests, on one GPU and on two), and tiny-gpu-8's verify step at
@@ -12,7 +12,9 @@ the model cut to its first N layers (`benchmarks/e2e.py --layers N --diff-nodes`
 kernel and every rank's eager kernels); with --probes
 the kernels of benchmarks/tile_latency.py and persistent_chain.py (--layers 1 8 --m 1); with --cli the
 shapes of the CLI GPU test (tiny-gpu at max_seq 64/128/256, persistent and eager, the drafter at every
-context length of a 1..40-token prompt) and the residency test's oversized grid. Jobs run in
+context length of a 1..40-token prompt) and the residency test's oversized grid; with --kernels-sweep
+every kernel benchmarks/gemv_sweep.py launches (GEMV variants, their persistent task streams, the old
+GEMMs) and the GEMV GPU tests' kernels (--no-steps: without the tiny step kernels). Jobs run in
 `--jobs` processes (each compile is one nvcc process). TileLang's own nvcc cubin cache
 (cuda-binaries) is not needed once a kernel is cached, so --prune drops it to keep the cache small;
 --pack writes the cache as one .tar.xz (about 13x smaller: the kernel sources compress well).
@@ -110,6 +112,13 @@ def build_probes() -> str:
     return f"probes (tile_latency, persistent_chain): {time.time() - t0:.0f} s"
 
 
+def build_sweep_kernel(item: tuple) -> str:
+    """One kernel of benchmarks/gemv_sweep.kernel_list (runs in a worker process)."""
+    from benchmarks.gemv_sweep import build_item
+
+    return build_item(item)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bench", action="store_true", help="also the mimo-v2.5-pro rank-0 steps of benchmarks/e2e.py")
@@ -124,13 +133,16 @@ def main() -> None:
     ap.add_argument("--only-cli", action="store_true", help="only what --cli adds")
     ap.add_argument("--max-gpus", type=int, default=8,
                     help="skip the tests' steps that need more GPUs than this (a one-GPU machine: 1)")  # fmt: skip
+    ap.add_argument("--kernels-sweep", action="store_true",
+                    help="also every kernel of benchmarks/gemv_sweep.py and the GEMV GPU tests")  # fmt: skip
+    ap.add_argument("--no-steps", action="store_true", help="skip the tiny step kernels (e.g. with --kernels-sweep)")
     ap.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     ap.add_argument("--prune", action="store_true", help="drop TileLang's cubin cache afterwards")
     ap.add_argument("--pack", default=None, help="also write the cache as this .tar.xz (for a GPU machine)")
     a = ap.parse_args()
-    jobs = [] if a.only_cli else [("tiny-gpu", t, m, 256, w, 0, gpus) for t, m, w, gpus in TINY if gpus <= a.max_gpus]
-    jobs += [] if a.only_cli else [("tiny-gpu-8", t, m, 256, w, 0, gpus) for t, m, w, gpus in TINY8
-                                   if gpus <= a.max_gpus]  # fmt: skip
+    steps = not (a.only_cli or a.no_steps)
+    jobs = [("tiny-gpu", t, m, 256, w, 0, gpus) for t, m, w, gpus in TINY if steps and gpus <= a.max_gpus]
+    jobs += [("tiny-gpu-8", t, m, 256, w, 0, gpus) for t, m, w, gpus in TINY8 if steps and gpus <= a.max_gpus]
     cli = a.cli or a.only_cli
     if cli:
         jobs += [("tiny-gpu", t, m, q, 1, 0) for q in CLI_MAX_SEQ for t, m in ((1, "decode"), (16, "decode"),
@@ -151,6 +163,10 @@ def main() -> None:
             futures += [pool.submit(build_residency)] + [pool.submit(build_cli_eager, q) for q in CLI_MAX_SEQ]
         if a.probes:
             futures.append(pool.submit(build_probes))
+        if a.kernels_sweep:
+            from benchmarks.gemv_sweep import kernel_list
+
+            futures += [pool.submit(build_sweep_kernel, it) for it in kernel_list()]
         for f in futures:
             print(f.result(), flush=True)
     cache = Path(os.environ.get("TILERT_KERNEL_CACHE", "~/.cache/tilert/kernels")).expanduser()

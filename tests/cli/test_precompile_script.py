@@ -32,6 +32,13 @@ def test_prune_finds_the_cubin_caches_at_any_depth_and_nothing_else(tmp_path: Pa
     assert found == sorted([cache / "0.1.14/cuda-binaries", cache / "0.1.15/linux-x86_64/.staging"])
 
 
+def test_prune_skips_caches_inside_another(tmp_path: Path) -> None:
+    # TileLang 0.1.15 keeps cuda-binaries under .staging: removing .staging removes both
+    cache = _cache(tmp_path)
+    (cache / "0.1.15/linux-x86_64/.staging/cuda-binaries").mkdir()
+    assert _script().prunable(cache) == sorted([cache / "0.1.14/cuda-binaries", cache / "0.1.15/linux-x86_64/.staging"])
+
+
 def test_pack_round_trips_the_kernels(tmp_path: Path) -> None:
     cache = _cache(tmp_path)
     out = _script().pack(cache, tmp_path / "out" / "next.tar.xz")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tilert.kernels import gemv
 from tilert.kernels.common import build, cdiv, launch_decode_gemm
 from tilert.ops.linear import fp8_linear
 
@@ -105,8 +106,8 @@ def make_kernel(cfg: Config):
 
 
 @functools.cache
-def compiled(cfg: Config):
-    return build(make_kernel(cfg))
+def compiled(cfg: Config | gemv.Config):
+    return gemv.compiled(cfg) if isinstance(cfg, gemv.Config) else build(make_kernel(cfg))
 
 
 def _check_inputs(x: torch.Tensor, q: torch.Tensor, scale_inv: torch.Tensor) -> tuple[int, int, int]:
@@ -131,9 +132,20 @@ def _check_inputs(x: torch.Tensor, q: torch.Tensor, scale_inv: torch.Tensor) -> 
     return m, n, k
 
 
-def run(x: torch.Tensor, q: torch.Tensor, scale_inv: torch.Tensor, cfg: Config | None = None) -> torch.Tensor:
-    """y [M, N] float32 = x [M, K] bf16 @ (q * block scale_inv)^T."""
+def eager_config(m: int, n: int, k: int) -> Config | gemv.Config:
+    """The kernel `run` launches for this shape: the streaming GEMV (kernels/gemv.py) for
+    M <= gemv.MAX_M when it is enabled (`gemv.enabled()`), else this file's GEMM."""
+    return gemv.pick_config("fp8", m, n, k) if m <= gemv.MAX_M and gemv.enabled() else pick_config(m, n, k)
+
+
+def run(
+    x: torch.Tensor, q: torch.Tensor, scale_inv: torch.Tensor, cfg: Config | gemv.Config | None = None
+) -> torch.Tensor:
+    """y [M, N] float32 = x [M, K] bf16 @ (q * block scale_inv)^T: the streaming GEMV for M <= 16
+    (operands it supports) when `gemv.enabled()`, else this file's GEMM; `cfg` forces either."""
     m, n, k = _check_inputs(x, q, scale_inv)
+    if isinstance(cfg, gemv.Config) or (cfg is None and gemv.enabled() and gemv.supports("fp8", x, q, scale_inv)):
+        return gemv.run("fp8", x, q, scale_inv, cfg)
     cfg = cfg or pick_config(m, n, k)
     return launch_decode_gemm(compiled(cfg), x, q, scale_inv, cfg.m, n, cfg.split_k)
 
@@ -180,5 +192,7 @@ DECODE_M = (1, 2, 4, 8, 16, 32, 64)
 
 
 def configs_for_plan(ms: tuple[int, ...] = DECODE_M, names: tuple[str, ...] = PLAN_SHAPES) -> list[Config]:
-    """Deduplicated configs the 8-rank mimo-v2.5-pro plan compiles."""
+    """Deduplicated configs of this file's GEMM the 8-rank mimo-v2.5-pro plan compiles (M <= 16
+    runs the streaming GEMV instead when it is enabled: gemv.configs_for_plan)."""
+    ms = [m for m in ms if m > gemv.MAX_M or not gemv.enabled()]
     return sorted({pick_config(m, *MIMO_SHAPES[nm]) for m in ms for nm in names}, key=repr)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tilert.kernels import gemv
 from tilert.kernels.common import DEVICE_PRELUDE, build, cdiv, launch_decode_gemm, make_mma_reduce
 from tilert.ops.linear import mxfp4_linear
 
@@ -285,8 +286,8 @@ def make_kernel(cfg: Config, extra_shared_kb: int = 0):
 
 
 @functools.cache
-def compiled(cfg: Config):
-    return build(make_kernel(cfg))
+def compiled(cfg: Config | gemv.Config):
+    return gemv.compiled(cfg) if isinstance(cfg, gemv.Config) else build(make_kernel(cfg))
 
 
 def _check_inputs(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> tuple[int, int, int]:
@@ -309,9 +310,20 @@ def _check_inputs(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -
     return m, n, k
 
 
-def run(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, cfg: Config | None = None) -> torch.Tensor:
-    """y [M, N] float32 = x [M, K] bf16 @ dequant(blocks, scales)^T."""
+def eager_config(m: int, n: int, k: int) -> Config | gemv.Config:
+    """The kernel `run` launches for this shape: the streaming GEMV (kernels/gemv.py) for
+    M <= gemv.MAX_M when it is enabled (`gemv.enabled()`), else this file's GEMM."""
+    return gemv.pick_config("mxfp4", m, n, k) if m <= gemv.MAX_M and gemv.enabled() else pick_config(m, n, k)
+
+
+def run(
+    x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, cfg: Config | gemv.Config | None = None
+) -> torch.Tensor:
+    """y [M, N] float32 = x [M, K] bf16 @ dequant(blocks, scales)^T: the streaming GEMV for M <= 16
+    (operands it supports) when `gemv.enabled()`, else this file's GEMM; `cfg` forces either."""
     m, n, k = _check_inputs(x, blocks, scales)
+    if isinstance(cfg, gemv.Config) or (cfg is None and gemv.enabled() and gemv.supports("mxfp4", x, blocks, scales)):
+        return gemv.run("mxfp4", x, blocks, scales, cfg)
     cfg = cfg or pick_config(m, n, k)
     return launch_decode_gemm(compiled(cfg), x, blocks, scales, cfg.m, n, cfg.split_k)
 
@@ -346,6 +358,8 @@ DECODE_M = (1, 2, 4, 8, 16, 32, 64)
 
 
 def configs_for_plan(ms: tuple[int, ...] = DECODE_M, shapes: dict | None = None) -> list[Config]:
-    """Deduplicated kernel configs the mimo-v2.5-pro plan compiles (each expert shape x decode M)."""
+    """Deduplicated configs of this file's GEMM for the expert shapes x decode M (M <= 16 runs the
+    streaming GEMV instead when it is enabled: gemv.configs_for_plan)."""
     shapes = shapes or MIMO_SHAPES
+    ms = [m for m in ms if m > gemv.MAX_M or not gemv.enabled()]
     return sorted({pick_config(m, n, k) for m in ms for (n, k) in shapes.values()}, key=repr)

@@ -1,0 +1,903 @@
+"""Streaming decode GEMV, MXFP4 or FP8 weights: y[M, N] = x[M, K] bf16 @ W[N, K]^T, 1 <= M <= 16.
+
+Decode reads each weight byte once, so the body's one job is to keep enough bytes in flight per SM
+(Little's law: ~32 GB/s per SM x ~1-2 us of DRAM latency = 32-64 KB on an H100, more on an H200).
+
+Formats (`Config.fmt`): "mxfp4" (tilert.numerics.mxfp4: blocks uint8 [N, K/2], scales uint8
+[N, K/32]) and "fp8" (e4m3 [N, K] with float32 128x128 block scales [ceil(N/128), ceil(K/128)]).
+Both store 64 bytes of a weight row per k *chunk* (MXFP4: 128 elements = 4 MX blocks; FP8: 64).
+
+Body `gemv_tile(V, n_tile, k_split)`, V = the tensors of `views(cfg)` (X, W, S, Y [, WS, CNT]):
+  tile       `rows` = 16 * g * wr weight rows x `ncs` chunks (the k range of split `k_split`).
+  warps      8 warps = wr along rows x wk = 8 / wr along k; a warp owns g 16-row groups and the
+             tile's chunks wk_i, wk_i + wk, ...; its lane (r, c) owns rows r and r + 8 of each group
+             and the 16-byte piece c of every chunk ("swap AB" on mma.sync m16n8k16: weight rows fill
+             the MMA's M slot, tokens its N slot; the K order inside a piece is permuted the same way
+             for w and x, as in mxfp4_gemm.make_mainloop, so no shuffles).
+  pipeline   every thread streams its own pieces through a private ring in shared memory: `depth`
+             slots of 2g x 16 bytes (cp.async, one commit group per chunk), `depth - 1` chunks in
+             flight while it computes one. The ring is private, so the mainloop has no barrier and
+             no register dependency between the next load and the current MMA. In flight per CTA:
+             (depth - 1) x 8 KB x g.
+  x, scales  the tile's x slice (M rows x its k range, bf16, 16-byte units XOR-swizzled so a
+             quarter-warp's reads hit distinct banks) and block scales are staged in shared memory
+             once by cp.async in the first chunk's group (MXFP4 scale rows that are not 16-byte
+             aligned, odd K: byte loads); the first chunk's wait and one barrier gate the loop.
+  decode     in registers, 4 instructions per bf16 pair: MXFP4 by tilert_e2m1x2_lh (the block
+             scale folded into its bf16x2 multiply; codes > 128: a warp-uniform second multiply),
+             FP8 by tilert_e4m3x2_sx exactly, the chunk's fp32 product times its 128x128 scale.
+  epilogue   the wk warps of a row slice reduce through shared memory; split == 1 stores Y; split > 1
+             stores the CTA's partial in WS[k_split] and the last of the tile's `split` CTAs (arrival
+             counter CNT[n_tile], reset by that CTA) sums the partials in split order into Y: every
+             element of Y is written exactly once, nothing needs zeroing between calls.
+
+Persistent contract: 256 threads, no TMA descriptors, no warp specialisation, no grid-wide waits;
+the views may come from pointers (`views.make_views`, as the stream launcher does). The persistent
+step calls `make_body(cfg)` with its node's views in `views(cfg)` order and (n_tile, k_split) of a
+task in 0..n_tiles-1 x 0..split-1, after T.import_source of a prelude holding GEMV_PRELUDE
+(`import_prelude=False` when the step imports it itself); WS (never initialised) and CNT (zeroed
+once) are the node's own buffers when split > 1. Shared memory: `smem_bytes(cfg)`. To keep the
+loads flowing across tasks it calls `make_body(cfg, prefetch=True)` instead, with the next task
+of the same node on that CTA (`make_body`'s docstring; `smem_bytes(cfg, prefetch=True)`).
+
+Launchers: `make_kernel(cfg)` (grid n_tiles x split, typed tensor arguments) and
+`make_stream_kernel(cfg, copies, sms, prefetch)` (one CTA per SM looping over copies x tiles
+tasks back to back, each copy's views a row of a pointer table: the persistent task stream of
+benchmarks/gemv_sweep.py). Reference: tilert.ops.linear.mxfp4_linear / fp8_linear.
+"""
+
+# no `from __future__ import annotations`: TileLang evaluates the prim_func annotations
+
+import functools
+import operator
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from tilert.kernels.common import DEVICE_PRELUDE, build, cdiv
+
+THREADS = 256
+WARPS = THREADS // 32
+MAX_M = 16
+
+
+def enabled() -> bool:
+    """Whether `mxfp4_gemm.run` / `fp8_gemm.run` (the eager runtime's linears) take this GEMV for
+    M <= MAX_M: opt-in with TILERT_GEMV=1 until its GPU tests and sweep (benchmarks/gemv_sweep.py)
+    have run on a GPU and picked the tilings (`TUNED`); the earlier kernels stay the default."""
+    return os.environ.get("TILERT_GEMV", "0") == "1"
+CHUNK_BYTES = 64  # bytes of one weight row per chunk: 4 lanes x 16 bytes
+CHUNK_ELEMS = {"mxfp4": 128, "fp8": 64}
+SMEM_LIMIT = 227 * 1024  # shared memory one SM offers its CTAs (H100, H200)
+
+# DEVICE_PRELUDE plus the GEMV's helpers (they move into DEVICE_PRELUDE when the persistent step
+# adopts the body: a persistent kernel imports one prelude). The ring is read and waited on through
+# helpers so TileLang's barrier insertion sees neither: its slots are private to a thread, and a
+# __syncthreads per chunk would only stall the warps.
+GEMV_PRELUDE = (
+    DEVICE_PRELUDE
+    + r"""
+#ifndef TILERT_GEMV_PRELUDE
+#define TILERT_GEMV_PRELUDE
+__device__ __forceinline__ void tilert_lds16(void* dst, int doff, const void* smem, int soff) {
+  // 16 bytes of shared memory (u32 offset soff) -> dst[doff : doff + 4] (a local u32 array)
+  *reinterpret_cast<uint4*>((unsigned*)dst + doff) = *reinterpret_cast<const uint4*>((const unsigned*)smem + soff);
+}
+__device__ __forceinline__ unsigned tilert_prmt(unsigned a, unsigned b, unsigned sel) {
+  // PTX prmt: a selector nibble with bit 3 set replicates the picked byte's sign bit (0x00 / 0xFF)
+  unsigned d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+__device__ __forceinline__ unsigned tilert_e2m1x2_lh(unsigned l, unsigned h, unsigned sel, unsigned mult) {
+  // E2M1 pair -> bf16x2 * mult, from the nibble planes l = w & 0x0F0F0F0F, h = (w >> 4) & 0x0F0F0F0F:
+  // sel = [b, 8|b, 4+b, 8|(4+b)] gives halves (l_b, h_b) with zero high bytes (sign-replicated bytes
+  // < 0x80); y * 0x1040 = y << 6 | y << 12 (no carries), masked to bits 6..8 and 15: the code placed as
+  // tilert_e2m1x2 places it (value * 2^-126), one multiply by mult = 2^(scale-1) restores it
+  const unsigned y = tilert_prmt(l, h, sel);
+  return tilert_bf16x2_mul((y * 0x1040u) & 0x81C081C0u, mult);
+}
+__device__ __forceinline__ unsigned tilert_e4m3x2_sx(unsigned w, unsigned sel) {
+  // E4M3 pair -> bf16x2, exact: sel = [i, 8|i, j, 8|j] gives halves (b_i, sign(b_i) x 0xFF), ...;
+  // << 4 puts exponent+mantissa at bits 10..4 and a sign copy at bit 15 (as tilert_e4m3x2: value *
+  // 2^-120, e = 0 on bf16 subnormals), one multiply by 2^120
+  const unsigned y = tilert_prmt(w, w, sel);
+  return tilert_bf16x2_mul((y << 4) & 0x87F087F0u, 0x7B807B80u);
+}
+__device__ __forceinline__ void tilert_cp_async4(void* smem, int soff, const void* gmem, long long goff, bool ok) {
+  // 4 bytes global -> shared (offsets in 4-byte words; zero-filled when !ok), through L1
+  const unsigned s = (unsigned)__cvta_generic_to_shared((unsigned*)smem + soff);
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;"
+               : : "r"(s), "l"((const unsigned*)gmem + goff), "r"(ok && gmem != nullptr ? 4 : 0) : "memory");
+}
+template <int N>
+__device__ __forceinline__ void tilert_cp_async_wait() {
+  // this thread's cp.async groups but the newest N are complete (no barrier: the ring is private)
+  asm volatile("cp.async.wait_group %0;" : : "n"(N) : "memory");
+}
+#endif
+"""
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """One compiled GEMV: format, problem shape, tiling (see the module docstring).
+
+    wr: warps along rows (1, 2, 4, 8); g: 16-row groups per warp (1, 2, 4); split: k splits over
+    CTAs; depth: ring slots per thread (depth - 1 chunks in flight); ctas: CTAs per SM the
+    standalone launcher asks registers for (__launch_bounds__ min blocks); evict_first: weights
+    evict-first in L2 (for the persistent step; standalone kernels load without a cache policy).
+    """
+
+    fmt: str
+    m: int
+    n: int
+    k: int
+    wr: int = 2
+    g: int = 2
+    split: int = 1
+    depth: int = 4
+    ctas: int = 1
+    out_dtype: str = "float32"
+    evict_first: bool = False
+
+    def __post_init__(self) -> None:
+        bad = []
+        if self.fmt not in CHUNK_ELEMS:
+            bad.append(f"fmt {self.fmt!r} (mxfp4 or fp8)")
+        if not 1 <= self.m <= MAX_M:
+            bad.append(f"m {self.m} (1..{MAX_M})")
+        if self.n < 1 or self.k < 32 or self.k % 32:
+            bad.append(f"n {self.n}, k {self.k} (k a positive multiple of 32)")
+        if self.wr not in (1, 2, 4, 8) or self.g not in (1, 2, 4) or self.depth < 2 or self.ctas < 1:
+            bad.append(f"wr {self.wr}, g {self.g}, depth {self.depth}, ctas {self.ctas}")
+        if self.out_dtype not in ("float32", "bfloat16"):
+            bad.append(f"out_dtype {self.out_dtype}")
+        if not bad and not 1 <= self.split <= self.chunks:
+            bad.append(f"split {self.split} (1..{self.chunks} chunks)")
+        if not bad and (self.split - 1) * self.ncs >= self.chunks:
+            bad.append(f"split {self.split} leaves a split without chunks ({self.chunks} chunks of {self.ncs})")
+        if not bad and smem_bytes(self) * self.ctas > SMEM_LIMIT:
+            bad.append(f"shared memory {smem_bytes(self)} B x {self.ctas} CTAs > {SMEM_LIMIT}")
+        if bad:
+            raise ValueError(f"GEMV config: bad {'; '.join(bad)}")
+
+    @property
+    def wk(self) -> int:
+        return WARPS // self.wr
+
+    @property
+    def rows(self) -> int:
+        return 16 * self.g * self.wr
+
+    @property
+    def chunks(self) -> int:
+        return cdiv(self.k, CHUNK_ELEMS[self.fmt])
+
+    @property
+    def ncs(self) -> int:
+        """Chunks per tile (the last split may run past K: those pieces read as zeros)."""
+        return cdiv(self.chunks, self.split)
+
+    @property
+    def items(self) -> int:
+        """Chunks per warp per tile."""
+        return cdiv(self.ncs, self.wk)
+
+    @property
+    def n_tiles(self) -> int:
+        return cdiv(self.n, self.rows)
+
+    @property
+    def tiles(self) -> int:
+        return self.n_tiles * self.split
+
+    @property
+    def nt(self) -> int:
+        """8-token MMA tiles."""
+        return cdiv(self.m, 8)
+
+    @property
+    def row_bytes(self) -> int:
+        return self.k // 2 if self.fmt == "mxfp4" else self.k
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of W and its scales (what one call must read)."""
+        if self.fmt == "mxfp4":
+            return self.n * (self.k // 2 + self.k // 32)
+        return self.n * self.k + 4 * cdiv(self.n, 128) * cdiv(self.k, 128)
+
+    @property
+    def scale_async(self) -> bool:
+        """MXFP4 scales staged by 16-byte cp.async (rows and the tile's start 16-byte aligned)."""
+        return (self.k // 32) % 16 == 0 and (self.split == 1 or self.ncs % 4 == 0)
+
+
+def _any(terms: Any) -> Any:
+    """Logical or of TIR conditions."""
+    import tilelang.language as T
+
+    return functools.reduce(T.Or, terms)
+
+
+def _sum(terms: Any) -> Any:
+    """Sum of TIR expressions without a Python 0 (which would make an int term)."""
+    return functools.reduce(operator.add, terms)
+
+
+def smem_bytes(cfg: Config, prefetch: bool = False) -> int:
+    """Shared memory of one body: ring + x slice + scales (both twice with prefetch) + reduction
+    buffer (+ flag)."""
+    ring = cfg.depth * 2 * cfg.g * 16 * THREADS
+    xs = cfg.m * cfg.ncs * CHUNK_ELEMS[cfg.fmt] * 2
+    if cfg.fmt == "mxfp4":
+        sc = cfg.rows * cdiv(cfg.ncs, 4) * 16
+    else:
+        sc = cdiv(cdiv(cfg.rows, 128) * (cfg.ncs // 2 + 1) * 4, 16) * 16  # buffers start 16-byte aligned
+    red = cfg.wk * 8 * cfg.nt * cfg.rows * 4
+    return ring + (2 if prefetch else 1) * (xs + sc) + red + 16
+
+
+def prefetch_ok(cfg: Config) -> bool:
+    """Whether the stream launcher can prefetch the next task with this tiling: its first depth - 1
+    chunks fit in this task's issue slots, and the doubled x and scale buffers fit."""
+    return cfg.depth - 1 <= cfg.items and smem_bytes(cfg, prefetch=True) <= SMEM_LIMIT
+
+
+def views(cfg: Config) -> list[tuple[str, tuple[int, ...], str]]:
+    """(name, shape, TileLang dtype) of the body's tensors, in argument order."""
+    m, n, k = cfg.m, cfg.n, cfg.k
+    if cfg.fmt == "mxfp4":
+        out = [("x", (m, k), "bfloat16"), ("w", (n, k // 2), "uint8"), ("s", (n, k // 32), "uint8")]
+    else:
+        out = [("x", (m, k), "bfloat16"), ("w", (n, k), "float8_e4m3"), ("s", (cdiv(n, 128), cdiv(k, 128)), "float32")]
+    out.append(("y", (m, n), cfg.out_dtype))
+    if cfg.split > 1:
+        out += [("ws", (cfg.split, m, n), "float32"), ("cnt", (cfg.n_tiles,), "int32")]
+    return out
+
+
+def make_body(cfg: Config, import_prelude: bool = True, prefetch: bool = False):
+    """The GEMV tile body: T.macro `gemv_tile(V, n_tile, k_split)` (module docstring). prefetch:
+    `gemv_tile_prefetch(V, n_tile, k_split, Vn, n_tile_n, k_split_n, has_next, first, b, base)`
+    for back-to-back tasks on one CTA: the task's last depth - 1 issue slots carry the next task's
+    (views Vn, coordinates n_tile_n, k_split_n; if has_next) first chunks and its x and scales (into
+    buffer 1 - b), so its loads are in flight during this task's tail and reduction; `first`: no
+    task before issued this one's; `base`: ring slots used before (task index x cfg.items). Needs
+    depth - 1 <= cfg.items, and nothing else may touch the body's shared memory between tasks."""
+    import tilelang.language as T
+
+    from tilert.kernels import common
+
+    mx = cfg.fmt == "mxfp4"
+    M, N, K = cfg.m, cfg.n, cfg.k
+    G, WK, D, R = cfg.g, cfg.wk, cfg.depth, cfg.rows
+    NCS, ITEMS, NT, SPLIT = cfg.ncs, cfg.items, cfg.nt, cfg.split
+    MT = 8 * NT  # token columns of the reduction buffer
+    P = 2 * G  # 16-byte pieces per thread per chunk
+    RW = cfg.row_bytes // 4  # u32 words per weight row
+    PPR = cfg.row_bytes // 16  # 16-byte pieces per weight row
+    UPC = CHUNK_ELEMS[cfg.fmt] // 8  # x units (8 bf16) per chunk
+    UPP = UPC // 4  # x units per lane per chunk
+    XW = UPP * 4  # x words per lane per token tile
+    XU = NCS * UPC  # staged x units per token row
+    XUK = K // 8  # x units per row of X
+    XS_WORDS = M * XU * 4  # u32 words of one staged x slice
+    NCW = cdiv(NCS, 4) * 4  # MXFP4 scale words per staged row
+    SR, SC = cdiv(R, 128), NCS // 2 + 1  # FP8 scale rows / columns a tile touches
+    NSR, NSC = cdiv(N, 128), cdiv(K, 128)
+    u32, f32, i64 = "uint32", "float32", "int64"
+    cp_async = "tilert_cp_async16_ef" if cfg.evict_first else "tilert_cp_async16"
+
+    @T.macro
+    def issue(Wv, ring, n_tile, k_split, i, slot, tx):
+        """Chunk i of this thread's warp in the tile -> ring slot `slot` (nothing past the tile; rows
+        past N and pieces past K are zero-filled). The caller commits the group."""
+        warp, r, c = tx // 32, (tx % 32) // 4, tx % 4
+        ci = warp % WK + WK * i
+        if ci < NCS:
+            unit = (k_split * NCS + ci) * 4 + c
+            for p in T.unroll(P):
+                row = n_tile * R + (warp // WK) * 16 * G + (p // 2) * 16 + (p % 2) * 8 + r
+                src = T.cast(T.min(row, N - 1), i64) * RW + T.min(unit, PPR - 1) * 4
+                dst = ((slot * P + p) * THREADS + tx) * 4
+                T.call_extern("handle", cp_async, ring.data, dst, Wv.data, src, row < N and unit < PPR)
+
+    @T.macro
+    def stage(X, S, xs, scw, scf, n_tile, k_split, b, tx):
+        """The tile's x slice (cp.async, zeros past K) and block scales into buffer b (0, 1) of xs and
+        scw / scf: cp.async, but for MXFP4 scale rows that are not 16-byte aligned (byte loads)."""
+        Xv = T.view(X, shape=[M, K // 2], dtype=u32)
+        for e in T.serial(cdiv(M * XU, THREADS)):
+            idx = e * THREADS + tx
+            if idx < M * XU:
+                row, u = idx // XU, idx % XU
+                ku = k_split * XU + u
+                dst = b * XS_WORDS + (row * XU + (u ^ ((u >> 2) & 2) ^ (row & 1))) * 4
+                src = T.cast(row, i64) * (K // 2) + T.min(ku, XUK - 1) * 4
+                T.call_extern("handle", "tilert_cp_async16", xs.data, dst, Xv.data, src, ku < XUK)
+        if mx and cfg.scale_async:
+            Sv = T.view(S, shape=[N, K // 128], dtype=u32)
+            for e in T.serial(cdiv(R * (NCW // 4), THREADS)):
+                idx = e * THREADS + tx
+                if idx < R * (NCW // 4):
+                    lr, pc = idx // (NCW // 4), idx % (NCW // 4)
+                    row = n_tile * R + lr
+                    col = k_split * NCS + pc * 4
+                    src = T.cast(T.min(row, N - 1), i64) * (K // 128) + T.min(col, K // 128 - 4)
+                    dst = b * R * NCW + lr * NCW + pc * 4
+                    T.call_extern(
+                        "handle", "tilert_cp_async16", scw.data, dst, Sv.data, src, row < N and col < K // 128
+                    )
+        elif mx:  # rows not 16-byte aligned (odd K): byte loads, assembled into words
+            for e in T.serial(cdiv(R * NCS, THREADS)):
+                idx = e * THREADS + tx
+                if idx < R * NCS:
+                    lr, ci = idx // NCS, idx % NCS
+                    row = T.min(n_tile * R + lr, N - 1)
+                    blk = (k_split * NCS + ci) * 4
+                    scw[b * R * NCW + lr * NCW + ci] = _sum(
+                        T.if_then_else(blk + q < K // 32, T.cast(S[row, T.min(blk + q, K // 32 - 1)], u32), T.uint32(0))
+                        << T.uint32(8 * q)
+                        for q in range(4)
+                    )
+        else:
+            for e in T.serial(cdiv(SR * SC, THREADS)):
+                idx = e * THREADS + tx
+                if idx < SR * SC:
+                    i, j = idx // SC, idx % SC
+                    row = T.min((n_tile * R) // 128 + i, NSR - 1)
+                    src = T.cast(row, i64) * NSC + T.min((k_split * NCS) // 2 + j, NSC - 1)
+                    T.call_extern("handle", "tilert_cp_async4", scf.data, b * SR * SC + idx, S.data, src, True)
+
+    @T.macro
+    def mma_mx(wq, xb, af, ml, sq, acc, big):
+        """MXFP4: dequantise this lane's pieces (scale codes sq) and run the chunk's MMAs. big: some
+        code in the warp is > 128: multipliers 2^127 then 2^(s-128) (mxfp4_gemm's split). The prmt
+        selector of byte b, [b, 8|b, 4+b, 8|(4+b)], is 0xC480 + 0x1111 * b."""
+        for grp in T.unroll(G):
+            for h in T.unroll(2):
+                ml[h] = T.cast((T.min(sq[grp * 2 + h], 128) + 126) * 0x00800080, u32)  # 2^(min(s, 128) - 1)
+                if big:
+                    ml[2 + h] = T.cast((T.max(sq[grp * 2 + h], 128) - 1) * 0x00800080, u32)  # 2^(max(s, 128) - 128)
+            for s in T.unroll(8):
+                for i in T.unroll(4):  # af[i]: row r + 8 * (i % 2), bytes 2 * (s % 2) + i // 2 of word s // 2
+                    w = wq[grp * 8 + (i % 2) * 4 + s // 2]
+                    lo, hi = w & T.uint32(0x0F0F0F0F), (w >> T.uint32(4)) & T.uint32(0x0F0F0F0F)
+                    sel = 0xC480 + 0x1111 * (2 * (s % 2) + i // 2)
+                    af[i] = T.call_extern(u32, "tilert_e2m1x2_lh", lo, hi, sel, ml[i % 2])
+                    if big:
+                        af[i] = T.call_extern(u32, "tilert_bf16x2_mul", af[i], ml[2 + i % 2])
+                for t in T.unroll(NT):
+                    T.ptx_mma(f32, "m16n8k16", "row", "col", "bf16", "bf16", "fp32", af.data, 0, xb.data,
+                              t * XW + s * 2, acc.data, (grp * NT + t) * 4, T.bool(False))  # fmt: skip
+
+    @T.macro
+    def compute(ring, xs, scw, scf, wq, xb, af, ml, sq, part, acc, n_tile, k_split, i, slot, b, tx):
+        """MMAs of chunk i of this thread's warp (its pieces in ring slot `slot`, x and scales in
+        buffer b)."""
+        warp, r, c = tx // 32, (tx % 32) // 4, tx % 4
+        ci = warp % WK + WK * i
+        if ci < NCS:
+            for p in T.unroll(P):
+                T.call_extern("handle", "tilert_lds16", wq.data, p * 4, ring.data, ((slot * P + p) * THREADS + tx) * 4)
+            for t in T.unroll(NT):
+                if t * 8 + r < M:
+                    for uu in T.unroll(UPP):
+                        u = ci * UPC + c * UPP + uu
+                        xo = b * XS_WORDS + ((t * 8 + r) * XU + (u ^ ((u >> 2) & 2) ^ (r & 1))) * 4
+                        for q in T.vectorized(4):
+                            xb[t * XW + uu * 4 + q] = xs[xo + q]
+                else:
+                    for q in T.unroll(XW):
+                        xb[t * XW + q] = T.uint32(0)
+            lr0 = (warp // WK) * 16 * G + r  # tile row of this lane's first row (group 0)
+            if mx:
+                for h in T.unroll(2 * G):  # block scale codes of rows r (even h) and r + 8 (odd h)
+                    word = scw[b * R * NCW + (lr0 + h * 8) * NCW + ci]
+                    sq[h] = T.cast((word >> T.cast(8 * c, u32)) & T.uint32(255), "int32")
+                # scale codes > 128 (blocks with |w| >= 8) need a second multiply: a warp-uniform
+                # branch, so the common path pays nothing for it
+                if T.call_extern(u32, "tilert_ballot", _any(sq[h] > 128 for h in range(2 * G))) != T.uint32(0):
+                    mma_mx(wq, xb, af, ml, sq, acc, True)
+                else:
+                    mma_mx(wq, xb, af, ml, sq, acc, False)
+            for grp in T.unroll(G):
+                if not mx:
+                    srow = T.min((n_tile * R + lr0 - r + grp * 16) // 128 - (n_tile * R) // 128, SR - 1)
+                    sc = scf[b * SR * SC + srow * SC + (k_split * NCS + ci) // 2 - (k_split * NCS) // 2]
+                    for i in T.unroll(NT * 4):
+                        part[i] = T.float32(0)
+                    for s in T.unroll(4):
+                        w0 = wq[grp * 8 + s]
+                        w1 = wq[grp * 8 + 4 + s]
+                        af[0] = T.call_extern(u32, "tilert_e4m3x2_sx", w0, 0x9180)  # bytes 0, 1
+                        af[1] = T.call_extern(u32, "tilert_e4m3x2_sx", w1, 0x9180)
+                        af[2] = T.call_extern(u32, "tilert_e4m3x2_sx", w0, 0xB3A2)  # bytes 2, 3
+                        af[3] = T.call_extern(u32, "tilert_e4m3x2_sx", w1, 0xB3A2)
+                        for t in T.unroll(NT):
+                            T.ptx_mma(f32, "m16n8k16", "row", "col", "bf16", "bf16", "fp32", af.data, 0, xb.data,
+                                      t * XW + s * 2, part.data, t * 4, T.bool(False))  # fmt: skip
+                    for i in T.unroll(NT * 4):
+                        acc[grp * NT * 4 + i] += part[i] * sc
+
+    @T.macro
+    def reduce_warps(red, acc, tx):
+        """acc of every warp -> red [wk, 8 * nt, rows] (the wk warps of a row slice side by side)."""
+        warp, r, c = tx // 32, (tx % 32) // 4, tx % 4
+        lr0 = (warp // WK) * 16 * G + r
+        for grp in T.unroll(G):
+            for t in T.unroll(NT):
+                for i in T.unroll(4):
+                    tok = t * 8 + 2 * c + i % 2
+                    red[((warp % WK) * MT + tok) * R + lr0 + grp * 16 + (i // 2) * 8] = acc[(grp * NT + t) * 4 + i]
+        T.sync_threads()
+
+    @T.macro
+    def store_direct(Y, red, n_tile, tx):
+        """split == 1: Y[tok, row] = the sum over the wk warps (consecutive threads: consecutive rows)."""
+        for e in T.serial(cdiv(R * M, THREADS)):
+            idx = e * THREADS + tx
+            if idx < R * M:
+                lr, tok = idx % R, idx // R
+                if n_tile * R + lr < N:
+                    Y[tok, n_tile * R + lr] = T.cast(
+                        _sum(red[(w * MT + tok) * R + lr] for w in range(WK)), cfg.out_dtype
+                    )
+
+    @T.macro
+    def store_split(Y, WS, CNT, red, last, n_tile, k_split, tx):
+        """split > 1: the partial -> WS[k_split]; the tile's last CTA sums WS[0..split) into Y."""
+        for e in T.serial(cdiv(R * M, THREADS)):
+            idx = e * THREADS + tx
+            if idx < R * M:
+                lr, tok = idx % R, idx // R
+                if n_tile * R + lr < N:
+                    WS[k_split, tok, n_tile * R + lr] = _sum(red[(w * MT + tok) * R + lr] for w in range(WK))
+        T.sync_threads()
+        if tx == 0:
+            T.call_extern("handle", "__threadfence")
+            prev = T.atomic_add(CNT[n_tile], 1, return_prev=True)
+            last[0] = T.if_then_else(prev == SPLIT - 1, 1, 0)
+            T.call_extern("handle", "__threadfence")
+        T.sync_threads()
+        if last[0] == 1:
+            for e in T.serial(cdiv(R * M, THREADS)):
+                idx = e * THREADS + tx
+                if idx < R * M:
+                    row, tok = n_tile * R + idx % R, idx // R
+                    if row < N:
+                        v = _sum(T.atomic_load(WS[s, tok, row], memory_order="relaxed") for s in range(SPLIT))
+                        Y[tok, row] = T.cast(v, cfg.out_dtype)
+            if tx == 0:
+                CNT[n_tile] = 0
+
+    def regs():
+        return (
+            T.alloc_local((P * 4,), u32),  # wq
+            T.alloc_local((NT * XW,), u32),  # xb
+            T.alloc_local((4,), u32),  # af
+            T.alloc_local((4,), u32),  # ml
+            T.alloc_local((2 * G,), "int32"),  # sq
+            T.alloc_local((NT * 4,), f32),  # part
+            T.alloc_local((G * NT * 4,), f32),  # acc
+        )
+
+    def alloc(prefetch):
+        """The body's buffers: with prefetch, x and scales double-buffered and the reduction
+        buffers outside TileLang's shared-memory merge (they are written while the next task's
+        copies, invisible to TileLang, land in the ring and the other x buffer)."""
+        nb = 2 if prefetch else 1
+        shared = common.alloc_unmerged if prefetch else T.alloc_shared
+        return (
+            T.alloc_shared((D * P * THREADS * 4,), u32),  # ring
+            T.alloc_shared((nb * XS_WORDS,), u32),  # xs
+            T.alloc_shared((nb * R * NCW if mx else 4,), u32),  # scw
+            T.alloc_shared((4 if mx else nb * SR * SC,), f32),  # scf
+            shared((WK * MT * R,), f32),  # red
+            shared((1,), "int32"),  # last
+        )
+
+    @T.macro
+    def finish(V, red, last, acc, n_tile, k_split, tx):
+        T.sync_threads()  # TileLang cannot see the ring reads (tilert_lds16): `red` may share their bytes
+        reduce_warps(red, acc, tx)
+        if SPLIT == 1:
+            store_direct(V[3], red, n_tile, tx)
+        else:
+            store_split(V[3], V[4], V[5], red, last, n_tile, k_split, tx)
+        T.sync_threads()
+
+    @T.macro
+    def gemv_tile(V, n_tile, k_split):
+        if import_prelude:
+            T.import_source(GEMV_PRELUDE)
+        Wv = T.view(V[1], shape=[N, RW], dtype=u32)
+        ring, xs, scw, scf, red, last = alloc(False)
+        wq, xb, af, ml, sq, part, acc = regs()
+        tx = T.get_thread_binding()
+        for i in T.unroll(G * NT * 4):
+            acc[i] = T.float32(0)
+        for j in T.unroll(D - 1):  # the weights first; x and scales in chunk 0's group
+            issue(Wv, ring, n_tile, k_split, j, j, tx)
+            if j == 0:
+                stage(V[0], V[2], xs, scw, scf, n_tile, k_split, 0, tx)
+            T.ptx_commit_group()
+        T.call_extern("handle", f"tilert_cp_async_wait<{D - 2}>")  # this thread's chunk 0, x, scales ...
+        T.sync_threads()  # ... and everyone's
+        for j in T.serial(ITEMS):
+            T.call_extern("handle", f"tilert_cp_async_wait<{D - 2}>")
+            issue(Wv, ring, n_tile, k_split, j + D - 1, (j + D - 1) % D, tx)
+            T.ptx_commit_group()
+            compute(ring, xs, scw, scf, wq, xb, af, ml, sq, part, acc, n_tile, k_split, j, j % D, 0, tx)
+        finish(V, red, last, acc, n_tile, k_split, tx)
+
+    @T.macro
+    def gemv_tile_prefetch(V, n_tile, k_split, Vn, n_tile_n, k_split_n, has_next, first, b, base):
+        if import_prelude:
+            T.import_source(GEMV_PRELUDE)
+        Wv = T.view(V[1], shape=[N, RW], dtype=u32)
+        Wn = T.view(Vn[1], shape=[N, RW], dtype=u32)
+        ring, xs, scw, scf, red, last = alloc(True)
+        wq, xb, af, ml, sq, part, acc = regs()
+        tx = T.get_thread_binding()
+        for i in T.unroll(G * NT * 4):
+            acc[i] = T.float32(0)
+        if first:  # later tasks' first chunks were issued by the task before
+            for j in T.unroll(D - 1):
+                issue(Wv, ring, n_tile, k_split, j, (base + j) % D, tx)
+                if j == 0:
+                    stage(V[0], V[2], xs, scw, scf, n_tile, k_split, b, tx)
+                T.ptx_commit_group()
+        T.call_extern("handle", f"tilert_cp_async_wait<{D - 2}>")
+        T.sync_threads()
+        for j in T.serial(ITEMS):
+            T.call_extern("handle", f"tilert_cp_async_wait<{D - 2}>")
+            if j + D - 1 < ITEMS:
+                issue(Wv, ring, n_tile, k_split, j + D - 1, (base + j + D - 1) % D, tx)
+            elif has_next:  # the next task's chunk j + D - 1 - ITEMS (its x and scales with its first)
+                issue(Wn, ring, n_tile_n, k_split_n, j + D - 1 - ITEMS, (base + j + D - 1) % D, tx)
+                if j + D - 1 == ITEMS:
+                    stage(Vn[0], Vn[2], xs, scw, scf, n_tile_n, k_split_n, 1 - b, tx)
+            T.ptx_commit_group()
+            compute(ring, xs, scw, scf, wq, xb, af, ml, sq, part, acc, n_tile, k_split, j, (base + j) % D, b, tx)
+        finish(V, red, last, acc, n_tile, k_split, tx)
+
+    return gemv_tile_prefetch if prefetch else gemv_tile
+
+
+def make_kernel(cfg: Config):
+    """Standalone launcher: grid (n_tiles, split), 256 threads, one body call per CTA."""
+    import tilelang.language as T
+
+    body = make_body(cfg)
+    specs = views(cfg)
+    (_, xsh, xdt), (_, wsh, wdt), (_, ssh, sdt), (_, ysh, ydt) = specs[:4]
+
+    if cfg.split == 1:
+
+        @T.prim_func
+        def gemv(X: T.Tensor(xsh, xdt), W: T.Tensor(wsh, wdt), S: T.Tensor(ssh, sdt), Y: T.Tensor(ysh, ydt)):
+            with T.Kernel(cfg.n_tiles, 1, threads=THREADS) as (bx, by):
+                if cfg.ctas > 1:
+                    T.annotate_min_blocks_per_sm(cfg.ctas)
+                body((X, W, S, Y), bx, by)
+
+        return gemv
+
+    (_, wssh, _), (_, csh, _) = specs[4:]
+
+    @T.prim_func
+    def gemv_split(
+        X: T.Tensor(xsh, xdt),
+        W: T.Tensor(wsh, wdt),
+        S: T.Tensor(ssh, sdt),
+        Y: T.Tensor(ysh, ydt),
+        WS: T.Tensor(wssh, "float32"),
+        CNT: T.Tensor(csh, "int32"),
+    ):
+        with T.Kernel(cfg.n_tiles, cfg.split, threads=THREADS) as (bx, by):
+            if cfg.ctas > 1:
+                T.annotate_min_blocks_per_sm(cfg.ctas)
+            body((X, W, S, Y, WS, CNT), bx, by)
+
+    return gemv_split
+
+
+def make_stream_kernel(cfg: Config, copies: int, sms: int, prefetch: bool = False):
+    """Persistent task stream: `sms` CTAs (one per SM), each looping over its share of the
+    copies x tiles tasks (task i on CTA i % sms, back to back, no waits between tasks); copy c's
+    views are row c of the pointer table Ptrs [copies, len(views(cfg))] (`views.pointer_row`).
+    prefetch: each task issues the next one's first chunks (make_body's prefetch form)."""
+    import tilelang.language as T
+
+    from tilert.kernels.views import make_views
+
+    if prefetch and not prefetch_ok(cfg):
+        raise ValueError(f"GEMV stream prefetch needs depth - 1 <= {cfg.items} chunks and the doubled buffers: {cfg}")
+    body = make_body(cfg, prefetch=prefetch)
+    specs = views(cfg)
+    tasks = copies * cfg.tiles
+    T_ = cfg.tiles
+
+    @T.prim_func
+    def gemv_stream(Ptrs: T.Tensor((copies, len(specs)), T.ptr)):
+        with T.Kernel(sms, threads=THREADS) as bx:
+            for it in T.serial(cdiv(tasks, sms)):
+                task = it * sms + bx
+                if task < tasks:
+                    V = make_views(Ptrs, task // T_, specs)
+                    if prefetch:
+                        nxt = T.min(task + sms, tasks - 1)
+                        Vn = make_views(Ptrs, nxt // T_, specs)
+                        body(V, (task % T_) // cfg.split, task % cfg.split, Vn, (nxt % T_) // cfg.split,
+                             nxt % cfg.split, task + sms < tasks, it == 0, it % 2, it * cfg.items)  # fmt: skip
+                    else:
+                        body(V, (task % T_) // cfg.split, task % cfg.split)
+
+    return gemv_stream
+
+
+@functools.cache
+def compiled(cfg: Config):
+    return build(make_kernel(cfg), what=f"gemv {cfg}")
+
+
+@functools.cache
+def compiled_stream(cfg: Config, copies: int, sms: int, prefetch: bool = False):
+    what = f"gemv stream {cfg} x {copies} on {sms} SMs{' (prefetch)' if prefetch else ''}"
+    return build(make_stream_kernel(cfg, copies, sms, prefetch), what=what)
+
+
+# --- choosing a tiling -------------------------------------------------------------------------
+
+# Measured winners (benchmarks/gemv_sweep.py --table prints these lines): (fmt, n, k, m) ->
+# (wr, g, split, depth, ctas). pick_config takes an entry for the same shape and token count, and
+# otherwise the cost model's choice.
+TUNED: dict[tuple[str, int, int, int], tuple[int, int, int, int, int]] = {}
+
+LATENCY_S = 1.5e-6  # loaded DRAM latency the in-flight bytes must cover (Little's law)
+FIXUP_S = 1.0e-6  # the split-K hand-over: fence, arrival counter, reading the partials back
+COPY_BW = 3.0e12  # bytes/s of device memory (H100; the model only ranks tilings)
+SM_SHARE_CAP = 1.25  # most one SM is assumed to stream, in shares of bw / sms
+L2_SM_BW = 100e9  # bytes/s one SM stages x from L2 at
+
+
+def model_time(cfg: Config, sms: int = 132, bw: float = COPY_BW) -> float:
+    """Rough seconds of one standalone call: waves of resident CTAs; each CTA stages its x slice
+    from L2, then streams its weights at min(bytes in flight / LATENCY_S, its SM's share of
+    SM_SHARE_CAP x bw / sms, bw / CTAs); plus the fixup when split. Only ranks tilings: the sweep
+    (benchmarks/gemv_sweep.py) measures them."""
+    slots = sms * cfg.ctas
+    tile_w = cfg.rows * cfg.ncs * CHUNK_BYTES
+    tile_x = cfg.m * cfg.ncs * CHUNK_ELEMS[cfg.fmt] * 2
+    in_flight = THREADS * 2 * cfg.g * 16 * min(cfg.depth - 1, cfg.items)
+    t, left = 0.0, cfg.tiles
+    while left > 0:
+        active = min(left, slots)
+        per_sm = cdiv(active, sms)
+        rate = min(in_flight / LATENCY_S, SM_SHARE_CAP * bw / sms / per_sm, bw / active)
+        t += LATENCY_S + tile_x * per_sm / L2_SM_BW + tile_w / rate
+        left -= active
+    if cfg.split > 1:  # partials out, then the last CTA reads all of the tile's back
+        t += FIXUP_S + (cfg.split + 1) * cfg.rows * cfg.m * 4 / L2_SM_BW
+    return t
+
+
+# registers the body takes with no cap, by (g, nt) (ptxas, sm_90a, both formats' larger): candidates
+# skip CTA counts whose register cap is under 85% of it
+_REGS = {(1, 1): 75, (2, 1): 90, (4, 1): 140, (1, 2): 110, (2, 2): 110, (4, 2): 195}
+
+
+def candidates(fmt: str, m: int, n: int, k: int, sms: int = 132) -> list[Config]:
+    """Every sensible tiling of the shape: 16-row groups that N fills, splits that leave each warp
+    at least one chunk, all-in-flight or deep rings, 1-4 CTAs per SM."""
+    ce = CHUNK_ELEMS[fmt]
+    chunks = cdiv(k, ce)
+    out = []
+    for wr in (1, 2, 4, 8):
+        for g in (1, 2, 4):
+            rows = 16 * g * wr
+            if rows > 256 or rows > max(16, 2 * n) or (rows > n and g > 1):
+                continue
+            wk = WARPS // wr
+            for split in range(1, min(chunks, 32) + 1):
+                ncs = cdiv(chunks, split)
+                if (split - 1) * ncs >= chunks or ncs < wk or (split > 1 and cdiv(chunks, split - 1) == ncs):
+                    continue
+                if cdiv(n, rows) * split > 8 * sms:
+                    continue
+                items = cdiv(ncs, wk)
+                for ctas in (1, 2, 3, 4):
+                    if 0.85 * _REGS[g, cdiv(m, 8)] > min(255, 65536 // (THREADS * ctas)):
+                        continue  # ptxas would spill the accumulators at this many CTAs per SM
+                    for depth in sorted({2, 3, 4, 6, 8, 12, 16, items + 1}):
+                        if depth > items + 1:
+                            continue
+                        try:
+                            out.append(Config(fmt, m, n, k, wr, g, split, depth, ctas))
+                        except ValueError:
+                            pass
+    return out
+
+
+def pick_config(fmt: str, m: int, n: int, k: int, sms: int = 132) -> Config:
+    """The tiling a standalone call uses: a TUNED entry, else the cost model's fastest candidate
+    (ties: fewer splits, fewer CTAs per SM, shallower ring)."""
+    hit = TUNED.get((fmt, n, k, m))
+    if hit is not None:
+        wr, g, split, depth, ctas = hit
+        return Config(fmt, m, n, k, wr, g, split, depth, ctas)
+    cands = candidates(fmt, m, n, k, sms)
+    if cands:
+        return min(cands, key=lambda c: (round(model_time(c, sms) * 1e8), c.split, c.ctas, c.depth, -c.g))
+    # tiny shapes (fewer chunks than warps along k and a few rows): 8 row warps, one split that fits
+    for split in range(1, cdiv(k, CHUNK_ELEMS[fmt]) + 1):
+        try:
+            return Config(fmt, m, n, k, wr=8, g=1, split=split, depth=2)
+        except ValueError:
+            continue
+    raise ValueError(f"no GEMV tiling for {fmt} M={m}, N={n}, K={k}")
+
+
+# --- host side -------------------------------------------------------------------------------
+
+_WORKSPACES: dict[tuple[Any, Config], tuple[Any, Any]] = {}
+
+
+def workspace(cfg: Config, device: Any) -> tuple[Any, Any]:
+    """The split-K partials (never initialised) and arrival counters (zeroed once; each tile's last
+    CTA resets its counter) of `cfg` on `device`, shared by every call with that config (calls run in
+    stream order, so one set suffices)."""
+    import torch
+
+    key = (str(device), cfg)
+    if key not in _WORKSPACES:
+        ws = torch.empty(cfg.split, cfg.m, cfg.n, dtype=torch.float32, device=device)
+        cnt = torch.zeros(cfg.n_tiles, dtype=torch.int32, device=device)
+        _WORKSPACES[key] = (ws, cnt)
+    return _WORKSPACES[key]
+
+
+def launch(cfg: Config, x: Any, w: Any, s: Any, y: Any = None) -> Any:
+    """y [M, N] (cfg.out_dtype) = x [M, K] bf16 @ W^T with the standalone kernel; inputs as the
+    format module's run() checked them (contiguous, CUDA, 16-byte aligned rows)."""
+    import torch
+
+    if y is None:
+        y = torch.empty(cfg.m, cfg.n, dtype=getattr(torch, cfg.out_dtype), device=x.device)
+    args = [x, w, s, y]
+    if cfg.split > 1:
+        args += list(workspace(cfg, x.device))
+    compiled(cfg)(*args)
+    return y
+
+
+def supports(fmt: str, x: Any, w: Any, s: Any) -> bool:
+    """Whether run() takes these operands (checked by the format module for shapes and dtypes):
+    1 <= M <= 16, contiguous, x and w (and MXFP4 scales) 16-byte aligned for the 16-byte copies."""
+    aligned = x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0 and (fmt == "fp8" or s.data_ptr() % 16 == 0)
+    return 1 <= x.shape[0] <= MAX_M and aligned and all(t.is_contiguous() for t in (x, w, s))
+
+
+def run(fmt: str, x: Any, w: Any, s: Any, cfg: Config | None = None) -> Any:
+    """y [M, N] float32 = x [M, K] bf16 @ dequant(w, s)^T (operands as `supports` takes them)."""
+    if not supports(fmt, x, w, s):
+        raise ValueError(f"GEMV: unsupported operands (M = {x.shape[0]} of 1..{MAX_M}, contiguous, 16-byte aligned)")
+    cfg = cfg or pick_config(fmt, x.shape[0], w.shape[0], x.shape[1])
+    return launch(cfg, x, w, s)
+
+
+def reference(fmt: str, x: Any, w: Any, s: Any) -> Any:
+    """float64 y = x @ dequant(w)^T: tilert.ops.linear's dequantisers, exact in float64."""
+    import torch
+
+    from tilert.ops.linear import dequant_fp8, dequant_mxfp4
+
+    wf = dequant_mxfp4(w, s) if fmt == "mxfp4" else dequant_fp8(w, s)
+    return torch.matmul(x.double(), wf.double().t())
+
+
+def make_inputs(cfg: Config, seed: int | None = None, wscale: float = 0.05, device: str = "cuda") -> dict[str, Any]:
+    """Fresh random x (bf16) and quantised weights for cfg, y NaN-poisoned (and the split-K
+    partials: every one the last CTA reads must have been written)."""
+    import torch
+
+    from tilert.numerics import fp8, mxfp4
+
+    g = torch.Generator(device=device)
+    g.manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    wf = torch.randn(cfg.n, cfg.k, device=device, generator=g) * wscale
+    w, s = mxfp4.quantize(wf) if cfg.fmt == "mxfp4" else fp8.quantize_blocks(wf)
+    x = torch.randn(cfg.m, cfg.k, device=device, generator=g).to(torch.bfloat16)
+    y = torch.full((cfg.m, cfg.n), float("nan"), dtype=getattr(torch, cfg.out_dtype), device=device)
+    return {"x": x, "w": w, "s": s, "y": y}
+
+
+def rel_err(y: Any, ref: Any) -> float:
+    """||y - ref|| / ||ref|| in float64; inf when y has a non-finite (unwritten) element."""
+    y = y.double()
+    if not y.isfinite().all():
+        return float("inf")
+    return ((y - ref).norm() / ref.norm()).item()
+
+
+def check(cfg: Config, seed: int | None = None, wscale: float = 0.05) -> float:
+    """The standalone kernel on fresh random inputs, NaN-poisoned y and partials: relative error."""
+    t = make_inputs(cfg, seed, wscale)
+    if cfg.split > 1:
+        workspace(cfg, t["x"].device)[0].fill_(float("nan"))
+    launch(cfg, t["x"], t["w"], t["s"], t["y"])
+    return rel_err(t["y"], reference(cfg.fmt, t["x"], t["w"], t["s"]))
+
+
+def check_stream(
+    cfg: Config, copies: int = 3, sms: int = 132, seed: int | None = None, prefetch: bool = False
+) -> float:
+    """The persistent task stream over `copies` independent problems (fresh inputs, poisoned
+    outputs): the largest relative error over the copies."""
+    import torch
+
+    from tilert.kernels.views import pointer_row
+
+    specs = views(cfg)
+    sets = [make_inputs(cfg, None if seed is None else seed + i) for i in range(copies)]
+    for t in sets:
+        if cfg.split > 1:
+            t["ws"] = torch.full((cfg.split, cfg.m, cfg.n), float("nan"), device=t["x"].device)
+            t["cnt"] = torch.zeros(cfg.n_tiles, dtype=torch.int32, device=t["x"].device)
+    rows = [pointer_row([t[name] for name, _, _ in specs], specs, "gemv stream") for t in sets]
+    compiled_stream(cfg, copies, sms, prefetch)(torch.cat(rows).to(sets[0]["x"].device))
+    return max(rel_err(t["y"], reference(cfg.fmt, t["x"], t["w"], t["s"])) for t in sets)
+
+
+# --- the plan's shapes -----------------------------------------------------------------------
+
+# (fmt, N, K) -> names, for the rank-0 linears of the 8-rank mimo-v2.5-pro plan (plan_shapes()
+# derives them from the compiler; tests/kernels/test_gemv.py keeps this table equal to it). FP8:
+# q/k/v/o projections, the dense layer's MLP; the drafter's projections are bf16 in the plan and
+# have the same (N, K) as these, except its context projection fc (6144 x 30720), listed in case a
+# checkpoint quantises the drafter. MXFP4: one expert's gate/up and down (the fused MoE's shapes).
+PLAN_SHAPES: dict[tuple[str, int, int], str] = {
+    ("fp8", 3072, 6144): "q_proj",
+    ("fp8", 192, 6144): "k_proj",
+    ("fp8", 128, 6144): "v_proj",
+    ("fp8", 6144, 2048): "o_proj,mlp_down",
+    ("fp8", 2048, 6144): "mlp_gate,mlp_up",
+}
+EXTRA_SHAPES: dict[tuple[str, int, int], str] = {
+    ("fp8", 6144, 30720): "drafter_fc",
+    ("mxfp4", 4096, 6144): "expert_gate_up",
+    ("mxfp4", 6144, 2048): "expert_down",
+}
+PLAN_M = (1, 8, 16)  # decode, DFlash verify (block 8), and the largest GEMV token count
+
+
+def plan_shapes(model: str = "mimo-v2.5-pro", world: int = 8, block: int = 8) -> dict[tuple[str, int, int], set]:
+    """(fmt, N, K) -> {token counts} of rank 0's linear_fp8 / linear_mxfp4 / linear_bf16 nodes in the
+    decode, verify and drafter steps of `model` sharded `world` ways (the compiler up to fuse_linear)."""
+    from tilert.compile_cli import _steps
+    from tilert.models.config import load_config
+    from tilert.passes.manager import PassContext, passes_until, run_passes
+
+    fmts = {"linear_fp8": "fp8", "linear_mxfp4": "mxfp4", "linear_bf16": "bf16"}
+    out: dict[tuple[str, int, int], set] = {}
+    for _, g in _steps(load_config(model), block, 4096):
+        rank0 = run_passes(g, PassContext(world=world), passes_until("fuse_linear"))[0]
+        for node in rank0.nodes:
+            if node.op in fmts:
+                x, w = (rank0.values[v] for v in node.inputs[:2])
+                m = 1
+                for d in x.shape[:-1]:
+                    m *= d
+                out.setdefault((fmts[node.op], w.shape[0], w.shape[1]), set()).add(m)
+    return out
+
+
+def configs_for_plan(ms: tuple[int, ...] = PLAN_M, extra: bool = False) -> list[Config]:
+    """The GEMV configs the eager runtime launches for the plan's FP8 linears (pick_config) at these
+    token counts; with extra, also the drafter fc and expert shapes."""
+    shapes = list(PLAN_SHAPES) + (list(EXTRA_SHAPES) if extra else [])
+    return sorted({pick_config(f, m, n, k) for (f, n, k) in shapes for m in ms}, key=repr)
