@@ -9,7 +9,9 @@ exports do), and the MTP layers sit beside the model (tilert skips them).
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -121,8 +123,8 @@ def published_weights(cfg: ModelConfig, seed: int = 11) -> dict[str, torch.Tenso
     return w
 
 
-def write_published(d: Path, raw: dict, weights: dict[str, torch.Tensor], shards: int = 2) -> Path:
-    """config.json + `shards` safetensors files + model.safetensors.index.json."""
+def write_shards(d: Path, weights: dict[str, torch.Tensor], shards: int = 2) -> Path:
+    """`shards` safetensors files + model.safetensors.index.json, as HF exports write them."""
     d.mkdir(parents=True, exist_ok=True)
     names = list(weights)
     weight_map = {}
@@ -133,8 +135,35 @@ def write_published(d: Path, raw: dict, weights: dict[str, torch.Tensor], shards
         weight_map.update(dict.fromkeys(part, fname))
     index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in weights.values())}}
     (d / "model.safetensors.index.json").write_text(json.dumps({**index, "weight_map": weight_map}))
+    return d
+
+
+def write_published(d: Path, raw: dict, weights: dict[str, torch.Tensor], shards: int = 2) -> Path:
+    """config.json + `shards` safetensors files + model.safetensors.index.json."""
+    write_shards(d, weights, shards)
     (d / "config.json").write_text(json.dumps(raw, indent=2))
     return d
+
+
+def in_thread(fn: Any, timeout: float = 120.0) -> Any:
+    """fn() on a fresh thread (torch CPU ops run much faster off pytest's main thread on 2-core CI
+    boxes, see test_api); re-raises what fn raised."""
+    out: list = []
+    err: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except BaseException as e:  # handed to the caller below
+            err.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(timeout)
+    if err:
+        raise err[0]
+    assert out, f"no result within {timeout} s"
+    return out[0]
 
 
 def upcast(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

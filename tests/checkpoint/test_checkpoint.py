@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.checkpoint.published import in_thread, write_shards
 from tilert.checkpoint import CheckpointError, CheckpointReader, LazyWeights, open_checkpoint, quantize_checkpoint
 from tilert.checkpoint.manifest import MANIFEST_NAME, bf16_config, rank_needs
 from tilert.checkpoint.quantize import quantize_need
@@ -16,32 +16,17 @@ from tilert.cli import main
 from tilert.engine import ReferenceBackend, generate
 from tilert.engine.api import Engine
 from tilert.models.config import load_config
-from tilert.models.weights import dequantize_weight, save_safetensors, synthetic_weights
+from tilert.models.weights import dequantize_weight, synthetic_weights
 
 PROMPT = [5, 17, 3, 99]
 V = "model.layers.2.self_attn.v_proj.weight"
 
 
-def in_thread(fn):
-    """Torch CPU ops run much faster off pytest's main thread on 2-core CI boxes (see test_api)."""
-    out: list = []
-    t = threading.Thread(target=lambda: out.append(fn()))
-    t.start()
-    t.join(120)
-    return out[0]
 
 
 def write_hf(weights: dict, d, shards: int = 2) -> None:
-    """An HF-style checkpoint: `shards` files + model.safetensors.index.json + config.json."""
-    d.mkdir(parents=True, exist_ok=True)
-    names = list(weights)
-    weight_map = {}
-    for i in range(shards):
-        part = {k: weights[k] for k in names[i::shards]}
-        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        save_safetensors(part, d / fname)
-        weight_map.update(dict.fromkeys(part, fname))
-    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    """An HF-style checkpoint: `shards` files + model.safetensors.index.json (no config.json)."""
+    write_shards(d, weights, shards)
 
 
 @pytest.fixture(scope="module")

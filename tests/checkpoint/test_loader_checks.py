@@ -10,12 +10,12 @@ import hashlib
 import json
 import shutil
 import struct
-import threading
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.checkpoint.published import in_thread
 from tilert.checkpoint import CheckpointError, open_checkpoint, quantize_checkpoint
 from tilert.checkpoint.loader import CheckpointReader, sha256
 from tilert.checkpoint.manifest import MANIFEST_NAME, bf16_config
@@ -29,12 +29,6 @@ GEN = ["--prompt-ids", PROMPT, "--max-new-tokens", "3"]
 V = "model.layers.2.self_attn.v_proj.weight"
 
 
-def in_thread(fn):
-    out: list = []
-    t = threading.Thread(target=lambda: out.append(fn()))
-    t.start()
-    t.join(120)
-    return out[0]
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,19 @@ through Engine(None, dir), `generate --weights` and `serve --weights`, quantised
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 import torch
 
-from tests.checkpoint.published import FLASH, PRO, published_config, published_weights, upcast, write_published
+from tests.checkpoint.published import (
+    FLASH,
+    PRO,
+    in_thread,
+    published_config,
+    published_weights,
+    upcast,
+    write_published,
+)
 from tilert.checkpoint import CheckpointError, open_checkpoint, quantize_checkpoint
 from tilert.checkpoint.manifest import bf16_config, rank_needs
 from tilert.checkpoint.quantize import quantize_need
@@ -25,13 +32,6 @@ from tilert.models.config import QuantConfig, load_config
 PROMPT = [5, 17, 3, 99]
 
 
-def in_thread(fn):
-    """Torch CPU ops run much faster off pytest's main thread on 2-core CI boxes (see test_api)."""
-    out: list = []
-    t = threading.Thread(target=lambda: out.append(fn()))
-    t.start()
-    t.join(120)
-    return out[0]
 
 
 @pytest.fixture(scope="module", params=["flash", "pro"])
