@@ -7,8 +7,11 @@ import re
 import pytest
 import torch
 
+from tilert.cli.compile import _steps
 from tilert.kernels import common, fp8_gemm, gemv, mxfp4_gemm
+from tilert.models.config import load_config
 from tilert.numerics import mxfp4
+from tilert.passes.manager import PassContext, passes_until, run_passes
 
 needs_toolchain = pytest.mark.skipif(not common.has_toolchain(), reason=str(common.toolchain_reason()))
 THOROUGH = os.environ.get("TILERT_THOROUGH") == "1"  # compile every plan, sweep and test config
@@ -56,10 +59,27 @@ def test_config_rejects_bad_tilings():
         C("mxfp4", 16, 64, 6144, g=4, depth=16)
 
 
+def plan_shapes(model: str = "mimo-v2.5-pro", world: int = 8, block: int = 8) -> dict[tuple[str, int, int], set]:
+    """(fmt, N, K) -> {token counts} of rank 0's linear_fp8 / linear_mxfp4 / linear_bf16 nodes in the
+    decode, verify and drafter steps of `model` sharded `world` ways (the compiler up to fuse_linear)."""
+    fmts = {"linear_fp8": "fp8", "linear_mxfp4": "mxfp4", "linear_bf16": "bf16"}
+    out: dict[tuple[str, int, int], set] = {}
+    for _, g in _steps(load_config(model), block, 4096):
+        rank0 = run_passes(g, PassContext(world=world), passes_until("fuse_linear"))[0]
+        for node in rank0.nodes:
+            if node.op in fmts:
+                x, w = (rank0.values[v] for v in node.inputs[:2])
+                m = 1
+                for d in x.shape[:-1]:
+                    m *= d
+                out.setdefault((fmts[node.op], w.shape[0], w.shape[1]), set()).add(m)
+    return out
+
+
 def test_plan_shapes_match_the_compiler():
     # the table the benchmarks, compile tests and precompile use is the rank-0 plan's, and the
     # drafter's bf16 projections are covered by it (same N, K) or by EXTRA_SHAPES
-    found = gemv.plan_shapes()
+    found = plan_shapes()
     fp8 = {(n, k) for (f, n, k) in found if f == "fp8"}
     assert fp8 == {(n, k) for (f, n, k) in gemv.PLAN_SHAPES}
     assert all(found[s] == {1, 8} for s in found if s[0] == "fp8")

@@ -855,8 +855,8 @@ def check_stream(
 
 # --- the plan's shapes -----------------------------------------------------------------------
 
-# (fmt, N, K) -> names, for the rank-0 linears of the 8-rank mimo-v2.5-pro plan (plan_shapes()
-# derives them from the compiler; tests/kernels/test_gemv.py keeps this table equal to it). FP8:
+# (fmt, N, K) -> names, for the rank-0 linears of the 8-rank mimo-v2.5-pro plan (tests/kernels/test_gemv.py
+# derives them from the compiler and keeps this table equal to them). FP8:
 # q/k/v/o projections, the dense layer's MLP; the drafter's projections are bf16 in the plan and
 # have the same (N, K) as these, except its context projection fc (6144 x 30720), listed in case a
 # checkpoint quantises the drafter. MXFP4: one expert's gate/up and down (the fused MoE's shapes).
@@ -875,25 +875,6 @@ EXTRA_SHAPES: dict[tuple[str, int, int], str] = {
 PLAN_M = (1, 8, 16)  # decode, DFlash verify (block 8), and the largest GEMV token count
 
 
-def plan_shapes(model: str = "mimo-v2.5-pro", world: int = 8, block: int = 8) -> dict[tuple[str, int, int], set]:
-    """(fmt, N, K) -> {token counts} of rank 0's linear_fp8 / linear_mxfp4 / linear_bf16 nodes in the
-    decode, verify and drafter steps of `model` sharded `world` ways (the compiler up to fuse_linear)."""
-    from tilert.compile_cli import _steps
-    from tilert.models.config import load_config
-    from tilert.passes.manager import PassContext, passes_until, run_passes
-
-    fmts = {"linear_fp8": "fp8", "linear_mxfp4": "mxfp4", "linear_bf16": "bf16"}
-    out: dict[tuple[str, int, int], set] = {}
-    for _, g in _steps(load_config(model), block, 4096):
-        rank0 = run_passes(g, PassContext(world=world), passes_until("fuse_linear"))[0]
-        for node in rank0.nodes:
-            if node.op in fmts:
-                x, w = (rank0.values[v] for v in node.inputs[:2])
-                m = 1
-                for d in x.shape[:-1]:
-                    m *= d
-                out.setdefault((fmts[node.op], w.shape[0], w.shape[1]), set()).add(m)
-    return out
 
 
 def configs_for_plan(ms: tuple[int, ...] = PLAN_M, extra: bool = False) -> list[Config]:
