@@ -33,7 +33,6 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-from benchmarks.e2e_ranks import rank_graphs
 from tilert.engine.backend import PREFILL_CHUNK
 from tilert.engine.eager import compile_for_gpu
 from tilert.engine.persistent import compile_step, precompile
@@ -45,7 +44,9 @@ from tilert.runtime.eager.synthetic import meta_params
 from tilert.runtime.persistent.step import PersistentStep
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # benchmarks/ is a folder of the repository, not of the installed package
+
+from benchmarks.e2e_ranks import rank_graphs  # noqa: E402
 
 TINY = [(1, "decode", 1, 1), (4, "decode", 1, 1), (6, "decode", 1, 1), (4, "verify", 1, 1), (16, "decode", 1, 1),
         (1, "decode", 2, 1), (6, "decode", 2, 1), (4, "verify", 2, 1),
