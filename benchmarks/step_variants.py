@@ -1,0 +1,151 @@
+"""Build switches of the persistent step side by side in one run: the same rank graph, weights and
+inputs, one PersistentStep per variant (a variant is a set of environment switches read while the
+step program is built, e.g. TILERT_MOE_PREFETCH=2), timed in interleaved rounds so that clock and
+thermal drift hit every variant alike; each variant's outputs are compared with the first's.
+
+    python benchmarks/step_variants.py --layers 4 --tokens 1 8 --routing random \\
+        --variant base --variant moe2:TILERT_MOE_PREFETCH=2 [--out DIR]
+    python benchmarks/step_variants.py --precompile ...   # the same kernels into the cache (no GPU)
+
+Rank 0 of the model's plan (synthetic weights, solo collectives) as benchmarks/e2e.py builds it;
+routing `random` is the synthetic router's own choice, which differs by token (what a verify block
+sees), `pinned` is benchmarks.common.pin_routing. Writes DIR/step-variants-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks.common import active_experts, pin_routing, write_result  # noqa: E402
+from tilert.engine.persistent import compile_step, precompile  # noqa: E402
+from tilert.models.builder import build_step_graph  # noqa: E402
+from tilert.models.config import load_config  # noqa: E402
+from tilert.runtime.eager.synthetic import synthetic_params  # noqa: E402
+from tilert.runtime.persistent.step import PersistentStep  # noqa: E402
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    """'name:KEY=VAL,KEY=VAL' -> (name, {KEY: VAL}); 'name' alone: no switches (the defaults)."""
+    name, _, rest = text.partition(":")
+    env = {}
+    for kv in filter(None, rest.split(",")):
+        k, eq, v = kv.partition("=")
+        if not eq or not k.startswith("TILERT_"):
+            raise SystemExit(f"variant {text!r}: switches are TILERT_NAME=VALUE, comma-separated")
+        env[k] = v
+    return name, env
+
+
+class switches:
+    """Set environment variables for the duration of a with-block (the build reads them)."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env, self.old = env, {}
+
+    def __enter__(self) -> None:
+        self.old = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+
+    def __exit__(self, *exc: object) -> None:
+        for k, v in self.old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def time_interleaved(steps: dict[str, PersistentStep], inputs: dict, rounds: int, per_round: int) -> dict[str, float]:
+    """Median ms per launch of each step: `rounds` rounds, each timing `per_round` back-to-back
+    launches of every step in turn (CUDA events around the batch)."""
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(rounds):
+        for k, st in steps.items():
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(per_round):
+                st.launch(inputs)
+            b.record()
+            b.synchronize()
+            times[k].append(a.elapsed_time(b) / per_round)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="mimo-v2.5-pro")
+    ap.add_argument("--world-size", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=None, help="the model cut to its first N layers")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--routing", choices=("pinned", "random"), default="random")
+    ap.add_argument("--variant", action="append", default=[], help="name[:TILERT_X=V,...] (repeatable)")
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--per-round", type=int, default=5)
+    ap.add_argument("--precompile", action="store_true", help="build the variants' kernels (no GPU)")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    variants = [parse_variant(v) for v in (a.variant or ["base"])]
+    cfg = load_config(a.model)
+    if a.layers:
+        cfg = cfg.first_layers(a.layers)
+    max_seq = a.context + 64
+    if a.precompile:
+        for name, env in variants:
+            for B in a.tokens:
+                t0 = time.time()
+                with switches(env):
+                    precompile(cfg, B, "verify" if B > 1 else "decode", max_seq, a.world_size, peers=False)
+                print(f"{name} B={B}: {time.time() - t0:.0f} s", flush=True)
+        return
+    rows, params = [], None
+    for B in a.tokens:
+        mode = "verify" if B > 1 else "decode"
+        g, sched = compile_step(build_step_graph(cfg, tokens=B, max_seq=max_seq, mode=mode), max_seq, a.world_size)
+        if params is None:
+            params = synthetic_params(g, seed=0)
+            if a.routing == "pinned":
+                pin_routing(params, a.world_size)
+        steps = {}
+        for name, env in variants:
+            with switches(env):
+                steps[name] = PersistentStep(g, sched.table, sched.counter_expected, params)
+        gen = torch.Generator(device="cpu").manual_seed(B)
+        inputs = {
+            "tokens": torch.randint(0, cfg.vocab_size, (B,), dtype=torch.int32, generator=gen).cuda(),
+            "positions": torch.arange(a.context, a.context + B, dtype=torch.int32, device="cuda"),
+        }
+        outs = {}
+        for name, st in steps.items():  # fresh caches, one step each: the outputs to compare
+            st.reset()
+            outs[name] = {k: v.float().clone() for k, v in st.run(inputs).items()}
+        first = next(iter(outs))
+        ms = time_interleaved(steps, inputs, a.rounds, a.per_round)
+        for st in steps.values():
+            st.check()
+        act = active_experts(next(iter(steps.values())))
+        for name, env in variants:
+            diff = {k: float((outs[name][k] - v).abs().max()) for k, v in outs[first].items()}
+            row = {"variant": name, "env": env, "tokens": B, "ms": round(ms[name], 4),
+                   "vs_first": round(ms[name] / ms[first], 4), "max_abs_diff_vs_first": diff,
+                   "active_experts": act}  # fmt: skip
+            rows.append(row)
+            print(f"{g.name} B={B} {name:>12}: {ms[name]:.3f} ms ({row['vs_first']:.3f}x {first}), "
+                  f"active experts {act}, max |diff| {max(diff.values(), default=0.0):.3g}", flush=True)  # fmt: skip
+        del steps
+        torch.cuda.empty_cache()
+    data = {"model": a.model, "world_size": a.world_size, "layers": a.layers, "context": a.context,
+            "routing": a.routing, "rows": rows}  # fmt: skip
+    print("wrote", write_result("step-variants", data, a.out))
+
+
+if __name__ == "__main__":
+    main()
