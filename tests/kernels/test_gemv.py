@@ -253,6 +253,11 @@ def test_prefetch_needs_the_next_tasks_chunks_to_fit():
 # --- GPU ---------------------------------------------------------------------------------------
 
 TOL = 1e-3  # exact dequantisation, fp32 MMA accumulation: errors are ~1e-6; an index bug is O(1)
+TOL_BF16 = 4e-3  # a bf16 output adds its own rounding: 2^-9 relative per element (one ulp 2^-8)
+
+
+def tol(cfg: gemv.Config) -> float:
+    return TOL_BF16 if cfg.out_dtype == "bfloat16" else TOL
 
 
 @pytest.mark.gpu
@@ -266,7 +271,7 @@ def test_gemv_plan_shapes(shape, m):
 @pytest.mark.gpu
 @pytest.mark.parametrize("cfg", ODD, ids=repr)
 def test_gemv_odd_shapes_and_tilings(cfg):
-    assert gemv.check(cfg) < TOL
+    assert gemv.check(cfg) < tol(cfg)
 
 
 @pytest.mark.gpu
@@ -287,9 +292,9 @@ def test_gemv_mxfp4_extreme_scales(wscale):
 
 @pytest.mark.gpu
 def test_gemv_repeated_calls_reset_the_split_counters():
-    cfg = ODD[-1]
+    cfg = max(ODD, key=lambda c: c.split)  # the most CTAs meeting at one arrival counter
     assert cfg.split > 1
-    assert max(gemv.check(cfg) for _ in range(3)) < TOL
+    assert max(gemv.check(cfg) for _ in range(3)) < tol(cfg)
 
 
 @pytest.mark.gpu

@@ -50,37 +50,3 @@ def test_prefetch_regions_lie_inside_the_tasks_weights(step):
             assert nbytes == kt * w.element_size() and rows == min(spec.block_n, spec.n - c0 * spec.block_n)
             assert addr == c0 * spec.block_n * row_bytes + c2 * nbytes
     assert seen == {"LINEAR_FP8", "MOE_ROUTER"}
-
-
-def test_moe_item_prefetch_is_a_build_switch(monkeypatch):
-    """TILERT_MOE_PREFETCH=N: the MoE node programs get the expert stacks' base addresses (the
-    gate/up and down tasks compute each upcoming item's rows from them) and another program key;
-    an unusable value is refused by name."""
-    from tilert.engine.persistent import compile_step
-    from tilert.models.builder import build_step_graph
-    from tilert.runtime.eager.synthetic import meta_params
-    from tilert.runtime.kinds import for_node
-    from tilert.runtime.persistent.program import Bindings, moe_prefetch_items
-
-    cfg = load_config("tiny-gpu")
-    rg, _ = compile_step(build_step_graph(cfg, tokens=4, mode="verify", max_seq=256), 256)
-    params = meta_params(rg)
-    i, node = next((i, n) for i, n in enumerate(rg.nodes) if n.op.startswith("fused_moe"))
-
-    def program():
-        return for_node(node.op).program(rg, node, Bindings(rg, params, "meta"), 132)
-
-    monkeypatch.delenv("TILERT_MOE_PREFETCH", raising=False)
-    assert moe_prefetch_items() == 0
-    plain = program()
-    monkeypatch.setenv("TILERT_MOE_PREFETCH", "2")
-    ahead = program()
-    names = [s[0] for s in ahead.specs]
-    assert "addrs" in names and "addrs" not in [s[0] for s in plain.specs]
-    assert ahead.key != plain.key and ahead.key[-1] == 2
-    addrs = ahead.tensors[names.index("addrs")]
-    assert addrs.dtype.is_floating_point is False and tuple(addrs.shape) == (4,)
-    for bad in ("-1", "x", "9"):
-        monkeypatch.setenv("TILERT_MOE_PREFETCH", bad)
-        with pytest.raises(ValueError, match="TILERT_MOE_PREFETCH"):
-            moe_prefetch_items()

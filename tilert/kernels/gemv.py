@@ -66,6 +66,8 @@ def enabled() -> bool:
     M <= MAX_M: opt-in with TILERT_GEMV=1 until its GPU tests and sweep (benchmarks/gemv_sweep.py)
     have run on a GPU and picked the tilings (`TUNED`); the earlier kernels stay the default."""
     return os.environ.get("TILERT_GEMV", "0") == "1"
+
+
 CHUNK_BYTES = 64  # bytes of one weight row per chunk: 4 lanes x 16 bytes
 CHUNK_ELEMS = {"mxfp4": 128, "fp8": 64}
 SMEM_LIMIT = 227 * 1024  # shared memory one SM offers its CTAs (H100, H200)
@@ -656,7 +658,34 @@ def compiled_stream(cfg: Config, copies: int, sms: int, prefetch: bool = False):
 # Measured winners (benchmarks/gemv_sweep.py --table prints these lines): (fmt, n, k, m) ->
 # (wr, g, split, depth, ctas). pick_config takes an entry for the same shape and token count, and
 # otherwise the cost model's choice.
-TUNED: dict[tuple[str, int, int, int], tuple[int, int, int, int, int]] = {}
+# From benchmarks/gemv_sweep.py on an H100 at cd9b3c4 (benchmarks/results/kernels-nvidia-h100-80gb-hbm3.json):
+# the fastest standalone tiling of each plan shape, every one checked against the reference there.
+TUNED: dict[tuple[str, int, int, int], tuple[int, int, int, int, int]] = {
+    ("fp8", 3072, 6144, 1): (1, 1, 1, 4, 2),
+    ("fp8", 3072, 6144, 8): (1, 2, 1, 4, 1),
+    ("fp8", 3072, 6144, 16): (2, 1, 1, 3, 1),
+    ("fp8", 192, 6144, 1): (1, 1, 11, 3, 2),
+    ("fp8", 192, 6144, 8): (1, 1, 11, 3, 1),
+    ("fp8", 192, 6144, 16): (1, 1, 11, 3, 1),
+    ("fp8", 128, 6144, 1): (1, 1, 11, 3, 4),
+    ("fp8", 128, 6144, 8): (1, 1, 11, 3, 1),
+    ("fp8", 128, 6144, 16): (1, 1, 11, 3, 1),
+    ("fp8", 6144, 2048, 1): (1, 1, 1, 3, 4),
+    ("fp8", 6144, 2048, 8): (2, 2, 1, 4, 2),
+    ("fp8", 6144, 2048, 16): (2, 1, 1, 4, 2),
+    ("fp8", 2048, 6144, 1): (1, 1, 1, 6, 1),
+    ("fp8", 2048, 6144, 8): (1, 1, 1, 6, 1),
+    ("fp8", 2048, 6144, 16): (1, 1, 1, 3, 1),
+    ("mxfp4", 4096, 6144, 1): (1, 1, 1, 4, 2),
+    ("mxfp4", 4096, 6144, 8): (1, 2, 1, 2, 1),
+    ("mxfp4", 4096, 6144, 16): (2, 1, 1, 2, 1),
+    ("mxfp4", 6144, 2048, 1): (1, 1, 1, 3, 3),
+    ("mxfp4", 6144, 2048, 8): (1, 1, 1, 3, 3),
+    ("mxfp4", 6144, 2048, 16): (1, 4, 1, 2, 1),
+    ("fp8", 6144, 30720, 1): (4, 4, 5, 3, 1),
+    ("fp8", 6144, 30720, 8): (4, 4, 5, 3, 1),
+    ("fp8", 6144, 30720, 16): (4, 4, 10, 3, 1),
+}
 
 LATENCY_S = 1.5e-6  # loaded DRAM latency the in-flight bytes must cover (Little's law)
 FIXUP_S = 1.0e-6  # the split-K hand-over: fence, arrival counter, reading the partials back
@@ -873,8 +902,6 @@ EXTRA_SHAPES: dict[tuple[str, int, int], str] = {
     ("mxfp4", 6144, 2048): "expert_down",
 }
 PLAN_M = (1, 8, 16)  # decode, DFlash verify (block 8), and the largest GEMV token count
-
-
 
 
 def configs_for_plan(ms: tuple[int, ...] = PLAN_M, extra: bool = False) -> list[Config]:

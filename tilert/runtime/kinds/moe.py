@@ -28,11 +28,11 @@ from tilert.kernels.common import cdiv
 from tilert.kernels.elementwise import COLLECTIVE_COLS
 from tilert.kernels.views import ViewSpec, prefixed
 from tilert.ops.qtensor import QTensor
-from tilert.runtime.eager.context import distributed, kernels_on, reduce_partial, rows_bf16, solo
+from tilert.runtime.eager.context import distributed, kernels_on, norm, reduce_partial, rows_bf16, solo
 from tilert.runtime.kinds.collective import peer_allreduce, reduce_complete
 from tilert.runtime.kinds.registry import Coords, TaskKind, task_kind
 from tilert.runtime.persistent.megakernel import PersistentError
-from tilert.runtime.persistent.program import Bindings, NodeProgram, moe_prefetch_items, tl_dtype
+from tilert.runtime.persistent.program import Bindings, NodeProgram, tl_dtype
 from tilert.runtime.persistent.vm_rank import INT_POISON, PlanVMError, VMRank, column_block
 
 # tilelang (the kernel compiler, slow to import) is imported only inside the functions that build kernels
@@ -102,10 +102,6 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         specs, ts = specs + prefixed("peer", peer.specs), ts + peer.tensors
     specs.append(("expert_offset", (1,), "int32"))
     ts.append(b.ints(a.expert_offset))
-    ahead = moe_prefetch_items() if all(t.is_contiguous() for t in ts[4:8]) else 0
-    if ahead:  # the expert stacks' base addresses: the prefetch computes an item's rows from them
-        specs.append(("addrs", (4,), "int64"))
-        ts.append(torch.tensor([t.data_ptr() for t in ts[4:8]], dtype=torch.int64, device=b.device))
 
     def bodies() -> dict[str, Any]:
         import tilelang.language as T_
@@ -141,54 +137,6 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
             route_body(V.logits, V.bias, V.idx, V.wt, V.tokw, V.list, V.count, V.expert_offset[0])
 
         per_slot = til.down_tiles * til.down_split
-        kc = In // til.down_split
-        R_GU, R_DN = 2 * moe.GU_COLS, moe.BLOCK_N
-
-        # which rows a prefetch can name (cp.async.bulk: 16-byte aligned addresses and sizes)
-        gu_w, gu_s = (H // 2) % 16 == 0, (H // 32) % 16 == 0
-        dn_w = (kc // 2) % 16 == 0 and (In // 2) % 16 == 0
-        dn_s = (kc // 32) % 16 == 0 and (In // 32) % 16 == 0
-
-        @T_.macro
-        def bulk(ok, addr, nbytes):
-            if ok:
-                T_.call_extern("handle", "tilert_prefetch_bulk_l2", addr, nbytes)
-
-        @T_.macro
-        def prefetch_gate_up(V, w, count):
-            """Gate/up item w's rows (8 gate + 8 up rows of its expert, and their scales) into L2:
-            lane r of warp 0 asks for weight row r, lane r of warp 1 for its scale row."""
-            tx = T_.get_thread_binding()
-            if w < count * til.gu_tiles:
-                nt = w % til.gu_tiles
-                r = tx % 32
-                row = T_.if_then_else(r < moe.GU_COLS, nt * moe.GU_COLS + r, In + nt * moe.GU_COLS + r - moe.GU_COLS)
-                ok = T_.And(r < R_GU, nt * moe.GU_COLS + r % moe.GU_COLS < In)
-                first = T_.cast(V.list[w // til.gu_tiles], "int64") * (2 * In) + row
-                if tx < 32:
-                    if gu_w:
-                        bulk(ok, V.addrs[0] + first * (H // 2), H // 2)
-                elif tx < 64:
-                    if gu_s:
-                        bulk(ok, V.addrs[1] + first * (H // 32), H // 32)
-
-        @T_.macro
-        def prefetch_down(V, w, count):
-            """Down item w's rows (BLOCK_N output rows of its expert over its k split) into L2."""
-            tx = T_.get_thread_binding()
-            if w < count * per_slot:
-                nt = (w % per_slot) // til.down_split
-                ks = (w % per_slot) % til.down_split
-                r = tx % 32
-                row = nt * R_DN + r
-                ok = T_.And(r < R_DN, row < H)
-                first = T_.cast(V.list[w // per_slot], "int64") * H + row
-                if tx < 32:
-                    if dn_w:
-                        bulk(ok, V.addrs[2] + first * (In // 2) + ks * (kc // 2), kc // 2)
-                elif tx < 64:
-                    if dn_s:
-                        bulk(ok, V.addrs[3] + first * (In // 32) + ks * (kc // 32), kc // 32)
 
         @T_.macro
         def gate_up(V, j, c1, c2):  # items j, j + gu_tasks, ... of the Count x gu_tiles active ones
@@ -201,13 +149,8 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
                 T_.sync_threads()
             steps = T_.alloc_var("int32")  # this task's items: the loop runs no step past them
             steps = T_.min((count * til.gu_tiles - j + til.gu_tasks - 1) // til.gu_tasks, til.gu_steps)
-            if ahead:  # the first items' rows while the first one loads its own
-                for a_ in T_.serial(ahead):
-                    prefetch_gate_up(V, j + a_ * til.gu_tasks, count)
             for u in T_.serial(steps):
                 w = j + u * til.gu_tasks
-                if ahead:
-                    prefetch_gate_up(V, w + ahead * til.gu_tasks, count)
                 if w < count * til.gu_tiles:
                     gate_up_tile(xs if stage_x else V.xh, V.gu, V.gu_s, V.list, V.count, V.hb, w // til.gu_tiles,
                                  w % til.gu_tiles)  # fmt: skip
@@ -227,13 +170,8 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
             # mean 144 steps of two barriers each for the 3 items one active expert gives a task)
             steps = T_.alloc_var("int32")
             steps = T_.min((count * per_slot - j + til.down_tasks - 1) // til.down_tasks, til.down_steps)
-            if ahead:
-                for a_ in T_.serial(ahead):
-                    prefetch_down(V, j + a_ * til.down_tasks, count)
             for u in T_.serial(steps):
                 w = j + u * til.down_tasks
-                if ahead:
-                    prefetch_down(V, w + ahead * til.down_tasks, count)
                 if stage_h:  # Hb[slot] rows into the stage when the slot changes (barriers outside the if)
                     T_.sync_threads()
                     if w < count * per_slot and w // per_slot != staged:
@@ -257,7 +195,7 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         return {"MOE_ROUTER": router, "MOE_TOPK": topk, "MOE_GATE_UP": gate_up, "MOE_DOWN": down, "MOE_REDUCE": reduce}
 
     key = ("moe", cfg, til, eps, res is not None, world, xa.shape[0], out.shape[0], tl_dtype(out),
-           None if peer is None else peer.key, ahead)  # fmt: skip
+           None if peer is None else peer.key)
     wr = ts[2]
 
     def prefetch(name: str, e_tile: int, c1: int, c2: int) -> tuple[int, int, int, int] | None:
@@ -412,8 +350,8 @@ def fused_moe(ctx, x, gate, bias, w_gu, w_d, *extra, **kw):
         cfg = moe_config(x.shape[0], x.shape[-1], w_d.shape[-1], gate.shape[0], a)
     if cfg is None:  # the reference of this rank's partial, then the collective and the residual here
         local = dataclasses.replace(a, reduce=False, residual=False)
-        norm = () if norm_w is None else (norm_w,)
-        y = ref("fused_moe_mxfp4")(ctx, x, gate, bias, w_gu, w_d, *norm, **local.kwargs())[0]
+        norm_arg = () if norm_w is None else (norm_w,)
+        y = ref("fused_moe_mxfp4")(ctx, x, gate, bias, w_gu, w_d, *norm_arg, **local.kwargs())[0]
     else:
         h = rows_bf16(norm(ctx, x, norm_w, a.norm_eps))
         y, _, _ = moe.run(h, gate, bias, (w_gu.data, w_gu.scales), (w_d.data, w_d.scales), top_k=a.top_k,

@@ -162,16 +162,5 @@ def early_loads() -> bool:
     return os.environ.get("TILERT_EARLY_LOADS", "0") == "1"
 
 
-def moe_prefetch_items() -> int:
-    """How many items ahead a persistent MoE gate/up or down task asks L2 for its next experts'
-    weight rows (cp.async.bulk.prefetch, issued once the top-k's list is known), TILERT_MOE_PREFETCH
-    (0: none). The expert rows are the one weight stream the step's prefetch table cannot name
-    before the step (they follow the routing)."""
-    v = os.environ.get("TILERT_MOE_PREFETCH", "0")
-    if not v.isdigit() or int(v) > 8:
-        raise ValueError(f"TILERT_MOE_PREFETCH={v!r}: expected a number of items 0..8")
-    return int(v)
-
-
 def view_spec(name: str, t: torch.Tensor, shape: Sequence[int] | None = None) -> ViewSpec:
     return (name, tuple(t.shape if shape is None else shape), tl_dtype(t))
