@@ -20,6 +20,8 @@ import numpy as np
 import torch
 
 from tilert.abi import FIELD, OPCODE_NAMES, TASK_FIELDS
+from tilert.gpu_specs import GpuSpec
+from tilert.passes.cost_model import task_ready
 from tilert.runtime.persistent.step import PersistentStep
 
 
@@ -36,8 +38,14 @@ def simulate(
     expected: np.ndarray,
     task_fields: Sequence[str],
     progress: Callable[[int, int], None] | None = None,
+    spec: GpuSpec | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted start/end (ns) per table slot [sms, max_len] (-1 for NOP padding) from cost_ns."""
+    """Predicted start/end (ns) per table slot [sms, max_len] (-1 for NOP padding) from cost_ns, the
+    task's SM time. With `spec`, as the schedule pass predicts it: a task is ready when its SM has
+    fetched it and its last input has been seen (its kind's fixed and hand-over times,
+    `cost_model.task_ready`), and ends its run (cost_ns less the fixed time) later; without, it
+    starts when its SM is free and its inputs are written. `start`: the ready time less the fixed
+    one, or when the SM came free if that was later."""
     F = _fields(task_fields)
     waits = sorted({f.split("_")[0] for f in task_fields if f.startswith("wait")})
     sms, L, _ = table.shape
@@ -57,7 +65,7 @@ def simulate(
                 if row[F["opcode"]] == 0:  # NOP padding ends the queue
                     head[s] = L
                     break
-                t0 = free[s]
+                inputs: int | None = None
                 ok = True
                 for w in waits:
                     c, n = int(row[F[f"{w}_counter"]]), int(row[F[f"{w}_count"]])
@@ -66,10 +74,16 @@ def simulate(
                     if (count[c : c + n] < expected[c : c + n]).any():
                         ok = False
                         break
-                    t0 = max(t0, int(ready[c : c + n].max()))
+                    inputs = max(inputs or 0, int(ready[c : c + n].max()))
                 if not ok:
                     break
-                t1 = t0 + max(1, int(row[F["cost_ns"]]))
+                busy = max(1, int(row[F["cost_ns"]]))
+                fixed = handover = 0
+                if spec is not None:
+                    c = spec.task_cost(OPCODE_NAMES.get(int(row[F["opcode"]]), "*"))
+                    fixed, handover = round(c.fixed_s * 1e9), round(c.handover_s * 1e9)
+                t_ready = int(task_ready(fixed, handover, free[s], inputs))
+                t0, t1 = max(free[s], t_ready - fixed), t_ready + max(1, busy - fixed)
                 start[s, head[s]], end[s, head[s]] = t0, t1
                 free[s] = t1
                 sig = int(row[F["signal"]])
