@@ -18,6 +18,7 @@ import collections
 import itertools
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,15 +104,33 @@ def measured_steps(path: str | Path) -> list[MeasuredStep]:
 
 
 def trace_run(trace: dict[str, Any], cfg: Any, tokens: int, world: int, max_seq: int, context: int | None = None,
-              routed: float | None = None, spec: GpuSpec | None = None
+              routed: float | dict[int, int] | None = None, spec: GpuSpec | None = None
               ) -> tuple[CompiledRank, RunTasks, TaskWork]:  # fmt: skip
     """A stored trace of rank 0's step with the task table and work the compiler gives the same step
     (`run_from_trace` pairs tasks by identity, so the table may order them otherwise). `routed`: the
-    local experts each MoE layer ran (default: the tile pass's uniform-routing expectation)."""
+    local experts each MoE layer ran, one count for all or per fused MoE node (default: the tile
+    pass's uniform-routing expectation)."""
     rank = compile_rank(cfg, tokens, world, spec or H200, max_seq, context)
     run = run_from_trace(trace, rank.schedule.table)
-    active = None if routed is None else dict.fromkeys(rank.moe_nodes(), routed)
+    active = routed if isinstance(routed, dict) or routed is None else dict.fromkeys(rank.moe_nodes(), int(routed))
     return rank, run, task_work(rank.graph, rank.tiles, run.table, active)
+
+
+_GRAPH_NAME = re.compile(r"^(?P<model>.+)\.(?P<mode>decode|verify)\.B(?P<tokens>\d+)\.r(?P<rank>\d+)$")
+
+
+def trace_meta(trace: dict[str, Any]) -> dict[str, Any]:
+    """What a trace says about the step it measured: the fields `benchmarks/e2e.py` writes into its
+    otherData (model, world, tokens, layers, max_seq, context, routing, active_experts per MoE node,
+    copy_bandwidth_Bps), else the model and tokens its graph name gives ("<model>.decode.B1.r0")."""
+    meta = dict(trace.get("otherData") or {})
+    m = _GRAPH_NAME.match(str(meta.get("graph", "")))
+    if m:
+        meta.setdefault("model", m["model"])
+        meta.setdefault("tokens", int(m["tokens"]))
+    if isinstance(meta.get("active_experts"), dict):  # JSON keys are strings
+        meta["active_experts"] = {int(k): int(v) for k, v in meta["active_experts"].items()}
+    return meta
 
 
 def task_samples(run: RunTasks, work: TaskWork) -> list[dict[str, Any]]:
@@ -131,16 +150,14 @@ def task_samples(run: RunTasks, work: TaskWork) -> list[dict[str, Any]]:
 
 def _nonneg_fit(A: np.ndarray, y: np.ndarray, constant: bool = True) -> np.ndarray:
     """Least squares with coefficients >= 0 over the columns of A (column 0: the constant, left out
-    when not `constant`): of the subsets of columns, the one with the smallest residual, where a
-    larger subset replaces a smaller one only if it cuts the residual by more than 1% (a term the
-    samples cannot tell apart stays out)."""
+    when not `constant`): of the subsets of columns whose own fit has no negative coefficient, the one
+    with the smallest residual, where a larger subset replaces a smaller one only if it cuts the
+    residual by more than 1% (a term the samples cannot tell apart stays out; a column left out is a
+    coefficient held at 0)."""
     best: tuple[float, np.ndarray] | None = None
-    extra = range(1, A.shape[1])
-    for r in range(len(extra) + 1):
-        for cols in itertools.combinations(extra, r):
-            use = [0, *cols] if constant else list(cols)
-            if not use:
-                continue
+    cols = range(0 if constant else 1, A.shape[1])
+    for r in range(1, len(cols) + 1):
+        for use in map(list, itertools.combinations(cols, r)):
             x, *_ = np.linalg.lstsq(A[:, use], y, rcond=None)
             if (x < 0).any():
                 continue
@@ -153,7 +170,7 @@ def _nonneg_fit(A: np.ndarray, y: np.ndarray, constant: bool = True) -> np.ndarr
 
 
 def _quantile(v: list[float], q: float) -> float:
-    return float(np.quantile(np.asarray(v, dtype=float), q))
+    return float(np.quantile(np.asarray(v, dtype=float), q)) if len(v) else math.nan
 
 
 # The quantile of a kind's tasks the cost table states. A stage ends with its slowest task and its
@@ -201,6 +218,8 @@ def fit_task_costs(samples: list[dict[str, Any]], q: float = STAGE_QUANTILE, min
             "bytes_per_s": 1e9 / c[2] if c[2] > 0 else math.inf,
             "flops_per_s": 1e9 / c[3] if c[3] > 0 else math.inf,
             "tasks": len(xs),
+            "fixed_tasks": len(fixed),
+            "handover_tasks": len(hand),
             "median_rel_err": float(np.median(np.abs(A @ c - y) / np.maximum(y, 1.0))),
         }
     return out

@@ -107,9 +107,10 @@ class RunTasks:
 
 def run_from_step(step: Any) -> RunTasks:
     """A PersistentStep's last launch (its trace buffer: start, end, ready per task)."""
-    import torch  # the GPU path only
+    import torch
 
-    torch.cuda.synchronize(step.device)
+    if step.trace.is_cuda:
+        torch.cuda.synchronize(step.device)
     tr = step.trace.cpu().numpy().astype(np.int64)
     used = step.table[:, :, FIELD["opcode"]] != 0
     start, end, ready = (np.where(used, tr[:, :, i], -1) for i in (0, 1, 2))
