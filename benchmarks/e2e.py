@@ -276,8 +276,8 @@ def bench_drafter(cfg, a: argparse.Namespace, max_seq: int) -> dict:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="mimo-v2.5-pro")
     ap.add_argument("--world-size", type=int, default=8)
     ap.add_argument("--context", type=int, default=4096)
@@ -301,8 +301,13 @@ def main() -> None:
     ap.add_argument("--pinned-blocks", type=int, nargs="*", default=[8],
                     help="with routing by token, measure these blocks once more with pinned routing (rows "
                          "'<B>.pinned'; none: skip)")  # fmt: skip
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     a.routing = "token" if a.routing == "random" else a.routing
+    return a
+
+
+def main() -> None:
+    a = parse_args()
     ranks = a.ranks
     if ranks == "auto":
         ranks = "gpus" if a.world_size > 1 and torch.cuda.device_count() >= a.world_size else "solo"

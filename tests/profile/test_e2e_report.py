@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.e2e import cost_model_check, format_check, stream_report
+from benchmarks.e2e import cost_model_check, format_check, parse_args, stream_report
 from tilert.abi import TASK_FIELDS
 from tilert.gpu_specs import H200
 from tilert.models.config import load_config
@@ -49,3 +49,10 @@ def test_cost_model_check_compares_measured_with_predicted():
     assert c["predicted_at_measured_routing_ms"] <= c["predicted_ms"]  # one expert is less work than uniform's
     line = format_check("4", c)
     assert "measured / predicted 2.000" in line and "at the measured routing (1.0 local experts" in line
+
+
+def test_routing_is_by_token_with_pinned_rows_as_the_extra():
+    a = parse_args([])
+    assert a.routing == "token" and a.pinned_blocks == [8]
+    assert parse_args(["--routing", "random"]).routing == "token"  # the earlier name of the same routing
+    assert parse_args(["--routing", "pinned", "--pinned-blocks"]).pinned_blocks == []
