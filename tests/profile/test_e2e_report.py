@@ -3,6 +3,7 @@ trace buffer and the cost-model check (the GPU run itself needs the GPU)."""
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -56,3 +57,18 @@ def test_routing_is_by_token_with_pinned_rows_as_the_extra():
     assert a.routing == "token" and a.pinned_blocks == [8]
     assert parse_args(["--routing", "random"]).routing == "token"  # the earlier name of the same routing
     assert parse_args(["--routing", "pinned", "--pinned-blocks"]).pinned_blocks == []
+
+
+def test_measured_steps_read_both_routings_of_an_e2e_file(tmp_path):
+    from tilert.profile.calibration import measured_steps
+
+    row = {"persistent_ms": 16.0, "active_experts": {"mean": 6.5, "min": 1, "max": 14}}
+    d = {"device": "NVIDIA H100 80GB HBM3", "commit": "abcdef0123", "model": "m", "world_size": 8, "rank": 0,
+         "context": 4096, "routing": "token",
+         "steps": {"1": dict(row, persistent_ms=6.0), "8": row, "8.pinned": dict(row, persistent_ms=9.0),
+                   "drafter": {"eager_graph_ms": 3.0}}}  # fmt: skip
+    p = tmp_path / "e2e.json"
+    p.write_text(json.dumps(d))
+    got = {(m.tokens, m.routing): (m.persistent_ms, m.routed, m.solo, m.commit) for m in measured_steps(p)}
+    assert got == {(1, "token"): (6.0, 6.5, True, "abcdef0"), (8, "token"): (16.0, 6.5, True, "abcdef0"),
+                   (8, "pinned"): (9.0, 6.5, True, "abcdef0")}  # fmt: skip
