@@ -7,6 +7,16 @@ same size. Side by side in one run, for B=1 (decode) and B=8 (DFlash verify): th
 implementation (the op references on the GPU: dequantise, then torch matmul), and the floor and
 prediction of the cost model. Writes benchmarks/results/e2e-<device>.json.
 
+Routing is by token (the synthetic router's own choices, which differ by token: a verify block's
+MoE load); the blocks of --pinned-blocks (default: 8) are measured once more with pinned routing
+(one expert per rank for every token: logits comparable with eager's), as rows "<B>.pinned".
+For every persistent step the run also prints and writes:
+- the stream-rate / hand-over report of the kernel's own trace (`trace_analysis`: per task kind the
+  run, wait, fixed and hand-over times and the weight stream in GB/s per SM against the copy
+  bandwidth's per-SM share; docs/profiling.md says how to read it);
+- the compiler's predicted step for this GPU kind (tilert/gpu_specs.py) against the measured one
+  (`cost_model_check`: measured / predicted, for uniform routing and for the routing measured).
+
     python benchmarks/e2e.py [--model mimo-v2.5-pro] [--world-size 8] [--context 4096] [--accept-len 6.3]
 
 On a node with at least --world-size GPUs (or with --ranks gpus) every rank runs on its own GPU
@@ -26,13 +36,9 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 import torch
-
-from benchmarks.e2e_ranks import bench_ranks
-from tilert.engine.persistent import compile_step
-from tilert.models.drafter import build_drafter_graph
-from tilert.runtime.persistent.step import PersistentStep
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -46,16 +52,22 @@ from benchmarks.common import (  # noqa: E402
     time_step,
     write_result,
 )
+from benchmarks.e2e_ranks import bench_ranks  # noqa: E402
 from tilert.engine.eager import compile_for_gpu  # noqa: E402
-from tilert.models.builder import build_step_graph  # noqa: E402
+from tilert.gpu_specs import H200, GpuSpec, gpu_spec_for_device  # noqa: E402
 from tilert.models.config import load_config  # noqa: E402
-from tilert.profile.timeline import measured_trace
+from tilert.models.drafter import build_drafter_graph  # noqa: E402
+from tilert.profile.calibration import compile_rank, predicted_step_ms  # noqa: E402
+from tilert.profile.timeline import measured_trace  # noqa: E402
+from tilert.profile.trace_analysis import analyse, format_analysis, run_from_step, task_work  # noqa: E402
 from tilert.runtime.eager.runtime import EagerRuntime  # noqa: E402
 from tilert.runtime.eager.synthetic import synthetic_params  # noqa: E402
+from tilert.runtime.persistent.step import PersistentStep  # noqa: E402
 
 
-def predicted(model: str, world: int, max_seq: int, context: int, accept_len: float) -> dict:
-    """The compiler's cost-model figures for this plan (python -m tilert compile --json)."""
+def predicted(model: str, world: int, max_seq: int, context: int, accept_len: float, gpu: str = "h200") -> dict:
+    """The compiler's cost-model figures for this plan, every rank on its own GPU of kind `gpu`
+    (python -m tilert compile --json)."""
     with tempfile.TemporaryDirectory() as out:
         cmd = [
             sys.executable,
@@ -74,6 +86,8 @@ def predicted(model: str, world: int, max_seq: int, context: int, accept_len: fl
             str(context),
             "--accept-len",
             str(accept_len),
+            "--gpu",
+            gpu,
             "--json",
         ]
         r = subprocess.run(cmd, capture_output=True, text=True)
@@ -104,19 +118,63 @@ def diff_nodes(st, rt, g, inputs, tol: float = 0.1) -> list[dict]:
     return rows
 
 
-def bench_block(cfg, B: int, a: argparse.Namespace, max_seq: int, cache: dict) -> dict:
-    """Persistent, eager, eager + CUDA graph and plain-torch step times for B query tokens, and the
-    persistent step's logits against the eager step's (same weights, same inputs, fresh caches)."""
+def moe_active(st: PersistentStep) -> dict[int, int]:
+    """Local experts the last step's top-k activated, per fused MoE node (its device-side Count)."""
+    return {i: int(p.tensors[[v[0] for v in p.specs].index("count")][0]) for i, p in enumerate(st.programs)
+            if p.key and p.key[0] == "moe"}  # fmt: skip
+
+
+def stream_report(st: Any, rank: Any, copy_bw: float | None, active: dict[int, int] | None) -> dict:
+    """The stream-rate / hand-over figures of the step's last launch, from the kernel's own trace
+    (`trace_analysis.analyse`; the expert tasks' work as the measured routing gave it)."""
+    run = run_from_step(st)
+    return analyse(run, task_work(rank.graph, rank.tiles, run.table, active), copy_bw)
+
+
+def cost_model_check(cfg: Any, tokens: int, world: int, spec: GpuSpec, max_seq: int, context: int,
+                     measured_ms: float, routed: float | None = None) -> dict:  # fmt: skip
+    """The compiler's predicted persistent step for this GPU kind (`spec`: solo or with peers, as
+    measured) against the measured one: for uniform routing (the compiler's own figure) and, given
+    `routed` (the mean local experts per MoE layer the step ran), for that routing."""
+    uniform = predicted_step_ms(cfg, tokens, world, spec, max_seq, context)
+    out = {"gpu": spec.name, "collectives": "solo" if spec.collective_latency_s == 0 else "peers",
+           "predicted_ms": round(uniform, 3), "measured_ms": round(measured_ms, 3),
+           "measured_over_predicted": round(measured_ms / uniform, 3)}  # fmt: skip
+    if routed is not None:
+        at = predicted_step_ms(cfg, tokens, world, spec, max_seq, context, routed)
+        out.update(routed_experts=routed, predicted_at_measured_routing_ms=round(at, 3),
+                   measured_over_predicted_at_measured_routing=round(measured_ms / at, 3))  # fmt: skip
+    return out
+
+
+def format_check(key: str, c: dict) -> str:
+    line = (f"cost model, B={key}: measured {c['measured_ms']:.3f} ms, predicted {c['predicted_ms']:.3f} ms "
+            f"({c['gpu']}, {c['collectives']} collectives, uniform routing): measured / predicted "
+            f"{c['measured_over_predicted']:.3f}")  # fmt: skip
+    if "predicted_at_measured_routing_ms" in c:
+        at, ratio = c["predicted_at_measured_routing_ms"], c["measured_over_predicted_at_measured_routing"]
+        line += f"; at the measured routing ({c['routed_experts']} local experts a layer) {at:.3f} ms: {ratio:.3f}"
+    return line
+
+
+def bench_block(cfg, B: int, a: argparse.Namespace, max_seq: int, cache: dict, pinned: bool = False) -> dict:
+    """Persistent, eager, eager + CUDA graph and plain-torch step times for B query tokens, the
+    persistent step's logits against the eager step's (same weights, same inputs, fresh caches) and
+    the stream-rate / hand-over report of its trace. `pinned`: the step runs with pinned routing (the
+    weights' router biases stay pinned from then on)."""
     mode = "verify" if B > 1 else "decode"
+    tag = f"B={B}" + (" (pinned routing)" if pinned else " (routing by token)")
     t0 = time.time()
-    g, sched = compile_step(build_step_graph(cfg, tokens=B, max_seq=max_seq, mode=mode), max_seq, a.world_size)
+    rank = compile_rank(cfg, B, a.world_size, H200, max_seq)  # the table e2e has always run: H200 costs
+    g, sched = rank.graph, rank.schedule
     if "params" not in cache:
         cache["params"] = synthetic_params(g, seed=0)
-        if a.routing == "pinned":
-            pin_routing(cache["params"], a.world_size)
         torch.cuda.synchronize()
         gb = sum(v.nbytes for v in g.by_role("param")) / 1e9
         print(f"synthetic rank-0 weights: {gb:.1f} GB ({time.time() - t0:.1f} s)", flush=True)
+    if pinned and not cache.get("pinned"):
+        pin_routing(cache["params"], a.world_size)
+        cache["pinned"] = True
     start = a.context
     inputs = {
         "tokens": torch.randint(0, cfg.vocab_size, (B,), dtype=torch.int32, device="cuda"),
@@ -134,13 +192,24 @@ def bench_block(cfg, B: int, a: argparse.Namespace, max_seq: int, cache: dict) -
         row.update(persistent_ms=t_pers, persistent_tasks=int((sched.table[:, :, 0] != 0).sum()),
                    persistent_node_classes=st.n_classes, active_experts=active_experts(st))  # fmt: skip
         st.run(inputs)
+        active = moe_active(st)
         if a.trace_dir:
             Path(a.trace_dir).mkdir(parents=True, exist_ok=True)
-            tp = Path(a.trace_dir) / f"trace_persistent_{mode}.B{B}.json.gz"
-            tp.write_bytes(gzip.compress(json.dumps(measured_trace(st), separators=(",", ":")).encode()))
+            tp = Path(a.trace_dir) / f"trace_persistent_{mode}.B{B}{'.pinned' if pinned else ''}.json.gz"
+            meta = {"model": cfg.name, "world": a.world_size, "tokens": B, "layers": cfg.num_hidden_layers,
+                    "max_seq": max_seq, "context": a.context, "routing": "pinned" if pinned else "token",
+                    "active_experts": active, "copy_bandwidth_Bps": cache.get("copy_bw")}  # fmt: skip
+            tp.write_bytes(gzip.compress(json.dumps(measured_trace(st, meta=meta), separators=(",", ":")).encode()))
             row["persistent_trace"] = str(tp)
+        try:
+            rep = stream_report(st, rank, cache.get("copy_bw"), active)
+            print(f"{tag}: the persistent kernel's trace (stream rates, hand-overs):", flush=True)
+            print(format_analysis(rep), flush=True)
+            row["stream_report"] = rep
+        except Exception as e:  # a report that fails keeps the measured times
+            traceback.print_exc()
+            row["stream_report_error"] = f"{type(e).__name__}: {e}"
     except Exception as e:  # keep the eager figures
-
         traceback.print_exc()
         row["persistent_error"] = f"{type(e).__name__}: {e}"
         p_out = None
@@ -157,7 +226,8 @@ def bench_block(cfg, B: int, a: argparse.Namespace, max_seq: int, cache: dict) -
         row["persistent_vs_eager_logits_rel_err"] = float((got - ref).norm() / ref.norm())
         same = torch.equal(out["next_tokens"].long(), p_out["next_tokens"].long())
         row["persistent_next_tokens_equal_eager"] = bool(same)
-        print(f"persistent vs eager logits: rel err {row['persistent_vs_eager_logits_rel_err']:.2e}", flush=True)
+        note = "" if pinned else " (routing by token: near-tied experts round to other choices; pinned rows compare)"
+        print(f"persistent vs eager logits: rel err {row['persistent_vs_eager_logits_rel_err']:.2e}{note}", flush=True)
     t_eager, t_graph = (float("nan"), None) if a.skip_timing else time_step(rt, g, inputs)
     t_plain = None
     if not a.skip_plain:
@@ -167,7 +237,7 @@ def bench_block(cfg, B: int, a: argparse.Namespace, max_seq: int, cache: dict) -
             row["persistent_vs_plain_logits_rel_err"] = float((p_out["logits"].double() - pl).norm() / pl.norm())
         t_plain = time_cuda(lambda: plain.run(g, inputs), iters=3, warmup=1)
     print(
-        f"B={B}: persistent {row.get('persistent_ms')} ms | eager {t_eager:.2f} ms | eager+graph {t_graph} ms | "
+        f"{tag}: persistent {row.get('persistent_ms')} ms | eager {t_eager:.2f} ms | eager+graph {t_graph} ms | "
         f"plain torch {t_plain if t_plain is None else round(t_plain, 2)} ms",
         flush=True,
     )
@@ -206,8 +276,8 @@ def bench_drafter(cfg, a: argparse.Namespace, max_seq: int) -> dict:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="mimo-v2.5-pro")
     ap.add_argument("--world-size", type=int, default=8)
     ap.add_argument("--context", type=int, default=4096)
@@ -224,10 +294,20 @@ def main() -> None:
                     help="solo: rank 0 alone, collectives as local work; gpus: every rank on its own GPU; "
                          "auto: gpus when --world-size GPUs are visible")  # fmt: skip
     ap.add_argument("--rank-timeout", type=float, default=1800.0, help="bound on the eager NCCL phase (s)")
-    ap.add_argument("--routing", choices=("pinned", "random"), default="pinned",
-                    help="pinned: one clear expert per rank for every token (comparable logits); random: "
-                         "the synthetic router's choices, which differ by token (a verify block's load)")  # fmt: skip
-    a = ap.parse_args()
+    ap.add_argument("--routing", choices=("token", "pinned", "random"), default="token",
+                    help="token: the synthetic router's choices, which differ by token (a verify block's MoE "
+                         "load; 'random' is the same); pinned: one clear expert per rank for every token "
+                         "(comparable logits)")  # fmt: skip
+    ap.add_argument("--pinned-blocks", type=int, nargs="*", default=[8],
+                    help="with routing by token, measure these blocks once more with pinned routing (rows "
+                         "'<B>.pinned'; none: skip)")  # fmt: skip
+    a = ap.parse_args(argv)
+    a.routing = "token" if a.routing == "random" else a.routing
+    return a
+
+
+def main() -> None:
+    a = parse_args()
     ranks = a.ranks
     if ranks == "auto":
         ranks = "gpus" if a.world_size > 1 and torch.cuda.device_count() >= a.world_size else "solo"
@@ -239,22 +319,38 @@ def main() -> None:
     max_seq = a.context + 64
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
-    pred = None if a.layers else predicted(a.model, a.world_size, max_seq, a.context, a.accept_len)
-    print(f"cost model: {pred}", flush=True)
-    rows, cache = {}, {}
+    spec = gpu_spec_for_device(torch.cuda.get_device_name())
+    pred = None
+    if not a.layers:
+        pred = predicted(a.model, a.world_size, max_seq, a.context, a.accept_len, spec.name if spec else "h200")
+    print(f"cost model ({spec.name if spec else 'h200'}, every rank on its own GPU): {pred}", flush=True)
+    rows, cache = {}, {"copy_bw": bw}
     if ranks == "gpus":
         rows = bench_ranks(a, max_seq)
-    for B in a.blocks if ranks == "solo" else ():
+    runs = [(str(B), B, a.routing == "pinned") for B in a.blocks]
+    if a.routing == "token":
+        runs += [(f"{B}.pinned", B, True) for B in a.pinned_blocks]
+    for key, B, pinned in runs if ranks == "solo" else ():
         try:
-            rows[str(B)] = bench_block(cfg, B, a, max_seq, cache)
+            rows[key] = bench_block(cfg, B, a, max_seq, cache, pinned)
         except Exception as e:  # keep the figures measured so far
-
             traceback.print_exc()
-            rows[str(B)] = {"error": f"{type(e).__name__}: {e}"}
-    for B, row in rows.items():
-        want = (pred or {}).get("predicted_step_ms", {}).get(B)
-        if want and row.get("persistent_ms"):  # measured over the cost model's persistent prediction
-            row["persistent_over_cost_model"] = round(row["persistent_ms"] / want, 3)
+            rows[key] = {"error": f"{type(e).__name__}: {e}"}
+    for key, row in rows.items():
+        if not (spec and row.get("persistent_ms") and key.split(".")[0].isdigit()):
+            continue
+        try:  # the compiler's prediction for this GPU kind and mode against the measured step
+            routed = (row.get("active_experts") or {}).get("mean")
+            kind = spec.solo() if ranks == "solo" else spec
+            check = cost_model_check(cfg, int(key.split(".")[0]), a.world_size, kind, max_seq, a.context,
+                                     row["persistent_ms"], routed)  # fmt: skip
+        except Exception as e:
+            traceback.print_exc()
+            row["cost_model_check"] = {"error": f"{type(e).__name__}: {e}"}
+            continue
+        row["cost_model_check"] = check
+        row["persistent_over_cost_model"] = check["measured_over_predicted"]
+        print(format_check(key, check), flush=True)
     try:
         rows["drafter"] = {"skipped": True} if a.skip_drafter else bench_drafter(cfg, a, max_seq)
     except Exception as e:
@@ -277,6 +373,9 @@ def main() -> None:
         "cost_model": pred,
         "accept_len": a.accept_len,
         "routing": a.routing,
+        "routing_note": "steps '<B>' ran with the routing above; steps '<B>.pinned' with pinned routing (one "
+        "expert per rank for every token: comparable logits, not a verify block's MoE load)",
+        "cost_model_gpu": spec.name if spec else None,
         "steps": rows,
         "projected_tokens_per_s_per_user": tps,
         "projected_tokens_per_s_per_user_persistent": tps_persistent,

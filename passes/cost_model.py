@@ -1,19 +1,22 @@
 """Cost model: bytes, flops and interconnect bytes -> seconds on a GpuSpec.
 
-Task time (persistent kernel, one CTA per SM):
-    max(bytes / (HBM rate / SMs), flops / (bf16 peak / SMs)) + task overhead
-    + for collective tasks: latency + comm bytes / NVLink rate
-Bytes count reads plus writes (the 4.3 TB/s H200 figure is a copy rate, read + write). Every SM
-gets an even share of HBM bandwidth, which is what a full persistent kernel sees.
+Persistent step (one CTA per SM, each SM's tasks one after another): per task, by its kind
+(opcode), the measured latencies and per-SM rates of `GpuSpec.task_cost` (tilert/gpu_specs.py):
+    ready = max(SM free + fixed, last input written + hand-over)
+    end   = ready + body + HBM-stream bytes / stream rate + other bytes / their rate + flops / rate
+            + for collective tasks with peers: latency + comm bytes / per-SM peer rate
+(`task_time`, `task_ready`); the schedule pass list-schedules the tasks with these times and its
+makespan, plus one launch, is the predicted step.
 
 Eager estimate (one launch per fused op): each op runs alone on the whole GPU:
     max(bytes / HBM rate, flops / peak, longest task) + launch overhead [+ NCCL latency].
-Floor: every byte that must be read, read once at full bandwidth (weights actually touched,
-the KV cache actually attended, the step's inputs), nothing else.
+Floor: every byte that must be read (weights actually touched, the KV cache actually attended, the
+step's inputs), read once at full bandwidth, nothing else.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from tilert.gpu_specs import GpuSpec
@@ -30,11 +33,37 @@ def op_cost(g: Graph, n: Node, context: int) -> Cost:
     return get_op(n.op).cost(ins, outs, n.a, Placement(int(g.meta.get("world", 1)), context))
 
 
-def task_seconds(spec: GpuSpec, nbytes: float, flops: float, comm: float = 0.0, collective: bool = False) -> float:
-    t = max(nbytes / spec.bytes_per_sm_s, flops / spec.flops_per_sm_s) + spec.task_overhead_s
+@dataclass(frozen=True)
+class TaskTime:
+    """A task's predicted times on its SM (s): `fixed` and `handover` as in `task_ready`, `run` from
+    ready to end; `busy` = fixed + run is its SM time when its inputs are already there."""
+
+    fixed: float
+    handover: float
+    run: float
+
+    @property
+    def busy(self) -> float:
+        return self.fixed + self.run
+
+
+def task_time(spec: GpuSpec, opcode: str, nbytes: float, stream: float, flops: float, comm: float = 0.0,
+              collective: bool = False) -> TaskTime:  # fmt: skip
+    """The predicted times of one persistent task of `opcode` moving `nbytes` (of which `stream` from
+    HBM) and doing `flops`; a collective task with peers also waits for them and writes `comm`
+    bytes to their inboxes."""
+    c = spec.task_cost(opcode)
+    run = c.run_s(nbytes, stream, flops)
     if collective:
-        t += spec.collective_latency_s + comm / spec.nvlink_bytes_per_s
-    return t
+        run += spec.collective_latency_s + comm / spec.peer_bytes_per_sm_s
+    return TaskTime(c.fixed_s, c.handover_s, run)
+
+
+def task_ready(fixed: float, handover: float, sm_free: float, inputs_at: float | None) -> float:
+    """When a task's waits are met: its SM is free and has fetched it (`fixed`), and the last of its
+    inputs (written at `inputs_at`; None: it waits on nothing) has been seen (`handover`)."""
+    t = sm_free + fixed
+    return t if inputs_at is None else max(t, inputs_at + handover)
 
 
 def eager_seconds(spec: GpuSpec, c: Cost, longest_task: float, collective: bool, graphs: bool) -> float:

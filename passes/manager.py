@@ -62,6 +62,7 @@ class PassContext:
     world: int = 1
     max_seq: int = 4096
     context_len: int | None = None  # KV length the cost model plans for (default: max_seq)
+    routed_experts: float | None = None  # local experts a MoE layer's tokens route to (default: uniform routing's)
     dump_ir: Path | str | None = None  # write NN-pass[.rK].txt after every pass
     print_after: str | None = None  # print the IR after this pass (to stdout)
     log: Callable[[str], None] | None = None  # progress lines (pass names + timings)

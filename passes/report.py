@@ -37,10 +37,14 @@ def write_report(path: Path, plan: Any, s: dict[str, Any], spec: GpuSpec) -> Non
           f"{s['plain_decode_tokens_per_s']:.0f} tokens/s).", ""]  # fmt: skip
     L += ["## Model behind the figures", "",
           f"- HBM {spec.hbm_bytes_per_s / 1e12:.1f} TB/s (read + write), shared evenly by {spec.sms} SMs; "
-          f"bf16 {spec.bf16_flops / 1e12:.0f} TFLOP/s; task overhead {spec.task_overhead_s * 1e6:.1f} us.",
-          f"- Collectives: in-kernel peer-memory signalling {spec.collective_latency_s * 1e6:.0f} us + bytes at "
-          f"{spec.nvlink_bytes_per_s / 1e9:.0f} GB/s NVLink per direction (NCCL in eager mode: "
-          f"{spec.nccl_latency_s * 1e6:.0f} us).",
+          f"bf16 {spec.bf16_flops / 1e12:.0f} TFLOP/s (the eager estimate and the floor).",
+          f"- Persistent tasks: per kind, measured fixed and hand-over latencies and per-SM stream rates "
+          f"(tilert/gpu_specs.py; LINEAR_FP8 streams {spec.task_cost('LINEAR_FP8').stream_bytes_per_s / 1e9:.1f} "
+          f"GB/s per SM, hands over in {spec.task_cost('LINEAR_FP8').handover_s * 1e6:.2f} us).",
+          f"- Collectives: in-kernel peer-memory signalling {spec.collective_latency_s * 1e6:.0f} us + a task's "
+          f"peer writes at {spec.peer_bytes_per_sm_s / 1e9:.1f} GB/s per SM (NCCL in eager mode: "
+          f"{spec.nccl_latency_s * 1e6:.0f} us + bytes at {spec.nvlink_bytes_per_s / 1e9:.0f} GB/s NVLink per "
+          f"direction).",
           f"- Persistent: list-scheduled makespan + one launch ({spec.graph_launch_s * 1e6:.1f} us). Eager: each "
           f"op alone at whole-GPU rates + {spec.launch_s * 1e6:.0f} us per launch "
           f"({spec.graph_launch_s * 1e6:.1f} us in a CUDA graph).",

@@ -7,8 +7,10 @@ step x expected, so counters never need a reset). A task reading only some colum
 on the chunks holding them (a split-K slice of o_proj waits for its heads' attention; the down
 projection of a slot group waits for that group's gate/up tiles only).
 
-List scheduling (O(tasks log tasks)): priority = bottom level (longest cost path to the end of
-the step), each task goes to the SM that frees up first, starting when its inputs are written.
+List scheduling (O(tasks log tasks)) with the cost model's task times (cost_model.task_time: a
+task's SM time, its fixed cost and its hand-over latency): priority = bottom level (longest path to
+the end of the step), each task goes to the SM that frees up first and is ready when that SM has
+fetched it and its last input has been seen (cost_model.task_ready).
 Queues keep scheduling order, which is a topological order, so the persistent kernel cannot
 deadlock. Tasks waiting on more than WAITS ranges get BARRIER tasks in front.
 """
@@ -23,10 +25,26 @@ import numpy as np
 
 from tilert.abi import OPCODES, TASK_FIELDS, WAITS
 from tilert.ir.graph import Graph
-from tilert.passes.cost_model import task_seconds
+from tilert.passes.cost_model import task_ready, task_time
 from tilert.passes.tile import OpTiles, structure_key
 
 NONE = -1
+
+
+@dataclass
+class Task:
+    """One task while scheduling: its row's identity, its stage's counter chunk, its waits (global
+    stage -> chunk range) and its cost model times (s, cost_model.task_time)."""
+
+    opcode: int
+    op: int
+    coords: tuple[int, int, int]
+    busy: float  # SM time when its inputs are already there: fixed + run
+    stage: int
+    chunk: int
+    waits: list[tuple[int, tuple[int, int]]]
+    fixed: float  # SM free -> ready, inputs there
+    handover: float  # last input written -> ready
 
 
 @dataclass
@@ -46,7 +64,7 @@ class Schedule:
 
 
 def _flatten(g: Graph, tiles: list[OpTiles], ctx: Any) -> dict[str, Any]:
-    """Global stages/counters and per-task (opcode, op, coords, seconds, stage, chunk, waits)."""
+    """Global stages/counters and the tasks (`Task`), in creation order (a topological order)."""
     prod = {o: (i, j) for i, n in enumerate(g.nodes) for j, o in enumerate(n.outputs)}
     st_base, st_chunks, st_cols, st_op, counters = [], [], [], [], 0
     op_stage0 = []
@@ -58,14 +76,15 @@ def _flatten(g: Graph, tiles: list[OpTiles], ctx: Any) -> dict[str, Any]:
             st_chunks.append(s.chunks)
             st_cols.append(s.chunk_cols)
             counters += s.chunks
-    tasks: list[list[Any]] = []  # [opcode, op, coords, secs, stage, chunk, waits]
+    tasks: list[Task] = []
     full: list[set[int]] = []  # per op: producers every first-stage task waits on completely
     spec = ctx.gpu
     for i, (n, t) in enumerate(zip(g.nodes, tiles)):
         full.append(set())
         for si, s in enumerate(t.stages):
             gs = op_stage0[i] + si
-            code = OPCODES[s.opcode] if s.opcode in OPCODES else OPCODES["OP_GENERIC"]
+            name = s.opcode if s.opcode in OPCODES else "OP_GENERIC"
+            code = OPCODES[name]
             for k in range(len(s)):
                 waits: dict[int, tuple[int, int]] = {}
                 for r in s.reads[k]:
@@ -87,8 +106,9 @@ def _flatten(g: Graph, tiles: list[OpTiles], ctx: Any) -> dict[str, Any]:
                 if si == 0:
                     whole = {st_op[w] for w, (lo, hi) in waits.items() if lo == 0 and hi >= st_chunks[w]}
                     full[-1:] = [full[-1] & whole] if k else [whole]
-                secs = task_seconds(spec, s.nbytes[k], s.flops[k], s.comm[k], s.collective)
-                tasks.append([code, i, s.coords[k], secs, gs, s.chunk[k], sorted(waits.items())])
+                tt = task_time(spec, name, s.nbytes[k], s.stream[k], s.flops[k], s.comm[k], s.collective)
+                tasks.append(Task(code, i, s.coords[k], tt.busy, gs, s.chunk[k], sorted(waits.items()), tt.fixed,
+                                  tt.handover))  # fmt: skip
     return {"tasks": tasks, "st_base": st_base, "st_chunks": st_chunks, "counters": counters, "full": full}
 
 
@@ -96,14 +116,15 @@ def _barriers(f: dict[str, Any], spec: Any) -> None:
     """Give tasks with more than WAITS wait ranges BARRIER tasks that collect the extra ones."""
     out = []
     for t in f["tasks"]:
-        while len(t[6]) > WAITS:
-            head, rest = t[6][:WAITS], t[6][WAITS:]
+        while len(t.waits) > WAITS:
+            head, rest = t.waits[:WAITS], t.waits[WAITS:]
             gs = len(f["st_base"])
             f["st_base"].append(f["counters"])
             f["st_chunks"].append(1)
             f["counters"] += 1
-            out.append([OPCODES["BARRIER"], t[1], (0, 0, 0), spec.task_overhead_s, gs, 0, head])
-            t[6] = [(gs, (0, 1))] + rest
+            bt = task_time(spec, "BARRIER", 0.0, 0.0, 0.0)
+            out.append(Task(OPCODES["BARRIER"], t.op, (0, 0, 0), bt.busy, gs, 0, head, bt.fixed, bt.handover))
+            t.waits = [(gs, (0, 1))] + rest
         out.append(t)
     f["tasks"] = out
 
@@ -113,21 +134,23 @@ def list_schedule(f: dict[str, Any], sms: int) -> tuple[list[list[int]], list[fl
     nt, ns = len(tasks), len(st_chunks)
     chunk_tasks: list[dict[int, list[int]]] = [{} for _ in range(ns)]
     for ti, t in enumerate(tasks):
-        chunk_tasks[t[4]].setdefault(t[5], []).append(ti)
-    # bottom levels, in reverse creation order (creation order is topological)
+        chunk_tasks[t.stage].setdefault(t.chunk, []).append(ti)
+    # bottom levels, in reverse creation order (creation order is topological); a consumer that
+    # waits adds its hand-over and runs without its fixed cost
     succ_chunk: list[dict[int, float]] = [{} for _ in range(ns)]
     succ_all = [0.0] * ns
     bl = [0.0] * nt
     for ti in range(nt - 1, -1, -1):
         t = tasks[ti]
-        bl[ti] = t[3] + max(succ_chunk[t[4]].get(t[5], 0.0), succ_all[t[4]])
-        for ws, (lo, hi) in t[6]:
+        bl[ti] = t.busy + max(succ_chunk[t.stage].get(t.chunk, 0.0), succ_all[t.stage])
+        path = bl[ti] + t.handover - t.fixed
+        for ws, (lo, hi) in t.waits:
             if lo == 0 and hi >= st_chunks[ws]:
-                succ_all[ws] = max(succ_all[ws], bl[ti])
+                succ_all[ws] = max(succ_all[ws], path)
             else:
                 d = succ_chunk[ws]
                 for c in range(lo, hi):
-                    d[c] = max(d.get(c, 0.0), bl[ti])
+                    d[c] = max(d.get(c, 0.0), path)
     # dependency counts at chunk / whole-stage level
     left_chunk = [{c: len(v) for c, v in d.items()} for d in chunk_tasks]
     left_stage = [sum(d.values()) for d in left_chunk]
@@ -136,9 +159,9 @@ def list_schedule(f: dict[str, Any], sms: int) -> tuple[list[list[int]], list[fl
     wait_chunk: list[dict[int, list[int]]] = [{} for _ in range(ns)]
     wait_stage: list[list[int]] = [[] for _ in range(ns)]
     need = [0] * nt
-    ready_at = [0.0] * nt
+    ready_at: list[float | None] = [None] * nt  # when its last input is written (None: it waits on nothing)
     for ti, t in enumerate(tasks):
-        for ws, (lo, hi) in t[6]:
+        for ws, (lo, hi) in t.waits:
             if lo == 0 and hi >= st_chunks[ws]:
                 wait_stage[ws].append(ti)
                 need[ti] += 1
@@ -155,7 +178,7 @@ def list_schedule(f: dict[str, Any], sms: int) -> tuple[list[list[int]], list[fl
 
     def release(lst: list[int], at: float) -> None:
         for u in lst:
-            ready_at[u] = max(ready_at[u], at)
+            ready_at[u] = at if ready_at[u] is None else max(ready_at[u], at)
             need[u] -= 1
             if need[u] == 0:
                 heapq.heappush(ready, (-bl[u], u))
@@ -164,12 +187,12 @@ def list_schedule(f: dict[str, Any], sms: int) -> tuple[list[list[int]], list[fl
     while ready:
         _, ti = heapq.heappop(ready)
         t0, sm = heapq.heappop(free)
-        start = max(t0, ready_at[ti])
-        finish[ti] = end = start + tasks[ti][3]
+        t = tasks[ti]
+        finish[ti] = end = task_ready(t.fixed, t.handover, t0, ready_at[ti]) + t.busy - t.fixed
         heapq.heappush(free, (end, sm))
         queues[sm].append(ti)
         done += 1
-        s, c = tasks[ti][4], tasks[ti][5]
+        s, c = t.stage, t.chunk
         fin_chunk[s][c] = max(fin_chunk[s].get(c, 0.0), end)
         fin_stage[s] = max(fin_stage[s], end)
         left_chunk[s][c] -= 1
@@ -189,21 +212,21 @@ def encode(f: dict[str, Any], queues: list[list[int]]) -> tuple[np.ndarray, np.n
     tasks, base = f["tasks"], f["st_base"]
     expected = np.zeros(f["counters"], np.int32)
     for t in tasks:
-        expected[base[t[4]] + t[5]] += 1
+        expected[base[t.stage] + t.chunk] += 1
     width = len(TASK_FIELDS)
     table = np.zeros((len(queues), max(1, max(len(q) for q in queues)), width), np.int32)
     table[:, :, TASK_FIELDS.index("signal")] = NONE
     for sm, q in enumerate(queues):
         for k, ti in enumerate(q):
-            code, op, (c0, c1, c2), secs, gs, chunk, waits = tasks[ti]
-            row = [code, op, c0, c1, c2]
+            t = tasks[ti]
+            row = [t.opcode, t.op, *t.coords]
             for w in range(WAITS):
-                if w < len(waits):
-                    ws, (lo, hi) = waits[w]
+                if w < len(t.waits):
+                    ws, (lo, hi) = t.waits[w]
                     row += [base[ws] + lo, hi - lo, int(expected[base[ws] + lo])]
                 else:
                     row += [NONE, 0, 0]
-            row += [base[gs] + chunk, int(secs * 1e9)]
+            row += [base[t.stage] + t.chunk, int(t.busy * 1e9)]
             table[sm, k, : len(row)] = row
     return table, expected
 
@@ -216,8 +239,8 @@ def schedule_graph(g: Graph, tiles: list[OpTiles], ctx: Any) -> Schedule:
     op_s = [0.0] * len(g.nodes)
     op_long = [0.0] * len(g.nodes)
     for t in f["tasks"]:
-        op_s[t[1]] += t[3]
-        op_long[t[1]] = max(op_long[t[1]], t[3])
+        op_s[t.op] += t.busy
+        op_long[t.op] = max(op_long[t.op], t.busy)
     return Schedule(table, expected, makespan, sum(op_s), len(f["tasks"]), op_s, op_long, _done_before(g, f["full"]))
 
 

@@ -13,7 +13,8 @@ the kv head for attention, one for each MoE stage. Reads say which columns of wh
 which chunks of an earlier stage of the same op) a task needs; `schedule` turns them into
 counter waits. MoE expert tasks stride over the items of the device-side active-expert list the
 top-k task compacts (moe.MoeTiling: only slots < Count have items), so their number does not
-depend on routing. Costs are expected values under uniform routing (`slot_busy`).
+depend on routing. Costs are expected values under uniform routing (`slot_busy`), or for
+`ctx.routed_experts` local experts per layer where the caller knows them (a measured routing).
 """
 
 from __future__ import annotations
@@ -46,17 +47,19 @@ class Stage:
     chunk_cols: int  # output columns per chunk (0: reads of this stage wait on all chunks)
     coords: list[tuple[int, int, int]] = field(default_factory=list)
     chunk: list[int] = field(default_factory=list)
-    nbytes: list[float] = field(default_factory=list)
+    nbytes: list[float] = field(default_factory=list)  # reads + writes
+    stream: list[float] = field(default_factory=list)  # of nbytes: weights and KV cache (HBM; the rest mostly L2)
     flops: list[float] = field(default_factory=list)
     comm: list[float] = field(default_factory=list)
     reads: list[tuple[Read, ...]] = field(default_factory=list)
     collective: bool = False
 
     def add(self, coords: tuple[int, int, int], chunk: int, nbytes: float, flops: float = 0.0,
-            reads: tuple[Read, ...] = (), comm: float = 0.0) -> None:  # fmt: skip
+            reads: tuple[Read, ...] = (), comm: float = 0.0, stream: float = 0.0) -> None:  # fmt: skip
         self.coords.append(coords)
         self.chunk.append(chunk)
         self.nbytes.append(nbytes)
+        self.stream.append(stream)
         self.flops.append(flops)
         self.comm.append(comm)
         self.reads.append(reads)
@@ -88,7 +91,7 @@ def _gemm_stage(opcode: str, x: Value, w: Value, out: Value, sms: int, whole_x: 
                     reads.append(Read(res, n * bn, n * bn + rows))
                 wbytes = w.nbytes * rows / N / split
                 nbytes = wbytes + x_row * mm / split + out.nbytes * rows * mm / N / M
-                st.add((n, m, s), n, nbytes, 2.0 * mm * rows * kc, tuple(reads))
+                st.add((n, m, s), n, nbytes, 2.0 * mm * rows * kc, tuple(reads), stream=wbytes)
     return st
 
 
@@ -129,7 +132,7 @@ def tile_attention(g: Graph, n: Node, ctx: Any) -> OpTiles:
             for s in range(splits + 1):  # split `splits` = the new keys (rope + cache write)
                 new = s == splits
                 nb = (T * (D + Dv) * 2 * 2) if new else kv / splits
-                split.add((h, r, s), h, nb + q.nbytes / Hkv / rb, flops / splits / rb, reads)
+                split.add((h, r, s), h, nb + q.nbytes / Hkv / rb, flops / splits / rb, reads, stream=0 if new else nb)
     comb = Stage("ATTN_COMBINE", Hkv, group * Dv)  # one query row per task, as combine_body(h, r)
     for h in range(Hkv):
         for r in range(rows):
@@ -153,6 +156,27 @@ def slot_busy(T: int, k: int, E: int, n_local: int, slots: int) -> list[float]:
     return out
 
 
+MOE_STAGE_BYTES = 96 * 1024  # = runtime/kinds/moe.py's: the most rows an MoE body stages in shared memory
+
+
+def moe_expert_work(opcode: str, geo: moe.MoeTiling, expert_bytes: float, items: float, slots: float
+                    ) -> tuple[float, float, float]:  # fmt: skip
+    """(bytes, of them HBM-stream bytes, flops) of one MOE_GATE_UP or MOE_DOWN task that runs `items`
+    items of `slots` distinct slots, `expert_bytes` the weights of one expert: its items' weights
+    (streamed), the rows it reads (gate/up: x, staged in shared memory once per task; down: a slot's
+    Hb rows, staged when the task's slot changes; per item where they do not fit the stage), its
+    writes (Hb columns; Y, float32 atomics) and the MMA flops (runtime/kinds/moe.py's bodies)."""
+    T, H, In = geo.tokens, geo.hidden, geo.inter
+    if opcode == "MOE_GATE_UP":
+        stream = expert_bytes * items / geo.gu_tiles
+        x = T * H * 2 * (min(1.0, items) if T * H * 2 <= MOE_STAGE_BYTES else items)
+        return stream + x + items * T * moe.GU_COLS * 2, stream, items * 4.0 * T * moe.GU_COLS * H
+    kc = In / geo.down_split
+    stream = expert_bytes * items / (geo.down_tiles * geo.down_split)
+    h = T * In * 2 * slots if T * In * 2 <= MOE_STAGE_BYTES else T * kc * 2 * items
+    return stream + h + items * T * moe.BLOCK_N * 4, stream, items * 2.0 * T * moe.BLOCK_N * kc
+
+
 def tile_moe(g: Graph, n: Node, ctx: Any) -> OpTiles:
     """The fused MoE at the kernel's coordinates (tilert/kernels/moe.py bodies, grouped by
     `moe.tiling`): ROUTER (e_tile) -> TOPK -> GATE_UP (task) -> DOWN (task) -> REDUCE (column block),
@@ -170,25 +194,23 @@ def tile_moe(g: Graph, n: Node, ctx: Any) -> OpTiles:
     for r in range(router.chunks):
         rows = min(moe.ROUTER_E, E - r * moe.ROUTER_E)
         router.add((r, 0, 0), r, gate.nbytes * rows / E + x.nbytes + T * rows * 4 + zper * 4, 2.0 * T * rows * H,
-                   (Read(0),))  # fmt: skip
+                   (Read(0),), stream=gate.nbytes * rows / E)  # fmt: skip
     topk = Stage("MOE_TOPK", 1, 0)
     topk.add((0, 0, 0), 0, T * E * 8 + n_local * (moe.TP + 1) * 4, reads=(Read(-1),))
     # gate/up and down tasks stride over the active slots' items (moe.MoeTiling); costs are expected
-    # values: `act` routed local experts' weights spread over the stage's tasks
-    act = sum(busy)
+    # values: `act` routed local experts' items spread over the stage's tasks
+    routed = getattr(ctx, "routed_experts", None)
+    act = sum(busy) if routed is None else min(float(routed), geo.max_slots)
     up = Stage("MOE_GATE_UP", 1, 0)  # one counter: the down tasks wait for every gate/up task
+    items = act * geo.gu_tiles / geo.gu_tasks
     for j in range(geo.gu_tasks):
-        w = gu.nbytes / n_local * act / geo.gu_tasks
-        items = act * geo.gu_tiles / geo.gu_tasks
-        up.add((j, 0, 0), 0, w + items * (x.nbytes + T * moe.GU_COLS * 2), items * 4.0 * T * moe.GU_COLS * H,
-               (Read(-2), Read(0)))  # fmt: skip
+        nb, sb, fl = moe_expert_work("MOE_GATE_UP", geo, gu.nbytes / n_local, items, act)
+        up.add((j, 0, 0), 0, nb, fl, (Read(-2), Read(0)), stream=sb)
     down = Stage("MOE_DOWN", 1, 0)  # one counter: REDUCE waits for every down task
+    items = act * geo.down_tiles * geo.down_split / geo.down_tasks
     for j in range(geo.down_tasks):
-        w = dn.nbytes / n_local * act / geo.down_tasks
-        items = act * geo.down_tiles * geo.down_split / geo.down_tasks
-        kc = In / geo.down_split
-        down.add((j, 0, 0), 0, w + items * (T * kc * 2 + T * moe.BLOCK_N * 4), items * 2.0 * T * moe.BLOCK_N * kc,
-                 (Read(-3),))  # fmt: skip
+        nb, sb, fl = moe_expert_work("MOE_DOWN", geo, dn.nbytes / n_local, items, min(act, items))
+        down.add((j, 0, 0), 0, nb, fl, (Read(-3),), stream=sb)
     res = len(n.inputs) - 1 if a.residual else None
     coll = a.reduce and world > 1
     reduce = _reduce_stage("MOE_REDUCE", out, world if coll else 1, src=-4, chunk_cols=None, res=res,

@@ -1,9 +1,9 @@
-"""benchmarks/trace_stages.py: per-node spans and task times from a measured trace."""
+"""The per-node stage table of benchmarks/trace_stages.py: spans and task times from a measured trace."""
 
 import gzip
 import json
 
-from benchmarks import trace_stages
+from tilert.profile.trace_analysis import format_stages, load, stages
 
 
 def ev(node, cat, ts, dur, name="linear_fp8"):
@@ -20,10 +20,10 @@ def test_stages_span_and_task_times(tmp_path):
     ]  # fmt: skip
     p = tmp_path / "t.json.gz"
     p.write_bytes(gzip.compress(json.dumps({"traceEvents": events}).encode()))
-    rows = trace_stages.stages(trace_stages.load(str(p)), 0, 9)
+    rows = stages(load(p), 0, 9)
     assert [r["node"] for r in rows] == [3, 5]  # by first start; node 9 is outside [0, 9)
     moe, lin = rows
     assert moe["span_us"] == 15.0 and moe["opcodes"]["MOE_TOPK"] == {"tasks": 1, "median_us": 9.0, "max_us": 9.0}
     assert lin["span_us"] == 12.0  # 100 .. 112; the wait event is not a task
     assert lin["opcodes"]["LINEAR_FP8"] == {"tasks": 3, "median_us": 4.0, "max_us": 6.0}
-    assert "span   12.0" in trace_stages.format_rows(rows)
+    assert "span   12.0" in format_stages(rows)

@@ -86,7 +86,7 @@ def profile_model(
             del params
         say(f"profile: {tag}: simulating {sched.tasks} tasks on {sched.table.shape[0]} SMs")
         start, end = simulate(sched.table, sched.counter_expected, TASK_FIELDS,
-                              progress=lambda d, n: say(f"  timeline {d}/{n} tasks"))  # fmt: skip
+                              progress=lambda d, n: say(f"  timeline {d}/{n} tasks"), spec=spec)  # fmt: skip
         sim_ms = (int(end.max()) - int(start[start >= 0].min())) / 1e6
         entry = {
             "compile_s": round(compile_s, 4),

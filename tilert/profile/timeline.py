@@ -20,6 +20,8 @@ import numpy as np
 import torch
 
 from tilert.abi import FIELD, OPCODE_NAMES, TASK_FIELDS
+from tilert.gpu_specs import GpuSpec
+from tilert.passes.cost_model import task_ready
 from tilert.runtime.persistent.step import PersistentStep
 
 
@@ -36,13 +38,23 @@ def simulate(
     expected: np.ndarray,
     task_fields: Sequence[str],
     progress: Callable[[int, int], None] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted start/end (ns) per table slot [sms, max_len] (-1 for NOP padding) from cost_ns."""
+    spec: GpuSpec | None = None,
+    stamps: bool = False,
+) -> tuple[np.ndarray, ...]:
+    """Predicted start/end (ns) per table slot [sms, max_len] (-1 for NOP padding) from cost_ns, the
+    task's SM time. With `spec`, as the schedule pass predicts it: a task is ready when its SM has
+    fetched it and its last input has been seen (its kind's fixed and hand-over times,
+    `cost_model.task_ready`), and ends its run (cost_ns less the fixed time) later; without, it
+    starts when its SM is free and its inputs are written. `start`: the ready time less the fixed
+    one, or when the SM came free if that was later. With `stamps`: (start, ready, end) as the
+    persistent kernel stamps them (start: its SM came free and picked the row)."""
     F = _fields(task_fields)
     waits = sorted({f.split("_")[0] for f in task_fields if f.startswith("wait")})
     sms, L, _ = table.shape
     start = np.full((sms, L), -1, np.int64)
     end = np.full((sms, L), -1, np.int64)
+    picked = np.full((sms, L), -1, np.int64)
+    ready_at = np.full((sms, L), -1, np.int64)
     count = np.zeros(len(expected), np.int64)
     ready = np.zeros(len(expected), np.int64)  # time of the latest signal so far
     head = [0] * sms
@@ -57,7 +69,7 @@ def simulate(
                 if row[F["opcode"]] == 0:  # NOP padding ends the queue
                     head[s] = L
                     break
-                t0 = free[s]
+                inputs: int | None = None
                 ok = True
                 for w in waits:
                     c, n = int(row[F[f"{w}_counter"]]), int(row[F[f"{w}_count"]])
@@ -66,11 +78,18 @@ def simulate(
                     if (count[c : c + n] < expected[c : c + n]).any():
                         ok = False
                         break
-                    t0 = max(t0, int(ready[c : c + n].max()))
+                    inputs = max(inputs or 0, int(ready[c : c + n].max()))
                 if not ok:
                     break
-                t1 = t0 + max(1, int(row[F["cost_ns"]]))
+                busy = max(1, int(row[F["cost_ns"]]))
+                fixed = handover = 0
+                if spec is not None:
+                    c = spec.task_cost(OPCODE_NAMES.get(int(row[F["opcode"]]), "*"))
+                    fixed, handover = round(c.fixed_s * 1e9), round(c.handover_s * 1e9)
+                t_ready = int(task_ready(fixed, handover, free[s], inputs))
+                t0, t1 = max(free[s], t_ready - fixed), t_ready + max(1, busy - fixed)
                 start[s, head[s]], end[s, head[s]] = t0, t1
+                picked[s, head[s]], ready_at[s, head[s]] = free[s], t_ready
                 free[s] = t1
                 sig = int(row[F["signal"]])
                 if sig >= 0:
@@ -83,7 +102,7 @@ def simulate(
                     progress(done, total)
         if not moved:
             raise TimelineError(f"schedule deadlocks: {total - done} of {total} tasks can never start")
-    return start, end
+    return (picked, ready_at, end) if stamps else (start, end)
 
 
 def trace_json(
@@ -137,10 +156,12 @@ def trace_json(
     return {"traceEvents": ev, "displayTimeUnit": "ns", "otherData": meta or {}}
 
 
-def measured_trace(step: PersistentStep, process: str = "rank 0 (measured)") -> dict[str, Any]:
+def measured_trace(step: PersistentStep, process: str = "rank 0 (measured)", meta: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:  # fmt: skip
     """Chrome/Perfetto trace of a PersistentStep's last launch: one track per SM, one event per task,
     from the kernel's own %globaltimer stamps (a 'wait' event until the task's waits are met, then
-    the task until its signal)."""
+    the task until its signal). `meta` joins the trace's otherData (what the step was: model, world,
+    routing..., read back by `calibration.trace_meta`)."""
     torch.cuda.synchronize(step.device)
     tr = step.trace.cpu().numpy()
     table = step.table
@@ -150,7 +171,7 @@ def measured_trace(step: PersistentStep, process: str = "rank 0 (measured)") -> 
     ready = np.where(used, tr[:, :, 2], -1)
     names = [n.op for n in step.g.nodes]
     return trace_json(table, start, end, TASK_FIELDS, names, OPCODE_NAMES, process=process, pid=1,
-                      meta={"source": "persistent kernel %globaltimer", "graph": step.g.name},
+                      meta={"source": "persistent kernel %globaltimer", "graph": step.g.name, **(meta or {})},
                       ready_ns=ready)  # fmt: skip
 
 

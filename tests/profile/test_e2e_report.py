@@ -1,0 +1,74 @@
+"""benchmarks/e2e.py's per-step reports on the CPU: the stream-rate / hand-over report of a step's
+trace buffer and the cost-model check (the GPU run itself needs the GPU)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.e2e import cost_model_check, format_check, parse_args, stream_report
+from tilert.abi import TASK_FIELDS
+from tilert.gpu_specs import H200
+from tilert.models.config import load_config
+from tilert.profile.calibration import compile_rank, predicted_step_ms
+from tilert.profile.timeline import simulate
+
+
+def test_stream_report_reads_the_step_trace_buffer():
+    """A step whose trace buffer [sms, tasks, (start, end, ready)] holds the model's own timeline:
+    the report's hand-overs and rates are the model's."""
+    rank = compile_rank(load_config("tiny"), 4, 1, H200, 64)
+    sched = rank.schedule
+    start, ready, end = simulate(sched.table, sched.counter_expected, TASK_FIELDS, spec=H200, stamps=True)
+    step = SimpleNamespace(table=sched.table, trace=torch.from_numpy(np.stack([start, end, ready], -1)), device="cpu")
+    rep = stream_report(step, rank, 4e12, None)
+    assert rep["tasks"] == sched.tasks and rep["copy_share_per_sm_GBps"] == pytest.approx(4e12 / 132 / 1e9, abs=0.01)
+    lin = rep["kinds"]["LINEAR_FP8"]
+    assert lin["stream_GBps_per_sm"] > 0 and lin["copy_share"] == pytest.approx(
+        lin["stream_GBps_per_sm"] / rep["copy_share_per_sm_GBps"], rel=0.01
+    )
+    # a consumer whose last producer ended while it waited is ready one hand-over later; one whose
+    # inputs were there, its fixed cost after its SM picked it up
+    for name, k in rep["kinds"].items():
+        cost = H200.task_cost(name)
+        if k["handover_tasks"]:
+            assert k["handover_us_median"] == pytest.approx(cost.handover_s * 1e6, abs=1e-3), name
+        if k["fixed_tasks"]:
+            assert k["fixed_us_median"] == pytest.approx(cost.fixed_s * 1e6, abs=1e-3), name
+
+
+def test_cost_model_check_compares_measured_with_predicted():
+    cfg = load_config("tiny")
+    want = predicted_step_ms(cfg, 4, 1, H200.solo(), 64, 32)
+    c = cost_model_check(cfg, 4, 1, H200.solo(), 64, 32, measured_ms=2 * want, routed=1.0)
+    assert c["gpu"] == "h200" and c["collectives"] == "solo"
+    assert c["predicted_ms"] == pytest.approx(want, abs=1e-3) and c["measured_over_predicted"] == pytest.approx(2.0)
+    assert c["predicted_at_measured_routing_ms"] <= c["predicted_ms"]  # one expert is less work than uniform's
+    line = format_check("4", c)
+    assert "measured / predicted 2.000" in line and "at the measured routing (1.0 local experts" in line
+
+
+def test_routing_is_by_token_with_pinned_rows_as_the_extra():
+    a = parse_args([])
+    assert a.routing == "token" and a.pinned_blocks == [8]
+    assert parse_args(["--routing", "random"]).routing == "token"  # the earlier name of the same routing
+    assert parse_args(["--routing", "pinned", "--pinned-blocks"]).pinned_blocks == []
+
+
+def test_measured_steps_read_both_routings_of_an_e2e_file(tmp_path):
+    from tilert.profile.calibration import measured_steps
+
+    row = {"persistent_ms": 16.0, "active_experts": {"mean": 6.5, "min": 1, "max": 14}}
+    d = {"device": "NVIDIA H100 80GB HBM3", "commit": "abcdef0123", "model": "m", "world_size": 8, "rank": 0,
+         "context": 4096, "routing": "token",
+         "steps": {"1": dict(row, persistent_ms=6.0), "8": row, "8.pinned": dict(row, persistent_ms=9.0),
+                   "drafter": {"eager_graph_ms": 3.0}}}  # fmt: skip
+    p = tmp_path / "e2e.json"
+    p.write_text(json.dumps(d))
+    got = {(m.tokens, m.routing): (m.persistent_ms, m.routed, m.solo, m.commit) for m in measured_steps(p)}
+    assert got == {(1, "token"): (6.0, 6.5, True, "abcdef0"), (8, "token"): (16.0, 6.5, True, "abcdef0"),
+                   (8, "pinned"): (9.0, 6.5, True, "abcdef0")}  # fmt: skip
