@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from tilert.engine.backend import StepBackend
 from tilert.engine.request import GenerationResult, SamplingParams
 from tilert.engine.sequence import DecodeSequence
+from tilert.engine.timing import StepClock
 
 
 def generate(
@@ -31,6 +32,7 @@ def generate(
 ) -> GenerationResult:
     """Greedy decoding (or sampling, with `sampling`), or DFlash speculative decoding when
     speculative == 'dflash': one `DecodeSequence` advanced to the end on a freshly reset backend.
+    The result's `timing` holds the step times and the loop's measured tokens/s (engine/timing.py).
 
     `drafter` (optional) replaces the model's DFlash drafter: a callable
     (anchor, anchor_pos, B) -> block token list; used by the oracle drafter in benchmarks.
@@ -45,10 +47,15 @@ def generate(
         logprobs=logprobs,
     )
     seq.check(backend)
-    backend.reset()
+    clock = StepClock()
+    timed = clock.wrap(backend)
+    timed.reset()
     while not seq.done:
-        seq.advance(backend)
-    return seq.result
+        seq.advance(timed)
+    clock.finish()
+    res = seq.result
+    res.timing = clock.summary(res.mean_acceptance_length, len(res.tokens))
+    return res
 
 
 class OracleDrafter:

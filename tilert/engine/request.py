@@ -72,6 +72,7 @@ class GenerationResult:
     synthetic: bool = False  # True when an oracle drafter produced the drafts (benchmarks only)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when asked for
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # first is None, when asked for
+    timing: dict | None = None  # generate(): step times and measured tokens/s (tilert.engine.timing.StepClock)
 
     @property
     def acceptance_lengths(self) -> list[int]:
@@ -91,6 +92,7 @@ class GenerationResult:
             "acceptance_lengths": self.acceptance_lengths,
             "mean_acceptance_length": round(self.mean_acceptance_length, 4),
             "synthetic": self.synthetic,
+            **({"timing": self.timing} if self.timing is not None else {}),
         }
 
 
