@@ -1,12 +1,17 @@
 """Speculative decoding: what a DFlash verify step costs against a plain decode step, and tokens/s
 per user against the acceptance length.
 
-Two parts, one run:
+Three parts (`--parts`, default all):
 1. Full scale (rank 0 of an 8-rank mimo-v2.5-pro plan on one GPU, solo collectives, synthetic
    weights): eager + CUDA-graph step time for B = 1, 8, 16 and the drafter pass; tokens/s per
    user for acceptance lengths 1..B = L / (verify_B + drafter), against plain greedy 1 / decode_1.
 2. The real loop on the GPU with the oracle drafter (tiny model, SYNTHETIC drafts): the measured
    mean acceptance length tracks the chosen one, and the output equals greedy decoding.
+3. `loop`: tokens/s per user measured from the decode loop at full scale: rank 0's shard on one
+   GPU (solo collectives, synthetic weights, routing by token), the persistent backend, greedy and
+   DFlash with the oracle drafter at the chosen acceptance lengths (SYNTHETIC drafts), `--new-tokens`
+   each; per run the loop's measured tokens/s beside the projection from the same run's step times
+   and the host's share of the loop (tilert/engine/timing.py), and whether DFlash equalled greedy.
 Writes benchmarks/results/speculative-<device>.json.
 """
 
@@ -31,10 +36,12 @@ from benchmarks.common import (
 )
 from benchmarks.e2e import bench_drafter  # noqa: E402
 from tilert.engine.eager import compile_for_gpu  # noqa: E402
+from tilert.engine.persistent import PersistentBackend, compile_step  # noqa: E402
 from tilert.models.builder import build_step_graph  # noqa: E402
 from tilert.models.config import load_config  # noqa: E402
 from tilert.runtime.eager.runtime import EagerRuntime  # noqa: E402
 from tilert.runtime.eager.synthetic import synthetic_params  # noqa: E402
+from tilert.runtime.persistent.step import PersistentStep  # noqa: E402
 
 
 def full_scale(model: str, world: int, context: int, blocks: list[int]) -> dict:
@@ -103,20 +110,86 @@ def oracle_loop(accept_lens: list[float], new_tokens: int = 64) -> list[dict]:
     return rows
 
 
+class SoloRankBackend(PersistentBackend):
+    """Rank 0 of a `plan_world`-rank plan on one GPU, collectives solo, synthetic weights (each
+    name generated once for every step shape): the stand-in for one GPU of the node that
+    benchmarks/e2e.py times. Target steps only; drafts come from an oracle drafter."""
+
+    def __init__(self, cfg, *, plan_world: int, max_seq: int, device: str = "cuda", seed: int = 0) -> None:
+        super().__init__(cfg, {}, max_seq=max_seq, device=device)
+        self.plan_world, self.seed = plan_world, seed
+
+    def _prepare(self, g):
+        if g.meta.get("kind") == "drafter":
+            raise ValueError("the solo-rank benchmark backend has no drafter weights: use an oracle drafter")
+        rg, sched = compile_step(g, self.max_seq, world=self.plan_world, sms=self.sms)
+        cache = self.__dict__.setdefault("_param_copies", {})
+        cache.update(synthetic_params(rg, seed=self.seed, device=self.device, skip=cache.keys()))
+        params = {v.name: cache[v.name] for v in rg.by_role("param")}
+        step = PersistentStep(rg, sched.table, sched.counter_expected, params, self.device, states=self.states,
+                              num_sms=self.sms)  # fmt: skip
+        step.use_states(self.states)
+        return ("persistent", step)
+
+
+def loop_full_scale(model: str, world: int, accept_lens: list[float], new_tokens: int, prompt_len: int,
+                    max_seq: int) -> dict:  # fmt: skip
+    """Greedy, then DFlash with the oracle drafter at each acceptance length, on rank 0's shard."""
+    cfg = load_config(model)
+    be = SoloRankBackend(cfg, plan_world=world, max_seq=max_seq)
+    gen = torch.Generator().manual_seed(1)
+    prompt = [int(t) for t in torch.randint(0, cfg.vocab_size, (prompt_len,), generator=gen)]
+    t0 = time.time()
+    generate(be, prompt, 2)  # builds the steps and the weights (tens of GB) before anything is timed
+    print(f"{model} rank 0 of {world}: steps and weights ready in {time.time() - t0:.0f} s", flush=True)
+    greedy = generate(be, prompt, new_tokens)
+    rows = [{"mode": "greedy", "new_tokens": len(greedy.tokens), **greedy.timing}]
+    g = greedy.timing
+    print(f"greedy: {g.get('tokens_per_s')} tokens/s (projected {g.get('projected_tokens_per_s')})", flush=True)
+    B = cfg.dflash.block_size
+    for L in accept_lens:
+        p = OracleDrafter.corruption_for_acceptance(min(L, B), B)
+        od = OracleDrafter(greedy.tokens, len(prompt), p, cfg.vocab_size, B, seed=7)
+        res = generate(be, prompt, new_tokens, speculative="dflash", drafter=od)
+        t = res.timing
+        rows.append({"mode": "dflash", "target_accept_len": L, "corruption_p": p,
+                     "measured_accept_len": round(res.mean_acceptance_length, 4),
+                     "lossless": res.tokens == greedy.tokens, "synthetic": res.synthetic, "new_tokens": len(res.tokens),
+                     **t})  # fmt: skip
+        print(f"dflash L={L}: accept {res.mean_acceptance_length:.2f}, {t.get('tokens_per_s')} tokens/s measured, "
+              f"{t.get('projected_tokens_per_s')} projected ({t.get('measured_over_projected')}), host share "
+              f"{t.get('host_share')}, lossless {res.tokens == greedy.tokens}", flush=True)  # fmt: skip
+    note = "DFlash drafts come from the oracle drafter (SYNTHETIC): throughput at a set acceptance"
+    return {"model": model, "world_size": world, "max_seq": max_seq, "prompt_len": prompt_len, "routing": "by token",
+            "backend": "persistent (rank 0, solo collectives, synthetic weights)", "runs": rows,
+            "synthetic_note": note}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="mimo-v2.5-pro")
     ap.add_argument("--world-size", type=int, default=8)
     ap.add_argument("--context", type=int, default=4096)
     ap.add_argument("--blocks", type=int, nargs="+", default=[1, 8, 16])
+    ap.add_argument("--parts", default="steps,oracle,loop", help="comma-separated: steps, oracle, loop")
+    ap.add_argument("--accept-lens", type=float, nargs="+", default=[6.3, 3.0], help="loop: oracle acceptance lengths")
+    ap.add_argument("--new-tokens", type=int, default=256, help="loop: tokens per generation")
+    ap.add_argument("--prompt-len", type=int, default=1, help="loop: prompt tokens (1: no prefill step shape)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    res = {
-        "full_scale": full_scale(a.model, a.world_size, a.context, a.blocks),
-        "oracle_loop_tiny": oracle_loop([1.5, 2.5, 3.5, 4.0]),
-        "synthetic_note": "oracle_loop_tiny drafts are SYNTHETIC (oracle drafter): for throughput at a chosen "
-        "acceptance length only",
-    }
+    parts = set(a.parts.split(","))
+    if parts - {"steps", "oracle", "loop"}:
+        raise SystemExit(f"unknown --parts {sorted(parts - {'steps', 'oracle', 'loop'})} (steps, oracle, loop)")
+    res: dict = {}
+    if "steps" in parts:
+        res["full_scale"] = full_scale(a.model, a.world_size, a.context, a.blocks)
+    if "oracle" in parts:
+        res["oracle_loop_tiny"] = oracle_loop([1.5, 2.5, 3.5, 4.0])
+        res["synthetic_note"] = ("oracle_loop_tiny drafts are SYNTHETIC (oracle drafter): for throughput at a chosen "
+                                 "acceptance length only")  # fmt: skip
+    if "loop" in parts:  # max_seq as benchmarks/e2e.py's steps (context + 64): the same kernels
+        res["loop_full_scale"] = loop_full_scale(a.model, a.world_size, a.accept_lens, a.new_tokens, a.prompt_len,
+                                                 a.context + 64)  # fmt: skip
     print(write_result("speculative", res, a.out))
 
 

@@ -144,6 +144,8 @@ def main() -> None:
     steps = not (a.only_cli or a.no_steps)
     jobs = [("tiny-gpu", t, m, 256, w, 0, gpus) for t, m, w, gpus in TINY if steps and gpus <= a.max_gpus]
     jobs += [("tiny-gpu-8", t, m, 256, w, 0, gpus) for t, m, w, gpus in TINY8 if steps and gpus <= a.max_gpus]
+    # rank 0 of 2 with solo collectives: the speculative loop's GPU test (tests/profile/test_speculative_loop.py)
+    jobs += [("tiny-gpu", t, m, 256, 2, 0, 1, False) for t, m in ((1, "decode"), (4, "verify")) if steps]
     cli = a.cli or a.only_cli
     if cli:
         jobs += [("tiny-gpu", t, m, q, 1, 0) for q in CLI_MAX_SEQ for t, m in ((1, "decode"), (16, "decode"),

@@ -8,6 +8,7 @@ needs; they are not a trained model.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -16,11 +17,15 @@ from tilert.ir.graph import Graph
 from tilert.ops.qtensor import QTensor
 
 
-def synthetic_params(graph: Graph, seed: int = 0, device: str = "cuda") -> dict[str, Any]:
+def synthetic_params(graph: Graph, seed: int = 0, device: str = "cuda", skip: Collection[str] = ()) -> dict[str, Any]:
+    """Random weights for every param of `graph` not named in `skip` (a backend with several step
+    graphs generates each name once: a full-scale rank holds tens of GB)."""
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     out: dict[str, Any] = {}
     for v in graph.by_role("param"):
+        if v.name in skip:
+            continue
         shape = v.shape
         if v.dtype.name == "mxfp4":
             *lead, n, k = shape
