@@ -7,6 +7,11 @@ config turns a model's sliding_window_size into W by its convention: models/conf
 Causal: the query at position p sees keys j with j <= p and, when W > 0, p - j < W (keys
 p-W+1 .. p). Non-causal (DFlash drafter layers): every key below kv_len and, when W > 0, |p - j| < W:
 each query row has its own window.
+
+Mixed-sequence steps keep one cache per sequence slot, stacked: [slots, Hkv, S, D], slot u's
+cache is the single-sequence layout. Row i of the step belongs to slot `slots[i]` at position
+`positions[i]`; it writes its k/v into its own slot and attends over its own slot's cache only, so
+rows of different sequences never see each other (`kv_append_slots`, `attention_slots`).
 """
 
 from __future__ import annotations
@@ -87,3 +92,78 @@ def attention(
         den = den + torch.exp(sink.float()[:, None, None] - m)
     out = torch.einsum("htn,hnd->thd", e / den, v)
     return out
+
+
+def check_slots(positions: torch.Tensor, slots: torch.Tensor, n_slots: int, capacity: int) -> None:
+    """Raise ValueError when a mixed step's rows are off the contract: slots in [0, n_slots), positions
+    in [0, capacity), and one slot's rows contiguous at consecutive positions (a decode row, a verify
+    block or a prefill chunk). Host tensors only (it reads them)."""
+    pos, sl = positions.long().tolist(), slots.long().tolist()
+    if len(pos) != len(sl):
+        raise ValueError(f"{len(sl)} slots for {len(pos)} rows")
+    seen: set[int] = set()
+    for i, (u, p) in enumerate(zip(sl, pos)):
+        if not 0 <= u < n_slots:
+            raise ValueError(f"row {i}: slot {u} outside the cache pool [0, {n_slots})")
+        if not 0 <= p < capacity:
+            raise ValueError(f"row {i}: position {p} outside the KV cache [0, {capacity})")
+        if i and sl[i - 1] == u:
+            if p != pos[i - 1] + 1:
+                raise ValueError(f"row {i}: slot {u}'s positions must be consecutive ({pos[i - 1]} then {p})")
+        elif u in seen:
+            raise ValueError(f"row {i}: slot {u}'s rows must be contiguous in the step")
+        seen.add(u)
+
+
+def kv_append_slots(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+) -> None:
+    """Write each row's key/value ([T, Hkv, D]) into its slot's cache ([slots, Hkv, S, D]) at its position."""
+    pos, sl = positions.long(), slots.long()
+    if not pos.is_cuda and (int(pos.max()) >= k_cache.shape[2] or int(sl.max()) >= k_cache.shape[0]):
+        raise ValueError(
+            f"KV cache overflow: slot {int(sl.max())} / position {int(pos.max())} outside "
+            f"{k_cache.shape[0]} slots x {k_cache.shape[2]}"
+        )
+    k_cache[sl, :, pos] = k.to(k_cache.dtype)
+    v_cache[sl, :, pos] = v.to(v_cache.dtype)
+
+
+def attention_slots(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    q_pos: torch.Tensor,
+    slots: torch.Tensor,
+    *,
+    scale: float,
+    window: int = 0,
+    sink: torch.Tensor | None = None,
+    causal: bool = True,
+) -> torch.Tensor:
+    """q [T, Hq, Dk] over stacked caches [slots, Hkv, S, D] -> [T, Hq, Dv] float32: each row attends
+    over its own slot's cache (`attention` on that slot, so a sequence's rows compute exactly what
+    they compute in a step of their own). Host slots: one call per slot in the step; device slots
+    (CUDA-graph capture): every row gathers its slot's cache under the full-capacity mask."""
+    T, Hq, _ = q.shape
+    if not slots.is_cuda:
+        out = torch.empty(T, Hq, v_cache.shape[-1], dtype=torch.float32, device=q.device)
+        sl = slots.long()
+        for u in sorted(set(sl.tolist())):
+            rows = (sl == u).nonzero()[:, 0]
+            n = int(q_pos[rows].max()) + 1
+            out[rows] = attention(q[rows], k_cache[u], v_cache[u], q_pos[rows], n, scale=scale, window=window,
+                                  sink=sink, causal=causal)  # fmt: skip
+        return out
+    out = []
+    for i in range(T):  # no host sync: a row's kv_len is a device tensor
+        u = slots[i : i + 1].long()
+        kc, vc = k_cache.index_select(0, u)[0], v_cache.index_select(0, u)[0]
+        out.append(attention(q[i : i + 1], kc, vc, q_pos[i : i + 1], q_pos[i] + 1, scale=scale,
+                             window=window, sink=sink, causal=causal))  # fmt: skip
+    return torch.cat(out)
