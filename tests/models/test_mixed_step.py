@@ -25,7 +25,6 @@ from tilert.ops.attention import check_slots
 from tilert.passes import PassContext, compile_graph, run_passes
 from tilert.passes.manager import passes_until
 from tilert.runtime.persistent.plan_vm import PlanVM
-from tilert.runtime.reference import ReferenceExecutor
 
 MAX_SEQ = 32
 SLOTS = 6

@@ -176,6 +176,9 @@ class DecodeSequence:
             return StepRows(res.tokens[-1:], n + len(res.tokens) - 1, "decode")
         cfg, pos = backend.cfg.dflash, self._pos
         B = cfg.block_size if cfg is not None else self.drafter.block_size
+        most = getattr(backend, "batch_rows", (B,))[-1]
+        if B > most:
+            raise GenerationError(f"a DFlash block of {B} tokens exceeds the largest mixed step ({most} rows)")
         if B > budget:
             return None
         if self.drafter is not None:
