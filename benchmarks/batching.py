@@ -177,6 +177,12 @@ class StepRunner:
         return ms
 
 
+def bench_max_seq(context: int) -> int:
+    """The KV capacity of the measured steps: benchmarks/e2e.py's (context + 64), so the single-user
+    steps are the ones it compiles (scripts/precompile_gpu.py builds both)."""
+    return context + 64
+
+
 def mixed_inputs(users: int, rows_each: int, context: int, vocab: int, gen: torch.Generator) -> dict:
     """`users` sequences (slots 0..users-1) of `rows_each` rows at positions context.. (a user's
     context differs by a few tokens, as real users' would)."""
@@ -199,7 +205,9 @@ def users_bench(model: str, device: str, world: int, users: list[int], context: 
                 iters: int, drafter_ms: float | None = None) -> dict:  # fmt: skip
     cfg = load_config(model)
     block = cfg.dflash.block_size if cfg.dflash else 8
-    max_seq = context + 3 * max(users) + block + 64
+    max_seq = bench_max_seq(context)
+    if context + 3 * (max(users) - 1) + block > max_seq:
+        raise SystemExit(f"{max(users)} users' blocks at context {context} do not fit max_seq {max_seq}")
     most = BATCH_ROWS[-1]
     run = StepRunner(cfg, device, world, max_seq, max(users))
     gen = torch.Generator().manual_seed(0)

@@ -419,6 +419,12 @@ class Engine:
             raise EngineError(f"backend {self.backend_name!r} cannot run mixed-sequence steps (batching=True)")
         if batching is False or not can:
             return False
+        planned = ((self.plan.extra.get("summary") or {}).get("batch") if self.plan is not None else None) or {}
+        if planned:  # a plan compiled with --batch: its step shapes, for at most its sequences
+            if self.max_active > planned["slots"]:
+                n = planned["slots"]
+                raise EngineError(f"max_active={self.max_active} exceeds the plan's {n} batched sequences (--batch)")
+            self.backend.batch_rows = tuple(planned["rows"])  # type: ignore[attr-defined]
         self.backend.open_pool(self.max_active)  # type: ignore[attr-defined]
         self._free_slots = list(range(self.max_active))
         self._rr = 0  # which active sequence plans first (rotates, so none waits for rows forever)
