@@ -417,7 +417,7 @@ class Engine:
         can = callable(getattr(self.backend, "mixed_step", None)) and self._caches.kind != "single"
         if batching and not can:
             raise EngineError(f"backend {self.backend_name!r} cannot run mixed-sequence steps (batching=True)")
-        if batching is False or not can:
+        if batching is False or not can or (batching is None and not getattr(self.backend, "auto_batching", True)):
             return False
         planned = ((self.plan.extra.get("summary") or {}).get("batch") if self.plan is not None else None) or {}
         if planned:  # a plan compiled with --batch: its step shapes, for at most its sequences

@@ -113,6 +113,10 @@ def eager_backend(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], *, max_
 class DistEagerBackend(EagerBackend):
     """EagerBackend for one rank of ctx.world (SPMD: every rank makes the same calls in order)."""
 
+    # an Engine batches only when asked: which requests share a mixed step depends on when each
+    # rank's worker admits them, and every rank must run the same step shapes
+    auto_batching = False
+
     def __init__(
         self,
         cfg: ModelConfig,
