@@ -85,7 +85,7 @@ def test_mixed_reference_is_each_sequence_alone():
         k1, v1 = x["k_cache"][slot].clone(), x["v_cache"][slot].clone()
         rows = slice(row, row + n)
         ref = A.reference(one, x["q"][rows], x["k"][rows], x["v"][rows], k1, v1, x["positions"][rows], x["sink"])
-        assert torch.equal(out[rows], ref)
+        assert float((out[rows] - ref).abs().max()) <= 1e-6 * float(ref.abs().max())
         assert torch.equal(kc[slot, :, : start + n], k1[:, : start + n])
         row += n
     assert kc[1].isnan().all() and kc[4].isnan().all()  # slots no row uses stay as they were

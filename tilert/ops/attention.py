@@ -81,17 +81,24 @@ def attention(
     ok = visible(q_pos.to(q.device), j, window, causal)
     if isinstance(kv_len, torch.Tensor):
         ok = ok & (j[None, :] < kv_len)
-    s = s.masked_fill(~ok[None], float("-inf"))
+    p = softmax_with_sink(s, ok[None], None if sink is None else sink.float()[:, None, None])
+    out = torch.einsum("htn,hnd->thd", p, v)
+    return out
+
+
+def softmax_with_sink(s: torch.Tensor, ok: torch.Tensor, sink: torch.Tensor | None) -> torch.Tensor:
+    """Softmax of scores s over the last dim, keys where `ok` only (rows with none give 0), with the
+    sink logit (shaped to broadcast against s's rows) in the denominator only."""
+    s = s.masked_fill(~ok, float("-inf"))
     m = s.amax(-1, keepdim=True)
     if sink is not None:
-        m = torch.maximum(m, sink.float()[:, None, None])
+        m = torch.maximum(m, sink)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)
     den = e.sum(-1, keepdim=True)
     if sink is not None:
-        den = den + torch.exp(sink.float()[:, None, None] - m)
-    out = torch.einsum("htn,hnd->thd", e / den, v)
-    return out
+        den = den + torch.exp(sink - m)
+    return e / den
 
 
 def check_slots(positions: torch.Tensor, slots: torch.Tensor, n_slots: int, capacity: int) -> None:
@@ -147,23 +154,19 @@ def attention_slots(
     causal: bool = True,
 ) -> torch.Tensor:
     """q [T, Hq, Dk] over stacked caches [slots, Hkv, S, D] -> [T, Hq, Dv] float32: each row attends
-    over its own slot's cache (`attention` on that slot, so a sequence's rows compute exactly what
-    they compute in a step of their own). Host slots: one call per slot in the step; device slots
-    (CUDA-graph capture): every row gathers its slot's cache under the full-capacity mask."""
+    over its own slot's cache, below its sequence's end in the step (kv_len of that sequence), with
+    `visible`'s mask: `attention`'s math with a cache gathered per row. Reads the first max
+    position + 1 keys of every slot (host positions), or all of them (device: no host sync)."""
     T, Hq, _ = q.shape
-    if not slots.is_cuda:
-        out = torch.empty(T, Hq, v_cache.shape[-1], dtype=torch.float32, device=q.device)
-        sl = slots.long()
-        for u in sorted(set(sl.tolist())):
-            rows = (sl == u).nonzero()[:, 0]
-            n = int(q_pos[rows].max()) + 1
-            out[rows] = attention(q[rows], k_cache[u], v_cache[u], q_pos[rows], n, scale=scale, window=window,
-                                  sink=sink, causal=causal)  # fmt: skip
-        return out
-    out = []
-    for i in range(T):  # no host sync: a row's kv_len is a device tensor
-        u = slots[i : i + 1].long()
-        kc, vc = k_cache.index_select(0, u)[0], v_cache.index_select(0, u)[0]
-        out.append(attention(q[i : i + 1], kc, vc, q_pos[i : i + 1], q_pos[i] + 1, scale=scale,
-                             window=window, sink=sink, causal=causal))  # fmt: skip
-    return torch.cat(out)
+    group = Hq // k_cache.shape[1]
+    n = k_cache.shape[2] if q_pos.is_cuda else int(q_pos.max()) + 1
+    sl, pos = slots.long(), q_pos.long()
+    k = k_cache[sl, :, :n].float().repeat_interleave(group, dim=1)  # [T, Hq, n, Dk]
+    v = v_cache[sl, :, :n].float().repeat_interleave(group, dim=1)
+    s = torch.einsum("thd,thnd->thn", q.float(), k) * scale
+    j = torch.arange(n, device=q.device)
+    end = torch.zeros(k_cache.shape[0], dtype=torch.long, device=q.device).scatter_reduce(0, sl, pos, "amax")
+    ok = visible(pos, j, window, causal) & (j[None, :] <= end[sl][:, None])  # [T, n]: its sequence's keys
+    p = softmax_with_sink(s, ok[:, None, :], None if sink is None else sink.float()[None, :, None])
+    v = torch.where(ok[:, None, :, None], v, 0.0)  # another sequence's or a stale key: never 0 x NaN
+    return torch.einsum("thn,thnd->thd", p, v)
