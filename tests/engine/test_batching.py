@@ -246,3 +246,25 @@ def test_engine_rejects_batching_without_mixed_steps(weights):
             assert not eng.batching and eng.max_active == 1
     finally:
         _BACKENDS.pop("one-at-a-time-test", None)
+
+
+def test_a_long_prompt_never_holds_back_decoding_sequences(cfg, weights):
+    """With 8-row steps, three decoding sequences get their row in every step while a 30-token
+    prompt that arrives later prefills in the rows left over (5 a step)."""
+
+    def run():
+        eng = Engine("tiny", weights, max_seq=MAX_SEQ, max_active=4, background=False)
+        eng.backend.batch_rows = (1, 2, 4, 8)
+        rec = Recorder(eng.backend)
+        short = [eng.submit(p, 12) for p in PROMPTS[:3]]
+        eng.step()  # their prefills
+        long = eng.submit(list(range(1, 31)), 4)
+        while not long.done():
+            eng.step()
+        out = [r.result().tokens for r in [*short, long]]
+        eng.close()
+        return out, rec.steps
+
+    toks, steps = in_thread(run)
+    assert all(len(set(s["slots"])) == 4 and s["rows"] == 8 for s in steps[1:7])  # 3 decode rows + 5 prompt rows
+    assert toks == [alone(cfg, weights, p, 12) for p in PROMPTS[:3]] + [alone(cfg, weights, list(range(1, 31)), 4)]

@@ -596,15 +596,18 @@ class Engine:
         return ran
 
     def _round_batched(self) -> int:
-        """One mixed step over every running sequence's rows (as many as fit the largest step shape;
-        the first to plan rotates each round), then each sequence takes its rows' outputs. A failing
-        plan or take fails its request; a failing step fails the requests that had rows in it."""
+        """One mixed step over every running sequence's rows (as many as fit the largest step shape:
+        decoding sequences first, then prompts in chunks; the first to plan rotates each round), then
+        each sequence takes its rows' outputs. A failing plan or take fails its request; a failing
+        step fails the requests that had rows in it."""
         self._admit()
         budget = self.backend.batch_rows[-1]  # type: ignore[attr-defined]
         order = list(self._active)
         if order:
             k = self._rr % len(order)
             order, self._rr = order[k:] + order[:k], self._rr + 1
+        # decode rows and DFlash blocks first (their users wait for every step), prompts fill the rest
+        order.sort(key=lambda r: r.seq.prefilling)
         planned: list[tuple[Request, StepRows]] = []
         used = 0
         for req in order:

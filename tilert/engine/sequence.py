@@ -90,6 +90,11 @@ class DecodeSequence:
     def done(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def prefilling(self) -> bool:
+        """Its prompt is not (wholly) in the cache yet: its next rows are a prompt chunk."""
+        return not self.result.tokens and not self.done
+
     def check(self, backend: StepBackend) -> None:
         """Raise GenerationError for a request this backend cannot serve (before it is queued)."""
         if self.speculative not in (None, "dflash"):
