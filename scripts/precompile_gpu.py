@@ -55,8 +55,11 @@ TINY = [(1, "decode", 1, 1), (4, "decode", 1, 1), (6, "decode", 1, 1), (4, "veri
         (1, "decode", 2, 2), (6, "decode", 2, 2), (4, "verify", 2, 2)]  # fmt: skip
 TINY8 = [(4, "verify", 1, 1), (4, "verify", 8, 1), (4, "verify", 4, 4), (4, "verify", 8, 8)]  # the 8-way checks
 BENCH = [(1, "decode", 8), (8, "verify", 8)]
-# tests/runtime/test_mixed_step_gpu.py: tiny-gpu mixed steps (rows, pool slots incl. the scratch slot)
-BATCHING = [(11, 6), (16, 6), (4, 5), (8, 5), (16, 5), (1, 2), (16, 2)]
+# tiny-gpu mixed steps (rows, max_seq, pool slots incl. the scratch slot): tests/runtime/test_mixed_step_gpu.py,
+# and the Engine GPU tests that batch by default (test_api_gpu.py, test_persistent_step_gpu.py: 8 + 1 slots)
+BATCHING = [(11, 256, 6), (16, 256, 6), (4, 256, 5), (8, 256, 5), (16, 256, 5), (1, 256, 2), (16, 256, 2),
+            (1, 256, 9), (4, 256, 9), (5, 256, 9), (6, 256, 9), (10, 256, 9), (1, 128, 9), (3, 128, 9),
+            (4, 128, 9)]  # fmt: skip
 BATCHING_BENCH = (1, 2, 4, 8, 16)  # benchmarks/batching.py users: rank 0's mixed steps, 8 users + scratch
 CLI_MAX_SEQ = (64, 128, 256)  # tests/cli/test_cli_gpu.py: tiny-gpu at these capacities
 RESIDENCY_SMS = 9 * 132  # tests/runtime/test_persistent_residency_gpu.py: more CTAs than any SM set holds
@@ -95,8 +98,8 @@ def build_mixed_attention() -> str:
     for c in cfgs:
         A.compiled(c)
     cfg = load_config("tiny-gpu")
-    graphs = [build_step_graph(cfg, tokens=t, mode="decode", max_seq=256, slots=s) for t, s in BATCHING]
-    n = eager_precompile([compile_for_gpu(g, 256)[0] for g in graphs])
+    graphs = [build_step_graph(cfg, tokens=t, mode="decode", max_seq=q, slots=s) for t, q, s in BATCHING]
+    n = eager_precompile([compile_for_gpu(g, g.meta["max_seq"])[0] for g in graphs])
     return f"mixed attention kernels ({len(cfgs)}) and tiny-gpu mixed eager kernels ({n}): {time.time() - t0:.0f} s"
 
 
@@ -197,7 +200,7 @@ def main() -> None:
         if a.probes:
             futures.append(pool.submit(build_probes))
         if a.batching:
-            futures += [pool.submit(build_mixed_step, "tiny-gpu", t, 256, 1, s) for t, s in BATCHING]
+            futures += [pool.submit(build_mixed_step, "tiny-gpu", t, q, 1, s) for t, q, s in BATCHING]
             futures.append(pool.submit(build_mixed_attention))
             if a.bench:
                 futures += [pool.submit(build_mixed_step, "mimo-v2.5-pro", t, 4096 + 64, 8, 9) for t in BATCHING_BENCH]
