@@ -269,6 +269,7 @@ def users_bench(model: str, device: str, world: int, users: list[int], context: 
         "note": "persistent mixed steps of rank 0 (synthetic weights, solo collectives); DFlash tokens/s = "
         "accept_len / (verify steps of at most 16 rows + one drafter pass per user): the oracle drafter's "
         "acceptance, SYNTHETIC drafts",
+        "routing": "the synthetic router's, per token: each user's rows reach experts of their own",
         "synthetic": True,
     }
 
