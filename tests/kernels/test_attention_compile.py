@@ -120,9 +120,12 @@ def test_mixed_run_rejects_mismatches():
 @pytest.mark.skipif(toolchain_reason() is not None, reason=f"cannot build for sm_90a: {toolchain_reason()}")
 @pytest.mark.timeout(900)
 def test_mixed_configs_compile_for_sm90a():
-    """The mixed-sequence kernels of the mimo-v2.5-pro rank (full and SWA layers, 8 and 16 rows) build
-    for sm_90a; the split kernel takes the slots and reads the pool through its TMA descriptor."""
-    for cfg in [c for c in A.configs_for_plan(mixed=True) if c.block in (8, 16) and (c.block == 16) == bool(c.window)]:
+    """The mixed-sequence kernels of the mimo-v2.5-pro rank (a full layer at 8 rows, SWA layers at 16
+    and at 11 rows, whose RoPE table loops once covered part of a warp) build for sm_90a; the split
+    kernel takes the slots and reads the pool through its TMA descriptor."""
+    odd = A.AttnConfig(block=11, window=128, sink=True, rope_theta=1e4, mixed=True)
+    plan = [c for c in A.configs_for_plan(mixed=True) if c.block in (8, 16) and (c.block == 16) == bool(c.window)]
+    for cfg in [*plan, odd]:
         split, combine = A.compiled(cfg)
         src = split.get_kernel_source()
         assert "wgmma" in src and "tma_load" in src and "Slot" in src, cfg

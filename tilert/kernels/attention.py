@@ -155,8 +155,17 @@ class AttnConfig:
 
     def smem_bytes(self) -> int:
         tile = self.block_n * (self.head_dim + self.v_head_dim) * 2
-        table_rows = warp_rows(self.block, max(self.rope_dim // 2, 1), self.block_n)  # the RoPE table
+        table_rows = rope_rows(self)  # the RoPE table
         return self.block_m * self.head_dim * 2 + self.stages * tile + table_rows * self.rope_dim * 4
+
+
+def rope_rows(cfg: AttnConfig) -> int:
+    """Rows of the RoPE table (and of the new-key rotation), padded so their loops cover whole warps
+    once vectorised: the loops over (rows, rope_dim / 2) move float pairs or quads, and with 9 or 11
+    rows such a loop covered part of a warp, where ThreadSync cannot place the barrier it needs (a
+    compile error). So rows are a multiple of 32 / (rope_dim / 8); B = 1 keeps its one row."""
+    half = max(cfg.rope_dim // 2, 1)
+    return warp_rows(cfg.block, max(half // 4, 1) if cfg.mixed or cfg.block > 1 else half, cfg.block_n)
 
 
 def supports(a: AttentionBlockAttrs, tokens: int) -> str | None:
@@ -239,7 +248,7 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
     # RoPE loops over whole warps (common.warp_rows): padded q rows and new-key rows are zeros, and
     # the table's padded rows (positions past the B new ones) are computed but never used by real rows
     QRP = warp_rows(QR, max(RH, 1), BM)
-    BK = warp_rows(B, max(RH, 1), BN)
+    BK = rope_rows(cfg)
 
     @T.macro
     def rotate_q(q_s, rb, cs):
