@@ -57,7 +57,11 @@ def linear(
     return b.op("matmul", x, w, name=out or f"{name}.out", out_dtype=out_dtype)
 
 
-def attention_layer(b: GraphBuilder, cfg: ModelConfig, i: int, x: str, pos: str, max_seq: int) -> str:
+def attention_layer(
+    b: GraphBuilder, cfg: ModelConfig, i: int, x: str, pos: str, max_seq: int, slots: tuple[str, int] | None = None
+) -> str:
+    """One attention layer; `slots` = (the slots input, cache slots): each row reads and writes its own
+    sequence's cache slot of stacked caches [slots, Hkv, max_seq, D]."""
     spec = cfg.attention(i)
     H, Hkv, D, Dv = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.v_head_dim
     p = f"model.layers.{i}.self_attn"
@@ -70,12 +74,16 @@ def attention_layer(b: GraphBuilder, cfg: ModelConfig, i: int, x: str, pos: str,
     q = b.op("rope", q, pos, name=f"{p}.q_rope", heads=H, **rope)
     k = b.op("rope", k, pos, name=f"{p}.k_rope", heads=Hkv, **rope)
     v = b.op("scale", v, name=f"{p}.v_scaled", factor=cfg.attention_value_scale)
-    kc = b.state(f"{p}.k_cache", (Hkv, max_seq, D), BF16)
-    vc = b.state(f"{p}.v_cache", (Hkv, max_seq, Dv), BF16)
-    kc, vc = b.op("kv_append", kc, vc, k, v, pos, name=f"{p}.kv")
+    pool = () if slots is None else (slots[1],)
+    slot_in = [] if slots is None else [slots[0]]
+    kc = b.state(f"{p}.k_cache", (*pool, Hkv, max_seq, D), BF16)
+    vc = b.state(f"{p}.v_cache", (*pool, Hkv, max_seq, Dv), BF16)
+    kc, vc = b.op("kv_append", kc, vc, k, v, pos, *slot_in, name=f"{p}.kv")
     ins = [q, kc, vc, pos]
     if spec.sink:
         ins.append(b.param(f"{p}.attention_sink_bias", (H,), F32, tensor=f"{p}.attention_sink_bias"))
+    ins += slot_in
+    more = {"slotted": True} if slots is not None else {}
     o = b.op(
         "attention",
         *ins,
@@ -88,6 +96,7 @@ def attention_layer(b: GraphBuilder, cfg: ModelConfig, i: int, x: str, pos: str,
         window=spec.window,
         causal=True,
         has_sink=spec.sink,
+        **more,
     )
     return linear(b, o, f"{p}.o_proj", hs, H * Dv, fmt)
 
@@ -151,17 +160,27 @@ def lm_head(b: GraphBuilder, cfg: ModelConfig, x: str, hidden: int) -> tuple[str
 
 @builder("mimo_v2")
 @builder("mimo_v2_flash")
-def build_mimo_step(cfg: ModelConfig, *, tokens: int = 1, max_seq: int = 4096, mode: str = "decode") -> Graph:
+def build_mimo_step(
+    cfg: ModelConfig, *, tokens: int = 1, max_seq: int = 4096, mode: str = "decode", slots: int = 0
+) -> Graph:
     """One decode step over B=`tokens` query tokens; mode 'verify' adds DFlash greedy acceptance.
 
     Inputs: tokens i32[B], positions i32[B]. State: per-layer KV caches [Hkv, max_seq, D].
     Outputs: logits f32[B, V], next_tokens i32[B], features (hidden states after the drafter's
     target layers, concatenated) and, in verify mode, accept i32[B+1] (see ops.dflash_accept).
+
+    slots > 0: a mixed-sequence step over a pool of `slots` KV cache slots. The caches are stacked
+    [slots, Hkv, max_seq, D] and a third input slots i32[B] names each row's sequence slot: row i
+    writes its k/v at (slots[i], positions[i]) and attends over its own slot only (a sequence's
+    rows, contiguous at consecutive positions, see each other causally; other sequences' rows never).
+    Decode mode only: DFlash acceptance is per sequence (its rows' next_tokens, on the host).
     """
     if mode not in MODES:
         raise ValueError(f"unknown step mode {mode!r} (known: {', '.join(MODES)})")
     if tokens < 1 or tokens > max_seq:
         raise ValueError(f"tokens per step must be in [1, max_seq={max_seq}], got {tokens}")
+    if slots < 0 or (slots and mode != "decode"):
+        raise ValueError(f"a mixed-sequence step (slots={slots}) runs in decode mode with slots >= 1, not {mode!r}")
     meta = {
         "model": cfg.name,
         "kind": "target",
@@ -171,10 +190,13 @@ def build_mimo_step(cfg: ModelConfig, *, tokens: int = 1, max_seq: int = 4096, m
         "rank": 0,
         "world": 1,
     }
-    b = GraphBuilder(f"{cfg.name}.{mode}.B{tokens}", meta)
+    if slots:
+        meta["slots"] = slots
+    b = GraphBuilder(f"{cfg.name}.{mode}.B{tokens}" + (f".S{slots}" if slots else ""), meta)
     H, eps = cfg.hidden_size, cfg.layernorm_epsilon
     ids = b.input("tokens", (tokens,), I32)
     pos = b.input("positions", (tokens,), I32)
+    pool = (b.input("slots", (tokens,), I32), slots) if slots else None
     table = b.param("model.embed_tokens", (cfg.vocab_size, H), BF16, tensor="model.embed_tokens.weight")
     x = b.op("embed", table, ids, name="embed")
     features = []
@@ -182,7 +204,7 @@ def build_mimo_step(cfg: ModelConfig, *, tokens: int = 1, max_seq: int = 4096, m
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}"
         h = norm(b, x, f"{p}.input_layernorm", H, eps)
-        x = b.op("add", x, attention_layer(b, cfg, i, h, pos, max_seq), name=f"{p}.attn_residual")
+        x = b.op("add", x, attention_layer(b, cfg, i, h, pos, max_seq, pool), name=f"{p}.attn_residual")
         h = norm(b, x, f"{p}.post_attention_layernorm", H, eps)
         if cfg.is_moe(i):
             m = moe_mlp(b, cfg, i, h)

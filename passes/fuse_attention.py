@@ -37,7 +37,9 @@ def _match(rw: Rewriter, ai: int) -> tuple[set[int], Any] | None:
     rq = _roped(rw, q)
     if kv is None or rq is None or kv[1].outputs != (kc, vc):
         return None
-    kc0, vc0, k, v, kpos = kv[1].inputs
+    kc0, vc0, k, v, kpos = kv[1].inputs[:5]
+    if kv[1].inputs[5:] != (at.inputs[-1:] if at.a.slotted else ()):  # the same slots, or none
+        return None
     rk = _roped(rw, k)
     if rk is None or len({pos, kpos, rq[2].inputs[1], rk[2].inputs[1]}) != 1:
         return None
@@ -48,13 +50,14 @@ def _match(rw: Rewriter, ai: int) -> tuple[set[int], Any] | None:
     inner = [o for i in nodes for o in rw.g.nodes[i].outputs if i != ai and i != kv[0]]
     if not all(rw.private(x, nodes) for x in inner) or not all(rw.private(x, {ai}) for x in (kc, vc)):
         return None
-    extra = list(at.inputs[4:])
+    extra = list(at.inputs[4 : 4 + int(at.a.has_sink)])
     eps = None
     if rq[3] is not None:
         if rq[3].a.eps != rk[3].a.eps:
             return None
         extra += [rq[3].inputs[1], rk[3].inputs[1]]
         eps = rq[3].a.eps
+    extra += list(at.inputs[-1:]) if at.a.slotted else []  # slots last
     ins = (rq[1], rk[1], sc[1].inputs[0] if sc else v, kc0, vc0, pos, *extra)
     a = {**dict(at.attrs), "rope_dim": rq[2].a.rope_dim, "theta": rq[2].a.theta}
     a.update(v_scale=sc[1].a.factor if sc else None, qk_norm_eps=eps)

@@ -42,7 +42,7 @@ def _local_attrs(n: Node, ins: list[Value], a: dict[str, Any], splits: dict[str,
         a["heads"] = ins[0].shape[-1] // ins[1].shape[0]
     elif n.op == "attention":
         a["heads"] = ins[0].shape[-1] // n.a.head_dim
-        a["kv_heads"] = ins[1].shape[0]
+        a["kv_heads"] = ins[1].shape[-3]  # [Hkv, S, D] or slotted [slots, Hkv, S, D]
     elif n.op in EXPERT_KINDS or n.op == "moe_combine":
         sp = next((s for s in splits.values() if s.experts), None)  # every expert stack splits alike
         if sp is not None:

@@ -92,8 +92,8 @@ class _Planner:
             self.set(self.weight(kv_node.inputs[2]), Split(0, tuple((s * D, e * D) for s, e in kv)))
             self.set(self.weight(kv_node.inputs[3]), Split(0, tuple((s * Dv, e * Dv) for s, e in kv)))
             caches = [kv_node.inputs[0], kv_node.inputs[1]]
-        for c in caches:
-            self.set(c, Split(0, kv))
+        for c in caches:  # split by kv heads: dim 0 of [Hkv, S, D], dim 1 of slotted [slots, Hkv, S, D]
+            self.set(c, Split(len(self.g.values[c].shape) - 3, kv))
         for w in self.gemm_users(n.outputs[0]):
             self.set(w, Split(1, even(H, N, Dv)))
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tilert.ir.graph import Graph, Node, Value
@@ -116,11 +116,14 @@ def tile_lm_head(g: Graph, n: Node, ctx: Any) -> OpTiles:
 def tile_attention(g: Graph, n: Node, ctx: Any) -> OpTiles:
     a = n.a
     q, kc, vc = (g.values[n.inputs[i]] for i in (0, 3, 4))
-    T, Hkv, H, D, Dv = q.shape[0], kc.shape[0], a.heads, a.head_dim, a.v_head_dim
+    T, Hkv, H, D, Dv = q.shape[0], kc.shape[-3], a.heads, a.head_dim, a.v_head_dim
     group = H // Hkv
     rows, bm, splits = attention.tiling(a, T, Hkv)
-    rb = cdiv(rows, bm)
-    kv = kv_read_bytes(n, kc, vc, T, ctx.context) / Hkv
+    rb = attention.row_blocks(a, T, Hkv)
+    if a.slotted:  # a mixed step: each row block (token) reads its own sequence's keys, one slot's cache
+        kv = kv_read_bytes(n, replace(kc, shape=kc.shape[1:]), replace(vc, shape=vc.shape[1:]), 1, ctx.context) / Hkv
+    else:
+        kv = kv_read_bytes(n, kc, vc, T, ctx.context) / Hkv
     flops = 2.0 * rows * (D + Dv) * kv / ((D + Dv) * 2)
     split = Stage("ATTN_SPLIT", Hkv, group * Dv)
     for h in range(Hkv):

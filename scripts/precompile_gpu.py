@@ -14,7 +14,9 @@ the kernels of benchmarks/tile_latency.py and persistent_chain.py (--layers 1 8 
 shapes of the CLI GPU test (tiny-gpu at max_seq 64/128/256, persistent and eager, the drafter at every
 context length of a 1..40-token prompt) and the residency test's oversized grid; with --kernels-sweep
 every kernel benchmarks/gemv_sweep.py launches (GEMV variants, their persistent task streams, the old
-GEMMs) and the GEMV GPU tests' kernels (--no-steps: without the tiny step kernels). Jobs run in
+GEMMs) and the GEMV GPU tests' kernels (--no-steps: without the tiny step kernels); with --batching the
+mixed-sequence step kernels and attention kernels of tests/runtime/test_mixed_step_gpu.py (and with
+--bench the mixed steps of `benchmarks/batching.py users`). Jobs run in
 `--jobs` processes (each compile is one nvcc process). TileLang's own nvcc cubin cache
 (cuda-binaries) is not needed once a kernel is cached, so --prune drops it to keep the cache small;
 --pack writes the cache as one .tar.xz (about 13x smaller: the kernel sources compress well).
@@ -53,6 +55,12 @@ TINY = [(1, "decode", 1, 1), (4, "decode", 1, 1), (6, "decode", 1, 1), (4, "veri
         (1, "decode", 2, 2), (6, "decode", 2, 2), (4, "verify", 2, 2)]  # fmt: skip
 TINY8 = [(4, "verify", 1, 1), (4, "verify", 8, 1), (4, "verify", 4, 4), (4, "verify", 8, 8)]  # the 8-way checks
 BENCH = [(1, "decode", 8), (8, "verify", 8)]
+# tiny-gpu mixed steps (rows, max_seq, pool slots incl. the scratch slot): tests/runtime/test_mixed_step_gpu.py,
+# and the Engine GPU tests that batch by default (test_api_gpu.py, test_persistent_step_gpu.py: 8 + 1 slots)
+BATCHING = [(11, 256, 6), (16, 256, 6), (4, 256, 5), (8, 256, 5), (16, 256, 5), (1, 256, 2), (16, 256, 2),
+            (1, 256, 9), (4, 256, 9), (5, 256, 9), (6, 256, 9), (10, 256, 9), (1, 128, 9), (3, 128, 9),
+            (4, 128, 9)]  # fmt: skip
+BATCHING_BENCH = (1, 2, 4, 8, 16)  # benchmarks/batching.py users: rank 0's mixed steps, 8 users + scratch
 CLI_MAX_SEQ = (64, 128, 256)  # tests/cli/test_cli_gpu.py: tiny-gpu at these capacities
 RESIDENCY_SMS = 9 * 132  # tests/runtime/test_persistent_residency_gpu.py: more CTAs than any SM set holds
 
@@ -69,6 +77,30 @@ def build_step(model: str, tokens: int, mode: str, max_seq: int, world: int, lay
     precompile(cfg, tokens, mode, max_seq, world, peers=peers, gpus=gpus)
     cut = f" ({layers} layers)" if layers else ""
     return f"{model}{cut} {mode} B={tokens} world {world} on {gpus} GPU(s): {time.time() - t0:.0f} s"
+
+
+def build_mixed_step(model: str, tokens: int, max_seq: int, world: int, slots: int) -> str:
+    """One mixed-sequence step kernel (a pool of `slots` cache slots) into the cache."""
+    t0 = time.time()
+    precompile(load_config(model), tokens, "decode", max_seq, world, slots=slots)
+    return f"{model} mixed B={tokens} slots {slots} world {world}: {time.time() - t0:.0f} s"
+
+
+def build_mixed_attention() -> str:
+    """The eager attention kernels of the mixed-step GPU tests, and tiny-gpu's mixed-step eager kernels."""
+    t0 = time.time()
+    from tilert.kernels import attention as A
+
+    seqs_rows = (11, 16, 1, 8)
+    cfgs = [A.AttnConfig(block=b, window=w, sink=bool(w), rope_theta=1e4 if w else 1e7, mixed=True)
+            for b in seqs_rows for w in (0, 128)]  # fmt: skip
+    cfgs.append(A.AttnConfig(block=11, rows_per_cta=128, min_tiles=A.PERSISTENT_MIN_TILES, mixed=True))
+    for c in cfgs:
+        A.compiled(c)
+    cfg = load_config("tiny-gpu")
+    graphs = [build_step_graph(cfg, tokens=t, mode="decode", max_seq=q, slots=s) for t, q, s in BATCHING]
+    n = eager_precompile([compile_for_gpu(g, g.meta["max_seq"])[0] for g in graphs])
+    return f"mixed attention kernels ({len(cfgs)}) and tiny-gpu mixed eager kernels ({n}): {time.time() - t0:.0f} s"
 
 
 def build_residency() -> str:
@@ -137,6 +169,9 @@ def main() -> None:
     ap.add_argument("--kernels-sweep", action="store_true",
                     help="also every kernel of benchmarks/gemv_sweep.py and the GEMV GPU tests")  # fmt: skip
     ap.add_argument("--no-steps", action="store_true", help="skip the tiny step kernels (e.g. with --kernels-sweep)")
+    ap.add_argument("--batching", action="store_true",
+                    help="also the mixed-sequence steps of the batching GPU tests (with --bench: of "
+                         "benchmarks/batching.py users)")  # fmt: skip
     ap.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     ap.add_argument("--prune", action="store_true", help="drop TileLang's cubin cache afterwards")
     ap.add_argument("--pack", default=None, help="also write the cache as this .tar.xz (for a GPU machine)")
@@ -166,6 +201,11 @@ def main() -> None:
             futures += [pool.submit(build_residency)] + [pool.submit(build_cli_eager, q) for q in CLI_MAX_SEQ]
         if a.probes:
             futures.append(pool.submit(build_probes))
+        if a.batching:
+            futures += [pool.submit(build_mixed_step, "tiny-gpu", t, q, 1, s) for t, q, s in BATCHING]
+            futures.append(pool.submit(build_mixed_attention))
+            if a.bench:
+                futures += [pool.submit(build_mixed_step, "mimo-v2.5-pro", t, 4096 + 64, 8, 9) for t in BATCHING_BENCH]
         if a.kernels_sweep:
             from benchmarks.gemv_sweep import kernel_list
 

@@ -275,7 +275,7 @@ def test_waiting_on_a_request_of_a_dead_worker_raises(weights):
 
 
 def test_non_finite_logits_fail_the_request(weights, solo):
-    with Engine("tiny", weights, max_seq=128) as eng:
+    with Engine("tiny", weights, max_seq=128, batching=False) as eng:  # one sequence per step: target_step
         real = eng.backend.target_step
 
         def poisoned(tokens, positions, mode="decode"):

@@ -64,3 +64,69 @@ def test_reference_is_the_ops_reference():
     out = A.reference(cfg, x["q"], x["k"], x["v"], x["k_cache"], x["v_cache"], x["positions"], x["sink"])
     assert out.shape == (2, 4, 128) and torch.isfinite(out).all()
     assert x["k_cache"][:, 28:30].float().abs().sum() > 0
+
+
+# ---- mixed-sequence steps (several sequences' rows, each in its own cache slot) -----------------
+
+
+def test_mixed_reference_is_each_sequence_alone():
+    """The mixed step's reference (tilert.ops' slotted append + attention): every sequence's rows
+    equal its own single-sequence reference, and other slots' caches are left alone."""
+    import dataclasses
+
+    cfg = A.AttnConfig(block=7, q_heads=4, window=8, sink=True, rope_theta=1e4, mixed=True)
+    seqs = [(2, 30, 1), (0, 5, 4), (3, 11, 2)]
+    x = A.make_mixed_inputs(cfg, seqs, 5, 48, device="cpu", seed=3)
+    kc, vc = x["k_cache"].clone(), x["v_cache"].clone()
+    out = A.reference(cfg, x["q"], x["k"], x["v"], kc, vc, x["positions"], x["sink"], slots=x["slots"])
+    row = 0
+    for slot, start, n in seqs:
+        one = dataclasses.replace(cfg, block=n, mixed=False)
+        k1, v1 = x["k_cache"][slot].clone(), x["v_cache"][slot].clone()
+        rows = slice(row, row + n)
+        ref = A.reference(one, x["q"][rows], x["k"][rows], x["v"][rows], k1, v1, x["positions"][rows], x["sink"])
+        assert float((out[rows] - ref).abs().max()) <= 1e-6 * float(ref.abs().max())
+        assert torch.equal(kc[slot, :, : start + n], k1[:, : start + n])
+        row += n
+    assert kc[1].isnan().all() and kc[4].isnan().all()  # slots no row uses stay as they were
+
+
+def test_mixed_config_geometry():
+    cfg = A.AttnConfig(block=16, mixed=True, rows_per_cta=128)
+    assert cfg.row_blocks == 16 and cfg.chunk_tokens == 8 and cfg.splits == A.WAVE_CTAS // 16
+    plain = A.AttnConfig(block=16, rows_per_cta=128)
+    assert plain.row_blocks == 2
+    with pytest.raises(ValueError, match="multiple of group"):
+        A.AttnConfig(q_heads=48, kv_heads=1, block=2, mixed=True)  # 64-row CTAs, 48 heads per kv head
+
+
+def test_mixed_run_rejects_mismatches():
+    cfg = A.AttnConfig(block=3, mixed=True)
+    x = A.make_mixed_inputs(cfg, [(0, 4, 1), (1, 9, 2)], 3, 32, device="cpu", seed=0)
+    args = (cfg, x["q"], x["k"], x["v"], x["k_cache"], x["v_cache"], x["positions"], x["sink"])
+    with pytest.raises(ValueError, match="needs slots"):
+        A.run(*args)
+    with pytest.raises(ValueError, match=r"caches \[slots, Hkv, S, D\]"):
+        A.run(cfg, x["q"], x["k"], x["v"], x["k_cache"][0], x["v_cache"][0], x["positions"], x["sink"],
+              slots=x["slots"])  # fmt: skip
+    with pytest.raises(ValueError, match="slots has dtype"):
+        A.run(*args, slots=x["slots"].long())
+    with pytest.raises(ValueError, match="not mixed"):
+        plain = A.AttnConfig(block=3)
+        y = A.make_inputs(plain, 20, device="cpu", seed=0)
+        A.run(plain, y["q"], y["k"], y["v"], y["k_cache"], y["v_cache"], y["positions"], None, slots=x["slots"])
+
+
+@pytest.mark.skipif(toolchain_reason() is not None, reason=f"cannot build for sm_90a: {toolchain_reason()}")
+@pytest.mark.timeout(900)
+def test_mixed_configs_compile_for_sm90a():
+    """The mixed-sequence kernels of the mimo-v2.5-pro rank (a full layer at 8 rows, SWA layers at 16
+    and at 11 rows, whose RoPE table loops once covered part of a warp) build for sm_90a; the split
+    kernel takes the slots and reads the pool through its TMA descriptor."""
+    odd = A.AttnConfig(block=11, window=128, sink=True, rope_theta=1e4, mixed=True)
+    plan = [c for c in A.configs_for_plan(mixed=True) if c.block in (8, 16) and (c.block == 16) == bool(c.window)]
+    for cfg in [*plan, odd]:
+        split, combine = A.compiled(cfg)
+        src = split.get_kernel_source()
+        assert "wgmma" in src and "tma_load" in src and "Slot" in src, cfg
+        assert "Slot" in combine.get_kernel_source()

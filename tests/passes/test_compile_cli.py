@@ -64,3 +64,25 @@ def test_errors_are_one_line_exit_2(tmp_path, capsys, args: list[str], msg: str)
     last = err.strip().splitlines()[-1]
     assert rc == 2 and last.startswith("error: ") and re.search(msg, last), err
     assert "Traceback" not in err
+
+
+def test_batch_compiles_the_mixed_step_shapes(tmp_path, capsys) -> None:  # noqa: ANN001
+    """--batch N: the mixed steps of continuous batching (a pool of N + 1 cache slots) at the chosen
+    row counts; an Engine on that plan pads to those shapes."""
+    rc, s, _ = _compile(tmp_path, capsys, "--model", "tiny", "--gpus", "2", "--max-seq", "64", "--batch", "3",
+                        "--batch-rows", "4,1,2")  # fmt: skip
+    assert rc == 0 and s["batch"]["slots"] == 3 and s["batch"]["rows"] == [1, 2, 4]
+    plan = load_plan(tmp_path / "plan")
+    assert {"mixed.B1", "mixed.B2", "mixed.B4"} <= set(plan.steps)
+    g = plan.graph(tmp_path / "plan", "mixed.B4")
+    assert g.meta["slots"] == 4 and g.values["slots"].shape == (4,)
+    assert any(n.op == "attention_block" and n.a.slotted for n in g.nodes)
+    from tilert.engine.api import Engine, EngineError
+
+    with Engine("tiny", 0, plan=str(tmp_path / "plan"), max_seq=64, max_active=3) as eng:
+        assert eng.batching and eng.backend.batch_rows == (1, 2, 4)
+        assert eng.generate([1, 2, 3], 4).tokens == eng.generate([1, 2, 3], 4).tokens
+    with pytest.raises(EngineError, match="exceeds the plan's 3 batched sequences"):
+        Engine("tiny", 0, plan=str(tmp_path / "plan"), max_seq=64, max_active=4)
+    assert main(["compile", "--out", str(tmp_path / "p2"), "--model", "tiny", "--batch", "2",
+                 "--batch-rows", "0,3"]) == 2  # fmt: skip

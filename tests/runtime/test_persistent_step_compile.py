@@ -95,3 +95,25 @@ def test_step_kernel_with_early_loads_compiles(monkeypatch) -> None:
     calls = body.count("tilert_wait_task(")
     assert calls >= len({name for p in st.programs for name in p.opcodes})  # one call site per body
     assert "__noinline__ int tilert_wait_task" in src
+
+
+def test_mixed_step_kernel_compiles() -> None:
+    """A mixed-sequence step (11 rows of several sequences over a pool of 5 cache slots) builds as one
+    persistent kernel: its attention bodies read each row's slot, the pool is one view of every
+    slot's cache rows, and no cache-policy load has an odd descriptor register."""
+    from tilert.engine.persistent import precompile
+    from tilert.kernels import sass
+    from tilert.kernels.common import cache_dir
+
+    st = precompile(load_config("tiny-gpu"), 11, "decode", 256, slots=5)
+    src = st.kernel.get_kernel_source()
+    assert "tma_load" not in src and f"== {OPCODES['ATTN_SPLIT']})" in src
+    attn = [p for p in st.programs if p.key and p.key[0] == "attention"]
+    assert attn and all(p.key[1].mixed for p in attn)
+    for p in attn:
+        specs = dict((name, shape) for name, shape, _ in p.specs)
+        assert specs["slots"] == (11,) and specs["k_cache"][0] == 5 * p.key[1].kv_heads
+    lib = sass.library_of(src, cache_dir())
+    assert lib is not None
+    if sass.find_nvdisasm():
+        assert not sass.odd_descriptors(sass.disassemble(lib))

@@ -145,13 +145,13 @@ def test_json_error_bodies_for_every_status(server):
 
 def test_step_failures_are_json_errors(server):
     eng = server.engine
-    real = eng.backend.target_step
+    real = eng.backend.mixed_step  # the server's engine runs every round as one mixed step
 
-    def poisoned(tokens, positions, mode="decode"):
-        out = real(tokens, positions, mode)
+    def poisoned(tokens, positions, slots):
+        out = real(tokens, positions, slots)
         return dict(out, logits=torch.full_like(out["logits"], float("inf"))) if int(tokens[0]) == 77 else out
 
-    eng.backend.target_step = poisoned
+    eng.backend.mixed_step = poisoned
     try:
         status, d = post(server, {"prompt": [77, 1], "max_tokens": 3})
         assert status == 500 and "non-finite logits" in d["error"]["message"] and d["error"]["type"] == "server_error"
@@ -159,7 +159,7 @@ def test_step_failures_are_json_errors(server):
         ev = sse_events(text)
         assert status == 200 and "non-finite logits" in ev[-2]["error"]["message"] and ev[-1] == "[DONE]"
     finally:
-        eng.backend.target_step = real
+        eng.backend.mixed_step = real
     assert post(server, {"prompt": [5, 1], "max_tokens": 2})[0] == 200
 
 
@@ -209,15 +209,15 @@ def test_text_prompts_stop_strings_and_eos(text_server):
 
 def test_eos_ends_generation(text_server):
     eng = text_server.engine
-    real = eng.backend.target_step
+    real = eng.backend.mixed_step  # the server's engine runs every round as one mixed step
 
-    def eos_after_two(tokens, positions, mode="decode"):  # the model "predicts" EOS for position 5 on
-        out = real(tokens, positions, mode)
+    def eos_after_two(tokens, positions, slots):  # the model "predicts" EOS for position 5 on
+        out = real(tokens, positions, slots)
         logits = out["logits"].clone()
         logits[positions >= 4, EOS] = 1e4
         return dict(out, logits=logits, next_tokens=torch.argmax(logits, -1).to(torch.int32))
 
-    eng.backend.target_step = eos_after_two
+    eng.backend.mixed_step = eos_after_two
     try:
         body = {"prompt": "w6 w17 w13", "max_tokens": 8, "temperature": 0.5, "seed": 1}
         _, d = post(text_server, body)
@@ -226,7 +226,7 @@ def test_eos_ends_generation(text_server):
         _, d = post(text_server, dict(body, ignore_eos=True))
         assert len(tokens(d)) == 8 and d["choices"][0]["finish_reason"] == "length"
     finally:
-        eng.backend.target_step = real
+        eng.backend.mixed_step = real
 
 
 def test_chat_completions(text_server):

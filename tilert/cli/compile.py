@@ -1,9 +1,10 @@
 """`python -m tilert compile`: run the pass pipeline on a model's step graphs and write a Plan.
 
-Compiles the decode step (B=1), the DFlash verify step (B=block) and the drafter step for N
-ranks, writes DIR/plan.json (+ rank graphs and int32 task tables as .npy, opcodes.h) and
-DIR/report.md, and prints a summary (--json). Every user error is a ValueError subclass with
-a one-line message (the CLI turns it into exit code 2).
+Compiles the decode step (B=1), the DFlash verify step (B=block), the drafter step and, with
+--batch N, the mixed-sequence steps continuous batching runs (B = 1..16 rows of up to N sequences,
+over a KV cache pool of N + 1 slots; `mixed.B<rows>`) for N ranks, writes DIR/plan.json (+ rank
+graphs and int32 task tables as .npy, opcodes.h) and DIR/report.md, and prints a summary (--json).
+Every user error is a ValueError subclass with a one-line message (the CLI turns it into exit code 2).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tilert.abi import opcode_header
+from tilert.engine.backend import BATCH_ROWS
 from tilert.gpu_specs import GIB, GpuSpec, gpu_spec
 from tilert.ir.graph import Graph
 from tilert.ir.registry import get_op
@@ -55,6 +57,10 @@ def add_compile_parser(subparsers: Any) -> None:
                    help="mean tokens per DFlash verify step (default 6.3, at most the block size)")  # fmt: skip
     p.add_argument("--block", type=int, default=None, help="verify block size (default: the drafter's, else 8)")
     p.add_argument("--gpu", default="h200", help="target GPU spec (tilert/gpu_specs.py)")
+    p.add_argument("--batch", type=int, default=0,
+                   help="also the mixed steps of continuous batching for up to N concurrent sequences")  # fmt: skip
+    p.add_argument("--batch-rows", default=None,
+                   help="row counts of the mixed steps, e.g. 1,2,4,8,16 (default 1..16)")  # fmt: skip
     p.add_argument("--dump-ir", default=None, help="write the IR after every pass into this directory")
     p.add_argument("--print-after", default=None, help="print the IR after this pass")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
@@ -82,13 +88,30 @@ def _check(args: argparse.Namespace, block: int) -> None:
         raise CompileError(f"--accept-len must be in (0, block={block}], got {args.accept_len}")
     if args.context is not None and not 0 <= args.context <= args.max_seq:
         raise CompileError(f"--context must be in [0, --max-seq], got {args.context}")
+    if getattr(args, "batch", 0) < 0:
+        raise CompileError(f"--batch must be >= 0 (concurrent sequences), got {args.batch}")
 
 
-def _steps(cfg: Any, block: int, max_seq: int) -> list[tuple[str, Graph]]:
+def batch_rows(spec: str | None) -> tuple[int, ...]:
+    """--batch-rows as sorted row counts in 1..PREFILL_CHUNK (default: all of them)."""
+    if spec is None:
+        return BATCH_ROWS
+    try:
+        rows = sorted({int(x) for x in spec.split(",") if x.strip()})
+    except ValueError:
+        raise CompileError(f"--batch-rows must be comma-separated integers, got {spec!r}") from None
+    if not rows or rows[0] < 1 or rows[-1] > BATCH_ROWS[-1]:
+        raise CompileError(f"--batch-rows must be in 1..{BATCH_ROWS[-1]}, got {spec!r}")
+    return tuple(rows)
+
+
+def _steps(cfg: Any, block: int, max_seq: int, batch: int = 0, rows: tuple[int, ...] = ()) -> list[tuple[str, Graph]]:
     steps = [("decode.B1", build_step_graph(cfg, tokens=1, max_seq=max_seq, mode="decode"))]
     steps.append((f"verify.B{block}", build_step_graph(cfg, tokens=block, max_seq=max_seq, mode="verify")))
     if cfg.dflash is not None:  # context rows per draft: at most one block of newly verified tokens
         steps.append(("drafter", build_drafter_graph(cfg, context=block, max_seq=max_seq)))
+    for b in rows if batch else ():  # a pool of batch sequence slots + the scratch slot padding rows write
+        steps.append((f"mixed.B{b}", build_step_graph(cfg, tokens=b, max_seq=max_seq, slots=batch + 1)))
     return steps
 
 
@@ -153,12 +176,18 @@ def run_compile(args: argparse.Namespace) -> int:
         (out / d).mkdir(parents=True, exist_ok=True)
     written: dict = {}
     steps, finals, mems = {}, {}, {}
-    for name, g in _steps(cfg, block, args.max_seq):
+    batch = getattr(args, "batch", 0)
+    rows = batch_rows(getattr(args, "batch_rows", None)) if batch else ()
+    for name, g in _steps(cfg, block, args.max_seq, batch, rows):
         steps[name], finals[name], mems[name], _ = _compile_step(name, g, args, spec, out, written)
     memory = _memory_per_rank(finals, mems)
     check_fits(spec, f"{cfg.name} on {args.gpus} GPU(s) (all steps)", memory)
     plan = Plan(cfg.name, spec.name, args.gpus, args.max_seq, _context(args), steps, memory["total"], memory)
     summary = _summary(plan, finals, args, block)
+    if batch:  # what the Engine's continuous batching reads back (tilert.engine.api)
+        summary["batch"] = {"slots": batch, "rows": list(rows),
+                            "predicted_step_ms": {str(b): _r(plan.steps[f"mixed.B{b}"].predicted["persistent_ms"])
+                                                  for b in rows}}  # fmt: skip
     if args.kernels:
         summary["kernels_built"] = build_kernels(finals, out / "kernels")
     plan.extra["summary"] = summary
@@ -197,12 +226,12 @@ def build_kernels(finals: dict[str, list[Graph]], cache: Path) -> int:
 def _memory_per_rank(finals: dict[str, list[Graph]], mems: dict[str, list[Any]]) -> dict[str, int]:
     """Weights and KV caches shared by name across steps; activations: the largest step; tables: all."""
     params: dict[str, int] = {}
-    states: dict[str, int] = {}
+    states: dict[tuple[str, int], int] = {}
     for graphs in finals.values():
         for v in graphs[0].by_role("param"):
             params[v.name] = v.nbytes
-        for v in graphs[0].by_role("state"):
-            states[v.name] = v.nbytes
+        for v in graphs[0].by_role("state"):  # a mixed step's pool of slots is memory of its own
+            states[v.name, len(v.shape)] = v.nbytes
     m = {
         "weights": sum(params.values()),
         "kv_cache": sum(states.values()),

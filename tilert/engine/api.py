@@ -1,9 +1,12 @@
 """The embedding API: `tilert.Engine`.
 
 An Engine owns one step backend (the runtime that runs decode steps) and schedules requests
-over it: each request is a `DecodeSequence` with its own KV cache, advanced one step at a time
-in round-robin, so many sequences share the weights but never a cache. Requests are submitted
-from any thread; a worker thread (or the caller, with `background=False`) calls `step()`.
+over it: each request is a `DecodeSequence` with its own KV cache, so many sequences share the
+weights but never a cache. With continuous batching (the default where the backend runs mixed
+steps) every round runs one step over the rows of all running sequences (decode rows, DFlash verify
+blocks, prefill chunks), each sequence in its own slot of a KV cache pool; requests join and leave
+between steps. Otherwise sequences advance one step at a time in round-robin. Requests are
+submitted from any thread; a worker thread (or the caller, with `background=False`) calls `step()`.
 Nothing is global: two Engines in one process share nothing but the backend factory registry.
 """
 
@@ -28,7 +31,7 @@ from tilert.checkpoint.sharded import RankWeights
 from tilert.engine.backend import ReferenceBackend, ShardedReferenceBackend, StepBackend
 from tilert.engine.memory import KVMemoryError, check_kv_memory, default_budget, kv_bytes_per_sequence
 from tilert.engine.request import GenerationError, SamplingParams, StepError, TokenLogprob
-from tilert.engine.sequence import DecodeSequence
+from tilert.engine.sequence import DecodeSequence, StepRows
 from tilert.engine.text import TextStream, find_eos_token_ids
 from tilert.models.config import ModelConfig, load_config
 from tilert.models.weights import synthetic_weights
@@ -196,6 +199,7 @@ class Request:
         tok = engine.tokenizer
         self._text = TextStream(tok, stop) if tok is not None else None
         self.cancelled = False
+        self.slot: int | None = None  # its sequence slot in the KV cache pool (continuous batching)
         self.t_submit = time.perf_counter()
         self.t_first: float | None = None
         self.t_done: float | None = None
@@ -336,6 +340,8 @@ class Engine:
     eos_token_id: ids that end a generation (default: what the checkpoint and tokenizer declare).
     kv_memory: bytes the KV caches may use (default: see tilert.engine.memory); max_active caches
     of max_seq tokens must fit, or the constructor raises KVMemoryError.
+    batching: run every round as one mixed step over all running sequences (continuous batching;
+    None: wherever the backend has mixed steps and per-sequence caches), else one sequence per step.
     """
 
     def __init__(
@@ -356,6 +362,7 @@ class Engine:
         drafter: str | Path | None = None,
         eos_token_id: int | Sequence[int] | None = None,
         kv_memory: int | None = None,
+        batching: bool | None = None,
     ) -> None:
         factory = _backend_factory(backend)
         if device.startswith("cuda"):
@@ -382,6 +389,7 @@ class Engine:
         self.tokenizer = _resolve_tokenizer(tokenizer if tokenizer is not None else tok_path, self.cfg.vocab_size)
         self._caches = _Caches(self.backend)
         self.max_active = self._caches.slots or max_active
+        self.batching = self._open_pool(batching)
         self.kv_bytes_per_sequence = kv_bytes_per_sequence(self.backend)
         if self.kv_bytes_per_sequence is not None:
             if kv_memory is not None:
@@ -403,6 +411,24 @@ class Engine:
     @property
     def model_name(self) -> str:
         return self.cfg.name
+
+    def _open_pool(self, batching: bool | None) -> bool:
+        """Continuous batching: a KV cache pool of max_active slots in the backend (mixed steps)."""
+        can = callable(getattr(self.backend, "mixed_step", None)) and self._caches.kind != "single"
+        if batching and not can:
+            raise EngineError(f"backend {self.backend_name!r} cannot run mixed-sequence steps (batching=True)")
+        if batching is False or not can or (batching is None and not getattr(self.backend, "auto_batching", True)):
+            return False
+        planned = ((self.plan.extra.get("summary") or {}).get("batch") if self.plan is not None else None) or {}
+        if planned:  # a plan compiled with --batch: its step shapes, for at most its sequences
+            if self.max_active > planned["slots"]:
+                n = planned["slots"]
+                raise EngineError(f"max_active={self.max_active} exceeds the plan's {n} batched sequences (--batch)")
+            self.backend.batch_rows = tuple(planned["rows"])  # type: ignore[attr-defined]
+        self.backend.open_pool(self.max_active)  # type: ignore[attr-defined]
+        self._free_slots = list(range(self.max_active))
+        self._rr = 0  # which active sequence plans first (rotates, so none waits for rows forever)
+        return True
 
     def _eos_ids(self, given: int | Sequence[int] | None, weights: Any) -> frozenset[int]:
         if given is not None:
@@ -524,7 +550,7 @@ class Engine:
                 if self._closed:
                     self._fail_unfinished(EngineClosedError("engine was closed before the request finished"))
 
-    def _round(self) -> int:
+    def _admit(self) -> None:
         with self._cond:
             while self._pending and len(self._active) < self.max_active and not self._closed:
                 req = self._pending.popleft()
@@ -539,7 +565,14 @@ class Engine:
                     self._count(e)
                     req._finish(e)
                     continue
+                if self.batching:
+                    req.slot = self._free_slots.pop()
                 self._active.append(req)
+
+    def _round(self) -> int:
+        if self.batching:
+            return self._round_batched()
+        self._admit()
         ran = 0
         for req in list(self._active):
             if self._closed:
@@ -562,6 +595,75 @@ class Engine:
         self.counters["steps"] += ran
         return ran
 
+    def _round_batched(self) -> int:
+        """One mixed step over every running sequence's rows (as many as fit the largest step shape:
+        decoding sequences first, then prompts in chunks; the first to plan rotates each round), then
+        each sequence takes its rows' outputs. A failing plan or take fails its request; a failing
+        step fails the requests that had rows in it."""
+        self._admit()
+        budget = self.backend.batch_rows[-1]  # type: ignore[attr-defined]
+        order = list(self._active)
+        if order:
+            k = self._rr % len(order)
+            order, self._rr = order[k:] + order[:k], self._rr + 1
+        # decode rows and DFlash blocks first (their users wait for every step), prompts fill the rest
+        order.sort(key=lambda r: r.seq.prefilling)
+        planned: list[tuple[Request, StepRows]] = []
+        used = 0
+        for req in order:
+            if self._closed:
+                break
+            if req.cancelled:
+                self._retire(req, RequestCancelled("request was cancelled"))
+                continue
+            if req.seq.done:
+                self._retire(req)
+                continue
+            try:
+                if req.seq.speculative and req.seq.drafter is None:
+                    self._caches.use(req.seq.cache)  # its drafter's cache, for the draft
+                rows = req.seq.plan(self.backend, budget - used)
+            except Exception as e:
+                log.debug("request failed: %r", e)
+                self._retire(req, e)
+                continue
+            if rows is not None:
+                planned.append((req, rows))
+                used += len(rows.tokens)
+        if not planned or self._closed:
+            return 0
+        try:
+            out = self.backend.mixed_step(  # type: ignore[attr-defined]
+                torch.tensor([t for _, r in planned for t in r.tokens], dtype=torch.int32),
+                torch.tensor([p for _, r in planned for p in r.positions], dtype=torch.int32),
+                torch.tensor([q.slot for q, r in planned for _ in r.tokens], dtype=torch.int32),
+            )
+        except Exception as e:  # the step failed: every request in it fails, the engine goes on
+            log.debug("mixed step failed: %r", e)
+            for req, _ in planned:
+                self._retire(req, e)
+            return 0
+        ran, row = 0, 0
+        for req, rows in planned:
+            part = {k: v[row : row + len(rows.tokens)] for k, v in out.items()}
+            row += len(rows.tokens)
+            if self._closed:
+                break
+            if req not in self._active:
+                continue
+            try:
+                new = req.seq.take(rows, part)
+                ran += 1
+                req._push(new)
+            except Exception as e:
+                log.debug("request failed: %r", e)
+                self._retire(req, e)
+                continue
+            if req.seq.done:
+                self._retire(req)
+        self.counters["steps"] += ran
+        return ran
+
     def _count(self, error: BaseException | None) -> None:
         key = "finished" if error is None else "cancelled" if isinstance(error, RequestCancelled) else "failed"
         self.counters[key] += 1
@@ -571,6 +673,9 @@ class Engine:
             self._active.remove(req)
         self._caches.free(req.seq.cache)
         req.seq.cache = None
+        if req.slot is not None:
+            self._free_slots.append(req.slot)
+            req.slot = None
         self._count(error)
         req._finish(error)
 

@@ -19,6 +19,7 @@ from tilert.models.binding import bind_param, bind_params
 from tilert.models.builder import build_step_graph
 from tilert.models.config import ModelConfig
 from tilert.models.drafter import build_drafter_graph
+from tilert.ops.attention import check_slots
 from tilert.passes import shard_for_ranks
 from tilert.runtime.reference import ReferenceExecutor
 
@@ -45,6 +46,8 @@ class StepBackend(Protocol):
 
 
 PREFILL_CHUNK = 16  # rows of a GPU prefill step: the most the MoE and LM-head bodies take at once
+# the mixed-sequence step shapes (rows) a GPU backend compiles: every row count up to a prefill chunk
+BATCH_ROWS = tuple(range(1, PREFILL_CHUNK + 1))
 
 
 def prefill_plan(n: int, start: int, max_seq: int, chunk: int) -> list[tuple[int, int, int]]:
@@ -88,6 +91,8 @@ class GraphBackend:
 
     prefill_chunk: int | None = None
     kv_element_bytes = 2  # GPU runtimes keep KV caches in bf16
+    batch_rows: tuple[int, ...] = BATCH_ROWS  # mixed-step shapes: a step's rows are padded to the next one
+    pool_slots: int | None = None  # sequence slots of the mixed steps' KV cache pool (open_pool)
 
     def __init__(self, cfg: ModelConfig, weights: Mapping[str, torch.Tensor], max_seq: int) -> None:
         self.cfg, self.weights, self.max_seq = cfg, weights, max_seq
@@ -154,6 +159,58 @@ class GraphBackend:
         )
         return self._execute(prepared, {"tokens": tokens.to(torch.int32), "positions": positions.to(torch.int32)})
 
+    # ---- mixed-sequence steps (continuous batching) --------------------------------------------
+
+    def open_pool(self, slots: int) -> None:
+        """Run mixed steps over a pool of `slots` sequence slots: stacked KV caches [slots + 1, Hkv,
+        max_seq, D] (the last slot is scratch: padding rows write there and nowhere else), apart from
+        the per-sequence caches of `target_step` and `draft_step`."""
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise ValueError(f"a KV cache pool needs at least one slot, got {slots!r}")
+        if self.pool_slots not in (None, slots):
+            raise ValueError(f"the KV cache pool already has {self.pool_slots} slots")
+        self.pool_slots = slots
+
+    def padded_rows(self, rows: int) -> int:
+        """The compiled mixed-step shape that takes `rows` rows: the smallest of `batch_rows` >= rows."""
+        for b in self.batch_rows:
+            if b >= rows:
+                return b
+        raise ValueError(f"a mixed step of {rows} rows exceeds the largest step shape ({self.batch_rows[-1]} rows)")
+
+    def mixed_step(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> dict[str, Any]:
+        """One step over the rows of several sequences: row i is token tokens[i] of the sequence in
+        pool slot slots[i] at positions[i] (a sequence's rows contiguous at consecutive positions: a
+        decode row, a DFlash block, a prefill chunk). The rows are padded to the next compiled shape
+        with rows in the scratch slot, which change no sequence's cache or results. Returns the
+        decode-mode outputs (logits, next_tokens, features) of the real rows."""
+        if self.pool_slots is None:
+            raise ValueError("mixed steps need a KV cache pool: call open_pool(slots) first")
+        rows = int(tokens.shape[0])
+        if rows < 1 or positions.shape != tokens.shape or slots.shape != tokens.shape:
+            raise ValueError(f"a mixed step needs tokens, positions and slots of one length >= 1, got {rows}")
+        check_slots(positions, slots, self.pool_slots, self.max_seq)
+        B = self.padded_rows(rows)
+        pad = B - rows  # padding rows: token 0 at positions 0.. of the scratch slot
+        i32 = torch.int32
+        inputs = {
+            "tokens": torch.cat([tokens.to(i32), torch.zeros(pad, dtype=i32)]),
+            "positions": torch.cat([positions.to(i32), torch.arange(pad, dtype=i32)]),
+            "slots": torch.cat([slots.to(i32), torch.full((pad,), self.pool_slots, dtype=i32)]),
+        }
+        slots_n = self.pool_slots + 1
+        prepared = self._get(
+            ("mixed", B, slots_n),
+            lambda: build_step_graph(self.cfg, tokens=B, max_seq=self.max_seq, mode="decode", slots=slots_n),
+        )
+        out = self._execute_pool(prepared, inputs)
+        return {k: v[:rows] for k, v in out.items()}
+
+    def _execute_pool(self, prepared: Any, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """One mixed step of a prepared graph on the pool's KV caches (a runtime whose per-sequence
+        caches are swapped in keeps the pool apart)."""
+        return self._execute(prepared, inputs)
+
     def draft_step(
         self,
         block_tokens: torch.Tensor,
@@ -176,6 +233,8 @@ class ReferenceBackend(GraphBackend):
     """Runs step graphs on the reference executor; `world` > 1 runs sharded rank graphs in lockstep."""
 
     kv_element_bytes = 4  # the reference executor keeps state in float32
+    # any row count runs; a few shapes keep the number of prepared graphs small
+    batch_rows = (*BATCH_ROWS, 24, 32, 48, 64)
 
     def __init__(
         self,
@@ -190,6 +249,9 @@ class ReferenceBackend(GraphBackend):
         self.world = world
         self.executor = ReferenceExecutor([{} for _ in range(world)], device=device)
         self.device = torch.device(device)
+        # the mixed steps' KV cache pool: an executor of its own over the same params
+        self.pool = ReferenceExecutor([{} for _ in range(world)], device=device)
+        self.pool.params = self.executor.params
 
     def _prepare(self, g: Graph) -> list[Graph]:
         graphs = [g] if self.world == 1 else shard_for_ranks(g, self.world)
@@ -203,8 +265,12 @@ class ReferenceBackend(GraphBackend):
     def _execute(self, graphs: list[Graph], inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
         return self.executor.run(graphs, inputs)[0]
 
+    def _execute_pool(self, graphs: list[Graph], inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return self.pool.run(graphs, inputs)[0]
+
     def reset(self) -> None:
         self.executor.reset()
+        self.pool.reset()
 
 
 class ShardedReferenceBackend(ReferenceBackend):

@@ -68,18 +68,27 @@ class EagerBackend(GraphBackend):
             out = self.runtime.run(g, inputs, capture=False)
         return {k: v if k == "features" else v.cpu() for k, v in out.items()}
 
-    def execute_on(self, g: Graph, inputs: dict[str, torch.Tensor], states: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def execute_on(self, g: Graph, inputs: dict[str, torch.Tensor], states: dict[str, torch.Tensor],
+                   capture: bool = False) -> dict[str, Any]:  # fmt: skip
         """One step of a prepared graph with `states` as its KV caches (another runtime's tensors:
-        the persistent backend runs the shapes its bodies do not take here), uncaptured."""
+        the persistent backend runs the shapes its bodies do not take here; the mixed steps' pool),
+        uncaptured unless `capture` (then `states` must stay the same tensors for later replays)."""
         saved, self.runtime.states = self.runtime.states, states
         try:
-            out = self.runtime.run(g, inputs, capture=False)
+            out = self._execute(g, inputs) if capture else self.runtime.run(g, inputs, capture=False)
         finally:
             self.runtime.states = saved
         return {k: v if k == "features" else v.cpu() for k, v in out.items()}
 
+    def _execute_pool(self, g: Graph, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """A mixed step on the pool's caches (replayed from a CUDA graph with cuda_graph: the pool's
+        tensors never change)."""
+        return self.execute_on(g, inputs, self.__dict__.setdefault("pool_states", {}), capture=self.cuda_graph)
+
     def reset(self) -> None:
         self.runtime.reset()
+        for t in self.__dict__.get("pool_states", {}).values():
+            t.zero_()
 
     # per-sequence KV caches for the Engine (not with CUDA graphs: a captured graph binds its caches)
     def new_cache(self) -> dict[str, torch.Tensor]:
@@ -103,6 +112,10 @@ def eager_backend(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], *, max_
 
 class DistEagerBackend(EagerBackend):
     """EagerBackend for one rank of ctx.world (SPMD: every rank makes the same calls in order)."""
+
+    # an Engine batches only when asked: which requests share a mixed step depends on when each
+    # rank's worker admits them, and every rank must run the same step shapes
+    auto_batching = False
 
     def __init__(
         self,

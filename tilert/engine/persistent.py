@@ -63,23 +63,28 @@ class PersistentBackend(GraphBackend):
         # one SM queue per SM of this GPU (an H100 PCIe has 114): the step's CTAs are all resident
         self.sms = sms or torch.cuda.get_device_properties(torch.device(device)).multi_processor_count
         self.states: dict[str, torch.Tensor] = {}
+        self.pool_states: dict[str, torch.Tensor] = {}  # the mixed steps' KV cache pool (open_pool)
         self._eager: Any = None
         self.fallbacks: list[str] = []  # step shapes that run on the eager runtime, and why
 
     def _prepare(self, g: Graph) -> Any:
         if g.meta.get("kind") == "drafter":
             return ("eager", self._drafter_backend()._prepare(g))
+        pool = bool(g.meta.get("slots"))  # a mixed step: the KV cache pool, never swapped per sequence
+        states = self.pool_states if pool else self.states
         rg, sched = compile_step(g, self.max_seq, sms=self.sms)
         params = self._device_params(bind_params(rg, self.weights, {}), self.device)
         try:
-            step = PersistentStep(rg, sched.table, sched.counter_expected, params, self.device, states=self.states,
+            step = PersistentStep(rg, sched.table, sched.counter_expected, params, self.device, states=states,
                                   num_sms=self.sms)  # fmt: skip
         except (PersistentError, KernelCompileError) as e:
             # a shape the persistent bodies do not take: this step runs on the eager runtime (same
             # KV caches), never a failed request
             self.fallbacks.append(f"{g.name}: {e}")
             log.warning("step %s runs on the eager runtime: %s", g.name, e)
-            return ("eager-target", self._drafter_backend()._prepare(g))
+            return ("eager-pool" if pool else "eager-target", self._drafter_backend()._prepare(g))
+        if pool:
+            return ("pool", step)
         step.use_states(self.states)  # caches this graph added join the current sequence's set
         return ("persistent", step)
 
@@ -92,14 +97,14 @@ class PersistentBackend(GraphBackend):
         kind, p = prepared
         if kind == "eager":
             return self._drafter_backend()._execute(p, inputs)
-        if kind == "eager-target":  # on the target's caches (the persistent steps' tensors)
-            states = kv_states(p, torch.device(self.device), self.states)
+        if kind in ("eager-target", "eager-pool"):  # on the target's caches (the persistent steps' tensors)
+            states = kv_states(p, torch.device(self.device), self.pool_states if kind == "eager-pool" else self.states)
             return self._drafter_backend().execute_on(p, inputs, states)
         out = p.run(inputs)  # static buffers: the next launch overwrites them, so copy out
         return {k: v.clone() if k == "features" else v.cpu() for k, v in out.items()}
 
     def reset(self) -> None:
-        for t in self.states.values():
+        for t in (*self.states.values(), *self.pool_states.values()):
             t.zero_()
         if self._eager is not None:
             self._eager.reset()
@@ -128,12 +133,13 @@ def persistent_backend(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], *,
 
 
 def precompile(cfg: ModelConfig, tokens: int, mode: str, max_seq: int, world: int = 1,
-               out_dir: str | None = None, peers: bool = False, gpus: int = 1) -> Any:  # fmt: skip
+               out_dir: str | None = None, peers: bool = False, gpus: int = 1, slots: int = 0) -> Any:  # fmt: skip
     """Build the step kernel for (tokens, mode) without weights or a GPU (meta tensors): fills the
     kernel cache, so a GPU run later only loads it, and fails here if a body does not compile.
     peers=False: rank 0 of `world` alone (solo collectives); True: every rank of a MultiRankStep,
-    the ranks spread over `gpus` GPUs of 132 SMs (compile_ranks)."""
-    g = build_step_graph(cfg, tokens=tokens, mode=mode, max_seq=max_seq)
+    the ranks spread over `gpus` GPUs of 132 SMs (compile_ranks). slots > 0: the mixed step over a
+    pool of that many cache slots (the Engine's pool has max_active + 1)."""
+    g = build_step_graph(cfg, tokens=tokens, mode=mode, max_seq=max_seq, slots=slots)
     if peers:
         graphs, scheds = compile_ranks(g, max_seq, world, gpus=gpus)
         # one meta device stands for the gpus GPUs: their SMs together

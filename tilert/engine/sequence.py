@@ -5,6 +5,12 @@ DFlash draft + verify) and returns the tokens it accepted; `generate()` runs one
 end. Each sequence owns its KV cache (`cache`), which the engine binds into the backend before
 advancing it, so sequences never see each other's state.
 
+`plan()` and `take()` split the same step in two for a scheduler that runs the rows of several
+sequences as one mixed step (`StepBackend.mixed_step`, continuous batching): `plan` says which rows
+this sequence adds to the next step (a prefill chunk, a decode row, or a drafted DFlash block,
+drafting first), `take` turns the step's outputs for those rows into tokens. Greedy acceptance of
+a block is then `dflash_accept` over its rows' next tokens, on the host.
+
 Token choice: greedy takes the step's own argmax (`next_tokens`, and the device-side `accept` of
 a verify step); sampling draws from the step's logits on the host with the request's generator,
 and a sampled verify step uses the rejection rule (`tilert.ops.sampling.speculative_accept`).
@@ -28,13 +34,27 @@ from tilert.engine.request import (
     TokenLogprob,
     check_prompt,
 )
-from tilert.ops.sampling import sample, sampling_probs, speculative_accept, token_logprobs
+from tilert.ops.sampling import dflash_accept, sample, sampling_probs, speculative_accept, token_logprobs
 
 MAX_LOGPROBS = 20  # top-N alternatives per token, at most (as OpenAI's API)
 
 
 def _ids(xs: Sequence[int]) -> torch.Tensor:
     return torch.tensor(list(xs), dtype=torch.int32)
+
+
+@dataclass(frozen=True)
+class StepRows:
+    """A sequence's rows in a mixed step: tokens at consecutive positions, and what they are
+    ("prefill": a chunk of the prompt, "decode": the last token, "verify": a drafted DFlash block)."""
+
+    tokens: list[int]
+    start: int
+    kind: str
+
+    @property
+    def positions(self) -> list[int]:
+        return list(range(self.start, self.start + len(self.tokens)))
 
 
 @dataclass
@@ -56,6 +76,8 @@ class DecodeSequence:
     _ctx: Any = None
     _ctx_pos: Any = None
     _gen: Any = None
+    _prefilled: int = 0  # prompt tokens already in the cache (mixed steps run a long prompt in chunks)
+    _prefill_out: dict[str, list[Any]] = field(default_factory=dict)  # the chunks' outputs so far
 
     def __post_init__(self) -> None:
         self.result = GenerationResult(
@@ -67,6 +89,11 @@ class DecodeSequence:
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def prefilling(self) -> bool:
+        """Its prompt is not (wholly) in the cache yet: its next rows are a prompt chunk."""
+        return not self.result.tokens and not self.done
 
     def check(self, backend: StepBackend) -> None:
         """Raise GenerationError for a request this backend cannot serve (before it is queued)."""
@@ -135,6 +162,85 @@ class DecodeSequence:
             res.steps += 1
             self._ctx, self._ctx_pos, self._pos = out.get("features"), positions, pos + len(new)
         return self._emit(new, rows_used)
+
+    # ---- one step as a part of a mixed step -----------------------------------------------------
+
+    def plan(self, backend: StepBackend, budget: int) -> StepRows | None:
+        """The rows this sequence adds to the next mixed step, at most `budget` of them (None: none
+        fit, or it is done). A DFlash sequence drafts its block here (`backend.draft_step` on its own
+        drafter cache, which the caller has bound), only when the block fits."""
+        if self.done or budget < 1:
+            return None
+        if self._gen is None and not self.sampling.greedy:
+            self._gen = self.sampling.generator()
+        res, n = self.result, len(self.prompt)
+        if not res.tokens:  # the prompt, in chunks of what fits
+            k = min(budget, n - self._prefilled)
+            return StepRows(self.prompt[self._prefilled : self._prefilled + k], self._prefilled, "prefill")
+        if not self.speculative:
+            return StepRows(res.tokens[-1:], n + len(res.tokens) - 1, "decode")
+        cfg, pos = backend.cfg.dflash, self._pos
+        B = cfg.block_size if cfg is not None else self.drafter.block_size
+        most = getattr(backend, "batch_rows", (B,))[-1]
+        if B > most:
+            raise GenerationError(f"a DFlash block of {B} tokens exceeds the largest mixed step ({most} rows)")
+        if B > budget:
+            return None
+        if self.drafter is not None:
+            block = list(self.drafter(res.tokens[-1], pos, B))
+        else:
+            assert cfg is not None
+            positions = pos + torch.arange(B, dtype=torch.int32)
+            anchor = _ids([res.tokens[-1]] + [cfg.mask_token_id] * (B - 1))
+            block = backend.draft_step(anchor, positions, self._ctx, self._ctx_pos).tolist()
+        return StepRows(block, pos, "verify")
+
+    def take(self, rows: StepRows, out: dict[str, Any]) -> list[int]:
+        """The tokens the mixed step's outputs for `rows` (logits, next_tokens, features of just these
+        rows) accept; as `advance` after the same step."""
+        res, n = self.result, len(self.prompt)
+        if rows.kind == "prefill":
+            keep = ("next_tokens", "features") + (("logits",) if self.prompt_logprobs else ())
+            for k in keep:
+                if k in out:
+                    self._prefill_out.setdefault(k, []).append(out[k])
+            self._prefilled += len(rows.tokens)
+            if self._prefilled < n:
+                return []
+            whole = {k: torch.cat(v) for k, v in self._prefill_out.items()}
+            self._prefill_out = {}
+            whole.setdefault("logits", out.get("logits"))  # the last chunk's rows end at the prompt's end
+            if not self.prompt_logprobs and whole["logits"] is not None:
+                whole["logits"] = whole["logits"][-1:]
+            logits = _logits(whole, 0, slice(None))
+            new = [self._choose(whole, logits)]
+            if self.prompt_logprobs:
+                assert logits is not None
+                lps = token_logprobs(logits[:-1], self.prompt[1:], self.logprobs or 0)
+                res.prompt_logprobs = [None] + [TokenLogprob(t, lp, top) for t, (lp, top) in zip(self.prompt[1:], lps)]
+            rows_used = None if logits is None else logits[-1:]
+            self._ctx, self._ctx_pos, self._pos = whole.get("features"), torch.arange(n, dtype=torch.int32), n
+            return self._emit(new, rows_used)
+        if rows.kind == "decode":
+            logits = _logits(out, rows.start, slice(0, 1))
+            res.steps += 1
+            return self._emit([self._choose(out, logits)], logits)
+        B, pos = len(rows.tokens), rows.start
+        block = _ids(rows.tokens)
+        if self.sampling.greedy:
+            acc = dflash_accept(block, out["next_tokens"].to(torch.int32).cpu()).tolist()
+            new = acc[1 : acc[0] + 2]
+            logits = _logits(out, pos, slice(0, len(new)))
+        else:
+            logits = _logits(out, pos, slice(0, B))
+            if logits is None:
+                raise GenerationError("this backend returns no logits; sampling needs them (use temperature 0)")
+            new = speculative_accept(rows.tokens, lambda i: self._probs(logits[i]), self._gen)
+        res.accepted.append(len(new) - 1)
+        res.steps += 1
+        positions = pos + torch.arange(B, dtype=torch.int32)
+        self._ctx, self._ctx_pos, self._pos = out.get("features"), positions, pos + len(new)
+        return self._emit(new, None if logits is None else logits[: len(new)])
 
     def _probs(self, logits: torch.Tensor) -> torch.Tensor:
         s = self.sampling

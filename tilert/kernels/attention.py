@@ -18,6 +18,14 @@ Tile bodies (the persistent runtime calls these with its own coordinates):
         B new keys from q/k/v in registers and (row block 0) appends them to the cache.
         Writes o_part[h, rows, s, :] (fp32, normalised) and lse[h, rows, s] (log2 domain).
     combine_body(h, r): one query row; reads the used splits and writes out[b, h*group+g, :].
+
+Mixed-sequence steps (`AttnConfig.mixed`, docs/attention.md): the caches are a pool of sequence
+slots [slots * Hkv, S, D] (slot u's kv head h at row u * Hkv + h) and a third input slots [B]
+int32 names each row's slot. A sequence's rows are contiguous in the step at consecutive
+positions (a decode row, a verify block, a prefill chunk). Row block rb is then a candidate first
+token: it runs when token rb starts a chunk of at most block_m / group tokens of its sequence
+(the chunk's rows are that sequence's only), reads that slot's old keys below the sequence's
+first position in the step, and the sequence's new keys up to the chunk's end.
 """
 
 import dataclasses
@@ -30,7 +38,7 @@ from tilert.ir.opset.fused import AttentionBlockAttrs
 from tilert.kernels.common import build, cdiv, gate_passed, warp_rows
 from tilert.kernels.common import gated as mark_gated
 from tilert.ops.attention import attention as _ref_attention
-from tilert.ops.attention import kv_append, rope
+from tilert.ops.attention import attention_slots, check_slots, kv_append, kv_append_slots, rope
 
 # tilelang (the kernel compiler, slow to import) is imported only inside the functions that build kernels
 
@@ -62,6 +70,7 @@ class AttnConfig:
     min_tiles: int = 2  # fewest key tiles per split (short contexts use fewer splits)
     rows_per_cta: int = 0  # 0 = auto, see `block_m`; 64 = one-warpgroup CTAs
     v_scale: float = 1.0  # new v rows are scaled (fp32) and rounded to bf16 before the cache append
+    mixed: bool = False  # rows of several sequences: a slots input and stacked caches (module docstring)
 
     def __post_init__(self) -> None:
         if self.q_heads % self.kv_heads:
@@ -72,6 +81,8 @@ class AttnConfig:
             raise ValueError(f"rows_per_cta {self.rows_per_cta} must be 0 (auto), 64 or 128")
         if not 1 <= self.block <= self.block_n:
             raise ValueError(f"block {self.block} must be in [1, block_n={self.block_n}]")
+        if self.mixed and self.block_m % self.group:
+            raise ValueError(f"mixed steps need {self.block_m} rows per CTA to be a multiple of group {self.group}")
 
     @classmethod
     def for_node(cls, a: AttentionBlockAttrs, tokens: int, persistent: bool = False) -> "AttnConfig":
@@ -79,7 +90,8 @@ class AttnConfig:
         persistent: the persistent bodies' (256-thread CTAs: 128 query rows each, 1-tile splits, the
         value scale applied to the new rows)."""
         cfg = cls(q_heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim, v_head_dim=a.v_head_dim,
-                  rope_dim=a.rope_dim, rope_theta=a.theta, block=tokens, window=a.window, sink=a.has_sink)
+                  rope_dim=a.rope_dim, rope_theta=a.theta, block=tokens, window=a.window, sink=a.has_sink,
+                  mixed=a.slotted)  # fmt: skip
         if not persistent:
             return cfg
         return dataclasses.replace(cfg, rows_per_cta=128, min_tiles=PERSISTENT_MIN_TILES,
@@ -103,7 +115,13 @@ class AttnConfig:
 
     @property
     def row_blocks(self) -> int:
-        return cdiv(self.rows, self.block_m)
+        """Row-block coordinates: blocks of block_m rows; mixed: one per token (a candidate chunk start)."""
+        return self.block if self.mixed else cdiv(self.rows, self.block_m)
+
+    @property
+    def chunk_tokens(self) -> int:
+        """Tokens of one sequence a mixed step's CTA takes at most."""
+        return max(1, self.block_m // self.group)
 
     @property
     def threads(self) -> int:
@@ -127,6 +145,8 @@ class AttnConfig:
             return self.num_split
         if self.window:
             return max(1, cdiv(self.window, self.block_n))
+        if self.mixed:  # one row block per token whatever the CTA shape, so the eager and persistent kernels agree
+            return max(1, WAVE_CTAS // (self.kv_heads * self.row_blocks))
         return max(1, WAVE_CTAS * self.ctas_per_sm // (self.kv_heads * self.row_blocks))
 
     @property
@@ -135,8 +155,17 @@ class AttnConfig:
 
     def smem_bytes(self) -> int:
         tile = self.block_n * (self.head_dim + self.v_head_dim) * 2
-        table_rows = warp_rows(self.block, max(self.rope_dim // 2, 1), self.block_n)  # the RoPE table
+        table_rows = rope_rows(self)  # the RoPE table
         return self.block_m * self.head_dim * 2 + self.stages * tile + table_rows * self.rope_dim * 4
+
+
+def rope_rows(cfg: AttnConfig) -> int:
+    """Rows of the RoPE table (and of the new-key rotation), padded so their loops cover whole warps
+    once vectorised: the loops over (rows, rope_dim / 2) move float pairs or quads, and with 9 or 11
+    rows such a loop covered part of a warp, where ThreadSync cannot place the barrier it needs (a
+    compile error). So rows are a multiple of 32 / (rope_dim / 8); B = 1 keeps its one row."""
+    half = max(cfg.rope_dim // 2, 1)
+    return warp_rows(cfg.block, max(half // 4, 1) if cfg.mixed or cfg.block > 1 else half, cfg.block_n)
 
 
 def supports(a: AttentionBlockAttrs, tokens: int) -> str | None:
@@ -158,6 +187,13 @@ def supports(a: AttentionBlockAttrs, tokens: int) -> str | None:
     return None
 
 
+def row_blocks(a: AttentionBlockAttrs, tokens: int, kv_heads: int) -> int:
+    """Row-block coordinates of an attention_block node's split tasks: blocks of `tiling`'s rows per
+    CTA, or for a mixed-sequence (slotted) node one per token (AttnConfig.row_blocks)."""
+    rows, bm, _ = tiling(a, tokens, kv_heads)
+    return tokens if a.slotted else cdiv(rows, bm)
+
+
 def tiling(a: AttentionBlockAttrs, tokens: int, kv_heads: int) -> tuple[int, int, int]:
     """(query rows per kv head, rows per CTA, KV splits) of an attention_block node's tasks: the
     kernel's (rows, block_m, splits) where it covers the node, so the persistent kernel runs
@@ -171,7 +207,8 @@ def tiling(a: AttentionBlockAttrs, tokens: int, kv_heads: int) -> tuple[int, int
     window = a.window
     rows = tokens * a.heads // kv_heads
     bm = 64 if rows <= 64 else 128
-    splits = max(1, cdiv(window, BLOCK_N)) if window else max(1, WAVE_CTAS // (kv_heads * cdiv(rows, bm)))
+    blocks = tokens if a.slotted else cdiv(rows, bm)
+    splits = max(1, cdiv(window, BLOCK_N)) if window else max(1, WAVE_CTAS // (kv_heads * blocks))
     return rows, bm, splits
 
 
@@ -200,6 +237,7 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
     import tilelang.language as T
 
     B, G, R, BM, BN = cfg.block, cfg.group, cfg.rows, cfg.block_m, cfg.block_n
+    MIX, TPB, HKV = cfg.mixed, cfg.chunk_tokens, cfg.kv_heads
     DK, DV, ROPE, RH, NS, W = cfg.head_dim, cfg.v_head_dim, cfg.rope_dim, cfg.rope_dim // 2, cfg.splits, cfg.window
     SL2 = cfg.scale * LOG2E
     NST, TH = cfg.stages, cfg.threads
@@ -210,16 +248,17 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
     # RoPE loops over whole warps (common.warp_rows): padded q rows and new-key rows are zeros, and
     # the table's padded rows (positions past the B new ones) are computed but never used by real rows
     QRP = warp_rows(QR, max(RH, 1), BM)
-    BK = warp_rows(B, max(RH, 1), BN)
+    BK = rope_rows(cfg)
 
     @T.macro
     def rotate_q(q_s, rb, cs):
         """NeoX RoPE in place on q_s's real rows (plain bf16 copies of Q): each thread owns a
         (d, d + RH) pair and binds both values before it stores, so nothing is read after a write.
-        fp32 math, one bf16 rounding, as the reference."""
+        fp32 math, one bf16 rounding, as the reference. Mixed: rb is the block's first token's row
+        of the RoPE table (its offset from the sequence's first token in the step)."""
         for i, f in T.Parallel(QRP, max(RH, 1)):
             if f < RH:
-                b = T.min((rb * BM + i) // G, B - 1)
+                b = T.min(rb + i // G, B - 1) if MIX else T.min((rb * BM + i) // G, B - 1)
                 x0 = T.Cast(f32, q_s[i, f])
                 x1 = T.Cast(f32, q_s[i, f + RH])
                 q_s[i, f] = T.Cast(bf16, x0 * cs[b, f] - x1 * cs[b, RH + f])
@@ -268,8 +307,9 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
 
     @T.macro
     def issue(Kc, Vc, k_ring, v_ring, bar, st, h, base):
-        """Load the key tile at base (K and V) into ring slot st: one TMA load completing on bar[st],
-        or (tma=False) cp.async by every thread, two commit groups."""
+        """Load the key tile at base (K and V) of cache row h (the kv head; mixed: slot * Hkv + kv
+        head) into ring slot st: one TMA load completing on bar[st], or (tma=False) cp.async by
+        every thread, two commit groups."""
         if tma:
             T.tma_copy(Kc[h, base : base + BN, :], k_ring[st, :, :], barrier=bar[st])
             T.tma_copy(Vc[h, base : base + BN, :], v_ring[st, :, :], barrier=bar[st])
@@ -296,7 +336,39 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
             T.sync_threads()
 
     @T.macro
-    def split_core(Q, Knew, Vnew, Kc, Vc, Pos, Opart, Lse, h, rb, s, gate):
+    def chunk_of(Pos, Slot, tok0, seg):
+        """Mixed steps: seg = [a, e, active, t1] for the candidate chunk starting at token tok0: its
+        sequence's rows a..e-1 in the step (the run of tok0's slot), whether tok0 starts a chunk
+        (every TPB tokens of the run), and the chunk's end t1."""
+        seg[0] = 0
+        seg[1] = B
+        for k in T.serial(B):
+            if (k <= tok0) & (k > 0):
+                if Slot[T.max(k - 1, 0)] != Slot[k]:
+                    seg[0] = k
+            kk = B - 1 - k
+            if kk > tok0:
+                if Slot[T.max(kk - 1, 0)] != Slot[kk]:
+                    seg[1] = kk
+        seg[2] = T.if_then_else((tok0 - seg[0]) % TPB == 0, 1, 0)
+        seg[3] = T.min(tok0 + TPB, seg[1])
+
+    @T.macro
+    def write_mixed(acc_o, m, alpha, l_sum, Opart, Lse, h, rb, s, n_used, active, t1):
+        """Mixed steps: a chunk's partials, block row i = query row rb * G + i (its tokens rb..t1-1);
+        non-chunk blocks and splits past the keys write nothing."""
+        if ((s == NS) | (s < n_used)) & (active == 1):
+            for i in T.Parallel(BM):
+                alpha[i] = T.if_then_else(l_sum[i] > 0, 1.0 / l_sum[i], 0)
+            for i, d in T.Parallel(BM, DV):
+                if i < (t1 - rb) * G:
+                    Opart[h, rb * G + i, s, d] = acc_o[i, d] * alpha[i]
+            for i in T.Parallel(BM):
+                if i < (t1 - rb) * G:
+                    Lse[h, rb * G + i, s] = T.if_then_else(l_sum[i] > 0, T.log2(l_sum[i]) + m[i] * SL2, NEG)
+
+    @T.macro
+    def split_core(Q, Knew, Vnew, Kc, Vc, Pos, Slot, Opart, Lse, h, rb, s, gate):
         q_s = T.alloc_shared([BM, DK], bf16)
         k_ring = T.alloc_shared([NST, BN, DK], bf16)
         v_ring = T.alloc_shared([NST, BN, DV], bf16)
@@ -312,16 +384,29 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
         r_sum = T.alloc_fragment([BM], f32)
         qpos = T.alloc_fragment([BM], "int32")
 
-        start = Pos[0]
+        if MIX:  # this block's chunk of one sequence: tokens rb..t1-1 of its run a..e-1
+            seg = T.alloc_local([4], "int32")
+            chunk_of(Pos, Slot, rb, seg)
+            a0, active, t1 = seg[0], seg[2], seg[3]
+            start = Pos[a0]  # the sequence's first position in this step: its old keys lie below
+            ch = Slot[rb] * HKV + h  # the slot's cache row of kv head h
+            new_hi = start + (t1 - a0)  # new keys the chunk's rows may see: the run's up to the chunk end
+        else:
+            active, ch = 1, h
+            start = Pos[0]
+            new_hi = start + B
         lo, per, n_used = _split_plan(cfg, start)
         s_lo = lo + s * per * BN
         s_hi = T.min(s_lo + per * BN, start)
         # key tiles of this split (0 for the new-key split NS and for unused splits)
-        nt = T.if_then_else(s < n_used, T.ceildiv(s_hi - s_lo, BN), 0)
+        if MIX:
+            nt = T.if_then_else((s < n_used) & (active == 1), T.ceildiv(s_hi - s_lo, BN), 0)
+        else:
+            nt = T.if_then_else(s < n_used, T.ceildiv(s_hi - s_lo, BN), 0)
         # Start the first NST tile loads now, so they fly while this CTA builds its q block.
         for st in T.unroll(NST):
             if st < nt:
-                issue(Kc, Vc, k_ring, v_ring, bar, st, h, s_lo + st * BN)
+                issue(Kc, Vc, k_ring, v_ring, bar, st, ch, s_lo + st * BN)
             else:
                 no_issue()
 
@@ -338,27 +423,53 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
         if gate_passed(gate):  # every input is ready (a barrier); false only after a timed-out wait
             # q rows: one plain (vectorised) copy into shared memory, then RoPE in place; only row
             # blocks that can hold real rows are rotated (B = 1: 16 of 128 rows).
-            for i, d in T.Parallel(BM, DK):
-                r = rb * BM + i
-                q_s[i, d] = T.if_then_else(r < R, Q[T.min(r // G, B - 1), h * G + r % G, d], T.Cast(bf16, 0))
-            T.sync_threads()
-            rotate_q(q_s, rb, cs)
-            for i in T.Parallel(BM):
-                qpos[i] = start + T.min((rb * BM + i) // G, B - 1)
+            if MIX:  # the chunk's tokens rb..t1-1, G rows each (BM is a multiple of G)
+                for i, d in T.Parallel(BM, DK):
+                    q_s[i, d] = T.if_then_else(
+                        rb + i // G < t1, Q[T.min(rb + i // G, B - 1), h * G + i % G, d], T.Cast(bf16, 0)
+                    )
+                T.sync_threads()
+                rotate_q(q_s, rb - a0, cs)
+                for i in T.Parallel(BM):
+                    qpos[i] = start + T.min(rb + i // G, t1 - 1) - a0
+            else:
+                for i, d in T.Parallel(BM, DK):
+                    r = rb * BM + i
+                    q_s[i, d] = T.if_then_else(r < R, Q[T.min(r // G, B - 1), h * G + r % G, d], T.Cast(bf16, 0))
+                T.sync_threads()
+                rotate_q(q_s, rb, cs)
+                for i in T.Parallel(BM):
+                    qpos[i] = start + T.min((rb * BM + i) // G, B - 1)
             T.fill(acc_o, 0)
             T.fill(l_sum, 0)
             T.fill(m, NEG)
 
             if s == NS:  # the B new keys: ring slot 0 (no loads are in flight: nt = 0), RoPE, append
-                for j, d in T.Parallel(BN, DK):
-                    k_ring[0, j, d] = T.if_then_else(j < B, Knew[T.min(j, B - 1), h, d], T.Cast(bf16, 0))
-                for j, d in T.Parallel(BN, DV):
-                    v_ring[0, j, d] = T.if_then_else(j < B, vnew(Vnew, T.min(j, B - 1), h, d), T.Cast(bf16, 0))
+                if MIX:  # the run's keys a..t1-1 (table rows 0..t1-a-1); the chunk appends its own
+                    for j, d in T.Parallel(BN, DK):
+                        k_ring[0, j, d] = T.if_then_else(j < t1 - a0, Knew[T.min(a0 + j, B - 1), h, d], T.Cast(bf16, 0))
+                    for j, d in T.Parallel(BN, DV):
+                        v_ring[0, j, d] = T.if_then_else(
+                            j < t1 - a0, vnew(Vnew, T.min(a0 + j, B - 1), h, d), T.Cast(bf16, 0)
+                        )
+                else:
+                    for j, d in T.Parallel(BN, DK):
+                        k_ring[0, j, d] = T.if_then_else(j < B, Knew[T.min(j, B - 1), h, d], T.Cast(bf16, 0))
+                    for j, d in T.Parallel(BN, DV):
+                        v_ring[0, j, d] = T.if_then_else(j < B, vnew(Vnew, T.min(j, B - 1), h, d), T.Cast(bf16, 0))
                 T.sync_threads()
                 rotate_k(k_ring, cs)
                 T.fence_proxy_async()  # generic-proxy smem writes, read next by wgmma (async proxy)
                 T.sync_threads()
-                if rb == 0:
+                if MIX:
+                    off = rb - a0
+                    for j, d in T.Parallel(B, DK):
+                        if (active == 1) & (rb + j < t1):
+                            Kc[ch, start + off + j, d] = k_ring[0, T.min(off + j, BN - 1), d]
+                    for j, d in T.Parallel(B, DV):
+                        if (active == 1) & (rb + j < t1):
+                            Vc[ch, start + off + j, d] = v_ring[0, T.min(off + j, BN - 1), d]
+                elif rb == 0:
                     for j, d in T.Parallel(B, DK):
                         Kc[h, start + j, d] = k_ring[0, j, d]
                     for j, d in T.Parallel(B, DV):
@@ -369,10 +480,10 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
             # partial last, new keys) made it about 70 KB of SASS. Ring of NST slots: tile t lives in
             # slot t % NST; the trip count comes from the device (positions), so the ring is run by
             # hand instead of T.Pipelined (see docs/attention.md).
-            for t in T.serial(T.if_then_else(s == NS, 1, nt)):
+            for t in T.serial(T.if_then_else(s == NS, active, nt)):
                 st = t % NST
                 base = T.if_then_else(s == NS, start, s_lo + t * BN)
-                hi = T.if_then_else(s == NS, start + B, s_hi)
+                hi = T.if_then_else(s == NS, new_hi, s_hi)
                 if s < NS:
                     wait_tile(bar, st, t)
                     if base + BN > s_hi:
@@ -388,11 +499,13 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
                 T.sync_threads()  # every warp is done with slot st before it is refilled
                 if s < NS:
                     if t + NST < nt:
-                        issue(Kc, Vc, k_ring, v_ring, bar, st, h, base + NST * BN)
+                        issue(Kc, Vc, k_ring, v_ring, bar, st, ch, base + NST * BN)
                     else:
                         no_issue()
 
-            if (s == NS) | (s < n_used):  # splits past the keys write nothing (the combine skips them)
+            if MIX:
+                write_mixed(acc_o, m, alpha, l_sum, Opart, Lse, h, rb, s, n_used, active, t1)
+            elif (s == NS) | (s < n_used):  # splits past the keys write nothing (the combine skips them)
                 # one reciprocal per row (alpha is free now): a division per element was an inlined
                 # IEEE divide for each of a thread's 64 acc_o values, ~16 KB of the body's code
                 for i in T.Parallel(BM):
@@ -406,25 +519,38 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
                     if r < R:
                         Lse[h, r, s] = T.if_then_else(l_sum[i] > 0, T.log2(l_sum[i]) + m[i] * SL2, NEG)
 
-    if gated:
+    if MIX and gated:
+
+        @T.macro
+        def attn_split_body(Q, Knew, Vnew, Kc, Vc, Pos, Slot, Opart, Lse, h, rb, s, gate):
+            split_core(Q, Knew, Vnew, Kc, Vc, Pos, Slot, Opart, Lse, h, rb, s, gate)
+
+        attn_split_body = mark_gated(attn_split_body)
+    elif MIX:
+
+        @T.macro
+        def attn_split_body(Q, Knew, Vnew, Kc, Vc, Pos, Slot, Opart, Lse, h, rb, s):
+            split_core(Q, Knew, Vnew, Kc, Vc, Pos, Slot, Opart, Lse, h, rb, s, None)
+
+    elif gated:
 
         @T.macro
         def attn_split_body(Q, Knew, Vnew, Kc, Vc, Pos, Opart, Lse, h, rb, s, gate):
-            split_core(Q, Knew, Vnew, Kc, Vc, Pos, Opart, Lse, h, rb, s, gate)
+            split_core(Q, Knew, Vnew, Kc, Vc, Pos, None, Opart, Lse, h, rb, s, gate)
 
         attn_split_body = mark_gated(attn_split_body)
     else:
 
         @T.macro
         def attn_split_body(Q, Knew, Vnew, Kc, Vc, Pos, Opart, Lse, h, rb, s):
-            split_core(Q, Knew, Vnew, Kc, Vc, Pos, Opart, Lse, h, rb, s, None)
+            split_core(Q, Knew, Vnew, Kc, Vc, Pos, None, Opart, Lse, h, rb, s, None)
 
     CT = 256  # combine threads: 32 lanes x 4 columns each, CT // 32 slot groups
     NG, CPL = CT // 32, DV // 32
     NSP = cdiv(NS + 1, CT) * CT
 
     @T.macro
-    def combine_body(Pos, Sink, Opart, Lse, Out, h, r):
+    def combine_core(Pos, Slot, Sink, Opart, Lse, Out, h, r):
         tx = T.get_thread_binding()
         lse_s = T.alloc_shared([NSP], f32)
         red = T.alloc_shared([2, NG], f32)
@@ -432,8 +558,13 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
         mx = T.alloc_var(f32)
         tot = T.alloc_var(f32)
         o = T.alloc_local([CPL], f32)
-        _, _, n_used = _split_plan(cfg, Pos[0])
         b = r // G
+        if MIX:  # the splits of the row's sequence: its first position in the step
+            seg = T.alloc_local([4], "int32")
+            chunk_of(Pos, Slot, b, seg)
+            _, _, n_used = _split_plan(cfg, Pos[seg[0]])
+        else:
+            _, _, n_used = _split_plan(cfg, Pos[0])
         hq = h * G + r % G
         lane, grp = tx % 32, tx // 32
         # slot k < n_used is split k; slot n_used is the new-key split NS.
@@ -488,6 +619,18 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
                     acc = acc + part[g, lane * CPL + c]
                 Out[b, hq, lane * CPL + c] = T.Cast(bf16, acc)
 
+    if MIX:
+
+        @T.macro
+        def combine_body(Pos, Slot, Sink, Opart, Lse, Out, h, r):
+            combine_core(Pos, Slot, Sink, Opart, Lse, Out, h, r)
+
+    else:
+
+        @T.macro
+        def combine_body(Pos, Sink, Opart, Lse, Out, h, r):
+            combine_core(Pos, None, Sink, Opart, Lse, Out, h, r)
+
     return attn_split_body, combine_body
 
 
@@ -496,13 +639,15 @@ def _shapes(cfg: AttnConfig):
 
     S = T.dynamic("S")
     B, Hq, Hkv, DK, DV = cfg.block, cfg.q_heads, cfg.kv_heads, cfg.head_dim, cfg.v_head_dim
+    SH = T.dynamic("SH") if cfg.mixed else Hkv  # mixed: slots x kv heads cache rows
     return {
         "q": [B, Hq, DK],
         "k": [B, Hkv, DK],
         "v": [B, Hkv, DV],
-        "k_cache": [Hkv, S, DK],
-        "v_cache": [Hkv, S, DV],
+        "k_cache": [SH, S, DK],
+        "v_cache": [SH, S, DV],
         "positions": [B],
+        "slots": [B],
         "sink": [Hq],
         "o_part": [Hkv, cfg.rows, cfg.splits + 1, DV],
         "lse": [Hkv, cfg.rows, cfg.splits + 1],
@@ -517,6 +662,25 @@ def attn_split_kernel(cfg: AttnConfig):
     body, _ = make_bodies(cfg)
     sh = _shapes(cfg)
     bf16, f32 = "bfloat16", "float32"
+
+    if cfg.mixed:
+
+        @T.prim_func
+        def attn_split_mixed(
+            Q: T.Tensor(sh["q"], bf16),
+            Knew: T.Tensor(sh["k"], bf16),
+            Vnew: T.Tensor(sh["v"], bf16),
+            Kc: T.Tensor(sh["k_cache"], bf16),
+            Vc: T.Tensor(sh["v_cache"], bf16),
+            Pos: T.Tensor(sh["positions"], "int32"),
+            Slot: T.Tensor(sh["slots"], "int32"),
+            Opart: T.Tensor(sh["o_part"], f32),
+            Lse: T.Tensor(sh["lse"], f32),
+        ):
+            with T.Kernel(cfg.row_blocks, cfg.splits + 1, cfg.kv_heads, threads=cfg.threads) as (rb, s, h):
+                body(Q, Knew, Vnew, Kc, Vc, Pos, Slot, Opart, Lse, h, rb, s)
+
+        return attn_split_mixed
 
     @T.prim_func
     def attn_split(
@@ -541,6 +705,21 @@ def combine_kernel(cfg: AttnConfig):
 
     _, body = make_bodies(cfg)
     sh = _shapes(cfg)
+    if cfg.mixed:
+
+        @T.prim_func
+        def attn_combine_mixed(
+            Pos: T.Tensor(sh["positions"], "int32"),
+            Slot: T.Tensor(sh["slots"], "int32"),
+            Sink: T.Tensor(sh["sink"], "float32"),
+            Opart: T.Tensor(sh["o_part"], "float32"),
+            Lse: T.Tensor(sh["lse"], "float32"),
+            Out: T.Tensor(sh["out"], "bfloat16"),
+        ):
+            with T.Kernel(cfg.rows, cfg.kv_heads, threads=256) as (r, h):
+                body(Pos, Slot, Sink, Opart, Lse, Out, h, r)
+
+        return attn_combine_mixed
 
     @T.prim_func
     def attn_combine(
@@ -563,14 +742,15 @@ def compiled(cfg: AttnConfig):
     return split, build(combine_kernel(cfg), pass_configs=PASS_CONFIGS)
 
 
-def configs_for_plan(ranks: int = 8) -> list[AttnConfig]:
+def configs_for_plan(ranks: int = 8, mixed: bool = False) -> list[AttnConfig]:
     """The attention kernels the mimo-v2.5-pro plan on `ranks` ranks uses: full and SWA layers,
-    plain decode (B=1) and DFlash verify (B=8)."""
+    plain decode (B=1) and DFlash verify (B=8); mixed: the mixed-sequence steps' (B=1, 8 and 16 rows)."""
     hq, hkv = 128 // ranks, max(1, 8 // ranks)
     out = []
-    for block in (1, 8):
-        out.append(AttnConfig(q_heads=hq, kv_heads=hkv, block=block, rope_theta=1e7))
-        out.append(AttnConfig(q_heads=hq, kv_heads=hkv, block=block, rope_theta=1e4, window=128, sink=True))
+    for block in (1, 8, 16) if mixed else (1, 8):
+        out.append(AttnConfig(q_heads=hq, kv_heads=hkv, block=block, rope_theta=1e7, mixed=mixed))
+        out.append(AttnConfig(q_heads=hq, kv_heads=hkv, block=block, rope_theta=1e4, window=128, sink=True,
+                              mixed=mixed))  # fmt: skip
     return out
 
 
@@ -604,26 +784,38 @@ def run(
     out: torch.Tensor | None = None,
     ws: tuple[torch.Tensor, torch.Tensor] | None = None,
     validate: bool = True,
+    slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """RoPE + KV append + attention for one step; returns out [B, Hq, Dv] bf16.
 
     q [B, Hq, Dk], k [B, Hkv, Dk], v [B, Hkv, Dv] bf16 (before RoPE); caches [Hkv, S, D] bf16,
     updated in place; positions [B] int32 = start + arange(B) on the device; sink [Hq] fp32
     (required iff cfg.sink). `validate` checks the positions' contract (one host sync).
+    cfg.mixed: caches [slots, Hkv, S, D] and slots [B] int32, each sequence's rows contiguous at
+    consecutive positions (`tilert.ops.attention.check_slots`).
     """
     dev = q.device
     B, Hq, Hkv, DK, DV = cfg.block, cfg.q_heads, cfg.kv_heads, cfg.head_dim, cfg.v_head_dim
-    S = k_cache.shape[1] if k_cache.dim() == 3 else -1
+    if cfg.mixed and k_cache.dim() != 4:
+        raise ValueError(f"attention: a mixed config needs caches [slots, Hkv, S, D], got {tuple(k_cache.shape)}")
+    pool = (k_cache.shape[0],) if cfg.mixed else ()
+    S = k_cache.shape[-2] if k_cache.dim() == 3 + len(pool) else -1
     bf = torch.bfloat16
     for name, t, shape, dt in (
         ("q", q, (B, Hq, DK), bf),
         ("k", k, (B, Hkv, DK), bf),
         ("v", v, (B, Hkv, DV), bf),
-        ("k_cache", k_cache, (Hkv, S, DK), bf),
-        ("v_cache", v_cache, (Hkv, S, DV), bf),
+        ("k_cache", k_cache, (*pool, Hkv, S, DK), bf),
+        ("v_cache", v_cache, (*pool, Hkv, S, DV), bf),
         ("positions", positions, (B,), torch.int32),
     ):
         _expect(name, t, shape, dt, dev)
+    if cfg.mixed:
+        if slots is None:
+            raise ValueError("attention: a mixed config needs slots [B] int32")
+        _expect("slots", slots, (B,), torch.int32, dev)
+    elif slots is not None:
+        raise ValueError("attention: slots given but the config is not mixed")
     if cfg.sink:
         if sink is None:
             raise ValueError("attention: this config has a sink; pass sink [Hq] float32")
@@ -632,7 +824,9 @@ def run(
         if sink is not None:
             raise ValueError("attention: sink given but the config has sink=False")
         sink = torch.zeros(Hq, device=dev)
-    if validate:
+    if validate and cfg.mixed:
+        check_slots(positions.cpu(), slots.cpu(), k_cache.shape[0], S)
+    elif validate:
         start = int(positions[0])
         if not torch.equal(positions.cpu(), torch.arange(start, start + B, dtype=torch.int32)):
             raise ValueError(f"attention: positions must be start + arange({B}); got {positions.tolist()}")
@@ -644,15 +838,24 @@ def run(
         _expect("out", out, (B, Hq, DV), bf, dev)
     o_part, lse = ws if ws is not None else workspace(cfg, dev)
     split, combine = compiled(cfg)
+    if cfg.mixed:  # the pool as cache rows [slots * Hkv, S, D] (a view)
+        kc, vc = k_cache.view(-1, S, DK), v_cache.view(-1, S, DV)
+        split(q, k, v, kc, vc, positions, slots, o_part, lse)
+        combine(positions, slots, sink, o_part, lse, out)
+        return out
     split(q, k, v, k_cache, v_cache, positions, o_part, lse)
     combine(positions, sink, o_part, lse, out)
     return out
 
 
-def reference(cfg: AttnConfig, q, k, v, k_cache, v_cache, positions, sink=None) -> torch.Tensor:
-    """tilert.ops.attention composed as the kernel's step: rope, append, attend (fp32 out)."""
+def reference(cfg: AttnConfig, q, k, v, k_cache, v_cache, positions, sink=None, slots=None) -> torch.Tensor:
+    """tilert.ops.attention composed as the kernel's step: rope, append, attend (fp32 out); with
+    slots (mixed), each row in its own slot of caches [slots, Hkv, S, D]."""
     qr = rope(q, positions, cfg.rope_dim, cfg.rope_theta)
     kr = rope(k, positions, cfg.rope_dim, cfg.rope_theta)
+    if slots is not None:
+        kv_append_slots(k_cache, v_cache, kr, v, positions, slots)
+        return attention_slots(qr, k_cache, v_cache, positions, slots, scale=cfg.scale, window=cfg.window, sink=sink)
     kv_append(k_cache, v_cache, kr, v, positions)
     kv_len = int(positions[-1]) + 1
     return _ref_attention(qr, k_cache, v_cache, positions, kv_len, scale=cfg.scale, window=cfg.window, sink=sink)
@@ -685,6 +888,74 @@ def make_inputs(cfg: AttnConfig, kv_len: int, capacity: int | None = None, devic
         "positions": torch.arange(start, kv_len, dtype=torch.int32).to(device),
         "sink": (torch.randn(Hq, generator=g) + 1.0).to(device) if cfg.sink else None,
     }
+
+
+def make_mixed_inputs(cfg: AttnConfig, seqs: list[tuple[int, int, int]], n_slots: int, capacity: int,
+                      device="cuda", seed=None) -> dict:  # fmt: skip
+    """Fresh random inputs for a mixed step: seqs = (slot, first position, rows) per sequence, in row
+    order (rows sum to cfg.block). Every slot's cache holds random old keys below its sequence's first
+    position and NaN from there on (and in slots no row uses), so a row reading another slot, or a
+    slot's stale tail, shows up."""
+    if sum(n for _, _, n in seqs) != cfg.block:
+        raise ValueError(f"rows {[n for _, _, n in seqs]} do not add up to block {cfg.block}")
+    g = torch.Generator(device="cpu")
+    g.manual_seed(seed if seed is not None else torch.seed() % (1 << 31))
+    B, Hq, Hkv, DK, DV = cfg.block, cfg.q_heads, cfg.kv_heads, cfg.head_dim, cfg.v_head_dim
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(torch.bfloat16)
+
+    k_cache = torch.full((n_slots, Hkv, capacity, DK), float("nan"), dtype=torch.bfloat16)
+    v_cache = torch.full((n_slots, Hkv, capacity, DV), float("nan"), dtype=torch.bfloat16)
+    for slot, start, _ in seqs:
+        k_cache[slot, :, :start] = rnd(Hkv, start, DK)
+        v_cache[slot, :, :start] = rnd(Hkv, start, DV)
+    x = {
+        "q": rnd(B, Hq, DK),
+        "k": rnd(B, Hkv, DK),
+        "v": rnd(B, Hkv, DV),
+        "k_cache": k_cache,
+        "v_cache": v_cache,
+        "positions": torch.cat([torch.arange(p, p + n, dtype=torch.int32) for _, p, n in seqs]),
+        "slots": torch.cat([torch.full((n,), u, dtype=torch.int32) for u, _, n in seqs]),
+        "sink": (torch.randn(Hq, generator=g) + 1.0) if cfg.sink else None,
+    }
+    return {k: v.to(device) if v is not None else None for k, v in x.items()}
+
+
+def check_mixed(cfg: AttnConfig, seqs: list[tuple[int, int, int]], n_slots: int, capacity: int, seed=None,
+                tol: float = 1e-2) -> dict:  # fmt: skip
+    """The mixed kernel against each sequence's own single-sequence reference (fresh random inputs,
+    output poisoned with NaN, unwritten cache slots NaN): per-sequence relative error and the
+    appended cache. Returns {"rel_err": [per sequence], "cache_err"}; raises AssertionError past tol."""
+    x = make_mixed_inputs(cfg, seqs, n_slots, capacity, seed=seed)
+    kc_ref, vc_ref = x["k_cache"].clone(), x["v_cache"].clone()
+    out = torch.full((cfg.block, cfg.q_heads, cfg.v_head_dim), float("nan"), device="cuda", dtype=torch.bfloat16)
+    run(cfg, x["q"], x["k"], x["v"], x["k_cache"], x["v_cache"], x["positions"], x["sink"], out=out,
+        slots=x["slots"])  # fmt: skip
+    torch.cuda.synchronize()
+    errs, row, cache_err = [], 0, 0.0
+    for slot, start, n in seqs:
+        one = dataclasses.replace(cfg, block=n, mixed=False, num_split=0)
+        rows = slice(row, row + n)
+        kc, vc = kc_ref[slot].clone(), vc_ref[slot].clone()
+        ref = reference(one, x["q"][rows], x["k"][rows], x["v"][rows], kc, vc, x["positions"][rows], x["sink"])
+        got = out[rows].float()
+        assert bool(torch.isfinite(got).all()), f"{cfg} {seqs}: sequence at slot {slot}: output not fully written"
+        errs.append(float((got - ref).norm() / ref.norm()))
+        end = start + n
+        cache_err = max(cache_err, float((x["k_cache"][slot, :, :end].float() - kc[:, :end].float()).abs().max()),
+                        float((x["v_cache"][slot, :, :end].float() - vc[:, :end].float()).abs().max()))  # fmt: skip
+        if not (x["k_cache"][slot, :, end:].isnan().all() and x["v_cache"][slot, :, end:].isnan().all()):
+            cache_err = float("inf")  # written past the sequence's rows
+        row += n
+    used = {u for u, _, _ in seqs}
+    for u in range(n_slots):
+        if u not in used and not (x["k_cache"][u].isnan().all() and x["v_cache"][u].isnan().all()):
+            cache_err = float("inf")  # a slot no row uses was written
+    assert max(errs) < tol, f"{cfg} {seqs}: rel err {errs} >= {tol}"
+    assert cache_err <= 2**-6 * 4, f"{cfg} {seqs}: cache append differs by {cache_err:.3g}"
+    return {"rel_err": errs, "cache_err": cache_err}
 
 
 def check(cfg: AttnConfig, kv_len: int, seed=None, tol: float = 1e-2) -> dict:
@@ -726,13 +997,16 @@ __all__ = [
     "AttnConfig",
     "attn_split_kernel",
     "check",
+    "check_mixed",
     "combine_kernel",
     "compiled",
     "configs_for_plan",
     "kv_bytes",
     "make_bodies",
     "make_inputs",
+    "make_mixed_inputs",
     "reference",
+    "row_blocks",
     "run",
     "workspace",
 ]

@@ -5,7 +5,7 @@ references are compositions of them, so there is exactly one definition of each 
 Everything computes in float32 (or wider) regardless of the storage dtype of its inputs.
 """
 
-from tilert.ops.attention import attention, kv_append, rope
+from tilert.ops.attention import attention, attention_slots, kv_append, kv_append_slots, rope
 from tilert.ops.linear import dequant_fp8, dequant_mxfp4, fp8_linear, linear, mxfp4_linear
 from tilert.ops.moe import (
     combine_weights,
@@ -24,6 +24,7 @@ __all__ = [
     "QTensor",
     "argmax",
     "attention",
+    "attention_slots",
     "combine_weights",
     "dequant_fp8",
     "dequant_mxfp4",
@@ -31,6 +32,7 @@ __all__ = [
     "expert_linear",
     "fp8_linear",
     "kv_append",
+    "kv_append_slots",
     "linear",
     "moe_combine",
     "moe_experts",

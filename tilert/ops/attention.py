@@ -7,6 +7,11 @@ config turns a model's sliding_window_size into W by its convention: models/conf
 Causal: the query at position p sees keys j with j <= p and, when W > 0, p - j < W (keys
 p-W+1 .. p). Non-causal (DFlash drafter layers): every key below kv_len and, when W > 0, |p - j| < W:
 each query row has its own window.
+
+Mixed-sequence steps keep one cache per sequence slot, stacked: [slots, Hkv, S, D], slot u's
+cache is the single-sequence layout. Row i of the step belongs to slot `slots[i]` at position
+`positions[i]`; it writes its k/v into its own slot and attends over its own slot's cache only, so
+rows of different sequences never see each other (`kv_append_slots`, `attention_slots`).
 """
 
 from __future__ import annotations
@@ -76,14 +81,92 @@ def attention(
     ok = visible(q_pos.to(q.device), j, window, causal)
     if isinstance(kv_len, torch.Tensor):
         ok = ok & (j[None, :] < kv_len)
-    s = s.masked_fill(~ok[None], float("-inf"))
+    p = softmax_with_sink(s, ok[None], None if sink is None else sink.float()[:, None, None])
+    out = torch.einsum("htn,hnd->thd", p, v)
+    return out
+
+
+def softmax_with_sink(s: torch.Tensor, ok: torch.Tensor, sink: torch.Tensor | None) -> torch.Tensor:
+    """Softmax of scores s over the last dim, keys where `ok` only (rows with none give 0), with the
+    sink logit (shaped to broadcast against s's rows) in the denominator only."""
+    s = s.masked_fill(~ok, float("-inf"))
     m = s.amax(-1, keepdim=True)
     if sink is not None:
-        m = torch.maximum(m, sink.float()[:, None, None])
+        m = torch.maximum(m, sink)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)
     den = e.sum(-1, keepdim=True)
     if sink is not None:
-        den = den + torch.exp(sink.float()[:, None, None] - m)
-    out = torch.einsum("htn,hnd->thd", e / den, v)
-    return out
+        den = den + torch.exp(sink - m)
+    return e / den
+
+
+def check_slots(positions: torch.Tensor, slots: torch.Tensor, n_slots: int, capacity: int) -> None:
+    """Raise ValueError when a mixed step's rows are off the contract: slots in [0, n_slots), positions
+    in [0, capacity), and one slot's rows contiguous at consecutive positions (a decode row, a verify
+    block or a prefill chunk). Host tensors only (it reads them)."""
+    pos, sl = positions.long().tolist(), slots.long().tolist()
+    if len(pos) != len(sl):
+        raise ValueError(f"{len(sl)} slots for {len(pos)} rows")
+    seen: set[int] = set()
+    for i, (u, p) in enumerate(zip(sl, pos)):
+        if not 0 <= u < n_slots:
+            raise ValueError(f"row {i}: slot {u} outside the cache pool [0, {n_slots})")
+        if not 0 <= p < capacity:
+            raise ValueError(f"row {i}: position {p} outside the KV cache [0, {capacity})")
+        if i and sl[i - 1] == u:
+            if p != pos[i - 1] + 1:
+                raise ValueError(f"row {i}: slot {u}'s positions must be consecutive ({pos[i - 1]} then {p})")
+        elif u in seen:
+            raise ValueError(f"row {i}: slot {u}'s rows must be contiguous in the step")
+        seen.add(u)
+
+
+def kv_append_slots(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    slots: torch.Tensor,
+) -> None:
+    """Write each row's key/value ([T, Hkv, D]) into its slot's cache ([slots, Hkv, S, D]) at its position."""
+    pos, sl = positions.long(), slots.long()
+    if not pos.is_cuda and (int(pos.max()) >= k_cache.shape[2] or int(sl.max()) >= k_cache.shape[0]):
+        raise ValueError(
+            f"KV cache overflow: slot {int(sl.max())} / position {int(pos.max())} outside "
+            f"{k_cache.shape[0]} slots x {k_cache.shape[2]}"
+        )
+    k_cache[sl, :, pos] = k.to(k_cache.dtype)
+    v_cache[sl, :, pos] = v.to(v_cache.dtype)
+
+
+def attention_slots(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    q_pos: torch.Tensor,
+    slots: torch.Tensor,
+    *,
+    scale: float,
+    window: int = 0,
+    sink: torch.Tensor | None = None,
+    causal: bool = True,
+) -> torch.Tensor:
+    """q [T, Hq, Dk] over stacked caches [slots, Hkv, S, D] -> [T, Hq, Dv] float32: each row attends
+    over its own slot's cache, below its sequence's end in the step (kv_len of that sequence), with
+    `visible`'s mask: `attention`'s math with a cache gathered per row. Reads the first max
+    position + 1 keys of every slot (host positions), or all of them (device: no host sync)."""
+    T, Hq, _ = q.shape
+    group = Hq // k_cache.shape[1]
+    n = k_cache.shape[2] if q_pos.is_cuda else int(q_pos.max()) + 1
+    sl, pos = slots.long(), q_pos.long()
+    k = k_cache[sl, :, :n].float().repeat_interleave(group, dim=1)  # [T, Hq, n, Dk]
+    v = v_cache[sl, :, :n].float().repeat_interleave(group, dim=1)
+    s = torch.einsum("thd,thnd->thn", q.float(), k) * scale
+    j = torch.arange(n, device=q.device)
+    end = torch.zeros(k_cache.shape[0], dtype=torch.long, device=q.device).scatter_reduce(0, sl, pos, "amax")
+    ok = visible(pos, j, window, causal) & (j[None, :] <= end[sl][:, None])  # [T, n]: its sequence's keys
+    p = softmax_with_sink(s, ok[:, None, :], None if sink is None else sink.float()[None, :, None])
+    v = torch.where(ok[:, None, :, None], v, 0.0)  # another sequence's or a stale key: never 0 x NaN
+    return torch.einsum("thn,thnd->thd", p, v)

@@ -262,9 +262,12 @@ def _attn_block_infer(ins: list[Value], a: AttentionBlockAttrs) -> list:
     rope = dict(head_dim=a.head_dim, rope_dim=a.rope_dim, theta=a.theta)
     get_op("rope").infer([q, pos], RopeAttrs(heads=a.heads, **rope))
     get_op("rope").infer([k, pos], RopeAttrs(heads=a.kv_heads, **rope))
-    get_op("kv_append").infer([kc, vc, k, v, pos], Attrs())
+    slots = [ins[-1]] if a.slotted else []
+    get_op("kv_append").infer([kc, vc, k, v, pos, *slots], Attrs())
     rest = ins[6:]
-    attn_ins = [q, kc, vc, pos] + ([rest[0]] if a.has_sink else [])
+    n = int(a.has_sink) + 2 * int(a.qk_norm_eps is not None) + int(a.slotted)
+    expect(len(rest) == n, f"attention_block: {len(rest)} inputs after the positions, expected {n}")
+    attn_ins = [q, kc, vc, pos] + ([rest[0]] if a.has_sink else []) + slots
     [o] = get_op("attention").infer(attn_ins, a)
     return [o, (kc.shape, kc.dtype), (vc.shape, vc.dtype)]
 
@@ -278,12 +281,14 @@ def _attn_block_cost(ins: list[Value], outs: list[Value], a: AttentionBlockAttrs
 @op("attention_block", attrs=AttentionBlockAttrs, infer=_attn_block_infer, cost=_attn_block_cost, mutates=(3, 4))
 def attention_block(
     ctx, q, k, v, k_cache, v_cache, pos, *extra, heads, kv_heads, head_dim, v_head_dim, rope_dim, theta, scale,
-    window, causal, has_sink, v_scale, qk_norm_eps,
+    window, causal, has_sink, v_scale, qk_norm_eps, slotted,
 ):  # fmt: skip
-    """[head_rms_norm(q), head_rms_norm(k)] -> rope(q), rope(k) -> [scale(v)] -> kv_append -> attention."""
+    """[head_rms_norm(q), head_rms_norm(k)] -> rope(q), rope(k) -> [scale(v)] -> kv_append -> attention.
+    extra: [sink], [q norm, k norm], [slots] (slotted: each row's cache slot)."""
     sink = extra[0] if has_sink else None
+    slots = [extra[-1]] if slotted else []
     if qk_norm_eps is not None:
-        qn, kn = extra[int(has_sink) :]
+        qn, kn = extra[int(has_sink) : int(has_sink) + 2]
         q = ref("head_rms_norm")(ctx, q, qn, heads=heads, eps=qk_norm_eps)[0]
         k = ref("head_rms_norm")(ctx, k, kn, heads=kv_heads, eps=qk_norm_eps)[0]
     rope = dict(head_dim=head_dim, rope_dim=rope_dim, theta=theta)
@@ -291,10 +296,10 @@ def attention_block(
     k = ref("rope")(ctx, k, pos, heads=kv_heads, **rope)[0]
     if v_scale is not None:
         v = ref("scale")(ctx, v, factor=v_scale)[0]
-    k_cache, v_cache = ref("kv_append")(ctx, k_cache, v_cache, k, v, pos)
+    k_cache, v_cache = ref("kv_append")(ctx, k_cache, v_cache, k, v, pos, *slots)
     attn = dict(heads=heads, kv_heads=kv_heads, head_dim=head_dim, v_head_dim=v_head_dim, scale=scale)
-    o = ref("attention")(ctx, q, k_cache, v_cache, pos, *([sink] if has_sink else []), **attn, window=window,
-                         causal=causal, has_sink=has_sink)[0]  # fmt: skip
+    o = ref("attention")(ctx, q, k_cache, v_cache, pos, *([sink] if has_sink else []), *slots, **attn, window=window,
+                         causal=causal, has_sink=has_sink, slotted=slotted)[0]  # fmt: skip
     return (o, k_cache, v_cache)
 
 

@@ -47,19 +47,23 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         raise PersistentError(f"attention_block {a}: no persistent attention body for these shapes")
     cfg = attn.AttnConfig.for_node(a, B, persistent=True)
     kc, vc = b.env[g.values[n.inputs[3]].name], b.env[g.values[n.inputs[4]].name]
-    S = kc.shape[1]
+    S = kc.shape[-2]
     Hq, Hkv, DK, DV = cfg.q_heads, cfg.kv_heads, cfg.head_dim, cfg.v_head_dim
+    SH = kc.shape[0] * Hkv if cfg.mixed else Hkv  # mixed: the pool's slots x kv heads cache rows
     o_part = b.ws((Hkv, cfg.rows, cfg.splits + 1, DV), torch.float32)
     lse = b.ws((Hkv, cfg.rows, cfg.splits + 1), torch.float32)
     sink = b.env[g.values[n.inputs[6]].name].float().contiguous() if cfg.sink else b.ws((max(1, Hq),), torch.float32)
     specs: list[ViewSpec] = [
         ("q", (B, Hq, DK), "bfloat16"), ("k", (B, Hkv, DK), "bfloat16"), ("v", (B, Hkv, DV), "bfloat16"),
-        ("k_cache", (Hkv, S, DK), "bfloat16"), ("v_cache", (Hkv, S, DV), "bfloat16"), ("positions", (B,), "int32"),
+        ("k_cache", (SH, S, DK), "bfloat16"), ("v_cache", (SH, S, DV), "bfloat16"), ("positions", (B,), "int32"),
         ("o_part", tuple(o_part.shape), "float32"), ("lse", tuple(lse.shape), "float32"),
         ("sink", (max(1, Hq),), "float32"), ("out", (B, Hq, DV), "bfloat16"),
     ]  # fmt: skip
     ts = [b.activation(g.values[i]) for i in n.inputs[:3]] + [kc, vc, b.env[g.values[n.inputs[5]].name]]
     ts += [o_part, lse, sink, b.activation(g.values[n.outputs[0]])]
+    if cfg.mixed:  # each row's cache slot (a step input, last)
+        specs.append(("slots", (B,), "int32"))
+        ts.append(b.env[g.values[n.inputs[-1]].name])
     for o, st in zip(n.outputs[1:], (kc, vc)):  # the updated caches are the caches
         b.env[g.values[o].name] = st
 
@@ -69,18 +73,33 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         import tilelang.language as T_
 
         split, combine = attn.make_bodies(cfg, tma=False, gated=early)
+        if cfg.mixed:
 
-        @T_.macro
-        def split_task(V, h, rb, s, gate):  # gated: its first KV tiles fly while it waits for q
-            split(V.q, V.k, V.v, V.k_cache, V.v_cache, V.positions, V.o_part, V.lse, h, rb, s, gate)
+            @T_.macro
+            def split_task(V, h, rb, s, gate):
+                split(V.q, V.k, V.v, V.k_cache, V.v_cache, V.positions, V.slots, V.o_part, V.lse, h, rb, s, gate)
 
-        @T_.macro
-        def split_task_plain(V, h, rb, s):
-            split(V.q, V.k, V.v, V.k_cache, V.v_cache, V.positions, V.o_part, V.lse, h, rb, s)
+            @T_.macro
+            def split_task_plain(V, h, rb, s):
+                split(V.q, V.k, V.v, V.k_cache, V.v_cache, V.positions, V.slots, V.o_part, V.lse, h, rb, s)
 
-        @T_.macro
-        def combine_task(V, h, r, c2):
-            combine(V.positions, V.sink, V.o_part, V.lse, V.out, h, r)
+            @T_.macro
+            def combine_task(V, h, r, c2):
+                combine(V.positions, V.slots, V.sink, V.o_part, V.lse, V.out, h, r)
+
+        else:
+
+            @T_.macro
+            def split_task(V, h, rb, s, gate):  # gated: its first KV tiles fly while it waits for q
+                split(V.q, V.k, V.v, V.k_cache, V.v_cache, V.positions, V.o_part, V.lse, h, rb, s, gate)
+
+            @T_.macro
+            def split_task_plain(V, h, rb, s):
+                split(V.q, V.k, V.v, V.k_cache, V.v_cache, V.positions, V.o_part, V.lse, h, rb, s)
+
+            @T_.macro
+            def combine_task(V, h, r, c2):
+                combine(V.positions, V.sink, V.o_part, V.lse, V.out, h, r)
 
         return {"ATTN_SPLIT": gated(split_task) if early else split_task_plain, "ATTN_COMBINE": combine_task}
 
@@ -94,7 +113,10 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
 class Splits:
     """A node's split geometry this step: kv heads, query rows per kv head (G per token), rows per
     block, NS splits over the old keys [lo, start) of `per` key tiles of BN keys (n_used of them
-    reach a key), plus split NS for the new keys; window W."""
+    reach a key), plus split NS for the new keys; window W. A mixed step (slotted node) has one per
+    row block: the chunk of tokens t0..t1-1 of one sequence (rows a..t1-1 of the step are its new
+    keys so far; slot `slot`; `active`: whether row block t0 starts a chunk), start = its sequence's
+    first position in the step."""
 
     T: int
     Hkv: int
@@ -110,18 +132,35 @@ class Splits:
     n_used: int
     D: int
     Dv: int
+    t0: int = 0
+    t1: int = 0
+    first: int = 0
+    slot: int | None = None
+    active: bool = True
 
     @staticmethod
-    def of(n: Node, ins: list[Any]) -> Splits:
+    def of(n: Node, ins: list[Any], rb: int = 0) -> Splits:
         a, q, kc = n.a, ins[0], ins[3]
-        T, Hkv = q.shape[0], kc.shape[0]
+        T, Hkv = q.shape[0], kc.shape[-3]
         rows, bm, NS = attn.tiling(a, T, Hkv)
-        start, W, BN = int(ins[5][0]), a.window, attn.BLOCK_N
+        G = a.heads // Hkv
+        chunk: dict[str, Any] = {}
+        if a.slotted:  # the chunk row block rb (a token) would take: as the kernel's chunk_of
+            slots = ins[-1].long().tolist()
+            first = rb
+            while first > 0 and slots[first - 1] == slots[rb]:
+                first -= 1
+            end = rb + 1
+            while end < T and slots[end] == slots[rb]:
+                end += 1
+            tpb = max(1, bm // G)
+            chunk = dict(t0=rb, t1=min(rb + tpb, end), first=first, slot=slots[rb], active=(rb - first) % tpb == 0)
+        start, W, BN = int(ins[5][chunk.get("first", 0)]), a.window, attn.BLOCK_N
         lo = max(start - W + 1, 0) if W else 0  # the block's first row sees keys start-W+1 .. start
         tiles = cdiv(start - lo, BN)
         per = max(cdiv(tiles, NS), attn.PERSISTENT_MIN_TILES)
-        return Splits(T, Hkv, a.heads // Hkv, rows, bm, NS, W, start, lo, per, BN, cdiv(tiles, per), a.head_dim,
-                      a.v_head_dim)  # fmt: skip
+        return Splits(T, Hkv, G, rows, bm, NS, W, start, lo, per, BN, cdiv(tiles, per), a.head_dim, a.v_head_dim,
+                      **chunk)  # fmt: skip
 
 
 def _partials(rk: VMRank, i: int, g: Splits) -> dict[str, Any]:
@@ -134,21 +173,31 @@ def _partials(rk: VMRank, i: int, g: Splits) -> dict[str, Any]:
 
 
 def split_tile(rk: VMRank, i: int, n: Node, ins: list[Any], c: Coords) -> None:
-    a, g, ctx = n.a, Splits.of(n, ins), rk.ctx()
+    a, ctx = n.a, rk.ctx()
     h, rb, s = c
-    if not (h < g.Hkv and rb * g.bm < g.rows and s <= g.NS):
-        raise PlanVMError(f"attention split tile {c} outside ({g.Hkv}, {cdiv(g.rows, g.bm)}, {g.NS})")
+    g = Splits.of(n, ins, rb)
+    blocks = attn.row_blocks(a, g.T, g.Hkv)
+    if not (h < g.Hkv and rb < blocks and s <= g.NS):
+        raise PlanVMError(f"attention split tile {c} outside ({g.Hkv}, {blocks}, {g.NS})")
+    if not g.active:
+        return  # a mixed step's row block that starts no chunk exits without writing
     q, k, v, kcache, vcache, pos = ins[:6]
     extra = ins[6:]
     G, D, Dv, T = g.G, g.D, g.Dv, g.T
     eps = a.qk_norm_eps
-    norms = extra[int(a.has_sink) :] if eps is not None else ()
+    norms = extra[int(a.has_sink) : int(a.has_sink) + 2] if eps is not None else ()
+    if g.slot is not None:  # a mixed step: this chunk's sequence's cache slot
+        kcache, vcache = kcache[g.slot], vcache[g.slot]
     rope = dict(head_dim=D, rope_dim=a.rope_dim, theta=a.theta)
     qh = q[:, h * G * D : (h + 1) * G * D]
     if eps is not None:
         qh = ref("head_rms_norm")(ctx, qh, norms[0], heads=G, eps=eps)[0]
     qh = ref("rope")(ctx, qh, pos, heads=G, **rope)[0].reshape(T * G, D)
-    r0, r1 = rb * g.bm, min(g.rows, (rb + 1) * g.bm)
+    # rows of this block, the tokens whose keys it appends, and the new keys it sees
+    if g.slot is not None:
+        r0, r1, mine, new = g.t0 * G, g.t1 * G, slice(g.t0, g.t1), slice(g.first, g.t1)
+    else:
+        r0, r1, mine, new = rb * g.bm, min(g.rows, (rb + 1) * g.bm), slice(0, T if rb == 0 else 0), slice(0, T)
     qr = qh[r0:r1]
     qpos = pos.long()[torch.arange(r0, r1) // G]
     if s < g.NS:
@@ -157,7 +206,7 @@ def split_tile(rk: VMRank, i: int, n: Node, ins: list[Any], c: Coords) -> None:
         s_lo = g.lo + s * g.per * g.BN
         s_hi = min(s_lo + g.per * g.BN, g.start)
         keys, vals, kpos = kcache[h, s_lo:s_hi], vcache[h, s_lo:s_hi], torch.arange(s_lo, s_hi)
-    else:  # the new keys: rope on k, v scale, and (row block 0) the cache append
+    else:  # the new keys: rope on k, v scale, and the cache append of the block's own tokens
         kh = k[:, h * D : (h + 1) * D]
         if eps is not None:
             kh = ref("head_rms_norm")(ctx, kh, norms[1], heads=1, eps=eps)[0]
@@ -165,9 +214,11 @@ def split_tile(rk: VMRank, i: int, n: Node, ins: list[Any], c: Coords) -> None:
         vh = v[:, h * Dv : (h + 1) * Dv]
         if a.v_scale is not None:
             vh = ref("scale")(ctx, vh, factor=a.v_scale)[0]
-        if rb == 0:
-            ops.kv_append(kcache[h : h + 1], vcache[h : h + 1], kh.view(T, 1, D), vh.view(T, 1, Dv), pos)
-        keys, vals, kpos = kh.float(), vh.float(), pos.long()
+        m = mine.stop - mine.start
+        if m:
+            ops.kv_append(kcache[h : h + 1], vcache[h : h + 1], kh[mine].reshape(m, 1, D), vh[mine].reshape(m, 1, Dv),
+                          pos[mine])  # fmt: skip
+        keys, vals, kpos = kh[new].float(), vh[new].float(), pos[new].long()
     o, lse = _split_partial(qr, qpos, keys, vals, kpos, a.scale, g.W, a.causal)
     ws = _partials(rk, i, g)
     ws["o"][h, r0:r1, s] = o
@@ -175,8 +226,8 @@ def split_tile(rk: VMRank, i: int, n: Node, ins: list[Any], c: Coords) -> None:
 
 
 def combine_tile(rk: VMRank, i: int, n: Node, ins: list[Any], c: Coords) -> None:
-    g = Splits.of(n, ins)
     h, row, _ = c
+    g = Splits.of(n, ins, row // (n.a.heads // ins[3].shape[-3]))  # mixed: the splits of the row's sequence
     if not (h < g.Hkv and row < g.rows):
         raise PlanVMError(f"attention combine tile {c} outside ({g.Hkv}, {g.rows})")
     ws = _partials(rk, i, g)
@@ -234,9 +285,10 @@ def attention_block(ctx, q, k, v, k_cache, v_cache, pos, *extra, **kw):
     if a.v_scale is not None:
         v = v.float() * a.v_scale
     sink = extra[0].float().contiguous() if a.has_sink else None
+    slots = extra[-1].to(torch.int32) if a.slotted else None  # a mixed step: each row's cache slot
     bf = torch.bfloat16
     o = attn.run(cfg, q.to(bf).reshape(B, H, D), k.to(bf).reshape(B, Hkv, D), v.to(bf).reshape(B, Hkv, Dv), k_cache,
-                 v_cache, pos.to(torch.int32), sink, validate=False)  # fmt: skip
+                 v_cache, pos.to(torch.int32), sink, validate=False, slots=slots)  # fmt: skip
     return (o.reshape(B, H * Dv), k_cache, v_cache)
 
 

@@ -101,6 +101,13 @@ class PlanVM:
             for v in g.by_role("state"):
                 if len(v.shape) == 3:
                     env[v.name][:, start:] = float("nan")
+            if "slots" in env:  # a mixed step: each sequence's slot from its own first position on
+                pos, sl = env["positions"].long(), env["slots"].long()
+                for u in sorted(set(sl.tolist())):
+                    first = int(pos[sl == u].min())
+                    for v in g.by_role("state"):
+                        if len(v.shape) == 4:
+                            env[v.name][u, :, first:] = float("nan")
         rk.env, rk.ws = env, {}
 
     # ---- the step --------------------------------------------------------------------------------

@@ -101,12 +101,13 @@ STATE_ROWS_PAD = 64  # KV cache rows past max_seq: a key tile (64 rows) never ru
 
 def kv_states(g: Graph, device: torch.device, states: dict[str, torch.Tensor],
               pad: int = STATE_ROWS_PAD) -> dict[str, torch.Tensor]:  # fmt: skip
-    """The graph's [Hkv, S, D] KV caches in `states` (created as zeros where missing: bf16, S + pad
-    rows, so key tiles never run past them), shared by every step program of a model."""
+    """The graph's [Hkv, S, D] (mixed steps: [slots, Hkv, S, D]) KV caches in `states` (created as
+    zeros where missing: bf16, S + pad rows, so key tiles never run past them), shared by every step
+    program of a model."""
     for v in g.by_role("state"):
-        h, s, d = v.shape
+        *lead, s, d = v.shape
         if v.name not in states:
-            states[v.name] = torch.zeros(h, s + pad, d, dtype=torch.bfloat16, device=device)
+            states[v.name] = torch.zeros(*lead, s + pad, d, dtype=torch.bfloat16, device=device)
     return states
 
 
