@@ -100,7 +100,7 @@ def test_engine_batches_on_the_gpu_and_stays_lossless(backend: str) -> None:
     kw = dict(weights=5, max_seq=MAX_SEQ, backend=backend, device="cuda", max_active=4)
     with tilert.Engine("tiny-gpu", batching=False, **kw) as eng:
         alone = [eng.generate(p, n, s).tokens for p, n, s in jobs]
-    with tilert.Engine("tiny-gpu", **kw) as eng:
+    with tilert.Engine("tiny-gpu", batching=True, **kw) as eng:
         assert eng.batching
         eng.backend.batch_rows = (4, 8, 16)  # fewer step shapes to compile
         got = [r.result(timeout=600).tokens for r in [eng.submit(p, n, s) for p, n, s in jobs]]
@@ -119,6 +119,7 @@ def test_single_user_mixed_step_matches_the_plain_step() -> None:
     plain = generate(PersistentBackend(cfg, w, max_seq=MAX_SEQ), [3, 1, 4, 1, 5], 12).tokens
     import tilert
 
-    with tilert.Engine("tiny-gpu", w, max_seq=MAX_SEQ, backend="persistent", device="cuda", max_active=1) as eng:
+    with tilert.Engine("tiny-gpu", w, max_seq=MAX_SEQ, backend="persistent", device="cuda", max_active=1,
+                       batching=True) as eng:  # fmt: skip
         eng.backend.batch_rows = (1, 16)
         assert eng.generate([3, 1, 4, 1, 5], 12).tokens == plain

@@ -46,6 +46,8 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument("--kv-cache-gb", type=float, default=None,
                    help="memory the KV caches may use (default: 80%% of available RAM, "
                         "90%% of free GPU memory)")  # fmt: skip
+    p.add_argument("--batching", default="auto", choices=["auto", "on", "off"],
+                   help="continuous batching: auto (on for the reference backend), on, off")  # fmt: skip
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(fn=cmd_serve)
 
@@ -72,6 +74,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         verify_checksums=not args.no_verify_checksums,
         drafter=args.drafter,
         kv_memory=None if args.kv_cache_gb is None else int(args.kv_cache_gb * (1 << 30)),
+        batching={"auto": None, "on": True, "off": False}[args.batching],
     )
     with engine:
         try:

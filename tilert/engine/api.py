@@ -2,12 +2,13 @@
 
 An Engine owns one step backend (the runtime that runs decode steps) and schedules requests
 over it: each request is a `DecodeSequence` with its own KV cache, so many sequences share the
-weights but never a cache. With continuous batching (the default where the backend runs mixed
-steps) every round runs one step over the rows of all running sequences (decode rows, DFlash verify
-blocks, prefill chunks), each sequence in its own slot of a KV cache pool; requests join and leave
-between steps. Otherwise sequences advance one step at a time in round-robin. Requests are
-submitted from any thread; a worker thread (or the caller, with `background=False`) calls `step()`.
-Nothing is global: two Engines in one process share nothing but the backend factory registry.
+weights but never a cache. With continuous batching (the default on the reference backend, asked
+for with `batching=True` on the GPU backends) every round runs one step over the rows of all
+running sequences (decode rows, DFlash verify blocks, prefill chunks), each sequence in its own
+slot of a KV cache pool; requests join and leave between steps. Otherwise sequences advance one
+step at a time in round-robin. Requests are submitted from any thread; a worker thread (or the
+caller, with `background=False`) calls `step()`. Nothing is global: two Engines in one process
+share nothing but the backend factory registry.
 """
 
 from __future__ import annotations
@@ -341,7 +342,8 @@ class Engine:
     kv_memory: bytes the KV caches may use (default: see tilert.engine.memory); max_active caches
     of max_seq tokens must fit, or the constructor raises KVMemoryError.
     batching: run every round as one mixed step over all running sequences (continuous batching;
-    None: wherever the backend has mixed steps and per-sequence caches), else one sequence per step.
+    None: wherever the backend has mixed steps and per-sequence caches and batches by default, the
+    CPU reference backend; the GPU backends batch when asked), else one sequence per step.
     """
 
     def __init__(

@@ -35,6 +35,9 @@ class EagerBackend(GraphBackend):
     """Runs the target and drafter step graphs of a model on one GPU (world size 1)."""
 
     prefill_chunk = PREFILL_CHUNK
+    # an Engine batches on this backend only when asked (batching=True): its mixed-step attention
+    # kernels run by default once tests/runtime/test_mixed_step_gpu.py has passed on a GPU
+    auto_batching = False
 
     def __init__(
         self,

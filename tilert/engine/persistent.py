@@ -55,6 +55,9 @@ class PersistentBackend(GraphBackend):
     """Target steps as one persistent launch each (world size 1); drafter steps on the eager runtime."""
 
     prefill_chunk = PREFILL_CHUNK
+    # an Engine batches on this backend only when asked (batching=True): its mixed-step attention
+    # kernels run by default once tests/runtime/test_mixed_step_gpu.py has passed on a GPU
+    auto_batching = False
 
     def __init__(self, cfg: ModelConfig, weights: Mapping[str, torch.Tensor], *, max_seq: int = 1024,
                  device: str = "cuda", sms: int | None = None) -> None:  # fmt: skip
