@@ -5,7 +5,7 @@ work between steps included) and set beside the projection the step times alone 
 acceptance length / (verify step + drafter step) for DFlash, 1 / decode step for plain decoding.
 The difference is what the host adds (`host_share`: the loop's wall time not covered by a step).
 
-A step's time on a GPU backend is the device time between two CUDA events recorded around the
+A step's time on a GPU backend is the GPU time between two CUDA events recorded around the
 backend call on the current stream (read once the generation is over, so timing adds no host
 synchronisation); on the CPU it is the call's wall time.
 """
