@@ -122,13 +122,7 @@ class DecodeSequence:
         if not res.tokens:  # prefill
             out = backend.target_step(_ids(self.prompt), torch.arange(n, dtype=torch.int32))
             logits = _logits(out, 0, slice(0, n) if self.prompt_logprobs else slice(n - 1, n))
-            new = [self._choose(out, logits)]
-            if self.prompt_logprobs:
-                assert logits is not None
-                rows = token_logprobs(logits[:-1], self.prompt[1:], self.logprobs or 0)
-                res.prompt_logprobs = [None] + [TokenLogprob(t, lp, top) for t, (lp, top) in zip(self.prompt[1:], rows)]
-            rows_used = None if logits is None else logits[-1:]
-            self._ctx, self._ctx_pos, self._pos = out.get("features"), torch.arange(n, dtype=torch.int32), n
+            new, rows_used = self._after_prompt(out, logits)
         elif not self.speculative:
             p = n + len(res.tokens) - 1
             out = backend.target_step(_ids(res.tokens[-1:]), _ids([p]))
@@ -212,15 +206,7 @@ class DecodeSequence:
             whole.setdefault("logits", out.get("logits"))  # the last chunk's rows end at the prompt's end
             if not self.prompt_logprobs and whole["logits"] is not None:
                 whole["logits"] = whole["logits"][-1:]
-            logits = _logits(whole, 0, slice(None))
-            new = [self._choose(whole, logits)]
-            if self.prompt_logprobs:
-                assert logits is not None
-                lps = token_logprobs(logits[:-1], self.prompt[1:], self.logprobs or 0)
-                res.prompt_logprobs = [None] + [TokenLogprob(t, lp, top) for t, (lp, top) in zip(self.prompt[1:], lps)]
-            rows_used = None if logits is None else logits[-1:]
-            self._ctx, self._ctx_pos, self._pos = whole.get("features"), torch.arange(n, dtype=torch.int32), n
-            return self._emit(new, rows_used)
+            return self._emit(*self._after_prompt(whole, _logits(whole, 0, slice(None))))
         if rows.kind == "decode":
             logits = _logits(out, rows.start, slice(0, 1))
             res.steps += 1
@@ -241,6 +227,19 @@ class DecodeSequence:
         positions = pos + torch.arange(B, dtype=torch.int32)
         self._ctx, self._ctx_pos, self._pos = out.get("features"), positions, pos + len(new)
         return self._emit(new, None if logits is None else logits[: len(new)])
+
+    def _after_prompt(self, out: dict[str, Any], logits: torch.Tensor | None) -> tuple[list[int], torch.Tensor | None]:
+        """After the prompt's step(s): its token (and the prompt's logprobs when asked), the drafter's
+        context (the prompt's features); the logits row the token came from."""
+        n = len(self.prompt)
+        new = [self._choose(out, logits)]
+        if self.prompt_logprobs:
+            assert logits is not None
+            rows = token_logprobs(logits[:-1], self.prompt[1:], self.logprobs or 0)
+            lps = [TokenLogprob(t, lp, top) for t, (lp, top) in zip(self.prompt[1:], rows)]
+            self.result.prompt_logprobs = [None, *lps]
+        self._ctx, self._ctx_pos, self._pos = out.get("features"), torch.arange(n, dtype=torch.int32), n
+        return new, None if logits is None else logits[-1:]
 
     def _probs(self, logits: torch.Tensor) -> torch.Tensor:
         s = self.sampling
