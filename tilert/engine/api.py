@@ -583,18 +583,30 @@ class Engine:
                 self._retire(req, RequestCancelled("request was cancelled"))
                 continue
             if not req.seq.done:
-                try:
-                    self._caches.use(req.seq.cache)
-                    new = req.seq.advance(self.backend)
-                    ran += 1
-                    req._push(new)
-                except Exception as e:  # a failing step or callback fails its request, not the engine
-                    log.debug("request failed: %r", e)
-                    self._retire(req, e)
-                    continue
-            if req.seq.done:
+                ran += self._deliver(req, lambda r=req: self._advance_one(r))
+            elif req.seq.done:
                 self._retire(req)
         self.counters["steps"] += ran
+        return ran
+
+    def _advance_one(self, req: Request) -> list[int]:
+        self._caches.use(req.seq.cache)
+        return req.seq.advance(self.backend)
+
+    def _deliver(self, req: Request, step: Callable[[], list[int]]) -> int:
+        """Run one step of `req` and hand its tokens over; a failing step or callback fails this
+        request, not the engine; a finished request retires. Returns 1 if the step ran."""
+        ran = 0
+        try:
+            new = step()
+            ran = 1
+            req._push(new)
+        except Exception as e:
+            log.debug("request failed: %r", e)
+            self._retire(req, e)
+            return ran
+        if req.seq.done:
+            self._retire(req)
         return ran
 
     def _round_batched(self) -> int:
@@ -653,16 +665,7 @@ class Engine:
                 break
             if req not in self._active:
                 continue
-            try:
-                new = req.seq.take(rows, part)
-                ran += 1
-                req._push(new)
-            except Exception as e:
-                log.debug("request failed: %r", e)
-                self._retire(req, e)
-                continue
-            if req.seq.done:
-                self._retire(req)
+            ran += self._deliver(req, lambda r=req, rows=rows, part=part: r.seq.take(rows, part))
         self.counters["steps"] += ran
         return ran
 

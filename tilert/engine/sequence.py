@@ -142,18 +142,8 @@ class DecodeSequence:
                     _ids([res.tokens[-1]] + [cfg.mask_token_id] * (B - 1)), positions, self._ctx, self._ctx_pos
                 )
             out = backend.target_step(block, positions, mode="verify")
-            if self.sampling.greedy:
-                acc = out["accept"].tolist()
-                new = acc[1 : acc[0] + 2]
-                logits = _logits(out, pos, slice(0, len(new)))
-            else:
-                logits = _logits(out, pos, slice(0, B))
-                if logits is None:
-                    raise GenerationError("this backend returns no logits; sampling needs them (use temperature 0)")
-                new = speculative_accept(block.tolist(), lambda i: self._probs(logits[i]), self._gen)
+            new, logits = self._verified(out, block.tolist(), pos, out["accept"] if self.sampling.greedy else None)
             rows_used = None if logits is None else logits[: len(new)]
-            res.accepted.append(len(new) - 1)
-            res.steps += 1
             self._ctx, self._ctx_pos, self._pos = out.get("features"), positions, pos + len(new)
         return self._emit(new, rows_used)
 
@@ -213,20 +203,29 @@ class DecodeSequence:
             return self._emit([self._choose(out, logits)], logits)
         B, pos = len(rows.tokens), rows.start
         block = _ids(rows.tokens)
-        if self.sampling.greedy:
-            acc = dflash_accept(block, out["next_tokens"].to(torch.int32).cpu()).tolist()
+        acc = dflash_accept(block, out["next_tokens"].to(torch.int32).cpu()) if self.sampling.greedy else None
+        new, logits = self._verified(out, rows.tokens, pos, acc)
+        positions = pos + torch.arange(B, dtype=torch.int32)
+        self._ctx, self._ctx_pos, self._pos = out.get("features"), positions, pos + len(new)
+        return self._emit(new, None if logits is None else logits[: len(new)])
+
+    def _verified(self, out: dict[str, Any], block: list[int], pos: int,
+                  accept: torch.Tensor | None) -> tuple[list[int], torch.Tensor | None]:  # fmt: skip
+        """A verify step's tokens: greedy from the acceptance row `accept` ([accepted, tokens...]),
+        sampling by the rejection rule on the step's logits; the logits rows they came from."""
+        B = len(block)
+        if accept is not None:
+            acc = accept.tolist()
             new = acc[1 : acc[0] + 2]
             logits = _logits(out, pos, slice(0, len(new)))
         else:
             logits = _logits(out, pos, slice(0, B))
             if logits is None:
                 raise GenerationError("this backend returns no logits; sampling needs them (use temperature 0)")
-            new = speculative_accept(rows.tokens, lambda i: self._probs(logits[i]), self._gen)
-        res.accepted.append(len(new) - 1)
-        res.steps += 1
-        positions = pos + torch.arange(B, dtype=torch.int32)
-        self._ctx, self._ctx_pos, self._pos = out.get("features"), positions, pos + len(new)
-        return self._emit(new, None if logits is None else logits[: len(new)])
+            new = speculative_accept(block, lambda i: self._probs(logits[i]), self._gen)
+        self.result.accepted.append(len(new) - 1)
+        self.result.steps += 1
+        return new, logits
 
     def _after_prompt(self, out: dict[str, Any], logits: torch.Tensor | None) -> tuple[list[int], torch.Tensor | None]:
         """After the prompt's step(s): its token (and the prompt's logprobs when asked), the drafter's
