@@ -75,11 +75,12 @@ def eager_seconds(spec: GpuSpec, c: Cost, longest_task: float, collective: bool,
 
 
 def kv_read_bytes(n: Node, kc: Any, vc: Any, tokens: int, context: int) -> int:
-    """KV cache bytes one attention reads at `context` (window-limited for sliding layers)."""
+    """KV cache bytes one sequence's attention reads at `context` (window-limited for sliding
+    layers): caches [Hkv, max_seq, D], or [slots, Hkv, max_seq, D] for a mixed step (one slot's)."""
     keys = context + tokens
     if n.a.window:
         keys = min(keys, n.a.window + tokens)
-    return keys * (kc.shape[0] * kc.shape[2] * kc.dtype.bits + vc.shape[0] * vc.shape[2] * vc.dtype.bits) // 8
+    return keys * (kc.shape[-3] * kc.shape[-1] * kc.dtype.bits + vc.shape[-3] * vc.shape[-1] * vc.dtype.bits) // 8
 
 
 def floor_bytes(g: Graph, context: int) -> int:
@@ -103,10 +104,13 @@ def floor_bytes(g: Graph, context: int) -> int:
                 total += int(v.nbytes * min(1.0, touched / v.shape[0]))
             else:
                 total += v.nbytes
-        if n.op == "attention":
-            total += kv_read_bytes(n, ins[1], ins[2], ins[0].shape[0], context)
-        elif n.op == "attention_block":
-            total += kv_read_bytes(n, ins[3], ins[4], ins[0].shape[0], context)
+        if n.op in ("attention", "attention_block"):
+            kc, vc = ins[1:3] if n.op == "attention" else ins[3:5]
+            T = ins[0].shape[0]
+            if len(kc.shape) == 4:  # slotted caches, a mixed step: each row may be its own sequence
+                total += T * kv_read_bytes(n, kc, vc, 1, context)
+            else:
+                total += kv_read_bytes(n, kc, vc, T, context)
     return total
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from tilert.ir.graph import Graph, Node, Value
@@ -121,7 +121,7 @@ def tile_attention(g: Graph, n: Node, ctx: Any) -> OpTiles:
     rows, bm, splits = attention.tiling(a, T, Hkv)
     rb = attention.row_blocks(a, T, Hkv)
     if a.slotted:  # a mixed step: each row block (token) reads its own sequence's keys, one slot's cache
-        kv = kv_read_bytes(n, replace(kc, shape=kc.shape[1:]), replace(vc, shape=vc.shape[1:]), 1, ctx.context) / Hkv
+        kv = kv_read_bytes(n, kc, vc, 1, ctx.context) / Hkv
     else:
         kv = kv_read_bytes(n, kc, vc, T, ctx.context) / Hkv
     flops = 2.0 * rows * (D + Dv) * kv / ((D + Dv) * 2)

@@ -109,3 +109,33 @@ def test_device_names_map_to_specs():
     assert gpu_spec_for_device("NVIDIA H100 80GB HBM3") is H100
     assert gpu_spec_for_device("NVIDIA H200") is H200
     assert gpu_spec_for_device("NVIDIA A100-SXM4-80GB") is None
+
+
+def test_a_mixed_step_reads_each_rows_own_sequence():
+    """Slotted caches [slots, Hkv, max_seq, D]: one sequence's read is one slot's, and the floor of a
+    mixed step counts a context of keys per row (each row may be its own sequence)."""
+    from tilert.engine.persistent import compile_step
+    from tilert.models.builder import build_step_graph
+    from tilert.passes.cost_model import floor_bytes, kv_read_bytes
+
+    cfg, ctx = load_config("tiny"), 200
+    graphs = {
+        (t, s): build_step_graph(cfg, tokens=t, mode="decode", max_seq=256, slots=s) for t in (1, 4) for s in (0, 5)
+    }
+
+    def attn(g):
+        n = next(n for n in g.nodes if n.op == "attention")
+        return n, g.values[n.inputs[1]], g.values[n.inputs[2]]
+
+    (n_s, kc_s, vc_s), (n_u, kc_u, vc_u) = attn(graphs[1, 5]), attn(graphs[1, 0])
+    assert kc_s.shape[0] == 5 and kc_s.shape[1:] == kc_u.shape
+    assert kv_read_bytes(n_s, kc_s, vc_s, 1, ctx) == kv_read_bytes(n_u, kc_u, vc_u, 1, ctx) > 0
+    plain = [(n, graphs[1, 0].values[n.inputs[1]], graphs[1, 0].values[n.inputs[2]])
+             for n in graphs[1, 0].nodes if n.op == "attention"]  # fmt: skip
+    kv1 = sum(kv_read_bytes(n, kc, vc, 1, ctx) for n, kc, vc in plain)
+    kv4 = sum(kv_read_bytes(n, kc, vc, 4, ctx) for n, kc, vc in plain)
+    floor = {k: floor_bytes(compile_step(g, 256)[0], ctx) for k, g in graphs.items()}  # attention_block nodes
+    # 3 more rows: 3 more sequences' keys when mixed, 3 more keys of one sequence when not; the
+    # rest (weights the extra rows route to, inputs) grows alike
+    extra = (floor[4, 5] - floor[1, 5]) - (floor[4, 0] - floor[1, 0])
+    assert abs(extra - (3 * kv1 - (kv4 - kv1))) < 0.02 * 3 * kv1
