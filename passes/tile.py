@@ -164,17 +164,19 @@ def moe_expert_work(opcode: str, geo: moe.MoeTiling, expert_bytes: float, items:
     """(bytes, of them HBM-stream bytes, flops) of one MOE_GATE_UP or MOE_DOWN task that runs `items`
     items of `slots` distinct slots, `expert_bytes` the weights of one expert: its items' weights
     (streamed), the rows it reads (gate/up: x, staged in shared memory once per task; down: a slot's
-    Hb rows, staged when the task's slot changes; per item where they do not fit the stage), its
-    writes (Hb columns; Y, float32 atomics) and the MMA flops (runtime/kinds/moe.py's bodies)."""
+    Hb rows, staged when the task's slot changes; per item where they do not fit the stage, which
+    the GEMV body never does), its writes (Hb columns; Y, float32 atomics) and the MMA flops
+    (runtime/kinds/moe.py's bodies; the item sizes are `geo`'s, the mainloop's or the GEMV's)."""
     T, H, In = geo.tokens, geo.hidden, geo.inter
+    gemv = geo.gemv is not None
     if opcode == "MOE_GATE_UP":
         stream = expert_bytes * items / geo.gu_tiles
-        x = T * H * 2 * (min(1.0, items) if T * H * 2 <= MOE_STAGE_BYTES else items)
-        return stream + x + items * T * moe.GU_COLS * 2, stream, items * 4.0 * T * moe.GU_COLS * H
+        x = T * H * 2 * (min(1.0, items) if gemv or T * H * 2 <= MOE_STAGE_BYTES else items)
+        return stream + x + items * T * geo.gu_width * 2, stream, items * 4.0 * T * geo.gu_width * H
     kc = In / geo.down_split
     stream = expert_bytes * items / (geo.down_tiles * geo.down_split)
-    h = T * In * 2 * slots if T * In * 2 <= MOE_STAGE_BYTES else T * kc * 2 * items
-    return stream + h + items * T * moe.BLOCK_N * 4, stream, items * 2.0 * T * moe.BLOCK_N * kc
+    h = T * In * 2 * slots if gemv or T * In * 2 <= MOE_STAGE_BYTES else T * kc * 2 * items
+    return stream + h + items * T * geo.down_rows * 4, stream, items * 2.0 * T * geo.down_rows * kc
 
 
 def tile_moe(g: Graph, n: Node, ctx: Any) -> OpTiles:
