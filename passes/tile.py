@@ -210,8 +210,11 @@ def tile_moe(g: Graph, n: Node, ctx: Any) -> OpTiles:
         up.add((j, 0, 0), 0, nb, fl, (Read(-2), Read(0)), stream=sb)
     down = Stage("MOE_DOWN", 1, 0)  # one counter: REDUCE waits for every down task
     items = act * geo.down_tiles * geo.down_split / geo.down_tasks
+    # distinct slots a task's items touch: strided items (mainloop body) one slot each; the GEMV
+    # body's contiguous share spans items / tiles-per-slot slots, plus one where it crosses a slot
+    slots = min(act, items) if geo.gemv is None else min(act, items, items / geo.down_tiles + 1)
     for j in range(geo.down_tasks):
-        nb, sb, fl = moe_expert_work("MOE_DOWN", geo, dn.nbytes / n_local, items, min(act, items))
+        nb, sb, fl = moe_expert_work("MOE_DOWN", geo, dn.nbytes / n_local, items, slots)
         down.add((j, 0, 0), 0, nb, fl, (Read(-3),), stream=sb)
     res = len(n.inputs) - 1 if a.residual else None
     coll = a.reduce and world > 1

@@ -9,12 +9,15 @@ import re
 import pytest
 
 from tilert.kernels import common, gemv, moe
+from tilert.models.config import load_config
 
 needs_toolchain = pytest.mark.skipif(not common.has_toolchain(), reason=str(common.toolchain_reason()))
 
 M = moe.MIMO
 MIMO_SHAPE = (M["hidden"], M["inter"], M["n_local"], M["top_k"])  # H, I, local experts, top-k
 TINY_SHAPE = (256, 512, 16, 4)  # tiny-gpu: fewer k chunks than warps (more warps along rows), byte-loaded scales
+TOL_H = 4e-3  # Hb is bf16: 2^-9 relative per element on top of exact dequantisation and fp32 MMAs
+TOL_Y = 1e-3
 
 
 def test_body_switch(monkeypatch):
@@ -85,6 +88,65 @@ def test_gemv_items_cover_the_active_slots_once(shape, tokens):
     assert [i for t in range(geo.down_tiles) for i in range(*geo.down_cols(t))] == list(range(H))
 
 
+@pytest.mark.parametrize("tokens", [1, 8])
+def test_task_costs_follow_the_body(monkeypatch, tokens):
+    # passes/tile.py's per-task work from either body's items: the same streamed bytes, Hb / Y
+    # writes and flops (the items differ in size and number, the tasks' shares do not); the GEMV
+    # body's down tasks restage Hb for fewer slots (contiguous items)
+    from tilert.models.builder import build_step_graph
+    from tilert.passes.manager import PassContext, passes_until, run_passes
+    from tilert.passes.tile import tile_moe
+
+    cfg = load_config("mimo-v2.5-pro")
+    g = build_step_graph(cfg.first_layers(2), tokens=tokens, mode="verify" if tokens > 1 else "decode", max_seq=4160)
+    rg = run_passes(g, PassContext(world=8), passes_until("fuse_residual"))[0]
+    node = next(n for n in rg.nodes if n.op.startswith("fused_moe"))
+    costs = {}
+    for body in moe.BODIES:
+        monkeypatch.setenv(moe.BODY_ENV, body)
+        stages = {s.opcode: s for s in tile_moe(rg, node, PassContext(world=8)).stages}
+        costs[body] = {op: (stages[op].stream[0], stages[op].flops[0], stages[op].nbytes[0]) for op in stages}
+    for op in ("MOE_GATE_UP", "MOE_DOWN"):
+        (sa, fa, ba), (sb, fb, bb) = costs["mainloop"][op], costs["gemv"][op]
+        assert sb == pytest.approx(sa) and fb == pytest.approx(fa), op
+        assert bb <= ba * (1 + 1e-9), op
+
+
+def _torch_tasks(t: int, inter: int, wrong_expert: bool = False, stray_slot: bool = False):
+    """The expert tasks' contract in torch (check_gemv_tasks' kernels argument), optionally broken."""
+    import torch
+
+    from tilert.ops.linear import dequant_mxfp4
+
+    def gate_up(x, gub, gus, lst, cnt, hb):
+        for s in range(int(cnt[0])):
+            e = int(lst[s]) + (1 if wrong_expert and s == 0 else 0)
+            w = dequant_mxfp4(gub[e], gus[e])
+            g, u = x[:t].float() @ w[:inter].t(), x[:t].float() @ w[inter:].t()
+            hb[s, :t] = (torch.nn.functional.silu(g) * u).to(hb.dtype)
+        if stray_slot:
+            hb[int(cnt[0]) :, :t] = 0
+
+    def down(hb, dnb, dns, lst, cnt, tokw, y):
+        for s in range(int(cnt[0])):
+            e = int(lst[s])
+            y += (hb[s, :t].float() @ dequant_mxfp4(dnb[e], dns[e]).t()) * tokw[e, :t, None]
+
+    return gate_up, down
+
+
+def test_expert_task_check_passes_the_contract_and_catches_breaks():
+    # check_gemv_tasks itself on the CPU, with the tasks' contract written in torch: ~0 for it, a
+    # wrong expert is an O(1) error, a write past the active slots raises
+    args = (3, 256, 512, 16, 4)
+    eh, ey = moe.check_gemv_tasks(*args, active=5, seed=1, device="cpu", kernels=_torch_tasks(3, 512))
+    assert eh < TOL_H and ey < TOL_Y, (eh, ey)
+    eh, _ = moe.check_gemv_tasks(*args, active=5, seed=1, device="cpu", kernels=_torch_tasks(3, 512, True))
+    assert eh > 0.1
+    with pytest.raises(AssertionError, match="past the active slots"):
+        moe.check_gemv_tasks(*args, active=5, seed=1, device="cpu", kernels=_torch_tasks(3, 512, stray_slot=True))
+
+
 def test_item_smem_counts_the_x_buffers():
     cfg = moe.gemv_tiling(8, M["hidden"], M["inter"]).gu
     x = cfg.m * cfg.k * 2  # one x slice: all of K, every token
@@ -136,8 +198,6 @@ def test_expert_tasks_compile_for_sm90a():
 
 # --- GPU -------------------------------------------------------------------------------------
 
-TOL_H = 4e-3  # Hb is bf16: 2^-9 relative per element on top of exact dequantisation and fp32 MMAs
-TOL_Y = 1e-3
 MIMO_CASES = [(1, 1), (1, 8), (3, 5), (8, 7), (8, 48), (12, 20)]  # (tokens, active experts)
 TINY_TOKENS = [1, 4, 16]
 

@@ -734,21 +734,22 @@ def compiled_gemv_tasks(cfg: Config, til: MoeTiling):
     return tuple(build(f, what=what) for f in make_gemv_task_kernels(cfg, til))
 
 
-def check_gemv_tasks(t: int, hidden: int, inter: int, n_local: int, top_k: int, active: int,
-                     seed: int | None = None) -> tuple[float, float]:  # fmt: skip
+def check_gemv_tasks(t: int, hidden: int, inter: int, n_local: int, top_k: int, active: int, seed: int | None = None,
+                     device: str = "cuda", kernels: Any = None) -> tuple[float, float]:  # fmt: skip
     """The GEMV body's expert tasks (standalone, `make_gemv_task_kernels`) on fresh random inputs:
     `active` random local experts in List, the slots' Hb NaN-poisoned, TokW NaN for the experts
     and token rows no task may read. Returns the relative errors (float64 norms) of Hb[:active,
     :t] (bf16) and of Y (float32, from the kernel's Hb) against the float64 reference; raises if a
-    slot or token row past the active ones was written."""
+    slot or token row past the active ones was written. kernels: (gate/up, down) callables in place
+    of the compiled tasks (tests of this check)."""
     from tilert.ops.linear import dequant_mxfp4
 
     til = tiling(t, hidden, inter, n_local, top_k, body="gemv")
     if til.gemv is None or not 1 <= active <= til.max_slots:
         raise ValueError(f"T={t} H={hidden} I={inter}: no GEMV tiling, or {active} active of {til.max_slots} slots")
     cfg = Config(t, hidden, inter, n_local, n_local, top_k)
-    k_gu, k_dn = compiled_gemv_tasks(cfg, til)
-    dev = "cuda"
+    k_gu, k_dn = kernels or compiled_gemv_tasks(cfg, til)
+    dev = device
     g = torch.Generator(device=dev)
     g.manual_seed(seed if seed is not None else torch.seed() % 2**31)
     gub = torch.empty(n_local, 2 * inter, hidden // 2, dtype=torch.uint8, device=dev)
@@ -771,7 +772,8 @@ def check_gemv_tasks(t: int, hidden: int, inter: int, n_local: int, top_k: int, 
     k_gu(x, gub, gus, lst, cnt, hb)
     y = torch.zeros(t, hidden, dtype=torch.float32, device=dev)
     k_dn(hb, dnb, dns, lst, cnt, tokw, y)
-    torch.cuda.synchronize()
+    if y.is_cuda:
+        torch.cuda.synchronize()
     if not hb[active:].isnan().all() or not hb[:active, t:].isnan().all():
         raise AssertionError("a task wrote Hb past the active slots or the tokens")
     xs = x[:t].double()
