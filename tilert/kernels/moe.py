@@ -231,9 +231,9 @@ class MoeTiling:
     hidden: int
     inter: int
     max_slots: int  # = Config.max_slots
-    gu_tiles: int  # gate_up_tile n_tiles per slot (GU_COLS h columns each)
+    gu_tiles: int  # gate/up items (n tiles) per slot, gu_width h columns each
     gu_tasks: int  # MOE_GATE_UP tasks
-    down_tiles: int  # down_tile n tiles per slot (BLOCK_N output features each)
+    down_tiles: int  # down items (n tiles) per slot, down_rows output features each
     down_split: int  # MOE_DOWN k splits (Config.down_split)
     down_tasks: int  # MOE_DOWN tasks
     gemv: GemvTiling | None = None  # the GEMV body's tiles (None: the mainloop body's)
