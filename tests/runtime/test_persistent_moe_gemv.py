@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -78,6 +79,28 @@ def test_default_step_keeps_the_mainloop_body(monkeypatch):
     monkeypatch.setenv(moe.BODY_ENV, "gemv")
     progs = [for_node(n.op).program(rg, n, b, 132) for n in rg.nodes if n.op.startswith("fused_moe")]
     assert all(p.prelude == gemv.GEMV_PRELUDE and p.key[2].gemv is not None for p in progs)
+
+
+@pytest.mark.parametrize(("model", "tokens", "world"), [("tiny-gpu", 4, 1), ("mimo-v2.5-pro", 8, 8)])
+def test_the_switch_keeps_the_tasks(monkeypatch, model, tokens, world):
+    # the same MoE tasks either way (placement may follow the costs), so a table compiled without the
+    # switch runs the GEMV body too: benchmarks/step_variants.py builds every variant on one table
+    from tilert.abi import FIELD, OPCODES
+    from tilert.engine.persistent import compile_step
+    from tilert.models.builder import build_step_graph
+
+    cfg = load_config(model)
+    if world > 1:
+        cfg = cfg.first_layers(2)
+    codes = {OPCODES[o] for o in ("MOE_GATE_UP", "MOE_DOWN")}
+    tasks = {}
+    for body in moe.BODIES:
+        monkeypatch.setenv(moe.BODY_ENV, body)
+        _, sched = compile_step(build_step_graph(cfg, tokens=tokens, mode="verify", max_seq=256), 256, world)
+        rows = sched.table.reshape(-1, sched.table.shape[-1])
+        rows = rows[np.isin(rows[:, FIELD["opcode"]], list(codes))]
+        tasks[body] = sorted(tuple(int(r[FIELD[f]]) for f in ("opcode", "op", "c0", "c1", "c2")) for r in rows)
+    assert tasks["gemv"] == tasks["mainloop"] and tasks["gemv"]
 
 
 def test_a_step_prelude_extends_the_device_prelude():

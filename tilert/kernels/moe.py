@@ -225,7 +225,7 @@ class MoeTiling:
     columns, down_rows output rows, no k split) and task j runs the contiguous items
     [j W / tasks, (j + 1) W / tasks) of the W active ones, so its items stream back to back through
     one slot's rows (a down task restages Hb only when the slot changes). The task counts are the
-    mainloop body's either way: the compiled table does not depend on the body."""
+    mainloop body's either way, so a table compiled for one body runs the other."""
 
     tokens: int
     hidden: int

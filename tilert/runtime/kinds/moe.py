@@ -3,11 +3,12 @@
 Tiles at the kernel's coordinates (`tilert.kernels.moe.tiling`, passes/tile.py): MOE_ROUTER (e_tile)
 -> MOE_TOPK -> MOE_GATE_UP (task) -> MOE_DOWN (task) -> MOE_REDUCE (column block); gate/up and down
 tasks stride over the items of the active slots the top-k task lists on the device. Persistent:
-tilert/kernels/moe.py's bodies (MXFP4 expert stacks), the reduce through peer inboxes when ranks
-share a PeerGroup. Eager: the standalone fused-MoE kernel where `moe.supports` holds, else the
-reference. Plan VM: the kernel's buffers (L, Idx, Wt, TokW, List, Count, Hb, Y), poisoned; the
-routers zero Y, the down tasks add into it; MOE_REDUCE is a collective only for a reducing node
-over several ranks.
+tilert/kernels/moe.py's bodies (MXFP4 expert stacks; the gate/up and down tasks run the MXFP4
+mainloop, or with TILERT_MOE_BODY=gemv the streaming GEMV's expert tasks, moe.make_gemv_tasks), the
+reduce through peer inboxes when ranks share a PeerGroup. Eager: the standalone fused-MoE kernel
+where `moe.supports` holds, else the reference. Plan VM: the kernel's buffers (L, Idx, Wt, TokW,
+List, Count, Hb, Y), poisoned; the routers zero Y, the down tasks add into it; MOE_REDUCE is a
+collective only for a reducing node over several ranks.
 """
 
 from __future__ import annotations
