@@ -167,17 +167,19 @@ def moe_expert_work(opcode: str, geo: moe.MoeTiling, expert_bytes: float, items:
     """(bytes, of them HBM-stream bytes, flops) of one MOE_GATE_UP or MOE_DOWN task that runs `items`
     items of `slots` distinct slots, `expert_bytes` the weights of one expert: its items' weights
     (streamed), the rows it reads (gate/up: x, staged in shared memory once per task; down: a slot's
-    Hb rows, staged when the task's slot changes; per item where they do not fit the stage), its
-    writes (Hb columns; Y, float32 atomics) and the MMA flops (runtime/kinds/moe.py's bodies)."""
+    Hb rows, staged when the task's slot changes; per item where they do not fit the stage, which
+    the GEMV body never does), its writes (Hb columns; Y, float32 atomics) and the MMA flops
+    (runtime/kinds/moe.py's bodies; the item sizes are `geo`'s, the mainloop's or the GEMV's)."""
     T, H, In = geo.tokens, geo.hidden, geo.inter
+    gemv = geo.gemv is not None
     if opcode == "MOE_GATE_UP":
         stream = expert_bytes * items / geo.gu_tiles
-        x = T * H * 2 * (min(1.0, items) if T * H * 2 <= MOE_STAGE_BYTES else items)
-        return stream + x + items * T * moe.GU_COLS * 2, stream, items * 4.0 * T * moe.GU_COLS * H
+        x = T * H * 2 * (min(1.0, items) if gemv or T * H * 2 <= MOE_STAGE_BYTES else items)
+        return stream + x + items * T * geo.gu_width * 2, stream, items * 4.0 * T * geo.gu_width * H
     kc = In / geo.down_split
     stream = expert_bytes * items / (geo.down_tiles * geo.down_split)
-    h = T * In * 2 * slots if T * In * 2 <= MOE_STAGE_BYTES else T * kc * 2 * items
-    return stream + h + items * T * moe.BLOCK_N * 4, stream, items * 2.0 * T * moe.BLOCK_N * kc
+    h = T * In * 2 * slots if gemv or T * In * 2 <= MOE_STAGE_BYTES else T * kc * 2 * items
+    return stream + h + items * T * geo.down_rows * 4, stream, items * 2.0 * T * geo.down_rows * kc
 
 
 def tile_moe(g: Graph, n: Node, ctx: Any) -> OpTiles:
@@ -211,8 +213,11 @@ def tile_moe(g: Graph, n: Node, ctx: Any) -> OpTiles:
         up.add((j, 0, 0), 0, nb, fl, (Read(-2), Read(0)), stream=sb)
     down = Stage("MOE_DOWN", 1, 0)  # one counter: REDUCE waits for every down task
     items = act * geo.down_tiles * geo.down_split / geo.down_tasks
+    # distinct slots a task's items touch: strided items (mainloop body) one slot each; the GEMV
+    # body's contiguous share spans items / tiles-per-slot slots, plus one where it crosses a slot
+    slots = min(act, items) if geo.gemv is None else min(act, items, items / geo.down_tiles + 1)
     for j in range(geo.down_tasks):
-        nb, sb, fl = moe_expert_work("MOE_DOWN", geo, dn.nbytes / n_local, items, min(act, items))
+        nb, sb, fl = moe_expert_work("MOE_DOWN", geo, dn.nbytes / n_local, items, slots)
         down.add((j, 0, 0), 0, nb, fl, (Read(-3),), stream=sb)
     res = len(n.inputs) - 1 if a.residual else None
     coll = a.reduce and world > 1

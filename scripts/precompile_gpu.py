@@ -16,7 +16,11 @@ context length of a 1..40-token prompt) and the residency test's oversized grid;
 every kernel benchmarks/gemv_sweep.py launches (GEMV variants, their persistent task streams, the old
 GEMMs) and the GEMV GPU tests' kernels (--no-steps: without the tiny step kernels); with --batching the
 mixed-sequence step kernels and attention kernels of tests/runtime/test_mixed_step_gpu.py (and with
---bench the mixed steps of `benchmarks/batching.py users`). Jobs run in
+--bench the mixed steps of `benchmarks/batching.py users`); with --moe-gemv the
+kernels of the GEMV expert body (TILERT_MOE_BODY=gemv): the GPU tests' tiny-gpu steps and standalone
+expert tasks (tests/runtime/test_persistent_moe_gemv.py, tests/kernels/test_moe_gemv.py) and the
+4-layer mimo-v2.5-pro B=1/B=8 steps of `benchmarks/step_variants.py --layers 4` (its base variant's
+kernels come with --diff-layers 4, or `step_variants.py --precompile`). Jobs run in
 `--jobs` processes (each compile is one nvcc process). TileLang's own nvcc cubin cache
 (cuda-binaries) is not needed once a kernel is cached, so --prune drops it to keep the cache small;
 --pack writes the cache as one .tar.xz (about 13x smaller: the kernel sources compress well).
@@ -66,17 +70,56 @@ RESIDENCY_SMS = 9 * 132  # tests/runtime/test_persistent_residency_gpu.py: more 
 
 
 def build_step(model: str, tokens: int, mode: str, max_seq: int, world: int, layers: int, gpus: int = 1,
-               peers: bool | None = None) -> str:  # fmt: skip
-    """One step kernel into the cache (runs in a worker process)."""
+               peers: bool | None = None, env: dict[str, str] | None = None) -> str:  # fmt: skip
+    """One step kernel into the cache (runs in a worker process); env: build switches set meanwhile."""
     t0 = time.time()
     cfg = load_config(model)
     if layers:
         cfg = cfg.first_layers(layers)
     if peers is None:  # the tiny configs' multi-rank tests run every rank; mimo's e2e rank 0 alone
         peers = world > 1 and model.startswith("tiny")
-    precompile(cfg, tokens, mode, max_seq, world, peers=peers, gpus=gpus)
+    old = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        precompile(cfg, tokens, mode, max_seq, world, peers=peers, gpus=gpus)
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     cut = f" ({layers} layers)" if layers else ""
-    return f"{model}{cut} {mode} B={tokens} world {world} on {gpus} GPU(s): {time.time() - t0:.0f} s"
+    sw = f" [{','.join(f'{k}={v}' for k, v in (env or {}).items())}]" if env else ""
+    return f"{model}{cut} {mode} B={tokens} world {world} on {gpus} GPU(s){sw}: {time.time() - t0:.0f} s"
+
+
+# --moe-gemv: the GEMV expert body's kernels (TILERT_MOE_BODY=gemv)
+MOE_GEMV = {"TILERT_MOE_BODY": "gemv"}
+MOE_GEMV_TINY_TILINGS = ("", "1.1.2/1.1.2")  # tests/runtime/test_persistent_moe_gemv.py's two variants
+MOE_GEMV_TASKS = [(t, "mimo") for t in (1, 3, 8, 12)] + [(t, "tiny") for t in (1, 4, 16)]  # test_moe_gemv.py
+
+
+def moe_gemv_jobs(max_seq: int = 256) -> list[tuple[tuple, dict[str, str]]]:
+    """(build_step args, env) of the GEMV expert body's step kernels: tiny-gpu's prompt (16 rows),
+    verify and decode steps per tiling of the GPU test, and the 4-layer mimo steps step_variants.py
+    times (B=1 decode, B=8 verify, context 4096)."""
+    jobs = []
+    for tiling in MOE_GEMV_TINY_TILINGS:
+        env = {**MOE_GEMV, **({"TILERT_MOE_GEMV_TILING": tiling} if tiling else {})}
+        jobs += [(("tiny-gpu", t, m, max_seq, 1, 0), env) for t, m in ((16, "decode"), (4, "verify"), (1, "decode"))]
+    jobs += [(("mimo-v2.5-pro", t, m, 4096 + 64, 8, 4), dict(MOE_GEMV)) for t, m, _ in BENCH]
+    return jobs
+
+
+def build_moe_gemv_tasks(tokens: int, shape: str) -> str:
+    """The standalone GEMV expert tasks of tests/kernels/test_moe_gemv.py's GPU tests."""
+    from tilert.kernels import moe
+
+    t0 = time.time()
+    H, In, EL, k = (6144, 2048, 48, 8) if shape == "mimo" else (256, 512, 16, 4)
+    til = moe.tiling(tokens, H, In, EL, k, body="gemv")
+    moe.compiled_gemv_tasks(moe.Config(tokens, H, In, EL, EL, k), til)
+    return f"MoE GEMV expert tasks ({shape}, T={tokens}): {time.time() - t0:.0f} s"
 
 
 def build_mixed_step(model: str, tokens: int, max_seq: int, world: int, slots: int) -> str:
@@ -172,6 +215,9 @@ def main() -> None:
     ap.add_argument("--batching", action="store_true",
                     help="also the mixed-sequence steps of the batching GPU tests (with --bench: of "
                          "benchmarks/batching.py users)")  # fmt: skip
+    ap.add_argument("--moe-gemv", action="store_true",
+                    help="also the GEMV expert body's kernels (TILERT_MOE_BODY=gemv): its GPU tests' steps and "
+                         "tasks, and the 4-layer mimo steps of step_variants.py")  # fmt: skip
     ap.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     ap.add_argument("--prune", action="store_true", help="drop TileLang's cubin cache afterwards")
     ap.add_argument("--pack", default=None, help="also write the cache as this .tar.xz (for a GPU machine)")
@@ -197,6 +243,9 @@ def main() -> None:
         eager_jobs = []
     with ProcessPoolExecutor(max_workers=max(1, a.jobs), mp_context=get_context("spawn")) as pool:
         futures = [pool.submit(build_step, *j) for j in jobs] + [pool.submit(build_eager_ranks, *j) for j in eager_jobs]
+        if a.moe_gemv:
+            futures += [pool.submit(build_step, *j, env=env) for j, env in moe_gemv_jobs()]
+            futures += [pool.submit(build_moe_gemv_tasks, *j) for j in MOE_GEMV_TASKS]
         if cli:
             futures += [pool.submit(build_residency)] + [pool.submit(build_cli_eager, q) for q in CLI_MAX_SEQ]
         if a.probes:

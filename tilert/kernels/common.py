@@ -18,13 +18,18 @@ API (stable; other kernel files import it):
     DEVICE_PRELUDE           the ONE device-helper source every kernel imports (T.import_source):
                              a persistent kernel accepts a single import string, so all bodies
                              share this one (value-in/value-out helpers only: no addresses)
+    prelude() / using_prelude(src)   the prelude bodies import: DEVICE_PRELUDE, or a superset of it
+                             while a step kernel whose bodies need more helpers is built
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +145,30 @@ __device__ __noinline__ int tilert_wait_task(const int* row, int* counters, int*
 }
 #endif
 """
+
+
+_PRELUDE: contextvars.ContextVar[str] = contextvars.ContextVar("tilert_prelude", default=DEVICE_PRELUDE)
+
+
+def prelude() -> str:
+    """The device-helper source a body imports (`T.import_source(prelude())`): DEVICE_PRELUDE, unless
+    a persistent step kernel whose bodies need a superset of it (the streaming GEMV's GEMV_PRELUDE)
+    is being built (`using_prelude`). One kernel takes one import string: TileLang refuses two
+    different ones, so every body of a kernel must import the same."""
+    return _PRELUDE.get()
+
+
+@contextlib.contextmanager
+def using_prelude(src: str) -> Iterator[None]:
+    """Bodies expanded inside the block import `src` (a superset of DEVICE_PRELUDE, which it must
+    start with): wrap the construction of a kernel's prim_func, where TileLang expands the macros."""
+    if not src.startswith(DEVICE_PRELUDE):
+        raise ValueError("a step prelude must extend DEVICE_PRELUDE (every body's helpers)")
+    token = _PRELUDE.set(src)
+    try:
+        yield
+    finally:
+        _PRELUDE.reset(token)
 
 
 def cdiv(a: int, b: int) -> int:

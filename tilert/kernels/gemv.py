@@ -39,6 +39,9 @@ task in 0..n_tiles-1 x 0..split-1, after T.import_source of a prelude holding GE
 once) are the node's own buffers when split > 1. Shared memory: `smem_bytes(cfg)`. To keep the
 loads flowing across tasks it calls `make_body(cfg, prefetch=True)` instead, with the next task
 of the same node on that CTA (`make_body`'s docstring; `smem_bytes(cfg, prefetch=True)`).
+Item form: `make_body(cfg, items=ItemMap(...))` runs the same pipeline over items whose rows, x rows
+and stores an ItemMap defines (the persistent MoE's expert items, kernels/moe.py make_gemv_tasks;
+shared memory `item_smem_bytes`).
 
 Launchers: `make_kernel(cfg)` (grid n_tiles x split, typed tensor arguments) and
 `make_stream_kernel(cfg, copies, sms, prefetch)` (one CTA per SM looping over copies x tiles
@@ -72,10 +75,11 @@ CHUNK_BYTES = 64  # bytes of one weight row per chunk: 4 lanes x 16 bytes
 CHUNK_ELEMS = {"mxfp4": 128, "fp8": 64}
 SMEM_LIMIT = 227 * 1024  # shared memory one SM offers its CTAs (H100, H200)
 
-# DEVICE_PRELUDE plus the GEMV's helpers (they move into DEVICE_PRELUDE when the persistent step
-# adopts the body: a persistent kernel imports one prelude). The ring is read and waited on through
-# helpers so TileLang's barrier insertion sees neither: its slots are private to a thread, and a
-# __syncthreads per chunk would only stall the warps.
+# DEVICE_PRELUDE plus the GEMV's helpers. A persistent step whose bodies use them imports this one
+# for every body (a kernel takes one import string: kernels.common.using_prelude); DEVICE_PRELUDE
+# itself stays as it is, since every cached kernel's text holds it. The ring is read and waited on
+# through helpers so TileLang's barrier insertion sees neither: its slots are private to a thread,
+# and a __syncthreads per chunk would only stall the warps.
 GEMV_PRELUDE = (
     DEVICE_PRELUDE
     + r"""
@@ -242,6 +246,12 @@ def smem_bytes(cfg: Config, prefetch: bool = False) -> int:
     return ring + (2 if prefetch else 1) * (xs + sc) + red + 16
 
 
+def item_smem_bytes(cfg: Config, x_buffers: int) -> int:
+    """Shared memory of the item form (`make_body(cfg, items=...)`): ring + x_buffers x slices +
+    two scale buffers + reduction buffer (+ flag)."""
+    return smem_bytes(cfg, prefetch=True) - (2 - x_buffers) * cfg.m * cfg.ncs * CHUNK_ELEMS[cfg.fmt] * 2
+
+
 def prefetch_ok(cfg: Config) -> bool:
     """Whether the stream launcher can prefetch the next task with this tiling: its first depth - 1
     chunks fit in this task's issue slots, and the doubled x and scale buffers fit."""
@@ -261,19 +271,53 @@ def views(cfg: Config) -> list[tuple[str, tuple[int, ...], str]]:
     return out
 
 
-def make_body(cfg: Config, import_prelude: bool = True, prefetch: bool = False):
+@dataclass(frozen=True)
+class ItemMap:
+    """Tiles that are not row blocks of one [N, K] matrix: how an *item*'s tile rows and token rows
+    map onto the operands and what it stores (the persistent MoE's expert items, kernels/moe.py).
+    An item `it` is whatever the caller passes (a tuple of TIR values: expert, slot, n tile, ...).
+
+    w_rows    rows of W [.., K/2] and S [.., K/32] (uint8, any leading shape: an expert stack
+              [E, N, K/2] has E x N rows); the loads address them by row x row bytes
+    x_rows    rows of X [.., K] (bf16, any leading shape)
+    w_row     (it, lr) -> (row, ok): the weight row tile row lr reads (kept in range) and whether it
+              exists (the weights of one that does not are zero-filled and its outputs not stored)
+    x_row     (it, t) -> the x row of token t
+    epilogue  T.macro (O, it, red, tx): the item's stores; red [wk, 8 * nt, rows] float32 holds the
+              partial sums of the wk warps of each tile row (sum them), complete when it runs
+    x_buffers 1: the first item stages x and every later item reads it (x_next must be False);
+              2: an item whose x differs has it staged into the other buffer during the tail of
+              the one before
+    """
+
+    w_rows: int
+    x_rows: int
+    w_row: Any
+    x_row: Any
+    epilogue: Any
+    x_buffers: int = 2
+
+
+def make_body(cfg: Config, import_prelude: bool = True, prefetch: bool = False, items: ItemMap | None = None):
     """The GEMV tile body: T.macro `gemv_tile(V, n_tile, k_split)` (module docstring). prefetch:
     `gemv_tile_prefetch(V, n_tile, k_split, Vn, n_tile_n, k_split_n, has_next, first, b, base)`
     for back-to-back tasks on one CTA: the task's last depth - 1 issue slots carry the next task's
     (views Vn, coordinates n_tile_n, k_split_n; if has_next) first chunks and its x and scales (into
     buffer 1 - b), so its loads are in flight during this task's tail and reduction; `first`: no
     task before issued this one's; `base`: ring slots used before (task index x cfg.items). Needs
-    depth - 1 <= cfg.items, and nothing else may touch the body's shared memory between tasks."""
+    depth - 1 <= cfg.items, and nothing else may touch the body's shared memory between tasks.
+
+    items (MXFP4, split 1): the same pipeline over items of an ItemMap, always in the prefetch form:
+    `gemv_item(X, W, S, O, it, nx, has_next, first, sbuf, xbuf, x_next, base)` runs item `it`
+    (x in buffer xbuf, its scales in buffer sbuf) and, if has_next, issues item nx's first chunks
+    and scales (buffer 1 - sbuf) in its last issue slots, and nx's x (buffer 1 - xbuf) if x_next."""
     import tilelang.language as T
 
     from tilert.kernels import common
 
     mx = cfg.fmt == "mxfp4"
+    if items is not None and not (mx and cfg.split == 1 and cfg.depth - 1 <= cfg.items):
+        raise ValueError(f"GEMV item body: MXFP4, split 1 and depth - 1 <= {cfg.items} chunks: {cfg}")
     M, N, K = cfg.m, cfg.n, cfg.k
     G, WK, D, R = cfg.g, cfg.wk, cfg.depth, cfg.rows
     NCS, ITEMS, NT, SPLIT = cfg.ncs, cfg.items, cfg.nt, cfg.split
@@ -302,49 +346,88 @@ def make_body(cfg: Config, import_prelude: bool = True, prefetch: bool = False):
         if ci < NCS:
             unit = (k_split * NCS + ci) * 4 + c
             for p in T.unroll(P):
-                row = n_tile * R + (warp // WK) * 16 * G + (p // 2) * 16 + (p % 2) * 8 + r
-                src = T.cast(T.min(row, N - 1), i64) * RW + T.min(unit, PPR - 1) * 4
-                dst = ((slot * P + p) * THREADS + tx) * 4
-                T.call_extern("handle", cp_async, ring.data, dst, Wv.data, src, row < N and unit < PPR)
+                if items is None:
+                    row = n_tile * R + (warp // WK) * 16 * G + (p // 2) * 16 + (p % 2) * 8 + r
+                    src = T.cast(T.min(row, N - 1), i64) * RW + T.min(unit, PPR - 1) * 4
+                    dst = ((slot * P + p) * THREADS + tx) * 4
+                    T.call_extern("handle", cp_async, ring.data, dst, Wv.data, src, row < N and unit < PPR)
+                else:  # n_tile is the item
+                    row, ok = items.w_row(n_tile, (warp // WK) * 16 * G + (p // 2) * 16 + (p % 2) * 8 + r)
+                    src = T.cast(row, i64) * RW + T.min(unit, PPR - 1) * 4
+                    dst = ((slot * P + p) * THREADS + tx) * 4
+                    T.call_extern("handle", cp_async, ring.data, dst, Wv.data, src, ok and unit < PPR)
 
     @T.macro
-    def stage(X, S, xs, scw, scf, n_tile, k_split, b, tx):
-        """The tile's x slice (cp.async, zeros past K) and block scales into buffer b (0, 1) of xs and
-        scw / scf: cp.async, but for MXFP4 scale rows that are not 16-byte aligned (byte loads)."""
-        Xv = T.view(X, shape=[M, K // 2], dtype=u32)
+    def stage_x(X, xs, n_tile, k_split, b, tx):
+        """The tile's x slice into buffer b (0, 1) of xs (cp.async, zeros past K; 16-byte units
+        XOR-swizzled). With items, n_tile is the item and its x rows are the ItemMap's."""
+        if items is None:
+            Xv = T.view(X, shape=[M, K // 2], dtype=u32)
+        else:  # only its address is used (offsets in u32 words)
+            Xv = X
         for e in T.serial(cdiv(M * XU, THREADS)):
             idx = e * THREADS + tx
             if idx < M * XU:
                 row, u = idx // XU, idx % XU
                 ku = k_split * XU + u
                 dst = b * XS_WORDS + (row * XU + (u ^ ((u >> 2) & 2) ^ (row & 1))) * 4
-                src = T.cast(row, i64) * (K // 2) + T.min(ku, XUK - 1) * 4
+                if items is None:
+                    src = T.cast(row, i64) * (K // 2) + T.min(ku, XUK - 1) * 4
+                else:
+                    src = T.cast(items.x_row(n_tile, row), i64) * (K // 2) + T.min(ku, XUK - 1) * 4
                 T.call_extern("handle", "tilert_cp_async16", xs.data, dst, Xv.data, src, ku < XUK)
+
+    @T.macro
+    def stage_s(S, scw, scf, n_tile, k_split, b, tx):
+        """The tile's block scales into buffer b of scw / scf: cp.async, but for MXFP4 scale rows that
+        are not 16-byte aligned (byte loads)."""
         if mx and cfg.scale_async:
-            Sv = T.view(S, shape=[N, K // 128], dtype=u32)
+            if items is None:
+                Sv = T.view(S, shape=[N, K // 128], dtype=u32)
+            else:  # only its address is used (a view of a whole expert stack may pass 2^31 bits)
+                Sv = S
             for e in T.serial(cdiv(R * (NCW // 4), THREADS)):
                 idx = e * THREADS + tx
                 if idx < R * (NCW // 4):
                     lr, pc = idx // (NCW // 4), idx % (NCW // 4)
-                    row = n_tile * R + lr
-                    col = k_split * NCS + pc * 4
-                    src = T.cast(T.min(row, N - 1), i64) * (K // 128) + T.min(col, K // 128 - 4)
-                    dst = b * R * NCW + lr * NCW + pc * 4
-                    T.call_extern(
-                        "handle", "tilert_cp_async16", scw.data, dst, Sv.data, src, row < N and col < K // 128
-                    )
+                    if items is None:
+                        row = n_tile * R + lr
+                        col = k_split * NCS + pc * 4
+                        src = T.cast(T.min(row, N - 1), i64) * (K // 128) + T.min(col, K // 128 - 4)
+                        dst = b * R * NCW + lr * NCW + pc * 4
+                        T.call_extern(
+                            "handle", "tilert_cp_async16", scw.data, dst, Sv.data, src, row < N and col < K // 128
+                        )
+                    else:
+                        row, ok = items.w_row(n_tile, lr)
+                        col = k_split * NCS + pc * 4
+                        src = T.cast(row, i64) * (K // 128) + T.min(col, K // 128 - 4)
+                        dst = b * R * NCW + lr * NCW + pc * 4
+                        T.call_extern("handle", "tilert_cp_async16", scw.data, dst, Sv.data, src, ok and col < K // 128)
         elif mx:  # rows not 16-byte aligned (odd K): byte loads, assembled into words
+            if items is not None:
+                Sb = T.view(S, shape=[items.w_rows, K // 32], dtype="uint8")
             for e in T.serial(cdiv(R * NCS, THREADS)):
                 idx = e * THREADS + tx
                 if idx < R * NCS:
                     lr, ci = idx // NCS, idx % NCS
-                    row = T.min(n_tile * R + lr, N - 1)
-                    blk = (k_split * NCS + ci) * 4
-                    scw[b * R * NCW + lr * NCW + ci] = _sum(
-                        T.if_then_else(blk + q < K // 32, T.cast(S[row, T.min(blk + q, K // 32 - 1)], u32), T.uint32(0))
-                        << T.uint32(8 * q)
-                        for q in range(4)
-                    )
+                    if items is None:
+                        row = T.min(n_tile * R + lr, N - 1)
+                        blk = (k_split * NCS + ci) * 4
+                        scw[b * R * NCW + lr * NCW + ci] = _sum(
+                            T.if_then_else(blk + q < K // 32, T.cast(S[row, T.min(blk + q, K // 32 - 1)], u32),
+                                           T.uint32(0)) << T.uint32(8 * q)
+                            for q in range(4)
+                        )  # fmt: skip
+                    else:
+                        row, ok = items.w_row(n_tile, lr)
+                        blk = (k_split * NCS + ci) * 4
+                        scw[b * R * NCW + lr * NCW + ci] = _sum(
+                            T.if_then_else(ok and blk + q < K // 32,
+                                           T.cast(Sb[row, T.min(blk + q, K // 32 - 1)], u32),
+                                           T.uint32(0)) << T.uint32(8 * q)
+                            for q in range(4)
+                        )  # fmt: skip
         else:
             for e in T.serial(cdiv(SR * SC, THREADS)):
                 idx = e * THREADS + tx
@@ -353,6 +436,12 @@ def make_body(cfg: Config, import_prelude: bool = True, prefetch: bool = False):
                     row = T.min((n_tile * R) // 128 + i, NSR - 1)
                     src = T.cast(row, i64) * NSC + T.min((k_split * NCS) // 2 + j, NSC - 1)
                     T.call_extern("handle", "tilert_cp_async4", scf.data, b * SR * SC + idx, S.data, src, True)
+
+    @T.macro
+    def stage(X, S, xs, scw, scf, n_tile, k_split, b, tx):
+        """The tile's x slice and block scales into buffer b (0, 1) of xs and scw / scf."""
+        stage_x(X, xs, n_tile, k_split, b, tx)
+        stage_s(S, scw, scf, n_tile, k_split, b, tx)
 
     @T.macro
     def mma_mx(wq, xb, af, ml, sq, acc, big):
@@ -377,9 +466,9 @@ def make_body(cfg: Config, import_prelude: bool = True, prefetch: bool = False):
                               t * XW + s * 2, acc.data, (grp * NT + t) * 4, T.bool(False))  # fmt: skip
 
     @T.macro
-    def compute(ring, xs, scw, scf, wq, xb, af, ml, sq, part, acc, n_tile, k_split, i, slot, b, tx):
-        """MMAs of chunk i of this thread's warp (its pieces in ring slot `slot`, x and scales in
-        buffer b)."""
+    def compute(ring, xs, scw, scf, wq, xb, af, ml, sq, part, acc, n_tile, k_split, i, slot, b, tx, bs=None):
+        """MMAs of chunk i of this thread's warp (its pieces in ring slot `slot`, x in buffer b,
+        scales in buffer bs, default b)."""
         warp, r, c = tx // 32, (tx % 32) // 4, tx % 4
         ci = warp % WK + WK * i
         if ci < NCS:
@@ -398,7 +487,7 @@ def make_body(cfg: Config, import_prelude: bool = True, prefetch: bool = False):
             lr0 = (warp // WK) * 16 * G + r  # tile row of this lane's first row (group 0)
             if mx:
                 for h in T.unroll(2 * G):  # block scale codes of rows r (even h) and r + 8 (odd h)
-                    word = scw[b * R * NCW + (lr0 + h * 8) * NCW + ci]
+                    word = scw[(b if bs is None else bs) * R * NCW + (lr0 + h * 8) * NCW + ci]
                     sq[h] = T.cast((word >> T.cast(8 * c, u32)) & T.uint32(255), "int32")
                 # scale codes > 128 (blocks with |w| >= 8) need a second multiply: a warp-uniform
                 # branch, so the common path pays nothing for it
@@ -487,15 +576,16 @@ def make_body(cfg: Config, import_prelude: bool = True, prefetch: bool = False):
             T.alloc_local((G * NT * 4,), f32),  # acc
         )
 
-    def alloc(prefetch):
-        """The body's buffers: with prefetch, x and scales double-buffered and the reduction
-        buffers outside TileLang's shared-memory merge (they are written while the next task's
-        copies, invisible to TileLang, land in the ring and the other x buffer)."""
+    def alloc(prefetch, nbx=None):
+        """The body's buffers: with prefetch, x (nbx buffers, default 2) and scales double-buffered
+        and the reduction buffers outside TileLang's shared-memory merge (they are written while the
+        next task's copies, invisible to TileLang, land in the ring and the other x buffer)."""
         nb = 2 if prefetch else 1
+        nbx = nb if nbx is None else nbx
         shared = common.alloc_unmerged if prefetch else T.alloc_shared
         return (
             T.alloc_shared((D * P * THREADS * 4,), u32),  # ring
-            T.alloc_shared((nb * XS_WORDS,), u32),  # xs
+            T.alloc_shared((nbx * XS_WORDS,), u32),  # xs
             T.alloc_shared((nb * R * NCW if mx else 4,), u32),  # scw
             T.alloc_shared((4 if mx else nb * SR * SC,), f32),  # scf
             shared((WK * MT * R,), f32),  # red
@@ -567,6 +657,44 @@ def make_body(cfg: Config, import_prelude: bool = True, prefetch: bool = False):
             compute(ring, xs, scw, scf, wq, xb, af, ml, sq, part, acc, n_tile, k_split, j, (base + j) % D, b, tx)
         finish(V, red, last, acc, n_tile, k_split, tx)
 
+    @T.macro
+    def gemv_item(X, W, S, O, it, nx, has_next, first, sbuf, xbuf, x_next, base):
+        if import_prelude:
+            T.import_source(GEMV_PRELUDE)
+        Wv = W  # only its address is used: cp.async offsets in u32 words
+        ring, xs, scw, scf, red, last = alloc(True, items.x_buffers)
+        wq, xb, af, ml, sq, part, acc = regs()
+        tx = T.get_thread_binding()
+        for i in T.unroll(G * NT * 4):
+            acc[i] = T.float32(0)
+        if first:  # later items' first chunks, scales (and x) were issued by the item before
+            for j in T.unroll(D - 1):
+                issue(Wv, ring, it, 0, j, (base + j) % D, tx)
+                if j == 0:
+                    stage_x(X, xs, it, 0, xbuf, tx)
+                    stage_s(S, scw, scf, it, 0, sbuf, tx)
+                T.ptx_commit_group()
+        T.call_extern("handle", f"tilert_cp_async_wait<{D - 2}>")
+        T.sync_threads()
+        for j in T.serial(ITEMS):
+            T.call_extern("handle", f"tilert_cp_async_wait<{D - 2}>")
+            if j + D - 1 < ITEMS:
+                issue(Wv, ring, it, 0, j + D - 1, (base + j + D - 1) % D, tx)
+            elif has_next:  # the next item's chunk j + D - 1 - ITEMS (its scales and x with its first)
+                issue(Wv, ring, nx, 0, j + D - 1 - ITEMS, (base + j + D - 1) % D, tx)
+                if j + D - 1 == ITEMS:
+                    if x_next:
+                        stage_x(X, xs, nx, 0, 1 - xbuf, tx)
+                    stage_s(S, scw, scf, nx, 0, 1 - sbuf, tx)
+            T.ptx_commit_group()
+            compute(ring, xs, scw, scf, wq, xb, af, ml, sq, part, acc, it, 0, j, (base + j) % D, xbuf, tx, sbuf)
+        T.sync_threads()  # TileLang cannot see the ring reads (tilert_lds16)
+        reduce_warps(red, acc, tx)
+        items.epilogue(O, it, red, tx)
+        T.sync_threads()
+
+    if items is not None:
+        return gemv_item
     return gemv_tile_prefetch if prefetch else gemv_tile
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from tilert.kernels.common import DEVICE_PRELUDE, alloc_unmerged, build, cdiv, gate_passed, make_mma_reduce
+from tilert.kernels.common import alloc_unmerged, build, cdiv, gate_passed, make_mma_reduce, prelude
 from tilert.kernels.common import gated as mark_gated
 from tilert.kernels.views import grid_launcher, pointer_row
 from tilert.numerics import fp8
@@ -340,7 +340,7 @@ def make_gemv_body(spec: LinearSpec, gated: bool = False, evict_first: bool = Tr
 
     @T.macro
     def gemv_core(V, n_tile, m_tile, k_split, gate):
-        T.import_source(DEVICE_PRELUDE)
+        T.import_source(prelude())
         v = _unpack(spec, V)
         X, W, Sinv, G = v["x"], v["w"], v["scale_inv"], v.get("gamma")
         Wv = T.view(W, shape=[N, K // 4], dtype=u32)

@@ -26,13 +26,16 @@ down blocks [E, H, I/2], scales [E, H, I/32]; router weight f32 [E_total, H], bi
 
 import dataclasses
 import functools
+import operator
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from tilert.ir.opset.fused import MoeAttrs
-from tilert.kernels.common import DEVICE_PRELUDE, build, cdiv
+from tilert.kernels import gemv
+from tilert.kernels.common import build, cdiv, prelude
 from tilert.kernels.mxfp4_gemm import BLOCK_K, BLOCK_N, loop_shape, make_mainloop
 from tilert.numerics import mxfp4
 from tilert.ops.moe import moe_experts, route
@@ -107,6 +110,107 @@ def supports(tokens: int, hidden: int, inter: int, n_group: int = 1, persistent:
 GU_COLS = 8  # h columns per gate_up_tile n_tile (8 gate rows + the 8 matching up rows: one BLOCK_N tile)
 MOE_TASKS = 128  # MOE_GATE_UP and MOE_DOWN tasks per MoE node, about one per SM
 
+# ---- the expert bodies of the persistent step: the MXFP4 mainloop (default) or the streaming GEMV ----
+
+BODY_ENV = "TILERT_MOE_BODY"  # "mainloop" (default) or "gemv": which body the persistent expert tasks run
+TILING_ENV = "TILERT_MOE_GEMV_TILING"  # optional "wr.g.depth/wr.g.depth" (gate/up / down) for the GEMV body
+BODIES = ("mainloop", "gemv")
+GEMV_SMEM = 200 * 1024  # the most shared memory an expert GEMV body may take (the step's other bodies' static
+# buffers and its own reduction buffer live beside it in the SM's 227 KB)
+
+
+def body_choice() -> str:
+    """The persistent expert body the build switch TILERT_MOE_BODY names: "mainloop" (default: one
+    load round of registers per item, `make_bodies`) or "gemv" (the streaming GEMV, `make_gemv_tasks`)."""
+    v = os.environ.get(BODY_ENV, "mainloop") or "mainloop"
+    if v not in BODIES:
+        raise ValueError(f"{BODY_ENV}={v!r}: expected one of {', '.join(BODIES)}")
+    return v
+
+
+@dataclass(frozen=True)
+class GemvTiling:
+    """The streaming GEMV configs of the expert items (`make_gemv_tasks`). gate/up: an item is one
+    tile of `gu.rows` rows, the gate rows [n w, n w + w) of its expert and the matching up rows
+    (w = gu.rows / 2 h columns) over all of H; down: `down.rows` output rows over all of I."""
+
+    gu: gemv.Config  # m = tokens, n = 2I, k = H
+    down: gemv.Config  # m = tokens, n = H, k = I
+
+    @property
+    def gu_width(self) -> int:
+        return self.gu.rows // 2
+
+    @property
+    def down_rows(self) -> int:
+        return self.down.rows
+
+
+def _gemv_cfg(m: int, n: int, k: int, wr: int, g: int, depth: int) -> gemv.Config:
+    # plain cp.async, no L2 evict-first policy: with one, ptxas (CUDA 13.0) gave the weight loads of
+    # the mimo verify step's expert tasks an odd descriptor register (desc[UR1]), which the H200
+    # rejects as an illegal instruction (kernels/sass.py)
+    return gemv.Config("mxfp4", m, n, k, wr=wr, g=g, split=1, depth=depth, evict_first=False)
+
+
+def _parse_tiling(text: str) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """'wr.g.depth/wr.g.depth' -> ((wr, g, depth) gate/up, (wr, g, depth) down)."""
+    try:
+        gu, dn = (tuple(int(v) for v in part.split(".")) for part in text.split("/"))
+        if len(gu) != 3 or len(dn) != 3:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{TILING_ENV}={text!r}: expected wr.g.depth/wr.g.depth (gate/up/down)") from None
+    return gu, dn  # type: ignore[return-value]
+
+
+def _fits(cfg: gemv.Config, x_buffers: int) -> bool:
+    return cfg.depth - 1 <= cfg.items and gemv.item_smem_bytes(cfg, x_buffers) <= GEMV_SMEM
+
+
+def _pick(m: int, n: int, k: int, gs: tuple[int, ...], depth: int, x_buffers: int) -> gemv.Config | None:
+    """The first tiling that fits: the fewest row warps whose k warps all get chunks, then g in the
+    order given and the deepest ring up to `depth` (depth - 1 chunks a warp in flight, at most the
+    chunks it has: the next item's first chunks ride in this one's last issue slots)."""
+    chunks = cdiv(k, gemv.CHUNK_ELEMS["mxfp4"])
+    wr = next((w for w in (1, 2, 4, 8) if gemv.WARPS // w <= chunks), 8)
+    for g in gs:
+        if 16 * g * wr > n:
+            continue
+        for d in range(depth, 1, -1):
+            try:
+                cfg = _gemv_cfg(m, n, k, wr, g, min(d, cdiv(chunks, gemv.WARPS // wr) + 1))
+            except ValueError:  # its plain form alone is past the SM's shared memory
+                continue
+            if _fits(cfg, x_buffers):
+                return cfg
+    return None
+
+
+def gemv_tiling(tokens: int, hidden: int, inter: int) -> GemvTiling | None:
+    """The GEMV body's tilings of a node, or None where they do not fit its shared memory (then the
+    node keeps the mainloop body). gate/up: 32-row tiles (16 gate + 16 up rows) with 3 chunks of
+    16 KB in flight, x staged once per task (every item reads all of it); down: 64-row tiles with 2
+    chunks of 32 KB in flight (the persistent-task-stream winners of benchmarks/gemv_sweep.py at the
+    mimo expert shapes), x = Hb[slot] double-buffered. Narrow shapes (fewer than 8 k chunks) put
+    more warps along rows. TILERT_MOE_GEMV_TILING="wr.g.depth/wr.g.depth" forces both."""
+    forced = os.environ.get(TILING_ENV, "")
+    if forced:
+        (a, b, c), (d, e, f) = _parse_tiling(forced)
+        try:
+            gu, dn = _gemv_cfg(tokens, 2 * inter, hidden, a, b, c), _gemv_cfg(tokens, hidden, inter, d, e, f)
+        except ValueError as err:
+            raise ValueError(f"{TILING_ENV}={forced!r}: {err}") from None
+        for name, cfg, nb in (("gate/up", gu, 1), ("down", dn, 2)):
+            if not _fits(cfg, nb):
+                need = gemv.item_smem_bytes(cfg, nb)
+                raise ValueError(f"{TILING_ENV}: the {name} tiling needs depth - 1 <= {cfg.items} chunks and "
+                                 f"{need} <= {GEMV_SMEM} bytes of shared memory: {cfg}")  # fmt: skip
+        return GemvTiling(gu, dn)
+    gu = _pick(tokens, 2 * inter, hidden, (2, 1), 4, x_buffers=1)
+    dn = _pick(tokens, hidden, inter, (4, 2, 1), 3, x_buffers=2)
+    return None if gu is None or dn is None else GemvTiling(gu, dn)
+
 
 @dataclass(frozen=True)
 class MoeTiling:
@@ -115,17 +219,44 @@ class MoeTiling:
     the active slots only (slot < Count, known on the device after the top-k): gate/up item w is
     (slot, n_tile) = divmod(w, gu_tiles), down item w is (slot, n_tile, k_split); task j of a stage
     runs items j, j + tasks, ... So every SM gets work whether 1 or 8 slots are active, and idle
-    slots cost no tasks."""
+    slots cost no tasks.
+
+    With the GEMV body (`gemv` set: TILERT_MOE_BODY=gemv) the items are its tiles (gu_width h
+    columns, down_rows output rows, no k split) and task j runs the contiguous items
+    [j W / tasks, (j + 1) W / tasks) of the W active ones, so its items stream back to back through
+    one slot's rows (a down task restages Hb only when the slot changes). The task counts are the
+    mainloop body's either way, so a table compiled for one body runs the other."""
 
     tokens: int
     hidden: int
     inter: int
     max_slots: int  # = Config.max_slots
-    gu_tiles: int  # gate_up_tile n_tiles per slot (GU_COLS h columns each)
+    gu_tiles: int  # gate/up items (n tiles) per slot, gu_width h columns each
     gu_tasks: int  # MOE_GATE_UP tasks
-    down_tiles: int  # down_tile n tiles per slot (BLOCK_N output features each)
+    down_tiles: int  # down items (n tiles) per slot, down_rows output features each
     down_split: int  # MOE_DOWN k splits (Config.down_split)
     down_tasks: int  # MOE_DOWN tasks
+    gemv: GemvTiling | None = None  # the GEMV body's tiles (None: the mainloop body's)
+
+    @property
+    def body(self) -> str:
+        return "mainloop" if self.gemv is None else "gemv"
+
+    @property
+    def gu_width(self) -> int:
+        """h columns of one gate/up item."""
+        return GU_COLS if self.gemv is None else self.gemv.gu_width
+
+    @property
+    def down_rows(self) -> int:
+        """Output features of one down item."""
+        return BLOCK_N if self.gemv is None else self.gemv.down_rows
+
+    def _range(self, task: int, total: int, tasks: int) -> range:
+        """The items of `task` among `total`: strided (mainloop body) or a contiguous share (GEMV)."""
+        if self.gemv is None:
+            return range(task, total, tasks)
+        return range(task * total // tasks, (task + 1) * total // tasks)
 
     @property
     def gu_steps(self) -> int:
@@ -138,24 +269,24 @@ class MoeTiling:
 
     def gu_items(self, task: int, count: int) -> list[tuple[int, int]]:
         """(slot, n_tile) items gate/up task `task` runs when `count` slots are active."""
-        return [divmod(w, self.gu_tiles) for w in range(task, count * self.gu_tiles, self.gu_tasks)]
+        return [divmod(w, self.gu_tiles) for w in self._range(task, count * self.gu_tiles, self.gu_tasks)]
 
     def down_items(self, task: int, count: int) -> list[tuple[int, int, int]]:
         """(slot, n_tile, k_split) items down task `task` runs when `count` slots are active."""
         per = self.down_tiles * self.down_split
         out = []
-        for w in range(task, count * per, self.down_tasks):
+        for w in self._range(task, count * per, self.down_tasks):
             slot, r = divmod(w, per)
             out.append((slot, *divmod(r, self.down_split)))
         return out
 
     def gu_cols(self, n_tile: int) -> tuple[int, int]:
         """h columns [lo, hi) of Hb[slot] that gate/up n tile `n_tile` writes."""
-        return n_tile * GU_COLS, min(self.inter, (n_tile + 1) * GU_COLS)
+        return n_tile * self.gu_width, min(self.inter, (n_tile + 1) * self.gu_width)
 
     def down_cols(self, n_tile: int) -> tuple[int, int]:
         """Output columns [lo, hi) of Y that down n tile `n_tile` adds into."""
-        return n_tile * BLOCK_N, min(self.hidden, (n_tile + 1) * BLOCK_N)
+        return n_tile * self.down_rows, min(self.hidden, (n_tile + 1) * self.down_rows)
 
     def down_k(self, k_split: int) -> tuple[int, int]:
         """h columns [lo, hi) (the down GEMM's k) that k split `k_split` reduces."""
@@ -163,13 +294,18 @@ class MoeTiling:
         return k_split * kc, self.inter if k_split == self.down_split - 1 else (k_split + 1) * kc
 
 
-def tiling(tokens: int, hidden: int, inter: int, n_local: int, top_k: int,
-           down_split: int = Config.down_split, tasks: int = MOE_TASKS) -> MoeTiling:  # fmt: skip
-    """The fused MoE's task geometry for T tokens (pure python, no tilelang: any shape, tiny too)."""
+def tiling(tokens: int, hidden: int, inter: int, n_local: int, top_k: int, down_split: int = Config.down_split,
+           tasks: int = MOE_TASKS, body: str | None = None) -> MoeTiling:  # fmt: skip
+    """The fused MoE's task geometry for T tokens (pure python, no tilelang: any shape, tiny too).
+    body: "mainloop" or "gemv" (default: the TILERT_MOE_BODY switch); the GEMV body where its tiling
+    fits the node (`gemv_tiling`) and down_split is 1, else the mainloop's."""
     slots = min(n_local, tokens * top_k)
     gu, dn = cdiv(inter, GU_COLS), cdiv(hidden, BLOCK_N)
-    return MoeTiling(tokens, hidden, inter, slots, gu, min(tasks, slots * gu), dn, down_split,
-                     min(tasks, slots * dn * down_split))  # fmt: skip
+    gu_tasks, dn_tasks = min(tasks, slots * gu), min(tasks, slots * dn * down_split)
+    gt = gemv_tiling(tokens, hidden, inter) if (body or body_choice()) == "gemv" and down_split == 1 else None
+    if gt is not None:  # the GEMV body's items, the same task counts
+        gu, dn = cdiv(inter, gt.gu_width), cdiv(hidden, gt.down_rows)
+    return MoeTiling(tokens, hidden, inter, slots, gu, gu_tasks, dn, down_split, dn_tasks, gt)
 
 
 def make_bodies(cfg: Config):
@@ -273,7 +409,7 @@ def make_bodies(cfg: Config):
         # expert id, as torch.topk on the reference) pick the experts in score order. The rounds are
         # a loop, not unrolled: the body runs once per layer on one SM, so its code is fetched cold
         # and k unrolled copies cost more in instruction fetch than the loop does in branches.
-        T.import_source(DEVICE_PRELUDE)
+        T.import_source(prelude())
         hit = T.alloc_shared((EL,), "int32")
         sc = T.alloc_local((EPL,), "float32")
         bv = T.alloc_var("float32")
@@ -375,6 +511,124 @@ def make_bodies(cfg: Config):
     return router_tile, route_body, gate_up_tile, down_tile
 
 
+def _sum(terms: Any) -> Any:
+    """Sum of TIR expressions without a Python 0."""
+    return functools.reduce(operator.add, terms)
+
+
+def make_gemv_tasks(cfg: Config, til: MoeTiling, import_prelude: bool = True):
+    """The expert tasks of the GEMV body (TILERT_MOE_BODY=gemv, `til.gemv` set): T.macros
+    `gate_up_task(X, GUb, GUs, List, Count, Hb, j)` and `down_task(Hb, Db, Ds, List, Count, TokW, Y, j)`.
+
+    Task j runs its contiguous share of the Count x tiles active items (MoeTiling.gu_items /
+    down_items) through the streaming GEMV's item form (gemv.make_body(..., items=)): per-thread
+    cp.async rings, depth - 1 chunks in flight, and each item issues the next item's first chunks
+    and block scales in its own last issue slots, so a task's weights stream back to back across
+    its items; the expert id List[slot] is read once per item into a register.
+    gate/up: a tile row r < w (w = gu.rows / 2) is gate row n w + r of expert List[slot], r >= w
+    up row I + n w + r - w; x (all T rows of X) is staged once per task; the epilogue writes
+    Hb[slot, t, n w + r] = bf16(silu(g) * u). down: tile row r is output feature n R + r; x =
+    Hb[slot] rows, restaged (double-buffered) only when the slot changes; the epilogue adds
+    partial x TokW[e, t] into Y with float32 atomics (Y zeroed by the router tasks).
+    import_prelude=False: the caller imports a prelude holding gemv.GEMV_PRELUDE."""
+    import tilelang.language as T
+
+    gt = til.gemv
+    if gt is None:
+        raise ValueError(f"no GEMV tiling for the MoE at T={cfg.t}, H={cfg.hidden}, I={cfg.inter}")
+    H, In, EL, Tn, S = cfg.hidden, cfg.inter, cfg.n_local, cfg.t, til.max_slots
+    gu, dn = gt.gu, gt.down
+    W, RG, R = gt.gu_width, gu.rows, gt.down_rows
+    MTG, MTD = 8 * gu.nt, 8 * dn.nt  # token columns of the bodies' reduction buffers
+    GUT, DNT = til.gu_tiles, til.down_tiles
+
+    @T.macro
+    def gu_store(Hb, it, red, tx):
+        for z in T.serial(cdiv(W * Tn, THREADS)):
+            idx = z * THREADS + tx
+            if idx < W * Tn:
+                lr, tok = idx % W, idx // W
+                if it[2] * W + lr < In:
+                    g = _sum(red[(w * MTG + tok) * RG + lr] for w in range(gu.wk))
+                    u = _sum(red[(w * MTG + tok) * RG + W + lr] for w in range(gu.wk))
+                    Hb[it[1], tok, it[2] * W + lr] = T.cast(g / (1.0 + T.exp(-g)) * u, "bfloat16")
+
+    @T.macro
+    def dn_store(O, it, red, tx):
+        for z in T.serial(cdiv(R * Tn, THREADS)):
+            idx = z * THREADS + tx
+            if idx < R * Tn:
+                lr, tok = idx % R, idx // R
+                if it[2] * R + lr < H:
+                    part = _sum(red[(w * MTD + tok) * R + lr] for w in range(dn.wk))
+                    T.atomic_add(O[0][tok, it[2] * R + lr], part * O[1][it[0], tok])
+
+    # an item is (expert, slot, n tile)
+    gu_map = gemv.ItemMap(
+        w_rows=EL * 2 * In,
+        x_rows=TP,
+        w_row=lambda it, lr: (
+            it[0] * (2 * In) + (lr // W) * In + T.min(it[2] * W + lr % W, In - 1),
+            it[2] * W + lr % W < In,
+        ),  # fmt: skip
+        x_row=lambda it, t: t,
+        epilogue=gu_store,
+        x_buffers=1,
+    )
+    dn_map = gemv.ItemMap(
+        w_rows=EL * H,
+        x_rows=S * TP,
+        w_row=lambda it, lr: (it[0] * H + T.min(it[2] * R + lr, H - 1), it[2] * R + lr < H),
+        x_row=lambda it, t: it[1] * TP + t,
+        epilogue=dn_store,
+        x_buffers=2,
+    )
+    gu_item = gemv.make_body(gu, import_prelude, items=gu_map)
+    dn_item = gemv.make_body(dn, import_prelude, items=dn_map)
+
+    @T.macro
+    def gate_up_task(X, GUb, GUs, List, Count, Hb, j):
+        total = T.alloc_var("int32")  # active items; Count read once
+        total = Count[0] * GUT
+        lo = T.alloc_var("int32")
+        lo = j * total // til.gu_tasks
+        steps = T.alloc_var("int32")
+        steps = T.min((j + 1) * total // til.gu_tasks - lo, til.gu_steps)
+        e = T.alloc_var("int32")
+        en = T.alloc_var("int32")
+        for u in T.serial(steps):
+            w = lo + u
+            wn = T.min(w + 1, total - 1)  # the next item (issued only if u + 1 < steps)
+            e = List[w // GUT]
+            en = List[wn // GUT]
+            gu_item(X, GUb, GUs, Hb, (e, w // GUT, w % GUT), (en, wn // GUT, wn % GUT), u + 1 < steps, u == 0,
+                    u % 2, 0, False, u * gu.items)  # fmt: skip
+
+    @T.macro
+    def down_task(Hb, Db, Ds, List, Count, TokW, Y, j):
+        total = T.alloc_var("int32")
+        total = Count[0] * DNT
+        lo = T.alloc_var("int32")
+        lo = j * total // til.down_tasks
+        steps = T.alloc_var("int32")
+        steps = T.min((j + 1) * total // til.down_tasks - lo, til.down_steps)
+        e = T.alloc_var("int32")
+        en = T.alloc_var("int32")
+        xb = T.alloc_var("int32")  # the x buffer holding this item's slot's Hb rows
+        xb = 0
+        for u in T.serial(steps):
+            w = lo + u
+            wn = T.min(w + 1, total - 1)
+            e = List[w // DNT]
+            en = List[wn // DNT]
+            dn_item(Hb, Db, Ds, (Y, TokW), (e, w // DNT, w % DNT), (en, wn // DNT, wn % DNT), u + 1 < steps,
+                    u == 0, u % 2, xb, wn // DNT != w // DNT, u * dn.items)  # fmt: skip
+            if wn // DNT != w // DNT:
+                xb = 1 - xb
+
+    return gate_up_task, down_task
+
+
 def make_kernels(cfg: Config):
     """Four standalone launchers, one per body."""
     import tilelang.language as T
@@ -436,6 +690,101 @@ def make_kernels(cfg: Config):
 @functools.cache
 def compiled(cfg: Config):
     return tuple(build(f) for f in make_kernels(cfg))
+
+
+def make_gemv_task_kernels(cfg: Config, til: MoeTiling):
+    """Standalone launchers of the GEMV body's expert tasks: one CTA (256 threads) per task, the
+    step's task count and item split (`til`), so a task streams its items as in the step."""
+    import tilelang.language as T
+
+    gate_up_task, down_task = make_gemv_tasks(cfg, til)
+    H, In, EL, Tn, S = cfg.hidden, cfg.inter, cfg.n_local, cfg.t, til.max_slots
+
+    @T.prim_func
+    def moe_gate_up_stream(
+        X: T.Tensor((TP, H), "bfloat16"),
+        GUb: T.Tensor((EL, 2 * In, H // 2), "uint8"),
+        GUs: T.Tensor((EL, 2 * In, H // 32), "uint8"),
+        List: T.Tensor((EL,), "int32"),
+        Count: T.Tensor((1,), "int32"),
+        Hb: T.Tensor((S, TP, In), "bfloat16"),
+    ):
+        with T.Kernel(til.gu_tasks, threads=THREADS) as bx:
+            gate_up_task(X, GUb, GUs, List, Count, Hb, bx)
+
+    @T.prim_func
+    def moe_down_stream(
+        Hb: T.Tensor((S, TP, In), "bfloat16"),
+        Db: T.Tensor((EL, H, In // 2), "uint8"),
+        Ds: T.Tensor((EL, H, In // 32), "uint8"),
+        List: T.Tensor((EL,), "int32"),
+        Count: T.Tensor((1,), "int32"),
+        TokW: T.Tensor((EL, TP), "float32"),
+        Y: T.Tensor((Tn, H), "float32"),
+    ):
+        with T.Kernel(til.down_tasks, threads=THREADS) as bx:
+            down_task(Hb, Db, Ds, List, Count, TokW, Y, bx)
+
+    return moe_gate_up_stream, moe_down_stream
+
+
+@functools.cache
+def compiled_gemv_tasks(cfg: Config, til: MoeTiling):
+    what = f"MoE GEMV expert tasks T={cfg.t} H={cfg.hidden} I={cfg.inter} ({til.gemv})"
+    return tuple(build(f, what=what) for f in make_gemv_task_kernels(cfg, til))
+
+
+def check_gemv_tasks(t: int, hidden: int, inter: int, n_local: int, top_k: int, active: int, seed: int | None = None,
+                     device: str = "cuda", kernels: Any = None) -> tuple[float, float]:  # fmt: skip
+    """The GEMV body's expert tasks (standalone, `make_gemv_task_kernels`) on fresh random inputs:
+    `active` random local experts in List, the slots' Hb NaN-poisoned, TokW NaN for the experts
+    and token rows no task may read. Returns the relative errors (float64 norms) of Hb[:active,
+    :t] (bf16) and of Y (float32, from the kernel's Hb) against the float64 reference; raises if a
+    slot or token row past the active ones was written. kernels: (gate/up, down) callables in place
+    of the compiled tasks (tests of this check)."""
+    from tilert.ops.linear import dequant_mxfp4
+
+    til = tiling(t, hidden, inter, n_local, top_k, body="gemv")
+    if til.gemv is None or not 1 <= active <= til.max_slots:
+        raise ValueError(f"T={t} H={hidden} I={inter}: no GEMV tiling, or {active} active of {til.max_slots} slots")
+    cfg = Config(t, hidden, inter, n_local, n_local, top_k)
+    k_gu, k_dn = kernels or compiled_gemv_tasks(cfg, til)
+    dev = device
+    g = torch.Generator(device=dev)
+    g.manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    gub = torch.empty(n_local, 2 * inter, hidden // 2, dtype=torch.uint8, device=dev)
+    gus = torch.empty(n_local, 2 * inter, hidden // 32, dtype=torch.uint8, device=dev)
+    dnb = torch.empty(n_local, hidden, inter // 2, dtype=torch.uint8, device=dev)
+    dns = torch.empty(n_local, hidden, inter // 32, dtype=torch.uint8, device=dev)
+    for e in range(n_local):  # one expert at a time: the float32 stacks of 48 experts would take 7 GB
+        gub[e], gus[e] = mxfp4.quantize(torch.randn(2 * inter, hidden, device=dev, generator=g) * 0.05)
+        dnb[e], dns[e] = mxfp4.quantize(torch.randn(hidden, inter, device=dev, generator=g) * 0.05)
+    x = torch.zeros(TP, hidden, dtype=torch.bfloat16, device=dev)
+    x[:t] = torch.randn(t, hidden, device=dev, generator=g).to(torch.bfloat16)
+    experts = torch.randperm(n_local, device=dev, generator=g)[:active].sort().values
+    lst = torch.full((n_local,), -1, dtype=torch.int32, device=dev)
+    lst[:active] = experts.to(torch.int32)
+    cnt = torch.tensor([active], dtype=torch.int32, device=dev)
+    tokw = torch.full((n_local, TP), float("nan"), device=dev)
+    w = torch.rand(active, t, device=dev, generator=g)
+    tokw[experts, :t] = torch.where(w < 0.3, torch.zeros_like(w), w)  # a token not routed there: weight 0
+    hb = torch.full((til.max_slots, TP, inter), float("nan"), dtype=torch.bfloat16, device=dev)
+    k_gu(x, gub, gus, lst, cnt, hb)
+    y = torch.zeros(t, hidden, dtype=torch.float32, device=dev)
+    k_dn(hb, dnb, dns, lst, cnt, tokw, y)
+    if y.is_cuda:
+        torch.cuda.synchronize()
+    if not hb[active:].isnan().all() or not hb[:active, t:].isnan().all():
+        raise AssertionError("a task wrote Hb past the active slots or the tokens")
+    xs = x[:t].double()
+    h_ref, y_ref = [], torch.zeros(t, hidden, dtype=torch.float64, device=dev)
+    for s_, e in enumerate(experts.tolist()):
+        wgu = dequant_mxfp4(gub[e], gus[e]).double()
+        gate, up = xs @ wgu[:inter].t(), xs @ wgu[inter:].t()
+        h_ref.append(gate * torch.sigmoid(gate) * up)
+        wd = dequant_mxfp4(dnb[e], dns[e]).double()
+        y_ref += (hb[s_, :t].double() @ wd.t()) * tokw[e, :t, None].double()
+    return gemv.rel_err(hb[:active, :t], torch.stack(h_ref)), gemv.rel_err(y, y_ref)
 
 
 def reference(x, router_w, bias, gate_up, down, *, top_k, expert_offset=0, normalize=True, scaling=1.0):

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from tilert.kernels import gemv
-from tilert.kernels.common import DEVICE_PRELUDE, build, cdiv, launch_decode_gemm, make_mma_reduce
+from tilert.kernels.common import build, cdiv, launch_decode_gemm, make_mma_reduce, prelude
 from tilert.ops.linear import mxfp4_linear
 
 reference = mxfp4_linear
@@ -121,7 +121,7 @@ def make_mainloop(
 
     @T.macro
     def mxfp4_mainloop(X, xa, x_row0, W, S, e, w_row0, w_row1, k_tile0, nk, out_s):
-        T.import_source(DEVICE_PRELUDE)
+        T.import_source(prelude())
         nblk = S.shape[-1]
         n_rows = rows_of(W)
         Wv = T.view(W, shape=list(W.shape[:-1]) + [W.shape[-1] // 4], dtype="uint32")

@@ -3,11 +3,12 @@
 Tiles at the kernel's coordinates (`tilert.kernels.moe.tiling`, passes/tile.py): MOE_ROUTER (e_tile)
 -> MOE_TOPK -> MOE_GATE_UP (task) -> MOE_DOWN (task) -> MOE_REDUCE (column block); gate/up and down
 tasks stride over the items of the active slots the top-k task lists on the device. Persistent:
-tilert/kernels/moe.py's bodies (MXFP4 expert stacks), the reduce through peer inboxes when ranks
-share a PeerGroup. Eager: the standalone fused-MoE kernel where `moe.supports` holds, else the
-reference. Plan VM: the kernel's buffers (L, Idx, Wt, TokW, List, Count, Hb, Y), poisoned; the
-routers zero Y, the down tasks add into it; MOE_REDUCE is a collective only for a reducing node
-over several ranks.
+tilert/kernels/moe.py's bodies (MXFP4 expert stacks; the gate/up and down tasks run the MXFP4
+mainloop, or with TILERT_MOE_BODY=gemv the streaming GEMV's expert tasks, moe.make_gemv_tasks), the
+reduce through peer inboxes when ranks share a PeerGroup. Eager: the standalone fused-MoE kernel
+where `moe.supports` holds, else the reference. Plan VM: the kernel's buffers (L, Idx, Wt, TokW,
+List, Count, Hb, Y), poisoned; the routers zero Y, the down tasks add into it; MOE_REDUCE is a
+collective only for a reducing node over several ranks.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tilert.ir.graph import Graph, Node
 from tilert.ir.opset.fused import MOE_CORE, MoeAttrs, split_extras
 from tilert.ir.registry import ref
 from tilert.kernels import elementwise as ew
-from tilert.kernels import moe
+from tilert.kernels import gemv, moe
 from tilert.kernels.common import cdiv
 from tilert.kernels.elementwise import COLLECTIVE_COLS
 from tilert.kernels.views import ViewSpec, prefixed
@@ -65,7 +66,7 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
     eps = a.norm_eps
     # expert_offset 0 in the kernel's config: the rank's offset is a view (every rank, one kernel)
     cfg = moe.Config.for_node(a, T, H, In, E, expert_offset=0, cta_threads=256, x_stage=stage_h, norm_eps=eps)
-    til = moe.tiling(T, H, In, EL, k)
+    til = moe.tiling(T, H, In, EL, k)  # the expert body: TILERT_MOE_BODY (moe.body_choice)
     extra = list(n.inputs[5:])
     gamma = b.env[g.values[extra.pop(0)].name] if eps is not None else None
     norm_w = gamma.to(torch.bfloat16).contiguous() if gamma is not None else None
@@ -107,6 +108,8 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         import tilelang.language as T_
 
         router_tile, route_body, gate_up_tile, down_tile = moe.make_bodies(cfg)
+        if til.gemv is not None:  # the streaming GEMV's expert tasks (moe.make_gemv_tasks)
+            gate_up_task, down_task = moe.make_gemv_tasks(cfg, til, import_prelude=False)
         reduce_body = ew.make_body(ew.AllReduceConfig(T, H, world, res is not None, "float32", "bfloat16",
                                                       tl_dtype(out)))  # fmt: skip
         peer_body = None if peer is None else peer.bodies()["MOE_REDUCE"]
@@ -137,6 +140,14 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
             route_body(V.logits, V.bias, V.idx, V.wt, V.tokw, V.list, V.count, V.expert_offset[0])
 
         per_slot = til.down_tiles * til.down_split
+
+        @T_.macro
+        def gate_up_gemv(V, j, c1, c2):
+            gate_up_task(V.xh, V.gu, V.gu_s, V.list, V.count, V.hb, j)
+
+        @T_.macro
+        def down_gemv(V, j, c1, c2):
+            down_task(V.hb, V.dn, V.dn_s, V.list, V.count, V.tokw, V.y, j)
 
         @T_.macro
         def gate_up(V, j, c1, c2):  # items j, j + gu_tasks, ... of the Count x gu_tiles active ones
@@ -192,10 +203,12 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
             else:
                 peer_body(V.part("peer"), c, 0, 0)
 
+        if til.gemv is not None:
+            gate_up, down = gate_up_gemv, down_gemv
         return {"MOE_ROUTER": router, "MOE_TOPK": topk, "MOE_GATE_UP": gate_up, "MOE_DOWN": down, "MOE_REDUCE": reduce}
 
     key = ("moe", cfg, til, eps, res is not None, world, xa.shape[0], out.shape[0], tl_dtype(out),
-           None if peer is None else peer.key)
+           None if peer is None else peer.key)  # fmt: skip
     wr = ts[2]
 
     def prefetch(name: str, e_tile: int, c1: int, c2: int) -> tuple[int, int, int, int] | None:
@@ -205,7 +218,7 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         return wr.data_ptr() + e0 * H * 4, H * 4, min(moe.ROUTER_E, E - e0), H * 4
 
     return NodeProgram(key, specs, bodies, ts, ("MOE_ROUTER", "MOE_TOPK", "MOE_GATE_UP", "MOE_DOWN", "MOE_REDUCE"),
-                       prefetch=prefetch)  # fmt: skip
+                       prefetch=prefetch, prelude=None if til.gemv is None else gemv.GEMV_PRELUDE)  # fmt: skip
 
 
 # ---- plan VM -------------------------------------------------------------------------------------

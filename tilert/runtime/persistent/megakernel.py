@@ -28,7 +28,7 @@ import functools
 from typing import Any, NamedTuple
 
 from tilert.abi import DEFAULT_TIMEOUT_NS, ERR_OPCODE, ERR_TIMEOUT, FIELD, NONE, OPCODES, WAITS
-from tilert.kernels.common import DEVICE_PRELUDE, gated, is_gated
+from tilert.kernels.common import gated, is_gated, prelude
 from tilert.kernels.views import PERSISTENT_THREADS
 
 # tilelang (the kernel compiler, slow to import) is imported only inside the functions that build kernels
@@ -199,7 +199,7 @@ def make_persistent_loop(
 
     @T.macro
     def loop(sm, tasks, counters, err, epoch, trace, bufs, pf=None):
-        T.import_source(DEVICE_PRELUDE)
+        T.import_source(prelude())
         tx = T.get_thread_binding()
         stamps = T.alloc_local((2,), "int64")  # the task's start and ready times (thread 0's)
         flags = T.alloc_local((1,), "int32")  # warp 0's verdict: a wait timed out

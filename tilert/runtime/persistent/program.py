@@ -39,6 +39,9 @@ class NodeProgram:
     # (opcode name, c0, c1, c2) -> (address, bytes per row, rows, row stride) of the weights the task
     # reads, or None: the persistent loop prefetches the next task's region into L2 during waits
     prefetch: Callable[[str, int, int, int], tuple[int, int, int, int] | None] | None = None
+    # the device-helper source its bodies need when it is more than DEVICE_PRELUDE (a superset of it:
+    # the step kernel then imports this one for every body, kernels.common.using_prelude)
+    prelude: str | None = None
 
 
 def tl_dtype(t: torch.Tensor) -> str:
@@ -153,7 +156,6 @@ class Bindings:
         t = torch.full(tuple(shape), fill, dtype=dtype, device=self.device)
         self.workspaces.append(t)
         return t
-
 
 
 def early_loads() -> bool:

@@ -24,7 +24,7 @@ import torch
 
 from tilert.abi import DEFAULT_TIMEOUT_NS, ERR_DRY, ERR_TIMEOUT, FIELD, OPCODE_NAMES, WAITS
 from tilert.ir.graph import Graph
-from tilert.kernels.common import build, gated, is_gated
+from tilert.kernels.common import DEVICE_PRELUDE, build, gated, is_gated, using_prelude
 from tilert.kernels.views import PERSISTENT_THREADS, ViewSpec, make_views, pointer_row
 from tilert.runtime.kinds import for_node, registered
 from tilert.runtime.persistent.megakernel import (
@@ -45,7 +45,18 @@ from tilert.runtime.persistent.program import Bindings, NodeProgram, PeerGroup, 
 
 def make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, max_tasks: int, n_nodes: int, n_counters: int,
                      max_views: int, timeout_ns: int | None = None) -> Any:  # fmt: skip
-    """The persistent prim_func: (Tasks, NodeClass, Ptrs, Counters, Err, Epoch, Trace, Prefetch)."""
+    """The persistent prim_func: (Tasks, NodeClass, Ptrs, Counters, Err, Epoch, Trace, Prefetch). Every
+    body imports one prelude: DEVICE_PRELUDE, or the one superset of it some classes need
+    (NodeProgram.prelude)."""
+    preludes = {c.prelude for c in classes if c.prelude is not None}
+    if len(preludes) > 1:
+        raise PersistentError(f"the step's bodies need {len(preludes)} different device preludes; a kernel takes one")
+    with using_prelude(preludes.pop() if preludes else DEVICE_PRELUDE):  # TileLang expands the bodies here
+        return _make_step_kernel(classes, num_sms, max_tasks, n_nodes, n_counters, max_views, timeout_ns)
+
+
+def _make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, max_tasks: int, n_nodes: int, n_counters: int,
+                      max_views: int, timeout_ns: int | None) -> Any:  # fmt: skip
     import tilelang.language as T
 
     built = [c.bodies() for c in classes]
@@ -336,8 +347,8 @@ class MultiRankStep:
         self.group = PeerGroup(world, devs[0], devices=devs if devices is not None else None)
         states = states if states is not None else [{} for _ in range(world)]
         self.ranks = [PersistentStep(g, s.table, s.counter_expected, p, str(d), states=st, group=self.group, rank=r,
-                                     num_sms=num_sms)  # fmt: skip
-                      for r, (g, s, p, st, d) in enumerate(zip(graphs, schedules, params, states, devs))]
+                                     num_sms=num_sms)
+                      for r, (g, s, p, st, d) in enumerate(zip(graphs, schedules, params, states, devs))]  # fmt: skip
         self.multi_gpu = devices is not None
         self.streams = [torch.cuda.Stream(d) for d in devs] if devs[0].type == "cuda" else []
         if devs[0].type == "cuda":  # every rank's kernel loaded before any runs: they spin on each other
