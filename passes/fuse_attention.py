@@ -1,8 +1,9 @@
-"""fuse_attention: [head norm] + rope(q), rope(k) + [scale(v)] + kv_append + attention -> attention_block.
+"""fuse_attention: [head norm] + rope(q), rope(k) + [scale(v)] + kv_append + attention -> attention_block;
+a kv_append left over (a drafter's context rows) with [head norm] + rope(k) + [scale(v)] -> rope_kv_append.
 
 One kind for B query tokens (B=1 decode, B=block DFlash verify: the causal block mask; drafter
 layers: bidirectional or causal, per layer, with the block's v scale fused as `v_scale`; the
-drafter's context rows keep their own kv_append before it): the kernel ropes the new q/k in registers,
+drafter's context rows keep their own append before it, fused as rope_kv_append): the kernel ropes the new q/k in registers,
 writes the new k/v into the cache at their positions and runs split-KV attention over it, so
 there is no separate launch or round trip for the rope and the cache update.
 """
@@ -64,11 +65,34 @@ def _match(rw: Rewriter, ai: int) -> tuple[set[int], Any] | None:
     return nodes, make_node("attention_block", ins, (at.outputs[0], kc, vc), **a)
 
 
+def _match_append(rw: Rewriter, ai: int) -> tuple[set[int], Any] | None:
+    """kv_append(rope([head_rms_norm](k)), [scale](v)) with no attention after it -> rope_kv_append."""
+    kv = rw.g.nodes[ai]
+    kc0, vc0, k, v, pos = kv.inputs[:5]
+    rk = _roped(rw, k)
+    if len(kv.inputs) != 5 or rk is None or rk[2].inputs[1] != pos:
+        return None
+    sc = rw.producer(v, "scale")
+    nodes = {ai, *rk[0], *([sc[0]] if sc else [])}
+    if not all(rw.private(o, nodes) for i in nodes - {ai} for o in rw.g.nodes[i].outputs):
+        return None
+    r, hn = rk[2], rk[3]
+    ins = (kc0, vc0, rk[1], sc[1].inputs[0] if sc else v, pos, *([hn.inputs[1]] if hn else []))
+    a = dict(heads=r.a.heads, head_dim=r.a.head_dim, rope_dim=r.a.rope_dim, theta=r.a.theta,
+             v_scale=sc[1].a.factor if sc else None, norm_eps=hn.a.eps if hn else None)  # fmt: skip
+    return nodes, make_node("rope_kv_append", ins, kv.outputs, **a)
+
+
 def fuse_attention(graph: Graph, ctx: Any = None) -> Graph:
     rw = Rewriter(graph)
     for i, n in enumerate(graph.nodes):
         if n.op == "attention":
             m = _match(rw, i)
+            if m is not None:
+                rw.replace(m[0], m[1])
+    for i, n in enumerate(graph.nodes):  # appends no attention took: a drafter's context rows
+        if n.op == "kv_append" and not rw.taken(i):
+            m = _match_append(rw, i)
             if m is not None:
                 rw.replace(m[0], m[1])
     return rw.finish()

@@ -80,6 +80,7 @@ RULES: dict[str, RuleFn] = {
     **{k: _matmul for k in LINEAR_KINDS},
     **{k: _same for k in ("rope", "scale", "head_rms_norm", "silu_mul", "dequant")},
     "kv_append": _kv_append,
+    "rope_kv_append": _kv_append,
     "attention": _attention,
     "attention_block": _attention,
     **{k: _experts for k in EXPERT_KINDS},

@@ -80,6 +80,12 @@ class AttentionBlockAttrs(AttentionAttrs):
 
 
 @attrs
+class RopeKvAppendAttrs(RopeAttrs):
+    v_scale: float | None = None  # the values are scaled before the cache append
+    norm_eps: float | None = None  # per-head RMSNorm of k first (the drafter's k_norm)
+
+
+@attrs
 class LmHeadAttrs(Attrs):
     world: int = 1
     vocab_size: int  # the true vocabulary (the rank slices may be padded)
@@ -301,6 +307,33 @@ def attention_block(
     o = ref("attention")(ctx, q, k_cache, v_cache, pos, *([sink] if has_sink else []), *slots, **attn, window=window,
                          causal=causal, has_sink=has_sink, slotted=slotted)[0]  # fmt: skip
     return (o, k_cache, v_cache)
+
+
+# ---- rope kv append: [head norm] + rope(k) + [scale(v)] + kv_append (a drafter's context rows) -----
+
+
+def _rope_kv_append_infer(ins: list[Value], a: RopeKvAppendAttrs) -> list:
+    kc, vc, k, v, pos = ins[:5]
+    expect(len(ins) == 5 + int(a.norm_eps is not None), "rope_kv_append takes k_cache, v_cache, k, v, positions[, k_norm]")
+    get_op("rope").infer([k, pos], a)
+    return get_op("kv_append").infer([kc, vc, k, v, pos], Attrs())
+
+
+def _rope_kv_append_cost(ins: list[Value], outs: list[Value], a: RopeKvAppendAttrs, at: Placement) -> Cost:
+    return get_op("kv_append").cost(ins[:5], outs, Attrs(), at)
+
+
+@op("rope_kv_append", attrs=RopeKvAppendAttrs, infer=_rope_kv_append_infer, cost=_rope_kv_append_cost,
+    mutates=(0, 1))  # fmt: skip
+def rope_kv_append(ctx, k_cache, v_cache, k, v, pos, *norm, heads, head_dim, rope_dim, theta, v_scale, norm_eps):
+    """[head_rms_norm(k)] -> rope(k) -> [scale(v)] -> kv_append: new rows written to the cache without
+    attending (a DFlash drafter's context rows; the block's own rows go through attention_block)."""
+    if norm_eps is not None:
+        k = ref("head_rms_norm")(ctx, k, norm[0], heads=heads, eps=norm_eps)[0]
+    k = ref("rope")(ctx, k, pos, heads=heads, head_dim=head_dim, rope_dim=rope_dim, theta=theta)[0]
+    if v_scale is not None:
+        v = ref("scale")(ctx, v, factor=v_scale)[0]
+    return ref("kv_append")(ctx, k_cache, v_cache, k, v, pos)
 
 
 # ---- LM head + argmax (+ distributed argmax) (+ DFlash acceptance) -------------------------------

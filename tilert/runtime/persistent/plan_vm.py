@@ -96,11 +96,13 @@ class PlanVM:
             if v.name not in env:
                 env[v.name] = (torch.full(v.shape, INT_POISON, dtype=torch.int32) if _is_int(v)
                                else torch.full(v.shape, float("nan")))  # fmt: skip
-        if "positions" in env:  # cache slots from the step's first position on are not valid yet
-            start = int(env["positions"].min())
+        # cache slots from the step's first position on are not valid yet (a drafter step: its first
+        # context or block position)
+        firsts = [int(env[v.name].min()) for v in g.by_role("input") if v.name.endswith("positions")]
+        if firsts:
             for v in g.by_role("state"):
                 if len(v.shape) == 3:
-                    env[v.name][:, start:] = float("nan")
+                    env[v.name][:, min(firsts):] = float("nan")
             if "slots" in env:  # a mixed step: each sequence's slot from its own first position on
                 pos, sl = env["positions"].long(), env["slots"].long()
                 for u in sorted(set(sl.tolist())):
