@@ -17,6 +17,9 @@ Tile bodies (the persistent runtime calls these with its own coordinates):
         equal block_n-aligned chunks (only the first n_used(start) do work); split NS covers the
         B new keys from q/k/v in registers and (row block 0) appends them to the cache.
         Writes o_part[h, rows, s, :] (fp32, normalised) and lse[h, rows, s] (log2 domain).
+        With `qk_norm_eps` it takes Qn, Kn [DK] (keywords) and RMS-normalises each q row and new k
+        row per head before the RoPE (the drafter's q_norm / k_norm); `causal=False` lets every row
+        see every new key (a DFlash drafter block; old keys are below every row either way).
     combine_body(h, r): one query row; reads the used splits and writes out[b, h*group+g, :].
 
 Mixed-sequence steps (`AttnConfig.mixed`, docs/attention.md): the caches are a pool of sequence
@@ -35,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from tilert.ir.opset.fused import AttentionBlockAttrs
-from tilert.kernels.common import build, cdiv, gate_passed, warp_rows
+from tilert.kernels.common import alloc_unmerged, build, cdiv, gate_passed, warp_rows
 from tilert.kernels.common import gated as mark_gated
 from tilert.ops.attention import attention as _ref_attention
 from tilert.ops.attention import attention_slots, check_slots, kv_append, kv_append_slots, rope
@@ -71,6 +74,8 @@ class AttnConfig:
     rows_per_cta: int = 0  # 0 = auto, see `block_m`; 64 = one-warpgroup CTAs
     v_scale: float = 1.0  # new v rows are scaled (fp32) and rounded to bf16 before the cache append
     mixed: bool = False  # rows of several sequences: a slots input and stacked caches (module docstring)
+    causal: bool = True  # False: every row sees every new key (a DFlash drafter block), windowed by |q - k| < W
+    qk_norm_eps: float | None = None  # per-head RMSNorm of the q and new k rows (weights q_norm, k_norm) before RoPE
 
     def __post_init__(self) -> None:
         if self.q_heads % self.kv_heads:
@@ -81,6 +86,8 @@ class AttnConfig:
             raise ValueError(f"rows_per_cta {self.rows_per_cta} must be 0 (auto), 64 or 128")
         if not 1 <= self.block <= self.block_n:
             raise ValueError(f"block {self.block} must be in [1, block_n={self.block_n}]")
+        if self.mixed and not self.causal:
+            raise ValueError("mixed steps are causal (a non-causal row would see its sequence's later chunks)")
         if self.mixed and self.block_m % self.group:
             raise ValueError(f"mixed steps need {self.block_m} rows per CTA to be a multiple of group {self.group}")
 
@@ -91,7 +98,7 @@ class AttnConfig:
         value scale applied to the new rows)."""
         cfg = cls(q_heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim, v_head_dim=a.v_head_dim,
                   rope_dim=a.rope_dim, rope_theta=a.theta, block=tokens, window=a.window, sink=a.has_sink,
-                  mixed=a.slotted)  # fmt: skip
+                  mixed=a.slotted, causal=a.causal, qk_norm_eps=a.qk_norm_eps)  # fmt: skip
         if not persistent:
             return cfg
         return dataclasses.replace(cfg, rows_per_cta=128, min_tiles=PERSISTENT_MIN_TILES,
@@ -168,20 +175,21 @@ def rope_rows(cfg: AttnConfig) -> int:
     return warp_rows(cfg.block, max(half // 4, 1) if cfg.mixed or cfg.block > 1 else half, cfg.block_n)
 
 
-def supports(a: AttentionBlockAttrs, tokens: int) -> str | None:
+def supports(a: AttentionBlockAttrs, tokens: int, persistent: bool = False) -> str | None:
     """None when the kernel covers an attention_block node with attrs `a` and `tokens` rows, else why
-    not (q/k norms, non-causal drafter blocks, head dims not multiples of 16, more rows than a key
-    tile, a config AttnConfig rejects)."""
-    if a.qk_norm_eps is not None:
+    not (head dims not multiples of 16, more rows than a key tile, a config AttnConfig rejects; the
+    standalone launchers also take no q/k norms and no non-causal drafter blocks, which only the
+    persistent bodies run)."""
+    if not persistent and a.qk_norm_eps is not None:
         return "q/k norms"
     if a.head_dim % 16 or a.v_head_dim % 16:
         return f"head dims {a.head_dim}/{a.v_head_dim} are not multiples of 16"
-    if not a.causal:
+    if not persistent and not a.causal:
         return "non-causal attention"
     if tokens > BLOCK_N:
         return f"{tokens} tokens > {BLOCK_N}"
     try:
-        AttnConfig.for_node(a, tokens)
+        AttnConfig.for_node(a, tokens, persistent=persistent)
     except ValueError as e:
         return str(e)
     return None
@@ -198,12 +206,15 @@ def tiling(a: AttentionBlockAttrs, tokens: int, kv_heads: int) -> tuple[int, int
     """(query rows per kv head, rows per CTA, KV splits) of an attention_block node's tasks: the
     kernel's (rows, block_m, splits) where it covers the node, so the persistent kernel runs
     `attn_split_body` at the table's coordinates; else block_m 64/128 by rows and about one wave of
-    CTAs (the plan VM runs such nodes). One place for the tile pass, the plan VM and the runtimes."""
-    if supports(a, tokens) is None:
-        cfg = AttnConfig.for_node(a, tokens)
-        if cfg.kv_heads != kv_heads:
-            raise ValueError(f"attention_block kv_heads {cfg.kv_heads} != {kv_heads} kv heads in the cache")
-        return cfg.rows, cfg.block_m, cfg.splits
+    CTAs (the plan VM runs such nodes). A node only the persistent bodies take (a drafter block: q/k
+    norms, non-causal) gets their config's geometry. One place for the tile pass, the plan VM and the
+    runtimes."""
+    for persistent in (False, True):
+        if supports(a, tokens, persistent) is None:
+            cfg = AttnConfig.for_node(a, tokens, persistent)
+            if cfg.kv_heads != kv_heads:
+                raise ValueError(f"attention_block kv_heads {cfg.kv_heads} != {kv_heads} kv heads in the cache")
+            return cfg.rows, cfg.block_m, cfg.splits
     window = a.window
     rows = tokens * a.heads // kv_heads
     bm = 64 if rows <= 64 else 128
@@ -220,6 +231,54 @@ def _split_plan(cfg: AttnConfig, start):
     tiles = T.ceildiv(start - lo, cfg.block_n)
     per = T.max(T.ceildiv(tiles, cfg.splits), cfg.min_tiles)
     return lo, per, T.ceildiv(tiles, per)
+
+
+def rope_angle(pos, f, rope_dim: int, theta: float):
+    """The RoPE angle of pair f at position pos, in float64 like the reference (angles reach 1e5 rad):
+    pos * theta^(-2f / rope_dim). Shared by the attention bodies and the context-row append."""
+    import tilelang.language as T
+
+    return T.Cast("float64", pos) * T.pow(T.float64(theta), T.Cast("float64", f) * T.float64(-2.0 / max(rope_dim, 1)))
+
+
+def norm_cols(dk: int) -> int:
+    """Columns per step of make_head_norm's sum of squares."""
+    return 32 if dk % 32 == 0 else 16
+
+
+def make_head_norm(rows: int, dk: int, eps: float, ring: bool = False):
+    """T.macro `head_norm(X, Wt, sq, ss, rs)`: per-head RMSNorm in place on `rows` rows of X (shared
+    bf16 [rows, dk], or with `ring` [slots, rows, dk] at slot 0: the new key rows of the attention
+    ring), times the weight Wt[dk]: fp32 math, one bf16 rounding, as head_rms_norm before a RoPE
+    (zero rows stay zero). sq [rows, norm_cols(dk)] and ss [rows]: fragments; rs [>= rows]: shared
+    (alloc_unmerged: the loop that rewrites the rows reads it). Shared by the attention split body
+    (the drafter's q_norm / k_norm) and the context-row append (kernels/kv_append.py)."""
+    import tilelang.language as T
+
+    f32, bf16, cw = "float32", "bfloat16", norm_cols(dk)
+
+    def at(X, i, d):
+        return X[0, i, d] if ring else X[i, d]
+
+    @T.macro
+    def head_norm(X, Wt, sq, ss, rs):
+        T.clear(sq)
+        for kc in T.serial(dk // cw):
+            for i, j in T.Parallel(rows, cw):
+                x = T.Cast(f32, at(X, i, kc * cw + j))
+                sq[i, j] += x * x
+        T.reduce_sum(sq, ss, dim=1)
+        for i in T.Parallel(rows):
+            rs[i] = T.rsqrt(ss[i] / dk + eps)
+        T.sync_threads()
+        for i, d in T.Parallel(rows, dk):
+            if ring:
+                X[0, i, d] = T.Cast(bf16, T.Cast(f32, X[0, i, d]) * rs[i] * T.Cast(f32, Wt[d]))
+            else:
+                X[i, d] = T.Cast(bf16, T.Cast(f32, X[i, d]) * rs[i] * T.Cast(f32, Wt[d]))
+        T.sync_threads()
+
+    return head_norm
 
 
 def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
@@ -241,6 +300,7 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
     DK, DV, ROPE, RH, NS, W = cfg.head_dim, cfg.v_head_dim, cfg.rope_dim, cfg.rope_dim // 2, cfg.splits, cfg.window
     SL2 = cfg.scale * LOG2E
     NST, TH = cfg.stages, cfg.threads
+    CAUSAL, NORM, EPS = cfg.causal, cfg.qk_norm_eps is not None, cfg.qk_norm_eps
     NEG = -T.infinity("float32")
     bf16, f32 = "bfloat16", "float32"
 
@@ -274,6 +334,9 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
                 k_ring[0, j, f] = T.Cast(bf16, y0 * cs[j, f] - y1 * cs[j, RH + f])
                 k_ring[0, j, f + RH] = T.Cast(bf16, y1 * cs[j, f] + y0 * cs[j, RH + f])
 
+    if NORM:
+        norm_q, norm_k = make_head_norm(BM, DK, EPS), make_head_norm(BN, DK, EPS, ring=True)
+
     def vnew(Vnew, b, h, d):
         if cfg.v_scale == 1.0:
             return Vnew[b, h, d]
@@ -287,9 +350,14 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
         T.gemm(q_s, k_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
         for i, j in T.Parallel(BM, BN):
             kp = base + j
-            ok = (kp < hi) & (kp <= qpos[i])
+            if CAUSAL:
+                ok = (kp < hi) & (kp <= qpos[i])
+            else:  # a drafter block: every key below hi
+                ok = kp < hi
             if W:
                 ok = ok & (kp > qpos[i] - W)  # W keys: qpos-W+1 .. qpos
+                if not CAUSAL:
+                    ok = ok & (kp < qpos[i] + W)  # and qpos .. qpos+W-1
             acc_s[i, j] = T.if_then_else(ok, acc_s[i, j], NEG)
         T.copy(m, m_prev)
         T.reduce_max(acc_s, m, dim=1, clear=False)
@@ -368,7 +436,7 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
                     Lse[h, rb * G + i, s] = T.if_then_else(l_sum[i] > 0, T.log2(l_sum[i]) + m[i] * SL2, NEG)
 
     @T.macro
-    def split_core(Q, Knew, Vnew, Kc, Vc, Pos, Slot, Opart, Lse, h, rb, s, gate):
+    def split_core(Q, Knew, Vnew, Kc, Vc, Pos, Slot, Opart, Lse, h, rb, s, gate, Qn, Kn):
         q_s = T.alloc_shared([BM, DK], bf16)
         k_ring = T.alloc_shared([NST, BN, DK], bf16)
         v_ring = T.alloc_shared([NST, BN, DV], bf16)
@@ -383,6 +451,12 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
         l_sum = T.alloc_fragment([BM], f32)
         r_sum = T.alloc_fragment([BM], f32)
         qpos = T.alloc_fragment([BM], "int32")
+        if NORM:
+            nsq = T.alloc_fragment([BM, norm_cols(DK)], f32)
+            nss = T.alloc_fragment([BM], f32)
+            ksq = T.alloc_fragment([BN, norm_cols(DK)], f32)
+            kss = T.alloc_fragment([BN], f32)
+            nrs = alloc_unmerged((BM,), f32)  # read by the loop that writes the rows
 
         if MIX:  # this block's chunk of one sequence: tokens rb..t1-1 of its run a..e-1
             seg = T.alloc_local([4], "int32")
@@ -412,9 +486,7 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
 
         # cos/sin of the B new positions in float64, like the reference (angles reach 1e5 rad).
         for b, f in T.Parallel(BK, max(RH, 1)):
-            ang = T.Cast("float64", start + b) * T.pow(
-                T.float64(cfg.rope_theta), T.Cast("float64", f) * T.float64(-2.0 / max(ROPE, 1))
-            )
+            ang = rope_angle(start + b, f, ROPE, cfg.rope_theta)
             cs[b, f] = T.Cast(f32, T.cos(ang))
             cs[b, RH + f] = T.Cast(f32, T.sin(ang))
         if gate is not None:
@@ -429,6 +501,8 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
                         rb + i // G < t1, Q[T.min(rb + i // G, B - 1), h * G + i % G, d], T.Cast(bf16, 0)
                     )
                 T.sync_threads()
+                if NORM:
+                    norm_q(q_s, Qn, nsq, nss, nrs)
                 rotate_q(q_s, rb - a0, cs)
                 for i in T.Parallel(BM):
                     qpos[i] = start + T.min(rb + i // G, t1 - 1) - a0
@@ -437,6 +511,8 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
                     r = rb * BM + i
                     q_s[i, d] = T.if_then_else(r < R, Q[T.min(r // G, B - 1), h * G + r % G, d], T.Cast(bf16, 0))
                 T.sync_threads()
+                if NORM:
+                    norm_q(q_s, Qn, nsq, nss, nrs)
                 rotate_q(q_s, rb, cs)
                 for i in T.Parallel(BM):
                     qpos[i] = start + T.min((rb * BM + i) // G, B - 1)
@@ -458,6 +534,8 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
                     for j, d in T.Parallel(BN, DV):
                         v_ring[0, j, d] = T.if_then_else(j < B, vnew(Vnew, T.min(j, B - 1), h, d), T.Cast(bf16, 0))
                 T.sync_threads()
+                if NORM:
+                    norm_k(k_ring, Kn, ksq, kss, nrs)
                 rotate_k(k_ring, cs)
                 T.fence_proxy_async()  # generic-proxy smem writes, read next by wgmma (async proxy)
                 T.sync_threads()
@@ -522,28 +600,28 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
     if MIX and gated:
 
         @T.macro
-        def attn_split_body(Q, Knew, Vnew, Kc, Vc, Pos, Slot, Opart, Lse, h, rb, s, gate):
-            split_core(Q, Knew, Vnew, Kc, Vc, Pos, Slot, Opart, Lse, h, rb, s, gate)
+        def attn_split_body(Q, Knew, Vnew, Kc, Vc, Pos, Slot, Opart, Lse, h, rb, s, gate, Qn=None, Kn=None):
+            split_core(Q, Knew, Vnew, Kc, Vc, Pos, Slot, Opart, Lse, h, rb, s, gate, Qn, Kn)
 
         attn_split_body = mark_gated(attn_split_body)
     elif MIX:
 
         @T.macro
-        def attn_split_body(Q, Knew, Vnew, Kc, Vc, Pos, Slot, Opart, Lse, h, rb, s):
-            split_core(Q, Knew, Vnew, Kc, Vc, Pos, Slot, Opart, Lse, h, rb, s, None)
+        def attn_split_body(Q, Knew, Vnew, Kc, Vc, Pos, Slot, Opart, Lse, h, rb, s, Qn=None, Kn=None):
+            split_core(Q, Knew, Vnew, Kc, Vc, Pos, Slot, Opart, Lse, h, rb, s, None, Qn, Kn)
 
     elif gated:
 
         @T.macro
-        def attn_split_body(Q, Knew, Vnew, Kc, Vc, Pos, Opart, Lse, h, rb, s, gate):
-            split_core(Q, Knew, Vnew, Kc, Vc, Pos, None, Opart, Lse, h, rb, s, gate)
+        def attn_split_body(Q, Knew, Vnew, Kc, Vc, Pos, Opart, Lse, h, rb, s, gate, Qn=None, Kn=None):
+            split_core(Q, Knew, Vnew, Kc, Vc, Pos, None, Opart, Lse, h, rb, s, gate, Qn, Kn)
 
         attn_split_body = mark_gated(attn_split_body)
     else:
 
         @T.macro
-        def attn_split_body(Q, Knew, Vnew, Kc, Vc, Pos, Opart, Lse, h, rb, s):
-            split_core(Q, Knew, Vnew, Kc, Vc, Pos, None, Opart, Lse, h, rb, s, None)
+        def attn_split_body(Q, Knew, Vnew, Kc, Vc, Pos, Opart, Lse, h, rb, s, Qn=None, Kn=None):
+            split_core(Q, Knew, Vnew, Kc, Vc, Pos, None, Opart, Lse, h, rb, s, None, Qn, Kn)
 
     CT = 256  # combine threads: 32 lanes x 4 columns each, CT // 32 slot groups
     NG, CPL = CT // 32, DV // 32
@@ -659,6 +737,8 @@ def attn_split_kernel(cfg: AttnConfig):
     """Standalone launcher of attn_split_body: grid (row block, split, kv head)."""
     import tilelang.language as T
 
+    if cfg.qk_norm_eps is not None:
+        raise ValueError("the standalone attention kernel takes no q/k norms (the persistent bodies do)")
     body, _ = make_bodies(cfg)
     sh = _shapes(cfg)
     bf16, f32 = "bfloat16", "float32"
@@ -858,7 +938,8 @@ def reference(cfg: AttnConfig, q, k, v, k_cache, v_cache, positions, sink=None, 
         return attention_slots(qr, k_cache, v_cache, positions, slots, scale=cfg.scale, window=cfg.window, sink=sink)
     kv_append(k_cache, v_cache, kr, v, positions)
     kv_len = int(positions[-1]) + 1
-    return _ref_attention(qr, k_cache, v_cache, positions, kv_len, scale=cfg.scale, window=cfg.window, sink=sink)
+    return _ref_attention(qr, k_cache, v_cache, positions, kv_len, scale=cfg.scale, window=cfg.window, sink=sink,
+                          causal=cfg.causal)  # fmt: skip
 
 
 def make_inputs(cfg: AttnConfig, kv_len: int, capacity: int | None = None, device="cuda", seed=None, nan_tail=False):

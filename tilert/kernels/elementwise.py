@@ -22,6 +22,8 @@ Buffers must be aligned to VEC elements (row starts are, since VEC divides the r
         Out[:, off_i : off_i + W_i] = In_i (the block's part of it)      ("concat" op, dim -1)
     add_body(A[T, N], B[T, N], Out[T, N], c)   dtypes bf16/f32 per config, cols per config
         Out = cast(f32 a + f32 b)                                        ("add" op)
+    draft_body(Block[T] i32, Next[T] i32, Out[T] i32, c)
+        Out = [Block[0], Next[1], ..., Next[T-1]]                       ("dflash_draft" op)
     solo_all_reduce_body(Partial[T, N], Residual[T, N], Inbox[2, T, N], Out[T, N], c)   cols 1024
         Out = cast(f32 residual + f32 partial), or cast(partial) without a residual: rank 0's own
         partial, as tilert/runtime/eager/context.solo_all_reduce leaves it ("solo": one GPU stands
@@ -116,7 +118,17 @@ class AllReduceConfig:
         return cdiv(cdiv(self.cols, self.world), vec) * vec
 
 
-Config = EmbedConfig | SiluMulConfig | ConcatConfig | AddConfig | AllReduceConfig
+@dataclass(frozen=True)
+class DraftConfig:
+    t: int
+    cols: int = GENERIC_COLS
+
+    @property
+    def n(self) -> int:
+        return self.t
+
+
+Config = EmbedConfig | SiluMulConfig | ConcatConfig | AddConfig | AllReduceConfig | DraftConfig
 
 
 def _vec(*widths: int, dtypes: tuple[str, ...]) -> int:
@@ -416,12 +428,27 @@ def _solo_all_reduce_body(cfg: AllReduceConfig):
     return solo_all_reduce_body
 
 
+def _draft_body(cfg: DraftConfig):
+    import tilelang.language as T
+
+    TP = cdiv(cfg.t, 32) * 32  # whole warps
+
+    @T.macro
+    def draft_body(Block, Next, Out, c):
+        for i in T.Parallel(TP):
+            if i < cfg.t:
+                Out[i] = T.if_then_else(i == 0, Block[0], Next[i])
+
+    return draft_body
+
+
 _BODIES = {
     EmbedConfig: _embed_body,
     SiluMulConfig: _silu_mul_body,
     ConcatConfig: _concat_body,
     AddConfig: _add_body,
     AllReduceConfig: _solo_all_reduce_body,
+    DraftConfig: _draft_body,
 }
 
 
@@ -495,6 +522,15 @@ def make_kernel(cfg: Config):
 
         return add
 
+    if isinstance(cfg, DraftConfig):
+
+        @T.prim_func
+        def dflash_draft(Block: T.Tensor((Tn,), "int32"), Next: T.Tensor((Tn,), "int32"), Out: T.Tensor((Tn,), "int32")):
+            with T.Kernel(1, threads=THREADS) as bx:
+                body(Block, Next, Out, bx)
+
+        return dflash_draft
+
     if isinstance(cfg, AllReduceConfig):
         N = cfg.n
 
@@ -534,6 +570,8 @@ def reference(cfg: Config, *inputs: torch.Tensor) -> torch.Tensor:
         return _op("concat")(None, *inputs, dim=-1)[0]
     if isinstance(cfg, AddConfig):
         return _op("add")(None, *inputs)[0]
+    if isinstance(cfg, DraftConfig):
+        return _op("dflash_draft")(None, *inputs)[0]
     if isinstance(cfg, AllReduceConfig):  # solo: rank 0's partial stands in for the sum
         partial = inputs[0]
         ctx = PeerValues(0, 1, [partial])
@@ -568,6 +606,9 @@ def make_inputs(
         return [rnd((Tn, w), BF16) for w in cfg.widths], [nan((Tn, cfg.n), BF16)]
     if isinstance(cfg, AddConfig):
         return [rnd((Tn, cfg.n), cfg.a_dtype), rnd((Tn, cfg.n), cfg.b_dtype)], [nan((Tn, cfg.n), cfg.out_dtype)]
+    if isinstance(cfg, DraftConfig):
+        ids = [torch.randint(0, 1 << 20, (Tn,), device=device, generator=g, dtype=torch.int32) for _ in range(2)]
+        return ids, [torch.full((Tn,), -1, dtype=torch.int32, device=device)]
     if isinstance(cfg, AllReduceConfig):
         ins = [rnd((Tn, cfg.n), cfg.partial_dtype)]
         if cfg.residual:
@@ -587,6 +628,10 @@ def run(cfg: Config, *inputs: torch.Tensor) -> torch.Tensor:
         inbox = torch.empty(2, cfg.t, cfg.n, dtype=_TORCH[cfg.partial_dtype], device=dev)
         out = torch.empty(cfg.t, cfg.n, dtype=_TORCH[cfg.out_dtype], device=dev)
         compiled(cfg)(*inputs, inbox, out)
+        return out
+    if isinstance(cfg, DraftConfig):
+        out = torch.empty(cfg.t, dtype=torch.int32, device=dev)
+        compiled(cfg)(*inputs, out)
         return out
     odt = _TORCH[cfg.out_dtype] if isinstance(cfg, AddConfig) else torch.bfloat16
     out = torch.empty(cfg.t, cfg.n, dtype=odt, device=dev)

@@ -39,12 +39,14 @@ from tilert.runtime.persistent.vm_rank import PlanVMError, VMRank
 
 def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
     """Split-KV decode attention: ATTN_SPLIT (kv head, row block, split) and ATTN_COMBINE (kv head,
-    query row) bodies of tilert/kernels/attention.py (cp.async, no TMA)."""
+    query row) bodies of tilert/kernels/attention.py (cp.async, no TMA); a drafter block's q/k norms
+    and non-causal mask inside the same bodies."""
     a = n.a
     q = g.values[n.inputs[0]]
     B = q.shape[0]
-    if attn.supports(a, B) is not None:
-        raise PersistentError(f"attention_block {a}: no persistent attention body for these shapes")
+    why = attn.supports(a, B, persistent=True)
+    if why is not None:
+        raise PersistentError(f"attention_block {a}: no persistent attention body for these shapes ({why})")
     cfg = attn.AttnConfig.for_node(a, B, persistent=True)
     kc, vc = b.env[g.values[n.inputs[3]].name], b.env[g.values[n.inputs[4]].name]
     S = kc.shape[-2]
@@ -64,6 +66,12 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
     if cfg.mixed:  # each row's cache slot (a step input, last)
         specs.append(("slots", (B,), "int32"))
         ts.append(b.env[g.values[n.inputs[-1]].name])
+    norm = cfg.qk_norm_eps is not None
+    if norm:  # the q and k head-norm weights (after the sink)
+        for nm, i in (("q_norm", 6 + int(cfg.sink)), ("k_norm", 7 + int(cfg.sink))):
+            w = b.env[g.values[n.inputs[i]].name].to(torch.bfloat16).contiguous()
+            specs.append((nm, (DK,), "bfloat16"))
+            ts.append(w)
     for o, st in zip(n.outputs[1:], (kc, vc)):  # the updated caches are the caches
         b.env[g.values[o].name] = st
 
@@ -86,6 +94,22 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
             @T_.macro
             def combine_task(V, h, r, c2):
                 combine(V.positions, V.slots, V.sink, V.o_part, V.lse, V.out, h, r)
+
+        elif norm:  # a drafter block: the head norms' weights too
+
+            @T_.macro
+            def split_task(V, h, rb, s, gate):
+                split(V.q, V.k, V.v, V.k_cache, V.v_cache, V.positions, V.o_part, V.lse, h, rb, s, gate,
+                      Qn=V.q_norm, Kn=V.k_norm)  # fmt: skip
+
+            @T_.macro
+            def split_task_plain(V, h, rb, s):
+                split(V.q, V.k, V.v, V.k_cache, V.v_cache, V.positions, V.o_part, V.lse, h, rb, s,
+                      Qn=V.q_norm, Kn=V.k_norm)  # fmt: skip
+
+            @T_.macro
+            def combine_task(V, h, r, c2):
+                combine(V.positions, V.sink, V.o_part, V.lse, V.out, h, r)
 
         else:
 

@@ -1,4 +1,5 @@
-"""Elementwise tasks of the persistent step: embed, silu_mul (two inputs) and concat (last dim).
+"""Elementwise tasks of the persistent step: embed, silu_mul (two inputs), concat (last dim) and
+dflash_draft (a drafter step's block: the anchor, then the argmax ids).
 
 Their tiles are the generic ones (`OP_<KIND>`, blocks of GENERIC_COLS output columns), which the
 plan VM runs through the kind's reference and the eager runtime as the reference on the GPU; the
@@ -72,7 +73,16 @@ def concat_program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
                                 lambda body, V, c: body(tuple(V.part("in")), V.out, c))  # fmt: skip
 
 
-PROGRAMS = {"embed": embed_program, "silu_mul": silu_mul_program, "concat": concat_program}
+def draft_program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
+    (T,) = g.values[n.outputs[0]].shape
+    ts = [b.activation(g.values[i]) for i in (*n.inputs, n.outputs[0])]
+    specs = [view_spec(nm, t, (T,)) for nm, t in zip(("block", "next", "out"), ts)]
+    return elementwise_program(ew.DraftConfig(T), "OP_DFLASH_DRAFT", specs, ts,
+                                lambda body, V, c: body(V.block, V.next, V.out, c))  # fmt: skip
+
+
+PROGRAMS = {"embed": embed_program, "silu_mul": silu_mul_program, "concat": concat_program,
+            "dflash_draft": draft_program}  # fmt: skip
 
 
 def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:

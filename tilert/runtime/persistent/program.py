@@ -99,6 +99,11 @@ def enable_peer_access(devices: Sequence[torch.device]) -> None:
                             raise PersistentError(f"enabling GPU {a} -> GPU {b} peer access failed: {e}") from e
 
 
+def padded(shape: Sequence[int]) -> tuple[int, ...]:
+    """A buffer's shape: 2-D values' rows padded to PAD_ROWS (GEMM tiles never read past a buffer)."""
+    return (cdiv(shape[0], PAD_ROWS) * PAD_ROWS, *shape[1:]) if len(shape) == 2 else tuple(shape)
+
+
 STATE_ROWS_PAD = 64  # KV cache rows past max_seq: a key tile (64 rows) never runs past a cache
 
 
@@ -132,9 +137,9 @@ class Bindings:
             if v.name not in params:
                 raise PersistentError(f"param '{v.name}' is not bound")
             self.env[v.name] = params[v.name]
-        for v in g.by_role("input"):
+        for v in g.by_role("input"):  # 2-D inputs (a drafter's context features: a GEMM's x) padded as activations
             dt = torch.int32 if v.dtype.name == "i32" else torch.bfloat16
-            self.env[v.name] = torch.zeros(v.shape, dtype=dt, device=device)
+            self.env[v.name] = torch.zeros(padded(v.shape), dtype=dt, device=device)
         # [Hkv, S, D] caches, S padded so key tiles never run past them; shared by a model's graphs
         self.states = kv_states(g, device, {} if states is None else states, state_rows_pad)
         for v in g.by_role("state"):
@@ -144,8 +149,7 @@ class Bindings:
     def activation(self, v: Value) -> torch.Tensor:
         if v.name not in self.env:
             dt = {"bf16": torch.bfloat16, "f32": torch.float32, "i32": torch.int32}[v.dtype.name]
-            shape = (cdiv(v.shape[0], PAD_ROWS) * PAD_ROWS, *v.shape[1:]) if len(v.shape) == 2 else v.shape
-            self.env[v.name] = torch.zeros(shape, dtype=dt, device=self.device)
+            self.env[v.name] = torch.zeros(padded(v.shape), dtype=dt, device=self.device)
         return self.env[v.name]
 
     def ints(self, *values: int) -> torch.Tensor:

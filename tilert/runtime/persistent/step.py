@@ -230,7 +230,7 @@ class PersistentStep:
             t = torch.as_tensor(inputs[v.name])
             if tuple(t.shape) != v.shape:
                 raise ValueError(f"input '{v.name}' has shape {list(t.shape)}, graph expects {list(v.shape)}")
-            self.bind.env[v.name].copy_(t, non_blocking=True)
+            self.bind.env[v.name][: v.shape[0]].copy_(t, non_blocking=True)  # 2-D inputs are padded
         self.steps += 1
         self.bind.epoch.fill_(self.steps)
         self._enqueue()
