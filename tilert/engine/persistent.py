@@ -3,14 +3,17 @@
 Each step shape (B tokens, decode or verify) is compiled by the full pipeline once; its rank
 graph, task table and counters become a PersistentStep. The KV caches are shared by all of a
 model's step programs, so a verify step and the decode steps after it see the same cache. DFlash
-acceptance (lm_head_accept) runs inside the verify step's launch. The drafter's graph (non-causal
-block attention, which the persistent attention body does not cover) runs on the eager runtime.
+acceptance (lm_head_accept) runs inside the verify step's launch. The drafter's step is a persistent
+program too, over the drafter's own KV caches, its context rows padded to a few compiled shapes
+(`drafter_contexts`); `TILERT_DRAFTER_RUNTIME=eager` (or drafter_runtime="eager") runs it on the
+eager runtime instead.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +27,7 @@ from tilert.kernels.common import KernelCompileError
 from tilert.models.binding import bind_params
 from tilert.models.builder import build_step_graph
 from tilert.models.config import ModelConfig
+from tilert.models.drafter import build_drafter_graph
 from tilert.passes import PassContext, compile_graph
 from tilert.runtime.eager.synthetic import meta_params
 from tilert.runtime.persistent.program import kv_states
@@ -51,8 +55,12 @@ def compile_ranks(g: Graph, max_seq: int, world: int, sms: int = 132, gpus: int 
     return graphs, [ctx.results["schedule"][r] for r in range(world)]
 
 
+DRAFTER_RUNTIMES = ("persistent", "eager")
+
+
 class PersistentBackend(GraphBackend):
-    """Target steps as one persistent launch each (world size 1); drafter steps on the eager runtime."""
+    """Target and drafter steps as one persistent launch each (world size 1); drafter_runtime="eager"
+    (default: env TILERT_DRAFTER_RUNTIME, else "persistent") runs drafter steps on the eager runtime."""
 
     prefill_chunk = PREFILL_CHUNK
     # an Engine batches on this backend only when asked (batching=True): its mixed-step attention
@@ -60,19 +68,25 @@ class PersistentBackend(GraphBackend):
     auto_batching = False
 
     def __init__(self, cfg: ModelConfig, weights: Mapping[str, torch.Tensor], *, max_seq: int = 1024,
-                 device: str = "cuda", sms: int | None = None) -> None:  # fmt: skip
+                 device: str = "cuda", sms: int | None = None, drafter_runtime: str | None = None) -> None:  # fmt: skip
         super().__init__(cfg, weights, max_seq)
+        self.drafter_runtime = drafter_runtime or os.environ.get("TILERT_DRAFTER_RUNTIME", "persistent")
+        if self.drafter_runtime not in DRAFTER_RUNTIMES:
+            raise ValueError(f"unknown drafter runtime {self.drafter_runtime!r} (persistent | eager)")
         self.device = device
         # one SM queue per SM of this GPU (an H100 PCIe has 114): the step's CTAs are all resident
         self.sms = sms or torch.cuda.get_device_properties(torch.device(device)).multi_processor_count
         self.states: dict[str, torch.Tensor] = {}
         self.pool_states: dict[str, torch.Tensor] = {}  # the mixed steps' KV cache pool (open_pool)
+        self.drafter_states: dict[str, torch.Tensor] = {}  # the persistent drafter steps' KV caches
         self._eager: Any = None
         self.fallbacks: list[str] = []  # step shapes that run on the eager runtime, and why
 
     def _prepare(self, g: Graph) -> Any:
         if g.meta.get("kind") == "drafter":
-            return ("eager", self._drafter_backend()._prepare(g))
+            if self.drafter_runtime == "eager":
+                return ("eager", self._drafter_backend()._prepare(g))
+            return self._prepare_drafter(g)
         pool = bool(g.meta.get("slots"))  # a mixed step: the KV cache pool, never swapped per sequence
         states = self.pool_states if pool else self.states
         rg, sched = compile_step(g, self.max_seq, sms=self.sms)
@@ -91,6 +105,51 @@ class PersistentBackend(GraphBackend):
         step.use_states(self.states)  # caches this graph added join the current sequence's set
         return ("persistent", step)
 
+    def _prepare_drafter(self, g: Graph) -> Any:
+        """A drafter step as a persistent program over the drafter's caches (a shape its bodies do not
+        take: on the eager runtime over the same caches)."""
+        rg, sched = compile_step(g, self.max_seq, sms=self.sms)
+        params = self._device_params(bind_params(rg, self.weights, {}), self.device)
+        try:
+            step = PersistentStep(rg, sched.table, sched.counter_expected, params, self.device,
+                                  states=self.drafter_states, num_sms=self.sms)  # fmt: skip
+        except (PersistentError, KernelCompileError) as e:
+            self.fallbacks.append(f"{g.name}: {e}")
+            log.warning("drafter step %s runs on the eager runtime: %s", g.name, e)
+            return ("eager-drafter", self._drafter_backend()._prepare(g))
+        return ("drafter", step)
+
+    def drafter_contexts(self) -> tuple[int, ...]:
+        """The context-row counts drafter steps are compiled for: the DFlash block (a verified block's
+        rows) and the prefill chunk (a prompt's rows, in chunks)."""
+        d = self.cfg.dflash
+        return tuple(sorted({PREFILL_CHUNK, d.block_size if d is not None else PREFILL_CHUNK}))
+
+    def draft_step(self, block_tokens: torch.Tensor, block_positions: torch.Tensor, ctx_features: torch.Tensor,
+                   ctx_positions: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """As GraphBackend.draft_step, with C context rows as steps of the compiled context shapes: all
+        but the last `drafter_contexts()[-1]` rows each (those steps only append their rows; their
+        drafts are dropped), the last padded to the next shape with zero rows at the positions after
+        the block's end, which no later step reads before its own rows overwrite them (cache index ==
+        position, as a prefill chunk's padding)."""
+        if self.drafter_runtime == "eager":
+            return super().draft_step(block_tokens, block_positions, ctx_features, ctx_positions)
+        sizes, C = self.drafter_contexts(), int(ctx_features.shape[0])
+        pos = ctx_positions.to(torch.int32)
+        off = 0
+        while C - off > sizes[-1]:  # a long prompt's context: appended a chunk at a time
+            end = off + sizes[-1]
+            super().draft_step(block_tokens, block_positions, ctx_features[off:end], pos[off:end])
+            off = end
+        rows = next(s for s in sizes if s >= C - off)
+        feats, pos = ctx_features[off:], pos[off:]
+        if rows > C - off:
+            pad = rows - (C - off)
+            end = int(block_positions.max()) + 1
+            feats = torch.cat([feats, feats.new_zeros(pad, feats.shape[1])])
+            pos = torch.cat([pos.cpu(), torch.arange(end, end + pad, dtype=torch.int32)])
+        return super().draft_step(block_tokens, block_positions, feats, pos)
+
     def _drafter_backend(self) -> Any:
         if self._eager is None:
             self._eager = EagerBackend(self.cfg, self.weights, max_seq=self.max_seq, device=self.device)
@@ -100,30 +159,36 @@ class PersistentBackend(GraphBackend):
         kind, p = prepared
         if kind == "eager":
             return self._drafter_backend()._execute(p, inputs)
-        if kind in ("eager-target", "eager-pool"):  # on the target's caches (the persistent steps' tensors)
-            states = kv_states(p, torch.device(self.device), self.pool_states if kind == "eager-pool" else self.states)
+        if kind in ("eager-target", "eager-pool", "eager-drafter"):  # on the persistent steps' caches
+            own = {"eager-target": self.states, "eager-pool": self.pool_states, "eager-drafter": self.drafter_states}
+            states = kv_states(p, torch.device(self.device), own[kind])
             return self._drafter_backend().execute_on(p, inputs, states)
         out = p.run(inputs)  # static buffers: the next launch overwrites them, so copy out
         return {k: v.clone() if k == "features" else v.cpu() for k, v in out.items()}
 
     def reset(self) -> None:
-        for t in (*self.states.values(), *self.pool_states.values()):
+        for t in (*self.states.values(), *self.pool_states.values(), *self.drafter_states.values()):
             t.zero_()
         if self._eager is not None:
             self._eager.reset()
 
     # per-sequence KV caches for the Engine: swapping a sequence in rewrites the node tables' cache rows
     def new_cache(self) -> dict[str, Any]:
-        return {"target": {}, "drafter": self._drafter_backend().new_cache()}
+        return {"target": {}, "drafter": self._drafter_backend().new_cache() if self.drafter_runtime == "eager" else {}}
 
     def use_cache(self, cache: dict[str, Any]) -> None:
         if cache["target"] is self.states:
             return
         self.states = cache["target"]
+        if self.drafter_runtime == "eager":
+            self._drafter_backend().use_cache(cache["drafter"])
+        else:
+            self.drafter_states = cache["drafter"]
         for kind, p in self._prepared.values():
             if kind == "persistent":
                 p.use_states(self.states)
-        self._drafter_backend().use_cache(cache["drafter"])
+            elif kind == "drafter":
+                p.use_states(self.drafter_states)
 
 
 def persistent_backend(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], *, max_seq: int, world: int = 1,
@@ -147,6 +212,16 @@ def precompile(cfg: ModelConfig, tokens: int, mode: str, max_seq: int, world: in
         graphs, scheds = compile_ranks(g, max_seq, world, gpus=gpus)
         # one meta device stands for the gpus GPUs: their SMs together
         return MultiRankStep(graphs, scheds, [meta_params(rg) for rg in graphs], device="meta", num_sms=132 * gpus)
+    return _meta_step(g, max_seq, world, out_dir)
+
+
+def precompile_drafter(cfg: ModelConfig, context: int, max_seq: int, world: int = 1, out_dir: str | None = None) -> Any:
+    """As `precompile`, for the drafter step with `context` context rows (PersistentBackend compiles
+    `drafter_contexts()`: the DFlash block and the prefill chunk), rank 0 of `world` alone."""
+    return _meta_step(build_drafter_graph(cfg, context=context, max_seq=max_seq), max_seq, world, out_dir)
+
+
+def _meta_step(g: Graph, max_seq: int, world: int, out_dir: str | None) -> Any:
     rg, sched = compile_step(g, max_seq, world)
     return PersistentStep(rg, sched.table, sched.counter_expected, meta_params(rg), device="meta",
                           num_sms=sched.table.shape[0], out_dir=out_dir)  # fmt: skip
