@@ -3,8 +3,8 @@ a kv_append left over (a drafter's context rows) with [head norm] + rope(k) + [s
 
 One kind for B query tokens (B=1 decode, B=block DFlash verify: the causal block mask; drafter
 layers: bidirectional or causal, per layer, with the block's v scale fused as `v_scale`; the
-drafter's context rows keep their own append before it, fused as rope_kv_append): the kernel ropes the new q/k in registers,
-writes the new k/v into the cache at their positions and runs split-KV attention over it, so
+drafter's context rows keep their own append before it, fused as rope_kv_append): the kernel ropes
+the new q/k in registers, writes the new k/v into the cache at their positions and runs split-KV attention over it, so
 there is no separate launch or round trip for the rope and the cache update.
 """
 

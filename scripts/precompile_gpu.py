@@ -5,9 +5,11 @@ compiling. Usage: TILERT_KERNEL_CACHE=DIR python scripts/precompile_gpu.py [--be
 
 Builds tiny-gpu's step kernels at world 1 (decode B=1/4/6/16, verify B=4: the GPU tests' shapes) and
 world 2 (both ranks: the two-ranks tests, on one GPU and on two), and tiny-gpu-8's verify step at
-world 1, 8 (one GPU), 4 and 8 (a GPU per rank); with --bench also rank 0 of the 8-rank
-mimo-v2.5-pro decode and verify steps (benchmarks/e2e.py); with --diff-layers N the same steps of
-the model cut to its first N layers (`benchmarks/e2e.py --layers N --diff-nodes`); with
+world 1, 8 (one GPU), 4 and 8 (a GPU per rank), and tiny-gpu's persistent drafter steps (its
+compiled context shapes: the DFlash block and the prefill chunk); with --bench also rank 0 of the
+8-rank mimo-v2.5-pro decode and verify steps and its drafter step (benchmarks/e2e.py); with
+--diff-layers N the same steps of the model cut to its first N layers
+(`benchmarks/e2e.py --layers N --diff-nodes`); with
 --ranks-world N mimo's steps with N ranks on N GPUs (`e2e.py --ranks gpus`: the persistent
 kernel and every rank's eager kernels); with --probes
 the kernels of benchmarks/tile_latency.py and persistent_chain.py (--layers 1 8 --m 1); with --cli the
@@ -41,7 +43,7 @@ from pathlib import Path
 
 from tilert.engine.backend import PREFILL_CHUNK
 from tilert.engine.eager import compile_for_gpu
-from tilert.engine.persistent import compile_step, precompile
+from tilert.engine.persistent import compile_step, precompile, precompile_drafter
 from tilert.models.builder import build_step_graph
 from tilert.models.config import load_config
 from tilert.models.drafter import build_drafter_graph
@@ -120,6 +122,18 @@ def build_moe_gemv_tasks(tokens: int, shape: str) -> str:
     til = moe.tiling(tokens, H, In, EL, k, body="gemv")
     moe.compiled_gemv_tasks(moe.Config(tokens, H, In, EL, EL, k), til)
     return f"MoE GEMV expert tasks ({shape}, T={tokens}): {time.time() - t0:.0f} s"
+
+
+def build_drafter(model: str, context: int, max_seq: int, world: int) -> str:
+    """One persistent drafter step kernel (rank 0 of `world`) into the cache."""
+    t0 = time.time()
+    precompile_drafter(load_config(model), context, max_seq, world)
+    return f"{model} drafter context {context} world {world}: {time.time() - t0:.0f} s"
+
+
+def drafter_contexts(model: str) -> tuple[int, ...]:
+    """The context shapes PersistentBackend compiles drafter steps for (its drafter_contexts)."""
+    return tuple(sorted({PREFILL_CHUNK, load_config(model).dflash.block_size}))
 
 
 def build_mixed_step(model: str, tokens: int, max_seq: int, world: int, slots: int) -> str:
@@ -227,7 +241,14 @@ def main() -> None:
     jobs += [("tiny-gpu-8", t, m, 256, w, 0, gpus) for t, m, w, gpus in TINY8 if steps and gpus <= a.max_gpus]
     # rank 0 of 2 with solo collectives: the speculative loop's GPU test (tests/profile/test_speculative_loop.py)
     jobs += [("tiny-gpu", t, m, 256, 2, 0, 1, False) for t, m in ((1, "decode"), (4, "verify")) if steps]
+    # the persistent drafter steps of the GPU tests (PersistentBackend's context shapes), and with --cli
+    # those of the CLI test's capacities
+    drafters = [("tiny-gpu", c, 256, 1) for c in drafter_contexts("tiny-gpu") if steps]
     cli = a.cli or a.only_cli
+    if cli:
+        drafters += [("tiny-gpu", c, q, 1) for q in CLI_MAX_SEQ if q != 256 for c in drafter_contexts("tiny-gpu")]
+    if a.bench:  # benchmarks/e2e.py's drafter step: B context rows, rank 0 of 8
+        drafters.append(("mimo-v2.5-pro", load_config("mimo-v2.5-pro").dflash.block_size, 4096 + 64, 8))
     if cli:
         jobs += [("tiny-gpu", t, m, q, 1, 0) for q in CLI_MAX_SEQ for t, m in ((1, "decode"), (16, "decode"),
                                                                               (4, "verify"))]  # fmt: skip
@@ -243,6 +264,7 @@ def main() -> None:
         eager_jobs = []
     with ProcessPoolExecutor(max_workers=max(1, a.jobs), mp_context=get_context("spawn")) as pool:
         futures = [pool.submit(build_step, *j) for j in jobs] + [pool.submit(build_eager_ranks, *j) for j in eager_jobs]
+        futures += [pool.submit(build_drafter, *j) for j in drafters]
         if a.moe_gemv:
             futures += [pool.submit(build_step, *j, env=env) for j, env in moe_gemv_jobs()]
             futures += [pool.submit(build_moe_gemv_tasks, *j) for j in MOE_GEMV_TASKS]

@@ -24,7 +24,7 @@ from tilert.models.config import load_config
 from tilert.models.drafter import build_drafter_graph
 from tilert.models.weights import synthetic_weights
 from tilert.passes import PassContext, compile_graph
-from tilert.runtime.persistent.plan_vm import PlanVM, PlanVMError
+from tilert.runtime.persistent.plan_vm import PlanVM
 
 REL = 1e-4
 MAX_SEQ = 64

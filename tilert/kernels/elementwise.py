@@ -525,7 +525,9 @@ def make_kernel(cfg: Config):
     if isinstance(cfg, DraftConfig):
 
         @T.prim_func
-        def dflash_draft(Block: T.Tensor((Tn,), "int32"), Next: T.Tensor((Tn,), "int32"), Out: T.Tensor((Tn,), "int32")):
+        def dflash_draft(
+            Block: T.Tensor((Tn,), "int32"), Next: T.Tensor((Tn,), "int32"), Out: T.Tensor((Tn,), "int32")
+        ):
             with T.Kernel(1, threads=THREADS) as bx:
                 body(Block, Next, Out, bx)
 

@@ -314,7 +314,8 @@ def attention_block(
 
 def _rope_kv_append_infer(ins: list[Value], a: RopeKvAppendAttrs) -> list:
     kc, vc, k, v, pos = ins[:5]
-    expect(len(ins) == 5 + int(a.norm_eps is not None), "rope_kv_append takes k_cache, v_cache, k, v, positions[, k_norm]")
+    n = 5 + int(a.norm_eps is not None)
+    expect(len(ins) == n, "rope_kv_append takes k_cache, v_cache, k, v, positions[, k_norm]")
     get_op("rope").infer([k, pos], a)
     return get_op("kv_append").infer([kc, vc, k, v, pos], Attrs())
 
