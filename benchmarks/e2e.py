@@ -54,6 +54,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from benchmarks.e2e_ranks import bench_ranks  # noqa: E402
 from tilert.engine.eager import compile_for_gpu  # noqa: E402
+from tilert.engine.persistent import compile_step  # noqa: E402
 from tilert.gpu_specs import H200, GpuSpec, gpu_spec_for_device  # noqa: E402
 from tilert.models.config import load_config  # noqa: E402
 from tilert.models.drafter import build_drafter_graph  # noqa: E402
@@ -253,7 +254,8 @@ def bench_block(cfg, B: int, a: argparse.Namespace, max_seq: int, cache: dict, p
 
 
 def bench_drafter(cfg, a: argparse.Namespace, max_seq: int) -> dict:
-    """The DFlash drafter pass (block B, B new context rows) of rank 0, eager + CUDA graph."""
+    """The DFlash drafter pass (block B, B new context rows) of rank 0: eager, eager + CUDA graph and
+    the persistent drafter step (its drafts against the eager step's)."""
     B = cfg.dflash.block_size
     g = compile_for_gpu(build_drafter_graph(cfg, context=B, max_seq=max_seq), max_seq, a.world_size)[0]
     rt = EagerRuntime(synthetic_params(g, seed=1), world=a.world_size, solo=True)
@@ -265,13 +267,25 @@ def bench_drafter(cfg, a: argparse.Namespace, max_seq: int) -> dict:
         "ctx_features": feats,
         "ctx_positions": torch.arange(start - B, start, dtype=torch.int32, device="cuda"),
     }
-    rt.run(g, inputs)
+    eager_draft = rt.run(g, inputs)["draft"].cpu()
     t_eager, t_graph = time_step(rt, g, inputs)
-    print(f"drafter (B={B}): eager {t_eager:.2f} ms | eager+graph {t_graph} ms", flush=True)
+    row: dict = {}
+    try:  # the same step as one persistent launch (PersistentBackend's drafter), on the same weights
+        rg, sched = compile_step(build_drafter_graph(cfg, context=B, max_seq=max_seq), max_seq, a.world_size)
+        st = PersistentStep(rg, sched.table, sched.counter_expected, rt.params)
+        draft = st.run(inputs)["draft"].cpu()
+        row["persistent_ms"] = None if a.skip_timing else time_cuda(lambda: st.launch(inputs), iters=20, warmup=3)
+        st.check()
+        row["persistent_draft_equals_eager"] = bool(torch.equal(draft, eager_draft))
+    except Exception as e:  # noqa: BLE001 (reported in the results, the run goes on)
+        row["persistent_error"] = f"{type(e).__name__}: {e}"
+    print(f"drafter (B={B}): persistent {row.get('persistent_ms')} ms | eager {t_eager:.2f} ms | eager+graph "
+          f"{t_graph} ms", flush=True)  # fmt: skip
     return {
         "eager_ms": t_eager,
         "eager_graph_ms": t_graph,
-        "launches_per_step": {"eager": len(g.nodes)},
+        **row,
+        "launches_per_step": {"eager": len(g.nodes), "persistent": 1},
         "fused_ops": g.op_counts(),
     }
 
