@@ -19,7 +19,8 @@ from tilert.runtime.kinds import TaskKind, eager_impl, for_node, for_opcode, lin
 
 def test_kinds_name_registered_op_kinds_and_opcodes() -> None:
     kinds = set(registered().values())
-    assert {k.__name__ for k in kinds} == {"Linear", "LmHead", "Attention", "Moe", "Collective", "Elementwise"}
+    assert {k.__name__ for k in kinds} == {"Linear", "LmHead", "Attention", "Moe", "Collective", "Elementwise",
+                                          "RopeKvAppend"}
     for k in kinds:
         assert set(k.kinds) <= set(all_ops()), k.__name__
         assert set(k.opcodes) <= set(OPCODES), k.__name__
