@@ -32,8 +32,22 @@ FIXED_OPCODES = (
 )  # fmt: skip
 
 
+# The op kinds' opcodes in a frozen order: a new kind is appended, never sorted in, so the numbers
+# every compiled plan's task tables and every cached step kernel's dispatch hold stay valid
+# (tests/test_abi.py checks that every registered kind is listed).
+OP_KIND_ORDER = (
+    "add", "all_gather", "all_reduce", "all_reduce_residual", "argmax", "argmax_reduce", "attention",
+    "attention_block", "concat", "dequant", "dflash_accept", "dflash_draft", "embed", "embed_override",
+    "expert_matmul", "expert_matmul_fp8", "expert_matmul_mxfp4", "fused_moe_bf16", "fused_moe_fp8",
+    "fused_moe_mxfp4", "gather_weights", "head_rms_norm", "kv_append", "linear_bf16", "linear_fp8",
+    "linear_mxfp4", "lm_head_accept", "lm_head_argmax", "matmul", "moe_combine", "narrow", "rms_norm", "rope",
+    "scale", "sigmoid", "silu_mul", "topk_select", "vocab_argmax",
+)  # fmt: skip
+
+
 def _opcodes() -> dict[str, int]:
-    names = list(FIXED_OPCODES) + sorted("OP_" + k.upper() for k in all_ops())
+    kinds = list(OP_KIND_ORDER) + sorted(set(all_ops()) - set(OP_KIND_ORDER))
+    names = list(FIXED_OPCODES) + ["OP_" + k.upper() for k in kinds]
     return {n: i for i, n in enumerate(dict.fromkeys(names))}
 
 
