@@ -41,7 +41,7 @@ OP_KIND_ORDER = (
     "expert_matmul", "expert_matmul_fp8", "expert_matmul_mxfp4", "fused_moe_bf16", "fused_moe_fp8",
     "fused_moe_mxfp4", "gather_weights", "head_rms_norm", "kv_append", "linear_bf16", "linear_fp8",
     "linear_mxfp4", "lm_head_accept", "lm_head_argmax", "matmul", "moe_combine", "narrow", "rms_norm", "rope",
-    "scale", "sigmoid", "silu_mul", "topk_select", "vocab_argmax",
+    "scale", "sigmoid", "silu_mul", "topk_select", "vocab_argmax", "rope_kv_append",
 )  # fmt: skip
 
 
