@@ -291,10 +291,10 @@ def item_smem_bytes(cfg: Config, x_buffers: int) -> int:
     return smem_bytes(cfg, prefetch=True) - (2 - x_buffers) * cfg.m * cfg.ncs * CHUNK_ELEMS[cfg.fmt] * 2
 
 
-def prefetch_ok(cfg: Config) -> bool:
+def prefetch_ok(cfg: Config, x_own: bool = False) -> bool:
     """Whether the stream launcher can prefetch the next task with this tiling: its first depth - 1
-    chunks fit in this task's issue slots, and the doubled x and scale buffers fit."""
-    return cfg.depth - 1 <= cfg.items and smem_bytes(cfg, prefetch=True) <= SMEM_LIMIT
+    chunks fit in this task's issue slots, and the doubled x (but with x_own) and scale buffers fit."""
+    return cfg.depth - 1 <= cfg.items and smem_bytes(cfg, prefetch=True, x_own=x_own) <= SMEM_LIMIT
 
 
 def views(cfg: Config) -> list[tuple[str, tuple[int, ...], str]]:
@@ -427,7 +427,7 @@ def make_body(
         """The tile's x slice into buffer b (0, 1) of xs (cp.async, zeros past K; 16-byte units
         XOR-swizzled). With items, n_tile is the item and its x rows are the ItemMap's."""
         if items is None:
-            Xv = T.view(X, shape=[M, K // 2], dtype=u32)
+            Xv = T.view(X, shape=[cfg.x_rows, K // 2], dtype=u32)
         else:  # only its address is used (offsets in u32 words)
             Xv = X
         for e in T.serial(cdiv(M * XU, THREADS)):
@@ -826,12 +826,22 @@ def make_body(
     return gemv_tile_prefetch if prefetch else gemv_tile
 
 
+def options(cfg: Config) -> bool:
+    """Whether cfg has the fused linear's options (norm, residual): its standalone launcher then
+    takes a pointer row (`views.grid_launcher`), not typed tensors."""
+    return cfg.norm_eps is not None or cfg.res_dtype is not None
+
+
 def make_kernel(cfg: Config):
     """Standalone launcher: grid (n_tiles, split), 256 threads, one body call per CTA."""
     import tilelang.language as T
 
+    from tilert.kernels.views import grid_launcher
+
     body = make_body(cfg)
     specs = views(cfg)
+    if options(cfg):
+        return grid_launcher("gemv_linear", body, specs, (cfg.n_tiles, cfg.split), lambda bx, by, bz: (bx, by))
     (_, xsh, xdt), (_, wsh, wdt), (_, ssh, sdt), (_, ysh, ydt) = specs[:4]
 
     if cfg.split == 1:
@@ -864,18 +874,19 @@ def make_kernel(cfg: Config):
     return gemv_split
 
 
-def make_stream_kernel(cfg: Config, copies: int, sms: int, prefetch: bool = False):
+def make_stream_kernel(cfg: Config, copies: int, sms: int, prefetch: bool = False, x_own: bool = False):
     """Persistent task stream: `sms` CTAs (one per SM), each looping over its share of the
     copies x tiles tasks (task i on CTA i % sms, back to back, no waits between tasks); copy c's
     views are row c of the pointer table Ptrs [copies, len(views(cfg))] (`views.pointer_row`).
-    prefetch: each task issues the next one's first chunks (make_body's prefetch form)."""
+    prefetch: each task issues the next one's first chunks (make_body's prefetch form); x_own: in its
+    x_own form (with a norm every copy must share x and gamma: only a CTA's first task computes rstd)."""
     import tilelang.language as T
 
     from tilert.kernels.views import make_views
 
-    if prefetch and not prefetch_ok(cfg):
+    if prefetch and not prefetch_ok(cfg, x_own):
         raise ValueError(f"GEMV stream prefetch needs depth - 1 <= {cfg.items} chunks and the doubled buffers: {cfg}")
-    body = make_body(cfg, prefetch=prefetch)
+    body = make_body(cfg, prefetch=prefetch, x_own=x_own)
     specs = views(cfg)
     tasks = copies * cfg.tiles
     T_ = cfg.tiles
@@ -904,9 +915,9 @@ def compiled(cfg: Config):
 
 
 @functools.cache
-def compiled_stream(cfg: Config, copies: int, sms: int, prefetch: bool = False):
-    what = f"gemv stream {cfg} x {copies} on {sms} SMs{' (prefetch)' if prefetch else ''}"
-    return build(make_stream_kernel(cfg, copies, sms, prefetch), what=what)
+def compiled_stream(cfg: Config, copies: int, sms: int, prefetch: bool = False, x_own: bool = False):
+    what = f"gemv stream {cfg} x {copies} on {sms} SMs{' (prefetch)' if prefetch else ''}{' (x_own)' if x_own else ''}"
+    return build(make_stream_kernel(cfg, copies, sms, prefetch, x_own), what=what)
 
 
 # --- choosing a tiling -------------------------------------------------------------------------
@@ -1046,17 +1057,24 @@ def workspace(cfg: Config, device: Any) -> tuple[Any, Any]:
     return _WORKSPACES[key]
 
 
-def launch(cfg: Config, x: Any, w: Any, s: Any, y: Any = None) -> Any:
+def launch(cfg: Config, x: Any, w: Any, s: Any, y: Any = None, gamma: Any = None, residual: Any = None) -> Any:
     """y [M, N] (cfg.out_dtype) = x [M, K] bf16 @ W^T with the standalone kernel; inputs as the
-    format module's run() checked them (contiguous, CUDA, 16-byte aligned rows)."""
+    format module's run() checked them (contiguous, CUDA, 16-byte aligned rows). With the options:
+    x [x_rows, K] (the rows past M zero), gamma [K] bf16, residual [M, N]."""
     import torch
+
+    from tilert.kernels.views import pointer_row
 
     if y is None:
         y = torch.empty(cfg.m, cfg.n, dtype=getattr(torch, cfg.out_dtype), device=x.device)
     args = [x, w, s, y]
     if cfg.split > 1:
         args += list(workspace(cfg, x.device))
-    compiled(cfg)(*args)
+    args += [t for t in (gamma, residual) if t is not None]
+    if options(cfg):
+        compiled(cfg)(pointer_row(args, views(cfg), "gemv").to(x.device))
+    else:
+        compiled(cfg)(*args)
     return y
 
 
@@ -1087,7 +1105,8 @@ def reference(fmt: str, x: Any, w: Any, s: Any) -> Any:
 
 def make_inputs(cfg: Config, seed: int | None = None, wscale: float = 0.05, device: str = "cuda") -> dict[str, Any]:
     """Fresh random x (bf16) and quantised weights for cfg, y NaN-poisoned (and the split-K
-    partials: every one the last CTA reads must have been written)."""
+    partials: every one the last CTA reads must have been written); with the options gamma (about
+    1) and a residual, x padded to x_rows rows with zeros."""
     import torch
 
     from tilert.numerics import fp8, mxfp4
@@ -1097,8 +1116,29 @@ def make_inputs(cfg: Config, seed: int | None = None, wscale: float = 0.05, devi
     wf = torch.randn(cfg.n, cfg.k, device=device, generator=g) * wscale
     w, s = mxfp4.quantize(wf) if cfg.fmt == "mxfp4" else fp8.quantize_blocks(wf)
     x = torch.randn(cfg.m, cfg.k, device=device, generator=g).to(torch.bfloat16)
+    if cfg.x_rows > cfg.m:
+        x = torch.cat([x, torch.zeros(cfg.x_rows - cfg.m, cfg.k, dtype=x.dtype, device=device)])
     y = torch.full((cfg.m, cfg.n), float("nan"), dtype=getattr(torch, cfg.out_dtype), device=device)
-    return {"x": x, "w": w, "s": s, "y": y}
+    t = {"x": x, "w": w, "s": s, "y": y}
+    if cfg.norm_eps is not None:
+        t["gamma"] = (1 + 0.1 * torch.randn(cfg.k, device=device, generator=g)).to(torch.bfloat16)
+    if cfg.res_dtype is not None:
+        t["residual"] = torch.randn(cfg.m, cfg.n, device=device, generator=g).to(getattr(torch, cfg.res_dtype))
+    return t
+
+
+def reference_of(cfg: Config, t: dict[str, Any]) -> Any:
+    """float64 reference of cfg with its options on the tensors t (make_inputs' names): [RMSNorm,
+    rounded to bf16 as the prologue does ->] x @ dequant(w)^T [+ residual] (tilert.ops' functions)."""
+    import torch
+
+    from tilert.ops.norm import rms_norm
+
+    x = t["x"][: cfg.m]
+    if cfg.norm_eps is not None:
+        x = rms_norm(x, t["gamma"], cfg.norm_eps).to(torch.bfloat16)
+    y = reference(cfg.fmt, x, t["w"], t["s"])
+    return y if cfg.res_dtype is None else y + t["residual"].double()
 
 
 def rel_err(y: Any, ref: Any) -> float:
@@ -1114,15 +1154,15 @@ def check(cfg: Config, seed: int | None = None, wscale: float = 0.05) -> float:
     t = make_inputs(cfg, seed, wscale)
     if cfg.split > 1:
         workspace(cfg, t["x"].device)[0].fill_(float("nan"))
-    launch(cfg, t["x"], t["w"], t["s"], t["y"])
-    return rel_err(t["y"], reference(cfg.fmt, t["x"], t["w"], t["s"]))
+    launch(cfg, t["x"], t["w"], t["s"], t["y"], t.get("gamma"), t.get("residual"))
+    return rel_err(t["y"], reference_of(cfg, t))
 
 
 def check_stream(
-    cfg: Config, copies: int = 3, sms: int = 132, seed: int | None = None, prefetch: bool = False
+    cfg: Config, copies: int = 3, sms: int = 132, seed: int | None = None, prefetch: bool = False, x_own: bool = False
 ) -> float:
     """The persistent task stream over `copies` independent problems (fresh inputs, poisoned
-    outputs): the largest relative error over the copies."""
+    outputs; with a norm one x and gamma for all): the largest relative error over the copies."""
     import torch
 
     from tilert.kernels.views import pointer_row
@@ -1130,12 +1170,14 @@ def check_stream(
     specs = views(cfg)
     sets = [make_inputs(cfg, None if seed is None else seed + i) for i in range(copies)]
     for t in sets:
+        if cfg.norm_eps is not None:
+            t["x"], t["gamma"] = sets[0]["x"], sets[0]["gamma"]
         if cfg.split > 1:
             t["ws"] = torch.full((cfg.split, cfg.m, cfg.n), float("nan"), device=t["x"].device)
             t["cnt"] = torch.zeros(cfg.n_tiles, dtype=torch.int32, device=t["x"].device)
     rows = [pointer_row([t[name] for name, _, _ in specs], specs, "gemv stream") for t in sets]
-    compiled_stream(cfg, copies, sms, prefetch)(torch.cat(rows).to(sets[0]["x"].device))
-    return max(rel_err(t["y"], reference(cfg.fmt, t["x"], t["w"], t["s"])) for t in sets)
+    compiled_stream(cfg, copies, sms, prefetch, x_own)(torch.cat(rows).to(sets[0]["x"].device))
+    return max(rel_err(t["y"], reference_of(cfg, t)) for t in sets)
 
 
 # --- the plan's shapes -----------------------------------------------------------------------
