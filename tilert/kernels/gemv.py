@@ -39,6 +39,10 @@ task in 0..n_tiles-1 x 0..split-1, after T.import_source of a prelude holding GE
 once) are the node's own buffers when split > 1. Shared memory: `smem_bytes(cfg)`. To keep the
 loads flowing across tasks it calls `make_body(cfg, prefetch=True)` instead, with the next task
 of the same node on that CTA (`make_body`'s docstring; `smem_bytes(cfg, prefetch=True)`).
+Linear options (the persistent step's LINEAR_FP8 tasks with TILERT_LINEAR_BODY=gemv,
+runtime/kinds/linear.py): `Config.norm_eps` (an RMSNorm prologue on the staged x slice),
+`Config.res_dtype` (a residual epilogue), views gamma and residual after the others; the step calls
+`make_body(cfg, prefetch=True, x_own=True)`, whose tasks stage their own x after their wait.
 Item form: `make_body(cfg, items=ItemMap(...))` runs the same pipeline over items whose rows, x rows
 and stores an ItemMap defines (the persistent MoE's expert items, kernels/moe.py make_gemv_tasks;
 shared memory `item_smem_bytes`).
