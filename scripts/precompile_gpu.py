@@ -21,8 +21,8 @@ kernels of the GEMV expert body (TILERT_MOE_BODY=gemv): the GPU tests' tiny-gpu 
 expert tasks (tests/runtime/test_persistent_moe_gemv.py, tests/kernels/test_moe_gemv.py) and the
 4-layer mimo-v2.5-pro B=1/B=8 steps of `benchmarks/step_variants.py --layers 4` (its base variant's
 kernels come with --diff-layers 4, or `step_variants.py --precompile`); with --linear-gemv the kernels of
-the streaming linear body (TILERT_LINEAR_BODY=gemv): the GPU tests' tiny-gpu steps, alone and with the
-GEMV expert body (tests/runtime/test_persistent_linear_gemv.py), the standalone kernels of
+the streaming linear body (TILERT_LINEAR_BODY=gemv): the GPU tests' tiny-gpu steps, alone, with the
+GEMV expert body and over 4 SM queues (tests/runtime/test_persistent_linear_gemv.py), the standalone kernels of
 tests/kernels/test_gemv_linear.py, and the 4-layer mimo-v2.5-pro B=1/B=8 steps of the step_variants.py
 variants `lgemv` (TILERT_LINEAR_BODY=gemv) and `both` (with TILERT_MOE_BODY=gemv). Jobs run in
 `--jobs` processes (each compile is one nvcc process). TileLang's own nvcc cubin cache
@@ -130,6 +130,24 @@ def linear_gemv_jobs(max_seq: int = 256) -> list[tuple[tuple, dict[str, str]]]:
                                                                             (1, "decode"))]  # fmt: skip
         jobs += [(("mimo-v2.5-pro", t, m, 4096 + 64, 8, 4), dict(env)) for t, m, _ in BENCH]
     return jobs
+
+
+def build_linear_chain_step(tokens: int, mode: str) -> str:
+    """tiny-gpu's step with the streaming linears over the GPU test's 4 SM queues ("chained": queues
+    that run one linear's tasks back to back)."""
+    from tests.runtime.test_persistent_linear_gemv import CHAIN_SMS, meta_step
+
+    t0 = time.time()
+    old = os.environ.get("TILERT_LINEAR_BODY")
+    os.environ["TILERT_LINEAR_BODY"] = "gemv"
+    try:
+        meta_step(tokens, mode, CHAIN_SMS)
+    finally:
+        if old is None:
+            os.environ.pop("TILERT_LINEAR_BODY", None)
+        else:
+            os.environ["TILERT_LINEAR_BODY"] = old
+    return f"tiny-gpu {mode} B={tokens} over {CHAIN_SMS} SM queues [TILERT_LINEAR_BODY=gemv]: {time.time() - t0:.0f} s"
 
 
 def build_linear_gemv_kernels() -> str:
@@ -287,6 +305,8 @@ def main() -> None:
         if a.linear_gemv:
             futures += [pool.submit(build_step, *j, env=env) for j, env in linear_gemv_jobs()]
             futures.append(pool.submit(build_linear_gemv_kernels))
+            futures += [pool.submit(build_linear_chain_step, t, m) for t, m in ((16, "decode"), (4, "verify"),
+                                                                                  (1, "decode"))]  # fmt: skip
         if cli:
             futures += [pool.submit(build_residency)] + [pool.submit(build_cli_eager, q) for q in CLI_MAX_SEQ]
         if a.probes:

@@ -115,15 +115,30 @@ def test_device_table_chains_runs_of_one_node():
     assert PersistentStep._device_table(SimpleNamespace(programs=plain, table=table)) is table  # the default
 
 
+CHAIN_SMS = 4  # tiny-gpu scheduled over 4 SM queues: some run several tasks of one linear back to back
+
+
+def meta_step(tokens: int, mode: str, sms: int | None = None) -> PersistentStep:
+    """tiny-gpu's step kernel built from meta tensors (as engine.persistent.precompile), over `sms`
+    SM queues (default 132)."""
+    from tilert.engine.persistent import compile_step
+    from tilert.models.builder import build_step_graph
+    from tilert.runtime.eager.synthetic import meta_params
+
+    g = build_step_graph(load_config("tiny-gpu"), tokens=tokens, mode=mode, max_seq=256)
+    rg, sched = compile_step(g, 256, 1, sms=sms)
+    return PersistentStep(rg, sched.table, sched.counter_expected, meta_params(rg), device="meta",
+                          num_sms=sched.table.shape[0])  # fmt: skip
+
+
 @needs_toolchain
 @pytest.mark.timeout(1800)
-@pytest.mark.parametrize(("tokens", "mode"), [(1, "decode"), (4, "verify")])
-def test_step_with_gemv_linears_compiles(monkeypatch, tokens, mode):
-    from tilert.engine.persistent import precompile
+@pytest.mark.parametrize(("tokens", "mode", "sms"), [(1, "decode", None), (4, "verify", CHAIN_SMS)])
+def test_step_with_gemv_linears_compiles(monkeypatch, tokens, mode, sms):
     from tilert.kernels import sass
 
     monkeypatch.setenv(lf.BODY_ENV, "gemv")
-    st = precompile(load_config("tiny-gpu"), tokens, mode, 256, 1)
+    st = meta_step(tokens, mode, sms)
     assert linear_bodies(st) == {"gemv"}
     src = st.kernel.get_kernel_source()
     assert src.count("#define TILERT_GEMV_LINEAR_PRELUDE") == 1  # the one prelude every body imports
@@ -132,11 +147,11 @@ def test_step_with_gemv_linears_compiles(monkeypatch, tokens, mode):
     for needle in ("tilert_cp_async16_ef(", "tilert_cp_async_wait<", "tilert_lds16", "tilert_e4m3x2_sx",
                    "tilert_bf16x2_norm", "tilert_smem_live("):  # fmt: skip
         assert needle in body, needle
-    dev = st.tasks.cpu().numpy()
-    lin = dev[:, :, FIELD["opcode"]] == OPCODES["LINEAR_FP8"]
-    assert (dev[lin][:, FIELD["c1"]] % 2 == 0).any()  # runs start plain ...
-    if (st.table[lin][:, FIELD["c1"]] == 0).all() and lin.sum() > st.sms:
-        assert (dev[lin][:, FIELD["c1"]] // 2 % 2 == 1).any()  # ... and queues with a run chain their tasks
+    dev = st._device_table()  # what the kernel runs (st.tasks is on the meta device here)
+    c1 = dev[dev[:, :, FIELD["opcode"]] == OPCODES["LINEAR_FP8"]][:, FIELD["c1"]]
+    # at 132 queues no queue runs two tasks of one linear (a GEMM fills at most one wave): all plain;
+    # at 4 some do, and chain (the path the GPU test's "chained" case runs)
+    assert (c1 % 2 == 0).any() and ((c1 % 2 == 1).any() == (sms == CHAIN_SMS))
     lib = sass.library_of(src, common.cache_dir())
     assert lib is not None
     if sass.find_nvdisasm():
@@ -148,9 +163,11 @@ def test_step_with_gemv_linears_compiles(monkeypatch, tokens, mode):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("moe_body", ["mainloop", "gemv"], ids=["lgemv", "both"])
-def test_persistent_steps_with_gemv_linears_match_reference(monkeypatch, moe_body):
-    # as test_persistent_moe_gemv.py: a 6-token prompt, a verify block, three decode steps
+@pytest.mark.parametrize(("moe_body", "sms"), [("mainloop", None), ("gemv", None), ("mainloop", CHAIN_SMS)],
+                         ids=["lgemv", "both", "chained"])  # fmt: skip
+def test_persistent_steps_with_gemv_linears_match_reference(monkeypatch, moe_body, sms):
+    # as test_persistent_moe_gemv.py: a 6-token prompt, a verify block, three decode steps; "chained":
+    # scheduled over 4 SM queues, so tasks issue the next task's chunks (the prefetch form's chain)
     from tests.runtime.test_eager_gpu import check_accept, check_rows
     from tests.runtime.test_persistent_moe_gemv import routed_weights
     from tilert.engine import ReferenceBackend
@@ -160,7 +177,7 @@ def test_persistent_steps_with_gemv_linears_match_reference(monkeypatch, moe_bod
     monkeypatch.setenv(moe.BODY_ENV, moe_body)
     cfg = load_config("tiny-gpu")
     w = routed_weights(cfg, int(torch.randint(0, 1000, ())))
-    ref, gpu = ReferenceBackend(cfg, w, max_seq=256), PersistentBackend(cfg, w, max_seq=256)
+    ref, gpu = ReferenceBackend(cfg, w, max_seq=256), PersistentBackend(cfg, w, max_seq=256, sms=sms)
     prompt = torch.randint(0, cfg.vocab_size, (6,), dtype=torch.int32)
     pos = torch.arange(6, dtype=torch.int32)
     a, b = ref.target_step(prompt, pos), gpu.target_step(prompt, pos)
@@ -179,3 +196,5 @@ def test_persistent_steps_with_gemv_linears_match_reference(monkeypatch, moe_bod
     steps = [p for kind, p in gpu._prepared.values() if kind == "persistent"]
     assert not gpu.fallbacks and len(steps) == 3  # prompt (6 rows), verify, decode: all persistent
     assert all(linear_bodies(st) == {"gemv"} for st in steps)
+    if sms == CHAIN_SMS:
+        assert any((st.tasks.cpu().numpy()[:, :, FIELD["c1"]] % 2 == 1).any() for st in steps)
