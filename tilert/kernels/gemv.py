@@ -377,8 +377,12 @@ def make_body(
     if items is not None and not (mx and cfg.split == 1 and cfg.depth - 1 <= cfg.items):
         raise ValueError(f"GEMV item body: MXFP4, split 1 and depth - 1 <= {cfg.items} chunks: {cfg}")
     norm, res = cfg.norm_eps is not None, cfg.res_dtype is not None
-    if (norm or res) and items is not None or x_own and not prefetch or norm and prefetch and not x_own:
-        raise ValueError(f"GEMV body: norm / residual without items, x_own with prefetch, norm with x_own: {cfg}")
+    if (norm or res) and items is not None:
+        raise ValueError(f"GEMV item body: the items' epilogue stores, not a norm or residual: {cfg}")
+    if x_own and not prefetch:
+        raise ValueError(f"GEMV body: x_own is a form of the prefetch body (prefetch=True): {cfg}")
+    if norm and prefetch and not x_own:  # a prefetched x would reach the next task unnormalised
+        raise ValueError(f"GEMV body: a norm in the prefetch form needs x_own: {cfg}")
     prelude = LINEAR_PRELUDE if norm or x_own else GEMV_PRELUDE
     GI = 4 + (2 if cfg.split > 1 else 0)  # views: gamma, then the residual, after Y [, WS, CNT]
     RI = GI + (1 if norm else 0)
