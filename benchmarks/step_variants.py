@@ -5,6 +5,8 @@ thermal drift hit every variant alike; each variant's outputs are compared with 
 
     python benchmarks/step_variants.py --layers 4 --tokens 1 8 --routing random \\
         --variant base --variant moe2:TILERT_MOE_PREFETCH=2 [--out DIR]
+    python benchmarks/step_variants.py --layers 4 --tokens 1 8 --variant base \
+        --variant lgemv:TILERT_LINEAR_BODY=gemv --variant both:TILERT_LINEAR_BODY=gemv,TILERT_MOE_BODY=gemv
     python benchmarks/step_variants.py --precompile ...   # the same kernels into the cache (no GPU)
 
 Rank 0 of the model's plan (synthetic weights, solo collectives) as benchmarks/e2e.py builds it;

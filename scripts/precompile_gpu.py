@@ -22,7 +22,11 @@ mixed-sequence step kernels and attention kernels of tests/runtime/test_mixed_st
 kernels of the GEMV expert body (TILERT_MOE_BODY=gemv): the GPU tests' tiny-gpu steps and standalone
 expert tasks (tests/runtime/test_persistent_moe_gemv.py, tests/kernels/test_moe_gemv.py) and the
 4-layer mimo-v2.5-pro B=1/B=8 steps of `benchmarks/step_variants.py --layers 4` (its base variant's
-kernels come with --diff-layers 4, or `step_variants.py --precompile`). Jobs run in
+kernels come with --diff-layers 4, or `step_variants.py --precompile`); with --linear-gemv the kernels of
+the streaming linear body (TILERT_LINEAR_BODY=gemv): the GPU tests' tiny-gpu steps, alone, with the
+GEMV expert body and over 4 SM queues (tests/runtime/test_persistent_linear_gemv.py), the standalone kernels of
+tests/kernels/test_gemv_linear.py, and the 4-layer mimo-v2.5-pro B=1/B=8 steps of the step_variants.py
+variants `lgemv` (TILERT_LINEAR_BODY=gemv) and `both` (with TILERT_MOE_BODY=gemv). Jobs run in
 `--jobs` processes (each compile is one nvcc process). TileLang's own nvcc cubin cache
 (cuda-binaries) is not needed once a kernel is cached, so --prune drops it to keep the cache small;
 --pack writes the cache as one .tar.xz (about 13x smaller: the kernel sources compress well).
@@ -111,6 +115,55 @@ def moe_gemv_jobs(max_seq: int = 256) -> list[tuple[tuple, dict[str, str]]]:
         jobs += [(("tiny-gpu", t, m, max_seq, 1, 0), env) for t, m in ((16, "decode"), (4, "verify"), (1, "decode"))]
     jobs += [(("mimo-v2.5-pro", t, m, 4096 + 64, 8, 4), dict(MOE_GEMV)) for t, m, _ in BENCH]
     return jobs
+
+
+# --linear-gemv: the streaming linear body's kernels (TILERT_LINEAR_BODY=gemv), alone and with the GEMV experts
+LINEAR_GEMV_VARIANTS = {"lgemv": {"TILERT_LINEAR_BODY": "gemv"},
+                        "both": {"TILERT_LINEAR_BODY": "gemv", "TILERT_MOE_BODY": "gemv"}}  # fmt: skip
+
+
+def linear_gemv_jobs(max_seq: int = 256) -> list[tuple[tuple, dict[str, str]]]:
+    """(build_step args, env) of the streaming linear body's step kernels, per variant: tiny-gpu's
+    prompt (16 rows), verify and decode steps (the GPU test) and the 4-layer mimo steps step_variants.py
+    times (B=1 decode, B=8 verify, context 4096)."""
+    jobs = []
+    for env in LINEAR_GEMV_VARIANTS.values():
+        jobs += [(("tiny-gpu", t, m, max_seq, 1, 0), dict(env)) for t, m in ((16, "decode"), (4, "verify"),
+                                                                            (1, "decode"))]  # fmt: skip
+        jobs += [(("mimo-v2.5-pro", t, m, 4096 + 64, 8, 4), dict(env)) for t, m, _ in BENCH]
+    return jobs
+
+
+def build_linear_chain_step(tokens: int, mode: str) -> str:
+    """tiny-gpu's step with the streaming linears over the GPU test's 4 SM queues ("chained": queues
+    that run one linear's tasks back to back)."""
+    from tests.runtime.test_persistent_linear_gemv import CHAIN_SMS, meta_step
+
+    t0 = time.time()
+    old = os.environ.get("TILERT_LINEAR_BODY")
+    os.environ["TILERT_LINEAR_BODY"] = "gemv"
+    try:
+        meta_step(tokens, mode, CHAIN_SMS)
+    finally:
+        if old is None:
+            os.environ.pop("TILERT_LINEAR_BODY", None)
+        else:
+            os.environ["TILERT_LINEAR_BODY"] = old
+    return f"tiny-gpu {mode} B={tokens} over {CHAIN_SMS} SM queues [TILERT_LINEAR_BODY=gemv]: {time.time() - t0:.0f} s"
+
+
+def build_linear_gemv_kernels() -> str:
+    """The standalone kernels of tests/kernels/test_gemv_linear.py's GPU tests (the options, the
+    x_own task stream)."""
+    from tests.kernels.test_gemv_linear import OPTIONS, STREAM
+    from tilert.kernels import gemv
+
+    t0 = time.time()
+    for cfg in OPTIONS:
+        gemv.compiled(cfg)
+    for cfg in STREAM:
+        gemv.compiled_stream(cfg, 2 * 132 // cfg.tiles + 2, 132, True, True)
+    return f"streaming linear kernels ({len(OPTIONS) + len(STREAM)}): {time.time() - t0:.0f} s"
 
 
 def build_moe_gemv_tasks(tokens: int, shape: str) -> str:
@@ -232,6 +285,9 @@ def main() -> None:
     ap.add_argument("--moe-gemv", action="store_true",
                     help="also the GEMV expert body's kernels (TILERT_MOE_BODY=gemv): its GPU tests' steps and "
                          "tasks, and the 4-layer mimo steps of step_variants.py")  # fmt: skip
+    ap.add_argument("--linear-gemv", action="store_true",
+                    help="also the streaming linear body's kernels (TILERT_LINEAR_BODY=gemv): its GPU tests' steps "
+                         "and kernels, and the 4-layer mimo steps of step_variants.py's lgemv and both")  # fmt: skip
     ap.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     ap.add_argument("--prune", action="store_true", help="drop TileLang's cubin cache afterwards")
     ap.add_argument("--pack", default=None, help="also write the cache as this .tar.xz (for a GPU machine)")
@@ -268,6 +324,11 @@ def main() -> None:
         if a.moe_gemv:
             futures += [pool.submit(build_step, *j, env=env) for j, env in moe_gemv_jobs()]
             futures += [pool.submit(build_moe_gemv_tasks, *j) for j in MOE_GEMV_TASKS]
+        if a.linear_gemv:
+            futures += [pool.submit(build_step, *j, env=env) for j, env in linear_gemv_jobs()]
+            futures.append(pool.submit(build_linear_gemv_kernels))
+            futures += [pool.submit(build_linear_chain_step, t, m) for t, m in ((16, "decode"), (4, "verify"),
+                                                                                  (1, "decode"))]  # fmt: skip
         if cli:
             futures += [pool.submit(build_residency)] + [pool.submit(build_cli_eager, q) for q in CLI_MAX_SEQ]
         if a.probes:

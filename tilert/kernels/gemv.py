@@ -39,6 +39,10 @@ task in 0..n_tiles-1 x 0..split-1, after T.import_source of a prelude holding GE
 once) are the node's own buffers when split > 1. Shared memory: `smem_bytes(cfg)`. To keep the
 loads flowing across tasks it calls `make_body(cfg, prefetch=True)` instead, with the next task
 of the same node on that CTA (`make_body`'s docstring; `smem_bytes(cfg, prefetch=True)`).
+Linear options (the persistent step's LINEAR_FP8 tasks with TILERT_LINEAR_BODY=gemv,
+runtime/kinds/linear.py): `Config.norm_eps` (an RMSNorm prologue on the staged x slice),
+`Config.res_dtype` (a residual epilogue), views gamma and residual after the others; the step calls
+`make_body(cfg, prefetch=True, x_own=True)`, whose tasks stage their own x after their wait.
 Item form: `make_body(cfg, items=ItemMap(...))` runs the same pipeline over items whose rows, x rows
 and stores an ItemMap defines (the persistent MoE's expert items, kernels/moe.py make_gemv_tasks;
 shared memory `item_smem_bytes`).
@@ -125,6 +129,30 @@ __device__ __forceinline__ void tilert_cp_async_wait() {
 """
 )
 
+# GEMV_PRELUDE plus the helpers of the persistent step's linear form (`make_body(cfg, prefetch=True,
+# x_own=True)`, the RMSNorm prologue); a step with both imports this one (a superset of GEMV_PRELUDE).
+LINEAR_PRELUDE = (
+    GEMV_PRELUDE
+    + r"""
+#ifndef TILERT_GEMV_LINEAR_PRELUDE
+#define TILERT_GEMV_LINEAR_PRELUDE
+__device__ __forceinline__ unsigned tilert_bf16x2_norm(unsigned x, unsigned g, float r) {
+  // bf16 pair x -> bf16(x * r * g) (fp32, in that order; g a bf16 pair too), rounded to nearest even:
+  // the RMSNorm prologue's rounding (linear_fused's, the reference's rms_norm then .to(bf16))
+  const float xl = __uint_as_float(x << 16), xh = __uint_as_float(x & 0xFFFF0000u);
+  const float gl = __uint_as_float(g << 16), gh = __uint_as_float(g & 0xFFFF0000u);
+  unsigned d;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(xh * r * gh), "f"(xl * r * gl));
+  return d;
+}
+__device__ __forceinline__ void tilert_smem_live(const void* smem) {
+  // nothing: a use of a shared buffer that TileLang's shared-memory merge sees, so the buffer keeps
+  // its bytes to this point (copies for the next task land in it while the body ends)
+}
+#endif
+"""
+)
+
 
 @dataclass(frozen=True)
 class Config:
@@ -134,6 +162,9 @@ class Config:
     CTAs; depth: ring slots per thread (depth - 1 chunks in flight); ctas: CTAs per SM the
     standalone launcher asks registers for (__launch_bounds__ min blocks); evict_first: weights
     evict-first in L2 (for the persistent step; standalone kernels load without a cache policy).
+    norm_eps: an RMSNorm prologue, x -> bf16(x * rstd * gamma) with rstd over the whole row (X then
+    holds `x_rows` rows, the padded ones zero); res_dtype: a residual epilogue, Y = x @ W^T + R (the
+    persistent step's fused linears, runtime/kinds/linear.py).
     """
 
     fmt: str
@@ -147,6 +178,8 @@ class Config:
     ctas: int = 1
     out_dtype: str = "float32"
     evict_first: bool = False
+    norm_eps: float | None = None
+    res_dtype: str | None = None
 
     def __post_init__(self) -> None:
         bad = []
@@ -160,6 +193,10 @@ class Config:
             bad.append(f"wr {self.wr}, g {self.g}, depth {self.depth}, ctas {self.ctas}")
         if self.out_dtype not in ("float32", "bfloat16"):
             bad.append(f"out_dtype {self.out_dtype}")
+        if self.res_dtype not in (None, "float32", "bfloat16"):
+            bad.append(f"res_dtype {self.res_dtype}")
+        if self.norm_eps is not None and self.k % 128:
+            bad.append(f"k {self.k} with a norm (a multiple of 128)")
         if not bad and not 1 <= self.split <= self.chunks:
             bad.append(f"split {self.split} (1..{self.chunks} chunks)")
         if not bad and (self.split - 1) * self.ncs >= self.chunks:
@@ -200,6 +237,12 @@ class Config:
         return self.n_tiles * self.split
 
     @property
+    def x_rows(self) -> int:
+        """Rows of X the body reads: m, or with a norm the power of two the row statistics may read
+        (linear_fused.make_row_rstd)."""
+        return self.m if self.norm_eps is None else 1 << (self.m - 1).bit_length()
+
+    @property
     def nt(self) -> int:
         """8-token MMA tiles."""
         return cdiv(self.m, 8)
@@ -233,9 +276,9 @@ def _sum(terms: Any) -> Any:
     return functools.reduce(operator.add, terms)
 
 
-def smem_bytes(cfg: Config, prefetch: bool = False) -> int:
-    """Shared memory of one body: ring + x slice + scales (both twice with prefetch) + reduction
-    buffer (+ flag)."""
+def smem_bytes(cfg: Config, prefetch: bool = False, x_own: bool = False) -> int:
+    """Shared memory of one body: ring + x slice + scales (both twice with prefetch; x once with
+    x_own) + reduction buffer (+ flag)."""
     ring = cfg.depth * 2 * cfg.g * 16 * THREADS
     xs = cfg.m * cfg.ncs * CHUNK_ELEMS[cfg.fmt] * 2
     if cfg.fmt == "mxfp4":
@@ -243,7 +286,7 @@ def smem_bytes(cfg: Config, prefetch: bool = False) -> int:
     else:
         sc = cdiv(cdiv(cfg.rows, 128) * (cfg.ncs // 2 + 1) * 4, 16) * 16  # buffers start 16-byte aligned
     red = cfg.wk * 8 * cfg.nt * cfg.rows * 4
-    return ring + (2 if prefetch else 1) * (xs + sc) + red + 16
+    return ring + (2 if prefetch and not x_own else 1) * xs + (2 if prefetch else 1) * sc + red + 16
 
 
 def item_smem_bytes(cfg: Config, x_buffers: int) -> int:
@@ -252,22 +295,28 @@ def item_smem_bytes(cfg: Config, x_buffers: int) -> int:
     return smem_bytes(cfg, prefetch=True) - (2 - x_buffers) * cfg.m * cfg.ncs * CHUNK_ELEMS[cfg.fmt] * 2
 
 
-def prefetch_ok(cfg: Config) -> bool:
+def prefetch_ok(cfg: Config, x_own: bool = False) -> bool:
     """Whether the stream launcher can prefetch the next task with this tiling: its first depth - 1
-    chunks fit in this task's issue slots, and the doubled x and scale buffers fit."""
-    return cfg.depth - 1 <= cfg.items and smem_bytes(cfg, prefetch=True) <= SMEM_LIMIT
+    chunks fit in this task's issue slots, and the doubled x (but with x_own) and scale buffers fit."""
+    return cfg.depth - 1 <= cfg.items and smem_bytes(cfg, prefetch=True, x_own=x_own) <= SMEM_LIMIT
 
 
 def views(cfg: Config) -> list[tuple[str, tuple[int, ...], str]]:
-    """(name, shape, TileLang dtype) of the body's tensors, in argument order."""
+    """(name, shape, TileLang dtype) of the body's tensors, in argument order: X, W, S, Y [, WS, CNT]
+    [, gamma] [, residual]."""
     m, n, k = cfg.m, cfg.n, cfg.k
+    xr = cfg.x_rows
     if cfg.fmt == "mxfp4":
-        out = [("x", (m, k), "bfloat16"), ("w", (n, k // 2), "uint8"), ("s", (n, k // 32), "uint8")]
+        out = [("x", (xr, k), "bfloat16"), ("w", (n, k // 2), "uint8"), ("s", (n, k // 32), "uint8")]
     else:
-        out = [("x", (m, k), "bfloat16"), ("w", (n, k), "float8_e4m3"), ("s", (cdiv(n, 128), cdiv(k, 128)), "float32")]
+        out = [("x", (xr, k), "bfloat16"), ("w", (n, k), "float8_e4m3"), ("s", (cdiv(n, 128), cdiv(k, 128)), "float32")]
     out.append(("y", (m, n), cfg.out_dtype))
     if cfg.split > 1:
         out += [("ws", (cfg.split, m, n), "float32"), ("cnt", (cfg.n_tiles,), "int32")]
+    if cfg.norm_eps is not None:
+        out.append(("gamma", (k,), "bfloat16"))
+    if cfg.res_dtype is not None:
+        out.append(("residual", (m, n), cfg.res_dtype))
     return out
 
 
@@ -298,7 +347,9 @@ class ItemMap:
     x_buffers: int = 2
 
 
-def make_body(cfg: Config, import_prelude: bool = True, prefetch: bool = False, items: ItemMap | None = None):
+def make_body(
+    cfg: Config, import_prelude: bool = True, prefetch: bool = False, items: ItemMap | None = None, x_own: bool = False
+):
     """The GEMV tile body: T.macro `gemv_tile(V, n_tile, k_split)` (module docstring). prefetch:
     `gemv_tile_prefetch(V, n_tile, k_split, Vn, n_tile_n, k_split_n, has_next, first, b, base)`
     for back-to-back tasks on one CTA: the task's last depth - 1 issue slots carry the next task's
@@ -310,7 +361,14 @@ def make_body(cfg: Config, import_prelude: bool = True, prefetch: bool = False, 
     items (MXFP4, split 1): the same pipeline over items of an ItemMap, always in the prefetch form:
     `gemv_item(X, W, S, O, it, nx, has_next, first, sbuf, xbuf, x_next, base)` runs item `it`
     (x in buffer xbuf, its scales in buffer sbuf) and, if has_next, issues item nx's first chunks
-    and scales (buffer 1 - sbuf) in its last issue slots, and nx's x (buffer 1 - xbuf) if x_next."""
+    and scales (buffer 1 - sbuf) in its last issue slots, and nx's x (buffer 1 - xbuf) if x_next.
+
+    x_own (with prefetch): the next task's weights and scales are issued as above, but each task
+    stages its own x after it starts (one x buffer; `first` tasks with their first chunk), for tasks
+    whose x another CTA writes and whose wait comes between them (the persistent step's linears,
+    runtime/kinds/linear.py); with a norm the row statistics are computed by `first` tasks only (a run
+    of tasks on one x); the body's buffers stay in TileLang's shared-memory merge, held live to its
+    end (`smem_bytes(cfg, True, True)`)."""
     import tilelang.language as T
 
     from tilert.kernels import common
@@ -318,6 +376,21 @@ def make_body(cfg: Config, import_prelude: bool = True, prefetch: bool = False, 
     mx = cfg.fmt == "mxfp4"
     if items is not None and not (mx and cfg.split == 1 and cfg.depth - 1 <= cfg.items):
         raise ValueError(f"GEMV item body: MXFP4, split 1 and depth - 1 <= {cfg.items} chunks: {cfg}")
+    norm, res = cfg.norm_eps is not None, cfg.res_dtype is not None
+    if (norm or res) and items is not None:
+        raise ValueError(f"GEMV item body: the items' epilogue stores, not a norm or residual: {cfg}")
+    if x_own and not prefetch:
+        raise ValueError(f"GEMV body: x_own is a form of the prefetch body (prefetch=True): {cfg}")
+    if norm and prefetch and not x_own:  # a prefetched x would reach the next task unnormalised
+        raise ValueError(f"GEMV body: a norm in the prefetch form needs x_own: {cfg}")
+    prelude = LINEAR_PRELUDE if norm or x_own else GEMV_PRELUDE
+    GI = 4 + (2 if cfg.split > 1 else 0)  # views: gamma, then the residual, after Y [, WS, CNT]
+    RI = GI + (1 if norm else 0)
+    row_rstd = None
+    if norm:
+        from tilert.kernels.linear_fused import make_row_rstd
+
+        row_rstd = make_row_rstd(cfg.m, cfg.k, cfg.norm_eps)
     M, N, K = cfg.m, cfg.n, cfg.k
     G, WK, D, R = cfg.g, cfg.wk, cfg.depth, cfg.rows
     NCS, ITEMS, NT, SPLIT = cfg.ncs, cfg.items, cfg.nt, cfg.split
@@ -362,7 +435,7 @@ def make_body(cfg: Config, import_prelude: bool = True, prefetch: bool = False, 
         """The tile's x slice into buffer b (0, 1) of xs (cp.async, zeros past K; 16-byte units
         XOR-swizzled). With items, n_tile is the item and its x rows are the ItemMap's."""
         if items is None:
-            Xv = T.view(X, shape=[M, K // 2], dtype=u32)
+            Xv = T.view(X, shape=[cfg.x_rows, K // 2], dtype=u32)
         else:  # only its address is used (offsets in u32 words)
             Xv = X
         for e in T.serial(cdiv(M * XU, THREADS)):
@@ -444,6 +517,19 @@ def make_body(cfg: Config, import_prelude: bool = True, prefetch: bool = False, 
         stage_s(S, scw, scf, n_tile, k_split, b, tx)
 
     @T.macro
+    def normalize(xs, G, rstd, k_split, tx):
+        """The staged x slice (buffer 0) -> bf16(x * rstd[row] * gamma) in place (units past K stay 0)."""
+        Gv = T.view(G, shape=[K // 2], dtype=u32)
+        for e in T.serial(cdiv(M * XU, THREADS)):
+            idx = e * THREADS + tx
+            if idx < M * XU:
+                row, u = idx // XU, idx % XU
+                ku = T.min(k_split * XU + u, XUK - 1)
+                off = (row * XU + (u ^ ((u >> 2) & 2) ^ (row & 1))) * 4
+                for q in T.unroll(4):
+                    xs[off + q] = T.call_extern(u32, "tilert_bf16x2_norm", xs[off + q], Gv[ku * 4 + q], rstd[row])
+
+    @T.macro
     def mma_mx(wq, xb, af, ml, sq, acc, big):
         """MXFP4: dequantise this lane's pieces (scale codes sq) and run the chunk's MMAs. big: some
         code in the warp is > 128: multipliers 2^127 then 2^(s-128) (mxfp4_gemm's split). The prmt
@@ -498,7 +584,12 @@ def make_body(cfg: Config, import_prelude: bool = True, prefetch: bool = False, 
             for grp in T.unroll(G):
                 if not mx:
                     srow = T.min((n_tile * R + lr0 - r + grp * 16) // 128 - (n_tile * R) // 128, SR - 1)
-                    sc = scf[b * SR * SC + srow * SC + (k_split * NCS + ci) // 2 - (k_split * NCS) // 2]
+                    sc = scf[
+                        (b if bs is None else bs) * SR * SC
+                        + srow * SC
+                        + (k_split * NCS + ci) // 2
+                        - (k_split * NCS) // 2
+                    ]
                     for i in T.unroll(NT * 4):
                         part[i] = T.float32(0)
                     for s in T.unroll(4):
@@ -526,8 +617,12 @@ def make_body(cfg: Config, import_prelude: bool = True, prefetch: bool = False, 
                     red[((warp % WK) * MT + tok) * R + lr0 + grp * 16 + (i // 2) * 8] = acc[(grp * NT + t) * 4 + i]
         T.sync_threads()
 
+    def plus_res(v, Rv, tok, row):
+        """v (+ the residual's element when the body has one)."""
+        return v + T.cast(Rv[tok, row], f32) if res else v
+
     @T.macro
-    def store_direct(Y, red, n_tile, tx):
+    def store_direct(Y, red, n_tile, tx, Rv=None):
         """split == 1: Y[tok, row] = the sum over the wk warps (consecutive threads: consecutive rows)."""
         for e in T.serial(cdiv(R * M, THREADS)):
             idx = e * THREADS + tx
@@ -535,11 +630,12 @@ def make_body(cfg: Config, import_prelude: bool = True, prefetch: bool = False, 
                 lr, tok = idx % R, idx // R
                 if n_tile * R + lr < N:
                     Y[tok, n_tile * R + lr] = T.cast(
-                        _sum(red[(w * MT + tok) * R + lr] for w in range(WK)), cfg.out_dtype
+                        plus_res(_sum(red[(w * MT + tok) * R + lr] for w in range(WK)), Rv, tok, n_tile * R + lr),
+                        cfg.out_dtype,
                     )
 
     @T.macro
-    def store_split(Y, WS, CNT, red, last, n_tile, k_split, tx):
+    def store_split(Y, WS, CNT, red, last, n_tile, k_split, tx, Rv=None):
         """split > 1: the partial -> WS[k_split]; the tile's last CTA sums WS[0..split) into Y."""
         for e in T.serial(cdiv(R * M, THREADS)):
             idx = e * THREADS + tx
@@ -561,7 +657,7 @@ def make_body(cfg: Config, import_prelude: bool = True, prefetch: bool = False, 
                     row, tok = n_tile * R + idx % R, idx // R
                     if row < N:
                         v = _sum(T.atomic_load(WS[s, tok, row], memory_order="relaxed") for s in range(SPLIT))
-                        Y[tok, row] = T.cast(v, cfg.out_dtype)
+                        Y[tok, row] = T.cast(plus_res(v, Rv, tok, row), cfg.out_dtype)
             if tx == 0:
                 CNT[n_tile] = 0
 
@@ -579,10 +675,11 @@ def make_body(cfg: Config, import_prelude: bool = True, prefetch: bool = False, 
     def alloc(prefetch, nbx=None):
         """The body's buffers: with prefetch, x (nbx buffers, default 2) and scales double-buffered
         and the reduction buffers outside TileLang's shared-memory merge (they are written while the
-        next task's copies, invisible to TileLang, land in the ring and the other x buffer)."""
+        next task's copies, invisible to TileLang, land in the ring and the other x buffer); with
+        x_own they stay in the merge (`keep_live` holds the ring and scales to the body's end)."""
         nb = 2 if prefetch else 1
         nbx = nb if nbx is None else nbx
-        shared = common.alloc_unmerged if prefetch else T.alloc_shared
+        shared = common.alloc_unmerged if prefetch and not x_own else T.alloc_shared
         return (
             T.alloc_shared((D * P * THREADS * 4,), u32),  # ring
             T.alloc_shared((nbx * XS_WORDS,), u32),  # xs
@@ -596,18 +693,32 @@ def make_body(cfg: Config, import_prelude: bool = True, prefetch: bool = False, 
     def finish(V, red, last, acc, n_tile, k_split, tx):
         T.sync_threads()  # TileLang cannot see the ring reads (tilert_lds16): `red` may share their bytes
         reduce_warps(red, acc, tx)
+        Rv = V[RI] if res else None
         if SPLIT == 1:
-            store_direct(V[3], red, n_tile, tx)
+            store_direct(V[3], red, n_tile, tx, Rv)
         else:
-            store_split(V[3], V[4], V[5], red, last, n_tile, k_split, tx)
+            store_split(V[3], V[4], V[5], red, last, n_tile, k_split, tx, Rv)
         T.sync_threads()
+
+    def norm_buffer():
+        """The rows' rstd (norm only): static shared memory, kept from a run's first task to its last."""
+        return common.alloc_unmerged((M,), f32) if norm else None
+
+    @T.macro
+    def keep_live(ring, scw, scf):
+        """x_own: the ring and scale buffers in use to the body's end (the next task's copies land
+        there while `red` is written): their last use for TileLang's shared-memory merge."""
+        T.call_extern("handle", "tilert_smem_live", ring.data)
+        T.call_extern("handle", "tilert_smem_live", scw.data)
+        T.call_extern("handle", "tilert_smem_live", scf.data)
 
     @T.macro
     def gemv_tile(V, n_tile, k_split):
         if import_prelude:
-            T.import_source(GEMV_PRELUDE)
+            T.import_source(prelude)
         Wv = T.view(V[1], shape=[N, RW], dtype=u32)
         ring, xs, scw, scf, red, last = alloc(False)
+        rstd = norm_buffer()
         wq, xb, af, ml, sq, part, acc = regs()
         tx = T.get_thread_binding()
         for i in T.unroll(G * NT * 4):
@@ -617,8 +728,13 @@ def make_body(cfg: Config, import_prelude: bool = True, prefetch: bool = False, 
             if j == 0:
                 stage(V[0], V[2], xs, scw, scf, n_tile, k_split, 0, tx)
             T.ptx_commit_group()
+        if norm:  # the rows' statistics from global memory while the first chunks are in flight
+            row_rstd(V[0], 0, rstd)
         T.call_extern("handle", f"tilert_cp_async_wait<{D - 2}>")  # this thread's chunk 0, x, scales ...
         T.sync_threads()  # ... and everyone's
+        if norm:
+            normalize(xs, V[GI], rstd, k_split, tx)
+            T.sync_threads()
         for j in T.serial(ITEMS):
             T.call_extern("handle", f"tilert_cp_async_wait<{D - 2}>")
             issue(Wv, ring, n_tile, k_split, j + D - 1, (j + D - 1) % D, tx)
@@ -629,22 +745,38 @@ def make_body(cfg: Config, import_prelude: bool = True, prefetch: bool = False, 
     @T.macro
     def gemv_tile_prefetch(V, n_tile, k_split, Vn, n_tile_n, k_split_n, has_next, first, b, base):
         if import_prelude:
-            T.import_source(GEMV_PRELUDE)
+            T.import_source(prelude)
         Wv = T.view(V[1], shape=[N, RW], dtype=u32)
         Wn = T.view(Vn[1], shape=[N, RW], dtype=u32)
-        ring, xs, scw, scf, red, last = alloc(True)
+        ring, xs, scw, scf, red, last = alloc(True, 1 if x_own else None)
+        rstd = norm_buffer()
         wq, xb, af, ml, sq, part, acc = regs()
         tx = T.get_thread_binding()
+        xb_ = 0 if x_own else b  # the x buffer this task computes from
         for i in T.unroll(G * NT * 4):
             acc[i] = T.float32(0)
         if first:  # later tasks' first chunks were issued by the task before
             for j in T.unroll(D - 1):
                 issue(Wv, ring, n_tile, k_split, j, (base + j) % D, tx)
                 if j == 0:
-                    stage(V[0], V[2], xs, scw, scf, n_tile, k_split, b, tx)
+                    stage_x(V[0], xs, n_tile, k_split, xb_, tx)
+                    stage_s(V[2], scw, scf, n_tile, k_split, b, tx)
                 T.ptx_commit_group()
-        T.call_extern("handle", f"tilert_cp_async_wait<{D - 2}>")
+            if norm:  # the rows' statistics while the first chunks are in flight (a run shares them)
+                row_rstd(V[0], 0, rstd)
+        if x_own:
+            if first:
+                T.call_extern("handle", f"tilert_cp_async_wait<{D - 2}>")
+            else:  # its chunks and scales came with the task before; its x now, after its wait
+                stage_x(V[0], xs, n_tile, k_split, 0, tx)
+                T.ptx_commit_group()
+                T.call_extern("handle", "tilert_cp_async_wait<0>")
+        else:
+            T.call_extern("handle", f"tilert_cp_async_wait<{D - 2}>")
         T.sync_threads()
+        if norm:
+            normalize(xs, V[GI], rstd, k_split, tx)
+            T.sync_threads()
         for j in T.serial(ITEMS):
             T.call_extern("handle", f"tilert_cp_async_wait<{D - 2}>")
             if j + D - 1 < ITEMS:
@@ -652,10 +784,14 @@ def make_body(cfg: Config, import_prelude: bool = True, prefetch: bool = False, 
             elif has_next:  # the next task's chunk j + D - 1 - ITEMS (its x and scales with its first)
                 issue(Wn, ring, n_tile_n, k_split_n, j + D - 1 - ITEMS, (base + j + D - 1) % D, tx)
                 if j + D - 1 == ITEMS:
-                    stage(Vn[0], Vn[2], xs, scw, scf, n_tile_n, k_split_n, 1 - b, tx)
+                    if not x_own:
+                        stage_x(Vn[0], xs, n_tile_n, k_split_n, 1 - b, tx)
+                    stage_s(Vn[2], scw, scf, n_tile_n, k_split_n, 1 - b, tx)
             T.ptx_commit_group()
-            compute(ring, xs, scw, scf, wq, xb, af, ml, sq, part, acc, n_tile, k_split, j, (base + j) % D, b, tx)
+            compute(ring, xs, scw, scf, wq, xb, af, ml, sq, part, acc, n_tile, k_split, j, (base + j) % D, xb_, tx, b)
         finish(V, red, last, acc, n_tile, k_split, tx)
+        if x_own:
+            keep_live(ring, scw, scf)
 
     @T.macro
     def gemv_item(X, W, S, O, it, nx, has_next, first, sbuf, xbuf, x_next, base):
@@ -698,12 +834,22 @@ def make_body(cfg: Config, import_prelude: bool = True, prefetch: bool = False, 
     return gemv_tile_prefetch if prefetch else gemv_tile
 
 
+def options(cfg: Config) -> bool:
+    """Whether cfg has the fused linear's options (norm, residual): its standalone launcher then
+    takes a pointer row (`views.grid_launcher`), not typed tensors."""
+    return cfg.norm_eps is not None or cfg.res_dtype is not None
+
+
 def make_kernel(cfg: Config):
     """Standalone launcher: grid (n_tiles, split), 256 threads, one body call per CTA."""
     import tilelang.language as T
 
+    from tilert.kernels.views import grid_launcher
+
     body = make_body(cfg)
     specs = views(cfg)
+    if options(cfg):
+        return grid_launcher("gemv_linear", body, specs, (cfg.n_tiles, cfg.split), lambda bx, by, bz: (bx, by))
     (_, xsh, xdt), (_, wsh, wdt), (_, ssh, sdt), (_, ysh, ydt) = specs[:4]
 
     if cfg.split == 1:
@@ -736,18 +882,19 @@ def make_kernel(cfg: Config):
     return gemv_split
 
 
-def make_stream_kernel(cfg: Config, copies: int, sms: int, prefetch: bool = False):
+def make_stream_kernel(cfg: Config, copies: int, sms: int, prefetch: bool = False, x_own: bool = False):
     """Persistent task stream: `sms` CTAs (one per SM), each looping over its share of the
     copies x tiles tasks (task i on CTA i % sms, back to back, no waits between tasks); copy c's
     views are row c of the pointer table Ptrs [copies, len(views(cfg))] (`views.pointer_row`).
-    prefetch: each task issues the next one's first chunks (make_body's prefetch form)."""
+    prefetch: each task issues the next one's first chunks (make_body's prefetch form); x_own: in its
+    x_own form (with a norm every copy must share x and gamma: only a CTA's first task computes rstd)."""
     import tilelang.language as T
 
     from tilert.kernels.views import make_views
 
-    if prefetch and not prefetch_ok(cfg):
+    if prefetch and not prefetch_ok(cfg, x_own):
         raise ValueError(f"GEMV stream prefetch needs depth - 1 <= {cfg.items} chunks and the doubled buffers: {cfg}")
-    body = make_body(cfg, prefetch=prefetch)
+    body = make_body(cfg, prefetch=prefetch, x_own=x_own)
     specs = views(cfg)
     tasks = copies * cfg.tiles
     T_ = cfg.tiles
@@ -776,9 +923,9 @@ def compiled(cfg: Config):
 
 
 @functools.cache
-def compiled_stream(cfg: Config, copies: int, sms: int, prefetch: bool = False):
-    what = f"gemv stream {cfg} x {copies} on {sms} SMs{' (prefetch)' if prefetch else ''}"
-    return build(make_stream_kernel(cfg, copies, sms, prefetch), what=what)
+def compiled_stream(cfg: Config, copies: int, sms: int, prefetch: bool = False, x_own: bool = False):
+    what = f"gemv stream {cfg} x {copies} on {sms} SMs{' (prefetch)' if prefetch else ''}{' (x_own)' if x_own else ''}"
+    return build(make_stream_kernel(cfg, copies, sms, prefetch, x_own), what=what)
 
 
 # --- choosing a tiling -------------------------------------------------------------------------
@@ -918,17 +1065,24 @@ def workspace(cfg: Config, device: Any) -> tuple[Any, Any]:
     return _WORKSPACES[key]
 
 
-def launch(cfg: Config, x: Any, w: Any, s: Any, y: Any = None) -> Any:
+def launch(cfg: Config, x: Any, w: Any, s: Any, y: Any = None, gamma: Any = None, residual: Any = None) -> Any:
     """y [M, N] (cfg.out_dtype) = x [M, K] bf16 @ W^T with the standalone kernel; inputs as the
-    format module's run() checked them (contiguous, CUDA, 16-byte aligned rows)."""
+    format module's run() checked them (contiguous, CUDA, 16-byte aligned rows). With the options:
+    x [x_rows, K] (the rows past M zero), gamma [K] bf16, residual [M, N]."""
     import torch
+
+    from tilert.kernels.views import pointer_row
 
     if y is None:
         y = torch.empty(cfg.m, cfg.n, dtype=getattr(torch, cfg.out_dtype), device=x.device)
     args = [x, w, s, y]
     if cfg.split > 1:
         args += list(workspace(cfg, x.device))
-    compiled(cfg)(*args)
+    args += [t for t in (gamma, residual) if t is not None]
+    if options(cfg):
+        compiled(cfg)(pointer_row(args, views(cfg), "gemv").to(x.device))
+    else:
+        compiled(cfg)(*args)
     return y
 
 
@@ -959,7 +1113,8 @@ def reference(fmt: str, x: Any, w: Any, s: Any) -> Any:
 
 def make_inputs(cfg: Config, seed: int | None = None, wscale: float = 0.05, device: str = "cuda") -> dict[str, Any]:
     """Fresh random x (bf16) and quantised weights for cfg, y NaN-poisoned (and the split-K
-    partials: every one the last CTA reads must have been written)."""
+    partials: every one the last CTA reads must have been written); with the options gamma (about
+    1) and a residual, x padded to x_rows rows with zeros."""
     import torch
 
     from tilert.numerics import fp8, mxfp4
@@ -969,8 +1124,29 @@ def make_inputs(cfg: Config, seed: int | None = None, wscale: float = 0.05, devi
     wf = torch.randn(cfg.n, cfg.k, device=device, generator=g) * wscale
     w, s = mxfp4.quantize(wf) if cfg.fmt == "mxfp4" else fp8.quantize_blocks(wf)
     x = torch.randn(cfg.m, cfg.k, device=device, generator=g).to(torch.bfloat16)
+    if cfg.x_rows > cfg.m:
+        x = torch.cat([x, torch.zeros(cfg.x_rows - cfg.m, cfg.k, dtype=x.dtype, device=device)])
     y = torch.full((cfg.m, cfg.n), float("nan"), dtype=getattr(torch, cfg.out_dtype), device=device)
-    return {"x": x, "w": w, "s": s, "y": y}
+    t = {"x": x, "w": w, "s": s, "y": y}
+    if cfg.norm_eps is not None:
+        t["gamma"] = (1 + 0.1 * torch.randn(cfg.k, device=device, generator=g)).to(torch.bfloat16)
+    if cfg.res_dtype is not None:
+        t["residual"] = torch.randn(cfg.m, cfg.n, device=device, generator=g).to(getattr(torch, cfg.res_dtype))
+    return t
+
+
+def reference_of(cfg: Config, t: dict[str, Any]) -> Any:
+    """float64 reference of cfg with its options on the tensors t (make_inputs' names): [RMSNorm,
+    rounded to bf16 as the prologue does ->] x @ dequant(w)^T [+ residual] (tilert.ops' functions)."""
+    import torch
+
+    from tilert.ops.norm import rms_norm
+
+    x = t["x"][: cfg.m]
+    if cfg.norm_eps is not None:
+        x = rms_norm(x, t["gamma"], cfg.norm_eps).to(torch.bfloat16)
+    y = reference(cfg.fmt, x, t["w"], t["s"])
+    return y if cfg.res_dtype is None else y + t["residual"].double()
 
 
 def rel_err(y: Any, ref: Any) -> float:
@@ -986,15 +1162,15 @@ def check(cfg: Config, seed: int | None = None, wscale: float = 0.05) -> float:
     t = make_inputs(cfg, seed, wscale)
     if cfg.split > 1:
         workspace(cfg, t["x"].device)[0].fill_(float("nan"))
-    launch(cfg, t["x"], t["w"], t["s"], t["y"])
-    return rel_err(t["y"], reference(cfg.fmt, t["x"], t["w"], t["s"]))
+    launch(cfg, t["x"], t["w"], t["s"], t["y"], t.get("gamma"), t.get("residual"))
+    return rel_err(t["y"], reference_of(cfg, t))
 
 
 def check_stream(
-    cfg: Config, copies: int = 3, sms: int = 132, seed: int | None = None, prefetch: bool = False
+    cfg: Config, copies: int = 3, sms: int = 132, seed: int | None = None, prefetch: bool = False, x_own: bool = False
 ) -> float:
     """The persistent task stream over `copies` independent problems (fresh inputs, poisoned
-    outputs): the largest relative error over the copies."""
+    outputs; with a norm one x and gamma for all): the largest relative error over the copies."""
     import torch
 
     from tilert.kernels.views import pointer_row
@@ -1002,12 +1178,14 @@ def check_stream(
     specs = views(cfg)
     sets = [make_inputs(cfg, None if seed is None else seed + i) for i in range(copies)]
     for t in sets:
+        if cfg.norm_eps is not None:
+            t["x"], t["gamma"] = sets[0]["x"], sets[0]["gamma"]
         if cfg.split > 1:
             t["ws"] = torch.full((cfg.split, cfg.m, cfg.n), float("nan"), device=t["x"].device)
             t["cnt"] = torch.zeros(cfg.n_tiles, dtype=torch.int32, device=t["x"].device)
     rows = [pointer_row([t[name] for name, _, _ in specs], specs, "gemv stream") for t in sets]
-    compiled_stream(cfg, copies, sms, prefetch)(torch.cat(rows).to(sets[0]["x"].device))
-    return max(rel_err(t["y"], reference(cfg.fmt, t["x"], t["w"], t["s"])) for t in sets)
+    compiled_stream(cfg, copies, sms, prefetch, x_own)(torch.cat(rows).to(sets[0]["x"].device))
+    return max(rel_err(t["y"], reference_of(cfg, t)) for t in sets)
 
 
 # --- the plan's shapes -----------------------------------------------------------------------

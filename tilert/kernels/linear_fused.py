@@ -20,16 +20,22 @@ Views (in order, `views(spec)`): X [mp, K] bf16, W [N, K], Sinv (fp8 only), G [K
 R [mp, N] (residual only), Out [mp, N], Ws [mp, N] f32 + Arr [tiles] int32 + Epoch [1] int32
 (split_k > 1 only). Activations have mp = rows padded to block_m (zero rows).
 
+With the build switch TILERT_LINEAR_BODY=gemv (`body_choice`) the persistent step's LINEAR_FP8 tasks
+run the streaming GEMV of tilert/kernels/gemv.py instead (`gemv_config`: the same tiles, its norm,
+residual and split-K options; runtime/kinds/linear.py).
+
 Reference: the linear op (tilert/ir/opset/fused.py), which composes rms_norm, dequant, matmul, add.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from tilert.kernels import gemv as streaming
 from tilert.kernels.common import alloc_unmerged, build, cdiv, gate_passed, make_mma_reduce, prelude
 from tilert.kernels.common import gated as mark_gated
 from tilert.kernels.views import grid_launcher, pointer_row
@@ -46,6 +52,20 @@ GEMV_STAGE_CHUNKS = 8  # most chunks per weight ring stage (64 rows x 8 chunks =
 GEMV_RING_BYTES = 128 * 1024  # most shared memory of the GEMV weight ring
 GEMV_SMEM_BYTES = 192 * 1024  # ring + x stage at most (scales and the reduction take up to 20 KB more)
 GEMV_ROW_PAD = 64  # bytes after each ring row: rows r and r + 1 fall in different banks
+
+BODY_ENV = "TILERT_LINEAR_BODY"  # "fused" (default) or "gemv": which body the persistent LINEAR_FP8 tasks run
+BODIES = ("fused", "gemv")
+STREAM_SMEM = 200 * 1024  # the most shared memory the streaming body may take (the step's static buffers beside it)
+STREAM_DEPTHS = (5, 4, 3, 2)  # ring depths tried, deepest first: (depth - 1) x 16 KB in flight per SM
+
+
+def body_choice() -> str:
+    """The persistent fp8 linear body the build switch TILERT_LINEAR_BODY names: "fused" (default:
+    `make_gemv_body`, a CTA-shared stage ring) or "gemv" (the streaming GEMV, `gemv_config`)."""
+    v = os.environ.get(BODY_ENV, "fused") or "fused"
+    if v not in BODIES:
+        raise ValueError(f"{BODY_ENV}={v!r}: expected one of {', '.join(BODIES)}")
+    return v
 
 
 @dataclass(frozen=True)
@@ -98,6 +118,29 @@ def views(spec: LinearSpec) -> list[tuple[str, tuple[int, ...], str]]:
     if spec.split_k > 1:
         out += [("ws", (M, N), "float32"), ("arrivals", (spec.tiles,), "int32"), ("epoch", (1,), "int32")]
     return out
+
+
+def gemv_config(spec: LinearSpec) -> streaming.Config | None:
+    """The streaming GEMV (kernels/gemv.py) that runs `spec`'s tiles, or None where it does not take
+    them (not the register GEMV tiling, a finer scale grid, dtypes it lacks). Same tiles: block_n
+    rows (2 row warps x 2 groups of 16) x the k range of a split (64-element chunks, as block_k), all
+    of the m <= 16 tokens; norm, residual and split-K as its options (split-K through its own
+    partials and arrival counters); the deepest ring that the persistent prefetch form allows
+    (the next task's first depth - 1 chunks fit this one's issue slots) within STREAM_SMEM."""
+    if not (spec.gemv and spec.fp8 and spec.scale_rows == 128 and spec.block_n == 64 and spec.m <= spec.block_m):
+        return None
+    if spec.out_dtype not in ("float32", "bfloat16") or spec.res_dtype not in (None, "float32", "bfloat16"):
+        return None
+    for depth in STREAM_DEPTHS:
+        try:
+            cfg = streaming.Config("fp8", spec.m, spec.n, spec.k, wr=2, g=2, split=spec.split_k, depth=depth,
+                                   out_dtype=spec.out_dtype, evict_first=True, norm_eps=spec.norm_eps,
+                                   res_dtype=spec.res_dtype)  # fmt: skip
+        except ValueError:
+            continue
+        if depth - 1 <= cfg.items and streaming.smem_bytes(cfg, prefetch=True, x_own=True) <= STREAM_SMEM:
+            return cfg
+    return None
 
 
 def make_row_rstd(rows: int, k: int, eps: float):

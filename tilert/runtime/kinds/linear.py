@@ -1,7 +1,10 @@
 """Linear tasks: [RMSNorm ->] GEMM [-> + residual] of the linear_* kinds (and the LM head's GEMM).
 
 Tiles (n tile, m tile, k split) as `tilert.kernels.linear_tiling` cuts them. Persistent: the fused
-linear and register-GEMV bodies of tilert/kernels/linear_fused.py (fp8 or bf16 weights). Eager:
+linear and register-GEMV bodies of tilert/kernels/linear_fused.py (fp8 or bf16 weights), or with
+TILERT_LINEAR_BODY=gemv the streaming GEMV of tilert/kernels/gemv.py for the LINEAR_FP8 tasks
+(`stream_program`: each task issues the next task's first chunks when its SM queue runs the node's
+tasks back to back). Eager:
 the standalone FP8/MXFP4 GEMMs where the shapes fit, bf16 tensor-core GEMMs, else the reference.
 Plan VM: the tile's slice of the reference GEMM; split-K tiles add into an fp32 workspace (the GPU's
 atomics) and store the running sum.
@@ -19,6 +22,7 @@ from tilert.ir.graph import Graph, Node
 from tilert.ir.opset.fused import split_extras
 from tilert.ir.registry import ref
 from tilert.kernels import fp8_gemm, linear_tiling, mxfp4_gemm
+from tilert.kernels import gemv as streaming
 from tilert.kernels import linear_fused as lf
 from tilert.kernels.common import cdiv
 from tilert.ops.qtensor import QTensor
@@ -35,7 +39,8 @@ KINDS = ("linear_bf16", "linear_fp8", "linear_mxfp4")
 
 
 def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
-    """The linear (or the LM head's GEMM) as the fused linear body at the plan's tiling."""
+    """The linear (or the LM head's GEMM) as the fused linear body at the plan's tiling (LINEAR_FP8 with
+    TILERT_LINEAR_BODY=gemv: the streaming GEMV where it takes the tiles, `stream_program`)."""
     x, w = g.values[n.inputs[0]], g.values[n.inputs[1]]
     M, K, N = x.shape[0], x.shape[-1], w.shape[0]
     wt = b.env[w.name]
@@ -65,9 +70,10 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
     if res is not None:
         ts.append(b.activation(res))
     ts.append(b.activation(out))
-    if split > 1:
-        ts += [b.ws((spec.mp, N), torch.float32), b.ws((spec.tiles,), torch.int32), b.epoch]
     opcode = "LM_HEAD_GEMM" if lm else {"float8_e4m3": "LINEAR_FP8", "bfloat16": "LINEAR_BF16"}[w_dtype]
+    stream = lf.gemv_config(spec) if opcode == "LINEAR_FP8" and lf.body_choice() == "gemv" else None
+    if split > 1 and stream is None:
+        ts += [b.ws((spec.mp, N), torch.float32), b.ws((spec.tiles,), torch.int32), b.epoch]
     w0, esz, kt = wtensors[0], wtensors[0].element_size(), K // split
 
     def prefetch(name: str, n_tile: int, m_tile: int, k_split: int) -> tuple[int, int, int, int] | None:
@@ -77,9 +83,59 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
             return None
         return w0.data_ptr() + (r0 * K + k_split * kt) * esz, kt * esz, rows, K * esz
 
+    if stream is not None:  # TILERT_LINEAR_BODY=gemv
+        return stream_program(stream, ts, b, prefetch)
     early = early_loads()
     return NodeProgram(("linear", opcode, spec, early), lf.views(spec), lambda: {opcode: lf.make_body(spec, early)}, ts,
                        (opcode,), prefetch=prefetch)  # fmt: skip
+
+
+# The streaming body's task chain, in the device table's c1 (the m tile, always 0 for its <= 16 tokens):
+# bit 0: the task before issued this one's first chunks; bit 1: this one issues the next's; bit 2: the
+# scale buffer; bits 3-6: the ring slot of its first chunk; bits 7-20 / 21-30: the next task's n tile
+# and k split.
+CHAIN_TILES, CHAIN_SPLITS = 1 << 14, 1 << 10
+
+
+def chain_word(cfg: streaming.Config, run: int, nxt: tuple[int, int] | None) -> int:
+    """c1 of a task that follows `run` tasks of its node on its SM queue; nxt: the next one's (n tile,
+    k split) when the queue runs it right after."""
+    w = (1 if run else 0) | (run % 2) << 2 | ((run * cfg.items) % cfg.depth) << 3
+    return w if nxt is None else w | 2 | nxt[0] << 7 | nxt[1] << 21
+
+
+def stream_program(cfg: streaming.Config, ts: list[torch.Tensor], b: Bindings, prefetch: Any) -> NodeProgram:
+    """A LINEAR_FP8 node as gemv.py's FP8 body in its prefetch form, x staged by each task after its
+    wait (x_own): the fused program's tensors (x, w, scales [, gamma] [, residual], out) in streaming.views
+    order, with split-K its own partials (never initialised) and arrival counters (zero; the tile's
+    last task resets its counter) instead of the fused workspace."""
+    x, w, s, *extra, out = ts
+    gamma = extra.pop(0) if cfg.norm_eps is not None else None
+    res = extra.pop(0) if cfg.res_dtype is not None else None
+    tensors = [x, w, s, out]
+    if cfg.split > 1:
+        tensors += [b.ws((cfg.split, cfg.m, cfg.n), torch.float32), b.ws((cfg.n_tiles,), torch.int32)]
+    tensors += [t for t in (gamma, res) if t is not None]
+    assert cfg.depth <= 16 and cfg.n_tiles <= CHAIN_TILES and cfg.split <= CHAIN_SPLITS, cfg
+
+    def bodies() -> dict[str, Any]:
+        import tilelang.language as T
+
+        body = streaming.make_body(cfg, import_prelude=False, prefetch=True, x_own=True)
+
+        @T.macro
+        def linear_stream(V, c0, c1, c2):  # (c1 >= 0; shifts and masks as // and %: TVM's interval
+            # analysis of a % over a shifted value failed with "Cannot match type int32 vs handle")
+            body(V, c0, c2, V, c1 // 128 % CHAIN_TILES, c1 // (1 << 21), c1 // 2 % 2 == 1,
+                 c1 % 2 == 0, c1 // 4 % 2, c1 // 8 % 16)  # fmt: skip
+
+        return {"LINEAR_FP8": linear_stream}
+
+    def chain(name: str, c: tuple[int, int, int], run: int, nxt: tuple[int, int, int] | None) -> tuple[int, int, int]:
+        return c[0], chain_word(cfg, run, None if nxt is None else (nxt[0], nxt[2])), c[2]
+
+    return NodeProgram(("linear_stream", cfg), streaming.views(cfg), bodies, tensors, ("LINEAR_FP8",),
+                       prefetch=prefetch, prelude=streaming.LINEAR_PRELUDE, chain=chain)  # fmt: skip
 
 
 # ---- plan VM -------------------------------------------------------------------------------------

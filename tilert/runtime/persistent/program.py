@@ -42,6 +42,11 @@ class NodeProgram:
     # the device-helper source its bodies need when it is more than DEVICE_PRELUDE (a superset of it:
     # the step kernel then imports this one for every body, kernels.common.using_prelude)
     prelude: str | None = None
+    # (opcode name, its coordinates, tasks of the node right before it on its SM queue, the next task's
+    # coordinates when the queue's next task is of the node too, else None) -> the coordinates the
+    # device's copy of the table carries: a body that carries work from one task of a node to the next
+    # (the streaming linear, runtime/kinds/linear.py) learns its neighbours so; None: the table's own
+    chain: Callable[[str, tuple[int, int, int], int, tuple[int, int, int] | None], tuple[int, int, int]] | None = None
 
 
 def tl_dtype(t: torch.Tensor) -> str:

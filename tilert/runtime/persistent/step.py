@@ -46,12 +46,13 @@ from tilert.runtime.persistent.program import Bindings, NodeProgram, PeerGroup, 
 def make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, max_tasks: int, n_nodes: int, n_counters: int,
                      max_views: int, timeout_ns: int | None = None) -> Any:  # fmt: skip
     """The persistent prim_func: (Tasks, NodeClass, Ptrs, Counters, Err, Epoch, Trace, Prefetch). Every
-    body imports one prelude: DEVICE_PRELUDE, or the one superset of it some classes need
-    (NodeProgram.prelude)."""
+    body imports one prelude: DEVICE_PRELUDE, or the superset of it some classes need
+    (NodeProgram.prelude; where classes need different ones, the one that extends all the others)."""
     preludes = {c.prelude for c in classes if c.prelude is not None}
-    if len(preludes) > 1:
+    top = max(preludes, key=len, default=DEVICE_PRELUDE)
+    if not all(top.startswith(p) for p in preludes):
         raise PersistentError(f"the step's bodies need {len(preludes)} different device preludes; a kernel takes one")
-    with using_prelude(preludes.pop() if preludes else DEVICE_PRELUDE):  # TileLang expands the bodies here
+    with using_prelude(top):  # TileLang expands the bodies here
         return _make_step_kernel(classes, num_sms, max_tasks, n_nodes, n_counters, max_views, timeout_ns)
 
 
@@ -171,7 +172,7 @@ class PersistentStep:
                              for j, u in enumerate(p.tensors) if u is t]  # fmt: skip
         self.node_class = torch.tensor(node_class, dtype=torch.int32, device=self.device)
         self.table = np.ascontiguousarray(table)  # host copy (the profiler's and the tests' view)
-        self.tasks = torch.from_numpy(self.table).to(self.device)
+        self.tasks = torch.from_numpy(self._device_table()).to(self.device)
         self.counters = torch.zeros(max(1, len(expected)), dtype=torch.int32, device=self.device)
         self.err = b.err
         self.trace = torch.zeros(self.sms, table.shape[1], 3, dtype=torch.int64, device=self.device)
@@ -207,6 +208,30 @@ class PersistentStep:
                                           f"16-byte aligned")  # fmt: skip
                 pf[s_, t_] = (addr, nbytes, min(rows, PREFETCH_ROWS), stride)
         return pf
+
+    def _device_table(self) -> np.ndarray:
+        """The table as the kernel runs it: the table itself, but the rows of nodes whose program
+        chains tasks (NodeProgram.chain) carry the coordinates it gives, from their runs of
+        consecutive tasks of one node on one SM queue."""
+        if not any(p.chain for p in self.programs):
+            return self.table
+        tb = self.table.copy()
+        F, coords = FIELD, ("c0", "c1", "c2")
+        for s_ in range(tb.shape[0]):
+            run = 0
+            for t_ in range(tb.shape[1]):
+                row = self.table[s_, t_]
+                op, code = int(row[F["op"]]), int(row[F["opcode"]])
+                p = self.programs[op] if code and 0 <= op < len(self.programs) else None
+                nxt = self.table[s_, t_ + 1] if t_ + 1 < tb.shape[1] else None
+                linked = nxt is not None and int(nxt[F["opcode"]]) == code and int(nxt[F["op"]]) == op
+                if p is not None and p.chain is not None:
+                    c = tuple(int(row[F[k]]) for k in coords)
+                    cn = tuple(int(nxt[F[k]]) for k in coords) if linked else None
+                    for k, v in zip(coords, p.chain(OPCODE_NAMES[code], c, run, cn)):
+                        tb[s_, t_, F[k]] = v
+                run = run + 1 if linked and code else 0
+        return tb
 
     def _check_table(self, table: np.ndarray, expected: np.ndarray) -> None:
         """Every row names a node of this graph with a body for its opcode; counters in range."""
