@@ -134,31 +134,60 @@ def linear_gemv_jobs(max_seq: int = 256) -> list[tuple[tuple, dict[str, str]]]:
     return jobs
 
 
-def build_linear_chain_step(tokens: int, mode: str) -> str:
-    """tiny-gpu's step with the streaming linears over the GPU test's 4 SM queues ("chained": queues
-    that run one linear's tasks back to back)."""
-    from tests.runtime.test_persistent_linear_gemv import CHAIN_SMS, meta_step
+# tests/runtime/test_persistent_linear_gemv.py: tiny-gpu scheduled over this many SM queues, so that
+# some queues run several tasks of one linear back to back (the chained streaming linears)
+LINEAR_CHAIN_SMS = 4
 
+
+def build_linear_chain_step(tokens: int, mode: str) -> str:
+    """tiny-gpu's step with the streaming linears over LINEAR_CHAIN_SMS SM queues ("chained": queues
+    that run one linear's tasks back to back)."""
     t0 = time.time()
     old = os.environ.get("TILERT_LINEAR_BODY")
     os.environ["TILERT_LINEAR_BODY"] = "gemv"
     try:
-        meta_step(tokens, mode, CHAIN_SMS)
+        g = build_step_graph(load_config("tiny-gpu"), tokens=tokens, mode=mode, max_seq=256)
+        rg, sched = compile_step(g, 256, 1, sms=LINEAR_CHAIN_SMS)
+        PersistentStep(rg, sched.table, sched.counter_expected, meta_params(rg), device="meta",
+                       num_sms=sched.table.shape[0])  # fmt: skip
     finally:
         if old is None:
             os.environ.pop("TILERT_LINEAR_BODY", None)
         else:
             os.environ["TILERT_LINEAR_BODY"] = old
-    return f"tiny-gpu {mode} B={tokens} over {CHAIN_SMS} SM queues [TILERT_LINEAR_BODY=gemv]: {time.time() - t0:.0f} s"
+    took = time.time() - t0
+    return f"tiny-gpu {mode} B={tokens} over {LINEAR_CHAIN_SMS} SM queues [TILERT_LINEAR_BODY=gemv]: {took:.0f} s"
+
+
+def linear_gemv_test_configs() -> tuple[list, list]:
+    """(options, stream) configs of tests/kernels/test_gemv_linear.py's GPU tests: the options over
+    token counts 1, 3, 8, 16, odd N (tiles past N), split-K, both output dtypes; the persistent form
+    (each task issues the next's chunks and scales, stages its own x)."""
+    from tilert.kernels import gemv
+
+    C, eps = gemv.Config, 1e-6
+    options = [
+        C("fp8", 1, 200, 1024, wr=2, g=2, split=1, depth=3, out_dtype="bfloat16", norm_eps=eps),
+        C("fp8", 3, 200, 1024, wr=2, g=2, split=2, depth=2, out_dtype="bfloat16", norm_eps=eps, res_dtype="bfloat16"),
+        C("fp8", 8, 136, 2048, wr=2, g=2, split=4, depth=2, res_dtype="float32"),
+        C("fp8", 16, 72, 768, wr=2, g=2, split=1, depth=4, out_dtype="bfloat16", norm_eps=eps, res_dtype="bfloat16"),
+        C("fp8", 16, 3072, 6144, wr=2, g=2, split=2, depth=5, out_dtype="bfloat16", norm_eps=eps),
+    ]
+    stream = [
+        C("fp8", 8, 192, 6144, wr=2, g=2, split=6, depth=5, out_dtype="bfloat16", evict_first=True, norm_eps=eps),
+        C("fp8", 3, 200, 2048, wr=2, g=2, split=1, depth=5, out_dtype="bfloat16", evict_first=True,
+          res_dtype="bfloat16"),
+    ]  # fmt: skip
+    return options, stream
 
 
 def build_linear_gemv_kernels() -> str:
     """The standalone kernels of tests/kernels/test_gemv_linear.py's GPU tests (the options, the
     x_own task stream)."""
-    from tests.kernels.test_gemv_linear import OPTIONS, STREAM
     from tilert.kernels import gemv
 
     t0 = time.time()
+    OPTIONS, STREAM = linear_gemv_test_configs()
     for cfg in OPTIONS:
         gemv.compiled(cfg)
     for cfg in STREAM:

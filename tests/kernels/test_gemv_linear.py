@@ -17,19 +17,21 @@ needs_toolchain = pytest.mark.skipif(not common.has_toolchain(), reason=str(comm
 
 C = gemv.Config
 EPS = 1e-6
-# the options over token counts 1, 3, 8, 16, odd N (tiles past N), split-K, both output dtypes
-OPTIONS = [
-    C("fp8", 1, 200, 1024, wr=2, g=2, split=1, depth=3, out_dtype="bfloat16", norm_eps=EPS),
-    C("fp8", 3, 200, 1024, wr=2, g=2, split=2, depth=2, out_dtype="bfloat16", norm_eps=EPS, res_dtype="bfloat16"),
-    C("fp8", 8, 136, 2048, wr=2, g=2, split=4, depth=2, res_dtype="float32"),
-    C("fp8", 16, 72, 768, wr=2, g=2, split=1, depth=4, out_dtype="bfloat16", norm_eps=EPS, res_dtype="bfloat16"),
-    C("fp8", 16, 3072, 6144, wr=2, g=2, split=2, depth=5, out_dtype="bfloat16", norm_eps=EPS),
-]
-# the persistent form: each task issues the next's chunks and scales, stages its own x
-STREAM = [
-    C("fp8", 8, 192, 6144, wr=2, g=2, split=6, depth=5, out_dtype="bfloat16", evict_first=True, norm_eps=EPS),
-    C("fp8", 3, 200, 2048, wr=2, g=2, split=1, depth=5, out_dtype="bfloat16", evict_first=True, res_dtype="bfloat16"),
-]
+
+
+def _precompile_script():
+    """scripts/precompile_gpu.py, which holds the GPU tests' configs (it builds their kernels)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "precompile_gpu.py"
+    spec = importlib.util.spec_from_file_location("precompile_gpu", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+OPTIONS, STREAM = _precompile_script().linear_gemv_test_configs()
 
 
 def spec_of(m: int, n: int, k: int, norm: bool, res: bool, sms: int = 132) -> lf.LinearSpec:

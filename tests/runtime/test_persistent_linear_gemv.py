@@ -198,3 +198,14 @@ def test_persistent_steps_with_gemv_linears_match_reference(monkeypatch, moe_bod
     assert all(linear_bodies(st) == {"gemv"} for st in steps)
     if sms == CHAIN_SMS:
         assert any((st.tasks.cpu().numpy()[:, :, FIELD["c1"]] % 2 == 1).any() for st in steps)
+
+
+def test_precompile_script_builds_the_chained_steps_at_this_queue_count():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "precompile_gpu.py"
+    spec = importlib.util.spec_from_file_location("precompile_gpu", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.LINEAR_CHAIN_SMS == CHAIN_SMS
