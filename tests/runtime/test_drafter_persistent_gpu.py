@@ -36,7 +36,7 @@ def test_persistent_drafter_step_equals_eager() -> None:
 
     cfg = load_config("tiny-gpu")
     w = margin_safe_weights(cfg, int(torch.randint(0, 1000, ())))
-    per, eag = PersistentBackend(cfg, w, max_seq=256), EagerBackend(cfg, w, max_seq=256)
+    per, eag = PersistentBackend(cfg, w, max_seq=256, drafter_runtime="persistent"), EagerBackend(cfg, w, max_seq=256)
     d = cfg.dflash
     B, F = d.block_size, len(d.target_layer_ids) * cfg.hidden_size
     gen = torch.Generator().manual_seed(int(torch.randint(0, 1000, ())))
@@ -62,7 +62,7 @@ def test_persistent_drafter_dflash_is_lossless() -> None:
     from tilert.engine.persistent import PersistentBackend
 
     cfg = load_config("tiny-gpu")
-    be = PersistentBackend(cfg, margin_safe_weights(cfg, 7), max_seq=256)
+    be = PersistentBackend(cfg, margin_safe_weights(cfg, 7), max_seq=256, drafter_runtime="persistent")
     greedy = generate(be, [3, 1, 4, 1, 5, 9, 2, 6], 24)
     be.reset()
     spec = generate(be, [3, 1, 4, 1, 5, 9, 2, 6], 24, speculative="dflash")
