@@ -5,8 +5,9 @@ graph, task table and counters become a PersistentStep. The KV caches are shared
 model's step programs, so a verify step and the decode steps after it see the same cache. DFlash
 acceptance (lm_head_accept) runs inside the verify step's launch. The drafter's step is a persistent
 program too, over the drafter's own KV caches, its context rows padded to a few compiled shapes
-(`drafter_contexts`); `TILERT_DRAFTER_RUNTIME=eager` (or drafter_runtime="eager") runs it on the
-eager runtime instead.
+(`drafter_contexts`), when asked: drafter_runtime="persistent" (or TILERT_DRAFTER_RUNTIME=persistent);
+by default the drafter runs on the eager runtime (DEFAULT_DRAFTER_RUNTIME) until the persistent
+drafter's GPU tests (tests/runtime/test_drafter_persistent_gpu.py) have passed on a GPU.
 """
 
 from __future__ import annotations
@@ -56,11 +57,13 @@ def compile_ranks(g: Graph, max_seq: int, world: int, sms: int = 132, gpus: int 
 
 
 DRAFTER_RUNTIMES = ("persistent", "eager")
+DEFAULT_DRAFTER_RUNTIME = "eager"  # "persistent" once tests/runtime/test_drafter_persistent_gpu.py passes on a GPU
 
 
 class PersistentBackend(GraphBackend):
-    """Target and drafter steps as one persistent launch each (world size 1); drafter_runtime="eager"
-    (default: env TILERT_DRAFTER_RUNTIME, else "persistent") runs drafter steps on the eager runtime."""
+    """Target steps as one persistent launch each (world size 1); drafter steps too with
+    drafter_runtime="persistent", on the eager runtime with "eager" (default: env
+    TILERT_DRAFTER_RUNTIME, else DEFAULT_DRAFTER_RUNTIME)."""
 
     prefill_chunk = PREFILL_CHUNK
     # an Engine batches on this backend only when asked (batching=True): its mixed-step attention
@@ -70,7 +73,7 @@ class PersistentBackend(GraphBackend):
     def __init__(self, cfg: ModelConfig, weights: Mapping[str, torch.Tensor], *, max_seq: int = 1024,
                  device: str = "cuda", sms: int | None = None, drafter_runtime: str | None = None) -> None:  # fmt: skip
         super().__init__(cfg, weights, max_seq)
-        self.drafter_runtime = drafter_runtime or os.environ.get("TILERT_DRAFTER_RUNTIME", "persistent")
+        self.drafter_runtime = drafter_runtime or os.environ.get("TILERT_DRAFTER_RUNTIME", DEFAULT_DRAFTER_RUNTIME)
         if self.drafter_runtime not in DRAFTER_RUNTIMES:
             raise ValueError(f"unknown drafter runtime {self.drafter_runtime!r} (persistent | eager)")
         self.device = device
