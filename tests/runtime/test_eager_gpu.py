@@ -29,6 +29,26 @@ def check_rows(got: torch.Tensor, want: torch.Tensor) -> None:
     assert float(e.max()) < 2e-2, e.tolist()
 
 
+def check_prompt_verify_decode(ref, gpu, cfg) -> None:
+    """A 6-token prompt step, a verify block (one accepted draft at least) and 3 decode steps (the
+    verify step's cache rows carry over) on `gpu` against the reference backend `ref`."""
+    prompt = torch.randint(0, cfg.vocab_size, (6,), dtype=torch.int32)
+    pos = torch.arange(6, dtype=torch.int32)
+    a, b = ref.target_step(prompt, pos), gpu.target_step(prompt, pos)
+    check_rows(b["logits"], a["logits"])
+    blk = torch.randint(0, cfg.vocab_size, (cfg.dflash.block_size,), dtype=torch.int32)
+    blk[1] = int(a["next_tokens"][-1])
+    p2 = 6 + torch.arange(cfg.dflash.block_size, dtype=torch.int32)
+    a, b = ref.target_step(blk, p2, "verify"), gpu.target_step(blk, p2, "verify")
+    check_rows(b["logits"], a["logits"])
+    check_accept(blk, b, a)
+    for k in range(3):
+        tok = torch.randint(0, cfg.vocab_size, (1,), dtype=torch.int32)
+        p = torch.tensor([10 + k], dtype=torch.int32)
+        a, b = ref.target_step(tok, p), gpu.target_step(tok, p)
+        check_rows(b["logits"], a["logits"])
+
+
 def check_accept(draft: torch.Tensor, got: dict, want: dict) -> None:
     """A GPU verify step's acceptance: exactly what its own posterior (next_tokens) gives, and the
     reference's wherever the rows that decide it have no near tie (bf16 and float32 may pick either

@@ -168,7 +168,7 @@ def test_step_with_gemv_linears_compiles(monkeypatch, tokens, mode, sms):
 def test_persistent_steps_with_gemv_linears_match_reference(monkeypatch, moe_body, sms):
     # as test_persistent_moe_gemv.py: a 6-token prompt, a verify block, three decode steps; "chained":
     # scheduled over 4 SM queues, so tasks issue the next task's chunks (the prefetch form's chain)
-    from tests.runtime.test_eager_gpu import check_accept, check_rows
+    from tests.runtime.test_eager_gpu import check_prompt_verify_decode
     from tests.runtime.test_persistent_moe_gemv import routed_weights
     from tilert.engine import ReferenceBackend
     from tilert.engine.persistent import PersistentBackend
@@ -178,21 +178,7 @@ def test_persistent_steps_with_gemv_linears_match_reference(monkeypatch, moe_bod
     cfg = load_config("tiny-gpu")
     w = routed_weights(cfg, int(torch.randint(0, 1000, ())))
     ref, gpu = ReferenceBackend(cfg, w, max_seq=256), PersistentBackend(cfg, w, max_seq=256, sms=sms)
-    prompt = torch.randint(0, cfg.vocab_size, (6,), dtype=torch.int32)
-    pos = torch.arange(6, dtype=torch.int32)
-    a, b = ref.target_step(prompt, pos), gpu.target_step(prompt, pos)
-    check_rows(b["logits"], a["logits"])
-    blk = torch.randint(0, cfg.vocab_size, (cfg.dflash.block_size,), dtype=torch.int32)
-    blk[1] = int(a["next_tokens"][-1])  # one accepted draft at least
-    p2 = 6 + torch.arange(cfg.dflash.block_size, dtype=torch.int32)
-    a, b = ref.target_step(blk, p2, "verify"), gpu.target_step(blk, p2, "verify")
-    check_rows(b["logits"], a["logits"])
-    check_accept(blk, b, a)
-    for k in range(3):
-        tok = torch.randint(0, cfg.vocab_size, (1,), dtype=torch.int32)
-        p = torch.tensor([10 + k], dtype=torch.int32)
-        a, b = ref.target_step(tok, p), gpu.target_step(tok, p)
-        check_rows(b["logits"], a["logits"])
+    check_prompt_verify_decode(ref, gpu, cfg)
     steps = [p for kind, p in gpu._prepared.values() if kind == "persistent"]
     assert not gpu.fallbacks and len(steps) == 3  # prompt (6 rows), verify, decode: all persistent
     assert all(linear_bodies(st) == {"gemv"} for st in steps)

@@ -148,7 +148,7 @@ def test_persistent_steps_with_gemv_experts_match_reference(monkeypatch, tiling)
     # as test_persistent_step_gpu.py::test_persistent_steps_match_reference, with the GEMV expert
     # body: a 6-token prompt, a verify block, three decode steps. "two-items-a-task" forces 16-row
     # tiles (8 of the 16 k warps idle at H = 256), so each gate/up task streams two items back to back
-    from tests.runtime.test_eager_gpu import check_accept, check_rows
+    from tests.runtime.test_eager_gpu import check_prompt_verify_decode
     from tilert.engine import ReferenceBackend
     from tilert.engine.persistent import PersistentBackend
 
@@ -158,21 +158,7 @@ def test_persistent_steps_with_gemv_experts_match_reference(monkeypatch, tiling)
     cfg = load_config("tiny-gpu")
     w = routed_weights(cfg, int(torch.randint(0, 1000, ())))
     ref, gpu = ReferenceBackend(cfg, w, max_seq=256), PersistentBackend(cfg, w, max_seq=256)
-    prompt = torch.randint(0, cfg.vocab_size, (6,), dtype=torch.int32)
-    pos = torch.arange(6, dtype=torch.int32)
-    a, b = ref.target_step(prompt, pos), gpu.target_step(prompt, pos)
-    check_rows(b["logits"], a["logits"])
-    blk = torch.randint(0, cfg.vocab_size, (cfg.dflash.block_size,), dtype=torch.int32)
-    blk[1] = int(a["next_tokens"][-1])  # one accepted draft at least
-    p2 = 6 + torch.arange(cfg.dflash.block_size, dtype=torch.int32)
-    a, b = ref.target_step(blk, p2, "verify"), gpu.target_step(blk, p2, "verify")
-    check_rows(b["logits"], a["logits"])
-    check_accept(blk, b, a)
-    for k in range(3):
-        tok = torch.randint(0, cfg.vocab_size, (1,), dtype=torch.int32)
-        p = torch.tensor([10 + k], dtype=torch.int32)
-        a, b = ref.target_step(tok, p), gpu.target_step(tok, p)
-        check_rows(b["logits"], a["logits"])
+    check_prompt_verify_decode(ref, gpu, cfg)
     steps = [p for kind, p in gpu._prepared.values() if kind == "persistent"]
     assert not gpu.fallbacks and len(steps) == 3  # prompt (6 rows), verify, decode: all persistent
     assert all(moe_bodies(st) == {"gemv"} for st in steps)

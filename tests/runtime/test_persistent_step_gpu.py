@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.runtime.test_eager_gpu import check_accept, check_rows
+from tests.runtime.test_eager_gpu import check_accept, check_prompt_verify_decode, check_rows
 from tilert.engine import ReferenceBackend, generate
 from tilert.models.config import load_config
 from tilert.models.weights import margin_safe_weights
@@ -27,21 +27,7 @@ def test_persistent_steps_match_reference() -> None:
     cfg = load_config("tiny-gpu")
     w = margin_safe_weights(cfg, int(torch.randint(0, 1000, ())))
     ref, gpu = ReferenceBackend(cfg, w, max_seq=256), PersistentBackend(cfg, w, max_seq=256)
-    prompt = torch.randint(0, cfg.vocab_size, (6,), dtype=torch.int32)
-    pos = torch.arange(6, dtype=torch.int32)
-    a, b = ref.target_step(prompt, pos), gpu.target_step(prompt, pos)
-    check_rows(b["logits"], a["logits"])
-    blk = torch.randint(0, cfg.vocab_size, (cfg.dflash.block_size,), dtype=torch.int32)
-    blk[1] = int(a["next_tokens"][-1])  # one accepted draft at least
-    p2 = 6 + torch.arange(cfg.dflash.block_size, dtype=torch.int32)
-    a, b = ref.target_step(blk, p2, "verify"), gpu.target_step(blk, p2, "verify")
-    check_rows(b["logits"], a["logits"])
-    check_accept(blk, b, a)
-    for k in range(3):  # decode steps: the verify step's cache rows carry over
-        tok = torch.randint(0, cfg.vocab_size, (1,), dtype=torch.int32)
-        p = torch.tensor([10 + k], dtype=torch.int32)
-        a, b = ref.target_step(tok, p), gpu.target_step(tok, p)
-        check_rows(b["logits"], a["logits"])
+    check_prompt_verify_decode(ref, gpu, cfg)
 
 
 def test_persistent_dflash_equals_greedy() -> None:
