@@ -316,3 +316,12 @@ def test_format_modules_run_the_gemv_and_fall_back(mod, fmt, monkeypatch):
     odd.copy_(t["x"])
     assert not gemv.supports(fmt, odd, t["w"], t["s"])
     assert gemv.rel_err(mod.run(odd, t["w"], t["s"]), ref) < 1e-2  # the old kernel
+
+
+def test_rel_err_of_a_zero_reference_is_the_norm_of_the_output():
+    import torch
+
+    z = torch.zeros(3, 4, dtype=torch.float64)
+    assert gemv.rel_err(z, z) == 0.0
+    assert gemv.rel_err(torch.full((3, 4), 0.5), z) == pytest.approx(3**0.5)
+    assert gemv.rel_err(torch.full((3, 4), float("nan")), z) == float("inf")

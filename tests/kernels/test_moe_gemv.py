@@ -147,6 +147,28 @@ def test_expert_task_check_passes_the_contract_and_catches_breaks():
         moe.check_gemv_tasks(*args, active=5, seed=1, device="cpu", kernels=_torch_tasks(3, 512, stray_slot=True))
 
 
+def test_expert_task_check_has_a_reference_at_one_token_and_one_expert():
+    # one token, one active expert: a zero routing weight would make Y's reference zero and its
+    # relative error 0 / 0 (NaN: the GPU test failed on such a seed); every seed must give a finite
+    # error for the contract and an O(1) one for a down task that drops the expert's weight
+    args = (1, 256, 512, 16, 4)
+
+    def no_weight(hb, dnb, dns, lst, cnt, tokw, y):
+        y += hb[0, :1].float() @ moe_ref_down(dnb, dns, lst).t()
+
+    def moe_ref_down(dnb, dns, lst):
+        from tilert.ops.linear import dequant_mxfp4
+
+        return dequant_mxfp4(dnb[int(lst[0])], dns[int(lst[0])])
+
+    for seed in range(12):
+        eh, ey = moe.check_gemv_tasks(*args, active=1, seed=seed, device="cpu", kernels=_torch_tasks(1, 512))
+        assert eh < TOL_H and ey < TOL_Y, (seed, eh, ey)
+        gate_up, _ = _torch_tasks(1, 512)
+        _, ey = moe.check_gemv_tasks(*args, active=1, seed=seed, device="cpu", kernels=(gate_up, no_weight))
+        assert ey > 1e-3, seed
+
+
 def test_item_smem_counts_the_x_buffers():
     cfg = moe.gemv_tiling(8, M["hidden"], M["inter"]).gu
     x = cfg.m * cfg.k * 2  # one x slice: all of K, every token

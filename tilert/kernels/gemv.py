@@ -55,6 +55,7 @@ benchmarks/gemv_sweep.py). Reference: tilert.ops.linear.mxfp4_linear / fp8_linea
 
 # no `from __future__ import annotations`: TileLang evaluates the prim_func annotations
 
+import dataclasses
 import functools
 import operator
 import os
@@ -887,14 +888,17 @@ def make_stream_kernel(cfg: Config, copies: int, sms: int, prefetch: bool = Fals
     copies x tiles tasks (task i on CTA i % sms, back to back, no waits between tasks); copy c's
     views are row c of the pointer table Ptrs [copies, len(views(cfg))] (`views.pointer_row`).
     prefetch: each task issues the next one's first chunks (make_body's prefetch form); x_own: in its
-    x_own form (with a norm every copy must share x and gamma: only a CTA's first task computes rstd)."""
+    x_own form (with a norm every copy must share x and gamma: only a CTA's first task computes rstd).
+    Weights load with the plain cp.async whatever `cfg.evict_first` says, as the standalone launcher's
+    do: ptxas gave two stream kernels' evict-first loads an odd uniform descriptor register, which
+    Hopper rejects as an illegal instruction (kernels/sass.py); the step's kernels are checked instead."""
     import tilelang.language as T
 
     from tilert.kernels.views import make_views
 
     if prefetch and not prefetch_ok(cfg, x_own):
         raise ValueError(f"GEMV stream prefetch needs depth - 1 <= {cfg.items} chunks and the doubled buffers: {cfg}")
-    body = make_body(cfg, prefetch=prefetch, x_own=x_own)
+    body = make_body(dataclasses.replace(cfg, evict_first=False), prefetch=prefetch, x_own=x_own)
     specs = views(cfg)
     tasks = copies * cfg.tiles
     T_ = cfg.tiles
@@ -1150,11 +1154,13 @@ def reference_of(cfg: Config, t: dict[str, Any]) -> Any:
 
 
 def rel_err(y: Any, ref: Any) -> float:
-    """||y - ref|| / ||ref|| in float64; inf when y has a non-finite (unwritten) element."""
+    """||y - ref|| / ||ref|| in float64; inf when y has a non-finite (unwritten) element. A zero
+    reference gives ||y|| (0 when y is zero too), not 0 / 0."""
     y = y.double()
     if not y.isfinite().all():
         return float("inf")
-    return ((y - ref).norm() / ref.norm()).item()
+    den = ref.double().norm()
+    return ((y - ref).norm() / den).item() if den > 0 else y.norm().item()
 
 
 def check(cfg: Config, seed: int | None = None, wscale: float = 0.05) -> float:

@@ -767,7 +767,9 @@ def check_gemv_tasks(t: int, hidden: int, inter: int, n_local: int, top_k: int, 
     cnt = torch.tensor([active], dtype=torch.int32, device=dev)
     tokw = torch.full((n_local, TP), float("nan"), device=dev)
     w = torch.rand(active, t, device=dev, generator=g)
-    tokw[experts, :t] = torch.where(w < 0.3, torch.zeros_like(w), w)  # a token not routed there: weight 0
+    w = torch.where(w < 0.3, torch.zeros_like(w), w)  # a token not routed there: weight 0
+    w[0] = w[0].clamp(min=0.3)  # but every token reaches the first active expert: Y's reference is never zero
+    tokw[experts, :t] = w
     hb = torch.full((til.max_slots, TP, inter), float("nan"), dtype=torch.bfloat16, device=dev)
     k_gu(x, gub, gus, lst, cnt, hb)
     y = torch.zeros(t, hidden, dtype=torch.float32, device=dev)
