@@ -20,6 +20,7 @@ pytestmark = pytest.mark.gpu
 
 
 def row_errors(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    got = got.to(want.device)  # a GPU backend's logits stay on its device
     d = (got.double() - want.double()).norm(dim=-1)
     return d / want.double().norm(dim=-1)
 

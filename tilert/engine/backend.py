@@ -29,7 +29,8 @@ class StepBackend(Protocol):
     max_seq: int
 
     def target_step(self, tokens: torch.Tensor, positions: torch.Tensor, mode: str = "decode") -> dict[str, Any]:
-        """Outputs: logits [B, V], next_tokens i32[B], features [B, F] (if a drafter), accept i32[B+1] (verify)."""
+        """Outputs: logits [B, V], next_tokens i32[B], features [B, F] (if a drafter), accept i32[B+1] (verify).
+        The integer outputs are host tensors; the persistent backend's logits and features stay on its device."""
         ...
 
     def draft_step(

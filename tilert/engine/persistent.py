@@ -169,7 +169,9 @@ class PersistentBackend(GraphBackend):
             states = kv_states(p, torch.device(self.device), own[kind])
             return self._drafter_backend().execute_on(p, inputs, states)
         out = p.run(inputs)  # static buffers: the next launch overwrites them, so copy out
-        return {k: v.clone() if k == "features" else v.cpu() for k, v in out.items()}
+        # features and logits stay on the device (a verify step's logits are megabytes; greedy decoding
+        # reads none of them), the small integer outputs come to the host
+        return {k: v.clone() if k in ("features", "logits") else v.cpu() for k, v in out.items()}
 
     def reset(self) -> None:
         for t in (*self.states.values(), *self.pool_states.values(), *self.drafter_states.values()):

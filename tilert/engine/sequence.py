@@ -222,7 +222,8 @@ class DecodeSequence:
             logits = _logits(out, pos, slice(0, B))
             if logits is None:
                 raise GenerationError("this backend returns no logits; sampling needs them (use temperature 0)")
-            new = speculative_accept(block, lambda i: self._probs(logits[i]), self._gen)
+            host = logits.cpu()
+            new = speculative_accept(block, lambda i: self._probs(host[i]), self._gen)
         self.result.accepted.append(len(new) - 1)
         self.result.steps += 1
         return new, logits
@@ -234,7 +235,7 @@ class DecodeSequence:
         new = [self._choose(out, logits)]
         if self.prompt_logprobs:
             assert logits is not None
-            rows = token_logprobs(logits[:-1], self.prompt[1:], self.logprobs or 0)
+            rows = token_logprobs(logits[:-1].cpu(), self.prompt[1:], self.logprobs or 0)
             lps = [TokenLogprob(t, lp, top) for t, (lp, top) in zip(self.prompt[1:], rows)]
             self.result.prompt_logprobs = [None, *lps]
         self._ctx, self._ctx_pos, self._pos = out.get("features"), torch.arange(n, dtype=torch.int32), n
@@ -250,7 +251,7 @@ class DecodeSequence:
             return int(out["next_tokens"][-1])
         if logits is None:
             raise GenerationError("this backend returns no logits; sampling needs them (use temperature 0)")
-        return sample(self._probs(logits[-1]), self._gen)
+        return sample(self._probs(logits[-1].cpu()), self._gen)
 
     def _emit(self, new: list[int], rows: torch.Tensor | None) -> list[int]:
         room = self.max_new_tokens - len(self.result.tokens)
@@ -263,7 +264,7 @@ class DecodeSequence:
         if self.logprobs is not None and new:
             if rows is None:
                 raise GenerationError("this backend returns no logits; logprobs need them")
-            lps = token_logprobs(rows[: len(new)], new, self.logprobs)
+            lps = token_logprobs(rows[: len(new)].cpu(), new, self.logprobs)
             self.result.logprobs.extend(TokenLogprob(t, lp, top) for t, (lp, top) in zip(new, lps))
         self.result.tokens.extend(new)
         if self.finish_reason is None and len(self.result.tokens) >= self.max_new_tokens:
@@ -278,11 +279,13 @@ class DecodeSequence:
 
 
 def _logits(out: dict[str, Any], position: int, rows: slice) -> torch.Tensor | None:
-    """The step's logits rows that tokens are taken from (on the host), checked for NaN/Inf."""
+    """The step's logits rows that tokens are taken from, checked for NaN/Inf where they are: a GPU
+    backend's stay on the device (a verify step's rows are megabytes), and only sampling and
+    logprobs copy the rows they read to the host."""
     logits = out.get("logits")
     if logits is None:
         return None
-    logits = logits[rows].cpu()
+    logits = logits[rows]
     if not bool(torch.isfinite(logits).all()):
         raise StepError(
             f"the step at position {position} produced non-finite logits (NaN/Inf); the weights or the runtime "
