@@ -5,4 +5,6 @@ cd "$(dirname "$0")/.."
 . scripts/setup.sh
 export TILERT_KERNEL_CACHE=${TILERT_KERNEL_CACHE:-$PWD/.tilert-cache/kernels}
 ruff check .
-python -m pytest -q -p no:cacheprovider "$@"
+# Two worker processes by default (TILERT_TEST_WORKERS): the kernel-compile tests are single-threaded
+# and take most of the time; work stealing balances the long ones across the workers.
+python -m pytest -q -p no:cacheprovider -n "${TILERT_TEST_WORKERS:-2}" --dist worksteal "$@"
