@@ -40,6 +40,7 @@ from tilert.engine.persistent import PersistentBackend, compile_step  # noqa: E4
 from tilert.models.builder import build_step_graph  # noqa: E402
 from tilert.models.config import load_config  # noqa: E402
 from tilert.models.weights import synthetic_weights  # noqa: E402
+from tilert.ops.sampling import dflash_accept  # noqa: E402
 from tilert.runtime.eager.runtime import EagerRuntime  # noqa: E402
 from tilert.runtime.eager.synthetic import synthetic_params  # noqa: E402
 from tilert.runtime.persistent.step import PersistentStep  # noqa: E402
@@ -132,6 +133,31 @@ class SoloRankBackend(PersistentBackend):
         step.use_states(self.states)
         return ("persistent", step)
 
+    set_acceptance: tuple[list[int], int] | None = None  # (the oracle's reference tokens, prompt length)
+
+    def target_step(self, tokens, positions, mode="decode"):
+        """With `set_acceptance`, a verify step accepts the leading drafts that equal the oracle's
+        reference (its uncorrupted drafts), then the target's own token: the acceptance the oracle
+        sets, whatever near-ties the synthetic weights' argmax meets (their B=1 and B=8 steps round
+        differently, and a greedy reference stops matching the target after the first such tie). The
+        step itself runs in full; only which of its rows are kept is set. The tokens are SYNTHETIC."""
+        out = super().target_step(tokens, positions, mode)
+        if mode != "verify" or self.set_acceptance is None:
+            return out
+        truth, n = self.set_acceptance
+        return {**out, "accept": accept_as_reference(tokens, int(positions[0]), out["next_tokens"], truth, n)}
+
+
+def accept_as_reference(block, start: int, next_tokens, truth: list[int], prompt_len: int) -> torch.Tensor:
+    """A verify block's acceptance row (dflash_accept's form) that keeps the leading drafts equal to
+    the reference `truth` (the greedy continuation after a `prompt_len`-token prompt; block[0] sits
+    at position `start`), then the target's token after them."""
+    blk, nxt = block.to(torch.int32).cpu(), next_tokens.to(torch.int32).cpu()
+    ref = torch.tensor([truth[k] if 0 <= (k := start + i + 1 - prompt_len) < len(truth) else -1
+                        for i in range(len(blk) - 1)], dtype=torch.int32)  # fmt: skip
+    posterior = torch.cat([torch.where(blk[1:] == ref, blk[1:], nxt[:-1]), nxt[-1:]])
+    return dflash_accept(blk, posterior)
+
 
 def loop_full_scale(model: str, world: int, accept_lens: list[float], new_tokens: int, prompt_len: int,
                     max_seq: int) -> dict:  # fmt: skip
@@ -154,17 +180,23 @@ def loop_full_scale(model: str, world: int, accept_lens: list[float], new_tokens
     print(f"greedy: {g.get('tokens_per_s')} tokens/s (projected {g.get('projected_tokens_per_s')})", flush=True)
     for L in accept_lens:
         p = OracleDrafter.corruption_for_acceptance(min(L, B), B)
-        od = OracleDrafter(greedy.tokens, len(prompt), p, cfg.vocab_size, B, seed=7)
-        res = generate(be, prompt, new_tokens, speculative="dflash", drafter=od)
-        t = res.timing
-        rows.append({"mode": "dflash", "target_accept_len": L, "corruption_p": p,
-                     "measured_accept_len": round(res.mean_acceptance_length, 4),
-                     "lossless": res.tokens == greedy.tokens, "synthetic": res.synthetic, "new_tokens": len(res.tokens),
-                     **t})  # fmt: skip
-        print(f"dflash L={L}: accept {res.mean_acceptance_length:.2f}, {t.get('tokens_per_s')} tokens/s measured, "
-              f"{t.get('projected_tokens_per_s')} projected ({t.get('measured_over_projected')}), host share "
-              f"{t.get('host_share')}, lossless {res.tokens == greedy.tokens}", flush=True)  # fmt: skip
-    note = "DFlash drafts come from the oracle drafter (SYNTHETIC): throughput at a set acceptance"
+        for mode in ("dflash", "dflash, set acceptance"):
+            be.set_acceptance = (greedy.tokens, len(prompt)) if mode != "dflash" else None
+            od = OracleDrafter(greedy.tokens, len(prompt), p, cfg.vocab_size, B, seed=7)
+            res = generate(be, prompt, new_tokens, speculative="dflash", drafter=od)
+            t = res.timing
+            rows.append({"mode": mode, "target_accept_len": L, "corruption_p": p,
+                         "measured_accept_len": round(res.mean_acceptance_length, 4),
+                         "lossless": res.tokens == greedy.tokens if mode == "dflash" else None,
+                         "synthetic": res.synthetic, "new_tokens": len(res.tokens), **t})  # fmt: skip
+            print(f"{mode} L={L}: accept {res.mean_acceptance_length:.2f}, {t.get('tokens_per_s')} tokens/s measured, "
+                  f"{t.get('projected_tokens_per_s')} projected ({t.get('measured_over_projected')}), host share "
+                  f"{t.get('host_share')}, lossless {rows[-1]['lossless']}", flush=True)  # fmt: skip
+        be.set_acceptance = None
+    note = ("DFlash drafts come from the oracle drafter (SYNTHETIC): throughput at a set acceptance. 'dflash' keeps "
+            "what the target's argmax accepts (on synthetic weights it stops matching the greedy reference after "
+            "the first near-tie); 'dflash, set acceptance' keeps the drafts that equal the reference, so the "
+            "acceptance is the oracle's (tokens SYNTHETIC, lossless not defined)")
     return {"model": model, "world_size": world, "max_seq": max_seq, "prompt_len": prompt_len, "routing": "by token",
             "backend": "persistent (rank 0, solo collectives, synthetic weights)", "runs": rows,
             "synthetic_note": note}  # fmt: skip
