@@ -41,6 +41,23 @@ def test_persistent_dflash_equals_greedy() -> None:
     assert spec.tokens == greedy.tokens
 
 
+def test_persistent_chained_dflash_cycles_equal_greedy() -> None:
+    """DFlash cycles chained on the device (draft_async / verify_async, engine/cycles.py): the
+    persistent drafter and verify programs launched back to back, one host synchronisation per
+    chain, the tokens of the host-driven loop and of greedy decoding."""
+    from tilert.engine.persistent import PersistentBackend
+
+    cfg = load_config("tiny-gpu")
+    be = PersistentBackend(cfg, margin_safe_weights(cfg, 6), max_seq=256, drafter_runtime="persistent")
+    greedy = generate(be, [1, 2, 3, 4], 30)
+    host = generate(be, [1, 2, 3, 4], 30, speculative="dflash")
+    chained = generate(be, [1, 2, 3, 4], 30, speculative="dflash", cycles_per_sync=4)
+    assert chained.tokens == host.tokens == greedy.tokens
+    assert chained.accepted == host.accepted
+    assert chained.timing["steps"]["verify"]["n"] == len(chained.accepted)
+    assert all(k in ("persistent", "drafter") for k, _ in be._prepared.values()), be._prepared.keys()
+
+
 def test_persistent_deadlock_is_reported() -> None:
     from tilert.abi import FIELD
     from tilert.engine.persistent import compile_step

@@ -39,6 +39,9 @@ def add_generate_parser(sub: Any) -> None:
     pg.add_argument("--max-seq", type=int, default=None, help="KV cache capacity in tokens")
     pg.add_argument("--ranks", type=int, default=1, help="simulated tensor/expert-parallel ranks")
     pg.add_argument("--stats", action="store_true", help="print step statistics as JSON on stderr")
+    pg.add_argument("--cycles-per-sync", type=int, default=1,
+                    help="greedy --speculative dflash: draft/verify cycles chained on the device between host "
+                         "synchronisations (the same tokens; see docs/speculative.md)")  # fmt: skip
     pg.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
     pg.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus mass to keep")
     pg.add_argument("--top-k", type=int, default=0, help="sampling: keep the k most likely tokens (0: all)")
@@ -71,7 +74,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         backend = PersistentBackend(cfg, weights, max_seq=max_seq)
     sampling = SamplingParams(args.temperature, args.top_p, args.top_k, args.sample_seed)
-    res = generate(backend, ids, args.max_new_tokens, speculative=args.speculative, sampling=sampling)
+    if args.cycles_per_sync < 1:
+        raise CLIError(f"--cycles-per-sync must be >= 1, got {args.cycles_per_sync}")
+    res = generate(backend, ids, args.max_new_tokens, speculative=args.speculative, sampling=sampling,
+                   cycles_per_sync=args.cycles_per_sync)  # fmt: skip
     print(",".join(map(str, res.tokens)))
     if args.stats:
         print(json.dumps(res.stats()), file=sys.stderr)

@@ -365,6 +365,7 @@ class Engine:
         eos_token_id: int | Sequence[int] | None = None,
         kv_memory: int | None = None,
         batching: bool | None = None,
+        cycles_per_sync: int = 1,
     ) -> None:
         factory = _backend_factory(backend)
         if device.startswith("cuda"):
@@ -374,6 +375,9 @@ class Engine:
             raise EngineError(f"unknown device {device!r} (cpu or cuda)")
         if max_active < 1:
             raise EngineError(f"max_active must be >= 1, got {max_active}")
+        if isinstance(cycles_per_sync, bool) or not isinstance(cycles_per_sync, int) or cycles_per_sync < 1:
+            raise EngineError(f"cycles_per_sync must be an integer >= 1, got {cycles_per_sync!r}")
+        self.cycles_per_sync = cycles_per_sync
         if isinstance(max_seq, bool) or not isinstance(max_seq, int) or max_seq < 2:
             raise EngineError(f"max_seq must be an integer >= 2, got {max_seq!r}")
         if kv_memory is not None and (isinstance(kv_memory, bool) or not isinstance(kv_memory, int) or kv_memory < 0):
@@ -511,6 +515,7 @@ class Engine:
             sampling=SamplingParams(temperature, top_p, top_k, seed),
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            cycles_per_sync=self.cycles_per_sync,
         )
         seq.check(self.backend)
         req = Request(self, seq, on_chunk, stop)

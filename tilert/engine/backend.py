@@ -114,6 +114,14 @@ class GraphBackend:
     def _execute(self, prepared: Any, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
         raise NotImplementedError
 
+    def _execute_async(self, prepared: Any, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """`_execute` without a host synchronisation where the runtime can (outputs stay where they
+        were computed; errors surface at `finish_async`). Here: `_execute` itself."""
+        return self._execute(prepared, inputs)
+
+    def finish_async(self) -> None:
+        """Wait for the steps `verify_async` / `draft_async` enqueued and raise their errors."""
+
     def _device_params(self, params: Mapping[str, Any], device: Any) -> dict[str, Any]:
         """The bound params on `device`, one copy per name for every step graph of this backend.
         A name binds the same checkpoint tensor in every graph (the drafter's embedding and LM head
@@ -153,12 +161,19 @@ class GraphBackend:
                 outs.setdefault(k, []).append(v[:real].clone())  # a replayed graph reuses its outputs
         return {k: torch.cat(v) for k, v in outs.items()}
 
-    def _step(self, tokens: torch.Tensor, positions: torch.Tensor, mode: str) -> dict[str, Any]:
+    def _step(self, tokens: torch.Tensor, positions: torch.Tensor, mode: str, run: Any = None) -> dict[str, Any]:
         B = int(tokens.shape[0])
         prepared = self._get(
             ("target", B, mode), lambda: build_step_graph(self.cfg, tokens=B, max_seq=self.max_seq, mode=mode)
         )
-        return self._execute(prepared, {"tokens": tokens.to(torch.int32), "positions": positions.to(torch.int32)})
+        inputs = {"tokens": tokens.to(torch.int32), "positions": positions.to(torch.int32)}
+        return (run or self._execute)(prepared, inputs)
+
+    def verify_async(self, tokens: torch.Tensor, positions: torch.Tensor) -> dict[str, Any]:
+        """A verify step as `target_step(..., "verify")`, enqueued without a host synchronisation
+        where the runtime can: its inputs may be device tensors (the previous step's outputs) and
+        its outputs stay on the device (engine/cycles.py chains DFlash cycles this way)."""
+        return self._step(tokens, positions, "verify", self._execute_async)
 
     # ---- mixed-sequence steps (continuous batching) --------------------------------------------
 
@@ -219,6 +234,20 @@ class GraphBackend:
         ctx_features: torch.Tensor,
         ctx_positions: torch.Tensor,
     ) -> torch.Tensor:
+        return self._draft(block_tokens, block_positions, ctx_features, ctx_positions, self._execute)
+
+    def draft_async(
+        self,
+        block_tokens: torch.Tensor,
+        block_positions: torch.Tensor,
+        ctx_features: torch.Tensor,
+        ctx_positions: torch.Tensor,
+    ) -> torch.Tensor:
+        """`draft_step` enqueued without a host synchronisation where the runtime can (as verify_async)."""
+        return self._draft(block_tokens, block_positions, ctx_features, ctx_positions, self._execute_async)
+
+    def _draft(self, block_tokens: torch.Tensor, block_positions: torch.Tensor, ctx_features: torch.Tensor,
+               ctx_positions: torch.Tensor, run: Any) -> torch.Tensor:  # fmt: skip
         C = int(ctx_features.shape[0])
         prepared = self._get(("drafter", C), lambda: build_drafter_graph(self.cfg, context=C, max_seq=self.max_seq))
         inputs = {
@@ -227,7 +256,7 @@ class GraphBackend:
             "ctx_features": ctx_features,
             "ctx_positions": ctx_positions.to(torch.int32),
         }
-        return self._execute(prepared, inputs)["draft"]
+        return run(prepared, inputs)["draft"]
 
 
 class ReferenceBackend(GraphBackend):

@@ -29,6 +29,7 @@ def generate(
     sampling: SamplingParams | None = None,
     stop_token_ids: Sequence[int] = (),
     logprobs: int | None = None,
+    cycles_per_sync: int = 1,
 ) -> GenerationResult:
     """Greedy decoding (or sampling, with `sampling`), or DFlash speculative decoding when
     speculative == 'dflash': one `DecodeSequence` advanced to the end on a freshly reset backend.
@@ -36,6 +37,8 @@ def generate(
 
     `drafter` (optional) replaces the model's DFlash drafter: a callable
     (anchor, anchor_pos, B) -> block token list; used by the oracle drafter in benchmarks.
+    `cycles_per_sync` > 1 (greedy DFlash with the model's drafter): that many draft/verify cycles
+    chained on the device between host synchronisations (engine/cycles.py); the same tokens.
     """
     seq = DecodeSequence(
         list(prompt_ids),
@@ -45,6 +48,7 @@ def generate(
         drafter=drafter,
         sampling=sampling or SamplingParams(),
         logprobs=logprobs,
+        cycles_per_sync=cycles_per_sync,
     )
     seq.check(backend)
     clock = StepClock()

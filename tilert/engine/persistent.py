@@ -155,6 +155,33 @@ class PersistentBackend(GraphBackend):
             pos = torch.cat([pos.cpu(), torch.arange(end, end + pad, dtype=torch.int32)])
         return super().draft_step(block_tokens, block_positions, feats, pos)
 
+    def draft_async(self, block_tokens: torch.Tensor, block_positions: torch.Tensor, ctx_features: torch.Tensor,
+                    ctx_positions: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """A persistent drafter step enqueued without a host synchronisation when its context rows are
+        a compiled context shape (a DFlash cycle's: the verify block's B rows); else `draft_step`."""
+        if self.drafter_runtime == "eager" or int(ctx_features.shape[0]) not in self.drafter_contexts():
+            return self.draft_step(block_tokens, block_positions, ctx_features, ctx_positions)
+        return super().draft_async(block_tokens, block_positions, ctx_features, ctx_positions)
+
+    def _execute_async(self, prepared: Any, inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Launch a persistent program without waiting for it: its inputs are copied on the stream
+        (device tensors from the previous step need no host round trip), its outputs cloned on the
+        device before the next launch can overwrite its static buffers; its error word is read at
+        `finish_async`. Other kinds (the eager drafter) run as `_execute`."""
+        kind, p = prepared
+        if kind not in ("persistent", "drafter"):
+            return self._execute(prepared, inputs)
+        p.launch(inputs)
+        self.__dict__.setdefault("_launched", []).append(p)
+        return {k: v.clone() for k, v in p.outputs().items()}
+
+    def finish_async(self) -> None:
+        launched, self._launched = self.__dict__.get("_launched", []), []
+        if launched:
+            torch.cuda.synchronize(self.device)
+        for p in {id(p): p for p in launched}.values():
+            p.check()
+
     def _drafter_backend(self) -> Any:
         if self._eager is None:
             self._eager = EagerBackend(self.cfg, self.weights, max_seq=self.max_seq, device=self.device)

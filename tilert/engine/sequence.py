@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from tilert.engine.backend import StepBackend
+from tilert.engine.cycles import CycleState, run_cycles
 from tilert.engine.request import (
     GenerationError,
     GenerationResult,
@@ -70,6 +71,9 @@ class DecodeSequence:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     logprobs: int | None = None  # record each token's logprob and this many alternatives (None: off)
     prompt_logprobs: bool = False  # also the prompt tokens' logprobs (from the prefill's logits)
+    # greedy DFlash with the model's drafter: cycles chained on the device per step (engine/cycles.py),
+    # the host reading their acceptance rows once after the last; 1: one host-driven cycle per step
+    cycles_per_sync: int = 1
     result: GenerationResult = field(init=False)
     finish_reason: str | None = None  # "length" | "stop" once done
     _pos: int = 0  # position of the anchor (last emitted token) in DFlash mode
@@ -103,6 +107,9 @@ class DecodeSequence:
             raise GenerationError(f"model '{backend.cfg.name}' has no DFlash drafter config")
         if not isinstance(self.sampling, SamplingParams):
             raise GenerationError(f"sampling must be a SamplingParams, got {type(self.sampling).__name__}")
+        c = self.cycles_per_sync
+        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+            raise GenerationError(f"cycles_per_sync must be an integer >= 1, got {c!r}")
         n = self.logprobs
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_LOGPROBS):
             raise GenerationError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {n!r}")
@@ -130,6 +137,8 @@ class DecodeSequence:
             new = [self._choose(out, logits)]
             rows_used = logits
             res.steps += 1
+        elif self._chains_cycles(backend):
+            return self._advance_cycles(backend)
         else:
             cfg, pos = backend.cfg.dflash, self._pos
             B = cfg.block_size if cfg is not None else self.drafter.block_size
@@ -146,6 +155,34 @@ class DecodeSequence:
             rows_used = None if logits is None else logits[: len(new)]
             self._ctx, self._ctx_pos, self._pos = out.get("features"), positions, pos + len(new)
         return self._emit(new, rows_used)
+
+    def _chains_cycles(self, backend: StepBackend) -> bool:
+        """Greedy DFlash with the model's own drafter, no logprobs, and more than one cycle a step."""
+        return (self.cycles_per_sync > 1 and self.drafter is None and self.sampling.greedy and self.logprobs is None
+                and callable(getattr(backend, "verify_async", None)))  # fmt: skip
+
+    def _advance_cycles(self, backend: StepBackend) -> list[int]:
+        """Up to cycles_per_sync DFlash cycles on the device (at most one per token still wanted),
+        then their tokens in order, stopping where the sequence ends (tokens drafted past a stop or
+        the length limit are dropped; the cache entries past it are never read)."""
+        res, cfg = self.result, backend.cfg.dflash
+        assert cfg is not None
+        dev = torch.device(getattr(backend, "device", "cpu"))
+        state = CycleState(_ids(res.tokens[-1:]).to(dev), _ids([self._pos]).to(dev), self._ctx,
+                           torch.as_tensor(self._ctx_pos).to(dev))  # fmt: skip
+        n = max(1, min(self.cycles_per_sync, self.max_new_tokens - len(res.tokens)))
+        rows, state = run_cycles(backend, state, n, cfg.block_size, cfg.mask_token_id)
+        out: list[int] = []
+        for acc in rows.tolist():
+            new = acc[1 : acc[0] + 2]
+            res.accepted.append(len(new) - 1)
+            res.steps += 1
+            self._pos += len(new)
+            out += self._emit(new, None)
+            if self.done:
+                break
+        self._ctx, self._ctx_pos = state.ctx, state.ctx_pos
+        return out
 
     # ---- one step as a part of a mixed step -----------------------------------------------------
 
