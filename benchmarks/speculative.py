@@ -115,21 +115,24 @@ def oracle_loop(accept_lens: list[float], new_tokens: int = 64) -> list[dict]:
 class SoloRankBackend(PersistentBackend):
     """Rank 0 of a `plan_world`-rank plan on one GPU, collectives solo, synthetic weights (each
     name generated once for every step shape): the stand-in for one GPU of the node that
-    benchmarks/e2e.py times. Target steps only; drafts come from an oracle drafter."""
+    benchmarks/e2e.py times. Drafts come from an oracle drafter, or from the model's drafter on
+    synthetic weights (a persistent program over its own caches, as benchmarks/e2e.py's drafter)."""
 
     def __init__(self, cfg, *, plan_world: int, max_seq: int, device: str = "cuda", seed: int = 0) -> None:
         super().__init__(cfg, {}, max_seq=max_seq, device=device)
         self.plan_world, self.seed = plan_world, seed
 
     def _prepare(self, g):
-        if g.meta.get("kind") == "drafter":
-            raise ValueError("the solo-rank benchmark backend has no drafter weights: use an oracle drafter")
+        drafter = g.meta.get("kind") == "drafter"
         rg, sched = compile_step(g, self.max_seq, world=self.plan_world, sms=self.sms)
         cache = self.__dict__.setdefault("_param_copies", {})
         cache.update(synthetic_params(rg, seed=self.seed, device=self.device, skip=cache.keys()))
         params = {v.name: cache[v.name] for v in rg.by_role("param")}
-        step = PersistentStep(rg, sched.table, sched.counter_expected, params, self.device, states=self.states,
+        states = self.drafter_states if drafter else self.states
+        step = PersistentStep(rg, sched.table, sched.counter_expected, params, self.device, states=states,
                               num_sms=self.sms)  # fmt: skip
+        if drafter:
+            return ("drafter", step)
         step.use_states(self.states)
         return ("persistent", step)
 
@@ -174,7 +177,8 @@ def loop_full_scale(model: str, world: int, accept_lens: list[float], new_tokens
     # the verify step shape too (its program and kernel load cost seconds once), before a DFlash run is timed
     generate(be, prompt, 2 * B, speculative="dflash", drafter=OracleDrafter(greedy.tokens, len(prompt), 0.0,
                                                                             cfg.vocab_size, B, seed=7))
-    print(f"verify step ready in {time.time() - t0:.0f} s", flush=True)
+    generate(be, prompt, 2 * B, speculative="dflash")  # and the model drafter's programs
+    print(f"verify and drafter steps ready in {time.time() - t0:.0f} s", flush=True)
     rows = [{"mode": "greedy", "new_tokens": len(greedy.tokens), **greedy.timing}]
     g = greedy.timing
     print(f"greedy: {g.get('tokens_per_s')} tokens/s (projected {g.get('projected_tokens_per_s')})", flush=True)
@@ -193,10 +197,25 @@ def loop_full_scale(model: str, world: int, accept_lens: list[float], new_tokens
                   f"{t.get('projected_tokens_per_s')} projected ({t.get('measured_over_projected')}), host share "
                   f"{t.get('host_share')}, lossless {rows[-1]['lossless']}", flush=True)  # fmt: skip
         be.set_acceptance = None
+    # the model's drafter (synthetic weights: its drafts rarely match, so the acceptance is the
+    # target's own), one host-driven cycle per step against cycles chained on the device
+    host_tokens = None
+    for chain in (1, 8):
+        res = generate(be, prompt, new_tokens, speculative="dflash", cycles_per_sync=chain)
+        host_tokens = host_tokens or res.tokens
+        t = res.timing
+        rows.append({"mode": "dflash, model drafter", "cycles_per_sync": chain,
+                     "measured_accept_len": round(res.mean_acceptance_length, 4), "synthetic": True,
+                     "equals_host_driven": res.tokens == host_tokens, "new_tokens": len(res.tokens), **t})  # fmt: skip
+        print(f"dflash, model drafter, {chain} cycle(s) per sync: accept {res.mean_acceptance_length:.2f}, "
+              f"{t.get('tokens_per_s')} tokens/s measured, {t.get('projected_tokens_per_s')} projected, host share "
+              f"{t.get('host_share')}", flush=True)  # fmt: skip
     note = ("DFlash drafts come from the oracle drafter (SYNTHETIC): throughput at a set acceptance. 'dflash' keeps "
             "what the target's argmax accepts (on synthetic weights it stops matching the greedy reference after "
             "the first near-tie); 'dflash, set acceptance' keeps the drafts that equal the reference, so the "
-            "acceptance is the oracle's (tokens SYNTHETIC, lossless not defined)")
+            "acceptance is the oracle's (tokens SYNTHETIC, lossless not defined); 'dflash, model drafter' drafts "
+            "with the model's drafter on synthetic weights, one host-driven cycle per step or cycles chained on "
+            "the device (cycles_per_sync)")
     return {"model": model, "world_size": world, "max_seq": max_seq, "prompt_len": prompt_len, "routing": "by token",
             "backend": "persistent (rank 0, solo collectives, synthetic weights)", "runs": rows,
             "synthetic_note": note}  # fmt: skip

@@ -24,13 +24,15 @@ def test_loop_on_a_solo_rank_reports_measured_and_projected_rates():
     from benchmarks.speculative import loop_full_scale
 
     res = loop_full_scale("tiny-gpu", 2, [3.0], new_tokens=24, prompt_len=1, max_seq=256)
-    greedy, dflash, fixed = res["runs"]
+    greedy, dflash, fixed, host, chained = res["runs"]
     assert greedy["mode"] == "greedy" and greedy["tokens_per_s"] > 0
     assert dflash["lossless"] and dflash["synthetic"] and dflash["steps"]["verify"]["n"] > 0
     assert dflash["device_timed"] and 0 <= dflash["host_share"] <= 1
     assert dflash["projected_tokens_per_s"] > 0 and dflash["measured_over_projected"] > 0
     assert fixed["mode"] == "dflash, set acceptance" and fixed["lossless"] is None and fixed["synthetic"]
     assert fixed["measured_accept_len"] > 1 and fixed["tokens_per_s"] > 0
+    assert (host["cycles_per_sync"], chained["cycles_per_sync"]) == (1, 8)
+    assert chained["equals_host_driven"] and chained["steps"]["verify"]["n"] == host["steps"]["verify"]["n"]
 
 
 def test_set_acceptance_keeps_the_drafts_that_equal_the_reference():
