@@ -374,3 +374,37 @@ def launch_decode_gemm(kernel: Any, x: Any, w: Any, s: Any, m_pad: int, n: int, 
     y = (torch.zeros if split_k > 1 else torch.empty)(m_pad, n, dtype=torch.float32, device=x.device)
     kernel(xp, w.contiguous(), s.contiguous(), y)
     return y[:m]
+
+
+def make_row_rstd(rows: int, k: int, eps: float):
+    """T.macro `row_rstd(X, row0, out)`: out[i] = rsqrt(mean(X[row0 + i, :k]^2) + eps) for i < rows,
+    the RMSNorm scale of the rows that can hold tokens. Wide column chunks (up to 8192 / rows
+    elements per row), so one CTA's loads are in flight together instead of one 128-column step at
+    a time. Shared by the fused linear's and the streaming GEMV's norm prologues. A row count whose
+    chunk does not split evenly over the CTA (5 rows x 128) is computed for the next power of two
+    (X must hold those rows: activations are padded) and only `rows` results are written."""
+    import tilelang.language as T
+
+    f32 = "float32"
+
+    def width(r: int) -> int:
+        return next(w for w in (8192 // r, 4096 // r, 2048 // r, 1024, 512, 256, 128) if w <= k and k % w == 0)
+
+    rp = rows if rows * width(rows) % 256 == 0 else 1 << (rows - 1).bit_length()
+    cw = width(rp)
+
+    @T.macro
+    def row_rstd(X, row0, out):
+        sq = T.alloc_fragment((rp, cw), f32)
+        rs = T.alloc_fragment((rp,), f32)
+        T.clear(sq)
+        for kc in T.serial(k // cw):
+            for i, j in T.Parallel(rp, cw):
+                v = T.Cast(f32, X[row0 + i, kc * cw + j])
+                sq[i, j] += v * v
+        T.reduce_sum(sq, rs, dim=1)
+        for i in T.Parallel(rp):
+            if rp == rows or i < rows:  # a python True when no row is padding: no guard at all
+                out[i] = T.rsqrt(rs[i] / k + eps)
+
+    return row_rstd

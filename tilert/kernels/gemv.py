@@ -62,7 +62,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from tilert.kernels.common import DEVICE_PRELUDE, build, cdiv
+from tilert.kernels.common import DEVICE_PRELUDE, build, cdiv, make_row_rstd
 
 THREADS = 256
 WARPS = THREADS // 32
@@ -240,7 +240,7 @@ class Config:
     @property
     def x_rows(self) -> int:
         """Rows of X the body reads: m, or with a norm the power of two the row statistics may read
-        (linear_fused.make_row_rstd)."""
+        (common.make_row_rstd)."""
         return self.m if self.norm_eps is None else 1 << (self.m - 1).bit_length()
 
     @property
@@ -389,8 +389,6 @@ def make_body(
     RI = GI + (1 if norm else 0)
     row_rstd = None
     if norm:
-        from tilert.kernels.linear_fused import make_row_rstd
-
         row_rstd = make_row_rstd(cfg.m, cfg.k, cfg.norm_eps)
     M, N, K = cfg.m, cfg.n, cfg.k
     G, WK, D, R = cfg.g, cfg.wk, cfg.depth, cfg.rows

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from tilert.kernels import gemv as streaming
-from tilert.kernels.common import alloc_unmerged, build, cdiv, gate_passed, make_mma_reduce, prelude
+from tilert.kernels.common import alloc_unmerged, build, cdiv, gate_passed, make_mma_reduce, make_row_rstd, prelude
 from tilert.kernels.common import gated as mark_gated
 from tilert.kernels.views import grid_launcher, pointer_row
 from tilert.numerics import fp8
@@ -141,40 +141,6 @@ def gemv_config(spec: LinearSpec) -> streaming.Config | None:
         if depth - 1 <= cfg.items and streaming.smem_bytes(cfg, prefetch=True, x_own=True) <= STREAM_SMEM:
             return cfg
     return None
-
-
-def make_row_rstd(rows: int, k: int, eps: float):
-    """T.macro `row_rstd(X, row0, out)`: out[i] = rsqrt(mean(X[row0 + i, :k]^2) + eps) for i < rows,
-    the RMSNorm scale of the rows that can hold tokens. Wide column chunks (up to 8192 / rows
-    elements per row), so one CTA's loads are in flight together instead of one 128-column step at
-    a time. Shared by the fused linear's prologue and the persistent MoE router's. A row count whose
-    chunk does not split evenly over the CTA (5 rows x 128) is computed for the next power of two
-    (X must hold those rows: activations are padded) and only `rows` results are written."""
-    import tilelang.language as T
-
-    f32 = "float32"
-
-    def width(r: int) -> int:
-        return next(w for w in (8192 // r, 4096 // r, 2048 // r, 1024, 512, 256, 128) if w <= k and k % w == 0)
-
-    rp = rows if rows * width(rows) % 256 == 0 else 1 << (rows - 1).bit_length()
-    cw = width(rp)
-
-    @T.macro
-    def row_rstd(X, row0, out):
-        sq = T.alloc_fragment((rp, cw), f32)
-        rs = T.alloc_fragment((rp,), f32)
-        T.clear(sq)
-        for kc in T.serial(k // cw):
-            for i, j in T.Parallel(rp, cw):
-                v = T.Cast(f32, X[row0 + i, kc * cw + j])
-                sq[i, j] += v * v
-        T.reduce_sum(sq, rs, dim=1)
-        for i in T.Parallel(rp):
-            if rp == rows or i < rows:  # a python True when no row is padding: no guard at all
-                out[i] = T.rsqrt(rs[i] / k + eps)
-
-    return row_rstd
 
 
 def _unpack(spec: LinearSpec, V: tuple) -> dict[str, Any]:
