@@ -1,6 +1,6 @@
-"""DFlash cycles chained on the device (engine/cycles.py): the same tokens as host-driven cycles and
-greedy decoding, stops and length limits inside a chain, and no host synchronisation between
-the cycles of a chain."""
+"""Steps chained on the device (engine/cycles.py): DFlash cycles and greedy decode steps give the
+tokens of host-driven steps and of greedy decoding, stops and length limits inside a chain end
+the sequence there, and the host synchronises once per chain."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class CallLog:
 
     def __getattr__(self, name):
         attr = getattr(self.backend, name)
-        if name in ("target_step", "draft_step", "verify_async", "draft_async", "finish_async"):
+        if name in ("target_step", "draft_step", "decode_async", "verify_async", "draft_async", "finish_async"):
 
             def logged(*a, **kw):
                 self.calls.append(name)
@@ -113,3 +113,25 @@ def test_engine_and_cli_chain_cycles_with_the_same_tokens(capsys):
     assert capsys.readouterr().out == host
     assert main([*args, "--cycles-per-sync", "0"]) == 2
     assert "--cycles-per-sync" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("chain", [2, 5])
+def test_chained_greedy_decode_steps_give_the_same_tokens(chain):
+    cfg = load_config("tiny")
+    be = ReferenceBackend(cfg, synthetic_weights(cfg, 3), max_seq=128)
+    prompt = [5, 17, 3, 99, 42]
+    want = generate(be, prompt, 23)
+    got = generate(be, prompt, 23, cycles_per_sync=chain)
+    assert got.tokens == want.tokens and got.steps == want.steps
+    stop = want.tokens[7]
+    cut = want.tokens[: want.tokens.index(stop) + 1]
+    assert generate(be, prompt, 23, cycles_per_sync=chain, stop_token_ids=[stop]).tokens == cut
+
+
+def test_a_decode_chain_synchronises_once():
+    cfg = load_config("tiny")
+    log = CallLog(ReferenceBackend(cfg, synthetic_weights(cfg, 3), max_seq=128))
+    generate(log, [5, 17, 3], 10, cycles_per_sync=4)
+    # the prefill gives the first token; then chains of 4, 4 and 1 decode steps, one sync each
+    assert log.calls == ["target_step", *(["decode_async"] * 4 + ["finish_async"]) * 2, "decode_async",
+                         "finish_async"]  # fmt: skip

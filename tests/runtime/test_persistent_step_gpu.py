@@ -53,6 +53,7 @@ def test_persistent_chained_dflash_cycles_equal_greedy() -> None:
     host = generate(be, [1, 2, 3, 4], 30, speculative="dflash")
     chained = generate(be, [1, 2, 3, 4], 30, speculative="dflash", cycles_per_sync=4)
     assert chained.tokens == host.tokens == greedy.tokens
+    assert generate(be, [1, 2, 3, 4], 30, cycles_per_sync=5).tokens == greedy.tokens  # chained decode steps
     assert chained.accepted == host.accepted
     assert chained.timing["steps"]["verify"]["n"] == len(chained.accepted)
     assert all(k in ("persistent", "drafter") for k, _ in be._prepared.values()), be._prepared.keys()

@@ -40,8 +40,8 @@ def add_generate_parser(sub: Any) -> None:
     pg.add_argument("--ranks", type=int, default=1, help="simulated tensor/expert-parallel ranks")
     pg.add_argument("--stats", action="store_true", help="print step statistics as JSON on stderr")
     pg.add_argument("--cycles-per-sync", type=int, default=1,
-                    help="greedy --speculative dflash: draft/verify cycles chained on the device between host "
-                         "synchronisations (the same tokens; see docs/speculative.md)")  # fmt: skip
+                    help="greedy decoding: decode steps (or --speculative dflash cycles) chained on the device "
+                         "between host synchronisations (the same tokens; see docs/speculative.md)")  # fmt: skip
     pg.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample")
     pg.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus mass to keep")
     pg.add_argument("--top-k", type=int, default=0, help="sampling: keep the k most likely tokens (0: all)")

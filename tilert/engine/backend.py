@@ -169,6 +169,10 @@ class GraphBackend:
         inputs = {"tokens": tokens.to(torch.int32), "positions": positions.to(torch.int32)}
         return (run or self._execute)(prepared, inputs)
 
+    def decode_async(self, tokens: torch.Tensor, positions: torch.Tensor) -> dict[str, Any]:
+        """A one-row decode step enqueued as `verify_async` enqueues a verify step."""
+        return self._step(tokens, positions, "decode", self._execute_async)
+
     def verify_async(self, tokens: torch.Tensor, positions: torch.Tensor) -> dict[str, Any]:
         """A verify step as `target_step(..., "verify")`, enqueued without a host synchronisation
         where the runtime can: its inputs may be device tensors (the previous step's outputs) and

@@ -1,5 +1,5 @@
-"""DFlash cycles chained on the device: draft -> verify -> accept -> next draft, with no host
-synchronisation between them.
+"""Steps chained on the device: DFlash cycles (draft -> verify -> accept -> next draft) and greedy
+decode steps, with no host synchronisation between them.
 
 A greedy DFlash cycle needs nothing from the host: the verify step computes the acceptance row in
 its own launch (`accept` = [accepted, the tokens to emit..., -1...]), and the next cycle's inputs
@@ -10,6 +10,8 @@ positions the next block's own rows overwrite, as on the host path). `run_cycles
 cycles through a backend's `draft_async` / `verify_async` (device tensors in, device tensors out)
 and reads the n acceptance rows back once at the end; the tokens are those of n host-driven cycles
 (`DecodeSequence.advance`), since every input is computed the same way, only on the device.
+Greedy decoding chains the same way (`run_decodes`): a step's token is the previous step's argmax,
+its position the next one.
 """
 
 from __future__ import annotations
@@ -53,3 +55,16 @@ def run_cycles(backend: Any, state: CycleState, n: int, block: int, mask_id: int
         state = next_cycle(state, accept, out.get("features"), positions)
     backend.finish_async()
     return torch.stack(rows).cpu(), state
+
+
+def run_decodes(backend: Any, token: torch.Tensor, pos: torch.Tensor, n: int) -> torch.Tensor:
+    """n greedy decode steps enqueued back to back from `token` (i32[1]) at `pos` (i32[1]): each
+    step's input is the previous step's argmax. Returns the n tokens they chose (host i32[n]), read
+    back once at the end."""
+    chosen = []
+    for _ in range(n):
+        token = backend.decode_async(token, pos)["next_tokens"][-1:].to(token.device, torch.int32)
+        chosen.append(token)
+        pos = pos + 1
+    backend.finish_async()
+    return torch.cat(chosen).cpu()

@@ -37,8 +37,9 @@ def generate(
 
     `drafter` (optional) replaces the model's DFlash drafter: a callable
     (anchor, anchor_pos, B) -> block token list; used by the oracle drafter in benchmarks.
-    `cycles_per_sync` > 1 (greedy DFlash with the model's drafter): that many draft/verify cycles
-    chained on the device between host synchronisations (engine/cycles.py); the same tokens.
+    `cycles_per_sync` > 1 (greedy; DFlash with the model's drafter): that many decode steps or
+    draft/verify cycles chained on the device between host synchronisations (engine/cycles.py);
+    the same tokens.
     """
     seq = DecodeSequence(
         list(prompt_ids),

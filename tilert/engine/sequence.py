@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from tilert.engine.backend import StepBackend
-from tilert.engine.cycles import CycleState, run_cycles
+from tilert.engine.cycles import CycleState, run_cycles, run_decodes
 from tilert.engine.request import (
     GenerationError,
     GenerationResult,
@@ -71,8 +71,8 @@ class DecodeSequence:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     logprobs: int | None = None  # record each token's logprob and this many alternatives (None: off)
     prompt_logprobs: bool = False  # also the prompt tokens' logprobs (from the prefill's logits)
-    # greedy DFlash with the model's drafter: cycles chained on the device per step (engine/cycles.py),
-    # the host reading their acceptance rows once after the last; 1: one host-driven cycle per step
+    # greedy decoding (DFlash with the model's drafter too): steps chained on the device per advance
+    # (engine/cycles.py), the host reading their tokens once after the last; 1: one host-driven step
     cycles_per_sync: int = 1
     result: GenerationResult = field(init=False)
     finish_reason: str | None = None  # "length" | "stop" once done
@@ -130,6 +130,8 @@ class DecodeSequence:
             out = backend.target_step(_ids(self.prompt), torch.arange(n, dtype=torch.int32))
             logits = _logits(out, 0, slice(0, n) if self.prompt_logprobs else slice(n - 1, n))
             new, rows_used = self._after_prompt(out, logits)
+        elif not self.speculative and self._chains(backend, "decode_async"):
+            return self._advance_decodes(backend)
         elif not self.speculative:
             p = n + len(res.tokens) - 1
             out = backend.target_step(_ids(res.tokens[-1:]), _ids([p]))
@@ -137,7 +139,7 @@ class DecodeSequence:
             new = [self._choose(out, logits)]
             rows_used = logits
             res.steps += 1
-        elif self._chains_cycles(backend):
+        elif self._chains(backend, "verify_async"):
             return self._advance_cycles(backend)
         else:
             cfg, pos = backend.cfg.dflash, self._pos
@@ -156,10 +158,27 @@ class DecodeSequence:
             self._ctx, self._ctx_pos, self._pos = out.get("features"), positions, pos + len(new)
         return self._emit(new, rows_used)
 
-    def _chains_cycles(self, backend: StepBackend) -> bool:
-        """Greedy DFlash with the model's own drafter, no logprobs, and more than one cycle a step."""
+    def _chains(self, backend: StepBackend, method: str) -> bool:
+        """Steps chained on the device (engine/cycles.py): greedy, no logprobs, the model's own
+        drafter in DFlash mode, more than one step a sync, and a backend with `method`."""
         return (self.cycles_per_sync > 1 and self.drafter is None and self.sampling.greedy and self.logprobs is None
-                and callable(getattr(backend, "verify_async", None)))  # fmt: skip
+                and callable(getattr(backend, method, None)))  # fmt: skip
+
+    def _advance_decodes(self, backend: StepBackend) -> list[int]:
+        """Up to cycles_per_sync greedy decode steps on the device (no more than tokens still wanted),
+        then their tokens, stopping where the sequence ends."""
+        res = self.result
+        dev = torch.device(getattr(backend, "device", "cpu"))
+        n = max(1, min(self.cycles_per_sync, self.max_new_tokens - len(res.tokens)))
+        pos = len(self.prompt) + len(res.tokens) - 1
+        chosen = run_decodes(backend, _ids(res.tokens[-1:]).to(dev), _ids([pos]).to(dev), n).tolist()
+        out: list[int] = []
+        for t in chosen:
+            res.steps += 1
+            out += self._emit([t], None)
+            if self.done:
+                break
+        return out
 
     def _advance_cycles(self, backend: StepBackend) -> list[int]:
         """Up to cycles_per_sync DFlash cycles on the device (at most one per token still wanted),

@@ -132,6 +132,10 @@ class _TimedBackend:
     def draft_step(self, *args: Any, **kw: Any) -> torch.Tensor:
         return self._clock.run("draft", self._backend.draft_step, *args, **kw)
 
+    def decode_async(self, tokens: torch.Tensor, positions: torch.Tensor) -> dict[str, Any]:
+        self._prefilled = True
+        return self._clock.run("decode", self._backend.decode_async, tokens, positions)
+
     def verify_async(self, tokens: torch.Tensor, positions: torch.Tensor) -> dict[str, Any]:
         self._prefilled = True
         return self._clock.run("verify", self._backend.verify_async, tokens, positions)
