@@ -182,6 +182,12 @@ def loop_full_scale(model: str, world: int, accept_lens: list[float], new_tokens
     rows = [{"mode": "greedy", "new_tokens": len(greedy.tokens), **greedy.timing}]
     g = greedy.timing
     print(f"greedy: {g.get('tokens_per_s')} tokens/s (projected {g.get('projected_tokens_per_s')})", flush=True)
+    chained = generate(be, prompt, new_tokens, cycles_per_sync=8)  # decode steps chained on the device
+    g = chained.timing
+    rows.append({"mode": "greedy", "cycles_per_sync": 8, "equals_host_driven": chained.tokens == greedy.tokens,
+                 "new_tokens": len(chained.tokens), **g})  # fmt: skip
+    print(f"greedy, 8 steps per sync: {g.get('tokens_per_s')} tokens/s (projected {g.get('projected_tokens_per_s')}), "
+          f"host share {g.get('host_share')}", flush=True)  # fmt: skip
     for L in accept_lens:
         p = OracleDrafter.corruption_for_acceptance(min(L, B), B)
         for mode in ("dflash", "dflash, set acceptance"):

@@ -24,7 +24,8 @@ def test_loop_on_a_solo_rank_reports_measured_and_projected_rates():
     from benchmarks.speculative import loop_full_scale
 
     res = loop_full_scale("tiny-gpu", 2, [3.0], new_tokens=24, prompt_len=1, max_seq=256)
-    greedy, dflash, fixed, host, chained = res["runs"]
+    greedy, greedy8, dflash, fixed, host, chained = res["runs"]
+    assert greedy8["cycles_per_sync"] == 8 and greedy8["equals_host_driven"]
     assert greedy["mode"] == "greedy" and greedy["tokens_per_s"] > 0
     assert dflash["lossless"] and dflash["synthetic"] and dflash["steps"]["verify"]["n"] > 0
     assert dflash["device_timed"] and 0 <= dflash["host_share"] <= 1
