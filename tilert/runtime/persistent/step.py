@@ -249,6 +249,12 @@ class PersistentStep:
 
     def launch(self, inputs: Mapping[str, Any]) -> None:
         """Copy inputs into the static buffers, bump the epoch and launch (no host sync)."""
+        self.stage(inputs)
+        self._enqueue()
+
+    def stage(self, inputs: Mapping[str, Any]) -> None:
+        """Copy inputs into the static buffers and bump the epoch: a launch without its kernel
+        (MultiRankStep stages every rank before it launches any, so the ranks start together)."""
         for v in self.g.by_role("input"):
             if v.name not in inputs:
                 raise ValueError(f"graph '{self.g.name}' needs input '{v.name}' ({v.dtype.name}{list(v.shape)})")
@@ -258,7 +264,6 @@ class PersistentStep:
             self.bind.env[v.name][: v.shape[0]].copy_(t, non_blocking=True)  # 2-D inputs are padded
         self.steps += 1
         self.bind.epoch.fill_(self.steps)
-        self._enqueue()
 
     def _enqueue(self) -> None:
         try:
@@ -386,10 +391,16 @@ class MultiRankStep:
         return torch.cuda.device(st.device) if self.multi_gpu else contextlib.nullcontext()
 
     def launch(self, inputs: Mapping[str, Any]) -> None:
-        """Enqueue one step on every rank (no host sync): a benchmark launches several, then syncs."""
+        """Enqueue one step on every rank (no host sync): a benchmark launches several, then syncs.
+        Every rank's inputs are staged first and then the kernels launched back to back, so a
+        rank's kernel does not wait for the next ranks' input copies: the ranks' kernels spin on
+        each other's arrivals, and the first collective of a step absorbs their launch skew."""
         for st, stream in zip(self.ranks, self.streams):
             with self._on(st), torch.cuda.stream(stream):
-                st.launch(inputs)
+                st.stage(inputs)
+        for st, stream in zip(self.ranks, self.streams):
+            with self._on(st), torch.cuda.stream(stream):
+                st._enqueue()
 
     def synchronize(self) -> None:
         """Wait for every rank's GPU."""
