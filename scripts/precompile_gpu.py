@@ -329,6 +329,8 @@ def main() -> None:
     # the persistent drafter steps of the GPU tests (PersistentBackend's context shapes), and with --cli
     # those of the CLI test's capacities
     drafters = [("tiny-gpu", c, 256, 1) for c in drafter_contexts("tiny-gpu") if steps]
+    # and rank 0 of 2's (the loop GPU test drafts with the model's drafter on its solo rank)
+    drafters += [("tiny-gpu", c, 256, 2) for c in drafter_contexts("tiny-gpu") if steps]
     cli = a.cli or a.only_cli
     if cli:
         drafters += [("tiny-gpu", c, q, 1) for q in CLI_MAX_SEQ if q != 256 for c in drafter_contexts("tiny-gpu")]
