@@ -371,7 +371,8 @@ def main() -> None:
         rows["drafter"] = {"error": f"{type(e).__name__}: {e}"}
     verify, draft = rows.get("8", {}).get("eager_graph_ms"), rows["drafter"].get("eager_graph_ms")
     pverify = rows.get("8", {}).get("persistent_ms")
-    tps_persistent = a.accept_len / ((pverify + draft) * 1e-3) if pverify and draft else None
+    pdraft = rows["drafter"].get("persistent_ms") or draft  # the persistent backend's drafter, where it ran
+    tps_persistent = a.accept_len / ((pverify + pdraft) * 1e-3) if pverify and pdraft else None
     if verify and draft:
         tps = a.accept_len / ((verify + draft) * 1e-3)
         note = "tokens/s per user = accept_len / (verify step B=8 + drafter step), both measured as eager + CUDA graph"
@@ -394,6 +395,8 @@ def main() -> None:
         "projected_tokens_per_s_per_user": tps,
         "projected_tokens_per_s_per_user_persistent": tps_persistent,
         "projection_formula": note,
+        "projection_formula_persistent": "accept_len / (persistent verify step B=8 + persistent drafter step, or "
+        "the drafter's eager + CUDA graph time where the persistent one did not run)",
         "persistent": "one launch per step: the compiler's task table run by runtime/persistent/step.py",
     }
     if ranks == "gpus":
