@@ -112,7 +112,35 @@ def oracle_loop(accept_lens: list[float], new_tokens: int = 64) -> list[dict]:
     return rows
 
 
-class SoloRankBackend(PersistentBackend):
+class SetAcceptanceSteps:
+    """A backend mixin (before the backend class): with `set_acceptance` set, its drafter's drafts and
+    its verify steps' acceptance go through that SetAcceptance, on the host-driven and the chained
+    paths alike."""
+
+    set_acceptance: SetAcceptance | None = None
+
+    def target_step(self, tokens, positions, mode="decode"):
+        out = super().target_step(tokens, positions, mode)
+        if mode != "verify" or self.set_acceptance is None:
+            return out
+        return {**out, "accept": self.set_acceptance.accept(tokens, positions, out["next_tokens"])}
+
+    def verify_async(self, tokens, positions):
+        out = super().verify_async(tokens, positions)
+        if self.set_acceptance is None:
+            return out
+        return {**out, "accept": self.set_acceptance.accept(tokens, positions, out["next_tokens"])}
+
+    def draft_step(self, block_tokens, block_positions, ctx_features, ctx_positions):
+        drafted = super().draft_step(block_tokens, block_positions, ctx_features, ctx_positions)
+        return drafted if self.set_acceptance is None else self.set_acceptance.drafts(drafted, block_positions)
+
+    def draft_async(self, block_tokens, block_positions, ctx_features, ctx_positions):
+        drafted = super().draft_async(block_tokens, block_positions, ctx_features, ctx_positions)
+        return drafted if self.set_acceptance is None else self.set_acceptance.drafts(drafted, block_positions)
+
+
+class SoloRankBackend(SetAcceptanceSteps, PersistentBackend):
     """Rank 0 of a `plan_world`-rank plan on one GPU, collectives solo, synthetic weights (each
     name generated once for every step shape): the stand-in for one GPU of the node that
     benchmarks/e2e.py times. Drafts come from an oracle drafter, or from the model's drafter on
@@ -136,30 +164,55 @@ class SoloRankBackend(PersistentBackend):
         step.use_states(self.states)
         return ("persistent", step)
 
-    set_acceptance: tuple[list[int], int] | None = None  # (the oracle's reference tokens, prompt length)
 
-    def target_step(self, tokens, positions, mode="decode"):
-        """With `set_acceptance`, a verify step accepts the leading drafts that equal the oracle's
-        reference (its uncorrupted drafts), then the target's own token: the acceptance the oracle
-        sets, whatever near-ties the synthetic weights' argmax meets (their B=1 and B=8 steps round
-        differently, and a greedy reference stops matching the target after the first such tie). The
-        step itself runs in full; only which of its rows are kept is set. The tokens are SYNTHETIC."""
-        out = super().target_step(tokens, positions, mode)
-        if mode != "verify" or self.set_acceptance is None:
-            return out
-        truth, n = self.set_acceptance
-        return {**out, "accept": accept_as_reference(tokens, int(positions[0]), out["next_tokens"], truth, n)}
+class SetAcceptance:
+    """Benchmark-only: DFlash at a set acceptance on synthetic weights, every step in full. The
+    model's drafter runs (its cost is paid), then its drafts are replaced by the oracle's (the
+    greedy reference `truth`, each token corrupted with probability `corrupt_p`, drawn once per
+    position); a verify step keeps the leading drafts that equal the reference, then the target's
+    own token. So the acceptance is the oracle's whatever near-ties the synthetic weights' argmax
+    meets (their B=1 and B=8 steps round differently, and a greedy reference stops matching the
+    target after the first such tie). Device tensor ops only: chained cycles stay free of host
+    synchronisations. The tokens are SYNTHETIC. As OracleDrafter counts them, block row i of a
+    block whose anchor sits at position p is the reference's token p + i - prompt_len."""
+
+    def __init__(self, truth: list[int], prompt_len: int, corrupt_p: float, vocab: int, seed: int = 7,
+                 device: str = "cpu") -> None:  # fmt: skip
+        g = torch.Generator().manual_seed(seed)
+        ref = torch.tensor(truth, dtype=torch.int64)
+        hit = torch.rand(len(truth), generator=g) < corrupt_p
+        other = (ref + 1 + torch.randint(0, vocab - 1, (len(truth),), generator=g)) % vocab
+        self.ref = torch.cat([ref, torch.tensor([-1])]).to(torch.int32).to(device)  # -1: past the reference
+        self.draft = torch.cat([torch.where(hit, other, ref), torch.tensor([0])]).to(torch.int32).to(device)
+        self.prompt_len = prompt_len
+
+    def _index(self, positions: torch.Tensor) -> torch.Tensor:
+        k = positions.to(self.ref.device).long() - self.prompt_len
+        return torch.where((k >= 0) & (k < len(self.ref) - 1), k, torch.full_like(k, len(self.ref) - 1))
+
+    def drafts(self, drafted: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The block with rows 1.. replaced by the oracle's drafts at their positions."""
+        d = drafted.to(self.ref.device, torch.int32)
+        return torch.cat([d[:1], self.draft[self._index(positions[1:])]]).to(drafted.device)
+
+    def accept(self, block: torch.Tensor, positions: torch.Tensor, next_tokens: torch.Tensor) -> torch.Tensor:
+        """The acceptance row (dflash_accept's form) keeping the leading drafts equal to the reference."""
+        dev = next_tokens.device
+        blk, nxt = block.to(dev, torch.int32), next_tokens.to(torch.int32)
+        ref = self.ref[self._index(positions[1:])].to(dev)
+        posterior = torch.cat([torch.where(blk[1:] == ref, blk[1:], nxt[:-1]), nxt[-1:]])
+        return dflash_accept(blk, posterior)
 
 
-def accept_as_reference(block, start: int, next_tokens, truth: list[int], prompt_len: int) -> torch.Tensor:
-    """A verify block's acceptance row (dflash_accept's form) that keeps the leading drafts equal to
-    the reference `truth` (the greedy continuation after a `prompt_len`-token prompt; block[0] sits
-    at position `start`), then the target's token after them."""
-    blk, nxt = block.to(torch.int32).cpu(), next_tokens.to(torch.int32).cpu()
-    ref = torch.tensor([truth[k] if 0 <= (k := start + i + 1 - prompt_len) < len(truth) else -1
-                        for i in range(len(blk) - 1)], dtype=torch.int32)  # fmt: skip
-    posterior = torch.cat([torch.where(blk[1:] == ref, blk[1:], nxt[:-1]), nxt[-1:]])
-    return dflash_accept(blk, posterior)
+def _loop_row(mode: str, target: float | None, p: float | None, res, **extra) -> dict:
+    t = res.timing
+    row = {"mode": mode, "target_accept_len": target, "corruption_p": p,
+           "measured_accept_len": round(res.mean_acceptance_length, 4), "synthetic": True,
+           "new_tokens": len(res.tokens), "tokens": res.tokens, **extra, **t}  # fmt: skip
+    print(f"{mode} {extra or ''} L={target}: accept {res.mean_acceptance_length:.2f}, {t.get('tokens_per_s')} "
+          f"tokens/s measured, {t.get('projected_tokens_per_s')} projected ({t.get('measured_over_projected')}), "
+          f"host share {t.get('host_share')}", flush=True)  # fmt: skip
+    return row
 
 
 def loop_full_scale(model: str, world: int, accept_lens: list[float], new_tokens: int, prompt_len: int,
@@ -190,38 +243,28 @@ def loop_full_scale(model: str, world: int, accept_lens: list[float], new_tokens
           f"host share {g.get('host_share')}", flush=True)  # fmt: skip
     for L in accept_lens:
         p = OracleDrafter.corruption_for_acceptance(min(L, B), B)
-        for mode in ("dflash", "dflash, set acceptance"):
-            be.set_acceptance = (greedy.tokens, len(prompt)) if mode != "dflash" else None
-            od = OracleDrafter(greedy.tokens, len(prompt), p, cfg.vocab_size, B, seed=7)
-            res = generate(be, prompt, new_tokens, speculative="dflash", drafter=od)
-            t = res.timing
-            rows.append({"mode": mode, "target_accept_len": L, "corruption_p": p,
-                         "measured_accept_len": round(res.mean_acceptance_length, 4),
-                         "lossless": res.tokens == greedy.tokens if mode == "dflash" else None,
-                         "synthetic": res.synthetic, "new_tokens": len(res.tokens), **t})  # fmt: skip
-            print(f"{mode} L={L}: accept {res.mean_acceptance_length:.2f}, {t.get('tokens_per_s')} tokens/s measured, "
-                  f"{t.get('projected_tokens_per_s')} projected ({t.get('measured_over_projected')}), host share "
-                  f"{t.get('host_share')}, lossless {rows[-1]['lossless']}", flush=True)  # fmt: skip
+        od = OracleDrafter(greedy.tokens, len(prompt), p, cfg.vocab_size, B, seed=7)
+        res = generate(be, prompt, new_tokens, speculative="dflash", drafter=od)
+        rows.append(_loop_row("dflash, oracle drafter", L, p, res, lossless=res.tokens == greedy.tokens))
+        be.set_acceptance = SetAcceptance(greedy.tokens, len(prompt), p, cfg.vocab_size, device=be.device)
+        for chain in (1, 8):
+            res = generate(be, prompt, new_tokens, speculative="dflash", cycles_per_sync=chain)
+            rows.append(_loop_row("dflash, model drafter, set acceptance", L, p, res, cycles_per_sync=chain))
         be.set_acceptance = None
-    # the model's drafter (synthetic weights: its drafts rarely match, so the acceptance is the
-    # target's own), one host-driven cycle per step against cycles chained on the device
-    host_tokens = None
+    # the model's drafter with the target's own acceptance (synthetic weights: its drafts rarely match)
     for chain in (1, 8):
         res = generate(be, prompt, new_tokens, speculative="dflash", cycles_per_sync=chain)
-        host_tokens = host_tokens or res.tokens
-        t = res.timing
-        rows.append({"mode": "dflash, model drafter", "cycles_per_sync": chain,
-                     "measured_accept_len": round(res.mean_acceptance_length, 4), "synthetic": True,
-                     "equals_host_driven": res.tokens == host_tokens, "new_tokens": len(res.tokens), **t})  # fmt: skip
-        print(f"dflash, model drafter, {chain} cycle(s) per sync: accept {res.mean_acceptance_length:.2f}, "
-              f"{t.get('tokens_per_s')} tokens/s measured, {t.get('projected_tokens_per_s')} projected, host share "
-              f"{t.get('host_share')}", flush=True)  # fmt: skip
-    note = ("DFlash drafts come from the oracle drafter (SYNTHETIC): throughput at a set acceptance. 'dflash' keeps "
-            "what the target's argmax accepts (on synthetic weights it stops matching the greedy reference after "
-            "the first near-tie); 'dflash, set acceptance' keeps the drafts that equal the reference, so the "
-            "acceptance is the oracle's (tokens SYNTHETIC, lossless not defined); 'dflash, model drafter' drafts "
-            "with the model's drafter on synthetic weights, one host-driven cycle per step or cycles chained on "
-            "the device (cycles_per_sync)")
+        rows.append(_loop_row("dflash, model drafter", None, None, res, cycles_per_sync=chain))
+    own = [r["tokens"] for r in rows if r["mode"] == "dflash, model drafter"]
+    rows[-1]["equals_host_driven"] = own[0] == own[1]
+    for r in rows:
+        r.pop("tokens", None)
+    note = ("SYNTHETIC drafts and acceptance. 'dflash, oracle drafter': the oracle's drafts (no drafter step), "
+            "kept where the target's argmax agrees (on synthetic weights it leaves the greedy reference at the "
+            "first near-tie); 'dflash, model drafter, set acceptance': the model's drafter runs, its drafts are "
+            "replaced by the oracle's and the verify keeps those equal to the reference (SetAcceptance), so the "
+            "loop pays every step at the oracle's acceptance; 'dflash, model drafter': its own drafts and the "
+            "target's acceptance; cycles_per_sync > 1: cycles chained on the device")
     return {"model": model, "world_size": world, "max_seq": max_seq, "prompt_len": prompt_len, "routing": "by token",
             "backend": "persistent (rank 0, solo collectives, synthetic weights)", "runs": rows,
             "synthetic_note": note}  # fmt: skip
