@@ -83,13 +83,14 @@ def compare(seqs: list, outs: dict, cfg: Any, w: dict, where: str) -> None:
 
 @st.composite
 def sequences(draw: Any, max_seqs: int = 4) -> list[tuple[int, list[int], list[int]]]:
-    """(slot, prompt, continuation) per sequence: distinct slots in any order, prompts of 1..9 tokens,
-    continuations of 1 token (plain decode) or a block of 2..4 (a verify block)."""
+    """(slot, prompt, continuation) per sequence: distinct slots in any order, prompts of 1..8 tokens
+    (all prompts are one step's rows: at most max_seqs x 8 = MAX_SEQ), continuations of 1 token
+    (plain decode) or a block of 2..4 (a verify block)."""
     n = draw(st.integers(1, max_seqs))
     slots = draw(st.permutations(range(SLOTS)))[:n]
     out = []
     for u in slots:
-        prompt = draw(st.lists(st.integers(0, 159), min_size=1, max_size=9))
+        prompt = draw(st.lists(st.integers(0, 159), min_size=1, max_size=MAX_SEQ // max_seqs))
         more = draw(st.lists(st.integers(0, 159), min_size=1, max_size=4))
         out.append((u, prompt, more))
     return out
