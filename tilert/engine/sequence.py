@@ -165,42 +165,42 @@ class DecodeSequence:
                 and callable(getattr(backend, method, None)))  # fmt: skip
 
     def _advance_decodes(self, backend: StepBackend) -> list[int]:
-        """Up to cycles_per_sync greedy decode steps on the device (no more than tokens still wanted),
-        then their tokens, stopping where the sequence ends."""
-        res = self.result
-        dev = torch.device(getattr(backend, "device", "cpu"))
-        n = max(1, min(self.cycles_per_sync, self.max_new_tokens - len(res.tokens)))
-        pos = len(self.prompt) + len(res.tokens) - 1
-        chosen = run_decodes(backend, _ids(res.tokens[-1:]).to(dev), _ids([pos]).to(dev), n).tolist()
-        out: list[int] = []
-        for t in chosen:
-            res.steps += 1
-            out += self._emit([t], None)
-            if self.done:
-                break
-        return out
+        """Greedy decode steps chained on the device, then their tokens (`_take_chain`)."""
+        dev, n = self._chain(backend)
+        pos = len(self.prompt) + len(self.result.tokens) - 1
+        chosen = run_decodes(backend, _ids(self.result.tokens[-1:]).to(dev), _ids([pos]).to(dev), n)
+        return self._take_chain([[t] for t in chosen.tolist()], dflash=False)
 
     def _advance_cycles(self, backend: StepBackend) -> list[int]:
-        """Up to cycles_per_sync DFlash cycles on the device (at most one per token still wanted),
-        then their tokens in order, stopping where the sequence ends (tokens drafted past a stop or
-        the length limit are dropped; the cache entries past it are never read)."""
-        res, cfg = self.result, backend.cfg.dflash
+        """DFlash cycles chained on the device, then their tokens (`_take_chain`)."""
+        cfg = backend.cfg.dflash
         assert cfg is not None
-        dev = torch.device(getattr(backend, "device", "cpu"))
-        state = CycleState(_ids(res.tokens[-1:]).to(dev), _ids([self._pos]).to(dev), self._ctx,
+        dev, n = self._chain(backend)
+        state = CycleState(_ids(self.result.tokens[-1:]).to(dev), _ids([self._pos]).to(dev), self._ctx,
                            torch.as_tensor(self._ctx_pos).to(dev))  # fmt: skip
-        n = max(1, min(self.cycles_per_sync, self.max_new_tokens - len(res.tokens)))
         rows, state = run_cycles(backend, state, n, cfg.block_size, cfg.mask_token_id)
+        self._ctx, self._ctx_pos = state.ctx, state.ctx_pos
+        return self._take_chain([acc[1 : acc[0] + 2] for acc in rows.tolist()], dflash=True)
+
+    def _chain(self, backend: StepBackend) -> tuple[torch.device, int]:
+        """The backend's device and the chain's length: cycles_per_sync steps, at most one per token
+        still wanted (every step emits at least one)."""
+        n = max(1, min(self.cycles_per_sync, self.max_new_tokens - len(self.result.tokens)))
+        return torch.device(getattr(backend, "device", "cpu")), n
+
+    def _take_chain(self, steps: list[list[int]], dflash: bool) -> list[int]:
+        """Each chained step's tokens in order, as `advance` takes one step's, stopping where the
+        sequence ends (steps past a stop or the length limit are dropped; their cache entries lie
+        past the sequence's end and are never read)."""
         out: list[int] = []
-        for acc in rows.tolist():
-            new = acc[1 : acc[0] + 2]
-            res.accepted.append(len(new) - 1)
-            res.steps += 1
-            self._pos += len(new)
+        for new in steps:
+            if dflash:
+                self.result.accepted.append(len(new) - 1)
+                self._pos += len(new)
+            self.result.steps += 1
             out += self._emit(new, None)
             if self.done:
                 break
-        self._ctx, self._ctx_pos = state.ctx, state.ctx_pos
         return out
 
     # ---- one step as a part of a mixed step -----------------------------------------------------
