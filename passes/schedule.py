@@ -11,6 +11,8 @@ List scheduling (O(tasks log tasks)) with the cost model's task times (cost_mode
 task's SM time, its fixed cost and its hand-over latency): priority = bottom level (longest path to
 the end of the step), each task goes to the SM that frees up first and is ready when that SM has
 fetched it and its last input has been seen (cost_model.task_ready).
+A stage with a tail (tile.Stage.tail: the top-k that the router's last-arriving task runs) gives
+its last scheduled task the tail's time too (in its row's cost_ns: replays of the table see it).
 Queues keep scheduling order, which is a topological order, so the persistent kernel cannot
 deadlock. Tasks waiting on more than WAITS ranges get BARRIER tasks in front.
 """
@@ -67,7 +69,9 @@ def _flatten(g: Graph, tiles: list[OpTiles], ctx: Any) -> dict[str, Any]:
     """Global stages/counters and the tasks (`Task`), in creation order (a topological order)."""
     prod = {o: (i, j) for i, n in enumerate(g.nodes) for j, o in enumerate(n.outputs)}
     st_base, st_chunks, st_cols, st_op, counters = [], [], [], [], 0
+    st_tail: list[float] = []  # per stage: the run time of its tail (Stage.tail), after its last task
     op_stage0 = []
+    spec = ctx.gpu
     for i, t in enumerate(tiles):
         op_stage0.append(len(st_base))
         for s in t.stages:
@@ -75,10 +79,10 @@ def _flatten(g: Graph, tiles: list[OpTiles], ctx: Any) -> dict[str, Any]:
             st_base.append(counters)
             st_chunks.append(s.chunks)
             st_cols.append(s.chunk_cols)
+            st_tail.append(0.0 if s.tail is None else task_time(spec, s.tail[0], s.tail[1], 0.0, s.tail[2]).run)
             counters += s.chunks
     tasks: list[Task] = []
     full: list[set[int]] = []  # per op: producers every first-stage task waits on completely
-    spec = ctx.gpu
     for i, (n, t) in enumerate(zip(g.nodes, tiles)):
         full.append(set())
         for si, s in enumerate(t.stages):
@@ -109,7 +113,8 @@ def _flatten(g: Graph, tiles: list[OpTiles], ctx: Any) -> dict[str, Any]:
                 tt = task_time(spec, name, s.nbytes[k], s.stream[k], s.flops[k], s.comm[k], s.collective)
                 tasks.append(Task(code, i, s.coords[k], tt.busy, gs, s.chunk[k], sorted(waits.items()), tt.fixed,
                                   tt.handover))  # fmt: skip
-    return {"tasks": tasks, "st_base": st_base, "st_chunks": st_chunks, "counters": counters, "full": full}
+    return {"tasks": tasks, "st_base": st_base, "st_chunks": st_chunks, "st_tail": st_tail, "counters": counters,
+            "full": full}  # fmt: skip
 
 
 def _barriers(f: dict[str, Any], spec: Any) -> None:
@@ -121,6 +126,7 @@ def _barriers(f: dict[str, Any], spec: Any) -> None:
             gs = len(f["st_base"])
             f["st_base"].append(f["counters"])
             f["st_chunks"].append(1)
+            f["st_tail"].append(0.0)
             f["counters"] += 1
             bt = task_time(spec, "BARRIER", 0.0, 0.0, 0.0)
             out.append(Task(OPCODES["BARRIER"], t.op, (0, 0, 0), bt.busy, gs, 0, head, bt.fixed, bt.handover))
@@ -132,6 +138,7 @@ def _barriers(f: dict[str, Any], spec: Any) -> None:
 def list_schedule(f: dict[str, Any], sms: int) -> tuple[list[list[int]], list[float], float]:
     tasks, st_chunks = f["tasks"], f["st_chunks"]
     nt, ns = len(tasks), len(st_chunks)
+    tail = f.get("st_tail") or [0.0] * ns
     chunk_tasks: list[dict[int, list[int]]] = [{} for _ in range(ns)]
     for ti, t in enumerate(tasks):
         chunk_tasks[t.stage].setdefault(t.chunk, []).append(ti)
@@ -142,7 +149,7 @@ def list_schedule(f: dict[str, Any], sms: int) -> tuple[list[list[int]], list[fl
     bl = [0.0] * nt
     for ti in range(nt - 1, -1, -1):
         t = tasks[ti]
-        bl[ti] = t.busy + max(succ_chunk[t.stage].get(t.chunk, 0.0), succ_all[t.stage])
+        bl[ti] = t.busy + tail[t.stage] + max(succ_chunk[t.stage].get(t.chunk, 0.0), succ_all[t.stage])
         path = bl[ti] + t.handover - t.fixed
         for ws, (lo, hi) in t.waits:
             if lo == 0 and hi >= st_chunks[ws]:
@@ -188,6 +195,8 @@ def list_schedule(f: dict[str, Any], sms: int) -> tuple[list[list[int]], list[fl
         _, ti = heapq.heappop(ready)
         t0, sm = heapq.heappop(free)
         t = tasks[ti]
+        if tail[t.stage] and left_stage[t.stage] == 1:  # its stage's last task runs the tail (its row's cost too)
+            t.busy += tail[t.stage]
         finish[ti] = end = task_ready(t.fixed, t.handover, t0, ready_at[ti]) + t.busy - t.fixed
         heapq.heappush(free, (end, sm))
         queues[sm].append(ti)

@@ -53,6 +53,9 @@ class Stage:
     comm: list[float] = field(default_factory=list)
     reads: list[tuple[Read, ...]] = field(default_factory=list)
     collective: bool = False
+    # work the stage's last-finishing task runs after its own tile (opcode, bytes, flops): the top-k in
+    # the router's last-arriving task (kernels/moe.py topk_place); its readers see it done
+    tail: tuple[str, float, float] | None = None
 
     def add(self, coords: tuple[int, int, int], chunk: int, nbytes: float, flops: float = 0.0,
             reads: tuple[Read, ...] = (), comm: float = 0.0, stream: float = 0.0) -> None:  # fmt: skip
@@ -184,8 +187,9 @@ def moe_expert_work(opcode: str, geo: moe.MoeTiling, expert_bytes: float, items:
 
 def tile_moe(g: Graph, n: Node, ctx: Any) -> OpTiles:
     """The fused MoE at the kernel's coordinates (tilert/kernels/moe.py bodies, grouped by
-    `moe.tiling`): ROUTER (e_tile) -> TOPK -> GATE_UP (task) -> DOWN (task) -> REDUCE (column block),
-    always (all-reduce only when reduce and world > 1)."""
+    `moe.tiling`): ROUTER (e_tile) [-> TOPK] -> GATE_UP (task) -> DOWN (task) -> REDUCE (column
+    block), always (all-reduce only when reduce and world > 1); the top-k is a stage of its own
+    only with TILERT_MOE_TOPK=task, else the last router task to arrive runs it (`Stage.tail`)."""
     a = n.a
     x, gate, _, gu, dn = (g.values[i] for i in n.inputs[:MOE_CORE])
     out = g.values[n.outputs[0]]
@@ -200,8 +204,15 @@ def tile_moe(g: Graph, n: Node, ctx: Any) -> OpTiles:
         rows = min(moe.ROUTER_E, E - r * moe.ROUTER_E)
         router.add((r, 0, 0), r, gate.nbytes * rows / E + x.nbytes + T * rows * 4 + zper * 4, 2.0 * T * rows * H,
                    (Read(0),), stream=gate.nbytes * rows / E)  # fmt: skip
-    topk = Stage("MOE_TOPK", 1, 0)
-    topk.add((0, 0, 0), 0, T * E * 8 + n_local * (moe.TP + 1) * 4, reads=(Read(-1),))
+    topk_bytes = T * E * 8 + n_local * (moe.TP + 1) * 4
+    stages = [router]
+    if geo.topk_in_router:  # the last router task to arrive runs it (no stage, no hand-over)
+        router.tail = ("MOE_TOPK", topk_bytes, 0.0)
+    else:
+        topk = Stage("MOE_TOPK", 1, 0)
+        topk.add((0, 0, 0), 0, topk_bytes, reads=(Read(-1),))
+        stages.append(topk)
+    routed_at = Read(-len(stages))  # the top-k's outputs (List, Count, TokW), the router's (xh) before them
     # gate/up and down tasks stride over the active slots' items (moe.MoeTiling); costs are expected
     # values: `act` routed local experts' items spread over the stage's tasks
     routed = getattr(ctx, "routed_experts", None)
@@ -210,7 +221,8 @@ def tile_moe(g: Graph, n: Node, ctx: Any) -> OpTiles:
     items = act * geo.gu_tiles / geo.gu_tasks
     for j in range(geo.gu_tasks):
         nb, sb, fl = moe_expert_work("MOE_GATE_UP", geo, gu.nbytes / n_local, items, act)
-        up.add((j, 0, 0), 0, nb, fl, (Read(-2), Read(0)), stream=sb)
+        up.add((j, 0, 0), 0, nb, fl, (routed_at, Read(0)), stream=sb)
+    stages.append(up)
     down = Stage("MOE_DOWN", 1, 0)  # one counter: REDUCE waits for every down task
     items = act * geo.down_tiles * geo.down_split / geo.down_tasks
     # distinct slots a task's items touch: strided items (mainloop body) one slot each; the GEMV
@@ -218,12 +230,14 @@ def tile_moe(g: Graph, n: Node, ctx: Any) -> OpTiles:
     slots = min(act, items) if geo.gemv is None else min(act, items, items / geo.down_tiles + 1)
     for j in range(geo.down_tasks):
         nb, sb, fl = moe_expert_work("MOE_DOWN", geo, dn.nbytes / n_local, items, slots)
-        down.add((j, 0, 0), 0, nb, fl, (Read(-3),), stream=sb)
+        down.add((j, 0, 0), 0, nb, fl, (Read(-len(stages)),), stream=sb)
+    stages.append(down)
     res = len(n.inputs) - 1 if a.residual else None
     coll = a.reduce and world > 1
-    reduce = _reduce_stage("MOE_REDUCE", out, world if coll else 1, src=-4, chunk_cols=None, res=res,
+    reduce = _reduce_stage("MOE_REDUCE", out, world if coll else 1, src=-len(stages), chunk_cols=None, res=res,
                            y_bytes=4, collective=coll)  # fmt: skip
-    return OpTiles([router, topk, up, down, reduce], [4])
+    assert tuple(s.opcode for s in stages + [reduce]) == geo.stages
+    return OpTiles(stages + [reduce], [len(stages)])
 
 
 def _reduce_stage(opcode: str, out: Value, world: int, src: int, chunk_cols: int | None, res: int | None,

@@ -64,10 +64,11 @@ def test_moe_tasks_are_the_kernel_grids(case: tuple[Graph, list[OpTiles]]) -> No
     cfg = moe.Config(T, H, In, E, EL, k)
     geo = moe.tiling(T, H, In, EL, k)
     assert geo.max_slots == cfg.max_slots and geo.down_split == cfg.down_split
-    assert [s.opcode for s in t.stages] == ["MOE_ROUTER", "MOE_TOPK", "MOE_GATE_UP", "MOE_DOWN", "MOE_REDUCE"]
-    router, topk, up, down, red = t.stages
+    # default: the top-k runs in the router's last-arriving task (moe.topk_place), no stage of its own
+    assert [s.opcode for s in t.stages] == ["MOE_ROUTER", "MOE_GATE_UP", "MOE_DOWN", "MOE_REDUCE"] == list(geo.stages)
+    router, up, down, red = t.stages
     assert router.coords == [(e, 0, 0) for e in range(cdiv(E, moe.ROUTER_E))]  # moe_router grid
-    assert topk.coords == [(0, 0, 0)]
+    assert router.tail is not None and router.tail[0] == "MOE_TOPK"
     # gate/up and down tasks stride over the active items: for every Count, each item exactly once
     assert up.coords == [(j, 0, 0) for j in range(geo.gu_tasks)] and geo.gu_tasks <= moe.MOE_TASKS
     assert down.coords == [(j, 0, 0) for j in range(geo.down_tasks)] and geo.down_tasks <= moe.MOE_TASKS
@@ -88,19 +89,44 @@ def test_moe_tasks_are_the_kernel_grids(case: tuple[Graph, list[OpTiles]]) -> No
     assert red.collective == (n.a.reduce and n.a.world > 1)
 
 
-def test_moe_waits(case: tuple[Graph, list[OpTiles]]) -> None:
-    """gate/up waits on top-k and x; down on every gate/up task; reduce on every down task; top-k on
-    every router task (which zero Y before any down atomics)."""
-    g, tiles = case
+def _moe_stages(tiles: list[OpTiles], g: Graph) -> tuple[Any, dict[str, Any]]:
     n, t = next((n, t) for n, t in zip(g.nodes, tiles) if n.op.startswith("fused_moe_"))
-    router, topk, up, down, red = t.stages
-    assert all(r[0].src == 0 for r in router.reads)
-    assert topk.reads == [(Read(-1),)]
-    assert all({r.src for r in rd} == {-2, 0} and all(r.lo is None for r in rd) for rd in up.reads)
-    assert all(rd == (Read(-3),) for rd in down.reads)
-    assert up.chunks == down.chunks == 1
-    for rd in red.reads:
+    return n, {s.opcode: s for s in t.stages}
+
+
+def test_moe_waits(case: tuple[Graph, list[OpTiles]]) -> None:
+    """gate/up waits on every router task (the last to arrive ran the top-k) and x; down on every
+    gate/up task; reduce on every down task."""
+    g, tiles = case
+    n, st = _moe_stages(tiles, g)
+    assert list(st) == ["MOE_ROUTER", "MOE_GATE_UP", "MOE_DOWN", "MOE_REDUCE"]
+    assert all(r[0].src == 0 for r in st["MOE_ROUTER"].reads)
+    assert all({r.src for r in rd} == {-1, 0} and all(r.lo is None for r in rd) for rd in st["MOE_GATE_UP"].reads)
+    assert all(rd == (Read(-2),) for rd in st["MOE_DOWN"].reads)
+    assert st["MOE_GATE_UP"].chunks == st["MOE_DOWN"].chunks == 1
+    for rd in st["MOE_REDUCE"].reads:
+        assert rd[0] == Read(-3) and len(rd) == 1 + n.a.residual
+
+
+def test_moe_waits_with_a_topk_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TILERT_MOE_TOPK=task: a MOE_TOPK task waits on every router task (which zero Y before any down
+    atomics), gate/up on the top-k and x, no tail on the router stage."""
+    monkeypatch.setenv(moe.TOPK_ENV, "task")
+    g, tiles = tiled("tiny", 4, 2)
+    n, st = _moe_stages(tiles, g)
+    assert list(st) == ["MOE_ROUTER", "MOE_TOPK", "MOE_GATE_UP", "MOE_DOWN", "MOE_REDUCE"]
+    assert st["MOE_ROUTER"].tail is None and st["MOE_TOPK"].coords == [(0, 0, 0)]
+    assert st["MOE_TOPK"].reads == [(Read(-1),)]
+    assert all({r.src for r in rd} == {-2, 0} and all(r.lo is None for r in rd) for rd in st["MOE_GATE_UP"].reads)
+    assert all(rd == (Read(-3),) for rd in st["MOE_DOWN"].reads)
+    for rd in st["MOE_REDUCE"].reads:
         assert rd[0] == Read(-4) and len(rd) == 1 + n.a.residual
+
+
+def test_a_topk_place_that_does_not_exist_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(moe.TOPK_ENV, "gate")
+    with pytest.raises(ValueError, match="TILERT_MOE_TOPK='gate'"):
+        moe.tiling(8, 6144, 2048, 48, 8)
 
 
 def test_moe_costs_are_expected_values() -> None:

@@ -23,6 +23,7 @@ from tests.passes.helpers import assert_same, run_steps, two_steps
 from tests.strategies import tiny_configs
 from tilert.abi import FIELD, OPCODES, WAITS
 from tilert.gpu_specs import H200
+from tilert.kernels import moe
 from tilert.models.binding import bind_params
 from tilert.models.config import load_config, parse_config
 from tilert.models.weights import synthetic_weights
@@ -85,6 +86,26 @@ def tiny_case(model: str, world: int) -> dict[str, Any]:
 def test_tables_compute_the_reference_outputs(model: str, world: int, policy: str) -> None:
     case = tiny_case(model, world)
     check(case, run_vm(case, policy, seed=world), f"{model} world {world} {policy}")
+
+
+def test_tables_with_a_topk_task_compute_the_reference_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TILERT_MOE_TOPK=task: the top-k as a MOE_TOPK task after every router task (the default runs
+    it in the router task that arrives last)."""
+    monkeypatch.setenv(moe.TOPK_ENV, "task")
+    case = compiled_steps(load_config("tiny"), 2)
+    ops = {int(o) for _, tables in case["steps"] for t in tables for o in np.unique(t[:, :, FIELD["opcode"]])}
+    assert OPCODES["MOE_TOPK"] in ops
+    check(case, run_vm(case, "random", seed=5), "tiny world 2, top-k task")
+
+
+def test_the_last_router_task_runs_the_topk() -> None:
+    """Default plans have no MOE_TOPK task; under every order the VM tries, the router task that
+    arrives last runs it (gate/up tasks see List and Count)."""
+    case = tiny_case("tiny", 2)
+    ops = {int(o) for _, tables in case["steps"] for t in tables for o in np.unique(t[:, :, FIELD["opcode"]])}
+    assert OPCODES["MOE_TOPK"] not in ops and OPCODES["MOE_ROUTER"] in ops
+    for seed in range(3):
+        check(case, run_vm(case, "random", seed=seed), f"tiny world 2, random order {seed}")
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -161,11 +182,15 @@ def test_a_deleted_wait_is_caught() -> None:
 @pytest.mark.parametrize(
     "opcode", ["ATTN_COMBINE", "MOE_TOPK", "MOE_GATE_UP", "MOE_DOWN", "MOE_REDUCE", "LM_HEAD_ARGMAX"]
 )
-def test_deleted_waits_of_other_kinds_are_caught(opcode: str) -> None:
+def test_deleted_waits_of_other_kinds_are_caught(opcode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Deleting the last wait (the op's own stage or nearest producer) of one of the first 3 tasks of
     a kind is caught at least once (a wait can be redundant: SM program order or a transitive wait
-    may already cover it)."""
-    case = tiny_case("tiny", 1)
+    may already cover it). MOE_TOPK: in a plan with the top-k as a task of its own."""
+    if opcode == "MOE_TOPK":
+        monkeypatch.setenv(moe.TOPK_ENV, "task")
+        case = compiled_steps(load_config("tiny"), 1)
+    else:
+        case = tiny_case("tiny", 1)
     t = case["steps"][1][1][0]
     found = [(sm, k) for sm in range(t.shape[0]) for k in range(t.shape[1]) if t[sm, k, 0] == OPCODES[opcode]][:3]
     assert found

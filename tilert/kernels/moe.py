@@ -24,10 +24,12 @@ Expert stacks: gate_up blocks [E, 2I, H/2] (gate rows then up rows), scales [E, 
 down blocks [E, H, I/2], scales [E, H, I/32]; router weight f32 [E_total, H], bias f32 [E_total].
 """
 
+import contextlib
 import dataclasses
 import functools
 import operator
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,6 +117,8 @@ MOE_TASKS = 128  # MOE_GATE_UP and MOE_DOWN tasks per MoE node, about one per SM
 BODY_ENV = "TILERT_MOE_BODY"  # "mainloop" (default) or "gemv": which body the persistent expert tasks run
 TILING_ENV = "TILERT_MOE_GEMV_TILING"  # optional "wr.g.depth/wr.g.depth" (gate/up / down) for the GEMV body
 BODIES = ("mainloop", "gemv")
+TOPK_ENV = "TILERT_MOE_TOPK"  # "router" (default) or "task": where the persistent step runs the top-k
+TOPK_PLACES = ("router", "task")
 GEMV_SMEM = 200 * 1024  # the most shared memory an expert GEMV body may take (the step's other bodies' static
 # buffers and its own reduction buffer live beside it in the SM's 227 KB)
 
@@ -126,6 +130,32 @@ def body_choice() -> str:
     if v not in BODIES:
         raise ValueError(f"{BODY_ENV}={v!r}: expected one of {', '.join(BODIES)}")
     return v
+
+
+def topk_place() -> str:
+    """Where the persistent step runs the top-k (TILERT_MOE_TOPK): "router" (default), in whichever
+    router task arrives last (an atomic arrival count; no stage of its own, so no hand-over between
+    the router and the top-k), or "task", a MOE_TOPK task that waits for every router task."""
+    v = os.environ.get(TOPK_ENV, "router") or "router"
+    if v not in TOPK_PLACES:
+        raise ValueError(f"{TOPK_ENV}={v!r}: expected one of {', '.join(TOPK_PLACES)}")
+    return v
+
+
+@contextlib.contextmanager
+def topk_placed(place: str) -> Iterator[None]:
+    """Compile under TILERT_MOE_TOPK=place (a stored trace paired with a table of its own placement)."""
+    if place not in TOPK_PLACES:
+        raise ValueError(f"top-k place {place!r}: expected one of {', '.join(TOPK_PLACES)}")
+    old = os.environ.get(TOPK_ENV)
+    os.environ[TOPK_ENV] = place
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[TOPK_ENV]
+        else:
+            os.environ[TOPK_ENV] = old
 
 
 @dataclass(frozen=True)
@@ -237,6 +267,17 @@ class MoeTiling:
     down_split: int  # MOE_DOWN k splits (Config.down_split)
     down_tasks: int  # MOE_DOWN tasks
     gemv: GemvTiling | None = None  # the GEMV body's tiles (None: the mainloop body's)
+    topk_in_router: bool = False  # the top-k runs in the last-arriving router task (no MOE_TOPK stage)
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The node's persistent stages (opcodes), in dependency order."""
+        head = ("MOE_ROUTER",) if self.topk_in_router else ("MOE_ROUTER", "MOE_TOPK")
+        return (*head, "MOE_GATE_UP", "MOE_DOWN", "MOE_REDUCE")
+
+    @property
+    def router_tasks(self) -> int:
+        return cdiv(self.n_experts, ROUTER_E)
 
     @property
     def body(self) -> str:
@@ -295,17 +336,22 @@ class MoeTiling:
 
 
 def tiling(tokens: int, hidden: int, inter: int, n_local: int, top_k: int, down_split: int = Config.down_split,
-           tasks: int = MOE_TASKS, body: str | None = None) -> MoeTiling:  # fmt: skip
+           tasks: int = MOE_TASKS, body: str | None = None, topk: str | None = None) -> MoeTiling:  # fmt: skip
     """The fused MoE's task geometry for T tokens (pure python, no tilelang: any shape, tiny too).
     body: "mainloop" or "gemv" (default: the TILERT_MOE_BODY switch); the GEMV body where its tiling
-    fits the node (`gemv_tiling`) and down_split is 1, else the mainloop's."""
+    fits the node (`gemv_tiling`) and down_split is 1, else the mainloop's. topk: "router" or "task"
+    (default: the TILERT_MOE_TOPK switch, `topk_place`)."""
     slots = min(n_local, tokens * top_k)
     gu, dn = cdiv(inter, GU_COLS), cdiv(hidden, BLOCK_N)
     gu_tasks, dn_tasks = min(tasks, slots * gu), min(tasks, slots * dn * down_split)
     gt = gemv_tiling(tokens, hidden, inter) if (body or body_choice()) == "gemv" and down_split == 1 else None
     if gt is not None:  # the GEMV body's items, the same task counts
         gu, dn = cdiv(inter, gt.gu_width), cdiv(hidden, gt.down_rows)
-    return MoeTiling(tokens, hidden, inter, slots, gu, gu_tasks, dn, down_split, dn_tasks, gt)
+    place = topk or topk_place()
+    if place not in TOPK_PLACES:
+        raise ValueError(f"top-k place {place!r}: expected one of {', '.join(TOPK_PLACES)}")
+    fused = place == "router"
+    return MoeTiling(tokens, hidden, inter, slots, gu, gu_tasks, dn, down_split, dn_tasks, gt, fused)
 
 
 def make_bodies(cfg: Config):

@@ -27,10 +27,11 @@ import numpy as np
 
 from tilert.gpu_specs import H200, GpuSpec, TaskCost
 from tilert.ir.graph import Graph
+from tilert.kernels import moe
 from tilert.models.builder import build_step_graph
 from tilert.passes.manager import PassContext, compile_graph
 from tilert.passes.tile import OpTiles
-from tilert.profile.trace_analysis import RunTasks, TaskWork, run_from_trace, task_rows, task_work
+from tilert.profile.trace_analysis import RunTasks, TaskWork, run_from_trace, task_events, task_rows, task_work
 
 
 @dataclass
@@ -109,8 +110,11 @@ def trace_run(trace: dict[str, Any], cfg: Any, tokens: int, world: int, max_seq:
     """A stored trace of rank 0's step with the task table and work the compiler gives the same step
     (`run_from_trace` pairs tasks by identity, so the table may order them otherwise). `routed`: the
     local experts each MoE layer ran, one count for all or per fused MoE node (default: the tile
-    pass's uniform-routing expectation)."""
-    rank = compile_rank(cfg, tokens, world, spec or H200, max_seq, context)
+    pass's uniform-routing expectation). A trace with MOE_TOPK tasks is paired with a table whose
+    top-k is a task of its own (kernels/moe.py topk_place), else with the router's last arrival."""
+    place = "task" if any(e["cat"] == "MOE_TOPK" for e in task_events(trace)) else "router"
+    with moe.topk_placed(place):
+        rank = compile_rank(cfg, tokens, world, spec or H200, max_seq, context)
     run = run_from_trace(trace, rank.schedule.table)
     active = routed if isinstance(routed, dict) or routed is None else dict.fromkeys(rank.moe_nodes(), int(routed))
     return rank, run, task_work(rank.graph, rank.tiles, run.table, active)

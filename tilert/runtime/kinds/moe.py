@@ -1,8 +1,10 @@
 """MoE tasks: the fused_moe_* kinds (router, top-k, experts, weighted combine, cross-rank reduce).
 
 Tiles at the kernel's coordinates (`tilert.kernels.moe.tiling`, passes/tile.py): MOE_ROUTER (e_tile)
--> MOE_TOPK -> MOE_GATE_UP (task) -> MOE_DOWN (task) -> MOE_REDUCE (column block); gate/up and down
-tasks stride over the items of the active slots the top-k task lists on the device. Persistent:
+[-> MOE_TOPK] -> MOE_GATE_UP (task) -> MOE_DOWN (task) -> MOE_REDUCE (column block); gate/up and down
+tasks stride over the items of the active slots the top-k lists on the device. The top-k runs in the
+router task that arrives last (an arrival count; no stage of its own), or with TILERT_MOE_TOPK=task
+in a MOE_TOPK task that waits for every router task (moe.topk_place). Persistent:
 tilert/kernels/moe.py's bodies (MXFP4 expert stacks; the gate/up and down tasks run the MXFP4
 mainloop, or with TILERT_MOE_BODY=gemv the streaming GEMV's expert tasks, moe.make_gemv_tasks), the
 reduce through peer inboxes when ranks share a PeerGroup. Eager: the standalone fused-MoE kernel
@@ -103,6 +105,10 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         specs, ts = specs + prefixed("peer", peer.specs), ts + peer.tensors
     specs.append(("expert_offset", (1,), "int32"))
     ts.append(b.ints(a.expert_offset))
+    n_router = cdiv(E, moe.ROUTER_E)
+    if til.topk_in_router:  # the router tasks count their arrivals here; the last one runs the top-k
+        specs.append(("arrivals", (1,), "int32"))
+        ts.append(b.arrival_counter())
 
     def bodies() -> dict[str, Any]:
         import tilelang.language as T_
@@ -129,7 +135,7 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         # its slice of the normalised bf16 rows to xh for the gate/up tasks (they wait for the
         # top-k, which waits for every router task).
         @T_.macro
-        def router(V, e_tile, c1, c2):
+        def router_logits(V, e_tile):
             if eps is not None:
                 router_tile(V.x, V.router, V.logits, V.y, e_tile, V.gamma, V.xh)
             else:
@@ -138,6 +144,28 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         @T_.macro
         def topk(V, c0, c1, c2):
             route_body(V.logits, V.bias, V.idx, V.wt, V.tokw, V.list, V.count, V.expert_offset[0])
+
+        # The top-k in the router's last-arriving task (moe.topk_place "router"): after its logits,
+        # thread 0 adds one arrival (acq_rel at device scope: the CTA's logits, ordered before it by
+        # the barrier, are released; the other tasks' are acquired by the task that arrives last,
+        # which then runs the top-k). Arrivals are never reset between steps: n_router per step, so
+        # the last one of each step sees a multiple of n_router. Its task signals only after the
+        # top-k, and the gate/up tasks wait for every router task, so they see List and Count.
+        @T_.macro
+        def router_then_topk(V, e_tile, c1, c2):
+            router_logits(V, e_tile)
+            last = T_.alloc_local((1,), "int32")
+            last[0] = 0
+            T_.sync_threads()
+            if T_.get_thread_binding() == 0:
+                prev = T_.atomic_add(V.arrivals[0], 1, memory_order="acq_rel", return_prev=True)
+                last[0] = T_.if_then_else((prev + 1) % n_router == 0, 1, 0)
+            if T_.call_extern("int32", "__syncthreads_or", last[0]) != 0:
+                topk(V, 0, 0, 0)
+
+        @T_.macro
+        def router(V, e_tile, c1, c2):
+            router_logits(V, e_tile)
 
         per_slot = til.down_tiles * til.down_split
 
@@ -205,6 +233,8 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
 
         if til.gemv is not None:
             gate_up, down = gate_up_gemv, down_gemv
+        if til.topk_in_router:
+            return {"MOE_ROUTER": router_then_topk, "MOE_GATE_UP": gate_up, "MOE_DOWN": down, "MOE_REDUCE": reduce}
         return {"MOE_ROUTER": router, "MOE_TOPK": topk, "MOE_GATE_UP": gate_up, "MOE_DOWN": down, "MOE_REDUCE": reduce}
 
     key = ("moe", cfg, til, eps, res is not None, world, xa.shape[0], out.shape[0], tl_dtype(out),
@@ -217,8 +247,8 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         e0 = e_tile * moe.ROUTER_E
         return wr.data_ptr() + e0 * H * 4, H * 4, min(moe.ROUTER_E, E - e0), H * 4
 
-    return NodeProgram(key, specs, bodies, ts, ("MOE_ROUTER", "MOE_TOPK", "MOE_GATE_UP", "MOE_DOWN", "MOE_REDUCE"),
-                       prefetch=prefetch, prelude=None if til.gemv is None else gemv.GEMV_PRELUDE)  # fmt: skip
+    return NodeProgram(key, specs, bodies, ts, til.stages, prefetch=prefetch,
+                       prelude=None if til.gemv is None else gemv.GEMV_PRELUDE)
 
 
 # ---- plan VM -------------------------------------------------------------------------------------
@@ -258,7 +288,8 @@ def _buffers(rk: VMRank, i: int, n: Node, ins: list[Any]) -> dict[str, Any]:
 
 
 def router_tile(rk: VMRank, i: int, n: Node, ins: list[Any], c: Coords) -> None:
-    """router_tile(e_tile): L[:, 4 experts] and the zeroing of this task's slice of Y."""
+    """router_tile(e_tile): L[:, 4 experts] and the zeroing of this task's slice of Y; with the top-k
+    in the router (moe.topk_place), the step's last router task to arrive then runs the top-k."""
     ws, ctx = _buffers(rk, i, n, ins), rk.ctx()
     E = ins[1].shape[0]
     if c[0] * moe.ROUTER_E >= E:
@@ -268,6 +299,10 @@ def router_tile(rk: VMRank, i: int, n: Node, ins: list[Any], c: Coords) -> None:
     y = ws["Y"].view(-1)
     zper = cdiv(y.numel(), cdiv(E, moe.ROUTER_E))
     y[c[0] * zper : (c[0] + 1) * zper] = 0.0
+    if _tiling(n, ins).topk_in_router:
+        ws["arrivals"] = (ws.get("arrivals", 0) + 1) % cdiv(E, moe.ROUTER_E)
+        if ws["arrivals"] == 0:
+            topk_tile(rk, i, n, ins, (0, 0, 0))
 
 
 def topk_tile(rk: VMRank, i: int, n: Node, ins: list[Any], c: Coords) -> None:
@@ -332,6 +367,8 @@ def down_tile(rk: VMRank, i: int, n: Node, ins: list[Any], c: Coords) -> None:
 def tile(rk: VMRank, opcode: str, i: int, n: Node, ins: list[Any], c: Coords) -> None:
     if opcode == "MOE_REDUCE":  # no all-reduce: no peers to wait for
         return complete(rk, opcode, i, n, ins, c, [arrive(rk, opcode, i, n, ins, c)])
+    if opcode == "MOE_TOPK" and _tiling(n, ins).topk_in_router:
+        raise PlanVMError("a MOE_TOPK task in a plan whose router tasks run the top-k (TILERT_MOE_TOPK=router)")
     {"MOE_ROUTER": router_tile, "MOE_TOPK": topk_tile, "MOE_GATE_UP": gate_up_tile, "MOE_DOWN": down_tile}[opcode](
         rk, i, n, ins, c)  # fmt: skip
 

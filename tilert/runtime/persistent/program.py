@@ -150,12 +150,20 @@ class Bindings:
         for v in g.by_role("state"):
             self.env[v.name] = self.states[v.name]
         self.workspaces: list[torch.Tensor] = []
+        self.arrivals: list[torch.Tensor] = []  # counters bodies count arrivals on (zeroed with the step's)
 
     def activation(self, v: Value) -> torch.Tensor:
         if v.name not in self.env:
             dt = {"bf16": torch.bfloat16, "f32": torch.float32, "i32": torch.int32}[v.dtype.name]
             self.env[v.name] = torch.zeros(padded(v.shape), dtype=dt, device=self.device)
         return self.env[v.name]
+
+    def arrival_counter(self) -> torch.Tensor:
+        """A zeroed int32 [1] that a stage's tasks count their arrivals on (the last to arrive runs
+        extra work: the MoE's top-k); the step zeroes it with its own counters (PersistentStep.preload)."""
+        t = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self.arrivals.append(t)
+        return t
 
     def ints(self, *values: int) -> torch.Tensor:
         """A small int32 tensor of per-rank numbers a body reads at run time (expert or vocab offsets)."""

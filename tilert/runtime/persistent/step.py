@@ -289,6 +289,8 @@ class PersistentStep:
         torch.cuda.synchronize(self.device)
         self.err.zero_()
         self.counters.zero_()
+        for t in self.bind.arrivals:
+            t.zero_()
 
     def outputs(self) -> dict[str, torch.Tensor]:
         out = {}
