@@ -1,7 +1,8 @@
 """Build switches of the persistent step side by side in one run: the same rank graph, weights and
-inputs, one PersistentStep per variant (a variant is a set of environment switches read while the
-step program is built, e.g. TILERT_MOE_PREFETCH=2), timed in interleaved rounds so that clock and
-thermal drift hit every variant alike; each variant's outputs are compared with the first's.
+inputs, one PersistentStep per variant (a variant is a set of environment switches read while its
+table and step program are built, e.g. TILERT_MOE_BODY=gemv or TILERT_MOE_TOPK=task), timed in
+interleaved rounds so that clock and thermal drift hit every variant alike; each variant's outputs
+are compared with the first's.
 
     python benchmarks/step_variants.py --layers 4 --tokens 1 8 --routing random \\
         --variant base --variant moe2:TILERT_MOE_PREFETCH=2 [--out DIR]
@@ -33,6 +34,8 @@ from tilert.models.builder import build_step_graph  # noqa: E402
 from tilert.models.config import load_config  # noqa: E402
 from tilert.runtime.eager.synthetic import synthetic_params  # noqa: E402
 from tilert.runtime.persistent.step import PersistentStep  # noqa: E402
+
+IDS = ("next_tokens", "accept")  # integer outputs of a step
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
@@ -111,14 +114,17 @@ def main() -> None:
     rows, params = [], None
     for B in a.tokens:
         mode = "verify" if B > 1 else "decode"
-        g, sched = compile_step(build_step_graph(cfg, tokens=B, max_seq=max_seq, mode=mode), max_seq, a.world_size)
-        if params is None:
-            params = synthetic_params(g, seed=0)
-            if a.routing == "pinned":
-                pin_routing(params, a.world_size)
         steps = {}
         for name, env in variants:
+            # the table too is compiled under the variant's switches: a switch may change the tasks
+            # (TILERT_MOE_TOPK), not only the bodies
             with switches(env):
+                g, sched = compile_step(build_step_graph(cfg, tokens=B, max_seq=max_seq, mode=mode), max_seq,
+                                        a.world_size)  # fmt: skip
+                if params is None:
+                    params = synthetic_params(g, seed=0)
+                    if a.routing == "pinned":
+                        pin_routing(params, a.world_size)
                 steps[name] = PersistentStep(g, sched.table, sched.counter_expected, params)
         gen = torch.Generator(device="cpu").manual_seed(B)
         inputs = {
@@ -133,15 +139,21 @@ def main() -> None:
         ms = time_interleaved(steps, inputs, a.rounds, a.per_round)
         for st in steps.values():
             st.check()
-        act = active_experts(next(iter(steps.values())))
         for name, env in variants:
+            act = active_experts(steps[name])  # each variant's own top-k (a table without one shows it)
             diff = {k: float((outs[name][k] - v).abs().max()) for k, v in outs[first].items()}
+            # ids (next tokens, acceptance) as the share equal to the first variant's; values as the
+            # relative error in float64 norms (near-tied synthetic routing makes small roundings grow)
+            same = {k: float((outs[name][k] == v).double().mean()) for k, v in outs[first].items() if k in IDS}
+            rel = {k: float((outs[name][k].double() - v.double()).norm() / v.double().norm().clamp_min(1e-30))
+                   for k, v in outs[first].items() if k not in IDS}  # fmt: skip
             row = {"variant": name, "env": env, "tokens": B, "ms": round(ms[name], 4),
                    "vs_first": round(ms[name] / ms[first], 4), "max_abs_diff_vs_first": diff,
-                   "active_experts": act}  # fmt: skip
+                   "rel_err_vs_first": rel, "ids_equal_vs_first": same, "active_experts": act}  # fmt: skip
             rows.append(row)
             print(f"{g.name} B={B} {name:>12}: {ms[name]:.3f} ms ({row['vs_first']:.3f}x {first}), "
-                  f"active experts {act}, max |diff| {max(diff.values(), default=0.0):.3g}", flush=True)  # fmt: skip
+                  f"active experts {act}, rel err {max(rel.values(), default=0.0):.3g}, "
+                  f"ids equal {min(same.values(), default=1.0):.3f}", flush=True)  # fmt: skip
         del steps
         torch.cuda.empty_cache()
     data = {"model": a.model, "world_size": a.world_size, "layers": a.layers, "context": a.context,

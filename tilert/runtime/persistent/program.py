@@ -36,6 +36,9 @@ class NodeProgram:
     bodies: Callable[[], dict[str, Any]]  # opcode name -> T.macro(V, c0, c1, c2); built lazily
     tensors: list[torch.Tensor] = field(default_factory=list)
     opcodes: tuple[str, ...] = ()  # the opcodes `bodies` provides
+    # the table must hold tasks of every one of `opcodes` for this node (the fused MoE: whether its
+    # top-k is a stage is a build switch, so a table built under the other switch is refused)
+    exact: bool = False
     # (opcode name, c0, c1, c2) -> (address, bytes per row, rows, row stride) of the weights the task
     # reads, or None: the persistent loop prefetches the next task's region into L2 during waits
     prefetch: Callable[[str, int, int, int], tuple[int, int, int, int] | None] | None = None

@@ -234,15 +234,24 @@ class PersistentStep:
         return tb
 
     def _check_table(self, table: np.ndarray, expected: np.ndarray) -> None:
-        """Every row names a node of this graph with a body for its opcode; counters in range."""
+        """Every row names a node of this graph with a body for its opcode; counters in range; an
+        `exact` program's node has tasks of each of its opcodes."""
         ops, nodes = table[:, :, FIELD["opcode"]], table[:, :, FIELD["op"]]
+        present: dict[int, set[str]] = {}
         for code, i in {(int(c), int(i)) for c, i in zip(ops[ops != 0].ravel(), nodes[ops != 0].ravel())}:
             name = OPCODE_NAMES.get(code, f"#{code}")
             if not 0 <= i < len(self.programs):
                 raise PersistentError(f"task {name} names node {i}; the graph has {len(self.programs)}")
             if name != "BARRIER" and name not in self.programs[i].opcodes:
                 raise PersistentError(f"task {name} on node {i} ({self.g.nodes[i].op}): its body has "
-                                      f"{sorted(self.programs[i].opcodes)}")  # fmt: skip
+                                      f"{sorted(self.programs[i].opcodes)} (a table compiled under other "
+                                      f"build switches?)")  # fmt: skip
+            present.setdefault(i, set()).add(name)
+        for i, p in enumerate(self.programs):
+            missing = [o for o in p.opcodes if o not in present.get(i, set())]
+            if p.exact and missing:
+                raise PersistentError(f"node {i} ({self.g.nodes[i].op}): the table has no {', '.join(missing)} task, "
+                                      f"which its program runs (a table compiled under other build switches?)")
         sig = table[:, :, FIELD["signal"]]
         if sig.max(initial=-1) >= len(expected):
             raise PersistentError(f"a task signals counter {int(sig.max())}; the table has {len(expected)} counters")
