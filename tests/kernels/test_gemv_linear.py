@@ -43,9 +43,9 @@ def spec_of(m: int, n: int, k: int, norm: bool, res: bool, sms: int = 132) -> lf
 
 def test_body_switch(monkeypatch):
     monkeypatch.delenv(lf.BODY_ENV, raising=False)
-    assert lf.body_choice() == "fused"
-    monkeypatch.setenv(lf.BODY_ENV, "gemv")
     assert lf.body_choice() == "gemv"
+    monkeypatch.setenv(lf.BODY_ENV, "fused")
+    assert lf.body_choice() == "fused"
     monkeypatch.setenv(lf.BODY_ENV, "fast")
     with pytest.raises(ValueError, match="TILERT_LINEAR_BODY='fast'"):
         lf.body_choice()

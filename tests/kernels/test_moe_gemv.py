@@ -22,9 +22,9 @@ TOL_Y = 1e-3
 
 def test_body_switch(monkeypatch):
     monkeypatch.delenv(moe.BODY_ENV, raising=False)
-    assert moe.body_choice() == "mainloop" and moe.tiling(8, *MIMO_SHAPE).gemv is None
-    monkeypatch.setenv(moe.BODY_ENV, "gemv")
     assert moe.body_choice() == "gemv" and moe.tiling(8, *MIMO_SHAPE).gemv is not None
+    monkeypatch.setenv(moe.BODY_ENV, "mainloop")
+    assert moe.body_choice() == "mainloop" and moe.tiling(8, *MIMO_SHAPE).gemv is None
     monkeypatch.setenv(moe.BODY_ENV, "fast")
     with pytest.raises(ValueError, match="TILERT_MOE_BODY='fast'"):
         moe.body_choice()

@@ -66,7 +66,7 @@ def test_list_schedule_hands_over_after_the_producer():
 
 
 def test_gate_up_stages_x_once_per_task_and_down_a_slot_at_a_time():
-    geo = moe.tiling(8, 6144, 2048, 48, 8)
+    geo = moe.tiling(8, 6144, 2048, 48, 8, body="mainloop")  # the mainloop body's items (16-row tiles)
     assert X_B8 <= MOE_STAGE_BYTES
     two, thirteen = (moe_expert_work("MOE_GATE_UP", geo, 12e6, n, n) for n in (2, 13))
     hb = 8 * moe.GU_COLS * 2  # Hb columns an item writes

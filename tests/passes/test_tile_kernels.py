@@ -72,9 +72,9 @@ def test_moe_tasks_are_the_kernel_grids(case: tuple[Graph, list[OpTiles]]) -> No
     # gate/up and down tasks stride over the active items: for every Count, each item exactly once
     assert up.coords == [(j, 0, 0) for j in range(geo.gu_tasks)] and geo.gu_tasks <= moe.MOE_TASKS
     assert down.coords == [(j, 0, 0) for j in range(geo.down_tasks)] and geo.down_tasks <= moe.MOE_TASKS
-    if In % moe.GU_COLS == 0:
-        assert geo.gu_tiles == In // 8
-    assert geo.down_tiles == cdiv(H, BLOCK_N)
+    assert geo.gu_tiles == cdiv(In, geo.gu_width) and geo.down_tiles == cdiv(H, geo.down_rows)
+    if geo.gemv is None:  # the mainloop body: 8 h columns (16 rows) a gate/up item, 16 outputs a down item
+        assert geo.gu_width == moe.GU_COLS and geo.down_rows == BLOCK_N
     for count in range(geo.max_slots + 1):
         gu_items = [it for j in range(geo.gu_tasks) for it in geo.gu_items(j, count)]
         assert sorted(gu_items) == [(s, t) for s in range(count) for t in range(geo.gu_tiles)]

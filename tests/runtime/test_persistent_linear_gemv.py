@@ -47,11 +47,11 @@ def meta_programs(model: str, tokens: int, world: int = 1):
 
 @pytest.mark.parametrize(("model", "tokens", "world"), [("tiny-gpu", 4, 1), ("mimo-v2.5-pro", 8, 8)])
 def test_switch_takes_the_fp8_linears_only(monkeypatch, model, tokens, world):
-    monkeypatch.delenv(lf.BODY_ENV, raising=False)
+    monkeypatch.setenv(lf.BODY_ENV, "fused")
     _, _, progs = meta_programs(model, tokens, world)
     assert all(p.key[0] != "linear_stream" and p.chain is None for p in progs)
     assert not any(p.prelude == gemv.LINEAR_PRELUDE for p in progs)
-    monkeypatch.setenv(lf.BODY_ENV, "gemv")
+    monkeypatch.delenv(lf.BODY_ENV)  # the default: the streaming GEMV
     rg, _, progs = meta_programs(model, tokens, world)
     fp8 = [p for n, p in zip(rg.nodes, progs) if n.op == "linear_fp8"]
     assert fp8 and all(p.key[0] == "linear_stream" and p.prelude == gemv.LINEAR_PRELUDE and p.chain for p in fp8)

@@ -61,22 +61,22 @@ def test_verify_step_with_gemv_experts_compiles(monkeypatch, model, tokens, max_
         assert "LDGSTS" in code and not sass.odd_descriptors(code)
 
 
-def test_default_step_keeps_the_mainloop_body(monkeypatch):
-    # no switch: the MoE programs are the mainloop's and ask for no other prelude (the default step
-    # kernels, and the kernel cache keyed on their text, stay as they were)
+def test_the_default_step_runs_the_gemv_body(monkeypatch):
+    # TILERT_MOE_BODY=mainloop: the MoE programs are the mainloop's and ask for no other prelude; no
+    # switch: the GEMV expert tasks, with the GEMV's prelude
     from tilert.engine.persistent import compile_step
     from tilert.models.builder import build_step_graph
     from tilert.runtime.eager.synthetic import meta_params
     from tilert.runtime.kinds import for_node
     from tilert.runtime.persistent.program import Bindings
 
-    monkeypatch.delenv(moe.BODY_ENV, raising=False)
+    monkeypatch.setenv(moe.BODY_ENV, "mainloop")
     cfg = load_config("tiny-gpu")
     rg, _ = compile_step(build_step_graph(cfg, tokens=4, mode="verify", max_seq=256), 256)
     b = Bindings(rg, meta_params(rg), torch.device("meta"))
     progs = [for_node(n.op).program(rg, n, b, 132) for n in rg.nodes if n.op.startswith("fused_moe")]
     assert progs and all(p.prelude is None and p.key[2].gemv is None for p in progs)
-    monkeypatch.setenv(moe.BODY_ENV, "gemv")
+    monkeypatch.delenv(moe.BODY_ENV)
     progs = [for_node(n.op).program(rg, n, b, 132) for n in rg.nodes if n.op.startswith("fused_moe")]
     assert all(p.prelude == gemv.GEMV_PRELUDE and p.key[2].gemv is not None for p in progs)
 

@@ -4,6 +4,8 @@ task's tile reads them; tasks without a region (experts, attention, elementwise)
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -14,16 +16,23 @@ from tilert.models.config import load_config
 pytest.importorskip("tilelang")  # the step's prim_func is built (not compiled) with TileLang
 
 
-@pytest.fixture(scope="module")
-def step():
+@pytest.fixture(scope="module", params=["gemv", "fused"])
+def step(request):
+    """The tiny-gpu verify step with each fp8 linear body (TILERT_LINEAR_BODY)."""
     from tilert.engine.persistent import precompile
+    from tilert.kernels import linear_fused as lf
 
-    real = common.build
+    real, old = common.build, os.environ.get(lf.BODY_ENV)
     common.build = lambda func, **kw: func  # the prim_func is built, not compiled
+    os.environ[lf.BODY_ENV] = request.param
     try:
         yield precompile(load_config("tiny-gpu"), 4, "verify", 256, 1)
     finally:
         common.build = real
+        if old is None:
+            os.environ.pop(lf.BODY_ENV, None)
+        else:
+            os.environ[lf.BODY_ENV] = old
 
 
 def test_prefetch_regions_lie_inside_the_tasks_weights(step):
@@ -44,9 +53,14 @@ def test_prefetch_regions_lie_inside_the_tasks_weights(step):
         assert rows > 0 and stride == row_bytes and addr + (rows - 1) * stride + nbytes <= w.numel() * w.element_size()
         if name == "MOE_ROUTER":  # the task's 4 experts' rows, whole
             assert (addr, nbytes) == (c0 * 4 * row_bytes, row_bytes)
-        else:  # the tile's rows, its k split's bytes
-            spec = prog.key[2]
-            kt = spec.k // spec.split_k
-            assert nbytes == kt * w.element_size() and rows == min(spec.block_n, spec.n - c0 * spec.block_n)
-            assert addr == c0 * spec.block_n * row_bytes + c2 * nbytes
+        else:  # the tile's rows, its k split's bytes: the fused body's spec or the streaming GEMV's config
+            if prog.key[0] == "linear_stream":
+                cfg = prog.key[1]
+                n, k, split, bn = cfg.n, cfg.k, cfg.split, cfg.rows
+            else:
+                spec = prog.key[2]
+                n, k, split, bn = spec.n, spec.k, spec.split_k, spec.block_n
+            kt = k // split
+            assert nbytes == kt * w.element_size() and rows == min(bn, n - c0 * bn)
+            assert addr == c0 * bn * row_bytes + c2 * nbytes
     assert seen == {"LINEAR_FP8", "MOE_ROUTER"}

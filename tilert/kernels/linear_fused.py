@@ -53,16 +53,18 @@ GEMV_RING_BYTES = 128 * 1024  # most shared memory of the GEMV weight ring
 GEMV_SMEM_BYTES = 192 * 1024  # ring + x stage at most (scales and the reduction take up to 20 KB more)
 GEMV_ROW_PAD = 64  # bytes after each ring row: rows r and r + 1 fall in different banks
 
-BODY_ENV = "TILERT_LINEAR_BODY"  # "fused" (default) or "gemv": which body the persistent LINEAR_FP8 tasks run
+BODY_ENV = "TILERT_LINEAR_BODY"  # "gemv" (default) or "fused": which body the persistent LINEAR_FP8 tasks run
 BODIES = ("fused", "gemv")
 STREAM_SMEM = 200 * 1024  # the most shared memory the streaming body may take (the step's static buffers beside it)
 STREAM_DEPTHS = (5, 4, 3, 2)  # ring depths tried, deepest first: (depth - 1) x 16 KB in flight per SM
 
 
 def body_choice() -> str:
-    """The persistent fp8 linear body the build switch TILERT_LINEAR_BODY names: "fused" (default:
-    `make_gemv_body`, a CTA-shared stage ring) or "gemv" (the streaming GEMV, `gemv_config`)."""
-    v = os.environ.get(BODY_ENV, "fused") or "fused"
+    """The persistent fp8 linear body the build switch TILERT_LINEAR_BODY names: "gemv" (default: the
+    streaming GEMV, `gemv_config`; 0.88x / 0.77x of the fused body's full-scale step at B=1 / B=8
+    together with the GEMV experts, docs/performance.md) or "fused" (`make_gemv_body`, a CTA-shared
+    stage ring)."""
+    v = os.environ.get(BODY_ENV, "gemv") or "gemv"
     if v not in BODIES:
         raise ValueError(f"{BODY_ENV}={v!r}: expected one of {', '.join(BODIES)}")
     return v

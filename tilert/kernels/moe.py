@@ -114,7 +114,7 @@ MOE_TASKS = 128  # MOE_GATE_UP and MOE_DOWN tasks per MoE node, about one per SM
 
 # ---- the expert bodies of the persistent step: the MXFP4 mainloop (default) or the streaming GEMV ----
 
-BODY_ENV = "TILERT_MOE_BODY"  # "mainloop" (default) or "gemv": which body the persistent expert tasks run
+BODY_ENV = "TILERT_MOE_BODY"  # "gemv" (default) or "mainloop": which body the persistent expert tasks run
 TILING_ENV = "TILERT_MOE_GEMV_TILING"  # optional "wr.g.depth/wr.g.depth" (gate/up / down) for the GEMV body
 BODIES = ("mainloop", "gemv")
 TOPK_ENV = "TILERT_MOE_TOPK"  # "router" (default) or "task": where the persistent step runs the top-k
@@ -124,9 +124,10 @@ GEMV_SMEM = 200 * 1024  # the most shared memory an expert GEMV body may take (t
 
 
 def body_choice() -> str:
-    """The persistent expert body the build switch TILERT_MOE_BODY names: "mainloop" (default: one
-    load round of registers per item, `make_bodies`) or "gemv" (the streaming GEMV, `make_gemv_tasks`)."""
-    v = os.environ.get(BODY_ENV, "mainloop") or "mainloop"
+    """The persistent expert body the build switch TILERT_MOE_BODY names: "gemv" (default: the
+    streaming GEMV's item form, `make_gemv_tasks`) or "mainloop" (one load round of registers per
+    item, `make_bodies`)."""
+    v = os.environ.get(BODY_ENV, "gemv") or "gemv"
     if v not in BODIES:
         raise ValueError(f"{BODY_ENV}={v!r}: expected one of {', '.join(BODIES)}")
     return v
