@@ -28,9 +28,11 @@ from typing import Any, NamedTuple
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tilert.gpu_specs import GPUS, H100, H200, GpuSpec, scaled_stream  # noqa: E402
+from tilert.kernels import switches  # noqa: E402
 from tilert.models.config import load_config  # noqa: E402
 from tilert.profile.calibration import (  # noqa: E402
     STAGE_QUANTILE,
+    MeasuredStep,
     fit_task_costs,
     format_task_costs,
     measured_steps,
@@ -156,8 +158,7 @@ def h100_expert_scale(model: str, results: Path, h200: GpuSpec, h100_fits: dict[
     def err(s: float) -> list[float]:
         experts = scaled_stream({k: h200.tasks[k] for k in EXPERTS}, s)
         spec = dataclasses.replace(H100, tasks={**own, **experts}).solo()
-        return [math.log(predicted_step_ms(cfg, m.tokens, WORLD, spec, MAX_SEQ, CONTEXT, m.routed) / m.persistent_ms)
-                for m in steps]  # fmt: skip
+        return [math.log(predicted(cfg, m, spec, m.routed) / m.persistent_ms) for m in steps]
 
     for _ in range(10):
         mid = (lo + hi) / 2
@@ -167,17 +168,21 @@ def h100_expert_scale(model: str, results: Path, h200: GpuSpec, h100_fits: dict[
     return s
 
 
+def predicted(cfg: Any, m: MeasuredStep, spec: GpuSpec, routed: float | None) -> float:
+    """The model's step for a measured one, built under the switches it ran under."""
+    with switches.applied(m.switches):
+        return predicted_step_ms(cfg, m.tokens, WORLD, spec, MAX_SEQ, CONTEXT, routed)
+
+
 def check(model: str, gpu: str, results: Path, fits: dict | None) -> None:
     spec = GPUS[gpu]
     if fits:
         spec = dataclasses.replace(spec, tasks={**spec.tasks, **{k: task_cost(v) for k, v in fits.items()}})
     cfg = load_config(model)
     files = MEASURED_H200 if gpu == "h200" else MEASURED_H100
-    rows = [(m.file, m.commit, m.tokens, m.routing, m.routed, m.persistent_ms)
-            for f in files for m in measured_steps(results / f)]  # fmt: skip
-    for file, commit, B, routing, routed, ms in rows:
-        uniform = predicted_step_ms(cfg, B, WORLD, spec.solo(), MAX_SEQ, CONTEXT)
-        at = predicted_step_ms(cfg, B, WORLD, spec.solo(), MAX_SEQ, CONTEXT, routed)
+    for m in (m for f in files for m in measured_steps(results / f)):
+        file, commit, B, routing, routed, ms = m.file, m.commit, m.tokens, m.routing, m.routed, m.persistent_ms
+        uniform, at = predicted(cfg, m, spec.solo(), None), predicted(cfg, m, spec.solo(), routed)
         print(f"{gpu} {file} ({commit}) B={B} routing {routing} ({routed} active): measured {ms:.2f} ms | predicted "
               f"{uniform:.2f} ms (uniform routing: measured / predicted {ms / uniform:.3f}), {at:.2f} ms at the "
               f"measured routing ({ms / at:.3f})", flush=True)  # fmt: skip

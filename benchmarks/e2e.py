@@ -56,6 +56,7 @@ from benchmarks.e2e_ranks import bench_ranks  # noqa: E402
 from tilert.engine.eager import compile_for_gpu  # noqa: E402
 from tilert.engine.persistent import compile_step  # noqa: E402
 from tilert.gpu_specs import H200, GpuSpec, gpu_spec_for_device  # noqa: E402
+from tilert.kernels import switches  # noqa: E402
 from tilert.models.config import load_config  # noqa: E402
 from tilert.models.drafter import build_drafter_graph  # noqa: E402
 from tilert.profile.calibration import compile_rank, predicted_step_ms  # noqa: E402
@@ -387,6 +388,7 @@ def main() -> None:
         "copy_bandwidth_Bps": bw,
         "cost_model": pred,
         "accept_len": a.accept_len,
+        "switches": switches.current(),  # the build switches its steps ran under (calibrate_costs.py)
         "routing": a.routing,
         "routing_note": "steps '<B>' ran with the routing above; steps '<B>.pinned' with pinned routing (one "
         "expert per rank for every token: comparable logits, not a verify block's MoE load)",

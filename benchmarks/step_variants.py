@@ -18,7 +18,6 @@ sees), `pinned` is benchmarks.common.pin_routing. Writes DIR/step-variants-<devi
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -30,6 +29,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import active_experts, pin_routing, write_result  # noqa: E402
 from tilert.engine.persistent import compile_step, precompile  # noqa: E402
+from tilert.kernels import switches  # noqa: E402
 from tilert.models.builder import build_step_graph  # noqa: E402
 from tilert.models.config import load_config  # noqa: E402
 from tilert.runtime.eager.synthetic import synthetic_params  # noqa: E402
@@ -48,24 +48,6 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
             raise SystemExit(f"variant {text!r}: switches are TILERT_NAME=VALUE, comma-separated")
         env[k] = v
     return name, env
-
-
-class switches:
-    """Set environment variables for the duration of a with-block (the build reads them)."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env, self.old = env, {}
-
-    def __enter__(self) -> None:
-        self.old = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-
-    def __exit__(self, *exc: object) -> None:
-        for k, v in self.old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def time_interleaved(steps: dict[str, PersistentStep], inputs: dict, rounds: int, per_round: int) -> dict[str, float]:
@@ -107,7 +89,7 @@ def main() -> None:
         for name, env in variants:
             for B in a.tokens:
                 t0 = time.time()
-                with switches(env):
+                with switches.applied(env):
                     precompile(cfg, B, "verify" if B > 1 else "decode", max_seq, a.world_size, peers=False)
                 print(f"{name} B={B}: {time.time() - t0:.0f} s", flush=True)
         return
@@ -118,7 +100,7 @@ def main() -> None:
         for name, env in variants:
             # the table too is compiled under the variant's switches: a switch may change the tasks
             # (TILERT_MOE_TOPK), not only the bodies
-            with switches(env):
+            with switches.applied(env):
                 g, sched = compile_step(build_step_graph(cfg, tokens=B, max_seq=max_seq, mode=mode), max_seq,
                                         a.world_size)  # fmt: skip
                 if params is None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tilert.gpu_specs import H100, H200
+from tilert.kernels import switches
 from tilert.models.config import load_config
 from tilert.profile.calibration import MeasuredStep, measured_steps, predicted_step_ms
 
@@ -31,6 +32,12 @@ def stored(file: str, tokens: int, routing: str | None = None) -> MeasuredStep:
     return m
 
 
+def predicted(cfg, m: MeasuredStep, spec, routed=None) -> float:
+    """The compiler's step for a stored one, built under the switches the stored one ran under."""
+    with switches.applied(m.switches):
+        return predicted_step_ms(cfg, m.tokens, WORLD, spec.solo(), MAX_SEQ, CONTEXT, routed=routed)
+
+
 @pytest.fixture(scope="module")
 def cfg():
     return load_config("mimo-v2.5-pro")
@@ -42,7 +49,7 @@ def cfg():
 ])  # fmt: skip
 def test_h200_prediction_within_25_percent_of_the_stored_step(cfg, file, tokens, routing):
     m = stored(file, tokens, routing)
-    got = predicted_step_ms(cfg, tokens, WORLD, H200.solo(), MAX_SEQ, CONTEXT)
+    got = predicted(cfg, m, H200)
     assert abs(got / m.persistent_ms - 1) <= TOLERANCE, f"predicted {got:.2f} ms, measured {m.persistent_ms:.2f} ms"
 
 
@@ -51,7 +58,7 @@ def test_h200_prediction_at_the_measured_routing(cfg):
     that routing, where the compiler's own (uniform routing) would be twice the step."""
     m = stored("e2e-nvidia-h200.json", 8, "pinned")
     assert m.routed == 1.0
-    got = predicted_step_ms(cfg, 8, WORLD, H200.solo(), MAX_SEQ, CONTEXT, routed=m.routed)
+    got = predicted(cfg, m, H200, m.routed)
     assert abs(got / m.persistent_ms - 1) <= TOLERANCE, f"predicted {got:.2f} ms, measured {m.persistent_ms:.2f} ms"
 
 
@@ -59,5 +66,5 @@ def test_h200_prediction_at_the_measured_routing(cfg):
 def test_h100_prediction_within_25_percent_of_the_stored_step(cfg, tokens):
     m = stored("e2e-nvidia-h100-80gb-hbm3.json", tokens, "token")
     for routed in (None, m.routed):  # the compiler's own (uniform routing) and at the measured routing
-        got = predicted_step_ms(cfg, tokens, WORLD, H100.solo(), MAX_SEQ, CONTEXT, routed=routed)
+        got = predicted(cfg, m, H100, routed)
         assert abs(got / m.persistent_ms - 1) <= TOLERANCE, (routed, got, m.persistent_ms)

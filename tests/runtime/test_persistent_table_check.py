@@ -12,7 +12,7 @@ import pytest
 
 from tilert.abi import FIELD, OPCODE_NAMES
 from tilert.engine.persistent import compile_step
-from tilert.kernels import moe
+from tilert.kernels import moe, switches
 from tilert.models.builder import build_step_graph
 from tilert.models.config import load_config
 from tilert.runtime.persistent.megakernel import PersistentError
@@ -21,7 +21,7 @@ from tilert.runtime.persistent.step import PersistentStep
 
 
 def _table(place: str) -> tuple:
-    with moe.topk_placed(place):
+    with switches.applied({moe.TOPK_ENV: place}):
         return compile_step(build_step_graph(load_config("tiny"), tokens=1, max_seq=64, mode="decode"), 64, 1)
 
 

@@ -24,12 +24,10 @@ Expert stacks: gate_up blocks [E, 2I, H/2] (gate rows then up rows), scales [E, 
 down blocks [E, H, I/2], scales [E, H, I/32]; router weight f32 [E_total, H], bias f32 [E_total].
 """
 
-import contextlib
 import dataclasses
 import functools
 import operator
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,22 +139,6 @@ def topk_place() -> str:
     if v not in TOPK_PLACES:
         raise ValueError(f"{TOPK_ENV}={v!r}: expected one of {', '.join(TOPK_PLACES)}")
     return v
-
-
-@contextlib.contextmanager
-def topk_placed(place: str) -> Iterator[None]:
-    """Compile under TILERT_MOE_TOPK=place (a stored trace paired with a table of its own placement)."""
-    if place not in TOPK_PLACES:
-        raise ValueError(f"top-k place {place!r}: expected one of {', '.join(TOPK_PLACES)}")
-    old = os.environ.get(TOPK_ENV)
-    os.environ[TOPK_ENV] = place
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[TOPK_ENV]
-        else:
-            os.environ[TOPK_ENV] = old
 
 
 @dataclass(frozen=True)

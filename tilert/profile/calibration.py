@@ -19,7 +19,7 @@ import itertools
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ import numpy as np
 
 from tilert.gpu_specs import H200, GpuSpec, TaskCost
 from tilert.ir.graph import Graph
-from tilert.kernels import moe
+from tilert.kernels import moe, switches
 from tilert.models.builder import build_step_graph
 from tilert.passes.manager import PassContext, compile_graph
 from tilert.passes.tile import OpTiles
@@ -85,11 +85,19 @@ class MeasuredStep:
     routing: str  # "pinned" (one expert per rank for every token) or "token" (the router's own choices)
     routed: float | None  # local experts active per MoE layer (mean), where the file records it
     persistent_ms: float
+    switches: dict[str, str] = field(default_factory=dict)  # the build switches it ran under
+
+
+def historical_switches(top_k_task: bool = True) -> dict[str, str]:
+    """The build switches of a measurement that recorded none: the bodies every step ran before the
+    switches had other defaults; the top-k a task of its own unless the trace shows otherwise."""
+    return {**switches.HISTORICAL, moe.TOPK_ENV: "task" if top_k_task else "router"}
 
 
 def measured_steps(path: str | Path) -> list[MeasuredStep]:
     """The persistent steps an e2e result file measured (keys "1", "8": routing as the file says;
-    "8.pinned" and the like: pinned routing; files before the routing field: pinned)."""
+    "8.pinned" and the like: pinned routing; files before the routing field: pinned), with the build
+    switches the file records (`historical_switches` for files that record none)."""
     d = json.loads(Path(path).read_text())
     out = []
     for key, row in d.get("steps", {}).items():
@@ -100,7 +108,8 @@ def measured_steps(path: str | Path) -> list[MeasuredStep]:
         act = row.get("active_experts") or {}
         out.append(MeasuredStep(Path(path).name, d.get("device", "?"), str(d.get("commit", "?"))[:7], d["model"],
                                 int(d["world_size"]), d.get("rank") == 0, int(d["context"]), int(head),
-                                routing or "pinned", act.get("mean"), float(row["persistent_ms"])))  # fmt: skip
+                                routing or "pinned", act.get("mean"), float(row["persistent_ms"]),
+                                dict(d.get("switches") or historical_switches())))  # fmt: skip
     return out
 
 
@@ -110,10 +119,12 @@ def trace_run(trace: dict[str, Any], cfg: Any, tokens: int, world: int, max_seq:
     """A stored trace of rank 0's step with the task table and work the compiler gives the same step
     (`run_from_trace` pairs tasks by identity, so the table may order them otherwise). `routed`: the
     local experts each MoE layer ran, one count for all or per fused MoE node (default: the tile
-    pass's uniform-routing expectation). A trace with MOE_TOPK tasks is paired with a table whose
-    top-k is a task of its own (kernels/moe.py topk_place), else with the router's last arrival."""
-    place = "task" if any(e["cat"] == "MOE_TOPK" for e in task_events(trace)) else "router"
-    with moe.topk_placed(place):
+    pass's uniform-routing expectation). The table is built under the build switches the trace
+    recorded (`kernels.switches`), or for a trace that recorded none, under the bodies every step
+    ran before the switches had other defaults, with the top-k where the trace's tasks put it."""
+    topk_task = any(e["cat"] == "MOE_TOPK" for e in task_events(trace))
+    env = trace_meta(trace).get("switches") or historical_switches(topk_task)
+    with switches.applied(env):
         rank = compile_rank(cfg, tokens, world, spec or H200, max_seq, context)
     run = run_from_trace(trace, rank.schedule.table)
     active = routed if isinstance(routed, dict) or routed is None else dict.fromkeys(rank.moe_nodes(), int(routed))

@@ -161,7 +161,8 @@ def measured_trace(step: PersistentStep, process: str = "rank 0 (measured)", met
     """Chrome/Perfetto trace of a PersistentStep's last launch: one track per SM, one event per task,
     from the kernel's own %globaltimer stamps (a 'wait' event until the task's waits are met, then
     the task until its signal). `meta` joins the trace's otherData (what the step was: model, world,
-    routing..., read back by `calibration.trace_meta`)."""
+    routing..., read back by `calibration.trace_meta`), as do the build switches the step was built
+    under (`PersistentStep.switches`: the calibration rebuilds its table under them)."""
     torch.cuda.synchronize(step.device)
     tr = step.trace.cpu().numpy()
     table = step.table
@@ -171,7 +172,8 @@ def measured_trace(step: PersistentStep, process: str = "rank 0 (measured)", met
     ready = np.where(used, tr[:, :, 2], -1)
     names = [n.op for n in step.g.nodes]
     return trace_json(table, start, end, TASK_FIELDS, names, OPCODE_NAMES, process=process, pid=1,
-                      meta={"source": "persistent kernel %globaltimer", "graph": step.g.name, **(meta or {})},
+                      meta={"source": "persistent kernel %globaltimer", "graph": step.g.name,
+                            "switches": dict(step.switches), **(meta or {})},
                       ready_ns=ready)  # fmt: skip
 
 

@@ -24,6 +24,7 @@ import torch
 
 from tilert.abi import DEFAULT_TIMEOUT_NS, ERR_DRY, ERR_TIMEOUT, FIELD, OPCODE_NAMES, WAITS
 from tilert.ir.graph import Graph
+from tilert.kernels import switches
 from tilert.kernels.common import DEVICE_PRELUDE, build, gated, is_gated, using_prelude
 from tilert.kernels.views import PERSISTENT_THREADS, ViewSpec, make_views, pointer_row
 from tilert.runtime.kinds import for_node, registered
@@ -191,6 +192,7 @@ class PersistentStep:
         self.kernel = _STEP_KERNELS[kernel_key]
         self.steps = 0
         self.launches_per_step = 1
+        self.switches = switches.current()  # the build switches its program was built under (traces record them)
 
     def _prefetch_table(self) -> np.ndarray:
         """int64 [sms, tasks, 4]: each task's weight region (NodeProgram.prefetch), rows 0 if none."""

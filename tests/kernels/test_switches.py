@@ -1,0 +1,47 @@
+"""Build switches (tilert/kernels/switches.py): the values in force, a with-block that sets and
+restores them, a value no reader knows refused; measured files without switches read as the
+historical bodies."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from tilert.kernels import linear_fused, moe, switches
+from tilert.profile.calibration import historical_switches, measured_steps
+
+
+def test_current_names_every_switch_and_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in switches.SWITCHES:
+        monkeypatch.delenv(k, raising=False)
+    assert switches.current() == {linear_fused.BODY_ENV: "gemv", moe.BODY_ENV: "gemv", moe.TOPK_ENV: "router"}
+
+
+def test_applied_sets_and_restores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(moe.BODY_ENV, "gemv")
+    monkeypatch.delenv(moe.TOPK_ENV, raising=False)
+    with switches.applied({moe.BODY_ENV: "mainloop", moe.TOPK_ENV: "task"}):
+        assert switches.current()[moe.BODY_ENV] == "mainloop"
+        assert moe.tiling(8, 6144, 2048, 48, 8).stages[1] == "MOE_TOPK"
+    assert os.environ[moe.BODY_ENV] == "gemv" and moe.TOPK_ENV not in os.environ
+
+
+def test_a_value_no_reader_knows_is_refused_and_undone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(moe.TOPK_ENV, raising=False)
+    with pytest.raises(ValueError, match="TILERT_MOE_TOPK='gate'"):
+        with switches.applied({moe.TOPK_ENV: "gate"}):
+            pass
+    assert moe.TOPK_ENV not in os.environ
+
+
+def test_measured_steps_carry_their_switches(tmp_path) -> None:
+    row = {"persistent_ms": 6.0, "active_experts": {"mean": 1.0}}
+    old = {"model": "mimo-v2.5-pro", "world_size": 8, "rank": 0, "context": 4096, "steps": {"1": row}}
+    new = {**old, "switches": {moe.BODY_ENV: "gemv", linear_fused.BODY_ENV: "gemv", moe.TOPK_ENV: "router"}}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    assert measured_steps(tmp_path / "old.json")[0].switches == historical_switches() == {
+        linear_fused.BODY_ENV: "fused", moe.BODY_ENV: "mainloop", moe.TOPK_ENV: "task"}
+    assert measured_steps(tmp_path / "new.json")[0].switches == new["switches"]

@@ -1,0 +1,45 @@
+"""Build switches: environment variables the compiler and the persistent step read while they build
+a step (which body a kind of task runs, where the MoE top-k runs). A table and its step program must
+be built under the same ones (PersistentStep checks what it can). `current()` names the values in
+force, so a measured trace can record them and the calibration rebuild the same tasks; `applied`
+sets some of them for a with-block (benchmarks/step_variants.py's variants, stored traces)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Mapping
+
+from tilert.kernels import linear_fused, moe
+
+# switch -> the function that reads it (and refuses a value it does not know)
+SWITCHES: dict[str, Callable[[], str]] = {
+    linear_fused.BODY_ENV: linear_fused.body_choice,
+    moe.BODY_ENV: moe.body_choice,
+    moe.TOPK_ENV: moe.topk_place,
+}
+# what every switch was before it existed: the settings of traces that record none
+HISTORICAL = {linear_fused.BODY_ENV: "fused", moe.BODY_ENV: "mainloop", moe.TOPK_ENV: "task"}
+
+
+def current() -> dict[str, str]:
+    """The value of every switch in force now (the defaults where unset)."""
+    return {name: read() for name, read in SWITCHES.items()}
+
+
+@contextlib.contextmanager
+def applied(env: Mapping[str, str]) -> Iterator[None]:
+    """Set `env` (switch -> value) for the with-block; each value is checked by its reader."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        for k in env:
+            if k in SWITCHES:
+                SWITCHES[k]()
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
