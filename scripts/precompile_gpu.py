@@ -48,6 +48,7 @@ from pathlib import Path
 from tilert.engine.backend import PREFILL_CHUNK
 from tilert.engine.eager import compile_for_gpu
 from tilert.engine.persistent import compile_step, precompile, precompile_drafter
+from tilert.kernels import switches
 from tilert.models.builder import build_step_graph
 from tilert.models.config import load_config
 from tilert.models.drafter import build_drafter_graph
@@ -84,16 +85,8 @@ def build_step(model: str, tokens: int, mode: str, max_seq: int, world: int, lay
         cfg = cfg.first_layers(layers)
     if peers is None:  # the tiny configs' multi-rank tests run every rank; mimo's e2e rank 0 alone
         peers = world > 1 and model.startswith("tiny")
-    old = {k: os.environ.get(k) for k in env or {}}
-    os.environ.update(env or {})
-    try:
+    with switches.applied(env or {}):
         precompile(cfg, tokens, mode, max_seq, world, peers=peers, gpus=gpus)
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     cut = f" ({layers} layers)" if layers else ""
     sw = f" [{','.join(f'{k}={v}' for k, v in (env or {}).items())}]" if env else ""
     return f"{model}{cut} {mode} B={tokens} world {world} on {gpus} GPU(s){sw}: {time.time() - t0:.0f} s"
@@ -143,18 +136,11 @@ def build_linear_chain_step(tokens: int, mode: str) -> str:
     """tiny-gpu's step with the streaming linears over LINEAR_CHAIN_SMS SM queues ("chained": queues
     that run one linear's tasks back to back)."""
     t0 = time.time()
-    old = os.environ.get("TILERT_LINEAR_BODY")
-    os.environ["TILERT_LINEAR_BODY"] = "gemv"
-    try:
+    with switches.applied({"TILERT_LINEAR_BODY": "gemv"}):
         g = build_step_graph(load_config("tiny-gpu"), tokens=tokens, mode=mode, max_seq=256)
         rg, sched = compile_step(g, 256, 1, sms=LINEAR_CHAIN_SMS)
         PersistentStep(rg, sched.table, sched.counter_expected, meta_params(rg), device="meta",
                        num_sms=sched.table.shape[0])  # fmt: skip
-    finally:
-        if old is None:
-            os.environ.pop("TILERT_LINEAR_BODY", None)
-        else:
-            os.environ["TILERT_LINEAR_BODY"] = old
     took = time.time() - t0
     return f"tiny-gpu {mode} B={tokens} over {LINEAR_CHAIN_SMS} SM queues [TILERT_LINEAR_BODY=gemv]: {took:.0f} s"
 
