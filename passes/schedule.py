@@ -195,7 +195,8 @@ def list_schedule(f: dict[str, Any], sms: int) -> tuple[list[list[int]], list[fl
         _, ti = heapq.heappop(ready)
         t0, sm = heapq.heappop(free)
         t = tasks[ti]
-        if tail[t.stage] and left_stage[t.stage] == 1:  # its stage's last task runs the tail (its row's cost too)
+        if tail[t.stage] and left_stage[t.stage] == 1:  # its stage's last task runs the tail (its row's cost too;
+            # a schedule runs once per flattened table, so the tail is added once)
             t.busy += tail[t.stage]
         finish[ti] = end = task_ready(t.fixed, t.handover, t0, ready_at[ti]) + t.busy - t.fixed
         heapq.heappush(free, (end, sm))

@@ -132,8 +132,8 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
 
         # With the fused pre-MoE RMSNorm the router tasks read the raw rows and the router weight
         # times gamma (bound below) and scale their logits by rstd (moe.router_tile); each writes
-        # its slice of the normalised bf16 rows to xh for the gate/up tasks (they wait for the
-        # top-k, which waits for every router task).
+        # its slice of the normalised bf16 rows to xh for the gate/up tasks (which wait for every
+        # router task, the top-k's too).
         @T_.macro
         def router_logits(V, e_tile):
             if eps is not None:
