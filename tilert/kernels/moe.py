@@ -259,10 +259,6 @@ class MoeTiling:
         return (*head, "MOE_GATE_UP", "MOE_DOWN", "MOE_REDUCE")
 
     @property
-    def router_tasks(self) -> int:
-        return cdiv(self.n_experts, ROUTER_E)
-
-    @property
     def body(self) -> str:
         return "mainloop" if self.gemv is None else "gemv"
 
