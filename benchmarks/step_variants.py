@@ -12,12 +12,16 @@ are compared with the first's.
 
 Rank 0 of the model's plan (synthetic weights, solo collectives) as benchmarks/e2e.py builds it;
 routing `random` is the synthetic router's own choice, which differs by token (what a verify block
-sees), `pinned` is benchmarks.common.pin_routing. Writes DIR/step-variants-<device>.json.
+sees), `pinned` is benchmarks.common.pin_routing. Writes DIR/step-variants-<device>.json; each row
+holds the median task time per opcode of the variant's last timed launch (`task_median_us`, from the
+kernel's own trace), and --trace-dir writes those traces (trace-<variant>.B<n>.json.gz).
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
+import json
 import statistics
 import sys
 import time
@@ -32,6 +36,7 @@ from tilert.engine.persistent import compile_step, precompile  # noqa: E402
 from tilert.kernels import switches  # noqa: E402
 from tilert.models.builder import build_step_graph  # noqa: E402
 from tilert.models.config import load_config  # noqa: E402
+from tilert.profile.timeline import measured_trace  # noqa: E402
 from tilert.runtime.eager.synthetic import synthetic_params  # noqa: E402
 from tilert.runtime.persistent.step import PersistentStep  # noqa: E402
 
@@ -66,6 +71,15 @@ def time_interleaved(steps: dict[str, PersistentStep], inputs: dict, rounds: int
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def task_medians(trace: dict) -> dict[str, float]:
+    """Median run time (us, ready to signal) of each opcode's tasks in a measured trace."""
+    by: dict[str, list[float]] = {}
+    for e in trace["traceEvents"]:
+        if e.get("ph") == "X" and e.get("cat") not in (None, "WAIT"):
+            by.setdefault(e["cat"], []).append(e["dur"])
+    return {k: round(statistics.median(v), 3) for k, v in sorted(by.items())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="mimo-v2.5-pro")
@@ -79,6 +93,7 @@ def main() -> None:
     ap.add_argument("--per-round", type=int, default=5)
     ap.add_argument("--precompile", action="store_true", help="build the variants' kernels (no GPU)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--trace-dir", default=None, help="write each variant's measured trace here")
     a = ap.parse_args()
     variants = [parse_variant(v) for v in (a.variant or ["base"])]
     cfg = load_config(a.model)
@@ -119,8 +134,15 @@ def main() -> None:
             outs[name] = {k: v.float().clone() for k, v in st.run(inputs).items()}
         first = next(iter(outs))
         ms = time_interleaved(steps, inputs, a.rounds, a.per_round)
-        for st in steps.values():
+        medians = {}
+        for name, st in steps.items():
             st.check()
+            tr = measured_trace(st, meta={"model": cfg.name, "tokens": B, "routing": a.routing, "variant": name})
+            medians[name] = task_medians(tr)
+            if a.trace_dir:
+                Path(a.trace_dir).mkdir(parents=True, exist_ok=True)
+                tp = Path(a.trace_dir) / f"trace-{name}.B{B}.json.gz"
+                tp.write_bytes(gzip.compress(json.dumps(tr, separators=(",", ":")).encode()))
         for name, env in variants:
             act = active_experts(steps[name])  # each variant's own top-k (a table without one shows it)
             diff = {k: float((outs[name][k] - v).abs().max()) for k, v in outs[first].items()}
@@ -131,11 +153,13 @@ def main() -> None:
                    for k, v in outs[first].items() if k not in IDS}  # fmt: skip
             row = {"variant": name, "env": env, "tokens": B, "ms": round(ms[name], 4),
                    "vs_first": round(ms[name] / ms[first], 4), "max_abs_diff_vs_first": diff,
-                   "rel_err_vs_first": rel, "ids_equal_vs_first": same, "active_experts": act}  # fmt: skip
+                   "rel_err_vs_first": rel, "ids_equal_vs_first": same, "active_experts": act,
+                   "task_median_us": medians[name]}  # fmt: skip
             rows.append(row)
             print(f"{g.name} B={B} {name:>12}: {ms[name]:.3f} ms ({row['vs_first']:.3f}x {first}), "
                   f"active experts {act}, rel err {max(rel.values(), default=0.0):.3g}, "
                   f"ids equal {min(same.values(), default=1.0):.3f}", flush=True)  # fmt: skip
+            print(f"    task medians (us): {medians[name]}", flush=True)
         del steps
         torch.cuda.empty_cache()
     data = {"model": a.model, "world_size": a.world_size, "layers": a.layers, "context": a.context,

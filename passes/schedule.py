@@ -15,6 +15,13 @@ A stage with a tail (tile.Stage.tail: the top-k that the router's last-arriving 
 its last scheduled task the tail's time too (in its row's cost_ns: replays of the table see it).
 Queues keep scheduling order, which is a topological order, so the persistent kernel cannot
 deadlock. Tasks waiting on more than WAITS ranges get BARRIER tasks in front.
+
+SM groups (TILERT_PIN, `task_group`): a task's body is fetched into its SM's instruction cache
+when it runs, and tasks of other kinds in between evict it; a sliding-window attention split runs a
+few tasks a layer whose ~38 KB body is cold every time (docs/passes.md). With TILERT_PIN=swa those
+tasks (and MOE_TOPK tasks) go to SMs of their own (as many as the widest such stage has tasks),
+which run nothing else; with TILERT_PIN=moe the MoE's router, expert and reduce tasks also get a
+group, half of the SMs left, and every other task the other half.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ from typing import Any
 import numpy as np
 
 from tilert.abi import OPCODES, TASK_FIELDS, WAITS
-from tilert.ir.graph import Graph
+from tilert.ir.graph import Graph, Node
+from tilert.kernels import switches
 from tilert.passes.cost_model import task_ready, task_time
 from tilert.passes.tile import OpTiles, structure_key
 
@@ -47,6 +55,22 @@ class Task:
     waits: list[tuple[int, tuple[int, int]]]
     fixed: float  # SM free -> ready, inputs there
     handover: float  # last input written -> ready
+    group: int = 0  # the SM group that runs it (task_group)
+
+
+GENERAL, PINNED, MOE_GROUP = 0, 1, 2  # SM groups (sm_groups)
+MOE_KINDS = ("MOE_ROUTER", "MOE_GATE_UP", "MOE_DOWN", "MOE_REDUCE")
+
+
+def task_group(node: Node, opcode: str, pin: str) -> int:
+    """The SM group of a task of `node` with this opcode under TILERT_PIN=`pin`: PINNED for the
+    split tasks of sliding-window attention nodes and MOE_TOPK tasks ("swa", "moe"), MOE_GROUP for
+    the MoE's other tasks ("moe"), else GENERAL."""
+    if pin == "none":
+        return GENERAL
+    if opcode == "MOE_TOPK" or (opcode == "ATTN_SPLIT" and node.op == "attention_block" and node.a.window > 0):
+        return PINNED
+    return MOE_GROUP if pin == "moe" and opcode in MOE_KINDS else GENERAL
 
 
 @dataclass
@@ -72,6 +96,7 @@ def _flatten(g: Graph, tiles: list[OpTiles], ctx: Any) -> dict[str, Any]:
     st_tail: list[float] = []  # per stage: the run time of its tail (Stage.tail), after its last task
     op_stage0 = []
     spec = ctx.gpu
+    pin = switches.pin_choice()
     for i, t in enumerate(tiles):
         op_stage0.append(len(st_base))
         for s in t.stages:
@@ -112,7 +137,7 @@ def _flatten(g: Graph, tiles: list[OpTiles], ctx: Any) -> dict[str, Any]:
                     full[-1:] = [full[-1] & whole] if k else [whole]
                 tt = task_time(spec, name, s.nbytes[k], s.stream[k], s.flops[k], s.comm[k], s.collective)
                 tasks.append(Task(code, i, s.coords[k], tt.busy, gs, s.chunk[k], sorted(waits.items()), tt.fixed,
-                                  tt.handover))  # fmt: skip
+                                  tt.handover, task_group(n, name, pin)))  # fmt: skip
     return {"tasks": tasks, "st_base": st_base, "st_chunks": st_chunks, "st_tail": st_tail, "counters": counters,
             "full": full}  # fmt: skip
 
@@ -129,10 +154,25 @@ def _barriers(f: dict[str, Any], spec: Any) -> None:
             f["st_tail"].append(0.0)
             f["counters"] += 1
             bt = task_time(spec, "BARRIER", 0.0, 0.0, 0.0)
-            out.append(Task(OPCODES["BARRIER"], t.op, (0, 0, 0), bt.busy, gs, 0, head, bt.fixed, bt.handover))
+            out.append(Task(OPCODES["BARRIER"], t.op, (0, 0, 0), bt.busy, gs, 0, head, bt.fixed, bt.handover,
+                            t.group))  # fmt: skip
             t.waits = [(gs, (0, 1))] + rest
         out.append(t)
     f["tasks"] = out
+
+
+def sm_groups(tasks: list[Task], sms: int) -> list[list[int]]:
+    """The SMs of each group (GENERAL, PINNED, MOE_GROUP): PINNED gets as many as the widest stage of
+    pinned tasks has tasks, MOE_GROUP half of the rest, GENERAL the others. A group left without SMs
+    (none of its tasks, or too few SMs to spare) sends its tasks to the GENERAL SMs."""
+    width: dict[int, int] = {}
+    for t in tasks:
+        if t.group == PINNED:
+            width[t.stage] = width.get(t.stage, 0) + 1
+    p = max(width.values(), default=0)
+    p = p if 0 < p <= sms - p else 0
+    m = (sms - p) // 2 if any(t.group == MOE_GROUP for t in tasks) else 0
+    return [list(range(p + m, sms)), list(range(p)), list(range(p, p + m))]
 
 
 def list_schedule(f: dict[str, Any], sms: int) -> tuple[list[list[int]], list[float], float]:
@@ -179,7 +219,8 @@ def list_schedule(f: dict[str, Any], sms: int) -> tuple[list[list[int]], list[fl
                         need[ti] += 1
     ready = [(-bl[ti], ti) for ti in range(nt) if need[ti] == 0]
     heapq.heapify(ready)
-    free = [(0.0, s) for s in range(sms)]
+    groups = sm_groups(tasks, sms)
+    free_of = [[(0.0, s) for s in g] for g in groups]  # one heap per group
     queues: list[list[int]] = [[] for _ in range(sms)]
     finish = [0.0] * nt
 
@@ -193,8 +234,9 @@ def list_schedule(f: dict[str, Any], sms: int) -> tuple[list[list[int]], list[fl
     done = 0
     while ready:
         _, ti = heapq.heappop(ready)
-        t0, sm = heapq.heappop(free)
         t = tasks[ti]
+        free = free_of[t.group] or free_of[GENERAL]
+        t0, sm = heapq.heappop(free)
         if tail[t.stage] and left_stage[t.stage] == 1:  # its stage's last task runs the tail (its row's cost too;
             # a schedule runs once per flattened table, so the tail is added once)
             t.busy += tail[t.stage]
@@ -278,7 +320,7 @@ def _done_before(g: Graph, full: list[set[int]]) -> list[int]:
 
 def schedule(graph: Graph, ctx: Any) -> Graph:
     """Pass entry: ctx.results['schedule'][rank] (shared by ranks with the same structure)."""
-    key = ("schedule", structure_key(graph))
+    key = ("schedule", structure_key(graph), switches.pin_choice())
     if key not in ctx.cache:
         ctx.cache[key] = schedule_graph(graph, ctx.results["tile"][int(graph.meta.get("rank", 0))], ctx)
     ctx.put("schedule", graph, ctx.cache[key])

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
+from tilert.abi import OPCODES, TASK_FIELDS, WAITS
 from tilert.ir.graph import Graph
 from tilert.models.binding import bind_params
 from tilert.models.builder import build_step_graph
@@ -65,3 +67,30 @@ def assert_same(ref: dict, out: dict, where: str, rel: float = 1e-5) -> None:
         assert torch.equal(ref["next_tokens"].long(), out["next_tokens"].long()), f"{where}: next_tokens differ"
         if "accept" in ref:
             assert torch.equal(ref["accept"].long(), out["accept"].long()), f"{where}: accept differs"
+
+
+def run_counter_vm(table: np.ndarray, expected: np.ndarray) -> tuple[int, np.ndarray]:
+    """Execute per-SM queues as the persistent kernel would (round robin over SMs, a task runs once
+    its waits are met): (tasks that ran, final counters). A deadlock leaves tasks unrun."""
+    f = {name: i for i, name in enumerate(TASK_FIELDS)}
+    counters = np.zeros_like(expected)
+    pos = [0] * table.shape[0]
+    ran, progress = 0, True
+    while progress:
+        progress = False
+        for sm in range(table.shape[0]):
+            while pos[sm] < table.shape[1] and table[sm, pos[sm], f["opcode"]] != OPCODES["NOP"]:
+                row = table[sm, pos[sm]]
+                ok = all(
+                    row[f[f"wait{w}_counter"]] < 0
+                    or (counters[row[f[f"wait{w}_counter"]] : row[f[f"wait{w}_counter"]] + row[f[f"wait{w}_count"]]]
+                        >= row[f[f"wait{w}_expected"]]).all()
+                    for w in range(WAITS)
+                )  # fmt: skip
+                if not ok:
+                    break
+                counters[row[f["signal"]]] += 1
+                pos[sm] += 1
+                ran += 1
+                progress = True
+    return ran, counters

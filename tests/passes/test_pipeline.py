@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from importlib import resources
 
-import numpy as np
 import pytest
 
-from tilert.abi import OPCODES, TASK_FIELDS, WAITS
+from tests.passes.helpers import run_counter_vm
+from tilert.abi import OPCODES, TASK_FIELDS
 from tilert.ir.graph import Graph, IRError
 from tilert.models.builder import build_step_graph
 from tilert.models.config import load_config, parse_config
@@ -91,28 +91,8 @@ def test_task_table_runs_on_a_counter_vm(tiny_ctx) -> None:  # noqa: ANN001
     once its waits are met): every task runs, nothing deadlocks, every wait sees finished producers."""
     graphs, ctx = tiny_ctx
     s = ctx.results["schedule"][0]
-    table, expected = s.table, s.counter_expected
-    counters = np.zeros_like(expected)
-    pos = [0] * table.shape[0]
-    ran, progress = 0, True
-    while progress:
-        progress = False
-        for sm in range(table.shape[0]):
-            while pos[sm] < table.shape[1] and table[sm, pos[sm], F["opcode"]] != OPCODES["NOP"]:
-                row = table[sm, pos[sm]]
-                ok = all(
-                    row[F[f"wait{w}_counter"]] < 0
-                    or (counters[row[F[f"wait{w}_counter"]] : row[F[f"wait{w}_counter"]] + row[F[f"wait{w}_count"]]]
-                        >= row[F[f"wait{w}_expected"]]).all()
-                    for w in range(WAITS)
-                )  # fmt: skip
-                if not ok:
-                    break
-                counters[row[F["signal"]]] += 1
-                pos[sm] += 1
-                ran += 1
-                progress = True
-    assert ran == s.tasks and (counters == expected).all()
+    ran, counters = run_counter_vm(s.table, s.counter_expected)
+    assert ran == s.tasks and (counters == s.counter_expected).all()
 
 
 def test_moe_down_waits_only_for_its_slot(tiny_ctx) -> None:  # noqa: ANN001

@@ -12,14 +12,37 @@ from collections.abc import Callable, Iterator, Mapping
 
 from tilert.kernels import linear_fused, moe
 
+PIN_ENV = "TILERT_PIN"  # which tasks the schedule pass keeps on SMs of their own (pin_choice)
+PIN_CHOICES = ("none", "swa", "moe")
+
+
+def pin_choice() -> str:
+    """TILERT_PIN: "none" (default): every task may go to any SM; "swa": the split tasks of the
+    sliding-window attention nodes (and the MOE_TOPK tasks, where the top-k is a task) run on SMs
+    that run nothing else, so their code stays in those SMs' instruction cache from one layer to
+    the next (a task whose body was evicted refetches it from L2 or DRAM: docs/passes.md); "moe":
+    also the MoE's tasks on half of the other SMs, everything else on the rest (passes/schedule.py)."""
+    v = os.environ.get(PIN_ENV, "none") or "none"
+    if v not in PIN_CHOICES:
+        raise ValueError(f"{PIN_ENV}={v!r}: expected one of {', '.join(PIN_CHOICES)}")
+    return v
+
+
 # switch -> the function that reads it (and refuses a value it does not know)
 SWITCHES: dict[str, Callable[[], str]] = {
     linear_fused.BODY_ENV: linear_fused.body_choice,
     moe.BODY_ENV: moe.body_choice,
     moe.TOPK_ENV: moe.topk_place,
+    PIN_ENV: pin_choice,
 }
 # what every switch was before it existed: the settings of traces that record none
-HISTORICAL = {linear_fused.BODY_ENV: "fused", moe.BODY_ENV: "mainloop", moe.TOPK_ENV: "task"}
+HISTORICAL = {linear_fused.BODY_ENV: "fused", moe.BODY_ENV: "mainloop", moe.TOPK_ENV: "task", PIN_ENV: "none"}
+
+
+def completed(recorded: Mapping[str, str]) -> dict[str, str]:
+    """A record of switches with every switch it lacks at its HISTORICAL value (a switch added after
+    the record was written was then at that value)."""
+    return {**HISTORICAL, **recorded}
 
 
 def current() -> dict[str, str]:

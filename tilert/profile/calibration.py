@@ -109,7 +109,7 @@ def measured_steps(path: str | Path) -> list[MeasuredStep]:
         out.append(MeasuredStep(Path(path).name, d.get("device", "?"), str(d.get("commit", "?"))[:7], d["model"],
                                 int(d["world_size"]), d.get("rank") == 0, int(d["context"]), int(head),
                                 routing or "pinned", act.get("mean"), float(row["persistent_ms"]),
-                                dict(d.get("switches") or historical_switches())))  # fmt: skip
+                                switches.completed(d.get("switches") or historical_switches())))  # fmt: skip
     return out
 
 
@@ -123,7 +123,7 @@ def trace_run(trace: dict[str, Any], cfg: Any, tokens: int, world: int, max_seq:
     recorded (`kernels.switches`), or for a trace that recorded none, under the bodies every step
     ran before the switches had other defaults, with the top-k where the trace's tasks put it."""
     topk_task = any(e["cat"] == "MOE_TOPK" for e in task_events(trace))
-    env = trace_meta(trace).get("switches") or historical_switches(topk_task)
+    env = switches.completed(trace_meta(trace).get("switches") or historical_switches(topk_task))
     with switches.applied(env):
         rank = compile_rank(cfg, tokens, world, spec or H200, max_seq, context)
     run = run_from_trace(trace, rank.schedule.table)
