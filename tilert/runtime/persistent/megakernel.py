@@ -155,9 +155,11 @@ PREFETCH_ROWS = 256  # most rows one task's prefetch region spans (a GEMV tile h
 
 
 def make_persistent_loop(
-    bodies: dict[str, Any], *, max_tasks: int, timeout_ns: int = DEFAULT_TIMEOUT_NS, prefetch: bool = False
+    bodies: dict[str, Any], *, max_tasks: Any, timeout_ns: int = DEFAULT_TIMEOUT_NS, prefetch: bool = False
 ) -> Any:
     """Macro `loop(sm, tasks, counters, err, epoch, trace, bufs[, pf])`; call inside `T.Kernel(num_sms, ...)`.
+    max_tasks: the queue length, an int or the tasks tensor's symbolic shape (T.dynamic: the step
+    kernel, so that one kernel runs every table of its bodies).
 
     Rows follow tilert.abi.TASK_FIELDS. `bodies[name]` (name: a tilert.abi.OPCODES key) is a
     T.macro `(bufs, op, c0, c1, c2)`: the program's buffers (a tuple) and the row's coordinates.

@@ -44,22 +44,26 @@ from tilert.runtime.persistent.program import Bindings, NodeProgram, PeerGroup, 
 # ---- the kernel -------------------------------------------------------------------------------------
 
 
-def make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, max_tasks: int, n_nodes: int, n_counters: int,
-                     max_views: int, timeout_ns: int | None = None) -> Any:  # fmt: skip
+def make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, n_nodes: int, max_views: int,
+                     timeout_ns: int | None = None) -> Any:  # fmt: skip
     """The persistent prim_func: (Tasks, NodeClass, Ptrs, Counters, Err, Epoch, Trace, Prefetch). Every
     body imports one prelude: DEVICE_PRELUDE, or the superset of it some classes need
-    (NodeProgram.prelude; where classes need different ones, the one that extends all the others)."""
+    (NodeProgram.prelude; where classes need different ones, the one that extends all the others).
+    The queue length and the counter count are runtime shapes: a kernel serves every table of its
+    node classes (another schedule of the same step reuses it)."""
     preludes = {c.prelude for c in classes if c.prelude is not None}
     top = max(preludes, key=len, default=DEVICE_PRELUDE)
     if not all(top.startswith(p) for p in preludes):
         raise PersistentError(f"the step's bodies need {len(preludes)} different device preludes; a kernel takes one")
     with using_prelude(top):  # TileLang expands the bodies here
-        return _make_step_kernel(classes, num_sms, max_tasks, n_nodes, n_counters, max_views, timeout_ns)
+        return _make_step_kernel(classes, num_sms, n_nodes, max_views, timeout_ns)
 
 
-def _make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, max_tasks: int, n_nodes: int, n_counters: int,
-                      max_views: int, timeout_ns: int | None) -> Any:  # fmt: skip
+def _make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, n_nodes: int, max_views: int,
+                      timeout_ns: int | None) -> Any:  # fmt: skip
     import tilelang.language as T
+
+    max_tasks, n_counters = T.dynamic("max_tasks"), T.dynamic("n_counters")
 
     built = [c.bodies() for c in classes]
     by_opcode: dict[str, list[tuple[int, Any, list[ViewSpec]]]] = {}
@@ -179,7 +183,7 @@ class PersistentStep:
         self.trace = torch.zeros(self.sms, table.shape[1], 3, dtype=torch.int64, device=self.device)
         self.prefetch = torch.from_numpy(self._prefetch_table()).to(self.device)
         self.n_classes = len(classes)
-        shape = (self.sms, table.shape[1], len(self.programs), len(self.counters), max_views)
+        shape = (self.sms, len(self.programs), max_views)  # the table's length and counters are runtime shapes
         # the kernel follows from its classes' keys and its shape: built (traced) once per process,
         # so another backend, sequence or server worker with the same step shape reuses it
         kernel_key = (tuple(c.key for c in classes), shape, early_loads(), str(out_dir), build)
