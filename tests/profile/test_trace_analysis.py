@@ -50,6 +50,26 @@ def test_hand_over_fixed_cost_and_stream_rate_of_a_known_launch():
     assert red["fixed_us_median"] == 0.15 and red["stream_GBps_per_sm"] is None
     assert a["handover_pairs"] == [{"producer": "LINEAR_FP8", "consumer": "MOE_GATE_UP", "tasks": 1, "us_median": 0.2}]
     assert a["span_us"] == 2.5 and list(a["kinds"])[:2] == ["LINEAR_FP8", "MOE_GATE_UP"]  # streaming kinds first
+    # the reduce follows another kind's task on its SM (cold); nothing follows a task of its own node
+    assert red["run_us_cold_median"] == 0.05 and red["cold_tasks"] == 1 and red["warm_tasks"] == 0
+    assert lin["cold_tasks"] == 0 and lin["run_us_warm_median"] is None
+
+
+def test_warm_and_cold_runs_by_the_task_before_on_the_sm():
+    # one SM: split (node 3), split (node 3, warm), linear (node 4, cold), split (node 5: cold, another kind before)
+    table = np.zeros((1, 4, len(TASK_FIELDS)), np.int32)
+    for k, (code, op) in enumerate([("ATTN_SPLIT", 3), ("ATTN_SPLIT", 3), ("LINEAR_FP8", 4), ("ATTN_SPLIT", 5)]):
+        table[0, k] = _row(code, op)
+    start = np.array([[0, 10_000, 12_000, 20_000]])
+    ready = start + 100
+    end = np.array([[9_100, 11_100, 19_100, 29_100]])
+    run = RunTasks(table, start, ready, end)
+    zero = np.zeros((1, 4))
+    a = analyse(run, TaskWork(zero, zero, zero))
+    split, lin = a["kinds"]["ATTN_SPLIT"], a["kinds"]["LINEAR_FP8"]
+    assert split["warm_tasks"] == 1 and split["run_us_warm_median"] == 1.0
+    assert split["cold_tasks"] == 1 and split["run_us_cold_median"] == 9.0
+    assert lin["cold_tasks"] == 1 and lin["run_us_cold_median"] == 7.0
 
 
 @pytest.fixture(scope="module")

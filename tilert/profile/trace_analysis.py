@@ -11,7 +11,10 @@ GPU): *start* (its SM picked the row, before its waits), *ready* (its waits were
 - **hand-over**: a producer's end -> its consumer's ready, for each task that was still waiting
   when its last producer finished (the latency of one dependency, signal to seen);
 - **fixed cost**: start -> ready of the tasks whose inputs were all written before they started
-  (fetching the row, the poll that finds the counters met, a gated body's pre-wait work).
+  (fetching the row, the poll that finds the counters met, a gated body's pre-wait work);
+- **warm / cold run**: the run time of the tasks that follow a task of the same node on their SM
+  (its body is still in the SM's instruction cache) and of those that follow another kind's task
+  (the body may have been evicted and is fetched again): their gap is what a cold body costs.
 
 `benchmarks/e2e.py` writes these figures for every persistent step it measures (`run_from_step`),
 `benchmarks/trace_stages.py --stats` for a stored Chrome trace (`run_from_trace`); `stages` is the
@@ -261,9 +264,16 @@ def analyse(run: RunTasks, work: TaskWork, copy_bandwidth: float | None = None) 
     sms = run.table.shape[0]
     kinds: dict[str, dict[str, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
     pairs: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
+    code, node = run.table[:, :, FIELD["opcode"]], run.table[:, :, FIELD["op"]]
     for t in task_rows(run):
         d = kinds[t["opcode"]]
         d["run"].append(t["end"] - t["ready"])
+        s_, k_ = t["sm"], t["slot"]
+        if k_ > 0 and run.used[s_, k_ - 1]:  # the task before it on its SM: the same node's, or another kind's
+            if code[s_, k_ - 1] == code[s_, k_] and node[s_, k_ - 1] == node[s_, k_]:
+                d["warm"].append(t["end"] - t["ready"])
+            elif code[s_, k_ - 1] != code[s_, k_]:
+                d["cold"].append(t["end"] - t["ready"])
         d["wait"].append(t["ready"] - t["start"])
         d["stream"].append(float(work.stream[t["sm"], t["slot"]]))
         d["bytes"].append(float(work.nbytes[t["sm"], t["slot"]]))
@@ -297,6 +307,10 @@ def analyse(run: RunTasks, work: TaskWork, copy_bandwidth: float | None = None) 
             "handover_us_median": _r(statistics.median(d["handover"]) / 1e3) if d["handover"] else None,
             "handover_us_p90": _r(_q(d["handover"], 0.9) / 1e3) if d["handover"] else None,
             "handover_tasks": len(d["handover"]),
+            "run_us_warm_median": _r(statistics.median(d["warm"]) / 1e3) if d["warm"] else None,
+            "warm_tasks": len(d["warm"]),
+            "run_us_cold_median": _r(statistics.median(d["cold"]) / 1e3) if d["cold"] else None,
+            "cold_tasks": len(d["cold"]),
         }
         per_kind[name] = row
     allh = [x for d in kinds.values() for x in d["handover"]]
@@ -331,8 +345,8 @@ def _cell(x: Any, width: int = 8, digits: int = 2) -> str:
 def format_analysis(a: dict[str, Any]) -> str:
     """The figures of `analyse` as a table: per kind (the streaming kinds first) the median run time,
     run and wait time per SM, the median stream bytes, the stream rate (GB/s per SM) and its share of
-    the copy bandwidth's per-SM share, the median fixed cost and hand-over; then the commonest
-    producer -> consumer hand-overs."""
+    the copy bandwidth's per-SM share, the median fixed cost and hand-over, the median warm and cold
+    run; then the commonest producer -> consumer hand-overs."""
     share = f", copy bandwidth's share per SM {a['copy_share_per_sm_GBps']} GB/s" if a.get("copy_share_per_sm_GBps") \
         else ""  # fmt: skip
     out = [f"{a['tasks']} tasks on {a['sms']} SMs, span {a['span_us']} us; per SM: run {a['busy_us_per_sm']} us, "
@@ -341,12 +355,14 @@ def format_analysis(a: dict[str, Any]) -> str:
            f"{a['handover_us_p90']} us over {a['handover_tasks']} tasks; fixed (inputs already there): median "
            f"{a['fixed_us_median']} us over {a['fixed_tasks']} tasks",
            f"{'kind':15s} {'tasks':>6s} {'run med':>8s} {'run/SM':>8s} {'wait/SM':>8s} {'KB med':>8s} "
-           f"{'GB/s/SM':>8s} {'share':>6s} {'fixed':>6s} {'handover':>8s}  (us; stream KB, GB/s per SM)"]  # fmt: skip
+           f"{'GB/s/SM':>8s} {'share':>6s} {'fixed':>6s} {'handover':>8s} {'warm':>6s} {'cold':>6s}  "
+           "(us; stream KB, GB/s per SM; warm / cold: run after the same node's / another kind's task)"]  # fmt: skip
     for name, k in a["kinds"].items():
         kb = k["stream_bytes_median"] / 1e3 if k["stream_bytes_median"] else None
         cells = [_cell(k["run_us_median"]), _cell(k["run_us_per_sm"], 8, 1), _cell(k["wait_us_per_sm"], 8, 1),
                  _cell(kb, 8, 1), _cell(k["stream_GBps_per_sm"], 8, 1), _cell(k["copy_share"], 6),
-                 _cell(k["fixed_us_median"], 6), _cell(k["handover_us_median"])]  # fmt: skip
+                 _cell(k["fixed_us_median"], 6), _cell(k["handover_us_median"]),
+                 _cell(k.get("run_us_warm_median"), 6), _cell(k.get("run_us_cold_median"), 6)]  # fmt: skip
         out.append(f"{name:15s} {k['tasks']:6d} " + " ".join(cells))
     for p in a["handover_pairs"]:
         out.append(f"  hand-over {p['producer']} -> {p['consumer']}: {p['tasks']} tasks, median {p['us_median']} us")
