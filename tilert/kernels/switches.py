@@ -12,8 +12,21 @@ from collections.abc import Callable, Iterator, Mapping
 
 from tilert.kernels import linear_fused, moe
 
+ROWS_ENV = "TILERT_TASK_ROWS"  # where the persistent loop reads a task's row (rows_choice)
+ROWS_CHOICES = ("global", "shared")
 PIN_ENV = "TILERT_PIN"  # which tasks the schedule pass keeps on SMs of their own (pin_choice)
 PIN_CHOICES = ("none", "swa", "moe")
+
+
+def rows_choice() -> str:
+    """TILERT_TASK_ROWS: "global" (default): the persistent loop reads each task's row from the table
+    in global memory when the task starts, and dispatches through a chain of ifs; "shared": the next
+    row is loaded while a task runs and waits in shared memory, the wait reads it there, and the
+    dispatch is a binary search (runtime/persistent/megakernel.make_persistent_loop)."""
+    v = os.environ.get(ROWS_ENV, "global") or "global"
+    if v not in ROWS_CHOICES:
+        raise ValueError(f"{ROWS_ENV}={v!r}: expected one of {', '.join(ROWS_CHOICES)}")
+    return v
 
 
 def pin_choice() -> str:
@@ -34,9 +47,11 @@ SWITCHES: dict[str, Callable[[], str]] = {
     moe.BODY_ENV: moe.body_choice,
     moe.TOPK_ENV: moe.topk_place,
     PIN_ENV: pin_choice,
+    ROWS_ENV: rows_choice,
 }
 # what every switch was before it existed: the settings of traces that record none
-HISTORICAL = {linear_fused.BODY_ENV: "fused", moe.BODY_ENV: "mainloop", moe.TOPK_ENV: "task", PIN_ENV: "none"}
+HISTORICAL = {linear_fused.BODY_ENV: "fused", moe.BODY_ENV: "mainloop", moe.TOPK_ENV: "task", PIN_ENV: "none",
+              ROWS_ENV: "global"}  # fmt: skip
 
 
 def completed(recorded: Mapping[str, str]) -> dict[str, str]:

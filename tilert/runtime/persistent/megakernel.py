@@ -89,16 +89,19 @@ def run_gated(body: Any, gate: Any, *args: Any) -> Any:
     return early() if is_gated(body) else plain()
 
 
-def make_dispatch(bodies: dict[str, Any]) -> Any:
+def make_dispatch(bodies: dict[str, Any], tree: bool = False) -> Any:
     """A macro `dispatch(bufs, err, op_code, op, c0, c1, c2, gate)`: the body whose opcode matches,
-    as a chain of ifs, under the Gate protocol; an opcode with no body raises the error flag
-    (ERR_OPCODE) instead of running."""
+    under the Gate protocol; an opcode with no body raises the error flag (ERR_OPCODE) instead of
+    running. The tests are a chain of ifs in the bodies' order, or with `tree` a binary search over
+    the opcodes: each test sits before its body's code, so a chain walks one instruction line per
+    earlier case, and those lines are cold whenever the SM ran other bodies since (log2 of them in
+    a tree)."""
     import tilelang.language as T
 
     for name in bodies:
         if name not in OPCODES:
             raise KeyError(f"no opcode for persistent body '{name}' in tilert.abi.OPCODES")
-    names = list(bodies)
+    names = sorted(bodies, key=OPCODES.get) if tree else list(bodies)
 
     @T.macro
     def trap(bufs, err, code, op, c0, c1, c2, gate):
@@ -119,12 +122,37 @@ def make_dispatch(bodies: dict[str, Any]) -> Any:
 
         return step
 
-    return chain(0)
+    def search(lo: int, hi: int) -> Any:  # names[lo:hi], sorted by opcode
+        if hi - lo == 1:
+            body, code = bodies[names[lo]], OPCODES[names[lo]]
+
+            @T.macro
+            def leaf(bufs, err, opc, op, c0, c1, c2, gate):
+                if opc == code:
+                    run_gated(body, gate, bufs, op, c0, c1, c2)
+                else:
+                    trap(bufs, err, opc, op, c0, c1, c2, gate)
+
+            return leaf
+        mid = (lo + hi) // 2
+        left, right, pivot = search(lo, mid), search(mid, hi), OPCODES[names[mid]]
+
+        @T.macro
+        def node(bufs, err, opc, op, c0, c1, c2, gate):
+            if opc < pivot:
+                left(bufs, err, opc, op, c0, c1, c2, gate)
+            else:
+                right(bufs, err, opc, op, c0, c1, c2, gate)
+
+        return node
+
+    return search(0, len(names)) if tree and names else chain(0)
 
 
-def if_chain(cases: list[tuple[int, Any]], selector: Any) -> Any:
+def if_chain(cases: list[tuple[int, Any]], selector: Any, tree: bool = False) -> Any:
     """A gated macro `(bufs, op, c0, c1, c2, gate)` running the body of the case whose key equals
-    selector(bufs, op) under the Gate protocol (a chain of ifs; no case matches: nothing runs)."""
+    selector(bufs, op) under the Gate protocol (a chain of ifs, or with `tree` a binary search over
+    the keys; no case matches: nothing runs)."""
     import tilelang.language as T
 
     def chain(i: int) -> Any:
@@ -148,14 +176,78 @@ def if_chain(cases: list[tuple[int, Any]], selector: Any) -> Any:
 
         return step
 
-    return gated(chain(0))
+    ordered = sorted(cases, key=lambda c: c[0])
+
+    def search(lo: int, hi: int) -> Any:
+        if hi - lo == 1:
+            key, body = ordered[lo]
+
+            @T.macro
+            def leaf(bufs, op, c0, c1, c2, gate):
+                if selector(bufs, op) == key:
+                    run_gated(body, gate, bufs, op, c0, c1, c2)
+
+            return leaf
+        mid = (lo + hi) // 2
+        left, right, pivot = search(lo, mid), search(mid, hi), ordered[mid][0]
+
+        @T.macro
+        def node(bufs, op, c0, c1, c2, gate):
+            if selector(bufs, op) < pivot:
+                left(bufs, op, c0, c1, c2, gate)
+            else:
+                right(bufs, op, c0, c1, c2, gate)
+
+        return node
+
+    return gated(search(0, len(ordered)) if tree else chain(0))
 
 
 PREFETCH_ROWS = 256  # most rows one task's prefetch region spans (a GEMV tile has 64)
 
+# The wait of a loop whose rows sit in shared memory (rows_smem): as tilert_wait_task (DEVICE_PRELUDE),
+# but a lane that polled keeps the error word its last poll read instead of reading it once more
+# after the polls (one global-memory round trip less per task); a lane with nothing to poll reads it
+# at once, beside the others' polls. Added to the step kernel's prelude (runtime/persistent/step.py).
+ROWS_PRELUDE = r"""
+#ifndef TILERT_ROWS_PRELUDE
+#define TILERT_ROWS_PRELUDE
+__device__ __noinline__ int tilert_wait_row(const int* row, int* counters, int* err, int epoch, int sm, int t,
+                                           long long timeout, int waits, int f_counter, int f_count,
+                                           int f_expected, int none, int err_timeout) {
+  const long long deadline = tilert_globaltimer() + timeout;
+  int e = 0;
+  bool polled = false;
+  for (int w = 0; w < waits; ++w) {
+    const int first = row[f_counter + 3 * w];
+    if (first == none) continue;
+    const int target = row[f_expected + 3 * w] * epoch, n = row[f_count + 3 * w];
+    for (int j = threadIdx.x & 31; j < n; j += 32) {
+      int v;
+      polled = true;
+      while (true) {
+        asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(counters + first + j) : "memory");
+        asm volatile("ld.relaxed.gpu.global.b32 %0, [%1];" : "=r"(e) : "l"(err) : "memory");
+        if (v >= target || e != 0) break;
+        if (tilert_globaltimer() > deadline && atomicCAS(err, 0, err_timeout) == 0) {
+          err[1] = sm;
+          err[2] = t;
+          err[3] = first + j;
+        }
+      }
+    }
+  }
+  if (!polled) asm volatile("ld.relaxed.gpu.global.b32 %0, [%1];" : "=r"(e) : "l"(err) : "memory");
+  __syncwarp();
+  return e != 0;
+}
+#endif
+"""
+
 
 def make_persistent_loop(
-    bodies: dict[str, Any], *, max_tasks: Any, timeout_ns: int = DEFAULT_TIMEOUT_NS, prefetch: bool = False
+    bodies: dict[str, Any], *, max_tasks: Any, timeout_ns: int = DEFAULT_TIMEOUT_NS, prefetch: bool = False,
+    rows_smem: bool = False,
 ) -> Any:
     """Macro `loop(sm, tasks, counters, err, epoch, trace, bufs[, pf])`; call inside `T.Kernel(num_sms, ...)`.
     max_tasks: the queue length, an int or the tasks tensor's symbolic shape (T.dynamic: the step
@@ -167,10 +259,20 @@ def make_persistent_loop(
     bytes per row, rows, row stride; rows = 0: none): while warp 0 waits for a task's inputs, the
     other warps ask L2 for the next task's region (cp.async.bulk.prefetch), so that task's weight
     loads meet L2 instead of DRAM. Weights never depend on the step's data, so this is always safe.
+
+    The loop ends at the first NOP row (queues are packed; a short queue does not walk its padding).
+    With `rows_smem` (TILERT_LOOP=rows, `loop_form`): each task's row sits in shared memory before
+    the task starts (warp 0 loads the next row into registers when a task starts and stores it
+    before the task's closing barrier), the wait reads its ranges there (tilert_wait_row: no second
+    read of the error word after a poll), and the dispatch is a binary search over the opcodes and
+    node classes: a task's pick-up pays no global-memory round trip for its row.
     """
     import tilelang.language as T
 
-    dispatch = make_dispatch(bodies)
+    from tilert.kernels import common
+
+    dispatch = make_dispatch(bodies, tree=rows_smem)
+    W = len(FIELD)
     F = FIELD
     others = PERSISTENT_THREADS - 32  # the CTA's threads outside warp 0 (prefetch: step kernels only)
 
@@ -184,18 +286,25 @@ def make_persistent_loop(
                               T.cast(pf[sm, t, 1], "int32"))  # fmt: skip
 
     @T.macro
-    def wait_inputs(sm, t, tasks, counters, err, epoch, stamps, flags):  # Gate.wait
-        """Warp 0 waits for the task's inputs (tilert_wait_task in DEVICE_PRELUDE: lane l polls
-        counters l, l + 32, ... of each wait at once, so a top-k waiting on 96 router chunks pays one
-        round trip, not 96; it is not inlined, so every body's call site shares one copy of the
-        code, which stays hot in the instruction cache): flags[0] = its verdict, handed to every
-        thread by the barrier in Gate.passed(). stamps[1]: when the inputs were ready (thread 0)."""
+    def wait_inputs(sm, t, tasks, rows, b, counters, err, epoch, stamps, flags):  # Gate.wait
+        """Warp 0 waits for the task's inputs (tilert_wait_task in DEVICE_PRELUDE, or tilert_wait_row
+        with rows in shared memory: lane l polls counters l, l + 32, ... of each wait at once, so a
+        top-k waiting on 96 router chunks pays one round trip, not 96; it is not inlined, so every
+        body's call site shares one copy of the code, which stays hot in the instruction cache):
+        flags[0] = its verdict, handed to every thread by the barrier in Gate.passed(). The row: tasks[sm,
+        t], or rows[b] in shared memory. stamps[1]: when the inputs were ready (thread 0)."""
         tx = T.get_thread_binding()
         if tx < 32:
             # the row layout's offsets and the timeout as arguments: the prelude is one string per kernel
-            flags[0] = T.call_extern("int32", "tilert_wait_task", T.address_of(tasks[sm, t, 0]), counters.data,
-                                     err.data, epoch[0], sm, t, T.int64(timeout_ns), WAITS, F["wait0_counter"],
-                                     F["wait0_count"], F["wait0_expected"], NONE, ERR_TIMEOUT)  # fmt: skip
+            # (the row's address inline in each call: a name bound to it would be a void* let)
+            if rows_smem:
+                flags[0] = T.call_extern("int32", "tilert_wait_row", T.address_of(rows[b, 0]), counters.data,
+                                         err.data, epoch[0], sm, t, T.int64(timeout_ns), WAITS, F["wait0_counter"],
+                                         F["wait0_count"], F["wait0_expected"], NONE, ERR_TIMEOUT)  # fmt: skip
+            else:
+                flags[0] = T.call_extern("int32", "tilert_wait_task", T.address_of(tasks[sm, t, 0]), counters.data,
+                                         err.data, epoch[0], sm, t, T.int64(timeout_ns), WAITS, F["wait0_counter"],
+                                         F["wait0_count"], F["wait0_expected"], NONE, ERR_TIMEOUT)  # fmt: skip
             if tx == 0:
                 stamps[1] = T.call_extern("int64", "tilert_globaltimer")
 
@@ -211,37 +320,63 @@ def make_persistent_loop(
         c0 = T.alloc_var("int32")
         c1 = T.alloc_var("int32")
         c2 = T.alloc_var("int32")
+        opc = T.alloc_var("int32")
+        if rows_smem:
+            rows = common.alloc_unmerged((2, W), "int32")  # this task's row and the next (static: never merged)
+            nxt = T.alloc_var("int32")  # lane l < W of warp 0: field l of the next row, in flight during a task
+            if tx < W:
+                rows[0, tx] = tasks[sm, 0, tx]
+            T.sync_threads()
         if prefetch:
             if tx >= 32:
                 prefetch_region(pf, sm, 0, tx)
         for t in T.serial(max_tasks):
-            opc = tasks[sm, t, F["opcode"]]
-            if opc != 0:
-                flags[0] = 0
-                if prefetch:
-                    if tx >= 32 and t + 1 < max_tasks:  # the next task's weights into L2 while this one waits
-                        prefetch_region(pf, sm, t + 1, tx)
-                if tx == 0:
-                    stamps[0] = T.call_extern("int64", "tilert_globaltimer")
-                    # the row after next into L2 while this task waits and runs (its first touch)
-                    T.call_extern(
-                        "handle", "tilert_prefetch_l2", T.address_of(tasks[sm, T.min(t + 2, max_tasks - 1), 0])
-                    )
+            b = t % 2
+            if rows_smem:
+                opc = rows[b, F["opcode"]]
+            else:
+                opc = tasks[sm, t, F["opcode"]]
+            if opc == 0:  # queues are packed: the rest is padding
+                T.loop_break()
+            flags[0] = 0
+            if rows_smem:
+                if tx < W:
+                    nxt = tasks[sm, T.min(t + 1, max_tasks - 1), tx]
+            if prefetch:
+                if tx >= 32 and t + 1 < max_tasks:  # the next task's weights into L2 while this one waits
+                    prefetch_region(pf, sm, t + 1, tx)
+            if tx == 0:
+                stamps[0] = T.call_extern("int64", "tilert_globaltimer")
+                # the row after next into L2 while this task waits and runs (its first touch)
+                T.call_extern("handle", "tilert_prefetch_l2", T.address_of(tasks[sm, T.min(t + 2, max_tasks - 1), 0]))
+            if rows_smem:
+                op = rows[b, F["op"]]
+                c0 = rows[b, F["c0"]]
+                c1 = rows[b, F["c1"]]
+                c2 = rows[b, F["c2"]]
+            else:
                 op = tasks[sm, t, F["op"]]
                 c0 = tasks[sm, t, F["c0"]]
                 c1 = tasks[sm, t, F["c1"]]
                 c2 = tasks[sm, t, F["c2"]]
-                # the body runs the wait (Gate): a gated body first issues its data-independent loads
-                gate = Gate(functools.partial(wait_inputs, sm, t, tasks, counters, err, epoch, stamps, flags), flags)
-                dispatch(bufs, err, opc, op, c0, c1, c2, gate)
-                T.sync_threads()
-                if tx == 0:
-                    sig = tasks[sm, t, F["signal"]]
-                    if sig != NONE:
-                        T.atomic_add(counters[sig], 1, memory_order="release")
-                    trace[sm, t, 0] = stamps[0]
-                    trace[sm, t, 1] = T.call_extern("int64", "tilert_globaltimer")
-                    trace[sm, t, 2] = stamps[1]
+            # the body runs the wait (Gate): a gated body first issues its data-independent loads
+            gate = Gate(functools.partial(wait_inputs, sm, t, tasks, rows if rows_smem else None, b, counters, err,
+                                          epoch, stamps, flags), flags)  # fmt: skip
+            dispatch(bufs, err, opc, op, c0, c1, c2, gate)
+            if rows_smem:
+                if tx < W:
+                    rows[1 - b, tx] = nxt
+            T.sync_threads()
+            if tx == 0:
+                if rows_smem:
+                    if rows[b, F["signal"]] != NONE:
+                        T.atomic_add(counters[rows[b, F["signal"]]], 1, memory_order="release")
+                else:
+                    if tasks[sm, t, F["signal"]] != NONE:
+                        T.atomic_add(counters[tasks[sm, t, F["signal"]]], 1, memory_order="release")
+                trace[sm, t, 0] = stamps[0]
+                trace[sm, t, 1] = T.call_extern("int64", "tilert_globaltimer")
+                trace[sm, t, 2] = stamps[1]
 
     return loop
 

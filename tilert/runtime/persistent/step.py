@@ -31,6 +31,7 @@ from tilert.runtime.kinds import for_node, registered
 from tilert.runtime.persistent.megakernel import (
     PERSISTENT_PASS_CONFIGS,
     PREFETCH_ROWS,
+    ROWS_PRELUDE,
     PersistentError,
     if_chain,
     make_persistent_loop,
@@ -55,12 +56,13 @@ def make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, n_nodes: int,
     top = max(preludes, key=len, default=DEVICE_PRELUDE)
     if not all(top.startswith(p) for p in preludes):
         raise PersistentError(f"the step's bodies need {len(preludes)} different device preludes; a kernel takes one")
-    with using_prelude(top):  # TileLang expands the bodies here
-        return _make_step_kernel(classes, num_sms, n_nodes, max_views, timeout_ns)
+    rows = switches.rows_choice() == "shared"
+    with using_prelude(top + (ROWS_PRELUDE if rows else "")):  # TileLang expands the bodies here
+        return _make_step_kernel(classes, num_sms, n_nodes, max_views, timeout_ns, rows)
 
 
 def _make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, n_nodes: int, max_views: int,
-                      timeout_ns: int | None) -> Any:  # fmt: skip
+                      timeout_ns: int | None, rows: bool) -> Any:  # fmt: skip
     import tilelang.language as T
 
     max_tasks, n_counters = T.dynamic("max_tasks"), T.dynamic("n_counters")
@@ -87,12 +89,12 @@ def _make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, n_nodes: int
 
             return k, run
 
-        return if_chain([case(*c) for c in cases], selector=lambda bufs, op: bufs[0][op])
+        return if_chain([case(*c) for c in cases], selector=lambda bufs, op: bufs[0][op], tree=rows)
 
     bodies = {name: opcode_body(cases) for name, cases in by_opcode.items()}
     bodies.setdefault("BARRIER", _noop())
     loop = make_persistent_loop(bodies, max_tasks=max_tasks, timeout_ns=timeout_ns or DEFAULT_TIMEOUT_NS,
-                                prefetch=True)  # fmt: skip
+                                prefetch=True, rows_smem=rows)  # fmt: skip
 
     @T.prim_func
     def tilert_step(
@@ -186,7 +188,7 @@ class PersistentStep:
         shape = (self.sms, len(self.programs), max_views)  # the table's length and counters are runtime shapes
         # the kernel follows from its classes' keys and its shape: built (traced) once per process,
         # so another backend, sequence or server worker with the same step shape reuses it
-        kernel_key = (tuple(c.key for c in classes), shape, early_loads(), str(out_dir), build)
+        kernel_key = (tuple(c.key for c in classes), shape, early_loads(), switches.rows_choice(), str(out_dir), build)
         if kernel_key not in _STEP_KERNELS:
             func = make_step_kernel(classes, *shape)
             kinds = ", ".join(sorted({n.op for n in graph.nodes}))
