@@ -56,3 +56,16 @@ def test_a_topk_task_the_program_has_no_body_for_is_refused() -> None:
     g, sched = _table("task")
     with pytest.raises(PersistentError, match="task MOE_TOPK on node"):
         _check(g, sched, _programs(g, sched.table, moe.tiling(1, 64, 32, 4, 2, topk="router").stages))
+
+
+def test_a_queue_with_a_gap_is_refused() -> None:
+    """The kernel's loop ends at a queue's first NOP: a task after one would never run."""
+    g, sched = _table("router")
+    table = sched.table.copy()
+    q = int(np.argmax((table[:, :, FIELD["opcode"]] != 0).sum(1)))  # the longest queue
+    table[q, 1:] = table[q, :-1].copy()
+    table[q, 0] = 0  # a NOP row in front of its tasks
+    table[q, 0, FIELD["signal"]] = -1
+    programs = _programs(g, sched.table, moe.tiling(1, 64, 32, 4, 2, topk="router").stages)
+    with pytest.raises(PersistentError, match=f"SM queue {q} has a NOP at slot 0 before a task"):
+        PersistentStep._check_table(SimpleNamespace(g=g, programs=programs), table, sched.counter_expected)

@@ -260,6 +260,12 @@ class PersistentStep:
             if p.exact and missing:
                 raise PersistentError(f"node {i} ({self.g.nodes[i].op}): the table has no {', '.join(missing)} task, "
                                       f"which its program runs (a table compiled under other build switches?)")
+        live = ops != 0
+        gap = live[:, 1:] & ~live[:, :-1]  # a task after a NOP: the kernel's loop stops at the first NOP
+        if gap.any():
+            s_, k_ = (int(x) for x in np.argwhere(gap)[0])
+            raise PersistentError(f"SM queue {s_} has a NOP at slot {k_} before a task; queues must be packed "
+                                  f"(the persistent loop ends at a queue's first NOP)")  # fmt: skip
         sig = table[:, :, FIELD["signal"]]
         if sig.max(initial=-1) >= len(expected):
             raise PersistentError(f"a task signals counter {int(sig.max())}; the table has {len(expected)} counters")
