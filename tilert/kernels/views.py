@@ -65,10 +65,14 @@ class Views:
 
 
 def make_views(Ptrs: Any, row: Any, specs: Sequence[ViewSpec]) -> Views:
-    """Typed views of the addresses Ptrs[row, 0..] (call inside a T.prim_func / T.macro)."""
+    """Typed views of the addresses Ptrs[row, 0..] (call inside a T.prim_func / T.macro); row None:
+    Ptrs is one row of addresses as int64 (the persistent loop's copy in shared memory)."""
     import tilelang.language as T
 
-    views = [T.make_tensor(Ptrs[row, j], tuple(shape), dtype) for j, (_, shape, dtype) in enumerate(specs)]
+    def addr(j: int) -> Any:
+        return Ptrs[row, j] if row is not None else T.reinterpret(Ptrs[j], "handle")
+
+    views = [T.make_tensor(addr(j), tuple(shape), dtype) for j, (_, shape, dtype) in enumerate(specs)]
     return Views(views, [name for name, _, _ in specs])
 
 

@@ -247,7 +247,7 @@ __device__ __noinline__ int tilert_wait_row(const int* row, int* counters, int* 
 
 def make_persistent_loop(
     bodies: dict[str, Any], *, max_tasks: Any, timeout_ns: int = DEFAULT_TIMEOUT_NS, prefetch: bool = False,
-    rows_smem: bool = False,
+    rows_smem: bool = False, views: int = 0,
 ) -> Any:
     """Macro `loop(sm, tasks, counters, err, epoch, trace, bufs[, pf])`; call inside `T.Kernel(num_sms, ...)`.
     max_tasks: the queue length, an int or the tasks tensor's symbolic shape (T.dynamic: the step
@@ -265,7 +265,10 @@ def make_persistent_loop(
     the task starts (warp 0 loads the next row into registers when a task starts and stores it
     before the task's closing barrier), the wait reads its ranges there (tilert_wait_row: no second
     read of the error word after a poll), and the dispatch is a binary search over the opcodes and
-    node classes: a task's pick-up pays no global-memory round trip for its row.
+    node classes: a task's pick-up pays no global-memory round trip for its row. Then bufs is the
+    step's (NodeClass, Ptrs), and the bodies get (rows, ptrs, b, Ptrs): rows[b] the task's row, ptrs
+    the first `views` (<= 32) pointers of its node, which warp 1 copies from Ptrs[op] into shared
+    memory while warp 0 waits (the step's views read them there after the Gate's barrier).
     """
     import tilelang.language as T
 
@@ -273,6 +276,8 @@ def make_persistent_loop(
 
     dispatch = make_dispatch(bodies, tree=rows_smem)
     W = len(FIELD)
+    if rows_smem and not 0 < views <= 32:
+        raise ValueError(f"persistent loop with rows in shared memory: views must be 1..32, not {views}")
     F = FIELD
     others = PERSISTENT_THREADS - 32  # the CTA's threads outside warp 0 (prefetch: step kernels only)
 
@@ -324,6 +329,7 @@ def make_persistent_loop(
         if rows_smem:
             rows = common.alloc_unmerged((2, W), "int32")  # this task's row and the next (static: never merged)
             nxt = T.alloc_var("int32")  # lane l < W of warp 0: field l of the next row, in flight during a task
+            ptrs = common.alloc_unmerged((views,), "int64")  # the task's node's pointers
             if tx < W:
                 rows[0, tx] = tasks[sm, 0, tx]
             T.sync_threads()
@@ -359,10 +365,16 @@ def make_persistent_loop(
                 c0 = tasks[sm, t, F["c0"]]
                 c1 = tasks[sm, t, F["c1"]]
                 c2 = tasks[sm, t, F["c2"]]
+            if rows_smem:  # warp 1 copies the node's pointers while warp 0 waits (read after Gate.passed())
+                if tx >= 32 and tx < 32 + views:
+                    ptrs[tx - 32] = T.reinterpret(bufs[1][op, tx - 32], "int64")
             # the body runs the wait (Gate): a gated body first issues its data-independent loads
             gate = Gate(functools.partial(wait_inputs, sm, t, tasks, rows if rows_smem else None, b, counters, err,
                                           epoch, stamps, flags), flags)  # fmt: skip
-            dispatch(bufs, err, opc, op, c0, c1, c2, gate)
+            if rows_smem:
+                dispatch((rows, ptrs, b, bufs[1]), err, opc, op, c0, c1, c2, gate)
+            else:
+                dispatch(bufs, err, opc, op, c0, c1, c2, gate)
             if rows_smem:
                 if tx < W:
                     rows[1 - b, tx] = nxt

@@ -73,28 +73,40 @@ def _make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, n_nodes: int
         for name, body in bodies.items():
             by_opcode.setdefault(name, []).append((k, body, c.specs))
 
+    # bufs: (NodeClass, Ptrs), read from global memory by node; with rows in shared memory the loop
+    # hands (rows, ptrs, b, Ptrs) instead: the task's row in shared memory (its node class in the
+    # CLASS_FIELD column of the device table) and its node's pointers, which warp 1 copied into
+    # shared memory while warp 0 waited (a gated body reads them before the wait: from Ptrs)
+    def views_of(bufs: Any, op: Any, specs: list[ViewSpec], gate: bool = False) -> Any:
+        if not rows:
+            return make_views(bufs[1], op, specs)
+        return make_views(bufs[3], op, specs) if gate else make_views(bufs[1], None, specs)
+
+    def class_of(bufs: Any, op: Any) -> Any:
+        return bufs[0][bufs[2], CLASS_FIELD] if rows else bufs[0][op]
+
     def opcode_body(cases: list[tuple[int, Any, list[ViewSpec]]]) -> Any:
         def case(k: int, body: Any, specs: list[ViewSpec]) -> tuple[Any, Any]:
             if is_gated(body):  # it waits for its inputs itself (megakernel.Gate)
 
                 @T.macro
                 def run_gate(bufs, op, c0, c1, c2, gate):
-                    body(make_views(bufs[1], op, specs), c0, c1, c2, gate)
+                    body(views_of(bufs, op, specs, gate=True), c0, c1, c2, gate)
 
                 return k, gated(run_gate)
 
             @T.macro
             def run(bufs, op, c0, c1, c2):
-                body(make_views(bufs[1], op, specs), c0, c1, c2)
+                body(views_of(bufs, op, specs), c0, c1, c2)
 
             return k, run
 
-        return if_chain([case(*c) for c in cases], selector=lambda bufs, op: bufs[0][op], tree=rows)
+        return if_chain([case(*c) for c in cases], selector=class_of, tree=rows)
 
     bodies = {name: opcode_body(cases) for name, cases in by_opcode.items()}
     bodies.setdefault("BARRIER", _noop())
     loop = make_persistent_loop(bodies, max_tasks=max_tasks, timeout_ns=timeout_ns or DEFAULT_TIMEOUT_NS,
-                                prefetch=True, rows_smem=rows)  # fmt: skip
+                                prefetch=True, rows_smem=rows, views=max_views)  # fmt: skip
 
     @T.prim_func
     def tilert_step(
@@ -127,6 +139,20 @@ def _noop() -> Any:
         T.evaluate(0)
 
     return nop
+
+
+CLASS_FIELD = FIELD["cost_ns"]  # the device table's column that holds each task's node class
+
+
+def with_node_classes(table: np.ndarray, node_class: Sequence[int]) -> np.ndarray:
+    """A copy of a task table whose cost column (CLASS_FIELD) holds each task's node class: the
+    loop with rows in shared memory dispatches on it (the cost is the compiler's estimate, which
+    the kernel never reads; the host's table keeps it)."""
+    tb = table.copy()
+    live = tb[:, :, FIELD["opcode"]] != 0
+    cls = np.asarray(node_class, np.int32)
+    tb[:, :, CLASS_FIELD] = np.where(live, cls[np.where(live, tb[:, :, FIELD["op"]], 0)], 0)
+    return tb
 
 
 _STEP_KERNELS: dict[tuple, Any] = {}  # compiled step kernels of this process, by classes and shape
@@ -179,7 +205,7 @@ class PersistentStep:
                              for j, u in enumerate(p.tensors) if u is t]  # fmt: skip
         self.node_class = torch.tensor(node_class, dtype=torch.int32, device=self.device)
         self.table = np.ascontiguousarray(table)  # host copy (the profiler's and the tests' view)
-        self.tasks = torch.from_numpy(self._device_table()).to(self.device)
+        self.tasks = torch.from_numpy(with_node_classes(self._device_table(), node_class)).to(self.device)
         self.counters = torch.zeros(max(1, len(expected)), dtype=torch.int32, device=self.device)
         self.err = b.err
         self.trace = torch.zeros(self.sms, table.shape[1], 3, dtype=torch.int64, device=self.device)
