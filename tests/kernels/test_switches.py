@@ -16,8 +16,8 @@ from tilert.profile.calibration import historical_switches, measured_steps
 def test_current_names_every_switch_and_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     for k in switches.SWITCHES:
         monkeypatch.delenv(k, raising=False)
-    assert switches.current() == {linear_fused.BODY_ENV: "gemv", moe.BODY_ENV: "gemv", moe.TOPK_ENV: "router",
-                                  switches.PIN_ENV: "none", switches.ROWS_ENV: "global"}  # fmt: skip
+    assert switches.current() == {linear_fused.BODY_ENV: "gemv", moe.BODY_ENV: "gemv", moe.TOPK_ENV: "task",
+                                  switches.PIN_ENV: "none", switches.ROWS_ENV: "shared"}  # fmt: skip
 
 
 def test_applied_sets_and_restores(monkeypatch: pytest.MonkeyPatch) -> None:

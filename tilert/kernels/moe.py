@@ -115,7 +115,7 @@ MOE_TASKS = 128  # MOE_GATE_UP and MOE_DOWN tasks per MoE node, about one per SM
 BODY_ENV = "TILERT_MOE_BODY"  # "gemv" (default) or "mainloop": which body the persistent expert tasks run
 TILING_ENV = "TILERT_MOE_GEMV_TILING"  # optional "wr.g.depth/wr.g.depth" (gate/up / down) for the GEMV body
 BODIES = ("mainloop", "gemv")
-TOPK_ENV = "TILERT_MOE_TOPK"  # "router" (default) or "task": where the persistent step runs the top-k
+TOPK_ENV = "TILERT_MOE_TOPK"  # "task" (default) or "router": where the persistent step runs the top-k
 TOPK_PLACES = ("router", "task")
 GEMV_SMEM = 200 * 1024  # the most shared memory an expert GEMV body may take (the step's other bodies' static
 # buffers and its own reduction buffer live beside it in the SM's 227 KB)
@@ -132,10 +132,12 @@ def body_choice() -> str:
 
 
 def topk_place() -> str:
-    """Where the persistent step runs the top-k (TILERT_MOE_TOPK): "router" (default), in whichever
-    router task arrives last (an atomic arrival count; no stage of its own, so no hand-over between
-    the router and the top-k), or "task", a MOE_TOPK task that waits for every router task."""
-    v = os.environ.get(TOPK_ENV, "router") or "router"
+    """Where the persistent step runs the top-k (TILERT_MOE_TOPK): "task" (default), a MOE_TOPK task
+    that waits for every router task, or "router", in whichever router task arrives last (an
+    atomic arrival count; no stage of its own, so no hand-over between the router and the top-k).
+    At full scale on the H100 the task was 2.2% faster at B=1 and even at B=8 (docs/performance.md):
+    every router task pays the arrival's round trip, the hand-over it saves is one."""
+    v = os.environ.get(TOPK_ENV, "task") or "task"
     if v not in TOPK_PLACES:
         raise ValueError(f"{TOPK_ENV}={v!r}: expected one of {', '.join(TOPK_PLACES)}")
     return v

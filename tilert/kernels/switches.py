@@ -19,11 +19,13 @@ PIN_CHOICES = ("none", "swa", "moe")
 
 
 def rows_choice() -> str:
-    """TILERT_TASK_ROWS: "global" (default): the persistent loop reads each task's row from the table
-    in global memory when the task starts, and dispatches through a chain of ifs; "shared": the next
-    row is loaded while a task runs and waits in shared memory, the wait reads it there, and the
-    dispatch is a binary search (runtime/persistent/megakernel.make_persistent_loop)."""
-    v = os.environ.get(ROWS_ENV, "global") or "global"
+    """TILERT_TASK_ROWS: "shared" (default): the next task's row is loaded while a task runs and waits
+    in shared memory with its node's class, the wait reads it there, warp 1 copies the node's
+    pointers into shared memory during the wait, and the dispatch is a binary search; "global":
+    each task reads its row, class and pointers from global memory when it starts, and dispatches
+    through a chain of ifs (runtime/persistent/megakernel.make_persistent_loop). "shared" was
+    8.5% faster at B=1 and 2% at B=8 at full scale on the H100 (docs/performance.md)."""
+    v = os.environ.get(ROWS_ENV, "shared") or "shared"
     if v not in ROWS_CHOICES:
         raise ValueError(f"{ROWS_ENV}={v!r}: expected one of {', '.join(ROWS_CHOICES)}")
     return v
