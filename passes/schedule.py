@@ -16,12 +16,11 @@ its last scheduled task the tail's time too (in its row's cost_ns: replays of th
 Queues keep scheduling order, which is a topological order, so the persistent kernel cannot
 deadlock. Tasks waiting on more than WAITS ranges get BARRIER tasks in front.
 
-SM groups (TILERT_PIN, `task_group`): a task's body is fetched into its SM's instruction cache
-when it runs, and tasks of other kinds in between evict it; a sliding-window attention split runs a
-few tasks a layer whose ~38 KB body is cold every time (docs/passes.md). With TILERT_PIN=swa those
-tasks (and MOE_TOPK tasks) go to SMs of their own (as many as the widest such stage has tasks),
-which run nothing else; with TILERT_PIN=moe the MoE's router, expert and reduce tasks also get a
-group, half of the SMs left, and every other task the other half.
+SM groups (TILERT_PIN, `task_group`): with TILERT_PIN=swa the sliding-window attention splits (and
+MOE_TOPK tasks) go to SMs of their own (as many as the widest such stage has tasks), which run
+nothing else, so their bodies stay in those SMs' instruction cache; with TILERT_PIN=moe the MoE's
+router, expert and reduce tasks also get a group, half of the SMs left, and every other task the
+other half. Measured slower than one pool at full scale (docs/passes.md), so off by default.
 """
 
 from __future__ import annotations

@@ -35,8 +35,8 @@ def pin_choice() -> str:
     """TILERT_PIN: "none" (default): every task may go to any SM; "swa": the split tasks of the
     sliding-window attention nodes (and the MOE_TOPK tasks, where the top-k is a task) run on SMs
     that run nothing else, so their code stays in those SMs' instruction cache from one layer to
-    the next (a task whose body was evicted refetches it from L2 or DRAM: docs/passes.md); "moe":
-    also the MoE's tasks on half of the other SMs, everything else on the rest (passes/schedule.py)."""
+    the next; "moe": also the MoE's tasks on half of the other SMs, everything else on the rest
+    (passes/schedule.py). Both measured slower than one pool at full scale (docs/passes.md)."""
     v = os.environ.get(PIN_ENV, "none") or "none"
     if v not in PIN_CHOICES:
         raise ValueError(f"{PIN_ENV}={v!r}: expected one of {', '.join(PIN_CHOICES)}")

@@ -14,7 +14,9 @@ GPU): *start* (its SM picked the row, before its waits), *ready* (its waits were
   (fetching the row, the poll that finds the counters met, a gated body's pre-wait work);
 - **warm / cold run**: the run time of the tasks that follow a task of the same node on their SM
   (its body is still in the SM's instruction cache) and of those that follow another kind's task
-  (the body may have been evicted and is fetched again): their gap is what a cold body costs.
+  (the body may have been evicted). Their gap bounds what a cold body costs; other differences
+  between the two sets show too (the later splits of a full-attention node on an SM are mostly the
+  empty ones past the keys).
 
 `benchmarks/e2e.py` writes these figures for every persistent step it measures (`run_from_step`),
 `benchmarks/trace_stages.py --stats` for a stored Chrome trace (`run_from_trace`); `stages` is the
