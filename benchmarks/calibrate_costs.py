@@ -80,12 +80,13 @@ TRACES = (
 # The H200 steps the model is checked against: the last full-scale run before the step's design was
 # frozen (e62ce6d: B=1 and B=8 with pinned routing) and routing by token (81c16da, B=8).
 MEASURED_H200 = ("e2e-nvidia-h200.json", "e2e-random-routing-B8-81c16da-nvidia-h200.json")
-# H100, rank 0 of mimo-v2.5-pro at world 8, solo collectives, routing by token, at 8f7672b: B=1 (0.97
-# active local experts a layer) and B=8 (6.83). The expert kinds stay out of the fit (their tasks'
+# H100, rank 0 of mimo-v2.5-pro at world 8, solo collectives, routing by token, at 337f7ea (the
+# streaming linear and expert bodies, `benchmarks/step_variants.py`'s base variant): B=1 (0.91
+# active local experts a layer) and B=8 (6.97). The expert kinds stay out of the fit (their tasks'
 # items follow each layer's routing, which the trace does not record).
 TRACES_H100 = (
-    StoredTrace("trace-persistent-decode.B1-nvidia-h100.json.gz", "8f7672b", None, 8, 1, 1, None, EXPERTS),
-    StoredTrace("trace-persistent-verify.B8-nvidia-h100.json.gz", "8f7672b", None, 8, 8, 7, None, EXPERTS),
+    StoredTrace("trace-variants-base.B1-nvidia-h100.json.gz", "337f7ea", None, 8, 1, 1, None, EXPERTS),
+    StoredTrace("trace-variants-base.B8-nvidia-h100.json.gz", "337f7ea", None, 8, 8, 7, None, EXPERTS),
 )  # fmt: skip
 MEASURED_H100 = ("e2e-nvidia-h100-80gb-hbm3.json",)
 MAX_SEQ, CONTEXT, WORLD = 4160, 4096, 8  # benchmarks/e2e.py's defaults
