@@ -88,20 +88,19 @@ def test_tables_compute_the_reference_outputs(model: str, world: int, policy: st
     check(case, run_vm(case, policy, seed=world), f"{model} world {world} {policy}")
 
 
-def test_tables_with_a_topk_task_compute_the_reference_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """TILERT_MOE_TOPK=task: the top-k as a MOE_TOPK task after every router task (the default runs
-    it in the router task that arrives last)."""
-    monkeypatch.setenv(moe.TOPK_ENV, "task")
-    case = compiled_steps(load_config("tiny"), 2)
+def test_tables_with_a_topk_task_compute_the_reference_outputs() -> None:
+    """The default: the top-k as a MOE_TOPK task after every router task."""
+    case = tiny_case("tiny", 2)
     ops = {int(o) for _, tables in case["steps"] for t in tables for o in np.unique(t[:, :, FIELD["opcode"]])}
     assert OPCODES["MOE_TOPK"] in ops
     check(case, run_vm(case, "random", seed=5), "tiny world 2, top-k task")
 
 
-def test_the_last_router_task_runs_the_topk() -> None:
-    """Default plans have no MOE_TOPK task; under every order the VM tries, the router task that
+def test_the_last_router_task_runs_the_topk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TILERT_MOE_TOPK=router: no MOE_TOPK task; under every order the VM tries, the router task that
     arrives last runs it (gate/up tasks see List and Count)."""
-    case = tiny_case("tiny", 2)
+    monkeypatch.setenv(moe.TOPK_ENV, "router")
+    case = compiled_steps(load_config("tiny"), 2)
     ops = {int(o) for _, tables in case["steps"] for t in tables for o in np.unique(t[:, :, FIELD["opcode"]])}
     assert OPCODES["MOE_TOPK"] not in ops and OPCODES["MOE_ROUTER"] in ops
     for seed in range(3):
@@ -185,7 +184,7 @@ def test_a_deleted_wait_is_caught() -> None:
 def test_deleted_waits_of_other_kinds_are_caught(opcode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Deleting the last wait (the op's own stage or nearest producer) of one of the first 3 tasks of
     a kind is caught at least once (a wait can be redundant: SM program order or a transitive wait
-    may already cover it). MOE_TOPK: in a plan with the top-k as a task of its own."""
+    may already cover it). MOE_TOPK: in a plan with the top-k as a task of its own (the default)."""
     if opcode == "MOE_TOPK":
         monkeypatch.setenv(moe.TOPK_ENV, "task")
         case = compiled_steps(load_config("tiny"), 1)

@@ -267,8 +267,8 @@ def make_persistent_loop(
     read of the error word after a poll), and the dispatch is a binary search over the opcodes and
     node classes: a task's pick-up pays no global-memory round trip for its row. Then bufs is the
     step's (NodeClass, Ptrs), and the bodies get (rows, ptrs, b, Ptrs): rows[b] the task's row, ptrs
-    the first `views` (<= 32) pointers of its node, which warp 1 copies from Ptrs[op] into shared
-    memory while warp 0 waits (the step's views read them there after the Gate's barrier).
+    the first `views` pointers of its node, which the threads after warp 0 copy from Ptrs[op] into
+    shared memory while warp 0 waits (the step's views read them there after the Gate's barrier).
     """
     import tilelang.language as T
 
@@ -276,8 +276,9 @@ def make_persistent_loop(
 
     dispatch = make_dispatch(bodies, tree=rows_smem)
     W = len(FIELD)
-    if rows_smem and not 0 < views <= 32:
-        raise ValueError(f"persistent loop with rows in shared memory: views must be 1..32, not {views}")
+    if rows_smem and not 0 < views <= PERSISTENT_THREADS - 32:
+        raise ValueError(f"persistent loop with rows in shared memory: views must be 1..{PERSISTENT_THREADS - 32}, "
+                         f"not {views}")  # fmt: skip
     F = FIELD
     others = PERSISTENT_THREADS - 32  # the CTA's threads outside warp 0 (prefetch: step kernels only)
 
@@ -365,7 +366,7 @@ def make_persistent_loop(
                 c0 = tasks[sm, t, F["c0"]]
                 c1 = tasks[sm, t, F["c1"]]
                 c2 = tasks[sm, t, F["c2"]]
-            if rows_smem:  # warp 1 copies the node's pointers while warp 0 waits (read after Gate.passed())
+            if rows_smem:  # warps 1.. copy the node's pointers while warp 0 waits (read after Gate.passed())
                 if tx >= 32 and tx < 32 + views:
                     ptrs[tx - 32] = T.reinterpret(bufs[1][op, tx - 32], "int64")
             # the body runs the wait (Gate): a gated body first issues its data-independent loads
