@@ -109,15 +109,16 @@ def line_table(disasm: str) -> dict[int, int]:
 
 def source_regions(source: str) -> list[tuple[int, str]]:
     """(first line, label) of each opcode case in the generated kernel: the dispatch is a chain of
-    `if (code == K)` blocks, so a line belongs to the nearest case above it."""
+    `if (code == K)` blocks, or a binary search whose bodies start with `tilert_body(K)` (node
+    classes: `condval == C)` or `tilert_node_class(C)`), so a line belongs to the nearest case above it."""
     names = {v: k for k, v in OPCODES.items()}
     regions, opcode = [(0, "loop")], "?"
     for i, s in enumerate(Path(source).read_text().splitlines(), 1):
-        m = re.search(r"\bcode == (\d+)\)", s)
+        m = re.search(r"\bcode == (\d+)\)", s) or re.search(r"\btilert_body\((\d+)\)", s)
         if m:
             opcode = names.get(int(m.group(1)), m.group(1))
             regions.append((i, opcode))
-        m = re.search(r"\bcondval_\d+ == (\d+)\)", s)
+        m = re.search(r"\bcondval_\d+ == (\d+)\)", s) or re.search(r"\btilert_node_class\((\d+)\)", s)
         if m:  # the node class's body inside the opcode's case
             regions.append((i, f"{opcode}#{m.group(1)}"))
     return regions

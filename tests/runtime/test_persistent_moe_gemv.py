@@ -23,12 +23,25 @@ def moe_bodies(st) -> set[str]:
     return {p.key[2].body for p in st.programs if p.key[0] == "moe"}
 
 
+BODY_START = r"\(code == (\d+)\)|\btilert_body\((\d+)\)"  # a chain's test, or a binary search's body marker
+
+
+def has_body(src: str, opcode: str) -> bool:
+    """Whether the step kernel's dispatch has a body for `opcode` (either dispatch form)."""
+    from tilert.abi import OPCODES
+
+    return any(int(m.group(1) or m.group(2)) == OPCODES[opcode] for m in re.finditer(BODY_START, src))
+
+
 def moe_branch(src: str, opcode: str) -> str:
     """The generated source of one opcode's branch of the step kernel (up to the next opcode's)."""
     from tilert.abi import OPCODES
 
-    start = src.index(f"(code == {OPCODES[opcode]})")
-    nxt = re.search(r"\(code == \d+\)", src[start + 10 :])
+    starts = [m.start() for m in re.finditer(BODY_START, src) if int(m.group(1) or m.group(2)) == OPCODES[opcode]]
+    if not starts:
+        raise ValueError(f"no {opcode} branch in the kernel source")
+    start = starts[0]
+    nxt = re.search(BODY_START, src[start + 10 :])
     return src[start : start + 10 + nxt.start()] if nxt else src[start:]
 
 

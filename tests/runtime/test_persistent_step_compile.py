@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 
+from tests.runtime.test_persistent_moe_gemv import has_body
 from tilert.abi import FIELD, OPCODES
 from tilert.kernels.common import toolchain_reason
 from tilert.models.config import load_config
@@ -31,7 +32,7 @@ def test_step_kernel_compiles(model: str, tokens: int, mode: str, max_seq: int, 
     used = {OPCODES[name] for p in st.programs for name in p.opcodes} | {OPCODES["BARRIER"]}
     assert set(np.unique(table[:, :, FIELD["opcode"]])) - {0} <= used
     for name in ("ATTN_SPLIT", "MOE_GATE_UP", "LM_HEAD_GEMM", "LINEAR_FP8"):
-        assert f"== {OPCODES[name]})" in src, name
+        assert has_body(src, name), name
     # the norm scales are read inside loops that write other shared buffers: never in the merged
     # dynamic block, where a one-statement loop let the x stage overwrite them (common.alloc_unmerged)
     merged = re.findall(r"void\* (\w+) = \(\(void\*\)\(\(char\*\)buf_dyn_shmem", src)
@@ -85,16 +86,17 @@ def test_step_rejects_unknown_kinds() -> None:
 
 def test_step_kernel_with_early_loads_compiles(monkeypatch) -> None:
     # opt-in (TILERT_EARLY_LOADS=1): the GEMV and attention-split bodies issue their weight / KV
-    # loads, then wait (megakernel.Gate); every body's wait is the one shared tilert_wait_task
+    # loads, then wait (megakernel.Gate); every body's wait is the one shared wait function
+    # (tilert_wait_row with the rows in shared memory, the default; tilert_wait_task without)
     from tilert.engine.persistent import precompile
 
     monkeypatch.setenv("TILERT_EARLY_LOADS", "1")
     st = precompile(load_config("tiny-gpu"), 1, "decode", 256, 1)
     src = st.kernel.get_kernel_source()
-    body = src[src.index("tilert_step_kernel("):]
-    calls = body.count("tilert_wait_task(")
+    body = src[src.index("tilert_step_kernel(") :]
+    calls = body.count("tilert_wait_row(")
     assert calls >= len({name for p in st.programs for name in p.opcodes})  # one call site per body
-    assert "__noinline__ int tilert_wait_task" in src
+    assert "__noinline__ int tilert_wait_row" in src
 
 
 def test_mixed_step_kernel_compiles() -> None:
@@ -107,7 +109,7 @@ def test_mixed_step_kernel_compiles() -> None:
 
     st = precompile(load_config("tiny-gpu"), 11, "decode", 256, slots=5)
     src = st.kernel.get_kernel_source()
-    assert "tma_load" not in src and f"== {OPCODES['ATTN_SPLIT']})" in src
+    assert "tma_load" not in src and has_body(src, "ATTN_SPLIT")
     attn = [p for p in st.programs if p.key and p.key[0] == "attention"]
     assert attn and all(p.key[1].mixed for p in attn)
     for p in attn:

@@ -93,9 +93,10 @@ def make_dispatch(bodies: dict[str, Any], tree: bool = False) -> Any:
     """A macro `dispatch(bufs, err, op_code, op, c0, c1, c2, gate)`: the body whose opcode matches,
     under the Gate protocol; an opcode with no body raises the error flag (ERR_OPCODE) instead of
     running. The tests are a chain of ifs in the bodies' order, or with `tree` a binary search over
-    the opcodes: each test sits before its body's code, so a chain walks one instruction line per
-    earlier case, and those lines are cold whenever the SM ran other bodies since (log2 of them in
-    a tree)."""
+    the opcodes (each body marked `tilert_body(opcode)` in the source: the compiler drops a leaf's
+    test that the search already implies): each test sits before its body's code, so a chain walks
+    one instruction line per earlier case, and those lines are cold whenever the SM ran other
+    bodies since (log2 of them in a tree)."""
     import tilelang.language as T
 
     for name in bodies:
@@ -129,6 +130,7 @@ def make_dispatch(bodies: dict[str, Any], tree: bool = False) -> Any:
             @T.macro
             def leaf(bufs, err, opc, op, c0, c1, c2, gate):
                 if opc == code:
+                    T.call_extern("handle", "tilert_body", code)
                     run_gated(body, gate, bufs, op, c0, c1, c2)
                 else:
                     trap(bufs, err, opc, op, c0, c1, c2, gate)
@@ -152,7 +154,7 @@ def make_dispatch(bodies: dict[str, Any], tree: bool = False) -> Any:
 def if_chain(cases: list[tuple[int, Any]], selector: Any, tree: bool = False) -> Any:
     """A gated macro `(bufs, op, c0, c1, c2, gate)` running the body of the case whose key equals
     selector(bufs, op) under the Gate protocol (a chain of ifs, or with `tree` a binary search over
-    the keys; no case matches: nothing runs)."""
+    the keys, each body marked `tilert_node_class(key)`; no case matches: nothing runs)."""
     import tilelang.language as T
 
     def chain(i: int) -> Any:
@@ -185,6 +187,7 @@ def if_chain(cases: list[tuple[int, Any]], selector: Any, tree: bool = False) ->
             @T.macro
             def leaf(bufs, op, c0, c1, c2, gate):
                 if selector(bufs, op) == key:
+                    T.call_extern("handle", "tilert_node_class", key)
                     run_gated(body, gate, bufs, op, c0, c1, c2)
 
             return leaf
@@ -212,6 +215,10 @@ PREFETCH_ROWS = 256  # most rows one task's prefetch region spans (a GEMV tile h
 ROWS_PRELUDE = r"""
 #ifndef TILERT_ROWS_PRELUDE
 #define TILERT_ROWS_PRELUDE
+// markers (no code): the start of an opcode's body and of a node class's body in a binary-search
+// dispatch, whose leaves' own tests the compiler may drop (tools find the bodies by them)
+__device__ __forceinline__ void tilert_body(int opcode) {}
+__device__ __forceinline__ void tilert_node_class(int node_class) {}
 __device__ __noinline__ int tilert_wait_row(const int* row, int* counters, int* err, int epoch, int sm, int t,
                                            long long timeout, int waits, int f_counter, int f_count,
                                            int f_expected, int none, int err_timeout) {
