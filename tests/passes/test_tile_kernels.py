@@ -16,7 +16,7 @@ import pytest
 from tilert.ir.graph import Graph
 from tilert.ir.opset.fused import AttentionBlockAttrs
 from tilert.ir.opset.moe import expected_experts
-from tilert.kernels import moe
+from tilert.kernels import moe, switches
 from tilert.kernels.attention import AttnConfig, supports
 from tilert.kernels.attention import tiling as attention_tiling
 from tilert.kernels.common import cdiv
@@ -28,11 +28,14 @@ from tilert.passes.manager import passes_until
 from tilert.passes.tile import OpTiles, Read, slot_busy
 
 
-def tiled(model: str, tokens: int, world: int) -> tuple[Graph, list[OpTiles]]:
+def tiled(model: str, tokens: int, world: int, topk: str | None = None) -> tuple[Graph, list[OpTiles]]:
+    """The rank-0 graph and its tiles after the tile pass (topk: TILERT_MOE_TOPK for the build, else
+    the environment's)."""
     mode = "decode" if tokens == 1 else "verify"
     g = build_step_graph(load_config(model), tokens=tokens, max_seq=4096, mode=mode)
     ctx = PassContext(world=world, max_seq=4096)
-    graphs = run_passes(g, ctx, passes_until("tile"))
+    with switches.applied({moe.TOPK_ENV: topk} if topk else {}):
+        graphs = run_passes(g, ctx, passes_until("tile"))
     return graphs[0], ctx.results["tile"][0]
 
 
@@ -42,8 +45,9 @@ _TILED: dict[tuple, tuple[Graph, list[OpTiles]]] = {}
 
 @pytest.fixture(params=CASES, ids=lambda c: f"{c[0]}-T{c[1]}-w{c[2]}")
 def case(request: Any) -> tuple[Graph, list[OpTiles]]:
+    # the top-k in the router's last arrival (the default task: test_moe_waits_with_a_topk_task)
     if request.param not in _TILED:
-        _TILED[request.param] = tiled(*request.param)
+        _TILED[request.param] = tiled(*request.param, topk="router")
     return _TILED[request.param]
 
 
@@ -64,7 +68,8 @@ def test_moe_tasks_are_the_kernel_grids(case: tuple[Graph, list[OpTiles]]) -> No
     cfg = moe.Config(T, H, In, E, EL, k)
     geo = moe.tiling(T, H, In, EL, k)
     assert geo.max_slots == cfg.max_slots and geo.down_split == cfg.down_split
-    # default: the top-k runs in the router's last-arriving task (moe.topk_place), no stage of its own
+    # TILERT_MOE_TOPK=router: the top-k runs in the router's last-arriving task, no stage of its own
+    geo = moe.tiling(T, H, In, EL, k, topk="router")
     assert [s.opcode for s in t.stages] == ["MOE_ROUTER", "MOE_GATE_UP", "MOE_DOWN", "MOE_REDUCE"] == list(geo.stages)
     router, up, down, red = t.stages
     assert router.coords == [(e, 0, 0) for e in range(cdiv(E, moe.ROUTER_E))]  # moe_router grid
@@ -109,9 +114,9 @@ def test_moe_waits(case: tuple[Graph, list[OpTiles]]) -> None:
 
 
 def test_moe_waits_with_a_topk_task(monkeypatch: pytest.MonkeyPatch) -> None:
-    """TILERT_MOE_TOPK=task: a MOE_TOPK task waits on every router task (which zero Y before any down
-    atomics), gate/up on the top-k and x, no tail on the router stage."""
-    monkeypatch.setenv(moe.TOPK_ENV, "task")
+    """TILERT_MOE_TOPK=task (the default): a MOE_TOPK task waits on every router task (which zero Y
+    before any down atomics), gate/up on the top-k and x, no tail on the router stage."""
+    monkeypatch.delenv(moe.TOPK_ENV, raising=False)
     g, tiles = tiled("tiny", 4, 2)
     n, st = _moe_stages(tiles, g)
     assert list(st) == ["MOE_ROUTER", "MOE_TOPK", "MOE_GATE_UP", "MOE_DOWN", "MOE_REDUCE"]
