@@ -37,12 +37,13 @@ def moe_branch(src: str, opcode: str) -> str:
     """The generated source of one opcode's branch of the step kernel (up to the next opcode's)."""
     from tilert.abi import OPCODES
 
-    starts = [m.start() for m in re.finditer(BODY_START, src) if int(m.group(1) or m.group(2)) == OPCODES[opcode]]
+    code = OPCODES[opcode]
+    marks = [(m.start(), int(m.group(1) or m.group(2))) for m in re.finditer(BODY_START, src)]
+    starts = [at for at, c in marks if c == code]
     if not starts:
         raise ValueError(f"no {opcode} branch in the kernel source")
-    start = starts[0]
-    nxt = re.search(BODY_START, src[start + 10 :])
-    return src[start : start + 10 + nxt.start()] if nxt else src[start:]
+    end = next((at for at, c in marks if at > starts[0] and c != code), len(src))
+    return src[starts[0] : end]
 
 
 @needs_toolchain
