@@ -268,7 +268,7 @@ def make_persistent_loop(
     loads meet L2 instead of DRAM. Weights never depend on the step's data, so this is always safe.
 
     The loop ends at the first NOP row (queues are packed; a short queue does not walk its padding).
-    With `rows_smem` (TILERT_LOOP=rows, `loop_form`): each task's row sits in shared memory before
+    With `rows_smem` (TILERT_TASK_ROWS=shared, `switches.rows_choice`): each task's row sits in shared memory before
     the task starts (warp 0 loads the next row into registers when a task starts and stores it
     before the task's closing barrier), the wait reads its ranges there (tilert_wait_row: no second
     read of the error word after a poll), and the dispatch is a binary search over the opcodes and
