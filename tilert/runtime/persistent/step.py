@@ -75,7 +75,7 @@ def _make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, n_nodes: int
 
     # bufs: (NodeClass, Ptrs), read from global memory by node; with rows in shared memory the loop
     # hands (rows, ptrs, b, Ptrs) instead: the task's row in shared memory (its node class in the
-    # CLASS_FIELD column of the device table) and its node's pointers, which warp 1 copied into
+    # CLASS_FIELD column of the device table) and its node's pointers, which the threads after warp 0 copied into
     # shared memory while warp 0 waited (a gated body reads them before the wait: from Ptrs)
     def views_of(bufs: Any, op: Any, specs: list[ViewSpec], gate: bool = False) -> Any:
         if not rows:
