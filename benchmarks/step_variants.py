@@ -14,7 +14,9 @@ Rank 0 of the model's plan (synthetic weights, solo collectives) as benchmarks/e
 routing `random` is the synthetic router's own choice, which differs by token (what a verify block
 sees), `pinned` is benchmarks.common.pin_routing. Writes DIR/step-variants-<device>.json; each row
 holds the median task time per opcode of the variant's last timed launch (`task_median_us`, from the
-kernel's own trace), and --trace-dir writes those traces (trace-<variant>.B<n>.json.gz).
+kernel's own trace), and --trace-dir writes those traces (trace-<variant>.B<n>.json.gz). A variant
+built with TILERT_PROBES=on also gets `probe_median_us`: per opcode, the median of each of its
+bodies' phase stamps (us after the task's start of run; docs/profiling.md).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from tilert.engine.persistent import compile_step, precompile  # noqa: E402
 from tilert.kernels import switches  # noqa: E402
 from tilert.models.builder import build_step_graph  # noqa: E402
 from tilert.models.config import load_config  # noqa: E402
-from tilert.profile.timeline import measured_trace  # noqa: E402
+from tilert.profile.timeline import measured_trace, probe_medians  # noqa: E402
 from tilert.runtime.eager.synthetic import synthetic_params  # noqa: E402
 from tilert.runtime.persistent.step import PersistentStep  # noqa: E402
 
@@ -134,11 +136,12 @@ def main() -> None:
             outs[name] = {k: v.float().clone() for k, v in st.run(inputs).items()}
         first = next(iter(outs))
         ms = time_interleaved(steps, inputs, a.rounds, a.per_round)
-        medians = {}
+        medians, probes = {}, {}
         for name, st in steps.items():
             st.check()
             tr = measured_trace(st, meta={"model": cfg.name, "tokens": B, "routing": a.routing, "variant": name})
             medians[name] = task_medians(tr)
+            probes[name] = probe_medians(tr)
             if a.trace_dir:
                 Path(a.trace_dir).mkdir(parents=True, exist_ok=True)
                 tp = Path(a.trace_dir) / f"trace-{name}.B{B}.json.gz"
@@ -155,11 +158,15 @@ def main() -> None:
                    "vs_first": round(ms[name] / ms[first], 4), "max_abs_diff_vs_first": diff,
                    "rel_err_vs_first": rel, "ids_equal_vs_first": same, "active_experts": act,
                    "task_median_us": medians[name]}  # fmt: skip
+            if probes[name]:
+                row["probe_median_us"] = probes[name]
             rows.append(row)
             print(f"{g.name} B={B} {name:>12}: {ms[name]:.3f} ms ({row['vs_first']:.3f}x {first}), "
                   f"active experts {act}, rel err {max(rel.values(), default=0.0):.3g}, "
                   f"ids equal {min(same.values(), default=1.0):.3f}", flush=True)  # fmt: skip
             print(f"    task medians (us): {medians[name]}", flush=True)
+            for code, ph in probes[name].items():
+                print(f"    probes {code}: {ph}", flush=True)
         del steps
         torch.cuda.empty_cache()
     data = {"model": a.model, "world_size": a.world_size, "layers": a.layers, "context": a.context,

@@ -11,7 +11,7 @@ from tilert.abi import TASK_FIELDS
 from tilert.cli import main
 from tilert.models.config import load_config
 from tilert.profile.report import ProfileError, profile_model
-from tilert.profile.timeline import TimelineError, simulate, trace_json
+from tilert.profile.timeline import TimelineError, probe_medians, simulate, trace_json
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +94,27 @@ def test_simulate_respects_dependencies_and_measured_times_use_the_same_exporter
         simulate(_table([[(0, 0, 0, 5)]]), np.array([1], np.int32), TASK_FIELDS)
     with pytest.raises(TimelineError, match="do not match"):
         trace_json(t, start[:1], end[:1], TASK_FIELDS, ["a"], {})
+
+
+def test_probe_stamps_become_phase_medians():
+    # a step built with TILERT_PROBES=on: each task's phase stamps (ns, 0 = not reached) after its
+    # start of run, and per opcode the median of each phase over the tasks that reached it
+    t = _table([[(0, None, 0, 100), (1, None, -1, 10)], [(2, None, -1, 50)]])
+    start = np.array([[1000, 2000], [1000, 0]], np.int64)
+    ready = start + np.array([[0, 100], [40, 0]])
+    end = start + 900
+    probes = np.zeros((2, 2, 3), np.int64)
+    probes[0, 0] = [1200, 1500, 0]  # phases 0 and 1 of the first task, 200 / 500 ns after its start
+    probes[0, 1] = [2300, 2600, 2700]  # 200 / 500 / 600 ns after its ready stamp
+    probes[1, 0] = [1440, 0, 0]  # 400 ns
+    tr = trace_json(t, start, end, TASK_FIELDS, ["a", "b", "c"], {2: "LINEAR_FP8"}, ready_ns=ready, probes_ns=probes)
+    runs = [e for e in tr["traceEvents"] if e["ph"] == "X" and e["cat"] != "WAIT"]
+    assert [e["args"]["probes_us"] for e in runs] == [[0.2, 0.5, None], [0.2, 0.5, 0.6], [0.4, None, None]]
+    assert probe_medians(tr) == {"LINEAR_FP8": [0.2, 0.5, 0.6]}
+    assert probe_medians(tr, by="node") == {"a": [0.2, 0.5, None], "b": [0.2, 0.5, 0.6], "c": [0.4, None, None]}
+    assert probe_medians(trace_json(t, start, end, TASK_FIELDS, ["a", "b", "c"], {})) == {}  # no probes
+    with pytest.raises(ValueError, match="by 'sm'"):
+        probe_medians(tr, by="sm")
 
 
 def test_profile_cli(tmp_path, capsys):

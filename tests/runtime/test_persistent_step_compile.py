@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from tests.runtime.test_persistent_moe_gemv import has_body
+from tests.runtime.test_persistent_moe_gemv import has_body, moe_branch
 from tilert.abi import FIELD, OPCODES
 from tilert.kernels.common import toolchain_reason
 from tilert.models.config import load_config
@@ -48,11 +48,11 @@ def test_step_kernel_compiles(model: str, tokens: int, mode: str, max_seq: int, 
     if sass.find_nvdisasm():
         code = sass.disassemble(lib)
         assert "LDGSTS" in code and not sass.odd_descriptors(code)
-    # weight prefetch: every fp8 linear and router task names its region, 16-byte aligned
+    # weight prefetch: every fp8 linear, router and top-k task names its region, 16-byte aligned
     assert "cp.async.bulk.prefetch.L2" in src
     pf = st._prefetch_table()
     ops = table[:, :, FIELD["opcode"]]
-    for name in ("LINEAR_FP8", "MOE_ROUTER"):
+    for name in ("LINEAR_FP8", "MOE_ROUTER", "MOE_TOPK"):
         sel = ops == OPCODES[name]
         if sel.any():
             assert (pf[sel][:, 2] > 0).all() and not (pf[sel][:, [0, 1, 3]] % 16).any(), name
@@ -97,6 +97,26 @@ def test_step_kernel_with_early_loads_compiles(monkeypatch) -> None:
     calls = body.count("tilert_wait_row(")
     assert calls >= len({name for p in st.programs for name in p.opcodes})  # one call site per body
     assert "__noinline__ int tilert_wait_row" in src
+
+
+def test_step_kernel_with_probes_compiles(monkeypatch) -> None:
+    # TILERT_PROBES=on: the trace gains the bodies' phase stamps; each probed body stamps its phases
+    # (thread 0, into the static stamps the loop clears at a task's start and copies after its end)
+    from tilert.engine.persistent import precompile
+    from tilert.kernels.common import PROBE_SLOTS
+    from tilert.runtime.persistent.step import trace_columns
+
+    monkeypatch.setenv("TILERT_PROBES", "on")
+    st = precompile(load_config("tiny-gpu"), 1, "decode", 256, 1)
+    assert st.trace.shape[2] == trace_columns() == 3 + PROBE_SLOTS and st.switches["TILERT_PROBES"] == "on"
+    src = st.kernel.get_kernel_source()
+    assert "__shared__ long long tilert_probe_ts[8]" in src and "tilert_probe_clear()" in src
+    for name in ("ATTN_SPLIT", "MOE_TOPK", "MOE_ROUTER", "LINEAR_FP8"):
+        assert re.search(r"tilert_probe\(\d\)", moe_branch(src, name)), name
+    assert src.count("= tilert_probe_read(") == 1  # one copy loop into the trace row
+    monkeypatch.setenv("TILERT_PROBES", "off")  # without: no probe code at all
+    off = precompile(load_config("tiny-gpu"), 1, "decode", 256, 1)
+    assert "tilert_probe" not in off.kernel.get_kernel_source() and off.trace.shape[2] == 3
 
 
 def test_mixed_step_kernel_compiles() -> None:

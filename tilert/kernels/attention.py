@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from tilert.ir.opset.fused import AttentionBlockAttrs
-from tilert.kernels.common import alloc_unmerged, build, cdiv, gate_passed, warp_rows
+from tilert.kernels.common import alloc_unmerged, build, cdiv, gate_passed, make_probe, warp_rows
 from tilert.kernels.common import gated as mark_gated
 from tilert.ops.attention import attention as _ref_attention
 from tilert.ops.attention import attention_slots, check_slots, kv_append, kv_append_slots, rope
@@ -303,6 +303,8 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
     CAUSAL, NORM, EPS = cfg.causal, cfg.qk_norm_eps is not None, cfg.qk_norm_eps
     NEG = -T.infinity("float32")
     bf16, f32 = "bfloat16", "float32"
+    probe = make_probe()  # phases of a split (TILERT_PROBES): 0 cos/sin, 1 q rows, 2 q rotated, 3 new keys,
+    # 4 a key tile landed, 5 a tile's softmax update, 6 partials written
 
     QR = min(cfg.block_m, cfg.rows)  # rows of a q block that can be real (B = 1: 16 of 128)
     # RoPE loops over whole warps (common.warp_rows): padded q rows and new-key rows are zeros, and
@@ -489,6 +491,7 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
             ang = rope_angle(start + b, f, ROPE, cfg.rope_theta)
             cs[b, f] = T.Cast(f32, T.cos(ang))
             cs[b, RH + f] = T.Cast(f32, T.sin(ang))
+        probe(0)
         if gate is not None:
             T.sync_threads()  # cs is written: a barrier ThreadSync can see (Gate.passed() is opaque to it)
             gate.wait()  # q and the new k/v come from earlier tasks; nothing above read them
@@ -511,6 +514,7 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
                     r = rb * BM + i
                     q_s[i, d] = T.if_then_else(r < R, Q[T.min(r // G, B - 1), h * G + r % G, d], T.Cast(bf16, 0))
                 T.sync_threads()
+                probe(1)
                 if NORM:
                     norm_q(q_s, Qn, nsq, nss, nrs)
                 rotate_q(q_s, rb, cs)
@@ -519,6 +523,7 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
             T.fill(acc_o, 0)
             T.fill(l_sum, 0)
             T.fill(m, NEG)
+            probe(2)
 
             if s == NS:  # the B new keys: ring slot 0 (no loads are in flight: nt = 0), RoPE, append
                 if MIX:  # the run's keys a..t1-1 (table rows 0..t1-a-1); the chunk appends its own
@@ -553,6 +558,7 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
                     for j, d in T.Parallel(B, DV):
                         Vc[h, start + j, d] = v_ring[0, j, d]
                 T.sync_threads()  # here, not inside the append's partial-warp branches (ThreadSync)
+                probe(3)
             # One loop and one (always masked) tile for the old keys' splits and the new keys' split:
             # the body's code is fetched cold at every layer, and three expansions of the tile (full,
             # partial last, new keys) made it about 70 KB of SASS. Ring of NST slots: tile t lives in
@@ -572,9 +578,11 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
                                 v_ring[st, j, d] = T.Cast(bf16, 0)
                         T.fence_proxy_async()
                         T.sync_threads()
+                    probe(4)
                 tile(q_s, k_ring[st, :, :], v_ring[st, :, :], acc_s, acc_p, acc_o, m, m_prev, alpha, l_sum, r_sum,
                      qpos, base, hi)  # fmt: skip
                 T.sync_threads()  # every warp is done with slot st before it is refilled
+                probe(5)
                 if s < NS:
                     if t + NST < nt:
                         issue(Kc, Vc, k_ring, v_ring, bar, st, ch, base + NST * BN)
@@ -596,6 +604,7 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
                     r = rb * BM + i
                     if r < R:
                         Lse[h, r, s] = T.if_then_else(l_sum[i] > 0, T.log2(l_sum[i]) + m[i] * SL2, NEG)
+                probe(6)
 
     if MIX and gated:
 

@@ -20,6 +20,8 @@ API (stable; other kernel files import it):
                              share this one (value-in/value-out helpers only: no addresses)
     prelude() / using_prelude(src)   the prelude bodies import: DEVICE_PRELUDE, or a superset of it
                              while a step kernel whose bodies need more helpers is built
+    probing() / using_probes() / make_probe()   phase stamps inside a step kernel's bodies
+                             (TILERT_PROBES=on): PROBE_SLOTS stamps a task, PROBE_PRELUDE
 """
 
 from __future__ import annotations
@@ -148,6 +150,75 @@ __device__ __noinline__ int tilert_wait_task(const int* row, int* counters, int*
 
 
 _PRELUDE: contextvars.ContextVar[str] = contextvars.ContextVar("tilert_prelude", default=DEVICE_PRELUDE)
+
+# Phase probes: a body marks points of its work (`probe(k)`, k < PROBE_SLOTS) and, in a step kernel
+# built with TILERT_PROBES=on, thread 0 stamps %globaltimer there into a static shared array that the
+# loop clears when a task starts and copies into the task's trace row when it ends (trace columns
+# 3..3+PROBE_SLOTS-1; 0 = the point was not reached). The stamps are thread 0's: a probe placed after
+# a CTA barrier times the whole CTA. Off (the default) the bodies emit nothing.
+PROBES_ENV = "TILERT_PROBES"
+PROBE_CHOICES = ("off", "on")
+PROBE_SLOTS = 8
+PROBE_PRELUDE = r"""
+#ifndef TILERT_PROBE_PRELUDE
+#define TILERT_PROBE_PRELUDE
+__shared__ long long tilert_probe_ts[8];
+__device__ __forceinline__ void tilert_probe(int k) {
+  if (threadIdx.x == 0) {
+    long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    tilert_probe_ts[k] = t;
+  }
+}
+__device__ __forceinline__ void tilert_probe_clear() {  // thread 0, which also reads them out
+  if (threadIdx.x == 0) {
+    for (int k = 0; k < 8; ++k) tilert_probe_ts[k] = 0;
+  }
+}
+__device__ __forceinline__ long long tilert_probe_read(int k) { return tilert_probe_ts[k]; }
+#endif
+"""
+_PROBING: contextvars.ContextVar[bool] = contextvars.ContextVar("tilert_probing", default=False)
+
+
+def probes_choice() -> str:
+    """TILERT_PROBES: "off" (default) or "on": step kernels built with it stamp the bodies' phases
+    (docs/profiling.md); a build switch like the others (kernels/switches.py)."""
+    v = os.environ.get(PROBES_ENV, "off") or "off"
+    if v not in PROBE_CHOICES:
+        raise ValueError(f"{PROBES_ENV}={v!r}: expected one of {', '.join(PROBE_CHOICES)}")
+    return v
+
+
+def probing() -> bool:
+    """Whether the bodies being expanded belong to a step kernel built with probes (`using_probes`)."""
+    return _PROBING.get()
+
+
+@contextlib.contextmanager
+def using_probes(on: bool) -> Iterator[None]:
+    """Bodies expanded inside the block emit their probes (a step kernel whose prelude holds
+    PROBE_PRELUDE); standalone kernels never do."""
+    token = _PROBING.set(on)
+    try:
+        yield
+    finally:
+        _PROBING.reset(token)
+
+
+def make_probe() -> Any:
+    """T.macro `probe(k)`: stamp phase k of the running task when probing, else nothing (a body
+    calls it where a phase of its work ends, after a CTA barrier where it can)."""
+    import tilelang.language as T
+
+    on = probing()
+
+    @T.macro
+    def probe(k):
+        if on:
+            T.call_extern("handle", "tilert_probe", k)
+
+    return probe
 
 
 def prelude() -> str:

@@ -374,6 +374,9 @@ def make_body(
 
     from tilert.kernels import common
 
+    # phases (TILERT_PROBES): a task 0 x and first chunk in, 1 x normalised, 2 weights streamed, 3 warps
+    # reduced, 4 stored; an item 5 first chunk in, 6 streamed, 7 stored
+    probe = common.make_probe()
     mx = cfg.fmt == "mxfp4"
     if items is not None and not (mx and cfg.split == 1 and cfg.depth - 1 <= cfg.items):
         raise ValueError(f"GEMV item body: MXFP4, split 1 and depth - 1 <= {cfg.items} chunks: {cfg}")
@@ -692,12 +695,14 @@ def make_body(
     def finish(V, red, last, acc, n_tile, k_split, tx):
         T.sync_threads()  # TileLang cannot see the ring reads (tilert_lds16): `red` may share their bytes
         reduce_warps(red, acc, tx)
+        probe(3)
         Rv = V[RI] if res else None
         if SPLIT == 1:
             store_direct(V[3], red, n_tile, tx, Rv)
         else:
             store_split(V[3], V[4], V[5], red, last, n_tile, k_split, tx, Rv)
         T.sync_threads()
+        probe(4)
 
     def norm_buffer():
         """The rows' rstd (norm only): static shared memory, kept from a run's first task to its last."""
@@ -773,9 +778,11 @@ def make_body(
         else:
             T.call_extern("handle", f"tilert_cp_async_wait<{D - 2}>")
         T.sync_threads()
+        probe(0)
         if norm:
             normalize(xs, V[GI], rstd, k_split, tx)
             T.sync_threads()
+        probe(1)
         for j in T.serial(ITEMS):
             T.call_extern("handle", f"tilert_cp_async_wait<{D - 2}>")
             if j + D - 1 < ITEMS:
@@ -788,6 +795,7 @@ def make_body(
                     stage_s(Vn[2], scw, scf, n_tile_n, k_split_n, 1 - b, tx)
             T.ptx_commit_group()
             compute(ring, xs, scw, scf, wq, xb, af, ml, sq, part, acc, n_tile, k_split, j, (base + j) % D, xb_, tx, b)
+        probe(2)
         finish(V, red, last, acc, n_tile, k_split, tx)
         if x_own:
             keep_live(ring, scw, scf)
@@ -811,6 +819,7 @@ def make_body(
                 T.ptx_commit_group()
         T.call_extern("handle", f"tilert_cp_async_wait<{D - 2}>")
         T.sync_threads()
+        probe(5)
         for j in T.serial(ITEMS):
             T.call_extern("handle", f"tilert_cp_async_wait<{D - 2}>")
             if j + D - 1 < ITEMS:
@@ -824,9 +833,11 @@ def make_body(
             T.ptx_commit_group()
             compute(ring, xs, scw, scf, wq, xb, af, ml, sq, part, acc, it, 0, j, (base + j) % D, xbuf, tx, sbuf)
         T.sync_threads()  # TileLang cannot see the ring reads (tilert_lds16)
+        probe(6)
         reduce_warps(red, acc, tx)
         items.epilogue(O, it, red, tx)
         T.sync_threads()
+        probe(7)
 
     if items is not None:
         return gemv_item

@@ -7,7 +7,8 @@ Four launches, no host round trip; only experts that received tokens read their 
    shared memory); also zeroes its slice of the output Y [T, H] (combined with atomics in step 4).
 2. `route_body(L, Bias, Idx, Wt, TokW, List, Count, off)` (1 CTA, 128 threads): one warp per token:
    sigmoid + selection bias in registers (E/32 per lane), top-k by k rounds of a warp argmax (ties
-   to the lower expert id), weights = unbiased scores renormalised and scaled; writes Idx/Wt
+   to the lower expert id; the lane that held a pick hands its unbiased score over with a shuffle),
+   weights = unbiased scores renormalised and scaled; writes Idx/Wt
    [T, k], TokW [E_local, T] (a token's weight for a local expert, 0 if not routed there) and the
    device-side active list List[0:Count] of local experts that received at least one token.
 3. `gate_up_tile(X, GUb, GUs, List, Count, Hb, slot, n_tile)` (grid I/8 x max_slots): slot >=
@@ -35,7 +36,7 @@ import torch
 
 from tilert.ir.opset.fused import MoeAttrs
 from tilert.kernels import gemv
-from tilert.kernels.common import build, cdiv, prelude
+from tilert.kernels.common import build, cdiv, make_probe, prelude
 from tilert.kernels.mxfp4_gemm import BLOCK_K, BLOCK_N, loop_shape, make_mainloop
 from tilert.numerics import mxfp4
 from tilert.ops.moe import moe_experts, route
@@ -339,6 +340,9 @@ def make_bodies(cfg: Config):
     """The four tile bodies (T.macro) of the fused MoE."""
     import tilelang.language as T
 
+    probe = make_probe()  # phases (TILERT_PROBES): router 0 dot products, 1 reduced, 2 written; top-k
+    # 0 outputs cleared, 1 scores in registers, 2 k rounds, 3 weights written, 4 barrier, 5 active list
+
     H, In, E, EL, K = cfg.hidden, cfg.inter, cfg.n_experts, cfg.n_local, cfg.top_k
     Tn = cfg.t
     R = ROUTER_E * Tn
@@ -398,6 +402,7 @@ def make_bodies(cfg: Config):
         # CTA-wide all-reduce per row: 32 barrier rounds at 8 tokens).
         for i in T.unroll(RR):  # unrolled: acc stays in registers
             red[i, tx] = acc[i]
+        probe(0)
         T.sync_threads()
         ri = T.min(tx // GR, RR - 1)  # every lane takes part in the shuffles; spare groups repeat row RR - 1
         tot = T.alloc_var("float32")
@@ -406,6 +411,7 @@ def make_bodies(cfg: Config):
             tot += red[ri, q * GR + tx % GR]
         for sh in GR_SHIFTS:
             tot += T.shfl_xor(tot, sh)
+        probe(1)
         if eps is None:
             if tx // GR < R and tx % GR == 0 and e_tile * ROUTER_E + ri // Tn < E:
                 L[ri % Tn, e_tile * ROUTER_E + ri // Tn] = tot
@@ -423,6 +429,7 @@ def make_bodies(cfg: Config):
                     Xh[f // xh_cols, c] = T.cast(
                         T.cast(X[f // xh_cols, c], "float32") * T.rsqrt(tots[R + f // xh_cols] / H + eps)
                         * T.cast(Gamma[c], "float32"), "bfloat16")  # fmt: skip
+        probe(2)
 
     RT = cfg.cta_threads or 128  # route CTA threads: 128 standalone, the persistent CTA's otherwise
     NW, EPL = RT // 32, cdiv(E, 32)
@@ -439,6 +446,9 @@ def make_bodies(cfg: Config):
         T.import_source(prelude())
         hit = T.alloc_shared((EL,), "int32")
         sc = T.alloc_local((EPL,), "float32")
+        sg = T.alloc_local((EPL,), "float32")  # the unbiased scores: a pick's weight without reloading L
+        pick = T.alloc_var("float32")
+        myw = T.alloc_var("float32")
         bv = T.alloc_var("float32")
         bi = T.alloc_var("int32")
         ov = T.alloc_var("float32")
@@ -457,13 +467,17 @@ def make_bodies(cfg: Config):
             if z * RT + tx < EL:
                 hit[z * RT + tx] = 0
         T.sync_threads()
+        probe(0)
         for tt in T.serial(cdiv(Tn, NW)):
             t = tt * NW + warp
             if t < Tn:  # warp-uniform: the shuffles below run with the whole warp
                 for i in T.unroll(EPL):  # coalesced loads straight into registers
                     ec = T.min(i * 32 + lane, E - 1)
-                    sc[i] = T.if_then_else(i * 32 + lane < E, T.sigmoid(L[t, ec]) + Bias[ec], NEG)
+                    sg[i] = T.sigmoid(L[t, ec])
+                    sc[i] = T.if_then_else(i * 32 + lane < E, sg[i] + Bias[ec], NEG)
+                probe(1)
                 myi = 0
+                myw = 0.0
                 for j in T.serial(K):
                     bv = NEG
                     bi = E
@@ -477,12 +491,17 @@ def make_bodies(cfg: Config):
                         if ov > bv or (ov == bv and oi < bi):
                             bv = ov
                             bi = oi
+                    pick = 0.0
                     for i in T.unroll(EPL):
                         if bi == i * 32 + lane:
                             sc[i] = NEG
+                            pick = sg[i]
+                    pick = T.shfl_sync(pick, bi % 32)  # from the lane that held the pick
                     if lane == j:
                         myi = bi
-                wv = T.if_then_else(lane < K, T.sigmoid(L[t, myi]), 0.0)
+                        myw = pick
+                probe(2)
+                wv = T.if_then_else(lane < K, myw, 0.0)
                 ws = wv
                 for sh in [16, 8, 4, 2, 1]:
                     ws = ws + T.shfl_xor(ws, sh)
@@ -496,7 +515,9 @@ def make_bodies(cfg: Config):
                     if myi >= off and myi < off + EL:
                         TokW[myi - off, t] = wv
                         hit[myi - off] = 1
+                probe(3)
         T.sync_threads()
+        probe(4)
         # the active list in expert order, 32 experts per ballot (warp 0; no serial loop over E_local)
         hv = T.alloc_var("int32")
         bal = T.alloc_var("uint32")  # a variable: the ballot runs once, with the whole warp
@@ -510,6 +531,7 @@ def make_bodies(cfg: Config):
                 cnt = cnt + T.call_extern("int32", "tilert_popc", bal)
             if lane == 0:
                 Count[0] = cnt
+        probe(5)
 
     # The expert id is read once into a register: an expression List[slot] would be re-read from
     # global memory at every weight address of the mainloop (ncu: the top stall of both bodies).

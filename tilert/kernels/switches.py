@@ -10,7 +10,7 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator, Mapping
 
-from tilert.kernels import linear_fused, moe
+from tilert.kernels import common, linear_fused, moe
 
 ROWS_ENV = "TILERT_TASK_ROWS"  # where the persistent loop reads a task's row (rows_choice)
 ROWS_CHOICES = ("global", "shared")
@@ -50,10 +50,11 @@ SWITCHES: dict[str, Callable[[], str]] = {
     moe.TOPK_ENV: moe.topk_place,
     PIN_ENV: pin_choice,
     ROWS_ENV: rows_choice,
+    common.PROBES_ENV: common.probes_choice,
 }
 # what every switch was before it existed: the settings of traces that record none
 HISTORICAL = {linear_fused.BODY_ENV: "fused", moe.BODY_ENV: "mainloop", moe.TOPK_ENV: "task", PIN_ENV: "none",
-              ROWS_ENV: "global"}  # fmt: skip
+              ROWS_ENV: "global", common.PROBES_ENV: "off"}  # fmt: skip
 
 
 def completed(recorded: Mapping[str, str]) -> dict[str, str]:

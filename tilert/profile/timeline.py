@@ -117,9 +117,12 @@ def trace_json(
     pid: int = 0,
     meta: dict[str, Any] | None = None,
     ready_ns: np.ndarray | None = None,
+    probes_ns: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """The Chrome trace dict: one track per SM, one 'X' event per task (timestamps in µs); with
-    `ready_ns`, the task's event starts when its waits were met, after a 'wait' event."""
+    `ready_ns`, the task's event starts when its waits were met, after a 'wait' event; with
+    `probes_ns` [sms, tasks, P] (a step built with TILERT_PROBES=on), each task's args hold
+    `probes_us`: its body's phase stamps in µs after the task's start of run (null: not reached)."""
     shapes = [start_ns.shape, end_ns.shape] + ([] if ready_ns is None else [ready_ns.shape])
     if any(sh != table.shape[:2] for sh in shapes):
         raise TimelineError(f"timestamps {shapes} do not match the task table {table.shape[:2]}")
@@ -145,6 +148,8 @@ def trace_json(
                     ev.append({"ph": "X", "pid": pid, "tid": s, "name": "wait", "cat": "WAIT", "ts": (t0 - t_min) / 1e3,
                                "dur": (tr - t0) / 1e3, "args": {"node": op, "slot": k}})  # fmt: skip
                 t0 = tr
+            if probes_ns is not None:
+                args["probes_us"] = [round((int(v) - t0) / 1e3, 3) if v > 0 else None for v in probes_ns[s, k]]
             ev.append({
                 "ph": "X", "pid": pid, "tid": s,
                 "name": op_names[op] if 0 <= op < len(op_names) else code,
@@ -174,7 +179,25 @@ def measured_trace(step: PersistentStep, process: str = "rank 0 (measured)", met
     return trace_json(table, start, end, TASK_FIELDS, names, OPCODE_NAMES, process=process, pid=1,
                       meta={"source": "persistent kernel %globaltimer", "graph": step.g.name,
                             "switches": dict(step.switches), **(meta or {})},
-                      ready_ns=ready)  # fmt: skip
+                      ready_ns=ready, probes_ns=tr[:, :, 3:] if tr.shape[2] > 3 else None)  # fmt: skip
+
+
+def probe_medians(trace: dict[str, Any], by: str = "opcode") -> dict[str, list[float | None]]:
+    """Median phase stamps (µs after the start of run) per opcode, or per node name with by="node",
+    of a measured trace whose step was built with TILERT_PROBES=on (empty without probes): slot k's
+    median over the tasks that reached probe k (None where none did)."""
+    if by not in ("opcode", "node"):
+        raise ValueError(f"probe_medians by {by!r}: expected 'opcode' or 'node'")
+    groups: dict[str, list[list[float | None]]] = {}
+    for e in trace["traceEvents"]:
+        pr = e.get("args", {}).get("probes_us") if e.get("ph") == "X" else None
+        if pr is not None:
+            groups.setdefault(e["cat"] if by == "opcode" else e["name"], []).append(pr)
+    out: dict[str, list[float | None]] = {}
+    for key, rows in sorted(groups.items()):
+        cols = [[r[k] for r in rows if r[k] is not None] for k in range(len(rows[0]))]
+        out[key] = [round(float(np.median(c)), 3) if c else None for c in cols]
+    return out
 
 
 def write_trace(trace: dict[str, Any], path: str | Path) -> Path:

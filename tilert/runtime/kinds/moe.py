@@ -242,6 +242,8 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
     wr = ts[2]
 
     def prefetch(name: str, e_tile: int, c1: int, c2: int) -> tuple[int, int, int, int] | None:
+        if name == "MOE_TOPK":  # the selection bias (its only weight)
+            return ts[3].data_ptr(), E * 4, 1, E * 4
         if name != "MOE_ROUTER":  # the experts' rows are known only on the device, after the top-k
             return None
         e0 = e_tile * moe.ROUTER_E

@@ -28,7 +28,7 @@ import functools
 from typing import Any, NamedTuple
 
 from tilert.abi import DEFAULT_TIMEOUT_NS, ERR_OPCODE, ERR_TIMEOUT, FIELD, NONE, OPCODES, WAITS
-from tilert.kernels.common import gated, is_gated, prelude
+from tilert.kernels.common import PROBE_SLOTS, gated, is_gated, prelude
 from tilert.kernels.views import PERSISTENT_THREADS
 
 # tilelang (the kernel compiler, slow to import) is imported only inside the functions that build kernels
@@ -254,7 +254,7 @@ __device__ __noinline__ int tilert_wait_row(const int* row, int* counters, int* 
 
 def make_persistent_loop(
     bodies: dict[str, Any], *, max_tasks: Any, timeout_ns: int = DEFAULT_TIMEOUT_NS, prefetch: bool = False,
-    rows_smem: bool = False, views: int = 0,
+    rows_smem: bool = False, views: int = 0, probes: bool = False,
 ) -> Any:
     """Macro `loop(sm, tasks, counters, err, epoch, trace, bufs[, pf])`; call inside `T.Kernel(num_sms, ...)`.
     max_tasks: the queue length, an int or the tasks tensor's symbolic shape (T.dynamic: the step
@@ -276,6 +276,10 @@ def make_persistent_loop(
     step's (NodeClass, Ptrs), and the bodies get (rows, ptrs, b, Ptrs): rows[b] the task's row, ptrs
     the first `views` pointers of its node, which the threads after warp 0 copy from Ptrs[op] into
     shared memory while warp 0 waits (the step's views read them there after the Gate's barrier).
+
+    With `probes` (a kernel whose prelude holds common.PROBE_PRELUDE), trace is [sms, tasks, 3 +
+    PROBE_SLOTS]: thread 0 clears the probe stamps when a task starts and copies them after its end
+    stamp (common.make_probe: the bodies' phase stamps).
     """
     import tilelang.language as T
 
@@ -360,6 +364,8 @@ def make_persistent_loop(
                 if tx >= 32 and t + 1 < max_tasks:  # the next task's weights into L2 while this one waits
                     prefetch_region(pf, sm, t + 1, tx)
             if tx == 0:
+                if probes:
+                    T.call_extern("handle", "tilert_probe_clear")
                 stamps[0] = T.call_extern("int64", "tilert_globaltimer")
                 # the row after next into L2 while this task waits and runs (its first touch)
                 T.call_extern("handle", "tilert_prefetch_l2", T.address_of(tasks[sm, T.min(t + 2, max_tasks - 1), 0]))
@@ -397,6 +403,9 @@ def make_persistent_loop(
                 trace[sm, t, 0] = stamps[0]
                 trace[sm, t, 1] = T.call_extern("int64", "tilert_globaltimer")
                 trace[sm, t, 2] = stamps[1]
+                if probes:
+                    for k in T.unroll(PROBE_SLOTS):
+                        trace[sm, t, 3 + k] = T.call_extern("int64", "tilert_probe_read", k)
 
     return loop
 

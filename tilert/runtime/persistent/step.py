@@ -25,7 +25,17 @@ import torch
 from tilert.abi import DEFAULT_TIMEOUT_NS, ERR_DRY, ERR_TIMEOUT, FIELD, OPCODE_NAMES, WAITS
 from tilert.ir.graph import Graph
 from tilert.kernels import switches
-from tilert.kernels.common import DEVICE_PRELUDE, build, gated, is_gated, using_prelude
+from tilert.kernels.common import (
+    DEVICE_PRELUDE,
+    PROBE_PRELUDE,
+    PROBE_SLOTS,
+    build,
+    gated,
+    is_gated,
+    probes_choice,
+    using_prelude,
+    using_probes,
+)
 from tilert.kernels.views import PERSISTENT_THREADS, ViewSpec, make_views, pointer_row
 from tilert.runtime.kinds import for_node, registered
 from tilert.runtime.persistent.megakernel import (
@@ -57,12 +67,22 @@ def make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, n_nodes: int,
     if not all(top.startswith(p) for p in preludes):
         raise PersistentError(f"the step's bodies need {len(preludes)} different device preludes; a kernel takes one")
     rows = switches.rows_choice() == "shared"
-    with using_prelude(top + (ROWS_PRELUDE if rows else "")):  # TileLang expands the bodies here
-        return _make_step_kernel(classes, num_sms, n_nodes, max_views, timeout_ns, rows)
+    probes = probes_choice() == "on"
+    src = top + (ROWS_PRELUDE if rows else "") + (PROBE_PRELUDE if probes else "")
+    with using_prelude(src), using_probes(probes):  # TileLang expands the bodies here
+        return _make_step_kernel(classes, num_sms, n_nodes, max_views, timeout_ns, rows, probes)
+
+
+def trace_columns(probes: bool | None = None) -> int:
+    """Columns of a step's trace buffer: start, end, ready, and with probes (TILERT_PROBES=on) the
+    bodies' PROBE_SLOTS phase stamps."""
+    if probes is None:
+        probes = probes_choice() == "on"
+    return 3 + (PROBE_SLOTS if probes else 0)
 
 
 def _make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, n_nodes: int, max_views: int,
-                      timeout_ns: int | None, rows: bool) -> Any:  # fmt: skip
+                      timeout_ns: int | None, rows: bool, probes: bool) -> Any:  # fmt: skip
     import tilelang.language as T
 
     max_tasks, n_counters = T.dynamic("max_tasks"), T.dynamic("n_counters")
@@ -106,7 +126,7 @@ def _make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, n_nodes: int
     bodies = {name: opcode_body(cases) for name, cases in by_opcode.items()}
     bodies.setdefault("BARRIER", _noop())
     loop = make_persistent_loop(bodies, max_tasks=max_tasks, timeout_ns=timeout_ns or DEFAULT_TIMEOUT_NS,
-                                prefetch=True, rows_smem=rows, views=max_views)  # fmt: skip
+                                prefetch=True, rows_smem=rows, views=max_views, probes=probes)  # fmt: skip
 
     @T.prim_func
     def tilert_step(
@@ -116,7 +136,7 @@ def _make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, n_nodes: int
         Counters: T.Tensor((n_counters,), "int32"),
         Err: T.Tensor((4,), "int32"),
         Epoch: T.Tensor((1,), "int32"),
-        Trace: T.Tensor((num_sms, max_tasks, 3), "int64"),
+        Trace: T.Tensor((num_sms, max_tasks, trace_columns(probes)), "int64"),
         Prefetch: T.Tensor((num_sms, max_tasks, 4), "int64"),
     ):
         with T.Kernel(num_sms, threads=PERSISTENT_THREADS) as sm:
@@ -208,13 +228,14 @@ class PersistentStep:
         self.tasks = torch.from_numpy(with_node_classes(self._device_table(), node_class)).to(self.device)
         self.counters = torch.zeros(max(1, len(expected)), dtype=torch.int32, device=self.device)
         self.err = b.err
-        self.trace = torch.zeros(self.sms, table.shape[1], 3, dtype=torch.int64, device=self.device)
+        self.trace = torch.zeros(self.sms, table.shape[1], trace_columns(), dtype=torch.int64, device=self.device)
         self.prefetch = torch.from_numpy(self._prefetch_table()).to(self.device)
         self.n_classes = len(classes)
         shape = (self.sms, len(self.programs), max_views)  # the table's length and counters are runtime shapes
         # the kernel follows from its classes' keys and its shape: built (traced) once per process,
         # so another backend, sequence or server worker with the same step shape reuses it
-        kernel_key = (tuple(c.key for c in classes), shape, early_loads(), switches.rows_choice(), str(out_dir), build)
+        kernel_key = (tuple(c.key for c in classes), shape, early_loads(), switches.rows_choice(), probes_choice(),
+                      str(out_dir), build)  # fmt: skip
         if kernel_key not in _STEP_KERNELS:
             func = make_step_kernel(classes, *shape)
             kinds = ", ".join(sorted({n.op for n in graph.nodes}))
