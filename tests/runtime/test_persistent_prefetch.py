@@ -42,11 +42,15 @@ def test_prefetch_regions_lie_inside_the_tasks_weights(step):
     for s, t in zip(*np.nonzero(ops)):
         addr, nbytes, rows, stride = (int(v) for v in pf[s, t])
         name = next(k for k, v in OPCODES.items() if v == ops[s, t])
-        if name not in ("LINEAR_FP8", "MOE_ROUTER"):
+        if name not in ("LINEAR_FP8", "MOE_ROUTER", "MOE_TOPK"):
             assert rows == 0, name
             continue
         seen.add(name)
         prog = step.programs[int(tb[s, t, FIELD["op"]])]
+        if name == "MOE_TOPK":  # the selection bias, whole
+            bias = prog.tensors[3]
+            assert (addr, nbytes, rows, stride) == (bias.data_ptr(), bias.numel() * 4, 1, bias.numel() * 4)
+            continue
         w = prog.tensors[1] if name == "LINEAR_FP8" else prog.tensors[2]  # meta: data_ptr() == 0
         c0, c1, c2 = (int(tb[s, t, FIELD[c]]) for c in ("c0", "c1", "c2"))
         row_bytes = w.stride(0) * w.element_size()
@@ -63,4 +67,4 @@ def test_prefetch_regions_lie_inside_the_tasks_weights(step):
             kt = k // split
             assert nbytes == kt * w.element_size() and rows == min(bn, n - c0 * bn)
             assert addr == c0 * bn * row_bytes + c2 * nbytes
-    assert seen == {"LINEAR_FP8", "MOE_ROUTER"}
+    assert seen == {"LINEAR_FP8", "MOE_ROUTER", "MOE_TOPK"}

@@ -33,6 +33,7 @@ first position in the step, and the sequence's new keys up to the chunk's end.
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -235,10 +236,14 @@ def _split_plan(cfg: AttnConfig, start):
 
 def rope_angle(pos, f, rope_dim: int, theta: float):
     """The RoPE angle of pair f at position pos, in float64 like the reference (angles reach 1e5 rad):
-    pos * theta^(-2f / rope_dim). Shared by the attention bodies and the context-row append."""
+    pos * theta^(-2f / rope_dim), the power as exp2(f * (-2 / rope_dim) log2(theta)): a float64 pow
+    was most of a split's prologue (2.9 us of cos/sin at B=1 on an H100, docs/performance.md); the
+    two agree to 2e-15 relative, so the fp32 cos/sin differ from the reference's in ~1e-5 of values
+    by one ulp. Shared by the attention bodies and the context-row append."""
     import tilelang.language as T
 
-    return T.Cast("float64", pos) * T.pow(T.float64(theta), T.Cast("float64", f) * T.float64(-2.0 / max(rope_dim, 1)))
+    c = -2.0 / max(rope_dim, 1) * math.log2(theta)
+    return T.Cast("float64", pos) * T.exp2(T.Cast("float64", f) * T.float64(c))
 
 
 def norm_cols(dk: int) -> int:
@@ -304,7 +309,7 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
     NEG = -T.infinity("float32")
     bf16, f32 = "bfloat16", "float32"
     probe = make_probe()  # phases of a split (TILERT_PROBES): 0 cos/sin, 1 q rows, 2 q rotated, 3 new keys,
-    # 4 a key tile landed, 5 a tile's softmax update, 6 partials written
+    # 4 a key tile landed, 7 its scores (q k^T), 5 its softmax update, 6 partials written
 
     QR = min(cfg.block_m, cfg.rows)  # rows of a q block that can be real (B = 1: 16 of 128)
     # RoPE loops over whole warps (common.warp_rows): padded q rows and new-key rows are zeros, and
@@ -350,6 +355,7 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
         causal / window mask; on a full tile of old keys the mask is all true)."""
         T.clear(acc_s)
         T.gemm(q_s, k_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
+        probe(7)
         for i, j in T.Parallel(BM, BN):
             kp = base + j
             if CAUSAL:
