@@ -485,6 +485,17 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
             nt = T.if_then_else((s < n_used) & (active == 1), T.ceildiv(s_hi - s_lo, BN), 0)
         else:
             nt = T.if_then_else(s < n_used, T.ceildiv(s_hi - s_lo, BN), 0)
+        # (cp.async) The split's keys and values into L2 first, two bulk prefetches by one thread: the
+        # tiles' 16-byte copies are then served from L2, not each round of them from DRAM (a 64-key
+        # tile took ~5 us from its issue at B=1 on an H100; TMA needs host-built tensor maps).
+        if not tma:  # (the address as an integer: a C cast, TIR casts no handle)
+            if (nt > 0) & (T.get_thread_binding() == 0):
+                T.call_extern("handle", "tilert_prefetch_bulk_l2",
+                              T.call_extern("int64", "(long long)", T.address_of(Kc[ch, s_lo, 0])),
+                              (s_hi - s_lo) * (DK * 2))  # fmt: skip
+                T.call_extern("handle", "tilert_prefetch_bulk_l2",
+                              T.call_extern("int64", "(long long)", T.address_of(Vc[ch, s_lo, 0])),
+                              (s_hi - s_lo) * (DV * 2))  # fmt: skip
         # Start the first NST tile loads now, so they fly while this CTA builds its q block.
         for st in T.unroll(NST):
             if st < nt:
