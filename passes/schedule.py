@@ -12,9 +12,7 @@ task's SM time, its fixed cost and its hand-over latency): priority = bottom lev
 the end of the step), each task goes to the SM that frees up first and is ready when that SM has
 fetched it and its last input has been seen (cost_model.task_ready).
 A stage with a tail (tile.Stage.tail: the top-k that the router's last-arriving task runs) gives
-its last scheduled task the tail's time too (in its row's cost_ns: replays of the table see it);
-a stage with a head (tile.Stage.head: the top-k that each gate/up task runs first) adds the head's
-time to every task of the stage.
+its last scheduled task the tail's time too (in its row's cost_ns: replays of the table see it).
 Queues keep scheduling order, which is a topological order, so the persistent kernel cannot
 deadlock. Tasks waiting on more than WAITS ranges get BARRIER tasks in front.
 
@@ -137,9 +135,8 @@ def _flatten(g: Graph, tiles: list[OpTiles], ctx: Any) -> dict[str, Any]:
                     whole = {st_op[w] for w, (lo, hi) in waits.items() if lo == 0 and hi >= st_chunks[w]}
                     full[-1:] = [full[-1] & whole] if k else [whole]
                 tt = task_time(spec, name, s.nbytes[k], s.stream[k], s.flops[k], s.comm[k], s.collective)
-                head = 0.0 if s.head is None else task_time(spec, s.head[0], s.head[1], 0.0, s.head[2]).run
-                tasks.append(Task(code, i, s.coords[k], tt.busy + head, gs, s.chunk[k], sorted(waits.items()),
-                                  tt.fixed, tt.handover, task_group(n, name, pin)))  # fmt: skip
+                tasks.append(Task(code, i, s.coords[k], tt.busy, gs, s.chunk[k], sorted(waits.items()), tt.fixed,
+                                  tt.handover, task_group(n, name, pin)))  # fmt: skip
     return {"tasks": tasks, "st_base": st_base, "st_chunks": st_chunks, "st_tail": st_tail, "counters": counters,
             "full": full}  # fmt: skip
 

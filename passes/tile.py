@@ -56,9 +56,6 @@ class Stage:
     # work the stage's last-finishing task runs after its own tile (opcode, bytes, flops): the top-k in
     # the router's last-arriving task (kernels/moe.py topk_place); its readers see it done
     tail: tuple[str, float, float] | None = None
-    # work every task of the stage runs before its own tile (opcode, bytes, flops): the top-k in each
-    # gate/up task (topk_place "experts")
-    head: tuple[str, float, float] | None = None
 
     def add(self, coords: tuple[int, int, int], chunk: int, nbytes: float, flops: float = 0.0,
             reads: tuple[Read, ...] = (), comm: float = 0.0, stream: float = 0.0) -> None:  # fmt: skip
@@ -192,8 +189,7 @@ def tile_moe(g: Graph, n: Node, ctx: Any) -> OpTiles:
     """The fused MoE at the kernel's coordinates (tilert/kernels/moe.py bodies, grouped by
     `moe.tiling`): ROUTER (e_tile) [-> TOPK] -> GATE_UP (task) -> DOWN (task) -> REDUCE (column
     block), always (all-reduce only when reduce and world > 1); the top-k is a stage of its own
-    only with TILERT_MOE_TOPK=task; with `router` the last router task to arrive runs it
-    (`Stage.tail`), with `experts` every gate/up task does (`Stage.head`)."""
+    only with TILERT_MOE_TOPK=task, else the last router task to arrive runs it (`Stage.tail`)."""
     a = n.a
     x, gate, _, gu, dn = (g.values[i] for i in n.inputs[:MOE_CORE])
     out = g.values[n.outputs[0]]
@@ -212,7 +208,7 @@ def tile_moe(g: Graph, n: Node, ctx: Any) -> OpTiles:
     stages = [router]
     if geo.topk_in_router:  # the last router task to arrive runs it (no stage, no hand-over)
         router.tail = ("MOE_TOPK", topk_bytes, 0.0)
-    elif not geo.topk_in_experts:
+    else:
         topk = Stage("MOE_TOPK", 1, 0)
         topk.add((0, 0, 0), 0, topk_bytes, reads=(Read(-1),))
         stages.append(topk)
@@ -222,8 +218,6 @@ def tile_moe(g: Graph, n: Node, ctx: Any) -> OpTiles:
     routed = getattr(ctx, "routed_experts", None)
     act = sum(busy) if routed is None else min(float(routed), geo.max_slots)
     up = Stage("MOE_GATE_UP", 1, 0)  # one counter: the down tasks wait for every gate/up task
-    if geo.topk_in_experts:  # each gate/up task selects its experts first (no stage, no hand-over)
-        up.head = ("MOE_TOPK", topk_bytes, 0.0)
     items = act * geo.gu_tiles / geo.gu_tasks
     for j in range(geo.gu_tasks):
         nb, sb, fl = moe_expert_work("MOE_GATE_UP", geo, gu.nbytes / n_local, items, act)

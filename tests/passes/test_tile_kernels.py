@@ -128,19 +128,6 @@ def test_moe_waits_with_a_topk_task(monkeypatch: pytest.MonkeyPatch) -> None:
         assert rd[0] == Read(-4) and len(rd) == 1 + n.a.residual
 
 
-def test_moe_waits_with_the_topk_in_the_experts(monkeypatch: pytest.MonkeyPatch) -> None:
-    """TILERT_MOE_TOPK=experts: no MOE_TOPK stage; every gate/up task runs the top-k first (the
-    stage's head, in each task's cost) and waits on every router task and x."""
-    monkeypatch.setenv(moe.TOPK_ENV, "experts")
-    g, tiles = tiled("tiny", 4, 2)
-    n, st = _moe_stages(tiles, g)
-    assert list(st) == ["MOE_ROUTER", "MOE_GATE_UP", "MOE_DOWN", "MOE_REDUCE"]
-    assert st["MOE_ROUTER"].tail is None and st["MOE_GATE_UP"].head is not None
-    assert st["MOE_GATE_UP"].head[0] == "MOE_TOPK" and st["MOE_GATE_UP"].head[1] > 0
-    assert all({r.src for r in rd} == {-1, 0} and all(r.lo is None for r in rd) for rd in st["MOE_GATE_UP"].reads)
-    assert all(rd == (Read(-2),) for rd in st["MOE_DOWN"].reads)
-
-
 def test_a_topk_place_that_does_not_exist_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(moe.TOPK_ENV, "gate")
     with pytest.raises(ValueError, match="TILERT_MOE_TOPK='gate'"):

@@ -119,21 +119,6 @@ def test_step_kernel_with_probes_compiles(monkeypatch) -> None:
     assert "tilert_probe" not in off.kernel.get_kernel_source() and off.trace.shape[2] == 3
 
 
-def test_step_kernel_with_the_topk_in_the_experts_compiles(monkeypatch) -> None:
-    # TILERT_MOE_TOPK=experts: no MOE_TOPK body; the gate/up body selects the experts (the warp
-    # argmax's ballot for the active list) into static shared memory, then runs its items
-    from tilert.engine.persistent import precompile
-
-    monkeypatch.setenv("TILERT_MOE_TOPK", "experts")
-    st = precompile(load_config("tiny-gpu"), 4, "verify", 256, 1)
-    src = st.kernel.get_kernel_source()
-    assert not has_body(src, "MOE_TOPK") and "tilert_ballot(" in moe_branch(src, "MOE_GATE_UP")
-    assert not (st.table[:, :, FIELD["opcode"]] == OPCODES["MOE_TOPK"]).any()
-    pf = st._prefetch_table()  # the gate/up tasks prefetch the selection bias
-    sel = st.table[:, :, FIELD["opcode"]] == OPCODES["MOE_GATE_UP"]
-    assert sel.any() and (pf[sel][:, 2] == 1).all()
-
-
 def test_mixed_step_kernel_compiles() -> None:
     """A mixed-sequence step (11 rows of several sequences over a pool of 5 cache slots) builds as one
     persistent kernel: its attention bodies read each row's slot, the pool is one view of every

@@ -107,17 +107,6 @@ def test_the_last_router_task_runs_the_topk(monkeypatch: pytest.MonkeyPatch) -> 
         check(case, run_vm(case, "random", seed=seed), f"tiny world 2, random order {seed}")
 
 
-def test_every_gate_up_task_runs_the_topk(monkeypatch: pytest.MonkeyPatch) -> None:
-    """TILERT_MOE_TOPK=experts: no MOE_TOPK task; every gate/up task selects its experts from the
-    logits itself (the down tasks read the routing gate/up task 0 wrote) under every order tried."""
-    monkeypatch.setenv(moe.TOPK_ENV, "experts")
-    case = compiled_steps(load_config("tiny"), 2)
-    ops = {int(o) for _, tables in case["steps"] for t in tables for o in np.unique(t[:, :, FIELD["opcode"]])}
-    assert OPCODES["MOE_TOPK"] not in ops and OPCODES["MOE_GATE_UP"] in ops
-    for seed in range(2):
-        check(case, run_vm(case, "random", seed=seed), f"tiny world 2, top-k in the experts, random order {seed}")
-
-
 @pytest.mark.parametrize("world", [1, 2])
 def test_long_context_uses_several_splits_and_row_blocks(world: int) -> None:
     """A 140-token first step (280 query rows: 3 row blocks of 128) then a decode step at 140 (3 key

@@ -117,8 +117,8 @@ MOE_TASKS = 128  # MOE_GATE_UP and MOE_DOWN tasks per MoE node, about one per SM
 BODY_ENV = "TILERT_MOE_BODY"  # "gemv" (default) or "mainloop": which body the persistent expert tasks run
 TILING_ENV = "TILERT_MOE_GEMV_TILING"  # optional "wr.g.depth/wr.g.depth" (gate/up / down) for the GEMV body
 BODIES = ("mainloop", "gemv")
-TOPK_ENV = "TILERT_MOE_TOPK"  # "task" (default), "router" or "experts": where the persistent step runs the top-k
-TOPK_PLACES = ("router", "task", "experts")
+TOPK_ENV = "TILERT_MOE_TOPK"  # "task" (default) or "router": where the persistent step runs the top-k
+TOPK_PLACES = ("router", "task")
 GEMV_SMEM = 200 * 1024  # the most shared memory an expert GEMV body may take (the step's other bodies' static
 # buffers and its own reduction buffer live beside it in the SM's 227 KB)
 
@@ -135,13 +135,10 @@ def body_choice() -> str:
 
 def topk_place() -> str:
     """Where the persistent step runs the top-k (TILERT_MOE_TOPK): "task" (default), a MOE_TOPK task
-    that waits for every router task; "router", in whichever router task arrives last (an atomic
-    arrival count; no stage of its own, so no hand-over between the router and the top-k); or
-    "experts", in every gate/up task (each selects its experts itself from the logits into shared
-    memory, gate/up task 0 also writes the routing for the down tasks and the outputs: no stage and
-    no hand-over, every gate/up task pays the selection). At full scale on the H100 the task was
-    2.2% faster than "router" at B=1 and even at B=8 (docs/performance.md): every router task pays
-    the arrival's round trip, the hand-over it saves is one."""
+    that waits for every router task, or "router", in whichever router task arrives last (an
+    atomic arrival count; no stage of its own, so no hand-over between the router and the top-k).
+    At full scale on the H100 the task was 2.2% faster at B=1 and even at B=8 (docs/performance.md):
+    every router task pays the arrival's round trip, the hand-over it saves is one."""
     v = os.environ.get(TOPK_ENV, "task") or "task"
     if v not in TOPK_PLACES:
         raise ValueError(f"{TOPK_ENV}={v!r}: expected one of {', '.join(TOPK_PLACES)}")
@@ -258,13 +255,11 @@ class MoeTiling:
     down_tasks: int  # MOE_DOWN tasks
     gemv: GemvTiling | None = None  # the GEMV body's tiles (None: the mainloop body's)
     topk_in_router: bool = False  # the top-k runs in the last-arriving router task (no MOE_TOPK stage)
-    topk_in_experts: bool = False  # every gate/up task runs the top-k first (no MOE_TOPK stage)
 
     @property
     def stages(self) -> tuple[str, ...]:
         """The node's persistent stages (opcodes), in dependency order."""
-        fused = self.topk_in_router or self.topk_in_experts
-        head = ("MOE_ROUTER",) if fused else ("MOE_ROUTER", "MOE_TOPK")
+        head = ("MOE_ROUTER",) if self.topk_in_router else ("MOE_ROUTER", "MOE_TOPK")
         return (*head, "MOE_GATE_UP", "MOE_DOWN", "MOE_REDUCE")
 
     @property
@@ -327,8 +322,8 @@ def tiling(tokens: int, hidden: int, inter: int, n_local: int, top_k: int, down_
            tasks: int = MOE_TASKS, body: str | None = None, topk: str | None = None) -> MoeTiling:  # fmt: skip
     """The fused MoE's task geometry for T tokens (pure python, no tilelang: any shape, tiny too).
     body: "mainloop" or "gemv" (default: the TILERT_MOE_BODY switch); the GEMV body where its tiling
-    fits the node (`gemv_tiling`) and down_split is 1, else the mainloop's. topk: "router", "task" or
-    "experts" (default: the TILERT_MOE_TOPK switch, `topk_place`)."""
+    fits the node (`gemv_tiling`) and down_split is 1, else the mainloop's. topk: "router" or "task"
+    (default: the TILERT_MOE_TOPK switch, `topk_place`)."""
     slots = min(n_local, tokens * top_k)
     gu, dn = cdiv(inter, GU_COLS), cdiv(hidden, BLOCK_N)
     gu_tasks, dn_tasks = min(tasks, slots * gu), min(tasks, slots * dn * down_split)
@@ -338,8 +333,8 @@ def tiling(tokens: int, hidden: int, inter: int, n_local: int, top_k: int, down_
     place = topk or topk_place()
     if place not in TOPK_PLACES:
         raise ValueError(f"top-k place {place!r}: expected one of {', '.join(TOPK_PLACES)}")
-    return MoeTiling(tokens, hidden, inter, slots, gu, gu_tasks, dn, down_split, dn_tasks, gt, place == "router",
-                     place == "experts")  # fmt: skip
+    fused = place == "router"
+    return MoeTiling(tokens, hidden, inter, slots, gu, gu_tasks, dn, down_split, dn_tasks, gt, fused)
 
 
 def make_bodies(cfg: Config):
@@ -442,10 +437,8 @@ def make_bodies(cfg: Config):
     NEG = -T.infinity("float32")
 
     @T.macro
-    def route_body(L, Bias, Idx, Wt, TokW, List, Count, off, writer=True):
-        # off: this rank's first expert id (an int, or a value the persistent step loads per rank).
-        # writer: whether this CTA writes Idx, Wt and TokW (global memory; List and Count are written
-        # always, they may be shared memory): one of the gate/up tasks that each run the top-k.
+    def route_body(L, Bias, Idx, Wt, TokW, List, Count, off):
+        # off: this rank's first expert id (an int, or a value the persistent step loads per rank)
         # One warp per token (tokens w, w + NW, ...): lane l holds the biased scores of experts
         # l, l + 32, ... in registers; k rounds of a warp argmax (the larger score, ties to the lower
         # expert id, as torch.topk on the reference) pick the experts in score order. The rounds are
@@ -470,8 +463,7 @@ def make_bodies(cfg: Config):
         for z in T.serial(cdiv(EL * TP, RT)):
             f = z * RT + tx
             if f < EL * TP:
-                if writer:
-                    TokW[f // TP, f % TP] = 0.0
+                TokW[f // TP, f % TP] = 0.0
         for z in T.serial(cdiv(EL, RT)):
             if z * RT + tx < EL:
                 hit[z * RT + tx] = 0
@@ -522,12 +514,10 @@ def make_bodies(cfg: Config):
                         wv = wv / (ws + 1e-20) * cfg.scaling
                     else:
                         wv = wv * cfg.scaling
-                    if writer:
-                        Idx[t, lane] = myi
-                        Wt[t, lane] = wv
+                    Idx[t, lane] = myi
+                    Wt[t, lane] = wv
                     if myi >= off and myi < off + EL:
-                        if writer:
-                            TokW[myi - off, t] = wv
+                        TokW[myi - off, t] = wv
                         hit[myi - off] = 1
                 probe(3)
         T.sync_threads()

@@ -2,10 +2,9 @@
 
 Tiles at the kernel's coordinates (`tilert.kernels.moe.tiling`, passes/tile.py): MOE_ROUTER (e_tile)
 [-> MOE_TOPK] -> MOE_GATE_UP (task) -> MOE_DOWN (task) -> MOE_REDUCE (column block); gate/up and down
-tasks stride over the items of the active slots the top-k lists on the device. The top-k runs in a
-MOE_TOPK task that waits for every router task (TILERT_MOE_TOPK=task, the default), in the router
-task that arrives last (`router`: an arrival count, no stage of its own), or in every gate/up task
-(`experts`: each selects its experts itself, task 0 writes the routing; moe.topk_place). Persistent:
+tasks stride over the items of the active slots the top-k lists on the device. The top-k runs in the
+router task that arrives last (an arrival count; no stage of its own), or with TILERT_MOE_TOPK=task
+in a MOE_TOPK task that waits for every router task (moe.topk_place). Persistent:
 tilert/kernels/moe.py's bodies (MXFP4 expert stacks; the gate/up and down tasks run the MXFP4
 mainloop, or with TILERT_MOE_BODY=gemv the streaming GEMV's expert tasks, moe.make_gemv_tasks), the
 reduce through peer inboxes when ranks share a PeerGroup. Eager: the standalone fused-MoE kernel
@@ -28,7 +27,7 @@ from tilert.ir.opset.fused import MOE_CORE, MoeAttrs, split_extras
 from tilert.ir.registry import ref
 from tilert.kernels import elementwise as ew
 from tilert.kernels import gemv, moe
-from tilert.kernels.common import alloc_unmerged, cdiv
+from tilert.kernels.common import cdiv
 from tilert.kernels.elementwise import COLLECTIVE_COLS
 from tilert.kernels.views import ViewSpec, prefixed
 from tilert.ops.qtensor import QTensor
@@ -171,17 +170,17 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         per_slot = til.down_tiles * til.down_split
 
         @T_.macro
-        def gate_up_gemv_items(V, j, lst, cnt):
-            gate_up_task(V.xh, V.gu, V.gu_s, lst, cnt, V.hb, j)
+        def gate_up_gemv(V, j, c1, c2):
+            gate_up_task(V.xh, V.gu, V.gu_s, V.list, V.count, V.hb, j)
 
         @T_.macro
         def down_gemv(V, j, c1, c2):
             down_task(V.hb, V.dn, V.dn_s, V.list, V.count, V.tokw, V.y, j)
 
         @T_.macro
-        def gate_up_mainloop_items(V, j, lst, cnt):  # items j, j + gu_tasks, ... of the Count x gu_tiles active ones
+        def gate_up(V, j, c1, c2):  # items j, j + gu_tasks, ... of the Count x gu_tiles active ones
             count = T_.alloc_var("int32")  # read once: the items' bounds would re-read it otherwise
-            count = cnt[0]
+            count = V.count[0]
             if stage_x:  # the x rows once per task (every item of the task reads all of them)
                 xs = T_.alloc_shared((T, H), "bfloat16")
                 for i, c in T_.Parallel(T, H):
@@ -192,7 +191,7 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
             for u in T_.serial(steps):
                 w = j + u * til.gu_tasks
                 if w < count * til.gu_tiles:
-                    gate_up_tile(xs if stage_x else V.xh, V.gu, V.gu_s, lst, cnt, V.hb, w // til.gu_tiles,
+                    gate_up_tile(xs if stage_x else V.xh, V.gu, V.gu_s, V.list, V.count, V.hb, w // til.gu_tiles,
                                  w % til.gu_tiles)  # fmt: skip
             if stage_x:
                 keep(xs, V)
@@ -232,32 +231,8 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
             else:
                 peer_body(V.part("peer"), c, 0, 0)
 
-        gate_up_items = gate_up_mainloop_items
         if til.gemv is not None:
-            gate_up_items, down = gate_up_gemv_items, down_gemv
-
-        @T_.macro
-        def gate_up(V, j, c1, c2):
-            gate_up_items(V, j, V.list, V.count)
-
-        # The top-k in every gate/up task (moe.topk_place "experts"): each selects the experts from
-        # the logits into static shared memory (kept out of the merge: the item loop reads them to
-        # its end) and runs its items from there; task 0 also writes the routing the down tasks read
-        # (they wait for every gate/up task) and the node's idx / weights.
-        @T_.macro
-        def routed_gate_up(V, j, c1, c2):
-            lst = alloc_unmerged((EL,), "int32")
-            cnt = alloc_unmerged((1,), "int32")
-            route_body(V.logits, V.bias, V.idx, V.wt, V.tokw, lst, cnt, V.expert_offset[0], writer=j == 0)
-            T_.sync_threads()
-            if j == 0:
-                for e in T_.Parallel(EL):
-                    V.list[e] = lst[e]
-                V.count[0] = cnt[0]
-            gate_up_items(V, j, lst, cnt)
-
-        if til.topk_in_experts:
-            return {"MOE_ROUTER": router, "MOE_GATE_UP": routed_gate_up, "MOE_DOWN": down, "MOE_REDUCE": reduce}
+            gate_up, down = gate_up_gemv, down_gemv
         if til.topk_in_router:
             return {"MOE_ROUTER": router_then_topk, "MOE_GATE_UP": gate_up, "MOE_DOWN": down, "MOE_REDUCE": reduce}
         return {"MOE_ROUTER": router, "MOE_TOPK": topk, "MOE_GATE_UP": gate_up, "MOE_DOWN": down, "MOE_REDUCE": reduce}
@@ -267,7 +242,7 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
     wr = ts[2]
 
     def prefetch(name: str, e_tile: int, c1: int, c2: int) -> tuple[int, int, int, int] | None:
-        if name == "MOE_TOPK" or (name == "MOE_GATE_UP" and til.topk_in_experts):  # the selection bias
+        if name == "MOE_TOPK":  # the selection bias (its only weight)
             return ts[3].data_ptr(), E * 4, 1, E * 4
         if name != "MOE_ROUTER":  # the experts' rows are known only on the device, after the top-k
             return None
@@ -359,13 +334,10 @@ def _count(ws: dict[str, Any], c: Coords) -> int:
 
 def gate_up_tile(rk: VMRank, i: int, n: Node, ins: list[Any], c: Coords) -> None:
     """Gate/up task c[0]: its items (slot, n_tile) of the active slots (moe.MoeTiling.gu_items),
-    each Hb[slot, :, gu_cols(n_tile)] = silu(g) * u for expert List[slot]. With the top-k in the
-    gate/up tasks (moe.topk_place "experts") each runs it first (the same routing every time)."""
+    each Hb[slot, :, gu_cols(n_tile)] = silu(g) * u for expert List[slot]."""
     ws, geo = _buffers(rk, i, n, ins), _tiling(n, ins)
     if c[0] >= geo.gu_tasks or c[1] or c[2]:
         raise PlanVMError(f"MoE gate/up task {c} outside ({geo.gu_tasks}, 1, 1)")
-    if geo.topk_in_experts:
-        topk_tile(rk, i, n, ins, (0, 0, 0))
     w = rk.weight(n.inputs[3])  # [E_local, 2In, H]: gate rows, then up rows
     off = n.a.expert_offset
     x = _rows(rk, n, ins)
@@ -397,9 +369,8 @@ def down_tile(rk: VMRank, i: int, n: Node, ins: list[Any], c: Coords) -> None:
 def tile(rk: VMRank, opcode: str, i: int, n: Node, ins: list[Any], c: Coords) -> None:
     if opcode == "MOE_REDUCE":  # no all-reduce: no peers to wait for
         return complete(rk, opcode, i, n, ins, c, [arrive(rk, opcode, i, n, ins, c)])
-    if opcode == "MOE_TOPK" and (_tiling(n, ins).topk_in_router or _tiling(n, ins).topk_in_experts):
-        raise PlanVMError(f"a MOE_TOPK task in a plan that runs the top-k elsewhere ({moe.TOPK_ENV}="
-                          f"{'router' if _tiling(n, ins).topk_in_router else 'experts'})")  # fmt: skip
+    if opcode == "MOE_TOPK" and _tiling(n, ins).topk_in_router:
+        raise PlanVMError("a MOE_TOPK task in a plan whose router tasks run the top-k (TILERT_MOE_TOPK=router)")
     {"MOE_ROUTER": router_tile, "MOE_TOPK": topk_tile, "MOE_GATE_UP": gate_up_tile, "MOE_DOWN": down_tile}[opcode](
         rk, i, n, ins, c)  # fmt: skip
 
