@@ -47,6 +47,10 @@ from tilert.ops.attention import attention_slots, check_slots, kv_append, kv_app
 # tilelang (the kernel compiler, slow to import) is imported only inside the functions that build kernels
 
 LOG2E = 1.4426950408889634
+# 2 pi in two doubles for rope_angle's reduction: the first with 30 significant bits, so that k times
+# it is exact for any k < 2^23 (angles up to 5e7 rad), the second the rest (their sum is 2 pi to 1e-25)
+TWO_PI_HI = 6.283185303211212
+TWO_PI_LO = 3.968374318722162e-09
 # The persistent kernel splits the keys into 1-tile splits: splits past the keys exit at once, and a
 # split's cost there is mostly its fixed q-block prologue, so more, shorter splits shorten the layer
 PERSISTENT_MIN_TILES = 1
@@ -235,15 +239,20 @@ def _split_plan(cfg: AttnConfig, start):
 
 
 def rope_angle(pos, f, rope_dim: int, theta: float):
-    """The RoPE angle of pair f at position pos, in float64 like the reference (angles reach 1e5 rad):
-    pos * theta^(-2f / rope_dim), the power as exp2(f * (-2 / rope_dim) log2(theta)): a float64 pow
-    was most of a split's prologue (2.9 us of cos/sin at B=1 on an H100, docs/performance.md); the
-    two agree to 2e-15 relative, so the fp32 cos/sin differ from the reference's in ~1e-5 of values
-    by one ulp. Shared by the attention bodies and the context-row append."""
+    """The RoPE angle of pair f at position pos, in float64 like the reference (angles reach 1e5 rad),
+    reduced to [-pi, pi] (its cos and sin are the angle's): pos * theta^(-2f / rope_dim), the power
+    as exp2(f (-2 / rope_dim) log2(theta)), less the nearest multiple of 2 pi in two parts (Cody-Waite:
+    k x TWO_PI_HI is exact for k < 2^23). A float64 pow and cos / sin of the unreduced angle (the
+    latter reduced through a table in global memory) took 2.4-2.9 us of a split's prologue at B=1 on
+    an H100 (docs/performance.md). The power agrees with the reference's to 2e-15 relative, so the
+    fp32 cos/sin differ from the reference's in ~1e-5 of values, by one ulp. Shared by the attention
+    bodies and the context-row append."""
     import tilelang.language as T
 
     c = -2.0 / max(rope_dim, 1) * math.log2(theta)
-    return T.Cast("float64", pos) * T.exp2(T.Cast("float64", f) * T.float64(c))
+    ang = T.Cast("float64", pos) * T.exp2(T.Cast("float64", f) * T.float64(c))
+    k = T.floor(ang * T.float64(1.0 / TWO_PI_HI) + T.float64(0.5))
+    return (ang - k * T.float64(TWO_PI_HI)) - k * T.float64(TWO_PI_LO)
 
 
 def norm_cols(dk: int) -> int:
@@ -350,9 +359,11 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
         return T.Cast(bf16, T.Cast(f32, Vnew[b, h, d]) * cfg.v_scale)
 
     @T.macro
-    def tile(q_s, k_s, v_s, acc_s, acc_p, acc_o, m, m_prev, alpha, l_sum, r_sum, qpos, base, hi):
+    def tile(q_s, k_s, v_s, acc_s, acc_p, acc_o, m, m_prev, alpha, l_sum, r_sum, qpos, base, hi, rescale):
         """Online-softmax update with keys base..base+BN-1 (k_s, v_s), visible below hi (and by the
-        causal / window mask; on a full tile of old keys the mask is all true)."""
+        causal / window mask; on a full tile of old keys the mask is all true). rescale: false on a
+        split's first tile, whose output rows are still zero (the update is a latency-bound chain of
+        dependent instructions per thread: each one left out shortens it)."""
         T.clear(acc_s)
         T.gemm(q_s, k_s, acc_s, transpose_B=True, policy=T.GemmWarpPolicy.FullRow)
         probe(7)
@@ -377,8 +388,9 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
         for i in T.Parallel(BM):
             l_sum[i] = l_sum[i] * alpha[i] + r_sum[i]
         T.copy(acc_s, acc_p)
-        for i, d in T.Parallel(BM, DV):
-            acc_o[i, d] *= alpha[i]
+        if rescale:
+            for i, d in T.Parallel(BM, DV):
+                acc_o[i, d] *= alpha[i]
         T.gemm(acc_p, v_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
 
     @T.macro
@@ -597,7 +609,7 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
                         T.sync_threads()
                     probe(4)
                 tile(q_s, k_ring[st, :, :], v_ring[st, :, :], acc_s, acc_p, acc_o, m, m_prev, alpha, l_sum, r_sum,
-                     qpos, base, hi)  # fmt: skip
+                     qpos, base, hi, t > 0)  # fmt: skip
                 T.sync_threads()  # every warp is done with slot st before it is refilled
                 probe(5)
                 if s < NS:
