@@ -472,13 +472,16 @@ def make_bodies(cfg: Config):
         for tt in T.serial(cdiv(Tn, NW)):
             t = tt * NW + warp
             if t < Tn:  # warp-uniform: the shuffles below run with the whole warp
-                # every load first, then the math: interleaved, each sigmoid's IEEE division (a call
-                # to its slow path, which loads do not cross) kept the 12 loads one round trip apart
-                # (2.4 us of the body at B=1 on an H100, measured with the phase probes)
+                # every load first, then the math: the compiler interleaves them otherwise, and each
+                # sigmoid's IEEE division (a call to its slow path, which loads do not cross) kept
+                # the 12 loads one round trip apart (2.4 us of the body at B=1 on an H100, seen with
+                # the phase probes, whose stores happened to keep the loads together). The warp
+                # barrier is the fence the loads may not move past.
                 for i in T.unroll(EPL):  # coalesced loads straight into registers
                     ec = T.min(i * 32 + lane, E - 1)
                     sg[i] = L[t, ec]
                     sc[i] = Bias[ec]
+                T.sync_warp()
                 for i in T.unroll(EPL):
                     sg[i] = T.sigmoid(sg[i])
                     sc[i] = T.if_then_else(i * 32 + lane < E, sg[i] + sc[i], NEG)
