@@ -242,11 +242,10 @@ def rope_angle(pos, f, rope_dim: int, theta: float):
     """The RoPE angle of pair f at position pos, in float64 like the reference (angles reach 1e5 rad),
     reduced to [-pi, pi] (its cos and sin are the angle's): pos * theta^(-2f / rope_dim), the power
     as exp2(f (-2 / rope_dim) log2(theta)), less the nearest multiple of 2 pi in two parts (Cody-Waite:
-    k x TWO_PI_HI is exact for k < 2^23). A float64 pow and cos / sin of the unreduced angle (the
-    latter reduced through a table in global memory) took 2.4-2.9 us of a split's prologue at B=1 on
-    an H100 (docs/performance.md). The power agrees with the reference's to 2e-15 relative, so the
-    fp32 cos/sin differ from the reference's in ~1e-5 of values, by one ulp. Shared by the attention
-    bodies and the context-row append."""
+    k x TWO_PI_HI is exact for k < 2^23), so cos and sin take their short path at any position. The
+    float64 pow cost ~0.5 us of a split's prologue at B=1 on an H100 (docs/performance.md). The power
+    agrees with the reference's to 2e-15 relative, so the fp32 cos/sin differ from the reference's
+    in ~1e-5 of values, by one ulp. Shared by the attention bodies and the context-row append."""
     import tilelang.language as T
 
     c = -2.0 / max(rope_dim, 1) * math.log2(theta)
