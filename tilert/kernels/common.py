@@ -162,7 +162,7 @@ PROBE_SLOTS = 8
 PROBE_PRELUDE = r"""
 #ifndef TILERT_PROBE_PRELUDE
 #define TILERT_PROBE_PRELUDE
-__shared__ long long tilert_probe_ts[8];
+__shared__ long long tilert_probe_ts[@SLOTS@];
 __device__ __forceinline__ void tilert_probe(int k) {
   if (threadIdx.x == 0) {
     long long t;
@@ -172,12 +172,12 @@ __device__ __forceinline__ void tilert_probe(int k) {
 }
 __device__ __forceinline__ void tilert_probe_clear() {  // thread 0, which also reads them out
   if (threadIdx.x == 0) {
-    for (int k = 0; k < 8; ++k) tilert_probe_ts[k] = 0;
+    for (int k = 0; k < @SLOTS@; ++k) tilert_probe_ts[k] = 0;
   }
 }
 __device__ __forceinline__ long long tilert_probe_read(int k) { return tilert_probe_ts[k]; }
 #endif
-"""
+""".replace("@SLOTS@", str(PROBE_SLOTS))
 _PROBING: contextvars.ContextVar[bool] = contextvars.ContextVar("tilert_probing", default=False)
 
 
