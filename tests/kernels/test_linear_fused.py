@@ -33,6 +33,26 @@ def test_gemv_tiling_fits_one_wave_and_divides_k():
     assert not uses_gemv("linear_bf16", 1, 6144) and not uses_gemv("linear_fp8", 1, 6144 + 64)
 
 
+def test_gemv_narrow_tiles_replace_a_k_split(monkeypatch):
+    # q_proj at decode: 96 tasks either way, 32 rows over the whole K instead of 64 rows over half
+    # (no split-K epilogue); where the narrow tiles would not fit a wave or would carry more bytes
+    # per task, the 64-row tiling stays
+    from tilert.kernels import linear_tiling as lt
+
+    monkeypatch.delenv(lt.TILES_ENV, raising=False)
+    assert gemm_shape(1, 3072, 6144, 132, gemv=True) == (8, 32, 64, 1)
+    assert gemm_shape(8, 3072, 6144, 132, gemv=True) == (8, 32, 64, 1)
+    assert gemm_shape(16, 3072, 6144, 132, gemv=True) == (16, 64, 64, 2)  # 16 x 6144 x 2 bytes of x: too many
+    assert gemm_shape(1, 2048, 6144, 132, gemv=True) == (8, 64, 64, 4)  # 196 KB narrow tasks vs 98 KB split ones
+    assert gemm_shape(1, 6144, 2048, 132, gemv=True) == (8, 64, 64, 1)  # no split to replace
+    assert gemm_shape(1, 3072, 6144, 64, gemv=True) == (8, 64, 64, 1)  # 96 narrow tiles > 64 SMs
+    monkeypatch.setenv(lt.TILES_ENV, "split")
+    assert gemm_shape(1, 3072, 6144, 132, gemv=True) == (8, 64, 64, 2)
+    monkeypatch.setenv(lt.TILES_ENV, "narrow")
+    with pytest.raises(ValueError, match="TILERT_LINEAR_TILES='narrow'"):
+        gemm_shape(1, 3072, 6144, 132, gemv=True)
+
+
 def test_gemv_tasks_carry_enough_chunks():
     # a GEMV task's fixed cost is about 4 us: small projections get few tasks of >= 16 chunks
     # (k_proj 192 x 6144 was 96 tasks of 3 chunks), unless K itself has fewer chunks

@@ -125,17 +125,19 @@ def views(spec: LinearSpec) -> list[tuple[str, tuple[int, ...], str]]:
 def gemv_config(spec: LinearSpec) -> streaming.Config | None:
     """The streaming GEMV (kernels/gemv.py) that runs `spec`'s tiles, or None where it does not take
     them (not the register GEMV tiling, a finer scale grid, dtypes it lacks). Same tiles: block_n
-    rows (2 row warps x 2 groups of 16) x the k range of a split (64-element chunks, as block_k), all
-    of the m <= 16 tokens; norm, residual and split-K as its options (split-K through its own
-    partials and arrival counters); the deepest ring that the persistent prefetch form allows
-    (the next task's first depth - 1 chunks fit this one's issue slots) within STREAM_SMEM."""
-    if not (spec.gemv and spec.fp8 and spec.scale_rows == 128 and spec.block_n == 64 and spec.m <= spec.block_m):
+    rows (64: 2 row warps x 2 groups of 16; 32: 1 row warp x 2 groups) x the k range of a split
+    (64-element chunks, as block_k), all of the m <= 16 tokens; norm, residual and split-K as its
+    options (split-K through its own partials and arrival counters); the deepest ring that the
+    persistent prefetch form allows (the next task's first depth - 1 chunks fit this one's issue
+    slots) within STREAM_SMEM."""
+    row_warps = {64: 2, 32: 1}.get(spec.block_n)
+    if not (spec.gemv and spec.fp8 and spec.scale_rows == 128 and row_warps and spec.m <= spec.block_m):
         return None
     if spec.out_dtype not in ("float32", "bfloat16") or spec.res_dtype not in (None, "float32", "bfloat16"):
         return None
     for depth in STREAM_DEPTHS:
         try:
-            cfg = streaming.Config("fp8", spec.m, spec.n, spec.k, wr=2, g=2, split=spec.split_k, depth=depth,
+            cfg = streaming.Config("fp8", spec.m, spec.n, spec.k, wr=row_warps, g=2, split=spec.split_k, depth=depth,
                                    out_dtype=spec.out_dtype, evict_first=True, norm_eps=spec.norm_eps,
                                    res_dtype=spec.res_dtype)  # fmt: skip
         except ValueError:

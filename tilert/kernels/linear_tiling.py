@@ -8,6 +8,8 @@ GEMV body's tiling instead (`uses_gemv`). Pure python: any shape, no tilelang.
 
 from __future__ import annotations
 
+import os
+
 from tilert.kernels.common import cdiv
 from tilert.kernels.linear_fused import GEMV_CHUNK, GEMV_M, GEMV_X_BYTES
 
@@ -19,10 +21,25 @@ BLOCK_N, BLOCK_N_SMALL, WIDE_N = 128, 64, 128 * 16  # block_n 128 when N >= WIDE
 WAVE = 1.0
 MIN_K_TILES = 2  # k tiles per split at least
 GEMV_BLOCK_N = 64
+GEMV_NARROW_N = 32  # the narrow GEMV tile: full-K tasks where 64-row tiles would need a k split (tiles_choice)
+TILES_ENV = "TILERT_LINEAR_TILES"  # "rows" (default) or "split": tiles_choice
+TILES_CHOICES = ("rows", "split")
 # A GEMV task costs about 4 us beside its bytes (norm prologue, x stage, split-K epilogue), so a
 # small projection runs as a few long tasks beside q_proj's wave, not as many short ones queued
 # behind it (docs/performance.md).
 GEMV_MIN_CHUNKS = 16
+
+
+def tiles_choice() -> str:
+    """TILERT_LINEAR_TILES, read when a plan is tiled: "rows" (default): a GEMV linear whose 64-row
+    tiles would be split over K to fill the SMs runs 32-row tiles over the whole K instead where those
+    fit one wave with the same bytes per task (q_proj at decode: 96 tasks either way, no split-K
+    epilogue, the x row staged whole for the norm; the streaming GEMV sweep's fastest tiling of that
+    shape); "split": always 64-row tiles (the older tiling)."""
+    v = os.environ.get(TILES_ENV, "rows") or "rows"
+    if v not in TILES_CHOICES:
+        raise ValueError(f"{TILES_ENV}={v!r}: expected one of {', '.join(TILES_CHOICES)}")
+    return v
 
 
 def uses_gemv(kind: str, M: int, K: int) -> bool:
@@ -34,13 +51,18 @@ def gemm_shape(M: int, N: int, K: int, sms: int, gemv: bool = False) -> tuple[in
     """(block_m, block_n, block_k, split_k) as the GEMM kernels pick them; gemv=True: the register
     GEMV body's (fp8 weights and M <= GEMV_M): 64-row tiles of 64-element chunks, split so each
     task's x block fits GEMV_X_BYTES of shared memory and, beyond that, as far as the tasks fit one
-    wave of SMs while each keeps GEMV_MIN_CHUNKS chunks."""
+    wave of SMs while each keeps GEMV_MIN_CHUNKS chunks; or, where that splits K and 32-row tiles
+    over the whole K fit one wave with no more bytes per task, those (`tiles_choice`)."""
     if gemv:
-        bm, bn, bk = (8 if M <= 8 else 16), GEMV_BLOCK_N, GEMV_CHUNK
-        tiles, nk = cdiv(N, bn) * cdiv(M, bm), K // bk
+        bm, bk, nk = (8 if M <= 8 else 16), GEMV_CHUNK, K // GEMV_CHUNK
+        tiles, narrow = cdiv(N, GEMV_BLOCK_N) * cdiv(M, bm), cdiv(N, GEMV_NARROW_N) * cdiv(M, bm)
         fits = [s for s in range(1, nk + 1) if nk % s == 0 and bm * (K // s) * 2 <= GEMV_X_BYTES]
         ok = [s for s in fits if s == fits[0] or (nk // s >= GEMV_MIN_CHUNKS and tiles * s <= sms)]
-        return bm, bn, bk, max(ok)
+        split = max(ok)
+        if (split > 1 and fits[0] == 1 and narrow <= sms and GEMV_NARROW_N * split <= GEMV_BLOCK_N
+                and tiles_choice() == "rows"):  # fmt: skip
+            return bm, GEMV_NARROW_N, bk, 1
+        return bm, GEMV_BLOCK_N, bk, split
     bm = min(BLOCK_M[1], max(BLOCK_M[0], cdiv(M, 16) * 16))
     bk = next((b for b in BLOCK_K if K % b == 0), BLOCK_K[-1])
     bn = BLOCK_N if N >= WIDE_N else BLOCK_N_SMALL

@@ -10,12 +10,13 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator, Mapping
 
-from tilert.kernels import common, linear_fused, moe
+from tilert.kernels import common, linear_fused, linear_tiling, moe
 
 ROWS_ENV = "TILERT_TASK_ROWS"  # where the persistent loop reads a task's row (rows_choice)
 ROWS_CHOICES = ("global", "shared")
 PIN_ENV = "TILERT_PIN"  # which tasks the schedule pass keeps on SMs of their own (pin_choice)
 PIN_CHOICES = ("none", "swa", "moe")
+AHEAD_ENV = "TILERT_PREFETCH_AHEAD"  # KiB of weights each SM asks L2 for beyond its next task (prefetch_ahead)
 
 
 def rows_choice() -> str:
@@ -43,6 +44,17 @@ def pin_choice() -> str:
     return v
 
 
+def prefetch_ahead() -> str:
+    """TILERT_PREFETCH_AHEAD, read when a persistent step builds its prefetch table: KiB of weight
+    regions each SM queue asks L2 for beyond its next task's (megakernel.lookahead_ranges): while a
+    task waits, the regions of the tasks after the next one, up to that many bytes asked for and
+    not yet consumed. "0" (default): the next task's region only. The table changes, not the kernel."""
+    v = os.environ.get(AHEAD_ENV, "0") or "0"
+    if not v.isdigit():
+        raise ValueError(f"{AHEAD_ENV}={v!r}: expected a count of KiB (0 or more)")
+    return str(int(v))
+
+
 # switch -> the function that reads it (and refuses a value it does not know)
 SWITCHES: dict[str, Callable[[], str]] = {
     linear_fused.BODY_ENV: linear_fused.body_choice,
@@ -51,10 +63,13 @@ SWITCHES: dict[str, Callable[[], str]] = {
     PIN_ENV: pin_choice,
     ROWS_ENV: rows_choice,
     common.PROBES_ENV: common.probes_choice,
+    linear_tiling.TILES_ENV: linear_tiling.tiles_choice,
+    AHEAD_ENV: prefetch_ahead,
 }
 # what every switch was before it existed: the settings of traces that record none
 HISTORICAL = {linear_fused.BODY_ENV: "fused", moe.BODY_ENV: "mainloop", moe.TOPK_ENV: "task", PIN_ENV: "none",
-              ROWS_ENV: "global", common.PROBES_ENV: "off"}  # fmt: skip
+              ROWS_ENV: "global", common.PROBES_ENV: "off", linear_tiling.TILES_ENV: "split",
+              AHEAD_ENV: "0"}  # fmt: skip
 
 
 def completed(recorded: Mapping[str, str]) -> dict[str, str]:
