@@ -92,9 +92,30 @@ def test_lookahead_ranges():
     assert lookahead_ranges([], 0) == [] and lookahead_ranges([7], 0) == [(1, 1)]
     # the next region always, however large; never more than PREFETCH_MAX_AHEAD at once
     assert lookahead_ranges([1, 500, 1], 10) == [(1, 2), (2, 3), (3, 3)]
+    # a quiet task (an expert task) asks for nothing: the region after it is left to its own task,
+    # or with room ahead asked for by the task before the quiet ones
+    kb, quiet = [196, 131, 98, 0, 0, 196, 131], [False, False, False, True, True, False, False]
+    assert lookahead_ranges(kb, 0, quiet) == [(1, 2), (2, 3), (3, 5), (5, 5), (5, 5), (6, 7), (7, 7)]
+    assert lookahead_ranges(kb, 256, quiet)[2] == (5, 6)
     many = lookahead_ranges([0] * 40, 0)
     assert all(hi - lo <= PREFETCH_MAX_AHEAD for lo, hi in many)
     assert [j for lo, hi in many for j in range(lo, hi)] == list(range(1, 40))
+
+
+def test_quiet_experts_ask_for_nothing(monkeypatch, step):
+    from tilert.kernels import switches
+    from tilert.runtime.persistent.step import QUIET_OPCODES
+
+    monkeypatch.setenv(switches.QUIET_ENV, "experts")
+    pf, tb = step._prefetch_table(), step.table
+    quiet = {OPCODES[o] for o in QUIET_OPCODES["experts"]}
+    ops = tb[:, :, FIELD["opcode"]]
+    assert np.isin(ops, list(quiet)).any()
+    for s, t in zip(*np.nonzero(np.isin(ops, list(quiet)))):
+        assert pf[s, t, 4] == pf[s, t, 5]
+    monkeypatch.setenv(switches.QUIET_ENV, "all")
+    with pytest.raises(ValueError, match="TILERT_PREFETCH_QUIET='all'"):
+        step._prefetch_table()
 
 
 def test_prefetch_ahead_switch(monkeypatch):

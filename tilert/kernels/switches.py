@@ -17,6 +17,8 @@ ROWS_CHOICES = ("global", "shared")
 PIN_ENV = "TILERT_PIN"  # which tasks the schedule pass keeps on SMs of their own (pin_choice)
 PIN_CHOICES = ("none", "swa", "moe")
 AHEAD_ENV = "TILERT_PREFETCH_AHEAD"  # KiB of weights each SM asks L2 for beyond its next task (prefetch_ahead)
+QUIET_ENV = "TILERT_PREFETCH_QUIET"  # which tasks ask L2 for no weights while they run (prefetch_quiet)
+QUIET_CHOICES = ("none", "experts")
 
 
 def rows_choice() -> str:
@@ -55,6 +57,18 @@ def prefetch_ahead() -> str:
     return str(int(v))
 
 
+def prefetch_quiet() -> str:
+    """TILERT_PREFETCH_QUIET, read when a persistent step builds its prefetch table: "none" (default):
+    every task asks L2 for the weights ahead of it; "experts": the MoE expert tasks (MOE_GATE_UP,
+    MOE_DOWN) ask for none, so the expert rows they stream from DRAM, known only once the top-k has
+    run and on the step's critical path, do not share the DRAM with prefetches of later layers'
+    weights; a region only such tasks would have asked for is then read by its own task."""
+    v = os.environ.get(QUIET_ENV, "none") or "none"
+    if v not in QUIET_CHOICES:
+        raise ValueError(f"{QUIET_ENV}={v!r}: expected one of {', '.join(QUIET_CHOICES)}")
+    return v
+
+
 # switch -> the function that reads it (and refuses a value it does not know)
 SWITCHES: dict[str, Callable[[], str]] = {
     linear_fused.BODY_ENV: linear_fused.body_choice,
@@ -65,11 +79,12 @@ SWITCHES: dict[str, Callable[[], str]] = {
     common.PROBES_ENV: common.probes_choice,
     linear_tiling.TILES_ENV: linear_tiling.tiles_choice,
     AHEAD_ENV: prefetch_ahead,
+    QUIET_ENV: prefetch_quiet,
 }
 # what every switch was before it existed: the settings of traces that record none
 HISTORICAL = {linear_fused.BODY_ENV: "fused", moe.BODY_ENV: "mainloop", moe.TOPK_ENV: "task", PIN_ENV: "none",
               ROWS_ENV: "global", common.PROBES_ENV: "off", linear_tiling.TILES_ENV: "split",
-              AHEAD_ENV: "0"}  # fmt: skip
+              AHEAD_ENV: "0", QUIET_ENV: "none"}  # fmt: skip
 
 
 def completed(recorded: Mapping[str, str]) -> dict[str, str]:

@@ -214,15 +214,21 @@ PREFETCH_FIELDS = 6
 PREFETCH_MAX_AHEAD = 16  # most regions one task asks for (the loop walks them while warp 0 waits)
 
 
-def lookahead_ranges(region_bytes: Sequence[int], ahead: int) -> list[tuple[int, int]]:
+def lookahead_ranges(region_bytes: Sequence[int], ahead: int, quiet: Sequence[bool] | None = None
+                     ) -> list[tuple[int, int]]:  # fmt: skip
     """For one SM queue whose tasks' weight regions have `region_bytes` (0: none), the slots [lo, hi)
     each task asks L2 for when it starts: always the next task's, and beyond it the regions of the
     tasks after, in order, while the bytes asked for and not yet consumed by a started task stay
     within `ahead`; each region is asked for once, by the first task that may. ahead = 0: the next
-    task's region only."""
+    task's region only. A task marked in `quiet` asks for nothing (its own DRAM reads are on the
+    step's critical path); a region nobody asked for before its task starts is never asked for."""
     n, out, cursor = len(region_bytes), [], 1
     for t in range(n):
         lo = max(cursor, t + 1)
+        if quiet is not None and quiet[t]:
+            out.append((lo, lo))
+            cursor = lo
+            continue
         pending = sum(region_bytes[t + 1 : lo])  # asked for by earlier tasks, not yet started
         hi = lo
         while hi < n and hi - lo < PREFETCH_MAX_AHEAD and (hi == t + 1 or pending + region_bytes[hi] <= ahead):

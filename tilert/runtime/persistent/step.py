@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tilert.abi import DEFAULT_TIMEOUT_NS, ERR_DRY, ERR_TIMEOUT, FIELD, OPCODE_NAMES, WAITS
+from tilert.abi import DEFAULT_TIMEOUT_NS, ERR_DRY, ERR_TIMEOUT, FIELD, OPCODE_NAMES, OPCODES, WAITS
 from tilert.ir.graph import Graph
 from tilert.kernels import switches
 from tilert.kernels.common import (
@@ -52,6 +52,10 @@ from tilert.runtime.persistent.megakernel import (
 from tilert.runtime.persistent.program import Bindings, NodeProgram, PeerGroup, early_loads, enable_peer_access
 
 # tilelang (the kernel compiler, slow to import) is imported only inside the functions that build kernels
+
+
+# the opcodes of the tasks that ask L2 for no weights while they run, by TILERT_PREFETCH_QUIET
+QUIET_OPCODES = {"none": (), "experts": ("MOE_GATE_UP", "MOE_DOWN")}
 
 
 # ---- the kernel -------------------------------------------------------------------------------------
@@ -267,9 +271,11 @@ class PersistentStep:
                                           f"16-byte aligned")  # fmt: skip
                 pf[s_, t_, :4] = (addr, nbytes, min(rows, PREFETCH_ROWS), stride)
         ahead = int(switches.prefetch_ahead()) * 1024
+        quiet_ops = {OPCODES[o] for o in QUIET_OPCODES[switches.prefetch_quiet()]}
         for s_ in range(tb.shape[0]):
             n = int(np.count_nonzero(tb[s_, :, FIELD["opcode"]]))  # queues are packed
-            pf[s_, :n, 4:] = lookahead_ranges((pf[s_, :n, 1] * pf[s_, :n, 2]).tolist(), ahead) if n else 0
+            quiet = [int(o) in quiet_ops for o in tb[s_, :n, FIELD["opcode"]]]
+            pf[s_, :n, 4:] = lookahead_ranges((pf[s_, :n, 1] * pf[s_, :n, 2]).tolist(), ahead, quiet) if n else 0
         return pf
 
     def _device_table(self) -> np.ndarray:
