@@ -70,9 +70,12 @@ def test_prefetch_regions_lie_inside_the_tasks_weights(step):
     assert seen == {"LINEAR_FP8", "MOE_ROUTER", "MOE_TOPK"}
 
 
-def test_each_task_asks_for_the_next_ones_region(step):
-    # the default (TILERT_PREFETCH_AHEAD=0): a task asks L2 for its successor's region (and for the
+def test_each_task_asks_for_the_next_ones_region(step, monkeypatch):
+    # TILERT_PREFETCH_AHEAD=0, no quiet tasks: a task asks L2 for its successor's region (and for the
     # region-less tasks right after it); every region is asked for exactly once, before its task
+    from tilert.kernels import switches
+
+    monkeypatch.setenv(switches.QUIET_ENV, "none")
     pf, tb = step._prefetch_table(), step.table
     for s in range(tb.shape[0]):
         n = int(np.count_nonzero(tb[s, :, FIELD["opcode"]]))
@@ -103,10 +106,11 @@ def test_lookahead_ranges():
 
 
 def test_quiet_experts_ask_for_nothing(monkeypatch, step):
+    # the default: the expert tasks ask for nothing
     from tilert.kernels import switches
     from tilert.runtime.persistent.step import QUIET_OPCODES
 
-    monkeypatch.setenv(switches.QUIET_ENV, "experts")
+    monkeypatch.delenv(switches.QUIET_ENV, raising=False)
     pf, tb = step._prefetch_table(), step.table
     quiet = {OPCODES[o] for o in QUIET_OPCODES["experts"]}
     ops = tb[:, :, FIELD["opcode"]]
