@@ -35,12 +35,15 @@ def step(request):
             os.environ[lf.BODY_ENV] = old
 
 
-def test_prefetch_regions_lie_inside_the_tasks_weights(step):
+def test_prefetch_regions_lie_inside_the_tasks_weights(step, monkeypatch):
+    from tilert.kernels import switches
+
+    monkeypatch.setenv(switches.QUIET_ENV, "none")  # every region in the table
     pf, tb = step._prefetch_table(), step.table
     ops = tb[:, :, FIELD["opcode"]]
     seen = set()
     for s, t in zip(*np.nonzero(ops)):
-        addr, nbytes, rows, stride = (int(v) for v in pf[s, t, :4])
+        addr, nbytes, rows, stride = (int(v) for v in pf[s, t])
         name = next(k for k, v in OPCODES.items() if v == ops[s, t])
         if name not in ("LINEAR_FP8", "MOE_ROUTER", "MOE_TOPK"):
             assert rows == 0, name
@@ -70,65 +73,21 @@ def test_prefetch_regions_lie_inside_the_tasks_weights(step):
     assert seen == {"LINEAR_FP8", "MOE_ROUTER", "MOE_TOPK"}
 
 
-def test_each_task_asks_for_the_next_ones_region(step, monkeypatch):
-    # TILERT_PREFETCH_AHEAD=0, no quiet tasks: a task asks L2 for its successor's region (and for the
-    # region-less tasks right after it); every region is asked for exactly once, before its task
-    from tilert.kernels import switches
-
-    monkeypatch.setenv(switches.QUIET_ENV, "none")
-    pf, tb = step._prefetch_table(), step.table
-    for s in range(tb.shape[0]):
-        n = int(np.count_nonzero(tb[s, :, FIELD["opcode"]]))
-        asker = {j: t for t in range(n) for j in range(int(pf[s, t, 4]), int(pf[s, t, 5]))}
-        assert sorted(asker) == list(range(1, n)) and all(t < j for j, t in asker.items())
-        assert all(asker[t + 1] == t for t in range(n - 1) if pf[s, t + 1, 2])  # a region: by the task before
-
-
-def test_lookahead_ranges():
-    from tilert.runtime.persistent.megakernel import PREFETCH_MAX_AHEAD, lookahead_ranges
-
-    kb = [100, 200, 0, 0, 300, 100]
-    assert lookahead_ranges(kb, 0) == [(1, 2), (2, 4), (4, 4), (4, 5), (5, 6), (6, 6)]
-    # 300 bytes ahead: task 0 asks for 1-3 (200 bytes), task 1 for 4 (1-3 consumed but 2, 3 pending: 0 bytes)
-    assert lookahead_ranges(kb, 300) == [(1, 4), (4, 5), (5, 5), (5, 5), (5, 6), (6, 6)]
-    assert lookahead_ranges(kb, 10**9) == [(1, 6)] + [(6, 6)] * 5
-    assert lookahead_ranges([], 0) == [] and lookahead_ranges([7], 0) == [(1, 1)]
-    # the next region always, however large; never more than PREFETCH_MAX_AHEAD at once
-    assert lookahead_ranges([1, 500, 1], 10) == [(1, 2), (2, 3), (3, 3)]
-    # a quiet task (an expert task) asks for nothing: the region after it is left to its own task,
-    # or with room ahead asked for by the task before the quiet ones
-    kb, quiet = [196, 131, 98, 0, 0, 196, 131], [False, False, False, True, True, False, False]
-    assert lookahead_ranges(kb, 0, quiet) == [(1, 2), (2, 3), (3, 5), (5, 5), (5, 5), (6, 7), (7, 7)]
-    assert lookahead_ranges(kb, 256, quiet)[2] == (5, 6)
-    many = lookahead_ranges([0] * 40, 0)
-    assert all(hi - lo <= PREFETCH_MAX_AHEAD for lo, hi in many)
-    assert [j for lo, hi in many for j in range(lo, hi)] == list(range(1, 40))
-
-
 def test_quiet_experts_ask_for_nothing(monkeypatch, step):
-    # the default: the expert tasks ask for nothing
+    # the default: the loop asks L2 for the next task's region while a task runs, except while an
+    # expert task runs: the region of a task after one is left out, every other region stays
     from tilert.kernels import switches
     from tilert.runtime.persistent.step import QUIET_OPCODES
 
-    monkeypatch.delenv(switches.QUIET_ENV, raising=False)
+    monkeypatch.setenv(switches.QUIET_ENV, "none")
+    full = step._prefetch_table()
+    monkeypatch.delenv(switches.QUIET_ENV)
     pf, tb = step._prefetch_table(), step.table
-    quiet = {OPCODES[o] for o in QUIET_OPCODES["experts"]}
     ops = tb[:, :, FIELD["opcode"]]
-    assert np.isin(ops, list(quiet)).any()
-    for s, t in zip(*np.nonzero(np.isin(ops, list(quiet)))):
-        assert pf[s, t, 4] == pf[s, t, 5]
+    after_quiet = np.zeros(ops.shape, dtype=bool)
+    after_quiet[:, 1:] = np.isin(ops[:, :-1], [OPCODES[o] for o in QUIET_OPCODES["experts"]])
+    assert (full[after_quiet][:, 2] > 0).any()  # some of those tasks have a region to leave out
+    assert (pf[after_quiet] == 0).all() and (pf[~after_quiet] == full[~after_quiet]).all()
     monkeypatch.setenv(switches.QUIET_ENV, "all")
     with pytest.raises(ValueError, match="TILERT_PREFETCH_QUIET='all'"):
         step._prefetch_table()
-
-
-def test_prefetch_ahead_switch(monkeypatch):
-    from tilert.kernels import switches
-
-    monkeypatch.delenv(switches.AHEAD_ENV, raising=False)
-    assert switches.prefetch_ahead() == "0"
-    monkeypatch.setenv(switches.AHEAD_ENV, "0256")
-    assert switches.prefetch_ahead() == "256"
-    monkeypatch.setenv(switches.AHEAD_ENV, "1M")
-    with pytest.raises(ValueError, match="TILERT_PREFETCH_AHEAD='1M'"):
-        switches.prefetch_ahead()

@@ -16,7 +16,6 @@ ROWS_ENV = "TILERT_TASK_ROWS"  # where the persistent loop reads a task's row (r
 ROWS_CHOICES = ("global", "shared")
 PIN_ENV = "TILERT_PIN"  # which tasks the schedule pass keeps on SMs of their own (pin_choice)
 PIN_CHOICES = ("none", "swa", "moe")
-AHEAD_ENV = "TILERT_PREFETCH_AHEAD"  # KiB of weights each SM asks L2 for beyond its next task (prefetch_ahead)
 QUIET_ENV = "TILERT_PREFETCH_QUIET"  # which tasks ask L2 for no weights while they run (prefetch_quiet)
 QUIET_CHOICES = ("none", "experts")
 
@@ -46,24 +45,15 @@ def pin_choice() -> str:
     return v
 
 
-def prefetch_ahead() -> str:
-    """TILERT_PREFETCH_AHEAD, read when a persistent step builds its prefetch table: KiB of weight
-    regions each SM queue asks L2 for beyond its next task's (megakernel.lookahead_ranges): while a
-    task waits, the regions of the tasks after the next one, up to that many bytes asked for and
-    not yet consumed. "0" (default): the next task's region only. The table changes, not the kernel."""
-    v = os.environ.get(AHEAD_ENV, "0") or "0"
-    if not v.isdigit():
-        raise ValueError(f"{AHEAD_ENV}={v!r}: expected a count of KiB (0 or more)")
-    return str(int(v))
-
-
 def prefetch_quiet() -> str:
     """TILERT_PREFETCH_QUIET, read when a persistent step builds its prefetch table: "experts"
-    (default): the MoE expert tasks (MOE_GATE_UP, MOE_DOWN) ask L2 for no weights, so the expert
-    rows they stream from DRAM, known only once the top-k has run and on the step's critical path,
-    do not share the DRAM with prefetches of the next layer's weights (a region only such tasks
-    would have asked for is read by its own task): 0.991x-0.996x of "none" at B=1 and 0.998x at B=8
-    at full scale on an H100 (docs/performance.md); "none": every task asks for the weights ahead."""
+    (default): the MoE expert tasks (MOE_GATE_UP, MOE_DOWN) ask L2 for no weights (the persistent
+    loop asks for the next task's weight region while a task waits and runs), so the expert rows
+    they stream from DRAM, known only once the top-k has run and on the step's critical path, do not
+    share the DRAM with the prefetch of the next layer's q/k/v tiles, which then read their own
+    weights: 0.991x-0.996x of "none" at B=1 and 0.998x at B=8 at full scale on an H100
+    (docs/performance.md); "none": every task asks for its successor's region. The table changes,
+    not the kernel."""
     v = os.environ.get(QUIET_ENV, "experts") or "experts"
     if v not in QUIET_CHOICES:
         raise ValueError(f"{QUIET_ENV}={v!r}: expected one of {', '.join(QUIET_CHOICES)}")
@@ -79,13 +69,12 @@ SWITCHES: dict[str, Callable[[], str]] = {
     ROWS_ENV: rows_choice,
     common.PROBES_ENV: common.probes_choice,
     linear_tiling.TILES_ENV: linear_tiling.tiles_choice,
-    AHEAD_ENV: prefetch_ahead,
     QUIET_ENV: prefetch_quiet,
 }
 # what every switch was before it existed: the settings of traces that record none
 HISTORICAL = {linear_fused.BODY_ENV: "fused", moe.BODY_ENV: "mainloop", moe.TOPK_ENV: "task", PIN_ENV: "none",
               ROWS_ENV: "global", common.PROBES_ENV: "off", linear_tiling.TILES_ENV: "split",
-              AHEAD_ENV: "0", QUIET_ENV: "none"}  # fmt: skip
+              QUIET_ENV: "none"}  # fmt: skip
 
 
 def completed(recorded: Mapping[str, str]) -> dict[str, str]:

@@ -25,7 +25,6 @@ Error buffer (int32[4]): [code, sm, task slot, counter] of the first wait that t
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from tilert.abi import DEFAULT_TIMEOUT_NS, ERR_OPCODE, ERR_TIMEOUT, FIELD, NONE, OPCODES, WAITS
@@ -208,36 +207,6 @@ def if_chain(cases: list[tuple[int, Any]], selector: Any, tree: bool = False) ->
 
 
 PREFETCH_ROWS = 256  # most rows one task's prefetch region spans (a GEMV tile has 64)
-# the loop's prefetch table, int64 [sms, tasks, PREFETCH_FIELDS]: a task's weight region (address,
-# bytes per row, rows, row stride) and the queue slots [lo, hi) whose regions it asks L2 for (lookahead_ranges)
-PREFETCH_FIELDS = 6
-PREFETCH_MAX_AHEAD = 16  # most regions one task asks for (the loop walks them while warp 0 waits)
-
-
-def lookahead_ranges(region_bytes: Sequence[int], ahead: int, quiet: Sequence[bool] | None = None
-                     ) -> list[tuple[int, int]]:  # fmt: skip
-    """For one SM queue whose tasks' weight regions have `region_bytes` (0: none), the slots [lo, hi)
-    each task asks L2 for when it starts: always the next task's, and beyond it the regions of the
-    tasks after, in order, while the bytes asked for and not yet consumed by a started task stay
-    within `ahead`; each region is asked for once, by the first task that may. ahead = 0: the next
-    task's region only. A task marked in `quiet` asks for nothing (its own DRAM reads are on the
-    step's critical path); a region nobody asked for before its task starts is never asked for."""
-    n, out, cursor = len(region_bytes), [], 1
-    for t in range(n):
-        lo = max(cursor, t + 1)
-        if quiet is not None and quiet[t]:
-            out.append((lo, lo))
-            cursor = lo
-            continue
-        pending = sum(region_bytes[t + 1 : lo])  # asked for by earlier tasks, not yet started
-        hi = lo
-        while hi < n and hi - lo < PREFETCH_MAX_AHEAD and (hi == t + 1 or pending + region_bytes[hi] <= ahead):
-            pending += region_bytes[hi]
-            hi += 1
-        out.append((lo, hi))
-        cursor = hi
-    return out
-
 
 # The wait of a loop whose rows sit in shared memory (rows_smem): as tilert_wait_task (DEVICE_PRELUDE),
 # but a lane that polled keeps the error word its last poll read instead of reading it once more
@@ -293,12 +262,10 @@ def make_persistent_loop(
 
     Rows follow tilert.abi.TASK_FIELDS. `bodies[name]` (name: a tilert.abi.OPCODES key) is a
     T.macro `(bufs, op, c0, c1, c2)`: the program's buffers (a tuple) and the row's coordinates.
-    With `prefetch`, pf is an int64 [sms, tasks, PREFETCH_FIELDS] table of each task's weight region
-    (address, bytes per row, rows, row stride; rows = 0: none) and of the queue slots [lo, hi) whose
-    regions the task asks L2 for (`lookahead_ranges`: the next task's, or further ahead): while warp
-    0 waits for a task's inputs, the other warps issue those (cp.async.bulk.prefetch), so the weight
-    loads of the tasks ahead meet L2 instead of DRAM. Weights never depend on the step's data, so
-    this is always safe.
+    With `prefetch`, pf is an int64 [sms, tasks, 4] table of each task's weight region (address,
+    bytes per row, rows, row stride; rows = 0: none): while warp 0 waits for a task's inputs, the
+    other warps ask L2 for the next task's region (cp.async.bulk.prefetch), so that task's weight
+    loads meet L2 instead of DRAM. Weights never depend on the step's data, so this is always safe.
 
     The loop ends at the first NOP row (queues are packed; a short queue does not walk its padding).
     With `rows_smem` (TILERT_TASK_ROWS=shared, `switches.rows_choice`): each task's row sits in shared memory before
@@ -394,10 +361,8 @@ def make_persistent_loop(
                 if tx < W:
                     nxt = tasks[sm, T.min(t + 1, max_tasks - 1), tx]
             if prefetch:
-                if tx >= 32:  # the weights of the tasks ahead (slots [lo, hi)) into L2 while this one waits
-                    lo = T.cast(pf[sm, t, 4], "int32")
-                    for j in T.serial(T.cast(pf[sm, t, 5], "int32") - lo):
-                        prefetch_region(pf, sm, lo + j, tx)
+                if tx >= 32 and t + 1 < max_tasks:  # the next task's weights into L2 while this one waits
+                    prefetch_region(pf, sm, t + 1, tx)
             if tx == 0:
                 if probes:
                     T.call_extern("handle", "tilert_probe_clear")

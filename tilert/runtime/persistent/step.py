@@ -40,12 +40,10 @@ from tilert.kernels.views import PERSISTENT_THREADS, ViewSpec, make_views, point
 from tilert.runtime.kinds import for_node, registered
 from tilert.runtime.persistent.megakernel import (
     PERSISTENT_PASS_CONFIGS,
-    PREFETCH_FIELDS,
     PREFETCH_ROWS,
     ROWS_PRELUDE,
     PersistentError,
     if_chain,
-    lookahead_ranges,
     make_persistent_loop,
     raise_on_error,
 )
@@ -54,7 +52,8 @@ from tilert.runtime.persistent.program import Bindings, NodeProgram, PeerGroup, 
 # tilelang (the kernel compiler, slow to import) is imported only inside the functions that build kernels
 
 
-# the opcodes of the tasks that ask L2 for no weights while they run, by TILERT_PREFETCH_QUIET
+# the opcodes of the tasks that ask L2 for no weights while they run (their successor's region is
+# left out of the prefetch table), by TILERT_PREFETCH_QUIET
 QUIET_OPCODES = {"none": (), "experts": ("MOE_GATE_UP", "MOE_DOWN")}
 
 
@@ -143,7 +142,7 @@ def _make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, n_nodes: int
         Err: T.Tensor((4,), "int32"),
         Epoch: T.Tensor((1,), "int32"),
         Trace: T.Tensor((num_sms, max_tasks, trace_columns(probes)), "int64"),
-        Prefetch: T.Tensor((num_sms, max_tasks, PREFETCH_FIELDS), "int64"),
+        Prefetch: T.Tensor((num_sms, max_tasks, 4), "int64"),
     ):
         with T.Kernel(num_sms, threads=PERSISTENT_THREADS) as sm:
             # Never runs (epochs start at 1); its presence makes this a cooperative launch
@@ -254,11 +253,11 @@ class PersistentStep:
         self.switches = switches.current()  # the build switches its program was built under (traces record them)
 
     def _prefetch_table(self) -> np.ndarray:
-        """int64 [sms, tasks, PREFETCH_FIELDS]: each task's weight region (NodeProgram.prefetch; rows
-        0 if none) and the slots whose regions it asks L2 for (lookahead_ranges at
-        TILERT_PREFETCH_AHEAD KiB)."""
+        """int64 [sms, tasks, 4]: each task's weight region (NodeProgram.prefetch), rows 0 if none,
+        and 0 too where the task before it on its queue is quiet (TILERT_PREFETCH_QUIET: the loop
+        asks L2 for the next task's region while a task waits and runs)."""
         tb = self.table
-        pf = np.zeros((*tb.shape[:2], PREFETCH_FIELDS), dtype=np.int64)
+        pf = np.zeros((*tb.shape[:2], 4), dtype=np.int64)
         for s_, t_ in zip(*np.nonzero(tb[:, :, FIELD["opcode"]])):
             row = tb[s_, t_]
             p = self.programs[int(row[FIELD["op"]])]
@@ -269,13 +268,9 @@ class PersistentStep:
                 if addr % 16 or nbytes % 16 or stride % 16:
                     raise PersistentError(f"node {int(row[FIELD['op']])} {name}: prefetch region {r} is not "
                                           f"16-byte aligned")  # fmt: skip
-                pf[s_, t_, :4] = (addr, nbytes, min(rows, PREFETCH_ROWS), stride)
-        ahead = int(switches.prefetch_ahead()) * 1024
-        quiet_ops = {OPCODES[o] for o in QUIET_OPCODES[switches.prefetch_quiet()]}
-        for s_ in range(tb.shape[0]):
-            n = int(np.count_nonzero(tb[s_, :, FIELD["opcode"]]))  # queues are packed
-            quiet = [int(o) in quiet_ops for o in tb[s_, :n, FIELD["opcode"]]]
-            pf[s_, :n, 4:] = lookahead_ranges((pf[s_, :n, 1] * pf[s_, :n, 2]).tolist(), ahead, quiet) if n else 0
+                pf[s_, t_] = (addr, nbytes, min(rows, PREFETCH_ROWS), stride)
+        quiet = np.isin(tb[:, :-1, FIELD["opcode"]], [OPCODES[o] for o in QUIET_OPCODES[switches.prefetch_quiet()]])
+        pf[:, 1:][quiet] = 0
         return pf
 
     def _device_table(self) -> np.ndarray:
