@@ -79,6 +79,7 @@ def test_quiet_experts_ask_for_nothing(monkeypatch, step):
     from tilert.kernels import switches
     from tilert.runtime.persistent.step import QUIET_OPCODES
 
+    assert set(QUIET_OPCODES) == set(switches.QUIET_CHOICES)  # every choice the switch takes has its opcodes
     monkeypatch.setenv(switches.QUIET_ENV, "none")
     full = step._prefetch_table()
     monkeypatch.delenv(switches.QUIET_ENV)
