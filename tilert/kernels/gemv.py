@@ -121,6 +121,11 @@ __device__ __forceinline__ void tilert_cp_async4(void* smem, int soff, const voi
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;"
                : : "r"(s), "l"((const unsigned*)gmem + goff), "r"(ok && gmem != nullptr ? 4 : 0) : "memory");
 }
+__device__ __forceinline__ void tilert_prefetch_l2_at(const void* base, long long off, int bytes) {
+  // ask L2 for bytes [off, off + bytes) of base (16-byte aligned, a multiple of 16): no registers,
+  // no shared memory, nothing to wait for
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" : : "l"((const char*)base + off), "r"(bytes) : "memory");
+}
 template <int N>
 __device__ __forceinline__ void tilert_cp_async_wait() {
   // this thread's cp.async groups but the newest N are complete (no barrier: the ring is private)
@@ -842,6 +847,35 @@ def make_body(
     if items is not None:
         return gemv_item
     return gemv_tile_prefetch if prefetch else gemv_tile
+
+
+def make_item_prefetch(cfg: Config, items: ItemMap):
+    """T.macro `prefetch_item(W, S, it, lane)`: ask L2 for item `it`'s weight rows (lanes 0..rows-1,
+    one row each) and block-scale rows (lanes rows..2 rows-1, where a scale row is a multiple of 16
+    bytes), by cp.async.bulk.prefetch.L2. The item's own ring then reads them at L2 latency: the
+    DRAM fetch of a whole item is in flight at once, however few bytes the ring holds (the persistent
+    MoE's expert tasks ask for their next items, kernels/moe.py make_gemv_tasks). Lanes >= 2 rows,
+    or negative, do nothing; rows that do not exist are not asked for."""
+    import tilelang.language as T
+
+    if cfg.fmt != "mxfp4":
+        raise ValueError(f"GEMV item prefetch: MXFP4 items only: {cfg}")
+    R, RB, SB = cfg.rows, cfg.row_bytes, cfg.k // 32
+    scales = SB % 16 == 0
+
+    @T.macro
+    def prefetch_item(W, S, it, lane):
+        if lane >= 0 and lane < R:
+            row, ok = items.w_row(it, lane)
+            if ok:
+                T.call_extern("handle", "tilert_prefetch_l2_at", W.data, T.cast(row, "int64") * RB, RB)
+        if scales:
+            if lane >= R and lane < 2 * R:
+                row, ok = items.w_row(it, lane - R)
+                if ok:
+                    T.call_extern("handle", "tilert_prefetch_l2_at", S.data, T.cast(row, "int64") * SB, SB)
+
+    return prefetch_item
 
 
 def options(cfg: Config) -> bool:

@@ -171,7 +171,7 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
 
         @T_.macro
         def gate_up_gemv(V, j, c1, c2):
-            gate_up_task(V.xh, V.gu, V.gu_s, V.list, V.count, V.hb, j)
+            gate_up_task(V.xh, V.gu, V.gu_s, V.list, V.count, V.hb, j, V.dn, V.dn_s)
 
         @T_.macro
         def down_gemv(V, j, c1, c2):
