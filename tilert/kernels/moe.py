@@ -606,7 +606,8 @@ def _sum(terms: Any) -> Any:
     return functools.reduce(operator.add, terms)
 
 
-def make_gemv_tasks(cfg: Config, til: MoeTiling, import_prelude: bool = True, prefetch: str | None = None):
+def make_gemv_tasks(cfg: Config, til: MoeTiling, import_prelude: bool = True, prefetch: str | None = None,
+                    ahead: int | None = None):  # fmt: skip
     """The expert tasks of the GEMV body (TILERT_MOE_BODY=gemv, `til.gemv` set): T.macros
     `gate_up_task(X, GUb, GUs, List, Count, Hb, j, Db, Ds)` and `down_task(Hb, Db, Ds, List, Count, TokW, Y, j)`.
 
@@ -621,9 +622,9 @@ def make_gemv_tasks(cfg: Config, til: MoeTiling, import_prelude: bool = True, pr
     Hb[slot] rows, restaged (double-buffered) only when the slot changes; the epilogue adds
     partial x TokW[e, t] into Y with float32 atomics (Y zeroed by the router tasks).
     prefetch (default: the TILERT_MOE_PREFETCH switch, `prefetch_choice`): what the tasks ask L2 for
-    besides: "items": a task its first `prefetch_ahead()` items when it starts and item u + ahead
-    when item u starts (gemv.make_item_prefetch); "all": also gate/up task j the down items
-    [j D / tasks, (j + 1) D / tasks) of the D active ones while Count slots' down rows fit in
+    besides: "items": a task its first `ahead` items (default `prefetch_ahead()`) when it starts and
+    item u + ahead when item u starts (gemv.make_item_prefetch); "all": also gate/up task j the down
+    items [j D / tasks, (j + 1) D / tasks) of the D active ones while Count slots' down rows fit in
     DOWN_PREFETCH_BYTES (with Db, Ds given: the step's gate/up tasks).
     import_prelude=False: the caller imports a prelude holding gemv.GEMV_PRELUDE."""
     import tilelang.language as T
@@ -681,7 +682,7 @@ def make_gemv_tasks(cfg: Config, til: MoeTiling, import_prelude: bool = True, pr
     gu_item = gemv.make_body(gu, import_prelude, items=gu_map)
     dn_item = gemv.make_body(dn, import_prelude, items=dn_map)
     pf = prefetch_choice() if prefetch is None else prefetch
-    ahead = prefetch_ahead()
+    ahead = prefetch_ahead() if ahead is None else ahead
     gu_pf, dn_pf = gemv.make_item_prefetch(gu, gu_map), gemv.make_item_prefetch(dn, dn_map)
     down_slots = DOWN_PREFETCH_BYTES // (H * (In // 2 + In // 32))  # active slots whose down rows fit
     down_share = cdiv(S * DNT, til.gu_tasks)  # down items a gate/up task asks for at most
