@@ -76,6 +76,7 @@ def enabled() -> bool:
     return os.environ.get("TILERT_GEMV", "0") == "1"
 
 
+NORM_STATS = ("staged", "global")  # Config.norm_stats
 CHUNK_BYTES = 64  # bytes of one weight row per chunk: 4 lanes x 16 bytes
 CHUNK_ELEMS = {"mxfp4": 128, "fp8": 64}
 SMEM_LIMIT = 227 * 1024  # shared memory one SM offers its CTAs (H100, H200)
@@ -151,6 +152,26 @@ __device__ __forceinline__ unsigned tilert_bf16x2_norm(unsigned x, unsigned g, f
   asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(xh * r * gh), "f"(xl * r * gl));
   return d;
 }
+__device__ __forceinline__ void tilert_norm16(void* smem, int soff, const unsigned* g, float r) {
+  // 16 bytes of bf16 x in shared memory (u32 offset soff) -> bf16(x * r * g) in place (g: 4 words)
+  uint4* p = reinterpret_cast<uint4*>((unsigned*)smem + soff);
+  uint4 v = *p;
+  v.x = tilert_bf16x2_norm(v.x, g[0], r);
+  v.y = tilert_bf16x2_norm(v.y, g[1], r);
+  v.z = tilert_bf16x2_norm(v.z, g[2], r);
+  v.w = tilert_bf16x2_norm(v.w, g[3], r);
+  *p = v;
+}
+__device__ __forceinline__ float tilert_sq4(const void* smem, int soff) {
+  // the sum of squares of the 8 bf16 values in 16 bytes of shared memory (u32 offset soff)
+  const uint4 v = *reinterpret_cast<const uint4*>((const unsigned*)smem + soff);
+  float s = 0.f;
+  for (unsigned w : {v.x, v.y, v.z, v.w}) {
+    const float l = __uint_as_float(w << 16), h = __uint_as_float(w & 0xFFFF0000u);
+    s = fmaf(l, l, fmaf(h, h, s));
+  }
+  return s;
+}
 __device__ __forceinline__ void tilert_smem_live(const void* smem) {
   // nothing: a use of a shared buffer that TileLang's shared-memory merge sees, so the buffer keeps
   // its bytes to this point (copies for the next task land in it while the body ends)
@@ -169,7 +190,9 @@ class Config:
     standalone launcher asks registers for (__launch_bounds__ min blocks); evict_first: weights
     evict-first in L2 (for the persistent step; standalone kernels load without a cache policy).
     norm_eps: an RMSNorm prologue, x -> bf16(x * rstd * gamma) with rstd over the whole row (X then
-    holds `x_rows` rows, the padded ones zero); res_dtype: a residual epilogue, Y = x @ W^T + R (the
+    holds `x_rows` rows, the padded ones zero); norm_stats: where the rows' rstd comes from, "staged"
+    (the x slice in shared memory, when it is the whole row: split 1) or "global" (X's rows in global
+    memory while the first chunks fly: common.make_row_rstd); res_dtype: a residual epilogue, Y = x @ W^T + R (the
     persistent step's fused linears, runtime/kinds/linear.py).
     """
 
@@ -186,6 +209,7 @@ class Config:
     evict_first: bool = False
     norm_eps: float | None = None
     res_dtype: str | None = None
+    norm_stats: str = "staged"
 
     def __post_init__(self) -> None:
         bad = []
@@ -201,6 +225,8 @@ class Config:
             bad.append(f"out_dtype {self.out_dtype}")
         if self.res_dtype not in (None, "float32", "bfloat16"):
             bad.append(f"res_dtype {self.res_dtype}")
+        if self.norm_stats not in NORM_STATS:
+            bad.append(f"norm_stats {self.norm_stats!r} ({' or '.join(NORM_STATS)})")
         if self.norm_eps is not None and self.k % 128:
             bad.append(f"k {self.k} with a norm (a multiple of 128)")
         if not bad and not 1 <= self.split <= self.chunks:
@@ -395,8 +421,9 @@ def make_body(
     prelude = LINEAR_PRELUDE if norm or x_own else GEMV_PRELUDE
     GI = 4 + (2 if cfg.split > 1 else 0)  # views: gamma, then the residual, after Y [, WS, CNT]
     RI = GI + (1 if norm else 0)
+    staged = norm and cfg.norm_stats == "staged" and cfg.split == 1  # the staged slice is the whole row
     row_rstd = None
-    if norm:
+    if norm and not staged:
         row_rstd = make_row_rstd(cfg.m, cfg.k, cfg.norm_eps)
     M, N, K = cfg.m, cfg.n, cfg.k
     G, WK, D, R = cfg.g, cfg.wk, cfg.depth, cfg.rows
@@ -525,16 +552,48 @@ def make_body(
 
     @T.macro
     def normalize(xs, G, rstd, k_split, tx):
-        """The staged x slice (buffer 0) -> bf16(x * rstd[row] * gamma) in place (units past K stay 0)."""
+        """The staged x slice (buffer 0) -> bf16(x * rstd[row] * gamma) in place (units past K stay 0):
+        a thread's units column by column, gamma's 16 bytes loaded once for all M rows. The caller
+        fences before and after (the helper's shared-memory accesses are invisible to TileLang)."""
         Gv = T.view(G, shape=[K // 2], dtype=u32)
-        for e in T.serial(cdiv(M * XU, THREADS)):
-            idx = e * THREADS + tx
-            if idx < M * XU:
-                row, u = idx // XU, idx % XU
+        gw = T.alloc_local((4,), u32)
+        for e in T.serial(cdiv(XU, THREADS)):
+            u = e * THREADS + tx
+            if u < XU:
                 ku = T.min(k_split * XU + u, XUK - 1)
-                off = (row * XU + (u ^ ((u >> 2) & 2) ^ (row & 1))) * 4
-                for q in T.unroll(4):
-                    xs[off + q] = T.call_extern(u32, "tilert_bf16x2_norm", xs[off + q], Gv[ku * 4 + q], rstd[row])
+                for q in T.vectorized(4):
+                    gw[q] = Gv[ku * 4 + q]
+                for row in T.unroll(M):  # through a helper: TileLang would fence every row (a thread's own units)
+                    off = (row * XU + (u ^ ((u >> 2) & 2) ^ (row & 1))) * 4
+                    T.call_extern("handle", "tilert_norm16", xs.data, off, gw.data, rstd[row])
+
+    MP = 1 << (M - 1).bit_length()  # rows rounded up to a power of two
+    GR = THREADS // MP  # threads per row of the staged statistics (>= 16)
+    LW = min(GR, 32)  # lanes of one shuffle group
+    WPR = max(1, GR // 32)  # warps per row (their partial sums meet in shared memory)
+
+    @T.macro
+    def stats_staged(xs, part, rstd, tx):
+        """rstd[row] = rsqrt(mean(x[row]^2) + eps) from the staged slice (buffer 0: the whole row,
+        units past K zero): GR threads per row sum 16-byte units, a shuffle within each lane group,
+        the WPR warps of a row through `part`. Two barriers."""
+        row, lane = tx // GR, tx % GR
+        tot = T.alloc_var(f32)
+        tot = T.float32(0)
+        if row < M:
+            for e in T.serial(cdiv(XU, GR)):
+                u = e * GR + lane
+                if u < XU:
+                    tot += T.call_extern(f32, "tilert_sq4", xs.data, (row * XU + u) * 4)
+        for sh in (16, 8, 4, 2, 1):
+            if sh < LW:
+                tot += T.shfl_xor(tot, sh)
+        if tx % LW == 0:
+            part[tx // LW] = tot
+        T.sync_threads()
+        if tx < M:
+            rstd[tx] = T.rsqrt(_sum(part[tx * WPR + w] for w in range(WPR)) / K + cfg.norm_eps)
+        T.sync_threads()
 
     @T.macro
     def mma_mx(wq, xb, af, ml, sq, acc, big):
@@ -710,8 +769,11 @@ def make_body(
         probe(4)
 
     def norm_buffer():
-        """The rows' rstd (norm only): static shared memory, kept from a run's first task to its last."""
-        return common.alloc_unmerged((M,), f32) if norm else None
+        """The rows' rstd (norm only): static shared memory, kept from a run's first task to its last;
+        staged, with the statistics' partial sums (static too: nothing else's copies land there)."""
+        if not norm:
+            return None, None
+        return common.alloc_unmerged((M,), f32), common.alloc_unmerged((max(MP, 8),), f32) if staged else None
 
     @T.macro
     def keep_live(ring, scw, scf):
@@ -727,7 +789,7 @@ def make_body(
             T.import_source(prelude)
         Wv = T.view(V[1], shape=[N, RW], dtype=u32)
         ring, xs, scw, scf, red, last = alloc(False)
-        rstd = norm_buffer()
+        rstd, rsum = norm_buffer()
         wq, xb, af, ml, sq, part, acc = regs()
         tx = T.get_thread_binding()
         for i in T.unroll(G * NT * 4):
@@ -737,11 +799,13 @@ def make_body(
             if j == 0:
                 stage(V[0], V[2], xs, scw, scf, n_tile, k_split, 0, tx)
             T.ptx_commit_group()
-        if norm:  # the rows' statistics from global memory while the first chunks are in flight
+        if norm and not staged:  # the rows' statistics from global memory while the first chunks fly
             row_rstd(V[0], 0, rstd)
         T.call_extern("handle", f"tilert_cp_async_wait<{D - 2}>")  # this thread's chunk 0, x, scales ...
         T.sync_threads()  # ... and everyone's
         if norm:
+            if staged:
+                stats_staged(xs, rsum, rstd, tx)
             normalize(xs, V[GI], rstd, k_split, tx)
             T.sync_threads()
         for j in T.serial(ITEMS):
@@ -758,7 +822,7 @@ def make_body(
         Wv = T.view(V[1], shape=[N, RW], dtype=u32)
         Wn = T.view(Vn[1], shape=[N, RW], dtype=u32)
         ring, xs, scw, scf, red, last = alloc(True, 1 if x_own else None)
-        rstd = norm_buffer()
+        rstd, rsum = norm_buffer()
         wq, xb, af, ml, sq, part, acc = regs()
         tx = T.get_thread_binding()
         xb_ = 0 if x_own else b  # the x buffer this task computes from
@@ -771,7 +835,7 @@ def make_body(
                     stage_x(V[0], xs, n_tile, k_split, xb_, tx)
                     stage_s(V[2], scw, scf, n_tile, k_split, b, tx)
                 T.ptx_commit_group()
-            if norm:  # the rows' statistics while the first chunks are in flight (a run shares them)
+            if norm and not staged:  # the rows' statistics while the first chunks fly (a run shares them)
                 row_rstd(V[0], 0, rstd)
         if x_own:
             if first:
@@ -785,6 +849,8 @@ def make_body(
         T.sync_threads()
         probe(0)
         if norm:
+            if staged:  # every task from its own staged rows (x_own: the rows it normalises)
+                stats_staged(xs, rsum, rstd, tx)
             normalize(xs, V[GI], rstd, k_split, tx)
             T.sync_threads()
         probe(1)

@@ -59,6 +59,20 @@ STREAM_SMEM = 200 * 1024  # the most shared memory the streaming body may take (
 STREAM_DEPTHS = (5, 4, 3, 2)  # ring depths tried, deepest first: (depth - 1) x 16 KB in flight per SM
 
 
+NORM_STATS_ENV = "TILERT_NORM_STATS"  # where the streaming body's RMSNorm prologue gets its rows' rstd
+
+
+def norm_stats_choice() -> str:
+    """TILERT_NORM_STATS, where the streaming linear body's RMSNorm prologue (q/k/v, dense MLP) gets
+    its rows' statistics (gemv.Config.norm_stats): "staged" (default): from the x rows it has staged
+    in shared memory, where they are whole rows (no split-K); "global": from X in global memory
+    while its first weight chunks fly (several dependent L2 round trips at 8 tokens)."""
+    v = os.environ.get(NORM_STATS_ENV, "staged") or "staged"
+    if v not in streaming.NORM_STATS:
+        raise ValueError(f"{NORM_STATS_ENV}={v!r}: expected one of {', '.join(streaming.NORM_STATS)}")
+    return v
+
+
 def body_choice() -> str:
     """The persistent fp8 linear body the build switch TILERT_LINEAR_BODY names: "gemv" (default: the
     streaming GEMV, `gemv_config`; 0.88x / 0.77x of the fused body's full-scale step at B=1 / B=8
@@ -139,7 +153,7 @@ def gemv_config(spec: LinearSpec) -> streaming.Config | None:
         try:
             cfg = streaming.Config("fp8", spec.m, spec.n, spec.k, wr=row_warps, g=2, split=spec.split_k, depth=depth,
                                    out_dtype=spec.out_dtype, evict_first=True, norm_eps=spec.norm_eps,
-                                   res_dtype=spec.res_dtype)  # fmt: skip
+                                   res_dtype=spec.res_dtype, norm_stats=norm_stats_choice())  # fmt: skip
         except ValueError:
             continue
         if depth - 1 <= cfg.items and streaming.smem_bytes(cfg, prefetch=True, x_own=True) <= STREAM_SMEM:
