@@ -111,6 +111,7 @@ def main() -> None:
                 print(f"{name} B={B}: {time.time() - t0:.0f} s", flush=True)
         return
     rows, params = [], None
+    t_start = time.time()
     for B in a.tokens:
         mode = "verify" if B > 1 else "decode"
         steps = {}
@@ -125,6 +126,7 @@ def main() -> None:
                     if a.routing == "pinned":
                         pin_routing(params, a.world_size)
                 steps[name] = PersistentStep(g, sched.table, sched.counter_expected, params)
+            print(f"built {name} B={B} ({time.time() - t_start:.0f} s)", file=sys.stderr, flush=True)
         gen = torch.Generator(device="cpu").manual_seed(B)
         inputs = {
             "tokens": torch.randint(0, cfg.vocab_size, (B,), dtype=torch.int32, generator=gen).cuda(),

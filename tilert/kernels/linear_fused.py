@@ -149,11 +149,12 @@ def gemv_config(spec: LinearSpec) -> streaming.Config | None:
         return None
     if spec.out_dtype not in ("float32", "bfloat16") or spec.res_dtype not in (None, "float32", "bfloat16"):
         return None
+    stats = norm_stats_choice()
     for depth in STREAM_DEPTHS:
         try:
             cfg = streaming.Config("fp8", spec.m, spec.n, spec.k, wr=row_warps, g=2, split=spec.split_k, depth=depth,
                                    out_dtype=spec.out_dtype, evict_first=True, norm_eps=spec.norm_eps,
-                                   res_dtype=spec.res_dtype, norm_stats=norm_stats_choice())  # fmt: skip
+                                   res_dtype=spec.res_dtype, norm_stats=stats)  # fmt: skip
         except ValueError:
             continue
         if depth - 1 <= cfg.items and streaming.smem_bytes(cfg, prefetch=True, x_own=True) <= STREAM_SMEM:

@@ -816,12 +816,13 @@ def compiled(cfg: Config):
     return tuple(build(f) for f in make_kernels(cfg))
 
 
-def make_gemv_task_kernels(cfg: Config, til: MoeTiling):
+def make_gemv_task_kernels(cfg: Config, til: MoeTiling, prefetch: str | None = None, ahead: int | None = None):
     """Standalone launchers of the GEMV body's expert tasks: one CTA (256 threads) per task, the
-    step's task count and item split (`til`), so a task streams its items as in the step."""
+    step's task count and item split (`til`), so a task streams its items as in the step (prefetch,
+    ahead: `make_gemv_tasks`'; the gate/up tasks have no down rows to ask for)."""
     import tilelang.language as T
 
-    gate_up_task, down_task = make_gemv_tasks(cfg, til)
+    gate_up_task, down_task = make_gemv_tasks(cfg, til, prefetch=prefetch, ahead=ahead)
     H, In, EL, Tn, S = cfg.hidden, cfg.inter, cfg.n_local, cfg.t, til.max_slots
 
     @T.prim_func
@@ -852,10 +853,16 @@ def make_gemv_task_kernels(cfg: Config, til: MoeTiling):
     return moe_gate_up_stream, moe_down_stream
 
 
+def compiled_gemv_tasks(cfg: Config, til: MoeTiling, prefetch: str | None = None, ahead: int | None = None):
+    """The built launchers (default prefetch and ahead: the TILERT_MOE_PREFETCH switches)."""
+    return _compiled_gemv_tasks(cfg, til, prefetch_choice() if prefetch is None else prefetch,
+                                prefetch_ahead() if ahead is None else ahead)  # fmt: skip
+
+
 @functools.cache
-def compiled_gemv_tasks(cfg: Config, til: MoeTiling):
-    what = f"MoE GEMV expert tasks T={cfg.t} H={cfg.hidden} I={cfg.inter} ({til.gemv})"
-    return tuple(build(f, what=what) for f in make_gemv_task_kernels(cfg, til))
+def _compiled_gemv_tasks(cfg: Config, til: MoeTiling, prefetch: str, ahead: int):
+    what = f"MoE GEMV expert tasks T={cfg.t} H={cfg.hidden} I={cfg.inter} ({til.gemv}, prefetch {prefetch})"
+    return tuple(build(f, what=what) for f in make_gemv_task_kernels(cfg, til, prefetch, ahead))
 
 
 def check_gemv_tasks(t: int, hidden: int, inter: int, n_local: int, top_k: int, active: int, seed: int | None = None,
