@@ -148,17 +148,20 @@ def build_linear_chain_step(tokens: int, mode: str) -> str:
 def linear_gemv_test_configs() -> tuple[list, list]:
     """(options, stream) configs of tests/kernels/test_gemv_linear.py's GPU tests: the options over
     token counts 1, 3, 5, 8, 16, odd N (tiles past N), split-K, both output dtypes, 64- and 32-row
-    tiles; the persistent form (each task issues the next's chunks and scales, stages its own x)."""
+    tiles, the norm's statistics from global memory and from the staged rows; the persistent form (each
+    task issues the next's chunks and scales, stages its own x)."""
     from tilert.kernels import gemv
 
     C, eps = gemv.Config, 1e-6
     options = [
-        C("fp8", 1, 200, 1024, wr=2, g=2, split=1, depth=3, out_dtype="bfloat16", norm_eps=eps),
+        C("fp8", 1, 200, 1024, wr=2, g=2, split=1, depth=3, out_dtype="bfloat16", norm_eps=eps, norm_stats="staged"),
         C("fp8", 3, 200, 1024, wr=2, g=2, split=2, depth=2, out_dtype="bfloat16", norm_eps=eps, res_dtype="bfloat16"),
         C("fp8", 8, 136, 2048, wr=2, g=2, split=4, depth=2, res_dtype="float32"),
         C("fp8", 16, 72, 768, wr=2, g=2, split=1, depth=4, out_dtype="bfloat16", norm_eps=eps, res_dtype="bfloat16"),
         C("fp8", 16, 3072, 6144, wr=2, g=2, split=2, depth=5, out_dtype="bfloat16", norm_eps=eps),
         C("fp8", 5, 232, 2048, wr=1, g=2, split=1, depth=4, out_dtype="bfloat16", norm_eps=eps, res_dtype="bfloat16"),
+        C("fp8", 5, 232, 2048, wr=1, g=2, split=1, depth=4, out_dtype="bfloat16", norm_eps=eps, res_dtype="bfloat16",
+          norm_stats="staged"),
     ]
     stream = [
         C("fp8", 8, 192, 6144, wr=2, g=2, split=6, depth=5, out_dtype="bfloat16", evict_first=True, norm_eps=eps),
@@ -166,6 +169,8 @@ def linear_gemv_test_configs() -> tuple[list, list]:
           res_dtype="bfloat16"),
         # the narrow tiles (32 rows over the whole K) of mimo's q_proj at a verify block
         C("fp8", 8, 3072, 6144, wr=1, g=2, split=1, depth=5, out_dtype="bfloat16", evict_first=True, norm_eps=eps),
+        C("fp8", 8, 3072, 6144, wr=1, g=2, split=1, depth=5, out_dtype="bfloat16", evict_first=True, norm_eps=eps,
+          norm_stats="staged"),
     ]  # fmt: skip
     return options, stream
 

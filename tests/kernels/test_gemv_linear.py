@@ -122,26 +122,23 @@ def test_options_compile_for_sm90a():
 @needs_toolchain
 @pytest.mark.timeout(900)
 def test_norm_statistics_come_from_the_staged_rows_where_they_are_whole():
-    # split 1: the sums of squares from shared memory (tilert_sq4), no global row pass; split-K: the
-    # staged slice is part of a row, so the statistics read X in global memory (either setting)
-    whole = [c for c in OPTIONS if c.norm_eps is not None and c.split == 1]
-    parts = [c for c in OPTIONS if c.norm_eps is not None and c.split > 1]
-    assert whole and parts
-    for cfg in whole[:1] + parts[:1]:
+    # staged and split 1: the sums of squares from shared memory (tilert_sq4), no global row pass;
+    # global, or a split-K tile (its staged slice is part of a row): X's rows in global memory
+    staged = [c for c in OPTIONS if c.norm_eps is not None and c.norm_stats == "staged" and c.split == 1]
+    glob = [c for c in OPTIONS if c.norm_eps is not None and c.norm_stats == "global"]
+    assert staged and any(c.split == 1 for c in glob) and any(c.split > 1 for c in glob)
+    for cfg in staged[:1] + glob[:1] + [dataclasses.replace(c, norm_stats="staged") for c in glob if c.split > 1][:1]:
         src = gemv.compiled(cfg).get_kernel_source()
         body = src[src.index("__global__"):]
-        assert ("tilert_sq4(" in body) == (cfg.split == 1), cfg
-    glob = dataclasses.replace(whole[0], norm_stats="global")
-    body = gemv.compiled(glob).get_kernel_source()
-    assert "tilert_sq4(" not in body[body.index("__global__"):]
+        assert ("tilert_sq4(" in body) == (cfg.norm_stats == "staged" and cfg.split == 1), cfg
 
 
 def test_norm_stats_switch_reaches_the_config_and_refuses_unknown_values(monkeypatch):
     spec = spec_of(4, 256, 256, True, False)
-    monkeypatch.setenv(lf.NORM_STATS_ENV, "global")
-    assert lf.gemv_config(spec).norm_stats == "global"
-    monkeypatch.delenv(lf.NORM_STATS_ENV)
+    monkeypatch.setenv(lf.NORM_STATS_ENV, "staged")
     assert lf.gemv_config(spec).norm_stats == "staged"
+    monkeypatch.delenv(lf.NORM_STATS_ENV)
+    assert lf.gemv_config(spec).norm_stats == "global"
     monkeypatch.setenv(lf.NORM_STATS_ENV, "smem")
     with pytest.raises(ValueError, match="TILERT_NORM_STATS='smem'"):
         lf.gemv_config(spec)

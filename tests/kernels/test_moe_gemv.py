@@ -218,37 +218,6 @@ def test_expert_tasks_compile_for_sm90a():
             assert "LDL" not in code and "STL" not in code, "registers spilled to local memory"
 
 
-@needs_toolchain
-@pytest.mark.timeout(900)
-def test_expert_tasks_ask_l2_for_their_items_only_when_told():
-    # mimo decode: a task asks for its first `ahead` items, then one more per item; "none" asks nothing
-    H, In, EL, k = MIMO_SHAPE
-    til = moe.tiling(1, H, In, EL, k, body="gemv")
-    cfg = moe.Config(1, H, In, EL, EL, k)
-
-    def asks(kern) -> int:
-        src = kern.get_kernel_source()
-        return src[src.index("__global__"):].count("tilert_prefetch_l2_at(")
-
-    # weight rows and scale rows (both 16-byte multiples at mimo's shapes): at the start (a loop over
-    # the first `ahead` items) and per item
-    assert [asks(kern) for kern in moe.compiled_gemv_tasks(cfg, til, "items", 2)] == [4, 4]
-    assert [asks(kern) for kern in moe.compiled_gemv_tasks(cfg, til, "none", 2)] == [0, 0]
-
-
-def test_prefetch_switches_refuse_unknown_values(monkeypatch):
-    monkeypatch.delenv(moe.PREFETCH_ENV, raising=False)
-    monkeypatch.delenv(moe.PREFETCH_AHEAD_ENV, raising=False)
-    assert (moe.prefetch_choice(), moe.prefetch_ahead()) == ("none", moe.PREFETCH_AHEAD)
-    monkeypatch.setenv(moe.PREFETCH_ENV, "down")
-    with pytest.raises(ValueError, match="TILERT_MOE_PREFETCH='down'"):
-        moe.prefetch_choice()
-    for bad in ("0", "5", "two"):
-        monkeypatch.setenv(moe.PREFETCH_AHEAD_ENV, bad)
-        with pytest.raises(ValueError, match="TILERT_MOE_PREFETCH_AHEAD"):
-            moe.prefetch_ahead()
-
-
 # --- GPU -------------------------------------------------------------------------------------
 
 MIMO_CASES = [(1, 1), (1, 8), (3, 5), (8, 7), (8, 48), (12, 20)]  # (tokens, active experts)

@@ -145,7 +145,7 @@ def test_step_with_gemv_linears_compiles(monkeypatch, tokens, mode, sms):
     body = moe_branch(src, "LINEAR_FP8")
     # per-thread cp.async rings (evict-first weights), register decode, the norm prologue in shared memory
     for needle in ("tilert_cp_async16_ef(", "tilert_cp_async_wait<", "tilert_lds16", "tilert_e4m3x2_sx",
-                   "tilert_bf16x2_norm", "tilert_smem_live("):  # fmt: skip
+                   "tilert_norm16(", "tilert_smem_live("):  # fmt: skip
         assert needle in body, needle
     dev = st._device_table()  # what the kernel runs (st.tasks is on the meta device here)
     c1 = dev[dev[:, :, FIELD["opcode"]] == OPCODES["LINEAR_FP8"]][:, FIELD["c1"]]

@@ -122,11 +122,6 @@ __device__ __forceinline__ void tilert_cp_async4(void* smem, int soff, const voi
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;"
                : : "r"(s), "l"((const unsigned*)gmem + goff), "r"(ok && gmem != nullptr ? 4 : 0) : "memory");
 }
-__device__ __forceinline__ void tilert_prefetch_l2_at(const void* base, long long off, int bytes) {
-  // ask L2 for bytes [off, off + bytes) of base (16-byte aligned, a multiple of 16): no registers,
-  // no shared memory, nothing to wait for
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" : : "l"((const char*)base + off), "r"(bytes) : "memory");
-}
 template <int N>
 __device__ __forceinline__ void tilert_cp_async_wait() {
   // this thread's cp.async groups but the newest N are complete (no barrier: the ring is private)
@@ -190,9 +185,9 @@ class Config:
     standalone launcher asks registers for (__launch_bounds__ min blocks); evict_first: weights
     evict-first in L2 (for the persistent step; standalone kernels load without a cache policy).
     norm_eps: an RMSNorm prologue, x -> bf16(x * rstd * gamma) with rstd over the whole row (X then
-    holds `x_rows` rows, the padded ones zero); norm_stats: where the rows' rstd comes from, "staged"
-    (the x slice in shared memory, when it is the whole row: split 1) or "global" (X's rows in global
-    memory while the first chunks fly: common.make_row_rstd); res_dtype: a residual epilogue, Y = x @ W^T + R (the
+    holds `x_rows` rows, the padded ones zero); norm_stats: where the rows' rstd comes from, "global"
+    (X's rows in global memory while the first chunks fly: common.make_row_rstd) or "staged" (the x
+    slice in shared memory, where it is the whole row: split 1); res_dtype: a residual epilogue, Y = x @ W^T + R (the
     persistent step's fused linears, runtime/kinds/linear.py).
     """
 
@@ -209,7 +204,7 @@ class Config:
     evict_first: bool = False
     norm_eps: float | None = None
     res_dtype: str | None = None
-    norm_stats: str = "staged"
+    norm_stats: str = "global"
 
     def __post_init__(self) -> None:
         bad = []
@@ -913,35 +908,6 @@ def make_body(
     if items is not None:
         return gemv_item
     return gemv_tile_prefetch if prefetch else gemv_tile
-
-
-def make_item_prefetch(cfg: Config, items: ItemMap):
-    """T.macro `prefetch_item(W, S, it, lane)`: ask L2 for item `it`'s weight rows (lanes 0..rows-1,
-    one row each) and block-scale rows (lanes rows..2 rows-1, where a scale row is a multiple of 16
-    bytes), by cp.async.bulk.prefetch.L2. The item's own ring then reads them at L2 latency: the
-    DRAM fetch of a whole item is in flight at once, however few bytes the ring holds (the persistent
-    MoE's expert tasks ask for their next items, kernels/moe.py make_gemv_tasks). Lanes >= 2 rows,
-    or negative, do nothing; rows that do not exist are not asked for."""
-    import tilelang.language as T
-
-    if cfg.fmt != "mxfp4":
-        raise ValueError(f"GEMV item prefetch: MXFP4 items only: {cfg}")
-    R, RB, SB = cfg.rows, cfg.row_bytes, cfg.k // 32
-    scales = SB % 16 == 0
-
-    @T.macro
-    def prefetch_item(W, S, it, lane):
-        if lane >= 0 and lane < R:
-            row, ok = items.w_row(it, lane)
-            if ok:
-                T.call_extern("handle", "tilert_prefetch_l2_at", W.data, T.cast(row, "int64") * RB, RB)
-        if scales:
-            if lane >= R and lane < 2 * R:
-                row, ok = items.w_row(it, lane - R)
-                if ok:
-                    T.call_extern("handle", "tilert_prefetch_l2_at", S.data, T.cast(row, "int64") * SB, SB)
-
-    return prefetch_item
 
 
 def options(cfg: Config) -> bool:

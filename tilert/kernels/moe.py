@@ -123,34 +123,6 @@ GEMV_SMEM = 200 * 1024  # the most shared memory an expert GEMV body may take (t
 # buffers and its own reduction buffer live beside it in the SM's 227 KB)
 
 
-PREFETCH_ENV = "TILERT_MOE_PREFETCH"  # "none", "items" or "all": what the GEMV expert tasks ask L2 for
-PREFETCH_CHOICES = ("none", "items", "all")
-PREFETCH_AHEAD_ENV = "TILERT_MOE_PREFETCH_AHEAD"  # items a task has asked L2 for, the running one included
-PREFETCH_AHEAD = 2
-DOWN_PREFETCH_BYTES = 16 << 20  # the most down-projection bytes the gate/up tasks ask L2 for ("all")
-
-
-def prefetch_choice() -> str:
-    """TILERT_MOE_PREFETCH, what the GEMV body's expert tasks ask L2 for (cp.async.bulk.prefetch.L2),
-    beside the rows their rings stream: "none"; "items": each task its own next items, up to
-    `prefetch_ahead()` items ahead (the running one included), so a whole item's DRAM fetch is in
-    flight at once instead of the ring's few chunks; "all": also each gate/up task a share of the
-    down items, while their bytes (Count x the down projection of one expert) fit in
-    DOWN_PREFETCH_BYTES, so the down tasks read their weights from L2 after the gate/up stage."""
-    v = os.environ.get(PREFETCH_ENV, "none") or "none"
-    if v not in PREFETCH_CHOICES:
-        raise ValueError(f"{PREFETCH_ENV}={v!r}: expected one of {', '.join(PREFETCH_CHOICES)}")
-    return v
-
-
-def prefetch_ahead() -> int:
-    """TILERT_MOE_PREFETCH_AHEAD (default PREFETCH_AHEAD): items an expert task keeps asked for."""
-    v = os.environ.get(PREFETCH_AHEAD_ENV, "") or str(PREFETCH_AHEAD)
-    if not v.isdigit() or not 1 <= int(v) <= 4:
-        raise ValueError(f"{PREFETCH_AHEAD_ENV}={v!r}: expected 1..4 items")
-    return int(v)
-
-
 def body_choice() -> str:
     """The persistent expert body the build switch TILERT_MOE_BODY names: "gemv" (default: the
     streaming GEMV's item form, `make_gemv_tasks`) or "mainloop" (one load round of registers per
@@ -606,10 +578,9 @@ def _sum(terms: Any) -> Any:
     return functools.reduce(operator.add, terms)
 
 
-def make_gemv_tasks(cfg: Config, til: MoeTiling, import_prelude: bool = True, prefetch: str | None = None,
-                    ahead: int | None = None):  # fmt: skip
+def make_gemv_tasks(cfg: Config, til: MoeTiling, import_prelude: bool = True):
     """The expert tasks of the GEMV body (TILERT_MOE_BODY=gemv, `til.gemv` set): T.macros
-    `gate_up_task(X, GUb, GUs, List, Count, Hb, j, Db, Ds)` and `down_task(Hb, Db, Ds, List, Count, TokW, Y, j)`.
+    `gate_up_task(X, GUb, GUs, List, Count, Hb, j)` and `down_task(Hb, Db, Ds, List, Count, TokW, Y, j)`.
 
     Task j runs its contiguous share of the Count x tiles active items (MoeTiling.gu_items /
     down_items) through the streaming GEMV's item form (gemv.make_body(..., items=)): per-thread
@@ -621,11 +592,6 @@ def make_gemv_tasks(cfg: Config, til: MoeTiling, import_prelude: bool = True, pr
     Hb[slot, t, n w + r] = bf16(silu(g) * u). down: tile row r is output feature n R + r; x =
     Hb[slot] rows, restaged (double-buffered) only when the slot changes; the epilogue adds
     partial x TokW[e, t] into Y with float32 atomics (Y zeroed by the router tasks).
-    prefetch (default: the TILERT_MOE_PREFETCH switch, `prefetch_choice`): what the tasks ask L2 for
-    besides: "items": a task its first `ahead` items (default `prefetch_ahead()`) when it starts and
-    item u + ahead when item u starts (gemv.make_item_prefetch); "all": also gate/up task j the down
-    items [j D / tasks, (j + 1) D / tasks) of the D active ones while Count slots' down rows fit in
-    DOWN_PREFETCH_BYTES (with Db, Ds given: the step's gate/up tasks).
     import_prelude=False: the caller imports a prelude holding gemv.GEMV_PRELUDE."""
     import tilelang.language as T
 
@@ -681,22 +647,9 @@ def make_gemv_tasks(cfg: Config, til: MoeTiling, import_prelude: bool = True, pr
     )
     gu_item = gemv.make_body(gu, import_prelude, items=gu_map)
     dn_item = gemv.make_body(dn, import_prelude, items=dn_map)
-    pf = prefetch_choice() if prefetch is None else prefetch
-    ahead = prefetch_ahead() if ahead is None else ahead
-    gu_pf, dn_pf = gemv.make_item_prefetch(gu, gu_map), gemv.make_item_prefetch(dn, dn_map)
-    down_slots = DOWN_PREFETCH_BYTES // (H * (In // 2 + In // 32))  # active slots whose down rows fit
-    down_share = cdiv(S * DNT, til.gu_tasks)  # down items a gate/up task asks for at most
 
     @T.macro
-    def ask_ahead(Wb, Ws, List, lo, steps, per, first, n, item_pf, tx):
-        """The task's items first .. first + n - 1 (of `steps` from item lo) into L2."""
-        for a in T.unroll(n):
-            if first + a < steps:
-                w = lo + first + a
-                item_pf(Wb, Ws, (List[w // per], w // per, w % per), tx)
-
-    @T.macro
-    def gate_up_task(X, GUb, GUs, List, Count, Hb, j, Db, Ds):
+    def gate_up_task(X, GUb, GUs, List, Count, Hb, j):
         total = T.alloc_var("int32")  # active items; Count read once
         total = Count[0] * GUT
         lo = T.alloc_var("int32")
@@ -705,22 +658,11 @@ def make_gemv_tasks(cfg: Config, til: MoeTiling, import_prelude: bool = True, pr
         steps = T.min((j + 1) * total // til.gu_tasks - lo, til.gu_steps)
         e = T.alloc_var("int32")
         en = T.alloc_var("int32")
-        if pf != "none":
-            ask_ahead(GUb, GUs, List, lo, steps, GUT, 0, ahead, gu_pf, T.get_thread_binding())
-        if pf == "all" and Db is not None and down_slots > 0:  # a share of the down items, while they fit in L2
-            if total // GUT <= down_slots:
-                dtot = total // GUT * DNT
-                dlo = j * dtot // til.gu_tasks
-                for v in T.serial(T.min((j + 1) * dtot // til.gu_tasks - dlo, down_share)):
-                    dn_pf(Db, Ds, (List[(dlo + v) // DNT], (dlo + v) // DNT, (dlo + v) % DNT),
-                          T.get_thread_binding())  # fmt: skip
         for u in T.serial(steps):
             w = lo + u
             wn = T.min(w + 1, total - 1)  # the next item (issued only if u + 1 < steps)
             e = List[w // GUT]
             en = List[wn // GUT]
-            if pf != "none":
-                ask_ahead(GUb, GUs, List, lo, steps, GUT, u + ahead, 1, gu_pf, T.get_thread_binding())
             gu_item(X, GUb, GUs, Hb, (e, w // GUT, w % GUT), (en, wn // GUT, wn % GUT), u + 1 < steps, u == 0,
                     u % 2, 0, False, u * gu.items)  # fmt: skip
 
@@ -736,15 +678,11 @@ def make_gemv_tasks(cfg: Config, til: MoeTiling, import_prelude: bool = True, pr
         en = T.alloc_var("int32")
         xb = T.alloc_var("int32")  # the x buffer holding this item's slot's Hb rows
         xb = 0
-        if pf != "none":
-            ask_ahead(Db, Ds, List, lo, steps, DNT, 0, ahead, dn_pf, T.get_thread_binding())
         for u in T.serial(steps):
             w = lo + u
             wn = T.min(w + 1, total - 1)
             e = List[w // DNT]
             en = List[wn // DNT]
-            if pf != "none":
-                ask_ahead(Db, Ds, List, lo, steps, DNT, u + ahead, 1, dn_pf, T.get_thread_binding())
             dn_item(Hb, Db, Ds, (Y, TokW), (e, w // DNT, w % DNT), (en, wn // DNT, wn % DNT), u + 1 < steps,
                     u == 0, u % 2, xb, wn // DNT != w // DNT, u * dn.items)  # fmt: skip
             if wn // DNT != w // DNT:
@@ -816,13 +754,12 @@ def compiled(cfg: Config):
     return tuple(build(f) for f in make_kernels(cfg))
 
 
-def make_gemv_task_kernels(cfg: Config, til: MoeTiling, prefetch: str | None = None, ahead: int | None = None):
+def make_gemv_task_kernels(cfg: Config, til: MoeTiling):
     """Standalone launchers of the GEMV body's expert tasks: one CTA (256 threads) per task, the
-    step's task count and item split (`til`), so a task streams its items as in the step (prefetch,
-    ahead: `make_gemv_tasks`'; the gate/up tasks have no down rows to ask for)."""
+    step's task count and item split (`til`), so a task streams its items as in the step."""
     import tilelang.language as T
 
-    gate_up_task, down_task = make_gemv_tasks(cfg, til, prefetch=prefetch, ahead=ahead)
+    gate_up_task, down_task = make_gemv_tasks(cfg, til)
     H, In, EL, Tn, S = cfg.hidden, cfg.inter, cfg.n_local, cfg.t, til.max_slots
 
     @T.prim_func
@@ -835,7 +772,7 @@ def make_gemv_task_kernels(cfg: Config, til: MoeTiling, prefetch: str | None = N
         Hb: T.Tensor((S, TP, In), "bfloat16"),
     ):
         with T.Kernel(til.gu_tasks, threads=THREADS) as bx:
-            gate_up_task(X, GUb, GUs, List, Count, Hb, bx, None, None)
+            gate_up_task(X, GUb, GUs, List, Count, Hb, bx)
 
     @T.prim_func
     def moe_down_stream(
@@ -853,16 +790,10 @@ def make_gemv_task_kernels(cfg: Config, til: MoeTiling, prefetch: str | None = N
     return moe_gate_up_stream, moe_down_stream
 
 
-def compiled_gemv_tasks(cfg: Config, til: MoeTiling, prefetch: str | None = None, ahead: int | None = None):
-    """The built launchers (default prefetch and ahead: the TILERT_MOE_PREFETCH switches)."""
-    return _compiled_gemv_tasks(cfg, til, prefetch_choice() if prefetch is None else prefetch,
-                                prefetch_ahead() if ahead is None else ahead)  # fmt: skip
-
-
 @functools.cache
-def _compiled_gemv_tasks(cfg: Config, til: MoeTiling, prefetch: str, ahead: int):
-    what = f"MoE GEMV expert tasks T={cfg.t} H={cfg.hidden} I={cfg.inter} ({til.gemv}, prefetch {prefetch})"
-    return tuple(build(f, what=what) for f in make_gemv_task_kernels(cfg, til, prefetch, ahead))
+def compiled_gemv_tasks(cfg: Config, til: MoeTiling):
+    what = f"MoE GEMV expert tasks T={cfg.t} H={cfg.hidden} I={cfg.inter} ({til.gemv})"
+    return tuple(build(f, what=what) for f in make_gemv_task_kernels(cfg, til))
 
 
 def check_gemv_tasks(t: int, hidden: int, inter: int, n_local: int, top_k: int, active: int, seed: int | None = None,

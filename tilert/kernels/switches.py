@@ -70,13 +70,12 @@ SWITCHES: dict[str, Callable[[], str]] = {
     common.PROBES_ENV: common.probes_choice,
     linear_tiling.TILES_ENV: linear_tiling.tiles_choice,
     QUIET_ENV: prefetch_quiet,
-    moe.PREFETCH_ENV: moe.prefetch_choice,
     linear_fused.NORM_STATS_ENV: linear_fused.norm_stats_choice,
 }
 # what every switch was before it existed: the settings of traces that record none
 HISTORICAL = {linear_fused.BODY_ENV: "fused", moe.BODY_ENV: "mainloop", moe.TOPK_ENV: "task", PIN_ENV: "none",
               ROWS_ENV: "global", common.PROBES_ENV: "off", linear_tiling.TILES_ENV: "split",
-              QUIET_ENV: "none", moe.PREFETCH_ENV: "none", linear_fused.NORM_STATS_ENV: "global"}  # fmt: skip
+              QUIET_ENV: "none", linear_fused.NORM_STATS_ENV: "global"}  # fmt: skip
 
 
 def completed(recorded: Mapping[str, str]) -> dict[str, str]:

@@ -69,8 +69,6 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
     # expert_offset 0 in the kernel's config: the rank's offset is a view (every rank, one kernel)
     cfg = moe.Config.for_node(a, T, H, In, E, expert_offset=0, cta_threads=256, x_stage=stage_h, norm_eps=eps)
     til = moe.tiling(T, H, In, EL, k)  # the expert body: TILERT_MOE_BODY (moe.body_choice)
-    # what the GEMV expert tasks ask L2 for (TILERT_MOE_PREFETCH), read once: the key and the bodies agree
-    pf = (moe.prefetch_choice(), moe.prefetch_ahead()) if til.gemv is not None else None
     extra = list(n.inputs[5:])
     gamma = b.env[g.values[extra.pop(0)].name] if eps is not None else None
     norm_w = gamma.to(torch.bfloat16).contiguous() if gamma is not None else None
@@ -117,7 +115,7 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
 
         router_tile, route_body, gate_up_tile, down_tile = moe.make_bodies(cfg)
         if til.gemv is not None:  # the streaming GEMV's expert tasks (moe.make_gemv_tasks)
-            gate_up_task, down_task = moe.make_gemv_tasks(cfg, til, import_prelude=False, prefetch=pf[0], ahead=pf[1])
+            gate_up_task, down_task = moe.make_gemv_tasks(cfg, til, import_prelude=False)
         reduce_body = ew.make_body(ew.AllReduceConfig(T, H, world, res is not None, "float32", "bfloat16",
                                                       tl_dtype(out)))  # fmt: skip
         peer_body = None if peer is None else peer.bodies()["MOE_REDUCE"]
@@ -173,7 +171,7 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
 
         @T_.macro
         def gate_up_gemv(V, j, c1, c2):
-            gate_up_task(V.xh, V.gu, V.gu_s, V.list, V.count, V.hb, j, V.dn, V.dn_s)
+            gate_up_task(V.xh, V.gu, V.gu_s, V.list, V.count, V.hb, j)
 
         @T_.macro
         def down_gemv(V, j, c1, c2):
@@ -239,7 +237,7 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
             return {"MOE_ROUTER": router_then_topk, "MOE_GATE_UP": gate_up, "MOE_DOWN": down, "MOE_REDUCE": reduce}
         return {"MOE_ROUTER": router, "MOE_TOPK": topk, "MOE_GATE_UP": gate_up, "MOE_DOWN": down, "MOE_REDUCE": reduce}
 
-    key = ("moe", cfg, til, pf, eps, res is not None, world, xa.shape[0], out.shape[0], tl_dtype(out),
+    key = ("moe", cfg, til, eps, res is not None, world, xa.shape[0], out.shape[0], tl_dtype(out),
            None if peer is None else peer.key)  # fmt: skip
     wr = ts[2]
 
