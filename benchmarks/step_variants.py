@@ -12,11 +12,13 @@ are compared with the first's.
 
 Rank 0 of the model's plan (synthetic weights, solo collectives) as benchmarks/e2e.py builds it;
 routing `random` is the synthetic router's own choice, which differs by token (what a verify block
-sees), `pinned` is benchmarks.common.pin_routing. Writes DIR/step-variants-<device>.json; each row
+sees), `pinned` is benchmarks.common.pin_routing. Writes DIR/step-variants-<device>.json after each
+token count (`tokens_timed`: those it holds, so a run cut short keeps what it timed); each row
 holds the median task time per opcode of the variant's last timed launch (`task_median_us`, from the
-kernel's own trace), and --trace-dir writes those traces (trace-<variant>.B<n>.json.gz). A variant
-built with TILERT_PROBES=on also gets `probe_median_us`: per opcode, the median of each of its
-bodies' phase stamps (us after the task's start of run; docs/profiling.md).
+kernel's own trace), and --trace-dir writes those traces (trace-<variant>.B<n>.json.gz). Each
+variant's build is printed to stderr as it ends. A variant built with TILERT_PROBES=on also gets
+`probe_median_us`: per opcode, the median of each of its bodies' phase stamps (us after the
+task's start of run; docs/profiling.md).
 """
 
 from __future__ import annotations
@@ -171,9 +173,11 @@ def main() -> None:
                 print(f"    probes {code}: {ph}", flush=True)
         del steps
         torch.cuda.empty_cache()
-    data = {"model": a.model, "world_size": a.world_size, "layers": a.layers, "context": a.context,
-            "routing": a.routing, "rows": rows}  # fmt: skip
-    print("wrote", write_result("step-variants", data, a.out))
+        # after every token count: a run cut short keeps the counts it timed
+        data = {"model": a.model, "world_size": a.world_size, "layers": a.layers, "context": a.context,
+                "routing": a.routing, "tokens_timed": sorted({r["tokens"] for r in rows}), "rows": rows}  # fmt: skip
+        path = write_result("step-variants", data, a.out)
+    print("wrote", path)
 
 
 if __name__ == "__main__":
