@@ -16,7 +16,8 @@ sees), `pinned` is benchmarks.common.pin_routing. Writes DIR/step-variants-<devi
 token count (`tokens_timed`: those it holds, so a run cut short keeps what it timed); each row
 holds the median task time per opcode of the variant's last timed launch (`task_median_us`, from the
 kernel's own trace), and --trace-dir writes those traces (trace-<variant>.B<n>.json.gz). Each
-variant's build is printed to stderr as it ends. A variant built with TILERT_PROBES=on also gets
+variant's build is printed to stderr as it ends, with its phases' times (--profile-build N adds
+the last variant's first build's N costliest calls). A variant built with TILERT_PROBES=on also gets
 `probe_median_us`: per opcode, the median of each of its bodies' phase stamps (us after the
 task's start of run; docs/profiling.md).
 """
@@ -28,7 +29,9 @@ import gzip
 import json
 import statistics
 import sys
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -75,6 +78,34 @@ def time_interleaved(steps: dict[str, PersistentStep], inputs: dict, rounds: int
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+class StackSampler(threading.Thread):
+    """Samples the main thread's Python stack every `period` s (a profiler whose cost does not grow
+    with the number of calls, unlike cProfile): `report(n)` prints the n functions found on the most
+    samples, as shares of the samples (cumulative: a function counts once per sample it is on)."""
+
+    def __init__(self, period: float = 0.02) -> None:
+        super().__init__(daemon=True)
+        self.period, self.counts, self.samples = period, Counter(), 0
+        self.target_id, self.done = threading.main_thread().ident, threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.period):
+            f = sys._current_frames().get(self.target_id)
+            seen = set()
+            while f is not None:
+                seen.add(f"{f.f_code.co_filename.rsplit('site-packages/', 1)[-1]}:{f.f_code.co_name}")
+                f = f.f_back
+            self.counts.update(seen)
+            self.samples += 1
+
+    def report(self, n: int) -> None:
+        self.done.set()
+        self.join()
+        print(f"build profile ({self.samples} samples of {self.period * 1000:.0f} ms):", file=sys.stderr)
+        for fn, c in self.counts.most_common(n):
+            print(f"  {100 * c / max(1, self.samples):5.1f}%  {fn}", file=sys.stderr)
+
+
 def task_medians(trace: dict) -> dict[str, float]:
     """Median run time (us, ready to signal) of each opcode's tasks in a measured trace."""
     by: dict[str, list[float]] = {}
@@ -98,6 +129,9 @@ def main() -> None:
     ap.add_argument("--precompile", action="store_true", help="build the variants' kernels (no GPU)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--trace-dir", default=None, help="write each variant's measured trace here")
+    ap.add_argument("--profile-build", type=int, default=0, metavar="N",
+                    help="print the N functions most often on the stack while the last variant's first build "
+                         "ran (sampled every 20 ms)")  # fmt: skip
     a = ap.parse_args()
     variants = [parse_variant(v) for v in (a.variant or ["base"])]
     cfg = load_config(a.model)
@@ -117,18 +151,29 @@ def main() -> None:
     for B in a.tokens:
         mode = "verify" if B > 1 else "decode"
         steps = {}
-        for name, env in variants:
+        for vi, (name, env) in enumerate(variants):
             # the table too is compiled under the variant's switches: a switch may change the tasks
             # (TILERT_MOE_TOPK), not only the bodies
+            prof = StackSampler() if a.profile_build and B == a.tokens[0] and vi == len(variants) - 1 else None
+            if prof:
+                prof.start()
             with switches.applied(env):
+                t0 = time.time()
                 g, sched = compile_step(build_step_graph(cfg, tokens=B, max_seq=max_seq, mode=mode), max_seq,
                                         a.world_size)  # fmt: skip
+                t1 = time.time()
                 if params is None:
                     params = synthetic_params(g, seed=0)
                     if a.routing == "pinned":
                         pin_routing(params, a.world_size)
+                t2 = time.time()
                 steps[name] = PersistentStep(g, sched.table, sched.counter_expected, params)
-            print(f"built {name} B={B} ({time.time() - t_start:.0f} s)", file=sys.stderr, flush=True)
+                t3 = time.time()
+            if prof:
+                prof.report(a.profile_build)
+            # where a build's time goes: the graph and schedule, the weights (first build), the step
+            print(f"built {name} B={B} ({t3 - t_start:.0f} s: graph+schedule {t1 - t0:.1f} s, weights "
+                  f"{t2 - t1:.1f} s, step {t3 - t2:.1f} s)", file=sys.stderr, flush=True)  # fmt: skip
         gen = torch.Generator(device="cpu").manual_seed(B)
         inputs = {
             "tokens": torch.randint(0, cfg.vocab_size, (B,), dtype=torch.int32, generator=gen).cuda(),
