@@ -154,14 +154,14 @@ def linear_gemv_test_configs() -> tuple[list, list]:
 
     C, eps = gemv.Config, 1e-6
     options = [
-        C("fp8", 1, 200, 1024, wr=2, g=2, split=1, depth=3, out_dtype="bfloat16", norm_eps=eps, norm_stats="staged"),
+        C("fp8", 1, 200, 1024, wr=2, g=2, split=1, depth=3, out_dtype="bfloat16", norm_eps=eps, norm_stats="global"),
         C("fp8", 3, 200, 1024, wr=2, g=2, split=2, depth=2, out_dtype="bfloat16", norm_eps=eps, res_dtype="bfloat16"),
         C("fp8", 8, 136, 2048, wr=2, g=2, split=4, depth=2, res_dtype="float32"),
         C("fp8", 16, 72, 768, wr=2, g=2, split=1, depth=4, out_dtype="bfloat16", norm_eps=eps, res_dtype="bfloat16"),
         C("fp8", 16, 3072, 6144, wr=2, g=2, split=2, depth=5, out_dtype="bfloat16", norm_eps=eps),
         C("fp8", 5, 232, 2048, wr=1, g=2, split=1, depth=4, out_dtype="bfloat16", norm_eps=eps, res_dtype="bfloat16"),
         C("fp8", 5, 232, 2048, wr=1, g=2, split=1, depth=4, out_dtype="bfloat16", norm_eps=eps, res_dtype="bfloat16",
-          norm_stats="staged"),
+          norm_stats="global"),
     ]
     stream = [
         C("fp8", 8, 192, 6144, wr=2, g=2, split=6, depth=5, out_dtype="bfloat16", evict_first=True, norm_eps=eps),
@@ -170,7 +170,7 @@ def linear_gemv_test_configs() -> tuple[list, list]:
         # the narrow tiles (32 rows over the whole K) of mimo's q_proj at a verify block
         C("fp8", 8, 3072, 6144, wr=1, g=2, split=1, depth=5, out_dtype="bfloat16", evict_first=True, norm_eps=eps),
         C("fp8", 8, 3072, 6144, wr=1, g=2, split=1, depth=5, out_dtype="bfloat16", evict_first=True, norm_eps=eps,
-          norm_stats="staged"),
+          norm_stats="global"),
     ]  # fmt: skip
     return options, stream
 
@@ -387,11 +387,11 @@ def prunable(cache: Path) -> list[Path]:
 
 def pack(cache: Path, out: Path) -> Path:
     """The cache as one .tar.xz (the kernel sources compress about 13x), so it travels to a GPU
-    machine within a small upload budget; unpack with `tar -C DIR -xJf OUT` and point
-    TILERT_KERNEL_CACHE at DIR/<the cache directory's name>."""
+    machine within a small upload budget. It holds the cache as kernels/: unpack with `tar -C DIR
+    -xJf OUT` and point TILERT_KERNEL_CACHE at DIR (or DIR/kernels: the same cache)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(out, "w:xz") as tf:
-        tf.add(cache, arcname=cache.name)
+        tf.add(cache, arcname="kernels")
     return out
 
 

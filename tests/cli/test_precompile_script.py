@@ -46,5 +46,21 @@ def test_pack_round_trips_the_kernels(tmp_path: Path) -> None:
     with tarfile.open(out) as tf:
         tf.extractall(tmp_path / "unpacked", filter="data")
     src = cache / "0.1.15/linux-x86_64/kernels/abc/device_kernel.cu"
-    back = tmp_path / "unpacked" / "next" / "0.1.15/linux-x86_64/kernels/abc/device_kernel.cu"
+    back = tmp_path / "unpacked" / "kernels" / "0.1.15/linux-x86_64/kernels/abc/device_kernel.cu"
     assert back.read_text() == src.read_text()
+
+
+def test_an_unpacked_pack_is_the_cache_where_the_cache_variable_points_at_its_folder(tmp_path, monkeypatch) -> None:
+    # `tar -C DIR -xJf pack` with TILERT_KERNEL_CACHE=DIR: the kernels are found (a miss compiles
+    # every kernel again, minutes for a full-scale step)
+    from tilert.kernels import common
+
+    cache = _cache(tmp_path)
+    _script().pack(cache, tmp_path / "p.tar.xz")
+    with tarfile.open(tmp_path / "p.tar.xz") as tf:
+        tf.extractall(tmp_path / "gpu", filter="data")
+    for where in (tmp_path / "gpu", tmp_path / "gpu" / "kernels"):
+        monkeypatch.setenv("TILERT_KERNEL_CACHE", str(where))
+        assert common.cache_dir() == tmp_path / "gpu" / "kernels"
+    monkeypatch.setenv("TILERT_KERNEL_CACHE", str(cache))  # a cache itself is left as it is
+    assert common.cache_dir() == cache

@@ -124,10 +124,12 @@ def test_options_compile_for_sm90a():
 def test_norm_statistics_come_from_the_staged_rows_where_they_are_whole():
     # staged and split 1: the sums of squares from shared memory (tilert_sq4), no global row pass;
     # global, or a split-K tile (its staged slice is part of a row): X's rows in global memory
-    staged = [c for c in OPTIONS if c.norm_eps is not None and c.norm_stats == "staged" and c.split == 1]
-    glob = [c for c in OPTIONS if c.norm_eps is not None and c.norm_stats == "global"]
-    assert staged and any(c.split == 1 for c in glob) and any(c.split > 1 for c in glob)
-    for cfg in staged[:1] + glob[:1] + [dataclasses.replace(c, norm_stats="staged") for c in glob if c.split > 1][:1]:
+    norm = [c for c in OPTIONS if c.norm_eps is not None]
+    staged = [c for c in norm if c.norm_stats == "staged" and c.split == 1]
+    glob = [c for c in norm if c.norm_stats == "global" and c.split == 1]
+    splitk = [dataclasses.replace(c, norm_stats="staged") for c in norm if c.split > 1]
+    assert staged and glob and splitk
+    for cfg in staged[:1] + glob[:1] + splitk[:1]:
         src = gemv.compiled(cfg).get_kernel_source()
         body = src[src.index("__global__"):]
         assert ("tilert_sq4(" in body) == (cfg.norm_stats == "staged" and cfg.split == 1), cfg
@@ -137,8 +139,10 @@ def test_norm_stats_switch_reaches_the_config_and_refuses_unknown_values(monkeyp
     spec = spec_of(4, 256, 256, True, False)
     monkeypatch.setenv(lf.NORM_STATS_ENV, "staged")
     assert lf.gemv_config(spec).norm_stats == "staged"
-    monkeypatch.delenv(lf.NORM_STATS_ENV)
+    monkeypatch.setenv(lf.NORM_STATS_ENV, "global")
     assert lf.gemv_config(spec).norm_stats == "global"
+    monkeypatch.delenv(lf.NORM_STATS_ENV)
+    assert lf.gemv_config(spec).norm_stats == "staged"
     monkeypatch.setenv(lf.NORM_STATS_ENV, "smem")
     with pytest.raises(ValueError, match="TILERT_NORM_STATS='smem'"):
         lf.gemv_config(spec)

@@ -19,7 +19,7 @@ def test_current_names_every_switch_and_the_defaults(monkeypatch: pytest.MonkeyP
     assert switches.current() == {linear_fused.BODY_ENV: "gemv", moe.BODY_ENV: "gemv", moe.TOPK_ENV: "task",
                                   switches.PIN_ENV: "none", switches.ROWS_ENV: "shared",
                                   common.PROBES_ENV: "off", linear_tiling.TILES_ENV: "rows",
-                                  switches.QUIET_ENV: "experts", linear_fused.NORM_STATS_ENV: "global"}  # fmt: skip
+                                  switches.QUIET_ENV: "experts", linear_fused.NORM_STATS_ENV: "staged"}  # fmt: skip
 
 
 def test_applied_sets_and_restores(monkeypatch: pytest.MonkeyPatch) -> None:

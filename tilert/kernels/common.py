@@ -317,8 +317,14 @@ def alloc_unmerged(shape: tuple[int, ...], dtype: str) -> Any:
 
 
 def cache_dir() -> Path:
-    """The kernel disk cache directory (created on demand)."""
-    return Path(os.path.expanduser(os.environ.get("TILERT_KERNEL_CACHE", DEFAULT_CACHE)))
+    """The kernel disk cache directory (created on demand). A pack (precompile_gpu.py --pack) holds
+    the cache as kernels/<tilelang version>/...: unpacked into TILERT_KERNEL_CACHE itself, its
+    kernels folder is the cache (else every kernel would miss and compile again)."""
+    root = Path(os.path.expanduser(os.environ.get("TILERT_KERNEL_CACHE", DEFAULT_CACHE)))
+    inner = root / "kernels"
+    if inner.is_dir() and [c.name for c in root.iterdir()] == ["kernels"]:
+        return inner
+    return root
 
 
 class KernelCompileError(ValueError):

@@ -185,10 +185,11 @@ class Config:
     standalone launcher asks registers for (__launch_bounds__ min blocks); evict_first: weights
     evict-first in L2 (for the persistent step; standalone kernels load without a cache policy).
     norm_eps: an RMSNorm prologue, x -> bf16(x * rstd * gamma) with rstd over the whole row (X then
-    holds `x_rows` rows, the padded ones zero); norm_stats: where the rows' rstd comes from, "global"
-    (X's rows in global memory while the first chunks fly: common.make_row_rstd) or "staged" (the x
-    slice in shared memory, where it is the whole row: split 1); res_dtype: a residual epilogue, Y = x @ W^T + R (the
-    persistent step's fused linears, runtime/kinds/linear.py).
+    holds `x_rows` rows, the padded ones zero); norm_stats: where the rows' rstd comes from, "staged"
+    (the x slice in shared memory, where it is the whole row: split 1; split-K tiles fall back to
+    global) or "global" (X's rows in global memory while the first chunks fly: common.make_row_rstd);
+    res_dtype: a residual epilogue, Y = x @ W^T + R (the persistent step's fused linears,
+    runtime/kinds/linear.py).
     """
 
     fmt: str
@@ -204,7 +205,7 @@ class Config:
     evict_first: bool = False
     norm_eps: float | None = None
     res_dtype: str | None = None
-    norm_stats: str = "global"
+    norm_stats: str = "staged"
 
     def __post_init__(self) -> None:
         bad = []
