@@ -228,11 +228,9 @@ def tile_moe(g: Graph, n: Node, ctx: Any) -> OpTiles:
     # distinct slots a task's items touch: strided items (mainloop body) one slot each; the GEMV
     # body's contiguous share spans items / tiles-per-slot slots, plus one where it crosses a slot
     slots = min(act, items) if geo.gemv is None else min(act, items, items / geo.down_tiles + 1)
-    # TILERT_MOE_DOWN_EARLY: the top-k first (the body issues weights between its two waits)
-    down_reads = (routed_at, Read(-len(stages))) if geo.down_early else (Read(-len(stages)),)
     for j in range(geo.down_tasks):
         nb, sb, fl = moe_expert_work("MOE_DOWN", geo, dn.nbytes / n_local, items, slots)
-        down.add((j, 0, 0), 0, nb, fl, down_reads, stream=sb)
+        down.add((j, 0, 0), 0, nb, fl, (Read(-len(stages)),), stream=sb)
     stages.append(down)
     res = len(n.inputs) - 1 if a.residual else None
     coll = a.reduce and world > 1

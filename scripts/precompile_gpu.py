@@ -94,8 +94,7 @@ def build_step(model: str, tokens: int, mode: str, max_seq: int, world: int, lay
 
 # --moe-gemv: the GEMV expert body's kernels (TILERT_MOE_BODY=gemv)
 MOE_GEMV = {"TILERT_MOE_BODY": "gemv"}
-MOE_GEMV_TINY_TILINGS = ("", "1.1.2/1.1.2")  # tests/runtime/test_persistent_moe_gemv.py's variants ...
-MOE_GEMV_TINY_SWITCHES = ({"TILERT_MOE_DOWN_EARLY": "on"},)  # ... and its switched ones (picked tiling)
+MOE_GEMV_TINY_TILINGS = ("", "1.1.2/1.1.2")  # tests/runtime/test_persistent_moe_gemv.py's two variants
 MOE_GEMV_TASKS = [(t, "mimo") for t in (1, 3, 8, 12)] + [(t, "tiny") for t in (1, 4, 16)]  # test_moe_gemv.py
 
 
@@ -104,8 +103,8 @@ def moe_gemv_jobs(max_seq: int = 256) -> list[tuple[tuple, dict[str, str]]]:
     verify and decode steps per tiling of the GPU test, and the 4-layer mimo steps step_variants.py
     times (B=1 decode, B=8 verify, context 4096)."""
     jobs = []
-    envs = [{**MOE_GEMV, **({"TILERT_MOE_GEMV_TILING": t} if t else {})} for t in MOE_GEMV_TINY_TILINGS]
-    for env in envs + [{**MOE_GEMV, **sw} for sw in MOE_GEMV_TINY_SWITCHES]:
+    for tiling in MOE_GEMV_TINY_TILINGS:
+        env = {**MOE_GEMV, **({"TILERT_MOE_GEMV_TILING": tiling} if tiling else {})}
         jobs += [(("tiny-gpu", t, m, max_seq, 1, 0), env) for t, m in ((16, "decode"), (4, "verify"), (1, "decode"))]
     jobs += [(("mimo-v2.5-pro", t, m, 4096 + 64, 8, 4), dict(MOE_GEMV)) for t, m, _ in BENCH]
     return jobs

@@ -95,86 +95,6 @@ def test_the_default_step_runs_the_gemv_body(monkeypatch):
     assert all(p.prelude == gemv.GEMV_PRELUDE and p.key[2].gemv is not None for p in progs)
 
 
-def moe_rows(sched, opcode: str) -> np.ndarray:
-    from tilert.abi import FIELD, OPCODES
-
-    rows = sched.table.reshape(-1, sched.table.shape[-1])
-    return rows[rows[:, FIELD["opcode"]] == OPCODES[opcode]]
-
-
-def waits_of(row) -> list[tuple[int, int, int]]:
-    from tilert.abi import FIELD, NONE, WAITS
-
-    out = [tuple(int(row[FIELD[f"wait{w}_{k}"]]) for k in ("counter", "count", "expected")) for w in range(WAITS)]
-    return [w for w in out if w[0] != NONE]
-
-
-@pytest.mark.parametrize("topk", moe.TOPK_PLACES)
-def test_early_down_rows_wait_for_the_topk_then_for_gate_up(monkeypatch, topk):
-    # TILERT_MOE_DOWN_EARLY=on: each MOE_DOWN row's first wait is the counters the top-k signals (the
-    # MOE_TOPK task's, or with the top-k in the router every router task's), its second the gate/up
-    # wait it has without the switch; the tasks themselves do not change
-    from tilert.abi import FIELD
-    from tilert.engine.persistent import compile_step
-    from tilert.models.builder import build_step_graph
-
-    monkeypatch.setenv(moe.TOPK_ENV, topk)
-    cfg = load_config("tiny-gpu")
-    scheds = {}
-    for early in ("off", "on"):
-        monkeypatch.setenv(moe.DOWN_EARLY_ENV, early)
-        _, scheds[early] = compile_step(build_step_graph(cfg, tokens=4, mode="verify", max_seq=256), 256)
-    key = lambda r: tuple(int(r[FIELD[f]]) for f in ("op", "c0"))  # noqa: E731
-    off = {key(r): waits_of(r) for r in moe_rows(scheds["off"], "MOE_DOWN")}
-    on = {key(r): waits_of(r) for r in moe_rows(scheds["on"], "MOE_DOWN")}
-    assert on.keys() == off.keys() and on
-    producer = "MOE_TOPK" if topk == "task" else "MOE_ROUTER"
-    signals = {}
-    for r in moe_rows(scheds["on"], producer):
-        signals.setdefault(int(r[FIELD["op"]]), set()).add(int(r[FIELD["signal"]]))
-    for k, w in on.items():
-        assert len(off[k]) == 1 and w[1:] == off[k], (k, w, off[k])
-        first, count, _ = w[0]
-        assert set(range(first, first + count)) == signals[k[0]], (k, w[0])
-
-
-def test_an_unknown_down_early_value_is_refused(monkeypatch):
-    monkeypatch.setenv(moe.DOWN_EARLY_ENV, "yes")
-    with pytest.raises(ValueError, match="TILERT_MOE_DOWN_EARLY='yes'"):
-        moe.tiling(4, 256, 128, 8, 2)
-    monkeypatch.setenv(moe.DOWN_EARLY_ENV, "on")  # the mainloop body has no early form
-    assert moe.tiling(4, 256, 128, 8, 2, body="mainloop").down_early is False
-
-
-def test_plan_vm_runs_the_early_down_tables(monkeypatch):
-    # the top-k wait added, the gate/up wait kept: any legal order still gives the reference outputs
-    monkeypatch.setenv(moe.DOWN_EARLY_ENV, "on")
-    cfg = load_config("tiny-gpu")
-    case = compiled_steps(cfg, 1)
-    check(case, run_vm(case, "random", seed=3), "tiny-gpu, early down tasks")
-
-
-@needs_toolchain
-@pytest.mark.timeout(900)
-def test_early_down_body_issues_its_weights_between_its_two_waits(monkeypatch):
-    from tilert.abi import FIELD
-    from tilert.engine.persistent import precompile
-
-    monkeypatch.setenv(moe.DOWN_EARLY_ENV, "on")
-    st = precompile(load_config("tiny-gpu"), 4, "verify", 256, 1)
-    body = moe_branch(st.kernel.get_kernel_source(), "MOE_DOWN")
-    waits = [m.start() for m in re.finditer(r"tilert_wait_row\(", body)]
-    assert len(waits) == 2, body[:2000]
-    first_args = body[waits[0] : body.index(";", waits[0])]
-    second_args = body[waits[1] : body.index(";", waits[1])]
-    # wait 0 alone (waits = 1 from field wait0_counter), then the others (from wait1_counter)
-    assert f", 1, {FIELD['wait0_counter']}, " in first_args and f", {FIELD['wait1_counter']}, " in second_args
-    between = body[waits[0] : waits[1]]
-    assert "tilert_cp_async16(" in between and "cp_async_commit" in between  # the weights fly during wait 1
-    after = body[waits[1] :]
-    assert "tilert_cp_async_wait<0>" in after  # x (Hb) staged after it, then every group landed
-
-
 @pytest.mark.parametrize(("model", "tokens", "world"), [("tiny-gpu", 4, 1), ("mimo-v2.5-pro", 8, 8)])
 def test_the_switch_keeps_the_tasks(monkeypatch, model, tokens, world):
     # the same MoE tasks either way (placement may follow the costs), so a table compiled without the
@@ -237,19 +157,16 @@ def routed_weights(cfg, seed: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("tiling", "early"), [("", "off"), ("1.1.2/1.1.2", "off"), ("", "on")],
-                         ids=["picked", "two-items-a-task", "down-early"])  # fmt: skip
-def test_persistent_steps_with_gemv_experts_match_reference(monkeypatch, tiling, early):
+@pytest.mark.parametrize("tiling", ["", "1.1.2/1.1.2"], ids=["picked", "two-items-a-task"])
+def test_persistent_steps_with_gemv_experts_match_reference(monkeypatch, tiling):
     # as test_persistent_step_gpu.py::test_persistent_steps_match_reference, with the GEMV expert
     # body: a 6-token prompt, a verify block, three decode steps. "two-items-a-task" forces 16-row
-    # tiles (8 of the 16 k warps idle at H = 256), so each gate/up task streams two items back to
-    # back; "down-early": the down tasks issue their weights between the top-k's wait and gate/up's
+    # tiles (8 of the 16 k warps idle at H = 256), so each gate/up task streams two items back to back
     from tests.runtime.test_eager_gpu import check_prompt_verify_decode
     from tilert.engine import ReferenceBackend
     from tilert.engine.persistent import PersistentBackend
 
     monkeypatch.setenv(moe.BODY_ENV, "gemv")
-    monkeypatch.setenv(moe.DOWN_EARLY_ENV, early)
     if tiling:
         monkeypatch.setenv(moe.TILING_ENV, tiling)
     cfg = load_config("tiny-gpu")

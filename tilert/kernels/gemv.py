@@ -387,12 +387,9 @@ def make_body(
     depth - 1 <= cfg.items, and nothing else may touch the body's shared memory between tasks.
 
     items (MXFP4, split 1): the same pipeline over items of an ItemMap, always in the prefetch form:
-    `gemv_item(X, W, S, O, it, nx, has_next, first, sbuf, xbuf, x_next, base, gate)` runs item `it`
+    `gemv_item(X, W, S, O, it, nx, has_next, first, sbuf, xbuf, x_next, base)` runs item `it`
     (x in buffer xbuf, its scales in buffer sbuf) and, if has_next, issues item nx's first chunks
     and scales (buffer 1 - sbuf) in its last issue slots, and nx's x (buffer 1 - xbuf) if x_next.
-    gate (a persistent task's megakernel.Gate whose wait 0 the caller has passed, or None): the
-    `first` item issues its chunks and scales, then waits for the task's other waits (the producers
-    of x) and only then stages x, so the weights' DRAM latency overlaps that wait.
 
     x_own (with prefetch): the next task's weights and scales are issued as above, but each task
     stages its own x after it starts (one x buffer; `first` tasks with their first chunk), for tasks
@@ -871,7 +868,7 @@ def make_body(
             keep_live(ring, scw, scf)
 
     @T.macro
-    def gemv_item(X, W, S, O, it, nx, has_next, first, sbuf, xbuf, x_next, base, gate):
+    def gemv_item(X, W, S, O, it, nx, has_next, first, sbuf, xbuf, x_next, base):
         if import_prelude:
             T.import_source(GEMV_PRELUDE)
         Wv = W  # only its address is used: cp.async offsets in u32 words
@@ -884,16 +881,9 @@ def make_body(
             for j in T.unroll(D - 1):
                 issue(Wv, ring, it, 0, j, (base + j) % D, tx)
                 if j == 0:
-                    if gate is None:
-                        stage_x(X, xs, it, 0, xbuf, tx)
+                    stage_x(X, xs, it, 0, xbuf, tx)
                     stage_s(S, scw, scf, it, 0, sbuf, tx)
                 T.ptx_commit_group()
-            if gate is not None:  # the weights fly while warp 0 waits for the producers of x
-                gate.wait_rest()
-                T.call_extern("int32", "__syncthreads_or", gate.flags[0])  # x written (a timeout: err is set)
-                stage_x(X, xs, it, 0, xbuf, tx)
-                T.ptx_commit_group()
-                T.call_extern("handle", "tilert_cp_async_wait<0>")
         T.call_extern("handle", f"tilert_cp_async_wait<{D - 2}>")
         T.sync_threads()
         probe(5)

@@ -37,7 +37,7 @@ import torch
 
 from tilert.ir.opset.fused import MoeAttrs
 from tilert.kernels import gemv
-from tilert.kernels.common import build, cdiv, gate_passed, make_probe, prelude
+from tilert.kernels.common import build, cdiv, make_probe, prelude
 from tilert.kernels.mxfp4_gemm import BLOCK_K, BLOCK_N, loop_shape, make_mainloop
 from tilert.numerics import mxfp4
 from tilert.ops.moe import moe_experts, route
@@ -119,7 +119,6 @@ TILING_ENV = "TILERT_MOE_GEMV_TILING"  # optional "wr.g.depth/wr.g.depth" (gate/
 BODIES = ("mainloop", "gemv")
 TOPK_ENV = "TILERT_MOE_TOPK"  # "task" (default) or "router": where the persistent step runs the top-k
 TOPK_PLACES = ("router", "task")
-DOWN_EARLY_ENV = "TILERT_MOE_DOWN_EARLY"  # "on" or "off" (default): GEMV down tasks issue weights before gate/up ends
 GEMV_SMEM = 200 * 1024  # the most shared memory an expert GEMV body may take (the step's other bodies' static
 # buffers and its own reduction buffer live beside it in the SM's 227 KB)
 
@@ -143,18 +142,6 @@ def topk_place() -> str:
     v = os.environ.get(TOPK_ENV, "task") or "task"
     if v not in TOPK_PLACES:
         raise ValueError(f"{TOPK_ENV}={v!r}: expected one of {', '.join(TOPK_PLACES)}")
-    return v
-
-
-def down_early_choice() -> str:
-    """TILERT_MOE_DOWN_EARLY ("on" / "off", default off): whether the GEMV body's down tasks wait
-    for the top-k first, issue their first item's weight chunks and scales (the experts are known
-    then), and only then wait for the gate/up tasks and stage their x (Hb), so the weights' DRAM
-    latency overlaps the gate/up stage's end instead of following it. The table's MOE_DOWN rows then
-    wait on the top-k too (passes/tile.py), and the down body is gated (megakernel.Gate)."""
-    v = os.environ.get(DOWN_EARLY_ENV, "off") or "off"
-    if v not in ("on", "off"):
-        raise ValueError(f"{DOWN_EARLY_ENV}={v!r}: expected on or off")
     return v
 
 
@@ -268,7 +255,6 @@ class MoeTiling:
     down_tasks: int  # MOE_DOWN tasks
     gemv: GemvTiling | None = None  # the GEMV body's tiles (None: the mainloop body's)
     topk_in_router: bool = False  # the top-k runs in the last-arriving router task (no MOE_TOPK stage)
-    down_early: bool = False  # GEMV down tasks wait for the top-k, issue weights, then wait for gate/up
 
     @property
     def stages(self) -> tuple[str, ...]:
@@ -333,13 +319,11 @@ class MoeTiling:
 
 
 def tiling(tokens: int, hidden: int, inter: int, n_local: int, top_k: int, down_split: int = Config.down_split,
-           tasks: int = MOE_TASKS, body: str | None = None, topk: str | None = None,
-           down_early: bool | None = None) -> MoeTiling:  # fmt: skip
+           tasks: int = MOE_TASKS, body: str | None = None, topk: str | None = None) -> MoeTiling:  # fmt: skip
     """The fused MoE's task geometry for T tokens (pure python, no tilelang: any shape, tiny too).
     body: "mainloop" or "gemv" (default: the TILERT_MOE_BODY switch); the GEMV body where its tiling
     fits the node (`gemv_tiling`) and down_split is 1, else the mainloop's. topk: "router" or "task"
-    (default: the TILERT_MOE_TOPK switch, `topk_place`). down_early (default: the
-    TILERT_MOE_DOWN_EARLY switch): only with the GEMV body."""
+    (default: the TILERT_MOE_TOPK switch, `topk_place`)."""
     slots = min(n_local, tokens * top_k)
     gu, dn = cdiv(inter, GU_COLS), cdiv(hidden, BLOCK_N)
     gu_tasks, dn_tasks = min(tasks, slots * gu), min(tasks, slots * dn * down_split)
@@ -350,8 +334,7 @@ def tiling(tokens: int, hidden: int, inter: int, n_local: int, top_k: int, down_
     if place not in TOPK_PLACES:
         raise ValueError(f"top-k place {place!r}: expected one of {', '.join(TOPK_PLACES)}")
     fused = place == "router"
-    early = (down_early_choice() == "on" if down_early is None else down_early) and gt is not None
-    return MoeTiling(tokens, hidden, inter, slots, gu, gu_tasks, dn, down_split, dn_tasks, gt, fused, early)
+    return MoeTiling(tokens, hidden, inter, slots, gu, gu_tasks, dn, down_split, dn_tasks, gt, fused)
 
 
 def make_bodies(cfg: Config):
@@ -597,10 +580,7 @@ def _sum(terms: Any) -> Any:
 
 def make_gemv_tasks(cfg: Config, til: MoeTiling, import_prelude: bool = True):
     """The expert tasks of the GEMV body (TILERT_MOE_BODY=gemv, `til.gemv` set): T.macros
-    `gate_up_task(X, GUb, GUs, List, Count, Hb, j)` and `down_task(Hb, Db, Ds, List, Count, TokW, Y, j,
-    gate)` (gate: None, or with `til.down_early` the persistent task's megakernel.Gate, whose first
-    wait is the top-k's: the task waits for it, issues its first item's weights and scales, then waits
-    for the rest (gate/up) before it stages Hb; a task without items does not wait for gate/up).
+    `gate_up_task(X, GUb, GUs, List, Count, Hb, j)` and `down_task(Hb, Db, Ds, List, Count, TokW, Y, j)`.
 
     Task j runs its contiguous share of the Count x tiles active items (MoeTiling.gu_items /
     down_items) through the streaming GEMV's item form (gemv.make_body(..., items=)): per-thread
@@ -684,10 +664,10 @@ def make_gemv_tasks(cfg: Config, til: MoeTiling, import_prelude: bool = True):
             e = List[w // GUT]
             en = List[wn // GUT]
             gu_item(X, GUb, GUs, Hb, (e, w // GUT, w % GUT), (en, wn // GUT, wn % GUT), u + 1 < steps, u == 0,
-                    u % 2, 0, False, u * gu.items, None)  # fmt: skip
+                    u % 2, 0, False, u * gu.items)  # fmt: skip
 
     @T.macro
-    def down_items(Hb, Db, Ds, List, Count, TokW, Y, j, gate):
+    def down_task(Hb, Db, Ds, List, Count, TokW, Y, j):
         total = T.alloc_var("int32")
         total = Count[0] * DNT
         lo = T.alloc_var("int32")
@@ -704,16 +684,9 @@ def make_gemv_tasks(cfg: Config, til: MoeTiling, import_prelude: bool = True):
             e = List[w // DNT]
             en = List[wn // DNT]
             dn_item(Hb, Db, Ds, (Y, TokW), (e, w // DNT, w % DNT), (en, wn // DNT, wn % DNT), u + 1 < steps,
-                    u == 0, u % 2, xb, wn // DNT != w // DNT, u * dn.items, gate)  # fmt: skip
+                    u == 0, u % 2, xb, wn // DNT != w // DNT, u * dn.items)  # fmt: skip
             if wn // DNT != w // DNT:
                 xb = 1 - xb
-
-    @T.macro
-    def down_task(Hb, Db, Ds, List, Count, TokW, Y, j, gate):
-        if gate is not None:
-            gate.wait_first()  # the top-k: List, Count, TokW
-        if gate_passed(gate):
-            down_items(Hb, Db, Ds, List, Count, TokW, Y, j, gate)
 
     return gate_up_task, down_task
 
@@ -812,7 +785,7 @@ def make_gemv_task_kernels(cfg: Config, til: MoeTiling):
         Y: T.Tensor((Tn, H), "float32"),
     ):
         with T.Kernel(til.down_tasks, threads=THREADS) as bx:
-            down_task(Hb, Db, Ds, List, Count, TokW, Y, bx, None)
+            down_task(Hb, Db, Ds, List, Count, TokW, Y, bx)
 
     return moe_gate_up_stream, moe_down_stream
 

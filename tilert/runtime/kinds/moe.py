@@ -27,7 +27,7 @@ from tilert.ir.opset.fused import MOE_CORE, MoeAttrs, split_extras
 from tilert.ir.registry import ref
 from tilert.kernels import elementwise as ew
 from tilert.kernels import gemv, moe
-from tilert.kernels.common import cdiv, gated
+from tilert.kernels.common import cdiv
 from tilert.kernels.elementwise import COLLECTIVE_COLS
 from tilert.kernels.views import ViewSpec, prefixed
 from tilert.ops.qtensor import QTensor
@@ -175,14 +175,7 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
 
         @T_.macro
         def down_gemv(V, j, c1, c2):
-            down_task(V.hb, V.dn, V.dn_s, V.list, V.count, V.tokw, V.y, j, None)
-
-        # TILERT_MOE_DOWN_EARLY: the row waits on the top-k, then gate/up (passes/tile.py); the body
-        # issues its first weights between the two waits (moe.make_gemv_tasks)
-        @gated
-        @T_.macro
-        def down_gemv_early(V, j, c1, c2, gate):
-            down_task(V.hb, V.dn, V.dn_s, V.list, V.count, V.tokw, V.y, j, gate)
+            down_task(V.hb, V.dn, V.dn_s, V.list, V.count, V.tokw, V.y, j)
 
         @T_.macro
         def gate_up(V, j, c1, c2):  # items j, j + gu_tasks, ... of the Count x gu_tiles active ones
@@ -239,7 +232,7 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
                 peer_body(V.part("peer"), c, 0, 0)
 
         if til.gemv is not None:
-            gate_up, down = gate_up_gemv, down_gemv_early if til.down_early else down_gemv
+            gate_up, down = gate_up_gemv, down_gemv
         if til.topk_in_router:
             return {"MOE_ROUTER": router_then_topk, "MOE_GATE_UP": gate_up, "MOE_DOWN": down, "MOE_REDUCE": reduce}
         return {"MOE_ROUTER": router, "MOE_TOPK": topk, "MOE_GATE_UP": gate_up, "MOE_DOWN": down, "MOE_REDUCE": reduce}

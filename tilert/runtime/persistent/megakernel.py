@@ -60,26 +60,15 @@ class Gate(NamedTuple):
     (__syncthreads_or of warp 0's verdict) that is true unless some wait timed out. Evaluate it
     once, outside thread-dependent branches. (An if on the barrier's result is what TileLang's
     ThreadSync accepts around the rest's own barriers; a flag in a local variable is not.) Bodies
-    without the `gated` mark are waited for before they run.
-
-    `wait_first()` waits for the row's first wait only, `wait_rest()` for the others (the schedule
-    orders a task's waits by producing stage): a body may wait for an early producer, issue loads
-    that depend on it, then wait for the rest, each wait followed by the barrier of `passed()`."""
+    without the `gated` mark are waited for before they run."""
 
     wait: Any
     flags: Any  # local int32[1]: warp 0's verdict (1: a wait timed out)
-    wait_part: Any = None
 
     def passed(self) -> Any:
         import tilelang.language as T
 
         return T.call_extern("int32", "__syncthreads_or", self.flags[0]) == 0
-
-    def wait_first(self) -> Any:
-        return self.wait_part(0, 1)
-
-    def wait_rest(self) -> Any:
-        return self.wait_part(1, WAITS)
 
 
 def run_gated(body: Any, gate: Any, *args: Any) -> Any:
@@ -314,34 +303,27 @@ def make_persistent_loop(
                               T.cast(pf[sm, t, 1], "int32"))  # fmt: skip
 
     @T.macro
-    def wait_range(sm, t, tasks, rows, b, counters, err, epoch, stamps, flags, lo, hi):  # Gate.wait_part
+    def wait_inputs(sm, t, tasks, rows, b, counters, err, epoch, stamps, flags):  # Gate.wait
         """Warp 0 waits for the task's inputs (tilert_wait_task in DEVICE_PRELUDE, or tilert_wait_row
         with rows in shared memory: lane l polls counters l, l + 32, ... of each wait at once, so a
         top-k waiting on 96 router chunks pays one round trip, not 96; it is not inlined, so every
         body's call site shares one copy of the code, which stays hot in the instruction cache):
         flags[0] = its verdict, handed to every thread by the barrier in Gate.passed(). The row: tasks[sm,
-        t], or rows[b] in shared memory; its waits lo .. hi - 1 (Python ints). stamps[1]: when the
-        inputs were ready (thread 0; a later partial wait stamps again)."""
+        t], or rows[b] in shared memory. stamps[1]: when the inputs were ready (thread 0)."""
         tx = T.get_thread_binding()
         if tx < 32:
             # the row layout's offsets and the timeout as arguments: the prelude is one string per kernel
             # (the row's address inline in each call: a name bound to it would be a void* let)
             if rows_smem:
                 flags[0] = T.call_extern("int32", "tilert_wait_row", T.address_of(rows[b, 0]), counters.data,
-                                         err.data, epoch[0], sm, t, T.int64(timeout_ns), hi - lo,
-                                         F["wait0_counter"] + 3 * lo, F["wait0_count"] + 3 * lo,
-                                         F["wait0_expected"] + 3 * lo, NONE, ERR_TIMEOUT)  # fmt: skip
+                                         err.data, epoch[0], sm, t, T.int64(timeout_ns), WAITS, F["wait0_counter"],
+                                         F["wait0_count"], F["wait0_expected"], NONE, ERR_TIMEOUT)  # fmt: skip
             else:
                 flags[0] = T.call_extern("int32", "tilert_wait_task", T.address_of(tasks[sm, t, 0]), counters.data,
-                                         err.data, epoch[0], sm, t, T.int64(timeout_ns), hi - lo,
-                                         F["wait0_counter"] + 3 * lo, F["wait0_count"] + 3 * lo,
-                                         F["wait0_expected"] + 3 * lo, NONE, ERR_TIMEOUT)  # fmt: skip
+                                         err.data, epoch[0], sm, t, T.int64(timeout_ns), WAITS, F["wait0_counter"],
+                                         F["wait0_count"], F["wait0_expected"], NONE, ERR_TIMEOUT)  # fmt: skip
             if tx == 0:
                 stamps[1] = T.call_extern("int64", "tilert_globaltimer")
-
-    @T.macro
-    def wait_inputs(sm, t, tasks, rows, b, counters, err, epoch, stamps, flags):  # Gate.wait
-        wait_range(sm, t, tasks, rows, b, counters, err, epoch, stamps, flags, 0, WAITS)
 
     @T.macro
     def loop(sm, tasks, counters, err, epoch, trace, bufs, pf=None):
@@ -401,8 +383,8 @@ def make_persistent_loop(
                 if tx >= 32 and tx < 32 + views:
                     ptrs[tx - 32] = T.reinterpret(bufs[1][op, tx - 32], "int64")
             # the body runs the wait (Gate): a gated body first issues its data-independent loads
-            row_args = (sm, t, tasks, rows if rows_smem else None, b, counters, err, epoch, stamps, flags)
-            gate = Gate(functools.partial(wait_inputs, *row_args), flags, functools.partial(wait_range, *row_args))
+            gate = Gate(functools.partial(wait_inputs, sm, t, tasks, rows if rows_smem else None, b, counters, err,
+                                          epoch, stamps, flags), flags)  # fmt: skip
             if rows_smem:
                 dispatch((rows, ptrs, b, bufs[1]), err, opc, op, c0, c1, c2, gate)
             else:
