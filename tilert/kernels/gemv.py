@@ -176,6 +176,64 @@ __device__ __forceinline__ void tilert_smem_live(const void* smem) {
 )
 
 
+# LINEAR_PRELUDE plus the bulk-copy ring of the item form (`Config.bulk`): mbarriers and
+# cp.async.bulk (the TMA unit copies a weight row's stage bytes in one request, so a CTA keeps its
+# bytes in flight with few large requests instead of many 16-byte ones). A superset of the other
+# two, so a step whose MoE loads in bulk imports it for every body.
+BULK_PRELUDE = (
+    LINEAR_PRELUDE
+    + r"""
+#ifndef TILERT_GEMV_BULK_PRELUDE
+#define TILERT_GEMV_BULK_PRELUDE
+__device__ __forceinline__ unsigned tilert_mbar_addr(void* bars, int i) {
+  return (unsigned)__cvta_generic_to_shared((unsigned long long*)bars + i);
+}
+__device__ __forceinline__ void tilert_mbar_init(void* bars, int n) {
+  // barriers 0 .. n-1, one arrival a phase (the producer's expect_tx); the caller then syncs the CTA
+  for (int i = 0; i < n; ++i)
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" : : "r"(tilert_mbar_addr(bars, i)) : "memory");
+  asm volatile("fence.mbarrier_init.release.cluster;" : : : "memory");
+}
+__device__ __forceinline__ void tilert_mbar_expect(void* bars, int i, int bytes) {
+  // the producer's arrival on barrier i, which then completes once `bytes` more have landed
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" : : "r"(tilert_mbar_addr(bars, i)), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void tilert_bulk_g2s(void* smem, int soff, const void* gmem, long long goff, int bytes,
+                                                void* bars, int i, bool evict_first) {
+  // bytes (a multiple of 16, both ends 16-byte aligned) global + goff -> shared + soff (byte offsets),
+  // counted on barrier i
+  const unsigned s = (unsigned)__cvta_generic_to_shared((char*)smem + soff);
+  const char* g = (const char*)gmem + goff;
+  if (evict_first) {
+    unsigned long long pol;
+    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
+                 " [%0], [%1], %2, [%3], %4;"
+                 : : "r"(s), "l"(g), "r"(bytes), "r"(tilert_mbar_addr(bars, i)), "l"(pol) : "memory");
+  } else {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                 : : "r"(s), "l"(g), "r"(bytes), "r"(tilert_mbar_addr(bars, i)) : "memory");
+  }
+}
+__device__ __forceinline__ void tilert_mbar_wait(void* bars, int i, int parity) {
+  // until barrier i's phase of this parity completes; a copy that never lands traps (no hang)
+  const unsigned a = tilert_mbar_addr(bars, i);
+  for (long long n = 0;; ++n) {
+    unsigned done;
+    asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+                 : "=r"(done) : "r"(a), "r"(parity) : "memory");
+    if (done) return;
+    if (n > (1ll << 26)) __trap();
+  }
+}
+__device__ __forceinline__ void tilert_syncwarp() { __syncwarp(); }
+#endif
+"""
+)
+BULK_PAD = 64  # bytes after each row of a bulk stage: rows r and r + 1 start 64 bytes apart in the banks
+
+
 @dataclass(frozen=True)
 class Config:
     """One compiled GEMV: format, problem shape, tiling (see the module docstring).
@@ -189,7 +247,10 @@ class Config:
     (the x slice in shared memory, where it is the whole row: split 1; split-K tiles fall back to
     global) or "global" (X's rows in global memory while the first chunks fly: common.make_row_rstd);
     res_dtype: a residual epilogue, Y = x @ W^T + R (the persistent step's fused linears,
-    runtime/kinds/linear.py).
+    runtime/kinds/linear.py). bulk (item form only): the weights reach the ring by cp.async.bulk,
+    one copy per tile row and stage (warp 0 issues them, an mbarrier per ring slot counts their
+    bytes), into row-major stages (each row padded by BULK_PAD bytes), instead of 16-byte cp.async
+    per thread.
     """
 
     fmt: str
@@ -206,9 +267,12 @@ class Config:
     norm_eps: float | None = None
     res_dtype: str | None = None
     norm_stats: str = "staged"
+    bulk: bool = False
 
     def __post_init__(self) -> None:
         bad = []
+        if self.bulk and (self.fmt != "mxfp4" or self.split != 1):
+            bad.append(f"bulk with fmt {self.fmt}, split {self.split} (the MXFP4 item form only: split 1)")
         if self.fmt not in CHUNK_ELEMS:
             bad.append(f"fmt {self.fmt!r} (mxfp4 or fp8)")
         if not 1 <= self.m <= MAX_M:
@@ -308,6 +372,8 @@ def smem_bytes(cfg: Config, prefetch: bool = False, x_own: bool = False) -> int:
     """Shared memory of one body: ring + x slice + scales (both twice with prefetch; x once with
     x_own) + reduction buffer (+ flag)."""
     ring = cfg.depth * 2 * cfg.g * 16 * THREADS
+    if cfg.bulk:  # row-major stages, each row padded; and the slots' mbarriers
+        ring = cfg.depth * cfg.rows * (cfg.wk * CHUNK_BYTES + BULK_PAD) + 8 * cfg.depth
     xs = cfg.m * cfg.ncs * CHUNK_ELEMS[cfg.fmt] * 2
     if cfg.fmt == "mxfp4":
         sc = cfg.rows * cdiv(cfg.ncs, 4) * 16
@@ -414,7 +480,10 @@ def make_body(
         raise ValueError(f"GEMV body: x_own is a form of the prefetch body (prefetch=True): {cfg}")
     if norm and prefetch and not x_own:  # a prefetched x would reach the next task unnormalised
         raise ValueError(f"GEMV body: a norm in the prefetch form needs x_own: {cfg}")
-    prelude = LINEAR_PRELUDE if norm or x_own else GEMV_PRELUDE
+    bulk = cfg.bulk
+    if bulk and items is None:
+        raise ValueError(f"GEMV body: bulk loads are a form of the item body (items=...): {cfg}")
+    prelude = BULK_PRELUDE if bulk else LINEAR_PRELUDE if norm or x_own else GEMV_PRELUDE
     GI = 4 + (2 if cfg.split > 1 else 0)  # views: gamma, then the residual, after Y [, WS, CNT]
     RI = GI + (1 if norm else 0)
     staged = norm and cfg.norm_stats == "staged" and cfg.split == 1  # the staged slice is the whole row
@@ -439,6 +508,9 @@ def make_body(
     NSR, NSC = cdiv(N, 128), cdiv(K, 128)
     u32, f32, i64 = "uint32", "float32", "int64"
     cp_async = "tilert_cp_async16_ef" if cfg.evict_first else "tilert_cp_async16"
+    SB = WK * CHUNK_BYTES  # bulk: bytes of a row in one stage (chunk i of every warp along K)
+    PITCH = SB + BULK_PAD  # bulk: a stage row's bytes in shared memory
+    STAGE = R * PITCH  # bulk: bytes of one ring slot
 
     @T.macro
     def issue(Wv, ring, n_tile, k_split, i, slot, tx):
@@ -459,6 +531,24 @@ def make_body(
                     src = T.cast(row, i64) * RW + T.min(unit, PPR - 1) * 4
                     dst = ((slot * P + p) * THREADS + tx) * 4
                     T.call_extern("handle", cp_async, ring.data, dst, Wv.data, src, ok and unit < PPR)
+
+    @T.macro
+    def issue_bulk(Wv, ring, bars, it, i, slot, tx):
+        """bulk: stage i of item `it` (bytes [i SB, i SB + SB) of each of its R weight rows, cut at
+        the row's end) -> ring slot `slot`, by warp 0: lane 0 arms the slot's barrier with the
+        stage's bytes, then lane l copies rows l, l + 32, ... (one cp.async.bulk a row; rows past
+        the item's end are its clamped rows, whose outputs are not stored)."""
+        if tx < 32:
+            nb = T.min(SB, cfg.row_bytes - i * SB)
+            if tx == 0:
+                T.call_extern("handle", "tilert_mbar_expect", bars.data, slot, R * nb)
+            T.call_extern("handle", "tilert_syncwarp")
+            for q in T.unroll(cdiv(R, 32)):
+                if q * 32 + tx < R:
+                    row, ok = items.w_row(it, q * 32 + tx)
+                    T.call_extern("handle", "tilert_bulk_g2s", ring.data, slot * STAGE + (q * 32 + tx) * PITCH, Wv.data,
+                                  T.cast(row, i64) * cfg.row_bytes + i * SB, nb, bars.data, slot,
+                                  T.bool(cfg.evict_first))  # fmt: skip
 
     @T.macro
     def stage_x(X, xs, n_tile, k_split, b, tx):
@@ -621,7 +711,13 @@ def make_body(
         ci = warp % WK + WK * i
         if ci < NCS:
             for p in T.unroll(P):
-                T.call_extern("handle", "tilert_lds16", wq.data, p * 4, ring.data, ((slot * P + p) * THREADS + tx) * 4)
+                if bulk:  # row-major stage: this lane's row of piece p, its 16 bytes of chunk ci
+                    lrow = (warp // WK) * 16 * G + (p // 2) * 16 + (p % 2) * 8 + r
+                    soff = (slot * STAGE + lrow * PITCH + (warp % WK) * CHUNK_BYTES + c * 16) // 4
+                    T.call_extern("handle", "tilert_lds16", wq.data, p * 4, ring.data, soff)
+                else:
+                    T.call_extern("handle", "tilert_lds16", wq.data, p * 4, ring.data,
+                                  ((slot * P + p) * THREADS + tx) * 4)  # fmt: skip
             for t in T.unroll(NT):
                 if t * 8 + r < M:
                     for uu in T.unroll(UPP):
@@ -743,7 +839,7 @@ def make_body(
         nbx = nb if nbx is None else nbx
         shared = common.alloc_unmerged if prefetch and not x_own else T.alloc_shared
         return (
-            T.alloc_shared((D * P * THREADS * 4,), u32),  # ring
+            T.alloc_shared(((D * STAGE) // 4 if bulk else D * P * THREADS * 4,), u32),  # ring
             T.alloc_shared((nbx * XS_WORDS,), u32),  # xs
             T.alloc_shared((nb * R * NCW if mx else 4,), u32),  # scw
             T.alloc_shared((4 if mx else nb * SR * SC,), f32),  # scf
@@ -870,16 +966,24 @@ def make_body(
     @T.macro
     def gemv_item(X, W, S, O, it, nx, has_next, first, sbuf, xbuf, x_next, base):
         if import_prelude:
-            T.import_source(GEMV_PRELUDE)
-        Wv = W  # only its address is used: cp.async offsets in u32 words
+            T.import_source(BULK_PRELUDE if bulk else GEMV_PRELUDE)
+        Wv = W  # only its address is used: cp.async offsets in u32 words (bulk: in bytes)
         ring, xs, scw, scf, red, last = alloc(True, items.x_buffers)
+        bars = common.alloc_unmerged((D,), "uint64") if bulk else None  # bulk: a barrier per ring slot
         wq, xb, af, ml, sq, part, acc = regs()
         tx = T.get_thread_binding()
         for i in T.unroll(G * NT * 4):
             acc[i] = T.float32(0)
         if first:  # later items' first chunks, scales (and x) were issued by the item before
+            if bulk:  # a task's stages count from 0: fresh barriers (every earlier copy has landed)
+                if tx == 0:
+                    T.call_extern("handle", "tilert_mbar_init", bars.data, D)
+                T.sync_threads()
             for j in T.unroll(D - 1):
-                issue(Wv, ring, it, 0, j, (base + j) % D, tx)
+                if bulk:
+                    issue_bulk(Wv, ring, bars, it, j, (base + j) % D, tx)
+                else:
+                    issue(Wv, ring, it, 0, j, (base + j) % D, tx)
                 if j == 0:
                     stage_x(X, xs, it, 0, xbuf, tx)
                     stage_s(S, scw, scf, it, 0, sbuf, tx)
@@ -889,15 +993,25 @@ def make_body(
         probe(5)
         for j in T.serial(ITEMS):
             T.call_extern("handle", f"tilert_cp_async_wait<{D - 2}>")
+            if bulk:  # every warp is done with stage j - 1's slot, which the copies below refill
+                T.sync_threads()
             if j + D - 1 < ITEMS:
-                issue(Wv, ring, it, 0, j + D - 1, (base + j + D - 1) % D, tx)
+                if bulk:
+                    issue_bulk(Wv, ring, bars, it, j + D - 1, (base + j + D - 1) % D, tx)
+                else:
+                    issue(Wv, ring, it, 0, j + D - 1, (base + j + D - 1) % D, tx)
             elif has_next:  # the next item's chunk j + D - 1 - ITEMS (its scales and x with its first)
-                issue(Wv, ring, nx, 0, j + D - 1 - ITEMS, (base + j + D - 1) % D, tx)
+                if bulk:
+                    issue_bulk(Wv, ring, bars, nx, j + D - 1 - ITEMS, (base + j + D - 1) % D, tx)
+                else:
+                    issue(Wv, ring, nx, 0, j + D - 1 - ITEMS, (base + j + D - 1) % D, tx)
                 if j + D - 1 == ITEMS:
                     if x_next:
                         stage_x(X, xs, nx, 0, 1 - xbuf, tx)
                     stage_s(S, scw, scf, nx, 0, 1 - sbuf, tx)
             T.ptx_commit_group()
+            if bulk:  # stage j's bytes have landed (the barrier's (base + j) // D-th phase)
+                T.call_extern("handle", "tilert_mbar_wait", bars.data, (base + j) % D, ((base + j) // D) % 2)
             compute(ring, xs, scw, scf, wq, xb, af, ml, sq, part, acc, it, 0, j, (base + j) % D, xbuf, tx, sbuf)
         T.sync_threads()  # TileLang cannot see the ring reads (tilert_lds16)
         probe(6)

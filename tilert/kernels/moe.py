@@ -119,6 +119,8 @@ TILING_ENV = "TILERT_MOE_GEMV_TILING"  # optional "wr.g.depth/wr.g.depth" (gate/
 BODIES = ("mainloop", "gemv")
 TOPK_ENV = "TILERT_MOE_TOPK"  # "task" (default) or "router": where the persistent step runs the top-k
 TOPK_PLACES = ("router", "task")
+LOADS_ENV = "TILERT_MOE_LOADS"  # "thread" (default) or "bulk": how the GEMV expert items' weights reach the ring
+LOADS = ("thread", "bulk")
 GEMV_SMEM = 200 * 1024  # the most shared memory an expert GEMV body may take (the step's other bodies' static
 # buffers and its own reduction buffer live beside it in the SM's 227 KB)
 
@@ -130,6 +132,17 @@ def body_choice() -> str:
     v = os.environ.get(BODY_ENV, "gemv") or "gemv"
     if v not in BODIES:
         raise ValueError(f"{BODY_ENV}={v!r}: expected one of {', '.join(BODIES)}")
+    return v
+
+
+def loads_choice() -> str:
+    """TILERT_MOE_LOADS, how the GEMV expert items (`make_gemv_tasks`) load their weights: "thread"
+    (default), 16-byte cp.async per thread into per-thread ring slots; "bulk", one cp.async.bulk
+    per weight row and stage from warp 0 into row-major ring slots counted by mbarriers
+    (gemv.Config.bulk): the same bytes in flight in a few large requests."""
+    v = os.environ.get(LOADS_ENV, "thread") or "thread"
+    if v not in LOADS:
+        raise ValueError(f"{LOADS_ENV}={v!r}: expected one of {', '.join(LOADS)}")
     return v
 
 
@@ -163,11 +176,11 @@ class GemvTiling:
         return self.down.rows
 
 
-def _gemv_cfg(m: int, n: int, k: int, wr: int, g: int, depth: int) -> gemv.Config:
+def _gemv_cfg(m: int, n: int, k: int, wr: int, g: int, depth: int, bulk: bool = False) -> gemv.Config:
     # plain cp.async, no L2 evict-first policy: with one, ptxas (CUDA 13.0) gave the weight loads of
     # the mimo verify step's expert tasks an odd descriptor register (desc[UR1]), which the H200
     # rejects as an illegal instruction (kernels/sass.py)
-    return gemv.Config("mxfp4", m, n, k, wr=wr, g=g, split=1, depth=depth, evict_first=False)
+    return gemv.Config("mxfp4", m, n, k, wr=wr, g=g, split=1, depth=depth, evict_first=False, bulk=bulk)
 
 
 def _parse_tiling(text: str) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
@@ -185,7 +198,8 @@ def _fits(cfg: gemv.Config, x_buffers: int) -> bool:
     return cfg.depth - 1 <= cfg.items and gemv.item_smem_bytes(cfg, x_buffers) <= GEMV_SMEM
 
 
-def _pick(m: int, n: int, k: int, gs: tuple[int, ...], depth: int, x_buffers: int) -> gemv.Config | None:
+def _pick(m: int, n: int, k: int, gs: tuple[int, ...], depth: int, x_buffers: int,
+          bulk: bool = False) -> gemv.Config | None:  # fmt: skip
     """The first tiling that fits: the fewest row warps whose k warps all get chunks, then g in the
     order given and the deepest ring up to `depth` (depth - 1 chunks a warp in flight, at most the
     chunks it has: the next item's first chunks ride in this one's last issue slots)."""
@@ -196,7 +210,7 @@ def _pick(m: int, n: int, k: int, gs: tuple[int, ...], depth: int, x_buffers: in
             continue
         for d in range(depth, 1, -1):
             try:
-                cfg = _gemv_cfg(m, n, k, wr, g, min(d, cdiv(chunks, gemv.WARPS // wr) + 1))
+                cfg = _gemv_cfg(m, n, k, wr, g, min(d, cdiv(chunks, gemv.WARPS // wr) + 1), bulk)
             except ValueError:  # its plain form alone is past the SM's shared memory
                 continue
             if _fits(cfg, x_buffers):
@@ -204,18 +218,21 @@ def _pick(m: int, n: int, k: int, gs: tuple[int, ...], depth: int, x_buffers: in
     return None
 
 
-def gemv_tiling(tokens: int, hidden: int, inter: int) -> GemvTiling | None:
+def gemv_tiling(tokens: int, hidden: int, inter: int, bulk: bool | None = None) -> GemvTiling | None:
     """The GEMV body's tilings of a node, or None where they do not fit its shared memory (then the
     node keeps the mainloop body). gate/up: 32-row tiles (16 gate + 16 up rows) with 3 chunks of
     16 KB in flight, x staged once per task (every item reads all of it); down: 64-row tiles with 2
     chunks of 32 KB in flight (the persistent-task-stream winners of benchmarks/gemv_sweep.py at the
     mimo expert shapes), x = Hb[slot] double-buffered. Narrow shapes (fewer than 8 k chunks) put
-    more warps along rows. TILERT_MOE_GEMV_TILING="wr.g.depth/wr.g.depth" forces both."""
+    more warps along rows. TILERT_MOE_GEMV_TILING="wr.g.depth/wr.g.depth" forces both. bulk (default:
+    the TILERT_MOE_LOADS switch): the bulk-copy ring (gemv.Config.bulk)."""
+    bulk = loads_choice() == "bulk" if bulk is None else bulk
     forced = os.environ.get(TILING_ENV, "")
     if forced:
         (a, b, c), (d, e, f) = _parse_tiling(forced)
         try:
-            gu, dn = _gemv_cfg(tokens, 2 * inter, hidden, a, b, c), _gemv_cfg(tokens, hidden, inter, d, e, f)
+            gu = _gemv_cfg(tokens, 2 * inter, hidden, a, b, c, bulk)
+            dn = _gemv_cfg(tokens, hidden, inter, d, e, f, bulk)
         except ValueError as err:
             raise ValueError(f"{TILING_ENV}={forced!r}: {err}") from None
         for name, cfg, nb in (("gate/up", gu, 1), ("down", dn, 2)):
@@ -224,8 +241,8 @@ def gemv_tiling(tokens: int, hidden: int, inter: int) -> GemvTiling | None:
                 raise ValueError(f"{TILING_ENV}: the {name} tiling needs depth - 1 <= {cfg.items} chunks and "
                                  f"{need} <= {GEMV_SMEM} bytes of shared memory: {cfg}")  # fmt: skip
         return GemvTiling(gu, dn)
-    gu = _pick(tokens, 2 * inter, hidden, (2, 1), 4, x_buffers=1)
-    dn = _pick(tokens, hidden, inter, (4, 2, 1), 3, x_buffers=2)
+    gu = _pick(tokens, 2 * inter, hidden, (2, 1), 4, x_buffers=1, bulk=bulk)
+    dn = _pick(tokens, hidden, inter, (4, 2, 1), 3, x_buffers=2, bulk=bulk)
     return None if gu is None or dn is None else GemvTiling(gu, dn)
 
 

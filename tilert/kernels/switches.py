@@ -71,11 +71,12 @@ SWITCHES: dict[str, Callable[[], str]] = {
     linear_tiling.TILES_ENV: linear_tiling.tiles_choice,
     QUIET_ENV: prefetch_quiet,
     linear_fused.NORM_STATS_ENV: linear_fused.norm_stats_choice,
+    moe.LOADS_ENV: moe.loads_choice,
 }
 # what every switch was before it existed: the settings of traces that record none
 HISTORICAL = {linear_fused.BODY_ENV: "fused", moe.BODY_ENV: "mainloop", moe.TOPK_ENV: "task", PIN_ENV: "none",
               ROWS_ENV: "global", common.PROBES_ENV: "off", linear_tiling.TILES_ENV: "split",
-              QUIET_ENV: "none", linear_fused.NORM_STATS_ENV: "global"}  # fmt: skip
+              QUIET_ENV: "none", linear_fused.NORM_STATS_ENV: "global", moe.LOADS_ENV: "thread"}  # fmt: skip
 
 
 def completed(recorded: Mapping[str, str]) -> dict[str, str]:

@@ -249,8 +249,8 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         e0 = e_tile * moe.ROUTER_E
         return wr.data_ptr() + e0 * H * 4, H * 4, min(moe.ROUTER_E, E - e0), H * 4
 
-    return NodeProgram(key, specs, bodies, ts, til.stages, exact=True, prefetch=prefetch,
-                       prelude=None if til.gemv is None else gemv.GEMV_PRELUDE)
+    prelude = None if til.gemv is None else gemv.BULK_PRELUDE if til.gemv.gu.bulk else gemv.GEMV_PRELUDE
+    return NodeProgram(key, specs, bodies, ts, til.stages, exact=True, prefetch=prefetch, prelude=prelude)
 
 
 # ---- plan VM -------------------------------------------------------------------------------------
