@@ -35,6 +35,7 @@ variants `lgemv` (TILERT_LINEAR_BODY=gemv) and `both` (with TILERT_MOE_BODY=gemv
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -94,7 +95,8 @@ def build_step(model: str, tokens: int, mode: str, max_seq: int, world: int, lay
 
 # --moe-gemv: the GEMV expert body's kernels (TILERT_MOE_BODY=gemv)
 MOE_GEMV = {"TILERT_MOE_BODY": "gemv"}
-MOE_GEMV_TINY_TILINGS = ("", "1.1.2/1.1.2")  # tests/runtime/test_persistent_moe_gemv.py's two variants
+MOE_GEMV_TINY_TILINGS = ("", "1.1.2/1.1.2")  # tests/runtime/test_persistent_moe_gemv.py's variants ...
+MOE_GEMV_TINY_SWITCHES = ({"TILERT_MOE_LOADS": "bulk"},)  # ... and its switched ones (picked tiling)
 MOE_GEMV_TASKS = [(t, "mimo") for t in (1, 3, 8, 12)] + [(t, "tiny") for t in (1, 4, 16)]  # test_moe_gemv.py
 
 
@@ -103,8 +105,8 @@ def moe_gemv_jobs(max_seq: int = 256) -> list[tuple[tuple, dict[str, str]]]:
     verify and decode steps per tiling of the GPU test, and the 4-layer mimo steps step_variants.py
     times (B=1 decode, B=8 verify, context 4096)."""
     jobs = []
-    for tiling in MOE_GEMV_TINY_TILINGS:
-        env = {**MOE_GEMV, **({"TILERT_MOE_GEMV_TILING": tiling} if tiling else {})}
+    envs = [{**MOE_GEMV, **({"TILERT_MOE_GEMV_TILING": t} if t else {})} for t in MOE_GEMV_TINY_TILINGS]
+    for env in envs + [{**MOE_GEMV, **sw} for sw in MOE_GEMV_TINY_SWITCHES]:
         jobs += [(("tiny-gpu", t, m, max_seq, 1, 0), env) for t, m in ((16, "decode"), (4, "verify"), (1, "decode"))]
     jobs += [(("mimo-v2.5-pro", t, m, 4096 + 64, 8, 4), dict(MOE_GEMV)) for t, m, _ in BENCH]
     return jobs
@@ -195,9 +197,11 @@ def build_moe_gemv_tasks(tokens: int, shape: str) -> str:
 
     t0 = time.time()
     H, In, EL, k = (6144, 2048, 48, 8) if shape == "mimo" else (256, 512, 16, 4)
-    til = moe.tiling(tokens, H, In, EL, k, body="gemv")
-    moe.compiled_gemv_tasks(moe.Config(tokens, H, In, EL, EL, k), til)
-    return f"MoE GEMV expert tasks ({shape}, T={tokens}): {time.time() - t0:.0f} s"
+    for bulk in (False, True):  # TILERT_MOE_LOADS=thread and bulk
+        til = dataclasses.replace(moe.tiling(tokens, H, In, EL, k, body="gemv"),
+                                  gemv=moe.gemv_tiling(tokens, H, In, bulk=bulk))  # fmt: skip
+        moe.compiled_gemv_tasks(moe.Config(tokens, H, In, EL, EL, k), til)
+    return f"MoE GEMV expert tasks ({shape}, T={tokens}, both loads): {time.time() - t0:.0f} s"
 
 
 def build_drafter(model: str, context: int, max_seq: int, world: int) -> str:

@@ -4,6 +4,7 @@ its switch, tilings and item split on the CPU, the standalone expert tasks compi
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -182,6 +183,38 @@ def test_item_body_takes_only_mxfp4_without_split():
         gemv.make_body(cfg, items=gemv.ItemMap(256, 8, None, None, None))
 
 
+def test_bulk_loads_are_a_form_of_the_mxfp4_item_body_only():
+    with pytest.raises(ValueError, match="bulk with fmt fp8"):
+        gemv.Config("fp8", 8, 256, 1024, bulk=True)
+    with pytest.raises(ValueError, match="bulk with fmt mxfp4, split 2"):
+        gemv.Config("mxfp4", 8, 256, 1024, split=2, bulk=True)
+    with pytest.raises(ValueError, match="form of the item body"):
+        gemv.make_body(gemv.Config("mxfp4", 8, 256, 1024, bulk=True))
+
+
+def test_bulk_ring_counts_its_padded_rows_and_barriers(monkeypatch):
+    # row-major stages: rows x (k warps x 64 B + BULK_PAD) per slot, a 64-bit barrier per slot; a
+    # tiling still fits wherever the thread loads' does (every mimo and tiny token count but mimo's 16)
+    cfg = moe.gemv_tiling(8, M["hidden"], M["inter"], bulk=True).down
+    plain = dataclasses.replace(cfg, bulk=False)
+    extra = cfg.depth * (cfg.rows * gemv.BULK_PAD + 8)
+    assert gemv.item_smem_bytes(cfg, 2) - gemv.item_smem_bytes(plain, 2) == extra
+    for t in (1, 2, 3, 4, 8, 12, 16):
+        for shape in (MIMO_SHAPE, TINY_SHAPE):
+            til = moe.gemv_tiling(t, shape[0], shape[1], bulk=True)
+            if moe.gemv_tiling(t, shape[0], shape[1], bulk=False) is None:
+                assert til is None
+                continue
+            assert til is not None and til.gu.bulk and til.down.bulk, (t, shape)
+            assert gemv.item_smem_bytes(til.gu, 1) <= moe.GEMV_SMEM
+            assert gemv.item_smem_bytes(til.down, 2) <= moe.GEMV_SMEM
+    monkeypatch.setenv(moe.LOADS_ENV, "bulk")
+    assert moe.tiling(8, *MIMO_SHAPE, body="gemv").gemv.gu.bulk
+    monkeypatch.setenv(moe.LOADS_ENV, "tma")
+    with pytest.raises(ValueError, match="TILERT_MOE_LOADS='tma'"):
+        moe.tiling(8, *MIMO_SHAPE, body="gemv")
+
+
 # --- sm_90a compile (no GPU) ------------------------------------------------------------------
 
 
@@ -218,6 +251,31 @@ def test_expert_tasks_compile_for_sm90a():
             assert "LDL" not in code and "STL" not in code, "registers spilled to local memory"
 
 
+@needs_toolchain
+@pytest.mark.timeout(900)
+def test_bulk_expert_tasks_compile_for_sm90a(monkeypatch):
+    # the weights by cp.async.bulk from warp 0 (UBLKCP), an mbarrier wait per stage, a barrier per
+    # stage before its slot is refilled; x and scales still by cp.async
+    from tilert.kernels import sass
+
+    monkeypatch.setenv(moe.LOADS_ENV, "bulk")
+    H, In, EL, k = MIMO_SHAPE
+    til = moe.tiling(8, H, In, EL, k, body="gemv")
+    cfg = moe.Config(8, H, In, EL, EL, k)
+    for kern, nx, c in zip(moe.compiled_gemv_tasks(cfg, til), (1, 2), (til.gemv.gu, til.gemv.down)):
+        src = kern.get_kernel_source()
+        body = src[src.index("__global__") :]
+        assert "tilert_bulk_g2s(" in body and "tilert_mbar_wait(" in body and "tilert_mbar_init(" in body
+        assert "tilert_cp_async16(" in body  # x and the scales
+        dyn = _dynamic_smem(kern.get_host_source())
+        assert dyn is None or dyn <= gemv.item_smem_bytes(c, nx), (dyn, gemv.item_smem_bytes(c, nx))
+        lib = sass.library_of(src, common.cache_dir())
+        if lib is not None and sass.find_nvdisasm():
+            code = sass.disassemble(lib)
+            assert "UBLKCP" in code and "HMMA" in code and not sass.odd_descriptors(code)
+            assert "LDL" not in code and "STL" not in code, "registers spilled to local memory"
+
+
 # --- GPU -------------------------------------------------------------------------------------
 
 MIMO_CASES = [(1, 1), (1, 8), (3, 5), (8, 7), (8, 48), (12, 20)]  # (tokens, active experts)
@@ -241,17 +299,21 @@ def test_precompile_script_builds_these_tests_kernels():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("loads", moe.LOADS)
 @pytest.mark.parametrize(("tokens", "active"), MIMO_CASES)
-def test_expert_tasks_match_reference_at_mimo_shapes(tokens, active):
+def test_expert_tasks_match_reference_at_mimo_shapes(monkeypatch, tokens, active, loads):
     # 1 active expert: most tasks run one item or none; 48: every task streams ~48 gate/up and ~36
     # down items back to back through several slots (Hb restaged per slot)
+    monkeypatch.setenv(moe.LOADS_ENV, loads)
     eh, ey = moe.check_gemv_tasks(tokens, *MIMO_SHAPE, active=active)
     assert eh < TOL_H and ey < TOL_Y, (eh, ey)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("loads", moe.LOADS)
 @pytest.mark.parametrize("tokens", TINY_TOKENS)
-def test_expert_tasks_match_reference_at_tiny_shapes(tokens):
+def test_expert_tasks_match_reference_at_tiny_shapes(monkeypatch, tokens, loads):
+    monkeypatch.setenv(moe.LOADS_ENV, loads)
     til = moe.tiling(tokens, *TINY_SHAPE, body="gemv")
     eh, ey = moe.check_gemv_tasks(tokens, *TINY_SHAPE, active=til.max_slots)
     assert eh < TOL_H and ey < TOL_Y, (eh, ey)

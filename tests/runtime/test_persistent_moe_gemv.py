@@ -157,16 +157,19 @@ def routed_weights(cfg, seed: int) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tiling", ["", "1.1.2/1.1.2"], ids=["picked", "two-items-a-task"])
-def test_persistent_steps_with_gemv_experts_match_reference(monkeypatch, tiling):
+@pytest.mark.parametrize(("tiling", "loads"), [("", "thread"), ("1.1.2/1.1.2", "thread"), ("", "bulk")],
+                         ids=["picked", "two-items-a-task", "bulk-loads"])  # fmt: skip
+def test_persistent_steps_with_gemv_experts_match_reference(monkeypatch, tiling, loads):
     # as test_persistent_step_gpu.py::test_persistent_steps_match_reference, with the GEMV expert
     # body: a 6-token prompt, a verify block, three decode steps. "two-items-a-task" forces 16-row
-    # tiles (8 of the 16 k warps idle at H = 256), so each gate/up task streams two items back to back
+    # tiles (8 of the 16 k warps idle at H = 256), so each gate/up task streams two items back to
+    # back; "bulk-loads": the weights by cp.async.bulk into the mbarrier ring (TILERT_MOE_LOADS)
     from tests.runtime.test_eager_gpu import check_prompt_verify_decode
     from tilert.engine import ReferenceBackend
     from tilert.engine.persistent import PersistentBackend
 
     monkeypatch.setenv(moe.BODY_ENV, "gemv")
+    monkeypatch.setenv(moe.LOADS_ENV, loads)
     if tiling:
         monkeypatch.setenv(moe.TILING_ENV, tiling)
     cfg = load_config("tiny-gpu")
