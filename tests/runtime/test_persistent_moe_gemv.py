@@ -75,6 +75,23 @@ def test_verify_step_with_gemv_experts_compiles(monkeypatch, model, tokens, max_
         assert "LDGSTS" in code and not sass.odd_descriptors(code)
 
 
+@needs_toolchain
+@pytest.mark.timeout(900)
+def test_a_step_with_bulk_expert_loads_compiles_with_the_bulk_prelude(monkeypatch):
+    # TILERT_MOE_LOADS=bulk: the expert tasks copy their weights with cp.async.bulk into the mbarrier
+    # ring, and the step imports the prelude that holds its helpers (a superset of the linear one)
+    from tilert.engine.persistent import precompile
+
+    monkeypatch.setenv(moe.LOADS_ENV, "bulk")
+    st = precompile(load_config("tiny-gpu"), 4, "verify", 256, 1)
+    src = st.kernel.get_kernel_source()
+    assert src.count("#define TILERT_GEMV_BULK_PRELUDE") == 1 and src.count("#define TILERT_GEMV_PRELUDE") == 1
+    for opcode in ("MOE_GATE_UP", "MOE_DOWN"):
+        body = moe_branch(src, opcode)
+        assert "tilert_bulk_g2s(" in body and "tilert_mbar_wait(" in body, opcode
+    assert "tilert_bulk_g2s(" not in moe_branch(src, "LINEAR_FP8")  # the linears keep their rings
+
+
 def test_the_default_step_runs_the_gemv_body(monkeypatch):
     # TILERT_MOE_BODY=mainloop: the MoE programs are the mainloop's and ask for no other prelude; no
     # switch: the GEMV expert tasks, with the GEMV's prelude
