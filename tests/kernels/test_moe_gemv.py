@@ -215,6 +215,52 @@ def test_bulk_ring_counts_its_padded_rows_and_barriers(monkeypatch):
         moe.tiling(8, *MIMO_SHAPE, body="gemv")
 
 
+@pytest.mark.parametrize(("m", "n", "k", "wr", "g", "depth"), [
+    (8, 4096, 6144, 1, 2, 4),  # mimo gate/up
+    (8, 6144, 2048, 1, 4, 3),  # mimo down
+    (8, 6144, 2048, 2, 2, 5),  # down with two row warps
+    (4, 1024, 256, 4, 2, 2),  # tiny: fewer k chunks than warps
+    (1, 64, 160, 4, 1, 2),  # a row of 80 bytes: the stage cut at the row's end
+])  # fmt: skip
+def test_bulk_stages_put_every_lane_on_the_bytes_its_thread_load_would_read(m, n, k, wr, g, depth):
+    # the producer's copies (BulkStages.dst/src/copy_bytes) into a ring of stale bytes, then each
+    # lane's 16-byte reads (BulkStages.read) for each chunk: the bytes of weight row lrow, unit
+    # ci * 4 + c that the per-thread cp.async path loads for that lane and piece (past the row's end
+    # it reads zeros there and stale bytes here: finite E2M1 codes times x's zeros); and each group
+    # of 8 lanes (one shared-memory wavefront of 16-byte reads) hits 8 distinct 16-byte bank groups
+    import numpy as np
+
+    cfg = gemv.Config("mxfp4", m, n, k, wr=wr, g=g, depth=depth, bulk=True)
+    bs = gemv.BulkStages(cfg.rows, cfg.wk, cfg.row_bytes)
+    R, WK, D, P = cfg.rows, cfg.wk, cfg.depth, 2 * cfg.g
+    rng = np.random.default_rng(k)
+    w = rng.integers(0, 256, (R, cfg.row_bytes), dtype=np.uint8)
+    ring = np.full(D * bs.slot_bytes, 0xEE, dtype=np.uint8)
+    assert bs.pitch % 16 == 0 and bs.slot_bytes % 16 == 0
+    for i in range(cfg.items):
+        slot, nb = i % D, bs.copy_bytes(i)
+        assert 0 < nb <= bs.sb and nb % 16 == 0
+        for lr in range(R):
+            dst, src = bs.dst(slot, lr), bs.src(lr, i)
+            assert dst % 16 == 0 and src % 16 == 0 and dst + nb <= (slot + 1) * bs.slot_bytes
+            ring[dst : dst + nb] = w.reshape(-1)[src : src + nb]
+        for warp in range(gemv.WARPS):
+            ci = warp % WK + WK * i
+            if ci >= cfg.ncs:
+                continue
+            for p in range(P):
+                banks = []
+                for lane in range(32):
+                    r, c = lane // 4, lane % 4
+                    lrow = (warp // WK) * 16 * cfg.g + (p // 2) * 16 + (p % 2) * 8 + r
+                    at = bs.read(slot, lrow, warp, c)
+                    banks.append((at // 16) % 8)
+                    unit = ci * 4 + c
+                    if unit * 16 < cfg.row_bytes:
+                        assert (ring[at : at + 16] == w[lrow, unit * 16 : unit * 16 + 16]).all(), (i, warp, lane, p)
+                assert all(len(set(banks[q : q + 8])) == 8 for q in range(0, 32, 8)), (warp, p, banks)
+
+
 # --- sm_90a compile (no GPU) ------------------------------------------------------------------
 
 

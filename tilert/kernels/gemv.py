@@ -356,6 +356,51 @@ class Config:
         return (self.k // 32) % 16 == 0 and (self.split == 1 or self.ncs % 4 == 0)
 
 
+@dataclass(frozen=True)
+class BulkStages:
+    """Where the bulk loads (`Config.bulk`) put and read a tile's weights: stage i of a tile is chunk i
+    of every warp along K (bytes [i sb, i sb + sb) of each of its rows), row-major in a ring slot
+    with rows `pitch` bytes apart. The body's macros and the tests use the same arithmetic (ints or
+    TIR expressions)."""
+
+    rows: int  # tile rows
+    wk: int  # warps along K
+    row_bytes: int  # bytes of one weight row
+
+    @property
+    def sb(self) -> int:
+        return self.wk * CHUNK_BYTES
+
+    @property
+    def pitch(self) -> int:
+        return self.sb + BULK_PAD
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.rows * self.pitch
+
+    def copy_bytes(self, i: Any) -> Any:
+        """Bytes of stage i in each row (the last stage is cut at the row's end)."""
+        if isinstance(i, int):
+            return min(self.sb, self.row_bytes - i * self.sb)
+        import tilelang.language as T
+
+        return T.min(self.sb, self.row_bytes - i * self.sb)
+
+    def src(self, row: Any, i: Any) -> Any:
+        """Byte offset in W of stage i of weight row `row`."""
+        return row * self.row_bytes + i * self.sb
+
+    def dst(self, slot: Any, lr: Any) -> Any:
+        """Byte offset in the ring of tile row lr of the stage in `slot`."""
+        return slot * self.slot_bytes + lr * self.pitch
+
+    def read(self, slot: Any, lr: Any, warp: Any, c: Any) -> Any:
+        """Byte offset of the 16 bytes lane c (of 4) of `warp` reads from tile row lr in `slot`: its
+        warp's chunk of the stage."""
+        return self.dst(slot, lr) + (warp % self.wk) * CHUNK_BYTES + c * 16
+
+
 def _any(terms: Any) -> Any:
     """Logical or of TIR conditions."""
     import tilelang.language as T
@@ -373,7 +418,7 @@ def smem_bytes(cfg: Config, prefetch: bool = False, x_own: bool = False) -> int:
     x_own) + reduction buffer (+ flag)."""
     ring = cfg.depth * 2 * cfg.g * 16 * THREADS
     if cfg.bulk:  # row-major stages, each row padded; and the slots' mbarriers
-        ring = cfg.depth * cfg.rows * (cfg.wk * CHUNK_BYTES + BULK_PAD) + 8 * cfg.depth
+        ring = cfg.depth * BulkStages(cfg.rows, cfg.wk, cfg.row_bytes).slot_bytes + 8 * cfg.depth
     xs = cfg.m * cfg.ncs * CHUNK_ELEMS[cfg.fmt] * 2
     if cfg.fmt == "mxfp4":
         sc = cfg.rows * cdiv(cfg.ncs, 4) * 16
@@ -508,9 +553,7 @@ def make_body(
     NSR, NSC = cdiv(N, 128), cdiv(K, 128)
     u32, f32, i64 = "uint32", "float32", "int64"
     cp_async = "tilert_cp_async16_ef" if cfg.evict_first else "tilert_cp_async16"
-    SB = WK * CHUNK_BYTES  # bulk: bytes of a row in one stage (chunk i of every warp along K)
-    PITCH = SB + BULK_PAD  # bulk: a stage row's bytes in shared memory
-    STAGE = R * PITCH  # bulk: bytes of one ring slot
+    BS = BulkStages(R, WK, cfg.row_bytes)  # bulk: the ring's stages
 
     @T.macro
     def issue(Wv, ring, n_tile, k_split, i, slot, tx):
@@ -539,15 +582,15 @@ def make_body(
         stage's bytes, then lane l copies rows l, l + 32, ... (one cp.async.bulk a row; rows past
         the item's end are its clamped rows, whose outputs are not stored)."""
         if tx < 32:
-            nb = T.min(SB, cfg.row_bytes - i * SB)
+            nb = BS.copy_bytes(i)
             if tx == 0:
                 T.call_extern("handle", "tilert_mbar_expect", bars.data, slot, R * nb)
             T.call_extern("handle", "tilert_syncwarp")
             for q in T.unroll(cdiv(R, 32)):
                 if q * 32 + tx < R:
                     row, ok = items.w_row(it, q * 32 + tx)
-                    T.call_extern("handle", "tilert_bulk_g2s", ring.data, slot * STAGE + (q * 32 + tx) * PITCH, Wv.data,
-                                  T.cast(row, i64) * cfg.row_bytes + i * SB, nb, bars.data, slot,
+                    T.call_extern("handle", "tilert_bulk_g2s", ring.data, BS.dst(slot, q * 32 + tx), Wv.data,
+                                  BS.src(T.cast(row, i64), i), nb, bars.data, slot,
                                   T.bool(cfg.evict_first))  # fmt: skip
 
     @T.macro
@@ -713,7 +756,7 @@ def make_body(
             for p in T.unroll(P):
                 if bulk:  # row-major stage: this lane's row of piece p, its 16 bytes of chunk ci
                     lrow = (warp // WK) * 16 * G + (p // 2) * 16 + (p % 2) * 8 + r
-                    soff = (slot * STAGE + lrow * PITCH + (warp % WK) * CHUNK_BYTES + c * 16) // 4
+                    soff = BS.read(slot, lrow, warp, c) // 4
                     T.call_extern("handle", "tilert_lds16", wq.data, p * 4, ring.data, soff)
                 else:
                     T.call_extern("handle", "tilert_lds16", wq.data, p * 4, ring.data,
@@ -839,7 +882,7 @@ def make_body(
         nbx = nb if nbx is None else nbx
         shared = common.alloc_unmerged if prefetch and not x_own else T.alloc_shared
         return (
-            T.alloc_shared(((D * STAGE) // 4 if bulk else D * P * THREADS * 4,), u32),  # ring
+            T.alloc_shared(((D * BS.slot_bytes) // 4 if bulk else D * P * THREADS * 4,), u32),  # ring
             T.alloc_shared((nbx * XS_WORDS,), u32),  # xs
             T.alloc_shared((nb * R * NCW if mx else 4,), u32),  # scw
             T.alloc_shared((4 if mx else nb * SR * SC,), f32),  # scf
