@@ -1,4 +1,5 @@
-"""Decode kernels side by side on one GPU: MXFP4 GEMM, FP8 GEMM, fused MoE vs torch and vs floors.
+"""Decode kernels side by side on one GPU: MXFP4 GEMM, FP8 GEMM, fused MoE vs torch and vs floors,
+and the step's GEMV expert tasks with each weight load path (TILERT_MOE_LOADS) vs their floor.
 (The streaming GEMV that runs M <= 16: benchmarks/gemv_sweep.py, into the same results file.)
 
     python benchmarks/kernels.py --precompile        # build every test/bench config in parallel
@@ -30,7 +31,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import copy_bandwidths, time_graph  # noqa: E402
 from benchmarks.gemv_sweep import keep_other_run  # noqa: E402
-from tilert.kernels import fp8_gemm, moe, mxfp4_gemm  # noqa: E402
+from tilert.kernels import fp8_gemm, moe, mxfp4_gemm, switches  # noqa: E402
 from tilert.kernels.common import build  # noqa: E402
 
 L2_BYTES = 60 << 20
@@ -61,6 +62,9 @@ def precompile():
     with ProcessPoolExecutor(max_workers=os.cpu_count()) as ex:
         for r in ex.map(_build_one, sorted(items, key=repr)):
             print("built", r, flush=True)
+    for t, _ in EXPERT_CASES:
+        for loads in moe.LOADS:
+            print("built", expert_tasks(t, loads)[2], flush=True)
 
 
 def graph_time(calls, reps=30):
@@ -246,11 +250,66 @@ def bench_moe(bw, res):
         print(res[-1], flush=True)
 
 
+EXPERT_CASES = [(1, 1), (8, 7)]  # (tokens, active local experts): decode and a verify block by token
+
+
+def expert_tasks(t: int, loads: str):
+    """The persistent step's GEMV expert tasks at the mimo rank shape as standalone launches (one CTA
+    a task, `moe.make_gemv_task_kernels`) with TILERT_MOE_LOADS=`loads`: (gate/up, down, tiling)."""
+    mm = moe.MIMO
+    H, In, EL, K = mm["hidden"], mm["inter"], mm["n_local"], mm["top_k"]
+    with switches.applied({moe.LOADS_ENV: loads}):
+        til = moe.tiling(t, H, In, EL, K, body="gemv")
+    return (*moe.compiled_gemv_tasks(moe.Config(t, H, In, EL, EL, K), til), til.gemv)
+
+
+def bench_experts(bw, res):
+    """The GEMV expert tasks (gate/up then down over `active` experts) with each weight load path,
+    against the active experts' bytes at copy bandwidth: the expert bodies alone, outside the step.
+    Consecutive calls take other experts (the 48 experts' 0.9 GB rotate through L2)."""
+    mm = moe.MIMO
+    H, In, EL = mm["hidden"], mm["inter"], mm["n_local"]
+    dev = "cuda"
+    # random E2M1 codes; scale codes near 1.0 (2^-9 .. 2^0), as real checkpoints have: codes > 128 take
+    # the body's slower two-multiply path, which random bytes would hit in half the blocks
+    gub = torch.randint(0, 256, (EL, 2 * In, H // 2), dtype=torch.uint8, device=dev)
+    gus = torch.randint(118, 128, (EL, 2 * In, H // 32), dtype=torch.uint8, device=dev)
+    dnb = torch.randint(0, 256, (EL, H, In // 2), dtype=torch.uint8, device=dev)
+    dns = torch.randint(118, 128, (EL, H, In // 32), dtype=torch.uint8, device=dev)
+    ebytes = sum(w[0].numel() for w in (gub, gus, dnb, dns))
+    for t, active in EXPERT_CASES:
+        r = min(n_rot(active * ebytes), EL // active)
+        lists = []
+        for i in range(r):
+            lst = torch.full((EL,), -1, dtype=torch.int32, device=dev)
+            lst[:active] = torch.arange(i * active, (i + 1) * active, dtype=torch.int32, device=dev)
+            lists.append(lst)
+        cnt = torch.tensor([active], dtype=torch.int32, device=dev)
+        x = torch.randn(moe.TP, H, device=dev).to(torch.bfloat16)
+        tokw = torch.full((EL, moe.TP), 0.125, device=dev)
+        y = torch.zeros(t, H, device=dev)
+        floor = (active * ebytes + t * H * 2 + t * H * 4) / bw
+        for loads in moe.LOADS:
+            k_gu, k_dn, tiling = expert_tasks(t, loads)
+            hb = torch.zeros(min(EL, t * mm["top_k"]), moe.TP, In, dtype=torch.bfloat16, device=dev)  # max slots
+
+            def call(i, k_gu=k_gu, k_dn=k_dn, hb=hb, x=x, lists=lists, cnt=cnt, tokw=tokw, y=y):
+                k_gu(x, gub, gus, lists[i], cnt, hb)
+                k_dn(hb, dnb, dns, lists[i], cnt, tokw, y)
+
+            t_ours, mode = graph_time([lambda i=i: call(i) for i in range(r)])
+            res.append(dict(kernel="moe_gemv_tasks", shape=f"{loads} a={active}", t=t, loads=loads, active=active,
+                            gu_cfg=repr(tiling.gu), down_cfg=repr(tiling.down), mode=mode, t_us=t_ours * 1e6,
+                            floor_us=floor * 1e6, over_floor=t_ours / floor,
+                            frac_of_copy_bw=active * ebytes / t_ours / bw))  # fmt: skip
+            print(res[-1], flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--precompile", action="store_true")
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--only", default="mxfp4,fp8,moe")
+    ap.add_argument("--only", default="mxfp4,fp8,moe,experts")
     a = ap.parse_args()
     if a.precompile:
         return precompile()
@@ -265,7 +324,7 @@ def main():
     res = []
     for part in a.only.split(","):
         try:
-            {"mxfp4": bench_mxfp4, "fp8": bench_fp8, "moe": bench_moe}[part](bw, res)
+            {"mxfp4": bench_mxfp4, "fp8": bench_fp8, "moe": bench_moe, "experts": bench_experts}[part](bw, res)
         except Exception as e:
             traceback.print_exc()
             res.append(dict(kernel=part, error=str(e)[:500]))
