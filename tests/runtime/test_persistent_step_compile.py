@@ -102,6 +102,25 @@ def test_step_kernel_with_early_loads_compiles(monkeypatch) -> None:
     assert "__noinline__ int tilert_wait_row" in src
 
 
+def test_step_kernel_with_cta_waits_compiles(monkeypatch) -> None:
+    # TILERT_WAIT_THREADS=cta: every body's wait is the CTA-wide one (every thread polls, a barrier
+    # or-s the verdicts before the ready stamp); the warp-0 wait is neither defined nor called
+    from tilert.engine.persistent import precompile
+
+    monkeypatch.setenv(switches.WAIT_ENV, "cta")
+    st = precompile(load_config("tiny-gpu"), 4, "verify", 256, 1)
+    src = st.kernel.get_kernel_source()
+    body = src[src.index("tilert_step_kernel(") :]
+    assert "__noinline__ int tilert_wait_row_cta" in src and st.switches[switches.WAIT_ENV] == "cta"
+    assert body.count("tilert_wait_row_cta(") >= len({name for p in st.programs for name in p.opcodes})
+    assert "tilert_wait_row(" not in body
+    for m in re.finditer(r"flags\[0\] = tilert_wait_row_cta\(", body):  # each wait: then the barrier
+        assert "flags[0] = __syncthreads_or(flags[0]);" in body[m.end() : m.end() + 600]
+    monkeypatch.setenv(switches.WAIT_ENV, "lanes")
+    with pytest.raises(ValueError, match="TILERT_WAIT_THREADS='lanes'"):
+        switches.wait_choice()
+
+
 def test_step_kernel_with_probes_compiles(monkeypatch) -> None:
     # TILERT_PROBES=on: the trace gains the bodies' phase stamps; each probed body stamps its phases
     # (thread 0, into the static stamps the loop clears at a task's start and copies after its end)

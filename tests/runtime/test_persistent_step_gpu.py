@@ -21,9 +21,13 @@ from tilert.models.weights import margin_safe_weights
 pytestmark = pytest.mark.gpu
 
 
-def test_persistent_steps_match_reference() -> None:
+@pytest.mark.parametrize("wait", ["warp", "cta"])
+def test_persistent_steps_match_reference(monkeypatch, wait: str) -> None:
+    # "cta": every thread of a task polls a share of its input counters (TILERT_WAIT_THREADS)
     from tilert.engine.persistent import PersistentBackend
+    from tilert.kernels import switches
 
+    monkeypatch.setenv(switches.WAIT_ENV, wait)
     cfg = load_config("tiny-gpu")
     w = margin_safe_weights(cfg, int(torch.randint(0, 1000, ())))
     ref, gpu = ReferenceBackend(cfg, w, max_seq=256), PersistentBackend(cfg, w, max_seq=256)
@@ -59,9 +63,13 @@ def test_persistent_chained_dflash_cycles_equal_greedy() -> None:
     assert all(k in ("persistent", "drafter") for k, _ in be._prepared.values()), be._prepared.keys()
 
 
-def test_persistent_deadlock_is_reported() -> None:
+@pytest.mark.parametrize("wait", ["warp", "cta"])
+def test_persistent_deadlock_is_reported(monkeypatch, wait: str) -> None:
     from tilert.abi import FIELD
     from tilert.engine.persistent import compile_step
+    from tilert.kernels import switches
+
+    monkeypatch.setenv(switches.WAIT_ENV, wait)
     from tilert.models.binding import bind_params
     from tilert.models.builder import build_step_graph
     from tilert.runtime.persistent.step import PersistentStep

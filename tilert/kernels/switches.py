@@ -18,6 +18,8 @@ PIN_ENV = "TILERT_PIN"  # which tasks the schedule pass keeps on SMs of their ow
 PIN_CHOICES = ("none", "swa", "moe")
 QUIET_ENV = "TILERT_PREFETCH_QUIET"  # which tasks ask L2 for no weights while they run (prefetch_quiet)
 QUIET_CHOICES = ("none", "experts")
+WAIT_ENV = "TILERT_WAIT_THREADS"  # which threads of a task poll its input counters (wait_choice)
+WAIT_CHOICES = ("warp", "cta")
 
 
 def rows_choice() -> str:
@@ -60,6 +62,19 @@ def prefetch_quiet() -> str:
     return v
 
 
+def wait_choice() -> str:
+    """TILERT_WAIT_THREADS: "warp" (default): warp 0 polls a task's input counters, lane l the
+    counters l, l + 32, ... one after another (an acquire load each, an L2 round trip even when the
+    counter is reached: three or four in a row for the top-k's 96 router counters or an attention
+    split's q/k/v chunks); "cta": every thread polls its share and a barrier or-s the verdicts (one
+    round trip up to 256 counters). Only with TILERT_TASK_ROWS=shared (the wait of a row in shared
+    memory); the step kernel changes, not the table."""
+    v = os.environ.get(WAIT_ENV, "warp") or "warp"
+    if v not in WAIT_CHOICES:
+        raise ValueError(f"{WAIT_ENV}={v!r}: expected one of {', '.join(WAIT_CHOICES)}")
+    return v
+
+
 # switch -> the function that reads it (and refuses a value it does not know)
 SWITCHES: dict[str, Callable[[], str]] = {
     linear_fused.BODY_ENV: linear_fused.body_choice,
@@ -72,11 +87,13 @@ SWITCHES: dict[str, Callable[[], str]] = {
     QUIET_ENV: prefetch_quiet,
     linear_fused.NORM_STATS_ENV: linear_fused.norm_stats_choice,
     moe.LOADS_ENV: moe.loads_choice,
+    WAIT_ENV: wait_choice,
 }
 # what every switch was before it existed: the settings of traces that record none
 HISTORICAL = {linear_fused.BODY_ENV: "fused", moe.BODY_ENV: "mainloop", moe.TOPK_ENV: "task", PIN_ENV: "none",
               ROWS_ENV: "global", common.PROBES_ENV: "off", linear_tiling.TILES_ENV: "split",
-              QUIET_ENV: "none", linear_fused.NORM_STATS_ENV: "global", moe.LOADS_ENV: "thread"}  # fmt: skip
+              QUIET_ENV: "none", linear_fused.NORM_STATS_ENV: "global", moe.LOADS_ENV: "thread",
+              WAIT_ENV: "warp"}  # fmt: skip
 
 
 def completed(recorded: Mapping[str, str]) -> dict[str, str]:

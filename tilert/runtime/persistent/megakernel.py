@@ -252,9 +252,49 @@ __device__ __noinline__ int tilert_wait_row(const int* row, int* counters, int* 
 """
 
 
+# TILERT_WAIT_THREADS=cta (switches.wait_choice): the wait of a row in shared memory polled by every
+# thread of the CTA, thread i the counters i, i + blockDim.x, ... of each wait: an already-reached
+# counter still costs an acquire load's L2 round trip, and one thread's acquire loads do not overlap,
+# so a warp-0 wait on 96 router counters (the top-k) or the q/k/v chunks (an attention split) pays
+# three or four round trips one after another, the CTA one. Added to the step's prelude only then.
+CTA_WAIT_PRELUDE = r"""
+#ifndef TILERT_CTA_WAIT_PRELUDE
+#define TILERT_CTA_WAIT_PRELUDE
+__device__ __noinline__ int tilert_wait_row_cta(const int* row, int* counters, int* err, int epoch, int sm, int t,
+                                               long long timeout, int waits, int f_counter, int f_count,
+                                               int f_expected, int none, int err_timeout) {
+  const long long deadline = tilert_globaltimer() + timeout;
+  int e = 0;
+  bool polled = false;
+  for (int w = 0; w < waits; ++w) {
+    const int first = row[f_counter + 3 * w];
+    if (first == none) continue;
+    const int target = row[f_expected + 3 * w] * epoch, n = row[f_count + 3 * w];
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+      int v;
+      polled = true;
+      while (true) {
+        asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(counters + first + j) : "memory");
+        asm volatile("ld.relaxed.gpu.global.b32 %0, [%1];" : "=r"(e) : "l"(err) : "memory");
+        if (v >= target || e != 0) break;
+        if (tilert_globaltimer() > deadline && atomicCAS(err, 0, err_timeout) == 0) {
+          err[1] = sm;
+          err[2] = t;
+          err[3] = first + j;
+        }
+      }
+    }
+  }
+  if (!polled) asm volatile("ld.relaxed.gpu.global.b32 %0, [%1];" : "=r"(e) : "l"(err) : "memory");
+  return e != 0;
+}
+#endif
+"""
+
+
 def make_persistent_loop(
     bodies: dict[str, Any], *, max_tasks: Any, timeout_ns: int = DEFAULT_TIMEOUT_NS, prefetch: bool = False,
-    rows_smem: bool = False, views: int = 0, probes: bool = False,
+    rows_smem: bool = False, views: int = 0, probes: bool = False, cta_wait: bool = False,
 ) -> Any:
     """Macro `loop(sm, tasks, counters, err, epoch, trace, bufs[, pf])`; call inside `T.Kernel(num_sms, ...)`.
     max_tasks: the queue length, an int or the tasks tensor's symbolic shape (T.dynamic: the step
@@ -277,6 +317,10 @@ def make_persistent_loop(
     the first `views` pointers of its node, which the threads after warp 0 copy from Ptrs[op] into
     shared memory while warp 0 waits (the step's views read them there after the Gate's barrier).
 
+    With `cta_wait` (and rows_smem; a kernel whose prelude holds CTA_WAIT_PRELUDE): every thread
+    polls a share of the wait's counters (tilert_wait_row_cta), the verdicts are or-ed by a CTA
+    barrier, and the ready stamp follows that barrier.
+
     With `probes` (a kernel whose prelude holds common.PROBE_PRELUDE), trace is [sms, tasks, 3 +
     PROBE_SLOTS]: thread 0 clears the probe stamps when a task starts and copies them after its end
     stamp (common.make_probe: the bodies' phase stamps).
@@ -286,6 +330,7 @@ def make_persistent_loop(
     from tilert.kernels import common
 
     dispatch = make_dispatch(bodies, tree=rows_smem)
+    cta = rows_smem and cta_wait
     W = len(FIELD)
     if rows_smem and not 0 < views <= PERSISTENT_THREADS - 32:
         raise ValueError(f"persistent loop with rows in shared memory: views must be 1..{PERSISTENT_THREADS - 32}, "
@@ -303,14 +348,7 @@ def make_persistent_loop(
                               T.cast(pf[sm, t, 1], "int32"))  # fmt: skip
 
     @T.macro
-    def wait_inputs(sm, t, tasks, rows, b, counters, err, epoch, stamps, flags):  # Gate.wait
-        """Warp 0 waits for the task's inputs (tilert_wait_task in DEVICE_PRELUDE, or tilert_wait_row
-        with rows in shared memory: lane l polls counters l, l + 32, ... of each wait at once, so a
-        top-k waiting on 96 router chunks pays one round trip, not 96; it is not inlined, so every
-        body's call site shares one copy of the code, which stays hot in the instruction cache):
-        flags[0] = its verdict, handed to every thread by the barrier in Gate.passed(). The row: tasks[sm,
-        t], or rows[b] in shared memory. stamps[1]: when the inputs were ready (thread 0)."""
-        tx = T.get_thread_binding()
+    def warp0_wait(sm, t, tasks, rows, b, counters, err, epoch, stamps, flags, tx):
         if tx < 32:
             # the row layout's offsets and the timeout as arguments: the prelude is one string per kernel
             # (the row's address inline in each call: a name bound to it would be a void* let)
@@ -324,6 +362,26 @@ def make_persistent_loop(
                                          F["wait0_count"], F["wait0_expected"], NONE, ERR_TIMEOUT)  # fmt: skip
             if tx == 0:
                 stamps[1] = T.call_extern("int64", "tilert_globaltimer")
+
+    @T.macro
+    def wait_inputs(sm, t, tasks, rows, b, counters, err, epoch, stamps, flags):  # Gate.wait
+        """Warp 0 waits for the task's inputs (tilert_wait_task in DEVICE_PRELUDE, or tilert_wait_row
+        with rows in shared memory: lane l polls counters l, l + 32, ... of each wait in turn, so a
+        top-k waiting on 96 router chunks pays three round trips, not 96; it is not inlined, so every
+        body's call site shares one copy of the code, which stays hot in the instruction cache):
+        flags[0] = its verdict, handed to every thread by the barrier in Gate.passed(). The row: tasks[sm,
+        t], or rows[b] in shared memory. stamps[1]: when the inputs were ready (thread 0). With
+        `cta_wait` every thread polls (tilert_wait_row_cta) and a barrier or-s the verdicts."""
+        tx = T.get_thread_binding()
+        if cta:  # every thread polls its share; the barrier hands every verdict to all
+            flags[0] = T.call_extern("int32", "tilert_wait_row_cta", T.address_of(rows[b, 0]), counters.data,
+                                     err.data, epoch[0], sm, t, T.int64(timeout_ns), WAITS, F["wait0_counter"],
+                                     F["wait0_count"], F["wait0_expected"], NONE, ERR_TIMEOUT)  # fmt: skip
+            flags[0] = T.call_extern("int32", "__syncthreads_or", flags[0])
+            if tx == 0:
+                stamps[1] = T.call_extern("int64", "tilert_globaltimer")
+        else:
+            warp0_wait(sm, t, tasks, rows, b, counters, err, epoch, stamps, flags, tx)
 
     @T.macro
     def loop(sm, tasks, counters, err, epoch, trace, bufs, pf=None):

@@ -39,6 +39,7 @@ from tilert.kernels.common import (
 from tilert.kernels.views import PERSISTENT_THREADS, ViewSpec, make_views, pointer_row
 from tilert.runtime.kinds import for_node, registered
 from tilert.runtime.persistent.megakernel import (
+    CTA_WAIT_PRELUDE,
     PERSISTENT_PASS_CONFIGS,
     PREFETCH_ROWS,
     ROWS_PRELUDE,
@@ -72,10 +73,11 @@ def make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, n_nodes: int,
     if not all(top.startswith(p) for p in preludes):
         raise PersistentError(f"the step's bodies need {len(preludes)} different device preludes; a kernel takes one")
     rows = switches.rows_choice() == "shared"
+    cta = rows and switches.wait_choice() == "cta"
     probes = probes_choice() == "on"
-    src = top + (ROWS_PRELUDE if rows else "") + (PROBE_PRELUDE if probes else "")
+    src = top + (ROWS_PRELUDE if rows else "") + (CTA_WAIT_PRELUDE if cta else "") + (PROBE_PRELUDE if probes else "")
     with using_prelude(src), using_probes(probes):  # TileLang expands the bodies here
-        return _make_step_kernel(classes, num_sms, n_nodes, max_views, timeout_ns, rows, probes)
+        return _make_step_kernel(classes, num_sms, n_nodes, max_views, timeout_ns, rows, probes, cta)
 
 
 def trace_columns(probes: bool | None = None) -> int:
@@ -87,7 +89,7 @@ def trace_columns(probes: bool | None = None) -> int:
 
 
 def _make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, n_nodes: int, max_views: int,
-                      timeout_ns: int | None, rows: bool, probes: bool) -> Any:  # fmt: skip
+                      timeout_ns: int | None, rows: bool, probes: bool, cta: bool = False) -> Any:  # fmt: skip
     import tilelang.language as T
 
     max_tasks, n_counters = T.dynamic("max_tasks"), T.dynamic("n_counters")
@@ -131,7 +133,8 @@ def _make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, n_nodes: int
     bodies = {name: opcode_body(cases) for name, cases in by_opcode.items()}
     bodies.setdefault("BARRIER", _noop())
     loop = make_persistent_loop(bodies, max_tasks=max_tasks, timeout_ns=timeout_ns or DEFAULT_TIMEOUT_NS,
-                                prefetch=True, rows_smem=rows, views=max_views, probes=probes)  # fmt: skip
+                                prefetch=True, rows_smem=rows, views=max_views, probes=probes,
+                                cta_wait=cta)  # fmt: skip
 
     @T.prim_func
     def tilert_step(
@@ -239,7 +242,8 @@ class PersistentStep:
         shape = (self.sms, len(self.programs), max_views)  # the table's length and counters are runtime shapes
         # the kernel follows from its classes' keys and its shape: built (traced) once per process,
         # so another backend, sequence or server worker with the same step shape reuses it
-        kernel_key = (tuple(c.key for c in classes), shape, early_loads(), switches.rows_choice(), probes_choice(),
+        kernel_key = (tuple(c.key for c in classes), shape, early_loads(), switches.rows_choice(),
+                      switches.wait_choice(), probes_choice(),
                       str(out_dir), build)  # fmt: skip
         if kernel_key not in _STEP_KERNELS:
             func = make_step_kernel(classes, *shape)
