@@ -10,6 +10,9 @@ other work; a span close to one task's time is latency-bound.
 
     python benchmarks/trace_stages.py benchmarks/results/trace-persistent-decode.B1-nvidia-h200.json.gz --nodes 340 356
 
+--gaps ranks the stage kinds (one opcode of one node kind) by span plus the gap before them: the
+hand-overs and tails on the step's critical path (`trace_analysis.stage_gaps`).
+
 --stats compiles the step the trace measured (rank 0 of MODEL at WORLD ranks: the trace's own record
 where e2e.py wrote one, else the flags), pairs every task with its row (waits, signal) and the tile
 pass's bytes, and prints `tilert.profile.trace_analysis.analyse`: per kind the run, wait, fixed and
@@ -34,8 +37,10 @@ from tilert.profile.calibration import trace_meta, trace_run  # noqa: E402
 from tilert.profile.trace_analysis import (  # noqa: E402
     analyse,
     format_analysis,
+    format_stage_gaps,
     format_stages,
     read_trace,
+    stage_gaps,
     stages,
     task_events,
 )
@@ -72,6 +77,7 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, nargs=2, default=None, metavar=("LO", "HI"), help="node range [LO, HI)")
     ap.add_argument("--json", action="store_true", help="print the rows (or the --stats figures) as JSON")
     ap.add_argument("--stats", action="store_true", help="per-kind stream rates and hand-over costs")
+    ap.add_argument("--gaps", action="store_true", help="per stage kind: span, task time and the gap before it")
     ap.add_argument("--model", default=None, help="--stats: the model (default: the trace's)")
     ap.add_argument("--tokens", type=int, default=None, help="--stats: query tokens of the step (default: the trace's)")
     ap.add_argument("--world", type=int, default=None, help="--stats: ranks of the plan (default: the trace's, or 8)")
@@ -92,6 +98,10 @@ def main() -> None:
     if a.stats:
         out = stats(trace, a)
         print(json.dumps(out, indent=1) if a.json else format_analysis(out))
+        return
+    if a.gaps:
+        gaps = stage_gaps(task_events(trace))
+        print(json.dumps(gaps, indent=1) if a.json else format_stage_gaps(gaps))
         return
     lo, hi = a.nodes if a.nodes else (0, None)
     rows = stages(task_events(trace), lo, hi)

@@ -95,6 +95,38 @@ def format_stages(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def stage_gaps(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Where a step's time goes stage by stage: a stage is one opcode of one node (its tasks), taken
+    in node order; its gap is its first task's ready time minus the latest end of every stage before
+    it (a hand-over on the critical path; negative where it overlaps an earlier stage), its span its
+    first ready to its last end. One row per (node kind, opcode) over the step, largest total first:
+    stages, median span, median task time, median gap, and the sum of span + gap in ms (positive
+    gaps and spans of stages that run side by side count once each: a ranking, not a partition)."""
+    groups: dict[tuple[int, str], list[dict[str, Any]]] = collections.defaultdict(list)
+    for e in events:
+        groups[(e["args"]["node"], e["cat"])].append(e)
+    acc: dict[tuple[str, str], list[tuple[float, float, float]]] = collections.defaultdict(list)
+    latest = None
+    for node, cat in sorted(groups, key=lambda k: (k[0], min(e["ts"] for e in groups[k]))):
+        es = groups[(node, cat)]
+        ready, end = min(e["ts"] for e in es), max(e["ts"] + e["dur"] for e in es)
+        gap = 0.0 if latest is None else ready - latest
+        acc[(es[0]["name"], cat)].append((end - ready, statistics.median(e["dur"] for e in es), gap))
+        latest = end if latest is None else max(latest, end)
+    rows = [{"kind": k, "opcode": c, "stages": len(v), "span_us": statistics.median(x[0] for x in v),
+             "task_us": statistics.median(x[1] for x in v), "gap_us": statistics.median(x[2] for x in v),
+             "total_ms": sum(x[0] + x[2] for x in v) / 1e3} for (k, c), v in acc.items()]  # fmt: skip
+    return sorted(rows, key=lambda r: -r["total_ms"])
+
+
+def format_stage_gaps(rows: list[dict[str, Any]]) -> str:
+    out = [f"{'node kind':22} {'opcode':15} {'stages':>6} {'span':>7} {'task':>7} {'gap':>7} {'span+gap ms':>11}"]
+    for r in rows:
+        out.append(f"{r['kind'][:22]:22} {r['opcode'][:15]:15} {r['stages']:6d} {r['span_us']:7.2f} "
+                   f"{r['task_us']:7.2f} {r['gap_us']:7.2f} {r['total_ms']:11.3f}")  # fmt: skip
+    return "\n".join(out)
+
+
 @dataclass
 class RunTasks:
     """One persistent launch as it ran: the task rows per SM and the kernel's stamps (ns, -1 where a
