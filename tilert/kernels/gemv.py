@@ -594,6 +594,15 @@ def make_body(
                                   T.bool(cfg.evict_first))  # fmt: skip
 
     @T.macro
+    def issue_item(Wv, ring, bars, it, i, slot, tx):
+        """Chunk i of item `it` into ring slot `slot`: the thread's own (issue), or with bulk loads the
+        CTA's stage i (issue_bulk)."""
+        if bulk:
+            issue_bulk(Wv, ring, bars, it, i, slot, tx)
+        else:
+            issue(Wv, ring, it, 0, i, slot, tx)
+
+    @T.macro
     def stage_x(X, xs, n_tile, k_split, b, tx):
         """The tile's x slice into buffer b (0, 1) of xs (cp.async, zeros past K; 16-byte units
         XOR-swizzled). With items, n_tile is the item and its x rows are the ItemMap's."""
@@ -1023,10 +1032,7 @@ def make_body(
                     T.call_extern("handle", "tilert_mbar_init", bars.data, D)
                 T.sync_threads()
             for j in T.unroll(D - 1):
-                if bulk:
-                    issue_bulk(Wv, ring, bars, it, j, (base + j) % D, tx)
-                else:
-                    issue(Wv, ring, it, 0, j, (base + j) % D, tx)
+                issue_item(Wv, ring, bars, it, j, (base + j) % D, tx)
                 if j == 0:
                     stage_x(X, xs, it, 0, xbuf, tx)
                     stage_s(S, scw, scf, it, 0, sbuf, tx)
@@ -1039,15 +1045,9 @@ def make_body(
             if bulk:  # every warp is done with stage j - 1's slot, which the copies below refill
                 T.sync_threads()
             if j + D - 1 < ITEMS:
-                if bulk:
-                    issue_bulk(Wv, ring, bars, it, j + D - 1, (base + j + D - 1) % D, tx)
-                else:
-                    issue(Wv, ring, it, 0, j + D - 1, (base + j + D - 1) % D, tx)
+                issue_item(Wv, ring, bars, it, j + D - 1, (base + j + D - 1) % D, tx)
             elif has_next:  # the next item's chunk j + D - 1 - ITEMS (its scales and x with its first)
-                if bulk:
-                    issue_bulk(Wv, ring, bars, nx, j + D - 1 - ITEMS, (base + j + D - 1) % D, tx)
-                else:
-                    issue(Wv, ring, nx, 0, j + D - 1 - ITEMS, (base + j + D - 1) % D, tx)
+                issue_item(Wv, ring, bars, nx, j + D - 1 - ITEMS, (base + j + D - 1) % D, tx)
                 if j + D - 1 == ITEMS:
                     if x_next:
                         stage_x(X, xs, nx, 0, 1 - xbuf, tx)

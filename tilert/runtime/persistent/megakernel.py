@@ -252,44 +252,26 @@ __device__ __noinline__ int tilert_wait_row(const int* row, int* counters, int* 
 """
 
 
-# TILERT_WAIT_THREADS=cta (switches.wait_choice): the wait of a row in shared memory polled by every
-# thread of the CTA, thread i the counters i, i + blockDim.x, ... of each wait: an already-reached
-# counter still costs an acquire load's L2 round trip, and one thread's acquire loads do not overlap,
-# so a warp-0 wait on 96 router counters (the top-k) or the q/k/v chunks (an attention split) pays
-# three or four round trips one after another, the CTA one. Added to the step's prelude only then.
-CTA_WAIT_PRELUDE = r"""
-#ifndef TILERT_CTA_WAIT_PRELUDE
-#define TILERT_CTA_WAIT_PRELUDE
-__device__ __noinline__ int tilert_wait_row_cta(const int* row, int* counters, int* err, int epoch, int sm, int t,
-                                               long long timeout, int waits, int f_counter, int f_count,
-                                               int f_expected, int none, int err_timeout) {
-  const long long deadline = tilert_globaltimer() + timeout;
-  int e = 0;
-  bool polled = false;
-  for (int w = 0; w < waits; ++w) {
-    const int first = row[f_counter + 3 * w];
-    if (first == none) continue;
-    const int target = row[f_expected + 3 * w] * epoch, n = row[f_count + 3 * w];
-    for (int j = threadIdx.x; j < n; j += blockDim.x) {
-      int v;
-      polled = true;
-      while (true) {
-        asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(counters + first + j) : "memory");
-        asm volatile("ld.relaxed.gpu.global.b32 %0, [%1];" : "=r"(e) : "l"(err) : "memory");
-        if (v >= target || e != 0) break;
-        if (tilert_globaltimer() > deadline && atomicCAS(err, 0, err_timeout) == 0) {
-          err[1] = sm;
-          err[2] = t;
-          err[3] = first + j;
-        }
-      }
-    }
-  }
-  if (!polled) asm volatile("ld.relaxed.gpu.global.b32 %0, [%1];" : "=r"(e) : "l"(err) : "memory");
-  return e != 0;
-}
-#endif
-"""
+def _cta_wait_prelude() -> str:
+    """TILERT_WAIT_THREADS=cta (switches.wait_choice): ROWS_PRELUDE's wait with every thread of the CTA
+    polling, thread i the counters i, i + blockDim.x, ... of each wait (the caller's barrier or-s the
+    verdicts, so no __syncwarp): an already-reached counter still costs an acquire load's L2 round
+    trip, and one thread's acquire loads do not overlap, so a warp-0 wait on 96 router counters (the
+    top-k) or the q/k/v chunks (an attention split) pays three or four round trips one after
+    another, the CTA one. Derived from tilert_wait_row's text, so the two cannot drift apart; added
+    to the step's prelude only with the switch."""
+    start = ROWS_PRELUDE.index("__device__ __noinline__ int tilert_wait_row(")
+    fn = ROWS_PRELUDE[start : ROWS_PRELUDE.index("#endif", start)]
+    for old, new in (("int tilert_wait_row(", "int tilert_wait_row_cta("),
+                     ("j = threadIdx.x & 31; j < n; j += 32", "j = threadIdx.x; j < n; j += blockDim.x"),
+                     ("  __syncwarp();\n", "")):  # fmt: skip
+        if fn.count(old) != 1:
+            raise AssertionError(f"tilert_wait_row changed: no single {old!r} to derive the CTA wait from")
+        fn = fn.replace(old, new)
+    return "\n#ifndef TILERT_CTA_WAIT_PRELUDE\n#define TILERT_CTA_WAIT_PRELUDE\n" + fn + "#endif\n"
+
+
+CTA_WAIT_PRELUDE = _cta_wait_prelude()
 
 
 def make_persistent_loop(
