@@ -10,7 +10,11 @@ API (stable; other kernel files import it):
           out_dir=None, name=None, what=None) -> tilelang JITKernel
                              compile a TileLang prim_func (memory + disk cached); with out_dir,
                              also write the generated CUDA source to out_dir/<name>.cu; a failure
-                             raises KernelCompileError (a ValueError: one line, CLI exit code 2)
+                             raises KernelCompileError (a ValueError: one line, CLI exit code 2),
+                             and so does a kernel whose shared memory (static + dynamic) is past
+                             CTA_SMEM_LIMIT
+    shared_memory_bytes(kernel)           {device function: (static, dynamic)} bytes of shared memory
+    CTA_SMEM_LIMIT           shared memory one CTA may take on H100/H200 (227 KB)
     warp_rows(rows, cols, limit)          pad a T.Parallel loop's rows to whole warps
     hopper_reason() / has_hopper()        None/True when a Hopper (sm_90) GPU is usable
     toolchain_reason() / has_toolchain()  None/True when tilelang and nvcc can build for sm_90a
@@ -29,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -41,6 +46,8 @@ import torch
 
 HOPPER_TARGET: dict[str, str] = {"kind": "cuda", "arch": "sm_90a"}
 DEFAULT_CACHE = "~/.cache/tilert/kernels"
+CTA_SMEM_LIMIT = 227 * 1024  # shared memory one CTA may take (H100, H200: the SM's 228 KB less 1 KB the CTA reserves)
+RESOURCES_FILE = "tilert-resources.json"  # beside a cached kernel library: its device functions' dynamic shared memory
 
 # E2M1 pair -> bf16x2: byte `sel` picks byte b of w (low nibble -> lane 0) and byte b of u = w >> 4
 # (high nibble -> lane 1); code (s e1 e0 m) placed as bf16 bits s<<15 | (e1 e0 m)<<6 is the true
@@ -384,12 +391,45 @@ def build(
     except Exception as e:  # TVM's InternalError, nvcc failures: many frames of C++ stack
         label = what or name or (str(func.attrs["global_symbol"]) if func.attrs else "kernel")
         raise KernelCompileError(f"kernel {label} failed to compile: {compile_error_line(e)}") from e
+    smem = shared_memory_bytes(kernel)
+    over = {fn: v for fn, v in smem.items() if sum(v) > CTA_SMEM_LIMIT}
+    if over:
+        label = what or name or (str(func.attrs["global_symbol"]) if func.attrs else "kernel")
+        fn, (st, dyn) = next(iter(over.items()))
+        raise KernelCompileError(f"kernel {label} does not fit one SM: {fn} needs {st + dyn} bytes of shared "
+                                 f"memory ({st} static + {dyn} dynamic), more than the {CTA_SMEM_LIMIT} a CTA "
+                                 f"may take on Hopper")  # fmt: skip
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         stem = name or (str(func.attrs["global_symbol"]) if func.attrs else "kernel")
         (out / f"{stem}.cu").write_text(kernel.get_kernel_source())
     return kernel
+
+
+def shared_memory_bytes(kernel: Any) -> dict[str, tuple[int, int]]:
+    """{device function: (static, dynamic)} bytes of shared memory of a built kernel. The dynamic
+    size is the lowered function's `dyn_shared_memory_buf`, known when TileLang compiled it here;
+    `build` keeps it in RESOURCES_FILE beside the cached library so a cache hit knows it too (a
+    library cached without that file gives {}). The static size is read from the library's cubin."""
+    from tilert.kernels import sass
+
+    entry = getattr(kernel, "_tilelang_cache_path", None)  # TileLang tags a kernel with its cache folder
+    lib = Path(entry or "", "executable.so")
+    if not entry or not lib.exists():
+        return {}
+    side = lib.with_name(RESOURCES_FILE)
+    mod = getattr(getattr(kernel, "artifact", None), "device_mod", None)  # compiled here, not loaded
+    if mod is not None:
+        dyn = {g.name_hint: int(f.attrs.get("dyn_shared_memory_buf", 0)) if f.attrs else 0
+               for g, f in mod.functions.items()}  # fmt: skip
+        with contextlib.suppress(OSError):  # a read-only cache: the next hit just goes unchecked
+            side.write_text(json.dumps({"dynamic_shared_memory": dyn}))
+    elif side.exists():
+        dyn = json.loads(side.read_text())["dynamic_shared_memory"]
+    else:
+        return {}
+    return {fn: (sass.static_shared_bytes(lib, fn), d) for fn, d in dyn.items()}
 
 
 @functools.cache

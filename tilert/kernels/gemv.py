@@ -62,7 +62,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from tilert.kernels.common import DEVICE_PRELUDE, build, cdiv, make_row_rstd
+from tilert.kernels.common import CTA_SMEM_LIMIT, DEVICE_PRELUDE, build, cdiv, make_row_rstd
 
 THREADS = 256
 WARPS = THREADS // 32
@@ -79,7 +79,7 @@ def enabled() -> bool:
 NORM_STATS = ("staged", "global")  # Config.norm_stats
 CHUNK_BYTES = 64  # bytes of one weight row per chunk: 4 lanes x 16 bytes
 CHUNK_ELEMS = {"mxfp4": 128, "fp8": 64}
-SMEM_LIMIT = 227 * 1024  # shared memory one SM offers its CTAs (H100, H200)
+SMEM_LIMIT = CTA_SMEM_LIMIT  # shared memory one SM offers its CTAs (H100, H200)
 
 # DEVICE_PRELUDE plus the GEMV's helpers. A persistent step whose bodies use them imports this one
 # for every body (a kernel takes one import string: kernels.common.using_prelude); DEVICE_PRELUDE

@@ -25,15 +25,36 @@ _ODD_DESC = re.compile(r"desc\[UR(\d*[13579])\]")
 def carve_cubin(lib: str | os.PathLike, out: str | os.PathLike) -> None:
     """Write the sm_90a cubin embedded in a TileLang kernel library (an ELF inside the .so: the
     kernel's SASS and its line table, which nvdisasm -g reads)."""
+    Path(out).write_bytes(_cubin_bytes(lib))
+
+
+def _cubin_bytes(lib: str | os.PathLike) -> bytes:
+    """The sm_90a cubin embedded in a kernel library, as bytes."""
     b = Path(lib).read_bytes()
     i = 0
     while (i := b.find(b"\x7fELF", i + 1)) > 0:
         if b[i + 4] == 2 and struct.unpack_from("<H", b, i + 18)[0] == 190:  # 64-bit, EM_CUDA
             phoff, shoff = struct.unpack_from("<QQ", b, i + 0x20)
             phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", b, i + 0x36)
-            Path(out).write_bytes(b[i : i + max(shoff + shentsize * shnum, phoff + phentsize * phnum)])
-            return
+            return b[i : i + max(shoff + shentsize * shnum, phoff + phentsize * phnum)]
     raise ValueError(f"{lib}: no embedded CUDA ELF")
+
+
+def static_shared_bytes(lib: str | os.PathLike, kernel: str) -> int:
+    """Static shared memory of `kernel` in a kernel library: the size of its cubin's
+    `.nv.shared.<kernel>` section (the `__shared__` arrays the dynamic buffer does not hold; the
+    driver adds it to the dynamic size at launch)."""
+    elf = _cubin_bytes(lib)
+    shoff = struct.unpack_from("<Q", elf, 0x28)[0]
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", elf, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQ", elf, shoff + j * shentsize) for j in range(shnum)]
+    names = headers[shstrndx][4]  # sh_offset of the section-name table
+
+    def name(h: tuple[int, ...]) -> str:
+        start = names + h[0]
+        return elf[start : elf.index(b"\0", start)].decode()
+
+    return sum(h[5] for h in headers if name(h) == f".nv.shared.{kernel}")
 
 
 def find_nvdisasm() -> str | None:

@@ -360,6 +360,11 @@ class PersistentStep:
                     f"GPU cannot hold them together (another kernel's share of the SMs, an MPS or MIG limit, or "
                     f"a schedule for more SMs than the GPU has): {msg[-1] if msg else e}"
                 ) from None
+            if any("dynamic shared memory" in m for m in msg):  # a kernel cached without its resource file
+                raise PersistentError(
+                    f"the persistent step's kernel takes more shared memory than this GPU gives one CTA "
+                    f"(a tiling or switch too large for it; TILERT_MOE_LOADS, TILERT_MOE_GEMV_TILING): "
+                    f"{msg[-1]}") from None  # fmt: skip
             raise
 
     def preload(self) -> None:
