@@ -39,6 +39,10 @@ def test_step_kernel_compiles(model: str, tokens: int, mode: str, max_seq: int, 
     merged = re.findall(r"void\* (\w+) = \(\(void\*\)\(\(char\*\)buf_dyn_shmem", src)
     assert merged and not [b for b in merged if b.startswith("rstd")]
     assert re.search(r"__shared__ __align__\(\d+\) float rstd\w*\[", src)
+    # the expert GEMV bodies' unmerged reduction buffers are one (a CTA runs one task at a time;
+    # common.alloc_unmerged(share=...)): at full scale two would put the bulk-load step past 227 KB
+    reds = re.findall(r"__shared__ __align__\(\d+\) float (red\w*)\[", src)
+    assert len(reds) == 1, reds
     # no cache-policy load with an odd uniform descriptor register (illegal on the H200): the
     # kernel's SASS, when nvdisasm is at hand (the dev extra installs it)
     from tilert.kernels import sass

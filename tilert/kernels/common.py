@@ -308,7 +308,39 @@ def make_mma_reduce(bm: int, groups: int, warps: int):
     return mma_reduce
 
 
-def alloc_unmerged(shape: tuple[int, ...], dtype: str) -> Any:
+class UnmergedPool:
+    """Static shared buffers the bodies of one kernel share by key (`alloc_unmerged(share=key)`):
+    a persistent CTA runs one task at a time, so the reduction buffers of two bodies never hold
+    live data together, and one buffer of the largest reservation serves them all."""
+
+    def __init__(self) -> None:
+        self.need: dict[tuple[str, str], int] = {}  # (key, dtype) -> elements, from the bodies' reservations
+        self.bufs: dict[tuple[str, str], Any] = {}  # (key, dtype) -> the buffer, allocated at its first use
+
+
+_UNMERGED_POOL: contextvars.ContextVar[UnmergedPool | None] = contextvars.ContextVar("tilert_unmerged", default=None)
+
+
+@contextlib.contextmanager
+def using_unmerged_pool() -> Iterator[UnmergedPool]:
+    """Bodies constructed and expanded inside the block share their keyed unmerged buffers: wrap
+    both the bodies' construction (where they reserve) and the prim_func's (where they allocate)."""
+    token = _UNMERGED_POOL.set(UnmergedPool())
+    try:
+        yield _UNMERGED_POOL.get()  # type: ignore[misc]
+    finally:
+        _UNMERGED_POOL.reset(token)
+
+
+def reserve_unmerged(key: str, elems: int, dtype: str) -> None:
+    """A body that will `alloc_unmerged((elems,), dtype, share=key)` says so when it is constructed,
+    so the first allocation of the key is sized for every body of the kernel (no-op outside a pool)."""
+    pool = _UNMERGED_POOL.get()
+    if pool is not None:
+        pool.need[key, dtype] = max(pool.need.get((key, dtype), 0), elems)
+
+
+def alloc_unmerged(shape: tuple[int, ...], dtype: str, share: str | None = None) -> Any:
     """A small shared buffer outside TileLang's shared-memory merge (a static `__shared__` array).
 
     The persistent kernel merges every body's dynamic shared buffers by first and last use in
@@ -317,10 +349,22 @@ def alloc_unmerged(shape: tuple[int, ...], dtype: str) -> Any:
     so the two may share bytes, and the first iteration's store overwrites rstd before the next
     iteration reads it (wrong only when the loop runs more than once: full-scale shapes, not the
     tiny configs; docs/performance.md). Buffers read in such a loop go here; static shared memory
-    is never merged (tirx.merge_static_smem is off)."""
+    is never merged (tirx.merge_static_smem is off).
+
+    share (a 1-D buffer): inside `using_unmerged_pool`, every body that reserved `share` gets the
+    same buffer, of the largest reservation (outside a pool, or unreserved: a buffer of its own)."""
     import tilelang.language as T
 
-    return T.alloc_shared(shape, dtype, scope="shared")
+    pool = _UNMERGED_POOL.get()
+    key = (share or "", dtype)
+    if share is None or pool is None or key not in pool.need:
+        return T.alloc_shared(shape, dtype, scope="shared")
+    if len(shape) != 1 or shape[0] > pool.need[key]:
+        raise ValueError(f"alloc_unmerged(share={share!r}): {shape} is not 1-D within its reservation "
+                         f"of {pool.need[key]}")  # fmt: skip
+    if key not in pool.bufs:
+        pool.bufs[key] = T.alloc_shared((pool.need[key],), dtype, scope="shared")
+    return pool.bufs[key]
 
 
 def cache_dir() -> Path:

@@ -231,6 +231,7 @@ __device__ __forceinline__ void tilert_syncwarp() { __syncwarp(); }
 #endif
 """
 )
+RED_KEY = "gemv.red"  # the unmerged reduction buffer the prefetch and item bodies of one step kernel share
 BULK_PAD = 64  # bytes after each row of a bulk stage: rows r and r + 1 start 64 bytes apart in the banks
 
 
@@ -554,6 +555,9 @@ def make_body(
     u32, f32, i64 = "uint32", "float32", "int64"
     cp_async = "tilert_cp_async16_ef" if cfg.evict_first else "tilert_cp_async16"
     BS = BulkStages(R, WK, cfg.row_bytes)  # bulk: the ring's stages
+    RED = WK * MT * R  # f32 words of the reduction buffer
+    if (prefetch or items is not None) and not x_own:  # an unmerged reduction buffer: one per step kernel
+        common.reserve_unmerged(RED_KEY, RED, f32)
 
     @T.macro
     def issue(Wv, ring, n_tile, k_split, i, slot, tx):
@@ -889,14 +893,14 @@ def make_body(
         x_own they stay in the merge (`keep_live` holds the ring and scales to the body's end)."""
         nb = 2 if prefetch else 1
         nbx = nb if nbx is None else nbx
-        shared = common.alloc_unmerged if prefetch and not x_own else T.alloc_shared
+        unmerged = prefetch and not x_own
         return (
             T.alloc_shared(((D * BS.slot_bytes) // 4 if bulk else D * P * THREADS * 4,), u32),  # ring
             T.alloc_shared((nbx * XS_WORDS,), u32),  # xs
             T.alloc_shared((nb * R * NCW if mx else 4,), u32),  # scw
             T.alloc_shared((4 if mx else nb * SR * SC,), f32),  # scf
-            shared((WK * MT * R,), f32),  # red
-            shared((1,), "int32"),  # last
+            common.alloc_unmerged((RED,), f32, share=RED_KEY) if unmerged else T.alloc_shared((RED,), f32),  # red
+            common.alloc_unmerged((1,), "int32") if unmerged else T.alloc_shared((1,), "int32"),  # last
         )
 
     @T.macro

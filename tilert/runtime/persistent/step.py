@@ -35,6 +35,7 @@ from tilert.kernels.common import (
     probes_choice,
     using_prelude,
     using_probes,
+    using_unmerged_pool,
 )
 from tilert.kernels.views import PERSISTENT_THREADS, ViewSpec, make_views, pointer_row
 from tilert.runtime.kinds import for_node, registered
@@ -76,7 +77,9 @@ def make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, n_nodes: int,
     cta = rows and switches.wait_choice() == "cta"
     probes = probes_choice() == "on"
     src = top + (ROWS_PRELUDE if rows else "") + (CTA_WAIT_PRELUDE if cta else "") + (PROBE_PRELUDE if probes else "")
-    with using_prelude(src), using_probes(probes):  # TileLang expands the bodies here
+    # the bodies are constructed and TileLang expands them here; their keyed unmerged buffers (the
+    # expert GEMVs' reduction buffers) are one per kernel
+    with using_prelude(src), using_probes(probes), using_unmerged_pool():
         return _make_step_kernel(classes, num_sms, n_nodes, max_views, timeout_ns, rows, probes, cta)
 
 
