@@ -19,7 +19,9 @@ kernel's own trace), and --trace-dir writes those traces (trace-<variant>.B<n>.j
 variant's build is printed to stderr as it ends, with its phases' times (--profile-build N adds
 the last variant's first build's N costliest calls). A variant built with TILERT_PROBES=on also gets
 `probe_median_us`: per opcode, the median of each of its bodies' phase stamps (us after the
-task's start of run; docs/profiling.md).
+task's start of run; docs/profiling.md). For the whole model, `cost_model_check` holds the
+compiler's predicted step for this GPU kind (solo collectives) against the first variant's time,
+as benchmarks/e2e.py reports it.
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.common import active_experts, pin_routing, write_result  # noqa: E402
+from benchmarks.e2e import cost_model_check, format_check  # noqa: E402
 from tilert.engine.persistent import compile_step, precompile  # noqa: E402
+from tilert.gpu_specs import gpu_spec_for_device  # noqa: E402
 from tilert.kernels import switches  # noqa: E402
 from tilert.models.builder import build_step_graph  # noqa: E402
 from tilert.models.config import load_config  # noqa: E402
@@ -148,6 +152,8 @@ def main() -> None:
         return
     rows, params = [], None
     t_start = time.time()
+    spec = gpu_spec_for_device(torch.cuda.get_device_name())
+    cost_checks: dict[str, dict] = {}  # B -> the cost model's prediction against the first variant
     for B in a.tokens:
         mode = "verify" if B > 1 else "decode"
         steps = {}
@@ -216,11 +222,17 @@ def main() -> None:
             print(f"    task medians (us): {medians[name]}", flush=True)
             for code, ph in probes[name].items():
                 print(f"    probes {code}: {ph}", flush=True)
+        if a.layers is None and spec is not None:  # the compiler's prediction for the first variant's table
+            routed = (active_experts(steps[first]) or {}).get("mean")
+            check = cost_model_check(cfg, B, a.world_size, spec.solo(), max_seq, a.context, ms[first], routed)
+            cost_checks[str(B)] = check
+            print(format_check(str(B), check), flush=True)
         del steps
         torch.cuda.empty_cache()
         # after every token count: a run cut short keeps the counts it timed
         data = {"model": a.model, "world_size": a.world_size, "layers": a.layers, "context": a.context,
-                "routing": a.routing, "tokens_timed": sorted({r["tokens"] for r in rows}), "rows": rows}  # fmt: skip
+                "routing": a.routing, "tokens_timed": sorted({r["tokens"] for r in rows}), "rows": rows,
+                "cost_model_check": cost_checks}  # fmt: skip
         path = write_result("step-variants", data, a.out)
     print("wrote", path)
 
