@@ -212,7 +212,7 @@ def main() -> None:
             row = {"variant": name, "env": env, "tokens": B, "ms": round(ms[name], 4),
                    "vs_first": round(ms[name] / ms[first], 4), "max_abs_diff_vs_first": diff,
                    "rel_err_vs_first": rel, "ids_equal_vs_first": same, "active_experts": act,
-                   "task_median_us": medians[name]}  # fmt: skip
+                   "task_median_us": medians[name], "switches": steps[name].switches}  # fmt: skip
             if probes[name]:
                 row["probe_median_us"] = probes[name]
             rows.append(row)
