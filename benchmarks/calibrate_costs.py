@@ -39,6 +39,7 @@ from tilert.profile.calibration import (  # noqa: E402
     predicted_step_ms,
     task_cost,
     task_samples,
+    trace_meta,
     trace_run,
 )
 from tilert.profile.timeline import simulate  # noqa: E402
@@ -85,10 +86,21 @@ MEASURED_H200 = ("e2e-nvidia-h200.json", "e2e-random-routing-B8-81c16da-nvidia-h
 # active local experts a layer) and B=8 (6.97). The expert kinds stay out of the fit (their tasks'
 # items follow each layer's routing, which the trace does not record).
 TRACES_H100 = (
-    StoredTrace("trace-variants-base.B1-nvidia-h100.json.gz", "337f7ea", None, 8, 1, 1, None, EXPERTS),
-    StoredTrace("trace-variants-base.B8-nvidia-h100.json.gz", "337f7ea", None, 8, 8, 7, None, EXPERTS),
+    StoredTrace("trace-step.B1-nvidia-h100-80gb-hbm3.json.gz", "523c528", None, 8, 1, 1, None, EXPERTS),
+    StoredTrace("trace-step.B8-nvidia-h100-80gb-hbm3.json.gz", "523c528", None, 8, 8, 7, None, EXPERTS),
 )  # fmt: skip
-MEASURED_H100 = ("e2e-nvidia-h100-80gb-hbm3.json",)
+MEASURED_H100 = ("e2e-nvidia-h100-80gb-hbm3.json", "step-variants-down-early-nvidia-h100-80gb-hbm3.json")
+# step-variants files whose rows record no switches: the trace of their first variant's step says them
+SWITCHES_FROM_TRACE = {
+    "step-variants-down-early-nvidia-h100-80gb-hbm3.json": "trace-step.B1-nvidia-h100-80gb-hbm3.json.gz",
+}
+
+
+def steps_of(results: Path, file: str) -> list[Any]:
+    """The measured steps of a result file (calibration.measured_steps), switches as SWITCHES_FROM_TRACE says."""
+    trace = SWITCHES_FROM_TRACE.get(file)
+    sw = trace_meta(read_trace(results / trace)).get("switches") if trace else None
+    return measured_steps(results / file, sw)
 MAX_SEQ, CONTEXT, WORLD = 4160, 4096, 8  # benchmarks/e2e.py's defaults
 
 
@@ -153,7 +165,7 @@ def h100_expert_scale(model: str, results: Path, h200: GpuSpec, h100_fits: dict[
     kinds, balances the model's errors on the stored H100 steps at their measured routing
     (bisection: a smaller factor slows every prediction)."""
     cfg = load_config(model)
-    steps = [m for f in MEASURED_H100 for m in measured_steps(results / f)]
+    steps = [m for f in MEASURED_H100 for m in steps_of(results, f)]
     own = {k: task_cost(v) for k, v in h100_fits.items()}
 
     def err(s: float) -> list[float]:
@@ -181,7 +193,7 @@ def check(model: str, gpu: str, results: Path, fits: dict | None) -> None:
         spec = dataclasses.replace(spec, tasks={**spec.tasks, **{k: task_cost(v) for k, v in fits.items()}})
     cfg = load_config(model)
     files = MEASURED_H200 if gpu == "h200" else MEASURED_H100
-    for m in (m for f in files for m in measured_steps(results / f)):
+    for m in (m for f in files for m in steps_of(results, f)):
         file, commit, B, routing, routed, ms = m.file, m.commit, m.tokens, m.routing, m.routed, m.persistent_ms
         uniform, at = predicted(cfg, m, spec.solo(), None), predicted(cfg, m, spec.solo(), routed)
         print(f"{gpu} {file} ({commit}) B={B} routing {routing} ({routed} active): measured {ms:.2f} ms | predicted "

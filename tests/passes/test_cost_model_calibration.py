@@ -4,9 +4,10 @@ solo on one GPU as `benchmarks/e2e.py` measures it (collectives as local work), 
 H200: the stored results (benchmarks/results/e2e-nvidia-h200.json at e62ce6d, B=1 decode;
 e2e-random-routing-B8-81c16da-nvidia-h200.json, B=8 verify with routing by token). The H200 task
 costs were fitted to traces (benchmarks/calibrate_costs.py), not to these step times. H100: the stored
-result (e2e-nvidia-h100-80gb-hbm3.json at 8f7672b, B=1 and B=8, routing by token); its table is fitted
-to the same run's traces, and the expert tasks' one scale factor balances the errors on these steps,
-so that check is partly a consistency check."""
+results (e2e-nvidia-h100-80gb-hbm3.json at d5516a8 and step-variants-down-early-nvidia-h100-80gb-hbm3.json
+at 523c528, B=1 and B=8, routing by token); its table is fitted to the 523c528 run's traces, and the
+expert tasks' one scale factor balances the errors on these steps, so that check is partly a
+consistency check."""
 
 from __future__ import annotations
 
@@ -68,3 +69,14 @@ def test_h100_prediction_within_25_percent_of_the_stored_step(cfg, tokens):
     for routed in (None, m.routed):  # the compiler's own (uniform routing) and at the measured routing
         got = predicted(cfg, m, H100, routed)
         assert abs(got / m.persistent_ms - 1) <= TOLERANCE, (routed, got, m.persistent_ms)
+
+
+@pytest.mark.parametrize("tokens", [1, 8])
+def test_h100_prediction_of_the_kernel_alone(cfg, tokens):
+    """The step the H100 table was fitted to (523c528, `benchmarks/step_variants.py`'s base variant:
+    the kernel alone, launches back to back), its switches those of the same run's trace."""
+    from benchmarks.calibrate_costs import steps_of
+
+    (m,) = [m for m in steps_of(RESULTS, "step-variants-down-early-nvidia-h100-80gb-hbm3.json") if m.tokens == tokens]
+    got = predicted(cfg, m, H100, m.routed)
+    assert abs(got / m.persistent_ms - 1) <= TOLERANCE, (got, m.persistent_ms)

@@ -72,3 +72,25 @@ def test_measured_steps_read_both_routings_of_an_e2e_file(tmp_path):
     got = {(m.tokens, m.routing): (m.persistent_ms, m.routed, m.solo, m.commit) for m in measured_steps(p)}
     assert got == {(1, "token"): (6.0, 6.5, True, "abcdef0"), (8, "token"): (16.0, 6.5, True, "abcdef0"),
                    (8, "pinned"): (9.0, 6.5, True, "abcdef0")}  # fmt: skip
+
+
+def test_measured_steps_read_the_first_variant_of_a_step_variants_file(tmp_path):
+    from tilert.kernels import switches
+    from tilert.profile.calibration import measured_steps
+
+    def row(variant, tokens, ms, **kw):
+        return {"variant": variant, "env": {}, "tokens": tokens, "ms": ms, "active_experts": {"mean": 0.9}, **kw}
+
+    d = {"device": "NVIDIA H100 80GB HBM3", "commit": "abcdef0123", "model": "m", "world_size": 8, "context": 4096,
+         "routing": "random", "rows": [row("base", 1, 4.9), row("cta", 1, 4.7), row("base", 8, 11.3)]}  # fmt: skip
+    p = tmp_path / "step-variants.json"
+    p.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="record no build switches"):
+        measured_steps(p)
+    sw = {"TILERT_WAIT_THREADS": "warp"}
+    got = [(m.tokens, m.routing, m.persistent_ms, m.routed, m.solo, m.commit) for m in measured_steps(p, sw)]
+    assert got == [(1, "token", 4.9, 0.9, True, "abcdef0"), (8, "token", 11.3, 0.9, True, "abcdef0")]
+    assert measured_steps(p, sw)[0].switches == switches.completed(sw)
+    d["rows"] = [row("base", 1, 4.9, switches={"TILERT_MOE_LOADS": "bulk"})]  # recorded: theirs, not the caller's
+    p.write_text(json.dumps(d))
+    assert measured_steps(p, sw)[0].switches == switches.completed({"TILERT_MOE_LOADS": "bulk"})

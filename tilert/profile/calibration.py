@@ -19,6 +19,7 @@ import itertools
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,11 +95,16 @@ def historical_switches(top_k_task: bool = True) -> dict[str, str]:
     return {**switches.HISTORICAL, moe.TOPK_ENV: "task" if top_k_task else "router"}
 
 
-def measured_steps(path: str | Path) -> list[MeasuredStep]:
+def measured_steps(path: str | Path, unrecorded: Mapping[str, str] | None = None) -> list[MeasuredStep]:
     """The persistent steps an e2e result file measured (keys "1", "8": routing as the file says;
     "8.pinned" and the like: pinned routing; files before the routing field: pinned), with the build
-    switches the file records (`historical_switches` for files that record none)."""
+    switches the file records (`historical_switches` for files that record none). A
+    `benchmarks/step_variants.py` file gives its first variant's steps (the kernel alone, rank 0
+    solo), with the switches its rows record, else `unrecorded` (required then: its first variant
+    ran the defaults of its commit)."""
     d = json.loads(Path(path).read_text())
+    if "rows" in d:
+        return _variant_steps(Path(path).name, d, unrecorded)
     out = []
     for key, row in d.get("steps", {}).items():
         head = key.split(".")[0]
@@ -110,6 +116,21 @@ def measured_steps(path: str | Path) -> list[MeasuredStep]:
                                 int(d["world_size"]), d.get("rank") == 0, int(d["context"]), int(head),
                                 routing or "pinned", act.get("mean"), float(row["persistent_ms"]),
                                 switches.completed(d.get("switches") or historical_switches())))  # fmt: skip
+    return out
+
+
+def _variant_steps(name: str, d: dict[str, Any], unrecorded: Mapping[str, str] | None) -> list[MeasuredStep]:
+    first = d["rows"][0]["variant"]
+    out = []
+    for row in (r for r in d["rows"] if r["variant"] == first):
+        sw = row.get("switches") or unrecorded
+        if sw is None:
+            raise ValueError(f"{name}: its rows record no build switches; pass the ones its '{first}' variant ran")
+        routing = {"random": "token"}.get(d.get("routing"), d.get("routing"))
+        out.append(MeasuredStep(name, d.get("device", "?"), str(d.get("commit", "?"))[:7], d["model"],
+                                int(d["world_size"]), True, int(d["context"]), int(row["tokens"]), routing,
+                                (row.get("active_experts") or {}).get("mean"), float(row["ms"]),
+                                switches.completed(sw)))  # fmt: skip
     return out
 
 
