@@ -8,7 +8,8 @@ are compared with the first's.
         --variant base --variant moe2:TILERT_MOE_PREFETCH=2 [--out DIR]
     python benchmarks/step_variants.py --layers 4 --tokens 1 8 --variant base \
         --variant lgemv:TILERT_LINEAR_BODY=gemv --variant both:TILERT_LINEAR_BODY=gemv,TILERT_MOE_BODY=gemv
-    python benchmarks/step_variants.py --precompile ...   # the same kernels into the cache (no GPU)
+    python benchmarks/step_variants.py --precompile [--pack OUT.tar.xz] ...   # the same kernels into
+                                                      # the cache (no GPU), and those kernels as one archive
 
 Rank 0 of the model's plan (synthetic weights, solo collectives) as benchmarks/e2e.py builds it;
 routing `random` is the synthetic router's own choice, which differs by token (what a verify block
@@ -31,6 +32,7 @@ import gzip
 import json
 import statistics
 import sys
+import tarfile
 import threading
 import time
 from collections import Counter
@@ -52,6 +54,20 @@ from tilert.runtime.eager.synthetic import synthetic_params  # noqa: E402
 from tilert.runtime.persistent.step import PersistentStep  # noqa: E402
 
 IDS = ("next_tokens", "accept")  # integer outputs of a step
+
+
+def pack_entries(entries: list[Path], out: Path) -> Path:
+    """The kernel-cache entries (TileLang's kernels/<version>/<platform>/kernels/<hash> folders) as one
+    .tar.xz holding them under kernels/, the layout `scripts/precompile_gpu.py --pack` writes: unpack
+    with `tar -C DIR -xJf OUT`, TILERT_KERNEL_CACHE=DIR/kernels. TileLang's nvcc cubin copies stay out."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(out, "w:xz") as tf:
+        for e in sorted(set(entries)):
+            root = e.parents[3]  # the cache folder above <version>/<platform>/kernels/<hash>
+            for f in sorted(e.iterdir()):
+                if f.is_file() and not f.name.endswith(".so.cubin"):
+                    tf.add(f, arcname=str(Path("kernels") / f.relative_to(root)))
+    return out
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, str]]:
@@ -131,6 +147,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--per-round", type=int, default=5)
     ap.add_argument("--precompile", action="store_true", help="build the variants' kernels (no GPU)")
+    ap.add_argument("--pack", default=None, metavar="OUT.tar.xz",
+                    help="with --precompile: the step kernels it built as one archive (for the GPU machine)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--trace-dir", default=None, help="write each variant's measured trace here")
     ap.add_argument("--profile-build", type=int, default=0, metavar="N",
@@ -143,12 +161,16 @@ def main() -> None:
         cfg = cfg.first_layers(a.layers)
     max_seq = a.context + 64
     if a.precompile:
+        entries = []  # the cache folders of the step kernels built
         for name, env in variants:
             for B in a.tokens:
                 t0 = time.time()
                 with switches.applied(env):
-                    precompile(cfg, B, "verify" if B > 1 else "decode", max_seq, a.world_size, peers=False)
+                    st = precompile(cfg, B, "verify" if B > 1 else "decode", max_seq, a.world_size, peers=False)
+                entries.append(getattr(st.kernel, "_tilelang_cache_path", None))
                 print(f"{name} B={B}: {time.time() - t0:.0f} s", flush=True)
+        if a.pack:
+            print("packed", pack_entries([Path(e) for e in entries if e], Path(a.pack)))
         return
     rows, params = [], None
     t_start = time.time()

@@ -94,3 +94,26 @@ def test_measured_steps_read_the_first_variant_of_a_step_variants_file(tmp_path)
     d["rows"] = [row("base", 1, 4.9, switches={"TILERT_MOE_LOADS": "bulk"})]  # recorded: theirs, not the caller's
     p.write_text(json.dumps(d))
     assert measured_steps(p, sw)[0].switches == switches.completed({"TILERT_MOE_LOADS": "bulk"})
+
+
+def test_step_variants_pack_holds_the_built_kernels_under_kernels(tmp_path):
+    """`step_variants.py --precompile --pack` archives the cache entries it built in the layout the
+    GPU machine unpacks (kernels/<version>/<platform>/kernels/<hash>/...), without nvcc's cubin copies."""
+    import tarfile
+
+    from benchmarks.step_variants import pack_entries
+
+    entries = []
+    for h in ("aa", "bb"):
+        e = tmp_path / "cache" / "0.1.15" / "linux-x86_64" / "kernels" / h
+        e.mkdir(parents=True)
+        for f in ("executable.so", "params.json", "tilert-resources.json", "executable.so.cubin"):
+            (e / f).write_text(h + f)
+        entries.append(e)
+    out = pack_entries([*entries, entries[0]], tmp_path / "p.tar.xz")
+    with tarfile.open(out) as tf:
+        names = sorted(tf.getnames())
+        body = tf.extractfile("kernels/0.1.15/linux-x86_64/kernels/bb/params.json").read().decode()
+    assert names == [f"kernels/0.1.15/linux-x86_64/kernels/{h}/{f}" for h in ("aa", "bb")
+                     for f in ("executable.so", "params.json", "tilert-resources.json")]  # fmt: skip
+    assert body == "bbparams.json"
