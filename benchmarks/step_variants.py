@@ -47,6 +47,7 @@ from benchmarks.e2e import cost_model_check, format_check  # noqa: E402
 from tilert.engine.persistent import compile_step, precompile  # noqa: E402
 from tilert.gpu_specs import gpu_spec_for_device  # noqa: E402
 from tilert.kernels import switches  # noqa: E402
+from tilert.kernels.common import kernel_resources  # noqa: E402
 from tilert.models.builder import build_step_graph  # noqa: E402
 from tilert.models.config import load_config  # noqa: E402
 from tilert.profile.timeline import measured_trace, probe_medians  # noqa: E402
@@ -178,7 +179,7 @@ def main() -> None:
     cost_checks: dict[str, dict] = {}  # B -> the cost model's prediction against the first variant
     for B in a.tokens:
         mode = "verify" if B > 1 else "decode"
-        steps = {}
+        steps, kernels = {}, {}
         for vi, (name, env) in enumerate(variants):
             # the table too is compiled under the variant's switches: a switch may change the tasks
             # (TILERT_MOE_TOPK), not only the bodies
@@ -200,8 +201,11 @@ def main() -> None:
             if prof:
                 prof.report(a.profile_build)
             # where a build's time goes: the graph and schedule, the weights (first build), the step
+            res = next(iter(kernel_resources(steps[name].kernel).values()), None)
+            kernels[name] = res
             print(f"built {name} B={B} ({t3 - t_start:.0f} s: graph+schedule {t1 - t0:.1f} s, weights "
-                  f"{t2 - t1:.1f} s, step {t3 - t2:.1f} s)", file=sys.stderr, flush=True)  # fmt: skip
+                  f"{t2 - t1:.1f} s, step {t3 - t2:.1f} s){f'; kernel {res}' if res else ''}", file=sys.stderr,
+                  flush=True)  # fmt: skip
         gen = torch.Generator(device="cpu").manual_seed(B)
         inputs = {
             "tokens": torch.randint(0, cfg.vocab_size, (B,), dtype=torch.int32, generator=gen).cuda(),
@@ -234,7 +238,8 @@ def main() -> None:
             row = {"variant": name, "env": env, "tokens": B, "ms": round(ms[name], 4),
                    "vs_first": round(ms[name] / ms[first], 4), "max_abs_diff_vs_first": diff,
                    "rel_err_vs_first": rel, "ids_equal_vs_first": same, "active_experts": act,
-                   "task_median_us": medians[name], "switches": steps[name].switches}  # fmt: skip
+                   "task_median_us": medians[name], "switches": steps[name].switches,
+                   "kernel": kernels[name]}  # fmt: skip
             if probes[name]:
                 row["probe_median_us"] = probes[name]
             rows.append(row)

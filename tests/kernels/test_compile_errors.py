@@ -88,6 +88,8 @@ def test_build_refuses_a_kernel_past_the_shared_memory_of_one_sm(tmp_path, monke
     fits = common.build(_smem_kernel(40 * 1024, 8 * 1024))  # 160 KB + 32 KB
     (fn, (static, dynamic)), = common.shared_memory_bytes(fits).items()
     assert 32 * 1024 <= static < 34 * 1024 and dynamic == 160 * 1024, (fn, static, dynamic)
+    res = common.kernel_resources(fits)[fn]  # registers per thread from the cubin's .nv.info
+    assert 0 < res["registers"] <= 255 and (res["static_smem"], res["dynamic_smem"]) == (static, dynamic)
     too_big = 50 * 1024, 8 * 1024  # 200 KB dynamic fits alone, not with 32 KB static
     for _ in range(2):  # a fresh compile, then the disk cache's entry
         with pytest.raises(common.KernelCompileError) as e:

@@ -14,6 +14,7 @@ API (stable; other kernel files import it):
                              and so does a kernel whose shared memory (static + dynamic) is past
                              CTA_SMEM_LIMIT
     shared_memory_bytes(kernel)           {device function: (static, dynamic)} bytes of shared memory
+    kernel_resources(kernel)              {device function: registers per thread, static and dynamic shared memory}
     CTA_SMEM_LIMIT           shared memory one CTA may take on H100/H200 (227 KB)
     warp_rows(rows, cols, limit)          pad a T.Parallel loop's rows to whole warps
     hopper_reason() / has_hopper()        None/True when a Hopper (sm_90) GPU is usable
@@ -474,6 +475,16 @@ def shared_memory_bytes(kernel: Any) -> dict[str, tuple[int, int]]:
     else:
         return {}
     return {fn: (sass.static_shared_bytes(lib, fn), d) for fn, d in dyn.items()}
+
+
+def kernel_resources(kernel: Any) -> dict[str, dict[str, int | None]]:
+    """{device function: {"registers", "static_smem", "dynamic_smem"}} of a built kernel: what
+    bounds the CTAs an SM holds (`shared_memory_bytes`; registers per thread from the cubin)."""
+    from tilert.kernels import sass
+
+    lib = Path(getattr(kernel, "_tilelang_cache_path", "") or "", "executable.so")
+    return {fn: {"registers": sass.register_count(lib, fn), "static_smem": st, "dynamic_smem": dyn}
+            for fn, (st, dyn) in shared_memory_bytes(kernel).items()}  # fmt: skip
 
 
 @functools.cache

@@ -40,21 +40,56 @@ def _cubin_bytes(lib: str | os.PathLike) -> bytes:
     raise ValueError(f"{lib}: no embedded CUDA ELF")
 
 
+def _sections(elf: bytes) -> list[tuple[str, tuple[int, ...]]]:
+    """[(name, (sh_name, sh_type, sh_flags, sh_addr, sh_offset, sh_size, sh_link, sh_info))] of an
+    ELF64, in header order (sh_link indexes this list)."""
+    shoff = struct.unpack_from("<Q", elf, 0x28)[0]
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", elf, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQII", elf, shoff + j * shentsize) for j in range(shnum)]
+    names = headers[shstrndx][4]  # sh_offset of the section-name table
+    return [(_cstr(elf, names + h[0]), h) for h in headers]
+
+
+def _cstr(elf: bytes, start: int) -> str:
+    return elf[start : elf.index(b"\0", start)].decode()
+
+
 def static_shared_bytes(lib: str | os.PathLike, kernel: str) -> int:
     """Static shared memory of `kernel` in a kernel library: the size of its cubin's
     `.nv.shared.<kernel>` section (the `__shared__` arrays the dynamic buffer does not hold; the
     driver adds it to the dynamic size at launch)."""
+    return sum(h[5] for name, h in _sections(_cubin_bytes(lib)) if name == f".nv.shared.{kernel}")
+
+
+_EIATTR_REGCOUNT = 0x2F  # .nv.info attribute: (symbol index, registers per thread)
+
+
+def register_count(lib: str | os.PathLike, kernel: str) -> int | None:
+    """Registers per thread ptxas gave `kernel` in a kernel library (the cubin's .nv.info
+    REGCOUNT of the kernel's symbol), None if the cubin does not say. Registers x threads bounds
+    the CTAs an SM holds as shared memory does (65536 registers an SM)."""
     elf = _cubin_bytes(lib)
-    shoff = struct.unpack_from("<Q", elf, 0x28)[0]
-    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", elf, 0x3A)
-    headers = [struct.unpack_from("<IIQQQQ", elf, shoff + j * shentsize) for j in range(shnum)]
-    names = headers[shstrndx][4]  # sh_offset of the section-name table
-
-    def name(h: tuple[int, ...]) -> str:
-        start = names + h[0]
-        return elf[start : elf.index(b"\0", start)].decode()
-
-    return sum(h[5] for h in headers if name(h) == f".nv.shared.{kernel}")
+    secs = _sections(elf)
+    info = next((h for name, h in secs if name == ".nv.info"), None)
+    symtab = next((h for name, h in secs if name == ".symtab"), None)
+    if info is None or symtab is None:
+        return None
+    strtab = secs[symtab[6]][1]  # sh_link: the symbol names' table
+    syms = {j: _cstr(elf, strtab[4] + struct.unpack_from("<I", elf, symtab[4] + 24 * j)[0])
+            for j in range(symtab[5] // 24)}  # ELF64 symbols are 24 bytes, st_name first  # fmt: skip
+    off, end = info[4], info[4] + info[5]
+    while off < end:  # entries: format byte, attribute byte, then a 16-bit value or a sized payload
+        fmt, attr = elf[off], elf[off + 1]
+        if fmt == 0x04:  # EIFMT_SVAL: a 16-bit size, then the payload
+            size = struct.unpack_from("<H", elf, off + 2)[0]
+            if attr == _EIATTR_REGCOUNT and size >= 8:
+                sym, regs = struct.unpack_from("<II", elf, off + 4)
+                if syms.get(sym) == kernel:
+                    return regs
+            off += 4 + size
+        else:  # EIFMT_NVAL (no value), EIFMT_HVAL (16-bit value)
+            off += 2 if fmt == 0x01 else 4
+    return None
 
 
 def find_nvdisasm() -> str | None:
