@@ -90,6 +90,7 @@ TRACES_H100 = (
     StoredTrace("trace-step.B8-nvidia-h100-80gb-hbm3.json.gz", "523c528", None, 8, 8, 7, None, EXPERTS),
 )  # fmt: skip
 MEASURED_H100 = ("e2e-nvidia-h100-80gb-hbm3.json", "step-variants-down-early-nvidia-h100-80gb-hbm3.json")
+MAX_SEQ, CONTEXT, WORLD = 4160, 4096, 8  # benchmarks/e2e.py's defaults
 # step-variants files whose rows record no switches: the trace of their first variant's step says them
 SWITCHES_FROM_TRACE = {
     "step-variants-down-early-nvidia-h100-80gb-hbm3.json": "trace-step.B1-nvidia-h100-80gb-hbm3.json.gz",
@@ -101,7 +102,6 @@ def steps_of(results: Path, file: str) -> list[Any]:
     trace = SWITCHES_FROM_TRACE.get(file)
     sw = trace_meta(read_trace(results / trace)).get("switches") if trace else None
     return measured_steps(results / file, sw)
-MAX_SEQ, CONTEXT, WORLD = 4160, 4096, 8  # benchmarks/e2e.py's defaults
 
 
 def trace_samples(model: str, results: Path, t: StoredTrace) -> tuple[list[dict[str, Any]], Any, Any, Any]:

@@ -429,17 +429,15 @@ def build(
 
     _quiet_tilelang_log()
 
+    label = what or name or (str(func.attrs["global_symbol"]) if func.attrs else "kernel")
     try:
         kernel = tilelang.compile(
             func, out_idx=out_idx, target=target, pass_configs=pass_configs, compile_flags=compile_flags
         )
     except Exception as e:  # TVM's InternalError, nvcc failures: many frames of C++ stack
-        label = what or name or (str(func.attrs["global_symbol"]) if func.attrs else "kernel")
         raise KernelCompileError(f"kernel {label} failed to compile: {compile_error_line(e)}") from e
-    smem = shared_memory_bytes(kernel)
-    over = {fn: v for fn, v in smem.items() if sum(v) > CTA_SMEM_LIMIT}
+    over = {fn: v for fn, v in shared_memory_bytes(kernel).items() if sum(v) > CTA_SMEM_LIMIT}
     if over:
-        label = what or name or (str(func.attrs["global_symbol"]) if func.attrs else "kernel")
         fn, (st, dyn) = next(iter(over.items()))
         raise KernelCompileError(f"kernel {label} does not fit one SM: {fn} needs {st + dyn} bytes of shared "
                                  f"memory ({st} static + {dyn} dynamic), more than the {CTA_SMEM_LIMIT} a CTA "
