@@ -125,6 +125,28 @@ def test_step_kernel_with_cta_waits_compiles(monkeypatch) -> None:
         switches.wait_choice()
 
 
+def test_step_kernel_with_table_during_wait_compiles(monkeypatch) -> None:
+    # TILERT_ATTN_TABLE=during: the attention split waits inside its body; warps 1.. build the RoPE
+    # table (cos/sin) before warp 0's wait returns, the KV tiles are issued after the wait; with
+    # "before" (the default) the loop waits before the body, which builds the table after it
+    from tilert.engine.persistent import precompile
+    from tilert.kernels import attention
+
+    monkeypatch.setenv(attention.TABLE_ENV, "during")
+    st = precompile(load_config("tiny-gpu"), 4, "verify", 256, 1)
+    assert st.switches[attention.TABLE_ENV] == "during"
+    split = moe_branch(st.kernel.get_kernel_source(), "ATTN_SPLIT")
+    table, wait = split.index("cos("), split.index("tilert_wait_row(")
+    assert table < wait < split.index("tilert_prefetch_bulk_l2(") and "32 <= ((int)threadIdx.x)" in split[:table]
+    monkeypatch.setenv(attention.TABLE_ENV, "before")
+    split = moe_branch(precompile(load_config("tiny-gpu"), 4, "verify", 256, 1).kernel.get_kernel_source(),
+                       "ATTN_SPLIT")  # fmt: skip
+    assert "tilert_wait_row(" not in split and "cos(" in split
+    monkeypatch.setenv(attention.TABLE_ENV, "early")
+    with pytest.raises(ValueError, match="TILERT_ATTN_TABLE='early'"):
+        attention.table_choice()
+
+
 def test_step_kernel_with_probes_compiles(monkeypatch) -> None:
     # TILERT_PROBES=on: the trace gains the bodies' phase stamps; each probed body stamps its phases
     # (thread 0, into the static stamps the loop clears at a task's start and copies after its end)

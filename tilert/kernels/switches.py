@@ -10,7 +10,7 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator, Mapping
 
-from tilert.kernels import common, linear_fused, linear_tiling, moe
+from tilert.kernels import attention, common, linear_fused, linear_tiling, moe
 
 ROWS_ENV = "TILERT_TASK_ROWS"  # where the persistent loop reads a task's row (rows_choice)
 ROWS_CHOICES = ("global", "shared")
@@ -88,12 +88,13 @@ SWITCHES: dict[str, Callable[[], str]] = {
     linear_fused.NORM_STATS_ENV: linear_fused.norm_stats_choice,
     moe.LOADS_ENV: moe.loads_choice,
     WAIT_ENV: wait_choice,
+    attention.TABLE_ENV: attention.table_choice,
 }
 # what every switch was before it existed: the settings of traces that record none
 HISTORICAL = {linear_fused.BODY_ENV: "fused", moe.BODY_ENV: "mainloop", moe.TOPK_ENV: "task", PIN_ENV: "none",
               ROWS_ENV: "global", common.PROBES_ENV: "off", linear_tiling.TILES_ENV: "split",
               QUIET_ENV: "none", linear_fused.NORM_STATS_ENV: "global", moe.LOADS_ENV: "thread",
-              WAIT_ENV: "warp"}  # fmt: skip
+              WAIT_ENV: "warp", attention.TABLE_ENV: "before"}  # fmt: skip
 
 
 def completed(recorded: Mapping[str, str]) -> dict[str, str]:

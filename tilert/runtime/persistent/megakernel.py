@@ -14,8 +14,9 @@ The body runs the wait itself (Gate): a `gated` body first issues the loads that
 the step's data (a GEMV's first weight stages, attention's first KV tiles) into its shared memory,
 then waits, so their DRAM latency overlaps the wait instead of following it (the step program
 gates its GEMV and attention-split bodies only with TILERT_EARLY_LOADS=1, off by default: on the
-H200 it gains nothing at B=1 and costs ~10% at B=8, docs/performance.md); any other body is waited
-for before it starts. The wait is one non-inlined device function (tilert_wait_task) shared by
+H200 it gains nothing at B=1 and costs ~10% at B=8, docs/performance.md; with TILERT_ATTN_TABLE=during
+the attention split builds its RoPE table during the wait, nothing loaded early); any other body is
+waited for before it starts. The wait is one non-inlined device function (tilert_wait_task) shared by
 every body's call site.
 
 Error buffer (int32[4]): [code, sm, task slot, counter] of the first wait that timed out
