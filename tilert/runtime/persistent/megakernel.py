@@ -255,21 +255,47 @@ __device__ __noinline__ int tilert_wait_row(const int* row, int* counters, int* 
 
 def _cta_wait_prelude() -> str:
     """TILERT_WAIT_THREADS=cta (switches.wait_choice): ROWS_PRELUDE's wait with every thread of the CTA
-    polling, thread i the counters i, i + blockDim.x, ... of each wait (the caller's barrier or-s the
-    verdicts, so no __syncwarp): an already-reached counter still costs an acquire load's L2 round
-    trip, and one thread's acquire loads do not overlap, so a warp-0 wait on 96 router counters (the
-    top-k) or the q/k/v chunks (an attention split) pays three or four round trips one after
-    another, the CTA one. Derived from tilert_wait_row's text, so the two cannot drift apart; added
-    to the step's prelude only with the switch."""
-    start = ROWS_PRELUDE.index("__device__ __noinline__ int tilert_wait_row(")
-    fn = ROWS_PRELUDE[start : ROWS_PRELUDE.index("#endif", start)]
-    for old, new in (("int tilert_wait_row(", "int tilert_wait_row_cta("),
-                     ("j = threadIdx.x & 31; j < n; j += 32", "j = threadIdx.x; j < n; j += blockDim.x"),
-                     ("  __syncwarp();\n", "")):  # fmt: skip
-        if fn.count(old) != 1:
-            raise AssertionError(f"tilert_wait_row changed: no single {old!r} to derive the CTA wait from")
-        fn = fn.replace(old, new)
-    return "\n#ifndef TILERT_CTA_WAIT_PRELUDE\n#define TILERT_CTA_WAIT_PRELUDE\n" + fn + "#endif\n"
+    polling. An already-reached counter still costs an acquire load's L2 round trip, and one thread's
+    acquire loads do not overlap, so a warp-0 wait on 96 router counters (the top-k) or on the q, k
+    and v chunks (an attention split: three waits, 98 counters) pays three to five round trips one
+    after another. Here thread i takes counters i, i + blockDim.x, ... of the concatenation of the
+    row's waits (wait 0's counters, then wait 1's, ...), so up to blockDim.x counters over all the
+    waits cost one round trip; the caller's barrier or-s the verdicts (no __syncwarp). The poll of
+    one counter is tilert_wait_row's (the same loads, timeout and error report); added to the step's
+    prelude only with the switch."""
+    start = ROWS_PRELUDE.index("      while (true) {")
+    poll = ROWS_PRELUDE[start : ROWS_PRELUDE.index("      }\n    }\n  }\n", start) + len("      }\n")]
+    if "counters + first + j" not in poll or "err[3] = first + j;" not in poll:
+        raise AssertionError("tilert_wait_row changed: its poll loop is not the one the CTA wait reuses")
+    return r"""
+#ifndef TILERT_CTA_WAIT_PRELUDE
+#define TILERT_CTA_WAIT_PRELUDE
+__device__ __noinline__ int tilert_wait_row_cta(const int* row, int* counters, int* err, int epoch, int sm, int t,
+                                               long long timeout, int waits, int f_counter, int f_count,
+                                               int f_expected, int none, int err_timeout) {
+  const long long deadline = tilert_globaltimer() + timeout;
+  int e = 0;
+  bool polled = false;
+  int total = 0;
+  for (int w = 0; w < waits; ++w)
+    if (row[f_counter + 3 * w] != none) total += row[f_count + 3 * w];
+  for (int g = threadIdx.x; g < total; g += blockDim.x) {
+    int first = none, target = 0, j = g;
+    for (int w = 0; w < waits; ++w) {  // g's wait and its counter j in it
+      const int f = row[f_counter + 3 * w];
+      if (f == none) continue;
+      const int n = row[f_count + 3 * w];
+      if (j < n) { first = f; target = row[f_expected + 3 * w] * epoch; break; }
+      j -= n;
+    }
+    int v;
+    polled = true;
+""" + poll + r"""  }
+  if (!polled) asm volatile("ld.relaxed.gpu.global.b32 %0, [%1];" : "=r"(e) : "l"(err) : "memory");
+  return e != 0;
+}
+#endif
+"""
 
 
 CTA_WAIT_PRELUDE = _cta_wait_prelude()
