@@ -257,7 +257,7 @@ def _cta_wait_prelude() -> str:
     """TILERT_WAIT_THREADS=cta (switches.wait_choice): ROWS_PRELUDE's wait with every thread of the CTA
     polling. An already-reached counter still costs an acquire load's L2 round trip, and one thread's
     acquire loads do not overlap, so a warp-0 wait on 96 router counters (the top-k) or on the q, k
-    and v chunks (an attention split: three waits, 98 counters) pays three to five round trips one
+    and v chunks (an attention split: three waits, 101 counters) pays three to five round trips one
     after another. Here thread i takes counters i, i + blockDim.x, ... of the concatenation of the
     row's waits (wait 0's counters, then wait 1's, ...), so up to blockDim.x counters over all the
     waits cost one round trip; the caller's barrier or-s the verdicts (no __syncwarp). The poll of
