@@ -94,10 +94,11 @@ def test_step_rejects_unknown_kinds() -> None:
 def test_step_kernel_with_early_loads_compiles(monkeypatch) -> None:
     # opt-in (TILERT_EARLY_LOADS=1): the GEMV and attention-split bodies issue their weight / KV
     # loads, then wait (megakernel.Gate); every body's wait is the one shared wait function
-    # (tilert_wait_row with the rows in shared memory, the default; tilert_wait_task without)
+    # (tilert_wait_row with the rows in shared memory and warp 0 polling; tilert_wait_task without)
     from tilert.engine.persistent import precompile
 
     monkeypatch.setenv("TILERT_EARLY_LOADS", "1")
+    monkeypatch.setenv(switches.WAIT_ENV, "warp")
     st = precompile(load_config("tiny-gpu"), 1, "decode", 256, 1)
     src = st.kernel.get_kernel_source()
     body = src[src.index("tilert_step_kernel(") :]
@@ -123,28 +124,6 @@ def test_step_kernel_with_cta_waits_compiles(monkeypatch) -> None:
     monkeypatch.setenv(switches.WAIT_ENV, "lanes")
     with pytest.raises(ValueError, match="TILERT_WAIT_THREADS='lanes'"):
         switches.wait_choice()
-
-
-def test_step_kernel_with_table_during_wait_compiles(monkeypatch) -> None:
-    # TILERT_ATTN_TABLE=during: the attention split waits inside its body; warps 1.. build the RoPE
-    # table (cos/sin) before warp 0's wait returns, the KV tiles are issued after the wait; with
-    # "before" (the default) the wait comes first, then the body, which builds the table
-    from tilert.engine.persistent import precompile
-    from tilert.kernels import attention
-
-    monkeypatch.setenv(attention.TABLE_ENV, "during")
-    st = precompile(load_config("tiny-gpu"), 4, "verify", 256, 1)
-    assert st.switches[attention.TABLE_ENV] == "during"
-    split = moe_branch(st.kernel.get_kernel_source(), "ATTN_SPLIT")
-    table, wait = split.index("cos("), split.index("tilert_wait_row(")
-    assert table < wait < split.index("tilert_prefetch_bulk_l2(") and "32 <= ((int)threadIdx.x)" in split[:table]
-    monkeypatch.setenv(attention.TABLE_ENV, "before")
-    split = moe_branch(precompile(load_config("tiny-gpu"), 4, "verify", 256, 1).kernel.get_kernel_source(),
-                       "ATTN_SPLIT")  # fmt: skip
-    assert split.index("tilert_wait_row(") < split.index("cos(")  # the loop's wait, then the body
-    monkeypatch.setenv(attention.TABLE_ENV, "early")
-    with pytest.raises(ValueError, match="TILERT_ATTN_TABLE='early'"):
-        attention.table_choice()
 
 
 def test_step_kernel_with_probes_compiles(monkeypatch) -> None:

@@ -21,15 +21,14 @@ from tilert.models.weights import margin_safe_weights
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize(("wait", "table"), [("warp", "before"), ("cta", "before"), ("warp", "during")])
-def test_persistent_steps_match_reference(monkeypatch, wait: str, table: str) -> None:
-    # "cta": every thread of a task polls a share of its input counters (TILERT_WAIT_THREADS);
-    # "during": an attention split builds its RoPE table while warp 0 waits (TILERT_ATTN_TABLE)
+@pytest.mark.parametrize("wait", ["cta", "warp"])
+def test_persistent_steps_match_reference(monkeypatch, wait: str) -> None:
+    # "cta" (default): every thread of a task polls one counter of its waits; "warp": warp 0 polls
+    # them (TILERT_WAIT_THREADS)
     from tilert.engine.persistent import PersistentBackend
-    from tilert.kernels import attention, switches
+    from tilert.kernels import switches
 
     monkeypatch.setenv(switches.WAIT_ENV, wait)
-    monkeypatch.setenv(attention.TABLE_ENV, table)
     cfg = load_config("tiny-gpu")
     w = margin_safe_weights(cfg, int(torch.randint(0, 1000, ())))
     ref, gpu = ReferenceBackend(cfg, w, max_seq=256), PersistentBackend(cfg, w, max_seq=256)

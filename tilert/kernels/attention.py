@@ -34,7 +34,6 @@ first position in the step, and the sequence's new keys up to the chunk's end.
 import dataclasses
 import functools
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -57,8 +56,6 @@ TWO_PI_LO = 3.968374318722162e-09
 PERSISTENT_MIN_TILES = 1
 PASS_CONFIGS = {"tl.disable_warp_specialized": True}
 BLOCK_N = 64  # keys per tile
-TABLE_ENV = "TILERT_ATTN_TABLE"  # when a gated split builds its RoPE table (table_choice)
-TABLE_CHOICES = ("before", "during")
 WAVE_CTAS = 128  # about one wave of CTAs on 132 SMs
 
 
@@ -172,20 +169,6 @@ class AttnConfig:
         tile = self.block_n * (self.head_dim + self.v_head_dim) * 2
         table_rows = rope_rows(self)  # the RoPE table
         return self.block_m * self.head_dim * 2 + self.stages * tile + table_rows * self.rope_dim * 4
-
-
-def table_choice() -> str:
-    """TILERT_ATTN_TABLE, when the persistent (gated) split body computes its cos/sin table:
-    "before" (default): every thread takes its share before the task's wait; "during": the threads
-    outside warp 0 compute it while warp 0 polls the task's input counters, and a barrier after the
-    wait hands it over. The table depends only on the step's positions, and a split starts right
-    after its SM's previous task (often the last q/k/v producer), so "before" puts the table
-    (float64 angles, cos, sin; one warp's work at B=1) on the chain between the q/k/v projections and
-    the attention. The standalone kernels have no wait and keep "before"."""
-    v = os.environ.get(TABLE_ENV, "before") or "before"
-    if v not in TABLE_CHOICES:
-        raise ValueError(f"{TABLE_ENV}={v!r}: expected one of {', '.join(TABLE_CHOICES)}")
-    return v
 
 
 def rope_rows(cfg: AttnConfig) -> int:
@@ -311,14 +294,12 @@ def make_head_norm(rows: int, dk: int, eps: float, ring: bool = False):
     return head_norm
 
 
-def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False, early_kv: bool = True):
+def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
     """The two tile bodies (T.macro) for `cfg`; see the module docstring for their contracts.
 
-    gated: the split body is the persistent kernel's gated form `(..., h, rb, s, gate)`: it does its
-    data-independent work, then waits for its inputs (runtime/persistent/megakernel.Gate): with
-    `early_kv` it issues its first KV tiles (old keys, written by earlier steps) and builds the RoPE
-    table before the wait; without, only the table (on warps 1.. while warp 0 waits, table_choice
-    "during"), the KV tiles after it.
+    gated: the split body is the persistent kernel's gated form `(..., h, rb, s, gate)`: it issues
+    its first KV tiles (old keys, written by earlier steps) and the RoPE table, then waits for its
+    inputs (runtime/persistent/megakernel.Gate).
 
     tma=False loads key tiles with cp.async instead of TMA (the persistent kernel: its views come
     from pointers, so there are no host-built TMA descriptors): every thread issues its share of a
@@ -335,10 +316,9 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False, early_kv
     CAUSAL, NORM, EPS = cfg.causal, cfg.qk_norm_eps is not None, cfg.qk_norm_eps
     NEG = -T.infinity("float32")
     bf16, f32 = "bfloat16", "float32"
-    probe = make_probe()  # phases of a split (TILERT_PROBES): 0 cos/sin ("during": and the wait), 1 q rows,
-    # 2 q rotated, 3 new keys, 4 a key tile landed, 7 its scores (q k^T), 5 its softmax update, 6 partials written
+    probe = make_probe()  # phases of a split (TILERT_PROBES): 0 cos/sin, 1 q rows, 2 q rotated, 3 new keys,
+    # 4 a key tile landed, 7 its scores (q k^T), 5 its softmax update, 6 partials written
 
-    DURING = gated and not early_kv and RH > 0  # the table built by warps 1.. during warp 0's wait
     QR = min(cfg.block_m, cfg.rows)  # rows of a q block that can be real (B = 1: 16 of 128)
     # RoPE loops over whole warps (common.warp_rows): padded q rows and new-key rows are zeros, and
     # the table's padded rows (positions past the B new ones) are computed but never used by real rows
@@ -475,26 +455,6 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False, early_kv
                     Lse[h, rb * G + i, s] = T.if_then_else(l_sum[i] > 0, T.log2(l_sum[i]) + m[i] * SL2, NEG)
 
     @T.macro
-    def issue_first(Kc, Vc, k_ring, v_ring, bar, ch, s_lo, s_hi, nt):
-        """The split's first NST key tiles, so they fly while the CTA builds its q block. (cp.async)
-        First its keys and values into L2, two bulk prefetches by one thread: the tiles' 16-byte
-        copies are then served from L2, not each round of them from DRAM (a 64-key tile took ~5 us
-        from its issue at B=1 on an H100; TMA needs host-built tensor maps)."""
-        if not tma:  # (the address as an integer: a C cast, TIR casts no handle)
-            if (nt > 0) & (T.get_thread_binding() == 0):
-                T.call_extern("handle", "tilert_prefetch_bulk_l2",
-                              T.call_extern("int64", "(long long)", T.address_of(Kc[ch, s_lo, 0])),
-                              (s_hi - s_lo) * (DK * 2))  # fmt: skip
-                T.call_extern("handle", "tilert_prefetch_bulk_l2",
-                              T.call_extern("int64", "(long long)", T.address_of(Vc[ch, s_lo, 0])),
-                              (s_hi - s_lo) * (DV * 2))  # fmt: skip
-        for st in T.unroll(NST):
-            if st < nt:
-                issue(Kc, Vc, k_ring, v_ring, bar, st, ch, s_lo + st * BN)
-            else:
-                no_issue()
-
-    @T.macro
     def split_core(Q, Knew, Vnew, Kc, Vc, Pos, Slot, Opart, Lse, h, rb, s, gate, Qn, Kn):
         q_s = T.alloc_shared([BM, DK], bf16)
         k_ring = T.alloc_shared([NST, BN, DK], bf16)
@@ -536,33 +496,34 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False, early_kv
             nt = T.if_then_else((s < n_used) & (active == 1), T.ceildiv(s_hi - s_lo, BN), 0)
         else:
             nt = T.if_then_else(s < n_used, T.ceildiv(s_hi - s_lo, BN), 0)
-        if not DURING:
-            issue_first(Kc, Vc, k_ring, v_ring, bar, ch, s_lo, s_hi, nt)
+        # (cp.async) The split's keys and values into L2 first, two bulk prefetches by one thread: the
+        # tiles' 16-byte copies are then served from L2, not each round of them from DRAM (a 64-key
+        # tile took ~5 us from its issue at B=1 on an H100; TMA needs host-built tensor maps).
+        if not tma:  # (the address as an integer: a C cast, TIR casts no handle)
+            if (nt > 0) & (T.get_thread_binding() == 0):
+                T.call_extern("handle", "tilert_prefetch_bulk_l2",
+                              T.call_extern("int64", "(long long)", T.address_of(Kc[ch, s_lo, 0])),
+                              (s_hi - s_lo) * (DK * 2))  # fmt: skip
+                T.call_extern("handle", "tilert_prefetch_bulk_l2",
+                              T.call_extern("int64", "(long long)", T.address_of(Vc[ch, s_lo, 0])),
+                              (s_hi - s_lo) * (DV * 2))  # fmt: skip
+        # Start the first NST tile loads now, so they fly while this CTA builds its q block.
+        for st in T.unroll(NST):
+            if st < nt:
+                issue(Kc, Vc, k_ring, v_ring, bar, st, ch, s_lo + st * BN)
+            else:
+                no_issue()
 
         # cos/sin of the B new positions in float64, like the reference (angles reach 1e5 rad).
-        if DURING:  # warps 1.. build the table while warp 0 waits (table_choice)
-            tx = T.get_thread_binding()
-            for k in T.serial(cdiv(BK * RH, TH - 32)):
-                e = k * (TH - 32) + tx - 32
-                if (tx >= 32) & (e < BK * RH):
-                    ang = rope_angle(start + e // RH, e % RH, ROPE, cfg.rope_theta)
-                    cs[e // RH, e % RH] = T.Cast(f32, T.cos(ang))
-                    cs[e // RH, RH + e % RH] = T.Cast(f32, T.sin(ang))
-            gate.wait()  # q and the new k/v come from earlier tasks; nothing above read them
+        for b, f in T.Parallel(BK, max(RH, 1)):
+            ang = rope_angle(start + b, f, ROPE, cfg.rope_theta)
+            cs[b, f] = T.Cast(f32, T.cos(ang))
+            cs[b, RH + f] = T.Cast(f32, T.sin(ang))
+        probe(0)
+        if gate is not None:
             T.sync_threads()  # cs is written: a barrier ThreadSync can see (Gate.passed() is opaque to it)
-            probe(0)
-        else:
-            for b, f in T.Parallel(BK, max(RH, 1)):
-                ang = rope_angle(start + b, f, ROPE, cfg.rope_theta)
-                cs[b, f] = T.Cast(f32, T.cos(ang))
-                cs[b, RH + f] = T.Cast(f32, T.sin(ang))
-            probe(0)
-            if gate is not None:
-                T.sync_threads()  # cs is written: a barrier ThreadSync can see (Gate.passed() is opaque to it)
-                gate.wait()  # q and the new k/v come from earlier tasks; nothing above read them
+            gate.wait()  # q and the new k/v come from earlier tasks; nothing above read them
         if gate_passed(gate):  # every input is ready (a barrier); false only after a timed-out wait
-            if DURING:
-                issue_first(Kc, Vc, k_ring, v_ring, bar, ch, s_lo, s_hi, nt)
             # q rows: one plain (vectorised) copy into shared memory, then RoPE in place; only row
             # blocks that can hold real rows are rotated (B = 1: 16 of 128 rows).
             if MIX:  # the chunk's tokens rb..t1-1, G rows each (BM is a multiple of G)

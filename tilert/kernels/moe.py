@@ -199,12 +199,13 @@ def _fits(cfg: gemv.Config, x_buffers: int) -> bool:
 
 
 def _pick(m: int, n: int, k: int, gs: tuple[int, ...], depth: int, x_buffers: int,
-          bulk: bool = False) -> gemv.Config | None:  # fmt: skip
-    """The first tiling that fits: the fewest row warps whose k warps all get chunks, then g in the
-    order given and the deepest ring up to `depth` (depth - 1 chunks a warp in flight, at most the
-    chunks it has: the next item's first chunks ride in this one's last issue slots)."""
+          bulk: bool = False, min_wr: int = 1) -> gemv.Config | None:  # fmt: skip
+    """The first tiling that fits: the fewest row warps (at least `min_wr`) whose k warps all get
+    chunks, then g in the order given and the deepest ring up to `depth` (depth - 1 chunks a warp in
+    flight, at most the chunks it has: the next item's first chunks ride in this one's last issue
+    slots)."""
     chunks = cdiv(k, gemv.CHUNK_ELEMS["mxfp4"])
-    wr = next((w for w in (1, 2, 4, 8) if gemv.WARPS // w <= chunks), 8)
+    wr = next((w for w in (1, 2, 4, 8) if w >= min_wr and gemv.WARPS // w <= chunks), 8)
     for g in gs:
         if 16 * g * wr > n:
             continue
@@ -221,9 +222,11 @@ def _pick(m: int, n: int, k: int, gs: tuple[int, ...], depth: int, x_buffers: in
 def gemv_tiling(tokens: int, hidden: int, inter: int, bulk: bool | None = None) -> GemvTiling | None:
     """The GEMV body's tilings of a node, or None where they do not fit its shared memory (then the
     node keeps the mainloop body). gate/up: 32-row tiles (16 gate + 16 up rows) with 3 chunks of
-    16 KB in flight, x staged once per task (every item reads all of it); down: 64-row tiles with 2
-    chunks of 32 KB in flight (the persistent-task-stream winners of benchmarks/gemv_sweep.py at the
-    mimo expert shapes), x = Hb[slot] double-buffered. Narrow shapes (fewer than 8 k chunks) put
+    16 KB in flight, x staged once per task (every item reads all of it; the persistent-task-stream
+    winner of benchmarks/gemv_sweep.py at the mimo expert shapes); down: 64-row tiles of two warps
+    along rows (g = 2) with 4 chunks of 16 KB in flight (at full scale on an H100 the step took
+    0.986x / 0.987x at B=1 / B=8 of one warp along rows with 2 chunks of 32 KB in flight;
+    docs/performance.md), x = Hb[slot] double-buffered. Narrow shapes (fewer than 8 k chunks) put
     more warps along rows. TILERT_MOE_GEMV_TILING="wr.g.depth/wr.g.depth" forces both. bulk (default:
     the TILERT_MOE_LOADS switch): the bulk-copy ring (gemv.Config.bulk)."""
     bulk = loads_choice() == "bulk" if bulk is None else bulk
@@ -242,7 +245,7 @@ def gemv_tiling(tokens: int, hidden: int, inter: int, bulk: bool | None = None) 
                                  f"{need} <= {GEMV_SMEM} bytes of shared memory: {cfg}")  # fmt: skip
         return GemvTiling(gu, dn)
     gu = _pick(tokens, 2 * inter, hidden, (2, 1), 4, x_buffers=1, bulk=bulk)
-    dn = _pick(tokens, hidden, inter, (4, 2, 1), 3, x_buffers=2, bulk=bulk)
+    dn = _pick(tokens, hidden, inter, (2, 1), 5, x_buffers=2, bulk=bulk, min_wr=2)
     return None if gu is None or dn is None else GemvTiling(gu, dn)
 
 

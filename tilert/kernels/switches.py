@@ -10,7 +10,7 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator, Mapping
 
-from tilert.kernels import attention, common, linear_fused, linear_tiling, moe
+from tilert.kernels import common, linear_fused, linear_tiling, moe
 
 ROWS_ENV = "TILERT_TASK_ROWS"  # where the persistent loop reads a task's row (rows_choice)
 ROWS_CHOICES = ("global", "shared")
@@ -63,13 +63,15 @@ def prefetch_quiet() -> str:
 
 
 def wait_choice() -> str:
-    """TILERT_WAIT_THREADS: "warp" (default): warp 0 polls a task's input counters, lane l the
-    counters l, l + 32, ... one after another (an acquire load each, an L2 round trip even when the
-    counter is reached: three or four in a row for the top-k's 96 router counters or an attention
-    split's q/k/v chunks); "cta": every thread polls its share and a barrier or-s the verdicts (one
-    round trip up to 256 counters). Only with TILERT_TASK_ROWS=shared (the wait of a row in shared
-    memory); the step kernel changes, not the table."""
-    v = os.environ.get(WAIT_ENV, "warp") or "warp"
+    """TILERT_WAIT_THREADS: "cta" (default): thread i of the CTA polls counter i, i + 256, ... of the
+    concatenation of a task's waits and a barrier or-s the verdicts (one L2 round trip for up to 256
+    counters over all the waits); "warp": warp 0 polls, lane l the counters l, l + 32, ... of each
+    wait one after another (an acquire load each, a round trip even when the counter is reached:
+    three for the top-k's 96 router counters, five for an attention split's 101 q/k/v counters).
+    "cta" was 0.93x-0.94x of "warp"'s step at B=1 and 0.99x at B=8 at full scale on an H100
+    (docs/performance.md). Only with TILERT_TASK_ROWS=shared (the wait of a row in shared memory;
+    with "global" warp 0 polls); the step kernel changes, not the table."""
+    v = os.environ.get(WAIT_ENV, "cta") or "cta"
     if v not in WAIT_CHOICES:
         raise ValueError(f"{WAIT_ENV}={v!r}: expected one of {', '.join(WAIT_CHOICES)}")
     return v
@@ -88,13 +90,12 @@ SWITCHES: dict[str, Callable[[], str]] = {
     linear_fused.NORM_STATS_ENV: linear_fused.norm_stats_choice,
     moe.LOADS_ENV: moe.loads_choice,
     WAIT_ENV: wait_choice,
-    attention.TABLE_ENV: attention.table_choice,
 }
 # what every switch was before it existed: the settings of traces that record none
 HISTORICAL = {linear_fused.BODY_ENV: "fused", moe.BODY_ENV: "mainloop", moe.TOPK_ENV: "task", PIN_ENV: "none",
               ROWS_ENV: "global", common.PROBES_ENV: "off", linear_tiling.TILES_ENV: "split",
               QUIET_ENV: "none", linear_fused.NORM_STATS_ENV: "global", moe.LOADS_ENV: "thread",
-              WAIT_ENV: "warp", attention.TABLE_ENV: "before"}  # fmt: skip
+              WAIT_ENV: "warp"}  # fmt: skip
 
 
 def completed(recorded: Mapping[str, str]) -> dict[str, str]:

@@ -76,12 +76,11 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
         b.env[g.values[o].name] = st
 
     early = early_loads()
-    inner_wait = early or attn.table_choice() == "during"  # the split waits inside its body (megakernel.Gate)
 
     def bodies() -> dict[str, Any]:
         import tilelang.language as T_
 
-        split, combine = attn.make_bodies(cfg, tma=False, gated=inner_wait, early_kv=early)
+        split, combine = attn.make_bodies(cfg, tma=False, gated=early)
         if cfg.mixed:
 
             @T_.macro
@@ -126,9 +125,9 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
             def combine_task(V, h, r, c2):
                 combine(V.positions, V.sink, V.o_part, V.lse, V.out, h, r)
 
-        return {"ATTN_SPLIT": gated(split_task) if inner_wait else split_task_plain, "ATTN_COMBINE": combine_task}
+        return {"ATTN_SPLIT": gated(split_task) if early else split_task_plain, "ATTN_COMBINE": combine_task}
 
-    return NodeProgram(("attention", cfg, S, early, inner_wait), specs, bodies, ts, ("ATTN_SPLIT", "ATTN_COMBINE"))
+    return NodeProgram(("attention", cfg, S, early), specs, bodies, ts, ("ATTN_SPLIT", "ATTN_COMBINE"))
 
 
 # ---- plan VM -------------------------------------------------------------------------------------

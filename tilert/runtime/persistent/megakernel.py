@@ -1,8 +1,9 @@
 """The persistent-kernel skeleton: one CTA per SM runs its row of the task table.
 
 `make_persistent_loop` builds the macro every persistent program shares: read a task row;
-warp 0 waits (acquire) until each wait counter reaches need * epoch, its lanes polling a wait's
-counters in parallel (a top-k waiting on 96 router chunks pays one round trip, not 96), bounded
+wait (acquire) until each wait counter reaches need * epoch, warp 0's lanes polling a wait's
+counters in parallel (a top-k waiting on 96 router chunks pays three round trips, not 96), or with
+`cta_wait` (the step kernel's default) every thread one counter of the row's waits, bounded
 by a %globaltimer deadline; on timeout it raises the error flag and
 every CTA drains without running bodies; then the body for the row's opcode runs (the same
 TileLang body the standalone launchers use); then thread 0 signals (release). Counters are never
@@ -14,8 +15,7 @@ The body runs the wait itself (Gate): a `gated` body first issues the loads that
 the step's data (a GEMV's first weight stages, attention's first KV tiles) into its shared memory,
 then waits, so their DRAM latency overlaps the wait instead of following it (the step program
 gates its GEMV and attention-split bodies only with TILERT_EARLY_LOADS=1, off by default: on the
-H200 it gains nothing at B=1 and costs ~10% at B=8, docs/performance.md; with TILERT_ATTN_TABLE=during
-the attention split builds its RoPE table during the wait, nothing loaded early); any other body is
+H200 it gains nothing at B=1 and costs ~10% at B=8, docs/performance.md); any other body is
 waited for before it starts. The wait is one non-inlined device function (tilert_wait_task) shared by
 every body's call site.
 
