@@ -16,8 +16,8 @@ the step's data (a GEMV's first weight stages, attention's first KV tiles) into 
 then waits, so their DRAM latency overlaps the wait instead of following it (the step program
 gates its GEMV and attention-split bodies only with TILERT_EARLY_LOADS=1, off by default: on the
 H200 it gains nothing at B=1 and costs ~10% at B=8, docs/performance.md); any other body is
-waited for before it starts. The wait is one non-inlined device function (tilert_wait_task) shared by
-every body's call site.
+waited for before it starts. The wait is one non-inlined device function shared by every body's
+call site (tilert_wait_task; with rows in shared memory tilert_wait_row, or tilert_wait_row_cta).
 
 Error buffer (int32[4]): [code, sm, task slot, counter] of the first wait that timed out
 (code ERR_TIMEOUT), or [ERR_OPCODE, -, -, opcode] for an opcode with no body (the dispatch traps).
