@@ -1,7 +1,9 @@
 """Nsight Compute's view of the persistent step kernel: where its warps stall, body by body.
 
-`run` builds rank 0's step of the model cut to its first N layers (synthetic weights, pinned
-routing, as benchmarks/e2e.py) and launches only the persistent kernel, so ncu can pick one launch:
+`run` builds rank 0's step of the model cut to its first N layers (synthetic weights; routing pinned
+as benchmarks/e2e.py's extra line, or by token with `--routing random`: the experts the synthetic
+router picks, what a verify block streams) and launches only the persistent kernel, so ncu can
+pick one launch:
 
     ncu --clock-control none -k regex:tilert_step --launch-skip 2 --launch-count 1 \
         --section WarpStateStats --section SourceCounters --section SpeedOfLight \
@@ -52,7 +54,9 @@ def run(a: argparse.Namespace) -> None:
     max_seq = a.context + 64
     mode = "verify" if a.tokens > 1 else "decode"
     g, sched = compile_step(build_step_graph(cfg, tokens=a.tokens, max_seq=max_seq, mode=mode), max_seq, a.world_size)
-    params = pin_routing(synthetic_params(g, seed=0), a.world_size)
+    params = synthetic_params(g, seed=0)
+    if a.routing == "pinned":
+        params = pin_routing(params, a.world_size)
     st = PersistentStep(g, sched.table, sched.counter_expected, params)
     if a.source_out:
         Path(a.source_out).write_text(st.kernel.get_kernel_source())
@@ -210,6 +214,8 @@ def main() -> None:
     r.add_argument("--layers", type=int, default=4)
     r.add_argument("--tokens", type=int, default=1)
     r.add_argument("--context", type=int, default=4096)
+    r.add_argument("--routing", choices=("pinned", "random"), default="pinned",
+                   help="pinned: one expert per rank for every token; random: the synthetic router's picks, by token")
     r.add_argument("--launches", type=int, default=4)
     r.add_argument("--source-out", default=None, help="write the step kernel's CUDA source here")
     r.add_argument("--time", type=int, default=0, help="also time this many launches (median ms)")
