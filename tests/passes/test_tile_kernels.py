@@ -150,7 +150,7 @@ def test_attention_tiles_are_the_kernel_config(case: tuple[Graph, list[OpTiles]]
             continue
         q, kc = g.values[n.inputs[0]], g.values[n.inputs[3]]
         T, Hkv = q.shape[0], kc.shape[0]
-        cfg = AttnConfig.for_node(n.a, T) if supports(n.a, T) is None else None
+        cfg = AttnConfig.for_node(n.a, T, persistent=True) if supports(n.a, T, persistent=True) is None else None
         rows, bm, splits = attention_tiling(n.a, T, Hkv)
         if cfg is not None:
             assert isinstance(cfg, AttnConfig) and (rows, bm, splits) == (cfg.rows, cfg.block_m, cfg.splits)
@@ -162,10 +162,12 @@ def test_attention_tiles_are_the_kernel_config(case: tuple[Graph, list[OpTiles]]
     assert bool(seen) == kernel  # mimo: the kernel covers every layer; tiny (head_dim 24): the fallback
 
 
-def test_full_attention_uses_two_cta_row_blocks() -> None:
-    """mimo verify B=8: 128 query rows per kv head in full layers -> two 64-row blocks, two CTAs per SM
-    (128 x 2 / 2 splits); SWA layers one 128-row block, window / 64 splits."""
+def test_attention_tasks_are_the_persistent_bodies_row_blocks() -> None:
+    """mimo verify B=8: 128 query rows per kv head -> one 128-row block (the persistent body's), 128
+    splits in full layers, window / 64 in SWA layers; a drafter block (non-causal) the same. B=16: two
+    row blocks, 64 splits."""
     a = AttentionBlockAttrs(heads=16, kv_heads=1, head_dim=192, v_head_dim=128, rope_dim=64, theta=1e7, scale=0.07)
-    assert attention_tiling(a, 8, 1) == (128, 64, 128)
+    assert attention_tiling(a, 8, 1) == (128, 128, 128)
+    assert attention_tiling(a, 16, 1) == (256, 128, 64)
     assert attention_tiling(replace(a, window=128), 8, 1) == (128, 128, 2)
-    assert attention_tiling(replace(a, causal=False), 8, 1) == (128, 128, 128)  # not the kernel: fallback
+    assert attention_tiling(replace(a, causal=False), 8, 1) == (128, 128, 128)

@@ -209,12 +209,17 @@ def row_blocks(a: AttentionBlockAttrs, tokens: int, kv_heads: int) -> int:
 
 def tiling(a: AttentionBlockAttrs, tokens: int, kv_heads: int) -> tuple[int, int, int]:
     """(query rows per kv head, rows per CTA, KV splits) of an attention_block node's tasks: the
-    kernel's (rows, block_m, splits) where it covers the node, so the persistent kernel runs
-    `attn_split_body` at the table's coordinates; else block_m 64/128 by rows and about one wave of
-    CTAs (the plan VM runs such nodes). A node only the persistent bodies take (a drafter block: q/k
-    norms, non-causal) gets their config's geometry. One place for the tile pass, the plan VM and the
+    persistent bodies' (rows, block_m, splits) where they cover the node (the table's tasks are what
+    the persistent kernel runs: `attn_split_body` at the table's coordinates), else the standalone
+    kernel's; else block_m 64/128 by rows and about one wave of CTAs (the plan VM runs such nodes).
+    The persistent bodies take 128 query rows a task: with the standalone kernel's 64-row blocks a
+    B=8 full-attention node had two row blocks, the second of which held no query row (half of its
+    258 split tasks ran the prologue for nothing). One place for the tile pass, the plan VM and the
     runtimes."""
-    for persistent in (False, True):
+    import os
+
+    order = (False, True) if os.environ.get("TILERT_ATTN_TILING") == "kernel" else (True, False)
+    for persistent in order:
         if supports(a, tokens, persistent) is None:
             cfg = AttnConfig.for_node(a, tokens, persistent)
             if cfg.kv_heads != kv_heads:

@@ -20,6 +20,8 @@ QUIET_ENV = "TILERT_PREFETCH_QUIET"  # which tasks ask L2 for no weights while t
 QUIET_CHOICES = ("none", "experts")
 WAIT_ENV = "TILERT_WAIT_THREADS"  # which threads of a task poll its input counters (wait_choice)
 WAIT_CHOICES = ("warp", "cta")
+EARLY_ENV = "TILERT_EARLY_LOADS"  # which bodies issue their data-independent loads before their wait (early_choice)
+EARLY_CHOICES = ("0", "1", "attn")
 
 
 def rows_choice() -> str:
@@ -77,6 +79,20 @@ def wait_choice() -> str:
     return v
 
 
+def early_choice() -> str:
+    """TILERT_EARLY_LOADS: which task bodies run in their gated form (runtime/persistent/megakernel.Gate:
+    the loads that need no earlier task's output are issued, then the task waits). "0" (default):
+    none; "1": the GEMV and attention-split bodies (weights, KV tiles: 1.25x / 1.18x slower at B=1 /
+    B=8 at full scale on an H100, docs/performance.md); "attn": the attention splits only, whose old
+    keys and RoPE table need nothing of the step, and whose queue puts them after the previous MoE's
+    last task, so they wait for q/k/v (median 12 us at B=1, 18 us at B=8 for a sliding-window split)
+    with nothing in flight. The step kernel changes, not the table."""
+    v = os.environ.get(EARLY_ENV, "0") or "0"
+    if v not in EARLY_CHOICES:
+        raise ValueError(f"{EARLY_ENV}={v!r}: expected one of {', '.join(EARLY_CHOICES)}")
+    return v
+
+
 # switch -> the function that reads it (and refuses a value it does not know)
 SWITCHES: dict[str, Callable[[], str]] = {
     linear_fused.BODY_ENV: linear_fused.body_choice,
@@ -90,12 +106,13 @@ SWITCHES: dict[str, Callable[[], str]] = {
     linear_fused.NORM_STATS_ENV: linear_fused.norm_stats_choice,
     moe.LOADS_ENV: moe.loads_choice,
     WAIT_ENV: wait_choice,
+    EARLY_ENV: early_choice,
 }
 # what every switch was before it existed: the settings of traces that record none
 HISTORICAL = {linear_fused.BODY_ENV: "fused", moe.BODY_ENV: "mainloop", moe.TOPK_ENV: "task", PIN_ENV: "none",
               ROWS_ENV: "global", common.PROBES_ENV: "off", linear_tiling.TILES_ENV: "split",
               QUIET_ENV: "none", linear_fused.NORM_STATS_ENV: "global", moe.LOADS_ENV: "thread",
-              WAIT_ENV: "warp"}  # fmt: skip
+              WAIT_ENV: "warp", EARLY_ENV: "0"}  # fmt: skip
 
 
 def completed(recorded: Mapping[str, str]) -> dict[str, str]:

@@ -75,7 +75,7 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
     for o, st in zip(n.outputs[1:], (kc, vc)):  # the updated caches are the caches
         b.env[g.values[o].name] = st
 
-    early = early_loads()
+    early = early_loads("attention")
 
     def bodies() -> dict[str, Any]:
         import tilelang.language as T_

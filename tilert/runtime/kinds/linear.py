@@ -85,7 +85,7 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
 
     if stream is not None:  # TILERT_LINEAR_BODY=gemv
         return stream_program(stream, ts, b, prefetch)
-    early = early_loads()
+    early = early_loads("linear")
     return NodeProgram(("linear", opcode, spec, early), lf.views(spec), lambda: {opcode: lf.make_body(spec, early)}, ts,
                        (opcode,), prefetch=prefetch)  # fmt: skip
 

@@ -11,7 +11,6 @@ activations padded to PAD_ROWS rows (the largest GEMM block_m, so tiles never re
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 
 from tilert.ir.graph import Graph, Value
+from tilert.kernels import switches
 from tilert.kernels.common import cdiv
 from tilert.kernels.views import TORCH_DTYPES, ViewSpec
 from tilert.runtime.persistent.megakernel import PersistentError
@@ -178,11 +178,12 @@ class Bindings:
         return t
 
 
-def early_loads() -> bool:
-    """Whether GEMV and attention-split tasks issue their data-independent loads before their wait
-    (megakernel.Gate), opt-in with TILERT_EARLY_LOADS=1: it gains nothing at B=1 and costs ~10% at
-    B=8 on the H200 (docs/performance.md), so every body is waited for first by default."""
-    return os.environ.get("TILERT_EARLY_LOADS", "0") == "1"
+def early_loads(kind: str) -> bool:
+    """Whether the tasks of `kind` ("linear": the GEMV bodies; "attention": the attention splits)
+    issue their data-independent loads before their wait (megakernel.Gate), by TILERT_EARLY_LOADS
+    (switches.early_choice: "1" both, "attn" the attention splits only; off by default)."""
+    v = switches.early_choice()
+    return v == "1" or (v == "attn" and kind == "attention")
 
 
 def view_spec(name: str, t: torch.Tensor, shape: Sequence[int] | None = None) -> ViewSpec:

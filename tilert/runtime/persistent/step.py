@@ -49,7 +49,7 @@ from tilert.runtime.persistent.megakernel import (
     make_persistent_loop,
     raise_on_error,
 )
-from tilert.runtime.persistent.program import Bindings, NodeProgram, PeerGroup, early_loads, enable_peer_access
+from tilert.runtime.persistent.program import Bindings, NodeProgram, PeerGroup, enable_peer_access
 
 # tilelang (the kernel compiler, slow to import) is imported only inside the functions that build kernels
 
@@ -245,7 +245,7 @@ class PersistentStep:
         shape = (self.sms, len(self.programs), max_views)  # the table's length and counters are runtime shapes
         # the kernel follows from its classes' keys and its shape: built (traced) once per process,
         # so another backend, sequence or server worker with the same step shape reuses it
-        kernel_key = (tuple(c.key for c in classes), shape, early_loads(), switches.rows_choice(),
+        kernel_key = (tuple(c.key for c in classes), shape, switches.early_choice(), switches.rows_choice(),
                       switches.wait_choice(), probes_choice(),
                       str(out_dir), build)  # fmt: skip
         if kernel_key not in _STEP_KERNELS:
