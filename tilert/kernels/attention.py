@@ -34,6 +34,7 @@ first position in the step, and the sequence's new keys up to the chunk's end.
 import dataclasses
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -171,6 +172,21 @@ class AttnConfig:
         return self.block_m * self.head_dim * 2 + self.stages * tile + table_rows * self.rope_dim * 4
 
 
+Q_LOAD_ENV = "TILERT_ATTN_Q_LOAD"  # how a gated split's q rows reach shared memory (q_load_choice)
+Q_LOADS = ("copy", "async")
+
+
+def q_load_choice() -> str:
+    """TILERT_ATTN_Q_LOAD, read when the split body is built: "copy" (default): the q block by plain
+    loads and shared-memory stores (a loop of dependent round trips: 2.6 us for a B=8 block's 48 KB
+    on an H100); "async": a gated split (TILERT_EARLY_LOADS) issues the block's rows by cp.async, all
+    in flight at once, and zeroes the rows past the step's tokens."""
+    v = os.environ.get(Q_LOAD_ENV, "copy") or "copy"
+    if v not in Q_LOADS:
+        raise ValueError(f"{Q_LOAD_ENV}={v!r}: expected one of {', '.join(Q_LOADS)}")
+    return v
+
+
 def rope_rows(cfg: AttnConfig) -> int:
     """Rows of the RoPE table (and of the new-key rotation), padded so their loops cover whole warps
     once vectorised: the loops over (rows, rope_dim / 2) move float pairs or quads, and with 9 or 11
@@ -216,8 +232,6 @@ def tiling(a: AttentionBlockAttrs, tokens: int, kv_heads: int) -> tuple[int, int
     B=8 full-attention node had two row blocks, the second of which held no query row (half of its
     258 split tasks ran the prologue for nothing). One place for the tile pass, the plan VM and the
     runtimes."""
-    import os
-
     order = (False, True) if os.environ.get("TILERT_ATTN_TILING") == "kernel" else (True, False)
     for persistent in order:
         if supports(a, tokens, persistent) is None:
@@ -318,6 +332,9 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
     DK, DV, ROPE, RH, NS, W = cfg.head_dim, cfg.v_head_dim, cfg.rope_dim, cfg.rope_dim // 2, cfg.splits, cfg.window
     SL2 = cfg.scale * LOG2E
     NST, TH = cfg.stages, cfg.threads
+    # q rows by cp.async (TILERT_ATTN_Q_LOAD=async, gated splits: their KV tiles are issued before the
+    # wait, so waiting for every cp.async group after it waits for q alone): whole tokens per block
+    QASYNC = gated and q_load_choice() == "async" and not cfg.mixed and BM % G == 0
     CAUSAL, NORM, EPS = cfg.causal, cfg.qk_norm_eps is not None, cfg.qk_norm_eps
     NEG = -T.infinity("float32")
     bf16, f32 = "bfloat16", "float32"
@@ -542,12 +559,23 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
                 rotate_q(q_s, rb - a0, cs)
                 for i in T.Parallel(BM):
                     qpos[i] = start + T.min(rb + i // G, t1 - 1) - a0
+            elif QASYNC:  # block row i is head h G + i % G of token rb BM / G + i // G: G x DK contiguous in Q
+                for j in T.unroll(BM // G):
+                    if rb * (BM // G) + j < B:
+                        T.async_copy(Q[rb * (BM // G) + j, h * G : h * G + G, :], q_s[j * G : j * G + G, :])
+                for i, d in T.Parallel(BM, DK):
+                    if rb * BM + i >= R:
+                        q_s[i, d] = T.Cast(bf16, 0)
+                T.ptx_wait_group(0)  # (gated: the KV tiles went out before the wait, long since landed)
+                T.sync_threads()
+                probe(1)
             else:
                 for i, d in T.Parallel(BM, DK):
                     r = rb * BM + i
                     q_s[i, d] = T.if_then_else(r < R, Q[T.min(r // G, B - 1), h * G + r % G, d], T.Cast(bf16, 0))
                 T.sync_threads()
                 probe(1)
+            if not MIX:
                 if NORM:
                     norm_q(q_s, Qn, nsq, nss, nrs)
                 rotate_q(q_s, rb, cs)

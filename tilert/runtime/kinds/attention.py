@@ -127,7 +127,8 @@ def program(g: Graph, n: Node, b: Bindings, sms: int) -> NodeProgram:
 
         return {"ATTN_SPLIT": gated(split_task) if early else split_task_plain, "ATTN_COMBINE": combine_task}
 
-    return NodeProgram(("attention", cfg, S, early), specs, bodies, ts, ("ATTN_SPLIT", "ATTN_COMBINE"))
+    return NodeProgram(("attention", cfg, S, early, attn.q_load_choice()), specs, bodies, ts,
+                       ("ATTN_SPLIT", "ATTN_COMBINE"))  # fmt: skip
 
 
 # ---- plan VM -------------------------------------------------------------------------------------
