@@ -107,6 +107,24 @@ def test_step_kernel_with_early_loads_compiles(monkeypatch) -> None:
     assert "__noinline__ int tilert_wait_row" in src
 
 
+def test_step_kernel_with_early_attention_and_async_q_compiles(monkeypatch) -> None:
+    # TILERT_EARLY_LOADS=attn: the attention splits alone run gated (KV tiles and RoPE table before the
+    # wait); TILERT_ATTN_Q_LOAD=async: such a split's q rows by cp.async
+    from tilert.engine.persistent import precompile
+    from tilert.kernels import attention
+
+    monkeypatch.setenv(switches.EARLY_ENV, "attn")
+    monkeypatch.setenv(attention.Q_LOAD_ENV, "async")
+    st = precompile(load_config("tiny-gpu"), 4, "verify", 256, 1)
+    keys = [p.key for p in st.programs]
+    assert any(k[0] == "attention" and k[3] is True and k[4] == "async" for k in keys)
+    assert all(k[3] is False for k in keys if k[0] == "linear")
+    assert st.switches[switches.EARLY_ENV] == "attn" and st.switches[attention.Q_LOAD_ENV] == "async"
+    monkeypatch.setenv(switches.EARLY_ENV, "all")
+    with pytest.raises(ValueError, match="TILERT_EARLY_LOADS='all'"):
+        switches.early_choice()
+
+
 def test_step_kernel_with_cta_waits_compiles(monkeypatch) -> None:
     # TILERT_WAIT_THREADS=cta: every body's wait is the CTA-wide one (every thread polls, a barrier
     # or-s the verdicts before the ready stamp); the warp-0 wait is neither defined nor called

@@ -562,7 +562,8 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
             elif QASYNC:  # block row i is head h G + i % G of token rb BM / G + i // G: G x DK contiguous in Q
                 for j in T.unroll(BM // G):
                     if rb * (BM // G) + j < B:
-                        T.async_copy(Q[rb * (BM // G) + j, h * G : h * G + G, :], q_s[j * G : j * G + G, :])
+                        T.async_copy(Q[rb * (BM // G) + j, h * G : h * G + G, :], q_s[j * G : j * G + G, :],
+                                     coalesced_width=8)  # fmt: skip
                 for i, d in T.Parallel(BM, DK):
                     if rb * BM + i >= R:
                         q_s[i, d] = T.Cast(bf16, 0)
