@@ -120,6 +120,10 @@ def test_step_kernel_with_early_attention_and_async_q_compiles(monkeypatch) -> N
     assert any(k[0] == "attention" and k[3] is True and k[4] == "async" for k in keys)
     assert all(k[3] is False for k in keys if k[0] == "linear")
     assert st.switches[switches.EARLY_ENV] == "attn" and st.switches[attention.Q_LOAD_ENV] == "async"
+    monkeypatch.setenv(switches.EARLY_ENV, "0")  # the async q copy of a split waited for before it runs
+    st = precompile(load_config("tiny-gpu"), 4, "verify", 256, 1)
+    assert any(k[0] == "attention" and k[3] is False and k[4] == "async" for k in (p.key for p in st.programs))
+    assert "cp.async" in st.kernel.get_kernel_source() or "cp_async" in st.kernel.get_kernel_source()
     monkeypatch.setenv(switches.EARLY_ENV, "all")
     with pytest.raises(ValueError, match="TILERT_EARLY_LOADS='all'"):
         switches.early_choice()

@@ -178,9 +178,9 @@ Q_LOADS = ("copy", "async")
 
 def q_load_choice() -> str:
     """TILERT_ATTN_Q_LOAD, read when the split body is built: "copy" (default): the q block by plain
-    loads and shared-memory stores (a loop of dependent round trips: 2.6 us for a B=8 block's 48 KB
-    on an H100); "async": a gated split (TILERT_EARLY_LOADS) issues the block's rows by cp.async, all
-    in flight at once, and zeroes the rows past the step's tokens."""
+    loads and shared-memory stores after the RoPE table (2.6 us for a B=8 block's 48 KB on an H100);
+    "async": the block's rows by cp.async, issued first, all in flight while the table is built (a
+    gated split: after its wait), and the rows past the step's tokens zeroed."""
     v = os.environ.get(Q_LOAD_ENV, "copy") or "copy"
     if v not in Q_LOADS:
         raise ValueError(f"{Q_LOAD_ENV}={v!r}: expected one of {', '.join(Q_LOADS)}")
@@ -332,9 +332,11 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
     DK, DV, ROPE, RH, NS, W = cfg.head_dim, cfg.v_head_dim, cfg.rope_dim, cfg.rope_dim // 2, cfg.splits, cfg.window
     SL2 = cfg.scale * LOG2E
     NST, TH = cfg.stages, cfg.threads
-    # q rows by cp.async (TILERT_ATTN_Q_LOAD=async, gated splits: their KV tiles are issued before the
-    # wait, so waiting for every cp.async group after it waits for q alone): whole tokens per block
-    QASYNC = gated and q_load_choice() == "async" and not cfg.mixed and BM % G == 0
+    # q rows by cp.async (TILERT_ATTN_Q_LOAD=async): whole tokens per block. A split waited for before
+    # it runs issues them first, before its KV tiles, and waits for all but the tiles' 2 NST groups
+    # once its RoPE table is built; a gated split issues them after its wait (its KV tiles went out
+    # before it) and waits for every group.
+    QASYNC = q_load_choice() == "async" and not cfg.mixed and BM % G == 0
     CAUSAL, NORM, EPS = cfg.causal, cfg.qk_norm_eps is not None, cfg.qk_norm_eps
     NEG = -T.infinity("float32")
     bf16, f32 = "bfloat16", "float32"
@@ -413,6 +415,15 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
             for i, d in T.Parallel(BM, DV):
                 acc_o[i, d] *= alpha[i]
         T.gemm(acc_p, v_s, acc_o, policy=T.GemmWarpPolicy.FullRow)
+
+    @T.macro
+    def issue_q(Q, q_s, rb, h):
+        """(QASYNC) The block's q rows by cp.async: block row i is head h G + i % G of token
+        rb BM / G + i // G, so each token's G rows are one G x DK block of Q; one commit group a token."""
+        for j in T.unroll(BM // G):
+            if rb * (BM // G) + j < B:
+                T.async_copy(Q[rb * (BM // G) + j, h * G : h * G + G, :], q_s[j * G : j * G + G, :],
+                             coalesced_width=8)  # fmt: skip
 
     @T.macro
     def issue(Kc, Vc, k_ring, v_ring, bar, st, h, base):
@@ -529,6 +540,8 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
                 T.call_extern("handle", "tilert_prefetch_bulk_l2",
                               T.call_extern("int64", "(long long)", T.address_of(Vc[ch, s_lo, 0])),
                               (s_hi - s_lo) * (DV * 2))  # fmt: skip
+        if QASYNC and gate is None:  # the q rows first: older than the tiles' groups
+            issue_q(Q, q_s, rb, h)
         # Start the first NST tile loads now, so they fly while this CTA builds its q block.
         for st in T.unroll(NST):
             if st < nt:
@@ -559,15 +572,16 @@ def make_bodies(cfg: AttnConfig, tma: bool = True, gated: bool = False):
                 rotate_q(q_s, rb - a0, cs)
                 for i in T.Parallel(BM):
                     qpos[i] = start + T.min(rb + i // G, t1 - 1) - a0
-            elif QASYNC:  # block row i is head h G + i % G of token rb BM / G + i // G: G x DK contiguous in Q
-                for j in T.unroll(BM // G):
-                    if rb * (BM // G) + j < B:
-                        T.async_copy(Q[rb * (BM // G) + j, h * G : h * G + G, :], q_s[j * G : j * G + G, :],
-                                     coalesced_width=8)  # fmt: skip
-                for i, d in T.Parallel(BM, DK):
+            elif QASYNC:
+                if gate is not None:
+                    issue_q(Q, q_s, rb, h)
+                for i, d in T.Parallel(BM, DK):  # rows past the step's tokens (other rows: the copies')
                     if rb * BM + i >= R:
                         q_s[i, d] = T.Cast(bf16, 0)
-                T.ptx_wait_group(0)  # (gated: the KV tiles went out before the wait, long since landed)
+                if gate is None:
+                    T.ptx_wait_group(2 * NST)  # every group but the KV tiles' (issued after q's)
+                else:
+                    T.ptx_wait_group(0)  # (the KV tiles went out before the wait, long since landed)
                 T.sync_threads()
                 probe(1)
             else:

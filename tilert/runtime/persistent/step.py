@@ -74,13 +74,20 @@ def make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, n_nodes: int,
     if not all(top.startswith(p) for p in preludes):
         raise PersistentError(f"the step's bodies need {len(preludes)} different device preludes; a kernel takes one")
     rows = switches.rows_choice() == "shared"
-    cta = rows and switches.wait_choice() == "cta"
+    cta = rows and switches.wait_choice() == "cta" and not has_mixed_attention(classes)
     probes = probes_choice() == "on"
     src = top + (ROWS_PRELUDE if rows else "") + (CTA_WAIT_PRELUDE if cta else "") + (PROBE_PRELUDE if probes else "")
     # the bodies are constructed and TileLang expands them here; their keyed unmerged buffers (the
     # expert GEMVs' reduction buffers) are one per kernel
     with using_prelude(src), using_probes(probes), using_unmerged_pool():
         return _make_step_kernel(classes, num_sms, n_nodes, max_views, timeout_ns, rows, probes, cta)
+
+
+def has_mixed_attention(classes: Sequence[NodeProgram]) -> bool:
+    """Whether a step holds a mixed-sequence attention node (rows of several sequences, slotted
+    caches). Such a step waits with warp 0 whatever TILERT_WAIT_THREADS says: with the CTA-wide wait
+    its multi-sequence outputs were wrong on an H100 (docs/performance.md), cause not yet found."""
+    return any(c.key[0] == "attention" and getattr(c.key[1], "mixed", False) for c in classes)
 
 
 def trace_columns(probes: bool | None = None) -> int:
@@ -258,6 +265,8 @@ class PersistentStep:
         self.steps = 0
         self.launches_per_step = 1
         self.switches = switches.current()  # the build switches its program was built under (traces record them)
+        if has_mixed_attention(classes):  # (make_step_kernel: a mixed step waits with warp 0)
+            self.switches[switches.WAIT_ENV] = "warp"
 
     def _prefetch_table(self) -> np.ndarray:
         """int64 [sms, tasks, 4]: each task's weight region (NodeProgram.prefetch), rows 0 if none,
