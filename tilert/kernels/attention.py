@@ -232,8 +232,7 @@ def tiling(a: AttentionBlockAttrs, tokens: int, kv_heads: int) -> tuple[int, int
     B=8 full-attention node had two row blocks, the second of which held no query row (half of its
     258 split tasks ran the prologue for nothing). One place for the tile pass, the plan VM and the
     runtimes."""
-    order = (False, True) if os.environ.get("TILERT_ATTN_TILING") == "kernel" else (True, False)
-    for persistent in order:
+    for persistent in (True, False):
         if supports(a, tokens, persistent) is None:
             cfg = AttnConfig.for_node(a, tokens, persistent)
             if cfg.kv_heads != kv_heads:
