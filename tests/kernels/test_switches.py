@@ -21,7 +21,7 @@ def test_current_names_every_switch_and_the_defaults(monkeypatch: pytest.MonkeyP
                                   common.PROBES_ENV: "off", linear_tiling.TILES_ENV: "rows",
                                   switches.QUIET_ENV: "experts", linear_fused.NORM_STATS_ENV: "staged",
                                   moe.LOADS_ENV: "thread", switches.WAIT_ENV: "cta", switches.EARLY_ENV: "0",
-                                  attention.Q_LOAD_ENV: "copy"}  # fmt: skip
+                                  attention.Q_LOAD_ENV: "async"}  # fmt: skip
 
 
 def test_applied_sets_and_restores(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -72,3 +72,22 @@ def test_epochs_scale_targets():
     for epoch in (1, 2, 3):
         run_table(table, {"LINEAR_FP8": lambda c: None, "CAST_BF16": lambda c: None}, counters, epoch=epoch)
     assert int(counters[0]) == 3
+
+
+def test_step_kernel_key_follows_views_and_switches(monkeypatch):
+    # a view's shape is in a step kernel's source: two KV pools of different slot counts (the same
+    # attention config) are two kernels, and so is every build switch's value
+    from tilert.kernels import switches
+    from tilert.runtime.persistent.program import NodeProgram
+    from tilert.runtime.persistent.step import step_kernel_key
+
+    def prog(slots: int) -> NodeProgram:
+        specs = [("q", (16, 4, 64), "bfloat16"), ("k_cache", (slots, 256, 64), "bfloat16")]
+        return NodeProgram(("attention", "cfg"), specs, lambda: {}, [], ("ATTN_SPLIT", "ATTN_COMBINE"))
+
+    shape = (132, 1, 2)
+    assert step_kernel_key([prog(2)], shape) == step_kernel_key([prog(2)], shape)
+    assert step_kernel_key([prog(2)], shape) != step_kernel_key([prog(6)], shape)
+    before = step_kernel_key([prog(2)], shape)
+    monkeypatch.setenv(switches.WAIT_ENV, "warp" if switches.wait_choice() == "cta" else "cta")
+    assert step_kernel_key([prog(2)], shape) != before

@@ -177,11 +177,12 @@ Q_LOADS = ("copy", "async")
 
 
 def q_load_choice() -> str:
-    """TILERT_ATTN_Q_LOAD, read when the split body is built: "copy" (default): the q block by plain
-    loads and shared-memory stores after the RoPE table (2.6 us for a B=8 block's 48 KB on an H100);
-    "async": the block's rows by cp.async, issued first, all in flight while the table is built (a
-    gated split: after its wait), and the rows past the step's tokens zeroed."""
-    v = os.environ.get(Q_LOAD_ENV, "copy") or "copy"
+    """TILERT_ATTN_Q_LOAD, read when the split body is built: "async" (default): the block's rows by
+    cp.async, issued first, all in flight while the RoPE table is built (a gated split: after its
+    wait), the rows past the step's tokens zeroed; "copy": plain loads and shared-memory stores after
+    the table (2.6 us for a B=8 block's 48 KB on an H100). "async" made the full-scale step 0.988x
+    at B=1 and 0.985x at B=8 on an H100 (docs/performance.md)."""
+    v = os.environ.get(Q_LOAD_ENV, "async") or "async"
     if v not in Q_LOADS:
         raise ValueError(f"{Q_LOAD_ENV}={v!r}: expected one of {', '.join(Q_LOADS)}")
     return v

@@ -74,20 +74,13 @@ def make_step_kernel(classes: Sequence[NodeProgram], num_sms: int, n_nodes: int,
     if not all(top.startswith(p) for p in preludes):
         raise PersistentError(f"the step's bodies need {len(preludes)} different device preludes; a kernel takes one")
     rows = switches.rows_choice() == "shared"
-    cta = rows and switches.wait_choice() == "cta" and not has_mixed_attention(classes)
+    cta = rows and switches.wait_choice() == "cta"
     probes = probes_choice() == "on"
     src = top + (ROWS_PRELUDE if rows else "") + (CTA_WAIT_PRELUDE if cta else "") + (PROBE_PRELUDE if probes else "")
     # the bodies are constructed and TileLang expands them here; their keyed unmerged buffers (the
     # expert GEMVs' reduction buffers) are one per kernel
     with using_prelude(src), using_probes(probes), using_unmerged_pool():
         return _make_step_kernel(classes, num_sms, n_nodes, max_views, timeout_ns, rows, probes, cta)
-
-
-def has_mixed_attention(classes: Sequence[NodeProgram]) -> bool:
-    """Whether a step holds a mixed-sequence attention node (rows of several sequences, slotted
-    caches). Such a step waits with warp 0 whatever TILERT_WAIT_THREADS says: with the CTA-wide wait
-    its multi-sequence outputs were wrong on an H100 (docs/performance.md), cause not yet found."""
-    return any(c.key[0] == "attention" and getattr(c.key[1], "mixed", False) for c in classes)
 
 
 def trace_columns(probes: bool | None = None) -> int:
@@ -193,7 +186,18 @@ def with_node_classes(table: np.ndarray, node_class: Sequence[int]) -> np.ndarra
     return tb
 
 
-_STEP_KERNELS: dict[tuple, Any] = {}  # compiled step kernels of this process, by classes and shape
+_STEP_KERNELS: dict[tuple, Any] = {}  # compiled step kernels of this process, by step_kernel_key
+
+
+def step_kernel_key(classes: Sequence[NodeProgram], shape: tuple[int, int, int], out_dir: Any = None,
+                    builder: Any = None) -> tuple:  # fmt: skip
+    """What a step kernel's source follows from, its key in this process's kernels: its classes' keys
+    and view specs (a view's shape is in the source: two KV pools of different slot counts, whose
+    attention nodes have the same config, are two kernels; with the specs left out, a mixed step
+    reused the kernel of a smaller pool and wrote its caches wrong), its shape and every build
+    switch."""
+    return (tuple(c.key for c in classes), tuple(tuple(c.specs) for c in classes), shape,
+            tuple(sorted(switches.current().items())), str(out_dir), builder)
 
 
 class PersistentStep:
@@ -250,11 +254,9 @@ class PersistentStep:
         self.prefetch = torch.from_numpy(self._prefetch_table()).to(self.device)
         self.n_classes = len(classes)
         shape = (self.sms, len(self.programs), max_views)  # the table's length and counters are runtime shapes
-        # the kernel follows from its classes' keys and its shape: built (traced) once per process,
-        # so another backend, sequence or server worker with the same step shape reuses it
-        kernel_key = (tuple(c.key for c in classes), shape, switches.early_choice(), switches.rows_choice(),
-                      switches.wait_choice(), probes_choice(),
-                      str(out_dir), build)  # fmt: skip
+        # built (traced) once per process: another backend, sequence or server worker with the same
+        # step reuses it
+        kernel_key = step_kernel_key(classes, shape, out_dir, build)
         if kernel_key not in _STEP_KERNELS:
             func = make_step_kernel(classes, *shape)
             kinds = ", ".join(sorted({n.op for n in graph.nodes}))
@@ -265,8 +267,6 @@ class PersistentStep:
         self.steps = 0
         self.launches_per_step = 1
         self.switches = switches.current()  # the build switches its program was built under (traces record them)
-        if has_mixed_attention(classes):  # (make_step_kernel: a mixed step waits with warp 0)
-            self.switches[switches.WAIT_ENV] = "warp"
 
     def _prefetch_table(self) -> np.ndarray:
         """int64 [sms, tasks, 4]: each task's weight region (NodeProgram.prefetch), rows 0 if none,
