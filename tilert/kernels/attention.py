@@ -172,7 +172,7 @@ class AttnConfig:
         return self.block_m * self.head_dim * 2 + self.stages * tile + table_rows * self.rope_dim * 4
 
 
-Q_LOAD_ENV = "TILERT_ATTN_Q_LOAD"  # how a gated split's q rows reach shared memory (q_load_choice)
+Q_LOAD_ENV = "TILERT_ATTN_Q_LOAD"  # how an attention split's q rows reach shared memory (q_load_choice)
 Q_LOADS = ("copy", "async")
 
 

@@ -86,7 +86,8 @@ def early_choice() -> str:
     B=8 at full scale on an H100, docs/performance.md); "attn": the attention splits only, whose old
     keys and RoPE table need nothing of the step, and whose queue puts them after the previous MoE's
     last task, so they wait for q/k/v (median 12 us at B=1, 18 us at B=8 for a sliding-window split)
-    with nothing in flight. The step kernel changes, not the table."""
+    with nothing in flight; measured 1.16x / 1.08x slower all the same (the gated body took the step
+    kernel to 255 registers, and the other bodies slowed). The step kernel changes, not the table."""
     v = os.environ.get(EARLY_ENV, "0") or "0"
     if v not in EARLY_CHOICES:
         raise ValueError(f"{EARLY_ENV}={v!r}: expected one of {', '.join(EARLY_CHOICES)}")

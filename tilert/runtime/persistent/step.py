@@ -193,9 +193,9 @@ def step_kernel_key(classes: Sequence[NodeProgram], shape: tuple[int, int, int],
                     builder: Any = None) -> tuple:  # fmt: skip
     """What a step kernel's source follows from, its key in this process's kernels: its classes' keys
     and view specs (a view's shape is in the source: two KV pools of different slot counts, whose
-    attention nodes have the same config, are two kernels; with the specs left out, a mixed step
-    reused the kernel of a smaller pool and wrote its caches wrong), its shape and every build
-    switch."""
+    attention nodes have the same config, are two kernels: with the specs left out, a mixed step
+    reused a smaller pool's kernel, whose cache loads are bounded by that pool's rows, and read the
+    slots past them as zeros), its shape and every build switch."""
     return (tuple(c.key for c in classes), tuple(tuple(c.specs) for c in classes), shape,
             tuple(sorted(switches.current().items())), str(out_dir), builder)
 
