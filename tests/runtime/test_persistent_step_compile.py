@@ -107,6 +107,9 @@ def test_step_kernel_with_early_loads_compiles(monkeypatch) -> None:
     assert "__noinline__ int tilert_wait_row" in src
 
 
+Q_ASYNC = re.compile(r"cp_async\w*<16>\(\(&\(\(\(bfloat16_t\*\)q_s")  # a 16-byte cp.async into the q block
+
+
 def test_step_kernel_with_early_attention_and_async_q_compiles(monkeypatch) -> None:
     # TILERT_EARLY_LOADS=attn: the attention splits alone run gated (KV tiles and RoPE table before the
     # wait); TILERT_ATTN_Q_LOAD=async: such a split's q rows by cp.async
@@ -120,10 +123,11 @@ def test_step_kernel_with_early_attention_and_async_q_compiles(monkeypatch) -> N
     assert any(k[0] == "attention" and k[3] is True and k[4] == "async" for k in keys)
     assert all(k[3] is False for k in keys if k[0] == "linear")
     assert st.switches[switches.EARLY_ENV] == "attn" and st.switches[attention.Q_LOAD_ENV] == "async"
+    assert Q_ASYNC.search(st.kernel.get_kernel_source())  # the q block's rows by cp.async
     monkeypatch.setenv(switches.EARLY_ENV, "0")  # the async q copy of a split waited for before it runs
     st = precompile(load_config("tiny-gpu"), 4, "verify", 256, 1)
     assert any(k[0] == "attention" and k[3] is False and k[4] == "async" for k in (p.key for p in st.programs))
-    assert "cp.async" in st.kernel.get_kernel_source() or "cp_async" in st.kernel.get_kernel_source()
+    assert Q_ASYNC.search(st.kernel.get_kernel_source())
     monkeypatch.setenv(switches.EARLY_ENV, "all")
     with pytest.raises(ValueError, match="TILERT_EARLY_LOADS='all'"):
         switches.early_choice()

@@ -182,6 +182,8 @@ def early_loads(kind: str) -> bool:
     """Whether the tasks of `kind` ("linear": the GEMV bodies; "attention": the attention splits)
     issue their data-independent loads before their wait (megakernel.Gate), by TILERT_EARLY_LOADS
     (switches.early_choice: "1" both, "attn" the attention splits only; off by default)."""
+    if kind not in ("linear", "attention"):
+        raise ValueError(f"early_loads: kind {kind!r} (linear or attention)")
     v = switches.early_choice()
     return v == "1" or (v == "attn" and kind == "attention")
 
