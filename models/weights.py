@@ -338,7 +338,19 @@ def dequantize_weight(weights: dict[str, torch.Tensor], prefix: str) -> torch.Te
     raise WeightError(f"no weight stored for {prefix} (looked for {w}, {w}_scale_inv, {w}_blocks)")
 
 
+def from_file(name: str, t: torch.Tensor) -> torch.Tensor:
+    """A stored tensor as read from a checkpoint file -> its in-memory form: MXFP4 blocks move from
+    the published word order to the one in force (numerics/mxfp4.py, TILERT_MXFP4_ORDER)."""
+    return mxfp4.to_order(t) if name.endswith(".weight_blocks") else t
+
+
+def to_file(name: str, t: torch.Tensor) -> torch.Tensor:
+    """The inverse of `from_file`: what a checkpoint file holds (MXFP4 blocks in the published order)."""
+    return mxfp4.from_order(t) if name.endswith(".weight_blocks") else t
+
+
 def save_safetensors(weights: dict[str, torch.Tensor], path: str | Path) -> None:
     """Write a storage-form dict as one safetensors file (HF layout, loadable by
     `tilert.checkpoint.load_safetensors`)."""
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(path), metadata={"format": "pt"})
+    save_file({k: to_file(k, v.detach()).contiguous().cpu() for k, v in weights.items()}, str(path),
+              metadata={"format": "pt"})  # fmt: skip

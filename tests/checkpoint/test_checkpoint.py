@@ -16,7 +16,7 @@ from tilert.cli import main
 from tilert.engine import ReferenceBackend, generate
 from tilert.engine.api import Engine
 from tilert.models.config import load_config
-from tilert.models.weights import dequantize_weight, synthetic_weights
+from tilert.models.weights import dequantize_weight, from_file, save_safetensors, synthetic_weights
 
 PROMPT = [5, 17, 3, 99]
 V = "model.layers.2.self_attn.v_proj.weight"
@@ -83,7 +83,7 @@ def test_quantize_world1_round_trip(cfg, bf16_ckpt, quantized):
     assert t["lm_head.weight"]["dtype"] == "bfloat16"
     # the quantised values stay close to the bf16 originals
     src = CheckpointReader(bf16_ckpt)
-    q = load_file(str(quantized / m["ranks"][0]["files"][0]))
+    q = {k: from_file(k, v) for k, v in load_file(str(quantized / m["ranks"][0]["files"][0])).items()}
     for p in ("model.layers.1.mlp.experts.2.up_proj", "model.layers.3.self_attn.o_proj"):
         x, y = src.read(p + ".weight").float(), dequantize_weight(q, p)
         assert (x - y).norm() / x.norm() < 0.15
@@ -209,3 +209,21 @@ def test_tokenizer_text_round_trip(cfg, bf16_ckpt, tmp_path):
     r, ids, chunks = in_thread(run)
     assert r.tokens == ids.tokens and r.text == " ".join(f"w{t}" for t in r.tokens)
     assert chunks.split() == r.text.split()
+
+
+def test_files_keep_the_published_mxfp4_order(tmp_path, monkeypatch):
+    # TILERT_MXFP4_ORDER=decode permutes MXFP4 blocks in memory only: the file written is the one
+    # written under the published order, byte for byte, and reading it gives the decode-order blocks
+    cfg = load_config("tiny")
+    seed = int(torch.randint(0, 2**31, ()))
+    monkeypatch.setenv("TILERT_MXFP4_ORDER", "published")
+    pub = synthetic_weights(cfg, seed, include_drafter=False)
+    save_safetensors(pub, tmp_path / "pub.safetensors")
+    monkeypatch.setenv("TILERT_MXFP4_ORDER", "decode")
+    dec = synthetic_weights(cfg, seed, include_drafter=False)
+    names = [k for k in pub if k.endswith(".weight_blocks")]
+    assert names and all(not torch.equal(pub[k], dec[k]) for k in names[:3])
+    save_safetensors(dec, tmp_path / "dec.safetensors")
+    assert (tmp_path / "pub.safetensors").read_bytes() == (tmp_path / "dec.safetensors").read_bytes()
+    read = LazyWeights(CheckpointReader(tmp_path / "pub.safetensors"))
+    assert all(torch.equal(read[k], dec[k]) for k in names)

@@ -149,6 +149,28 @@ def test_e2m1_planes_decode_every_byte():
             assert got == [vals[2 * byte].item(), vals[2 * byte + 1].item()], (b, byte)
 
 
+def _rotl(w: int, k: int) -> int:
+    return ((w << k) | (w >> (32 - k))) & 0xFFFFFFFF if k else w
+
+
+def test_e2m1_decode_order_decodes_every_byte(monkeypatch):
+    # tilert_e2m1x2_ord (kernels/common.py) on words in TILERT_MXFP4_ORDER=decode: for each published
+    # byte b and each of its 256 values, with the word's other bytes random (they must not leak in),
+    # the two bf16 halves are the E2M1 codes of its low and high nibble times 2^-126
+    monkeypatch.setenv(mxfp4.ORDER_ENV, "decode")
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    vals = mxfp4.E2M1_VALUES.tolist()
+    for b in range(4):
+        pub = torch.randint(0, 256, (256, 4), dtype=torch.uint8, generator=g)
+        pub[:, b] = torch.arange(256, dtype=torch.uint8)
+        words = mxfp4.to_order(pub.reshape(1, -1)).view(torch.int32).flatten().tolist()
+        for byte, w in enumerate(words):
+            w &= 0xFFFFFFFF
+            y = (_rotl(w, 10), _rotl(w, 13), ((w & 0x001B001B) * 0x1084) & 0xFFFFFFFF)[b - 1] if b else w
+            got = [v * 2.0**126 for v in _bf16_halves(y & 0x81C081C0)]
+            assert got == [vals[byte & 15], vals[byte >> 4]], (b, byte)
+
+
 def test_e4m3_sign_replicate_decodes_every_byte():
     # tilert_e4m3x2_sx: bytes (0, 1) with selector 0x9180 and (2, 3) with 0xB3A2 become bf16 values
     # times 2^-120, exact for every finite e4m3 code (subnormals included)

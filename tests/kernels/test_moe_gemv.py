@@ -11,6 +11,7 @@ import pytest
 
 from tilert.kernels import common, gemv, moe
 from tilert.models.config import load_config
+from tilert.numerics import mxfp4
 
 needs_toolchain = pytest.mark.skipif(not common.has_toolchain(), reason=str(common.toolchain_reason()))
 
@@ -351,6 +352,19 @@ def test_expert_tasks_match_reference_at_mimo_shapes(monkeypatch, tokens, active
     # 1 active expert: most tasks run one item or none; 48: every task streams ~48 gate/up and ~36
     # down items back to back through several slots (Hb restaged per slot)
     monkeypatch.setenv(moe.LOADS_ENV, loads)
+    eh, ey = moe.check_gemv_tasks(tokens, *MIMO_SHAPE, active=active)
+    assert eh < TOL_H and ey < TOL_Y, (eh, ey)
+
+
+DECODE_ORDER_CASES = [(1, 8), (8, 48), (12, 20)]  # (tokens, active experts)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("tokens", "active"), DECODE_ORDER_CASES)
+def test_expert_tasks_in_decode_order_match_reference(monkeypatch, tokens, active):
+    # TILERT_MXFP4_ORDER=decode: the weights quantised into the decode word order, the tasks built
+    # with its decode (tilert_e2m1x2_ord)
+    monkeypatch.setenv(mxfp4.ORDER_ENV, "decode")
     eh, ey = moe.check_gemv_tasks(tokens, *MIMO_SHAPE, active=active)
     assert eh < TOL_H and ey < TOL_Y, (eh, ey)
 

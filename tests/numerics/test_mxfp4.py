@@ -28,6 +28,12 @@ F32_MAX = float(np.finfo(np.float32).max)
 F32_TINY_SUB = float(np.finfo(np.float32).smallest_subnormal)
 
 
+@pytest.fixture(autouse=True)
+def _published_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The oracle packs in the published (file) order; the decode order has tests of its own below."""
+    monkeypatch.setenv(mxfp4.ORDER_ENV, "published")
+
+
 # ----------------------------------------------------------------------------- oracle
 
 
@@ -398,6 +404,54 @@ def test_property_pack_unpack_inverse(codes: np.ndarray) -> None:
 
 def test_pack_layout() -> None:
     assert mxfp4.pack_codes(torch.tensor([1, 2, 15, 0], dtype=torch.uint8)).tolist() == [0x21, 0x0F]
+
+
+# ----------------------------------------------------------------------------- word order
+
+
+@settings()
+@given(
+    codes=hnp.arrays(
+        np.uint8, st.tuples(st.integers(1, 3), st.integers(1, 12).map(lambda n: 8 * n)), elements=st.integers(0, 15)
+    )
+)
+def test_property_decode_order_round_trips(codes: np.ndarray) -> None:
+    # decode order is a bijection on each word: pack/unpack, to_order/from_order invert each other,
+    # and the bytes differ from the published packing (the permutation is not the identity)
+    c = torch.from_numpy(codes)
+    pub = mxfp4.pack_codes(c)
+    dec = mxfp4.to_order(pub, "decode")
+    assert torch.equal(mxfp4.from_order(dec, "decode"), pub)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(mxfp4.ORDER_ENV, "decode")
+        assert torch.equal(mxfp4.pack_codes(c), dec)
+        assert torch.equal(mxfp4.unpack_codes(dec), c)
+    assert torch.equal(mxfp4.to_order(pub), pub)  # published in force: the identity
+
+
+def test_decode_order_moves_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    # every bit of a word lands on the place the decode's transforms read it from (one-hot words),
+    # and quantize / dequantize under decode order give the published values
+    one_hot = torch.tensor([1 << i for i in range(31)] + [-(1 << 31)], dtype=torch.int32).view(torch.uint8)
+    moved = mxfp4.to_order(one_hot.reshape(32, 4), "decode").view(torch.int32).flatten().tolist()
+    assert [(m & 0xFFFFFFFF).bit_length() - 1 for m in moved] == mxfp4._TO_DECODE
+    assert mxfp4._TO_DECODE != list(range(32))
+    x = torch.randn(5, 96, generator=torch.Generator().manual_seed(secrets.randbits(31)))
+    pub_b, pub_s = mxfp4.quantize(x)
+    ref = mxfp4.dequantize(pub_b, pub_s)
+    monkeypatch.setenv(mxfp4.ORDER_ENV, "decode")
+    b, s = mxfp4.quantize(x)
+    assert torch.equal(s, pub_s) and not torch.equal(b, pub_b) and torch.equal(mxfp4.from_order(b), pub_b)
+    assert torch.equal(mxfp4.dequantize(b, s), ref)
+
+
+def test_decode_order_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(mxfp4.ORDER_ENV, "decode")
+    with pytest.raises(ValueError, match="whole 32-bit words"):
+        mxfp4.pack_codes(torch.tensor([1, 2, 15, 0], dtype=torch.uint8))
+    monkeypatch.setenv(mxfp4.ORDER_ENV, "nibbles")
+    with pytest.raises(ValueError, match="TILERT_MXFP4_ORDER='nibbles'"):
+        mxfp4.order_choice()
 
 
 def test_empty_k() -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from tilert.models.weights import WeightError, nonfinite
+from tilert.models.weights import WeightError, from_file, nonfinite
 
 # safetensors header dtype names <-> torch dtypes
 ST_DTYPES: dict[str, torch.dtype] = {
@@ -109,7 +109,8 @@ class LazyWeights(Mapping[str, torch.Tensor]):
     """A read-on-access Mapping over a checkpoint.
 
     Each read is checked with `check(name, stored_tensor)` (NaN/Inf, checksum) and then cast to
-    `casts[name]` if given (exact upcasts, e.g. a bf16-stored router weight to float32).
+    `casts[name]` if given (exact upcasts, e.g. a bf16-stored router weight to float32); MXFP4 blocks
+    then take the in-memory word order (`models.weights.from_file`).
     """
 
     def __init__(
@@ -131,7 +132,7 @@ class LazyWeights(Mapping[str, torch.Tensor]):
         if self._check is not None:
             self._check(name, t)
         want = self._casts.get(name)
-        return t.to(want) if want is not None and t.dtype != want else t
+        return from_file(name, t.to(want) if want is not None and t.dtype != want else t)
 
     def __contains__(self, name: object) -> bool:
         return name in self._set

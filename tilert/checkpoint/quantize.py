@@ -42,6 +42,7 @@ from tilert.checkpoint.manifest import (
 )
 from tilert.checkpoint.sharded import shard_file_name, shard_files
 from tilert.models.config import ModelConfig
+from tilert.models.weights import to_file
 from tilert.progress import progress
 from tilert.tokenizer import find_tokenizer, load_tokenizer
 
@@ -214,7 +215,8 @@ class _PlannedFile:
             )
         if name in self._written:
             raise CheckpointError(f"tensor {name} written twice to {self.path.name}")
-        data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+        t = to_file(name, t.detach())  # MXFP4 blocks in the published order
+        data = t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
         with open(self.path, "r+b") as f:
             f.seek(self._data_start + offset)
             f.write(memoryview(data))

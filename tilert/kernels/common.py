@@ -69,6 +69,14 @@ __device__ __forceinline__ unsigned tilert_e2m1x2(unsigned w, unsigned u, unsign
   const unsigned y = __byte_perm(w, u, sel);
   return tilert_bf16x2_mul(((y << 6) & 0x01C001C0u) | ((y << 12) & 0x80008000u), mult);
 }
+__device__ __forceinline__ unsigned tilert_e2m1x2_ord(unsigned w, int b, unsigned mult) {
+  // E2M1 pair of (published) byte b of a word in decode order (numerics/mxfp4.py): one funnel shift
+  // or carry-free multiply (b constant: the branches fold) and one mask give the codes placed as
+  // tilert_e2m1x2 places them (value * 2^-126); the multiply by mult = 2^(scale-1) restores them
+  const unsigned y = b == 0 ? w : b == 1 ? __funnelshift_l(w, w, 10) : b == 2 ? __funnelshift_l(w, w, 13)
+                                                                      : (w & 0x001B001Bu) * 0x1084u;
+  return tilert_bf16x2_mul(y & 0x81C081C0u, mult);
+}
 __device__ __forceinline__ unsigned tilert_e4m3x2(unsigned w, unsigned sel) {
   const unsigned v = __byte_perm(w, 0u, sel);
   return tilert_bf16x2_mul((v & 0x80008000u) | ((v >> 4) & 0x07F007F0u), 0x7B807B80u);
@@ -483,6 +491,21 @@ def kernel_resources(kernel: Any) -> dict[str, dict[str, int | None]]:
     lib = Path(getattr(kernel, "_tilelang_cache_path", "") or "", "executable.so")
     return {fn: {"registers": sass.register_count(lib, fn), "static_smem": st, "dynamic_smem": dyn}
             for fn, (st, dyn) in shared_memory_bytes(kernel).items()}  # fmt: skip
+
+
+def per_mxfp4_order(build: Any) -> Any:
+    """functools.cache for a kernel builder whose source follows the MXFP4 word order in force
+    (TILERT_MXFP4_ORDER): the order is part of the key, so a switch never reuses the other's kernel."""
+    from tilert.numerics import mxfp4
+
+    cached = functools.cache(lambda order, *args, **kw: build(*args, **kw))
+
+    @functools.wraps(build)
+    def wrapper(*args: Any, **kw: Any) -> Any:
+        return cached(mxfp4.order_choice(), *args, **kw)
+
+    wrapper.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
+    return wrapper
 
 
 @functools.cache

@@ -62,7 +62,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from tilert.kernels.common import CTA_SMEM_LIMIT, DEVICE_PRELUDE, build, cdiv, make_row_rstd
+from tilert.kernels.common import CTA_SMEM_LIMIT, DEVICE_PRELUDE, build, cdiv, make_row_rstd, per_mxfp4_order
+from tilert.numerics import mxfp4
 
 THREADS = 256
 WARPS = THREADS // 32
@@ -517,6 +518,7 @@ def make_body(
     # reduced, 4 stored; an item 5 first chunk in, 6 streamed, 7 stored
     probe = common.make_probe()
     mx = cfg.fmt == "mxfp4"
+    decode_order = mx and mxfp4.order_choice() == "decode"  # the blocks' word order (numerics/mxfp4.py)
     if items is not None and not (mx and cfg.split == 1 and cfg.depth - 1 <= cfg.items):
         raise ValueError(f"GEMV item body: MXFP4, split 1 and depth - 1 <= {cfg.items} chunks: {cfg}")
     norm, res = cfg.norm_eps is not None, cfg.res_dtype is not None
@@ -750,9 +752,12 @@ def make_body(
             for s in T.unroll(8):
                 for i in T.unroll(4):  # af[i]: row r + 8 * (i % 2), bytes 2 * (s % 2) + i // 2 of word s // 2
                     w = wq[grp * 8 + (i % 2) * 4 + s // 2]
-                    lo, hi = w & T.uint32(0x0F0F0F0F), (w >> T.uint32(4)) & T.uint32(0x0F0F0F0F)
-                    sel = 0xC480 + 0x1111 * (2 * (s % 2) + i // 2)
-                    af[i] = T.call_extern(u32, "tilert_e2m1x2_lh", lo, hi, sel, ml[i % 2])
+                    if decode_order:
+                        af[i] = T.call_extern(u32, "tilert_e2m1x2_ord", w, 2 * (s % 2) + i // 2, ml[i % 2])
+                    else:
+                        lo, hi = w & T.uint32(0x0F0F0F0F), (w >> T.uint32(4)) & T.uint32(0x0F0F0F0F)
+                        sel = 0xC480 + 0x1111 * (2 * (s % 2) + i // 2)
+                        af[i] = T.call_extern(u32, "tilert_e2m1x2_lh", lo, hi, sel, ml[i % 2])
                     if big:
                         af[i] = T.call_extern(u32, "tilert_bf16x2_mul", af[i], ml[2 + i % 2])
                 for t in T.unroll(NT):
@@ -1158,12 +1163,12 @@ def make_stream_kernel(cfg: Config, copies: int, sms: int, prefetch: bool = Fals
     return gemv_stream
 
 
-@functools.cache
+@per_mxfp4_order
 def compiled(cfg: Config):
     return build(make_kernel(cfg), what=f"gemv {cfg}")
 
 
-@functools.cache
+@per_mxfp4_order
 def compiled_stream(cfg: Config, copies: int, sms: int, prefetch: bool = False, x_own: bool = False):
     what = f"gemv stream {cfg} x {copies} on {sms} SMs{' (prefetch)' if prefetch else ''}{' (x_own)' if x_own else ''}"
     return build(make_stream_kernel(cfg, copies, sms, prefetch, x_own), what=what)

@@ -37,7 +37,7 @@ import torch
 
 from tilert.ir.opset.fused import MoeAttrs
 from tilert.kernels import gemv
-from tilert.kernels.common import build, cdiv, make_probe, prelude
+from tilert.kernels.common import build, cdiv, make_probe, per_mxfp4_order, prelude
 from tilert.kernels.mxfp4_gemm import BLOCK_K, BLOCK_N, loop_shape, make_mainloop
 from tilert.numerics import mxfp4
 from tilert.ops.moe import moe_experts, route
@@ -769,7 +769,7 @@ def make_kernels(cfg: Config):
     return moe_router, moe_route, moe_gate_up, moe_down
 
 
-@functools.cache
+@per_mxfp4_order
 def compiled(cfg: Config):
     return tuple(build(f) for f in make_kernels(cfg))
 
@@ -810,7 +810,7 @@ def make_gemv_task_kernels(cfg: Config, til: MoeTiling):
     return moe_gate_up_stream, moe_down_stream
 
 
-@functools.cache
+@per_mxfp4_order
 def compiled_gemv_tasks(cfg: Config, til: MoeTiling):
     what = f"MoE GEMV expert tasks T={cfg.t} H={cfg.hidden} I={cfg.inter} ({til.gemv})"
     return tuple(build(f, what=what) for f in make_gemv_task_kernels(cfg, til))

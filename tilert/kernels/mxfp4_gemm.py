@@ -21,14 +21,14 @@ rows fill the MMA M slot, 8 tokens the N slot; block_m = 16 issues two MMAs per 
   writes     Y[m_tile*block_m : +block_m, n_tile*16 : +16] (rows/cols clipped to M, N).
 """
 
-import functools
 import math
 from dataclasses import dataclass
 
 import torch
 
 from tilert.kernels import gemv
-from tilert.kernels.common import build, cdiv, launch_decode_gemm, make_mma_reduce, prelude
+from tilert.kernels.common import build, cdiv, launch_decode_gemm, make_mma_reduce, per_mxfp4_order, prelude
+from tilert.numerics import mxfp4
 from tilert.ops.linear import mxfp4_linear
 
 reference = mxfp4_linear
@@ -108,6 +108,7 @@ def make_mainloop(
     NT = bm // 8
     mv = m_valid if 0 < m_valid < bm else bm
     mma_reduce = make_mma_reduce(bm, 1, warps)
+    decode_order = mxfp4.order_choice() == "decode"  # the blocks' word order (numerics/mxfp4.py)
 
     def flat(src, idx):  # the element offset of src[idx] (row-major), int64
         return sum(T.cast(v, "int64") * math.prod(src.shape[d + 1 :]) for d, v in enumerate(idx))
@@ -193,18 +194,15 @@ def make_mainloop(
                         w0 = wq[p * 8 + s // 2]
                         w1 = wq[p * 8 + 4 + s // 2]
                         b = 2 * (s % 2)
-                        af[0] = T.call_extern(
-                            "uint32", "tilert_e2m1x2", w0, w0 >> T.uint32(4), 0x4400 + 0x1111 * b, ml[0]
-                        )
-                        af[1] = T.call_extern(
-                            "uint32", "tilert_e2m1x2", w1, w1 >> T.uint32(4), 0x4400 + 0x1111 * b, ml[1]
-                        )
-                        af[2] = T.call_extern(
-                            "uint32", "tilert_e2m1x2", w0, w0 >> T.uint32(4), 0x4400 + 0x1111 * (b + 1), ml[0]
-                        )
-                        af[3] = T.call_extern(
-                            "uint32", "tilert_e2m1x2", w1, w1 >> T.uint32(4), 0x4400 + 0x1111 * (b + 1), ml[1]
-                        )
+                        for i in T.unroll(4):  # af[i]: byte b + i // 2 of row (w0, w1)[i % 2]'s word
+                            wi = w0 if i % 2 == 0 else w1
+                            if decode_order:
+                                af[i] = T.call_extern("uint32", "tilert_e2m1x2_ord", wi, b + i // 2, ml[i % 2])
+                            else:
+                                af[i] = T.call_extern(
+                                    "uint32", "tilert_e2m1x2", wi, wi >> T.uint32(4), 0x4400 + 0x1111 * (b + i // 2),
+                                    ml[i % 2]
+                                )  # fmt: skip
                         if sq[p * 2] > 128 or sq[p * 2 + 1] > 128:
                             af[0] = T.call_extern("uint32", "tilert_bf16x2_mul", af[0], ml[2])
                             af[1] = T.call_extern("uint32", "tilert_bf16x2_mul", af[1], ml[3])
@@ -285,7 +283,7 @@ def make_kernel(cfg: Config, extra_shared_kb: int = 0):
     return mxfp4_gemm
 
 
-@functools.cache
+@per_mxfp4_order
 def compiled(cfg: Config | gemv.Config):
     return gemv.compiled(cfg) if isinstance(cfg, gemv.Config) else build(make_kernel(cfg))
 

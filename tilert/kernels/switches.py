@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 
 from tilert.kernels import attention, common, linear_fused, linear_tiling, moe
+from tilert.numerics import mxfp4
 
 ROWS_ENV = "TILERT_TASK_ROWS"  # where the persistent loop reads a task's row (rows_choice)
 ROWS_CHOICES = ("global", "shared")
@@ -109,13 +110,14 @@ SWITCHES: dict[str, Callable[[], str]] = {
     WAIT_ENV: wait_choice,
     EARLY_ENV: early_choice,
     attention.Q_LOAD_ENV: attention.q_load_choice,
+    mxfp4.ORDER_ENV: mxfp4.order_choice,
 }
 # what every switch was before it existed: the settings of traces that record none
 HISTORICAL = {linear_fused.BODY_ENV: "fused", moe.BODY_ENV: "mainloop", moe.TOPK_ENV: "task", PIN_ENV: "none",
               ROWS_ENV: "global", common.PROBES_ENV: "off", linear_tiling.TILES_ENV: "split",
               QUIET_ENV: "none", linear_fused.NORM_STATS_ENV: "global", moe.LOADS_ENV: "thread",
               WAIT_ENV: "warp", EARLY_ENV: "0",
-              attention.Q_LOAD_ENV: "copy"}  # fmt: skip
+              attention.Q_LOAD_ENV: "copy", mxfp4.ORDER_ENV: "published"}  # fmt: skip
 
 
 def completed(recorded: Mapping[str, str]) -> dict[str, str]:

@@ -6,7 +6,10 @@ few million elements stay cheap; it runs on whatever device the input lives on.
 
 Layout (along the last, reduction, dimension K):
 
-* ``blocks``: uint8 ``[..., K // 2]``; element ``2i`` in the low nibble, ``2i + 1`` in the high one.
+* ``blocks``: uint8 ``[..., K // 2]``; element ``2i`` in the low nibble, ``2i + 1`` in the high one
+  (the published, "file" order). In memory tilert may keep each 32-bit word's bits permuted
+  (``TILERT_MXFP4_ORDER``, see "Word order" below): :func:`pack_codes` / :func:`unpack_codes` and
+  everything built on them use the order in force; checkpoint files keep the published order.
 * ``scales``: uint8 ``[..., K // 32]``; E8M0, value ``2 ** (byte - 127)``; ``0xFF`` is NaN.
 * A 4-bit E2M1 code: bit 3 is the sign, codes 0-7 are ``+{0, 0.5, 1, 1.5, 2, 3, 4, 6}``.
 
@@ -20,11 +23,23 @@ Quantising rule (OCP MX spec / torchao default), per block of 32:
 * ``x * 2 ** -e`` rounds to nearest, ties to even, onto the E2M1 grid, saturating at +-6. The sign
   bit is kept for negative inputs that round to zero (and for ``-0.0``), as ml_dtypes'
   ``float4_e2m1fn`` cast does.
+
+Word order (``TILERT_MXFP4_ORDER``, read on each call): "published" keeps the file's nibbles;
+"decode" permutes the 32 bits of every little-endian 4-byte word (8 elements, K // 8 words a row)
+so that the kernels' E2M1 -> bf16x2 decode (kernels/common.py ``tilert_e2m1x2_ord``) of byte ``b``
+is one funnel shift or multiply and one mask: register ``b`` (the published byte ``b``: element
+``2b`` in its low bf16, ``2b + 1`` in its high one) is ``y_b & 0x81C081C0`` with ``y_0 = w``,
+``y_1 = rotl(w, 10)``, ``y_2 = rotl(w, 13)``, ``y_3 = (w & 0x001B001B) * 0x1084`` (three
+non-overlapping shifted copies, 2, 7 and 12: a carry-free multiply). The mask keeps a code's sign at
+bit 15 and its exponent and mantissa at bits 8..6 of each half, so the bf16 reads as the value times
+2^-126 (one bf16x2 multiply restores it with the block scale). Published, the same takes 19
+instructions a word (a nibble split, a byte permute and a shift-multiply per pair); decode order, 12.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -38,6 +53,11 @@ __all__ = [
     "pack_codes",
     "unpack_codes",
     "scale_values",
+    "ORDER_ENV",
+    "ORDERS",
+    "order_choice",
+    "to_order",
+    "from_order",
 ]
 
 #: Elements sharing one E8M0 scale.
@@ -84,8 +104,89 @@ def _check_uint8(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"MXFP4 {name} must have at least one dimension, got a 0-d tensor")
 
 
+ORDER_ENV = "TILERT_MXFP4_ORDER"  # the word order of MXFP4 blocks in memory (see the module docstring)
+ORDERS = ("decode", "published")
+
+# The decode's per-byte transforms: (rotate left, carry-free multiplier) of the word, then the mask.
+_DECODE_MASK = 0x81C081C0
+_Y = ((0, 1), (10, 1), (13, 1), (0, (1 << 2) | (1 << 7) | (1 << 12)))  # byte 3 first masks with 0x001B001B
+_Y3_KEEP = 0x001B001B
+
+
+def _decode_bits() -> list[int]:
+    """published bit -> decode-order bit, for the 32 bits of a word (from the decode's transforms)."""
+    roles = {0: 6, 1: 7, 2: 8, 3: 15}  # code bit (m, e0, e1, s) -> bit of its bf16 half
+    perm = [-1] * 32
+    for b, (rot, mul) in enumerate(_Y):
+        shifts = [i for i in range(32) if mul >> i & 1]
+        for h in range(2):
+            for cb, db in roles.items():
+                d = 16 * h + db
+                if mul == 1:
+                    src = (d - rot) % 32
+                else:  # the one copy (shift a) whose source bit the 0x001B001B mask keeps
+                    (src,) = [d - a for a in shifts if 0 <= d - a < 32 and _Y3_KEEP >> (d - a) & 1]
+                perm[8 * b + 4 * h + cb] = src
+    assert sorted(perm) == list(range(32)), perm
+    return perm
+
+
+_TO_DECODE = _decode_bits()
+
+
+def _groups(perm: list[int]) -> list[tuple[int, int]]:
+    """(shift, source mask) groups of a bit permutation: out = OR of rotl(w & mask, shift)."""
+    by: dict[int, int] = {}
+    for src, dst in enumerate(perm):
+        by[(dst - src) % 32] = by.get((dst - src) % 32, 0) | (1 << src)
+    return sorted(by.items())
+
+
+def _permute_words(blocks: torch.Tensor, perm: list[int]) -> torch.Tensor:
+    """Apply a bit permutation to every little-endian 32-bit word of ``blocks``' last dimension."""
+    if blocks.shape[-1] % 4:
+        raise ValueError(
+            f"MXFP4 blocks in {ORDER_ENV}=decode order are whole 32-bit words: the last dimension "
+            f"({blocks.shape[-1]} bytes, K = {2 * blocks.shape[-1]}) must be a multiple of 4 bytes (K of 8)"
+        )
+    w = blocks.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    out = torch.zeros_like(w)
+    for shift, mask in _groups(perm):
+        v = w & mask
+        out |= ((v << shift) | (v >> (32 - shift))) & 0xFFFFFFFF if shift else v
+    return (out - ((out >> 31) << 32)).to(torch.int32).view(torch.uint8).reshape(blocks.shape)
+
+
+def order_choice() -> str:
+    """TILERT_MXFP4_ORDER: "decode" or "published" (default): the word order of MXFP4 blocks in
+    memory, which pack_codes / unpack_codes (and so quantize / dequantize) and the decode kernels
+    follow; a build switch (kernels/switches.py)."""
+    v = os.environ.get(ORDER_ENV, "published") or "published"
+    if v not in ORDERS:
+        raise ValueError(f"{ORDER_ENV}={v!r}: expected one of {', '.join(ORDERS)}")
+    return v
+
+
+def to_order(blocks: torch.Tensor, order: str | None = None) -> torch.Tensor:
+    """Published-order blocks (a checkpoint file's) -> ``order`` (default: the one in force)."""
+    _check_uint8("blocks", blocks)
+    return _permute_words(blocks, _TO_DECODE) if (order or order_choice()) == "decode" else blocks
+
+
+def from_order(blocks: torch.Tensor, order: str | None = None) -> torch.Tensor:
+    """Blocks in ``order`` (default: the one in force) -> published order (for a checkpoint file)."""
+    _check_uint8("blocks", blocks)
+    if (order or order_choice()) != "decode":
+        return blocks
+    inverse = [0] * 32
+    for src, dst in enumerate(_TO_DECODE):
+        inverse[dst] = src
+    return _permute_words(blocks, inverse)
+
+
 def pack_codes(codes: torch.Tensor) -> torch.Tensor:
-    """Pack 4-bit codes ``[..., K]`` (K even) into bytes ``[..., K // 2]``, element 2i in the low nibble.
+    """Pack 4-bit codes ``[..., K]`` (K even) into bytes ``[..., K // 2]`` in the word order in force
+    (published: element 2i in the low nibble).
 
     Separate from :func:`quantize` so that tests and kernels can build packed weights from codes.
     """
@@ -98,12 +199,13 @@ def pack_codes(codes: torch.Tensor) -> torch.Tensor:
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 15):
         raise ValueError(f"codes must lie in [0, 15], got range [{int(codes.min())}, {int(codes.max())}]")
     c = codes.to(torch.uint8)
-    return c[..., 0::2] | (c[..., 1::2] << 4)
+    return to_order(c[..., 0::2] | (c[..., 1::2] << 4))
 
 
 def unpack_codes(blocks: torch.Tensor) -> torch.Tensor:
-    """Unpack bytes ``[..., K // 2]`` into 4-bit codes uint8 ``[..., K]`` (inverse of :func:`pack_codes`)."""
-    _check_uint8("blocks", blocks)
+    """Unpack bytes ``[..., K // 2]`` (the word order in force) into 4-bit codes uint8 ``[..., K]``
+    (inverse of :func:`pack_codes`)."""
+    blocks = from_order(blocks)
     low = blocks & 0x0F
     high = blocks >> 4
     return torch.stack((low, high), dim=-1).reshape(*blocks.shape[:-1], blocks.shape[-1] * 2)
