@@ -204,6 +204,30 @@ def build_moe_gemv_tasks(tokens: int, shape: str) -> str:
     return f"MoE GEMV expert tasks ({shape}, T={tokens}, both loads): {time.time() - t0:.0f} s"
 
 
+# --mxfp4-decode: the GPU tests of TILERT_MXFP4_ORDER=decode (tests/kernels: test_gemv, test_mxfp4_gemm,
+# test_moe_gemv) and the tiny-gpu steps, decode order
+DECODE_ORDER = {"TILERT_MXFP4_ORDER": "decode"}
+DECODE_ORDER_GEMV_M = (1, 8, 16)  # test_gemv.py::test_gemv_mxfp4_decode_order, 4096 x 6144
+DECODE_ORDER_GEMM = ((17, 1000, 32 * 5), (64, 4096, 2048))  # test_mxfp4_gemm.py::test_mxfp4_gemm_in_decode_order
+DECODE_ORDER_MOE_T = (1, 8, 12)  # test_moe_gemv.py::DECODE_ORDER_CASES
+
+
+def build_decode_order_kernels() -> str:
+    """The decode-order GPU tests' GEMV, GEMM and expert-task kernels."""
+    from tilert.kernels import gemv, moe, mxfp4_gemm
+
+    t0 = time.time()
+    with switches.applied(DECODE_ORDER):
+        for m in DECODE_ORDER_GEMV_M:
+            gemv.compiled(gemv.pick_config("mxfp4", m, 4096, 6144))
+        for m, n, k in DECODE_ORDER_GEMM:
+            mxfp4_gemm.compiled(mxfp4_gemm.eager_config(m, n, k))
+        for t in DECODE_ORDER_MOE_T:
+            H, In, EL, k = 6144, 2048, 48, 8
+            moe.compiled_gemv_tasks(moe.Config(t, H, In, EL, EL, k), moe.tiling(t, H, In, EL, k, body="gemv"))
+    return f"MXFP4 decode order: the GEMV, GEMM and expert-task kernels of its GPU tests: {time.time() - t0:.0f} s"
+
+
 def build_drafter(model: str, context: int, max_seq: int, world: int) -> str:
     """One persistent drafter step kernel (rank 0 of `world`) into the cache."""
     t0 = time.time()
@@ -315,6 +339,9 @@ def main() -> None:
     ap.add_argument("--linear-gemv", action="store_true",
                     help="also the streaming linear body's kernels (TILERT_LINEAR_BODY=gemv): its GPU tests' steps "
                          "and kernels, and the 4-layer mimo steps of step_variants.py's lgemv and both")  # fmt: skip
+    ap.add_argument("--mxfp4-decode", action="store_true",
+                    help="also the kernels of the TILERT_MXFP4_ORDER=decode GPU tests (GEMV, GEMM, expert tasks) "
+                         "and the tiny-gpu steps in that order")  # fmt: skip
     ap.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     ap.add_argument("--prune", action="store_true", help="drop TileLang's cubin cache afterwards")
     ap.add_argument("--pack", default=None, help="also write the cache as this .tar.xz (for a GPU machine)")
@@ -353,6 +380,10 @@ def main() -> None:
         if a.moe_gemv:
             futures += [pool.submit(build_step, *j, env=env) for j, env in moe_gemv_jobs()]
             futures += [pool.submit(build_moe_gemv_tasks, *j) for j in MOE_GEMV_TASKS]
+        if a.mxfp4_decode:
+            futures.append(pool.submit(build_decode_order_kernels))
+            futures += [pool.submit(build_step, "tiny-gpu", t, m, 256, 1, 0, env=dict(DECODE_ORDER))
+                        for t, m in ((16, "decode"), (4, "verify"), (1, "decode"))]  # fmt: skip
         if a.linear_gemv:
             futures += [pool.submit(build_step, *j, env=env) for j, env in linear_gemv_jobs()]
             futures.append(pool.submit(build_linear_gemv_kernels))

@@ -3,6 +3,7 @@
 import pytest
 
 from tilert.kernels import common, fp8_gemm, moe, mxfp4_gemm
+from tilert.numerics import mxfp4
 
 pytestmark = pytest.mark.skipif(not common.has_toolchain(), reason=str(common.toolchain_reason()))
 
@@ -23,6 +24,14 @@ MOE = moe.configs_for_plan(PLAN_T)
 def test_mxfp4(cfg):
     src = common.build(mxfp4_gemm.make_kernel(cfg)).get_kernel_source()
     assert "mma_sync" in src and "tilert_e2m1x2" in src
+
+
+def test_mxfp4_decode_order(monkeypatch):
+    # TILERT_MXFP4_ORDER=decode: the GEMM's mainloop decodes with tilert_e2m1x2_ord
+    monkeypatch.setenv(mxfp4.ORDER_ENV, "decode")
+    src = common.build(mxfp4_gemm.make_kernel(MX[0])).get_kernel_source()
+    body = src[src.index("__global__") :]
+    assert "tilert_e2m1x2_ord(" in body and "tilert_e2m1x2(" not in body
 
 
 @pytest.mark.parametrize("cfg", F8, ids=_ids(F8))

@@ -312,6 +312,19 @@ def test_gemv_mxfp4_extreme_scales(wscale):
     assert gemv.check(gemv.pick_config("mxfp4", 8, 256, 1024), wscale=wscale) < TOL
 
 
+DECODE_ORDER_M = (1, 8, 16)  # scripts/precompile_gpu.py --mxfp4-decode builds these
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", DECODE_ORDER_M)
+@pytest.mark.parametrize("wscale", [0.05, 1e-30, 3e3])
+def test_gemv_mxfp4_decode_order(monkeypatch, m, wscale):
+    # TILERT_MXFP4_ORDER=decode: weights quantised into the decode word order, the kernel decoding
+    # them with tilert_e2m1x2_ord (the second multiply for codes > 128 too)
+    monkeypatch.setenv(mxfp4.ORDER_ENV, "decode")
+    assert gemv.check(gemv.pick_config("mxfp4", m, 4096, 6144), wscale=wscale) < TOL
+
+
 @pytest.mark.gpu
 def test_gemv_repeated_calls_reset_the_split_counters():
     cfg = max(ODD, key=lambda c: c.split)  # the most CTAs meeting at one arrival counter

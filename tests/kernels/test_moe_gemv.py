@@ -298,6 +298,42 @@ def test_expert_tasks_compile_for_sm90a():
             assert "LDL" not in code and "STL" not in code, "registers spilled to local memory"
 
 
+def _integer_ops(code: str) -> int:
+    """LOP3, PRMT, SHF and IMAD instructions in a disassembly (the decode's work)."""
+    return len(re.findall(r"\b(?:LOP3|PRMT|SHF|IMAD)[.\s]", code))
+
+
+@needs_toolchain
+@pytest.mark.timeout(900)
+def test_decode_order_expert_tasks_compile_for_sm90a(monkeypatch):
+    # TILERT_MXFP4_ORDER=decode: the mimo verify tasks decode with tilert_e2m1x2_ord (no nibble
+    # split, no byte permute), spill nothing, and run fewer integer instructions than the published
+    # order's tasks: per decoded bf16x2 register (4 an MMA) a funnel shift or multiply and a mask
+    # in place of a permute, a multiply and a mask (and the word's nibble split)
+    from tilert.kernels import sass
+
+    H, In, EL, k = MIMO_SHAPE
+    til = moe.tiling(8, H, In, EL, k, body="gemv")
+    cfg = moe.Config(8, H, In, EL, EL, k)
+    codes = {}
+    for order in ("published", "decode"):
+        monkeypatch.setenv(mxfp4.ORDER_ENV, order)
+        for i, kern in enumerate(moe.compiled_gemv_tasks(cfg, til)):
+            src = kern.get_kernel_source()
+            body = src[src.index("__global__") :]
+            assert ("tilert_e2m1x2_ord(" in body) == (order == "decode")
+            assert ("tilert_e2m1x2_lh(" in body) == (order == "published")
+            lib = sass.library_of(src, common.cache_dir())
+            if lib is not None and sass.find_nvdisasm():
+                codes[order, i] = sass.disassemble(lib)
+    for i in range(2):
+        if ("decode", i) in codes:
+            dec, pub = codes["decode", i], codes["published", i]
+            assert "LDL" not in dec and "STL" not in dec, "registers spilled to local memory"
+            mmas = dec.count("HMMA")
+            assert mmas and _integer_ops(dec) <= _integer_ops(pub) - 4 * mmas, (_integer_ops(dec), _integer_ops(pub))
+
+
 @needs_toolchain
 @pytest.mark.timeout(900)
 def test_bulk_expert_tasks_compile_for_sm90a(monkeypatch):
@@ -343,6 +379,12 @@ def test_precompile_script_builds_these_tests_kernels():
     assert all(env["TILERT_MOE_BODY"] == "gemv" for _, env in jobs)
     assert {(j[0], j[1], j[2], j[5]) for j, _ in jobs} >= {("mimo-v2.5-pro", 1, "decode", 4), ("mimo-v2.5-pro", 8,
                                                            "verify", 4)}  # fmt: skip
+    # --mxfp4-decode: the decode-order GPU tests' kernels
+    from tests.kernels.test_gemv import DECODE_ORDER_M
+    from tests.kernels.test_mxfp4_gemm import DECODE_ORDER_SHAPES
+
+    assert mod.DECODE_ORDER_MOE_T == tuple(sorted({t for t, _ in DECODE_ORDER_CASES}))
+    assert mod.DECODE_ORDER_GEMV_M == DECODE_ORDER_M and list(mod.DECODE_ORDER_GEMM) == DECODE_ORDER_SHAPES
 
 
 @pytest.mark.gpu

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tilert.kernels import mxfp4_gemm
+from tilert.numerics import mxfp4
 from tilert.ops.linear import mxfp4_linear
 
 ODD = [(1, 200, 224), (3, 64, 32 * 7), (8, 130, 32 * 33), (17, 1000, 32 * 5), (64, 96, 512)]
@@ -45,6 +46,19 @@ def test_plan_configs_dedupe():
 @pytest.mark.gpu
 @pytest.mark.parametrize("m, n, k", ODD + MIMO)
 def test_mxfp4_gemm(m, n, k):
+    err = mxfp4_gemm.check(m, n, k)
+    assert err < 1e-2, f"rel err {err:.3e} (M={m}, N={n}, K={k})"
+
+
+DECODE_ORDER_SHAPES = [(17, 1000, 32 * 5), (64, 4096, 2048)]  # scripts/precompile_gpu.py --mxfp4-decode builds these
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m, n, k", DECODE_ORDER_SHAPES)
+def test_mxfp4_gemm_in_decode_order(monkeypatch, m, n, k):
+    # TILERT_MXFP4_ORDER=decode: the weights quantised into the decode word order, the kernel built
+    # with its decode
+    monkeypatch.setenv(mxfp4.ORDER_ENV, "decode")
     err = mxfp4_gemm.check(m, n, k)
     assert err < 1e-2, f"rel err {err:.3e} (M={m}, N={n}, K={k})"
 

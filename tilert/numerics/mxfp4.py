@@ -134,27 +134,38 @@ def _decode_bits() -> list[int]:
 _TO_DECODE = _decode_bits()
 
 
-def _groups(perm: list[int]) -> list[tuple[int, int]]:
-    """(shift, source mask) groups of a bit permutation: out = OR of rotl(w & mask, shift)."""
-    by: dict[int, int] = {}
-    for src, dst in enumerate(perm):
-        by[(dst - src) % 32] = by.get((dst - src) % 32, 0) | (1 << src)
-    return sorted(by.items())
+_WORDS_PER_PASS = 1 << 22  # bounds the index tensors of one pass (4 x 8 bytes a word)
+
+
+def _byte_tables(perm: list[int], device: torch.device) -> torch.Tensor:
+    """int32 [4, 256]: table[j][v] = the permuted bits of byte j of a word holding the value v."""
+    t = [[0] * 256 for _ in range(4)]
+    for j in range(4):
+        for v in range(256):
+            bits = sum(1 << perm[8 * j + i] for i in range(8) if v >> i & 1)
+            t[j][v] = bits - (1 << 32) if bits >> 31 else bits
+    return torch.tensor(t, dtype=torch.int32, device=device)
 
 
 def _permute_words(blocks: torch.Tensor, perm: list[int]) -> torch.Tensor:
-    """Apply a bit permutation to every little-endian 32-bit word of ``blocks``' last dimension."""
+    """Apply a bit permutation to every little-endian 32-bit word of ``blocks``' last dimension
+    (one table lookup a byte; in passes of bounded memory, so a layer's experts convert in place of
+    a few hundred MB)."""
     if blocks.shape[-1] % 4:
         raise ValueError(
             f"MXFP4 blocks in {ORDER_ENV}=decode order are whole 32-bit words: the last dimension "
             f"({blocks.shape[-1]} bytes, K = {2 * blocks.shape[-1]}) must be a multiple of 4 bytes (K of 8)"
         )
-    w = blocks.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    out = torch.zeros_like(w)
-    for shift, mask in _groups(perm):
-        v = w & mask
-        out |= ((v << shift) | (v >> (32 - shift))) & 0xFFFFFFFF if shift else v
-    return (out - ((out >> 31) << 32)).to(torch.int32).view(torch.uint8).reshape(blocks.shape)
+    tables = _byte_tables(perm, blocks.device)
+    words = blocks.contiguous().view(-1, 4)
+    out = torch.empty(words.shape[0], dtype=torch.int32, device=blocks.device)
+    for s in range(0, words.shape[0], _WORDS_PER_PASS):
+        idx = words[s : s + _WORDS_PER_PASS].long()
+        part = tables[0][idx[:, 0]]
+        for j in range(1, 4):
+            part |= tables[j][idx[:, j]]
+        out[s : s + _WORDS_PER_PASS] = part
+    return out.view(torch.uint8).reshape(blocks.shape)
 
 
 def order_choice() -> str:
