@@ -2,7 +2,9 @@
 inputs, one PersistentStep per variant (a variant is a set of environment switches read while its
 table and step program are built, e.g. TILERT_MOE_BODY=gemv or TILERT_MOE_TOPK=task), timed in
 interleaved rounds so that clock and thermal drift hit every variant alike; each variant's outputs
-are compared with the first's.
+are compared with the first's. The variants share one set of synthetic weights; a variant built
+under another MXFP4 word order (TILERT_MXFP4_ORDER) gets them converted in place before it runs
+(untimed), so it reads the same logical weights and its outputs can equal the first's exactly.
 
     python benchmarks/step_variants.py --layers 4 --tokens 1 8 --routing random \\
         --variant base --variant moe2:TILERT_MOE_PREFETCH=2 [--out DIR]
@@ -36,6 +38,7 @@ import tarfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -50,6 +53,8 @@ from tilert.kernels import switches  # noqa: E402
 from tilert.kernels.common import kernel_resources  # noqa: E402
 from tilert.models.builder import build_step_graph  # noqa: E402
 from tilert.models.config import load_config  # noqa: E402
+from tilert.numerics import mxfp4  # noqa: E402
+from tilert.ops.qtensor import QTensor  # noqa: E402
 from tilert.profile.timeline import measured_trace, probe_medians  # noqa: E402
 from tilert.runtime.eager.synthetic import synthetic_params  # noqa: E402
 from tilert.runtime.persistent.step import PersistentStep  # noqa: E402
@@ -83,12 +88,34 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     return name, env
 
 
-def time_interleaved(steps: dict[str, PersistentStep], inputs: dict, rounds: int, per_round: int) -> dict[str, float]:
+class WeightOrder:
+    """The MXFP4 word order the shared synthetic weights are in (TILERT_MXFP4_ORDER): `use(order)`
+    converts every MXFP4 weight in place before a variant built under another order runs, so each
+    variant reads the same logical weights (and its outputs can equal the first's bit for bit)."""
+
+    def __init__(self, params: dict, order: str) -> None:
+        blocks = {w.data.data_ptr(): w.data for w in params.values() if isinstance(w, QTensor) and w.fmt == "mxfp4"}
+        self.blocks = list(blocks.values())  # once each, should two params share one tensor
+        self.order = order
+
+    def use(self, order: str) -> None:
+        if order != self.order:
+            for b in self.blocks:
+                mxfp4.reorder_(b, self.order, order)
+            if any(b.is_cuda for b in self.blocks):
+                torch.cuda.synchronize()
+            self.order = order
+
+
+def time_interleaved(steps: dict[str, PersistentStep], inputs: dict, rounds: int, per_round: int,
+                     before: Callable[[str], None] = lambda name: None) -> dict[str, float]:  # fmt: skip
     """Median ms per launch of each step: `rounds` rounds, each timing `per_round` back-to-back
-    launches of every step in turn (CUDA events around the batch)."""
+    launches of every step in turn (CUDA events around the batch; `before(name)` runs ahead of a
+    step's batch, untimed)."""
     times: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(rounds):
         for k, st in steps.items():
+            before(k)
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
             for _ in range(per_round):
@@ -173,7 +200,8 @@ def main() -> None:
         if a.pack:
             print("packed", pack_entries([Path(e) for e in entries if e], Path(a.pack)))
         return
-    rows, params = [], None
+    rows, params, weights = [], None, None
+    orders: dict[str, str] = {}  # variant -> the MXFP4 word order its kernels read
     t_start = time.time()
     spec = gpu_spec_for_device(torch.cuda.get_device_name())
     cost_checks: dict[str, dict] = {}  # B -> the cost model's prediction against the first variant
@@ -187,12 +215,14 @@ def main() -> None:
             if prof:
                 prof.start()
             with switches.applied(env):
+                orders[name] = mxfp4.order_choice()
                 t0 = time.time()
                 g, sched = compile_step(build_step_graph(cfg, tokens=B, max_seq=max_seq, mode=mode), max_seq,
                                         a.world_size)  # fmt: skip
                 t1 = time.time()
                 if params is None:
                     params = synthetic_params(g, seed=0)
+                    weights = WeightOrder(params, orders[name])
                     if a.routing == "pinned":
                         pin_routing(params, a.world_size)
                 t2 = time.time()
@@ -213,10 +243,11 @@ def main() -> None:
         }
         outs = {}
         for name, st in steps.items():  # fresh caches, one step each: the outputs to compare
+            weights.use(orders[name])
             st.reset()
             outs[name] = {k: v.float().clone() for k, v in st.run(inputs).items()}
         first = next(iter(outs))
-        ms = time_interleaved(steps, inputs, a.rounds, a.per_round)
+        ms = time_interleaved(steps, inputs, a.rounds, a.per_round, lambda name, w=weights: w.use(orders[name]))
         medians, probes = {}, {}
         for name, st in steps.items():
             st.check()

@@ -445,6 +445,23 @@ def test_decode_order_moves_bits(monkeypatch: pytest.MonkeyPatch) -> None:
     assert torch.equal(mxfp4.dequantize(b, s), ref)
 
 
+def test_reorder_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    # reorder_ converts in the tensor's own storage, in passes smaller than the tensor
+    monkeypatch.setattr(mxfp4, "_WORDS_PER_PASS", 5)
+    g = torch.Generator().manual_seed(secrets.randbits(31))
+    pub = torch.randint(0, 256, (3, 7, 16), dtype=torch.uint8, generator=g)
+    b = pub.clone()
+    ptr = b.data_ptr()
+    assert mxfp4.reorder_(b, "published", "decode") is b and b.data_ptr() == ptr
+    assert torch.equal(b, mxfp4.to_order(pub, "decode")) and not torch.equal(b, pub)
+    mxfp4.reorder_(b, "decode", "decode")
+    assert torch.equal(b, mxfp4.to_order(pub, "decode"))
+    mxfp4.reorder_(b, "decode", "published")
+    assert torch.equal(b, pub)
+    with pytest.raises(ValueError, match="unknown MXFP4 word order 'nibbles'"):
+        mxfp4.reorder_(b, "published", "nibbles")
+
+
 def test_decode_order_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(mxfp4.ORDER_ENV, "decode")
     with pytest.raises(ValueError, match="whole 32-bit words"):

@@ -117,3 +117,24 @@ def test_step_variants_pack_holds_the_built_kernels_under_kernels(tmp_path):
     assert names == [f"kernels/0.1.15/linux-x86_64/kernels/{h}/{f}" for h in ("aa", "bb")
                      for f in ("executable.so", "params.json", "tilert-resources.json")]  # fmt: skip
     assert body == "bbparams.json"
+
+
+def test_step_variants_put_the_shared_weights_in_each_variants_word_order():
+    # a variant built under TILERT_MXFP4_ORDER=decode reads the same logical weights: its MXFP4
+    # blocks are converted in place (same storage) before it runs, and back for a published one
+    from benchmarks.step_variants import WeightOrder
+    from tilert.numerics import mxfp4
+    from tilert.ops.qtensor import QTensor
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    blocks = torch.randint(0, 256, (2, 8, 16), dtype=torch.uint8, generator=g)
+    params = {"w": QTensor("mxfp4", blocks.clone(), torch.full((2, 8, 1), 127, dtype=torch.uint8)),
+              "x": torch.randn(3)}  # fmt: skip
+    ptr = params["w"].data.data_ptr()
+    order = WeightOrder(params, "published")
+    order.use("decode")
+    assert params["w"].data.data_ptr() == ptr and torch.equal(params["w"].data, mxfp4.to_order(blocks, "decode"))
+    order.use("decode")
+    assert torch.equal(params["w"].data, mxfp4.to_order(blocks, "decode"))
+    order.use("published")
+    assert torch.equal(params["w"].data, blocks)

@@ -58,6 +58,7 @@ __all__ = [
     "order_choice",
     "to_order",
     "from_order",
+    "reorder_",
 ]
 
 #: Elements sharing one E8M0 scale.
@@ -147,25 +148,40 @@ def _byte_tables(perm: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(t, dtype=torch.int32, device=device)
 
 
-def _permute_words(blocks: torch.Tensor, perm: list[int]) -> torch.Tensor:
-    """Apply a bit permutation to every little-endian 32-bit word of ``blocks``' last dimension
-    (one table lookup a byte; in passes of bounded memory, so a layer's experts convert in place of
-    a few hundred MB)."""
+def _permute_words(blocks: torch.Tensor, perm: list[int], out: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply a bit permutation to every little-endian 32-bit word of ``blocks``' last dimension, into
+    ``out`` (a new tensor, or ``blocks`` itself: each pass reads its words before it writes them).
+    One table lookup a byte, in passes of bounded memory (a layer's stacked experts convert with a
+    few hundred MB beside them)."""
     if blocks.shape[-1] % 4:
         raise ValueError(
             f"MXFP4 blocks in {ORDER_ENV}=decode order are whole 32-bit words: the last dimension "
             f"({blocks.shape[-1]} bytes, K = {2 * blocks.shape[-1]}) must be a multiple of 4 bytes (K of 8)"
         )
+    if out is None:
+        out = torch.empty_like(blocks, memory_format=torch.contiguous_format)
+    elif not (out.is_contiguous() and blocks.is_contiguous()):
+        raise ValueError("MXFP4 blocks reordered in place must be contiguous")
     tables = _byte_tables(perm, blocks.device)
     words = blocks.contiguous().view(-1, 4)
-    out = torch.empty(words.shape[0], dtype=torch.int32, device=blocks.device)
+    dst = out.view(-1, 4).view(torch.int32).view(-1)
     for s in range(0, words.shape[0], _WORDS_PER_PASS):
         idx = words[s : s + _WORDS_PER_PASS].long()
         part = tables[0][idx[:, 0]]
         for j in range(1, 4):
             part |= tables[j][idx[:, j]]
-        out[s : s + _WORDS_PER_PASS] = part
-    return out.view(torch.uint8).reshape(blocks.shape)
+        dst[s : s + _WORDS_PER_PASS] = part
+    return out
+
+
+def _inverse(perm: list[int]) -> list[int]:
+    inv = [0] * len(perm)
+    for src, dst in enumerate(perm):
+        inv[dst] = src
+    return inv
+
+
+_FROM_DECODE = _inverse(_TO_DECODE)
 
 
 def order_choice() -> str:
@@ -187,12 +203,19 @@ def to_order(blocks: torch.Tensor, order: str | None = None) -> torch.Tensor:
 def from_order(blocks: torch.Tensor, order: str | None = None) -> torch.Tensor:
     """Blocks in ``order`` (default: the one in force) -> published order (for a checkpoint file)."""
     _check_uint8("blocks", blocks)
-    if (order or order_choice()) != "decode":
-        return blocks
-    inverse = [0] * 32
-    for src, dst in enumerate(_TO_DECODE):
-        inverse[dst] = src
-    return _permute_words(blocks, inverse)
+    return _permute_words(blocks, _FROM_DECODE) if (order or order_choice()) == "decode" else blocks
+
+
+def reorder_(blocks: torch.Tensor, have: str, want: str) -> torch.Tensor:
+    """Convert contiguous blocks from order ``have`` to ``want`` in place (no second copy: weights
+    bound to a step keep their addresses; benchmarks/step_variants.py times both orders on one set)."""
+    _check_uint8("blocks", blocks)
+    for o in (have, want):
+        if o not in ORDERS:
+            raise ValueError(f"unknown MXFP4 word order {o!r}: expected one of {', '.join(ORDERS)}")
+    if have != want:
+        _permute_words(blocks, _TO_DECODE if want == "decode" else _FROM_DECODE, out=blocks)
+    return blocks
 
 
 def pack_codes(codes: torch.Tensor) -> torch.Tensor:
