@@ -10,6 +10,7 @@ import os
 import pytest
 
 from tilert.kernels import attention, common, linear_fused, linear_tiling, moe, switches
+from tilert.numerics import mxfp4
 from tilert.profile.calibration import historical_switches, measured_steps
 
 
@@ -21,7 +22,7 @@ def test_current_names_every_switch_and_the_defaults(monkeypatch: pytest.MonkeyP
                                   common.PROBES_ENV: "off", linear_tiling.TILES_ENV: "rows",
                                   switches.QUIET_ENV: "experts", linear_fused.NORM_STATS_ENV: "staged",
                                   moe.LOADS_ENV: "thread", switches.WAIT_ENV: "cta", switches.EARLY_ENV: "0",
-                                  attention.Q_LOAD_ENV: "async"}  # fmt: skip
+                                  attention.Q_LOAD_ENV: "async", mxfp4.ORDER_ENV: "published"}  # fmt: skip
 
 
 def test_applied_sets_and_restores(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -50,7 +51,8 @@ def test_measured_steps_carry_their_switches(tmp_path) -> None:
     hist = {linear_fused.BODY_ENV: "fused", moe.BODY_ENV: "mainloop", moe.TOPK_ENV: "task", switches.PIN_ENV: "none",
             switches.ROWS_ENV: "global", common.PROBES_ENV: "off", linear_tiling.TILES_ENV: "split",
             switches.QUIET_ENV: "none", linear_fused.NORM_STATS_ENV: "global", moe.LOADS_ENV: "thread",
-            switches.WAIT_ENV: "warp", switches.EARLY_ENV: "0", attention.Q_LOAD_ENV: "copy"}  # fmt: skip
+            switches.WAIT_ENV: "warp", switches.EARLY_ENV: "0", attention.Q_LOAD_ENV: "copy",
+            mxfp4.ORDER_ENV: "published"}  # fmt: skip
     assert measured_steps(tmp_path / "old.json")[0].switches == historical_switches() == hist
     # a record written before a switch existed: that switch at its historical value
     later = {k: v for k, v in hist.items() if k not in new["switches"]}
