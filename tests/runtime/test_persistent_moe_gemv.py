@@ -14,6 +14,7 @@ import torch
 from tests.runtime.test_plan_vm import check, compiled_steps, run_vm
 from tilert.kernels import common, gemv, moe
 from tilert.models.config import load_config
+from tilert.numerics import mxfp4
 
 needs_toolchain = pytest.mark.skipif(common.toolchain_reason() is not None, reason=str(common.toolchain_reason()))
 
@@ -66,7 +67,8 @@ def test_verify_step_with_gemv_experts_compiles(monkeypatch, model, tokens, max_
         # the weights stream through per-thread cp.async rings (waited on per thread, read back by
         # tilert_lds16) and are decoded in registers; the mainloop's register loads are gone
         assert "tilert_cp_async16(" in body and "tilert_cp_async_wait<" in body and "tilert_lds16" in body
-        assert "tilert_e2m1x2_lh" in body and "tilert_ld16_ef" not in body, opcode
+        decode = "tilert_e2m1x2_ord(" if mxfp4.order_choice() == "decode" else "tilert_e2m1x2_lh("  # the word order
+        assert decode in body and "tilert_ld16_ef" not in body, opcode
     assert "AtomicAdd(" in moe_branch(src, "MOE_DOWN")  # partial x TokW into Y
     lib = sass.library_of(src, common.cache_dir())
     assert lib is not None
