@@ -416,8 +416,8 @@ def test_pack_layout() -> None:
     )
 )
 def test_property_decode_order_round_trips(codes: np.ndarray) -> None:
-    # decode order is a bijection on each word: pack/unpack, to_order/from_order invert each other,
-    # and the bytes differ from the published packing (the permutation is not the identity)
+    # decode order is a bijection on each word: pack/unpack and to_order/from_order invert each
+    # other, and pack_codes under decode order is the published packing moved by to_order
     c = torch.from_numpy(codes)
     pub = mxfp4.pack_codes(c)
     dec = mxfp4.to_order(pub, "decode")
@@ -460,6 +460,8 @@ def test_reorder_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
     assert torch.equal(b, pub)
     with pytest.raises(ValueError, match="unknown MXFP4 word order 'nibbles'"):
         mxfp4.reorder_(b, "published", "nibbles")
+    with pytest.raises(ValueError, match="unknown MXFP4 word order 'Decode'"):
+        mxfp4.to_order(pub, "Decode")
 
 
 def test_decode_order_errors(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -38,6 +38,7 @@ instructions a word (a nibble split, a byte permute and a shift-multiply per pai
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -109,7 +110,6 @@ ORDER_ENV = "TILERT_MXFP4_ORDER"  # the word order of MXFP4 blocks in memory (se
 ORDERS = ("decode", "published")
 
 # The decode's per-byte transforms: (rotate left, carry-free multiplier) of the word, then the mask.
-_DECODE_MASK = 0x81C081C0
 _Y = ((0, 1), (10, 1), (13, 1), (0, (1 << 2) | (1 << 7) | (1 << 12)))  # byte 3 first masks with 0x001B001B
 _Y3_KEEP = 0x001B001B
 
@@ -138,7 +138,8 @@ _TO_DECODE = _decode_bits()
 _WORDS_PER_PASS = 1 << 22  # bounds the index tensors of one pass (4 x 8 bytes a word)
 
 
-def _byte_tables(perm: list[int], device: torch.device) -> torch.Tensor:
+@functools.cache
+def _byte_tables(perm: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """int32 [4, 256]: table[j][v] = the permuted bits of byte j of a word holding the value v."""
     t = [[0] * 256 for _ in range(4)]
     for j in range(4):
@@ -162,7 +163,7 @@ def _permute_words(blocks: torch.Tensor, perm: list[int], out: torch.Tensor | No
         out = torch.empty_like(blocks, memory_format=torch.contiguous_format)
     elif not (out.is_contiguous() and blocks.is_contiguous()):
         raise ValueError("MXFP4 blocks reordered in place must be contiguous")
-    tables = _byte_tables(perm, blocks.device)
+    tables = _byte_tables(tuple(perm), blocks.device)
     words = blocks.contiguous().view(-1, 4)
     dst = out.view(-1, 4).view(torch.int32).view(-1)
     for s in range(0, words.shape[0], _WORDS_PER_PASS):
@@ -194,26 +195,32 @@ def order_choice() -> str:
     return v
 
 
+def _order(order: str | None) -> str:
+    """An order argument (None: the one in force), checked."""
+    if order is None:
+        return order_choice()
+    if order not in ORDERS:
+        raise ValueError(f"unknown MXFP4 word order {order!r}: expected one of {', '.join(ORDERS)}")
+    return order
+
+
 def to_order(blocks: torch.Tensor, order: str | None = None) -> torch.Tensor:
     """Published-order blocks (a checkpoint file's) -> ``order`` (default: the one in force)."""
     _check_uint8("blocks", blocks)
-    return _permute_words(blocks, _TO_DECODE) if (order or order_choice()) == "decode" else blocks
+    return _permute_words(blocks, _TO_DECODE) if _order(order) == "decode" else blocks
 
 
 def from_order(blocks: torch.Tensor, order: str | None = None) -> torch.Tensor:
     """Blocks in ``order`` (default: the one in force) -> published order (for a checkpoint file)."""
     _check_uint8("blocks", blocks)
-    return _permute_words(blocks, _FROM_DECODE) if (order or order_choice()) == "decode" else blocks
+    return _permute_words(blocks, _FROM_DECODE) if _order(order) == "decode" else blocks
 
 
 def reorder_(blocks: torch.Tensor, have: str, want: str) -> torch.Tensor:
     """Convert contiguous blocks from order ``have`` to ``want`` in place (no second copy: weights
     bound to a step keep their addresses; benchmarks/step_variants.py times both orders on one set)."""
     _check_uint8("blocks", blocks)
-    for o in (have, want):
-        if o not in ORDERS:
-            raise ValueError(f"unknown MXFP4 word order {o!r}: expected one of {', '.join(ORDERS)}")
-    if have != want:
+    if _order(have) != _order(want):
         _permute_words(blocks, _TO_DECODE if want == "decode" else _FROM_DECODE, out=blocks)
     return blocks
 
