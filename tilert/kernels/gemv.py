@@ -23,7 +23,8 @@ Body `gemv_tile(V, n_tile, k_split)`, V = the tensors of `views(cfg)` (X, W, S, 
              quarter-warp's reads hit distinct banks) and block scales are staged in shared memory
              once by cp.async in the first chunk's group (MXFP4 scale rows that are not 16-byte
              aligned, odd K: byte loads); the first chunk's wait and one barrier gate the loop.
-  decode     in registers, 4 instructions per bf16 pair: MXFP4 by tilert_e2m1x2_lh (the block
+  decode     in registers: MXFP4 by tilert_e2m1x2_lh, 4 instructions per bf16 pair, or, with the
+             blocks in TILERT_MXFP4_ORDER=decode word order, tilert_e2m1x2_ord, 3 (the block
              scale folded into its bf16x2 multiply; codes > 128: a warp-uniform second multiply),
              FP8 by tilert_e4m3x2_sx exactly, the chunk's fp32 product times its 128x128 scale.
   epilogue   the wk warps of a row slice reduce through shared memory; split == 1 stores Y; split > 1
